@@ -1,0 +1,31 @@
+"""dsnas: hardware-aware neural architecture search.
+
+Importing dsnas starts nothing and touches no hardware: torch, Ray, NVML and CUDA are imported on use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dsnas.errors import DsnasError, SpecError, TrialError
+
+if TYPE_CHECKING:
+    import torch
+
+__version__ = "0.1.0"
+__all__ = ["DsnasError", "SpecError", "TrialError", "load", "search", "__version__"]
+
+
+def search(study_file: str, **overrides: Any) -> Any:
+    """Run (or resume) the study described by ``study_file``; see :func:`dsnas.search.run_study`."""
+    from dsnas.search import run_study
+    from dsnas.spec import load_study
+
+    return run_study(load_study(study_file, **overrides))
+
+
+def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":
+    """Rebuild the trained model of an exported bundle; see :func:`dsnas.export.load_bundle`."""
+    from dsnas.export import load_bundle
+
+    return load_bundle(bundle, device=device)

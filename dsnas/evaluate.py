@@ -1,0 +1,82 @@
+"""Worker side of a trial: build -> train -> evaluate -> measure -> result. Never touches the storage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsnas.spec import HardwareSpec, TaskSpec
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    trial: int
+    arch: dict[str, Any]
+    task: TaskSpec
+    hardware: HardwareSpec
+    seed: int
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, float]  # every numeric result, named with its unit where it has one
+    profile: dict[str, Any] = field(default_factory=dict)  # how the numbers were obtained
+    weights: bytes | None = None  # trained weights, safetensors
+    probe: bytes | None = None  # safetensors: a fixed input and the trained model's logits on it
+
+
+def evaluate(request: EvalRequest) -> TrialResult:
+    import torch
+
+    from dsnas.models import build
+    from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
+    from dsnas.tasks import make_task
+
+    started = time.perf_counter()
+    torch.manual_seed(request.seed)
+    device = resolve_device(request.hardware.device)
+    task = make_task(request.task)
+    model = build(request.arch).to(device)
+    gate = MeasureGate.for_device(device_key(device))
+    with gate.shared() as hold:
+        train_metrics = task.train(model, device, seed=request.seed, checkpoint=hold.checkpoint)
+        trained = time.perf_counter()
+        eval_metrics = task.evaluate(model, device)
+    if "accuracy" not in eval_metrics:
+        raise TypeError(f"the task's evaluate() must return 'accuracy', got {sorted(eval_metrics)}")
+    with gate.exclusive():
+        measure_start = time.perf_counter()
+        hw_metrics, profile = measure(model, task, device, request.hardware)
+        measure_end = time.perf_counter()
+    profile["task"] = task.fingerprint()
+    metrics = {**train_metrics, **eval_metrics, **hw_metrics, "train_s": trained - started,
+               "measure_s": measure_end - measure_start, "trial_s": time.perf_counter() - started}
+    return TrialResult(metrics={k: float(v) for k, v in metrics.items()}, profile=profile,
+                       weights=weights_bytes(model), probe=probe_bytes(model, task.example_batch(2, device)))
+
+
+def weights_bytes(model: Any) -> bytes:
+    from safetensors.torch import save
+
+    return save(unique_state(model))
+
+
+def unique_state(model: Any) -> dict[str, Any]:
+    """The state dict with each tensor once: tied weights share storage, and safetensors stores each
+    tensor once; loading the first name re-fills every alias."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def probe_bytes(model: Any, batch: Any) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    with torch.inference_mode():
+        logits = model(batch).float().cpu()
+    return save({"input": batch.cpu().contiguous(), "logits": logits.contiguous()})

@@ -1,0 +1,19 @@
+"""Where trials run: Ray (default; one task per trial, whole devices) or locally in this process."""
+
+from __future__ import annotations
+
+from dsnas.evaluate import evaluate
+from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished
+from dsnas.spec import StudySpec
+
+__all__ = ["BaseExecutor", "EvaluateFn", "Finished", "make_executor"]
+
+
+def make_executor(spec: StudySpec, evaluate_fn: EvaluateFn = evaluate) -> BaseExecutor:
+    if spec.executor.kind == "local":
+        from dsnas.executors.local import LocalExecutor
+
+        return LocalExecutor(evaluate_fn)
+    from dsnas.executors.ray_executor import RayExecutor
+
+    return RayExecutor(spec.executor, spec.hardware.device, evaluate_fn)

@@ -1,0 +1,31 @@
+"""What the driver needs from a place that runs trials: submit a request, wait for finished ones."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from dsnas.evaluate import EvalRequest, TrialResult
+
+EvaluateFn = Callable[[EvalRequest], TrialResult]
+# A finished trial: its number, and its result or the reason it failed.
+Finished = tuple[int, TrialResult | BaseException]
+
+
+class BaseExecutor(abc.ABC):
+    slots: int  # how many trials may run at once
+
+    @abc.abstractmethod
+    def submit(self, request: EvalRequest) -> None:
+        """Start a trial (or queue it); returns at once."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> list[Finished]:
+        """Trials that finished, waiting up to ``timeout`` seconds for at least one."""
+
+    @abc.abstractmethod
+    def cancel_all(self) -> list[int]:
+        """Stop every unfinished trial; returns their numbers."""
+
+    def close(self) -> None:
+        """Release what the executor started."""

@@ -1,0 +1,31 @@
+"""Runs trials one at a time in this process: for debugging, and for a single-GPU machine without Ray."""
+
+from __future__ import annotations
+
+from dsnas.evaluate import EvalRequest, evaluate
+from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished
+
+
+class LocalExecutor(BaseExecutor):
+    slots = 1
+
+    def __init__(self, evaluate_fn: EvaluateFn = evaluate) -> None:
+        self._evaluate = evaluate_fn
+        self._queue: list[EvalRequest] = []
+
+    def submit(self, request: EvalRequest) -> None:
+        self._queue.append(request)
+
+    def wait(self, timeout: float) -> list[Finished]:
+        if not self._queue:
+            return []
+        request = self._queue.pop(0)
+        try:
+            return [(request.trial, self._evaluate(request))]
+        except Exception as e:  # a failing candidate is a FAIL trial, not a failed search
+            return [(request.trial, e)]
+
+    def cancel_all(self) -> list[int]:
+        numbers = [r.trial for r in self._queue]
+        self._queue.clear()
+        return numbers

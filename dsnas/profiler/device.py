@@ -1,0 +1,65 @@
+"""Which device a trial runs on, and the fingerprint that says what that device is."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from pathlib import Path
+from typing import Any
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(requested: str) -> Any:
+    """``auto`` -> the first visible CUDA device if any, else the CPU."""
+    import torch
+
+    if requested == "auto":
+        requested = "cuda" if has_cuda() else "cpu"
+    return torch.device("cuda", torch.cuda.current_device()) if requested == "cuda" else torch.device("cpu")
+
+
+def device_key(device: Any) -> str:
+    """A name for the physical device, the same in every process on the node (CUDA indices are not)."""
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda-{torch.cuda.get_device_properties(device).uuid}"
+    return "cpu"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(device: Any) -> dict[str, Any]:
+    """What measured a number: enough to tell whether two measurements are comparable."""
+    import torch
+
+    import dsnas
+
+    out: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "device": device.type,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "dsnas": dsnas.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_uuid=str(props.uuid), cuda=torch.version.cuda,
+                   gpu_capability=f"{props.major}.{props.minor}")
+    return out

@@ -1,0 +1,47 @@
+"""Measure a trained model on the device that trained it: latency and throughput at each configured
+batch size, peak memory, parameter count, and how each number was obtained."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dsnas.profiler.device import fingerprint
+from dsnas.profiler.memory import PeakMemory
+from dsnas.profiler.timing import cpu_threads, time_calls
+
+
+def measure(model: Any, task: Any, device: Any, hardware: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Returns (numeric metrics, profile). The caller holds the device exclusively."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    threads = (hardware.threads or os.cpu_count()) if device.type == "cpu" else None
+    metrics: dict[str, float] = {"params": float(sum(p.numel() for p in model.parameters()))}
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    profile: dict[str, Any] = {"fingerprint": fingerprint(device), "batches": {}, "backend": "eager-fp32"}
+    peaks = []
+    model.eval()
+    with cpu_threads(threads) as used, torch.inference_mode():
+        profile["threads"] = used if device.type == "cpu" else None
+        for bs in sorted(hardware.batch_sizes):
+            batch = task.example_batch(bs, device)
+            with PeakMemory(device) as peak:
+                timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s,
+                                    measure_s=hardware.measure_s)
+            tokens = bs * task.tokens_per_example
+            metrics[f"latency_ms_bs{bs}"] = timing.median_ms
+            metrics[f"throughput_tok_s_bs{bs}"] = tokens / (timing.median_ms / 1e3)
+            profile["batches"][str(bs)] = {**timing.as_dict(), "peak_bytes": peak.bytes}
+            if peak.bytes is None:
+                profile["memory_unavailable"] = peak.reason
+            else:
+                # On the CPU the resident weights are not part of the delta; add them once.
+                peaks.append(peak.bytes + (weight_bytes if device.type == "cpu" else 0))
+            profile["memory_method"] = peak.method
+    small, large = min(hardware.batch_sizes), max(hardware.batch_sizes)
+    metrics["latency_ms"] = metrics[f"latency_ms_bs{small}"]
+    metrics["throughput_tok_s"] = metrics[f"throughput_tok_s_bs{large}"]
+    if peaks:
+        metrics["peak_memory_mb"] = max(peaks) / 2**20
+    return metrics, profile

@@ -1,0 +1,196 @@
+"""The driver: Optuna ask/tell over an executor. It alone writes the study; workers only return results."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import DsnasError
+from dsnas.evaluate import EvalRequest, TrialResult, evaluate
+from dsnas.executors import EvaluateFn, make_executor
+from dsnas.models import describe, validate
+from dsnas.progress import Progress
+from dsnas.spec import StudySpec
+from dsnas.storage import HEARTBEAT_S, artifact_store, driver_identity, open_storage, recover_stale_trials
+
+
+@dataclass
+class SearchOutcome:
+    study: Any
+    completed: int  # COMPLETE trials in the study, this run's and earlier runs'
+    failed: int  # trials that failed in this run
+    elapsed_s: float
+    front: list[Any] = field(default_factory=list)  # feasible non-dominated FrozenTrials
+    stopped_because: str = ""
+
+
+def make_sampler(spec: StudySpec, n_existing: int) -> Any:
+    import optuna.samplers as s
+
+    # On resume the seed moves on, so that the sampler does not propose the first trials again.
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + n_existing
+    return {"tpe": lambda: s.TPESampler(seed=seed), "nsga2": lambda: s.NSGAIISampler(seed=seed),
+            "nsga3": lambda: s.NSGAIIISampler(seed=seed), "gp": lambda: s.GPSampler(seed=seed),
+            "random": lambda: s.RandomSampler(seed=seed)}[spec.sampler.name]()
+
+
+def open_study(spec: StudySpec) -> Any:
+    """Create or load the study; refuse one whose objectives differ from the study file's."""
+    import optuna
+
+    storage = open_storage(spec.storage)
+    study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
+                                load_if_exists=True)
+    names = [o.name for o in spec.objectives]
+    stored = [d.name.lower() for d in study.directions]
+    if stored != spec.directions or (study.metric_names and study.metric_names != names):
+        raise DsnasError(f"{spec.path}: [objectives] the stored study {spec.name!r} has objectives "
+                         f"{study.metric_names or stored}, the file asks for {dict(zip(names, spec.directions))}. "
+                         "Fix: restore the objectives, or give the study a new [study] name")
+    if not study.metric_names:
+        study.set_metric_names(names)
+    return study
+
+
+def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate, progress: Progress | None = None) -> SearchOutcome:
+    """Run (or resume) a study until its budget is spent."""
+    from optuna.trial import TrialState
+
+    study = open_study(spec)
+    requeued = recover_stale_trials(study)
+    study.sampler = make_sampler(spec, len(study.trials))
+    progress = progress or Progress(spec)
+    progress.start(study, requeued)
+    driver = _Driver(spec, study, evaluate_fn, progress)
+    try:
+        stopped = driver.loop()
+    finally:
+        driver.close()
+    front = study.best_trials if progress.completed else []
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped)
+
+
+class _Driver:
+    def __init__(self, spec: StudySpec, study: Any, evaluate_fn: EvaluateFn, progress: Progress) -> None:
+        from dsnas.space import make_sampler as make_space
+        from dsnas.tasks import make_task
+
+        self.spec, self.study, self.progress = spec, study, progress
+        self.sample = make_space(spec.space.file, spec.space.callable, spec.base_dir)
+        self.task_arch = make_task(spec.task).arch_defaults()
+        self.executor = make_executor(spec, evaluate_fn)
+        self.artifacts: Any = None  # created on the first trial that returns weights
+        self.running: dict[int, Any] = {}  # trial number -> optuna Trial
+        self.identity = driver_identity()
+        self.started = time.monotonic()
+        self._beat_stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeats, name="dsnas-heartbeat", daemon=True)
+        self._beat.start()
+
+    def loop(self) -> str:
+        budget = self.spec.budget
+        max_failures = budget.max_failures if budget.max_failures is not None else (budget.n_trials or 10)
+        while True:
+            reason = self._budget_spent()
+            if reason is None and self.progress.failed > max_failures:
+                reason = f"{self.progress.failed} trials failed (max_failures = {max_failures})"
+            while reason is None and len(self.running) < self.executor.slots and self._room():
+                self._dispatch()
+            if not self.running:
+                return reason or "nothing left to run"
+            for number, outcome in self.executor.wait(timeout=1.0):
+                self._record(self.running.pop(number), outcome)
+
+    def _budget_spent(self) -> str | None:
+        n_trials, timeout = self.spec.budget.n_trials, self.spec.budget.timeout_s
+        if n_trials is not None and self.progress.completed >= n_trials:
+            return f"{n_trials} trials completed"
+        if timeout is not None and time.monotonic() - self.started >= timeout:
+            return f"the timeout of {timeout:g} s passed"
+        return None
+
+    def _room(self) -> bool:
+        n_trials = self.spec.budget.n_trials
+        return n_trials is None or self.progress.completed + len(self.running) < n_trials
+
+    def _dispatch(self) -> None:
+        trial = self.study.ask()
+        trial.set_user_attr("driver", self.identity)
+        try:
+            arch = {**self.sample(trial), **self.task_arch}
+            validate(arch)
+        except Exception as e:  # a space that cannot produce a valid candidate fails this trial only
+            self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
+            return
+        trial.set_user_attr("arch", arch)
+        trial.set_user_attr("arch_short", describe(arch))
+        self.running[trial.number] = trial
+        self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
+                                         seed=self.spec.seed + trial.number))
+        self.progress.started(trial.number, describe(arch), self.running)
+
+    def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            self._fail(trial, f"{type(outcome).__name__}: {outcome}")
+            return
+        metrics = outcome.metrics
+        missing = [o.metric for o in self.spec.objectives if o.metric not in metrics]
+        missing += [m for m, _ in self.spec.hardware.constraints.items() if m not in metrics]
+        if missing:
+            why = outcome.profile.get("memory_unavailable", "the worker did not report them")
+            self._fail(trial, f"no measurement of {missing} ({why})")
+            return
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("profile", outcome.profile)
+        feasible = True
+        for metric, limit in self.spec.hardware.constraints.items():
+            trial.set_constraint(f"max_{metric}", metrics[metric] - limit)  # feasible when <= 0
+            feasible &= metrics[metric] <= limit
+        trial.set_user_attr("feasible", float(feasible))
+        self._store_artifacts(trial, outcome)
+        values = [metrics[o.metric] for o in self.spec.objectives]
+        self.study.tell(trial, values)
+        self.progress.finished(trial.number, values, feasible, self.running)
+
+    def _store_artifacts(self, trial: Any, outcome: TrialResult) -> None:
+        from optuna.artifacts import upload_artifact
+
+        if outcome.weights is None and outcome.probe is None:
+            return
+        self.artifacts = self.artifacts or artifact_store(self.spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in (("weights", outcome.weights), ("probe", outcome.probe)):
+                if data is not None:
+                    path = Path(tmp) / f"trial{trial.number}-{name}.safetensors"
+                    path.write_bytes(data)
+                    trial.set_user_attr(f"{name}_artifact", upload_artifact(
+                        artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial))
+
+    def _fail(self, trial: Any, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("fail_reason", reason[:2000])
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.progress.failed_trial(trial.number, reason, self.running)
+
+    def _heartbeats(self) -> None:
+        storage = self.study._storage
+        while not self._beat_stop.wait(HEARTBEAT_S / 2):
+            for trial in list(self.running.values()):
+                storage.record_heartbeat(trial._trial_id)
+
+    def close(self) -> None:
+        """Stop the heartbeats; fail what still runs (interrupted); release the executor."""
+        self._beat_stop.set()
+        try:
+            for number in self.executor.cancel_all():
+                self._fail(self.running.pop(number), "the search was interrupted while the trial ran")
+        finally:
+            self.executor.close()
+

@@ -1,0 +1,102 @@
+"""Search spaces: a TOML file of choices for a model family, or a user callable ``space(trial) -> arch``."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import Invalid, SpecError
+
+SampleFn = Callable[[Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Choices for one model family. ``choices`` are sampled once per model (a layer key there is shared
+    by all layers); ``per_layer`` once per layer, as ``layer{i}.{key}``."""
+
+    family: str
+    choices: dict[str, tuple[int, ...]]
+    per_layer: dict[str, tuple[int, ...]]
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        picked = {key: _suggest(trial, key, options) for key, options in self.choices.items()}
+        n_layers = picked.pop("n_layers")
+        shared = {key: picked.pop(key) for key in list(picked) if key in self.per_layer_keys}
+        layers = []
+        for i in range(n_layers):
+            per = {key: _suggest(trial, f"layer{i}.{key}", opts) for key, opts in self.per_layer.items()}
+            layers.append({**shared, **per})
+        return {"family": self.family, **picked, "layers": layers}
+
+    @property
+    def per_layer_keys(self) -> tuple[str, ...]:
+        from dsnas.models import family
+
+        return family(self.family).LAYER_KEYS
+
+
+def _suggest(trial: Any, name: str, options: tuple[int, ...]) -> int:
+    # A single option is a fixed value, not a search dimension.
+    return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
+
+
+def load_space_file(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space file; errors name the file and the key."""
+    from dsnas.models import FAMILIES, family
+
+    where = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SpecError(where, "-", f"must be a readable TOML file ({e})") from None
+    for key in raw:
+        if key not in ("family", "choices", "per_layer"):
+            raise SpecError(where, key, "is not a known key", None, "use family, [choices] and [per_layer]")
+    name = raw.get("family")
+    if name not in FAMILIES:
+        raise SpecError(where, "family", f"must be one of {list(FAMILIES)}", name, 'set family = "transformer_lm"')
+    fam = family(name)
+    choices = _options(where, "choices", raw.get("choices", {}), fam.ARCH_KEYS + fam.LAYER_KEYS)
+    per_layer = _options(where, "per_layer", raw.get("per_layer", {}), fam.LAYER_KEYS)
+    for key in fam.ARCH_KEYS:
+        if key not in choices:
+            raise SpecError(where, f"choices.{key}", "is required", None, f"add {key} = [...] under [choices]")
+    for key in fam.LAYER_KEYS:
+        if (key in choices) == (key in per_layer):
+            raise SpecError(where, key, "must be given once: under [choices] (shared by all layers) or under "
+                            "[per_layer] (chosen per layer)", None, f"add {key} = [...] to exactly one of them")
+    try:
+        fam.check_choices({**choices, **per_layer})
+    except Invalid as e:
+        raise SpecError(where, e.key, e.rule, e.got, e.fix) from None
+    return SearchSpace(family=name, choices=choices, per_layer=per_layer)
+
+
+def _options(where: str, section: str, table: Any, known: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    if not isinstance(table, dict):
+        raise SpecError(where, section, "must be a table", table, f"write it as [{section}]")
+    out = {}
+    for key, value in table.items():
+        if key not in known:
+            raise SpecError(where, f"{section}.{key}", "is not a choice of this family", None,
+                            f"known: {', '.join(known)}")
+        values = value if isinstance(value, list) else [value]
+        ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+        if not ok:
+            raise SpecError(where, f"{section}.{key}", "must be an integer >= 1 or a non-empty list of them",
+                            value, f"e.g. {key} = [1, 2, 4]")
+        out[key] = tuple(values)
+    return out
+
+
+def make_sampler(file: str | None, callable_target: str | None, base_dir: str | Path) -> SampleFn:
+    """The function that turns an Optuna trial into an architecture."""
+    if file is not None:
+        return load_space_file(file).sample
+    from dsnas.plugins import import_callable
+
+    return import_callable(callable_target or "", base_dir)

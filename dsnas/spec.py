@@ -1,0 +1,386 @@
+"""Study file (TOML) -> validated dataclasses. Every user-input error is raised here, before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import Invalid, SpecError, require
+
+# Objective name -> (metric key reported by the worker, default direction).
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "accuracy": ("accuracy", "maximize"),
+    "throughput": ("throughput_tok_s", "maximize"),
+    "latency": ("latency_ms", "minimize"),
+    "params": ("params", "minimize"),
+    "peak_memory": ("peak_memory_mb", "minimize"),
+    "loss": ("val_loss", "minimize"),
+}
+SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
+EXECUTORS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
+STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str
+
+    @property
+    def metric(self) -> str:
+        return OBJECTIVES[self.name][0]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "tpe"
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        require(self.name in SAMPLERS, "name", f"must be one of {list(SAMPLERS)}", self.name,
+                'set name = "tpe" (the multi-objective default)')
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    n_trials: int | None = None
+    timeout_s: float | None = None
+    max_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.n_trials is not None or self.timeout_s is not None, "n_trials",
+                "the budget needs n_trials, timeout_s or both", None, "add n_trials = 12 under [budget]")
+        require(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
+        require(self.timeout_s is None or self.timeout_s > 0, "timeout_s", "must be > 0", self.timeout_s)
+        require(self.max_failures is None or self.max_failures >= 0, "max_failures", "must be >= 0",
+                self.max_failures)
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    file: str | None = None
+    callable: str | None = None
+
+    def __post_init__(self) -> None:
+        require((self.file is None) != (self.callable is None), "file",
+                "exactly one of file and callable must be set", None,
+                'set file = "../search_spaces/transformer_lm.toml" or callable = "my_module:my_space"')
+        if self.callable is not None:
+            require(_is_import_path(self.callable), "callable", 'must look like "module:function"',
+                    self.callable)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_latency_ms: float | None = None
+    max_peak_memory_mb: float | None = None
+    max_params: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            require(value is None or value > 0, f.name, "must be > 0", value, "remove it to set no limit")
+
+    def items(self) -> list[tuple[str, float]]:
+        """(metric key, limit) of each limit that is set; a trial is feasible when metric <= limit."""
+        return [(f.name.removeprefix("max_"), float(getattr(self, f.name)))
+                for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    device: str = "auto"
+    batch_sizes: tuple[int, ...] = (1, 32)
+    threads: int | None = None  # CPU threads while measuring; default: every core of the node
+    warmup_s: float = 0.1
+    measure_s: float = 0.3
+    constraints: Constraints = field(default_factory=Constraints)
+
+    def __post_init__(self) -> None:
+        require(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}", self.device,
+                'set device = "auto"')
+        require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes), "batch_sizes",
+                "must be a non-empty list of integers >= 1", list(self.batch_sizes), "e.g. batch_sizes = [1, 32]")
+        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1", self.threads)
+        require(self.warmup_s >= 0, "warmup_s", "must be >= 0", self.warmup_s)
+        require(self.measure_s > 0, "measure_s", "must be > 0", self.measure_s)
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    kind: str = "ray"
+    address: str | None = None
+    workers: int | None = None  # default: as many trials as the resources allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.kind in EXECUTORS, "kind", f"must be one of {list(EXECUTORS)}", self.kind,
+                'set kind = "ray" (or "local" to run trials in this process)')
+        require(self.workers is None or self.workers >= 1, "workers", "must be >= 1", self.workers)
+        require(self.cpus_per_trial > 0, "cpus_per_trial", "must be > 0", self.cpus_per_trial)
+        require(self.gpus_per_trial in (0, 1) or self.gpus_per_trial >= 1 and self.gpus_per_trial.is_integer(),
+                "gpus_per_trial", "must be 0 or a whole number: a measurement owns its GPU",
+                self.gpus_per_trial, "use gpus_per_trial = 1")
+        require(self.address is None or self.kind == "ray", "address", 'needs kind = "ray"', self.address)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str = "charlm"
+    params: dict[str, Any] = field(default_factory=dict)
+    base_dir: str = "."  # relative paths in params resolve here (the study file's folder)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    path: str
+    name: str
+    storage: str
+    seed: int
+    objectives: tuple[Objective, ...]
+    sampler: SamplerSpec
+    budget: BudgetSpec
+    space: SpaceSpec
+    task: TaskSpec
+    hardware: HardwareSpec
+    executor: ExecutorSpec
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.path).parent
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+
+_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor")
+
+
+def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
+    """Read and validate a study file. ``overrides`` (executor, address, n_trials, timeout_s) stand for CLI flags."""
+    path = Path(path).resolve()
+    where = str(path)
+    if not path.is_file():
+        raise SpecError(where, "-", "the study file must exist", None, "check the path, or run `dsnas init DIR`")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(where, "-", f"must be valid TOML ({e})") from None
+    _apply_overrides(raw, overrides)
+    _reject_unknown(where, "", raw, _SECTIONS)
+    study = _table(where, raw, "study")
+    _reject_unknown(where, "study.", study, ("name", "storage", "seed"))
+    name = _typed(where, "study.name", study.get("name", path.stem), str)
+    require_spec(where, "study.name", bool(name.strip()), "must not be empty", name)
+    seed = _typed(where, "study.seed", study.get("seed", 0), int)
+    spec = StudySpec(
+        path=where,
+        name=name,
+        storage=_storage_url(where, study.get("storage"), path.parent, name),
+        seed=seed,
+        objectives=_objectives(where, _table(where, raw, "objectives")),
+        sampler=build_section(where, "sampler", SamplerSpec, _table(where, raw, "sampler")),
+        budget=build_section(where, "budget", BudgetSpec, _table(where, raw, "budget") or {"n_trials": 12}),
+        space=_space(where, _table(where, raw, "space"), path.parent),
+        task=_task(where, _table(where, raw, "task"), path.parent),
+        hardware=build_section(where, "hardware", HardwareSpec, _table(where, raw, "hardware")),
+        executor=build_section(where, "executor", ExecutorSpec, _table(where, raw, "executor")),
+    )
+    _check_runtime(spec)
+    return spec
+
+
+def require_spec(where: str, key: str, ok: bool, rule: str, got: object = None, fix: str = "") -> None:
+    if not ok:
+        raise SpecError(where, key, rule, got, fix)
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    places = {"executor": ("executor", "kind"), "address": ("executor", "address"),
+              "n_trials": ("budget", "n_trials"), "timeout_s": ("budget", "timeout_s")}
+    for name, value in overrides.items():
+        if name not in places:
+            raise TypeError(f"unknown override {name!r}; known: {sorted(places)}")
+        if value is not None:
+            section, key = places[name]
+            raw.setdefault(section, {})[key] = value
+
+
+def _reject_unknown(where: str, prefix: str, table: dict[str, Any], known: typing.Iterable[str]) -> None:
+    known = list(known)
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise SpecError(where, prefix + key, "is not a known key", None, hint)
+
+
+def _table(where: str, raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    require_spec(where, key, isinstance(value, dict), "must be a table", value, f"write it as [{key}]")
+    return value
+
+
+def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against a field's annotation (int, float, str, bool, X | None, tuple[X, ...], dict)."""
+    if isinstance(hint, types.UnionType):
+        inner = [t for t in typing.get_args(hint) if t is not type(None)]
+        return _typed(where, key, value, inner[0])
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        require_spec(where, key, isinstance(value, list), "must be a list", value)
+        item = typing.get_args(hint)[0]
+        return tuple(_typed(where, f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        require_spec(where, key, isinstance(value, dict), "must be a table", value)
+        return dict(value)
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}[hint](value)
+    require_spec(where, key, ok, f"must be of type {hint.__name__}", value)
+    return float(value) if hint is float else value
+
+
+def build_section(where: str, name: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    _reject_unknown(where, f"{name}.", table, names)
+    kwargs = {}
+    for key, value in table.items():
+        if dataclasses.is_dataclass(hints[key]):
+            require_spec(where, f"{name}.{key}", isinstance(value, dict), "must be a table", value)
+            kwargs[key] = build_section(where, f"{name}.{key}", hints[key], value)
+        else:
+            kwargs[key] = _typed(where, f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except Invalid as e:
+        raise SpecError(where, f"{name}.{e.key}", e.rule, e.got, e.fix) from None
+
+
+def _objectives(where: str, table: dict[str, Any]) -> tuple[Objective, ...]:
+    table = table or {"accuracy": "maximize", "throughput": "maximize"}
+    out = []
+    for name, direction in table.items():
+        _reject_unknown(where, "objectives.", {name: 0}, OBJECTIVES)
+        require_spec(where, f"objectives.{name}", direction in ("maximize", "minimize"),
+                     'must be "maximize" or "minimize"', direction,
+                     f'write {name} = "{OBJECTIVES[name][1]}"')
+        out.append(Objective(name, direction))
+    return tuple(out)
+
+
+def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if url is None:
+        return f"sqlite:///{base / (name + '.db')}"
+    _typed(where, "study.storage", url, str)
+    fix = 'use e.g. "sqlite:///results.db" or "postgresql+psycopg://user@host/db"'
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SpecError(where, "study.storage", "must be an SQLAlchemy database URL", url, fix) from None
+    require_spec(where, "study.storage", parsed.get_backend_name() in STORAGE_BACKENDS,
+                 f"the database must be one of {list(STORAGE_BACKENDS)}", url, fix)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as e:
+        raise SpecError(where, "study.storage", f"needs its database driver ({e})", url,
+                        f"pip install the driver for {parsed.drivername}") from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        require_spec(where, "study.storage", db not in ("", ":memory:"),
+                     "must name a database file (an in-memory database loses the study)", url, fix)
+        db_path = Path(db) if Path(db).is_absolute() else base / db
+        require_spec(where, "study.storage", db_path.parent.is_dir(), "the database's folder must exist",
+                     url, f"create {db_path.parent}")
+        return parsed.set(database=str(db_path)).render_as_string(hide_password=False)
+    return url
+
+
+def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:
+    if not table:
+        table = {"file": "../search_spaces/transformer_lm.toml"}
+    space = build_section(where, "space", SpaceSpec, table)
+    if space.file is not None:
+        path = (base / space.file).resolve()
+        require_spec(where, "space.file", path.is_file(), "the search-space file must exist", space.file,
+                     f"check the path (relative to {base})")
+        from dsnas.space import load_space_file
+
+        load_space_file(path)  # validates the space, raising SpecError that names the space file
+        return SpaceSpec(file=str(path))
+    _import_callable(where, "space.callable", space.callable, base)
+    return space
+
+
+def _task(where: str, table: dict[str, Any], base: Path) -> TaskSpec:
+    table = dict(table)
+    name = _typed(where, "task.name", table.pop("name", "charlm"), str)
+    from dsnas.tasks import BUILTIN_TASKS, check_params
+
+    if name not in BUILTIN_TASKS:
+        require_spec(where, "task.name", _is_import_path(name),
+                     f'must be a built-in task ({", ".join(BUILTIN_TASKS)}) or "module:callable"', name)
+        _import_callable(where, "task.name", name, base)
+    spec = TaskSpec(name=name, params=table, base_dir=str(base))
+    check_params(where, spec)
+    return spec
+
+
+def _is_import_path(text: str) -> bool:
+    module, _, attr = text.partition(":")
+    return bool(module) and bool(attr) and all(p.isidentifier() for p in module.split(".") + attr.split("."))
+
+
+def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
+    from dsnas.plugins import import_callable
+
+    try:
+        return import_callable(target, base)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise SpecError(where, key, f"must name an importable callable ({e})", target,
+                        f"put the module beside the study file ({base}) or on PYTHONPATH") from None
+
+
+def _check_runtime(spec: StudySpec) -> None:
+    """Checks that need the machine: a requested GPU, a reachable Ray cluster."""
+    where = spec.path
+    if spec.hardware.device == "cuda" and spec.executor.address is None:
+        import torch
+
+        require_spec(where, "hardware.device", torch.cuda.is_available(), "cuda needs a visible NVIDIA GPU",
+                     "cuda", 'set device = "auto" to use a GPU when there is one')
+    if spec.executor.address:
+        host, port = _ray_host_port(spec.executor.address)
+        require_spec(where, "executor.address", host is not None, 'must be "host:port", "ray://host:port" or "auto"',
+                     spec.executor.address)
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+        except OSError as e:
+            raise SpecError(where, "executor.address", f"no Ray cluster answers there ({e.strerror or e})",
+                            spec.executor.address, "start one with `ray start --head`, or remove address "
+                            "to start a local Ray") from None
+
+
+def _ray_host_port(address: str) -> tuple[str | None, int]:
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "127.0.0.1:6379")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None, 0
+    return host, int(port)
+

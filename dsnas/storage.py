@@ -1,0 +1,106 @@
+"""The study's storage: Optuna's RDB storage with heartbeats, the artifact store for weights, and
+recovery of trials that a stopped driver left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import DsnasError
+from dsnas.spec import StudySpec
+
+HEARTBEAT_S = 10
+GRACE_S = 60  # a RUNNING trial whose driver sent no heartbeat for this long is stale
+
+
+def quiet_optuna() -> None:
+    """dsnas prints its own progress; Optuna's per-trial log lines and the ask/tell heartbeat warning are noise."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def open_storage(url: str) -> Any:
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    quiet_optuna()
+    try:
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    except Exception as e:  # SQLAlchemy or driver errors: the database cannot be opened
+        raise DsnasError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: {e}") from None
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def artifact_dir(spec: StudySpec) -> Path:
+    """Trained weights and probes live beside the study file, one folder per study."""
+    return spec.base_dir / f"{spec.name}_artifacts"
+
+
+def artifact_store(spec: StudySpec) -> Any:
+    from optuna.artifacts import FileSystemArtifactStore
+
+    path = artifact_dir(spec)
+    path.mkdir(exist_ok=True)
+    return FileSystemArtifactStore(str(path))
+
+
+def driver_identity() -> dict[str, Any]:
+    """Who is running a trial: host, pid and the pid's start time (so a reused pid is not mistaken)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid())}
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _driver_gone(driver: dict[str, Any]) -> bool:
+    """True when the driver ran on this host and its process no longer exists."""
+    if driver.get("host") != socket.gethostname():
+        return False  # another machine's driver: only its heartbeat can tell
+    pid = int(driver.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return bool(driver.get("pid_start")) and _start_time(pid) != driver["pid_start"]
+
+
+def recover_stale_trials(study: Any) -> list[int]:
+    """Mark FAIL and re-queue the trials a stopped driver left RUNNING; returns their numbers.
+
+    A driver of this host that no longer runs is known dead at once; a driver elsewhere is dead when its
+    heartbeats stopped for GRACE_S (Optuna's heartbeat machinery)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        driver = trial.user_attrs.get("driver")
+        if not driver or not _driver_gone(driver):
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", (
+            f"its driver (pid {driver['pid']} on {driver['host']}) stopped while the trial ran; re-queued"))
+        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial._trial_id))
+            recovered.append(trial.number)
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    fail_stale_trials(study)  # re-queues through the storage's RetryHeartbeatStaleTrialCallback
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return sorted(recovered + list(after - before))

@@ -1,0 +1,150 @@
+"""Byte-level language modelling on a corpus every machine has: the source of the running Python's
+standard library (or a text file the user names). Accuracy is validation next-byte accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsnas.errors import SpecError, TrialError, require
+
+VOCAB = 256  # bytes
+
+
+@dataclass(frozen=True)
+class CharLMConfig:
+    corpus: str = "stdlib"  # "stdlib", or a text file (relative to the study file)
+    corpus_bytes: int = 2_000_000  # train + validation, read in a fixed order
+    context: int = 64
+    batch_size: int = 32
+    train_tokens: int = 200_000  # the fixed training budget of every trial
+    val_tokens: int = 32_768
+    lr: float = 3e-3
+    warmup_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("corpus_bytes", "context", "batch_size", "train_tokens", "val_tokens"):
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+        require(self.corpus_bytes >= 20 * (self.context + 1), "corpus_bytes", "must hold at least 20 contexts",
+                self.corpus_bytes)
+        require(self.lr > 0, "lr", "must be > 0", self.lr)
+        require(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)", self.warmup_frac)
+
+    def resolve_corpus(self, base_dir: str, where: str = "task") -> Path | None:
+        """The text file to read, or None for the standard library; raises SpecError if it is missing."""
+        if self.corpus == "stdlib":
+            return None
+        path = (Path(base_dir) / self.corpus).resolve()
+        if not path.is_file():
+            raise SpecError(where, "task.corpus", 'must be "stdlib" or an existing text file', self.corpus,
+                            f"check the path (relative to {base_dir})")
+        return path
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files in a fixed order (site-packages excluded: it differs per install)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__"))
+        found += [Path(folder) / f for f in sorted(files) if f.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_corpus(config: CharLMConfig, base_dir: str) -> tuple[bytes, bytes, str]:
+    """(train bytes, validation bytes, description). Validation is every 10th file of the standard library,
+    or the last 10% of a text file: deterministic, and never overlapping training."""
+    path = config.resolve_corpus(base_dir)
+    if path is not None:
+        data = path.read_bytes()[: config.corpus_bytes]
+        cut = len(data) * 9 // 10
+        return data[:cut], data[cut:], str(path)
+    train, val, total = [], [], 0
+    for i, file in enumerate(stdlib_files()):
+        text = file.read_bytes()
+        (val if i % 10 == 9 else train).append(text)
+        total += len(text)
+        if total >= config.corpus_bytes:
+            break
+    return b"".join(train), b"".join(val), f"python {sysconfig.get_python_version()} stdlib"
+
+
+class CharLMTask:
+    def __init__(self, config: CharLMConfig, base_dir: str) -> None:
+        self.config = config
+        train, val, self.source = read_corpus(config, base_dir)
+        if len(val) < 2 * (config.context + 1):
+            raise TrialError(f"the validation split of {self.source} is too short for context {config.context}")
+        self.sha256 = hashlib.sha256(train + val).hexdigest()
+        self.train_data = torch.frombuffer(bytearray(train), dtype=torch.uint8).long()
+        self.val_data = torch.frombuffer(bytearray(val), dtype=torch.uint8).long()
+        self.tokens_per_example = config.context
+
+    def arch_defaults(self) -> dict[str, Any]:
+        return {"vocab_size": VOCAB, "context": self.config.context}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"task": "charlm", "corpus": self.source, "corpus_sha256": self.sha256,
+                "train_bytes": len(self.train_data), "val_bytes": len(self.val_data)}
+
+    def _windows(self, data: torch.Tensor, starts: torch.Tensor, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + torch.arange(self.config.context + 1)
+        chunk = data[idx]
+        return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+
+    def train(self, model: Any, device: Any, *, seed: int, checkpoint: Callable[[], None]) -> dict[str, float]:
+        cfg = self.config
+        steps = max(1, cfg.train_tokens // (cfg.batch_size * cfg.context))
+        warmup = max(1, int(steps * cfg.warmup_frac))
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+        # Linear warm-up, then cosine decay to a tenth: the same schedule shape for every budget.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
+            1 + math.cos(math.pi * max(0, s - warmup) / max(1, steps - warmup)))))
+        model.train()
+        recent: list[float] = []
+        for _ in range(steps):
+            starts = torch.randint(0, len(self.train_data) - cfg.context - 1, (cfg.batch_size,), generator=gen)
+            x, y = self._windows(self.train_data, starts, device)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            if not torch.isfinite(loss):
+                raise TrialError(f"training diverged: the loss became {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            recent = (recent + [loss.item()])[-10:]
+            checkpoint()
+        return {"train_loss": sum(recent) / len(recent), "train_steps": float(steps),
+                "train_tokens": float(steps * cfg.batch_size * cfg.context)}
+
+    def _val_starts(self, n: int) -> torch.Tensor:
+        last = len(self.val_data) - self.config.context - 1
+        return torch.linspace(0, last, n).long()
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, device: Any) -> dict[str, float]:
+        model.eval()
+        n = max(1, self.config.val_tokens // self.config.context)
+        loss_sum, correct, count = 0.0, 0, 0
+        for starts in self._val_starts(n).split(64):
+            x, y = self._windows(self.val_data, starts, device)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += y.numel()
+        loss = loss_sum / count
+        return {"accuracy": correct / count, "val_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def example_batch(self, batch_size: int, device: Any) -> torch.Tensor:
+        return self._windows(self.val_data, self._val_starts(batch_size), device)[0]
