@@ -32,7 +32,7 @@ def make_sampler(spec: StudySpec, n_existing: int) -> Any:
     import optuna.samplers as s
 
     # On resume the seed moves on, so that the sampler does not propose the first trials again.
-    seed = None if spec.sampler.seed is None else spec.sampler.seed + n_existing
+    seed = None if spec.sampler.seed is None else (spec.sampler.seed + n_existing) % 2**32
     return {"tpe": lambda: s.TPESampler(seed=seed), "nsga2": lambda: s.NSGAIISampler(seed=seed),
             "nsga3": lambda: s.NSGAIIISampler(seed=seed), "gp": lambda: s.GPSampler(seed=seed),
             "random": lambda: s.RandomSampler(seed=seed)}[spec.sampler.name]()
@@ -93,25 +93,23 @@ class _Driver:
         self._beat.start()
 
     def loop(self) -> str:
-        budget = self.spec.budget
-        max_failures = budget.max_failures if budget.max_failures is not None else (budget.n_trials or 10)
         while True:
-            reason = self._budget_spent()
-            if reason is None and self.progress.failed > max_failures:
-                reason = f"{self.progress.failed} trials failed (max_failures = {max_failures})"
-            while reason is None and len(self.running) < self.executor.slots and self._room():
+            while self._stop_reason() is None and len(self.running) < self.executor.slots and self._room():
                 self._dispatch()
             if not self.running:
-                return reason or "nothing left to run"
+                return self._stop_reason() or "nothing left to run"
             for number, outcome in self.executor.wait(timeout=1.0):
                 self._record(self.running.pop(number), outcome)
 
-    def _budget_spent(self) -> str | None:
-        n_trials, timeout = self.spec.budget.n_trials, self.spec.budget.timeout_s
-        if n_trials is not None and self.progress.completed >= n_trials:
-            return f"{n_trials} trials completed"
-        if timeout is not None and time.monotonic() - self.started >= timeout:
-            return f"the timeout of {timeout:g} s passed"
+    def _stop_reason(self) -> str | None:
+        budget = self.spec.budget
+        if budget.n_trials is not None and self.progress.completed >= budget.n_trials:
+            return f"{budget.n_trials} trials completed"
+        if budget.timeout_s is not None and time.monotonic() - self.started >= budget.timeout_s:
+            return f"the timeout of {budget.timeout_s:g} s passed"
+        max_failures = budget.max_failures if budget.max_failures is not None else (budget.n_trials or 10)
+        if self.progress.failed > max_failures:
+            return f"{self.progress.failed} trials failed (max_failures = {max_failures})"
         return None
 
     def _room(self) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import Invalid, SpecError
+from dsnas.spec import reject_unknown
 
 SampleFn = Callable[[Any], dict[str, Any]]
 
@@ -52,10 +53,9 @@ def load_space_file(path: str | Path) -> SearchSpace:
     try:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SpecError(where, "-", f"must be a readable TOML file ({e})") from None
-    for key in raw:
-        if key not in ("family", "choices", "per_layer"):
-            raise SpecError(where, key, "is not a known key", None, "use family, [choices] and [per_layer]")
+        raise SpecError(where, "-", f"must be a readable TOML file ({e})", None,
+                        "check the path and the TOML syntax") from None
+    reject_unknown(where, "", raw, ("family", "choices", "per_layer"))
     name = raw.get("family")
     if name not in FAMILIES:
         raise SpecError(where, "family", f"must be one of {list(FAMILIES)}", name, 'set family = "transformer_lm"')
@@ -72,18 +72,17 @@ def load_space_file(path: str | Path) -> SearchSpace:
     try:
         fam.check_choices({**choices, **per_layer})
     except Invalid as e:
-        raise SpecError(where, e.key, e.rule, e.got, e.fix) from None
+        section = "choices" if e.key in choices else "per_layer"
+        raise SpecError(where, f"{section}.{e.key}", e.rule, e.got, e.fix) from None
     return SearchSpace(family=name, choices=choices, per_layer=per_layer)
 
 
 def _options(where: str, section: str, table: Any, known: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     if not isinstance(table, dict):
         raise SpecError(where, section, "must be a table", table, f"write it as [{section}]")
+    reject_unknown(where, f"{section}.", table, known)
     out = {}
     for key, value in table.items():
-        if key not in known:
-            raise SpecError(where, f"{section}.{key}", "is not a choice of this family", None,
-                            f"known: {', '.join(known)}")
         values = value if isinstance(value, list) else [value]
         ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
         if not ok:

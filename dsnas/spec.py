@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import socket
 import tomllib
 import types
@@ -48,6 +49,8 @@ class SamplerSpec:
     def __post_init__(self) -> None:
         require(self.name in SAMPLERS, "name", f"must be one of {list(SAMPLERS)}", self.name,
                 'set name = "tpe" (the multi-objective default)')
+        require(self.seed is None or 0 <= self.seed < 2**31, "seed", "must be in [0, 2**31)", self.seed,
+                "e.g. seed = 0")
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,12 @@ class BudgetSpec:
     def __post_init__(self) -> None:
         require(self.n_trials is not None or self.timeout_s is not None, "n_trials",
                 "the budget needs n_trials, timeout_s or both", None, "add n_trials = 12 under [budget]")
-        require(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
-        require(self.timeout_s is None or self.timeout_s > 0, "timeout_s", "must be > 0", self.timeout_s)
+        require(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials,
+                "set n_trials = 12, or remove it and set timeout_s")
+        require(self.timeout_s is None or self.timeout_s > 0, "timeout_s", "must be > 0", self.timeout_s,
+                "set timeout_s in seconds, e.g. timeout_s = 600, or remove it")
         require(self.max_failures is None or self.max_failures >= 0, "max_failures", "must be >= 0",
-                self.max_failures)
+                self.max_failures, "set max_failures = 0 to stop at the first failed trial, or remove it")
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class SpaceSpec:
                 'set file = "../search_spaces/transformer_lm.toml" or callable = "my_module:my_space"')
         if self.callable is not None:
             require(_is_import_path(self.callable), "callable", 'must look like "module:function"',
-                    self.callable)
+                    self.callable, 'e.g. callable = "my_space:sample" for def sample(trial) in my_space.py')
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,10 @@ class HardwareSpec:
                 'set device = "auto"')
         require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes), "batch_sizes",
                 "must be a non-empty list of integers >= 1", list(self.batch_sizes), "e.g. batch_sizes = [1, 32]")
-        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1", self.threads)
-        require(self.warmup_s >= 0, "warmup_s", "must be >= 0", self.warmup_s)
-        require(self.measure_s > 0, "measure_s", "must be > 0", self.measure_s)
+        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1", self.threads,
+                "remove it to measure with every core")
+        require(self.warmup_s >= 0, "warmup_s", "must be >= 0", self.warmup_s, "e.g. warmup_s = 0.1")
+        require(self.measure_s > 0, "measure_s", "must be > 0", self.measure_s, "e.g. measure_s = 0.3")
 
 
 @dataclass(frozen=True)
@@ -126,12 +132,15 @@ class ExecutorSpec:
     def __post_init__(self) -> None:
         require(self.kind in EXECUTORS, "kind", f"must be one of {list(EXECUTORS)}", self.kind,
                 'set kind = "ray" (or "local" to run trials in this process)')
-        require(self.workers is None or self.workers >= 1, "workers", "must be >= 1", self.workers)
-        require(self.cpus_per_trial > 0, "cpus_per_trial", "must be > 0", self.cpus_per_trial)
-        require(self.gpus_per_trial in (0, 1) or self.gpus_per_trial >= 1 and self.gpus_per_trial.is_integer(),
+        require(self.workers is None or self.workers >= 1, "workers", "must be >= 1", self.workers,
+                "remove it to run as many trials at once as the resources allow")
+        require(self.cpus_per_trial > 0, "cpus_per_trial", "must be > 0", self.cpus_per_trial,
+                "e.g. cpus_per_trial = 1")
+        require(self.gpus_per_trial == 0 or self.gpus_per_trial >= 1 and float(self.gpus_per_trial).is_integer(),
                 "gpus_per_trial", "must be 0 or a whole number: a measurement owns its GPU",
                 self.gpus_per_trial, "use gpus_per_trial = 1")
-        require(self.address is None or self.kind == "ray", "address", 'needs kind = "ray"', self.address)
+        require(self.address is None or self.kind == "ray", "address", 'needs kind = "ray"', self.address,
+                'set kind = "ray", or remove address to run locally')
 
 
 @dataclass(frozen=True)
@@ -176,15 +185,29 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(where, "-", f"must be valid TOML ({e})") from None
-    _apply_overrides(raw, overrides)
-    _reject_unknown(where, "", raw, _SECTIONS)
+        raise SpecError(where, "-", f"must be valid TOML ({e})", None, "correct the TOML syntax there") from None
+    flags = _apply_overrides(raw, overrides)
+    try:
+        spec = _build_study(where, path, raw)
+    except SpecError as e:
+        if e.key not in flags:
+            raise
+        raise SpecError(f"{where} with {flags[e.key]}", e.key, e.rule, e.got, e.fix) from None
+    _check_runtime(spec)
+    return spec
+
+
+def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
+    reject_unknown(where, "", raw, _SECTIONS)
     study = _table(where, raw, "study")
-    _reject_unknown(where, "study.", study, ("name", "storage", "seed"))
+    reject_unknown(where, "study.", study, ("name", "storage", "seed"))
     name = _typed(where, "study.name", study.get("name", path.stem), str)
-    require_spec(where, "study.name", bool(name.strip()), "must not be empty", name)
+    require_spec(where, "study.name", re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None,
+                 "must be a plain name (letters, digits, '_', '-', '.'): it names the database and folders",
+                 name, 'e.g. name = "my_study"')
     seed = _typed(where, "study.seed", study.get("seed", 0), int)
-    spec = StudySpec(
+    require_spec(where, "study.seed", 0 <= seed < 2**31, "must be in [0, 2**31)", seed, "e.g. seed = 0")
+    return StudySpec(
         path=where,
         name=name,
         storage=_storage_url(where, study.get("storage"), path.parent, name),
@@ -197,8 +220,6 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
         hardware=build_section(where, "hardware", HardwareSpec, _table(where, raw, "hardware")),
         executor=build_section(where, "executor", ExecutorSpec, _table(where, raw, "executor")),
     )
-    _check_runtime(spec)
-    return spec
 
 
 def require_spec(where: str, key: str, ok: bool, rule: str, got: object = None, fix: str = "") -> None:
@@ -206,18 +227,24 @@ def require_spec(where: str, key: str, ok: bool, rule: str, got: object = None, 
         raise SpecError(where, key, rule, got, fix)
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
-    places = {"executor": ("executor", "kind"), "address": ("executor", "address"),
-              "n_trials": ("budget", "n_trials"), "timeout_s": ("budget", "timeout_s")}
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, str]:
+    """Put flag values into the raw study; returns {key: "--flag VALUE"} so errors can blame the flag."""
+    places = {"executor": ("executor", "kind", "--executor"), "address": ("executor", "address", "--address"),
+              "n_trials": ("budget", "n_trials", "--n-trials"), "timeout_s": ("budget", "timeout_s", "--timeout")}
+    flags = {}
     for name, value in overrides.items():
         if name not in places:
             raise TypeError(f"unknown override {name!r}; known: {sorted(places)}")
         if value is not None:
-            section, key = places[name]
-            raw.setdefault(section, {})[key] = value
+            section, key, flag = places[name]
+            if not isinstance(raw.setdefault(section, {}), dict):
+                continue  # the loader reports the section itself as not a table
+            raw[section][key] = value
+            flags[f"{section}.{key}"] = f"{flag} {value}"
+    return flags
 
 
-def _reject_unknown(where: str, prefix: str, table: dict[str, Any], known: typing.Iterable[str]) -> None:
+def reject_unknown(where: str, prefix: str, table: dict[str, Any], known: typing.Iterable[str]) -> None:
     known = list(known)
     for key in table:
         if key not in known:
@@ -232,34 +259,40 @@ def _table(where: str, raw: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+_EXAMPLE = {int: "a whole number without quotes, e.g. 12", float: "a number without quotes, e.g. 0.5",
+            str: 'a string in quotes, e.g. "text"', bool: "true or false"}
+
+
 def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
     """Check a TOML value against a field's annotation (int, float, str, bool, X | None, tuple[X, ...], dict)."""
     if isinstance(hint, types.UnionType):
         inner = [t for t in typing.get_args(hint) if t is not type(None)]
         return _typed(where, key, value, inner[0])
     origin = typing.get_origin(hint)
+    leaf = key.rpartition(".")[2]
     if origin is tuple:
-        require_spec(where, key, isinstance(value, list), "must be a list", value)
+        require_spec(where, key, isinstance(value, list), "must be a list", value, f"write {leaf} = [1, 32]")
         item = typing.get_args(hint)[0]
         return tuple(_typed(where, f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if origin is dict or hint is dict:
-        require_spec(where, key, isinstance(value, dict), "must be a table", value)
+        require_spec(where, key, isinstance(value, dict), "must be a table", value, f"write it as [{key}]")
         return dict(value)
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}[hint](value)
-    require_spec(where, key, ok, f"must be of type {hint.__name__}", value)
+    require_spec(where, key, ok, f"must be of type {hint.__name__}", value, f"write {_EXAMPLE[hint]}")
     return float(value) if hint is float else value
 
 
 def build_section(where: str, name: str, cls: type, table: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    _reject_unknown(where, f"{name}.", table, names)
+    reject_unknown(where, f"{name}.", table, names)
     kwargs = {}
     for key, value in table.items():
         if dataclasses.is_dataclass(hints[key]):
-            require_spec(where, f"{name}.{key}", isinstance(value, dict), "must be a table", value)
+            require_spec(where, f"{name}.{key}", isinstance(value, dict), "must be a table", value,
+                         f"write it as [{name}.{key}]")
             kwargs[key] = build_section(where, f"{name}.{key}", hints[key], value)
         else:
             kwargs[key] = _typed(where, f"{name}.{key}", value, hints[key])
@@ -273,7 +306,7 @@ def _objectives(where: str, table: dict[str, Any]) -> tuple[Objective, ...]:
     table = table or {"accuracy": "maximize", "throughput": "maximize"}
     out = []
     for name, direction in table.items():
-        _reject_unknown(where, "objectives.", {name: 0}, OBJECTIVES)
+        reject_unknown(where, "objectives.", {name: 0}, OBJECTIVES)
         require_spec(where, f"objectives.{name}", direction in ("maximize", "minimize"),
                      'must be "maximize" or "minimize"', direction,
                      f'write {name} = "{OBJECTIVES[name][1]}"')
@@ -293,6 +326,8 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
         parsed = make_url(url)
     except ArgumentError:
         raise SpecError(where, "study.storage", "must be an SQLAlchemy database URL", url, fix) from None
+    except ValueError as e:  # e.g. a port that is not a number
+        raise SpecError(where, "study.storage", f"must be an SQLAlchemy database URL ({e})", url, fix) from None
     require_spec(where, "study.storage", parsed.get_backend_name() in STORAGE_BACKENDS,
                  f"the database must be one of {list(STORAGE_BACKENDS)}", url, fix)
     try:
@@ -334,7 +369,8 @@ def _task(where: str, table: dict[str, Any], base: Path) -> TaskSpec:
 
     if name not in BUILTIN_TASKS:
         require_spec(where, "task.name", _is_import_path(name),
-                     f'must be a built-in task ({", ".join(BUILTIN_TASKS)}) or "module:callable"', name)
+                     f'must be a built-in task ({", ".join(BUILTIN_TASKS)}) or "module:callable"', name,
+                     'set name = "charlm", or name a factory of your own as "my_task:make"')
         _import_callable(where, "task.name", name, base)
     spec = TaskSpec(name=name, params=table, base_dir=str(base))
     check_params(where, spec)
@@ -351,8 +387,8 @@ def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
 
     try:
         return import_callable(target, base)
-    except (ImportError, AttributeError, TypeError) as e:
-        raise SpecError(where, key, f"must name an importable callable ({e})", target,
+    except Exception as e:  # whatever the user's module raises on import is a problem with the study
+        raise SpecError(where, key, f"must name an importable callable ({type(e).__name__}: {e})", target,
                         f"put the module beside the study file ({base}) or on PYTHONPATH") from None
 
 
@@ -367,7 +403,7 @@ def _check_runtime(spec: StudySpec) -> None:
     if spec.executor.address:
         host, port = _ray_host_port(spec.executor.address)
         require_spec(where, "executor.address", host is not None, 'must be "host:port", "ray://host:port" or "auto"',
-                     spec.executor.address)
+                     spec.executor.address, 'e.g. address = "127.0.0.1:6379", as `ray start --head` prints it')
         try:
             socket.create_connection((host, port), timeout=3).close()
         except OSError as e:

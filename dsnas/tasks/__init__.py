@@ -50,7 +50,7 @@ def check_params(where: str, spec: Any) -> None:
         inspect.signature(factory).bind(**spec.params)
     except TypeError as e:
         raise SpecError(where, "task", f"the parameters must fit {spec.name}{inspect.signature(factory)} ({e})",
-                        sorted(spec.params)) from None
+                        sorted(spec.params), f"give [task] only the parameters {spec.name} takes") from None
 
 
 def make_task(spec: Any) -> Task:

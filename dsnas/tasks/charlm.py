@@ -33,11 +33,13 @@ class CharLMConfig:
 
     def __post_init__(self) -> None:
         for key in ("corpus_bytes", "context", "batch_size", "train_tokens", "val_tokens"):
-            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),
+                    f"remove {key} to use its default ({getattr(CharLMConfig, key)})")
         require(self.corpus_bytes >= 20 * (self.context + 1), "corpus_bytes", "must hold at least 20 contexts",
-                self.corpus_bytes)
-        require(self.lr > 0, "lr", "must be > 0", self.lr)
-        require(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)", self.warmup_frac)
+                self.corpus_bytes, f"set corpus_bytes >= {20 * (self.context + 1)}, or a shorter context")
+        require(self.lr > 0, "lr", "must be > 0", self.lr, "e.g. lr = 3e-3")
+        require(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)", self.warmup_frac,
+                "e.g. warmup_frac = 0.1")
 
     def resolve_corpus(self, base_dir: str, where: str = "task") -> Path | None:
         """The text file to read, or None for the standard library; raises SpecError if it is missing."""

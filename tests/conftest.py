@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny study (a search that takes seconds) written into tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_SPACE = """
+family = "transformer_lm"
+[choices]
+n_layers = [1, 2]
+d_model = [16, 32]
+[per_layer]
+n_heads = [1, 2]
+ffn_ratio = [1, 2]
+"""
+
+TINY_STUDY = """
+[study]
+name = "tiny"
+seed = 0
+[objectives]
+accuracy = "maximize"
+throughput = "maximize"
+[sampler]
+name = "tpe"
+seed = 0
+[budget]
+n_trials = 3
+max_failures = 3
+[space]
+file = "{space}"
+[task]
+name = "charlm"
+corpus_bytes = 200_000
+context = 16
+batch_size = 8
+train_tokens = 2048
+val_tokens = 512
+[hardware]
+device = "cpu"
+batch_sizes = [1, 4]
+warmup_s = 0.01
+measure_s = 0.02
+[hardware.constraints]
+max_latency_ms = 1000
+[executor]
+kind = "local"
+"""
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path) -> Path:
+    """A study file whose 3 trials train byte-level LMs for 2k tokens each: seconds, not minutes."""
+    space = tmp_path / "tiny_space.toml"
+    space.write_text(TINY_SPACE)
+    study = tmp_path / "tiny.toml"
+    study.write_text(TINY_STUDY.format(space=space))
+    return study

@@ -1,0 +1,140 @@
+"""End-to-end searches through the CLI on a tiny task: local and Ray executors, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dsnas.cli import main
+from dsnas.spec import load_study
+
+METRICS = ("accuracy", "val_loss", "throughput_tok_s", "latency_ms", "params", "peak_memory_mb",
+           "latency_ms_bs1", "throughput_tok_s_bs4", "train_s")
+
+
+def trials(study_file, states=None):
+    spec = load_study(study_file)
+    study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    return study, study.get_trials(states=states)
+
+
+def check_completed(study, done):
+    for t in done:
+        assert len(t.values) == 2 and 0 < t.values[0] <= 1 and t.values[1] > 0
+        assert set(METRICS) <= set(t.user_attrs), sorted(t.user_attrs)
+        assert t.user_attrs["accuracy"] == t.values[0]
+        assert t.user_attrs["throughput_tok_s"] == t.values[1]
+        assert t.user_attrs["arch"]["family"] == "transformer_lm"
+        assert t.user_attrs["profile"]["fingerprint"]["device"] == "cpu"
+        assert t.user_attrs["profile"]["batches"]["4"]["repeats"] >= 10
+        assert t.constraints == {"max_latency_ms": pytest.approx(t.user_attrs["latency_ms"] - 1000.0)}
+    assert study.metric_names == ["accuracy", "throughput"]
+    assert study.best_trials
+
+
+def test_local_search_through_cli(tiny_study, capsys):
+    assert main(["search", str(tiny_study), "--executor", "local"]) == 0
+    out = capsys.readouterr().out
+    study, all_trials = trials(tiny_study)
+    done = [t for t in all_trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3 and len(all_trials) == 3
+    check_completed(study, done)
+    assert "trial 2 done" in out and "front" in out
+    assert "Pareto front" in out and "tokens/s" in out
+
+
+@pytest.mark.slow
+def test_ray_search_through_cli(tiny_study, capsys):
+    assert main(["search", str(tiny_study), "--executor", "ray"]) == 0
+    study, all_trials = trials(tiny_study)
+    done = [t for t in all_trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    check_completed(study, done)
+    assert "executor ray" in capsys.readouterr().out
+
+
+def test_failing_candidate_is_a_fail_trial_with_reason(tiny_study, capsys):
+    # A search space callable that returns an architecture the family cannot build.
+    (tiny_study.parent / "broken_space.py").write_text(
+        "def space(trial):\n"
+        "    return {'family': 'transformer_lm', 'd_model': 30, 'layers': [{'n_heads': 4, 'ffn_ratio': 1}]}\n")
+    text = tiny_study.read_text().replace(f'file = "{tiny_space_path(tiny_study)}"', 'callable = "broken_space:space"')
+    tiny_study.write_text(text.replace("max_failures = 3", "max_failures = 1"))
+    assert main(["search", str(tiny_study), "--executor", "local"]) == 0
+    _, all_trials = trials(tiny_study)
+    assert {t.state for t in all_trials} == {TrialState.FAIL}
+    assert "must divide d_model" in all_trials[0].user_attrs["fail_reason"]
+    assert "max_failures = 1" in capsys.readouterr().out
+
+
+def tiny_space_path(study_file):
+    return load_study(study_file).space.file
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_no_completed_trial(tiny_study):
+    # Slower trials, so that the kill lands while one runs.
+    tiny_study.write_text(tiny_study.read_text().replace("train_tokens = 2048", "train_tokens = 60000")
+                          .replace("n_trials = 3", "n_trials = 4"))
+    cmd = [sys.executable, "-m", "dsnas.cli", "search", str(tiny_study), "--executor", "local"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        running = wait_for(lambda: state_counts(tiny_study), driver)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    _, before = trials(tiny_study)
+    completed_before = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
+    assert [t.number for t in before if t.state == TrialState.RUNNING] == [running]
+
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"re-queued 1 trial(s) left RUNNING by a stopped driver: #{running}" in result.stdout
+    _, after = trials(tiny_study)
+    by_number = {t.number: t for t in after}
+    assert by_number[running].state == TrialState.FAIL
+    assert "stopped while the trial ran" in by_number[running].user_attrs["fail_reason"]
+    for number, values in completed_before.items():
+        assert by_number[number].values == values
+    retried = [t for t in after if t.system_attrs.get("failed_trial") == running]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == by_number[running].params
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 4
+
+
+def state_counts(study_file):
+    """The number of a RUNNING trial once at least one trial completed, else None.
+
+    Read-only SQL: opening Optuna's storage here would write (create tables) beside the driver."""
+    path = load_study(study_file).storage.removeprefix("sqlite:///")
+    if not os.path.exists(path):
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT number, state FROM trials").fetchall()
+    except sqlite3.OperationalError:
+        return None  # the driver has not created the tables yet, or holds a write lock
+    running = [n for n, state in rows if state == "RUNNING"]
+    if any(state == "COMPLETE" for _, state in rows) and running:
+        return running[0]
+    return None
+
+
+def wait_for(probe, process, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the driver ended before it could be killed"
+        found = probe()
+        if found is not None:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for a running trial")

@@ -1,0 +1,196 @@
+"""Search-space files: validation errors (SpecError naming the space file, the key, the rule and a fix),
+and how a SearchSpace turns an Optuna trial into an architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FixedTrial
+
+from dsnas.errors import SpecError
+from dsnas.models import validate
+from dsnas.space import SearchSpace, load_space_file
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "search_spaces" / "transformer_lm.toml"
+
+VALID = """\
+family = "transformer_lm"
+
+[choices]
+n_layers = [1, 2, 3, 4]
+d_model = [32, 64]
+
+[per_layer]
+n_heads = [1, 2, 4]
+ffn_ratio = [1, 2, 4]
+"""
+
+
+def write_space(folder: Path, text: str) -> Path:
+    path = folder / "space.toml"
+    path.write_text(text)
+    return path
+
+
+def check_message(err: BaseException, where: Path, key: str, rule: str, fix: str | None = None) -> str:
+    assert isinstance(err, SpecError), repr(err)
+    msg = str(err)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"{where}: [{key}] "), msg
+    assert err.key == key
+    assert rule in msg, msg
+    if fix is not None:
+        assert ". Fix: " in msg, msg
+        assert fix in msg.split(". Fix: ", 1)[1], msg
+    return msg
+
+
+# ---------------------------------------------------------------- validation
+
+# (id, file text, key, rule, fix or None where dsnas gives none today)
+CASES: list[tuple[str, str, str, str, str | None]] = [
+    ("unknown-family", VALID.replace('"transformer_lm"', '"resnet"'), "family",
+     "must be one of ['transformer_lm'], but got 'resnet'", 'family = "transformer_lm"'),
+    ("missing-family", VALID.replace('family = "transformer_lm"', ""), "family", "must be one of ['transformer_lm']",
+     'family = "transformer_lm"'),
+    ("unknown-top-level-key", "layers = 3\n" + VALID, "layers", "is not a known key", "did you mean 'per_layer'?"),
+    ("unknown-choice-key", VALID.replace("n_layers =", "n_layer ="), "choices.n_layer",
+     "is not a known key", "did you mean 'n_layers'?"),
+    ("arch-key-under-per_layer", VALID.replace("ffn_ratio = [1, 2, 4]", "ffn_ratio = [1, 2, 4]\nd_model = [32]"),
+     "per_layer.d_model", "is not a known key", "known keys: n_heads, ffn_ratio"),
+    ("choices-not-a-table", 'family = "transformer_lm"\nchoices = [1]\n', "choices", "must be a table",
+     "write it as [choices]"),
+    ("float-in-list", VALID.replace("n_layers = [1, 2, 3, 4]", "n_layers = [1, 2.5]"), "choices.n_layers",
+     "must be an integer >= 1 or a non-empty list of them, but got [1, 2.5]", "n_layers = [1, 2, 4]"),
+    ("string-choice", VALID.replace("d_model = [32, 64]", 'd_model = "64"'), "choices.d_model",
+     "must be an integer >= 1 or a non-empty list of them", "d_model = [1, 2, 4]"),
+    ("bool-choice", VALID.replace("ffn_ratio = [1, 2, 4]", "ffn_ratio = [true]"), "per_layer.ffn_ratio",
+     "must be an integer >= 1 or a non-empty list of them", "ffn_ratio = [1, 2, 4]"),
+    ("empty-list", VALID.replace("n_heads = [1, 2, 4]", "n_heads = []"), "per_layer.n_heads",
+     "must be an integer >= 1 or a non-empty list of them, but got []", "n_heads = [1, 2, 4]"),
+    ("zero-choice", VALID.replace("n_layers = [1, 2, 3, 4]", "n_layers = [0, 1]"), "choices.n_layers",
+     "must be an integer >= 1", "n_layers = [1, 2, 4]"),
+    ("d_model-not-divisible", VALID.replace("d_model = [32, 64]", "d_model = [30, 64]"), "choices.d_model",
+     "every d_model choice must be divisible by every n_heads choice (30 % 4 != 0)", "multiples of the largest"),
+    ("d_model-not-divisible-shared", VALID.replace("d_model = [32, 64]", "d_model = 32\nn_heads = 3")
+     .replace("n_heads = [1, 2, 4]\n", ""), "choices.d_model", "(32 % 3 != 0)", "multiples of the largest n_heads"),
+    ("layer-key-in-both", VALID.replace("d_model = [32, 64]", "d_model = [32, 64]\nn_heads = 2"), "n_heads",
+     "must be given once: under [choices] (shared by all layers) or under [per_layer]",
+     "add n_heads = [...] to exactly one of them"),
+    ("layer-key-in-neither", VALID.replace("ffn_ratio = [1, 2, 4]\n", ""), "ffn_ratio", "must be given once",
+     "add ffn_ratio = [...] to exactly one of them"),
+    ("missing-d_model", VALID.replace("d_model = [32, 64]\n", ""), "choices.d_model", "is required",
+     "add d_model = [...] under [choices]"),
+    ("missing-n_layers", VALID.replace("n_layers = [1, 2, 3, 4]\n", ""), "choices.n_layers", "is required",
+     "add n_layers = [...] under [choices]"),
+    ("invalid-toml", "family = \n", "-", "must be a readable TOML file (", "the TOML syntax"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "rule", "fix"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_space_error(tmp_path: Path, text: str, key: str, rule: str, fix: str | None) -> None:
+    path = write_space(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_space_file(path)
+    check_message(info.value, path, key, rule, fix)
+
+
+def test_missing_space_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(SpecError) as info:
+        load_space_file(path)
+    check_message(info.value, path, "-", "must be a readable TOML file (")
+
+
+@pytest.mark.parametrize("text", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_space_error_message_names_a_fix(tmp_path: Path, text: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_space_file(write_space(tmp_path, text))
+    assert ". Fix: " in str(info.value)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_valid_space_loads(tmp_path: Path) -> None:
+    space = load_space_file(write_space(tmp_path, VALID))
+    assert space == SearchSpace(family="transformer_lm", choices={"n_layers": (1, 2, 3, 4), "d_model": (32, 64)},
+                                per_layer={"n_heads": (1, 2, 4), "ffn_ratio": (1, 2, 4)})
+
+
+def test_sample_fixed_trial_gives_one_entry_per_layer(tmp_path: Path) -> None:
+    space = load_space_file(write_space(tmp_path, VALID))
+    params = {"n_layers": 3, "d_model": 64,
+              "layer0.n_heads": 1, "layer0.ffn_ratio": 4,
+              "layer1.n_heads": 2, "layer1.ffn_ratio": 1,
+              "layer2.n_heads": 4, "layer2.ffn_ratio": 2}
+    arch = space.sample(FixedTrial(params))
+    assert arch == {"family": "transformer_lm", "d_model": 64,
+                    "layers": [{"n_heads": 1, "ffn_ratio": 4}, {"n_heads": 2, "ffn_ratio": 1},
+                               {"n_heads": 4, "ffn_ratio": 2}]}
+    validate({**arch, "vocab_size": 256, "context": 64})  # the family can build what the space samples
+
+
+def test_sample_study_ask_names_per_layer_params(tmp_path: Path) -> None:
+    space = load_space_file(write_space(tmp_path, VALID))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_layers = set()
+    for _ in range(12):
+        trial = study.ask()
+        arch = space.sample(trial)
+        n = trial.params["n_layers"]
+        assert len(arch["layers"]) == n
+        seen_layers.add(n)
+        assert set(trial.params) == {"n_layers", "d_model"} | {f"layer{i}.{k}" for i in range(n)
+                                                               for k in ("n_heads", "ffn_ratio")}
+        assert [layer["n_heads"] for layer in arch["layers"]] == [trial.params[f"layer{i}.n_heads"] for i in range(n)]
+        assert arch["d_model"] == trial.params["d_model"]
+        validate({**arch, "vocab_size": 256, "context": 64})
+    assert len(seen_layers) > 1  # the random sampler did vary the depth
+
+
+def test_shared_layer_key_gives_every_layer_the_same_value(tmp_path: Path) -> None:
+    text = VALID.replace("d_model = [32, 64]", "d_model = [32, 64]\nn_heads = [1, 2, 4]").replace(
+        "n_heads = [1, 2, 4]\nffn_ratio", "ffn_ratio")
+    space = load_space_file(write_space(tmp_path, text))
+    assert "n_heads" in space.choices and "n_heads" not in space.per_layer
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(12):
+        trial = study.ask()
+        arch = space.sample(trial)
+        n = trial.params["n_layers"]
+        assert len(arch["layers"]) == n
+        assert {layer["n_heads"] for layer in arch["layers"]} == {trial.params["n_heads"]}
+        assert not any(name.endswith(".n_heads") for name in trial.params)
+        assert "n_heads" not in arch  # shared, but still a per-layer key of the architecture
+        assert {f"layer{i}.ffn_ratio" for i in range(n)} <= set(trial.params)
+
+
+def test_single_value_is_fixed_not_searched(tmp_path: Path) -> None:
+    text = VALID.replace("n_layers = [1, 2, 3, 4]", "n_layers = 2").replace("d_model = [32, 64]", "d_model = [64]")
+    space = load_space_file(write_space(tmp_path, text))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    arch = space.sample(trial)
+    assert arch["d_model"] == 64 and len(arch["layers"]) == 2
+    assert "n_layers" not in trial.params and "d_model" not in trial.params
+    assert set(trial.params) == {"layer0.n_heads", "layer0.ffn_ratio", "layer1.n_heads", "layer1.ffn_ratio"}
+
+
+# ---------------------------------------------------------------- shipped files
+
+
+SPACES = sorted((REPO / "search_spaces").glob("*.toml"))
+
+
+def test_the_repo_ships_search_spaces() -> None:
+    assert SHIPPED in SPACES
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_shipped_space_loads_and_samples(path: Path) -> None:
+    space = load_space_file(path)
+    arch = space.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask())
+    assert arch["family"] == space.family and len(arch["layers"]) >= 1

@@ -1,0 +1,437 @@
+"""Study-file validation: every user-input error is a SpecError with a one-line message that names the file,
+the key, the rule and a fix, raised before any work starts (no search, no Ray, no database file)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsnas.cli import main
+from dsnas.errors import SpecError
+from dsnas.spec import load_study
+
+REPO = Path(__file__).resolve().parent.parent
+SPACE = REPO / "search_spaces" / "transformer_lm.toml"
+DROP = object()  # an override value that removes the key (or section) from the minimal study
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dsnas puts the study file's folder on sys.path when it imports a "module:callable"; undo that."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _toml(doc: dict[str, Any], prefix: str = "") -> str:
+    lines = [f"{key} = {_toml_value(value)}" for key, value in doc.items() if not isinstance(value, dict)]
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{prefix}{key}]", _toml(value, f"{prefix}{key}.")]
+    return "\n".join(lines)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is DROP:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_study(folder: Path, filename: str = "study.toml", **overrides: Any) -> Path:
+    """A minimal valid study (the repo's search space by absolute path, executor kind "local"), with
+    ``overrides`` merged in: a dict is a [section] (merged key by key), anything else a top-level key."""
+    doc = _merge({"space": {"file": str(SPACE)}, "executor": {"kind": "local"}}, overrides)
+    path = folder / filename
+    path.write_text(_toml(doc) + "\n")
+    return path
+
+
+def check_message(err: BaseException, where: str | Path, key: str, rule: str, fix: str | None = None) -> str:
+    """``err`` is a SpecError whose one-line message is ``WHERE: [KEY] RULE...`` (and ``. Fix: FIX...``)."""
+    assert isinstance(err, SpecError), repr(err)
+    msg = str(err)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"{where}: [{key}] "), msg
+    assert err.key == key
+    assert rule in msg, msg
+    if fix is not None:
+        assert ". Fix: " in msg, msg
+        assert fix in msg.split(". Fix: ", 1)[1], msg
+    return msg
+
+
+def expect_error(path: Path, key: str, rule: str, fix: str | None = None, blame: str = "", **flags: Any) -> str:
+    """``blame`` is the flag the message must name when a flag's value broke the rule."""
+    with pytest.raises(SpecError) as info:
+        load_study(path, **flags)
+    return check_message(info.value, f"{path.resolve()}{blame}", key, rule, fix)
+
+
+def free_port() -> int:
+    """A localhost port nobody listens on (bound, then closed), so a connect is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# ---------------------------------------------------------------- valid studies
+
+
+def test_minimal_study_loads_with_defaults_and_writes_nothing(tmp_path: Path) -> None:
+    path = write_study(tmp_path)
+    spec = load_study(path)
+    assert spec.path == str(path.resolve())
+    assert spec.name == "study"  # the file's stem
+    assert spec.storage == f"sqlite:///{tmp_path.resolve() / 'study.db'}"
+    assert spec.space.file == str(SPACE)
+    assert spec.executor.kind == "local" and spec.executor.address is None
+    assert spec.budget.n_trials == 12  # no [budget]: the default budget
+    assert [(o.name, o.direction) for o in spec.objectives] == [("accuracy", "maximize"), ("throughput", "maximize")]
+    assert spec.task.name == "charlm" and spec.task.params == {}
+    assert _files(tmp_path) == {"study.toml"}  # loading a study writes nothing, no .db in particular
+
+
+def test_relative_paths_resolve_beside_the_study_file(tmp_path: Path) -> None:
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "s.toml").write_text(SPACE.read_text())
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 100)
+    path = write_study(tmp_path, study={"storage": "sqlite:///res.db"}, space={"file": "spaces/s.toml"},
+                       task={"corpus": "corpus.txt"})
+    spec = load_study(path)
+    assert spec.storage == f"sqlite:///{tmp_path.resolve() / 'res.db'}"
+    assert spec.space.file == str((tmp_path / "spaces" / "s.toml").resolve())
+    assert spec.task.base_dir == str(tmp_path.resolve())
+
+
+def test_timeout_alone_is_a_budget(tmp_path: Path) -> None:
+    spec = load_study(write_study(tmp_path, budget={"timeout_s": 60}))
+    assert spec.budget.n_trials is None and spec.budget.timeout_s == 60.0
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write_study(tmp_path, budget={"n_trials": 5}, executor={"kind": "ray"})
+    spec = load_study(path, executor="local", n_trials=3, timeout_s=9.5)
+    assert spec.executor.kind == "local"
+    assert (spec.budget.n_trials, spec.budget.timeout_s) == (3, 9.5)
+
+
+# ---------------------------------------------------------------- one error per rule
+
+# (id, overrides, key, rule, fix or None where dsnas gives no fix today)
+CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
+    # unknown keys, with a did-you-mean hint where one is close
+    ("unknown-section", {"budgets": {"n_trials": 3}}, "budgets", "is not a known key", "did you mean 'budget'?"),
+    ("unknown-study-key", {"study": {"nmae": "x"}}, "study.nmae", "is not a known key", "did you mean 'name'?"),
+    ("unknown-budget-key", {"budget": {"n_trial": 3}}, "budget.n_trial", "is not a known key",
+     "did you mean 'n_trials'?"),
+    ("unknown-constraint", {"hardware": {"constraints": {"max_latency": 5}}}, "hardware.constraints.max_latency",
+     "is not a known key", "did you mean 'max_latency_ms'?"),
+    ("unknown-key-no-match", {"executor": {"zzz": 1}}, "executor.zzz", "is not a known key",
+     "known keys: kind, address"),
+    ("unknown-objective", {"objectives": {"accurcy": "maximize"}}, "objectives.accurcy", "is not a known key",
+     "did you mean 'accuracy'?"),
+    ("unknown-task-param", {"task": {"contxt": 64}}, "task.contxt", "is not a known key", "did you mean 'context'?"),
+    # wrong types
+    ("n_trials-string", {"budget": {"n_trials": "12"}}, "budget.n_trials", "must be of type int, but got '12'", 'a whole number without quotes'),
+    ("n_trials-bool", {"budget": {"n_trials": True}}, "budget.n_trials", "must be of type int", 'a whole number without quotes'),
+    ("n_trials-float", {"budget": {"n_trials": 2.5}}, "budget.n_trials", "must be of type int", 'a whole number without quotes'),
+    ("timeout-string", {"budget": {"timeout_s": "60"}}, "budget.timeout_s", "must be of type float", 'a number without quotes'),
+    ("batch_sizes-item", {"hardware": {"batch_sizes": [1, "a"]}}, "hardware.batch_sizes[1]",
+     "must be of type int, but got 'a'", 'a whole number without quotes'),
+    ("batch_sizes-scalar", {"hardware": {"batch_sizes": 32}}, "hardware.batch_sizes", "must be a list", 'batch_sizes = [1, 32]'),
+    ("study-name-int", {"study": {"name": 5}}, "study.name", "must be of type str", 'a string in quotes'),
+    ("storage-int", {"study": {"storage": 5}}, "study.storage", "must be of type str", 'a string in quotes'),
+    ("task-param-type", {"task": {"context": "64"}}, "task.context", "must be of type int", 'a whole number without quotes'),
+    ("section-not-table", {"budget": 3}, "budget", "must be a table", "write it as [budget]"),
+    ("subsection-not-table", {"hardware": {"constraints": 5}}, "hardware.constraints", "must be a table", 'write it as [hardware.constraints]'),
+    # out of range
+    ("n_trials-zero", {"budget": {"n_trials": 0}}, "budget.n_trials", "must be >= 1", 'n_trials = 12'),
+    ("n_trials-negative", {"budget": {"n_trials": -3}}, "budget.n_trials", "must be >= 1", 'n_trials = 12'),
+    ("timeout-zero", {"budget": {"timeout_s": 0}}, "budget.timeout_s", "must be > 0", 'timeout_s = 600'),
+    ("max_failures-negative", {"budget": {"n_trials": 2, "max_failures": -1}}, "budget.max_failures", "must be >= 0", 'max_failures = 0'),
+    ("constraint-negative", {"hardware": {"constraints": {"max_latency_ms": -5}}},
+     "hardware.constraints.max_latency_ms", "must be > 0, but got -5.0", "remove it to set no limit"),
+    ("constraint-zero", {"hardware": {"constraints": {"max_params": 0}}}, "hardware.constraints.max_params",
+     "must be > 0", "remove it to set no limit"),
+    ("gpus-fraction", {"executor": {"gpus_per_trial": 0.5}}, "executor.gpus_per_trial",
+     "must be 0 or a whole number", "gpus_per_trial = 1"),
+    ("gpus-negative", {"executor": {"gpus_per_trial": -1}}, "executor.gpus_per_trial",
+     "must be 0 or a whole number", "gpus_per_trial = 1"),
+    ("cpus-zero", {"executor": {"cpus_per_trial": 0}}, "executor.cpus_per_trial", "must be > 0", 'cpus_per_trial = 1'),
+    ("workers-zero", {"executor": {"workers": 0}}, "executor.workers", "must be >= 1", 'remove it'),
+    ("batch_sizes-zero", {"hardware": {"batch_sizes": [0, 32]}}, "hardware.batch_sizes",
+     "must be a non-empty list of integers >= 1", "batch_sizes = [1, 32]"),
+    ("batch_sizes-empty", {"hardware": {"batch_sizes": []}}, "hardware.batch_sizes",
+     "must be a non-empty list of integers >= 1", "batch_sizes = [1, 32]"),
+    ("threads-zero", {"hardware": {"threads": 0}}, "hardware.threads", "must be >= 1", 'every core'),
+    ("measure-zero", {"hardware": {"measure_s": 0}}, "hardware.measure_s", "must be > 0", 'measure_s = 0.3'),
+    ("task-context-zero", {"task": {"context": 0}}, "task.context", "must be >= 1", 'remove context to use its default (64)'),
+    ("task-warmup-one", {"task": {"warmup_frac": 1.0}}, "task.warmup_frac", "must be in [0, 1)", 'warmup_frac = 0.1'),
+    ("study-name-blank", {"study": {"name": "  "}}, "study.name", "must be a plain name", 'name = "my_study"'),
+    # names from a fixed list
+    ("unknown-sampler", {"sampler": {"name": "bayes"}}, "sampler.name", "must be one of ['tpe', 'nsga2'",
+     'name = "tpe"'),
+    ("unknown-device", {"hardware": {"device": "tpu"}}, "hardware.device", "must be one of", 'device = "auto"'),
+    ("unknown-executor", {"executor": {"kind": "slurm"}}, "executor.kind", "must be one of", 'kind = "ray"'),
+    ("bad-direction", {"objectives": {"accuracy": "max"}}, "objectives.accuracy",
+     'must be "maximize" or "minimize", but got \'max\'', 'accuracy = "maximize"'),
+    ("bad-direction-min-default", {"objectives": {"latency": "down"}}, "objectives.latency",
+     'must be "maximize" or "minimize"', 'latency = "minimize"'),
+    # storage
+    ("storage-not-url", {"study": {"storage": "results.db"}}, "study.storage", "must be an SQLAlchemy database URL",
+     "sqlite:///results.db"),
+    ("storage-redis", {"study": {"storage": "redis://localhost:6379/0"}}, "study.storage",
+     "the database must be one of ['sqlite', 'postgresql', 'mysql']", "sqlite:///"),
+    ("storage-sqlite-no-folder", {"study": {"storage": "sqlite:///no_such_dir/s.db"}}, "study.storage",
+     "the database's folder must exist", "create "),
+    ("storage-sqlite-memory", {"study": {"storage": "sqlite:///:memory:"}}, "study.storage",
+     "must name a database file (an in-memory database loses the study)", "sqlite:///"),
+    ("storage-sqlite-empty", {"study": {"storage": "sqlite://"}}, "study.storage", "must name a database file",
+     "sqlite:///"),
+    # files and importable names
+    ("space-file-missing", {"space": {"file": "no_such_space.toml"}}, "space.file",
+     "the search-space file must exist, but got 'no_such_space.toml'", "check the path"),
+    ("space-file-and-callable", {"space": {"callable": "m:f"}}, "space.file", "exactly one of file and callable",
+     "callable ="),
+    ("space-callable-format", {"space": {"file": DROP, "callable": "no_colon"}}, "space.callable",
+     'must look like "module:function"', 'callable = "my_space:sample"'),
+    ("space-callable-missing", {"space": {"file": DROP, "callable": "dsnas_no_such_module:space"}}, "space.callable",
+     "must name an importable callable (ModuleNotFoundError: No module named 'dsnas_no_such_module')", "on PYTHONPATH"),
+    ("corpus-missing", {"task": {"corpus": "no_such_corpus.txt"}}, "task.corpus",
+     'must be "stdlib" or an existing text file, but got \'no_such_corpus.txt\'', "check the path"),
+    ("task-not-importable", {"task": {"name": "dsnas_no_such_module:make_task"}}, "task.name",
+     "must name an importable callable (ModuleNotFoundError: No module named 'dsnas_no_such_module')", "on PYTHONPATH"),
+    ("task-attr-missing", {"task": {"name": "os:no_such_task"}}, "task.name", "must name an importable callable",
+     "on PYTHONPATH"),
+    ("task-not-callable", {"task": {"name": "os:sep"}}, "task.name", "must name an importable callable (TypeError: "
+     "os:sep is not callable)", "on PYTHONPATH"),
+    ("task-unknown-name", {"task": {"name": "char_lm"}}, "task.name", "must be a built-in task (charlm)", 'set name = "charlm"'),
+    # budget and executor combinations
+    ("budget-empty", {"budget": {"max_failures": 2}}, "budget.n_trials",
+     "the budget needs n_trials, timeout_s or both", "n_trials = 12"),
+    ("address-with-local", {"executor": {"address": "127.0.0.1:6379"}}, "executor.address", 'needs kind = "ray"',
+     'set kind = "ray"'),
+    ("address-no-port", {"executor": {"kind": "ray", "address": "localhost"}}, "executor.address",
+     'must be "host:port", "ray://host:port" or "auto"', 'address = "127.0.0.1:6379"'),
+]
+
+@pytest.mark.parametrize(("overrides", "key", "rule", "fix"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_study_error(tmp_path: Path, overrides: dict[str, Any], key: str, rule: str, fix: str | None) -> None:
+    path = write_study(tmp_path, **overrides)
+    expect_error(path, key, rule, fix)
+    assert _files(tmp_path) == {"study.toml"}  # nothing written: no .db, no folder created
+
+
+@pytest.mark.parametrize("overrides", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_study_error_message_names_a_fix(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    with pytest.raises(SpecError) as info:
+        load_study(write_study(tmp_path, **overrides))
+    assert ". Fix: " in str(info.value)
+
+
+def test_missing_study_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    expect_error(path, "-", "the study file must exist", "dsnas init")
+    assert _files(tmp_path) == set()
+
+
+def test_study_path_is_a_folder(tmp_path: Path) -> None:
+    expect_error(tmp_path, "-", "the study file must exist", "check the path")
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "study.toml"
+    path.write_text("[budget]\nn_trials = \n")
+    msg = expect_error(path, "-", "must be valid TOML (")
+    assert "line 2" in msg
+
+
+def test_error_in_the_space_file_names_the_space_file(tmp_path: Path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text('family = "resnet"\n')
+    with pytest.raises(SpecError) as info:
+        load_study(write_study(tmp_path, space={"file": "space.toml"}))
+    check_message(info.value, space.resolve(), "family", "must be one of ['transformer_lm']", 'family = "transformer_lm"')
+
+
+def test_plugin_task_parameters_must_fit_its_signature(tmp_path: Path) -> None:
+    module = f"dsnas_test_task_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text("def make(size=1):\n    return None\n")
+    importlib.invalidate_caches()
+    ok = load_study(write_study(tmp_path, task={"name": f"{module}:make", "size": 2}))
+    assert ok.task.params == {"size": 2}
+    path = write_study(tmp_path, task={"name": f"{module}:make", "sise": 2})
+    msg = expect_error(path, "task", f"the parameters must fit {module}:make(size=1)")
+    assert "['sise']" in msg
+    sys.modules.pop(module, None)
+
+
+def test_cuda_without_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    expect_error(write_study(tmp_path, hardware={"device": "cuda"}), "hardware.device",
+                 "cuda needs a visible NVIDIA GPU", 'device = "auto"')
+
+
+# ---------------------------------------------------------------- Ray address
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_unreachable_ray_address(tmp_path: Path, scheme: str) -> None:
+    address = f"{scheme}127.0.0.1:{free_port()}"
+    path = write_study(tmp_path, executor={"kind": "ray", "address": address})
+    msg = expect_error(path, "executor.address", "no Ray cluster answers there", "ray start --head")
+    assert repr(address) in msg
+
+
+def test_unreachable_ray_address_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    path = write_study(tmp_path, executor={"kind": "ray", "address": "auto"})
+    expect_error(path, "executor.address", "no Ray cluster answers there", "ray start --head")
+
+
+# ---------------------------------------------------------------- flags (CLI overrides)
+
+
+def test_flag_out_of_range(tmp_path: Path) -> None:
+    expect_error(write_study(tmp_path), "budget.n_trials", "must be >= 1", blame=" with --n-trials 0", n_trials=0)
+
+
+def test_flag_executor_local_with_an_address_in_the_file(tmp_path: Path) -> None:
+    path = write_study(tmp_path, executor={"kind": "ray", "address": "127.0.0.1:6379"})
+    expect_error(path, "executor.address", 'needs kind = "ray"', executor="local")  # the file's address is to blame
+
+
+def test_unknown_override_is_a_programming_error(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="unknown override"):
+        load_study(write_study(tmp_path), n_trial=3)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"budget": {"n_trials": 0}}, "[budget.n_trials] must be >= 1"),
+    ({"sampler": {"name": "bayes"}}, "[sampler.name] must be one of"),
+    ({"study": {"storage": "sqlite:///:memory:"}}, "[study.storage] must name a database file"),
+    ({"task": {"contxt": 64}}, "[task.contxt] is not a known key"),
+], ids=["range", "sampler", "storage", "task-key"])
+def test_cli_search_bad_study(tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: dict[str, Any],
+                              key: str) -> None:
+    path = write_study(tmp_path, **overrides)
+    assert main(["search", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"dsnas: error: {path.resolve()}: "), err
+    assert key in err
+    assert "Traceback" not in err
+    assert _files(tmp_path) == {"study.toml"}  # no .db beside the study file
+
+
+def test_cli_search_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", str(tmp_path / "nope.toml")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("dsnas: error: ") and "[-] the study file must exist" in err
+    assert _files(tmp_path) == set()
+
+
+def test_cli_search_bad_flag_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_study(tmp_path)
+    assert main(["search", str(path), "--n-trials", "0"]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "[budget.n_trials] must be >= 1" in err and "Traceback" not in err
+    assert _files(tmp_path) == {"study.toml"}
+
+
+# ---------------------------------------------------------------- shipped files
+
+
+STUDIES = sorted((REPO / "studies").glob("*.toml"))
+
+
+def test_the_repo_ships_studies() -> None:
+    assert STUDIES
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_shipped_study_loads(path: Path) -> None:
+    before = _files(path.parent)
+    spec = load_study(path)
+    assert spec.path == str(path.resolve())
+    assert Path(spec.space.file or "").is_file() or spec.space.callable
+    assert _files(path.parent) == before  # loading wrote nothing beside it
+
+
+# ---------------------------------------------------------------- known dsnas bugs (see the report)
+
+
+def test_storage_url_with_a_bad_port(tmp_path: Path) -> None:
+    expect_error(write_study(tmp_path, study={"storage": "postgresql://u@h:abc/db"}), "study.storage",
+                 "must be an SQLAlchemy database URL")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="the postgresql driver is installed")
+def test_storage_driver_missing(tmp_path: Path) -> None:
+    expect_error(write_study(tmp_path, study={"storage": "postgresql://u@h/db"}), "study.storage",
+                 "needs its database driver", "pip install the driver")
+
+
+def test_flag_with_a_section_that_is_not_a_table(tmp_path: Path) -> None:
+    expect_error(write_study(tmp_path, budget=3), "budget", "must be a table", n_trials=5)
+
+
+def test_negative_sampler_seed(tmp_path: Path) -> None:
+    expect_error(write_study(tmp_path, sampler={"seed": -1}), "sampler.seed", "must be in [0, 2**31)")
+
+
+def test_study_name_that_makes_a_default_storage_path_in_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(SpecError):
+        load_study(write_study(tmp_path, study={"name": "no_such_dir/study"}))
+    assert _files(tmp_path) == {"study.toml"}
+
+
+@pytest.mark.parametrize("body", ["def make(:\n", "raise RuntimeError('boom')\n"], ids=["syntax", "raises"])
+def test_task_module_that_fails_to_import(tmp_path: Path, body: str) -> None:
+    module = f"dsnas_test_broken_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text(body)
+    importlib.invalidate_caches()
+    try:
+        expect_error(write_study(tmp_path, task={"name": f"{module}:make"}), "task.name",
+                     "must name an importable callable")
+    finally:
+        sys.modules.pop(module, None)
