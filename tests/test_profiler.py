@@ -1,0 +1,95 @@
+"""The measurement protocol: exclusive measuring across processes, timing statistics, peak memory."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from dsnas.profiler import MeasureGate, time_calls
+from dsnas.profiler.memory import PeakMemory, cpu_peak_supported
+
+
+def _trainer(folder, started, log, seconds):
+    """Hold the gate shared and 'train' in small steps, logging when each step ran."""
+    gate = MeasureGate("test", folder)
+    with gate.shared() as hold:
+        started.set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            time.sleep(0.005)
+            log.append((t0, time.monotonic()))
+            hold.checkpoint()
+
+
+def test_measuring_excludes_training_in_other_processes(tmp_path):
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        log, started = manager.list(), manager.Event()
+        trainers = [ctx.Process(target=_trainer, args=(tmp_path, started, log, 1.5)) for _ in range(2)]
+        for p in trainers:
+            p.start()
+        assert started.wait(30)
+        time.sleep(0.2)
+        with MeasureGate("test", tmp_path).exclusive():
+            inside = (time.monotonic(), time.sleep(0.3), time.monotonic())
+        for p in trainers:
+            p.join(30)
+        steps = list(log)
+    begin, _, end = inside
+    assert steps, "the trainers never ran"
+    overlapping = [s for s in steps if s[0] < end and s[1] > begin]
+    assert not overlapping, f"{len(overlapping)} training steps ran while measuring"
+    assert any(s[0] >= end for s in steps), "training resumed after the measurement"
+
+
+def test_gate_is_reentrant_in_sequence(tmp_path):
+    gate = MeasureGate("seq", tmp_path)
+    for _ in range(3):
+        with gate.shared() as hold:
+            hold.checkpoint()
+        with gate.exclusive():
+            pass
+
+
+def test_time_calls_reports_median_and_spread():
+    calls = []
+    timing = time_calls(lambda: calls.append(time.sleep(0.002)), lambda: None, warmup_s=0.01, measure_s=0.05)
+    assert timing.repeats >= 10 and timing.warmup >= 2
+    assert len(calls) == timing.repeats + timing.warmup
+    assert 2.0 <= timing.median_ms < 50
+    assert timing.p10_ms <= timing.median_ms <= timing.p90_ms
+    assert timing.as_dict()["spread"] == pytest.approx(timing.spread)
+
+
+@pytest.mark.skipif(not cpu_peak_supported()[0], reason="peak RSS cannot be reset here")
+def test_cpu_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert peak.bytes is not None and peak.bytes >= 60 * 2**20
+    with PeakMemory(torch.device("cpu")) as small:
+        torch.ones(16)
+    assert small.bytes is not None and small.bytes < 16 * 2**20
+
+
+def test_measure_reports_each_batch_size(tiny_study):
+    from dsnas.models import build
+    from dsnas.profiler import measure
+    from dsnas.spec import load_study
+    from dsnas.tasks import make_task
+
+    spec = load_study(tiny_study)
+    task = make_task(spec.task)
+    model = build({"family": "transformer_lm", "d_model": 16, "layers": [{"n_heads": 2, "ffn_ratio": 1}],
+                   **task.arch_defaults()})
+    metrics, profile = measure(model, task, torch.device("cpu"), spec.hardware)
+    assert metrics["latency_ms"] == metrics["latency_ms_bs1"]
+    assert metrics["throughput_tok_s"] == metrics["throughput_tok_s_bs4"]
+    assert metrics["throughput_tok_s_bs4"] == pytest.approx(4 * 16 / (metrics["latency_ms_bs4"] / 1e3))
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+    assert set(profile["batches"]) == {"1", "4"} and profile["threads"] >= 1
+    assert profile["fingerprint"]["torch"] == torch.__version__
