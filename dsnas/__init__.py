@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dsnas import search as _driver  # noqa: F401  (loaded first, so that `dsnas.search` stays the function below)
 from dsnas.errors import DsnasError, SpecError, TrialError
 
 if TYPE_CHECKING:
@@ -18,10 +19,9 @@ __all__ = ["DsnasError", "SpecError", "TrialError", "load", "search", "__version
 
 def search(study_file: str, **overrides: Any) -> Any:
     """Run (or resume) the study described by ``study_file``; see :func:`dsnas.search.run_study`."""
-    from dsnas.search import run_study
     from dsnas.spec import load_study
 
-    return run_study(load_study(study_file, **overrides))
+    return _driver.run_study(load_study(study_file, **overrides))
 
 
 def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":

@@ -18,7 +18,7 @@ def pick_trial(study: Any, spec: StudySpec, trial: int | None = None, pick: str 
     """A completed trial by number, or by ``max-METRIC`` / ``min-METRIC`` among the feasible completed ones."""
     from optuna.trial import TrialState
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if trial is not None:
         found = [t for t in done if t.number == trial]
         if not found:

@@ -138,3 +138,22 @@ def wait_for(probe, process, timeout=120.0):
             return found
         time.sleep(0.2)
     raise AssertionError("timed out waiting for a running trial")
+
+
+def test_python_api_runs_and_resumes(tiny_study, capsys):
+    import dsnas
+
+    first = dsnas.search(str(tiny_study), n_trials=2)
+    assert first.completed == 2 and first.front and first.stopped_because == "2 trials completed"
+    again = dsnas.search(str(tiny_study), n_trials=3)
+    assert again.completed == 3 and len(again.study.trials) == 3  # two stored + one new
+    assert "resuming: 2 completed trials" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "nsga3", "gp", "random"])
+def test_every_sampler_runs_a_search(tiny_study, sampler):
+    tiny_study.write_text(tiny_study.read_text().replace('name = "tpe"', f'name = "{sampler}"')
+                          .replace("n_trials = 3", "n_trials = 2"))
+    assert main(["search", str(tiny_study)]) == 0
+    study, done = trials(tiny_study, states=(TrialState.COMPLETE,))
+    assert len(done) == 2

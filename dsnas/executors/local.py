@@ -12,6 +12,7 @@ class LocalExecutor(BaseExecutor):
     def __init__(self, evaluate_fn: EvaluateFn = evaluate) -> None:
         self._evaluate = evaluate_fn
         self._queue: list[EvalRequest] = []
+        self._current: EvalRequest | None = None  # so that an interrupt can report it
 
     def submit(self, request: EvalRequest) -> None:
         self._queue.append(request)
@@ -19,13 +20,16 @@ class LocalExecutor(BaseExecutor):
     def wait(self, timeout: float) -> list[Finished]:
         if not self._queue:
             return []
-        request = self._queue.pop(0)
+        request = self._current = self._queue.pop(0)
         try:
             return [(request.trial, self._evaluate(request))]
         except Exception as e:  # a failing candidate is a FAIL trial, not a failed search
             return [(request.trial, e)]
+        finally:
+            self._current = None
 
     def cancel_all(self) -> list[int]:
-        numbers = [r.trial for r in self._queue]
+        numbers = [r.trial for r in ([self._current] if self._current else []) + self._queue]
         self._queue.clear()
+        self._current = None
         return numbers
