@@ -52,7 +52,8 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         for name in ("weights", "probe"):
             part = Path(tmp) / f"{name}.safetensors"
-            download_artifact(artifact_store=store, file_path=str(part), artifact_id=frozen.user_attrs[f"{name}_artifact"])
+            download_artifact(artifact_store=store, file_path=str(part),
+                              artifact_id=frozen.user_attrs[f"{name}_artifact"])
             part.replace(out / part.name)
     numeric = {k: v for k, v in frozen.user_attrs.items() if isinstance(v, (int, float))}
     _write_json(out / "arch.json", {"_type": BUNDLE_TYPE, "_version": BUNDLE_VERSION, "arch": frozen.user_attrs["arch"],

@@ -11,7 +11,7 @@ from typing import Any
 
 from dsnas.errors import DsnasError
 from dsnas.evaluate import EvalRequest, TrialResult, evaluate
-from dsnas.executors import EvaluateFn, make_executor
+from dsnas.executors import BaseExecutor, EvaluateFn, make_executor
 from dsnas.models import describe, validate
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec
@@ -56,7 +56,8 @@ def open_study(spec: StudySpec) -> Any:
     return study
 
 
-def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate, progress: Progress | None = None) -> SearchOutcome:
+def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate,
+              progress: Progress | None = None) -> SearchOutcome:
     """Run (or resume) a study until its budget is spent."""
     from optuna.trial import TrialState
 
@@ -83,7 +84,8 @@ class _Driver:
         self.spec, self.study, self.progress = spec, study, progress
         self.sample = make_space(spec.space.file, spec.space.callable, spec.base_dir)
         self.task_arch = make_task(spec.task).arch_defaults()
-        self.executor = make_executor(spec, evaluate_fn)
+        self.evaluate_fn = evaluate_fn
+        self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
         self.identity = driver_identity()
@@ -94,12 +96,18 @@ class _Driver:
 
     def loop(self) -> str:
         while True:
-            while self._stop_reason() is None and len(self.running) < self.executor.slots and self._room():
+            while self._stop_reason() is None and self._room() and len(self.running) < self.executor.slots:
                 self._dispatch()
             if not self.running:
                 return self._stop_reason() or "nothing left to run"
             for number, outcome in self.executor.wait(timeout=1.0):
                 self._record(self.running.pop(number), outcome)
+
+    @property
+    def executor(self) -> BaseExecutor:
+        if self._executor is None:
+            self._executor = make_executor(self.spec, self.evaluate_fn)
+        return self._executor
 
     def _stop_reason(self) -> str | None:
         budget = self.spec.budget
@@ -186,9 +194,11 @@ class _Driver:
     def close(self) -> None:
         """Stop the heartbeats; fail what still runs (interrupted); release the executor."""
         self._beat_stop.set()
+        if self._executor is None:
+            return
         try:
-            for number in self.executor.cancel_all():
+            for number in self._executor.cancel_all():
                 self._fail(self.running.pop(number), "the search was interrupted while the trial ran")
         finally:
-            self.executor.close()
+            self._executor.close()
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from dsnas.errors import SpecError
+
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_SPACE = """
@@ -60,3 +62,17 @@ def tiny_study(tmp_path: Path) -> Path:
     study = tmp_path / "tiny.toml"
     study.write_text(TINY_STUDY.format(space=space))
     return study
+
+
+def check_message(err: BaseException, where: str | Path, key: str, rule: str, fix: str | None = None) -> str:
+    """``err`` is a SpecError whose one-line message is ``WHERE: [KEY] RULE...`` (and ``. Fix: FIX...``)."""
+    assert isinstance(err, SpecError), repr(err)
+    msg = str(err)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"{where}: [{key}] "), msg
+    assert err.key == key
+    assert rule in msg, msg
+    if fix is not None:
+        assert ". Fix: " in msg, msg
+        assert fix in msg.split(". Fix: ", 1)[1], msg
+    return msg

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import check_message
 from optuna.trial import FixedTrial
 
 from dsnas.errors import SpecError
@@ -33,19 +34,6 @@ def write_space(folder: Path, text: str) -> Path:
     path = folder / "space.toml"
     path.write_text(text)
     return path
-
-
-def check_message(err: BaseException, where: Path, key: str, rule: str, fix: str | None = None) -> str:
-    assert isinstance(err, SpecError), repr(err)
-    msg = str(err)
-    assert "\n" not in msg, msg
-    assert msg.startswith(f"{where}: [{key}] "), msg
-    assert err.key == key
-    assert rule in msg, msg
-    if fix is not None:
-        assert ". Fix: " in msg, msg
-        assert fix in msg.split(". Fix: ", 1)[1], msg
-    return msg
 
 
 # ---------------------------------------------------------------- validation

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import check_message
 
 from dsnas.cli import main
 from dsnas.errors import SpecError
@@ -71,20 +72,6 @@ def write_study(folder: Path, filename: str = "study.toml", **overrides: Any) ->
     path = folder / filename
     path.write_text(_toml(doc) + "\n")
     return path
-
-
-def check_message(err: BaseException, where: str | Path, key: str, rule: str, fix: str | None = None) -> str:
-    """``err`` is a SpecError whose one-line message is ``WHERE: [KEY] RULE...`` (and ``. Fix: FIX...``)."""
-    assert isinstance(err, SpecError), repr(err)
-    msg = str(err)
-    assert "\n" not in msg, msg
-    assert msg.startswith(f"{where}: [{key}] "), msg
-    assert err.key == key
-    assert rule in msg, msg
-    if fix is not None:
-        assert ". Fix: " in msg, msg
-        assert fix in msg.split(". Fix: ", 1)[1], msg
-    return msg
 
 
 def expect_error(path: Path, key: str, rule: str, fix: str | None = None, blame: str = "", **flags: Any) -> str:

@@ -6,8 +6,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from dsnas.errors import TrialError
-from dsnas.errors import Invalid
+from dsnas.errors import Invalid, TrialError
 
 FAMILIES = ("transformer_lm",)
 
