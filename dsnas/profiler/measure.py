@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from dsnas.profiler.device import fingerprint
-from dsnas.profiler.memory import PeakMemory
+from dsnas.profiler.memory import peak_memory
 from dsnas.profiler.timing import cpu_threads, time_calls
 
 
@@ -26,9 +26,9 @@ def measure(model: Any, task: Any, device: Any, hardware: Any) -> tuple[dict[str
         profile["threads"] = used if device.type == "cpu" else None
         for bs in sorted(hardware.batch_sizes):
             batch = task.example_batch(bs, device)
-            with PeakMemory(device) as peak:
-                timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s,
-                                    measure_s=hardware.measure_s)
+            timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s,
+                                measure_s=hardware.measure_s)
+            peak = peak_memory(lambda: model(batch), device, weight_bytes)
             tokens = bs * task.tokens_per_example
             metrics[f"latency_ms_bs{bs}"] = timing.median_ms
             metrics[f"throughput_tok_s_bs{bs}"] = tokens / (timing.median_ms / 1e3)
@@ -36,8 +36,7 @@ def measure(model: Any, task: Any, device: Any, hardware: Any) -> tuple[dict[str
             if peak.bytes is None:
                 profile["memory_unavailable"] = peak.reason
             else:
-                # On the CPU the resident weights are not part of the delta; add them once.
-                peaks.append(peak.bytes + (weight_bytes if device.type == "cpu" else 0))
+                peaks.append(peak.bytes)
             profile["memory_method"] = peak.method
     small, large = min(hardware.batch_sizes), max(hardware.batch_sizes)
     metrics["latency_ms"] = metrics[f"latency_ms_bs{small}"]

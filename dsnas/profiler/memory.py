@@ -1,58 +1,75 @@
-"""Peak memory of one measured call: the CUDA allocator's peak on a GPU; on the CPU, the process's
-peak resident set above what was resident before (Linux VmHWM, reset through /proc/self/clear_refs)."""
+"""Peak memory of one call, measured on one extra call outside the timed ones.
+
+On a GPU: the CUDA caching allocator's peak (weights, activations, workspace). On the CPU: the weights plus the
+peak of live tensor allocations during the call, from the PyTorch profiler's memory events (the resident set is
+no measure here: a worker that trained before keeps freed memory resident, and the call reuses it).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+@dataclass(frozen=True)
+class Peak:
+    bytes: int | None  # None when it could not be measured; then ``reason`` says why
+    method: str
+    reason: str = ""
 
 
-def cpu_peak_supported() -> tuple[bool, str]:
-    """Whether the peak resident set can be reset and read here, and why not."""
+def peak_memory(fn: Callable[[], Any], device: Any, resident_bytes: int) -> Peak:
+    """Peak bytes while ``fn`` runs; ``resident_bytes`` (the weights) is added on the CPU, where the
+    allocator events see only what the call allocates."""
+    if device.type == "cuda":
+        return _cuda_peak(fn, device)
+    peak = _cpu_allocation_peak(fn)
+    return Peak(None if peak.bytes is None else peak.bytes + resident_bytes, peak.method, peak.reason)
+
+
+def _cuda_peak(fn: Callable[[], Any], device: Any) -> Peak:
+    import torch
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return Peak(int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated")
+
+
+def _cpu_allocation_peak(fn: Callable[[], Any]) -> Peak:
+    from torch.profiler import ProfilerActivity, profile
+
+    method = "weights+profiler_cpu_allocation_peak"
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return Peak(None, method, "this torch's profiler exposes no memory events")
+    events = sorted((e for e in results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # allocations are positive, frees negative
+        peak = max(peak, live)
+    return Peak(peak, method)
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Kineto prints start/stop lines straight to file descriptor 2 on every profiler session; they would
+    interleave with the search's progress. Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        _CLEAR_REFS.write_text("5")  # "5" resets the peak RSS (Linux >= 4.0)
-        _read_kb("VmHWM")
-    except (OSError, KeyError) as e:
-        return False, f"cannot reset or read the peak resident set: {e}"
-    return True, ""
-
-
-class PeakMemory:
-    """``with PeakMemory(device) as peak: ...`` then ``peak.bytes`` (None with ``peak.reason`` if unavailable)."""
-
-    def __init__(self, device: Any) -> None:
-        self.device = device
-        self.bytes: int | None = None
-        self.reason = ""
-        self.method = "cuda_max_memory_allocated" if device.type == "cuda" else "rss_peak_delta"
-
-    def __enter__(self) -> "PeakMemory":
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = 0
-        else:
-            ok, self.reason = cpu_peak_supported()
-            self._base = _read_kb("VmRSS") * 1024 if ok else None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-        elif self._base is not None:
-            self.bytes = max(0, _read_kb("VmHWM") * 1024 - self._base)
-
-
-def _read_kb(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
