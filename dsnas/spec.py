@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 import socket
+import tempfile
 import tomllib
 import types
 import typing
@@ -413,8 +414,10 @@ def _check_runtime(spec: StudySpec) -> None:
 
 
 def _ray_host_port(address: str) -> tuple[str | None, int]:
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS", "127.0.0.1:6379")
+    if address == "auto":  # as Ray resolves it: $RAY_ADDRESS, then the cluster `ray start` last recorded
+        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
+        address = address or "127.0.0.1:6379"
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return None, 0

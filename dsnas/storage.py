@@ -3,6 +3,7 @@ recovery of trials that a stopped driver left RUNNING."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import warnings
@@ -26,12 +27,12 @@ def quiet_optuna() -> None:
 
 
 def open_storage(url: str) -> Any:
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     quiet_optuna()
     try:
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        # Heartbeats are recorded by the driver for its running trials; recover_stale_trials reads them.
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as e:  # SQLAlchemy or driver errors: the database cannot be opened
         raise DsnasError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: {e}") from None
 
@@ -82,25 +83,35 @@ def _driver_gone(driver: dict[str, Any]) -> bool:
 
 
 def recover_stale_trials(study: Any) -> list[int]:
-    """Mark FAIL and re-queue the trials a stopped driver left RUNNING; returns their numbers.
+    """Mark FAIL, with the reason, and queue again (same parameters) the trials a stopped driver left RUNNING;
+    returns their numbers.
 
     A driver of this host that no longer runs is known dead at once; a driver elsewhere is dead when its
-    heartbeats stopped for GRACE_S (Optuna's heartbeat machinery)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    heartbeats stopped for GRACE_S. A trial that never got a driver attribute is stale after GRACE_S."""
+    import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
+    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id))
+    now = datetime.datetime.now()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         driver = trial.user_attrs.get("driver")
-        if not driver or not _driver_gone(driver):
+        if driver and _driver_gone(driver):
+            reason = f"its driver (pid {driver['pid']} on {driver['host']}) stopped while the trial ran"
+        elif trial._trial_id in heartbeat_stale:
+            reason = f"its driver sent no heartbeat for {GRACE_S} s"
+        elif not driver and trial.datetime_start and (now - trial.datetime_start).total_seconds() > GRACE_S:
+            reason = "its driver stopped before it could dispatch the trial"
+        else:
             continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", (
-            f"its driver (pid {driver['pid']} on {driver['host']}) stopped while the trial ran; re-queued"))
-        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial._trial_id))
-            recovered.append(trial.number)
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    fail_stale_trials(study)  # re-queues through the storage's RetryHeartbeatStaleTrialCallback
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    return sorted(recovered + list(after - before))
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason + "; queued again")
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another driver recovered it first
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs={"requeued_from": trial.number}, system_attrs={"failed_trial": trial.number}))
+        recovered.append(trial.number)
+    return recovered

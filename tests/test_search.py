@@ -107,6 +107,7 @@ def test_resume_after_sigkill_loses_no_completed_trial(tiny_study):
         assert by_number[number].values == values
     retried = [t for t in after if t.system_attrs.get("failed_trial") == running]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].user_attrs["requeued_from"] == running and "fail_reason" not in retried[0].user_attrs
     assert retried[0].params == by_number[running].params
     assert sum(t.state == TrialState.COMPLETE for t in after) == 4
 
