@@ -38,7 +38,7 @@ def evaluate(request: EvalRequest) -> TrialResult:
     device = resolve_device(request.hardware.device)
     task = make_task(request.task)
     model = build(request.arch).to(device)
-    gate = MeasureGate.for_device(device_key(device))
+    gate = MeasureGate(device_key(device))
     with gate.shared() as hold:
         train_metrics = task.train(model, device, seed=request.seed, checkpoint=hold.checkpoint)
         trained = time.perf_counter()

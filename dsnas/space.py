@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsnas.config import reject_unknown
 from dsnas.errors import Invalid, SpecError
-from dsnas.spec import reject_unknown
 
 SampleFn = Callable[[Any], dict[str, Any]]
 

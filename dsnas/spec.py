@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import socket
 import tempfile
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsnas.errors import Invalid, SpecError, require
+from dsnas.config import build_section, reject_unknown, require_spec, section_table, typed
+from dsnas.errors import SpecError, require
 
 # Objective name -> (metric key reported by the worker, default direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -200,32 +198,27 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
 
 def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
     reject_unknown(where, "", raw, _SECTIONS)
-    study = _table(where, raw, "study")
+    study = section_table(where, raw, "study")
     reject_unknown(where, "study.", study, ("name", "storage", "seed"))
-    name = _typed(where, "study.name", study.get("name", path.stem), str)
+    name = typed(where, "study.name", study.get("name", path.stem), str)
     require_spec(where, "study.name", re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None,
                  "must be a plain name (letters, digits, '_', '-', '.'): it names the database and folders",
                  name, 'e.g. name = "my_study"')
-    seed = _typed(where, "study.seed", study.get("seed", 0), int)
+    seed = typed(where, "study.seed", study.get("seed", 0), int)
     require_spec(where, "study.seed", 0 <= seed < 2**31, "must be in [0, 2**31)", seed, "e.g. seed = 0")
     return StudySpec(
         path=where,
         name=name,
         storage=_storage_url(where, study.get("storage"), path.parent, name),
         seed=seed,
-        objectives=_objectives(where, _table(where, raw, "objectives")),
-        sampler=build_section(where, "sampler", SamplerSpec, _table(where, raw, "sampler")),
-        budget=build_section(where, "budget", BudgetSpec, _table(where, raw, "budget") or {"n_trials": 12}),
-        space=_space(where, _table(where, raw, "space"), path.parent),
-        task=_task(where, _table(where, raw, "task"), path.parent),
-        hardware=build_section(where, "hardware", HardwareSpec, _table(where, raw, "hardware")),
-        executor=build_section(where, "executor", ExecutorSpec, _table(where, raw, "executor")),
+        objectives=_objectives(where, section_table(where, raw, "objectives")),
+        sampler=build_section(where, "sampler", SamplerSpec, section_table(where, raw, "sampler")),
+        budget=build_section(where, "budget", BudgetSpec, section_table(where, raw, "budget") or {"n_trials": 12}),
+        space=_space(where, section_table(where, raw, "space"), path.parent),
+        task=_task(where, section_table(where, raw, "task"), path.parent),
+        hardware=build_section(where, "hardware", HardwareSpec, section_table(where, raw, "hardware")),
+        executor=build_section(where, "executor", ExecutorSpec, section_table(where, raw, "executor")),
     )
-
-
-def require_spec(where: str, key: str, ok: bool, rule: str, got: object = None, fix: str = "") -> None:
-    if not ok:
-        raise SpecError(where, key, rule, got, fix)
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, str]:
@@ -243,64 +236,6 @@ def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             raw[section][key] = value
             flags[f"{section}.{key}"] = f"{flag} {value}"
     return flags
-
-
-def reject_unknown(where: str, prefix: str, table: dict[str, Any], known: typing.Iterable[str]) -> None:
-    known = list(known)
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            raise SpecError(where, prefix + key, "is not a known key", None, hint)
-
-
-def _table(where: str, raw: dict[str, Any], key: str) -> dict[str, Any]:
-    value = raw.get(key, {})
-    require_spec(where, key, isinstance(value, dict), "must be a table", value, f"write it as [{key}]")
-    return value
-
-
-_EXAMPLE = {int: "a whole number without quotes, e.g. 12", float: "a number without quotes, e.g. 0.5",
-            str: 'a string in quotes, e.g. "text"', bool: "true or false"}
-
-
-def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
-    """Check a TOML value against a field's annotation (int, float, str, bool, X | None, tuple[X, ...], dict)."""
-    if isinstance(hint, types.UnionType):
-        inner = [t for t in typing.get_args(hint) if t is not type(None)]
-        return _typed(where, key, value, inner[0])
-    origin = typing.get_origin(hint)
-    leaf = key.rpartition(".")[2]
-    if origin is tuple:
-        require_spec(where, key, isinstance(value, list), "must be a list", value, f"write {leaf} = [1, 32]")
-        item = typing.get_args(hint)[0]
-        return tuple(_typed(where, f"{key}[{i}]", v, item) for i, v in enumerate(value))
-    if origin is dict or hint is dict:
-        require_spec(where, key, isinstance(value, dict), "must be a table", value, f"write it as [{key}]")
-        return dict(value)
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}[hint](value)
-    require_spec(where, key, ok, f"must be of type {hint.__name__}", value, f"write {_EXAMPLE[hint]}")
-    return float(value) if hint is float else value
-
-
-def build_section(where: str, name: str, cls: type, table: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    reject_unknown(where, f"{name}.", table, names)
-    kwargs = {}
-    for key, value in table.items():
-        if dataclasses.is_dataclass(hints[key]):
-            require_spec(where, f"{name}.{key}", isinstance(value, dict), "must be a table", value,
-                         f"write it as [{name}.{key}]")
-            kwargs[key] = build_section(where, f"{name}.{key}", hints[key], value)
-        else:
-            kwargs[key] = _typed(where, f"{name}.{key}", value, hints[key])
-    try:
-        return cls(**kwargs)
-    except Invalid as e:
-        raise SpecError(where, f"{name}.{e.key}", e.rule, e.got, e.fix) from None
 
 
 def _objectives(where: str, table: dict[str, Any]) -> tuple[Objective, ...]:
@@ -321,7 +256,7 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
 
     if url is None:
         return f"sqlite:///{base / (name + '.db')}"
-    _typed(where, "study.storage", url, str)
+    typed(where, "study.storage", url, str)
     fix = 'use e.g. "sqlite:///results.db" or "postgresql+psycopg://user@host/db"'
     try:
         parsed = make_url(url)
@@ -365,7 +300,7 @@ def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:
 
 def _task(where: str, table: dict[str, Any], base: Path) -> TaskSpec:
     table = dict(table)
-    name = _typed(where, "task.name", table.pop("name", "charlm"), str)
+    name = typed(where, "task.name", table.pop("name", "charlm"), str)
     from dsnas.tasks import BUILTIN_TASKS, check_params
 
     if name not in BUILTIN_TASKS:

@@ -24,10 +24,6 @@ class MeasureGate:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         self.paths = (folder / f"dsnas-gate-{safe}.turnstile", folder / f"dsnas-gate-{safe}.lock")
 
-    @classmethod
-    def for_device(cls, device_key: str) -> "MeasureGate":
-        return cls(device_key)
-
     @contextmanager
     def shared(self) -> Iterator["_SharedHold"]:
         """Hold while training or evaluating; call ``checkpoint()`` often so a measurer is not kept waiting."""

@@ -36,7 +36,7 @@ class Task(Protocol):
 def check_params(where: str, spec: Any) -> None:
     """Validate a task's parameters before any work (bad names, types, ranges, missing files)."""
     if spec.name == "charlm":
-        from dsnas.spec import build_section
+        from dsnas.config import build_section
         from dsnas.tasks.charlm import CharLMConfig
 
         config = build_section(where, "task", CharLMConfig, spec.params)

@@ -1,0 +1,75 @@
+"""TOML tables -> dataclasses: unknown keys, types and the dataclasses' own rules, each reported as one
+SpecError line that names the file, the key, the rule and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+from dsnas.errors import Invalid, SpecError
+
+
+def require_spec(where: str, key: str, ok: bool, rule: str, got: object = None, fix: str = "") -> None:
+    if not ok:
+        raise SpecError(where, key, rule, got, fix)
+
+
+def reject_unknown(where: str, prefix: str, table: dict[str, Any], known: typing.Iterable[str]) -> None:
+    known = list(known)
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise SpecError(where, prefix + key, "is not a known key", None, hint)
+
+
+def section_table(where: str, raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    require_spec(where, key, isinstance(value, dict), "must be a table", value, f"write it as [{key}]")
+    return value
+
+
+_EXAMPLE = {int: "a whole number without quotes, e.g. 12", float: "a number without quotes, e.g. 0.5",
+            str: 'a string in quotes, e.g. "text"', bool: "true or false"}
+
+
+def typed(where: str, key: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against a field's annotation (int, float, str, bool, X | None, tuple[X, ...], dict)."""
+    if isinstance(hint, types.UnionType):
+        inner = [t for t in typing.get_args(hint) if t is not type(None)]
+        return typed(where, key, value, inner[0])
+    origin = typing.get_origin(hint)
+    leaf = key.rpartition(".")[2]
+    if origin is tuple:
+        require_spec(where, key, isinstance(value, list), "must be a list", value, f"write {leaf} = [1, 32]")
+        item = typing.get_args(hint)[0]
+        return tuple(typed(where, f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        require_spec(where, key, isinstance(value, dict), "must be a table", value, f"write it as [{key}]")
+        return dict(value)
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}[hint](value)
+    require_spec(where, key, ok, f"must be of type {hint.__name__}", value, f"write {_EXAMPLE[hint]}")
+    return float(value) if hint is float else value
+
+
+def build_section(where: str, name: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    reject_unknown(where, f"{name}.", table, names)
+    kwargs = {}
+    for key, value in table.items():
+        if dataclasses.is_dataclass(hints[key]):
+            require_spec(where, f"{name}.{key}", isinstance(value, dict), "must be a table", value,
+                         f"write it as [{name}.{key}]")
+            kwargs[key] = build_section(where, f"{name}.{key}", hints[key], value)
+        else:
+            kwargs[key] = typed(where, f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except Invalid as e:
+        raise SpecError(where, f"{name}.{e.key}", e.rule, e.got, e.fix) from None
