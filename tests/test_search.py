@@ -158,3 +158,23 @@ def test_every_sampler_runs_a_search(tiny_study, sampler):
     assert main(["search", str(tiny_study)]) == 0
     study, done = trials(tiny_study, states=(TrialState.COMPLETE,))
     assert len(done) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_the_running_trial_as_interrupted_and_exits_130(tiny_study):
+    tiny_study.write_text(tiny_study.read_text().replace("train_tokens = 2048", "train_tokens = 60000"))
+    cmd = [sys.executable, "-m", "dsnas.cli", "search", str(tiny_study), "--executor", "local"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        running = wait_for(lambda: state_counts(tiny_study), driver)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130
+    assert "interrupted; completed trials are stored" in err
+    _, after = trials(tiny_study)
+    stopped = {t.number: t for t in after}[running]
+    assert stopped.state == TrialState.FAIL
+    assert stopped.user_attrs["fail_reason"] == "the search was interrupted while the trial ran"
+    assert not [t for t in after if t.state == TrialState.RUNNING]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsnas.evaluate import EvalRequest, evaluate
+from dsnas.evaluate import EvalRequest, TrialResult, evaluate
 from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished
 
 
@@ -22,11 +22,12 @@ class LocalExecutor(BaseExecutor):
             return []
         request = self._current = self._queue.pop(0)
         try:
-            return [(request.trial, self._evaluate(request))]
+            outcome: TrialResult | Exception = self._evaluate(request)
         except Exception as e:  # a failing candidate is a FAIL trial, not a failed search
-            return [(request.trial, e)]
-        finally:
-            self._current = None
+            outcome = e
+        # Reached only when the trial ended: on Ctrl-C, _current stays set for cancel_all to report.
+        self._current = None
+        return [(request.trial, outcome)]
 
     def cancel_all(self) -> list[int]:
         numbers = [r.trial for r in ([self._current] if self._current else []) + self._queue]
