@@ -101,7 +101,7 @@ class _Driver:
             if not self.running:
                 return self._stop_reason() or "nothing left to run"
             for number, outcome in self.executor.wait(timeout=1.0):
-                self._record(self.running.pop(number), outcome)
+                self._record(self.running[number], outcome)
 
     @property
     def executor(self) -> BaseExecutor:
@@ -126,6 +126,7 @@ class _Driver:
 
     def _dispatch(self) -> None:
         trial = self.study.ask()
+        self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
         trial.set_user_attr("driver", self.identity)
         try:
             arch = {**self.sample(trial), **self.task_arch}
@@ -135,7 +136,6 @@ class _Driver:
             return
         trial.set_user_attr("arch", arch)
         trial.set_user_attr("arch_short", describe(arch))
-        self.running[trial.number] = trial
         self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=self.spec.seed + trial.number))
         self.progress.started(trial.number, describe(arch), self.running)
@@ -162,6 +162,7 @@ class _Driver:
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         self.study.tell(trial, values)
+        del self.running[trial.number]
         self.progress.finished(trial.number, values, feasible, self.running)
 
     def _store_artifacts(self, trial: Any, outcome: TrialResult) -> None:
@@ -183,6 +184,7 @@ class _Driver:
 
         trial.set_user_attr("fail_reason", reason[:2000])
         self.study.tell(trial, state=TrialState.FAIL)
+        del self.running[trial.number]
         self.progress.failed_trial(trial.number, reason, self.running)
 
     def _heartbeats(self) -> None:
@@ -192,13 +194,13 @@ class _Driver:
                 storage.record_heartbeat(trial._trial_id)
 
     def close(self) -> None:
-        """Stop the heartbeats; fail what still runs (interrupted); release the executor."""
+        """Stop the heartbeats and the executor's work; fail what was running (interrupted)."""
         self._beat_stop.set()
-        if self._executor is None:
-            return
         try:
-            for number in self._executor.cancel_all():
-                self._fail(self.running.pop(number), "the search was interrupted while the trial ran")
+            if self._executor is not None:
+                self._executor.cancel_all()
         finally:
-            self._executor.close()
-
+            for trial in list(self.running.values()):
+                self._fail(trial, "the search was interrupted while the trial ran")
+            if self._executor is not None:
+                self._executor.close()

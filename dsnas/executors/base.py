@@ -24,8 +24,8 @@ class BaseExecutor(abc.ABC):
         """Trials that finished, waiting up to ``timeout`` seconds for at least one."""
 
     @abc.abstractmethod
-    def cancel_all(self) -> list[int]:
-        """Stop every unfinished trial; returns their numbers."""
+    def cancel_all(self) -> None:
+        """Stop every unfinished trial (the driver fails them)."""
 
     def close(self) -> None:
         """Release what the executor started."""

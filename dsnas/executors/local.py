@@ -12,7 +12,6 @@ class LocalExecutor(BaseExecutor):
     def __init__(self, evaluate_fn: EvaluateFn = evaluate) -> None:
         self._evaluate = evaluate_fn
         self._queue: list[EvalRequest] = []
-        self._current: EvalRequest | None = None  # so that an interrupt can report it
 
     def submit(self, request: EvalRequest) -> None:
         self._queue.append(request)
@@ -20,17 +19,12 @@ class LocalExecutor(BaseExecutor):
     def wait(self, timeout: float) -> list[Finished]:
         if not self._queue:
             return []
-        request = self._current = self._queue.pop(0)
+        request = self._queue.pop(0)
         try:
             outcome: TrialResult | Exception = self._evaluate(request)
         except Exception as e:  # a failing candidate is a FAIL trial, not a failed search
             outcome = e
-        # Reached only when the trial ended: on Ctrl-C, _current stays set for cancel_all to report.
-        self._current = None
         return [(request.trial, outcome)]
 
-    def cancel_all(self) -> list[int]:
-        numbers = [r.trial for r in ([self._current] if self._current else []) + self._queue]
+    def cancel_all(self) -> None:
         self._queue.clear()
-        self._current = None
-        return numbers

@@ -55,12 +55,10 @@ class RayExecutor(BaseExecutor):
                 out.append((number, _cause(e)))
         return out
 
-    def cancel_all(self) -> list[int]:
+    def cancel_all(self) -> None:
         for ref in self._running:
             self._ray.cancel(ref, force=True)
-        numbers = list(self._running.values())
         self._running.clear()
-        return numbers
 
     def close(self) -> None:
         if self._owns_ray and self._ray.is_initialized():
