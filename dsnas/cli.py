@@ -61,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if (args.trial is None) == (args.pick is None):
         raise DsnasError("give exactly one of --trial N and --pick. Fix: e.g. --pick max-accuracy")
     spec = load_study(args.study_file)
-    study = open_study(spec)
+    study = open_study(spec, create=False)
     frozen = pick_trial(study, spec, trial=args.trial, pick=args.pick)
     out = export_trial(spec, study, frozen, args.out)
     print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) to {out}")

@@ -15,7 +15,7 @@ from dsnas.executors import BaseExecutor, EvaluateFn, make_executor
 from dsnas.models import describe, validate
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec
-from dsnas.storage import HEARTBEAT_S, artifact_store, driver_identity, open_storage, recover_stale_trials
+from dsnas.storage import HEARTBEAT_S, artifact_store, driver_identity, open_storage, recover_stale_trials, sqlite_file
 
 
 @dataclass
@@ -38,11 +38,16 @@ def make_sampler(spec: StudySpec, n_existing: int) -> Any:
             "random": lambda: s.RandomSampler(seed=seed)}[spec.sampler.name]()
 
 
-def open_study(spec: StudySpec) -> Any:
-    """Create or load the study; refuse one whose objectives differ from the study file's."""
+def open_study(spec: StudySpec, create: bool = True) -> Any:
+    """Create (or only load) the study; refuse one whose objectives differ from the study file's."""
     import optuna
 
-    storage = open_storage(spec.storage)
+    db_file = sqlite_file(spec.storage)
+    missing = db_file is not None and not db_file.exists()  # opening would create it
+    storage = None if (missing and not create) else open_storage(spec.storage)
+    if not create and (storage is None or spec.name not in optuna.study.get_all_study_names(storage)):
+        raise DsnasError(f"{spec.path}: [study.name] no study {spec.name!r} is stored in {spec.storage}. "
+                         "Fix: run `dsnas search` on this study file first")
     study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
                                 load_if_exists=True)
     names = [o.name for o in spec.objectives]

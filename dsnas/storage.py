@@ -37,6 +37,14 @@ def open_storage(url: str) -> Any:
         raise DsnasError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: {e}") from None
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for a server database)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
 def _hide_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 

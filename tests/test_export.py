@@ -63,3 +63,9 @@ def test_load_rejects_a_folder_that_is_not_a_bundle(tmp_path):
     (tmp_path / "arch.json").write_text(json.dumps({"_type": "something", "_version": 1}))
     with pytest.raises(DsnasError, match="expected _type 'dsnas.bundle'"):
         dsnas.load(tmp_path)
+
+
+def test_export_of_a_study_never_searched_says_so_and_writes_nothing(tiny_study, capsys):
+    assert main(["export", str(tiny_study), "--pick", "max-accuracy"]) == 2
+    assert "no study 'tiny' is stored" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_study.parent.iterdir()) == ["tiny.toml", "tiny_space.toml"]

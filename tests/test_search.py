@@ -178,3 +178,12 @@ def test_ctrl_c_fails_the_running_trial_as_interrupted_and_exits_130(tiny_study)
     assert stopped.state == TrialState.FAIL
     assert stopped.user_attrs["fail_reason"] == "the search was interrupted while the trial ran"
     assert not [t for t in after if t.state == TrialState.RUNNING]
+
+
+def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, capsys):
+    assert main(["search", str(tiny_study), "--n-trials", "1"]) == 0
+    tiny_study.write_text(tiny_study.read_text().replace('throughput = "maximize"', 'latency = "minimize"'))
+    assert main(["search", str(tiny_study), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "[objectives] the stored study 'tiny' has objectives ['accuracy', 'throughput']" in err
+    assert len(trials(tiny_study)[1]) == 1
