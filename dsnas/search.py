@@ -12,6 +12,7 @@ from typing import Any
 from dsnas.errors import DsnasError
 from dsnas.evaluate import EvalRequest, TrialResult, evaluate
 from dsnas.executors import BaseExecutor, EvaluateFn, make_executor
+from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec
@@ -72,10 +73,11 @@ def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate,
     progress = progress or Progress(spec)
     progress.start(study, requeued)
     driver = _Driver(spec, study, evaluate_fn, progress)
-    try:
-        stopped = driver.loop()
-    finally:
-        driver.close()
+    with driver.guard.installed():
+        try:
+            stopped = driver.loop()
+        finally:
+            driver.close()
     front = study.best_trials if progress.completed else []
     completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped)
@@ -94,6 +96,7 @@ class _Driver:
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
         self.identity = driver_identity()
+        self.guard = InterruptGuard()
         self.started = time.monotonic()
         self._beat_stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeats, name="dsnas-heartbeat", daemon=True)
@@ -130,6 +133,10 @@ class _Driver:
         return n_trials is None or self.progress.completed + len(self.running) < n_trials
 
     def _dispatch(self) -> None:
+        with self.guard.writing():
+            self._dispatch_one()
+
+    def _dispatch_one(self) -> None:
         trial = self.study.ask()
         self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
         trial.set_user_attr("driver", self.identity)
@@ -146,6 +153,10 @@ class _Driver:
         self.progress.started(trial.number, describe(arch), self.running)
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
+        with self.guard.writing():
+            self._record_one(trial, outcome)
+
+    def _record_one(self, trial: Any, outcome: TrialResult | BaseException) -> None:
         if isinstance(outcome, BaseException):
             self._fail(trial, f"{type(outcome).__name__}: {outcome}")
             return
@@ -187,8 +198,9 @@ class _Driver:
     def _fail(self, trial: Any, reason: str) -> None:
         from optuna.trial import TrialState
 
-        trial.set_user_attr("fail_reason", reason[:2000])
-        self.study.tell(trial, state=TrialState.FAIL)
+        with self.guard.writing():
+            trial.set_user_attr("fail_reason", reason[:2000])
+            self.study.tell(trial, state=TrialState.FAIL)
         del self.running[trial.number]
         self.progress.failed_trial(trial.number, reason, self.running)
 

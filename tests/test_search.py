@@ -171,7 +171,7 @@ def test_ctrl_c_fails_the_running_trial_as_interrupted_and_exits_130(tiny_study)
         _, err = driver.communicate(timeout=60)
     finally:
         driver.kill()
-    assert driver.returncode == 130
+    assert driver.returncode == 130, err[-3000:]
     assert "interrupted; completed trials are stored" in err
     _, after = trials(tiny_study)
     stopped = {t.number: t for t in after}[running]

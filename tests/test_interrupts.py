@@ -1,0 +1,33 @@
+"""Ctrl-C waits for a storage write to finish, and acts at once elsewhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from dsnas.interrupts import InterruptGuard
+
+
+def test_interrupt_during_a_write_is_raised_when_the_write_ends():
+    guard = InterruptGuard()
+    done = []
+    with guard.installed():
+        with pytest.raises(KeyboardInterrupt):
+            with guard.writing():
+                os.kill(os.getpid(), signal.SIGINT)
+                with guard.writing():  # nested writes finish too
+                    done.append("inner")
+                done.append("outer")
+    assert done == ["inner", "outer"]
+
+
+def test_interrupt_outside_a_write_acts_at_once_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGINT)
+    guard = InterruptGuard()
+    with guard.installed():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("not interrupted")
+    assert signal.getsignal(signal.SIGINT) is before
