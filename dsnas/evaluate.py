@@ -40,6 +40,7 @@ def evaluate(request: EvalRequest) -> TrialResult:
     model = build(request.arch).to(device)
     gate = MeasureGate(device_key(device))
     with gate.shared() as hold:
+        train_start = time.perf_counter()
         train_metrics = task.train(model, device, seed=request.seed, checkpoint=hold.checkpoint)
         trained = time.perf_counter()
         eval_metrics = task.evaluate(model, device)
@@ -50,7 +51,7 @@ def evaluate(request: EvalRequest) -> TrialResult:
         hw_metrics, profile = measure(model, task, device, request.hardware)
         measure_end = time.perf_counter()
     profile["task"] = task.fingerprint()
-    metrics = {**train_metrics, **eval_metrics, **hw_metrics, "train_s": trained - started,
+    metrics = {**train_metrics, **eval_metrics, **hw_metrics, "train_s": trained - train_start,
                "measure_s": measure_end - measure_start, "trial_s": time.perf_counter() - started}
     return TrialResult(metrics={k: float(v) for k, v in metrics.items()}, profile=profile,
                        weights=weights_bytes(model), probe=probe_bytes(model, task.example_batch(2, device)))
