@@ -8,7 +8,7 @@ Four variants, each run for N trials (--trials, default 40) with a fresh SQLite 
   B            plain Optuna ask/tell + direct Ray tasks (num_cpus=1, max_retries=0), 2 in flight via ray.wait
   dsnas-ray    dsnas.search.run_study with executor "ray" (cpus_per_trial = 1: 2 slots on Ray's 2 CPUs)
 
-Both baselines suggest the same parameters as dsnas's transformer_lm space (read from its TOML file), so TPE does
+Both baselines suggest the same parameters as dsnas's transformer_lm space (sampled by dsnas.space), so TPE does
 the same work in every variant, and all variants report the same fake metrics (a function of the trial's seed).
 Each timing covers creating the storage and study through the last tell, divided by N; for dsnas it is the
 whole run_study call (the study spec is loaded before the clock starts). Ray is started once, before B and
@@ -32,12 +32,14 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from dsnas.space import load_space_file  # noqa: E402  (after the path: runnable without installing dsnas)
+
 SPACE_FILE = ROOT / "search_spaces" / "transformer_lm.toml"
+SPACE = load_space_file(SPACE_FILE)
 MAX_LATENCY_MS = 50.0
 STUDY_TOML = """
 [study]
@@ -76,18 +78,9 @@ def trivial_evaluate(request):  # dsnas's evaluate_fn: no model, no weights, no 
     return TrialResult(metrics=fake_metrics(request.seed))
 
 
-SPACE = tomllib.loads(SPACE_FILE.read_text())
-
-
 def suggest(trial) -> None:
-    """The same Optuna parameters dsnas's space file makes: shared choices, then per-layer ones."""
-    n_layers = trial.suggest_categorical("n_layers", SPACE["choices"]["n_layers"])
-    for key, options in SPACE["choices"].items():
-        if key != "n_layers":
-            trial.suggest_categorical(key, options)
-    for i in range(n_layers):
-        for key, options in SPACE["per_layer"].items():
-            trial.suggest_categorical(f"layer{i}.{key}", options)
+    """The same Optuna parameters a dsnas trial gets: dsnas's own sampling of the space file."""
+    SPACE.sample(trial)
 
 
 def new_study(workdir: Path):

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from dsnas.results.pareto import front_indices
 from dsnas.spec import StudySpec
+from dsnas.storage import display_url
 
 # How each metric is shown: (column title, format).
 COLUMNS = {"accuracy": ("accuracy", "{:.4f}"), "throughput_tok_s": ("tokens/s", "{:,.0f}"),
@@ -42,7 +43,7 @@ class Progress:
         limits += [f"{budget.timeout_s:g} s"] if budget.timeout_s else []
         objectives = ", ".join(f"{o.direction} {o.name}" for o in self.spec.objectives)
         self._say(f"dsnas: study {self.spec.name!r} ({objectives}); budget {' or '.join(limits)}; "
-                  f"executor {self.spec.executor.kind}; storage {_short_url(self.spec.storage)}")
+                  f"executor {self.spec.executor.kind}; storage {display_url(self.spec.storage)}")
         if self.completed:
             self._say(f"  resuming: {self.completed} completed trials already stored count toward the budget")
         if requeued:
@@ -72,12 +73,6 @@ class Progress:
 
 def _fmt(metric: str, value: float) -> str:
     return COLUMNS.get(metric, (metric, "{:.4g}"))[1].format(value)
-
-
-def _short_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def pareto_table(front: list[Any], spec: StudySpec) -> str:

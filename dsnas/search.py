@@ -99,17 +99,18 @@ class _Driver:
         self.guard = InterruptGuard()
         self.started = time.monotonic()
         self._beat_stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeats, name="dsnas-heartbeat", daemon=True)
-        self._beat.start()
+        threading.Thread(target=self._heartbeats, name="dsnas-heartbeat", daemon=True).start()
 
     def loop(self) -> str:
         while True:
             while self._stop_reason() is None and self._room() and len(self.running) < self.executor.slots:
-                self._dispatch()
+                with self.guard.writing():
+                    self._dispatch()
             if not self.running:
                 return self._stop_reason() or "nothing left to run"
             for number, outcome in self.executor.wait(timeout=1.0):
-                self._record(self.running[number], outcome)
+                with self.guard.writing():
+                    self._record(self.running[number], outcome)
 
     @property
     def executor(self) -> BaseExecutor:
@@ -133,10 +134,6 @@ class _Driver:
         return n_trials is None or self.progress.completed + len(self.running) < n_trials
 
     def _dispatch(self) -> None:
-        with self.guard.writing():
-            self._dispatch_one()
-
-    def _dispatch_one(self) -> None:
         trial = self.study.ask()
         self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
         trial.set_user_attr("driver", self.identity)
@@ -146,17 +143,14 @@ class _Driver:
         except Exception as e:  # a space that cannot produce a valid candidate fails this trial only
             self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
             return
+        short = describe(arch)
         trial.set_user_attr("arch", arch)
-        trial.set_user_attr("arch_short", describe(arch))
+        trial.set_user_attr("arch_short", short)
         self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=self.spec.seed + trial.number))
-        self.progress.started(trial.number, describe(arch), self.running)
+        self.progress.started(trial.number, short, self.running)
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
-        with self.guard.writing():
-            self._record_one(trial, outcome)
-
-    def _record_one(self, trial: Any, outcome: TrialResult | BaseException) -> None:
         if isinstance(outcome, BaseException):
             self._fail(trial, f"{type(outcome).__name__}: {outcome}")
             return

@@ -34,7 +34,7 @@ def open_storage(url: str) -> Any:
         # Heartbeats are recorded by the driver for its running trials; recover_stale_trials reads them.
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as e:  # SQLAlchemy or driver errors: the database cannot be opened
-        raise DsnasError(f"cannot open the storage {_hide_password(url)}: {type(e).__name__}: {e}") from None
+        raise DsnasError(f"cannot open the storage {display_url(url)}: {type(e).__name__}: {e}") from None
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -45,7 +45,8 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
 
 
-def _hide_password(url: str) -> str:
+def display_url(url: str) -> str:
+    """The storage URL as it may be printed: without its password."""
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
