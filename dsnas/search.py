@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 import time
@@ -16,7 +17,16 @@ from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec
-from dsnas.storage import HEARTBEAT_S, artifact_store, driver_identity, open_storage, recover_stale_trials, sqlite_file
+from dsnas.storage import (
+    HEARTBEAT_S,
+    artifact_store,
+    display_url,
+    driver_identity,
+    open_storage,
+    recover_stale_trials,
+    sqlite_file,
+    storage_engine,
+)
 
 
 @dataclass
@@ -59,7 +69,20 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
                          "Fix: restore the objectives, or give the study a new [study] name")
     if not study.metric_names:
         study.set_metric_names(names)
+    if create:
+        _record_study(spec, study)
     return study
+
+
+def _record_study(spec: StudySpec, study: Any) -> None:
+    """dsnas's tables beside Optuna's: created (or upgraded, for a study of an older dsnas) before any trial."""
+    from dsnas.results import tables
+
+    engine = storage_engine(study)
+    if tables.ensure_schema(engine, display_url(spec.storage)) < tables.SCHEMA_VERSION:
+        tables.backfill(engine, study)
+    tables.record_study(engine, spec.name, [{"name": o.name, "metric": o.metric, "direction": o.direction}
+                                            for o in spec.objectives], spec.hardware.constraints)
 
 
 def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate,
@@ -151,6 +174,8 @@ class _Driver:
         self.progress.started(trial.number, short, self.running)
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
+        from dsnas.results import tables
+
         if isinstance(outcome, BaseException):
             self._fail(trial, f"{type(outcome).__name__}: {outcome}")
             return
@@ -172,19 +197,23 @@ class _Driver:
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         self.study.tell(trial, values)
+        tables.record_measurements(storage_engine(self.study), self.spec.name, trial.number, outcome.profile, metrics)
         del self.running[trial.number]
         self.progress.finished(trial.number, values, feasible, self.running)
 
     def _store_artifacts(self, trial: Any, outcome: TrialResult) -> None:
+        """Weights and probe (safetensors), and the architecture and profile (JSON) that the dashboard shows."""
         from optuna.artifacts import upload_artifact
 
-        if outcome.weights is None and outcome.probe is None:
-            return
         self.artifacts = self.artifacts or artifact_store(self.spec)
+        files = {"arch": json.dumps(trial.user_attrs["arch"], indent=2).encode(),
+                 "profile": json.dumps(outcome.profile, indent=2).encode(),
+                 "weights": outcome.weights, "probe": outcome.probe}
         with tempfile.TemporaryDirectory() as tmp:
-            for name, data in (("weights", outcome.weights), ("probe", outcome.probe)):
+            for name, data in files.items():
                 if data is not None:
-                    path = Path(tmp) / f"trial{trial.number}-{name}.safetensors"
+                    suffix = "json" if name in ("arch", "profile") else "safetensors"
+                    path = Path(tmp) / f"trial{trial.number}-{name}.{suffix}"
                     path.write_bytes(data)
                     trial.set_user_attr(f"{name}_artifact", upload_artifact(
                         artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial))

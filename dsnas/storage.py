@@ -124,3 +124,11 @@ def recover_stale_trials(study: Any) -> list[int]:
             user_attrs={"requeued_from": trial.number}, system_attrs={"failed_trial": trial.number}))
         recovered.append(trial.number)
     return recovered
+
+
+def storage_engine(study: Any) -> Any:
+    """The SQLAlchemy engine under an Optuna study (None for in-memory or journal storages): dsnas's own
+    tables live in the same database."""
+    storage = study._storage
+    storage = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    return getattr(storage, "engine", None)

@@ -29,10 +29,12 @@ def measure(model: Any, task: Any, device: Any, hardware: Any) -> tuple[dict[str
             timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s,
                                 measure_s=hardware.measure_s)
             peak = peak_memory(lambda: model(batch), device, weight_bytes)
+            flops = count_flops(lambda: model(batch))
             tokens = bs * task.tokens_per_example
             metrics[f"latency_ms_bs{bs}"] = timing.median_ms
             metrics[f"throughput_tok_s_bs{bs}"] = tokens / (timing.median_ms / 1e3)
-            profile["batches"][str(bs)] = {**timing.as_dict(), "peak_bytes": peak.bytes}
+            metrics[f"gflop_s_bs{bs}"] = flops / (timing.median_ms / 1e3) / 1e9
+            profile["batches"][str(bs)] = {**timing.as_dict(), "peak_bytes": peak.bytes, "flops": flops}
             if peak.bytes is None:
                 profile["memory_unavailable"] = peak.reason
             else:
@@ -41,6 +43,18 @@ def measure(model: Any, task: Any, device: Any, hardware: Any) -> tuple[dict[str
     small, large = min(hardware.batch_sizes), max(hardware.batch_sizes)
     metrics["latency_ms"] = metrics[f"latency_ms_bs{small}"]
     metrics["throughput_tok_s"] = metrics[f"throughput_tok_s_bs{large}"]
+    metrics["gflop_s"] = metrics[f"gflop_s_bs{large}"]  # achieved, from counted FLOPs over the median latency
+    metrics["flops_per_token"] = profile["batches"][str(large)]["flops"] / (large * task.tokens_per_example)
     if peaks:
         metrics["peak_memory_mb"] = max(peaks) / 2**20
     return metrics, profile
+
+
+def count_flops(call: Any) -> int:
+    """FLOPs of one call as torch's dispatch-level counter sees them (matmuls and attention; 2 per
+    multiply-add): an algorithmic count, not a hardware counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return int(counter.get_total_flops())

@@ -1,0 +1,114 @@
+"""`dsnas report`: a folder a person can open or share (trials.csv/.parquet, measurements.csv, PNG
+images, one interactive HTML page) and a terminal summary of the Pareto front."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import DsnasError
+from dsnas.spec import StudySpec
+
+SUMMARY_COLUMNS = ("latency_ms", "throughput_tok_s", "peak_memory_mb", "params")
+
+
+def parse_reference(text: str | None, names: list[str]) -> dict[str, float] | None:
+    """``accuracy=0.3,throughput=1000`` -> {"accuracy": 0.3, "throughput": 1000.0}."""
+    if text is None:
+        return None
+    try:
+        pairs = dict(part.split("=", 1) for part in text.split(","))
+        reference = {k.strip(): float(v) for k, v in pairs.items()}
+    except ValueError:
+        reference = {}
+    if sorted(reference) != sorted(names):
+        example = ",".join(f"{n}=..." for n in names)
+        raise DsnasError(f"--reference {text}: must give one number for each objective {names}. Fix: --reference "
+                         f"{example}")
+    return reference
+
+
+def write_report(spec: StudySpec, out: str | Path | None = None, reference: str | None = None) -> str:
+    """Write the report folder of a study; returns the terminal summary."""
+    from dsnas.results import tables
+    from dsnas.results.plots import plotly_figures, views, write_pngs
+    from dsnas.results.trials import default_reference, frame, hypervolume_history
+    from dsnas.search import open_study
+
+    study = open_study(spec, create=False)
+    df = frame(study)
+    if not (df["state"] == "COMPLETE").any():
+        raise DsnasError(f"{spec.path}: study {spec.name!r} has no completed trial yet. Fix: run `dsnas search "
+                         f"{spec.path}` first")
+    ref = parse_reference(reference, [o["name"] for o in df.attrs["objectives"]]) or default_reference(df)
+    folder = Path(out) if out else spec.base_dir / "reports" / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    written = _write_tables(df, tables.measurements(study), folder)
+    history = hypervolume_history(df, ref)
+    v = views(df, history, ref)
+    written += write_pngs(v, folder)
+    written.append(_write_html(spec, df, v, plotly_figures(v), folder))
+    return summary(spec, df, v, written)
+
+
+def _write_tables(df: Any, measured: Any, folder: Path) -> list[Path]:
+    written = [folder / "trials.csv", folder / "measurements.csv"]
+    df.to_csv(written[0], index=False)
+    measured.to_csv(written[1], index=False)
+    try:
+        import pyarrow  # noqa: F401  (pandas writes parquet through it)
+    except ImportError:
+        return written  # parquet only when available; the CSV has the same content
+    df.to_parquet(folder / "trials.parquet", index=False)
+    return [*written, folder / "trials.parquet"]
+
+
+def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Path) -> Path:
+    from plotly.offline import get_plotlyjs
+
+    # plotly.js goes once into the folder beside the page: the page works offline and stays small.
+    (folder / "plotly.min.js").write_text(get_plotlyjs())
+    charts = "\n".join(f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False)
+                       for i, f in enumerate(figures))
+    shown = _summary_frame(v)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dsnas report: {html.escape(spec.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><body>
+<h1>dsnas study {html.escape(spec.name)}</h1>
+<p>{_counts(df)}. Measured on: {html.escape('; '.join(df['fingerprint'].dropna().unique()))}.</p>
+<h2>Pareto front (feasible, non-dominated)</h2>
+{shown.to_html(index=False, float_format=lambda x: f"{x:.4g}")}
+{charts}
+<h2>All trials</h2>
+<p>Also in trials.csv and measurements.csv (one row per trial and batch size, with dispersion).</p>
+{df.drop(columns=["arch"]).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")}
+</body></html>
+"""
+    path = folder / "index.html"
+    path.write_text(page)
+    return path
+
+
+def _summary_frame(v: Any) -> Any:
+    objective_columns = [o.column for o in (v.y, v.x)] if v.x is not v.y else [v.y.column]
+    extra = [c for c in SUMMARY_COLUMNS if c in v.front.columns and c not in objective_columns]
+    return v.front[["trial", "arch_short", *objective_columns, *extra]]
+
+
+def _counts(df: Any) -> str:
+    counts = df["state"].value_counts()
+    return ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + " trials"
+
+
+def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
+    from dsnas.results.trials import hypervolume
+
+    shown = _summary_frame(v)
+    volume = hypervolume(df, v.reference)
+    ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
+    lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
+             f"(reference {ref})", shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"),
+             f"report: {written[-1]} ({len(written)} files in {written[-1].parent})"]
+    return "\n".join(lines)

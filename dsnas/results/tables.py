@@ -1,0 +1,189 @@
+"""dsnas's own tables, in the study's database beside Optuna's: what each study measures, every
+measurement a trial made (per batch size, with its dispersion and the backend that ran), and the device
+fingerprints. Created on first use and upgraded in place, so a study written by an older dsnas opens."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, inspect, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from dsnas.errors import DsnasError
+
+# Version 0 is a database without these tables (dsnas 0.1.0): every table is created, and the
+# measurements of its trials are filled in from what their user attrs hold.
+SCHEMA_VERSION = 1
+
+
+class Base(DeclarativeBase):
+    pass  # a metadata of our own: Optuna's tables are never created, altered or dropped from here
+
+
+class SchemaVersion(Base):
+    __tablename__ = "dsnas_schema"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    written_by: Mapped[str] = mapped_column(String(64))  # the dsnas version that last upgraded it
+
+
+class StudyRecord(Base):
+    __tablename__ = "dsnas_studies"
+    study_name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    objectives: Mapped[list[dict[str, str]]] = mapped_column(JSON)  # [{name, metric, direction}]
+    constraints: Mapped[dict[str, float]] = mapped_column(JSON)  # metric -> upper limit
+    dsnas_version: Mapped[str] = mapped_column(String(64))
+
+
+class Fingerprint(Base):
+    __tablename__ = "dsnas_fingerprints"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # hash of the canonical JSON
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Measurement(Base):
+    __tablename__ = "dsnas_measurements"
+    __table_args__ = (UniqueConstraint("study_name", "trial_number", "batch_size", "dtype", "backend"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_name: Mapped[str] = mapped_column(String(512), index=True)
+    trial_number: Mapped[int] = mapped_column(Integer)
+    fingerprint_id: Mapped[str] = mapped_column(ForeignKey("dsnas_fingerprints.id"))
+    batch_size: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(32))
+    backend: Mapped[str] = mapped_column(String(64))  # what actually ran, e.g. eager-fp32
+    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_ms_median: Mapped[float] = mapped_column(Float)
+    latency_ms_p10: Mapped[float] = mapped_column(Float)
+    latency_ms_p90: Mapped[float] = mapped_column(Float)
+    latency_spread: Mapped[float] = mapped_column(Float)  # (p90 - p10) / median
+    repeats: Mapped[int] = mapped_column(Integer)
+    throughput_tok_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    measured_at: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+def fingerprint_id(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def schema_version(engine: Any) -> int:
+    """The dsnas schema of a database: 0 when it has no dsnas tables yet."""
+    if not inspect(engine).has_table(SchemaVersion.__tablename__):
+        return 0
+    with Session(engine) as session:
+        row = session.get(SchemaVersion, 1)
+        return row.version if row else 0
+
+
+def ensure_schema(engine: Any, url: str) -> int:
+    """Create or upgrade dsnas's tables; returns the version found before. A database from a newer dsnas
+    is refused rather than written to by code that does not know its tables."""
+    import dsnas
+
+    found = schema_version(engine)
+    if found > SCHEMA_VERSION:
+        raise DsnasError(f"{url}: its dsnas tables have schema version {found}, this dsnas {dsnas.__version__} "
+                         f"knows up to {SCHEMA_VERSION}. Fix: upgrade dsnas (pip install -U dsnas)")
+    if found < SCHEMA_VERSION:
+        Base.metadata.create_all(engine)  # only the tables that are missing; one transaction on SQLite
+        with Session(engine) as session, session.begin():
+            row = session.get(SchemaVersion, 1) or SchemaVersion(id=1)
+            row.version, row.written_by = SCHEMA_VERSION, dsnas.__version__
+            session.add(row)
+    return found
+
+
+def record_study(engine: Any, name: str, objectives: list[dict[str, str]], constraints: Any) -> None:
+    import dsnas
+
+    with Session(engine) as session, session.begin():
+        session.merge(StudyRecord(study_name=name, objectives=objectives, constraints=dict(constraints.items()),
+                                  dsnas_version=dsnas.__version__))
+
+
+def study_record(engine: Any, name: str) -> StudyRecord | None:
+    if schema_version(engine) < 1:
+        return None
+    with Session(engine) as session:
+        return session.get(StudyRecord, name)
+
+
+def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any], metrics: dict[str, Any],
+                     measured_at: datetime.datetime | None) -> tuple[Fingerprint | None, list[Measurement]]:
+    """One row per batch size of a trial's profile (as the driver stores it in the trial's user attrs)."""
+    batches = profile.get("batches") or {}
+    if not batches:
+        return None, []
+    fp = Fingerprint(id=fingerprint_id(profile.get("fingerprint", {})), data=profile.get("fingerprint", {}))
+    rows = []
+    for bs, timing in sorted(batches.items(), key=lambda kv: int(kv[0])):
+        rows.append(Measurement(
+            study_name=study_name, trial_number=trial_number, fingerprint_id=fp.id, batch_size=int(bs),
+            dtype=profile.get("dtype", "float32"), backend=profile.get("backend", "unknown"),
+            threads=profile.get("threads"), latency_ms_median=timing["median_ms"], latency_ms_p10=timing["p10_ms"],
+            latency_ms_p90=timing["p90_ms"], latency_spread=timing["spread"], repeats=timing["repeats"],
+            throughput_tok_s=metrics.get(f"throughput_tok_s_bs{bs}"), peak_memory_bytes=timing.get("peak_bytes"),
+            measured_at=measured_at))
+    return fp, rows
+
+
+def record_measurements(engine: Any, study_name: str, trial_number: int, profile: dict[str, Any],
+                        metrics: dict[str, Any], measured_at: datetime.datetime | None = None) -> None:
+    fp, rows = measurement_rows(study_name, trial_number, profile, metrics, measured_at)
+    if fp is None:
+        return
+    with Session(engine) as session, session.begin():
+        session.merge(fp)
+        exists = select(Measurement.id).where(Measurement.study_name == study_name,
+                                              Measurement.trial_number == trial_number)
+        if session.execute(exists).first() is None:  # a re-run of the backfill writes nothing twice
+            session.add_all(rows)
+
+
+def backfill(engine: Any, study: Any) -> int:
+    """Measurements of completed trials that have none in dsnas_measurements (a study from dsnas 0.1.0);
+    returns how many trials were filled in."""
+    from optuna.trial import TrialState
+
+    with Session(engine) as session:
+        have = set(session.scalars(select(Measurement.trial_number).where(
+            Measurement.study_name == study.study_name).distinct()))
+    filled = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.number not in have and "profile" in trial.user_attrs:
+            record_measurements(engine, study.study_name, trial.number, trial.user_attrs["profile"],
+                                trial.user_attrs, trial.datetime_complete)
+            filled += 1
+    return filled
+
+
+def measurements(study: Any) -> Any:
+    """Every measurement of an open Optuna study as a DataFrame (one row per trial and batch size), from
+    dsnas_measurements; for a study that predates the table, from its trials' stored profiles."""
+    import pandas as pd
+
+    from dsnas.storage import storage_engine
+
+    engine = storage_engine(study)
+    rows: list[Measurement] = []
+    fingerprints: dict[str, dict[str, Any]] = {}
+    if engine is not None and schema_version(engine) >= 1:
+        with Session(engine) as session:
+            rows = list(session.scalars(select(Measurement).where(Measurement.study_name == study.study_name)
+                                        .order_by(Measurement.trial_number, Measurement.batch_size)))
+            fingerprints = {f.id: f.data for f in session.scalars(select(Fingerprint))}
+    if not rows:
+        for trial in study.get_trials(deepcopy=False):
+            fp, made = measurement_rows(study.study_name, trial.number, trial.user_attrs.get("profile", {}),
+                                        trial.user_attrs, trial.datetime_complete)
+            rows += made
+            if fp is not None:
+                fingerprints[fp.id] = fp.data
+    columns = [c.name for c in Measurement.__table__.columns if c.name not in ("id", "study_name")]
+    df = pd.DataFrame([{c: getattr(r, c) for c in columns} for r in rows], columns=columns)
+    data = [fingerprints.get(f, {}) for f in df["fingerprint_id"]]
+    df["device"] = [fp.get("gpu") or fp.get("cpu") for fp in data]
+    return df

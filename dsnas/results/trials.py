@@ -1,0 +1,210 @@
+"""A study as a pandas DataFrame: one row per trial, with its state, parameters, architecture,
+objectives, hardware metrics (units in the column names), constraint values, durations and the
+fingerprint of the device that measured it. Plus the Pareto front and hypervolume over such a frame."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dsnas.errors import DsnasError
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str  # as in the study file, e.g. "throughput"
+    column: str  # the frame's column, the metric with its unit, e.g. "throughput_tok_s"
+    direction: str  # "maximize" or "minimize"
+
+
+def load(storage: str, study: str) -> Any:
+    """The trials of ``study`` in ``storage`` (an SQLAlchemy URL) as a DataFrame; read-only.
+
+    ``df.attrs["objectives"]`` lists the objectives (name, column, direction) and ``df.attrs["constraints"]``
+    the hardware limits; see :func:`front` and :func:`hypervolume`."""
+    import optuna
+
+    from dsnas.storage import display_url, quiet_optuna, sqlite_file
+
+    quiet_optuna()
+    db_file = sqlite_file(storage)
+    if db_file is not None and not db_file.exists():  # opening it would create an empty database
+        raise DsnasError(f"{db_file}: no such study database. Fix: run `dsnas search` first, or check the path")
+    try:
+        loaded = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        names = optuna.study.get_all_study_names(storage)
+        raise DsnasError(f"{display_url(storage)}: no study {study!r} (stored: {', '.join(names) or 'none'}). "
+                         "Fix: name one of the stored studies") from None
+    return frame(loaded)
+
+
+def frame(study: Any) -> Any:
+    """The DataFrame of an open Optuna study (see :func:`load`)."""
+    import pandas as pd
+
+    objectives, constraints = _study_meta(study)
+    rows = [_row(t, objectives) for t in study.get_trials(deepcopy=False)]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=["trial", "state", "feasible"])
+    df = df[_ordered(df.columns)]
+    # Plain JSON in attrs, so that parquet files keep them.
+    df.attrs.update(study=study.study_name, objectives=[asdict(o) for o in objectives], constraints=constraints)
+    return df
+
+
+def _study_meta(study: Any) -> tuple[list[Objective], dict[str, float]]:
+    """Objectives and constraints as the driver recorded them, or (a study without dsnas's tables) as
+    the objective names map onto dsnas's metrics."""
+    from dsnas.results.tables import study_record
+    from dsnas.spec import OBJECTIVES
+    from dsnas.storage import storage_engine
+
+    engine = storage_engine(study)
+    record = study_record(engine, study.study_name) if engine is not None else None
+    if record is not None:
+        return [Objective(o["name"], o["metric"], o["direction"]) for o in record.objectives], record.constraints
+    names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+    objectives = [Objective(n, OBJECTIVES.get(n, (n,))[0], d.name.lower()) for n, d in zip(names, study.directions)]
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if done:  # an Optuna study that dsnas did not write: its objectives are only in the trial values
+        objectives = [o if o.column in done[0].user_attrs else Objective(o.name, f"value_{i}", o.direction)
+                      for i, o in enumerate(objectives)]
+    return objectives, {}
+
+
+def _row(t: Any, objectives: list[Objective]) -> dict[str, Any]:
+    attrs = t.user_attrs
+    row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "started": t.datetime_start,
+                           "completed": t.datetime_complete, "duration_s": _seconds(t)}
+    row.update({f"param.{k}": v for k, v in t.params.items()})
+    row.update({k: float(v) for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for obj, value in zip(objectives, t.values or []):
+        row.setdefault(obj.column, value)
+    for key, value in t.system_attrs.items():
+        if key.startswith("constraints:"):
+            row[f"constraint.{key.split(':', 1)[1]}"] = value  # value - limit: feasible when <= 0
+    if "constraints" in t.system_attrs:  # Optuna's own list, for studies with a constraints_func
+        for i, value in enumerate(t.system_attrs["constraints"]):
+            row[f"constraint.{i}"] = value
+    constraint_values = [v for k, v in row.items() if k.startswith("constraint.")]
+    row["feasible"] = (bool(attrs["feasible"]) if "feasible" in attrs else all(v <= 0 for v in constraint_values)) \
+        if t.state.name == "COMPLETE" else None
+    row["arch_short"] = attrs.get("arch_short")
+    row["arch"] = json.dumps(attrs["arch"], sort_keys=True) if "arch" in attrs else None
+    row.update(_fingerprint_columns(attrs.get("profile", {}).get("fingerprint")))
+    row["fail_reason"] = attrs.get("fail_reason")
+    return row
+
+
+def _seconds(t: Any) -> float | None:
+    if t.datetime_start is None or t.datetime_complete is None:
+        return None
+    return (t.datetime_complete - t.datetime_start).total_seconds()
+
+
+def _fingerprint_columns(fp: dict[str, Any] | None) -> dict[str, Any]:
+    from dsnas.results.tables import fingerprint_id
+
+    if not fp:
+        return {"fingerprint": None, "fingerprint_id": None}
+    what = fp.get("gpu") or fp.get("cpu", "?")
+    threads = f" x{fp['cpu_count']}" if fp.get("device") == "cpu" and fp.get("cpu_count") else ""
+    text = f"{fp.get('device', '?')}: {what}{threads} on {fp.get('host', '?')}, torch {fp.get('torch', '?')}"
+    return {"fingerprint": text, "fingerprint_id": fingerprint_id(fp)}
+
+
+_FIRST = ["trial", "state", "feasible", "arch_short"]
+_LAST = ["started", "completed", "duration_s", "fingerprint", "fingerprint_id", "arch", "fail_reason"]
+
+
+def _ordered(columns: Any) -> list[str]:
+    """Identity first, then parameters, metrics and constraints (alphabetical), provenance last."""
+    middle = [c for c in columns if c not in _FIRST and c not in _LAST]
+    params = sorted(c for c in middle if c.startswith("param."))
+    rest = sorted(c for c in middle if not c.startswith("param."))
+    return [c for c in _FIRST if c in columns] + params + rest + [c for c in _LAST if c in columns]
+
+
+def objectives(df: Any) -> list[Objective]:
+    if "objectives" not in df.attrs:
+        raise DsnasError("this DataFrame has no objectives in df.attrs. Fix: make it with dsnas.results.load")
+    return [Objective(**o) for o in df.attrs["objectives"]]
+
+
+def done_trials(df: Any, feasible_only: bool = True) -> Any:
+    done = df[df["state"] == "COMPLETE"]
+    cols = [o.column for o in objectives(df)]
+    done = done.dropna(subset=[c for c in cols if c in done.columns])
+    return done[done["feasible"].astype(bool)] if feasible_only and len(done) else done
+
+
+def front(df: Any, feasible_only: bool = True) -> Any:
+    """The non-dominated completed trials (feasible ones only, unless told), best first in the first objective."""
+    from dsnas.results.pareto import front_indices
+
+    objs = objectives(df)
+    done = done_trials(df, feasible_only)
+    points = done[[o.column for o in objs]].to_numpy().tolist()
+    best = done.iloc[front_indices(points, [o.direction for o in objs])]
+    return best.sort_values(objs[0].column, ascending=objs[0].direction == "minimize")
+
+
+def default_reference(df: Any) -> dict[str, float]:
+    """A reference point 10% of the observed range beyond the worst value of each objective, over every
+    completed trial (so that the worst trials still add a sliver of volume)."""
+    done = done_trials(df, feasible_only=False)
+    if done.empty:
+        raise DsnasError(f"study {df.attrs.get('study')!r} has no completed trial: no hypervolume to compute")
+    reference = {}
+    for o in objectives(df):
+        values = done[o.column]
+        low, high = float(values.min()), float(values.max())
+        margin = 0.1 * (high - low) or 0.1 * abs(high) or 1.0
+        reference[o.name] = low - margin if o.direction == "maximize" else high + margin
+    return reference
+
+
+def hypervolume(df: Any, reference: dict[str, float] | None = None) -> float:
+    """Hypervolume of the feasible completed trials, bounded by ``reference`` (objective name -> value;
+    default: :func:`default_reference`). Units are the product of the objectives' units."""
+    from dsnas.results.volume import dominated_volume as volume
+
+    objs = objectives(df)
+    reference = _check_reference(df, reference)
+    done = done_trials(df)
+    return volume(done[[o.column for o in objs]].to_numpy().tolist(), [reference[o.name] for o in objs],
+                  [o.direction for o in objs])
+
+
+def hypervolume_history(df: Any, reference: dict[str, float] | None = None) -> Any:
+    """Hypervolume after each completed trial, in the order they completed: columns trial, n_complete,
+    wall_s (seconds since the study's first trial started) and hypervolume."""
+    import pandas as pd
+
+    from dsnas.results.volume import dominated_volume as volume
+
+    objs = objectives(df)
+    reference = _check_reference(df, reference)
+    ref = [reference[o.name] for o in objs]
+    done = done_trials(df, feasible_only=False).sort_values(["completed", "trial"])
+    origin = df["started"].dropna().min()
+    rows, points = [], []
+    for n, (_, t) in enumerate(done.iterrows(), start=1):
+        if t["feasible"]:
+            points.append([t[o.column] for o in objs])
+        rows.append({"trial": t["trial"], "n_complete": n, "wall_s": (t["completed"] - origin).total_seconds(),
+                     "hypervolume": volume(points, ref, [o.direction for o in objs])})
+    return pd.DataFrame(rows, columns=["trial", "n_complete", "wall_s", "hypervolume"])
+
+
+def _check_reference(df: Any, reference: dict[str, float] | None) -> dict[str, float]:
+    names = [o.name for o in objectives(df)]
+    if reference is None:
+        return default_reference(df)
+    if sorted(reference) != sorted(names):
+        raise DsnasError(f"hypervolume reference {reference}: must give a value for each objective {names}. "
+                         f"Fix: e.g. {', '.join(f'{n}=...' for n in names)}")
+    return reference
