@@ -1,68 +1,234 @@
-"""Export a trial as a bundle and load it back: the loaded model gives the trial's outputs."""
+"""Which trials `dsnas export` picks (rules, the front, the knee, limits), and the bundle it writes: JSON,
+safetensors, ONNX and .pt2 files that give the trial's outputs, a metrics file and a model card."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import optuna
 import pytest
 import torch
+from conftest import copy_study
+from optuna.trial import TrialState, create_trial
 
 import dsnas
+import dsnas.export
 from dsnas.cli import main
 from dsnas.errors import DsnasError
-from dsnas.export import read_probe
+from dsnas.export import Limits, knee, pick_trials, read_probe, write_model_files
+from dsnas.results.pareto import front_indices
+from dsnas.search import open_study
+from dsnas.spec import load_study
+
+# (accuracy, throughput, latency_ms, peak_memory_mb, feasible) of a hand-made study whose answers are known.
+# Front among the feasible: 0, 2, 1; trial 3 is dominated by 2; trial 4 dominates all but is infeasible.
+TRIALS = [(0.90, 100.0, 10.0, 50.0, 1.0), (0.50, 1000.0, 1.0, 10.0, 1.0), (0.80, 800.0, 2.0, 30.0, 1.0),
+          (0.30, 200.0, 5.0, 5.0, 1.0), (0.95, 2000.0, 0.5, 1.0, 0.0)]
+
+
+def make_study(trials=TRIALS, memory=True):
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for acc, thr, lat, mem, feasible in trials:
+        attrs = {"accuracy": acc, "throughput_tok_s": thr, "latency_ms": lat, "feasible": feasible}
+        attrs |= {"peak_memory_mb": mem} if memory else {}
+        study.add_trial(create_trial(values=[acc, thr], user_attrs=attrs))
+    study.add_trial(create_trial(state=TrialState.FAIL))  # never a candidate
+    return study
 
 
 @pytest.fixture
-def searched(tiny_study):
-    assert main(["search", str(tiny_study), "--executor", "local"]) == 0
-    return tiny_study
+def spec(tiny_study):
+    return load_study(tiny_study)  # objectives: accuracy, throughput, both maximized
 
 
-def test_export_pick_and_load_round_trip(searched, capsys):
-    out = searched.parent / "bundle"
-    assert main(["export", str(searched), "--pick", "max-accuracy", "--out", str(out)]) == 0
-    assert "exported trial" in capsys.readouterr().out
-    arch = json.loads((out / "arch.json").read_text())
-    assert arch["_type"] == "dsnas.bundle" and arch["_version"] == 1 and arch["arch"]["family"] == "transformer_lm"
-    metrics = json.loads((out / "metrics.json").read_text())
+def numbers(trials):
+    return [t.number for t in trials]
+
+
+@pytest.mark.parametrize("pick, expected", [
+    ("max-accuracy", 0), ("max-throughput", 1), ("knee", 2), ("min-latency", 1), ("min-peak_memory", 3),
+    ("max-latency_ms", 0), ("min-peak_memory_mb", 3), ("min-accuracy", 3),
+])
+def test_pick_rules_on_a_known_study(spec, pick, expected):
+    assert numbers(pick_trials(make_study(), spec, pick=pick)) == [expected]
+
+
+def test_front_is_every_feasible_non_dominated_trial_best_accuracy_first(spec):
+    assert numbers(pick_trials(make_study(), spec, front=True)) == [0, 2, 1]
+
+
+@pytest.mark.parametrize("limits, pick, expected", [
+    (Limits(min_accuracy=0.6), None, [0, 2]),
+    (Limits(max_latency_ms=2), "max-accuracy", [2]),
+    (Limits(max_memory_mb=20), None, [1]),  # trial 1 dominates trial 3, the other one within the limit
+    (Limits(max_memory_mb=20), "min-throughput", [3]),
+    (Limits(min_accuracy=0.7, max_latency_ms=5), "knee", [2]),  # a one-trial front is its own knee
+])
+def test_limits_filter_before_the_rule(spec, limits, pick, expected):
+    assert numbers(pick_trials(make_study(), spec, pick=pick, front=pick is None, limits=limits)) == expected
+
+
+def test_knee_scales_each_objective_over_the_front():
+    # (accuracy, latency): A and B are extremes; C is 75% of the way on accuracy and 89% on latency.
+    a, b, c = (SimpleNamespace(number=n, values=v) for n, v in enumerate([(0.9, 10.0), (0.5, 1.0), (0.8, 2.0)]))
+    assert knee([a, b, c], ["maximize", "minimize"]) is c
+    assert knee([a], ["maximize", "minimize"]) is a
+    assert knee([a, b], ["maximize", "minimize"]) is a  # a tie goes to the lower trial number
+
+
+def test_trial_by_number_ignores_limits_and_feasibility(spec):
+    assert numbers(pick_trials(make_study(), spec, trial=4, limits=Limits(min_accuracy=0.99))) == [4]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"trial": 5}, "--trial 5: no completed trial with that number in study 'tiny'. Fix: pick one of the completed trials (0, 1, 2, 3, 4)"),
+    ({"pick": "best"}, "--pick best: must be knee, max-NAME or min-NAME. Fix: e.g. --pick knee"),
+    ({"pick": "max-"}, "must be knee, max-NAME or min-NAME"),
+    ({"pick": "max-bogus"}, "no feasible completed trial reports 'bogus' in study 'tiny'"),
+    ({"pick": "knee", "limits": Limits(min_accuracy=0.99, max_latency_ms=0.1)},
+     "--max-latency-ms 0.1 --min-accuracy 0.99: no feasible completed trial of study 'tiny' is within these limits; "
+     "the best available: latency_ms 1, accuracy 0.9. Fix: loosen the limits"),
+])
+def test_pick_errors_say_the_rule_and_the_fix(spec, kwargs, message):
+    with pytest.raises(DsnasError) as err:
+        pick_trials(make_study(), spec, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_limit_on_a_metric_the_study_did_not_store_says_so(spec):
+    with pytest.raises(DsnasError, match="--max-memory-mb: the trials of study 'tiny' did not store 'peak_memory_mb'"):
+        pick_trials(make_study(memory=False), spec, front=True, limits=Limits(max_memory_mb=100))
+
+
+def test_a_study_without_feasible_trials_says_so(spec):
+    with pytest.raises(DsnasError, match="no feasible completed trial in study 'tiny'. Fix: run `dsnas search`"):
+        pick_trials(make_study([(0.5, 10.0, 1.0, 1.0, 0.0)]), spec, pick="knee")
+
+
+# ---- bundles of the searched tiny study ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(finished_study, tmp_path_factory):
+    """One real export (ONNX and .pt2 included) shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("bundle") / "best"
+    assert main(["export", str(finished_study), "--pick", "max-accuracy", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def no_model_files(monkeypatch):
+    """ONNX and .pt2 cost seconds per bundle; tests about which trials are exported do without them."""
+    monkeypatch.setattr(dsnas.export.bundle, "write_model_files", lambda *a: {"onnx": "unavailable: test"})
+
+
+def test_bundle_files_and_metadata(bundle, finished_study):
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "arch.json", "metrics.json", "model.onnx",
+                                                       "model.pt2", "probe.safetensors", "weights.safetensors"]
+    arch = json.loads((bundle / "arch.json").read_text())
+    assert arch["_type"] == "dsnas.bundle" and arch["_version"] == 2 and arch["arch"]["family"] == "transformer_lm"
+    assert arch["task"]["name"] == "charlm" and arch["task"]["params"]["context"] == 16
+    assert arch["hardware"] == {"batch_sizes": [1, 4], "threads": None, "warmup_s": 0.01, "measure_s": 0.02}
+    assert arch["study"] == "tiny" and arch["dsnas_version"] == dsnas.__version__
+    metrics = json.loads((bundle / "metrics.json").read_text())
     assert metrics["objectives"]["accuracy"] == metrics["metrics"]["accuracy"]
-    assert metrics["profile"]["fingerprint"]["device"] == "cpu"
+    assert metrics["fingerprint"] == metrics["profile"]["fingerprint"] and metrics["fingerprint"]["device"] == "cpu"
+    assert metrics["exports"] == {"onnx": "model.onnx", "pt2": "model.pt2"}
 
-    model = dsnas.load(out)
-    probe = read_probe(out)
+
+def test_model_card_says_what_where_how(bundle):
+    card = (bundle / "README.md").read_text()
+    arch = json.loads((bundle / "arch.json").read_text())["arch"]
+    for text in ("# tiny trial", "`transformer_lm`", "| accuracy |", "objective, maximize", " ms |", "tokens/s",
+                 "Feasible: yes", "Device fingerprint:", "Batch sizes [1, 4]", "spread", "model.onnx", "model.pt2",
+                 'dsnas.load("best")', "onnxruntime", "runs pickle inside", "never unpickles", str(arch["d_model"])):
+        assert text in card, text
+
+
+def test_loaded_model_gives_the_trials_logits(bundle):
+    model = dsnas.load(bundle)
+    probe = read_probe(bundle)
     with torch.inference_mode():
         logits = model(probe["input"])
-    # The same weights on the same input: the trial's own logits, bit for bit on the same machine.
-    torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-6)
+    # The same weights on the same input: the trial's own logits, up to summation order on the same machine.
+    torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-5)
     assert model.head.weight.data_ptr() == model.tok.weight.data_ptr()  # tied weights stay tied
 
 
-def test_export_by_trial_number_and_pick_picks_the_best(searched, tmp_path):
-    from dsnas.search import open_study
-    from dsnas.spec import load_study
+def test_onnx_gives_torchs_logits_at_any_batch_size(bundle):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, probe = dsnas.load(bundle), read_probe(bundle)["input"]
+    for batch in (probe[:1], torch.cat([probe, probe, probe[:1]])):  # 1 and 5: the batch dimension is dynamic
+        (logits,) = session.run(None, {"input": batch.numpy()})
+        with torch.inference_mode():
+            torch.testing.assert_close(torch.from_numpy(logits), model(batch), rtol=1e-4, atol=1e-4)
 
-    spec = load_study(searched)
-    study = open_study(spec)
-    best = max(study.trials, key=lambda t: t.user_attrs["accuracy"])
-    assert main(["export", str(searched), "--trial", str(best.number), "--out", str(tmp_path / "a")]) == 0
-    assert main(["export", str(searched), "--pick", "max-accuracy", "--out", str(tmp_path / "b")]) == 0
+
+def test_pt2_loads_with_torch_export_and_gives_the_same_logits(bundle):
+    program = torch.export.load(bundle / "model.pt2")  # torch's own format: pickle inside, a file we wrote
+    probe = read_probe(bundle)
+    model = dsnas.load(bundle)
+    for batch in (probe["input"][:1], torch.cat([probe["input"], probe["input"][:1]])):  # a dynamic batch dimension
+        with torch.inference_mode():
+            torch.testing.assert_close(program.module()(batch), model(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_export_by_trial_number_and_pick_picks_the_best(finished_study, tmp_path, no_model_files):
+    spec = load_study(finished_study)
+    best = max(open_study(spec, create=False).trials, key=lambda t: t.user_attrs["accuracy"])
+    assert main(["export", str(finished_study), "--trial", str(best.number), "--out", str(tmp_path / "a")]) == 0
+    assert main(["export", str(finished_study), "--pick", "max-accuracy", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
 
 
-def test_export_errors(searched, capsys):
-    assert main(["export", str(searched), "--trial", "99"]) == 2
+def test_export_front_writes_one_bundle_per_front_trial(finished_study, tmp_path, no_model_files, capsys):
+    study_file = copy_study(finished_study, tmp_path / "copy")  # --front writes exports/ beside the study file
+    assert main(["export", str(study_file), "--front"]) == 0
+    out = capsys.readouterr().out
+    spec = load_study(study_file)
+    done = [t for t in open_study(spec, create=False).trials if t.state == TrialState.COMPLETE and t.user_attrs["feasible"]]
+    front = sorted(done[i].number for i in front_indices([t.values for t in done], spec.directions))
+    exported = sorted(int(p.name.removeprefix("tiny-trial")) for p in (tmp_path / "copy" / "exports").iterdir())
+    assert exported == front and out.count("exported trial") == len(front)
+
+
+def test_export_errors(finished_study, capsys):
+    assert main(["export", str(finished_study), "--trial", "99"]) == 2
     assert "no completed trial with that number" in capsys.readouterr().err
-    assert main(["export", str(searched), "--pick", "best"]) == 2
-    assert "must be max-NAME or min-NAME" in capsys.readouterr().err
-    assert main(["export", str(searched)]) == 2
-    assert "exactly one of --trial N and --pick" in capsys.readouterr().err
+    assert main(["export", str(finished_study), "--pick", "best"]) == 2
+    assert "must be knee, max-NAME or min-NAME" in capsys.readouterr().err
+    assert main(["export", str(finished_study)]) == 2
+    assert "exactly one of --trial N, --pick RULE and --front" in capsys.readouterr().err
+    assert main(["export", str(finished_study), "--pick", "knee", "--min-accuracy", "0.999"]) == 2
+    assert "--min-accuracy 0.999: no feasible completed trial" in capsys.readouterr().err
 
 
-def test_load_rejects_a_folder_that_is_not_a_bundle(tmp_path):
-    (tmp_path / "arch.json").write_text(json.dumps({"_type": "something", "_version": 1}))
-    with pytest.raises(DsnasError, match="expected _type 'dsnas.bundle'"):
-        dsnas.load(tmp_path)
+def test_a_failed_export_format_is_recorded_with_its_reason(finished_study, tmp_path, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise RuntimeError("unsupported operator\nsecond line")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    out = tmp_path / "b"
+    assert main(["export", str(finished_study), "--pick", "max-accuracy", "--out", str(out)]) == 0
+    exports = json.loads((out / "metrics.json").read_text())["exports"]
+    assert exports["pt2"] == "unavailable: torch.export failed (RuntimeError: unsupported operator second line)"
+    assert exports["onnx"].startswith("unavailable: the ONNX exporter needs torch.export")
+    assert not (out / "model.pt2").exists() and not (out / "model.onnx").exists()
+    assert "not written: unavailable: torch.export failed" in (out / "README.md").read_text()
+    dsnas.load(out)  # the bundle itself is whole
+
+
+def test_without_onnx_installed_the_pt2_is_still_written(tmp_path, monkeypatch):
+    from dsnas.models import build
+
+    monkeypatch.setattr(dsnas.export.formats, "onnx_missing", lambda: ["onnxscript"])
+    model = build({"family": "transformer_lm", "d_model": 8, "layers": [{"n_heads": 1, "ffn_ratio": 1}],
+                   "vocab_size": 256, "context": 4}).eval()
+    status = write_model_files(model, torch.zeros(2, 4, dtype=torch.long), tmp_path)
+    assert status == {"pt2": "model.pt2",
+                      "onnx": "unavailable: onnxscript not installed. Fix: pip install 'dsnas[onnx]'"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
 
 
 def test_export_of_a_study_never_searched_says_so_and_writes_nothing(tiny_study, capsys):

@@ -1,0 +1,77 @@
+"""The model card: the README.md of a bundle, saying what the model is, what it scored, how, and how to load it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dsnas.spec import StudySpec
+
+UNITS = (("gflop_s", "GFLOP/s"), ("_tok_s", "tokens/s"), ("_ms", "ms"), ("_mb", "MiB"), ("_s", "s"))
+
+
+def _with_unit(name: str, value: float) -> str:
+    """A metric as the card shows it: the unit its name ends with (before any _bsN), counts with separators."""
+    base = name.split("_bs")[0]
+    unit = next((u for suffix, u in UNITS if base.endswith(suffix)), "")
+    text = f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 1000 else f"{value:.4g}"
+    return f"{text} {unit}".strip()
+
+
+def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: str) -> str:
+    """README.md of a bundle: what the model is, what it scored, how that was measured, and how to load it."""
+    arch, numbers = frozen.user_attrs["arch"], metrics["metrics"]
+    objectives = {o.metric: f"objective, {o.direction}" for o in spec.objectives}
+    scored = [f"| {k} | {_with_unit(k, v)} | {objectives.get(k, '')} |" for k, v in sorted(numbers.items())
+              if k != "feasible"]
+    limits = ", ".join(f"{m} <= {v:g}" for m, v in spec.hardware.constraints.items()) or "none"
+    feasible = "yes" if numbers.get("feasible", 1.0) else "no"
+    return "\n".join([
+        f"# {spec.name} trial {frozen.number}: {frozen.user_attrs.get('arch_short', '')}", "",
+        f"A `{arch.get('family')}` model that dsnas's architecture search found in study `{spec.name}` (trial "
+        f"{frozen.number}): {frozen.user_attrs.get('arch_short', '')}, {int(numbers.get('params', 0)):,} parameters, "
+        f"trained by task `{spec.task.name}` with {json.dumps(spec.task.params, sort_keys=True, default=str)}. "
+        "The weights are the trial's own: nothing was retrained for this bundle.", "",
+        "## What it scored", "", "| figure | value | |", "|---|---|---|", *scored, "",
+        f"Feasible: {feasible} (constraints: {limits}).", "",
+        *_measured_section(spec, metrics), *_files_section(metrics["exports"]), *_loading_section(folder)])
+
+
+def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
+    profile, fp = metrics["profile"], metrics["fingerprint"]
+    hw = spec.hardware
+    device = ", ".join(f"{k} {v}" for k, v in fp.items()) or "not recorded"
+    rows = [f"| {bs} | {b['median_ms']:.4g} | {b['p10_ms']:.4g} | {b['p90_ms']:.4g} | {b['spread']:.2f} | "
+            f"{b['repeats']} |" for bs, b in profile.get("batches", {}).items()]
+    return ["## How it was measured", "", f"Device fingerprint: {device}.", "",
+            f"Batch sizes {list(hw.batch_sizes)}, {profile.get('threads') or 'default'} CPU threads, "
+            f"{profile.get('backend', 'eager')}; warm-up {hw.warmup_s} s, then timed single calls for at least "
+            f"{hw.measure_s} s per batch size. Latency is the median; spread = (p90 - p10) / median.", "",
+            "| batch | median ms | p10 ms | p90 ms | spread | calls |", "|---|---|---|---|---|---|", *rows, "",
+            "Accuracy is the task's own `accuracy` on its validation split. "
+            "Run `dsnas verify` on this folder to measure it all again here.", ""]
+
+
+def _files_section(exports: dict[str, str]) -> list[str]:
+    def state(fmt: str) -> str:
+        return "" if not exports.get(fmt, "").startswith("unavailable") else f" — not written: {exports[fmt]}"
+
+    return ["## Files", "",
+            "- `arch.json` — the architecture, the study and trial, the task and hardware settings (JSON)",
+            "- `weights.safetensors` — the trained weights (tied weights stored once)",
+            "- `probe.safetensors` — a fixed input and the trained model's logits on it",
+            "- `metrics.json` — every measured number, the device fingerprint, the timing of each batch size",
+            f"- `model.onnx` — ONNX, dynamic batch dimension{state('onnx')}",
+            f"- `model.pt2` — a `torch.export` program, dynamic batch dimension{state('pt2')}",
+            "- `README.md` — this card", ""]
+
+
+def _loading_section(folder: str) -> list[str]:
+    return ["## How to load it", "", "```python", "import dsnas", "",
+            f'model = dsnas.load("{folder}")  # a torch.nn.Module in eval mode; JSON and safetensors only', "```", "",
+            "With ONNX Runtime (token ids, int64, shape (batch, context)):", "", "```python",
+            "import onnxruntime as ort", "",
+            f'session = ort.InferenceSession("{folder}/model.onnx")',
+            'logits = session.run(None, {"input": tokens})[0]', "```", "",
+            "`model.pt2` loads with `torch.export.load`, which is torch's own serialization and runs pickle inside: "
+            "load it only from a source you trust. `dsnas.load` never unpickles anything.", ""]

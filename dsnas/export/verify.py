@@ -1,0 +1,190 @@
+"""Verifying a bundle here: its probe, its accuracy and its speed measured again and compared with metrics.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import DsnasError, Invalid
+from dsnas.export.bundle import METRICS_TYPE, REEXPORT, _read_json, load_bundle, read_bundle, read_probe
+from dsnas.export.formats import _one_line
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of a verify table. ``failed`` rows fail the bundle; ``compared`` False rows are only shown."""
+    figure: str
+    recorded: str
+    now: str
+    drift: str
+    verdict: str
+    failed: bool = False
+    compared: bool = True
+
+
+@dataclass
+class VerifyReport:
+    bundle: str
+    device: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    def table(self) -> str:
+        head = ("figure", "recorded", "now", "drift", "verdict")
+        rows = [head, *((c.figure, c.recorded, c.now, c.drift, c.verdict) for c in self.checks)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[4] for r in rows]
+        failed = [c.figure for c in self.checks if c.failed]
+        skipped = [c.figure for c in self.checks if not c.compared]
+        last = f"verify: FAILED ({', '.join(failed)})" if failed else "verify: OK"
+        if skipped and not failed:
+            last += f" (not compared: {', '.join(skipped)})"
+        return "\n".join([f"verify {self.bundle} on {self.device}", *lines, last])
+
+
+def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: float = 0.25,
+                  device: str = "auto") -> VerifyReport:
+    """Load the bundle, check its probe, evaluate accuracy and measure speed again here, and compare each
+    figure with metrics.json: accuracy beyond ``accuracy_tol`` (absolute) fails; latency and throughput beyond
+    ``latency_tol`` (relative) fail only on a device with the recorded fingerprint."""
+    from dsnas.profiler import fingerprint
+
+    doc = read_bundle(bundle)
+    recorded = _read_metrics(Path(bundle) / "metrics.json")
+    dev = _device(device)
+    model = load_bundle(bundle, device=str(dev))
+    profile = recorded.get("profile", {})
+    fp_then = recorded.get("fingerprint") or profile.get("fingerprint", {})
+    here = fingerprint(dev)
+    report = VerifyReport(str(bundle), f"{dev} ({here.get('gpu') or here['cpu']}, host {here['host']})")
+    report.checks.append(_probe_check(bundle, model, dev, fp_then.get("device")))
+    task, why = _recorded_task(doc)
+    if task is None:
+        report.checks += [Check(name, _num(recorded.get("metrics", {}).get(key)), "-", "-", f"not re-measured: {why}",
+                                compared=False) for name, key in (("accuracy", "accuracy"), ("speed", "latency_ms"))]
+        return report
+    report.checks += _accuracy_checks(model, task, dev, recorded, accuracy_tol)
+    report.checks += _speed_checks(model, task, dev, _hardware(doc, Path(bundle) / "arch.json"), recorded,
+                                   latency_tol)
+    return report
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    if data.get("_type") != METRICS_TYPE:
+        raise DsnasError(f"{path}: expected _type {METRICS_TYPE!r}, got {data.get('_type')!r}. Fix: {REEXPORT}")
+    return data
+
+
+def _device(requested: str) -> Any:
+    import torch
+
+    from dsnas.profiler import has_cuda, resolve_device
+
+    if requested.startswith("cuda") and not has_cuda():
+        raise DsnasError(f"--device {requested}: this machine has no visible NVIDIA GPU. Fix: use --device cpu")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
+    if requested not in ("auto", "cpu", "cuda"):
+        raise DsnasError(f"--device {requested}: must be auto, cpu, cuda or cuda:N. Fix: e.g. --device auto")
+    return resolve_device(requested)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _probe_check(bundle: str | Path, model: Any, dev: Any, recorded_type: str | None) -> Check:
+    """The loaded model gives the recorded logits on the recorded input: the weights are the trial's."""
+    import torch
+
+    probe = read_probe(bundle)
+    with torch.inference_mode():
+        now = model(probe["input"].to(dev)).float().cpu()
+    # Kernels differ between device types; on the type that wrote the probe only summation order can differ.
+    tol = 1e-5 if recorded_type in (None, dev.type) else 1e-3
+    if now.shape != probe["logits"].shape:
+        return Check("probe logits", str(tuple(probe["logits"].shape)), str(tuple(now.shape)), "-",
+                     "FAIL: other shape", failed=True)
+    diff = (now - probe["logits"]).abs().max().item()
+    ok = diff <= tol
+    return Check("probe logits", "-", "-", f"max |d| {diff:.2g}", f"{'ok' if ok else 'FAIL'} (atol {tol:g})",
+                 failed=not ok)
+
+
+def _recorded_task(doc: dict[str, Any]) -> tuple[Any, str]:
+    """(the task the bundle's trial trained with, "") or (None, why it cannot be rebuilt here)."""
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import make_task
+
+    if "task" not in doc or "hardware" not in doc:
+        return None, f"a version-{doc['_version']} bundle does not record its task and hardware ({REEXPORT})"
+    recorded = doc["task"]
+    try:
+        return make_task(TaskSpec(recorded["name"], recorded.get("params", {}), recorded.get("base_dir", "."))), ""
+    except Exception as e:  # a corpus or a task module this machine lacks: say so rather than fail the bundle
+        return None, f"the task {recorded.get('name')!r} cannot be rebuilt here ({_one_line(e)})"
+
+
+def _accuracy_checks(model: Any, task: Any, dev: Any, recorded: dict[str, Any], tol: float) -> list[Check]:
+    then_fp = recorded.get("profile", {}).get("task", {})
+    now_fp = task.fingerprint()
+    same = then_fp == now_fp
+    sha = (str(then_fp.get("corpus_sha256", "-"))[:12], str(now_fp.get("corpus_sha256", "-"))[:12])
+    data = Check("task data", *sha, "-", "same" if same else "differs: accuracy not comparable", compared=same)
+    then = recorded.get("metrics", {}).get("accuracy")
+    now = task.evaluate(model, dev)["accuracy"]
+    if then is None or not same:
+        return [data, Check("accuracy", _num(then), _num(now), "-", "other data: not compared", compared=False)]
+    ok = abs(now - then) <= tol
+    verdict = f"{'ok' if ok else 'FAIL'} (tol ±{tol:g})"
+    return [data, Check("accuracy", _num(then), _num(now), f"{now - then:+.4f}", verdict, failed=not ok)]
+
+
+def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict[str, Any],
+                  tol: float) -> list[Check]:
+    from dsnas.profiler import MeasureGate, device_key, measure
+
+    with MeasureGate(device_key(dev)).exclusive():
+        now, profile = measure(model, task, dev, hardware)
+    then_fp = recorded.get("fingerprint") or recorded.get("profile", {}).get("fingerprint", {})
+    # Every field of a fingerprint is stable on one machine and install (none is volatile), so the whole dict
+    # must match: another host, CPU, GPU, torch or dsnas version may legitimately measure other numbers.
+    differs = sorted(k for k in set(then_fp) | set(profile["fingerprint"])
+                     if then_fp.get(k) != profile["fingerprint"].get(k))
+    checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
+                    f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
+                    compared=not differs)]
+    then = recorded.get("metrics", {})
+    for key in sorted(k for k in now if k.startswith(("latency_ms_bs", "throughput_tok_s_bs"))):
+        checks.append(_relative(key, then.get(key), now[key], tol, compare=not differs))
+    return checks
+
+
+def _relative(key: str, then: float | None, now: float, tol: float, compare: bool) -> Check:
+    if then is None:
+        return Check(key, "-", _num(now), "-", "not recorded", compared=False)
+    drift = (now - then) / then if then else math.inf
+    if not compare:
+        return Check(key, _num(then), _num(now), f"{drift:+.0%}", "other device: not compared", compared=False)
+    ok = abs(drift) <= tol
+    return Check(key, _num(then), _num(now), f"{drift:+.0%}", f"{'ok' if ok else 'FAIL'} (tol ±{tol:.0%})",
+                 failed=not ok)
+
+
+def _hardware(doc: dict[str, Any], path: Path) -> Any:
+    from dsnas.spec import HardwareSpec
+
+    hw = doc["hardware"]
+    try:
+        return HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"),
+                            warmup_s=hw["warmup_s"], measure_s=hw["measure_s"])
+    except Invalid as e:
+        raise DsnasError(f"{path}: [hardware.{e.key}] {e.rule}, got {e.got!r}. Fix: {REEXPORT}") from None
+    except (KeyError, TypeError) as e:
+        raise DsnasError(f"{path}: [hardware] is incomplete ({_one_line(e)}). Fix: {REEXPORT}") from None

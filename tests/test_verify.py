@@ -1,0 +1,200 @@
+"""`dsnas verify` measures a bundle again and compares; a damaged bundle is refused with one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsnas
+import dsnas.export
+from dsnas.cli import main
+from dsnas.errors import DsnasError
+
+# The tiny study times 10 calls of a sub-millisecond model, and a busy 2-core machine can slow one batch size 100-fold
+# while the search measures it: a test that is not about latency drift does not let timing decide the verdict.
+CALM = ["--latency-tol", "1e9"]
+
+
+@pytest.fixture(scope="module")
+def exported(finished_study, tmp_path_factory):
+    """A bundle without model.onnx/model.pt2 (verify reads neither; they cost seconds to write)."""
+    out = tmp_path_factory.mktemp("verify") / "bundle"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dsnas.export.bundle, "write_model_files", lambda *a: {"onnx": "unavailable: test"})
+        assert main(["export", str(finished_study), "--pick", "max-accuracy", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def bundle(exported, tmp_path):
+    """A writable copy, for tests that tamper with it."""
+    return shutil.copytree(exported, tmp_path / "bundle")
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def verify(bundle, capsys, *flags):
+    code = main(["verify", str(bundle), *flags])
+    return code, capsys.readouterr().out
+
+
+def test_verify_of_a_fresh_bundle_is_ok(exported, capsys):
+    code, out = verify(exported, capsys, *CALM)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[-1] == "verify: OK"
+    for figure, verdict in (("probe logits", "ok (atol 1e-05)"), ("task data", "same"), ("accuracy", "ok (tol ±0.005)"),
+                            ("device", "same fingerprint"), ("latency_ms_bs1", "ok"), ("throughput_tok_s_bs4", "ok")):
+        assert any(line.startswith(figure) and verdict in line for line in lines), (figure, out)
+
+
+def test_verify_fails_when_the_recorded_accuracy_differs(bundle, capsys):
+    edit_json(bundle / "metrics.json", lambda d: d["metrics"].update(accuracy=d["metrics"]["accuracy"] + 0.02))
+    code, out = verify(bundle, capsys, *CALM)
+    assert code == 1 and out.splitlines()[-1] == "verify: FAILED (accuracy)", out
+    assert "-0.0200" in out
+
+
+def test_verify_fails_on_latency_drift_on_the_same_device(bundle, capsys):
+    edit_json(bundle / "metrics.json", lambda d: d["metrics"].update(latency_ms_bs1=d["metrics"]["latency_ms_bs1"] * 1000))
+    code, out = verify(bundle, capsys)
+    assert code == 1 and "latency_ms_bs1" in out.splitlines()[-1], out
+
+
+def test_verify_shows_but_does_not_compare_speed_measured_on_another_device(bundle, capsys):
+    def elsewhere(d):
+        d["fingerprint"]["host"] = "elsewhere"
+        d["metrics"]["latency_ms_bs1"] *= 1000
+
+    edit_json(bundle / "metrics.json", elsewhere)
+    code, out = verify(bundle, capsys)
+    assert code == 0, out
+    assert "other device (host differ)" in out and "other device: not compared" in out
+    assert out.splitlines()[-1].startswith("verify: OK (not compared: device, latency_ms_bs1,")
+
+
+def test_verify_says_when_the_task_data_differs(bundle, capsys):
+    edit_json(bundle / "metrics.json", lambda d: d["profile"]["task"].update(corpus_sha256="0" * 64))
+    code, out = verify(bundle, capsys, *CALM)
+    assert code == 0 and "differs: accuracy not comparable" in out and "other data: not compared" in out
+
+
+def test_verify_fails_when_the_model_no_longer_gives_the_probe_logits(bundle, capsys):
+    probe = load_file(bundle / "probe.safetensors")
+    save_file({"input": probe["input"], "logits": probe["logits"] + 1e-3}, bundle / "probe.safetensors")
+    code, out = verify(bundle, capsys, *CALM)
+    assert code == 1 and out.splitlines()[-1] == "verify: FAILED (probe logits)", out
+
+
+def version_1(bundle):
+    """The bundle as dsnas wrote it before version 2: no task, hardware, fingerprint or exports."""
+    def arch(d):
+        for key in ("task", "hardware", "dsnas_version"):
+            del d[key]
+        d["_version"] = 1
+
+    def metrics(d):
+        del d["fingerprint"], d["exports"]
+        d["_version"] = 1
+
+    edit_json(bundle / "arch.json", arch)
+    edit_json(bundle / "metrics.json", metrics)
+    for name in ("README.md", "model.onnx", "model.pt2"):
+        (bundle / name).unlink(missing_ok=True)
+
+
+def test_a_version_1_bundle_loads_and_verifies_its_probe(bundle, capsys):
+    version_1(bundle)
+    model = dsnas.load(bundle)
+    probe = load_file(bundle / "probe.safetensors")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(probe["input"]), probe["logits"], rtol=0, atol=1e-5)
+    code, out = verify(bundle, capsys)
+    assert code == 0, out
+    assert "not re-measured: a version-1 bundle does not record its task and hardware" in out
+    assert out.splitlines()[-1] == "verify: OK (not compared: accuracy, speed)"
+
+
+def test_load_never_unpickles(exported, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dsnas.load unpickled something")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    dsnas.load(exported)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def arch_of(change):
+    return lambda b: edit_json(b / "arch.json", lambda d: change(d["arch"]))
+
+
+# (name, how to damage the bundle, the file the message names, words it says). Each is a one-line error, exit code 2.
+DAMAGE = [
+    ("no folder", lambda b: shutil.rmtree(b), "bundle", "no such bundle folder"),
+    ("no arch.json", lambda b: (b / "arch.json").unlink(), "arch.json", "missing"),
+    ("no weights", lambda b: (b / "weights.safetensors").unlink(), "weights.safetensors", "missing"),
+    ("arch.json not JSON", lambda b: (b / "arch.json").write_text("{not json"), "arch.json", "not valid JSON"),
+    ("arch.json a list", lambda b: (b / "arch.json").write_text("[]"), "arch.json", "must hold a JSON object"),
+    ("wrong _type", lambda b: edit_json(b / "arch.json", lambda d: d.update(_type="other")), "arch.json",
+     "expected _type 'dsnas.bundle' version 1 or 2, got 'other'"),
+    ("newer _version", lambda b: edit_json(b / "arch.json", lambda d: d.update(_version=3)), "arch.json",
+     "or upgrade dsnas"),
+    ("truncated weights", lambda b: truncate(b / "weights.safetensors"), "weights.safetensors",
+     "not a readable safetensors file"),
+    ("garbage weights", lambda b: (b / "weights.safetensors").write_bytes(b"\x00" * 64), "weights.safetensors",
+     "not a readable safetensors file"),
+    ("other width", arch_of(lambda a: a.update(d_model=a["d_model"] * 2)), "weights.safetensors",
+     "the weights do not fit the architecture"),
+    ("one layer more", arch_of(lambda a: a["layers"].append(a["layers"][0])), "weights.safetensors",
+     "missing ['blocks."),
+    ("invalid arch", arch_of(lambda a: a["layers"][0].update(n_heads=3)), "arch.json",
+     "[arch] is not a buildable architecture"),
+    ("arch not an object", lambda b: edit_json(b / "arch.json", lambda d: d.update(arch=[1])), "arch.json",
+     "[arch] must be an architecture object"),
+]
+
+
+@pytest.mark.parametrize("damage, where, words", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
+def test_a_damaged_bundle_is_refused_with_the_file_named(bundle, capsys, damage, where, words):
+    damage(bundle)
+    with pytest.raises(DsnasError) as err:
+        dsnas.load(bundle)
+    message = str(err.value)
+    assert where in message and words in message and "Fix: " in message and "\n" not in message, message
+    assert main(["verify", str(bundle)]) == 2
+    assert capsys.readouterr().err == f"dsnas: error: {message}\n"
+
+
+@pytest.mark.parametrize("damage, where", [
+    (lambda b: (b / "metrics.json").unlink(), "metrics.json: missing"),
+    (lambda b: (b / "metrics.json").write_text('{"_type": "x"}'), "metrics.json: expected _type 'dsnas.metrics'"),
+    (lambda b: truncate(b / "probe.safetensors"), "probe.safetensors: not a readable safetensors file"),
+    (lambda b: save_file({"x": torch.zeros(1)}, b / "probe.safetensors"), "must hold the tensors 'input' and 'logits'"),
+    (lambda b: edit_json(b / "arch.json", lambda d: d["hardware"].update(batch_sizes=[])),
+     "arch.json: [hardware.batch_sizes] must be a non-empty list"),
+], ids=["no metrics.json", "metrics.json of another kind", "truncated probe", "probe without logits", "no batch sizes"])
+def test_verify_refuses_a_bundle_it_cannot_compare(bundle, capsys, damage, where):
+    damage(bundle)
+    assert main(["verify", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert where in err and err.count("\n") == 1, err
+
+
+def test_verify_rejects_an_unknown_device(exported, capsys):
+    assert main(["verify", str(exported), "--device", "tpu"]) == 2
+    assert "--device tpu: must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
