@@ -53,18 +53,51 @@ def _example(name: str) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the bundle of one trial (architecture, weights, metrics) for `dsnas.load`."""
-    from dsnas.export import export_trial, pick_trial
+    """Write the bundle of a trial (architecture, weights, ONNX, metrics, model card) for `dsnas.load`."""
+    from dsnas.export import Limits, export_trial, pick_trials
     from dsnas.search import open_study
     from dsnas.spec import load_study
 
-    if (args.trial is None) == (args.pick is None):
-        raise DsnasError("give exactly one of --trial N and --pick. Fix: e.g. --pick max-accuracy")
+    if sum(x is not None and x is not False for x in (args.trial, args.pick, args.front)) != 1:
+        raise DsnasError("give exactly one of --trial N, --pick RULE and --front. Fix: e.g. --pick knee")
     spec = load_study(args.study_file)
     study = open_study(spec, create=False)
-    frozen = pick_trial(study, spec, trial=args.trial, pick=args.pick)
-    out = export_trial(spec, study, frozen, args.out)
-    print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) to {out}")
+    limits = Limits(max_latency_ms=args.max_latency_ms, min_accuracy=args.min_accuracy,
+                    max_memory_mb=args.max_memory_mb)
+    for frozen in pick_trials(study, spec, trial=args.trial, pick=args.pick, front=args.front, limits=limits):
+        out = export_trial(spec, study, frozen, args.out if not args.front else None)
+        print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) to {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-measure an exported bundle here (accuracy on the task's validation split, latency, throughput);
+    exit 1 when it drifted beyond tolerance."""
+    from dsnas.export import verify_bundle
+
+    report = verify_bundle(args.bundle, accuracy_tol=args.accuracy_tol, latency_tol=args.latency_tol,
+                           device=args.device)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a report folder (trials.csv, an HTML page, PNG plots) and print the Pareto front."""
+    from dsnas.results.report import write_report
+    from dsnas.spec import load_study
+
+    spec = load_study(args.study_file)
+    summary = write_report(spec, args.out, reference=args.reference)
+    print(summary)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the Optuna dashboard on the study's storage, with dsnas's notes, charts and artifacts."""
+    from dsnas.dashboard import serve
+    from dsnas.spec import load_study
+
+    serve(load_study(args.study_file), host=args.host, port=args.port)
     return 0
 
 
@@ -89,9 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
     p.add_argument("study_file")
     p.add_argument("--trial", type=int, help="the trial number")
-    p.add_argument("--pick", help="max-NAME or min-NAME, e.g. max-accuracy, max-throughput, min-latency")
+    p.add_argument("--pick", help="max-accuracy, max-throughput, knee (the front's best compromise), "
+                                  "or max-NAME / min-NAME of any stored metric")
+    p.add_argument("--front", action="store_true", help="export every feasible Pareto-front trial")
+    p.add_argument("--max-latency-ms", type=float, help="with --pick/--front: only trials at most this slow")
+    p.add_argument("--min-accuracy", type=float, help="with --pick/--front: only trials at least this accurate")
+    p.add_argument("--max-memory-mb", type=float, help="with --pick/--front: only trials using at most this memory")
     p.add_argument("--out", help="bundle folder (default: exports/STUDY-trialN beside the study file)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help=cmd_verify.__doc__, description=cmd_verify.__doc__)
+    p.add_argument("bundle")
+    p.add_argument("--accuracy-tol", type=float, default=0.005, help="allowed absolute accuracy drift (0.005)")
+    p.add_argument("--latency-tol", type=float, default=0.25,
+                   help="allowed relative latency drift on the same device fingerprint (0.25)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
+    p.add_argument("study_file")
+    p.add_argument("--out", help="report folder (default: reports/STUDY beside the study file)")
+    p.add_argument("--reference", help="hypervolume reference point, e.g. accuracy=0.3,throughput=1000 "
+                                       "(default: 10%% beyond the worst value of each objective)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help=cmd_dashboard.__doc__, description=cmd_dashboard.__doc__)
+    p.add_argument("study_file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

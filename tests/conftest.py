@@ -64,6 +64,31 @@ def tiny_study(tmp_path: Path) -> Path:
     return study
 
 
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny study, searched once per test session (local executor, 3 trials). Read-only: a test that
+    writes to it copies the folder first (see copy_study)."""
+    from dsnas.cli import main
+
+    root = tmp_path_factory.mktemp("finished")
+    (root / "tiny_space.toml").write_text(TINY_SPACE)
+    study = root / "tiny.toml"
+    study.write_text(TINY_STUDY.format(space=root / "tiny_space.toml"))
+    assert main(["search", str(study)]) == 0
+    return study
+
+
+def copy_study(study: Path, dest: Path) -> Path:
+    """A writable copy of a searched study folder (study file, space, database, artifacts)."""
+    import shutil
+
+    shutil.copytree(study.parent, dest, dirs_exist_ok=True)
+    copied = dest / study.name
+    # The space file is named by absolute path inside the study file: point it at the copy.
+    copied.write_text(copied.read_text().replace(str(study.parent), str(dest)))
+    return copied
+
+
 def check_message(err: BaseException, where: str | Path, key: str, rule: str, fix: str | None = None) -> str:
     """``err`` is a SpecError whose one-line message is ``WHERE: [KEY] RULE...`` (and ``. Fix: FIX...``)."""
     assert isinstance(err, SpecError), repr(err)

@@ -32,9 +32,9 @@ def views(df: Any, history: Any, reference: dict[str, float]) -> Views:
     hardware_x = next((c for c in ("sm_util", "gflop_s") if c in done.columns and done[c].notna().any()), None)
     if "throughput_tok_s" not in done.columns:
         hardware_x = None
-    # Precision and sparsity first (when the space has them), then the other choices with few values.
+    # Precision and sparsity first (when the space has them), then whole-model choices, then per-layer ones.
     params = [c for c in done.columns if c.startswith("param.") and 1 < done[c].nunique() <= MAX_CHOICES]
-    params.sort(key=lambda c: (not any(k in c for k in ("precision", "sparsity")), c))
+    params.sort(key=lambda c: (not any(k in c for k in ("precision", "sparsity")), c.startswith("param.layer"), c))
     choices = params[:3] if "latency_ms" in done.columns else []
     return Views(x, y, done, front(df), history, reference, hardware_x, choices)
 

@@ -1,0 +1,221 @@
+"""Results: hypervolume with known answers, the trials DataFrame of hand-made studies, dsnas's tables
+(created, upgraded from a dsnas-0.1.0 study, refused when newer), and the report folder."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import shutil
+import warnings
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from dsnas.cli import main
+from dsnas.errors import DsnasError
+from dsnas.results import default_reference, front, hypervolume, hypervolume_history, load
+from dsnas.results.volume import dominated_volume
+
+OLD_STUDY = Path(__file__).parent / "data" / "study-dsnas-0.1.0"
+MAX2 = ["maximize", "maximize"]
+
+
+@pytest.mark.parametrize("points, reference, directions, expected", [
+    ([[1, 1]], [0, 0], MAX2, 1.0),
+    ([[2, 1], [1, 2]], [0, 0], MAX2, 3.0),  # two 2x1 boxes overlapping in a 1x1 square
+    ([[2, 1], [1, 2], [1, 1]], [0, 0], MAX2, 3.0),  # a dominated point adds nothing
+    ([[2, 1], [2, 1]], [0, 0], MAX2, 2.0),  # duplicates count once
+    ([[1, 1], [-1, 5]], [0, 0], MAX2, 1.0),  # a point worse than the reference in one objective adds nothing
+    ([[1, 3], [2, 1]], [3, 4], ["minimize", "minimize"], 2 * 1 + 1 * 2),
+    ([[0.5, 10.0]], [0.0, 20.0], ["maximize", "minimize"], 0.5 * 10),
+    ([[1, 1, 1]], [0, 0, 0], ["maximize"] * 3, 1.0),
+    ([[2, 1, 1], [1, 2, 1], [1, 1, 2]], [0, 0, 0], ["maximize"] * 3, 3 * 2 - 3 + 1),  # inclusion-exclusion: 6-3+1
+    ([[3], [1]], [0], ["maximize"], 3.0),
+    ([], [0, 0], MAX2, 0.0),
+])
+def test_hypervolume_known_answers(points, reference, directions, expected):
+    assert dominated_volume(points, reference, directions) == pytest.approx(expected)
+
+
+def test_hypervolume_in_three_dimensions_matches_inclusion_exclusion_on_random_boxes():
+    rng = random.Random(0)
+    for _ in range(20):
+        points = [[rng.randint(1, 6) for _ in range(3)] for _ in range(rng.randint(1, 5))]
+        # The union of boxes [0, p] by inclusion-exclusion over every subset: their intersection is [0, min].
+        exact = 0.0
+        for k in range(1, len(points) + 1):
+            for subset in itertools.combinations(points, k):
+                corner = [min(c) for c in zip(*subset)]
+                exact += (-1) ** (k + 1) * corner[0] * corner[1] * corner[2]
+        assert dominated_volume(points, [0, 0, 0], ["maximize"] * 3) == pytest.approx(exact)
+
+
+def _hand_made_study(tmp_path: Path) -> str:
+    """Five dsnas-like trials with known values: 0..2 feasible, 3 infeasible, 4 failed."""
+    import datetime
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    url = f"sqlite:///{tmp_path / 'hand.db'}"
+    study = optuna.create_study(study_name="hand", storage=url, directions=MAX2)
+    with warnings.catch_warnings():  # experimental in Optuna, and what the driver itself calls
+        warnings.simplefilter("ignore")
+        study.set_metric_names(["accuracy", "throughput"])
+    t0 = datetime.datetime(2026, 1, 1)
+    rows = [(0.5, 100.0, -1.0), (0.4, 300.0, -2.0), (0.3, 200.0, -0.5), (0.9, 900.0, 5.0)]
+    for i, (acc, tput, slack) in enumerate(rows):
+        trial = create_trial(
+            values=[acc, tput], params={"d_model": [16, 32][i % 2]},
+            distributions={"d_model": CategoricalDistribution([16, 32])},
+            user_attrs={"accuracy": acc, "throughput_tok_s": tput, "latency_ms": 10.0 + slack, "feasible": float(slack <= 0),
+                        "arch_short": f"arch{i}", "profile": {"fingerprint": {"device": "cpu", "cpu": "Test CPU", "cpu_count": 2}}},
+            system_attrs={"constraints:max_latency_ms": slack})
+        trial.datetime_start = t0 + datetime.timedelta(seconds=10 * i)
+        trial.datetime_complete = t0 + datetime.timedelta(seconds=10 * i + 5)
+        study.add_trial(trial)
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "boom"}))
+    return url
+
+
+def test_load_gives_one_row_per_trial_with_units_constraints_and_fingerprint(tmp_path):
+    df = load(_hand_made_study(tmp_path), "hand")
+    assert list(df["trial"]) == [0, 1, 2, 3, 4]
+    assert list(df["state"]) == ["COMPLETE"] * 4 + ["FAIL"]
+    assert list(df["feasible"][:4]) == [True, True, True, False] and df["feasible"][4] is None
+    assert list(df["throughput_tok_s"][:4]) == [100.0, 300.0, 200.0, 900.0]
+    assert list(df["constraint.max_latency_ms"][:4]) == [-1.0, -2.0, -0.5, 5.0]
+    assert list(df["param.d_model"][:4]) == [16, 32, 16, 32]
+    assert df["duration_s"][0] == 5.0 and df["fail_reason"][4] == "boom"
+    assert df["fingerprint"][0] == "cpu: Test CPU x2 on ?, torch ?" and df["fingerprint_id"][0]
+    assert df.attrs["objectives"] == [{"name": "accuracy", "column": "accuracy", "direction": "maximize"},
+                                      {"name": "throughput", "column": "throughput_tok_s", "direction": "maximize"}]
+
+
+def test_front_and_hypervolume_of_a_hand_made_study(tmp_path):
+    df = load(_hand_made_study(tmp_path), "hand")
+    # Trial 3 dominates everything but is infeasible; 2 is dominated by 1.
+    assert list(front(df)["trial"]) == [0, 1]
+    assert list(front(df, feasible_only=False)["trial"]) == [3]
+    reference = {"accuracy": 0.0, "throughput": 0.0}
+    assert hypervolume(df, reference) == pytest.approx(0.5 * 100 + 0.4 * 300 - 0.4 * 100)
+    history = hypervolume_history(df, reference)
+    assert list(history["trial"]) == [0, 1, 2, 3]
+    assert list(history["wall_s"]) == [5.0, 15.0, 25.0, 35.0]
+    assert list(history["hypervolume"]) == pytest.approx([50.0, 130.0, 130.0, 130.0])
+    # Default: 10% of the range beyond the worst completed value (infeasible trials included).
+    assert default_reference(df) == pytest.approx({"accuracy": 0.3 - 0.06, "throughput": 100.0 - 80.0})
+    with pytest.raises(DsnasError, match="must give a value for each objective"):
+        hypervolume(df, {"accuracy": 0.0})
+
+
+def test_load_a_plain_optuna_study_and_bad_names(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    study = optuna.create_study(study_name="plain", storage=url, directions=["minimize", "maximize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=4)
+    df = load(url, "plain")
+    assert {"value_0", "value_1", "param.x", "param.y"} <= set(df.columns)
+    assert len(front(df)) >= 1
+    with pytest.raises(DsnasError, match=r"no study 'nope' \(stored: plain\)"):
+        load(url, "nope")
+    with pytest.raises(DsnasError, match="no such study database"):
+        load(f"sqlite:///{tmp_path / 'missing.db'}", "plain")
+    assert not (tmp_path / "missing.db").exists()
+
+
+def _old_study(tmp_path: Path) -> Path:
+    shutil.copytree(OLD_STUDY, tmp_path / "old")
+    return tmp_path / "old" / "tiny.toml"
+
+
+def test_a_study_made_by_dsnas_0_1_0_reports_without_being_written(tmp_path, capsys):
+    study_file = _old_study(tmp_path)
+    before = (study_file.parent / "tiny.db").read_bytes()
+    assert main(["report", str(study_file), "--out", str(tmp_path / "report")]) == 0
+    assert "Pareto front of" in capsys.readouterr().out
+    assert (study_file.parent / "tiny.db").read_bytes() == before  # reading never upgrades
+    measured = (tmp_path / "report" / "measurements.csv").read_text().splitlines()
+    assert len(measured) == 1 + 2 * 2  # header, 2 trials x 2 batch sizes, from the stored profiles
+
+
+def test_resuming_a_dsnas_0_1_0_study_creates_the_tables_and_fills_them_in(tmp_path):
+    import sqlalchemy as sa
+
+    from dsnas.results import tables
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    spec = load_study(_old_study(tmp_path))
+    engine = sa.create_engine(spec.storage)
+    assert tables.schema_version(engine) == 0
+    study = open_study(spec)
+    assert tables.schema_version(engine) == tables.SCHEMA_VERSION
+    rows = tables.measurements(study)
+    assert sorted(zip(rows["trial_number"], rows["batch_size"])) == [(0, 1), (0, 4), (1, 1), (1, 4)]
+    assert (rows["latency_ms_p10"] <= rows["latency_ms_median"]).all()
+    assert tables.study_record(engine, "tiny").objectives[1]["metric"] == "throughput_tok_s"
+    open_study(spec)  # opening again writes nothing twice
+    assert len(tables.measurements(study)) == 4
+    assert len(study.trials) == 2  # Optuna's own rows untouched
+
+
+def test_a_database_from_a_newer_dsnas_is_refused(tmp_path):
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from dsnas.results import tables
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    spec = load_study(_old_study(tmp_path))
+    open_study(spec)
+    engine = sa.create_engine(spec.storage)
+    with Session(engine) as session, session.begin():
+        session.get(tables.SchemaVersion, 1).version = tables.SCHEMA_VERSION + 1
+    with pytest.raises(DsnasError, match=r"schema version 2, this dsnas .* knows up to 1\. Fix: upgrade dsnas"):
+        open_study(spec)
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+
+def test_report_writes_tables_images_and_a_page(finished_study, tmp_path, capsys):
+    import matplotlib.image
+    import pandas as pd
+
+    out = tmp_path / "report"
+    assert main(["report", str(finished_study), "--out", str(out), "--reference", "accuracy=0,throughput=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference accuracy=0, throughput=0" in printed and "arch_short" in printed
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 3 and {"accuracy", "throughput_tok_s", "gflop_s", "fingerprint"} <= set(trials.columns)
+    assert len(pd.read_parquet(out / "trials.parquet")) == 3
+    assert len(pd.read_csv(out / "measurements.csv")) == 3 * 2
+    for name in ("pareto", "hypervolume", "hardware"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(out / f"{name}.png").shape[0] > 100
+    page = (out / "index.html").read_text()
+    parser = _Tags()
+    parser.feed(page)
+    assert parser.tags.count("table") == 2 and "Plotly.newPlot" in page and "plotly.min.js" in page
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_report_errors_are_one_line(finished_study, tmp_path, capsys):
+    assert main(["report", str(finished_study), "--out", str(tmp_path / "r"), "--reference", "accuracy=0"]) == 2
+    err = capsys.readouterr().err
+    assert "--reference accuracy=0: must give one number for each objective" in err and err.count("\n") == 1
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(finished_study.read_text().replace('name = "tiny"', 'name = "never_run"'))
+    assert main(["report", str(fresh)]) == 2
+    assert "no study 'never_run'" in capsys.readouterr().err
