@@ -1,0 +1,196 @@
+"""`dsnas dashboard`: the Optuna dashboard on the study's storage, prepared first with a study note (what
+measured the trials, the Pareto front), hypervolume charts, and each trial's architecture and profile as files."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import time
+import uuid
+from collections import Counter
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from dsnas.errors import DsnasError
+from dsnas.spec import StudySpec
+from dsnas.storage import artifact_store, display_url
+
+# Fixed chart ids: saving a chart under the same id replaces it, so a restart never adds a copy.
+CHART_IDS = {"n_complete": "dsnas-hypervolume-trials", "wall_s": "dsnas-hypervolume-time"}
+# The note is dsnas's; whatever the user writes below this line in the dashboard is kept on restart.
+USER_NOTES = "---\n*Your notes below this line are kept when `dsnas dashboard` starts again.*"
+# The Optuna dashboard's own key for a trial's artifact kept in the study's attributes: the only place a
+# finished trial can still get one (Optuna refuses to change any attribute of a finished trial).
+TRIAL_ARTIFACT_KEY = "dashboard:artifacts:{trial_id}:"
+# What a finished trial lacks is uploaded under the names the driver gives new trials.
+ARTIFACT_KINDS = ("arch", "profile")
+
+
+def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Prepare the study, then serve the dashboard until Ctrl-C."""
+    from optuna_dashboard import wsgi
+
+    from dsnas.search import open_study
+
+    study = open_study(spec, create=False)
+    app = wsgi(study._storage, artifact_store=artifact_store(spec))
+    # Bind before preparing or printing anything: a taken port is then one clear error and no half-started
+    # server. (optuna_dashboard.run_server would print bottle's banner first and log every request.)
+    try:
+        server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    except OSError as e:
+        raise DsnasError(_bind_error(host, port, e)) from None
+    with server:
+        prepare(spec, study)
+        url = f"http://{host}:{server.server_port}/dashboard/"  # the port the system gave, for --port 0
+        print(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print()  # the shell's prompt starts on its own line after ^C
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        fix = f"pass another port, e.g. --port {port + 1}, or stop the program that uses {port}"
+    elif e.errno == errno.EACCES:
+        fix = "ports below 1024 need root: pass e.g. --port 8080"
+    else:
+        fix = "pass --host 127.0.0.1 (this machine) or an address of this machine"
+    return f"cannot listen on {host}:{port}: {e.strerror or e}. Fix: {fix}"
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a browser holding a connection open does not delay Ctrl-C
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any) -> None:
+        pass  # the page polls the API every few seconds: a line per request would bury the URL line
+
+
+def prepare(spec: StudySpec, study: Any) -> None:
+    """Write what the dashboard shows beside Optuna's own pages. Idempotent: a rerun replaces the note and
+    the charts, and uploads artifacts only for trials that have none yet."""
+    from optuna_dashboard import save_note
+
+    from dsnas import results
+
+    if not study.metric_names:
+        study.set_metric_names([o.name for o in spec.objectives])
+    backfill_artifacts(spec, study)
+    df = results.frame(study)  # the same frame `dsnas report` reads, so both show the same front
+    reference = save_hypervolume_charts(study, df)
+    save_note(study, study_note(spec, study, df, reference) + _kept_user_notes(study))
+
+
+def _kept_user_notes(study: Any) -> str:
+    from optuna_dashboard import get_note
+
+    _, marker, tail = get_note(study).partition(USER_NOTES)
+    return "\n" + USER_NOTES + (tail if marker else "\n")  # the blank line keeps `---` a rule, not a heading
+
+
+def study_note(spec: StudySpec, study: Any, df: Any, reference: dict[str, float] | None) -> str:
+    """The study note in Markdown: where the study lives, what it optimizes, what measured it, its front."""
+    objectives = ", ".join(f"{o.name} ({o.direction}, `{o.metric}`)" for o in spec.objectives)
+    constraints = ", ".join(f"`{m}` ≤ {v:g}" for m, v in spec.hardware.constraints.items()) or "none"
+    states = df["state"].value_counts().sort_index()
+    lines = [f"## dsnas study `{spec.name}`", "", "| | |", "|---|---|",
+             f"| study file | `{spec.path}` |", f"| storage | `{display_url(spec.storage)}` |",
+             f"| objectives | {objectives} |", f"| constraints | {constraints} |",
+             f"| trials | {', '.join(f'{n} {s}' for s, n in states.items()) or 'none yet'} |", "",
+             "### Measured on", "", *_fingerprint_lines(study.get_trials(deepcopy=False)), "",
+             "### Pareto front (feasible, non-dominated)", "", *_front_table(df), ""]
+    if reference:
+        point = ", ".join(f"{name} = {value:.6g}" for name, value in reference.items())
+        lines += [f"Hypervolume reference point: {point} (charts on the study's page).", ""]
+    # Optuna's pages follow a running search; this note and the charts are written once, at start.
+    lines += [f"*Written by `dsnas dashboard` at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
+              "start it again to bring this note and the hypervolume charts up to date.*", ""]
+    return "\n".join(lines)
+
+
+def _fingerprint_lines(trials: list[Any]) -> list[str]:
+    """One line per distinct device fingerprint, with how many trials it measured: numbers measured on
+    different machines are not comparable, and the note must make a mix visible."""
+    seen = Counter(json.dumps(t.user_attrs["profile"]["fingerprint"], sort_keys=True)
+                   for t in trials if "fingerprint" in t.user_attrs.get("profile", {}))
+    if not seen:
+        return ["no measured trial yet"]
+    warn = [f"**{len(seen)} different devices measured these trials: compare numbers within one device.**", ""]
+    rows = [f"- {n} trial{'s' * (n != 1)}: " + ", ".join(f"{k}=`{v}`" for k, v in json.loads(fp).items())
+            for fp, n in seen.most_common()]
+    return (warn if len(seen) > 1 else []) + rows
+
+
+def _front_table(df: Any) -> list[str]:
+    from dsnas import results
+
+    front = results.front(df) if _has_completed(df) else None
+    if front is None or front.empty:
+        return ["no feasible completed trial yet"]
+    columns = [o.column for o in results.objectives(df)]
+    columns += [c for c in ("latency_ms", "peak_memory_mb") if c in front.columns and c not in columns]
+    rows = ["| trial | " + " | ".join(columns) + " | architecture |", "|---:|" + "---:|" * len(columns) + "---|"]
+    for _, t in front.iterrows():
+        rows.append(f"| {t['trial']} | " + " | ".join(f"{t[c]:.6g}" for c in columns) + f" | {t['arch_short']} |")
+    return rows
+
+
+def _has_completed(df: Any) -> bool:
+    from dsnas import results
+
+    return not results.done_trials(df, feasible_only=False).empty
+
+
+def save_hypervolume_charts(study: Any, df: Any) -> dict[str, float] | None:
+    """Hypervolume against completed trials and against wall time, as two saved plotly charts (the
+    dashboard has no hypervolume chart of its own); returns the reference point (None: nothing completed)."""
+    import plotly.graph_objects as go
+    from optuna_dashboard import save_plotly_graph_object
+
+    from dsnas import results
+
+    if not _has_completed(df):
+        return None
+    reference = results.default_reference(df)
+    history = results.hypervolume_history(df, reference=reference)
+    titles = {"n_complete": "completed trials", "wall_s": "wall time since the study started (s)"}
+    for column, chart_id in CHART_IDS.items():
+        # Plain lists: readable JSON in the storage (plotly 6 would store numpy columns as base64 arrays).
+        figure = go.Figure(go.Scatter(x=history[column].tolist(), y=history["hypervolume"].tolist(),
+                                      mode="lines+markers", line_shape="hv", name="hypervolume"))
+        figure.update_layout(title=f"Hypervolume vs {titles[column]}", xaxis_title=titles[column],
+                             yaxis_title="hypervolume of the feasible front")
+        save_plotly_graph_object(study, figure, graph_object_id=chart_id)
+    return reference
+
+
+def backfill_artifacts(spec: StudySpec, study: Any) -> int:
+    """Upload the architecture and profile JSON of completed trials that lack them (trials searched before the
+    driver uploaded them); returns how many files it uploaded."""
+    from optuna.trial import TrialState
+
+    storage, study_id = study._storage, study._study_id
+    attrs = storage.get_study_system_attrs(study_id)
+    store = None  # the artifact folder is created only when something is uploaded
+    uploaded = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        prefix = TRIAL_ARTIFACT_KEY.format(trial_id=trial._trial_id)
+        have = {json.loads(v)["filename"] for k, v in attrs.items() if k.startswith(prefix)}
+        for kind in ARTIFACT_KINDS:
+            filename = f"trial{trial.number}-{kind}.json"
+            if f"{kind}_artifact" in trial.user_attrs or filename in have or kind not in trial.user_attrs:
+                continue  # uploaded by the driver, by an earlier backfill, or nothing to upload
+            store = store or artifact_store(spec)
+            artifact_id = str(uuid.uuid4())
+            store.write(artifact_id, io.BytesIO(json.dumps(trial.user_attrs[kind], indent=2).encode()))
+            # optuna.artifacts.upload_artifact would write the trial's attributes, which a finished trial refuses.
+            meta = {"artifact_id": artifact_id, "filename": filename, "mimetype": "application/json",
+                    "encoding": None}
+            storage.set_study_system_attr(study_id, prefix + artifact_id, json.dumps(meta))
+            uploaded += 1
+    return uploaded

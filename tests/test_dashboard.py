@@ -1,0 +1,247 @@
+"""`dsnas dashboard`: what prepare() writes into the study (note, hypervolume charts, artifacts), and the real
+dashboard in a real browser (Debian's chromium, driven by Playwright) showing it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, copy_study
+
+from dsnas.errors import DsnasError
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "test-output"
+FP_A = {"host": "box-a", "device": "cpu", "cpu": "AMD EPYC", "cpu_count": 2, "torch": "2.13.0+cpu"}
+FP_B = {**FP_A, "host": "box-b", "device": "cuda", "gpu": "NVIDIA H200"}
+
+
+@pytest.fixture
+def made_study(tiny_study):
+    """A study of two completed trials measured on two devices, without the arch/profile artifacts that
+    the driver uploads now (a study searched by an older dsnas): built in milliseconds, no search."""
+    import optuna
+
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    spec = load_study(tiny_study)
+    study = open_study(spec)
+    for i, fp in enumerate((FP_A, FP_B)):
+        arch = {"family": "transformer_lm", "d_model": 16 * (i + 1), "layers": [{"n_heads": 1, "ffn_ratio": 1}]}
+        attrs = {"arch": arch, "arch_short": f"d{16 * (i + 1)} L1", "profile": {"fingerprint": fp},
+                 "accuracy": 0.3 + 0.1 * i, "throughput_tok_s": 2000.0 - 500 * i, "latency_ms": 1.0, "feasible": 1.0}
+        study.add_trial(optuna.trial.create_trial(values=[attrs["accuracy"], attrs["throughput_tok_s"]],
+                                                  user_attrs=attrs))
+    return spec, study
+
+
+def trial_artifacts(study, trial):
+    """The artifacts the dashboard lists for ``trial``, by its own code."""
+    from optuna_dashboard.artifact._backend import list_trial_artifacts
+
+    storage = study._storage
+    return list_trial_artifacts(storage.get_study_system_attrs(study._study_id),
+                                storage.get_trial_system_attrs(trial._trial_id), trial)
+
+
+def test_prepare_writes_the_note(made_study):
+    from optuna_dashboard import get_note
+
+    from dsnas.dashboard import prepare
+
+    spec, study = made_study
+    prepare(spec, study)
+    note = get_note(study)
+    assert f"## dsnas study `{spec.name}`" in note and f"`{spec.path}`" in note
+    assert "accuracy (maximize, `accuracy`), throughput (maximize, `throughput_tok_s`)" in note
+    assert "`latency_ms` ≤ 1000" in note and "| trials | 2 COMPLETE |" in note
+    # Two devices measured the trials: both fingerprints, and a warning that says so.
+    assert "2 different devices" in note and "host=`box-a`" in note and "gpu=`NVIDIA H200`" in note
+    # Neither trial dominates the other: both are on the front; the reference point is stated.
+    assert "| 0 | 0.3 | 2000 |" in note and "| 1 | 0.4 | 1500 |" in note
+    assert "Hypervolume reference point: accuracy = " in note
+
+
+def test_prepare_twice_replaces_and_keeps_user_notes(made_study):
+    from optuna_dashboard import get_note, save_note
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    from dsnas.dashboard import CHART_IDS, USER_NOTES, prepare
+
+    spec, study = made_study
+    prepare(spec, study)
+    save_note(study, get_note(study) + "my own remark\n")  # as the user would, in the dashboard
+    prepare(spec, study)
+    note = get_note(study)
+    assert note.count("## dsnas study") == 1 and note.count(USER_NOTES) == 1
+    assert note.endswith("\n\n" + USER_NOTES + "\nmy own remark\n")
+    charts = get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
+    assert sorted(charts) == sorted(CHART_IDS.values())
+    figure = json.loads(charts[CHART_IDS["n_complete"]])
+    assert figure["data"][0]["x"] == [1, 2] and figure["data"][0]["y"][1] > 0
+
+
+def test_prepare_backfills_artifacts_once(made_study):
+    from dsnas.dashboard import backfill_artifacts, prepare
+    from dsnas.storage import artifact_store
+
+    spec, study = made_study
+    prepare(spec, study)
+    prepare(spec, study)
+    assert backfill_artifacts(spec, study) == 0
+    store = artifact_store(spec)
+    for trial in study.trials:
+        files = {a["filename"]: a for a in trial_artifacts(study, trial)}
+        assert sorted(files) == [f"trial{trial.number}-arch.json", f"trial{trial.number}-profile.json"]
+        with store.open_reader(files[f"trial{trial.number}-arch.json"]["artifact_id"]) as f:
+            assert json.load(f) == trial.user_attrs["arch"]
+
+
+def test_prepare_uploads_nothing_the_driver_uploaded(finished_study, tmp_path):
+    from dsnas.dashboard import backfill_artifacts
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    spec = load_study(copy_study(finished_study, tmp_path / "study"))
+    study = open_study(spec, create=False)
+    assert backfill_artifacts(spec, study) == 0
+    for trial in study.trials:
+        names = sorted(a["filename"] for a in trial_artifacts(study, trial) if a["filename"].endswith(".json"))
+        assert names == [f"trial{trial.number}-arch.json", f"trial{trial.number}-profile.json"]
+
+
+def test_a_taken_port_is_one_line_with_the_fix(made_study):
+    from dsnas.dashboard import serve
+
+    spec, _ = made_study
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DsnasError) as err:
+            serve(spec, port=port)
+    msg = str(err.value)
+    assert "\n" not in msg and "Address already in use" in msg and f"--port {port + 1}" in msg, msg
+
+
+def test_the_browser_test_skips_only_where_allowed(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", Path("/nonexistent/chromium"))
+    monkeypatch.delenv("DSNAS_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        need_browser()
+    monkeypatch.setenv("DSNAS_REQUIRE_BROWSER", "1")  # CI: a missing browser is a failure
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        need_browser()
+
+
+def need_browser() -> None:
+    """Skip without chromium, unless DSNAS_REQUIRE_BROWSER says this run (CI) must drive the browser."""
+    if CHROMIUM.exists():
+        return
+    if os.environ.get("DSNAS_REQUIRE_BROWSER"):
+        pytest.fail(f"DSNAS_REQUIRE_BROWSER is set but {CHROMIUM} is missing. Fix: apt-get install -y chromium")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); set DSNAS_REQUIRE_BROWSER=1 to fail instead")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(server: subprocess.Popen, url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            out, err = server.communicate()
+            pytest.fail(f"`dsnas dashboard` exited {server.returncode}:\n{out}\n{err}")
+        try:
+            with urllib.request.urlopen(url + "api/studies", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"`dsnas dashboard` did not answer at {url} within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_dashboard_in_a_browser(finished_study, tmp_path):
+    need_browser()
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    study_file = copy_study(finished_study, tmp_path / "study")
+    study = open_study(load_study(study_file), create=False)
+    best = max(study.best_trials, key=lambda t: t.user_attrs["throughput_tok_s"])
+    fingerprint = best.user_attrs["profile"]["fingerprint"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([sys.executable, "-m", "dsnas.cli", "dashboard", str(study_file), "--port", str(port)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_serving(server, url)
+        shots = browse(f"{url}dashboard/studies/{study._study_id}", study.study_name, best, fingerprint)
+        server.send_signal(signal.SIGINT)  # Ctrl-C: the command stops cleanly
+        out, err = server.communicate(timeout=20)
+        assert server.returncode == 0, err
+        assert f"{url}dashboard/" in out and "Ctrl-C" in out
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    print("screenshots:", *shots, sep="\n  ")
+
+
+def browse(study_url: str, name: str, best, fingerprint: dict) -> list[Path]:
+    """Open the study in chromium and go through its pages as a user would (the sidebar's links: a reload per
+    page would cost seconds); each page must show what it is for. Returns the screenshots."""
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOTS.mkdir(exist_ok=True)
+    # Debian's chromium, not a Playwright download; no sandbox (CI runs as root), nothing phoning home.
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    steps = [  # (screenshot, what to click: the sidebar's links or a text, what the page must show)
+        ("study", [], [name, "Pareto Front", "Hypervolume vs completed trials", "Hypervolume vs wall time"]),
+        ("trial", [("link", "Trials (List)"), ("text", f"Trial {best.number}")],
+         [f"Trial {best.number}", f"trial{best.number}-arch.json", f"trial{best.number}-profile.json",
+          f"throughput_tok_s {best.user_attrs['throughput_tok_s']}"]),
+        ("table", [("link", "Smart Selection")], ["User Attribute throughput_tok_s", "1–3 of 3"]),
+        ("note", [("link", "Note")], [f"device={fingerprint['device']}", f"torch={fingerprint['torch']}", "Pareto front"]),
+    ]
+    shots = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(study_url)
+            for shot, clicks, texts in steps:
+                for kind, name in clicks:
+                    target = page.get_by_role("link", name=name, exact=True) if kind == "link" else \
+                        page.get_by_text(name, exact=True)
+                    target.first.click()
+                for text in texts:  # on screen, not only in the page: scrolled to, when a list is long
+                    shown = page.get_by_text(text).first
+                    shown.scroll_into_view_if_needed(timeout=20_000)
+                    expect(shown).to_be_visible()
+                shots.append(SCREENSHOTS / f"dashboard-{shot}.png")
+                # The whole height, but the window's width: the trial page's long JSON attributes (the
+                # profile) widen the page to thousands of pixels.
+                page.evaluate("window.scrollTo(0, 0)")  # else the fixed header lands mid-picture
+                height = page.evaluate("document.documentElement.scrollHeight")
+                page.screenshot(path=str(shots[-1]), full_page=True, clip={"x": 0, "y": 0, "width": 1400,
+                                                                           "height": height})
+        finally:
+            browser.close()
+    return shots
