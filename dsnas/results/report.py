@@ -68,7 +68,7 @@ def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Pa
     from plotly.offline import get_plotlyjs
 
     # plotly.js goes once into the folder beside the page: the page works offline and stays small.
-    (folder / "plotly.min.js").write_text(get_plotlyjs())
+    (folder / "plotly.min.js").write_text(get_plotlyjs())  # counted with the page: see summary()
     charts = "\n".join(f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False)
                        for i, f in enumerate(figures))
     shown = _summary_frame(v)
@@ -110,5 +110,5 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref})", shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"),
-             f"report: {written[-1]} ({len(written)} files in {written[-1].parent})"]
+             f"report: {written[-1]} ({len(written) + 1} files, plotly.min.js included, in {written[-1].parent})"]
     return "\n".join(lines)
