@@ -1,0 +1,219 @@
+"""The machine's own ceilings, to put an achieved number next to: on the CPU a measured fp32 GEMM peak and a
+streaming bandwidth (cached per device fingerprint and thread count); on a GPU the datasheet-style peaks derived
+from the device's clocks and widths, which no kernel reaches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CACHE_TYPE, CACHE_VERSION = "dsnas.ceilings_cache", 1
+GEMM_SIZES = (1024, 2048)  # large enough to be compute-bound on a CPU, small enough for ~1 s on 2 cores
+STREAM_ARRAY_BYTES = 128 * 2**20  # two arrays, 256 MiB in all: far beyond a last-level cache of one CPU complex
+# FMA lanes per SM per clock, from NVIDIA's architecture whitepapers (the numbers torch.cuda._device_limits uses).
+FP32_FMA_PER_SM = {(7, 0): 64, (8, 0): 64, (8, 6): 128, (8, 9): 128, (9, 0): 128, (10, 0): 128}
+BF16_TENSOR_FMA_PER_SM = {(8, 0): 1024, (9, 0): 2048, (10, 0): 4096}  # dense, fp32 accumulate
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    gemm_gflop_s: float
+    stream_gb_s: float  # GB = 1e9 bytes, counted STREAM's way: bytes read + bytes written
+    threads: int
+    seconds: float  # how long measuring took
+    details: dict[str, str] = field(default_factory=dict)  # how each number was obtained
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ceilings:
+        return cls(float(data["gemm_gflop_s"]), float(data["stream_gb_s"]), int(data["threads"]),
+                   float(data["seconds"]), {str(k): str(v) for k, v in dict(data["details"]).items()})
+
+
+@dataclass(frozen=True)
+class GpuPeaks:
+    """Datasheet-style peaks; a value is None when it could not be derived, and ``details`` then says why."""
+
+    memory_gb_s: float | None
+    fp32_gflop_s: float | None
+    bf16_tensor_gflop_s: float | None
+    details: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_ceilings(threads: int | None = None) -> Ceilings:
+    """Measure both CPU ceilings with ``threads`` intra-op threads (None: torch's current setting), ~1-2 s.
+    The caller owns the CPU meanwhile: another trial's work would lower both numbers."""
+    import torch
+
+    from dsnas.profiler.timing import cpu_threads
+
+    start = time.perf_counter()
+    with cpu_threads(threads) as used, torch.inference_mode():
+        gemm, gemm_how = _gemm_peak(torch)
+        stream, stream_how = _stream_bandwidth(torch)
+    return Ceilings(gemm, stream, used, time.perf_counter() - start, {"gemm": gemm_how, "stream": stream_how})
+
+
+def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceilings:
+    """The cached ceilings for this fingerprint and thread count, measured and stored on the first call."""
+    import torch
+
+    threads = threads or torch.get_num_threads()
+    key = _cache_key(fingerprint, threads)
+    entry = _read_cache(cache_file()).get(key)
+    if isinstance(entry, dict):
+        try:
+            return Ceilings.from_dict(entry["ceilings"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed ceilings cache entry %s; measuring again", key)
+    measured = measure_ceilings(threads)
+    # Read again just before writing: another process may have stored its own entry meanwhile.
+    entries = _read_cache(cache_file())
+    entries[key] = {"fingerprint": fingerprint, "threads": threads, "ceilings": measured.as_dict()}
+    _write_cache(cache_file(), entries)
+    return measured
+
+
+def cache_file() -> Path:
+    """``$DSNAS_CACHE_DIR/ceilings.json``, else under ``$XDG_CACHE_HOME/dsnas``, else ``~/.cache/dsnas``."""
+    root = os.environ.get("DSNAS_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsnas")
+    return Path(root) / "ceilings.json"
+
+
+def gpu_peaks(device: Any) -> GpuPeaks:
+    """Peak DRAM bandwidth (memory clock x bus width x 2 for double data rate) and fp32/bf16-tensor FLOP/s
+    (SMs x FMA lanes x 2 x max SM clock) of a CUDA device, from cudaDeviceProp, else NVML's max clocks."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        why = "no NVIDIA GPU" if not torch.cuda.is_available() else f"{dev} is not a CUDA device"
+        return GpuPeaks(None, None, None, {k: why for k in ("memory", "fp32", "bf16_tensor")})
+    props = torch.cuda.get_device_properties(dev)
+    mem_khz, bus_bits, sm_khz, source = _clocks(props, dev)
+    details: dict[str, str] = {}
+    memory = None
+    if mem_khz and bus_bits:
+        memory = mem_khz * 1e3 * bus_bits / 8 * 2 / 1e9
+        details["memory"] = f"{mem_khz / 1e3:.0f} MHz x {bus_bits}-bit bus x 2 (DDR), from {source}"
+    else:
+        details["memory"] = f"memory clock or bus width not reported by {source}"
+    fp32, details["fp32"] = _compute_peak(props, FP32_FMA_PER_SM, sm_khz, source)
+    bf16, details["bf16_tensor"] = _compute_peak(props, BF16_TENSOR_FMA_PER_SM, sm_khz, source)
+    return GpuPeaks(memory, fp32, bf16, details)
+
+
+def _compute_peak(props: Any, fma_per_sm: dict[tuple[int, int], int], sm_khz: float,
+                  source: str) -> tuple[float | None, str]:
+    arch = (props.major, props.minor)
+    if arch not in fma_per_sm:
+        return None, f"no per-SM rate known for sm_{arch[0]}{arch[1]}"
+    if not sm_khz:
+        return None, f"SM clock not reported by {source}"
+    sms, lanes = props.multi_processor_count, fma_per_sm[arch]
+    return (sms * lanes * 2 * sm_khz * 1e3 / 1e9,
+            f"{sms} SMs x {lanes} FMA/clock x 2 x {sm_khz / 1e3:.0f} MHz, from {source}")
+
+
+def _clocks(props: Any, dev: Any) -> tuple[float, int, float, str]:
+    """(memory kHz, bus bits, SM kHz, source). CUDA 13 dropped the clocks from cudaDeviceProp (torch then
+    reports 0), so NVML's maximum clocks fill in what is missing."""
+    mem, bus, sm = (getattr(props, a, 0) or 0 for a in ("memory_clock_rate", "memory_bus_width", "clock_rate"))
+    if mem and bus and sm:
+        return mem, bus, sm, "cudaDeviceProp"
+    try:
+        from dsnas.profiler.capabilities import nvml_facts
+
+        facts = nvml_facts(dev)
+    except Exception as err:  # no NVML here: derive what cudaDeviceProp alone allows
+        return mem, bus, sm, f"cudaDeviceProp (NVML unavailable: {err})"
+    return (mem or facts.get("gpu_max_mem_clock_mhz", 0) * 1e3, bus or facts.get("gpu_memory_bus_bits", 0),
+            sm or facts.get("gpu_max_sm_clock_mhz", 0) * 1e3, "cudaDeviceProp and NVML max clocks")
+
+
+def _best_seconds(fn: Any, budget_s: float, min_reps: int = 3, max_reps: int = 50) -> tuple[float, int]:
+    """Fastest of the timed calls after one warm-up: the ceiling is what the machine can do, so noise that
+    only slows calls down is dropped rather than averaged in."""
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), len(times)
+
+
+def _gemm_peak(torch: Any) -> tuple[float, str]:
+    best, how = 0.0, ""
+    for n in GEMM_SIZES:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        seconds, reps = _best_seconds(lambda: torch.mm(a, b, out=out), budget_s=0.3)
+        rate = 2 * n**3 / seconds / 1e9
+        if rate > best:
+            best, how = rate, f"fp32 torch.mm {n}x{n}, best of {reps} after 1 warm-up, 2*n^3 FLOPs"
+    return best, how
+
+
+def _stream_bandwidth(torch: Any) -> tuple[float, str]:
+    src = torch.ones(STREAM_ARRAY_BYTES // 4)
+    dst = torch.empty_like(src)  # the warm-up call touches its pages, so page faults stay out of the timing
+    seconds, reps = _best_seconds(lambda: dst.copy_(src), budget_s=0.4)
+    moved = 2 * STREAM_ARRAY_BYTES
+    return moved / seconds / 1e9, (f"fp32 copy_ of {STREAM_ARRAY_BYTES >> 20} MiB, best of {reps}; bytes = read + "
+                                   "write (write-allocate traffic not counted, as in STREAM)")
+
+
+def _cache_key(fingerprint: dict[str, Any], threads: int) -> str:
+    text = json.dumps({"fingerprint": fingerprint, "threads": threads}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The cached entries; a missing, unreadable or foreign file reads as empty and is rewritten on store."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable ceilings cache %s (%s); it will be rewritten", path, err)
+        return {}
+    if not isinstance(data, dict) or data.get("_type") != CACHE_TYPE or not isinstance(data.get("entries"), dict):
+        log.warning("ignoring ceilings cache %s: not a %s file; it will be rewritten", path, CACHE_TYPE)
+        return {}
+    return data["entries"] if data.get("_version") == CACHE_VERSION else {}
+
+
+def _write_cache(path: Path, entries: dict[str, Any]) -> None:
+    """Temp file + os.replace, so a reader never sees half a file. A cache that cannot be written costs a
+    re-measurement next time, not a failed run."""
+    text = json.dumps({"_type": CACHE_TYPE, "_version": CACHE_VERSION, "entries": entries}, indent=1)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".ceilings-", suffix=".tmp",
+                                         delete=False) as f:
+            tmp = f.name
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write ceilings cache %s: %s", path, err)
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)

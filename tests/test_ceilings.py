@@ -1,0 +1,142 @@
+"""The machine's ceilings: measured once per fingerprint and thread count, then read from a JSON cache that a
+corrupt file cannot break; GPU peaks derived from (faked) device properties."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dsnas.profiler import ceilings as ceil
+from dsnas.profiler.ceilings import Ceilings, cache_file, ceilings, gpu_peaks
+
+FP = {"host": "h", "device": "cpu", "cpu": "Test CPU", "torch": "2.13.0"}
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """measure_ceilings replaced by a counter: calls[i] is the thread count of the i-th measurement."""
+    calls: list[int | None] = []
+
+    def measure(threads=None):
+        calls.append(threads)
+        return Ceilings(100.0 + len(calls), 20.0, threads or 1, 0.01, {"gemm": "fake", "stream": "fake"})
+
+    monkeypatch.setattr(ceil, "measure_ceilings", measure)
+    return calls
+
+
+def test_ceilings_are_measured_then_read_from_the_cache(cache_dir, monkeypatch):
+    first = ceilings(FP, threads=torch.get_num_threads())
+    assert first.gemm_gflop_s > 0 and first.stream_gb_s > 0 and first.seconds > 0
+    assert first.threads == torch.get_num_threads()
+    assert "torch.mm" in first.details["gemm"] and "copy_" in first.details["stream"]
+    assert cache_file() == cache_dir / "ceilings.json" and cache_file().exists()
+
+    monkeypatch.setattr(ceil, "measure_ceilings", lambda threads=None: pytest.fail("measured again"))
+    assert ceilings(FP, threads=torch.get_num_threads()) == first
+
+
+def test_another_fingerprint_or_thread_count_measures_again(fake_measure):
+    a = ceilings(FP, threads=1)
+    b = ceilings({**FP, "cpu": "Other CPU"}, threads=1)
+    c = ceilings(FP, threads=2)
+    assert fake_measure == [1, 1, 2] and len({a.gemm_gflop_s, b.gemm_gflop_s, c.gemm_gflop_s}) == 3
+    assert ceilings(FP, threads=1) == a and len(fake_measure) == 3
+    stored = json.loads(cache_file().read_text())
+    assert stored["_type"] == "dsnas.ceilings_cache" and len(stored["entries"]) == 3
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"_type": "something else", "entries": {}}', "\x00\xff"])
+def test_a_corrupt_cache_file_is_ignored_and_replaced(cache_dir, fake_measure, text):
+    cache_dir.mkdir()
+    (cache_dir / "ceilings.json").write_text(text)
+    got = ceilings(FP, threads=1)
+    assert fake_measure == [1]
+    assert json.loads(cache_file().read_text())["_type"] == "dsnas.ceilings_cache"
+    assert ceilings(FP, threads=1) == got and fake_measure == [1]
+    assert not list(cache_dir.glob(".ceilings-*"))  # no temp file left behind
+
+
+def test_a_malformed_entry_is_measured_again(fake_measure):
+    ceilings(FP, threads=1)
+    stored = json.loads(cache_file().read_text())
+    for entry in stored["entries"].values():
+        del entry["ceilings"]["gemm_gflop_s"]
+    cache_file().write_text(json.dumps(stored))
+    assert ceilings(FP, threads=1).gemm_gflop_s == 102.0 and fake_measure == [1, 1]
+
+
+def test_a_cache_that_cannot_be_written_costs_a_measurement_not_a_crash(tmp_path, monkeypatch, fake_measure):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(blocker / "cache"))  # a folder inside a file cannot be made
+    assert ceilings(FP, threads=1).gemm_gflop_s == 101.0
+    assert ceilings(FP, threads=1).gemm_gflop_s == 102.0
+
+
+def test_the_default_cache_is_under_the_user_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("DSNAS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_file() == tmp_path / "dsnas" / "ceilings.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_file() == tmp_path / ".cache" / "dsnas" / "ceilings.json"
+
+
+def test_gpu_peaks_without_a_gpu_say_why():
+    peaks = gpu_peaks("cpu")
+    assert (peaks.memory_gb_s, peaks.fp32_gflop_s, peaks.bf16_tensor_gflop_s) == (None, None, None)
+    assert set(peaks.details) == {"memory", "fp32", "bf16_tensor"} and all(peaks.details.values())
+
+
+def h100_props(**kw):
+    base = dict(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132, clock_rate=1_980_000,
+                memory_clock_rate=2_619_000, memory_bus_width=5120)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    def install(props):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    return install
+
+
+def test_gpu_peaks_from_device_properties_match_the_datasheet(fake_cuda):
+    fake_cuda(h100_props())
+    peaks = gpu_peaks("cuda:0")
+    assert peaks.memory_gb_s == pytest.approx(3352.3, rel=1e-3)  # H100 SXM datasheet: 3.35 TB/s
+    assert peaks.fp32_gflop_s == pytest.approx(132 * 128 * 2 * 1.98e9 / 1e9)  # datasheet: 67 TFLOP/s
+    assert peaks.bf16_tensor_gflop_s == pytest.approx(132 * 2048 * 2 * 1.98e9 / 1e9)
+    assert "5120-bit" in peaks.details["memory"] and "cudaDeviceProp" in peaks.details["memory"]
+
+
+def test_gpu_peaks_fall_back_to_nvml_clocks_when_cuda_reports_none(fake_cuda, monkeypatch):
+    fake_cuda(h100_props(clock_rate=0, memory_clock_rate=0))
+    facts = {"gpu_max_sm_clock_mhz": 1980, "gpu_max_mem_clock_mhz": 2619, "gpu_memory_bus_bits": 5120}
+    monkeypatch.setattr("dsnas.profiler.capabilities.nvml_facts", lambda device: facts)
+    peaks = gpu_peaks("cuda:0")
+    assert peaks.memory_gb_s == pytest.approx(3352.3, rel=1e-3) and "NVML" in peaks.details["memory"]
+
+
+def test_gpu_peaks_that_cannot_be_derived_are_none_with_a_reason(fake_cuda, monkeypatch):
+    fake_cuda(h100_props(major=7, minor=5, clock_rate=0, memory_clock_rate=0))
+
+    def no_nvml(device):
+        raise RuntimeError("unavailable: driver not loaded")
+
+    monkeypatch.setattr("dsnas.profiler.capabilities.nvml_facts", no_nvml)
+    peaks = gpu_peaks("cuda:0")
+    assert (peaks.memory_gb_s, peaks.fp32_gflop_s, peaks.bf16_tensor_gflop_s) == (None, None, None)
+    assert "driver not loaded" in peaks.details["memory"]
+    assert peaks.details["fp32"] == "no per-SM rate known for sm_75"
