@@ -101,6 +101,42 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Show what this machine's hardware and drivers allow dsnas to measure, and its device fingerprint."""
+    from dsnas.profiler.capabilities import probe
+    from dsnas.profiler.device import fingerprint, fingerprint_id, resolve_device
+
+    caps = probe(args.device)
+    print(caps.table())
+    device = resolve_device(args.device)
+    fp = fingerprint(device)
+    print(f"\nfingerprint {fingerprint_id(fp)}: " + ", ".join(f"{k}={v}" for k, v in fp.items()))
+    if args.ceilings and device.type == "cpu":
+        from dsnas.profiler.ceilings import ceilings
+
+        found = ceilings(fp, args.threads)
+        print("ceilings: " + ", ".join(f"{k}={v}" for k, v in found.as_dict().items()))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure one architecture (a bundle folder, a study file with --trial N, or an architecture JSON file)
+    and print its whole profile."""
+    from dsnas.profiler.single import profile_target
+
+    sizes = None
+    if args.batch_sizes:
+        try:
+            sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        except ValueError:
+            raise DsnasError(f"--batch-sizes {args.batch_sizes}: must be whole numbers separated by commas. "
+                             "Fix: e.g. --batch-sizes 1,32") from None
+    print(profile_target(args.target, trial=args.trial, device=args.device, batch_sizes=sizes,
+                         kernels=args.kernels or None, cuda_graphs=args.cuda_graphs or None,
+                         measure_s=args.measure_s, max_measure_s=args.max_measure_s))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsnas", description="Hardware-aware neural architecture search.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -152,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("doctor", help=cmd_doctor.__doc__, description=cmd_doctor.__doc__)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--ceilings", action="store_true", help="also measure (or read cached) CPU GEMM/bandwidth peaks")
+    p.add_argument("--threads", type=int, help="threads for --ceilings (default: all cores)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("profile", help=cmd_profile.__doc__, description=cmd_profile.__doc__)
+    p.add_argument("target", help="bundle folder, study file (with --trial), or architecture JSON file")
+    p.add_argument("--trial", type=int, help="with a study file: the trial whose architecture to measure")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-sizes", help="e.g. 1,32 (default: the study's or bundle's)")
+    p.add_argument("--measure-s", type=float, help="minimum timed seconds per batch size")
+    p.add_argument("--max-measure-s", type=float, help="time cap per batch size")
+    p.add_argument("--kernels", action="store_true", help="per-kernel (CUDA) or per-operator (CPU) times")
+    p.add_argument("--cuda-graphs", action="store_true", help="GPU: also time CUDA-graph replays")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 

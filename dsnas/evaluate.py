@@ -16,6 +16,7 @@ class EvalRequest:
     task: TaskSpec
     hardware: HardwareSpec
     seed: int
+    cached: dict[str, Any] | None = None  # earlier measurements of this arch (the driver's cache lookup)
 
 
 @dataclass
@@ -48,7 +49,7 @@ def evaluate(request: EvalRequest) -> TrialResult:
         raise TypeError(f"the task's evaluate() must return 'accuracy', got {sorted(eval_metrics)}")
     with gate.exclusive():
         measure_start = time.perf_counter()
-        hw_metrics, profile = measure(model, task, device, request.hardware)
+        hw_metrics, profile = measure(model, task, device, request.hardware, cached=request.cached)
         measure_end = time.perf_counter()
     profile["task"] = task.fingerprint()
     metrics = {**train_metrics, **eval_metrics, **hw_metrics, "train_s": trained - train_start,

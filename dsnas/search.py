@@ -157,6 +157,8 @@ class _Driver:
         return n_trials is None or self.progress.completed + len(self.running) < n_trials
 
     def _dispatch(self) -> None:
+        from dsnas.results import tables
+
         trial = self.study.ask()
         self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
         trial.set_user_attr("driver", self.identity)
@@ -169,8 +171,9 @@ class _Driver:
         short = describe(arch)
         trial.set_user_attr("arch", arch)
         trial.set_user_attr("arch_short", short)
+        cached = tables.cached_figures(storage_engine(self.study), arch)  # the same model measured before
         self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
-                                         seed=self.spec.seed + trial.number))
+                                         seed=self.spec.seed + trial.number, cached=cached))
         self.progress.started(trial.number, short, self.running)
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
@@ -197,7 +200,8 @@ class _Driver:
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         self.study.tell(trial, values)
-        tables.record_measurements(storage_engine(self.study), self.spec.name, trial.number, outcome.profile, metrics)
+        tables.record_measurements(storage_engine(self.study), self.spec.name, trial.number, outcome.profile, metrics,
+                                   arch=trial.user_attrs["arch"])
         del self.running[trial.number]
         self.progress.finished(trial.number, values, feasible, self.running)
 

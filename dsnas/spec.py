@@ -106,7 +106,12 @@ class HardwareSpec:
     batch_sizes: tuple[int, ...] = (1, 32)
     threads: int | None = None  # CPU threads while measuring; default: every core of the node
     warmup_s: float = 0.1
-    measure_s: float = 0.3
+    measure_s: float = 0.3  # at least this long (and 10 calls) per batch size ...
+    max_measure_s: float = 3.0  # ... then on until the median is known to ci_tolerance, or this long at most
+    ci_tolerance: float = 0.05  # half-width of the median's 95% confidence interval, relative to the median
+    steady_s: float = 1.0  # GPU: a window this long looping the model, over which NVML/GPM sample
+    cuda_graphs: bool = False  # GPU: time CUDA-graph replays (no launch overhead) besides eager calls
+    kernels: bool = False  # per-kernel times through torch.profiler (costs a profiled call per batch size)
     constraints: Constraints = field(default_factory=Constraints)
 
     def __post_init__(self) -> None:
@@ -118,6 +123,12 @@ class HardwareSpec:
                 "remove it to measure with every core")
         require(self.warmup_s >= 0, "warmup_s", "must be >= 0", self.warmup_s, "e.g. warmup_s = 0.1")
         require(self.measure_s > 0, "measure_s", "must be > 0", self.measure_s, "e.g. measure_s = 0.3")
+        require(self.max_measure_s >= self.measure_s, "max_measure_s", "must be >= measure_s", self.max_measure_s,
+                f"e.g. max_measure_s = {max(3.0, 10 * self.measure_s):g}")
+        require(0 < self.ci_tolerance < 1, "ci_tolerance", "must be between 0 and 1", self.ci_tolerance,
+                "e.g. ci_tolerance = 0.05 (5%)")
+        require(self.steady_s >= 0.2, "steady_s", "must be >= 0.2 (GPM samples must be > 100 ms apart)",
+                self.steady_s, "e.g. steady_s = 1.0")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import pytest
 from dsnas.errors import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
+# The CPU ceilings cache (dsnas.profiler.ceilings) of this test session, not the user's: set before any worker
+# process starts, so Ray workers inherit it.
+os.environ.setdefault("DSNAS_CACHE_DIR", tempfile.mkdtemp(prefix="dsnas-test-cache-"))
 
 TINY_SPACE = """
 family = "transformer_lm"

@@ -65,6 +65,34 @@ def test_time_calls_reports_median_and_spread():
     assert timing.as_dict()["spread"] == pytest.approx(timing.spread)
 
 
+def test_timing_statistics_are_ordered():
+    timing = time_calls(lambda: sum(range(2000)), lambda: None, warmup_s=0.01, measure_s=0.05)
+    d = timing.as_dict()
+    assert 0 < d["p10_ms"] <= d["p25_ms"] <= d["median_ms"] <= d["p75_ms"] <= d["p90_ms"]
+    assert d["ci_low_ms"] <= d["median_ms"] <= d["ci_high_ms"]
+    assert d["iqr_ms"] == pytest.approx(d["p75_ms"] - d["p25_ms"]) and d["ci_rel"] >= 0
+
+
+def test_median_ci_is_the_order_statistics_around_the_middle():
+    from dsnas.profiler.timing import median_ci
+
+    samples = [float(i) for i in range(1, 101)]  # n = 100: ranks 50 -+ 9.8 -> 40th and 60th values
+    assert median_ci(samples) == (40.0, 61.0)
+    assert median_ci([1.0, 2.0, 3.0]) == (1.0, 3.0)  # few samples: the interval is the whole range
+
+
+def test_repeats_stop_when_the_median_is_known_to_the_tolerance():
+    """Steady calls converge after the minimum; calls alternating 1x/3x never do and stop at the time cap."""
+    steady = time_calls(lambda: time.sleep(0.001), lambda: None, warmup_s=0, measure_s=0.02, max_measure_s=2.0,
+                        ci_tolerance=0.5)
+    assert steady.converged and steady.repeats < 200
+    flip = iter(range(10**6))
+    noisy = time_calls(lambda: time.sleep(0.001 if next(flip) % 2 else 0.003), lambda: None, warmup_s=0,
+                       measure_s=0.02, max_measure_s=0.3, ci_tolerance=0.01)
+    assert not noisy.converged
+    assert noisy.repeats >= 10
+
+
 def test_cpu_peak_memory_counts_live_intermediates(capfd):
     x = torch.randn(512, 256)
     mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))

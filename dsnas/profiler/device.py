@@ -48,6 +48,7 @@ def fingerprint(device: Any) -> dict[str, Any]:
     import torch
 
     import dsnas
+    from dsnas.profiler.capabilities import fingerprint_fields
 
     out: dict[str, Any] = {
         "host": socket.gethostname(),
@@ -62,4 +63,15 @@ def fingerprint(device: Any) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         out.update(gpu=props.name, gpu_uuid=str(props.uuid), cuda=torch.version.cuda,
                    gpu_capability=f"{props.major}.{props.minor}")
+    # The CPU's kernel features, and for a GPU its driver and maximum clocks: measurements that differ in
+    # these are not comparable.
+    out.update(fingerprint_fields(device))
     return out
+
+
+def fingerprint_id(data: dict[str, Any]) -> str:
+    """A short stable id of a fingerprint: measurements with the same id are comparable."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,60 +1,201 @@
-"""Measure a trained model on the device that trained it: latency and throughput at each configured
-batch size, peak memory, parameter count, and how each number was obtained."""
+"""Measure a trained model on the device that trained it: at each configured batch size the timing protocol
+(wall and, on a GPU, device time), peak memory, counted FLOPs and bytes with the achieved rates against the
+device's ceilings; on an NVIDIA GPU a steady window with NVML/GPM figures; and how each number was obtained."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from dsnas.profiler.device import fingerprint
+from dsnas.profiler.device import fingerprint, fingerprint_id
 from dsnas.profiler.memory import peak_memory
-from dsnas.profiler.timing import cpu_threads, time_calls
+from dsnas.profiler.timing import Timing, cpu_threads, time_calls
+
+BACKEND = "eager-fp32"  # what runs today; the engine's precision/sparsity choices will name theirs
+DTYPE = "float32"
+# Figures of the largest batch size that also stand for the whole trial (besides latency at the smallest).
+AT_LARGEST = ("gflop_s", "gb_s", "flop_util", "bw_util", "flops_per_token")
 
 
-def measure(model: Any, task: Any, device: Any, hardware: Any) -> tuple[dict[str, float], dict[str, Any]]:
-    """Returns (numeric metrics, profile). The caller holds the device exclusively."""
+def measure(model: Any, task: Any, device: Any, hardware: Any,
+            cached: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Returns (numeric metrics, profile). The caller holds the device exclusively. ``cached``: what this
+    architecture measured before, per fingerprint id (dsnas.results.tables.cached_figures); an entry of this
+    device and thread count that covers every batch size is reused instead of measuring again."""
     import torch
 
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fp = fingerprint(device)
+    params = float(sum(p.numel() for p in model.parameters()))
     threads = (hardware.threads or os.cpu_count()) if device.type == "cpu" else None
-    metrics: dict[str, float] = {"params": float(sum(p.numel() for p in model.parameters()))}
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    profile: dict[str, Any] = {"fingerprint": fingerprint(device), "batches": {}, "backend": "eager-fp32"}
-    peaks = []
+    entry = (cached or {}).get(fingerprint_id(fp))
+    if entry and entry["threads"] == threads and all(str(bs) in entry["batches"] for bs in hardware.batch_sizes):
+        return _reuse(entry, fp, params, hardware)
+    profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": BACKEND, "dtype": DTYPE,
+                               "cache": {"hit": False}, "unavailable": {}}
+    batches: dict[int, dict[str, Any]] = {}
     model.eval()
     with cpu_threads(threads) as used, torch.inference_mode():
         profile["threads"] = used if device.type == "cpu" else None
+        ceilings = _ceilings(device, fp, used, profile)
         for bs in sorted(hardware.batch_sizes):
             batch = task.example_batch(bs, device)
-            timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s,
-                                measure_s=hardware.measure_s)
-            peak = peak_memory(lambda: model(batch), device, weight_bytes)
-            flops = count_flops(lambda: model(batch))
-            tokens = bs * task.tokens_per_example
-            metrics[f"latency_ms_bs{bs}"] = timing.median_ms
-            metrics[f"throughput_tok_s_bs{bs}"] = tokens / (timing.median_ms / 1e3)
-            metrics[f"gflop_s_bs{bs}"] = flops / (timing.median_ms / 1e3) / 1e9
-            profile["batches"][str(bs)] = {**timing.as_dict(), "peak_bytes": peak.bytes, "flops": flops}
-            if peak.bytes is None:
-                profile["memory_unavailable"] = peak.reason
-            else:
-                peaks.append(peak.bytes)
-            profile["memory_method"] = peak.method
-    small, large = min(hardware.batch_sizes), max(hardware.batch_sizes)
+            figures, timing = _measure_batch(model, batch, bs * task.tokens_per_example, device, hardware, ceilings)
+            if bs == max(hardware.batch_sizes) and device.type == "cuda":
+                figures.update(_steady_window(model, batch, device, hardware, profile))
+            if hardware.kernels:
+                profile.setdefault("kernels", {})[str(bs)] = _kernels(model, batch, device)
+            batches[bs] = figures
+            profile["batches"][str(bs)] = {**timing, **figures}
+            if figures.get("peak_memory_mb") is None:
+                profile["unavailable"]["peak_memory_mb"] = figures.pop("memory_unavailable", "")
+                profile["memory_unavailable"] = profile["unavailable"]["peak_memory_mb"]
+    profile["memory_method"] = "cuda_max_memory_allocated" if device.type == "cuda" else \
+        "weights+profiler_cpu_allocation_peak"
+    if device.type == "cpu":
+        profile["peak_rss_mb"] = _peak_rss_mb()  # the worker process's, training included: context only
+    return metrics_from_batches(batches, params, hardware), profile
+
+
+def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
+           hardware: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    stored = {bs: entry["batches"][str(bs)] for bs in hardware.batch_sizes}
+    profile = {**entry["profile"], "fingerprint": fp, "cache": {"hit": True, "from": entry["source"]},
+               "batches": {str(bs): {**b["timing"], **b["figures"]} for bs, b in stored.items()}}
+    return metrics_from_batches({bs: b["figures"] for bs, b in stored.items()}, params, hardware), profile
+
+
+def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: Any,
+                   ceilings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(numeric figures of one batch size, its timing statistics)."""
+    import torch
+
+    from dsnas.profiler.counting import count_flops_and_bytes
+
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
+                        max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
+                        events=torch.cuda.Event if cuda else None)
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    peak = peak_memory(lambda: model(batch), device, weight_bytes)
+    flops, nbytes = count_flops_and_bytes(lambda: model(batch))
+    seconds = timing.median_ms / 1e3
+    figures: dict[str, Any] = {
+        "latency_ms": timing.median_ms, "throughput_tok_s": tokens / seconds, "flops": float(flops),
+        "bytes": float(nbytes), "flops_per_token": flops / tokens, "gflop_s": flops / seconds / 1e9,
+        "gb_s": nbytes / seconds / 1e9,
+        "peak_memory_mb": None if peak.bytes is None else peak.bytes / 2**20}
+    if peak.bytes is None:
+        figures["memory_unavailable"] = peak.reason
+    if timing.device_median_ms is not None:
+        figures["device_latency_ms"] = timing.device_median_ms
+    if "gflop_s" in ceilings:
+        figures["flop_util"] = figures["gflop_s"] / ceilings["gflop_s"]
+    if "gb_s" in ceilings:
+        figures["bw_util"] = figures["gb_s"] / ceilings["gb_s"]
+    if cuda and hardware.cuda_graphs:
+        figures["graph_latency_ms"] = _graph_latency(model, batch, device, hardware).median_ms
+    return figures, timing.as_dict()
+
+
+def metrics_from_batches(batches: dict[int, dict[str, Any]], params: float, hardware: Any) -> dict[str, float]:
+    """Flat trial metrics: every figure per batch size (``NAME_bsN``), latency at the smallest batch size,
+    throughput and the achieved rates at the largest, peak memory over all, and the steady window's figures."""
+    small, large = min(batches), max(batches)
+    metrics: dict[str, float] = {"params": params}
+    for bs, figures in batches.items():
+        for name, value in figures.items():
+            if isinstance(value, (int, float)) and not name.startswith("window_"):
+                metrics[f"{name}_bs{bs}"] = float(value)
     metrics["latency_ms"] = metrics[f"latency_ms_bs{small}"]
     metrics["throughput_tok_s"] = metrics[f"throughput_tok_s_bs{large}"]
-    metrics["gflop_s"] = metrics[f"gflop_s_bs{large}"]  # achieved, from counted FLOPs over the median latency
-    metrics["flops_per_token"] = profile["batches"][str(large)]["flops"] / (large * task.tokens_per_example)
+    for name in AT_LARGEST:
+        if f"{name}_bs{large}" in metrics:
+            metrics[name] = metrics[f"{name}_bs{large}"]
+    peaks = [f["peak_memory_mb"] for f in batches.values() if f.get("peak_memory_mb") is not None]
     if peaks:
-        metrics["peak_memory_mb"] = max(peaks) / 2**20
-    return metrics, profile
+        metrics["peak_memory_mb"] = max(peaks)
+    metrics.update({k.removeprefix("window_"): float(v) for k, v in batches[large].items()
+                    if k.startswith("window_") and isinstance(v, (int, float))})
+    return metrics
 
 
-def count_flops(call: Any) -> int:
-    """FLOPs of one call as torch's dispatch-level counter sees them (matmuls and attention; 2 per
-    multiply-add): an algorithmic count, not a hardware counter."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, Any]) -> dict[str, float]:
+    """What the device could do at best, to put achieved rates in proportion: measured once per CPU
+    fingerprint (GEMM and streaming loops), or the GPU's peak where it can be known."""
+    from dsnas.profiler.ceilings import ceilings, gpu_peaks
 
-    with FlopCounterMode(display=False) as counter:
-        call()
-    return int(counter.get_total_flops())
+    if device.type == "cpu":
+        found = ceilings(fp, threads)
+        profile["ceilings"] = found.as_dict()
+        return {"gflop_s": found.gemm_gflop_s, "gb_s": found.stream_gb_s}
+    peaks = gpu_peaks(device)  # the datasheet's peaks, derived from the device's clocks and units
+    profile["ceilings"] = peaks.as_dict()
+    found = {"gflop_s": peaks.fp32_gflop_s, "gb_s": peaks.memory_gb_s}  # the backend today is fp32
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: dict[str, Any]) -> dict[str, Any]:
+    """NVML/GPM over a window of at least ``steady_s`` looping the model; figures prefixed ``window_``."""
+    import torch
+
+    from dsnas.profiler.nvml import measure_window, nvml_handle
+
+    handle, reason = nvml_handle(device)
+    if handle is None:
+        profile["unavailable"]["nvml"] = reason
+        return {}
+    window = measure_window(handle, lambda: model(batch), lambda: torch.cuda.synchronize(device),
+                            min_s=hardware.steady_s)
+    profile["window"] = window.as_profile()
+    profile["unavailable"].update(window.unavailable)
+    return {f"window_{k}": v for k, v in window.as_metrics().items()}
+
+
+def _graph_latency(model: Any, batch: Any, device: Any, hardware: Any) -> Timing:
+    """Latency of replaying a captured CUDA graph: the model without the host's launch overhead."""
+    import torch
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up on a side stream, as capture requires
+            model(batch)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(batch)
+    return time_calls(graph.replay, lambda: torch.cuda.synchronize(device), warmup_s=hardware.warmup_s,
+                      measure_s=hardware.measure_s, max_measure_s=hardware.max_measure_s,
+                      ci_tolerance=hardware.ci_tolerance, events=torch.cuda.Event)
+
+
+def _kernels(model: Any, batch: Any, device: Any, top: int = 10) -> dict[str, Any]:
+    """The top kernels (CUDA) or operators (CPU) of one profiled call; an empty event list means the
+    profiler could not see them, and says so."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsnas.profiler.memory import _native_stderr_silenced
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with _native_stderr_silenced(), profile(activities=activities) as prof:
+        model(batch)
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [e for e in events if getattr(e, key, 0) > 0]
+    if not rows:
+        return {"unavailable": f"the profiler recorded no {'kernel' if cuda else 'operator'} events"}
+    rows.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {"kind": "cuda kernels" if cuda else "cpu operators", "count": len(rows),
+            "top": [{"name": e.key, "calls": e.count, "self_us": getattr(e, key)} for e in rows[:top]]}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux

@@ -13,6 +13,7 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Uniqu
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from dsnas.errors import DsnasError
+from dsnas.profiler.device import fingerprint_id
 
 # Version 0 is a database without these tables (dsnas 0.1.0): every table is created, and the
 # measurements of its trials are filled in from what their user attrs hold.
@@ -60,13 +61,28 @@ class Measurement(Base):
     latency_ms_p90: Mapped[float] = mapped_column(Float)
     latency_spread: Mapped[float] = mapped_column(Float)  # (p90 - p10) / median
     repeats: Mapped[int] = mapped_column(Integer)
+    latency_ms_p25: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_ms_p75: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_ci_rel: Mapped[float | None] = mapped_column(Float, nullable=True)  # median's 95% CI half-width
+    device_latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # CUDA events
     throughput_tok_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     peak_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gflop_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # counted FLOPs / median latency
+    gb_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # counted bytes / median latency
+    energy_per_call_j: Mapped[float | None] = mapped_column(Float, nullable=True)  # NVML, steady window
+    sm_util: Mapped[float | None] = mapped_column(Float, nullable=True)  # GPM, steady window
+    dram_bw_util: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The measurement cache's key (with fingerprint, batch size and dtype), and where a reused figure came from.
+    arch_hash: Mapped[str | None] = mapped_column(String(16), index=True, nullable=True)
+    dsnas_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cached_from: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    timing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # every statistic of the protocol
+    figures: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # every figure of this batch size
     measured_at: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
-def fingerprint_id(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def arch_hash(arch: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def schema_version(engine: Any) -> int:
@@ -112,27 +128,63 @@ def study_record(engine: Any, name: str) -> StudyRecord | None:
 
 
 def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any], metrics: dict[str, Any],
-                     measured_at: datetime.datetime | None) -> tuple[Fingerprint | None, list[Measurement]]:
+                     measured_at: datetime.datetime | None,
+                     arch: dict[str, Any] | None = None) -> tuple[Fingerprint | None, list[Measurement]]:
     """One row per batch size of a trial's profile (as the driver stores it in the trial's user attrs)."""
+    from dsnas.profiler.timing import TIMING_KEYS
+
     batches = profile.get("batches") or {}
     if not batches:
         return None, []
     fp = Fingerprint(id=fingerprint_id(profile.get("fingerprint", {})), data=profile.get("fingerprint", {}))
+    source = profile.get("cache", {}).get("from") if profile.get("cache", {}).get("hit") else None
     rows = []
-    for bs, timing in sorted(batches.items(), key=lambda kv: int(kv[0])):
+    for bs, stats in sorted(batches.items(), key=lambda kv: int(kv[0])):
+        timing = {k: v for k, v in stats.items() if k in TIMING_KEYS}
+        figures = {k: v for k, v in stats.items() if k not in TIMING_KEYS}
+        peak = stats.get("peak_bytes") or (stats["peak_memory_mb"] * 2**20 if stats.get("peak_memory_mb") else None)
         rows.append(Measurement(
             study_name=study_name, trial_number=trial_number, fingerprint_id=fp.id, batch_size=int(bs),
             dtype=profile.get("dtype", "float32"), backend=profile.get("backend", "unknown"),
-            threads=profile.get("threads"), latency_ms_median=timing["median_ms"], latency_ms_p10=timing["p10_ms"],
-            latency_ms_p90=timing["p90_ms"], latency_spread=timing["spread"], repeats=timing["repeats"],
-            throughput_tok_s=metrics.get(f"throughput_tok_s_bs{bs}"), peak_memory_bytes=timing.get("peak_bytes"),
-            measured_at=measured_at))
+            threads=profile.get("threads"), latency_ms_median=stats["median_ms"], latency_ms_p10=stats["p10_ms"],
+            latency_ms_p90=stats["p90_ms"], latency_spread=stats["spread"], repeats=stats["repeats"],
+            latency_ms_p25=stats.get("p25_ms"), latency_ms_p75=stats.get("p75_ms"),
+            latency_ci_rel=stats.get("ci_rel"), device_latency_ms=stats.get("device_median_ms"),
+            throughput_tok_s=metrics.get(f"throughput_tok_s_bs{bs}"), peak_memory_bytes=None if peak is None
+            else int(peak), gflop_s=stats.get("gflop_s"), gb_s=stats.get("gb_s"),
+            energy_per_call_j=stats.get("window_energy_per_call_j"), sm_util=stats.get("window_sm_util"),
+            dram_bw_util=stats.get("window_dram_bw_util"), arch_hash=arch_hash(arch) if arch else None,
+            dsnas_version=profile.get("fingerprint", {}).get("dsnas"), cached_from=source, timing=timing,
+            figures=figures, measured_at=measured_at))
     return fp, rows
 
 
+def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
+    """The measurement cache: what this dsnas measured of ``arch`` before, in any study of this database, per
+    device fingerprint id: {fingerprint_id: {"threads", "batches": {bs: figures and timing}, "source"}}. The
+    worker reuses the entry of its own fingerprint (and thread count) instead of measuring again."""
+    import dsnas
+
+    if schema_version(engine) < SCHEMA_VERSION:
+        return {}
+    query = (select(Measurement).where(Measurement.arch_hash == arch_hash(arch),
+                                       Measurement.dsnas_version == dsnas.__version__,
+                                       Measurement.cached_from.is_(None), Measurement.figures.is_not(None))
+             .order_by(Measurement.id))
+    out: dict[str, Any] = {}
+    with Session(engine) as session:
+        for row in session.scalars(query):  # later measurements of the same key replace earlier ones
+            entry = out.setdefault(row.fingerprint_id, {"threads": row.threads, "batches": {}, "profile": {
+                "backend": row.backend, "dtype": row.dtype, "threads": row.threads}})
+            entry["batches"][str(row.batch_size)] = {"figures": row.figures, "timing": row.timing}
+            entry["source"] = f"study {row.study_name} trial {row.trial_number}"
+    return out
+
+
 def record_measurements(engine: Any, study_name: str, trial_number: int, profile: dict[str, Any],
-                        metrics: dict[str, Any], measured_at: datetime.datetime | None = None) -> None:
-    fp, rows = measurement_rows(study_name, trial_number, profile, metrics, measured_at)
+                        metrics: dict[str, Any], measured_at: datetime.datetime | None = None,
+                        arch: dict[str, Any] | None = None) -> None:
+    fp, rows = measurement_rows(study_name, trial_number, profile, metrics, measured_at, arch)
     if fp is None:
         return
     with Session(engine) as session, session.begin():
@@ -155,7 +207,7 @@ def backfill(engine: Any, study: Any) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if trial.number not in have and "profile" in trial.user_attrs:
             record_measurements(engine, study.study_name, trial.number, trial.user_attrs["profile"],
-                                trial.user_attrs, trial.datetime_complete)
+                                trial.user_attrs, trial.datetime_complete, trial.user_attrs.get("arch"))
             filled += 1
     return filled
 
@@ -182,7 +234,8 @@ def measurements(study: Any) -> Any:
             rows += made
             if fp is not None:
                 fingerprints[fp.id] = fp.data
-    columns = [c.name for c in Measurement.__table__.columns if c.name not in ("id", "study_name")]
+    columns = [c.name for c in Measurement.__table__.columns if c.name not in ("id", "study_name", "timing",
+                                                                                 "figures")]
     df = pd.DataFrame([{c: getattr(r, c) for c in columns} for r in rows], columns=columns)
     data = [fingerprints.get(f, {}) for f in df["fingerprint_id"]]
     df["device"] = [fp.get("gpu") or fp.get("cpu") for fp in data]

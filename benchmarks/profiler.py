@@ -1,0 +1,158 @@
+"""Repeatability and cost of dsnas's timing protocol, against a naive one-warm-up-one-sample measurement of the
+same model in the same run.
+
+For each model and batch size, five independent measurements are taken with each protocol (interleaved, so
+that the machine's slow and fast phases hit both alike):
+
+  naive   one warm-up call, then one timed call (what a search that "measures" each candidate in passing does)
+  dsnas   dsnas.profiler.time_calls with the quickstart's settings: warm-up 0.1 s, then at least 10 calls and
+          0.3 s, and on until the 95% confidence interval of the median is within 5% (at most 3 s)
+
+A long reference measurement (dsnas protocol, 10 s, before and after) gives the best estimate of the true
+median. Reported: the coefficient of variation of the five estimates (lower is more repeatable), their median
+error against the reference, the seconds each measurement took, and the ratios naive / dsnas. Also the full
+profiler (dsnas.profiler.measure: timing at two batch sizes, peak memory, FLOP/byte counting, ceilings cached)
+against timing alone, as the profiler's own overhead.
+
+Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODELS = {  # quickstart-sized candidates: a small and a large one
+    "d32 L1": {"family": "transformer_lm", "d_model": 32, "vocab_size": 256, "context": 64,
+               "layers": [{"n_heads": 4, "ffn_ratio": 4}]},
+    "d128 L2": {"family": "transformer_lm", "d_model": 128, "vocab_size": 256, "context": 64,
+                "layers": [{"n_heads": 1, "ffn_ratio": 4}, {"n_heads": 2, "ffn_ratio": 4}]},
+}
+
+
+def naive(call, sync) -> tuple[float, float]:
+    started = time.perf_counter()
+    call()
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    return (time.perf_counter() - t0) * 1e3, time.perf_counter() - started
+
+
+def dsnas_protocol(call, sync, events, measure_s=0.3, max_measure_s=3.0) -> tuple[float, float]:
+    from dsnas.profiler import time_calls
+
+    started = time.perf_counter()
+    timing = time_calls(call, sync, warmup_s=0.1, measure_s=measure_s, max_measure_s=max_measure_s,
+                        ci_tolerance=0.05, events=events)
+    return timing.median_ms, time.perf_counter() - started
+
+
+def cv(values: list[float]) -> float:
+    return statistics.stdev(values) / statistics.mean(values)
+
+
+def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
+    import torch
+
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    events = torch.cuda.Event if cuda else None
+
+    def call():
+        return model(batch)
+
+    reference = [dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0]]
+    estimates: dict[str, list[tuple[float, float]]] = {"naive": [], "dsnas": []}
+    for _ in range(rounds):  # interleaved
+        estimates["naive"].append(naive(call, sync))
+        estimates["dsnas"].append(dsnas_protocol(call, sync, events))
+    reference.append(dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0])
+    truth = statistics.mean(reference)
+    out = {"reference_ms": truth, "reference_drift": abs(reference[1] - reference[0]) / truth}
+    for name, pairs in estimates.items():
+        medians = [m for m, _ in pairs]
+        out[f"{name}_cv"] = cv(medians)
+        out[f"{name}_err"] = statistics.median(abs(m - truth) / truth for m in medians)
+        out[f"{name}_s"] = statistics.median(s for _, s in pairs)
+    return out
+
+
+def overhead(model, task, device, rounds: int) -> tuple[float, float]:
+    """Seconds of the whole profiler (dsnas.profiler.measure) and of timing alone, for the same batch sizes."""
+    import torch
+
+    from dsnas.profiler import measure, time_calls
+    from dsnas.spec import HardwareSpec
+
+    hardware = HardwareSpec(batch_sizes=(1, 32))
+    measure(model, task, device, hardware)  # the first call measures the CPU's ceilings once (then cached)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    full, timing_only = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        measure(model, task, device, hardware)
+        full.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for bs in hardware.batch_sizes:
+            batch = task.example_batch(bs, device)
+            with torch.inference_mode():
+                time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
+                           max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance)
+        timing_only.append(time.perf_counter() - t0)
+    return statistics.median(full), statistics.median(timing_only)
+
+
+def main() -> None:
+    import torch
+
+    from dsnas.models import build
+    from dsnas.profiler import resolve_device
+    from dsnas.profiler.device import cpu_model
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import make_task
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} x{os.cpu_count()}"
+    print(f"machine: {name}; torch {torch.__version__}; python {platform.python_version()}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    task = make_task(TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 64}, "."))
+    head = f"{'model':8} {'batch':>5} {'ref ms':>8} | {'CV naive':>8} {'CV dsnas':>8} {'ratio':>6} | " \
+           f"{'err naive':>9} {'err dsnas':>9} | {'s naive':>7} {'s dsnas':>7}"
+    print(head + "\n" + "-" * len(head))
+    cvs, errs = [], []
+    for label, arch in MODELS.items():
+        model = build(arch).to(device).eval()
+        for bs in (1, 32):
+            batch = task.example_batch(bs, device)
+            with torch.inference_mode():
+                r = bench_case(model, batch, device, args.rounds)
+            cvs.append(r["naive_cv"] / r["dsnas_cv"])
+            errs.append(r["naive_err"] / max(r["dsnas_err"], 1e-9))
+            print(f"{label:8} {bs:>5} {r['reference_ms']:>8.3f} | {r['naive_cv']:>8.1%} {r['dsnas_cv']:>8.1%} "
+                  f"{r['naive_cv'] / r['dsnas_cv']:>5.1f}x | {r['naive_err']:>9.1%} {r['dsnas_err']:>9.1%} | "
+                  f"{r['naive_s']:>7.3f} {r['dsnas_s']:>7.3f}   (reference moved {r['reference_drift']:.1%})")
+    print(f"median over cases: naive CV / dsnas CV = {statistics.median(cvs):.1f}x; "
+          f"naive error / dsnas error = {statistics.median(errs):.1f}x")
+    model = build(MODELS["d128 L2"]).to(device)
+    full, timing_only = overhead(model, task, device, args.rounds)
+    print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
+          f"{timing_only:.2f} s: {full / timing_only:.2f}x ({full - timing_only:+.2f} s for memory, FLOP/byte "
+          "counts and bookkeeping)")
+
+
+if __name__ == "__main__":
+    main()

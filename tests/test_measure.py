@@ -1,0 +1,102 @@
+"""The profiler in a study: every trial stores a full profile and its measurement rows; the measurement cache
+reuses what the same architecture measured on the same device; `dsnas doctor` and `dsnas profile`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsnas.cli import main
+
+ONE_ARCH_SPACE = """
+family = "transformer_lm"
+[choices]
+n_layers = [1]
+d_model = [16]
+[per_layer]
+n_heads = [2]
+ffn_ratio = [1]
+"""
+
+
+def test_every_trial_stores_a_full_profile_and_its_measurement_rows(finished_study):
+    from dsnas.results import tables
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+    from dsnas.storage import storage_engine
+
+    study = open_study(load_study(finished_study), create=False)
+    rows = tables.measurements(study)
+    for trial in study.trials:
+        attrs, profile = trial.user_attrs, trial.user_attrs["profile"]
+        assert {"gflop_s", "gb_s", "flop_util", "bw_util", "flops_per_token", "peak_memory_mb"} <= set(attrs)
+        assert 0 < attrs["flop_util"] < 5  # of the GEMM ceiling this machine measured (tiny models: low)
+        assert profile["ceilings"]["gemm_gflop_s"] > 0 and profile["fingerprint"]["cpu_features"] is not None
+        for stats in profile["batches"].values():
+            assert stats["p10_ms"] <= stats["p25_ms"] <= stats["median_ms"] <= stats["p75_ms"] <= stats["p90_ms"]
+            assert stats["repeats"] >= 10 and stats["ci_rel"] >= 0 and stats["flops"] > 0 and stats["bytes"] > 0
+        mine = rows[rows["trial_number"] == trial.number]
+        assert list(mine["batch_size"]) == [1, 4]
+        assert set(mine["arch_hash"]) == {tables.arch_hash(attrs["arch"])}
+    cached = tables.cached_figures(storage_engine(study), study.trials[0].user_attrs["arch"])
+    assert len(cached) == 1 and set(next(iter(cached.values()))["batches"]) == {"1", "4"}
+
+
+def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch):
+    import importlib
+
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    (tiny_study.parent / "tiny_space.toml").write_text(ONE_ARCH_SPACE)  # every trial: the same architecture
+    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
+    measured = []
+    real = measure_module._measure_batch
+    monkeypatch.setattr(measure_module, "_measure_batch", lambda *a, **k: measured.append(1) or real(*a, **k))
+    assert main(["search", str(tiny_study), "--n-trials", "2"]) == 0
+    assert len(measured) == 2  # two batch sizes, once
+    study = open_study(load_study(tiny_study), create=False)
+    first, second = sorted(study.trials, key=lambda t: t.number)
+    assert first.user_attrs["profile"]["cache"] == {"hit": False}
+    assert second.user_attrs["profile"]["cache"] == {"hit": True, "from": f"study tiny trial {first.number}"}
+    assert second.user_attrs["latency_ms"] == first.user_attrs["latency_ms"]
+
+
+def test_doctor_prints_the_capabilities_and_the_fingerprint(capsys):
+    assert main(["doctor", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["capability", "available", "detail"]
+    cuda = next(line for line in out.splitlines() if line.startswith("CUDA "))
+    assert " no " in cuda  # this machine has no GPU, and says why
+    assert "fingerprint " in out and "cpu_features=" in out
+
+
+def test_profile_of_an_architecture_file_prints_every_batch_size(tmp_path, capsys):
+    arch = {"family": "transformer_lm", "d_model": 16, "vocab_size": 256, "context": 16,
+            "layers": [{"n_heads": 2, "ffn_ratio": 1}]}
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(arch))
+    assert main(["profile", str(path), "--batch-sizes", "1,2", "--measure-s", "0.02", "--max-measure-s", "0.1",
+                 "--kernels"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert [row[0] for row in table] == ["1", "2"]
+    assert "top cpu operators at batch 1" in out and "aten::" in out
+    assert "untrained weights" in out
+
+
+def test_profile_of_a_study_trial(finished_study, capsys):
+    assert main(["profile", str(finished_study), "--trial", "0", "--measure-s", "0.02", "--max-measure-s", "0.1"]) == 0
+    assert "study 'tiny' trial 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "missing.json"], "missing.json: no such file"),
+    (["profile", "--batch-sizes", "1,x", "a.json"], "--batch-sizes 1,x: must be whole numbers"),
+])
+def test_profile_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
