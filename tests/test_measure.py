@@ -100,3 +100,30 @@ def test_profile_errors_are_one_line(args, message, capsys, tmp_path, monkeypatc
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+def test_measure_on_a_gpu_records_device_time_graphs_the_window_and_kernels():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    from dsnas.models import build
+    from dsnas.profiler import measure
+    from dsnas.spec import HardwareSpec, TaskSpec
+    from dsnas.tasks import make_task
+
+    task = make_task(TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 64}, "."))
+    model = build({"family": "transformer_lm", "d_model": 256, "layers": [{"n_heads": 4, "ffn_ratio": 4}] * 2,
+                   **task.arch_defaults()}).cuda()
+    hardware = HardwareSpec(device="cuda", batch_sizes=(1, 64), steady_s=1.0, cuda_graphs=True, kernels=True)
+    metrics, profile = measure(model, task, torch.device("cuda"), hardware)
+    for bs in ("1", "64"):
+        stats = profile["batches"][bs]
+        assert 0 < stats["device_median_ms"] <= stats["median_ms"] * 1.05  # device time within wall time
+        assert stats["graph_latency_ms"] > 0
+        assert profile["kernels"][bs]["count"] > 0  # CUPTI saw kernels
+    # Every window figure is either measured or unavailable with a reason, never silently missing.
+    for name in ("energy_per_call_j", "power_w", "sm_util", "dram_bw_util"):
+        assert name in metrics or any(name in k for k in profile["unavailable"]), name
+    assert profile["ceilings"]["memory_gb_s"] is None or metrics["bw_util"] < 1.5
