@@ -1,5 +1,5 @@
-"""A stand-in for the part of pynvml that dsnas.profiler.nvml uses, for tests on a machine without an NVIDIA
-GPU: configurable devices, counters and failures, and a record of what the code under test asked for.
+"""A stand-in for the part of pynvml that dsnas.profiler.nvml and .window use, for tests on a machine without
+an NVIDIA GPU: configurable devices, counters and failures, and a record of what the code under test asked for.
 
 It raises pynvml's own exception classes and fills pynvml's own ctypes structs, so that the code under
 test catches and writes exactly what it would against the real library. Install it with

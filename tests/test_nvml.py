@@ -1,4 +1,5 @@
-"""NVML readings: on CPU against a fake pynvml (tests/fake_pynvml.py), on an NVIDIA GPU under ``-m gpu``."""
+"""NVML readings (nvml.py, window.py): on CPU against a fake pynvml (tests/fake_pynvml.py), on an NVIDIA GPU
+under ``-m gpu``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from fake_pynvml import GPM_IDS, FakeGpu, FakeHandle, FakePynvml
 
 from dsnas.profiler import nvml
+from dsnas.profiler.window import WindowResult, _optional_fields, measure_window
 
 UUIDS = ["GPU-0f1e2d3c-0000-1111-2222-333344445555", "GPU-a1b2c3d4-6666-7777-8888-99990000aaaa",
          "GPU-deadbeef-1234-5678-9abc-def012345678"]
@@ -60,20 +62,20 @@ def install(monkeypatch: pytest.MonkeyPatch):
     return _install
 
 
-def window(min_s: float = 0.0, **kw) -> nvml.WindowResult:
-    return nvml.measure_window(FakeHandle(0), lambda: None, lambda: None, min_s=min_s, **kw)
+def window(min_s: float = 0.0, **kw) -> WindowResult:
+    return measure_window(FakeHandle(0), lambda: None, lambda: None, min_s=min_s, **kw)
 
 
-def assert_reasons_complete(result: nvml.WindowResult) -> None:
-    for name in nvml._optional_fields():
+def assert_reasons_complete(result: WindowResult) -> None:
+    for name in _optional_fields():
         assert (getattr(result, name) is None) == (name in result.unavailable), name
 
 
 # --- import and handles -----------------------------------------------------------------------------
 
 
-def test_importing_the_module_loads_no_pynvml():
-    code = "import sys, dsnas.profiler.nvml; print('pynvml' in sys.modules)"
+def test_importing_the_modules_loads_no_pynvml():
+    code = "import sys, dsnas.profiler.nvml, dsnas.profiler.window; print('pynvml' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -253,7 +255,7 @@ def test_gpm_samples_are_freed_when_the_loop_raises(install):
         raise RuntimeError("the model failed")
 
     with pytest.raises(RuntimeError, match="the model failed"):
-        nvml.measure_window(FakeHandle(0), boom, lambda: None, min_s=0.0)
+        measure_window(FakeHandle(0), boom, lambda: None, min_s=0.0)
     assert fake.record.allocated and sorted(fake.record.freed) == sorted(fake.record.allocated)
     assert not [t for t in threading.enumerate() if t.name == "dsnas-nvml-poll"]  # the poller stopped too
 
@@ -285,7 +287,7 @@ def test_a_window_shorter_than_gpm_needs_is_extended_past_100_ms(install):
 def test_a_window_runs_at_least_min_s_and_counts_the_calls(install):
     install(gpus(1))
     calls = []
-    result = nvml.measure_window(FakeHandle(0), lambda: calls.append(1), lambda: None, min_s=0.2)
+    result = measure_window(FakeHandle(0), lambda: calls.append(1), lambda: None, min_s=0.2)
     assert 0.2 <= result.seconds < 0.3 and result.calls == len(calls)
 
 
@@ -337,13 +339,13 @@ def test_every_figure_refused_leaves_the_timing_and_a_reason_for_each(install):
     install(gpus(1), fail=dict.fromkeys(refused, real.NVMLError_NoPermission))
     result = window()
     assert result.calls > 0 and result.seconds > 0.1
-    assert set(result.unavailable) == set(nvml._optional_fields())
+    assert set(result.unavailable) == set(_optional_fields())
     assert all("no permission" in why for why in result.unavailable.values())
     assert result.as_metrics() == {}
 
 
 def test_no_handle_still_runs_the_window(install):
-    result = nvml.measure_window(None, lambda: None, lambda: None, min_s=0.0)
+    result = measure_window(None, lambda: None, lambda: None, min_s=0.0)
     assert result.calls > 0 and result.unavailable["energy_j"] == "no NVML handle"
     assert_reasons_complete(result)
 
@@ -417,14 +419,14 @@ def gpu(monkeypatch: pytest.MonkeyPatch):
     return device, handle
 
 
-def run_window(device, handle, fn, min_s: float = 1.0) -> nvml.WindowResult:
+def run_window(device, handle, fn, min_s: float = 1.0) -> WindowResult:
     sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
     for _ in range(5):  # warm up: cuBLAS heuristics, clocks leaving idle
         fn()
-    return nvml.measure_window(handle, fn, sync, min_s=min_s)
+    return measure_window(handle, fn, sync, min_s=min_s)
 
 
-def gpm_or_skip(result: nvml.WindowResult, *names: str) -> None:
+def gpm_or_skip(result: WindowResult, *names: str) -> None:
     for name in names:
         why = result.unavailable.get(name, "")
         if "no permission" in why:

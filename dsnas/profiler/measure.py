@@ -139,7 +139,8 @@ def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: 
     """NVML/GPM over a window of at least ``steady_s`` looping the model; figures prefixed ``window_``."""
     import torch
 
-    from dsnas.profiler.nvml import measure_window, nvml_handle
+    from dsnas.profiler.nvml import nvml_handle
+    from dsnas.profiler.window import measure_window
 
     handle, reason = nvml_handle(device)
     if handle is None:
