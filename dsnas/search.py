@@ -24,8 +24,10 @@ from dsnas.storage import (
     driver_identity,
     open_storage,
     recover_stale_trials,
+    schema_lock,
     sqlite_file,
     storage_engine,
+    study_lock,
 )
 
 
@@ -57,7 +59,7 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
     missing = db_file is not None and not db_file.exists()  # opening would create it
     storage = None if (missing and not create) else open_storage(spec.storage)
     if not create and (storage is None or spec.name not in optuna.study.get_all_study_names(storage)):
-        raise DsnasError(f"{spec.path}: [study.name] no study {spec.name!r} is stored in {spec.storage}. "
+        raise DsnasError(f"{spec.path}: [study.name] no study {spec.name!r} is stored in {display_url(spec.storage)}. "
                          "Fix: run `dsnas search` on this study file first")
     study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
                                 load_if_exists=True)
@@ -79,8 +81,9 @@ def _record_study(spec: StudySpec, study: Any) -> None:
     from dsnas.results import tables
 
     engine = storage_engine(study)
-    if tables.ensure_schema(engine, display_url(spec.storage)) < tables.SCHEMA_VERSION:
-        tables.backfill(engine, study)
+    with schema_lock(spec.storage):  # another driver may be creating them at this moment
+        if tables.ensure_schema(engine, display_url(spec.storage)) < tables.SCHEMA_VERSION:
+            tables.backfill(engine, study)
     tables.record_study(engine, spec.name, [{"name": o.name, "metric": o.metric, "direction": o.direction}
                                             for o in spec.objectives], spec.hardware.constraints)
 
@@ -128,9 +131,10 @@ class _Driver:
         while True:
             while self._stop_reason() is None and self._room() and len(self.running) < self.executor.slots:
                 with self.guard.writing():
-                    self._dispatch()
+                    if not self._dispatch():
+                        break  # another driver took the last place in the budget
             if not self.running:
-                return self._stop_reason() or "nothing left to run"
+                return self._stop_reason() or "the rest of the budget is running in other drivers"
             for number, outcome in self.executor.wait(timeout=1.0):
                 with self.guard.writing():
                     self._record(self.running[number], outcome)
@@ -141,9 +145,15 @@ class _Driver:
             self._executor = make_executor(self.spec, self.evaluate_fn)
         return self._executor
 
+    def _stored(self, *states: Any) -> int:
+        """Trials of the study in these states, whichever driver runs them: the budget is the study's."""
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
     def _stop_reason(self) -> str | None:
+        from optuna.trial import TrialState
+
         budget = self.spec.budget
-        if budget.n_trials is not None and self.progress.completed >= budget.n_trials:
+        if budget.n_trials is not None and self._stored(TrialState.COMPLETE) >= budget.n_trials:
             return f"{budget.n_trials} trials completed"
         if budget.timeout_s is not None and time.monotonic() - self.started >= budget.timeout_s:
             return f"the timeout of {budget.timeout_s:g} s passed"
@@ -153,13 +163,21 @@ class _Driver:
         return None
 
     def _room(self) -> bool:
-        n_trials = self.spec.budget.n_trials
-        return n_trials is None or self.progress.completed + len(self.running) < n_trials
+        """Whether the budget has room for one more trial, counting the trials every driver is running."""
+        from optuna.trial import TrialState
 
-    def _dispatch(self) -> None:
+        n_trials = self.spec.budget.n_trials
+        return n_trials is None or self._stored(TrialState.COMPLETE, TrialState.RUNNING) < n_trials
+
+    def _dispatch(self) -> bool:
+        """Start one trial; False when the budget had no room left once the study was locked."""
         from dsnas.results import tables
 
-        trial = self.study.ask()
+        # Check and take a place under the study's lock: two drivers never both take the last one.
+        with study_lock(self.study, self.spec.storage):
+            if not self._room():
+                return False
+            trial = self.study.ask()
         self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
         trial.set_user_attr("driver", self.identity)
         try:
@@ -167,7 +185,7 @@ class _Driver:
             validate(arch)
         except Exception as e:  # a space that cannot produce a valid candidate fails this trial only
             self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
-            return
+            return True
         short = describe(arch)
         trial.set_user_attr("arch", arch)
         trial.set_user_attr("arch_short", short)
@@ -175,6 +193,7 @@ class _Driver:
         self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=self.spec.seed + trial.number, cached=cached))
         self.progress.started(trial.number, short, self.running)
+        return True
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
         from dsnas.results import tables

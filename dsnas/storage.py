@@ -4,9 +4,12 @@ recovery of trials that a stopped driver left RUNNING."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,65 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+CONNECT_TIMEOUT_S = 10  # a server that accepts and never answers must not hang the driver
+
+
 def open_storage(url: str) -> Any:
     from optuna.storages import RDBStorage
+    from sqlalchemy.engine import make_url
 
     quiet_optuna()
+    backend = make_url(url).get_backend_name()
+    engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if backend == "postgresql" else {}
     try:
-        # Heartbeats are recorded by the driver for its running trials; recover_stale_trials reads them.
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        # Two drivers opening a new database at once would both create Optuna's tables and collide (PostgreSQL
+        # checks type and table names at commit); the first creates them while the other waits.
+        with schema_lock(url, engine_kwargs):
+            # Heartbeats are recorded by the driver for its running trials; recover_stale_trials reads them.
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                              grace_period=GRACE_S)
     except Exception as e:  # SQLAlchemy or driver errors: the database cannot be opened
-        raise DsnasError(f"cannot open the storage {display_url(url)}: {type(e).__name__}: {e}") from None
+        raise DsnasError(f"cannot open the storage {display_url(url)}: {_first_line(e)}. Fix: check that the "
+                         "server runs and the URL, user and password (PGPASSWORD for PostgreSQL) are right") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """A driver error in one line, without SQLAlchemy's background link."""
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@contextmanager
+def schema_lock(url: str, engine_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
+    """While held, no other dsnas creates or upgrades tables in this PostgreSQL database (an advisory lock on a
+    connection of its own); elsewhere a no-op (SQLite serializes schema changes itself)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    if make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = create_engine(url, poolclass=_null_pool(), **(engine_kwargs or {}))
+    number = _lock_number("dsnas:schema")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+    finally:
+        engine.dispose()
+
+
+def _null_pool() -> Any:
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
+
+
+def _lock_number(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -132,3 +185,41 @@ def storage_engine(study: Any) -> Any:
     storage = study._storage
     storage = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
     return getattr(storage, "engine", None)
+
+
+@contextmanager
+def study_lock(study: Any, url: str) -> Iterator[None]:
+    """Exclusive across every driver of this study while the block runs (a check of the budget and the ask that
+    follows it). PostgreSQL: an advisory lock, so drivers on other machines wait too; MySQL: GET_LOCK; SQLite: a
+    lock file beside the database (SQLite is one machine's anyway)."""
+    from sqlalchemy import text
+
+    engine = storage_engine(study)
+    backend = engine.url.get_backend_name() if engine is not None else ""
+    key = f"dsnas:{study.study_name}"
+    if backend == "postgresql":
+        number = _lock_number(key)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+    elif backend in ("mysql", "mariadb"):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": key[:64]})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key[:64]})
+    elif (db_file := sqlite_file(url)) is not None:
+        import fcntl
+
+        with open(f"{db_file}.dsnas-lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield  # in-memory or another backend: one driver only
