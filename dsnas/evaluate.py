@@ -52,6 +52,7 @@ def evaluate(request: EvalRequest) -> TrialResult:
         hw_metrics, profile = measure(model, task, device, request.hardware, cached=request.cached)
         measure_end = time.perf_counter()
     profile["task"] = task.fingerprint()
+    profile["worker"] = worker_identity()
     metrics = {**train_metrics, **eval_metrics, **hw_metrics, "train_s": trained - train_start,
                "measure_s": measure_end - measure_start, "trial_s": time.perf_counter() - started}
     return TrialResult(metrics={k: float(v) for k, v in metrics.items()}, profile=profile,
@@ -82,3 +83,16 @@ def probe_bytes(model: Any, batch: Any) -> bytes:
     with torch.inference_mode():
         logits = model(batch).float().cpu()
     return save({"input": batch.cpu().contiguous(), "logits": logits.contiguous()})
+
+
+def worker_identity() -> dict[str, Any]:
+    """Where the trial ran: host and process, and the Ray node when it ran in a Ray worker."""
+    import os
+    import socket
+    import sys
+
+    out: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")  # only a Ray worker has it imported; the local executor must not start Ray
+    if ray is not None and ray.is_initialized():
+        out["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    return out
