@@ -24,6 +24,7 @@ from dsnas.storage import (
     driver_identity,
     open_storage,
     recover_stale_trials,
+    requeue,
     schema_lock,
     sqlite_file,
     storage_engine,
@@ -121,6 +122,7 @@ class _Driver:
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
+        self.deadlines: dict[int, float] = {}  # trial number -> when it must have finished (trial_timeout_s)
         self.identity = driver_identity()
         self.guard = InterruptGuard()
         self.started = time.monotonic()
@@ -138,6 +140,16 @@ class _Driver:
             for number, outcome in self.executor.wait(timeout=1.0):
                 with self.guard.writing():
                     self._record(self.running[number], outcome)
+            self._stop_overdue()
+
+    def _stop_overdue(self) -> None:
+        """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
+        now = time.monotonic()
+        for number in [n for n, deadline in self.deadlines.items() if now > deadline and n in self.running]:
+            with self.guard.writing():
+                self.executor.cancel(number)
+                self._fail(self.running[number], f"ran longer than trial_timeout_s = "
+                                                 f"{self.spec.budget.trial_timeout_s:g} s; its worker was stopped")
 
     @property
     def executor(self) -> BaseExecutor:
@@ -192,6 +204,8 @@ class _Driver:
         cached = tables.cached_figures(storage_engine(self.study), arch)  # the same model measured before
         self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=self.spec.seed + trial.number, cached=cached))
+        if self.spec.budget.trial_timeout_s is not None:
+            self.deadlines[trial.number] = time.monotonic() + self.spec.budget.trial_timeout_s
         self.progress.started(trial.number, short, self.running)
         return True
 
@@ -199,7 +213,13 @@ class _Driver:
         from dsnas.results import tables
 
         if isinstance(outcome, BaseException):
-            self._fail(trial, f"{type(outcome).__name__}: {outcome}")
+            reason = f"{type(outcome).__name__}: {outcome}"
+            attempt = int(trial.user_attrs.get("attempt", 1))
+            if self.executor.lost_worker(outcome) and attempt <= self.spec.budget.retries:
+                self._fail(trial, f"its worker died ({reason}); queued again (retries = {self.spec.budget.retries})")
+                requeue(self.study, trial)
+            else:
+                self._fail(trial, reason)
             return
         metrics = outcome.metrics
         missing = [o.metric for o in self.spec.objectives if o.metric not in metrics]
@@ -219,6 +239,7 @@ class _Driver:
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         self.study.tell(trial, values)
+        self.deadlines.pop(trial.number, None)
         tables.record_measurements(storage_engine(self.study), self.spec.name, trial.number, outcome.profile, metrics,
                                    arch=trial.user_attrs["arch"])
         del self.running[trial.number]
@@ -248,6 +269,7 @@ class _Driver:
             trial.set_user_attr("fail_reason", reason[:2000])
             self.study.tell(trial, state=TrialState.FAIL)
         del self.running[trial.number]
+        self.deadlines.pop(trial.number, None)
         self.progress.failed_trial(trial.number, reason, self.running)
 
     def _heartbeats(self) -> None:

@@ -57,8 +57,13 @@ class BudgetSpec:
     n_trials: int | None = None
     timeout_s: float | None = None
     max_failures: int | None = None
+    trial_timeout_s: float | None = None  # a trial running longer fails, and its worker is reclaimed
+    retries: int = 1  # times a trial whose worker died (crash, OOM kill, lost node) is run again
 
     def __post_init__(self) -> None:
+        require(self.trial_timeout_s is None or self.trial_timeout_s > 0, "trial_timeout_s", "must be > 0",
+                self.trial_timeout_s, "set it in seconds, e.g. trial_timeout_s = 600, or remove it")
+        require(self.retries >= 0, "retries", "must be >= 0", self.retries, "set retries = 0 to never re-run")
         require(self.n_trials is not None or self.timeout_s is not None, "n_trials",
                 "the budget needs n_trials, timeout_s or both", None, "add n_trials = 12 under [budget]")
         require(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials,
@@ -340,8 +345,12 @@ def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
 
 
 def _check_runtime(spec: StudySpec) -> None:
-    """Checks that need the machine: a requested GPU, a reachable Ray cluster."""
+    """Checks that need the machine: a requested GPU, a reachable Ray cluster (and one that needs both
+    sections, after the flags have overridden them)."""
     where = spec.path
+    require_spec(where, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
+                 "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
+                 spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s')
     if spec.hardware.device == "cuda" and spec.executor.address is None:
         import torch
 

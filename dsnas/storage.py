@@ -172,11 +172,21 @@ def recover_stale_trials(study: Any) -> list[int]:
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another driver recovered it first
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs={"requeued_from": trial.number}, system_attrs={"failed_trial": trial.number}))
+        requeue(study, trial)
         recovered.append(trial.number)
     return recovered
+
+
+def requeue(study: Any, trial: Any) -> int:
+    """Queue a failed trial again with the same parameters (the next ask takes it); returns its attempt number."""
+    import optuna
+    from optuna.trial import TrialState
+
+    attempt = int(trial.user_attrs.get("attempt", 1)) + 1
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={"requeued_from": trial.number, "attempt": attempt}, system_attrs={"failed_trial": trial.number}))
+    return attempt
 
 
 def storage_engine(study: Any) -> Any:

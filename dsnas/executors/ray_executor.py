@@ -55,6 +55,18 @@ class RayExecutor(BaseExecutor):
                 out.append((number, _cause(e)))
         return out
 
+    def cancel(self, trial: int) -> None:
+        for ref, number in list(self._running.items()):
+            if number == trial:
+                self._ray.cancel(ref, force=True)  # force: the worker process is killed, its CPUs/GPU freed
+                del self._running[ref]
+
+    def lost_worker(self, error: BaseException) -> bool:
+        from ray import exceptions as rex
+
+        return isinstance(error, (rex.WorkerCrashedError, rex.NodeDiedError, rex.OutOfMemoryError,
+                                  rex.ObjectLostError, rex.LocalRayletDiedError))
+
     def cancel_all(self) -> None:
         for ref in self._running:
             self._ray.cancel(ref, force=True)

@@ -1,0 +1,101 @@
+"""Faults a search survives, each injected for real: a worker process that dies mid-trial (run again up to
+[budget] retries), a trial past its time limit (failed, its worker killed), training that diverges (a FAIL
+trial with the reason, not a crash)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+from optuna.trial import TrialState
+
+from dsnas.cli import main
+
+# A user task (the "module:factory" plug-in) that wraps charlm and injects one fault into train().
+FAULTY_TASK = textwrap.dedent('''
+    import os
+    import time
+
+    from dsnas.tasks.charlm import CharLMConfig, CharLMTask
+
+
+    def make(fault, marker, **params):
+        task = CharLMTask(CharLMConfig(**params), os.path.dirname(__file__))
+        train = task.train
+
+        def faulty_train(model, device, *, seed, checkpoint):
+            first = not os.path.exists(marker)
+            with open(marker, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            if fault == "crash_once" and first:
+                os._exit(1)  # the worker process dies, as a SIGKILL or an OOM kill would leave it
+            if fault == "hang":
+                time.sleep(600)
+            return train(model, device, seed=seed, checkpoint=checkpoint)
+
+        task.train = faulty_train
+        return task
+''')
+
+
+def faulty_study(study_file, fault: str, n_trials: int, extra_budget: str = "") -> str:
+    folder = study_file.parent
+    (folder / "faulty_task.py").write_text(FAULTY_TASK)
+    marker = folder / "marker.txt"
+    text = study_file.read_text().replace('name = "charlm"', f'name = "faulty_task:make"\nfault = "{fault}"\n'
+                                                               f'marker = "{marker}"')
+    text = text.replace("n_trials = 3", f"n_trials = {n_trials}\n{extra_budget}").replace('kind = "local"', 'kind = "ray"')
+    study_file.write_text(text)
+    return str(marker)
+
+
+def stored(study_file):
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    return open_study(load_study(study_file), create=False).trials
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_its_trial_which_runs_again(tiny_study, capsys):
+    faulty_study(tiny_study, "crash_once", n_trials=2, extra_budget="retries = 1")
+    assert main(["search", str(tiny_study)]) == 0
+    trials = stored(tiny_study)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1
+    assert "its worker died" in failed[0].user_attrs["fail_reason"]
+    assert "WorkerCrashedError" in failed[0].user_attrs["fail_reason"]
+    retried = [t for t in trials if t.user_attrs.get("requeued_from") == failed[0].number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == failed[0].params and retried[0].user_attrs["attempt"] == 2
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2  # the search went on to its budget
+
+
+@pytest.mark.slow
+def test_a_trial_past_its_time_limit_fails_and_its_worker_is_killed(tiny_study):
+    tiny_study.write_text(tiny_study.read_text().replace("max_failures = 3", "max_failures = 0"))
+    marker = faulty_study(tiny_study, "hang", n_trials=1, extra_budget="trial_timeout_s = 4")
+    assert main(["search", str(tiny_study)]) == 0
+    trials = stored(tiny_study)
+    assert [t.state for t in trials] == [TrialState.FAIL]
+    assert "ran longer than trial_timeout_s = 4 s; its worker was stopped" in trials[0].user_attrs["fail_reason"]
+    pid = int(open(marker).read().split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the hung worker process is gone
+
+
+def test_a_time_limit_needs_an_executor_that_can_stop_a_trial(tiny_study, capsys):
+    tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 3\ntrial_timeout_s = 5"))
+    assert main(["search", str(tiny_study)]) == 2
+    err = capsys.readouterr().err
+    assert "[budget.trial_timeout_s] needs the ray executor" in err and 'kind = "ray"' in err
+
+
+def test_diverging_training_is_a_fail_trial_with_the_reason(tiny_study):
+    tiny_study.write_text(tiny_study.read_text().replace("val_tokens = 512", "val_tokens = 512\nlr = 1e30")
+                          .replace("max_failures = 3", "max_failures = 0"))
+    assert main(["search", str(tiny_study)]) == 0
+    trials = stored(tiny_study)
+    assert trials[0].state == TrialState.FAIL
+    assert "training diverged: the loss became" in trials[0].user_attrs["fail_reason"]
