@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from typing import Any
@@ -23,7 +24,8 @@ def reject_unknown(where: str, prefix: str, table: dict[str, Any], known: typing
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            raise SpecError(where, prefix + key, "is not a known key", None, hint)
+            shown = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a line break
+            raise SpecError(where, prefix + shown, "is not a known key", None, hint)
 
 
 def section_table(where: str, raw: dict[str, Any], key: str) -> dict[str, Any]:
@@ -54,7 +56,11 @@ def typed(where: str, key: str, value: Any, hint: Any) -> Any:
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}[hint](value)
     require_spec(where, key, ok, f"must be of type {hint.__name__}", value, f"write {_EXAMPLE[hint]}")
-    return float(value) if hint is float else value
+    if hint is float:  # TOML integers have no size limit, floats do: float(10**400) overflows
+        require_spec(where, key, isinstance(value, float) or abs(value) <= sys.float_info.max,
+                     "must be a number a float can hold (magnitude up to 1.8e308)", value, f"write a smaller {leaf}")
+        return float(value)
+    return value
 
 
 def build_section(where: str, name: str, cls: type, table: dict[str, Any]) -> Any:

@@ -52,7 +52,7 @@ def load_space_file(path: str | Path) -> SearchSpace:
     where = str(path)
     try:
         raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # also bad UTF-8, an int of > 4300 digits, deep nesting
         raise SpecError(where, "-", f"must be a readable TOML file ({e})", None,
                         "check the path and the TOML syntax") from None
     reject_unknown(where, "", raw, ("family", "choices", "per_layer"))

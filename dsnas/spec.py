@@ -8,6 +8,7 @@ import re
 import socket
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,11 +196,11 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     """Read and validate a study file. ``overrides`` (executor, address, n_trials, timeout_s) stand for CLI flags."""
     path = Path(path).resolve()
     where = str(path)
-    if not path.is_file():
+    if not _is_there(path.is_file):
         raise SpecError(where, "-", "the study file must exist", None, "check the path, or run `dsnas init DIR`")
     try:
         raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad TOML or UTF-8, an int of > 4300 digits, nesting too deep
         raise SpecError(where, "-", f"must be valid TOML ({e})", None, "correct the TOML syntax there") from None
     flags = _apply_overrides(raw, overrides)
     try:
@@ -284,6 +285,8 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
                  f"the database must be one of {list(STORAGE_BACKENDS)}", url, fix)
     try:
         parsed.get_dialect().import_dbapi()
+    except ArgumentError as e:  # a driver SQLAlchemy does not know, e.g. "postgresql+nosuchdriver://"
+        raise SpecError(where, "study.storage", f"must name a known database driver ({e})", url, fix) from None
     except ImportError as e:
         raise SpecError(where, "study.storage", f"needs its database driver ({e})", url,
                         f"pip install the driver for {parsed.drivername}") from None
@@ -292,7 +295,7 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
         require_spec(where, "study.storage", db not in ("", ":memory:"),
                      "must name a database file (an in-memory database loses the study)", url, fix)
         db_path = Path(db) if Path(db).is_absolute() else base / db
-        require_spec(where, "study.storage", db_path.parent.is_dir(), "the database's folder must exist",
+        require_spec(where, "study.storage", _is_there(db_path.parent.is_dir), "the database's folder must exist",
                      url, f"create {db_path.parent}")
         return parsed.set(database=str(db_path)).render_as_string(hide_password=False)
     return url
@@ -303,9 +306,10 @@ def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:
         table = {"file": "../search_spaces/transformer_lm.toml"}
     space = build_section(where, "space", SpaceSpec, table)
     if space.file is not None:
-        path = (base / space.file).resolve()
-        require_spec(where, "space.file", path.is_file(), "the search-space file must exist", space.file,
+        path = base / space.file
+        require_spec(where, "space.file", _is_there(path.is_file), "the search-space file must exist", space.file,
                      f"check the path (relative to {base})")
+        path = path.resolve()
         from dsnas.space import load_space_file
 
         load_space_file(path)  # validates the space, raising SpecError that names the space file
@@ -329,6 +333,15 @@ def _task(where: str, table: dict[str, Any], base: Path) -> TaskSpec:
     return spec
 
 
+def _is_there(check: Callable[[], bool]) -> bool:
+    """``path.is_file`` or ``path.is_dir``, called; False where the OS rejects the name (too long, a NUL byte)
+    rather than OSError or ValueError, as Python 3.12 answers."""
+    try:
+        return check()
+    except (OSError, ValueError):
+        return False
+
+
 def _is_import_path(text: str) -> bool:
     module, _, attr = text.partition(":")
     return bool(module) and bool(attr) and all(p.isidentifier() for p in module.split(".") + attr.split("."))
@@ -339,8 +352,9 @@ def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
 
     try:
         return import_callable(target, base)
-    except Exception as e:  # whatever the user's module raises on import is a problem with the study
-        raise SpecError(where, key, f"must name an importable callable ({type(e).__name__}: {e})", target,
+    except (Exception, SystemExit) as e:  # whatever the user's module raises (or exits with) on import
+        detail = " ".join(str(e).splitlines())  # the message stays one line
+        raise SpecError(where, key, f"must name an importable callable ({type(e).__name__}: {detail})", target,
                         f"put the module beside the study file ({base}) or on PYTHONPATH") from None
 
 
@@ -362,8 +376,9 @@ def _check_runtime(spec: StudySpec) -> None:
                      spec.executor.address, 'e.g. address = "127.0.0.1:6379", as `ray start --head` prints it')
         try:
             socket.create_connection((host, port), timeout=3).close()
-        except OSError as e:
-            raise SpecError(where, "executor.address", f"no Ray cluster answers there ({e.strerror or e})",
+        except (OSError, UnicodeError) as e:  # UnicodeError: a host name IDNA cannot encode, e.g. "a..b"
+            reason = getattr(e, "strerror", None) or e
+            raise SpecError(where, "executor.address", f"no Ray cluster answers there ({reason})",
                             spec.executor.address, "start one with `ray start --head`, or remove address "
                             "to start a local Ray") from None
 
@@ -374,7 +389,7 @@ def _ray_host_port(address: str) -> tuple[str | None, int]:
         address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
         address = address or "127.0.0.1:6379"
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:  # "\u00b2".isdigit() too
         return None, 0
     return host, int(port)
 

@@ -45,8 +45,12 @@ class CharLMConfig:
         """The text file to read, or None for the standard library; raises SpecError if it is missing."""
         if self.corpus == "stdlib":
             return None
-        path = (Path(base_dir) / self.corpus).resolve()
-        if not path.is_file():
+        try:
+            path = (Path(base_dir) / self.corpus).resolve()
+            found = path.is_file()
+        except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte) names no file either
+            found = False
+        if not found:
             raise SpecError(where, "task.corpus", 'must be "stdlib" or an existing text file', self.corpus,
                             f"check the path (relative to {base_dir})")
         return path
