@@ -157,9 +157,7 @@ SPECIAL: dict[str, list[Any]] = {
     "space.file": PATHS,
     "space.callable": [*IMPORTS, NO_SIGNATURE],
     "task.name": ["charlm", "char_lm", *IMPORTS],
-    # A corpus name the OS rejects (too long, a NUL byte) is a known bug in dsnas/tasks/charlm.py, kept out of
-    # the generated files until it is fixed: see test_corpus_name_the_os_rejects.
-    "task.corpus": ["stdlib", *PATHS],
+    "task.corpus": ["stdlib", *PATHS],  # names the OS rejects included: see test_corpus_name_the_os_rejects
 }
 CORPUS_THE_OS_REJECTS = ["x" * 300, "a\x00b"]
 
