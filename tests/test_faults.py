@@ -5,46 +5,18 @@ trial with the reason, not a crash)."""
 from __future__ import annotations
 
 import os
-import textwrap
 
 import pytest
 from optuna.trial import TrialState
 
 from dsnas.cli import main
 
-# A user task (the "module:factory" plug-in) that wraps charlm and injects one fault into train().
-FAULTY_TASK = textwrap.dedent('''
-    import os
-    import time
-
-    from dsnas.tasks.charlm import CharLMConfig, CharLMTask
-
-
-    def make(fault, marker, **params):
-        task = CharLMTask(CharLMConfig(**params), os.path.dirname(__file__))
-        train = task.train
-
-        def faulty_train(model, device, *, seed, checkpoint):
-            first = not os.path.exists(marker)
-            with open(marker, "a") as f:
-                f.write(f"{os.getpid()}\\n")
-            if fault == "crash_once" and first:
-                os._exit(1)  # the worker process dies, as a SIGKILL or an OOM kill would leave it
-            if fault == "hang":
-                time.sleep(600)
-            return train(model, device, seed=seed, checkpoint=checkpoint)
-
-        task.train = faulty_train
-        return task
-''')
-
 
 def faulty_study(study_file, fault: str, n_trials: int, extra_budget: str = "") -> str:
-    folder = study_file.parent
-    (folder / "faulty_task.py").write_text(FAULTY_TASK)
-    marker = folder / "marker.txt"
-    text = study_file.read_text().replace('name = "charlm"', f'name = "faulty_task:make"\nfault = "{fault}"\n'
-                                                               f'marker = "{marker}"')
+    """The tiny study, on Ray, with a task that injects ``fault`` into the first trial's training."""
+    marker = study_file.parent / "marker.txt"
+    text = study_file.read_text().replace('name = "charlm"', f'name = "dsnas.tasks.faults:faulty_charlm"\n'
+                                                               f'fault = "{fault}"\nmarker = "{marker}"')
     text = text.replace("n_trials = 3", f"n_trials = {n_trials}\n{extra_budget}").replace('kind = "local"', 'kind = "ray"')
     study_file.write_text(text)
     return str(marker)
@@ -75,7 +47,7 @@ def test_a_worker_that_dies_fails_its_trial_which_runs_again(tiny_study, capsys)
 @pytest.mark.slow
 def test_a_trial_past_its_time_limit_fails_and_its_worker_is_killed(tiny_study):
     tiny_study.write_text(tiny_study.read_text().replace("max_failures = 3", "max_failures = 0"))
-    marker = faulty_study(tiny_study, "hang", n_trials=1, extra_budget="trial_timeout_s = 4")
+    marker = faulty_study(tiny_study, "hang_once", n_trials=1, extra_budget="trial_timeout_s = 4")
     assert main(["search", str(tiny_study)]) == 0
     trials = stored(tiny_study)
     assert [t.state for t in trials] == [TrialState.FAIL]
