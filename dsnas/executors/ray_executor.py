@@ -21,8 +21,13 @@ class RayExecutor(BaseExecutor):
             try:
                 ray.init(address=spec.address, num_cpus=None if spec.address else os.cpu_count(),
                          include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError) as e:
-                raise DsnasError(f"could not start or reach Ray at {spec.address or 'this machine'}: {e}") from None
+            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+                fix = (" Fix: check that the cluster runs there; if it uses token authentication (`ray start` turns"
+                       " it on when a token exists), set RAY_AUTH_MODE=token and give the cluster's token in"
+                       " ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") if spec.address else ""
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DsnasError(f"could not start or reach Ray at {spec.address or 'this machine'}: {first}.{fix}") \
+                    from None
         resources = ray.cluster_resources()
         gpus = spec.gpus_per_trial
         if gpus == 0 and device != "cpu" and resources.get("GPU", 0) >= 1:

@@ -23,7 +23,7 @@ def faulty_charlm(fault: str, marker: str, **params: Any) -> Any:
     train = task.train
 
     def faulty_train(model: Any, device: Any, *, seed: int, checkpoint: Any) -> dict[str, float]:
-        first = not os.path.exists(marker)
+        first = _claim(marker + ".claimed")
         with open(marker, "a") as f:
             f.write(f"{os.getpid()}\n")  # who took the fault: a test checks that the process is gone
         if first and fault == "crash_once":
@@ -36,3 +36,12 @@ def faulty_charlm(fault: str, marker: str, **params: Any) -> Any:
 
     task.train = faulty_train
     return task
+
+
+def _claim(path: str) -> bool:
+    """True for exactly one caller across processes (trials run in parallel): the one that creates the file."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
