@@ -61,33 +61,39 @@ def _first_line(e: BaseException) -> str:
 def schema_lock(url: str, engine_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
     """While held, no other dsnas creates or upgrades tables in this PostgreSQL database (an advisory lock on a
     connection of its own); elsewhere a no-op (SQLite serializes schema changes itself)."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     if make_url(url).get_backend_name() != "postgresql":
         yield
         return
     engine = create_engine(url, poolclass=_null_pool(), **(engine_kwargs or {}))
-    number = _lock_number("dsnas:schema")
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+        with _server_lock(engine, "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", "dsnas:schema"):
+            yield
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _server_lock(engine: Any, take: str, give: str, key: str) -> Iterator[None]:
+    """A lock held by the database server for one connection of ours (PostgreSQL's take a 64-bit number)."""
+    from sqlalchemy import text
+
+    arg = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True) if "advisory" in take \
+        else key[:64]
+    with engine.connect() as conn:
+        conn.execute(text(take), {"k": arg})
+        try:
+            yield
+        finally:
+            conn.execute(text(give), {"k": arg})
 
 
 def _null_pool() -> Any:
     from sqlalchemy.pool import NullPool
 
     return NullPool
-
-
-def _lock_number(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -202,26 +208,15 @@ def study_lock(study: Any, url: str) -> Iterator[None]:
     """Exclusive across every driver of this study while the block runs (a check of the budget and the ask that
     follows it). PostgreSQL: an advisory lock, so drivers on other machines wait too; MySQL: GET_LOCK; SQLite: a
     lock file beside the database (SQLite is one machine's anyway)."""
-    from sqlalchemy import text
-
     engine = storage_engine(study)
     backend = engine.url.get_backend_name() if engine is not None else ""
     key = f"dsnas:{study.study_name}"
     if backend == "postgresql":
-        number = _lock_number(key)
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+        with _server_lock(engine, "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", key):
+            yield
     elif backend in ("mysql", "mariadb"):
-        with engine.connect() as conn:
-            conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": key[:64]})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key[:64]})
+        with _server_lock(engine, "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", key):
+            yield
     elif (db_file := sqlite_file(url)) is not None:
         import fcntl
 
