@@ -245,3 +245,43 @@ def browse(study_url: str, name: str, best, fingerprint: dict) -> list[Path]:
         finally:
             browser.close()
     return shots
+
+
+@pytest.mark.slow
+def test_the_dashboard_reads_a_sqlite_study_while_a_search_writes_it(tiny_study):
+    """No "database is locked" (or any other) error on either side while both use the same SQLite file."""
+    import urllib.error
+
+    tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 6"))
+    base = [sys.executable, "-m", "dsnas.cli"]
+    assert subprocess.run([*base, "search", str(tiny_study), "--n-trials", "1"], cwd=REPO,
+                          capture_output=True, timeout=120).returncode == 0  # the study exists for the dashboard
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([*base, "dashboard", str(tiny_study), "--port", str(port)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    search = None
+    try:
+        wait_until_serving(server, url)
+        search = subprocess.Popen([*base, "search", str(tiny_study)], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        answers, errors = 0, []
+        while search.poll() is None:
+            for path in ("api/studies", "api/studies/1?after=0"):
+                try:
+                    with urllib.request.urlopen(url + path, timeout=10) as response:
+                        response.read()
+                        answers += 1
+                except urllib.error.HTTPError as e:
+                    errors.append(f"{path}: {e.code} {e.read()[:300]!r}")
+        out, err = search.communicate()
+        assert search.returncode == 0, err
+        assert "locked" not in err and "locked" not in out
+        assert answers > 10 and not errors, errors[:3]
+        print(f"{answers} dashboard answers while the search wrote 5 trials")
+    finally:
+        for proc in (search, server):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+    assert "locked" not in server.communicate()[1]
