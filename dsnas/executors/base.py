@@ -27,9 +27,9 @@ class BaseExecutor(abc.ABC):
     def cancel_all(self) -> None:
         """Stop every unfinished trial (the driver fails them)."""
 
+    @abc.abstractmethod
     def cancel(self, trial: int) -> None:
         """Stop one trial and reclaim its worker (the driver fails it)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot stop a running trial")
 
     def lost_worker(self, error: BaseException) -> bool:
         """Whether ``error`` says the trial's worker died (a crash, an out-of-memory kill, a lost node), so that

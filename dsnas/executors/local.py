@@ -26,5 +26,10 @@ class LocalExecutor(BaseExecutor):
             outcome = e
         return [(request.trial, outcome)]
 
+    def cancel(self, trial: int) -> None:
+        # A queued trial is dropped; a running one cannot be, as it runs inside wait() in this process (the
+        # spec refuses trial_timeout_s with this executor for that reason).
+        self._queue = [r for r in self._queue if r.trial != trial]
+
     def cancel_all(self) -> None:
         self._queue.clear()
