@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dsnas.errors import DsnasError
+from dsnas.errors import DsnasError, Invalid
 from dsnas.export.card import model_card
 from dsnas.export.formats import _one_line, write_model_files
 from dsnas.spec import StudySpec
@@ -155,3 +155,25 @@ def read_probe(bundle: str | Path) -> dict[str, Any]:
     if set(probe) != {"input", "logits"}:
         raise DsnasError(f"{path}: must hold the tensors 'input' and 'logits', got {sorted(probe)}. Fix: {REEXPORT}")
     return probe
+
+
+def recorded_task_spec(doc: dict[str, Any]) -> Any:
+    """The TaskSpec a version-2 bundle's trial trained with."""
+    from dsnas.spec import TaskSpec
+
+    recorded = doc["task"]
+    return TaskSpec(recorded["name"], recorded.get("params", {}), recorded.get("base_dir", "."))
+
+
+def recorded_hardware(doc: dict[str, Any], path: Path) -> Any:
+    """The HardwareSpec a version-2 bundle's trial was measured with (``path``: its arch.json, for errors)."""
+    from dsnas.spec import HardwareSpec
+
+    hw = doc["hardware"]
+    try:
+        return HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"),
+                            warmup_s=hw["warmup_s"], measure_s=hw["measure_s"])
+    except Invalid as e:
+        raise DsnasError(f"{path}: [hardware.{e.key}] {e.rule}, got {e.got!r}. Fix: {REEXPORT}") from None
+    except (KeyError, TypeError) as e:
+        raise DsnasError(f"{path}: [hardware] is incomplete ({_one_line(e)}). Fix: {REEXPORT}") from None

@@ -7,8 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsnas.errors import DsnasError, Invalid
-from dsnas.export.bundle import METRICS_TYPE, REEXPORT, _read_json, load_bundle, read_bundle, read_probe
+from dsnas.errors import DsnasError
+from dsnas.export.bundle import (
+    METRICS_TYPE,
+    REEXPORT,
+    _read_json,
+    load_bundle,
+    read_bundle,
+    read_probe,
+    recorded_hardware,
+    recorded_task_spec,
+)
 from dsnas.export.formats import _one_line
 
 # Independent measurements of each speed figure. On a shared machine one measurement can drift by tens of
@@ -73,7 +82,7 @@ def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: 
                                 compared=False) for name, key in (("accuracy", "accuracy"), ("speed", "latency_ms"))]
         return report
     report.checks += _accuracy_checks(model, task, dev, recorded, accuracy_tol)
-    report.checks += _speed_checks(model, task, dev, _hardware(doc, Path(bundle) / "arch.json"), recorded,
+    report.checks += _speed_checks(model, task, dev, recorded_hardware(doc, Path(bundle) / "arch.json"), recorded,
                                    latency_tol)
     return report
 
@@ -123,14 +132,13 @@ def _probe_check(bundle: str | Path, model: Any, dev: Any, recorded_type: str | 
 
 def _recorded_task(doc: dict[str, Any]) -> tuple[Any, str]:
     """(the task the bundle's trial trained with, "") or (None, why it cannot be rebuilt here)."""
-    from dsnas.spec import TaskSpec
     from dsnas.tasks import make_task
 
     if "task" not in doc or "hardware" not in doc:
         return None, f"a version-{doc['_version']} bundle does not record its task and hardware ({REEXPORT})"
     recorded = doc["task"]
     try:
-        return make_task(TaskSpec(recorded["name"], recorded.get("params", {}), recorded.get("base_dir", "."))), ""
+        return make_task(recorded_task_spec(doc)), ""
     except Exception as e:  # a corpus or a task module this machine lacks: say so rather than fail the bundle
         return None, f"the task {recorded.get('name')!r} cannot be rebuilt here ({_one_line(e)})"
 
@@ -191,16 +199,3 @@ def _relative(key: str, then: float | None, rounds: list[float], tol: float, com
     ok = beyond < len(rounds)
     verdict = f"{'ok' if ok else 'FAIL'} (tol ±{tol:.0%}; {beyond}/{len(rounds)} rounds beyond on one side)"
     return Check(key, _num(then), _num(now), f"{drift:+.0%}", verdict, failed=not ok)
-
-
-def _hardware(doc: dict[str, Any], path: Path) -> Any:
-    from dsnas.spec import HardwareSpec
-
-    hw = doc["hardware"]
-    try:
-        return HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"),
-                            warmup_s=hw["warmup_s"], measure_s=hw["measure_s"])
-    except Invalid as e:
-        raise DsnasError(f"{path}: [hardware.{e.key}] {e.rule}, got {e.got!r}. Fix: {REEXPORT}") from None
-    except (KeyError, TypeError) as e:
-        raise DsnasError(f"{path}: [hardware] is incomplete ({_one_line(e)}). Fix: {REEXPORT}") from None

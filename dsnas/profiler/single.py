@@ -43,19 +43,15 @@ def load_target(target: str, trial: int | None) -> tuple[Any, Any, Any, str]:
 
 
 def _bundle(path: Path) -> tuple[Any, Any, Any, str]:
-    from dsnas.export.bundle import load_bundle, read_bundle
-    from dsnas.spec import HardwareSpec, TaskSpec
+    from dsnas.export.bundle import load_bundle, read_bundle, recorded_hardware, recorded_task_spec
 
     doc = read_bundle(path)
     model = load_bundle(path)
     if "task" not in doc:
         raise DsnasError(f"{path}/arch.json: a version-1 bundle records no task to measure with. "
                          "Fix: re-export the trial with `dsnas export`")
-    task = TaskSpec(doc["task"]["name"], doc["task"].get("params", {}), doc["task"].get("base_dir", "."))
-    hw = doc["hardware"]
-    hardware = HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"),
-                            warmup_s=hw["warmup_s"], measure_s=hw["measure_s"])
-    return model, task, hardware, f"bundle {path} (trained weights)"
+    return model, recorded_task_spec(doc), recorded_hardware(doc, path / "arch.json"), \
+        f"bundle {path} (trained weights)"
 
 
 def _trial(path: Path, trial: int | None) -> tuple[Any, Any, Any, str]:

@@ -103,10 +103,8 @@ def _counts(df: Any) -> str:
 
 
 def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
-    from dsnas.results.trials import hypervolume
-
     shown = _summary_frame(v)
-    volume = hypervolume(df, v.reference)
+    volume = v.history["hypervolume"].iloc[-1]  # after the last completed trial: the study's hypervolume
     ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref})", shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"),

@@ -106,7 +106,7 @@ def _seconds(t: Any) -> float | None:
 
 
 def _fingerprint_columns(fp: dict[str, Any] | None) -> dict[str, Any]:
-    from dsnas.results.tables import fingerprint_id
+    from dsnas.profiler.device import fingerprint_id
 
     if not fp:
         return {"fingerprint": None, "fingerprint_id": None}
