@@ -69,9 +69,14 @@ def fingerprint(device: Any) -> dict[str, Any]:
     return out
 
 
-def fingerprint_id(data: dict[str, Any]) -> str:
-    """A short stable id of a fingerprint: measurements with the same id are comparable."""
+def short_hash(data: dict[str, Any]) -> str:
+    """A short stable id of a JSON-able dict (key order does not matter)."""
     import hashlib
     import json
 
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_id(data: dict[str, Any]) -> str:
+    """A short stable id of a fingerprint: measurements with the same id are comparable."""
+    return short_hash(data)

@@ -5,15 +5,13 @@ fingerprints. Created on first use and upgraded in place, so a study written by 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from dsnas.errors import DsnasError
-from dsnas.profiler.device import fingerprint_id
+from dsnas.profiler.device import fingerprint_id, short_hash
 
 # Version 0 is a database without these tables (dsnas 0.1.0): every table is created, and the
 # measurements of its trials are filled in from what their user attrs hold.
@@ -82,7 +80,7 @@ class Measurement(Base):
 
 
 def arch_hash(arch: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(arch)
 
 
 def schema_version(engine: Any) -> int:
