@@ -69,6 +69,15 @@ def test_verify_fails_on_latency_drift_on_the_same_device(bundle, capsys):
     assert code == 1 and "latency_ms_bs1" in out.splitlines()[-1], out
 
 
+def test_a_wide_recorded_spread_does_not_hide_a_figure_many_times_off(bundle, capsys):
+    def edit(d):
+        d["metrics"]["latency_ms_bs1"] *= 1000
+        d["profile"]["batches"]["1"]["spread"] = 5.0  # a recorded tolerance of 500%
+    edit_json(bundle / "metrics.json", edit)
+    code, out = verify(bundle, capsys)
+    assert code == 1 and "latency_ms_bs1" in out.splitlines()[-1], out
+
+
 def test_verify_shows_but_does_not_compare_speed_measured_on_another_device(bundle, capsys):
     def elsewhere(d):
         d["fingerprint"]["host"] = "elsewhere"

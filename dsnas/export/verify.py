@@ -194,8 +194,11 @@ def _relative(key: str, then: float | None, rounds: list[float], tol: float, com
     drift = (now - then) / then if then else math.inf
     if not compare:
         return Check(key, _num(then), _num(now), f"{drift:+.0%}", "other device: not compared", compared=False)
-    drifts = [(r - then) / then if then else math.inf for r in rounds]
-    beyond = max(sum(d > tol for d in drifts), sum(d < -tol for d in drifts))
+    # In ratios, not differences: a figure 1000x smaller is a drift of -100% and would hide inside a tolerance
+    # widened past 100%; a ratio beyond 1 + tol either way is a drift.
+    limit = 1 + tol
+    ratios = [r / then if then else math.inf for r in rounds]
+    beyond = max(sum(q > limit for q in ratios), sum(q < 1 / limit for q in ratios))
     ok = beyond < len(rounds)
-    verdict = f"{'ok' if ok else 'FAIL'} (tol ±{tol:.0%}; {beyond}/{len(rounds)} rounds beyond on one side)"
+    verdict = f"{'ok' if ok else 'FAIL'} (tol x/÷ {limit:.3g}; {beyond}/{len(rounds)} rounds beyond on one side)"
     return Check(key, _num(then), _num(now), f"{drift:+.0%}", verdict, failed=not ok)
