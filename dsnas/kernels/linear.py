@@ -1,0 +1,93 @@
+"""The engine's linear layer: per-layer precision (fp32, bf16, fp16, int8, fp8) and N:M sparsity, trained in a
+training form and converted once, after training, into the inference form that is measured and shipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
+SPARSITIES = ("dense", "2:4", "auto")  # "auto": the Hessian trace decides whether this layer is sparsified
+LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype each precision trains in: int8 trains in fp32 and then with fake quantization (QAT); fp8 trains in bf16
+# and is converted to per-row scaled fp8 for inference (fp8 training is out of scope).
+TRAIN_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
+               "fp8": torch.bfloat16}
+
+
+class EngineLinear(nn.Linear):
+    """nn.Linear whose precision and sparsity are choices of the search.
+
+    Training form: the weight times the N:M ``mask`` (when sparse), optionally fake-quantized (QAT), computed in the
+    layer's dtype with an on-device overflow flag; an overflowed layer computes in fp32 for ``fallback_left`` steps.
+    Inference form: ``inference`` (an INT8, FP8 or semi-structured sparse module) once ``convert`` has run.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, precision: str = "fp32",
+                 sparsity: str = "dense") -> None:
+        super().__init__(in_features, out_features, bias)
+        if precision not in PRECISIONS or sparsity not in SPARSITIES:
+            raise ValueError(f"precision must be one of {PRECISIONS} and sparsity one of {SPARSITIES}, "
+                             f"but got {precision!r}, {sparsity!r}")
+        self.precision, self.sparsity = precision, sparsity
+        # Buffers exist from construction so that saved weights load into a freshly built model.
+        if sparsity != "dense":
+            self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool))
+        else:
+            self.mask = None
+        if precision == "int8":
+            self.register_buffer("act_amax", torch.zeros(()))  # set by calibration before QAT
+        self.qat = False
+        self.baked = False  # the mask has been multiplied into the weight for good (convert)
+        self.fallback_left = 0  # steps left in fp32 after an overflow
+        self.fallbacks = 0  # how often this layer fell back
+        self.overflow: torch.Tensor | None = None  # a one-element bool view into the step's flags (TrainStep)
+        self.inference: nn.Module | None = None
+        self.backend = "dense"  # what runs at inference; set by convert
+        self.reason = ""  # why a faster backend did not run
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.fallback_left > 0 else TRAIN_DTYPE[self.precision]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference is not None:
+            return self.inference(x).to(x.dtype)
+        w = self.weight if self.mask is None or self.baked else self.weight * self.mask
+        if self.qat:
+            from dsnas.kernels.quant import fake_quant_act, fake_quant_weight
+
+            x, w = fake_quant_act(x, self.act_amax), fake_quant_weight(w)
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
+            return F.linear(x, w, self.bias)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = F.linear(x.to(dtype), w.to(dtype), bias)
+        if self.overflow is not None and self.training:
+            # On the device, no host sync: TrainStep reads every layer's flag at once, once per step.
+            self.overflow.logical_or_(~torch.isfinite(out).all())
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, precision={self.precision}, sparsity={self.sparsity}, backend={self.backend}"
+
+
+def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, EngineLinear)}
+
+
+def layer_report(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per layer: the choices, what ran at inference and why, the fallbacks, the share of zero weights."""
+    out = {}
+    for name, m in engine_layers(model).items():
+        row: dict[str, Any] = {"precision": m.precision, "sparsity": m.sparsity, "backend": m.backend,
+                               "fallbacks": m.fallbacks}
+        if m.mask is not None:
+            row["zero_share"] = round(1.0 - m.mask.float().mean().item(), 4)
+        if m.reason:
+            row["reason"] = m.reason
+        out[name] = row
+    return out

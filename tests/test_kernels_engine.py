@@ -1,0 +1,135 @@
+"""The engine's linear layer and mixed precision: each precision against an fp32 reference, overflow falls back to
+fp32 and retries, loss scaling where fp16 needs it, gradient checkpointing, and the inference forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsnas.kernels.convert import convert, training_state
+from dsnas.kernels.linear import EngineLinear, layer_report
+from dsnas.kernels.precision import TrainStep
+from dsnas.models import build, describe
+
+# Relative error of a low-precision matmul of N(0,1) data at these sizes: bf16 keeps 8 mantissa bits, fp16 11.
+TOLERANCE = {"fp32": 1e-6, "bf16": 2e-2, "fp16": 3e-3}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_precision_matches_fp32_within_its_tolerance(precision):
+    torch.manual_seed(0)
+    layer = EngineLinear(64, 48, precision=precision)
+    x = torch.randn(32, 64)
+    reference = F.linear(x, layer.weight, layer.bias)
+    out = layer(x)
+    assert out.dtype == torch.float32  # the residual stream stays fp32
+    error = (out - reference).norm() / reference.norm()
+    assert error <= TOLERANCE[precision]
+    if precision != "fp32":
+        assert error > 0  # it really computed in low precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_inference_form_stores_the_weight_in_its_dtype_and_agrees(precision):
+    torch.manual_seed(0)
+    layer = EngineLinear(64, 48, precision=precision)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        before = layer(x)
+        convert(layer)
+        after = layer(x)
+    assert layer.inference.weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert layer.backend == precision
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def _overflowing_model(precision: str = "fp16") -> nn.Module:
+    model = nn.Sequential(EngineLinear(8, 8, precision=precision), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    return model
+
+
+def test_an_injected_overflow_falls_back_to_fp32_then_retries_low_precision():
+    model = _overflowing_model()
+    layer = model[0]
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), fallback_steps=3)
+    big = torch.full((4, 8), 1e4)  # 8 inputs * 1e4 = 8e4 > fp16's 65504: inf in fp16, finite in fp32
+    loss = model(big).sum()
+    assert not torch.isfinite(loss)
+    assert not step.step(loss)  # skipped, not diverged: the layer is to blame
+    assert not step.diverged()
+    assert layer.fallbacks == 1 and layer.fallback_left == 3 and layer.compute_dtype == torch.float32
+    for _ in range(3):
+        loss = model(big).sum()
+        assert torch.isfinite(loss)
+        assert step.step(loss)
+    assert layer.fallback_left == 0 and layer.compute_dtype == torch.float16  # retries fp16
+    assert not step.step(model(big).sum())
+    assert layer.fallbacks == 2
+    assert layer_report(model)["0"]["fallbacks"] == 2
+    step.close()
+    assert layer.overflow is None
+
+
+def test_a_non_finite_loss_with_no_layer_to_blame_is_divergence():
+    model = nn.Sequential(EngineLinear(4, 1, precision="bf16"))
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not step.step(model(torch.ones(2, 4)).sum() * float("nan"))
+    assert step.diverged()
+
+
+def test_overflow_flags_stay_on_the_device_until_the_step():
+    model = _overflowing_model()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    model(torch.full((2, 8), 1e4))
+    assert bool(step.flags[0])  # set by the forward pass itself, without a host read in the layer
+    step.step(model(torch.ones(2, 8)).sum())
+    assert not bool(step.flags.any()) and model[0].fallbacks == 1
+
+
+def test_fp16_turns_on_loss_scaling_and_bf16_does_not():
+    assert TrainStep(_overflowing_model("fp16"), torch.optim.SGD([nn.Parameter(torch.ones(1))])).scaler.is_enabled()
+    assert not TrainStep(_overflowing_model("bf16"), torch.optim.SGD([nn.Parameter(torch.ones(1))])).scaler.is_enabled()
+
+
+ARCH = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+        "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "bf16", "sparsity": "2:4"},
+                   {"n_heads": 4, "ffn_ratio": 1, "precision": "int8"}]}
+
+
+def test_the_family_builds_engine_layers_with_each_blocks_choices():
+    model = build(ARCH)
+    first, second = model.blocks
+    assert {first.qkv.precision, first.up.precision, second.down.precision} == {"bf16", "int8"}
+    assert first.qkv.mask is not None and second.qkv.mask is None
+    assert "act_amax" in dict(second.up.named_buffers())
+    assert describe(ARCH) == "d32 L2 h2,4 f2,1 pbf16,int8 s2:4,dense"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build({**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2}] * 2})
+    checked = build({**ARCH, "grad_checkpoint": 1, "layers": [{"n_heads": 2, "ffn_ratio": 2}] * 2})
+    checked.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (2, 16))
+    for model in (plain, checked):
+        model(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checked.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_the_training_state_leaves_out_inference_forms_and_reloads():
+    torch.manual_seed(0)
+    model = build({**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "bf16"}]})
+    convert(model)
+    state = training_state(model)
+    assert not [k for k in state if ".inference." in k]
+    again = build({**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "bf16"}]})
+    again.load_state_dict(state)
+    convert(again)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
