@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsnas.spec import HardwareSpec, TaskSpec
+from dsnas.spec import EngineSpec, HardwareSpec, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class EvalRequest:
     hardware: HardwareSpec
     seed: int
     cached: dict[str, Any] | None = None  # earlier measurements of this arch (the driver's cache lookup)
+    engine: EngineSpec = field(default_factory=EngineSpec)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class TrialResult:
 def evaluate(request: EvalRequest) -> TrialResult:
     import torch
 
+    from dsnas.kernels import pipeline
     from dsnas.models import build
     from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
     from dsnas.tasks import make_task
@@ -42,18 +44,25 @@ def evaluate(request: EvalRequest) -> TrialResult:
     gate = MeasureGate(device_key(device))
     with gate.shared() as hold:
         train_start = time.perf_counter()
-        train_metrics = task.train(model, device, seed=request.seed, checkpoint=hold.checkpoint)
+        train_metrics = task.train(model, device, seed=request.seed, checkpoint=hold.checkpoint,
+                                   **pipeline.supported(task.train, fallback_steps=request.engine.fallback_steps))
         trained = time.perf_counter()
+        engine_metrics, engine_info = pipeline.run(model, task, device, request.engine, seed=request.seed,
+                                                   checkpoint=hold.checkpoint)
+        engined = time.perf_counter()
         eval_metrics = task.evaluate(model, device)
     if "accuracy" not in eval_metrics:
         raise TypeError(f"the task's evaluate() must return 'accuracy', got {sorted(eval_metrics)}")
     with gate.exclusive():
         measure_start = time.perf_counter()
-        hw_metrics, profile = measure(model, task, device, request.hardware, cached=request.cached)
+        measured = torch.compile(model) if request.engine.compile else model
+        hw_metrics, profile = measure(measured, task, device, request.hardware, cached=request.cached)
         measure_end = time.perf_counter()
+    profile["engine"] = {**engine_info, "compiled": request.engine.compile}
     profile["task"] = task.fingerprint()
     profile["worker"] = worker_identity()
-    metrics = {**train_metrics, **eval_metrics, **hw_metrics, "train_s": trained - train_start,
+    metrics = {**train_metrics, **engine_metrics, **eval_metrics, **hw_metrics, "train_s": trained - train_start,
+               "engine_s": engined - trained,
                "measure_s": measure_end - measure_start, "trial_s": time.perf_counter() - started}
     return TrialResult(metrics={k: float(v) for k, v in metrics.items()}, profile=profile,
                        weights=weights_bytes(model), probe=probe_bytes(model, task.example_batch(2, device)))
@@ -66,10 +75,13 @@ def weights_bytes(model: Any) -> bytes:
 
 
 def unique_state(model: Any) -> dict[str, Any]:
-    """The state dict with each tensor once: tied weights share storage, and safetensors stores each
-    tensor once; loading the first name re-fills every alias."""
+    """The training-form state dict (``convert`` rebuilds the inference forms from it) with each tensor once:
+    tied weights share storage, and safetensors stores each tensor once; loading the first name re-fills every
+    alias."""
+    from dsnas.kernels.convert import training_state
+
     out, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in training_state(model).items():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             out[name] = tensor.detach().cpu().contiguous()

@@ -20,8 +20,8 @@ class SearchSpace:
     by all layers); ``per_layer`` once per layer, as ``layer{i}.{key}``."""
 
     family: str
-    choices: dict[str, tuple[int, ...]]
-    per_layer: dict[str, tuple[int, ...]]
+    choices: dict[str, tuple[Any, ...]]
+    per_layer: dict[str, tuple[Any, ...]]
 
     def sample(self, trial: Any) -> dict[str, Any]:
         picked = {key: _suggest(trial, key, options) for key, options in self.choices.items()}
@@ -40,7 +40,7 @@ class SearchSpace:
         return family(self.family).LAYER_KEYS
 
 
-def _suggest(trial: Any, name: str, options: tuple[int, ...]) -> int:
+def _suggest(trial: Any, name: str, options: tuple[Any, ...]) -> Any:
     # A single option is a fixed value, not a search dimension.
     return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
 
@@ -60,13 +60,18 @@ def load_space_file(path: str | Path) -> SearchSpace:
     if name not in FAMILIES:
         raise SpecError(where, "family", f"must be one of {list(FAMILIES)}", name, 'set family = "transformer_lm"')
     fam = family(name)
-    choices = _options(where, "choices", raw.get("choices", {}), fam.ARCH_KEYS + fam.LAYER_KEYS)
-    per_layer = _options(where, "per_layer", raw.get("per_layer", {}), fam.LAYER_KEYS)
+    named = getattr(fam, "NAMED_CHOICES", {})
+    optional_arch = tuple(getattr(fam, "OPTIONAL_ARCH_KEYS", ()))
+    choices = _options(where, "choices", raw.get("choices", {}), fam.ARCH_KEYS + optional_arch + fam.LAYER_KEYS,
+                       named)
+    per_layer = _options(where, "per_layer", raw.get("per_layer", {}), fam.LAYER_KEYS, named)
     for key in fam.ARCH_KEYS:
         if key not in choices:
             raise SpecError(where, f"choices.{key}", "is required", None, f"add {key} = [...] under [choices]")
+    required = getattr(fam, "REQUIRED_LAYER_KEYS", fam.LAYER_KEYS)
     for key in fam.LAYER_KEYS:
-        if (key in choices) == (key in per_layer):
+        given = (key in choices) + (key in per_layer)
+        if given > 1 or (given == 0 and key in required):
             raise SpecError(where, key, "must be given once: under [choices] (shared by all layers) or under "
                             "[per_layer] (chosen per layer)", None, f"add {key} = [...] to exactly one of them")
     try:
@@ -77,13 +82,24 @@ def load_space_file(path: str | Path) -> SearchSpace:
     return SearchSpace(family=name, choices=choices, per_layer=per_layer)
 
 
-def _options(where: str, section: str, table: Any, known: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+def _options(where: str, section: str, table: Any, known: tuple[str, ...],
+             named: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
     if not isinstance(table, dict):
         raise SpecError(where, section, "must be a table", table, f"write it as [{section}]")
     reject_unknown(where, f"{section}.", table, known)
     out = {}
     for key, value in table.items():
         values = value if isinstance(value, list) else [value]
+        if key in named:
+            allowed = named[key]
+            if not values or any(isinstance(v, bool) or v not in allowed for v in values):
+                raise SpecError(where, f"{section}.{key}", f"must be one or a non-empty list of {list(allowed)}",
+                                value, f"e.g. {key} = {list(allowed[:2])!r}".replace("'", '"'))
+            if len(set(values)) != len(values):
+                raise SpecError(where, f"{section}.{key}", "must not repeat a choice", value,
+                                f"write each choice once: {list(dict.fromkeys(values))!r}".replace("'", '"'))
+            out[key] = tuple(values)
+            continue
         ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
         if not ok:
             raise SpecError(where, f"{section}.{key}", "must be an integer >= 1 or a non-empty list of them",

@@ -160,6 +160,37 @@ class ExecutorSpec:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    """How the engine (dsnas.kernels) turns a trained candidate with sparse or low-precision layers into what ships:
+    prune -> fine-tune -> calibrate + QAT -> convert. A candidate whose layers are all dense fp32 skips it all."""
+
+    saliency: str = "hessian"  # which weights 2:4 keeps: "hessian" (diag(H)*w^2), "wanda" or "magnitude"
+    hessian_samples: int = 8  # Hutchinson probes for diag(H) and the per-layer traces
+    finetune_frac: float = 0.25  # fine-tuning after pruning, as a share of the task's training budget
+    calibrator: str = "kl"  # INT8 activation ranges: "kl" (TensorRT's entropy), "percentile" or "max"
+    calibration_batches: int = 8
+    qat_frac: float = 0.25  # quantization-aware training, as a share of the task's training budget
+    lr_scale: float = 0.3  # fine-tuning and QAT run at this share of the task's learning rate
+    fallback_steps: int = 20  # a low-precision layer that overflowed computes in fp32 this many steps
+    int8_backend: str = "auto"  # "auto" (the fastest measured here), "torchao-dynamic", "torch-dynamic", "int8-static"
+    compile: bool = False  # measure the candidate under torch.compile (inductor) instead of eager
+
+    def __post_init__(self) -> None:
+        choices = {"saliency": ("hessian", "wanda", "magnitude"), "calibrator": ("kl", "percentile", "max"),
+                   "int8_backend": ("auto", "torchao-dynamic", "torch-dynamic", "int8-static")}
+        for key, allowed in choices.items():
+            require(getattr(self, key) in allowed, key, f"must be one of {list(allowed)}", getattr(self, key),
+                    f'e.g. {key} = "{allowed[0]}"')
+        for key in ("finetune_frac", "qat_frac"):
+            require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]", getattr(self, key),
+                    f"e.g. {key} = 0.25 (0 skips the step)")
+        require(0 < self.lr_scale <= 1, "lr_scale", "must be in (0, 1]", self.lr_scale, "e.g. lr_scale = 0.3")
+        for key in ("hessian_samples", "calibration_batches", "fallback_steps"):
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),
+                    f"remove {key} to use its default ({getattr(EngineSpec, key)})")
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str = "charlm"
     params: dict[str, Any] = field(default_factory=dict)
@@ -179,6 +210,7 @@ class StudySpec:
     task: TaskSpec
     hardware: HardwareSpec
     executor: ExecutorSpec
+    engine: EngineSpec = field(default_factory=EngineSpec)
 
     @property
     def base_dir(self) -> Path:
@@ -189,7 +221,7 @@ class StudySpec:
         return [o.direction for o in self.objectives]
 
 
-_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor")
+_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor", "engine")
 
 
 def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
@@ -235,6 +267,7 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         task=_task(where, section_table(where, raw, "task"), path.parent),
         hardware=build_section(where, "hardware", HardwareSpec, section_table(where, raw, "hardware")),
         executor=build_section(where, "executor", ExecutorSpec, section_table(where, raw, "executor")),
+        engine=build_section(where, "engine", EngineSpec, section_table(where, raw, "engine")),
     )
 
 
@@ -365,6 +398,7 @@ def _check_runtime(spec: StudySpec) -> None:
     require_spec(where, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
                  "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
                  spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s')
+    _check_fp8(spec)
     if spec.hardware.device == "cuda" and spec.executor.address is None:
         import torch
 
@@ -381,6 +415,24 @@ def _check_runtime(spec: StudySpec) -> None:
             raise SpecError(where, "executor.address", f"no Ray cluster answers there ({reason})",
                             spec.executor.address, "start one with `ray start --head`, or remove address "
                             "to start a local Ray") from None
+
+
+def _check_fp8(spec: StudySpec) -> None:
+    """fp8 runs only on GPUs of compute capability 8.9+: refuse a space that offers it where trials run on the CPU
+    here, rather than failing every trial that draws it."""
+    if spec.space.file is None or spec.executor.address is not None:
+        return  # a user callable's choices are unknown here; a remote cluster's devices too
+    from dsnas.space import load_space_file
+
+    space = load_space_file(spec.space.file)
+    offered = "fp8" in space.choices.get("precision", ()) + space.per_layer.get("precision", ())
+    if not offered or spec.hardware.device == "cuda":
+        return
+    import torch
+
+    ok = spec.hardware.device == "auto" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    require_spec(spec.space.file, "precision", ok, "fp8 needs an NVIDIA GPU of compute capability 8.9 or newer, "
+                 "and trials here run on the CPU", "fp8", "remove \"fp8\" from the precision choices")
 
 
 def _ray_host_port(address: str) -> tuple[str | None, int]:

@@ -35,7 +35,7 @@ def test_outputs_do_not_depend_on_future_tokens():
 @pytest.mark.parametrize(("change", "message"), [
     ({"d_model": 30}, "must divide d_model"),
     ({"layers": []}, "needs at least one layer"),
-    ({"layers": [{"n_heads": 2}]}, "needs exactly"),
+    ({"layers": [{"n_heads": 2}]}, "needs \\[.n_heads., .ffn_ratio.\\]"),
     ({"family": "resnet"}, "unknown model family"),
 ])
 def test_invalid_architectures_are_trial_errors(change, message):

@@ -75,6 +75,16 @@ CASES: list[tuple[str, str, str, str, str | None]] = [
     ("missing-n_layers", VALID.replace("n_layers = [1, 2, 3, 4]\n", ""), "choices.n_layers", "is required",
      "add n_layers = [...] under [choices]"),
     ("invalid-toml", "family = \n", "-", "must be a readable TOML file (", "the TOML syntax"),
+    ("unknown-precision", VALID + 'precision = ["fp32", "int4"]\n', "per_layer.precision",
+     "must be one or a non-empty list of ['fp32', 'bf16', 'fp16', 'int8', 'fp8'], but got ['fp32', 'int4']",
+     'precision = ["fp32", "bf16"]'),
+    ("repeated-sparsity", VALID + 'sparsity = ["2:4", "2:4"]\n', "per_layer.sparsity", "must not repeat a choice",
+     'write each choice once: ["2:4"]'),
+    ("precision-in-both", VALID.replace("d_model = [32, 64]", 'd_model = [32, 64]\nprecision = "bf16"')
+     + 'precision = ["fp32"]\n', "precision", "must be given once", "add precision = [...] to exactly one of them"),
+    ("sparse-d_model-not-divisible-by-4", VALID.replace("d_model = [32, 64]", "d_model = [34]")
+     .replace("n_heads = [1, 2, 4]", "n_heads = [1, 2]") + 'sparsity = ["dense", "2:4"]\n', "choices.d_model",
+     "2:4 sparsity needs every d_model divisible by 4", "use multiples of 4"),
 ]
 
 
@@ -120,6 +130,29 @@ def test_sample_fixed_trial_gives_one_entry_per_layer(tmp_path: Path) -> None:
                     "layers": [{"n_heads": 1, "ffn_ratio": 4}, {"n_heads": 2, "ffn_ratio": 1},
                                {"n_heads": 4, "ffn_ratio": 2}]}
     validate({**arch, "vocab_size": 256, "context": 64})  # the family can build what the space samples
+
+
+def test_engine_choices_are_sampled_per_layer_and_default_when_absent(tmp_path: Path) -> None:
+    text = VALID.replace("d_model = [32, 64]", "d_model = [32, 64]\ngrad_checkpoint = [0, 1]")
+    space = load_space_file(write_space(tmp_path, text + 'precision = ["fp32", "int8"]\nsparsity = ["dense", "2:4"]\n'))
+    params = {"n_layers": 1, "d_model": 32, "grad_checkpoint": 1, "layer0.n_heads": 2, "layer0.ffn_ratio": 1,
+              "layer0.precision": "int8", "layer0.sparsity": "2:4"}
+    arch = space.sample(FixedTrial(params))
+    assert arch == {"family": "transformer_lm", "d_model": 32, "grad_checkpoint": 1,
+                    "layers": [{"n_heads": 2, "ffn_ratio": 1, "precision": "int8", "sparsity": "2:4"}]}
+    validate({**arch, "vocab_size": 256, "context": 64})
+    plain = load_space_file(write_space(tmp_path, VALID)).sample(FixedTrial({k: v for k, v in params.items()
+                                                                             if "sion" not in k and "spar" not in k
+                                                                             and "grad" not in k}))
+    assert "precision" not in plain["layers"][0]  # absent choices keep their defaults (fp32, dense)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_space_loads_and_samples_buildable_archs(path: Path) -> None:
+    space = load_space_file(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        validate({**space.sample(study.ask()), "vocab_size": 256, "context": 64})
 
 
 def test_sample_study_ask_names_per_layer_params(tmp_path: Path) -> None:

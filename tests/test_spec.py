@@ -231,6 +231,15 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      'set kind = "ray"'),
     ("address-no-port", {"executor": {"kind": "ray", "address": "localhost"}}, "executor.address",
      'must be "host:port", "ray://host:port" or "auto"', 'address = "127.0.0.1:6379"'),
+    # the engine
+    ("engine-unknown-saliency", {"engine": {"saliency": "random"}}, "engine.saliency",
+     "must be one of ['hessian', 'wanda', 'magnitude'], but got 'random'", 'saliency = "hessian"'),
+    ("engine-unknown-key", {"engine": {"calibrate": "kl"}}, "engine.calibrate", "is not a known key",
+     "did you mean 'calibrator'?"),
+    ("engine-qat-frac", {"engine": {"qat_frac": 1.5}}, "engine.qat_frac", "must be in [0, 1], but got 1.5",
+     "qat_frac = 0.25"),
+    ("engine-int8-backend", {"engine": {"int8_backend": "onednn"}}, "engine.int8_backend", "must be one of ['auto'",
+     'int8_backend = "auto"'),
 ]
 
 @pytest.mark.parametrize(("overrides", "key", "rule", "fix"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -291,6 +300,26 @@ def test_cuda_without_a_gpu(tmp_path: Path) -> None:
         pytest.skip("a GPU is visible here")
     expect_error(write_study(tmp_path, hardware={"device": "cuda"}), "hardware.device",
                  "cuda needs a visible NVIDIA GPU", 'device = "auto"')
+
+
+def test_fp8_choices_are_refused_where_trials_run_on_the_cpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this GPU runs fp8")
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE.read_text().replace('precision = ["fp32", "bf16", "int8"]', 'precision = ["fp32", "fp8"]'))
+    path = write_study(tmp_path, space={"file": "space.toml"}, hardware={"device": "cpu"})
+    with pytest.raises(SpecError) as info:
+        load_study(path)
+    check_message(info.value, space.resolve(), "precision", "fp8 needs an NVIDIA GPU of compute capability 8.9",
+                  'remove "fp8"')
+
+
+def test_the_engine_section_loads(tmp_path: Path) -> None:
+    spec = load_study(write_study(tmp_path, engine={"saliency": "wanda", "qat_frac": 0.5, "compile": True}))
+    assert (spec.engine.saliency, spec.engine.qat_frac, spec.engine.compile) == ("wanda", 0.5, True)
+    assert load_study(write_study(tmp_path)).engine.calibrator == "kl"
 
 
 # ---------------------------------------------------------------- Ray address

@@ -65,7 +65,15 @@ def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
             # What verify needs to rebuild the task and measure again; base_dir resolves relative paths in params.
             "task": {"name": spec.task.name, "params": spec.task.params, "base_dir": spec.task.base_dir},
             "hardware": {"batch_sizes": list(hw.batch_sizes), "threads": hw.threads, "warmup_s": hw.warmup_s,
-                         "measure_s": hw.measure_s}}
+                         "measure_s": hw.measure_s},
+            # The INT8 code each layer ran when measured, so load() runs the same code where it can.
+            "engine": {"int8_backends": recorded_int8_backends(frozen.user_attrs.get("profile", {}))}}
+
+
+def recorded_int8_backends(profile: dict[str, Any]) -> dict[str, str]:
+    layers = profile.get("engine", {}).get("layers", {})
+    return {name: row["backend"].removeprefix("int8:") for name, row in layers.items()
+            if str(row.get("backend", "")).startswith("int8:")}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -123,12 +131,16 @@ def _read_tensors(path: Path) -> dict[str, Any]:
 
 
 def load_bundle(bundle: str | Path, device: str = "cpu") -> Any:
-    """The bundle's trained model, in eval mode, on ``device``."""
+    """The bundle's trained model, in eval mode, on ``device``, its layers in the inference form they were
+    measured in (INT8, FP8, sparse)."""
     from dsnas.evaluate import unique_state
+    from dsnas.kernels.convert import convert
     from dsnas.models import build
 
     path = Path(bundle) / "arch.json"
     arch = read_arch(bundle)
+    engine = read_bundle(bundle).get("engine")
+    recorded = engine.get("int8_backends") if isinstance(engine, dict) else None
     try:
         model = build(arch)
     except Exception as e:  # the family's own checks, or a torch error on absurd sizes: either way a bad arch.json
@@ -145,7 +157,9 @@ def load_bundle(bundle: str | Path, device: str = "cpu") -> Any:
     if missing or result.unexpected_keys:
         raise DsnasError(f"{weights_path}: the weights do not fit the architecture in {path} (missing {missing}, "
                          f"unexpected {result.unexpected_keys}). Fix: {REEXPORT}")
-    return model.to(device).eval()
+    model = model.to(device)
+    convert(model, recorded=recorded if isinstance(recorded, dict) else None)
+    return model
 
 
 def read_probe(bundle: str | Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""A decoder-only transformer language model whose width and depth are fixed per model and whose
-attention heads and FFN ratio may differ per layer."""
+"""A decoder-only transformer language model whose width and depth are fixed per model and whose attention heads,
+FFN ratio, precision and N:M sparsity may differ per layer; its linear layers are the engine's (dsnas.kernels)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsnas.errors import require
+from dsnas.kernels.linear import PRECISIONS, SPARSITIES, EngineLinear
 
-# What a search space may choose: once per model, and once per layer.
+# What a search space may choose: once per model, and once per layer. Optional keys have defaults, so spaces and
+# stored architectures written before they existed stay valid.
 ARCH_KEYS = ("n_layers", "d_model")
-LAYER_KEYS = ("n_heads", "ffn_ratio")
+OPTIONAL_ARCH_KEYS = {"grad_checkpoint": 0}  # 1: recompute each block in backward (less memory, more time)
+LAYER_KEYS = ("n_heads", "ffn_ratio", "precision", "sparsity")
+REQUIRED_LAYER_KEYS = ("n_heads", "ffn_ratio")
+LAYER_DEFAULTS = {"precision": "fp32", "sparsity": "dense"}
+NAMED_CHOICES = {"precision": PRECISIONS, "sparsity": SPARSITIES, "grad_checkpoint": (0, 1)}
 # What the task fixes.
 TASK_KEYS = ("vocab_size", "context")
 
 
-def check_choices(options: dict[str, tuple[int, ...]]) -> None:
+def check_choices(options: dict[str, tuple[Any, ...]]) -> None:
     """Reject a search space that can produce an architecture this family cannot build."""
+    if any(s != "dense" for s in options.get("sparsity", ())):
+        require(all(d % 4 == 0 for d in options.get("d_model", ())), "d_model",
+                "2:4 sparsity needs every d_model divisible by 4 (groups of 4 inputs)", list(options["d_model"]),
+                "use multiples of 4, or remove the sparse choices")
     for d in options.get("d_model", ()):
         for h in options.get("n_heads", ()):
             require(d % h == 0, "d_model", f"every d_model choice must be divisible by every n_heads choice "
@@ -30,10 +41,18 @@ def validate(arch: dict[str, Any]) -> None:
     for key in ("d_model", "layers", *TASK_KEYS):
         require(key in arch, key, "the architecture needs this key", None)
     require(len(arch["layers"]) >= 1, "layers", "needs at least one layer", arch["layers"])
+    require(arch.get("grad_checkpoint", 0) in (0, 1), "grad_checkpoint", "must be 0 or 1", arch.get("grad_checkpoint"))
     for i, layer in enumerate(arch["layers"]):
-        require(set(layer) == set(LAYER_KEYS), f"layers[{i}]", f"needs exactly {list(LAYER_KEYS)}", layer)
+        require(set(REQUIRED_LAYER_KEYS) <= set(layer) <= set(LAYER_KEYS), f"layers[{i}]",
+                f"needs {list(REQUIRED_LAYER_KEYS)} and may have {list(LAYER_DEFAULTS)}", layer)
         require(arch["d_model"] % layer["n_heads"] == 0, f"layers[{i}].n_heads", "must divide d_model",
                 layer["n_heads"])
+        for key in LAYER_DEFAULTS:
+            require(layer.get(key, LAYER_DEFAULTS[key]) in NAMED_CHOICES[key], f"layers[{i}].{key}",
+                    f"must be one of {list(NAMED_CHOICES[key])}", layer.get(key))
+        if layer.get("sparsity", "dense") != "dense":
+            require(arch["d_model"] % 4 == 0, f"layers[{i}].sparsity", "N:M sparsity needs d_model divisible by 4",
+                    arch["d_model"])
 
 
 def describe(arch: dict[str, Any]) -> str:
@@ -41,27 +60,41 @@ def describe(arch: dict[str, Any]) -> str:
     layers = arch["layers"]
     heads = ",".join(str(layer["n_heads"]) for layer in layers)
     ffn = ",".join(str(layer["ffn_ratio"]) for layer in layers)
-    return f"d{arch['d_model']} L{len(layers)} h{heads} f{ffn}"
+    text = f"d{arch['d_model']} L{len(layers)} h{heads} f{ffn}"
+    for key, default in LAYER_DEFAULTS.items():  # shown only when some layer differs from the default
+        values = [layer.get(key, default) for layer in layers]
+        if any(v != default for v in values):
+            text += f" {key[0]}{','.join(values)}"
+    return text
 
 
 class Block(nn.Module):
     """Pre-norm attention + MLP; attention runs through SDPA (fused kernels where the device has them)."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn_ratio: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn_ratio: int, precision: str = "fp32",
+                 sparsity: str = "dense") -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.precision = precision
+        # The residual stream, the norms and the softmax stay fp32; the four linear layers take the block's choices.
+        engine = {"precision": precision, "sparsity": sparsity}
         self.ln1 = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = EngineLinear(d_model, 3 * d_model, **engine)
+        self.proj = EngineLinear(d_model, d_model, **engine)
         self.ln2 = nn.LayerNorm(d_model)
-        self.up = nn.Linear(d_model, ffn_ratio * d_model)
-        self.down = nn.Linear(ffn_ratio * d_model, d_model)
+        self.up = EngineLinear(d_model, ffn_ratio * d_model, **engine)
+        self.down = EngineLinear(ffn_ratio * d_model, d_model, **engine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        if x.is_cuda and self.precision in ("bf16", "fp16", "fp8"):
+            # CUDA's fused attention kernels accumulate the scores in fp32 even for half inputs; the CPU ones do
+            # not (DESIGN.md), so on the CPU attention stays fp32.
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        x = x + self.proj(att.to(x.dtype).transpose(1, 2).reshape(b, t, d))
         return x + self.down(F.gelu(self.up(self.ln2(x))))
 
 
@@ -71,7 +104,8 @@ class TransformerLM(nn.Module):
         d = arch["d_model"]
         self.tok = nn.Embedding(arch["vocab_size"], d)
         self.pos = nn.Embedding(arch["context"], d)
-        self.blocks = nn.ModuleList(Block(d, layer["n_heads"], layer["ffn_ratio"]) for layer in arch["layers"])
+        self.blocks = nn.ModuleList(Block(d, **layer) for layer in arch["layers"])
+        self.grad_checkpoint = bool(arch.get("grad_checkpoint", 0))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, arch["vocab_size"], bias=False)
         self.head.weight = self.tok.weight  # tied: fewer parameters, better small-data LMs
@@ -82,7 +116,10 @@ class TransformerLM(nn.Module):
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.tok(idx) + self.pos(pos)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.ln_f(x))
 
 

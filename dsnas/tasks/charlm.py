@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dsnas.errors import SpecError, TrialError, require
+from dsnas.kernels.precision import FALLBACK_STEPS, TrainStep
 
 VOCAB = 256  # bytes
 
@@ -107,32 +108,51 @@ class CharLMTask:
         chunk = data[idx]
         return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
-    def train(self, model: Any, device: Any, *, seed: int, checkpoint: Callable[[], None]) -> dict[str, float]:
+    def train(self, model: Any, device: Any, *, seed: int, checkpoint: Callable[[], None], fraction: float = 1.0,
+              lr_scale: float = 1.0, fallback_steps: int = FALLBACK_STEPS) -> dict[str, float]:
+        """Train on ``fraction`` of the token budget at ``lr_scale`` times the learning rate (the engine's
+        fine-tuning and QAT use both); low-precision layers fall back to fp32 where they overflow."""
         cfg = self.config
-        steps = max(1, cfg.train_tokens // (cfg.batch_size * cfg.context))
+        steps = max(1, int(fraction * cfg.train_tokens) // (cfg.batch_size * cfg.context))
         warmup = max(1, int(steps * cfg.warmup_frac))
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_scale, betas=(0.9, 0.95), weight_decay=0.01)
         # Linear warm-up, then cosine decay to a tenth: the same schedule shape for every budget.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
             1 + math.cos(math.pi * max(0, s - warmup) / max(1, steps - warmup)))))
         model.train()
+        step = TrainStep(model, opt, fallback_steps=fallback_steps)
         recent: list[float] = []
-        for _ in range(steps):
-            starts = torch.randint(0, len(self.train_data) - cfg.context - 1, (cfg.batch_size,), generator=gen)
-            x, y = self._windows(self.train_data, starts, device)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            if not torch.isfinite(loss):
-                raise TrialError(f"training diverged: the loss became {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            recent = (recent + [loss.item()])[-10:]
-            checkpoint()
+        try:
+            for _ in range(steps):
+                x, y = self.batch(gen, device)
+                loss = self.loss(model, x, y)
+                if step.step(loss):
+                    sched.step()
+                    recent = (recent + [loss.item()])[-10:]
+                elif step.diverged():
+                    raise TrialError(f"training diverged: the loss became {loss.item()}")
+                checkpoint()
+        finally:
+            step.close()
+        if not recent:
+            raise TrialError(f"training diverged: all {steps} steps overflowed")
         return {"train_loss": sum(recent) / len(recent), "train_steps": float(steps),
-                "train_tokens": float(steps * cfg.batch_size * cfg.context)}
+                "train_tokens": float(steps * cfg.batch_size * cfg.context), "skipped_steps": float(step.skipped)}
+
+    def batch(self, gen: torch.Generator, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random training batch (inputs, next-byte targets)."""
+        cfg = self.config
+        starts = torch.randint(0, len(self.train_data) - cfg.context - 1, (cfg.batch_size,), generator=gen)
+        return self._windows(self.train_data, starts, device)
+
+    def batches(self, n: int, device: Any, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` training batches, for calibration and saliency (never the validation split)."""
+        gen = torch.Generator().manual_seed(seed)
+        return [self.batch(gen, device) for _ in range(n)]
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
 
     def _val_starts(self, n: int) -> torch.Tensor:
         last = len(self.val_data) - self.config.context - 1

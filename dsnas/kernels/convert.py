@@ -1,0 +1,87 @@
+"""After training: each EngineLinear becomes the inference form its choices ask for, on the device at hand, and
+records the backend that actually runs (never a silent dense stand-in for a sparse or quantized layer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsnas.errors import TrialError
+from dsnas.kernels.linear import LOW, EngineLinear, engine_layers
+
+
+class CastLinear(nn.Module):
+    """A bf16/fp16 linear whose weight is stored in that dtype (no per-call weight cast), optionally a
+    semi-structured sparse weight; inputs are cast in, outputs back by EngineLinear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.weight, self.bias)
+
+
+def convert(model: nn.Module, *, int8_backend: str = "auto", recorded: dict[str, str] | None = None) -> None:
+    """Put every EngineLinear of ``model`` into its inference form, in place. ``recorded`` maps layer names to the
+    INT8 backend used when the model was measured, so a reloaded model runs the same code where it can."""
+    model.eval()
+    for name, layer in engine_layers(model).items():
+        if layer.inference is not None:
+            continue
+        with torch.no_grad():
+            _convert_layer(layer, (recorded or {}).get(name, int8_backend))
+
+
+def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
+    if layer.mask is not None:
+        layer.weight.mul_(layer.mask)  # baked once, so no forward pass multiplies by the mask again
+        layer.baked = True
+    weight = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
+    sparse = layer.mask is not None and not bool(layer.mask.all())
+    if layer.precision == "int8":
+        from dsnas.kernels.quant import Int8Linear
+
+        amax = layer.act_amax if bool(layer.act_amax > 0) else None
+        layer.inference = Int8Linear.from_float(weight, bias, amax, int8_backend)
+        layer.backend, layer.reason = f"int8:{layer.inference.backend}", layer.inference.reason
+    elif layer.precision == "fp8":
+        from dsnas.kernels.quant import Fp8Linear, fp8_supported
+
+        ok, why = fp8_supported(weight.device)
+        if not ok:
+            raise TrialError(f"a layer chose fp8, which cannot run here: {why}")
+        layer.inference = Fp8Linear.from_float(weight, bias)
+        layer.backend = "fp8:scaled_mm"
+    elif layer.precision in LOW:
+        dtype = LOW[layer.precision]
+        if sparse:
+            from dsnas.kernels.sparsity import to_semi_structured
+
+            stored, kind, layer.reason = to_semi_structured(weight, layer.mask, dtype)
+            layer.backend = f"{kind} {layer.precision}"
+        else:
+            stored, layer.backend = weight.to(dtype), layer.precision
+        layer.inference = CastLinear(stored, bias, dtype)
+    elif sparse:
+        layer.backend = "masked-dense fp32"
+        layer.reason = "fp32 has no semi-structured sparse kernel; the zeros are computed densely"
+    else:
+        layer.backend = "fp32"
+
+
+def int8_backends(model: nn.Module) -> dict[str, str]:
+    """The INT8 backend each converted layer runs, for ``convert(recorded=...)`` when the model is loaded again."""
+    return {name: layer.backend.removeprefix("int8:") for name, layer in engine_layers(model).items()
+            if layer.backend.startswith("int8:")}
+
+
+def training_state(model: nn.Module) -> dict[str, Any]:
+    """The state dict without the inference forms (they are rebuilt from it by ``convert``)."""
+    return {k: v for k, v in model.state_dict().items() if ".inference." not in k}

@@ -1,0 +1,154 @@
+"""The worker's engine steps after training: prune -> fine-tune -> calibrate + QAT -> convert, with the accuracy
+before and after each step, so a trial shows what each step cost."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsnas.errors import TrialError
+from dsnas.kernels.linear import EngineLinear, engine_layers, layer_report
+
+NM = (2, 4)  # the one N:M pattern the sparsity choice "2:4" names, the one GPUs accelerate
+
+
+def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
+        checkpoint: Callable[[], None]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Apply the engine's steps to a trained ``model`` in place; returns (metrics, profile["engine"]).
+    Metrics: ``accuracy_<step>`` after each step that ran; the caller evaluates the converted model last."""
+    layers = engine_layers(model)
+    sparse = {n: m for n, m in layers.items() if m.sparsity != "dense"}
+    int8 = {n: m for n, m in layers.items() if m.precision == "int8"}
+    metrics: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    if sparse or int8:
+        _require(task)
+        metrics["accuracy_trained"] = task.evaluate(model, device)["accuracy"]
+    if sparse:
+        info["sparsity"] = _prune(model, task, device, engine, sparse, seed)
+        metrics["accuracy_pruned"] = task.evaluate(model, device)["accuracy"]
+        if engine.finetune_frac > 0:
+            _train(task, model, device, engine, engine.finetune_frac, seed + 1, checkpoint)
+            metrics["accuracy_finetuned"] = task.evaluate(model, device)["accuracy"]
+    if int8:
+        info["calibration"] = _calibrate(model, task, device, engine, int8, seed)
+        for layer in int8.values():
+            layer.qat = True
+        metrics["accuracy_calibrated"] = task.evaluate(model, device)["accuracy"]
+        if engine.qat_frac > 0:
+            _train(task, model, device, engine, engine.qat_frac, seed + 2, checkpoint)
+            metrics["accuracy_qat"] = task.evaluate(model, device)["accuracy"]
+    from dsnas.kernels.convert import convert
+
+    convert(model, int8_backend=engine.int8_backend)
+    info["layers"] = layer_report(model)
+    metrics["fallbacks"] = float(sum(m.fallbacks for m in layers.values()))
+    return metrics, info
+
+
+def _require(task: Any) -> None:
+    missing = [name for name in ("batches", "loss") if not callable(getattr(task, name, None))]
+    if missing:
+        raise TrialError(f"this architecture has sparse or int8 layers, which need the task to provide "
+                         f"{' and '.join(missing)}() (see dsnas/tasks/charlm.py); remove those choices or add them")
+
+
+def _train(task: Any, model: nn.Module, device: Any, engine: Any, fraction: float, seed: int,
+           checkpoint: Callable[[], None]) -> None:
+    kwargs = supported(task.train, fraction=fraction, lr_scale=engine.lr_scale, fallback_steps=engine.fallback_steps)
+    if "fraction" not in kwargs or "lr_scale" not in kwargs:
+        raise TrialError("fine-tuning and QAT need the task's train() to accept fraction= and lr_scale= "
+                         "(see dsnas/tasks/charlm.py)")
+    task.train(model, device, seed=seed, checkpoint=checkpoint, **kwargs)
+
+
+def supported(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments ``fn`` accepts: a user's task written before they existed still trains."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _prune(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[str, EngineLinear],
+           seed: int) -> dict[str, Any]:
+    """Resolve "auto" layers by their Hessian trace, then apply 2:4 masks chosen by the saliency criterion."""
+    from dsnas.kernels import sparsity
+
+    batches = task.batches(max(1, engine.calibration_batches), device, seed=seed)
+    diags = None
+    auto = [n for n, m in layers.items() if m.sparsity == "auto"]
+    if engine.saliency == "hessian" or auto:
+        diags = dict(zip(layers, _hessian_diag(model, task, batches, [m.weight for m in layers.values()],
+                                               engine.hessian_samples, seed)))
+    info: dict[str, Any] = {"saliency": engine.saliency, "pattern": f"{NM[0]}:{NM[1]}"}
+    chosen = [n for n, m in layers.items() if m.sparsity != "auto"]
+    if auto:
+        traces = sparsity.hessian_traces([diags[n] for n in auto])
+        ranked = sparsity.rank_layers_by_sensitivity(auto, traces, [layers[n].weight.numel() for n in auto])
+        # The least sensitive half of the "auto" layers is sparsified; the rest stay dense (their mask all ones).
+        chosen += ranked[: (len(ranked) + 1) // 2]
+        info["traces"] = {n: round(t, 6) for n, t in zip(auto, traces)}
+        info["auto_sparsified"] = sorted(ranked[: (len(ranked) + 1) // 2])
+    norms = sparsity.collect_input_norms(model, {n: layers[n] for n in chosen}, [x for x, _ in batches]) \
+        if engine.saliency == "wanda" else {}
+    for name in chosen:
+        weight = layers[name].weight.detach()
+        if engine.saliency == "hessian":
+            scores = sparsity.hessian_scores(weight, diags[name])
+        elif engine.saliency == "wanda":
+            scores = sparsity.wanda_scores(weight, norms[name])
+        else:
+            scores = sparsity.magnitude_scores(weight)
+        sparsity.prune_layer(layers[name], scores, *NM)
+    info["pruned"] = sorted(chosen)
+    return info
+
+
+def _hessian_diag(model: nn.Module, task: Any, batches: list[Any], params: list[torch.Tensor], samples: int,
+                  seed: int) -> list[torch.Tensor]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dsnas.kernels.sparsity import hutchinson_diag
+
+    x, y = batches[0]
+    was_training = model.training
+    model.train()
+    try:
+        # The fused attention kernels have no second derivative; the math one does.
+        with sdpa_kernel(SDPBackend.MATH):
+            return hutchinson_diag(lambda: task.loss(model, x, y), params, samples, seed)
+    finally:
+        model.train(was_training)
+
+
+def _calibrate(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[str, EngineLinear],
+               seed: int) -> dict[str, Any]:
+    """Observe each int8 layer's inputs over calibration batches and set its activation range."""
+    from dsnas.kernels.calibrate import make_calibrator
+
+    calibrators = {name: make_calibrator(engine.calibrator) for name in layers}
+
+    def observer(name: str) -> Callable[..., None]:
+        def observe(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            calibrators[name].observe(args[0].detach())
+        return observe
+
+    hooks = [layer.register_forward_pre_hook(observer(name)) for name, layer in layers.items()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, _ in task.batches(engine.calibration_batches, device, seed=seed + 3):
+                model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    amax = {}
+    for name, layer in layers.items():
+        layer.act_amax.fill_(float(calibrators[name].amax()))
+        amax[name] = round(float(layer.act_amax), 6)
+    return {"calibrator": engine.calibrator, "batches": engine.calibration_batches, "amax": amax}

@@ -1,0 +1,115 @@
+"""The worker's engine steps on a real (tiny) task: prune -> fine-tune -> calibrate + QAT -> convert, the accuracy
+after each step, what ran recorded per layer, and a search whose space has precision and sparsity choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_SPACE, TINY_STUDY
+
+from dsnas.kernels import pipeline
+from dsnas.kernels.convert import convert, training_state
+from dsnas.kernels.linear import engine_layers
+from dsnas.kernels.sparsity import check_nm
+from dsnas.models import build
+from dsnas.spec import EngineSpec
+from dsnas.tasks.charlm import CharLMConfig, CharLMTask
+
+
+@pytest.fixture(scope="module")
+def task() -> CharLMTask:
+    return CharLMTask(CharLMConfig(corpus_bytes=200_000, context=16, batch_size=8, train_tokens=4096,
+                                   val_tokens=512), ".")
+
+
+def _arch(*layers: tuple[str, str]) -> dict:
+    return {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+            "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": p, "sparsity": s} for p, s in layers]}
+
+
+def _run(task: CharLMTask, arch: dict, **engine: object) -> tuple[torch.nn.Module, dict, dict]:
+    torch.manual_seed(0)
+    model = build(arch)
+    task.train(model, "cpu", seed=0, checkpoint=lambda: None)
+    metrics, info = pipeline.run(model, task, "cpu", EngineSpec(calibration_batches=2, hessian_samples=2,
+                                                               **engine), seed=0, checkpoint=lambda: None)
+    return model, metrics, info
+
+
+def test_dense_fp32_models_skip_every_step(task):
+    model, metrics, info = _run(task, _arch(("fp32", "dense")))
+    assert metrics == {"fallbacks": 0.0}
+    assert {row["backend"] for row in info["layers"].values()} == {"fp32"}
+
+
+@pytest.mark.parametrize("saliency", ["hessian", "wanda", "magnitude"])
+def test_sparse_and_int8_layers_go_through_every_step_in_order(task, saliency):
+    model, metrics, info = _run(task, _arch(("int8", "2:4"), ("bf16", "dense")), saliency=saliency)
+    assert list(metrics) == ["accuracy_trained", "accuracy_pruned", "accuracy_finetuned", "accuracy_calibrated",
+                             "accuracy_qat", "fallbacks"]
+    assert info["sparsity"]["pruned"] == ["blocks.0.down", "blocks.0.proj", "blocks.0.qkv", "blocks.0.up"]
+    for name, layer in engine_layers(model).items():
+        row = info["layers"][name]
+        if name.startswith("blocks.0"):
+            check_nm(layer.weight != 0, 2, 4)  # fine-tuning and QAT kept the mask
+            assert row["backend"].startswith("int8:") and row["zero_share"] == 0.5 and row["reason"]
+            assert info["calibration"]["amax"][name] > 0
+        else:
+            assert row["backend"] == "bf16"
+
+
+def test_auto_sparsity_sparsifies_the_less_sensitive_half_by_hessian_trace(task):
+    _, _, info = _run(task, _arch(("fp32", "auto"), ("fp32", "auto")), saliency="magnitude")
+    traces = info["sparsity"]["traces"]
+    assert len(traces) == 8 and len(info["sparsity"]["auto_sparsified"]) == 4
+    per_weight = {n: t / w for n, t, w in zip(traces, traces.values(), _weights(_arch(("fp32", "dense")) | {
+        "layers": [{"n_heads": 2, "ffn_ratio": 2}] * 2}))}
+    kept_dense = set(traces) - set(info["sparsity"]["auto_sparsified"])
+    assert max(per_weight[n] for n in info["sparsity"]["auto_sparsified"]) <= min(per_weight[n] for n in kept_dense)
+    assert {info["layers"][n]["backend"] for n in kept_dense} == {"fp32"}
+
+
+def _weights(arch: dict) -> list[int]:
+    return [m.weight.numel() for m in engine_layers(build(arch)).values()]
+
+
+def test_a_reloaded_model_converts_to_the_same_outputs(task):
+    from dsnas.kernels.convert import int8_backends
+
+    model, _, _ = _run(task, _arch(("int8", "2:4")))
+    again = build(_arch(("int8", "2:4")))
+    again.load_state_dict(training_state(model))
+    convert(again, recorded=int8_backends(model))
+    x = torch.randint(0, 256, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+ENGINE_SPACE = TINY_SPACE.replace("d_model = [16, 32]", "d_model = [32]") + \
+    'precision = ["fp32", "bf16", "int8"]\nsparsity = ["dense", "2:4"]\n'
+
+
+def test_a_search_with_precision_and_sparsity_choices_runs_end_to_end(tmp_path: Path):
+    import optuna
+
+    from dsnas.cli import main
+
+    space = tmp_path / "space.toml"
+    space.write_text(ENGINE_SPACE)
+    study = tmp_path / "tiny.toml"
+    study.write_text(TINY_STUDY.format(space=space).replace("n_trials = 3", "n_trials = 4")
+                     + "[engine]\nhessian_samples = 2\ncalibration_batches = 2\n")
+    assert main(["search", str(study)]) == 0
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}").trials
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    choices = {t.params[k] for t in done for k in t.params if k.endswith((".precision", ".sparsity"))}
+    assert len(choices) >= 3  # the sampler did explore the engine's choices
+    for t in done:
+        layers = t.user_attrs["profile"]["engine"]["layers"]
+        assert len(layers) == 4 * len([k for k in t.params if k.endswith(".precision")])
+        assert all(row["backend"] for row in layers.values())
+        if any(v == "int8" for v in t.params.values()):
+            assert "accuracy_qat" in t.user_attrs and t.user_attrs["engine_s"] > 0
