@@ -1,0 +1,195 @@
+"""INT8 fake quantization (values and straight-through gradients), the INT8 inference backends against fp32, the
+measured backend choice, and the FP8 helpers (CPU) and layer (GPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsnas.errors import TrialError
+from dsnas.kernels.quant import (
+    INT8_BACKENDS,
+    Fp8Linear,
+    Int8Linear,
+    choose_int8_backend,
+    fake_quant_act,
+    fake_quant_weight,
+    fp8_dequantize_rows,
+    fp8_quantize_rows,
+    fp8_supported,
+    int8_backend_supported,
+)
+
+
+def _layer(out_features=48, in_features=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    return weight, torch.randn(out_features, generator=gen), torch.randn(3, 5, in_features, generator=gen)
+
+
+def test_fake_quant_weight_rounds_each_row_to_its_own_grid():
+    w = torch.tensor([[2.54, -1.27, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [127.0, 63.5, 0.4, -126.6]])
+    q = fake_quant_weight(w)
+    # Row 0: scale 0.02 -> -63.5 steps rounds half to even (-64), 25 steps stays; row 1 stays zero (no 0/0);
+    # row 2: scale 1 -> 63.5 rounds to 64, 0.4 to 0, -126.6 to -127.
+    expected = torch.tensor([[2.54, -1.28, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [127.0, 64.0, 0.0, -127.0]])
+    assert torch.allclose(q, expected, atol=1e-6)
+
+
+def test_fake_quant_act_clips_at_amax():
+    x = torch.tensor([0.4, 0.5, 1.5, 126.6, 200.0, -300.0])
+    q = fake_quant_act(x, torch.tensor(127.0))  # scale 1
+    assert torch.equal(q, torch.tensor([0.0, 0.0, 2.0, 127.0, 127.0, -127.0]))
+
+
+def test_fake_quant_gradients_pass_inside_and_stop_outside_the_clip_range():
+    x = torch.tensor([0.4, -3.0, 126.6, 127.0, 200.0, -300.0], requires_grad=True)
+    fake_quant_act(x, torch.tensor(127.0)).mul(torch.arange(1.0, 7.0)).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0]))
+
+    w = torch.randn(4, 8, requires_grad=True)
+    fake_quant_weight(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones(4, 8))  # the row amax is the row's own max: nothing is clipped
+
+
+def test_qat_layer_trains_through_fake_quantization():
+    weight, bias, x = _layer()
+    w = weight.clone().requires_grad_(True)
+    y = F.linear(fake_quant_act(x, torch.tensor(2.0)), fake_quant_weight(w), bias)
+    y.square().mean().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_fake_quant_act_keeps_the_dtype_and_refuses_an_uncalibrated_amax():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    assert fake_quant_act(x, torch.tensor(3.0)).dtype == torch.bfloat16
+    with pytest.raises(TrialError, match="act_amax > 0"):
+        fake_quant_act(x, torch.zeros(()))
+
+
+@pytest.mark.parametrize("backend", INT8_BACKENDS)
+def test_int8_linear_is_close_to_fp32(backend):
+    weight, bias, x = _layer()
+    ok, why = int8_backend_supported(backend, "cpu", 40, 48)
+    if not ok:
+        pytest.skip(why)
+    layer = Int8Linear.from_float(weight, bias, torch.tensor(x.abs().max().item()), backend)
+    with torch.inference_mode():
+        y = layer(x)
+    ref = F.linear(x, weight, bias)
+    assert layer.backend == backend and y.shape == ref.shape and y.dtype == torch.float32
+    assert (y - ref).norm() / ref.norm() < 0.03  # 8 bits: about 1% of the output scale
+
+
+def test_int8_static_reproduces_the_qat_numerics():
+    weight, bias, x = _layer()
+    amax = torch.tensor(2.5)
+    layer = Int8Linear.from_float(weight, bias, amax, "int8-static")
+    with torch.inference_mode():
+        y = layer(x)
+    assert torch.allclose(y, F.linear(fake_quant_act(x, amax), fake_quant_weight(weight), bias), atol=1e-5)
+
+
+def test_torch_dynamic_backend_hides_its_deprecation_warning():
+    weight, bias, x = _layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer = Int8Linear.from_float(weight, None, None, "torch-dynamic")
+        with torch.inference_mode():
+            layer(x)
+
+
+def test_int8_backend_errors_name_the_rule():
+    weight, bias, _ = _layer()
+    with pytest.raises(TrialError, match="int8-static needs the layer's calibrated act_amax"):
+        Int8Linear.from_float(weight, bias, None, "int8-static")
+    with pytest.raises(TrialError, match="must be 'auto' or one of"):
+        Int8Linear.from_float(weight, bias, 1.0, "fbgemm")
+    with pytest.raises(TrialError, match="positive and finite"):
+        Int8Linear.from_float(weight, bias, float("inf"), "torch-dynamic")
+    assert not int8_backend_supported("torch-dynamic", "meta", 8, 8)[0]
+
+
+def test_choose_int8_backend_measures_and_caches():
+    name, info = choose_int8_backend(32, 32, rows=(1, 17))
+    assert name in INT8_BACKENDS and info["rows"] == [1, 17]
+    assert set(info["ratios"]) | set(info["unavailable"]) == set(INT8_BACKENDS)
+    assert all(len(r) == 2 and min(r) > 0 for r in info["ratios"].values())
+    assert info["geomean"][name] == max(info["geomean"].values()) and info["threads"] == torch.get_num_threads()
+    again = choose_int8_backend(32, 32, rows=(1, 17))
+    assert again == (name, info)
+    again[1]["ratios"].clear()  # the caller's copy: the cache keeps its own
+    assert choose_int8_backend(32, 32, rows=(1, 17))[1]["ratios"]
+    layer = Int8Linear.from_float(torch.randn(32, 32), torch.randn(32), 3.0, name)  # the chosen one really runs
+    assert layer(torch.randn(2, 32)).shape == (2, 32)
+
+
+def test_auto_without_amax_skips_the_static_backend_and_says_why():
+    weight, bias, x = _layer(32, 32)
+    layer = Int8Linear.from_float(weight, bias, None, "auto")
+    assert layer.backend != "int8-static" and "int8-static (no calibrated act_amax)" in layer.reason
+    assert "int8-static" not in layer.ratios["ratios"]
+    assert layer(x[..., :32]).shape == (3, 5, 32)
+
+
+def test_fp8_rows_round_trip_within_e4m3_precision():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 64, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0.0
+    values, scale = fp8_quantize_rows(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
+    back = fp8_dequantize_rows(values, scale)
+    # 3 mantissa bits: a relative error of at most 2^-4 for normal values, 2^-10 * scale in the subnormal range.
+    assert torch.all((back - x).abs() <= x.abs() * 2**-4 + scale * 2**-10 + 1e-12)
+    assert torch.equal(back[2], torch.zeros(64))
+    top = x.abs().argmax(dim=1)
+    assert torch.allclose(back.gather(1, top[:, None]), x.gather(1, top[:, None]), rtol=1e-6)  # amax -> 448 exactly
+
+
+def test_fp8_is_refused_on_cpu_with_the_reason():
+    ok, why = fp8_supported("cpu")
+    assert not ok and "CUDA" in why
+    with pytest.raises(TrialError, match="fp8 inference cannot run here"):
+        Fp8Linear.from_float(torch.randn(32, 32), None)
+
+
+def test_importing_the_quant_modules_touches_no_hardware():
+    code = ("import sys, torch, dsnas.kernels.quant, dsnas.kernels.calibrate; "
+            "print(torch.cuda.is_initialized(), 'torchao' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_linear_on_gpu(rows, with_bias):
+    ok, why = fp8_supported("cuda")
+    if not ok:
+        pytest.skip(why)
+    weight, bias, _ = _layer(48, 64)
+    weight, bias = weight.cuda(), bias.cuda() if with_bias else None
+    x = torch.randn(rows, 64, device="cuda")
+    layer = Fp8Linear.from_float(weight, bias)
+    y = layer(x)
+    ref = F.linear(x, weight, bias)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert (y - ref).norm() / ref.norm() < 0.08  # e4m3 on both operands, bf16 out
+
+
+@pytest.mark.parametrize("backend", ["int8-static", "torchao-dynamic"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_linear_on_gpu(backend):
+    weight, bias, x = _layer(48, 64)
+    weight, bias, x = weight.cuda(), bias.cuda(), x.cuda()  # 15 rows: int8-static pads them past cuBLASLt's 16
+    layer = Int8Linear.from_float(weight, bias, torch.tensor(x.abs().max().item()), backend)
+    y = layer(x)
+    ref = F.linear(x, weight, bias)
+    assert (y - ref).norm() / ref.norm() < 0.03
