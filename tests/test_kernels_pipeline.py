@@ -33,8 +33,9 @@ def _run(task: CharLMTask, arch: dict, **engine: object) -> tuple[torch.nn.Modul
     torch.manual_seed(0)
     model = build(arch)
     task.train(model, "cpu", seed=0, checkpoint=lambda: None)
-    metrics, info = pipeline.run(model, task, "cpu", EngineSpec(calibration_batches=2, hessian_samples=2,
-                                                               **engine), seed=0, checkpoint=lambda: None)
+    spec = EngineSpec(calibration_batches=2, hessian_samples=2, **engine)
+    metrics, info = pipeline.run(model, task, "cpu", spec, seed=0, checkpoint=lambda: None)
+    pipeline.finish(model, spec, info)
     return model, metrics, info
 
 

@@ -1,5 +1,5 @@
-"""The worker's engine steps after training: prune -> fine-tune -> calibrate + QAT -> convert, with the accuracy
-before and after each step, so a trial shows what each step cost."""
+"""The worker's engine steps after training: prune -> fine-tune -> calibrate + QAT (``run``), then ``finish``
+converts to the inference form, with the accuracy after each step, so a trial shows what each step cost."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ NM = (2, 4)  # the one N:M pattern the sparsity choice "2:4" names, the one GPUs
 
 def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
         checkpoint: Callable[[], None]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Apply the engine's steps to a trained ``model`` in place; returns (metrics, profile["engine"]).
-    Metrics: ``accuracy_<step>`` after each step that ran; the caller evaluates the converted model last."""
+    """Apply the engine's training steps to a trained ``model`` in place; returns (metrics, profile["engine"]).
+    Metrics: ``accuracy_<step>`` after each step that ran; the caller converts (``finish``) and evaluates last."""
     layers = engine_layers(model)
     sparse = {n: m for n, m in layers.items() if m.sparsity != "dense"}
     int8 = {n: m for n, m in layers.items() if m.precision == "int8"}
@@ -42,12 +42,17 @@ def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
         if engine.qat_frac > 0:
             _train(task, model, device, engine, engine.qat_frac, seed + 2, checkpoint)
             metrics["accuracy_qat"] = task.evaluate(model, device)["accuracy"]
+    metrics["fallbacks"] = float(sum(m.fallbacks for m in layers.values()))
+    return metrics, info
+
+
+def finish(model: nn.Module, engine: Any, info: dict[str, Any]) -> None:
+    """Convert to the inference form and record what runs per layer. The worker calls it while it holds the
+    device alone: choosing an INT8 backend times the candidates, and other trials' work would skew that."""
     from dsnas.kernels.convert import convert
 
     convert(model, int8_backend=engine.int8_backend)
     info["layers"] = layer_report(model)
-    metrics["fallbacks"] = float(sum(m.fallbacks for m in layers.values()))
-    return metrics, info
 
 
 def _require(task: Any) -> None:
