@@ -51,6 +51,8 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
         amax = layer.act_amax if bool(layer.act_amax > 0) else None
         layer.inference = Int8Linear.from_float(weight, bias, amax, int8_backend)
         layer.backend, layer.reason = f"int8:{layer.inference.backend}", layer.inference.reason
+        if sparse:  # said, not hidden: the 2:4 zeros are multiplied like any other weight
+            layer.reason = f"2:4 zeros computed densely: the INT8 kernels here are dense; {layer.reason}"
     elif layer.precision == "fp8":
         from dsnas.kernels.quant import Fp8Linear, fp8_supported
 
@@ -59,6 +61,8 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
             raise TrialError(f"a layer chose fp8, which cannot run here: {why}")
         layer.inference = Fp8Linear.from_float(weight, bias)
         layer.backend = "fp8:scaled_mm"
+        if sparse:
+            layer.reason = "2:4 zeros computed densely: torch._scaled_mm has no sparse form"
     elif layer.precision in LOW:
         dtype = LOW[layer.precision]
         if sparse:

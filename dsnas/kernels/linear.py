@@ -87,6 +87,8 @@ def layer_report(model: nn.Module) -> dict[str, dict[str, Any]]:
                                "fallbacks": m.fallbacks}
         if m.mask is not None:
             row["zero_share"] = round(1.0 - m.mask.float().mean().item(), 4)
+            # Whether the zeros are skipped by a sparse kernel or multiplied densely (the reason says why).
+            row["sparse_kernel"] = m.backend.split(" ")[0] in ("cusparselt", "cutlass")
         if m.reason:
             row["reason"] = m.reason
         out[name] = row
