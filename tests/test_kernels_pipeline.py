@@ -115,3 +115,17 @@ def test_a_search_with_precision_and_sparsity_choices_runs_end_to_end(tmp_path: 
         assert all(row["backend"] for row in layers.values())
         if any(v == "int8" for v in t.params.values()):
             assert "accuracy_qat" in t.user_attrs and t.user_attrs["engine_s"] > 0
+
+
+def test_the_compile_option_measures_the_compiled_model():
+    from dsnas.evaluate import EvalRequest, evaluate
+    from dsnas.spec import HardwareSpec, TaskSpec
+
+    arch = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+            "layers": [{"n_heads": 2, "ffn_ratio": 2}]}
+    task = TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 16, "batch_size": 8, "train_tokens": 1024,
+                               "val_tokens": 512})
+    hardware = HardwareSpec(device="cpu", batch_sizes=(2,), warmup_s=0.01, measure_s=0.02)
+    result = evaluate(EvalRequest(0, arch, task, hardware, seed=0, engine=EngineSpec(compile=True)))
+    assert result.profile["engine"]["compiled"] is True
+    assert result.metrics["flops_per_token"] > 0 and result.metrics["latency_ms"] > 0
