@@ -45,7 +45,8 @@ def evaluate(request: EvalRequest) -> TrialResult:
     with gate.shared() as hold:
         train_start = time.perf_counter()
         train_metrics = task.train(model, device, seed=request.seed, checkpoint=hold.checkpoint,
-                                   **pipeline.supported(task.train, fallback_steps=request.engine.fallback_steps))
+                                   **pipeline.supported(task.train, fallback_steps=request.engine.fallback_steps,
+                                                        fraction=pipeline.main_fraction(model, request.engine)))
         trained = time.perf_counter()
         engine_metrics, engine_info = pipeline.run(model, task, device, request.engine, seed=request.seed,
                                                    checkpoint=hold.checkpoint)

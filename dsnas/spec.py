@@ -184,6 +184,9 @@ class EngineSpec:
         for key in ("finetune_frac", "qat_frac"):
             require(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]", getattr(self, key),
                     f"e.g. {key} = 0.25 (0 skips the step)")
+        require(self.finetune_frac + self.qat_frac <= 0.9, "qat_frac", "finetune_frac + qat_frac must be <= 0.9: "
+                "both come out of the task's training budget, and the first training needs the rest",
+                self.finetune_frac + self.qat_frac, "e.g. finetune_frac = 0.25 and qat_frac = 0.25")
         require(0 < self.lr_scale <= 1, "lr_scale", "must be in (0, 1]", self.lr_scale, "e.g. lr_scale = 0.3")
         for key in ("hessian_samples", "calibration_batches", "fallback_steps"):
             require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),

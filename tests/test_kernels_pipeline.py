@@ -39,6 +39,13 @@ def _run(task: CharLMTask, arch: dict, **engine: object) -> tuple[torch.nn.Modul
     return model, metrics, info
 
 
+def test_fine_tuning_and_qat_come_out_of_the_training_budget():
+    engine = EngineSpec(finetune_frac=0.2, qat_frac=0.3)
+    assert pipeline.main_fraction(build(_arch(("fp32", "dense"))), engine) == 1.0
+    assert pipeline.main_fraction(build(_arch(("fp32", "2:4"))), engine) == 0.8
+    assert pipeline.main_fraction(build(_arch(("int8", "dense"), ("bf16", "2:4"))), engine) == 0.5
+
+
 def test_dense_fp32_models_skip_every_step(task):
     model, metrics, info = _run(task, _arch(("fp32", "dense")))
     assert metrics == {"fallbacks": 0.0}

@@ -55,6 +55,15 @@ def finish(model: nn.Module, engine: Any, info: dict[str, Any]) -> None:
     info["layers"] = layer_report(model)
 
 
+def main_fraction(model: nn.Module, engine: Any) -> float:
+    """The share of the task's budget the first training gets: fine-tuning and QAT come out of the same budget, so
+    every candidate trains on as many tokens and a sparse or int8 one gains no accuracy from extra training."""
+    layers = engine_layers(model).values()
+    spent = (engine.finetune_frac if any(m.sparsity != "dense" for m in layers) else 0.0) + \
+        (engine.qat_frac if any(m.precision == "int8" for m in layers) else 0.0)
+    return 1.0 - spent
+
+
 def _require(task: Any) -> None:
     missing = [name for name in ("batches", "loss") if not callable(getattr(task, name, None))]
     if missing:
