@@ -28,6 +28,11 @@ class InterruptGuard:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    @property
+    def pending(self) -> bool:
+        """A Ctrl-C arrived during a write and waits for it to end (a wait for the database stops at once)."""
+        return self._pending
+
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._depth:
             self._pending = True

@@ -60,8 +60,11 @@ class BudgetSpec:
     max_failures: int | None = None
     trial_timeout_s: float | None = None  # a trial running longer fails, and its worker is reclaimed
     retries: int = 1  # times a trial whose worker died (crash, OOM kill, lost node) is run again
+    storage_outage_s: float = 120.0  # how long the driver waits for a lost database before it stops
 
     def __post_init__(self) -> None:
+        require(self.storage_outage_s >= 0, "storage_outage_s", "must be >= 0", self.storage_outage_s,
+                "set it in seconds, e.g. storage_outage_s = 120 (0 stops at the first lost connection)")
         require(self.trial_timeout_s is None or self.trial_timeout_s > 0, "trial_timeout_s", "must be > 0",
                 self.trial_timeout_s, "set it in seconds, e.g. trial_timeout_s = 600, or remove it")
         require(self.retries >= 0, "retries", "must be >= 0", self.retries, "set retries = 0 to never re-run")

@@ -7,8 +7,9 @@ import datetime
 import hashlib
 import os
 import socket
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,11 @@ def open_storage(url: str) -> Any:
 
     quiet_optuna()
     backend = make_url(url).get_backend_name()
-    engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if backend == "postgresql" else {}
+    # pool_pre_ping: after a database server restarts, every pooled connection is dead; a ping at checkout
+    # replaces it with a new one instead of failing the next write.
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
         # Two drivers opening a new database at once would both create Optuna's tables and collide (PostgreSQL
         # checks type and table names at commit); the first creates them while the other waits.
@@ -55,6 +60,136 @@ def _first_line(e: BaseException) -> str:
     """A driver error in one line, without SQLAlchemy's background link."""
     text = str(getattr(e, "orig", None) or e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# While the database is unreachable, storage operations are tried again after 0.5, 1, 2, 4, 8, 8, ... s.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 8.0
+# Errors of a DB-API driver that mean "no working connection" (PEP 249 names them the same in every driver).
+_LOST_CLASSES = ("OperationalError", "InterfaceError")
+_LOST_TEXT = ("server closed the connection", "connection refused", "could not connect", "connection is closed",
+              "terminating connection", "connection reset", "broken pipe", "no connection to the server")
+_DB_MODULES = ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "MySQLdb", "optuna", "sqlite3")
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it: Optuna wraps SQLAlchemy's errors, which wrap the driver's) says the
+    connection to the database failed, so that the same operation may succeed once the server is back.
+    Integrity, programming and data errors say no: repeating them cannot help."""
+    return _lost_cause(error) is not None
+
+
+def _lost_cause(error: BaseException) -> BaseException | None:
+    """The error in ``error``'s chain that says the connection failed, or None."""
+    from sqlalchemy import exc
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (exc.IntegrityError, exc.ProgrammingError, exc.DataError, exc.NotSupportedError)):
+            return None
+        if isinstance(current, exc.DBAPIError) and current.connection_invalidated:
+            return current
+        if _driver_says_lost(getattr(current, "orig", None) or current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _driver_says_lost(error: BaseException) -> bool:
+    module = type(error).__module__.split(".")[0]
+    if module not in _DB_MODULES:
+        return False  # a candidate's own error, say, that happens to mention a connection
+    text = str(error).lower()
+    if module == "sqlite3":  # a file, not a server: only a lock held by another process passes
+        return "database is locked" in text or "database is busy" in text
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & set(_LOST_CLASSES)) or any(t in text for t in _LOST_TEXT)
+
+
+class StorageLost(DsnasError):
+    """The database stayed unreachable for longer than the study waits for it ([budget] storage_outage_s)."""
+
+    def __init__(self, url: str, waited_s: float, limit_s: float, error: str, interrupted: bool = False) -> None:
+        self.url, self.waited_s, self.limit_s, self.error = display_url(url), waited_s, limit_s, error
+        self.summary = (f"the database {self.url} was unreachable for {waited_s:.1f} s "
+                        + ("and the search was interrupted" if interrupted else
+                           f"([budget] storage_outage_s = {limit_s:g}); last error {error}"))
+        super().__init__(f"{self.summary}. Fix: start the database server or repair the network, then run the same "
+                         "command to resume; to wait longer, raise [budget] storage_outage_s")
+
+
+class OutageRetry:
+    """Runs storage operations through a database outage: an operation that failed because the connection was
+    lost runs again, with exponential backoff, until it succeeds or the outage (counted from the first failure,
+    across operations) lasted ``limit_s``; then every operation raises :class:`StorageLost`. Prints one line
+    when the database is lost and one when it is back."""
+
+    def __init__(self, url: str, limit_s: float, say: Callable[[str], None],
+                 interrupted: Callable[[], bool] = lambda: False) -> None:
+        self.url, self.limit_s, self.say, self.interrupted = url, limit_s, say, interrupted
+        self.lost_since: float | None = None
+        self.last_error = ""
+        self.given_up: StorageLost | None = None
+        self.outages_s: list[float] = []  # how long each outage survived lasted
+        self.retrying = False  # True while an operation runs again: a try before may have reached the server
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, through an outage; ``what`` names it in the lost line (e.g. "store trial 3")."""
+        outer, self.retrying = self.retrying, False
+        delay = BACKOFF_FIRST_S
+        try:
+            while True:
+                if self.given_up is not None:
+                    raise self.given_up
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as e:
+                    if not connection_lost(e):
+                        raise
+                    self._wait(what, e, delay)
+                    delay, self.retrying = min(2 * delay, BACKOFF_MAX_S), True
+                    continue
+                self._back()
+                return result
+        finally:
+            self.retrying = outer
+
+    def _wait(self, what: str, error: BaseException, delay: float) -> None:
+        now = time.monotonic()
+        self.last_error = _first_line(_lost_cause(error) or error)  # the driver's words, not Optuna's wrapper's
+        if self.lost_since is None:
+            self.lost_since = now
+            self.say(f"  database lost: {display_url(self.url)} ({self.last_error}) on the way to {what}; "
+                     f"retrying with backoff for up to {self.limit_s:g} s ([budget] storage_outage_s)")
+        left = self.lost_since + self.limit_s - now
+        if left <= 0:
+            self._give_up()
+        until = now + min(delay, left)
+        try:
+            while (pause := until - time.monotonic()) > 0:
+                if self.interrupted():  # Ctrl-C, held back while a write is under way: do not make it wait
+                    self._give_up(interrupted=True)
+                time.sleep(min(pause, 0.1))
+        except KeyboardInterrupt:
+            self.given_up = StorageLost(self.url, time.monotonic() - self.lost_since, self.limit_s, self.last_error,
+                                        interrupted=True)
+            raise
+
+    def _give_up(self, interrupted: bool = False) -> None:
+        assert self.lost_since is not None
+        self.given_up = StorageLost(self.url, time.monotonic() - self.lost_since, self.limit_s, self.last_error,
+                                    interrupted)
+        raise self.given_up
+
+    def _back(self) -> None:
+        if self.lost_since is None:
+            return
+        lasted = time.monotonic() - self.lost_since
+        self.outages_s.append(lasted)
+        self.lost_since = None
+        self.say(f"  database back after {lasted:.1f} s; the search goes on")
 
 
 @contextmanager
@@ -188,6 +323,10 @@ def requeue(study: Any, trial: Any) -> int:
     import optuna
     from optuna.trial import TrialState
 
+    for queued in study.get_trials(deepcopy=False):
+        # Queued already: a repeat after a lost connection, or another driver recovered it first.
+        if queued.system_attrs.get("failed_trial") == trial.number:
+            return int(queued.user_attrs.get("attempt", 2))
     attempt = int(trial.user_attrs.get("attempt", 1)) + 1
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from dsnas.errors import DsnasError
@@ -43,9 +44,12 @@ class RayExecutor(BaseExecutor):
         self._remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=gpus, max_retries=0,
                                   retry_exceptions=False)(evaluate_fn)
         self._running: dict[Any, int] = {}
+        self._oom_kills_at_submit: dict[Any, int | None] = {}  # ref -> the kernel's OOM-kill count then
 
     def submit(self, request: EvalRequest) -> None:
-        self._running[self._remote.remote(request)] = request.trial
+        ref = self._remote.remote(request)
+        self._running[ref] = request.trial
+        self._oom_kills_at_submit[ref] = oom_kills()
 
     def wait(self, timeout: float) -> list[Finished]:
         if not self._running:
@@ -54,17 +58,24 @@ class RayExecutor(BaseExecutor):
         out: list[Finished] = []
         for ref in ready:
             number = self._running.pop(ref)
+            oom_before = self._oom_kills_at_submit.pop(ref, None)
             try:
                 out.append((number, self._ray.get(ref)))
             except Exception as e:
-                out.append((number, _cause(e)))
+                out.append((number, explain_death(_cause(e), oom_before, oom_kills(), self._one_machine)))
         return out
+
+    def _one_machine(self) -> bool:
+        """Whether every node of the cluster runs on this machine, where /proc/vmstat counts OOM kills."""
+        here = {"127.0.0.1", "localhost", self._ray.util.get_node_ip_address()}
+        return all(node["NodeManagerAddress"] in here for node in self._ray.nodes() if node["Alive"])
 
     def cancel(self, trial: int) -> None:
         for ref, number in list(self._running.items()):
             if number == trial:
                 self._ray.cancel(ref, force=True)  # force: the worker process is killed, its CPUs/GPU freed
                 del self._running[ref]
+                self._oom_kills_at_submit.pop(ref, None)
 
     def lost_worker(self, error: BaseException) -> bool:
         from ray import exceptions as rex
@@ -76,6 +87,7 @@ class RayExecutor(BaseExecutor):
         for ref in self._running:
             self._ray.cancel(ref, force=True)
         self._running.clear()
+        self._oom_kills_at_submit.clear()
 
     def close(self) -> None:
         if self._owns_ray and self._ray.is_initialized():
@@ -88,4 +100,32 @@ def _cause(error: Exception) -> BaseException:
 
     if isinstance(error, RayTaskError) and error.cause is not None:
         return error.cause
+    return error
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has ended on this machine since boot (None where unknown)."""
+    try:
+        with open("/proc/vmstat") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("oom_kill ")), None)
+    except OSError:
+        return None
+
+
+def explain_death(error: BaseException, oom_before: int | None, oom_after: int | None,
+                  one_machine: Callable[[], bool]) -> BaseException:
+    """A worker's death as the reason the trial failed: an out-of-memory kill says so (Ray's memory monitor
+    says it itself; the kernel's OOM killer does not, so a crash while its kill count on this machine rose is
+    named as one, with the evidence); anything else is returned as it is."""
+    from ray.exceptions import OutOfMemoryError, WorkerCrashedError
+
+    if isinstance(error, OutOfMemoryError):
+        said = " ".join(str(error).strip().splitlines()[:2])  # what happened; the rest is Ray's advice
+        return OutOfMemoryError(f"out of memory: Ray's memory monitor killed the worker. {said}")
+    if (isinstance(error, WorkerCrashedError) and oom_before is not None and oom_after is not None
+            and oom_after > oom_before and one_machine()):
+        return OutOfMemoryError(
+            f"out of memory: the worker died (WorkerCrashedError) while the kernel's OOM killer ended "
+            f"{oom_after - oom_before} process(es) on this machine (oom_kill in /proc/vmstat went {oom_before} -> "
+            f"{oom_after}); give trials more memory, or leave the largest models out of the search space")
     return error
