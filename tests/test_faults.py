@@ -1,6 +1,7 @@
 """Faults a search survives, each injected for real: a worker process that dies mid-trial (run again up to
-[budget] retries), a trial past its time limit (failed, its worker killed), training that diverges (a FAIL
-trial with the reason, not a crash)."""
+[budget] retries), one that the kernel's OOM killer ends (the same, with "out of memory" as the reason), a trial
+past its time limit (failed, its worker killed), training that diverges (a FAIL trial with the reason, not a
+crash)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import pytest
 from optuna.trial import TrialState
 
 from dsnas.cli import main
+from dsnas.executors.ray_executor import explain_death
+from dsnas.tasks.faults import memory_cgroup, memory_cgroup_supported
 
 
-def faulty_study(study_file, fault: str, n_trials: int, extra_budget: str = "") -> str:
+def faulty_study(study_file, fault: str, n_trials: int, extra_budget: str = "", extra_task: str = "") -> str:
     """The tiny study, on Ray, with a task that injects ``fault`` into the first trial's training."""
     marker = study_file.parent / "marker.txt"
     text = study_file.read_text().replace('name = "charlm"', f'name = "dsnas.tasks.faults:faulty_charlm"\n'
-                                                               f'fault = "{fault}"\nmarker = "{marker}"')
+                                                               f'fault = "{fault}"\nmarker = "{marker}"\n{extra_task}')
     text = text.replace("n_trials = 3", f"n_trials = {n_trials}\n{extra_budget}").replace('kind = "local"', 'kind = "ray"')
     study_file.write_text(text)
     return str(marker)
@@ -42,6 +45,47 @@ def test_a_worker_that_dies_fails_its_trial_which_runs_again(tiny_study, capsys)
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].params == failed[0].params and retried[0].user_attrs["attempt"] == 2
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2  # the search went on to its budget
+
+
+@pytest.mark.slow
+def test_a_worker_the_kernel_kills_for_memory_fails_its_trial_as_out_of_memory_and_runs_again(tiny_study):
+    ok, why = memory_cgroup_supported()
+    if not ok:
+        pytest.skip(why)
+    # The first trial's worker joins a cgroup of 64 MiB and allocates until the kernel's OOM killer ends it:
+    # the machine's memory is never at stake.
+    with memory_cgroup(limit_mb=64) as cgroup:
+        faulty_study(tiny_study, "oom_once", n_trials=2, extra_budget="retries = 1", extra_task=f'cgroup = "{cgroup}"')
+        assert main(["search", str(tiny_study)]) == 0
+    trials = stored(tiny_study)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    reason = failed[0].user_attrs["fail_reason"]
+    assert reason.startswith("its worker died (OutOfMemoryError: out of memory: the worker died (WorkerCrashedError) "
+                             "while the kernel's OOM killer ended"), reason
+    retried = [t for t in trials if t.user_attrs.get("requeued_from") == failed[0].number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == failed[0].params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+def test_a_worker_death_is_named_out_of_memory_only_with_evidence():
+    from ray.exceptions import OutOfMemoryError, WorkerCrashedError
+
+    monitor = OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the node was "
+                               "23.1GB / 24.0GB (0.96).\n\nRefer to the documentation on how to address it.")
+    said = explain_death(monitor, None, None, lambda: True)
+    assert isinstance(said, OutOfMemoryError)
+    assert str(said) == ("out of memory: Ray's memory monitor killed the worker. Task was killed due to the node "
+                         "running low on memory. Memory on the node was 23.1GB / 24.0GB (0.96).")
+    crash = WorkerCrashedError()
+    kernel = explain_death(crash, 3, 4, lambda: True)
+    assert isinstance(kernel, OutOfMemoryError) and "oom_kill in /proc/vmstat went 3 -> 4" in str(kernel)
+    assert explain_death(crash, 3, 3, lambda: True) is crash  # no OOM kill meanwhile: a crash
+    assert explain_death(crash, 3, 4, lambda: False) is crash  # nodes elsewhere: this machine's count says nothing
+    assert explain_death(crash, None, None, lambda: True) is crash  # no /proc/vmstat
+    diverged = ValueError("loss is nan")
+    assert explain_death(diverged, 3, 4, lambda: True) is diverged
 
 
 @pytest.mark.slow
