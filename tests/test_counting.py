@@ -76,3 +76,23 @@ def test_the_model_runs_once_and_both_counts_agree_under_inference_mode():
     gelu = 4 * (2 * 40 * 32)
     linear2 = 4 * (40 * 32 + 32 * 4 + 4 + 40 * 4)
     assert nbytes == linear1 + gelu + linear2
+
+
+def test_int8_layers_count_the_work_of_the_fp32_layer_they_replace():
+    import torch
+
+    from dsnas.kernels.convert import convert
+    from dsnas.models import build
+    from dsnas.profiler.counting import count_flops_and_bytes
+
+    counts = {}
+    for precision, backend in [("fp32", "auto"), ("int8", "torch-dynamic"), ("int8", "int8-static")]:
+        model = build({"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+                       "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": precision}]})
+        for module in model.modules():
+            if hasattr(module, "act_amax"):
+                module.act_amax.fill_(3.0)
+        convert(model, int8_backend=backend)
+        with torch.inference_mode():
+            counts[backend] = count_flops_and_bytes(lambda m=model: m(torch.randint(0, 256, (2, 16))))[0]
+    assert counts["torch-dynamic"] == counts["int8-static"] == counts["auto"] > 0
