@@ -41,6 +41,7 @@ def evaluate(request: EvalRequest) -> TrialResult:
     device = resolve_device(request.hardware.device)
     task = make_task(request.task)
     model = build(request.arch).to(device)
+    pipeline.check_task(model, task)
     gate = MeasureGate(device_key(device))
     with gate.shared() as hold:
         train_start = time.perf_counter()

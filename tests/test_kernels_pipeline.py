@@ -46,6 +46,18 @@ def test_fine_tuning_and_qat_come_out_of_the_training_budget():
     assert pipeline.main_fraction(build(_arch(("int8", "dense"), ("bf16", "2:4"))), engine) == 0.5
 
 
+def test_a_task_that_cannot_fine_tune_is_refused_before_any_training():
+    from dsnas.errors import TrialError
+
+    class Plain:  # a user's task written for dense fp32 models only
+        def train(self, model, device, *, seed, checkpoint):
+            raise AssertionError("must not train")
+
+    pipeline.check_task(build(_arch(("fp32", "dense"))), Plain())
+    with pytest.raises(TrialError, match=r"batches\(\), loss\(\), train\(fraction=\), train\(lr_scale=\)"):
+        pipeline.check_task(build(_arch(("int8", "dense"))), Plain())
+
+
 def test_dense_fp32_models_skip_every_step(task):
     model, metrics, info = _run(task, _arch(("fp32", "dense")))
     assert metrics == {"fallbacks": 0.0}

@@ -26,7 +26,7 @@ def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
     metrics: dict[str, float] = {}
     info: dict[str, Any] = {}
     if sparse or int8:
-        _require(task)
+        check_task(model, task)
         metrics["accuracy_trained"] = task.evaluate(model, device)["accuracy"]
     if sparse:
         info["sparsity"] = _prune(model, task, device, engine, sparse, seed)
@@ -64,19 +64,22 @@ def main_fraction(model: nn.Module, engine: Any) -> float:
     return 1.0 - spent
 
 
-def _require(task: Any) -> None:
-    missing = [name for name in ("batches", "loss") if not callable(getattr(task, name, None))]
+def check_task(model: nn.Module, task: Any) -> None:
+    """Before any training: a model with sparse or int8 layers needs a task that can fine-tune and calibrate."""
+    layers = engine_layers(model).values()
+    if not any(m.sparsity != "dense" or m.precision == "int8" for m in layers):
+        return
+    missing = [f"{name}()" for name in ("batches", "loss") if not callable(getattr(task, name, None))]
+    kwargs = supported(task.train, fraction=1.0, lr_scale=1.0)
+    missing += [f"train({k}=)" for k in ("fraction", "lr_scale") if k not in kwargs]
     if missing:
         raise TrialError(f"this architecture has sparse or int8 layers, which need the task to provide "
-                         f"{' and '.join(missing)}() (see dsnas/tasks/charlm.py); remove those choices or add them")
+                         f"{', '.join(missing)} (see dsnas/tasks/charlm.py); remove those choices or add them")
 
 
 def _train(task: Any, model: nn.Module, device: Any, engine: Any, fraction: float, seed: int,
            checkpoint: Callable[[], None]) -> None:
     kwargs = supported(task.train, fraction=fraction, lr_scale=engine.lr_scale, fallback_steps=engine.fallback_steps)
-    if "fraction" not in kwargs or "lr_scale" not in kwargs:
-        raise TrialError("fine-tuning and QAT need the task's train() to accept fraction= and lr_scale= "
-                         "(see dsnas/tasks/charlm.py)")
     task.train(model, device, seed=seed, checkpoint=checkpoint, **kwargs)
 
 
