@@ -133,3 +133,17 @@ def test_the_training_state_leaves_out_inference_forms_and_reloads():
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_a_converted_model_counts_each_weight_once_at_its_inference_width():
+    from dsnas.kernels.convert import inference_size
+
+    sizes = {}
+    for precision in ("fp32", "bf16"):
+        model = build({**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": precision}]})
+        convert(model)
+        sizes[precision] = inference_size(model)
+    plain = build({**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2}]})
+    assert sizes["fp32"][0] == sizes["bf16"][0] == sum(p.numel() for p in plain.parameters())
+    linear_weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, EngineLinear))
+    assert sizes["fp32"][1] - sizes["bf16"][1] == 2 * linear_weights

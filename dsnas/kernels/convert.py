@@ -80,6 +80,40 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
         layer.backend = "fp32"
 
 
+def untrained_inference_form(model: nn.Module) -> nn.Module:
+    """A freshly built model in the inference form a trial would measure: 2:4 layers get a magnitude mask (the
+    kernels need the pattern; timings do not depend on which weights are kept), then ``convert``."""
+    from dsnas.kernels.sparsity import magnitude_scores, prune_layer
+
+    for layer in engine_layers(model).values():
+        if layer.sparsity != "dense":
+            prune_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
+    convert(model)
+    return model
+
+
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
+
+
+def inference_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes of the weights inference uses). A converted layer keeps its fp32 master weight (saved
+    weights are the training form) beside its inference form; count each weight once, at its inference width.
+    Bytes are algorithmic (a weight at its dtype's width, plus fp32 bias and per-row scales)."""
+    params, nbytes = 0, 0
+    engine = engine_layers(model)
+    inside = {id(t) for layer in engine.values() for t in [*layer.parameters(), *layer.buffers()]}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in inside:
+            params += t.numel() if isinstance(t, nn.Parameter) else 0
+            nbytes += t.numel() * t.element_size()
+    for layer in engine.values():
+        width = BYTES_PER_WEIGHT[layer.precision] if layer.inference is not None else 4
+        params += layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
+        scaled = layer.inference is not None and layer.precision in ("int8", "fp8")  # fp32 per-row scales
+        nbytes += layer.weight.numel() * width + 4 * layer.out_features * (2 if scaled else 1)
+    return params, nbytes
+
+
 def int8_backends(model: nn.Module) -> dict[str, str]:
     """The INT8 backend each converted layer runs, for ``convert(recorded=...)`` when the model is loaded again."""
     return {name: layer.backend.removeprefix("int8:") for name, layer in engine_layers(model).items()

@@ -11,10 +11,32 @@ from dsnas.profiler.device import fingerprint, fingerprint_id
 from dsnas.profiler.memory import peak_memory
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
 
-BACKEND = "eager-fp32"  # what runs today; the engine's precision/sparsity choices will name theirs
+BACKEND = "eager-fp32"  # a model without engine layers; an engine model names its layers' backends
 DTYPE = "float32"
 # Figures of the largest batch size that also stand for the whole trial (besides latency at the smallest).
 AT_LARGEST = ("gflop_s", "gb_s", "flop_util", "bw_util", "flops_per_token")
+
+
+def _size(model: Any) -> tuple[int, int]:
+    """(parameters, weight bytes at inference) of the model as it runs (see dsnas.kernels.convert)."""
+    from dsnas.kernels.convert import inference_size
+
+    return inference_size(getattr(model, "_orig_mod", model))
+
+
+def _backend(model: Any) -> tuple[str, str]:
+    """What runs: "eager-fp32", or the engine layers' backends (e.g. "engine:fp32+int8:torch-dynamic") and
+    "mixed" when their precisions differ; "compiled-" in front under torch.compile. At most 64 characters."""
+    from dsnas.kernels.linear import engine_layers
+
+    eager = getattr(model, "_orig_mod", model)
+    layers = engine_layers(eager).values()
+    backends = sorted({m.backend for m in layers})
+    precisions = {m.precision for m in layers}
+    name = BACKEND if backends in ([], ["fp32"], ["dense"]) else "engine:" + "+".join(backends)
+    name = ("compiled-" if eager is not model else "") + name
+    dtype = DTYPE if precisions <= {"fp32"} else (precisions.pop() if len(precisions) == 1 else "mixed")
+    return name[:64], dtype
 
 
 def measure(model: Any, task: Any, device: Any, hardware: Any,
@@ -25,12 +47,13 @@ def measure(model: Any, task: Any, device: Any, hardware: Any,
     import torch
 
     fp = fingerprint(device)
-    params = float(sum(p.numel() for p in model.parameters()))
+    params = float(_size(model)[0])
     threads = (hardware.threads or os.cpu_count()) if device.type == "cpu" else None
     entry = (cached or {}).get(fingerprint_id(fp))
     if entry and entry["threads"] == threads and all(str(bs) in entry["batches"] for bs in hardware.batch_sizes):
         return _reuse(entry, fp, params, hardware)
-    profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": BACKEND, "dtype": DTYPE,
+    backend, dtype = _backend(model)
+    profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": backend, "dtype": dtype,
                                "cache": {"hit": False}, "unavailable": {}}
     batches: dict[int, dict[str, Any]] = {}
     model.eval()
@@ -76,7 +99,7 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
                         max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
                         events=torch.cuda.Event if cuda else None)
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weight_bytes = _size(model)[1]
     peak = peak_memory(lambda: model(batch), device, weight_bytes)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model counts as its eager self: same algorithm
     flops, nbytes = count_flops_and_bytes(lambda: eager(batch))

@@ -14,6 +14,7 @@ from dsnas.errors import DsnasError
 def load_target(target: str, trial: int | None) -> tuple[Any, Any, Any, str]:
     """(model, TaskSpec, HardwareSpec, what it is) for a bundle folder, a study file with --trial, or an
     architecture JSON file (``{"family": ...}`` or ``{"arch": {...}}``, measured with the default task)."""
+    from dsnas.kernels.convert import untrained_inference_form
     from dsnas.models import build, validate
     from dsnas.spec import HardwareSpec, TaskSpec
 
@@ -35,7 +36,7 @@ def load_target(target: str, trial: int | None) -> tuple[Any, Any, Any, str]:
     task = TaskSpec("charlm", {k: arch[k] for k in ("context",) if k in arch}, str(path.parent))
     try:
         validate(arch)
-        model = build(arch)
+        model = untrained_inference_form(build(arch))
     except Exception as e:
         raise DsnasError(f"{path}: not a buildable architecture ({type(e).__name__}: {e}). Fix: correct it, "
                          "or export a trial with `dsnas export`") from None
@@ -55,6 +56,7 @@ def _bundle(path: Path) -> tuple[Any, Any, Any, str]:
 
 
 def _trial(path: Path, trial: int | None) -> tuple[Any, Any, Any, str]:
+    from dsnas.kernels.convert import untrained_inference_form
     from dsnas.models import build
     from dsnas.search import open_study
     from dsnas.spec import load_study
@@ -67,8 +69,9 @@ def _trial(path: Path, trial: int | None) -> tuple[Any, Any, Any, str]:
     if not found:
         raise DsnasError(f"--trial {trial}: study {spec.name!r} has no trial {trial} with an architecture. "
                          f"Fix: pick one of {[t.number for t in study.trials if 'arch' in t.user_attrs]}")
-    # Dense timings do not depend on the weights' values, so the trial's architecture is built fresh.
-    return build(found[0].user_attrs["arch"]), spec.task, spec.hardware, \
+    # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
+    # form its layers chose (INT8 kernels, 2:4 masks).
+    return untrained_inference_form(build(found[0].user_attrs["arch"])), spec.task, spec.hardware, \
         f"study {spec.name!r} trial {trial} (untrained weights)"
 
 
