@@ -137,6 +137,31 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predictor(args: argparse.Namespace) -> int:
+    """Fit a per-device predictor of latency (or peak memory) on the study's measurements and print its held-out
+    accuracy (cross-validated by architecture) next to a FLOPs-only baseline."""
+    from dsnas.profiler.predictor import by_device, check_folds, evaluate_predictor, study_rows
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    check_folds(args.folds)
+    spec = load_study(args.study_file)
+    devices = by_device(study_rows(open_study(spec, create=False)))
+    if not devices:
+        raise DsnasError(f"{spec.path}: study {spec.name!r} has no measurement with counted FLOPs. "
+                         "Fix: run `dsnas search` on it first")
+    refused = []
+    for fp, rows in devices.items():
+        try:
+            print(evaluate_predictor(rows, args.target, folds=args.folds).table())
+        except DsnasError as e:
+            refused.append(f"device {fp}: {e}")
+            print(f"device {fp}: skipped: {e}")
+    if len(refused) == len(devices):
+        raise DsnasError(f"{spec.path}: study {spec.name!r}, " + "; ".join(refused))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsnas", description="Hardware-aware neural architecture search.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -205,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="per-kernel (CUDA) or per-operator (CPU) times")
     p.add_argument("--cuda-graphs", action="store_true", help="GPU: also time CUDA-graph replays")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("predictor", help=cmd_predictor.__doc__, description=cmd_predictor.__doc__)
+    p.add_argument("study_file")
+    p.add_argument("--target", choices=("latency", "peak_memory"), default="latency", help="what to predict")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, split by architecture (5)")
+    p.set_defaults(func=cmd_predictor)
     return parser
 
 

@@ -1,0 +1,262 @@
+"""A per-device predictor of latency (or peak memory) from architecture features, fitted on a study's stored
+measurements, and its held-out accuracy next to a FLOPs-only power law.
+
+numpy only: a few dozen rows and twenty features need no more than a ridge regression, and a fit that takes
+microseconds can be redone whenever a new measurement disagrees with it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dsnas.errors import DsnasError
+
+# As dsnas.kernels.linear names them; copied so that this module does not import torch.
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
+SPARSITIES = ("dense", "2:4", "auto")
+TARGETS = {"latency": "latency_ms", "peak_memory": "peak_memory_mb"}
+FEATURES = ("log_flops", "log_bytes", "log_params", "log_batch_size", "n_layers", "d_model",
+            *(f"n_{p}" for p in PRECISIONS), *(f"n_{s}" for s in SPARSITIES), "mean_ffn_ratio", "mean_heads")
+MIN_ARCHS = 8  # below this a 5-fold split leaves one or two architectures to learn twenty weights from
+L2 = 1.0  # on standardized features: small enough to fit, large enough that collinear counts stay tame
+WITHIN = 0.10
+
+
+@dataclass(frozen=True)
+class MeasuredRow:
+    """One architecture at one batch size on one device (repeated measurements merged by their median)."""
+
+    fingerprint_id: str
+    device: str
+    arch_key: str  # the architecture's hash: the unit the folds split by
+    arch: dict[str, Any]
+    batch_size: int
+    flops: float  # counted per call (one forward pass at this batch size)
+    bytes: float
+    params: float
+    latency_ms: float
+    peak_memory_mb: float | None
+
+    def value(self, target: str) -> float | None:
+        return getattr(self, TARGETS[_check_target(target)])
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Held-out accuracy of one model: share of predictions within +-10%, Spearman rank correlation, MAPE."""
+
+    within_10: float
+    spearman: float
+    mape: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    target: str
+    fingerprint_id: str
+    device: str
+    n_rows: int
+    n_archs: int
+    folds: int
+    predictor: Scores
+    baseline: Scores  # log(target) = a + b log(FLOPs), fitted on the same training folds
+
+    def table(self) -> str:
+        head = (f"device {self.fingerprint_id} ({self.device}): {self.n_rows} rows, {self.n_archs} architectures, "
+                f"{self.folds}-fold split by architecture, target {self.target}")
+        lines = [head, f"  {'model':<20} {'within +-10%':>12} {'Spearman':>9} {'MAPE':>8}"]
+        for name, s in (("predictor (ridge)", self.predictor), ("FLOPs-only baseline", self.baseline)):
+            lines.append(f"  {name:<20} {s.within_10:>12.0%} {s.spearman:>9.3f} {s.mape:>8.1%}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A fitted ridge regression on log(target); ``predict`` answers in the target's unit (ms or MB)."""
+
+    target: str
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    n_rows: int
+    n_archs: int
+    train: Scores  # on its own training rows: a lower bound on its error, for the driver's drift guard
+
+    def predict(self, arch: dict[str, Any], flops: float, bytes: float, params: float, batch_size: int) -> float:
+        x = features(arch, flops, bytes, params, batch_size)[None, :]
+        return float(self._predict(x)[0])
+
+    def predict_rows(self, rows: list[MeasuredRow]) -> np.ndarray:
+        return self._predict(_matrix(rows))
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        return np.exp((x - self.mean) / self.scale @ self.coef + self.intercept)
+
+
+def features(arch: dict[str, Any], flops: float, bytes: float, params: float, batch_size: int) -> np.ndarray:
+    """The feature vector (see FEATURES): counts in log space, because latency follows them as a power law."""
+    layers = arch.get("layers", [])
+    precisions = [layer.get("precision", "fp32") for layer in layers]
+    sparsities = [layer.get("sparsity", "dense") for layer in layers]
+    return np.array([math.log(flops), math.log(bytes), math.log(params), math.log(batch_size), len(layers),
+                     arch.get("d_model", 0), *(precisions.count(p) for p in PRECISIONS),
+                     *(sparsities.count(s) for s in SPARSITIES), _layer_mean(layers, "ffn_ratio"),
+                     _layer_mean(layers, "n_heads")], dtype=float)
+
+
+def _layer_mean(layers: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([layer[key] for layer in layers])) if layers else 0.0
+
+
+def study_rows(study: Any) -> list[MeasuredRow]:
+    """Every measurement of an open study joined with its trial's architecture and counted FLOPs/bytes/params,
+    one row per (device, architecture, batch size). Trials without counts (older dsnas) are left out."""
+    from dsnas.profiler.device import short_hash
+    from dsnas.results.tables import measurements
+
+    attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    archs: dict[str, dict[str, Any]] = {}
+    for rec in measurements(study).to_dict("records"):
+        ua, bs = attrs.get(rec["trial_number"], {}), int(rec["batch_size"])
+        counts = (ua.get(f"flops_bs{bs}"), ua.get(f"bytes_bs{bs}"), ua.get("params"))
+        if "arch" not in ua or not all(counts):
+            continue
+        key = short_hash(ua["arch"])
+        archs[key] = ua["arch"]
+        groups.setdefault((rec["fingerprint_id"], key, bs), []).append({**rec, "counts": counts})
+    return [_merge(fp, key, archs[key], bs, recs) for (fp, key, bs), recs in groups.items()]
+
+
+def _merge(fp: str, key: str, arch: dict[str, Any], bs: int, recs: list[dict[str, Any]]) -> MeasuredRow:
+    # A cached or repeated measurement of the same architecture is one data point, not several: counting it
+    # twice would weigh the architectures the sampler liked more than the others.
+    peaks = [r["peak_memory_bytes"] / 2**20 for r in recs if _number(r.get("peak_memory_bytes"))]
+    flops, bytes_, params = recs[0]["counts"]
+    return MeasuredRow(fp, str(recs[0].get("device") or "?"), key, arch, bs, float(flops), float(bytes_),
+                       float(params), float(np.median([r["latency_ms_median"] for r in recs])),
+                       float(np.median(peaks)) if peaks else None)
+
+
+def _number(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x)) and x > 0
+
+
+def by_device(rows: list[MeasuredRow]) -> dict[str, list[MeasuredRow]]:
+    """Rows per device fingerprint id: a latency measured on one device says nothing about another."""
+    out: dict[str, list[MeasuredRow]] = {}
+    for row in rows:
+        out.setdefault(row.fingerprint_id, []).append(row)
+    return out
+
+
+def fit_predictor(rows: list[MeasuredRow], target: str = "latency") -> Predictor:
+    """Fit the ridge predictor of ``target`` ("latency" or "peak_memory") on the rows of one device."""
+    rows = _usable(rows, target)
+    x, y = _matrix(rows), np.log([r.value(target) for r in rows])
+    mean, scale, coef, intercept = _ridge(x, y)
+    fitted = np.exp((x - mean) / scale @ coef + intercept)
+    return Predictor(target, mean, scale, coef, intercept, len(rows), len({r.arch_key for r in rows}),
+                     _scores(np.exp(y), fitted))
+
+
+def evaluate_predictor(rows: list[MeasuredRow], target: str = "latency", folds: int = 5,
+                       seed: int = 0) -> Evaluation:
+    """K-fold cross-validation split by architecture (an architecture's batch sizes are all on one side, so a
+    held-out prediction is for an architecture the model never saw): the predictor and the FLOPs-only baseline."""
+    rows = _usable(rows, target)
+    y = np.array([r.value(target) for r in rows])
+    ours, base = np.empty_like(y), np.empty_like(y)
+    splits = arch_folds(rows, folds, seed)
+    for held in splits:
+        train = [r for i, r in enumerate(rows) if i not in held]
+        idx = sorted(held)
+        ours[idx] = fit_predictor(train, target).predict_rows([rows[i] for i in idx])
+        a, b = _power_law(train, target)
+        base[idx] = np.exp(a + b * np.log([rows[i].flops for i in idx]))
+    return Evaluation(target, rows[0].fingerprint_id, rows[0].device, len(rows), len({r.arch_key for r in rows}),
+                      len(splits), _scores(y, ours), _scores(y, base))
+
+
+def arch_folds(rows: list[MeasuredRow], folds: int, seed: int = 0) -> list[set[int]]:
+    """Row indices of each held-out fold; whole architectures are assigned to folds at random."""
+    check_folds(folds)
+    keys = sorted({r.arch_key for r in rows})
+    order = np.random.default_rng(seed).permutation(len(keys))
+    k = min(folds, len(keys))
+    fold_of = {keys[j]: n % k for n, j in enumerate(order)}
+    return [{i for i, r in enumerate(rows) if fold_of[r.arch_key] == f} for f in range(k)]
+
+
+def check_folds(folds: int) -> None:
+    if folds < 2:
+        raise DsnasError(f"--folds {folds}: cross-validation needs at least 2 folds. Fix: e.g. --folds 5")
+
+
+def _usable(rows: list[MeasuredRow], target: str) -> list[MeasuredRow]:
+    """The rows that have the target, of one device, refused when too few architectures to learn from."""
+    rows = [r for r in rows if r.value(target) is not None and r.value(target) > 0]
+    devices = sorted({r.fingerprint_id for r in rows})
+    if len(devices) > 1:
+        raise DsnasError(f"rows from {len(devices)} devices ({', '.join(devices)}): a predictor is per device. "
+                         "Fix: split them with by_device(rows)")
+    n = len({r.arch_key for r in rows})
+    if n < MIN_ARCHS:
+        raise DsnasError(f"the {target} predictor needs at least {MIN_ARCHS} measured architectures on one device, "
+                         f"got {n}; run more trials")
+    return rows
+
+
+def _matrix(rows: list[MeasuredRow]) -> np.ndarray:
+    return np.stack([features(r.arch, r.flops, r.bytes, r.params, r.batch_size) for r in rows])
+
+
+def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    # Standardized, so that one L2 weight means the same for a log count and a layer count; a feature that
+    # never varies (no fp8 layer in this space) gets scale 1 and weight 0 instead of a division by zero.
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    z = (x - mean) / scale
+    intercept = float(y.mean())  # not penalized
+    coef = np.linalg.solve(z.T @ z + L2 * np.eye(z.shape[1]), z.T @ (y - intercept))
+    return mean, scale, coef, intercept
+
+
+def _power_law(rows: list[MeasuredRow], target: str) -> tuple[float, float]:
+    """a, b of log(target) = a + b log(FLOPs), by least squares."""
+    x = np.log([r.flops for r in rows])
+    y = np.log([r.value(target) for r in rows])
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(a), float(b)
+
+
+def _scores(actual: np.ndarray, predicted: np.ndarray) -> Scores:
+    rel = np.abs(predicted - actual) / actual
+    return Scores(float(np.mean(rel <= WITHIN)), spearman(actual, predicted), float(np.mean(rel)), len(actual))
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their average rank."""
+    _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2)[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's on the ranks; nan when either side is constant."""
+    ra, rb = ranks(a), ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise DsnasError(f"target {target!r}: must be one of {', '.join(TARGETS)}. Fix: e.g. --target latency")
+    return target

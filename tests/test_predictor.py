@@ -1,0 +1,160 @@
+"""The latency predictor: it learns a known law that FLOPs alone miss, its folds never split an architecture, it
+refuses too few architectures, and `dsnas predictor` prints its accuracy (or that one refusal) for a stored study."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dsnas.errors import DsnasError
+from dsnas.profiler.predictor import (
+    PRECISIONS,
+    SPARSITIES,
+    MeasuredRow,
+    arch_folds,
+    evaluate_predictor,
+    fit_predictor,
+    spearman,
+)
+from tests.conftest import TINY_STUDY
+
+CONTEXT = 16
+FINGERPRINT = {"device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "torch": "test", "dsnas": "test", "host": "t"}
+
+
+def random_arch(rng: random.Random) -> dict[str, Any]:
+    layers = [{"n_heads": rng.choice([1, 2, 4]), "ffn_ratio": rng.choice([1, 2, 4]),
+               "precision": rng.choice(["fp32", "int8"]), "sparsity": rng.choice(["dense", "2:4"])}
+              for _ in range(rng.randint(1, 4))]
+    return {"family": "transformer_lm", "d_model": rng.choice([32, 64, 96, 128]), "layers": layers,
+            "vocab_size": 256, "context": CONTEXT}
+
+
+def counts(arch: dict[str, Any], batch_size: int) -> tuple[float, float, float]:
+    """FLOPs, bytes and parameters of one call, roughly as a transformer's would be."""
+    d = arch["d_model"]
+    params = sum((4 + 2 * layer["ffn_ratio"]) * d * d for layer in arch["layers"]) + 2 * 256 * d
+    flops = 2.0 * params * batch_size * CONTEXT
+    return flops, 4.0 * params + 8.0 * batch_size * CONTEXT * d * len(arch["layers"]), float(params)
+
+
+def true_latency_ms(arch: dict[str, Any], flops: float) -> float:
+    # FLOPs matter, but every int8 layer halves the time of its share: a law FLOPs alone cannot see.
+    n_int8 = sum(layer["precision"] == "int8" for layer in arch["layers"])
+    return 1e-6 * flops ** 0.9 * math.exp(-0.5 * n_int8)
+
+
+def synthetic_rows(n_archs: int, seed: int = 0, noise: float = 0.01) -> list[MeasuredRow]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_archs):
+        arch = random_arch(rng)
+        for bs in (1, 32):
+            flops, nbytes, params = counts(arch, bs)
+            latency = true_latency_ms(arch, flops) * math.exp(rng.gauss(0, noise))
+            rows.append(MeasuredRow("fp0", "Test CPU", f"arch{i}", arch, bs, flops, nbytes, params, latency,
+                                    nbytes / 2**20))
+    return rows
+
+
+def test_names_match_the_engine() -> None:
+    from dsnas.kernels.linear import PRECISIONS as ENGINE_PRECISIONS
+    from dsnas.kernels.linear import SPARSITIES as ENGINE_SPARSITIES
+
+    assert (PRECISIONS, SPARSITIES) == (ENGINE_PRECISIONS, ENGINE_SPARSITIES)
+
+
+def test_predictor_learns_what_flops_miss() -> None:
+    result = evaluate_predictor(synthetic_rows(40), "latency", folds=5)
+    assert (result.n_rows, result.n_archs, result.folds) == (80, 40, 5)
+    assert result.predictor.within_10 > 0.9, result
+    assert result.predictor.within_10 > result.baseline.within_10 + 0.3, result
+    assert result.predictor.mape < result.baseline.mape / 2, result
+    assert result.predictor.spearman > result.baseline.spearman, result
+    assert "FLOPs-only baseline" in result.table()
+
+
+def test_fit_predictor_predicts_a_new_architecture() -> None:
+    predictor = fit_predictor(synthetic_rows(30), "latency")
+    assert predictor.train.within_10 > 0.95 and predictor.n_archs == 30
+    arch = random_arch(random.Random(99))
+    flops, nbytes, params = counts(arch, 8)
+    assert predictor.predict(arch, flops, nbytes, params, 8) == pytest.approx(true_latency_ms(arch, flops), rel=0.1)
+
+
+def test_folds_never_split_an_architecture() -> None:
+    rows = synthetic_rows(13)
+    folds = arch_folds(rows, 5, seed=3)
+    assert sorted(i for fold in folds for i in fold) == list(range(len(rows)))
+    for fold in folds:
+        held = {rows[i].arch_key for i in fold}
+        assert held.isdisjoint(r.arch_key for i, r in enumerate(rows) if i not in fold)
+
+
+def test_refuses_too_few_architectures() -> None:
+    with pytest.raises(DsnasError, match="needs at least 8 measured architectures on one device, got 5; run more"):
+        evaluate_predictor(synthetic_rows(5), "latency")
+    two_devices = synthetic_rows(10) + [MeasuredRow(**{**vars(r), "fingerprint_id": "fp1"}) for r in synthetic_rows(10)]
+    with pytest.raises(DsnasError, match="a predictor is per device"):
+        fit_predictor(two_devices)
+
+
+def test_spearman_uses_average_ranks_for_ties() -> None:
+    from scipy.stats import spearmanr
+
+    a, b = np.array([1.0, 2.0, 2.0, 3.0, 5.0]), np.array([2.0, 1.0, 4.0, 4.0, 9.0])
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert math.isnan(spearman(a, np.ones(5)))
+
+
+def test_cli_refuses_a_study_with_three_trials(finished_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dsnas.cli import main
+
+    assert main(["predictor", str(finished_study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(finished_study) in err, err
+    assert "needs at least 8 measured architectures on one device, got" in err and "run more trials" in err, err
+
+
+def stored_study(tmp_path: Path, n_archs: int) -> Path:
+    """A study file and a database of completed trials whose user attrs are what the driver stores, with
+    latencies from the synthetic law: a study with enough architectures, without training any."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from dsnas.storage import quiet_optuna
+
+    quiet_optuna()
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(TINY_STUDY.format(space=tmp_path / "unused_space.toml"))
+    (tmp_path / "unused_space.toml").write_text("family = \"transformer_lm\"\n[choices]\nn_layers = [1]\n"
+                                                "d_model = [16]\n[per_layer]\nn_heads = [1]\nffn_ratio = [1]\n")
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}",
+                                directions=["maximize", "maximize"])
+    for i, row in enumerate(synthetic_rows(n_archs)[::2]):  # batch size 1 of each architecture
+        attrs = {"arch": row.arch, "params": row.params, "flops_bs1": row.flops, "bytes_bs1": row.bytes,
+                 "profile": {"fingerprint": FINGERPRINT, "backend": "eager-fp32", "batches": {"1": {
+                     "median_ms": row.latency_ms, "p10_ms": row.latency_ms, "p90_ms": row.latency_ms,
+                     "spread": 0.0, "repeats": 10, "peak_memory_mb": row.peak_memory_mb}}}}
+        study.add_trial(optuna.trial.create_trial(values=[0.5, 1000.0 + i], user_attrs=attrs,
+                                                  params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}))
+    return study_file
+
+
+def test_cli_prints_predictor_and_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dsnas.cli import main
+
+    study_file = stored_study(tmp_path, 20)
+    assert main(["predictor", str(study_file), "--folds", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "20 rows, 20 architectures, 4-fold split by architecture, target latency" in out, out
+    assert "predictor (ridge)" in out and "FLOPs-only baseline" in out and "Test CPU" in out, out
+    assert main(["predictor", str(study_file), "--target", "peak_memory"]) == 0
+    assert "target peak_memory" in capsys.readouterr().out
+    assert main(["predictor", str(study_file), "--folds", "1"]) == 2
+    assert "--folds 1: cross-validation needs at least 2 folds" in capsys.readouterr().err
