@@ -98,11 +98,12 @@ def _weights(arch: dict) -> list[int]:
 
 def test_a_reloaded_model_converts_to_the_same_outputs(task):
     from dsnas.kernels.convert import int8_backends
+    from dsnas.kernels.linear import layer_report
 
     model, _, _ = _run(task, _arch(("int8", "2:4")))
     again = build(_arch(("int8", "2:4")))
     again.load_state_dict(training_state(model))
-    convert(again, recorded=int8_backends(model))
+    convert(again, recorded=int8_backends(layer_report(model)))
     x = torch.randint(0, 256, (3, 16))
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)

@@ -58,8 +58,10 @@ def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
 
 def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
     import dsnas
+    from dsnas.kernels.convert import int8_backends
 
     hw = spec.hardware
+    layers = frozen.user_attrs.get("profile", {}).get("engine", {}).get("layers", {})
     return {"_type": BUNDLE_TYPE, "_version": BUNDLE_VERSION, "arch": frozen.user_attrs["arch"],
             "study": spec.name, "trial": frozen.number, "dsnas_version": dsnas.__version__,
             # What verify needs to rebuild the task and measure again; base_dir resolves relative paths in params.
@@ -67,13 +69,7 @@ def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
             "hardware": {"batch_sizes": list(hw.batch_sizes), "threads": hw.threads, "warmup_s": hw.warmup_s,
                          "measure_s": hw.measure_s},
             # The INT8 code each layer ran when measured, so load() runs the same code where it can.
-            "engine": {"int8_backends": recorded_int8_backends(frozen.user_attrs.get("profile", {}))}}
-
-
-def recorded_int8_backends(profile: dict[str, Any]) -> dict[str, str]:
-    layers = profile.get("engine", {}).get("layers", {})
-    return {name: row["backend"].removeprefix("int8:") for name, row in layers.items()
-            if str(row.get("backend", "")).startswith("int8:")}
+            "engine": {"int8_backends": int8_backends(layers)}}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -114,10 +114,11 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
     return params, nbytes
 
 
-def int8_backends(model: nn.Module) -> dict[str, str]:
-    """The INT8 backend each converted layer runs, for ``convert(recorded=...)`` when the model is loaded again."""
-    return {name: layer.backend.removeprefix("int8:") for name, layer in engine_layers(model).items()
-            if layer.backend.startswith("int8:")}
+def int8_backends(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The INT8 backend each layer ran, from a layer report (``layer_report``, or a trial's
+    ``profile["engine"]["layers"]``), for ``convert(recorded=...)`` when the model is loaded again."""
+    return {name: row["backend"].removeprefix("int8:") for name, row in layers.items()
+            if str(row.get("backend", "")).startswith("int8:")}
 
 
 def training_state(model: nn.Module) -> dict[str, Any]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
-SPARSITIES = ("dense", "2:4", "auto")  # "auto": the Hessian trace decides whether this layer is sparsified
+from dsnas.kernels.choices import PRECISIONS, SPARSITIES
+
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The dtype each precision trains in: int8 trains in fp32 and then with fake quantization (QAT); fp8 trains in bf16
 # and is converted to per-row scaled fp8 for inference (fp8 training is out of scope).

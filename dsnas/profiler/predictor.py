@@ -1,8 +1,8 @@
 """A per-device predictor of latency (or peak memory) from architecture features, fitted on a study's stored
 measurements, and its held-out accuracy next to a FLOPs-only power law.
 
-numpy only: a few dozen rows and twenty features need no more than a ridge regression, and a fit that takes
-microseconds can be redone whenever a new measurement disagrees with it."""
+numpy (scipy for Spearman's rank correlation): a few dozen rows and twenty features need no more than a ridge
+regression, and a fit that takes microseconds can be redone whenever a new measurement disagrees with it."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ from typing import Any
 import numpy as np
 
 from dsnas.errors import DsnasError
+from dsnas.kernels.choices import PRECISIONS, SPARSITIES
 
-# As dsnas.kernels.linear names them; copied so that this module does not import torch.
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
-SPARSITIES = ("dense", "2:4", "auto")
 TARGETS = {"latency": "latency_ms", "peak_memory": "peak_memory_mb"}
 FEATURES = ("log_flops", "log_bytes", "log_params", "log_batch_size", "n_layers", "d_model",
             *(f"n_{p}" for p in PRECISIONS), *(f"n_{s}" for s in SPARSITIES), "mean_ffn_ratio", "mean_heads")
@@ -241,19 +239,13 @@ def _scores(actual: np.ndarray, predicted: np.ndarray) -> Scores:
     return Scores(float(np.mean(rel <= WITHIN)), spearman(actual, predicted), float(np.mean(rel)), len(actual))
 
 
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties sharing their average rank."""
-    _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts
-    return (first + (counts - 1) / 2)[inverse]
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation: Pearson's on the ranks; nan when either side is constant."""
-    ra, rb = ranks(a), ranks(b)
-    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+    """Spearman's rank correlation (scipy's: ties share their average rank); nan when either side is constant."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def _check_target(target: str) -> str:
