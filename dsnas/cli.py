@@ -141,12 +141,14 @@ def cmd_predictor(args: argparse.Namespace) -> int:
     """Fit a per-device predictor of latency (or peak memory) on the study's measurements and print its held-out
     accuracy (cross-validated by architecture) next to a FLOPs-only baseline."""
     from dsnas.profiler.predictor import by_device, check_folds, evaluate_predictor, study_rows
+    from dsnas.screening import search_record
     from dsnas.search import open_study
     from dsnas.spec import load_study
 
     check_folds(args.folds)
     spec = load_study(args.study_file)
-    devices = by_device(study_rows(open_study(spec, create=False)))
+    study = open_study(spec, create=False)
+    devices = by_device(study_rows(study))
     if not devices:
         raise DsnasError(f"{spec.path}: study {spec.name!r} has no measurement with counted FLOPs. "
                          "Fix: run `dsnas search` on it first")
@@ -159,6 +161,9 @@ def cmd_predictor(args: argparse.Namespace) -> int:
             print(f"device {fp}: skipped: {e}")
     if len(refused) == len(devices):
         raise DsnasError(f"{spec.path}: study {spec.name!r}, " + "; ".join(refused))
+    record = search_record(study)
+    if record:
+        print(record)
     return 0
 
 

@@ -23,6 +23,8 @@ class Progress:
         self.out = out or sys.stdout
         self.completed = 0
         self.failed = 0
+        self.pruned = 0  # stopped at a rung (they count toward n_trials)
+        self.skipped = 0  # skipped by the predictor before training (they do not)
         self.front_points: list[list[float]] = []  # objective values of feasible completed trials
         self._t0 = time.monotonic()
 
@@ -37,6 +39,8 @@ class Progress:
 
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.completed = len(done)
+        self.pruned = sum(t.user_attrs.get("pruned_by") == "rung"
+                          for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
         self.front_points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0)]
         budget = self.spec.budget
         limits = [f"{budget.n_trials} trials"] if budget.n_trials else []
@@ -44,8 +48,20 @@ class Progress:
         objectives = ", ".join(f"{o.direction} {o.name}" for o in self.spec.objectives)
         self._say(f"dsnas: study {self.spec.name!r} ({objectives}); budget {' or '.join(limits)}; "
                   f"executor {self.spec.executor.kind}; storage {display_url(self.spec.storage)}")
-        if self.completed:
-            self._say(f"  resuming: {self.completed} completed trials already stored count toward the budget")
+        if self.completed or self.pruned:
+            pruned = f" and {self.pruned} pruned" if self.pruned else ""
+            self._say(f"  resuming: {self.completed} completed{pruned} trials already stored count toward the budget")
+        pruning = self.spec.pruning
+        if pruning.enabled:
+            from dsnas.pruning import RungPlan
+
+            rungs = ", ".join(f"{r:.0%}" for r in RungPlan(pruning).rungs)
+            self._say(f"  pruning: {pruning.kind.replace('_', ' ')}, eta {pruning.eta}, rungs at {rungs} of the "
+                      "training budget; measured first, so a candidate over a hardware limit stops untrained")
+        limits = [f"{m} {v:g}" for m, v in self.spec.hardware.constraints.items()]
+        if self.spec.predictor.skip and limits:
+            self._say(f"  predictor: skips a candidate predicted over a limit ({', '.join(limits)}) by more than "
+                      f"{self.spec.predictor.margin:.0%}, once enough architectures are measured")
         if requeued:
             self._say(f"  re-queued {len(requeued)} trial(s) left RUNNING by a stopped driver: "
                       f"{', '.join('#' + str(n) for n in requeued)} (marked FAIL)")
@@ -60,6 +76,15 @@ class Progress:
         shown = "  ".join(f"{o.name} {_fmt(o.metric, v)}" for o, v in zip(self.spec.objectives, values))
         self._say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else "  (infeasible)"))
 
+    def pruned_trial(self, number: int, rung: int, fraction: float, reason: str, running: dict[int, Any]) -> None:
+        self.pruned += 1
+        where = "before training" if rung == 0 else f"at rung {rung} ({fraction:.0%} of the budget)"
+        self._say(f"{self._status(running)}  trial {number} pruned {where}: {reason}")
+
+    def skipped_trial(self, number: int, arch_short: str, reason: str, running: dict[int, Any]) -> None:
+        self.skipped += 1
+        self._say(f"{self._status(running)}  trial {number} skipped untrained ({arch_short}): {reason}")
+
     def failed_trial(self, number: int, reason: str, running: dict[int, Any]) -> None:
         self.failed += 1
         self._say(f"{self._status(running)}  trial {number} FAILED: {reason.splitlines()[0][:200]}")
@@ -67,8 +92,10 @@ class Progress:
     def _status(self, running: dict[int, Any]) -> str:
         total = f"/{self.spec.budget.n_trials}" if self.spec.budget.n_trials else ""
         front = len(front_indices(self.front_points, self.spec.directions))
-        return (f"[{self.elapsed():6.1f}s] done {self.completed}{total} · running {len(running)} · "
-                f"failed {self.failed} · front {front} ·")
+        pruned = f" ({self.pruned} pruned)" if self.pruned else ""
+        skipped = f"skipped {self.skipped} · " if self.skipped else ""
+        return (f"[{self.elapsed():6.1f}s] done {self.completed + self.pruned}{total}{pruned} · running "
+                f"{len(running)} · failed {self.failed} · {skipped}front {front} ·")
 
 
 def _fmt(metric: str, value: float) -> str:

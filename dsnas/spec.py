@@ -15,6 +15,8 @@ from typing import Any
 
 from dsnas.config import build_section, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
+from dsnas.pruning import PruningSpec
+from dsnas.screening import PredictorSpec
 
 # Objective name -> (metric key reported by the worker, default direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -217,6 +219,8 @@ class StudySpec:
     hardware: HardwareSpec
     executor: ExecutorSpec
     engine: EngineSpec = field(default_factory=EngineSpec)
+    pruning: PruningSpec = field(default_factory=PruningSpec)
+    predictor: PredictorSpec = field(default_factory=PredictorSpec)
 
     @property
     def base_dir(self) -> Path:
@@ -227,7 +231,8 @@ class StudySpec:
         return [o.direction for o in self.objectives]
 
 
-_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor", "engine")
+_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor", "engine", "pruning",
+             "predictor")
 
 
 def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
@@ -274,6 +279,8 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         hardware=build_section(where, "hardware", HardwareSpec, section_table(where, raw, "hardware")),
         executor=build_section(where, "executor", ExecutorSpec, section_table(where, raw, "executor")),
         engine=build_section(where, "engine", EngineSpec, section_table(where, raw, "engine")),
+        pruning=build_section(where, "pruning", PruningSpec, section_table(where, raw, "pruning")),
+        predictor=build_section(where, "predictor", PredictorSpec, section_table(where, raw, "predictor")),
     )
 
 

@@ -56,6 +56,8 @@ measure_s = 0.02
 max_latency_ms = 1000
 [executor]
 kind = "local"
+[pruning]
+kind = "none"  # every trial trains fully: the tests of other features count completed trials
 """
 
 

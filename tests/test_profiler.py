@@ -55,6 +55,31 @@ def test_gate_is_reentrant_in_sequence(tmp_path):
             pass
 
 
+def test_a_paused_hold_lets_a_measurer_in_and_then_holds_again(tmp_path):
+    import threading
+
+    gate = MeasureGate("paused", tmp_path)
+    measured = threading.Event()
+
+    def measure():
+        with gate.exclusive():
+            measured.set()
+
+    with gate.shared() as hold:
+        with hold.paused():  # a trial waiting for the driver's answer at a rung
+            thread = threading.Thread(target=measure)
+            thread.start()
+            assert measured.wait(10), "the measurer waited for a hold that computes nothing"
+            thread.join(10)
+        measured.clear()
+        blocked = threading.Thread(target=measure)
+        blocked.start()
+        time.sleep(0.3)
+        assert not measured.is_set()  # held again after the pause
+    blocked.join(10)
+    assert measured.is_set()
+
+
 def test_time_calls_reports_median_and_spread():
     calls = []
     timing = time_calls(lambda: calls.append(time.sleep(0.002)), lambda: None, warmup_s=0.01, measure_s=0.05)

@@ -240,6 +240,21 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      "qat_frac = 0.25"),
     ("engine-int8-backend", {"engine": {"int8_backend": "onednn"}}, "engine.int8_backend", "must be one of ['auto'",
      'int8_backend = "auto"'),
+    # multi-fidelity and the predictor
+    ("pruning-kind", {"pruning": {"kind": "asha"}}, "pruning.kind", "must be one of ['none', 'successive_halving'",
+     'kind = "successive_halving"'),
+    ("pruning-eta", {"pruning": {"eta": 1}}, "pruning.eta", "must be >= 2, but got 1", "eta = 3"),
+    ("pruning-min-fraction", {"pruning": {"min_fraction": 0.0}}, "pruning.min_fraction", "must be between 0 and 1",
+     "min_fraction = 0.333"),
+    ("pruning-no-rung", {"pruning": {"min_fraction": 0.5}}, "pruning.min_fraction", "must be <= 1/eta (1/3)",
+     "min_fraction = 0.333"),
+    ("pruning-min-trials", {"pruning": {"min_trials": 0}}, "pruning.min_trials", "must be >= 1", "min_trials = 3"),
+    ("pruning-unknown-key", {"pruning": {"rungs": 3}}, "pruning.rungs", "is not a known key", "known keys: kind"),
+    ("predictor-margin", {"predictor": {"margin": -0.1}}, "predictor.margin", "must be >= 0", "margin = 0.2"),
+    ("predictor-refit-error", {"predictor": {"refit_error": 0}}, "predictor.refit_error", "must be > 0",
+     "refit_error = 0.3"),
+    ("predictor-recent", {"predictor": {"recent": 0}}, "predictor.recent", "must be >= 1", "its default (5)"),
+    ("predictor-skip-type", {"predictor": {"skip": 1}}, "predictor.skip", "must be of type bool", "true or false"),
 ]
 
 @pytest.mark.parametrize(("overrides", "key", "rule", "fix"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -43,3 +43,30 @@ def test_training_on_the_budget_learns(tmp_path):
     assert task.example_batch(4, CPU).shape == (4, 32)
     assert torch.equal(task.example_batch(4, CPU), task.example_batch(4, CPU))
     assert task.fingerprint()["corpus_sha256"] == CharLMTask(config, ".").fingerprint()["corpus_sha256"]
+
+
+def test_training_reports_at_each_rung_and_a_rung_that_raises_stops_it():
+    config = CharLMConfig(corpus_bytes=200_000, context=16, batch_size=8, train_tokens=8 * 16 * 30, val_tokens=512)
+    task = CharLMTask(config, ".")
+    model = build({"family": "transformer_lm", "d_model": 16, "layers": [{"n_heads": 1, "ffn_ratio": 1}],
+                   **task.arch_defaults()})
+    steps, seen = [], []
+
+    def at_rung(k):
+        seen.append((k, len(steps)))
+
+    task.train(model, CPU, seed=0, checkpoint=lambda: steps.append(1), rungs=(1 / 9, 1 / 3, 1 / 3), at_rung=at_rung)
+    assert seen == [(0, 4), (1, 10), (2, 10)]  # after ceil(30 / 9) and 30 / 3 steps; a repeated share twice
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second(k):
+        if k == 1:
+            raise Stop
+    steps.clear()
+    try:
+        task.train(model, CPU, seed=0, checkpoint=lambda: steps.append(1), rungs=(0.2, 0.5), at_rung=stop_at_second)
+    except Stop:
+        pass
+    assert len(steps) == 15  # stopped after half the steps, as the rung asked

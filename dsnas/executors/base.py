@@ -6,10 +6,14 @@ import abc
 from collections.abc import Callable
 
 from dsnas.evaluate import EvalRequest, TrialResult
+from dsnas.rungs import RungReport
 
 EvaluateFn = Callable[[EvalRequest], TrialResult]
 # A finished trial: its number, and its result or the reason it failed.
 Finished = tuple[int, TrialResult | BaseException]
+# The driver's answer to a trial at a rung: True when it goes on. Executors call it from wait(), on the driver's
+# thread, so that the driver alone writes the study.
+RungHandler = Callable[[RungReport], bool]
 
 
 class BaseExecutor(abc.ABC):
@@ -21,7 +25,8 @@ class BaseExecutor(abc.ABC):
 
     @abc.abstractmethod
     def wait(self, timeout: float) -> list[Finished]:
-        """Trials that finished, waiting up to ``timeout`` seconds for at least one."""
+        """Trials that finished, waiting up to ``timeout`` seconds for at least one; rung reports that arrive
+        meanwhile are answered through the executor's RungHandler."""
 
     @abc.abstractmethod
     def cancel_all(self) -> None:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dsnas.evaluate import EvalRequest, TrialResult, evaluate
-from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished
+from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished, RungHandler
+from dsnas.rungs import LocalChannel
 
 
 class LocalExecutor(BaseExecutor):
     slots = 1
 
-    def __init__(self, evaluate_fn: EvaluateFn = evaluate) -> None:
+    def __init__(self, evaluate_fn: EvaluateFn = evaluate, on_rung: RungHandler | None = None) -> None:
         self._evaluate = evaluate_fn
         self._queue: list[EvalRequest] = []
+        self._channel = LocalChannel(on_rung) if on_rung is not None else None
 
     def submit(self, request: EvalRequest) -> None:
-        self._queue.append(request)
+        self._queue.append(replace(request, channel=self._channel) if request.rungs is not None else request)
 
     def wait(self, timeout: float) -> list[Finished]:
         if not self._queue:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from dsnas.errors import DsnasError
 from dsnas.evaluate import EvalRequest, evaluate
-from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished
+from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished, RungHandler
 from dsnas.spec import ExecutorSpec
+
+# How long one long poll of the rung board waits for a report before the driver asks again.
+RUNG_POLL_S = 30.0
 
 
 class RayExecutor(BaseExecutor):
-    def __init__(self, spec: ExecutorSpec, device: str, evaluate_fn: EvaluateFn = evaluate) -> None:
+    def __init__(self, spec: ExecutorSpec, device: str, evaluate_fn: EvaluateFn = evaluate,
+                 on_rung: RungHandler | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -45,8 +50,16 @@ class RayExecutor(BaseExecutor):
                                   retry_exceptions=False)(evaluate_fn)
         self._running: dict[Any, int] = {}
         self._oom_kills_at_submit: dict[Any, int | None] = {}  # ref -> the kernel's OOM-kill count then
+        self._on_rung = on_rung
+        self._board: Any = None  # the rung board actor, started with the first trial that reports at rungs
+        self._poll: Any = None  # the outstanding long poll of the board
 
     def submit(self, request: EvalRequest) -> None:
+        if request.rungs is not None and self._on_rung is not None:
+            from dsnas.rungs import RayChannel, start_board
+
+            self._board = self._board or start_board(self._ray)
+            request = replace(request, channel=RayChannel(self._board))
         ref = self._remote.remote(request)
         self._running[ref] = request.trial
         self._oom_kills_at_submit[ref] = oom_kills()
@@ -54,9 +67,18 @@ class RayExecutor(BaseExecutor):
     def wait(self, timeout: float) -> list[Finished]:
         if not self._running:
             return []
-        ready, _ = self._ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        if self._board is not None and self._poll is None:
+            self._poll = self._board.take.remote(RUNG_POLL_S)
+        polls = [self._poll] if self._poll is not None else []
+        ready, _ = self._ray.wait(list(self._running) + polls, num_returns=1, timeout=timeout)
         out: list[Finished] = []
         for ref in ready:
+            if polls and ref == self._poll:
+                try:
+                    self._answer(self._ray.get(ref))
+                except self._ray.exceptions.RayActorError:
+                    self._board = self._poll = None  # its waiting workers fail; a new board serves new trials
+                continue
             number = self._running.pop(ref)
             oom_before = self._oom_kills_at_submit.pop(ref, None)
             try:
@@ -64,6 +86,13 @@ class RayExecutor(BaseExecutor):
             except Exception as e:
                 out.append((number, explain_death(_cause(e), oom_before, oom_kills(), self._one_machine)))
         return out
+
+    def _answer(self, reports: list[Any]) -> None:
+        """The driver's decision on each rung report, sent back to the waiting workers."""
+        self._poll = None
+        for report in reports:
+            go = self._on_rung(report) if self._on_rung is not None else True
+            self._board.answer.remote(report.trial, report.rung, go)
 
     def _one_machine(self) -> bool:
         """Whether every node of the cluster runs on this machine, where /proc/vmstat counts OOM kills."""
@@ -90,6 +119,9 @@ class RayExecutor(BaseExecutor):
         self._oom_kills_at_submit.clear()
 
     def close(self) -> None:
+        if self._board is not None and self._ray.is_initialized():
+            self._ray.kill(self._board)
+            self._board = self._poll = None
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
 

@@ -80,7 +80,7 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
         layer.backend = "fp32"
 
 
-def untrained_inference_form(model: nn.Module) -> nn.Module:
+def untrained_inference_form(model: nn.Module, int8_backend: str = "auto") -> nn.Module:
     """A freshly built model in the inference form a trial would measure: 2:4 layers get a magnitude mask (the
     kernels need the pattern; timings do not depend on which weights are kept), then ``convert``."""
     from dsnas.kernels.sparsity import magnitude_scores, prune_layer
@@ -88,7 +88,7 @@ def untrained_inference_form(model: nn.Module) -> nn.Module:
     for layer in engine_layers(model).values():
         if layer.sparsity != "dense":
             prune_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
-    convert(model)
+    convert(model, int8_backend=int8_backend)
     return model
 
 

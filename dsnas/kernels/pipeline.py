@@ -46,12 +46,13 @@ def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
     return metrics, info
 
 
-def finish(model: nn.Module, engine: Any, info: dict[str, Any]) -> None:
+def finish(model: nn.Module, engine: Any, info: dict[str, Any], recorded: dict[str, str] | None = None) -> None:
     """Convert to the inference form and record what runs per layer. The worker calls it while it holds the
-    device alone: choosing an INT8 backend times the candidates, and other trials' work would skew that."""
+    device alone: choosing an INT8 backend times the candidates, and other trials' work would skew that.
+    ``recorded``: the INT8 backend each layer already chose (when measured before training): nothing is timed."""
     from dsnas.kernels.convert import convert
 
-    convert(model, int8_backend=engine.int8_backend)
+    convert(model, int8_backend=engine.int8_backend, recorded=recorded)
     info["layers"] = layer_report(model)
 
 

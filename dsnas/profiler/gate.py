@@ -64,6 +64,15 @@ class _SharedHold:
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         self.enter()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold nothing while the block waits (for the driver's answer at a rung, say), then carry on."""
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            self.enter()
+
 
 @contextmanager
 def _open(path: Path) -> Iterator[int]:

@@ -111,9 +111,10 @@ def _layer_mean(layers: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([layer[key] for layer in layers])) if layers else 0.0
 
 
-def study_rows(study: Any) -> list[MeasuredRow]:
+def study_rows(study: Any, since_trial: int | None = None) -> list[MeasuredRow]:
     """Every measurement of an open study joined with its trial's architecture and counted FLOPs/bytes/params,
-    one row per (device, architecture, batch size). Trials without counts (older dsnas) are left out."""
+    one row per (device, architecture, batch size); only trials numbered ``since_trial`` or later when given.
+    Trials without counts (older dsnas) are left out."""
     from dsnas.profiler.device import short_hash
     from dsnas.results.tables import measurements
 
@@ -121,6 +122,8 @@ def study_rows(study: Any) -> list[MeasuredRow]:
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     archs: dict[str, dict[str, Any]] = {}
     for rec in measurements(study).to_dict("records"):
+        if since_trial is not None and rec["trial_number"] < since_trial:
+            continue
         ua, bs = attrs.get(rec["trial_number"], {}), int(rec["batch_size"])
         counts = (ua.get(f"flops_bs{bs}"), ua.get(f"bytes_bs{bs}"), ua.get("params"))
         if "arch" not in ua or not all(counts):

@@ -1,7 +1,8 @@
-"""Non-dominated sorting for any mix of maximized and minimized objectives."""
+"""Non-dominated sorting for any mix of maximized and minimized objectives, and NSGA-II's crowding distance."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -16,3 +17,49 @@ def front_indices(points: Sequence[Sequence[float]], directions: Sequence[str]) 
     """Indices of the points no other point dominates (duplicates all stay)."""
     return [i for i, p in enumerate(points)
             if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+
+
+def dominates_by(a: Sequence[float], b: Sequence[float], directions: Sequence[str], margins: Sequence[float]) -> bool:
+    """``a`` dominates ``b`` by a margin: at least as good in every objective, and better by more than
+    ``margins[k]`` (a share of ``b``'s value) in every objective that has one; with no margins, plain dominance."""
+    if not any(margins):
+        return dominates(a, b, directions)
+    sign = [1.0 if d == "maximize" else -1.0 for d in directions]
+    if not all(s * x >= s * y for s, x, y in zip(sign, a, b)):
+        return False
+    return all(s * (x - y) > m * abs(y) for s, x, y, m in zip(sign, a, b, margins) if m > 0)
+
+
+def nondominated_ranks(points: Sequence[Sequence[float]], directions: Sequence[str],
+                       margins: Sequence[float] | None = None) -> list[int]:
+    """Each point's front: 0 for the non-dominated points, 1 for those only they dominate, and so on
+    (dominance by a margin where ``margins`` are given, see :func:`dominates_by`)."""
+    margins = margins or [0.0] * len(directions)
+    ranks = [-1] * len(points)
+    left = set(range(len(points)))
+    rank = 0
+    while left:
+        current = [i for i in left
+                   if not any(dominates_by(points[j], points[i], directions, margins) for j in left if j != i)]
+        for i in current:
+            ranks[i] = rank
+        left -= set(current)
+        rank += 1
+    return ranks
+
+
+def crowding_distances(points: Sequence[Sequence[float]], ranks: Sequence[int]) -> list[float]:
+    """NSGA-II's crowding distance within each front: per objective, the gap between a point's two neighbours
+    over the front's range, summed; the ends of each objective's order get infinity (they are kept first)."""
+    distance = [0.0] * len(points)
+    for rank in set(ranks):
+        members = [i for i, r in enumerate(ranks) if r == rank]
+        for k in range(len(points[members[0]]) if members else 0):
+            order = sorted(members, key=lambda i: points[i][k])
+            low, high = points[order[0]][k], points[order[-1]][k]
+            distance[order[0]] = distance[order[-1]] = math.inf
+            if high == low:
+                continue
+            for before, i, after in zip(order, order[1:-1], order[2:]):
+                distance[i] += (points[after][k] - points[before][k]) / (high - low)
+    return distance

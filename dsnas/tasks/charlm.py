@@ -7,7 +7,7 @@ import hashlib
 import math
 import os
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +109,14 @@ class CharLMTask:
         return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
     def train(self, model: Any, device: Any, *, seed: int, checkpoint: Callable[[], None], fraction: float = 1.0,
-              lr_scale: float = 1.0, fallback_steps: int = FALLBACK_STEPS) -> dict[str, float]:
+              lr_scale: float = 1.0, fallback_steps: int = FALLBACK_STEPS, rungs: Sequence[float] = (),
+              at_rung: Callable[[int], None] | None = None) -> dict[str, float]:
         """Train on ``fraction`` of the token budget at ``lr_scale`` times the learning rate (the engine's
-        fine-tuning and QAT use both); low-precision layers fall back to fp32 where they overflow."""
+        fine-tuning and QAT use both); low-precision layers fall back to fp32 where they overflow. After each
+        share ``rungs[k]`` of this call's steps, ``at_rung(k)`` is called (it raises to stop the training)."""
         cfg = self.config
         steps = max(1, int(fraction * cfg.train_tokens) // (cfg.batch_size * cfg.context))
+        rung_steps = [max(1, math.ceil(share * steps - 1e-9)) for share in rungs]
         warmup = max(1, int(steps * cfg.warmup_frac))
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_scale, betas=(0.9, 0.95), weight_decay=0.01)
@@ -124,7 +127,7 @@ class CharLMTask:
         step = TrainStep(model, opt, fallback_steps=fallback_steps)
         recent: list[float] = []
         try:
-            for _ in range(steps):
+            for done in range(1, steps + 1):
                 x, y = self.batch(gen, device)
                 loss = self.loss(model, x, y)
                 if step.step(loss):
@@ -133,6 +136,9 @@ class CharLMTask:
                 elif step.diverged():
                     raise TrialError(f"training diverged: the loss became {loss.item()}")
                 checkpoint()
+                while at_rung is not None and rung_steps and rung_steps[0] <= done:
+                    at_rung(len(rungs) - len(rung_steps))
+                    rung_steps.pop(0)
         finally:
             step.close()
         if not recent:

@@ -1,0 +1,403 @@
+"""The driver of a search run: asks Optuna for trials, screens them with the predictor, dispatches them, answers
+their rungs, and records what comes back. It alone writes the study; workers only return results."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dsnas.evaluate import EvalRequest, TrialResult
+from dsnas.executors import BaseExecutor, EvaluateFn, make_executor
+from dsnas.interrupts import InterruptGuard
+from dsnas.models import describe, validate
+from dsnas.progress import Progress
+from dsnas.spec import StudySpec
+from dsnas.storage import (
+    HEARTBEAT_S,
+    OutageRetry,
+    StorageLost,
+    artifact_store,
+    connection_lost,
+    driver_identity,
+    requeue,
+    storage_engine,
+    study_lock,
+)
+
+# A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
+MAX_SKIPS_IN_A_ROW = 100
+
+
+class Driver:
+    """One run of a study: dispatches trials to the executor, answers their rungs, records their results."""
+
+    def __init__(self, spec: StudySpec, study: Any, evaluate_fn: EvaluateFn, progress: Progress) -> None:
+        from dsnas.pruning import RungJudge
+        from dsnas.screening import Screen, arch_counter
+        from dsnas.space import make_sampler as make_space
+        from dsnas.tasks import make_task
+
+        self.spec, self.study, self.progress = spec, study, progress
+        self.sample = make_space(spec.space.file, spec.space.callable, spec.base_dir)
+        self.task = make_task(spec.task)
+        self.task_arch = self.task.arch_defaults()
+        self.evaluate_fn = evaluate_fn
+        self.rungs = RungJudge(spec) if spec.pruning.enabled else None
+        self.screen = Screen(spec, study, arch_counter(self.task, spec.hardware.batch_sizes))
+        self.predictions: dict[int, dict[str, float]] = {}  # trial number -> what the screen predicted for it
+        self.brackets: dict[int, int] = {}  # trial number -> its Hyperband bracket
+        self.stopped: dict[int, str] = {}  # trial number -> why the driver stopped it at a rung
+        self.skips_in_a_row = 0
+        self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
+        self.artifacts: Any = None  # created on the first trial that returns weights
+        self.running: dict[int, Any] = {}  # trial number -> optuna Trial
+        self.deadlines: dict[int, float] = {}  # trial number -> when it must have finished (trial_timeout_s)
+        self.identity = driver_identity()
+        self.guard = InterruptGuard()
+        # A Ctrl-C held back by the guard (see interrupts.py) must not wait for the database to come back.
+        self.outage = OutageRetry(spec.storage, spec.budget.storage_outage_s,
+                                  lambda text: print(text, file=progress.out, flush=True),
+                                  interrupted=lambda: self.guard.pending)
+        self.recording: int | None = None  # the trial whose finished result is being stored
+        self.started = time.monotonic()
+        self._beat_stop = threading.Event()
+        threading.Thread(target=self._heartbeats, name="dsnas-heartbeat", daemon=True).start()
+
+    def loop(self) -> str:
+        while True:
+            while (self._stop_reason() is None and self.db("read the study", self._room)
+                   and len(self.running) < self.executor.slots):
+                with self.guard.writing():
+                    if not self._dispatch():
+                        break  # another driver took the last place in the budget
+            if not self.running:
+                return self._stop_reason() or "the rest of the budget is running in other drivers"
+            for number, outcome in self.executor.wait(timeout=1.0):
+                with self.guard.writing():
+                    self._record(self.running[number], outcome)
+            self._stop_overdue()
+
+    def _stop_overdue(self) -> None:
+        """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
+        now = time.monotonic()
+        for number in [n for n, deadline in self.deadlines.items() if now > deadline and n in self.running]:
+            with self.guard.writing():
+                self.executor.cancel(number)
+                self._fail(self.running[number], f"ran longer than trial_timeout_s = "
+                                                 f"{self.spec.budget.trial_timeout_s:g} s; its worker was stopped")
+
+    @property
+    def executor(self) -> BaseExecutor:
+        if self._executor is None:
+            self._executor = make_executor(self.spec, self.evaluate_fn, self._on_rung if self.rungs else None)
+        return self._executor
+
+    def db(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a storage operation, run through a database outage (see storage.OutageRetry)."""
+        survived = len(self.outage.outages_s)
+        result = self.outage.call(what, fn, *args, **kwargs)
+        if len(self.outage.outages_s) > survived:
+            # Time spent waiting for the database is not the trials' time: their results may have waited too.
+            for number in self.deadlines:
+                self.deadlines[number] += self.outage.outages_s[-1]
+        return result
+
+    def count(self, *states: Any) -> int:
+        """Trials of the study in these states, whichever driver runs them: the budget is the study's."""
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def evaluated(self) -> tuple[int, int]:
+        """(trials that count toward n_trials, how many of them were pruned): COMPLETE trials, and PRUNED ones
+        stopped at a rung; a candidate the predictor skipped was never evaluated and does not count."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        pruned = sum(t.state == TrialState.PRUNED and t.user_attrs.get("pruned_by") != "predictor" for t in trials)
+        return sum(t.state == TrialState.COMPLETE for t in trials) + pruned, pruned
+
+    def _stop_reason(self) -> str | None:
+        budget, n_trials = self.spec.budget, self.spec.budget.n_trials
+        done, pruned = self.db("read the study", self.evaluated) if n_trials is not None else (0, 0)
+        if n_trials is not None and done >= n_trials:
+            return f"{budget.n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
+        if self.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            return (f"the predictor skipped {self.skips_in_a_row} candidates in a row as over the hardware limits: "
+                    "loosen [hardware.constraints], or check the predictor with `dsnas predictor`")
+        if budget.timeout_s is not None and time.monotonic() - self.started >= budget.timeout_s:
+            return f"the timeout of {budget.timeout_s:g} s passed"
+        max_failures = budget.max_failures if budget.max_failures is not None else (budget.n_trials or 10)
+        if self.progress.failed > max_failures:
+            return f"{self.progress.failed} trials failed (max_failures = {max_failures})"
+        return None
+
+    def _room(self) -> bool:
+        """Whether the budget has room for one more trial, counting the trials every driver is running."""
+        from optuna.trial import TrialState
+
+        n_trials = self.spec.budget.n_trials
+        return n_trials is None or self.evaluated()[0] + self.count(TrialState.RUNNING) < n_trials
+
+    def _dispatch(self) -> bool:
+        """Start one trial; False when the budget had no room left once the study was locked."""
+        from dsnas.results import tables
+
+        trial = self.db("start a trial", self._take_place)
+        if trial is None:
+            return False
+        self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
+        try:
+            # Sampling again after a lost connection is harmless: a parameter stored once is returned as stored.
+            arch = {**self.db(f"sample trial {trial.number}", self.sample, trial), **self.task_arch}
+            validate(arch)
+        except StorageLost:
+            raise
+        except Exception as e:  # a space that cannot produce a valid candidate fails this trial only
+            self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
+            return True
+        short = describe(arch)
+        verdict = self.db("screen the candidate", self.screen.judge, arch)
+        if verdict is not None and verdict.skip:
+            self._skip(trial, arch, short, verdict)
+            return True
+        self.skips_in_a_row = 0
+        attrs = {"arch": arch, "arch_short": short}
+        if verdict is not None and verdict.predicted:
+            self.predictions[trial.number] = verdict.predicted
+            attrs.update({f"predicted.{m}": v for m, v in verdict.predicted.items()})
+        rungs = None
+        if self.rungs is not None:
+            self.brackets[trial.number] = attrs["bracket"] = self.rungs.plan.bracket_of(trial.number)
+            rungs = self.rungs.plan.fractions(attrs["bracket"])
+        self.db(f"store trial {trial.number}", self._set_attrs, trial, attrs)
+        # The same model measured before:
+        cached = self.db("read the measurement cache", tables.cached_figures, storage_engine(self.study), arch)
+        self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
+                                         seed=self.spec.seed + trial.number, cached=cached, engine=self.spec.engine,
+                                         rungs=rungs))
+        if self.spec.budget.trial_timeout_s is not None:
+            self.deadlines[trial.number] = time.monotonic() + self.spec.budget.trial_timeout_s
+        self.progress.started(trial.number, short, self.running)
+        return True
+
+    def _skip(self, trial: Any, arch: dict[str, Any], short: str, verdict: Any) -> None:
+        """A candidate predicted over a hardware limit: PRUNED without training, with the prediction as its
+        constraint values (so that the sampler learns where the limits are)."""
+        from optuna.trial import TrialState
+
+        attrs = {"arch": arch, "arch_short": short, "pruned_by": "predictor", "pruned_reason": verdict.reason,
+                 **{f"predicted.{m}": v for m, v in verdict.predicted.items()}}
+
+        def store() -> None:
+            self._set_attrs(trial, attrs)
+            for metric, limit in self.spec.hardware.constraints.items():
+                if metric in verdict.predicted:
+                    trial.set_constraint(f"max_{metric}", verdict.predicted[metric] - limit)
+
+        self.db(f"store trial {trial.number}", store)
+        self._tell(trial, state=TrialState.PRUNED)
+        del self.running[trial.number]
+        self.skips_in_a_row += 1
+        self.progress.skipped_trial(trial.number, short, verdict.reason, self.running)
+
+    def _on_rung(self, report: Any) -> bool:
+        """A trial at a rung (called by the executor, on this thread): store its figures, decide, answer."""
+        trial = self.running.get(report.trial)
+        if trial is None:
+            return False  # stopped meanwhile (past its time limit, interrupted)
+        with self.guard.writing():
+            bracket = self.brackets.get(report.trial, 0)
+            peers = None
+            if report.rung > 0:
+                peers = self.db("read the rungs", self.rungs.peers, self.study, bracket, report.rung, report.trial)
+            decision = self.rungs.decide(report, peers)
+            attrs = self.rungs.attrs(report, decision)
+            if report.rung == 0:
+                attrs.update(self._observe(report.trial, report.metrics))
+            self.db(f"store trial {report.trial}'s rung {report.rung}", self._set_attrs, trial, attrs)
+        if not decision.go:
+            self.stopped[report.trial] = decision.reason
+        return decision.go
+
+    def _observe(self, number: int, metrics: dict[str, float]) -> dict[str, float]:
+        """A trial's first real measurement, checked against what the screen predicted for it."""
+        attrs, said = self.screen.observe(number, self.predictions.pop(number, {}), metrics)
+        if said:
+            print(f"  trial {number}: {said}", file=self.progress.out, flush=True)
+        return attrs
+
+    def _take_place(self) -> Any:
+        """Check the budget and take a trial, under the study's lock (two drivers never both take the last
+        place); None when there is no room. Run again after a lost connection, it first looks for the trial the
+        failed try may have created (its answer lost on the way back) rather than leave it RUNNING forever."""
+        with study_lock(self.study, self.spec.storage):
+            trial = self._orphan() if self.outage.retrying else None
+            if trial is None:
+                if not self._room():
+                    return None
+                trial = self.study.ask()
+            trial.set_user_attr("driver", self.identity)  # under the lock: a RUNNING trial without it is an orphan
+        return trial
+
+    def _orphan(self) -> Any:
+        """A RUNNING trial that nobody runs: no driver recorded, or this driver but not running here."""
+        import optuna
+        from optuna.trial import TrialState
+
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            driver = frozen.user_attrs.get("driver")
+            if frozen.number not in self.running and (not driver or driver == self.identity):
+                return optuna.trial.Trial(self.study, frozen._trial_id)  # what study.ask() returns
+        return None
+
+    @staticmethod
+    def _set_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+    def _tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
+        """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is."""
+        self.db(f"store trial {trial.number}", lambda: self.study.tell(
+            trial, values, state=state, skip_if_finished=self.outage.retrying))
+
+    def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
+        from dsnas.results import tables
+
+        if isinstance(outcome, BaseException):
+            reason = f"{type(outcome).__name__}: {outcome}"
+            attempt = int(trial.user_attrs.get("attempt", 1))
+            if self.executor.lost_worker(outcome) and attempt <= self.spec.budget.retries:
+                self._fail(trial, f"its worker died ({reason}); queued again (retries = {self.spec.budget.retries})")
+                self.db(f"queue trial {trial.number} again", requeue, self.study, trial)
+            else:
+                self._fail(trial, reason)
+            return
+        if outcome.pruned is not None:
+            self._record_pruned(trial, outcome)
+            return
+        metrics = outcome.metrics
+        missing = [o.metric for o in self.spec.objectives if o.metric not in metrics]
+        missing += [m for m, _ in self.spec.hardware.constraints.items() if m not in metrics]
+        if missing:
+            why = outcome.profile.get("memory_unavailable", "the worker did not report them")
+            self._fail(trial, f"no measurement of {missing} ({why})")
+            return
+        self.recording = trial.number
+        feasible = all(metrics[m] <= limit for m, limit in self.spec.hardware.constraints.items())
+        if self.rungs is None:  # with rungs, the measurement was checked at rung 0
+            self.db(f"store trial {trial.number}", self._set_attrs, trial, self._observe(trial.number, metrics))
+        self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, feasible)
+        self._store_artifacts(trial, outcome)
+        values = [metrics[o.metric] for o in self.spec.objectives]
+        self._tell(trial, values)
+        self.deadlines.pop(trial.number, None)
+        self.db(f"store trial {trial.number}'s measurements", tables.record_measurements, storage_engine(self.study),
+                self.spec.name, trial.number, outcome.profile, metrics, arch=trial.user_attrs["arch"])
+        self.recording = None
+        del self.running[trial.number]
+        self.progress.finished(trial.number, values, feasible, self.running)
+
+    def _record_pruned(self, trial: Any, outcome: TrialResult) -> None:
+        """A trial the driver stopped at a rung: its measurement is kept (for the cache and the predictor), its
+        state is PRUNED, and no accuracy is recorded as if it were a finished trial's."""
+        from optuna.trial import TrialState
+
+        from dsnas.results import tables
+
+        self.recording = trial.number
+        self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, None)
+        self._store_artifacts(trial, outcome)
+        self._tell(trial, state=TrialState.PRUNED)
+        self.deadlines.pop(trial.number, None)
+        if outcome.profile.get("batches"):
+            self.db(f"store trial {trial.number}'s measurements", tables.record_measurements,
+                    storage_engine(self.study), self.spec.name, trial.number, outcome.profile, outcome.metrics,
+                    arch=trial.user_attrs["arch"])
+        self.recording = None
+        del self.running[trial.number]
+        reason = self.stopped.pop(trial.number, "stopped at a rung")
+        self.progress.pruned_trial(trial.number, outcome.pruned.rung, outcome.pruned.fraction, reason, self.running)
+
+    def _store_figures(self, trial: Any, outcome: TrialResult, feasible: bool | None) -> None:
+        """Metrics, profile and constraints as the trial's attributes (written again after a lost connection)."""
+        self._set_attrs(trial, {**outcome.metrics, "profile": outcome.profile})
+        for metric, limit in self.spec.hardware.constraints.items():
+            if metric in outcome.metrics:  # a pruned trial's are there when it was measured
+                trial.set_constraint(f"max_{metric}", outcome.metrics[metric] - limit)  # feasible when <= 0
+        if feasible is not None:
+            trial.set_user_attr("feasible", float(feasible))
+
+    def _store_artifacts(self, trial: Any, outcome: TrialResult) -> None:
+        """Weights and probe (safetensors), and the architecture and profile (JSON) that the dashboard shows."""
+        from optuna.artifacts import upload_artifact
+
+        self.artifacts = self.artifacts or artifact_store(self.spec)
+        files = {"arch": json.dumps(trial.user_attrs["arch"], indent=2).encode(),
+                 "profile": json.dumps(outcome.profile, indent=2).encode(),
+                 "weights": outcome.weights, "probe": outcome.probe}
+
+        def upload(path: Path, name: str) -> None:
+            trial.set_user_attr(f"{name}_artifact", upload_artifact(
+                artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                if data is not None:
+                    suffix = "json" if name in ("arch", "profile") else "safetensors"
+                    path = Path(tmp) / f"trial{trial.number}-{name}.{suffix}"
+                    path.write_bytes(data)
+                    # Uploaded again after a lost connection, the first try's file may stay behind, unreferenced.
+                    self.db(f"store trial {trial.number}'s {name}", upload, path, name)
+
+    def _fail(self, trial: Any, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        with self.guard.writing():
+            self.db(f"store trial {trial.number}", trial.set_user_attr, "fail_reason", reason[:2000])
+            self._tell(trial, state=TrialState.FAIL)
+        del self.running[trial.number]
+        self.deadlines.pop(trial.number, None)
+        self.stopped.pop(trial.number, None)
+        self.progress.failed_trial(trial.number, reason, self.running)
+
+    def _heartbeats(self) -> None:
+        storage = self.study._storage
+        while not self._beat_stop.wait(HEARTBEAT_S / 2):
+            for trial in list(self.running.values()):
+                try:
+                    storage.record_heartbeat(trial._trial_id)
+                except Exception as e:
+                    if not connection_lost(e):
+                        raise
+                    break  # the main thread reports the outage when it next writes; beat again when it is over
+
+    def lost_message(self, lost: StorageLost) -> str:
+        """One line: the database is gone, what that cost (the results not stored), and what to do."""
+        cut = [n for n in self.running if n != self.recording]
+        cost = [f"the result of trial {self.recording}, which had finished"] if self.recording in self.running else []
+        if cut:
+            cost.append(f"trial{'s' * (len(cut) > 1)} {', '.join(map(str, cut))}, which "
+                        f"{'were' if len(cut) > 1 else 'was'} running (stopped)")
+        them = "them" if len(self.running) > 1 else "it"
+        lost_part = (f"not stored: {' and '.join(cost)}; {'they stay' if them == 'them' else 'it stays'} RUNNING in "
+                     f"the study, and the next `dsnas search` marks {them} FAIL and runs {them} again") if cost \
+            else "no trial was running"
+        return (f"{lost.summary}; the search stopped, {lost_part}; trials stored before are intact. Fix: start the "
+                "database server or repair the network, then run the same command to resume; to wait longer, "
+                "raise [budget] storage_outage_s")
+
+    def close(self) -> None:
+        """Stop the heartbeats and the executor's work; fail what was running (interrupted), unless the database
+        is gone (then it stays RUNNING, and the next run re-queues it)."""
+        self._beat_stop.set()
+        try:
+            if self._executor is not None:
+                self._executor.cancel_all()
+        finally:
+            for trial in list(self.running.values()) if self.outage.given_up is None else []:
+                self._fail(trial, "the search was interrupted while the trial ran")
+            if self._executor is not None:
+                self._executor.close()

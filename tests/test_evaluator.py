@@ -1,0 +1,64 @@
+"""A user's own evaluation function as the task (``evaluate_arch``): dsnas builds no model, stores what the function
+returns as figures it did not measure, and fails a trial whose function omits an objective or raises."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from dsnas.cli import main
+from dsnas.results.tables import measurements
+from dsnas.search import open_study
+from dsnas.spec import load_study
+from tests.table_study import row_of, write_table_study
+
+PLUGIN = '''
+class Partial:
+    """Reports no throughput; raises for one architecture; never calls report (no rungs of its own)."""
+
+    def arch_defaults(self):
+        return {"vocab_size": 256, "context": 16}
+
+    def fingerprint(self):
+        return {"task": "partial"}
+
+    def evaluate_arch(self, arch, *, seed, rungs, report):
+        if arch["d_model"] == 64:
+            raise RuntimeError("this one cannot be evaluated")
+        return {"accuracy": 0.5, "latency_ms": 1.0, "latency_ms_bs1": 1.0}
+
+
+def make():
+    return Partial()
+'''
+
+
+def test_a_table_task_runs_a_search_whose_figures_say_where_they_came_from(tmp_path):
+    study = write_table_study(tmp_path, n_trials=6, pruning='kind = "none"')
+    assert main(["search", str(study)]) == 0
+    spec = load_study(study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert t.user_attrs["latency_ms_bs32"] == row_of(t.user_attrs["arch"])["latency_ms_bs32"]
+        profile = t.user_attrs["profile"]
+        assert profile["fingerprint"]["device"] == "recorded" and profile["backend"] == "recorded"
+        assert "dsnas did not measure them" in profile["measured_by"]
+        assert profile["task"]["table"] == "table.csv" and "worker" in profile
+    rows = measurements(open_study(spec, create=False))
+    assert set(rows["backend"]) == {"recorded"} and sorted(set(rows["batch_size"])) == [1, 32]
+    assert (rows["repeats"] == 1).all()  # one recorded figure per batch size, not a measured distribution
+
+
+def test_an_evaluation_function_that_omits_an_objective_or_raises_fails_that_trial(tmp_path):
+    (tmp_path / "partial.py").write_text(PLUGIN)
+    study = write_table_study(tmp_path, n_trials=4, task="partial:make")
+    study.write_text(study.read_text().replace(f'table = "{tmp_path / "table.csv"}"', "")
+                     .replace("n_trials = 4", "n_trials = 4\nmax_failures = 3"))
+    assert main(["search", str(study)]) == 0
+    spec = load_study(study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
+    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    reasons = {t.user_attrs["fail_reason"] for t in trials}
+    assert any("no measurement of ['throughput_tok_s']" in r for r in reasons), reasons
+    assert all("no measurement" in r or "RuntimeError: this one cannot be evaluated" in r for r in reasons), reasons

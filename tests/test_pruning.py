@@ -1,0 +1,130 @@
+"""Multi-objective successive halving and Hyperband: rungs, brackets, non-dominated sorting with crowding, the
+decision at a rung, and the [pruning] section."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsnas.errors import Invalid
+from dsnas.pruning import PruningSpec, RungPlan, decide, over_limits
+from dsnas.results.pareto import crowding_distances, front_indices, nondominated_ranks
+from dsnas.spec import Constraints, load_study
+
+MAX2 = ["maximize", "maximize"]
+
+
+@pytest.mark.parametrize("eta, min_fraction, rungs", [
+    (3, 0.1, (1 / 9, 1 / 3)),
+    (3, 1 / 9, (1 / 9, 1 / 3)),  # exactly 1/9: the rung is there, not lost to rounding
+    (3, 0.3, (1 / 3,)),
+    (2, 0.1, (1 / 8, 1 / 4, 1 / 2)),
+    (4, 0.25, (1 / 4,)),
+])
+def test_rungs_are_powers_of_one_over_eta_below_the_full_budget(eta, min_fraction, rungs):
+    assert RungPlan(PruningSpec(eta=eta, min_fraction=min_fraction)).rungs == pytest.approx(rungs)
+
+
+def test_successive_halving_has_one_bracket_hyperband_one_per_first_rung():
+    halving = RungPlan(PruningSpec(kind="successive_halving"))
+    assert halving.brackets == 1 and {halving.bracket_of(n) for n in range(50)} == {0}
+    hyper = RungPlan(PruningSpec(kind="hyperband", eta=3, min_fraction=0.1))
+    assert hyper.brackets == 3
+    assert [hyper.fractions(b) for b in range(3)] == [pytest.approx((1 / 9, 1 / 3)), pytest.approx((1 / 3,)), ()]
+    # Li et al.'s allocation for s_max = 2, eta = 3: 9, 5 and 3 trials per round of brackets.
+    counts = Counter(hyper.bracket_of(n) for n in range(17 * 10))
+    assert counts == {0: 90, 1: 50, 2: 30}
+    # Interleaved, not in blocks, and the same for a trial number whenever it is asked (a resume).
+    first = [hyper.bracket_of(n) for n in range(17)]
+    assert len(set(first[:6])) == 3 and first == [hyper.bracket_of(n) for n in range(17)]
+
+
+def test_ranks_sort_fronts():
+    points = [[3, 1], [1, 3], [2, 2], [1, 1], [2, 1], [0, 0]]
+    assert nondominated_ranks(points, MAX2) == [0, 0, 0, 2, 1, 3]
+    assert nondominated_ranks([[1, 5], [2, 4]], ["minimize", "minimize"]) == [0, 0]
+    assert nondominated_ranks([[1, 5], [2, 6]], ["minimize", "minimize"]) == [0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=12))
+def test_rank_zero_is_the_front_and_each_rank_is_dominated_only_by_lower_ranks(raw):
+    from dsnas.results.pareto import dominates
+
+    points = [list(p) for p in raw]
+    ranks = nondominated_ranks(points, MAX2)
+    assert sorted(i for i, r in enumerate(ranks) if r == 0) == front_indices(points, MAX2)
+    for i, p in enumerate(points):
+        for j, q in enumerate(points):
+            if dominates(q, p, MAX2):
+                assert ranks[j] < ranks[i]
+        if ranks[i] > 0:  # something of the rank just below dominates it
+            assert any(ranks[j] == ranks[i] - 1 and dominates(q, p, MAX2) for j, q in enumerate(points))
+
+
+def test_crowding_gives_the_ends_of_each_front_infinity_and_the_middle_its_neighbours_gap():
+    points = [[0.0, 4.0], [1.0, 3.0], [3.0, 1.0], [4.0, 0.0], [0.0, 0.0]]
+    ranks = nondominated_ranks(points, MAX2)
+    distance = crowding_distances(points, ranks)
+    assert math.isinf(distance[0]) and math.isinf(distance[3]) and math.isinf(distance[4])  # ends; a lone point
+    # [1, 3]: neighbours [0, 4] and [3, 1]: (3 - 0) / 4 + (4 - 1) / 4
+    assert distance[1] == pytest.approx(1.5) and distance[2] == pytest.approx(1.5)
+
+
+def test_decide_waits_for_min_trials_then_keeps_the_first_front_and_the_best_share():
+    assert decide(2, [0.1, 1.0], {0: [0.9, 9.0], 1: [0.8, 8.0]}, MAX2, eta=3, min_trials=4).go
+    peers = {0: [0.50, 100.0], 1: [0.40, 300.0], 2: [0.45, 200.0], 3: [0.30, 150.0], 4: [0.35, 90.0]}
+    # Dominated by trial 2 (more accurate and faster), and not among the best 6 // 3: stops.
+    stop = decide(5, [0.42, 180.0], peers, MAX2, eta=3, min_trials=3)
+    assert not stop.go and stop.reason == "dominated: 4 of 6 (front 2); the first front and the best 2 go on"
+    # On the first front, however crowded: goes on.
+    assert decide(5, [0.44, 250.0], {**peers, 6: [0.43, 260.0], 7: [0.445, 240.0]}, MAX2, eta=4, min_trials=3).go
+    # Dominated, but the first front is one trial and the share is two: the best of the second front goes on.
+    few = {0: [0.5, 100.0], 1: [0.3, 50.0]}
+    assert not decide(2, [0.4, 90.0], few, MAX2, eta=2, min_trials=3).go  # 3 // 2 = 1: only the best
+    assert decide(2, [0.4, 90.0], {**few, 3: [0.2, 40.0]}, MAX2, eta=2, min_trials=3).go  # 4 // 2 = 2
+
+
+def test_a_lead_in_accuracy_within_the_margin_is_noise_not_dominance():
+    # Early in training every candidate sits near the same accuracy; the fastest must not stop all the others.
+    plateau = {0: [0.296, 900.0], 1: [0.296, 600.0], 2: [0.297, 400.0]}
+    margins = [0.015, 0.0]  # accuracy: 1.5% of its value; throughput: measured, exact
+    assert not decide(3, [0.295, 300.0], plateau, MAX2, eta=3, min_trials=3).go  # exact: dominated by all
+    assert decide(3, [0.295, 300.0], plateau, MAX2, eta=3, min_trials=3, margins=margins).go
+    # A clear lead still counts: 0.35 > 0.30 * 1.015, and at least as fast.
+    assert not decide(3, [0.30, 300.0], {**plateau, 4: [0.35, 300.0]}, MAX2, eta=3, min_trials=3,
+                      margins=margins).go
+
+
+def test_decide_counts_a_trial_once_whether_or_not_its_own_values_are_among_the_peers():
+    peers = {0: [0.5, 100.0], 1: [0.4, 300.0], 2: [0.45, 200.0]}
+    assert decide(2, [0.45, 200.0], peers, MAX2, 3, 3) == decide(2, [0.45, 200.0], {0: peers[0], 1: peers[1]},
+                                                                 MAX2, 3, 3)
+
+
+def test_dominance_by_a_margin():
+    from dsnas.results.pareto import dominates_by
+
+    assert dominates_by([0.31, 5.0], [0.30, 5.0], MAX2, [0.015, 0.0])  # 0.31 > 0.30 * 1.015
+    assert not dominates_by([0.302, 9.0], [0.30, 5.0], MAX2, [0.015, 0.0])  # faster, but not clearly better
+    assert not dominates_by([0.31, 4.0], [0.30, 5.0], MAX2, [0.015, 0.0])  # slower
+    assert dominates_by([1.0, 2.0], [1.0, 3.0], ["maximize", "minimize"], [0.0, 0.0])  # no margins: plain
+    assert dominates_by([2.0, 1.0], [2.5, 1.0], ["minimize", "maximize"], [0.1, 0.0])  # a loss: lower by > 10%
+
+
+def test_over_limits_names_each_broken_limit():
+    assert over_limits({"latency_ms": 61.24, "params": 10.0}, Constraints(max_latency_ms=50, max_params=100)) == \
+        ["latency_ms 61.24 > 50"]
+    assert over_limits({"latency_ms": 1.0}, Constraints(max_peak_memory_mb=10)) == []  # not measured: not judged
+
+
+def test_pruning_is_on_by_default_and_can_be_turned_off(tiny_study):
+    assert not load_study(tiny_study).pruning.enabled  # the tests' tiny study turns it off
+    tiny_study.write_text(tiny_study.read_text().replace('[pruning]\nkind = "none"', ""))
+    assert load_study(tiny_study).pruning.kind == "successive_halving"
+    with pytest.raises(Invalid):
+        PruningSpec(eta=0)
