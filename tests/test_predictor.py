@@ -83,8 +83,10 @@ def test_fit_predictor_predicts_a_new_architecture() -> None:
     predictor = fit_predictor(synthetic_rows(30), "latency")
     assert predictor.train.within_10 > 0.95 and predictor.n_archs == 30
     arch = random_arch(random.Random(99))
-    flops, nbytes, params = counts(arch, 8)
-    assert predictor.predict(arch, flops, nbytes, params, 8) == pytest.approx(true_latency_ms(arch, flops), rel=0.1)
+    for bs, rel in ((1, 0.1), (32, 0.1), (8, 0.15)):  # between the batch sizes it learned from, it interpolates
+        flops, nbytes, params = counts(arch, bs)
+        predicted = predictor.predict(arch, flops, nbytes, params, bs)
+        assert predicted == pytest.approx(true_latency_ms(arch, flops), rel=rel), bs
 
 
 def test_folds_never_split_an_architecture() -> None:
