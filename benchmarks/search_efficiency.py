@@ -11,7 +11,8 @@ Methods: random search, Optuna's default multi-objective sampler (TPE), NSGA-II,
 latency at batch 1 (--max-latency-ms; default: the table's 70th percentile, so that about 30% of the space is
 infeasible).
 
-What it reports, median and [min, max] over seeds:
+What it reports: first, the latency predictor's held-out accuracy on the table's measurements next to a
+FLOPs-only baseline (as `dsnas predictor` prints it); then, median and [min, max] over seeds:
 - the hypervolume of the feasible front found, as a share of the true front's (reference point: the worst
   accuracy and throughput of the whole table), after each evaluated trial;
 - the evaluated trials, and the wall seconds, each method needs to reach 90% and 95% of the true hypervolume.
@@ -122,6 +123,17 @@ def true_front(rows: list[dict], limit: float) -> tuple[list[list[float]], list[
     feasible = [[r["accuracy"], r["throughput_tok_s"]] for r in rows if r["latency_ms"] <= limit]
     front = [feasible[i] for i in front_indices(feasible, directions)]
     return front, reference, dominated_volume(front, reference, directions)
+
+
+def predictor_accuracy(rows: list[dict]) -> str:
+    """dsnas's latency and peak-memory predictor on the table's own measurements (every architecture at batch 1
+    and 32), 5-fold split by architecture, next to the FLOPs-only power law: what `dsnas predictor` prints."""
+    from dsnas.profiler.predictor import MeasuredRow, evaluate_predictor
+
+    measured = [MeasuredRow("table", "cpu", r["key"], json.loads(r["arch"]), bs, r[f"flops_bs{bs}"],
+                            r[f"bytes_bs{bs}"], r["params"], r[f"latency_ms_bs{bs}"], r[f"peak_memory_mb_bs{bs}"])
+                for r in rows for bs in (1, 32)]
+    return "\n".join(evaluate_predictor(measured, target).table() for target in ("latency", "peak_memory"))
 
 
 def run_search(method: str, seed: int, args: argparse.Namespace, limit: float, folder: Path) -> tuple[list, float]:
@@ -249,6 +261,7 @@ def main() -> None:
     from dsnas.pruning import RungPlan
 
     rungs = RungPlan(PruningSpec(eta=args.eta, min_fraction=args.min_fraction)).rungs
+    print(predictor_accuracy(rows) + "\n")
     count_s = counting_seconds(rows)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     print(f"seeds {seeds.start}-{seeds.stop - 1} x {args.trials} evaluated trials per method; successive halving eta "
