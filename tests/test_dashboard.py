@@ -185,8 +185,11 @@ def test_dashboard_in_a_browser(finished_study, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     # -X faulthandler: if the server does not stop, SIGABRT makes it print every thread's stack (see stopped()).
+    # SIGINT at its default in the server: under `nohup ... &` the suite inherits it ignored, and a Python started
+    # so never turns Ctrl-C into KeyboardInterrupt (the stacks showed the server idle in serve_forever).
     server = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "dsnas.cli", "dashboard", str(study_file),
-                               "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until_serving(server, url)
         shots = browse(f"{url}dashboard/studies/{study._study_id}", study.study_name, best, fingerprint)
@@ -205,9 +208,8 @@ def test_dashboard_in_a_browser(finished_study, tmp_path):
 
 
 def stopped(server: subprocess.Popen, timeout_s: float = 60) -> tuple[str, str]:
-    """The server's output once it has exited. It exits within a second of Ctrl-C on a quiet machine; once in a
-    full CI run it had not after 20 s, unexplained, so a server still running after ``timeout_s`` is aborted
-    and the test fails with the stack of each of its threads."""
+    """The server's output once it has exited (within a second of Ctrl-C); one still running after ``timeout_s``
+    is aborted, and the test fails with the stack of each of its threads."""
     try:
         return server.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
