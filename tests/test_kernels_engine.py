@@ -74,6 +74,17 @@ def test_an_injected_overflow_falls_back_to_fp32_then_retries_low_precision():
     assert layer.overflow is None
 
 
+def test_only_the_layer_that_overflowed_falls_back_not_the_layers_its_inf_reaches():
+    model = nn.Sequential(EngineLinear(8, 8, precision="fp16"), EngineLinear(8, 8, precision="fp16"),
+                          EngineLinear(8, 1, precision="fp16"))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # 8 inputs * 1e4 overflows fp16 here; the later layers only receive its inf
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), fallback_steps=3)
+    assert not step.step(model(torch.full((4, 8), 1e4)).sum())
+    assert [m.fallbacks for m in model] == [1, 0, 0]
+    step.close()
+
+
 def test_a_non_finite_loss_with_no_layer_to_blame_is_divergence():
     model = nn.Sequential(EngineLinear(4, 1, precision="bf16"))
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -67,8 +67,9 @@ class EngineLinear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(dtype)
         out = F.linear(x.to(dtype), w.to(dtype), bias)
         if self.overflow is not None and self.training:
-            # On the device, no host sync: TrainStep reads every layer's flag at once, once per step.
-            self.overflow.logical_or_(~torch.isfinite(out).all())
+            # On the device, no host sync: TrainStep reads every layer's flag at once, once per step. A layer is to
+            # blame only when its input was finite: the layers after an overflow see its inf and would fall back too.
+            self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
