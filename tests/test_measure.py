@@ -127,3 +127,25 @@ def test_measure_on_a_gpu_records_device_time_graphs_the_window_and_kernels():
     for name in ("energy_per_call_j", "power_w", "sm_util", "dram_bw_util"):
         assert name in metrics or any(name in k for k in profile["unavailable"]), name
     assert profile["ceilings"]["memory_gb_s"] is None or metrics["bw_util"] < 1.5
+
+
+def test_a_matrix_op_without_a_flop_formula_is_named_in_the_profile_not_hidden():
+    import torch
+
+    from dsnas.profiler import counting, measure
+    from dsnas.spec import HardwareSpec
+
+    class MvModel(torch.nn.Module):  # torch.mv: a matrix op torch's counter has no formula for
+        def forward(self, x):
+            return torch.mv(x[0].float().expand(4, -1).contiguous(), torch.ones(x.shape[1]))
+
+    class Task:
+        tokens_per_example = 4
+
+        def example_batch(self, bs, device):
+            return torch.ones(bs, 4)
+
+    metrics, profile = measure(MvModel(), Task(), torch.device("cpu"),
+                               HardwareSpec(device="cpu", batch_sizes=(1,), warmup_s=0.01, measure_s=0.02))
+    assert profile["unavailable"]["flops of"] == "aten.mv"
+    assert counting.count_work(lambda: torch.mv(torch.ones(3, 3), torch.ones(3))).uncounted == ("aten.mv",)

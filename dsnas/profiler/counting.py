@@ -1,30 +1,59 @@
-"""Algorithmic counts of one call, seen at PyTorch's dispatcher: FLOPs (torch's FlopCounterMode) and the bytes each
-aten op reads and writes. Counts of what the program asks for, not hardware counters: caches, fusion and
-write-allocate traffic make the DRAM bytes a machine really moves differ from these."""
+"""Algorithmic counts of one call, seen at PyTorch's dispatcher: FLOPs (torch's FlopCounterMode, with the formulas it
+lacks for the kernels dsnas runs) and the bytes each op reads and writes. Counts of what the program asks for, not
+hardware counters: caches, fusion and write-allocate traffic make the DRAM bytes a machine really moves differ."""
 
 from __future__ import annotations
 
 import functools
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-# Ops that only make a new view of existing data or ask for metadata: they move no bytes. Schema-declared views
-# (func.is_view) and non-mutating ops whose outputs all alias an input are caught generically; these are listed
-# because their schemas do not say so (_unsafe_view) or to keep the rule explicit for the common ones.
+# Ops that only make a new view of existing data or ask for metadata: they move no bytes. Non-mutating ops whose
+# outputs all alias an input are caught generically (a view, or reshape/contiguous/to when they return their input);
+# these are listed because their schemas do not say so (_unsafe_view) or to keep the rule explicit for common ones.
 NO_DATA_OPS = frozenset({"view", "_unsafe_view", "_reshape_alias", "transpose", "expand", "t", "permute", "detach",
                          "alias", "as_strided", "squeeze", "unsqueeze", "lift_fresh"})
 # Allocations move no data; ops that overwrite their first argument without reading it.
 ALLOCATION_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 WRITE_ONLY_OPS = frozenset({"copy_", "fill_", "zero_"})
+# Words in the names of the ops whose work the FLOP count stands for: matrix products, convolutions, attention and
+# recurrent cells (``aten._int_mm``, ``quantized::linear_dynamic``, ``aten._scaled_dot_product_flash_attention``).
+# One of these that runs with no FLOP formula is work missing from the count, and Counts.uncounted names it.
+# Elementwise ops, norms, softmax and reductions are left out of the FLOP count by definition (torch's as ours), so
+# they are not reported.
+MATRIX_OP_WORDS = frozenset({"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "matmul",
+                             "einsum", "linear", "conv", "convolution", "conv1d", "conv2d", "conv3d", "attention",
+                             "attn", "rnn", "lstm", "gru"})
+# SDPA's fused kernels whose first arguments are query, key, value as (batch, heads, length, head dim), and their
+# backward ops (grad_out, query, key, value, ...). torch 2.13 has formulas for the CUDA ones, none for the CPU's
+# flash kernel, which SDPA runs on a CPU; one is registered here only where torch has none.
+SDPA_FORWARD_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+SDPA_BACKWARD_OPS = tuple(f"{name}_backward" for name in SDPA_FORWARD_OPS)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one call asked for. ``flops``: 2 per multiply-add of the matrix products, convolutions and attention
+    (FlopCounterMode's definition); ``bytes``: count_bytes' count; ``uncounted``: the names of the ops of those
+    kinds that ran with no FLOP formula, so their work is missing from ``flops`` (empty when nothing is missing)."""
+
+    flops: int
+    bytes: int
+    uncounted: tuple[str, ...] = ()
+    flops_by_op: dict[str, int] = field(default_factory=dict)
+    bytes_by_op: dict[str, int] = field(default_factory=dict)
 
 
 def count_bytes(call: Callable[[], Any]) -> int:
-    """Bytes the aten ops of one ``call()`` read plus write: per op, the nbytes (numel x element size) of every
-    tensor argument plus every tensor result. Views and metadata ops (view, reshape when it returns a view,
-    transpose, expand, t, permute, detach, alias, _unsafe_view, ...) count 0; a reshape or contiguous that
-    copies counts as the copy it is. An in-place op counts its tensor as read and written (copy_/fill_/zero_:
-    written only); an ``out=`` tensor counts as written only.
+    """Bytes the ops of one ``call()`` read plus write: per op, the nbytes (numel x element size) of every
+    tensor argument plus every tensor result, and the weights inside packed-parameter objects (torch.ao's quantized
+    Linear: the int8 weight, its fp32 per-channel scales and the bias). Views and metadata ops (view, reshape when
+    it returns a view, transpose, expand, t, permute, detach, alias, _unsafe_view, ...) count 0; a reshape,
+    contiguous or dtype conversion that copies counts as the copy it is. An in-place op counts its tensor as read
+    and written (copy_/fill_/zero_: written only); an ``out=`` tensor counts as written only.
 
     Algorithmic, not measured DRAM traffic. Under torch.inference_mode some composite ops (linear, layer_norm)
     reach the dispatcher whole and are counted as one op rather than as their parts."""
@@ -34,17 +63,24 @@ def count_bytes(call: Callable[[], Any]) -> int:
     return counter.total
 
 
-def count_flops_and_bytes(call: Callable[[], Any]) -> tuple[int, int]:
-    """(FLOPs, bytes) of ONE ``call()``: FlopCounterMode's count (2 per multiply-add; matmuls, convolutions,
-    attention) and count_bytes' count, from the same run. Works under torch.inference_mode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = _byte_counter_class()()
+def count_work(call: Callable[[], Any]) -> Counts:
+    """FLOPs, bytes and the ops whose FLOPs are missing, of ONE ``call()``, from the same run (see Counts).
+    Works under torch.inference_mode."""
+    flops = _flop_counter_class()()
+    nbytes = _byte_counter_class()()
     # The byte counter is entered last, so it is on top of the mode stack and sees each op as count_bytes alone
     # would; the flop counter beneath may then decompose ops it has no formula for without double-counting bytes.
-    with FlopCounterMode(display=False, custom_mapping=_int8_flops()) as flops, counter:
+    with flops, nbytes:
         call()
-    return int(flops.get_total_flops()), counter.total
+    by_op = {str(op): int(n) for op, n in flops.get_flop_counts().get("Global", {}).items()}
+    return Counts(int(flops.get_total_flops()), nbytes.total, tuple(sorted(flops.uncounted)), by_op,
+                  dict(nbytes.by_op))
+
+
+def count_flops_and_bytes(call: Callable[[], Any]) -> tuple[int, int]:
+    """(FLOPs, bytes) of ONE ``call()``: count_work's figures without the list of uncounted ops."""
+    counts = count_work(call)
+    return counts.flops, counts.bytes
 
 
 def op_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
@@ -53,17 +89,56 @@ def op_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     from torch.utils._pytree import tree_leaves
 
     name = func.overloadpacket.__name__
-    if name in NO_DATA_OPS or name in ALLOCATION_OPS or getattr(func, "is_view", False):
+    if name in NO_DATA_OPS or name in ALLOCATION_OPS:
         return 0
     outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    ins = [t for t in tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
-           if isinstance(t, torch.Tensor)]
+    leaves = tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+    ins = [t for t in leaves if isinstance(t, torch.Tensor)]
+    # Not func.is_view: reshape, contiguous and to() declare an alias in their schemas, and under inference mode
+    # they reach the dispatcher whole, copying or not; whether the result shares the input's memory says which.
     mutates = func._schema.is_mutable
-    if not mutates and (not outs or all(any(torch._C._is_alias_of(o, i) for i in ins) for o in outs)):
-        return 0  # a metadata query (no tensor result) or a view the schema did not declare (reshape, contiguous)
+    if not mutates and (not outs or all(any(_is_alias(o, i) for i in ins) for o in outs)):
+        return 0  # a metadata query (no tensor result) or a view
     if name in WRITE_ONLY_OPS and ins:
         ins = ins[1:]
-    return sum(t.nbytes for t in ins) + sum(t.nbytes for t in outs)
+    packed = sum(_packed_bytes(leaf) for leaf in leaves if isinstance(leaf, torch.ScriptObject))
+    return sum(t.nbytes for t in ins) + packed + sum(t.nbytes for t in outs)
+
+
+def _is_alias(a: Any, b: Any) -> bool:
+    import torch
+
+    try:
+        return torch._C._is_alias_of(a, b)
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (a semi-structured weight) has no storage
+        return False
+
+
+def _packed_bytes(obj: Any) -> int:
+    """Bytes of the tensors a packed-parameter object holds (torch.ao's LinearPackedParams: its ``unpack()`` gives
+    the quantized weight and the bias): the weight at its width, its per-channel scales as the fp32 they are
+    packed as (the zero points, all 0 in a symmetric scheme, are left out, as convert.inference_size does)."""
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+    from torch.utils._pytree import tree_leaves
+
+    if not obj._has_method("unpack"):
+        return 0
+    with _disable_current_modes():  # reading the weights back is bookkeeping, not work of the call counted
+        tensors = [t for t in tree_leaves(obj.unpack()) if isinstance(t, torch.Tensor)]
+    total = 0
+    for t in tensors:
+        total += t.nbytes
+        if t.is_quantized:
+            per_channel = t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            total += 4 * (t.q_per_channel_scales().numel() if per_channel else 1)
+    return total
+
+
+def is_matrix_op(name: str) -> bool:
+    """Whether an op's name without its namespace (``_int_mm``, ``linear_dynamic``,
+    ``_scaled_dot_product_flash_attention_for_cpu``) says it is of a kind the FLOP count covers (MATRIX_OP_WORDS)."""
+    return any(word in MATRIX_OP_WORDS for word in name.split("_"))
 
 
 @functools.cache
@@ -86,6 +161,68 @@ def _byte_counter_class() -> type:
             return out
 
     return ByteCounterMode
+
+
+@functools.cache
+def _flop_counter_class() -> type:
+    """FlopCounterMode with dsnas's extra formulas, noting the matrix-class ops that ran without one. It sees an op
+    after its decomposition into ops with formulas (aten.linear -> aten.addmm), so an op it names ran as such."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class DsnasFlopCounter(FlopCounterMode):
+        def __init__(self) -> None:
+            super().__init__(display=False,
+                             custom_mapping={**_attention_flops(), **_int8_flops(), **_linear_flops()})
+            self.uncounted: set[str] = set()
+
+        def _count_flops(self, func_packet, out, args, kwargs):
+            if func_packet not in self.flop_registry and is_matrix_op(getattr(func_packet, "__name__", "")):
+                self.uncounted.add(str(func_packet))
+            return super()._count_flops(func_packet, out, args, kwargs)
+
+    return DsnasFlopCounter
+
+
+def _attention_flops() -> dict[Any, Callable[..., int]]:
+    """torch's own SDPA formulas for the SDPA kernels its counter has none for. Forward: QK^T and AV, 2 FLOPs per
+    multiply-add, 4*B*H*T*S*D; backward: torch's 5 matrix products. Like torch's formulas they ignore is_causal: a
+    causal kernel may skip the masked half, but the math path computes every product and torch's fused formulas
+    count every one, so all paths count the same work."""
+    import torch
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    def backward(grad_shape: Any, q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None,
+                 **kwargs: Any) -> int:
+        return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+    mapping: dict[Any, Callable[..., int]] = {}
+    for names, formula in ((SDPA_FORWARD_OPS, forward), (SDPA_BACKWARD_OPS, backward)):
+        for name in names:
+            op = getattr(torch.ops.aten, name, None)
+            if op is not None and op not in flop_registry:
+                mapping[op] = formula
+    return mapping
+
+
+def _linear_flops() -> dict[Any, Callable[..., int]]:
+    """aten.linear counted whole, 2 * rows * in * out (what its parts, addmm or mm, count). Under inference mode it
+    reaches the dispatcher whole, and torch's counter would decompose it into ops a semi-structured sparse weight
+    does not support: on an H200 every trial with a cuSPARSELt layer failed with "can't perform requested op
+    (expand.default)" while its FLOPs were counted."""
+    import torch
+
+    def linear(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * w_shape[1] * w_shape[0]
+
+    # Both keys: FlopCounterMode decomposes any op whose overload (aten.linear.default) is not a key of its registry,
+    # and counts by the packet (aten.linear).
+    return {torch.ops.aten.linear: linear, torch.ops.aten.linear.default: linear}
 
 
 def _int8_flops() -> dict[Any, Callable[..., int]]:
