@@ -109,6 +109,19 @@ def test_a_reloaded_model_converts_to_the_same_outputs(task):
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
 
 
+def test_the_untrained_form_measures_every_int8_backend_the_trained_model_may_ship():
+    """The static backend needs an activation range; the untrained form gets a stand-in, so the backend chosen
+    before training is chosen among the same candidates as after calibration (and is what ships)."""
+    from dsnas.kernels.convert import untrained_inference_form
+
+    model = untrained_inference_form(build(_arch(("int8", "dense"))))
+    for layer in engine_layers(model).values():
+        assert "int8-static" in layer.inference.ratios["ratios"], layer.reason
+        assert "no calibrated act_amax" not in layer.reason
+    static = untrained_inference_form(build(_arch(("int8", "dense"))), int8_backend="int8-static")
+    assert {m.backend for m in engine_layers(static).values()} == {"int8:int8-static"}
+
+
 ENGINE_SPACE = TINY_SPACE.replace("d_model = [16, 32]", "d_model = [32]") + \
     'precision = ["fp32", "bf16", "int8"]\nsparsity = ["dense", "2:4"]\n'
 

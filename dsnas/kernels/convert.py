@@ -80,14 +80,24 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
         layer.backend = "fp32"
 
 
+# The activation range an untrained int8 layer is converted with: about the amax of a unit Gaussian batch. Only
+# timings are taken of the untrained form, and they do not depend on it; the trained layer converts with its
+# calibrated range.
+UNTRAINED_ACT_AMAX = 4.0
+
+
 def untrained_inference_form(model: nn.Module, int8_backend: str = "auto") -> nn.Module:
     """A freshly built model in the inference form a trial would measure: 2:4 layers get a magnitude mask (the
-    kernels need the pattern; timings do not depend on which weights are kept), then ``convert``."""
+    kernels need the pattern; timings do not depend on which weights are kept), int8 layers a stand-in activation
+    range (so that the static backend, which needs one, is a candidate as it is for the trained model), then
+    ``convert``."""
     from dsnas.kernels.sparsity import magnitude_scores, prune_layer
 
     for layer in engine_layers(model).values():
         if layer.sparsity != "dense":
             prune_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
+        if layer.precision == "int8" and not bool(layer.act_amax > 0):
+            layer.act_amax.fill_(UNTRAINED_ACT_AMAX)
     convert(model, int8_backend=int8_backend)
     return model
 
