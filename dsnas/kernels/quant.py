@@ -159,8 +159,8 @@ def int8_backend_supported(backend: str, device: Any, in_features: int, out_feat
     if backend == "torchao-dynamic":
         try:
             _import_torchao()
-        except ImportError as e:
-            return False, f"torchao is not importable ({e}); pip install torchao"
+        except Exception as e:  # not installed, or built for another torch release (any error at import)
+            return False, f"torchao is not importable ({type(e).__name__}: {e}); pip install torchao"
         return True, "torchao Int8DynamicActivationInt8WeightConfig"
     if backend == "torch-dynamic":
         if device.type != "cpu":

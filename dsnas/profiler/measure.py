@@ -218,10 +218,15 @@ def _kernels(model: Any, batch: Any, device: Any, top: int = 10) -> dict[str, An
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = [e for e in events if getattr(e, key, 0) > 0]
+    if cuda:
+        # The kernels themselves: a CPU operator's self device time is the time of the kernels it launched, so
+        # listing both would count every GEMM twice.
+        rows = [e for e in rows if "CUDA" in str(e.device_type)]
     if not rows:
         return {"unavailable": f"the profiler recorded no {'kernel' if cuda else 'operator'} events"}
     rows.sort(key=lambda e: getattr(e, key), reverse=True)
     return {"kind": "cuda kernels" if cuda else "cpu operators", "count": len(rows),
+            "total_us": sum(getattr(e, key) for e in rows),  # one call: at most its latency, or counted twice
             "top": [{"name": e.key, "calls": e.count, "self_us": getattr(e, key)} for e in rows[:top]]}
 
 

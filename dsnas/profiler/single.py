@@ -11,18 +11,19 @@ from typing import Any
 from dsnas.errors import DsnasError
 
 
-def load_target(target: str, trial: int | None) -> tuple[Any, Any, Any, str]:
+def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[Any, Any, Any, str]:
     """(model, TaskSpec, HardwareSpec, what it is) for a bundle folder, a study file with --trial, or an
-    architecture JSON file (``{"family": ...}`` or ``{"arch": {...}}``, measured with the default task)."""
+    architecture JSON file (``{"family": ...}`` or ``{"arch": {...}}``, measured with the default task). The model
+    is converted on ``device``: its inference form (fp8, the INT8 backend, a sparse kernel) depends on it."""
     from dsnas.kernels.convert import untrained_inference_form
     from dsnas.models import build, validate
     from dsnas.spec import HardwareSpec, TaskSpec
 
     path = Path(target)
     if path.is_dir():
-        return _bundle(path)
+        return _bundle(path, device)
     if path.suffix == ".toml":
-        return _trial(path, trial)
+        return _trial(path, trial, device)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -36,18 +37,18 @@ def load_target(target: str, trial: int | None) -> tuple[Any, Any, Any, str]:
     task = TaskSpec("charlm", {k: arch[k] for k in ("context",) if k in arch}, str(path.parent))
     try:
         validate(arch)
-        model = untrained_inference_form(build(arch))
+        model = untrained_inference_form(build(arch).to(device))
     except Exception as e:
         raise DsnasError(f"{path}: not a buildable architecture ({type(e).__name__}: {e}). Fix: correct it, "
                          "or export a trial with `dsnas export`") from None
     return model, task, HardwareSpec(), f"{path} (untrained weights)"
 
 
-def _bundle(path: Path) -> tuple[Any, Any, Any, str]:
+def _bundle(path: Path, device: Any) -> tuple[Any, Any, Any, str]:
     from dsnas.export.bundle import load_bundle, read_bundle, recorded_hardware, recorded_task_spec
 
     doc = read_bundle(path)
-    model = load_bundle(path)
+    model = load_bundle(path, device=str(device))
     if "task" not in doc:
         raise DsnasError(f"{path}/arch.json: a version-1 bundle records no task to measure with. "
                          "Fix: re-export the trial with `dsnas export`")
@@ -55,7 +56,7 @@ def _bundle(path: Path) -> tuple[Any, Any, Any, str]:
         f"bundle {path} (trained weights)"
 
 
-def _trial(path: Path, trial: int | None) -> tuple[Any, Any, Any, str]:
+def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, str]:
     from dsnas.kernels.convert import untrained_inference_form
     from dsnas.models import build
     from dsnas.search import open_study
@@ -71,7 +72,7 @@ def _trial(path: Path, trial: int | None) -> tuple[Any, Any, Any, str]:
                          f"Fix: pick one of {[t.number for t in study.trials if 'arch' in t.user_attrs]}")
     # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
     # form its layers chose (INT8 kernels, 2:4 masks).
-    return untrained_inference_form(build(found[0].user_attrs["arch"])), spec.task, spec.hardware, \
+    return untrained_inference_form(build(found[0].user_attrs["arch"]).to(device)), spec.task, spec.hardware, \
         f"study {spec.name!r} trial {trial} (untrained weights)"
 
 
@@ -82,9 +83,9 @@ def profile_target(target: str, trial: int | None = None, device: str = "auto", 
     from dsnas.profiler.measure import measure
     from dsnas.tasks import make_task
 
-    model, task_spec, hardware, what = load_target(target, trial)
-    hardware = replace(hardware, **{k: v for k, v in overrides.items() if v is not None})
     dev = resolve_device(device)
+    model, task_spec, hardware, what = load_target(target, trial, dev)
+    hardware = replace(hardware, **{k: v for k, v in overrides.items() if v is not None})
     task = make_task(task_spec)
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model.to(dev), task, dev, hardware)
