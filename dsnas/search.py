@@ -34,6 +34,18 @@ class SearchOutcome:
     pruned: int = 0  # PRUNED trials in the study: stopped at a rung, or skipped by the predictor
 
 
+def check_executor_installed(spec: StudySpec) -> None:
+    """Ray is imported by the Ray executor alone, so that a machine without it (a GPU box that cannot take its
+    ~80 MB wheel) still runs local studies; a study that asks for Ray there is refused before any work starts."""
+    import importlib.util
+
+    from dsnas.errors import SpecError
+
+    if spec.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise SpecError(str(spec.path), "executor.kind", "the ray executor needs the ray package, which is not "
+                        "installed here", "ray", 'pip install ray, or set kind = "local" (or pass --executor local)')
+
+
 def make_sampler(spec: StudySpec, n_existing: int) -> Any:
     import optuna.samplers as s
 
@@ -88,6 +100,7 @@ def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate,
     """Run (or resume) a study until its budget is spent."""
     from optuna.trial import TrialState
 
+    check_executor_installed(spec)
     study = open_study(spec)
     requeued = recover_stale_trials(study)
     study.sampler = make_sampler(spec, len(study.trials))

@@ -188,3 +188,21 @@ def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, 
     err = capsys.readouterr().err
     assert "[objectives] the stored study 'tiny' has objectives ['accuracy', 'throughput']" in err
     assert len(trials(tiny_study)[1]) == 1
+
+
+# Ray made unimportable, as on a machine without its wheel: find_spec("ray") is None, `import ray` raises.
+NO_RAY = "import sys; sys.modules['ray'] = None; from dsnas.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_a_local_search_needs_no_ray_and_a_ray_one_says_how_to_get_it(tiny_study):
+    def dsnas(*args):
+        return subprocess.run([sys.executable, "-c", NO_RAY, *args], capture_output=True, text=True, timeout=300)
+
+    local = dsnas("search", str(tiny_study), "--executor", "local", "--n-trials", "1")
+    assert local.returncode == 0, local.stderr
+    assert "1 trials completed" in local.stdout
+    refused = dsnas("search", str(tiny_study), "--executor", "ray")
+    assert refused.returncode == 2
+    err = refused.stderr.strip()
+    assert err.count("\n") == 0 and "[executor.kind] the ray executor needs the ray package" in err
+    assert 'pip install ray, or set kind = "local"' in err and str(tiny_study) in err
