@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny study (a search that takes seconds) written into tmp_path."""
+"""Shared fixtures: a tiny study (a search that takes seconds) written into tmp_path; and the gate of tests marked
+``gpu``: skipped where torch sees no CUDA device, failed instead under DSNAS_REQUIRE_GPU=1."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,61 @@ REPO = Path(__file__).resolve().parent.parent
 # The CPU ceilings cache (dsnas.profiler.ceilings) of this test session, not the user's: set before any worker
 # process starts, so Ray workers inherit it.
 os.environ.setdefault("DSNAS_CACHE_DIR", tempfile.mkdtemp(prefix="dsnas-test-cache-"))
+
+REQUIRE_GPU = "DSNAS_REQUIRE_GPU"
+NO_GPU = "needs an NVIDIA GPU (torch.cuda.is_available() is False)"
+NO_GPU_REQUIRED = f"{REQUIRE_GPU}=1 is set and no CUDA device is visible (torch.cuda.is_available() is False)"
+
+
+def _gpu_required() -> bool:
+    return os.environ.get(REQUIRE_GPU) == "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A ``gpu`` test skips where torch sees no CUDA device (under DSNAS_REQUIRE_GPU=1 that skip then fails: see
+    pytest_runtest_makereport)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch  # here, not at the top: importing conftest stays cheap, and CPU-only runs never ask CUDA
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=NO_GPU))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """Under DSNAS_REQUIRE_GPU=1 a ``gpu`` test that skips (a skipif mark, pytest.skip in its body, a capability
+    the device lacks) fails, with the skip's reason in the failure."""
+    required = _gpu_required() and item.get_closest_marker("gpu") is not None
+    if required and call.excinfo is not None and call.excinfo.errisinstance(pytest.skip.Exception):
+        reason = call.excinfo.value.msg
+        # On the machine meant to have the GPU, a skip would hide that the GPU checks never ran.
+        call.excinfo = _failure(NO_GPU_REQUIRED if reason == NO_GPU else
+                                f"{REQUIRE_GPU}=1 is set, so a gpu test may not skip, but this one skipped: {reason}")
+    report = yield
+    message = getattr(call.excinfo.value, "msg", None) if call.excinfo is not None else None
+    if required and report.failed and str(message).startswith(f"{REQUIRE_GPU}=1 is set"):
+        report.dsnas_gpu_required = True  # shown as FAILED, not ERROR, when it happened in setup
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    # A setup-time failure counts as an error in pytest's words; this one is the test's own verdict (no GPU).
+    if report.when == "setup" and getattr(report, "dsnas_gpu_required", False):
+        return "failed", "F", "FAILED"
+    return None
+
+
+def _failure(message: str) -> pytest.ExceptionInfo[BaseException]:
+    try:
+        pytest.fail(message, pytrace=False)
+    except pytest.fail.Exception:
+        return pytest.ExceptionInfo.from_current()
+    raise AssertionError("pytest.fail returned")
+
 
 TINY_SPACE = """
 family = "transformer_lm"

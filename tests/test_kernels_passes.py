@@ -311,7 +311,6 @@ def test_transformer_family_is_traced_with_linear_layers_as_leaves_and_optimized
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transformer_family_on_cuda():
     torch.manual_seed(0)
     model = build(ARCH).eval().cuda()

@@ -168,7 +168,6 @@ def test_importing_the_quant_modules_touches_no_hardware():
 @pytest.mark.parametrize("rows", [1, 5, 32])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_linear_on_gpu(rows, with_bias):
     ok, why = fp8_supported("cuda")
     if not ok:
@@ -185,7 +184,6 @@ def test_fp8_linear_on_gpu(rows, with_bias):
 
 @pytest.mark.parametrize("backend", ["int8-static", "torchao-dynamic"])
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_int8_linear_on_gpu(backend):
     weight, bias, x = _layer(48, 64)
     weight, bias, x = weight.cuda(), bias.cuda(), x.cuda()  # 15 rows: int8-static pads them past cuBLASLt's 16

@@ -295,7 +295,6 @@ def test_importing_sparsity_starts_no_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", [(128, 256), (256, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_semi_structured_matches_masked_dense_on_cuda(shape, dtype, record_property):

@@ -404,11 +404,6 @@ def test_capabilities_of_the_cpu(install):
 
 # --- on a real NVIDIA GPU -----------------------------------------------------------------------------
 
-def on_gpu(test):
-    """Marked ``gpu`` and skipped where torch sees no CUDA device."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")(test))
-
-
 @pytest.fixture
 def gpu(monkeypatch: pytest.MonkeyPatch):
     """(device, handle) of the current CUDA device, with the real pynvml."""
@@ -434,7 +429,7 @@ def gpm_or_skip(result: WindowResult, *names: str) -> None:
         assert name not in result.unavailable, why
 
 
-@on_gpu
+@pytest.mark.gpu
 def test_gpm_supported_on_hopper(gpu):
     device, handle = gpu
     if torch.cuda.get_device_capability(device) < (9, 0):
@@ -442,7 +437,7 @@ def test_gpm_supported_on_hopper(gpu):
     assert nvml.gpm_supported(handle) == (True, "GPM supported")
 
 
-@on_gpu
+@pytest.mark.gpu
 def test_energy_counter_advances_over_a_second_of_matmuls(gpu):
     device, handle = gpu
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -453,7 +448,7 @@ def test_energy_counter_advances_over_a_second_of_matmuls(gpu):
     assert result.power_samples >= 5 and result.power_w_max >= result.power_w_mean > 0
 
 
-@on_gpu
+@pytest.mark.gpu
 def test_gemm_is_sm_bound_and_copy_is_dram_bound(gpu):
     device, handle = gpu
     if not nvml.gpm_supported(handle)[0]:
