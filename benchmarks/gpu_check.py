@@ -1,0 +1,278 @@
+"""One prepared check of every GPU path of dsnas on one NVIDIA GPU (written for an H200; about 5 minutes there).
+
+Sections, each timed, each a list of checks (a measured value against a bound that says why), skipped with the
+reason when the --budget-s would overrun:
+  doctor    what `dsnas doctor` finds: CUDA, NVML, the energy counter, GPM, power, clocks, CUPTI, torch.compile
+  limits    bf16 GEMM and a device copy against the datasheet's peaks; GPM SM / tensor / DRAM utilization, energy
+            and power in NVML's steady window; CUDA-event against wall-clock medians; five dsnas measurements' CV
+  engine    every engine layer type inside a transformer_lm (logits against fp32, the backend that ran, latency
+            against bf16), torchao's INT8 path per row count, and each layer type alone at 1024^2..8192^2 against
+            bf16 F.linear with L2 flushed
+  training  fp16 with loss scaling and one forced overflow (per-layer fp32 fallback), bf16
+  search    a 6-trial study on search_spaces/transformer_lm_gpu.toml (local executor, SQLite, successive halving,
+            a tiny training budget), the knee exported and `dsnas verify`'d
+  profile   `dsnas profile BUNDLE --kernels --cuda-graphs`, and its kernel table against the device time of a call
+  compile   an engine model under torch.compile against eager: output and latency
+The report is DIR/gpu_check.md and DIR/gpu_check.json, written after every section. Ray is not needed.
+
+--dry-run runs the same code on the CPU at tiny sizes, where CUDA is not needed (the `limits` section is
+skipped), so that CI checks the check. Exit status 1 when a check failed or a section raised.
+
+Run:  python benchmarks/gpu_check.py --out DIR [--budget-s 420] [--dry-run]
+On the GPU machine (no network): `bash benchmarks/gpu_wheels.sh` here, then there
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+      PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_check.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import gpu_limits as gl  # noqa: E402  (beside this file)
+import torch  # noqa: E402
+from gpu_report import Report, Section  # noqa: E402
+
+# Seconds each section takes on an H200 (measured), and on 2 CPU cores in a dry run.
+ESTIMATE_S = {"doctor": (10, 5), "limits": (35, 0), "engine": (60, 40), "training": (10, 10), "search": (150, 120),
+              "profile": (25, 20), "compile": (60, 90)}
+
+
+class Run:
+    """What the sections share: the device, the dry-run switch, the output folder, the exported bundle."""
+
+    def __init__(self, out: Path, dry: bool) -> None:
+        self.out, self.dry = out, dry
+        self.device = gl.device_of(dry)
+        self.bundle: Path | None = None
+
+    # --- doctor ------------------------------------------------------------------------------------------------
+
+    def doctor(self, sec: Section) -> None:
+        from dsnas.profiler.capabilities import probe
+        from dsnas.profiler.device import fingerprint, fingerprint_id
+
+        caps = probe(self.device.type)
+        sec.table("dsnas doctor", ["capability", "available", "detail"],
+                  [[c.name, "yes" if c.available else "no", c.detail] for c in caps])
+        wanted = ("torch.compile", "CPU") if self.dry else \
+            ("CUDA", "NVML", "energy counter", "GPM", "power", "utilization", "clocks", "CUPTI activities",
+             "torch.compile")
+        for name in wanted:
+            sec.fact(f"doctor: {name}", caps[name].available, caps[name].detail[:160])
+        fp = fingerprint(self.device)
+        sec.note(f"fingerprint {fingerprint_id(fp)}: " + ", ".join(f"{k}={v}" for k, v in fp.items()))
+
+    # --- search, export, verify ----------------------------------------------------------------------------------
+
+    def search(self, sec: Section) -> None:
+        from dsnas.cli import main
+        from dsnas.search import open_study
+        from dsnas.spec import load_study
+
+        folder = self.out / "search"
+        folder.mkdir(parents=True, exist_ok=True)
+        study = folder / "gpu_check.toml"
+        study.write_text(self._study_text(folder))
+        spec = load_study(study)
+        code, text = _cli(main, ["search", str(study)])
+        (folder / "search.log").write_text(text)
+        sec.check("dsnas search exit status", code, 0, 0)
+        trials = open_study(spec, create=False).trials
+        states = [t.state.name for t in trials]
+        rows = [[t.number, t.state.name, t.user_attrs.get("arch_short", ""), t.user_attrs.get("accuracy"),
+                 t.user_attrs.get("throughput_tok_s"), t.user_attrs.get("latency_ms"),
+                 (t.user_attrs.get("profile") or {}).get("backend", ""), t.user_attrs.get("fallbacks"),
+                 (t.user_attrs.get("fail_reason") or "")[:300]] for t in trials]
+        sec.table("trials", ["trial", "state", "architecture", "accuracy", "tokens/s", "latency ms", "backend",
+                             "fallbacks", "fail reason"], rows)
+        sec.check("trials completed", states.count("COMPLETE"), 2, None, why="the knee needs a front")
+        sec.check("trials failed", states.count("FAIL"), 0, 0, why="every failure is in the table with its reason")
+        sec.fact("ray was not imported", "ray" not in sys.modules, "local executor")
+        bundle = folder / "knee"
+        code, text = _cli(main, ["export", str(study), "--pick", "knee", "--out", str(bundle)])
+        sec.check("dsnas export --pick knee exit status", code, 0, 0, why=text.strip().splitlines()[-1][:200])
+        if code != 0:
+            return
+        self.bundle = bundle
+        self._verify(sec, bundle)
+
+    def _verify(self, sec: Section, bundle: Path) -> None:
+        """`dsnas verify` of the bundle here, each row a check. On a shared 2-core CPU (the dry run) its timings
+        drift with the neighbours' load, so there the speed rows are shown, not judged."""
+        from dsnas.export import verify_bundle
+
+        report = verify_bundle(bundle, device=self.device.type)
+        (bundle.parent / "verify.log").write_text(report.table())
+        for row in report.checks:
+            speed = row.figure.startswith(("latency", "throughput"))
+            ok = None if (speed and self.dry) or not row.compared else not row.failed
+            why = "not judged in a dry run: CPU timings on a shared machine" if speed and self.dry else row.verdict
+            sec.fact(f"verify {row.figure}", ok, f"{row.recorded} -> {row.now} ({row.drift})", why)
+
+    def _study_text(self, folder: Path) -> str:
+        space = ROOT / "search_spaces" / "transformer_lm_gpu.toml"
+        if self.dry:  # the GPU space's keys with what a CPU runs in seconds
+            space = folder / "space_cpu.toml"
+            space.write_text('family = "transformer_lm"\n[choices]\nn_layers = [1, 2]\nd_model = [32, 64]\n'
+                             'grad_checkpoint = [0, 1]\n[per_layer]\nn_heads = [2, 4]\nffn_ratio = [2, 4]\n'
+                             'precision = ["fp32", "int8"]\nsparsity = ["dense", "2:4", "auto"]\n')
+        n, tokens, val = (3, 4096, 1024) if self.dry else (6, 65_536, 8192)
+        return f"""[study]
+name = "gpu_check"
+seed = 0
+[objectives]
+accuracy = "maximize"
+throughput = "maximize"
+[budget]
+n_trials = {n}
+[space]
+file = "{space}"
+[task]
+name = "charlm"
+corpus_bytes = 400_000
+context = 64
+batch_size = 32
+train_tokens = {tokens}
+val_tokens = {val}
+[hardware]
+device = "{self.device.type}"
+batch_sizes = [1, 32]
+warmup_s = 0.05
+measure_s = 0.2
+steady_s = 0.3
+[executor]
+kind = "local"
+[pruning]
+kind = "successive_halving"
+"""
+
+    # --- profile ---------------------------------------------------------------------------------------------
+
+    def profile(self, sec: Section) -> None:
+        from dsnas.cli import main
+        from dsnas.profiler import measure
+        from dsnas.profiler.single import load_target
+        from dsnas.tasks import make_task
+
+        if self.bundle is None:
+            raise RuntimeError("no bundle: the search section did not export one")
+        args = ["profile", str(self.bundle), "--device", self.device.type, "--kernels", "--measure-s", "0.2"]
+        args += [] if self.dry else ["--cuda-graphs"]
+        code, text = _cli(main, args)
+        sec.check("dsnas profile exit status", code, 0, 0)
+        sec.note("dsnas " + " ".join(args[:1] + ["BUNDLE"] + args[2:]) + ":\n" + text)
+        model, task_spec, hardware, _ = load_target(str(self.bundle), None, self.device)
+        hardware = replace(hardware, kernels=True, cuda_graphs=not self.dry, measure_s=0.2)
+        _, prof = measure(model, make_task(task_spec), self.device, hardware)
+        for bs, kernels in prof["kernels"].items():
+            batch = prof["batches"][bs]
+            call_ms = batch.get("device_median_ms") or batch["median_ms"]
+            sec.check(f"batch {bs}: kernel (operator) time of one call / its measured time",
+                      kernels.get("total_us", float("nan")) / 1e3 / call_ms, 1e-3, 1.15,
+                      why="above 1: a GEMM counted twice (operator and kernel); below it: launch gaps, idle device")
+            if batch.get("graph_latency_ms"):
+                sec.check(f"batch {bs}: CUDA-graph replay / eager device time", batch["graph_latency_ms"] / call_ms,
+                          0, 1.1, why="a replay skips the host's launches: as fast or faster (much, where eager "
+                          "is launch-bound)")
+
+    # --- compile ------------------------------------------------------------------------------------------------
+
+    def compile(self, sec: Section) -> None:
+        dev = self.device
+        precision = "fp32" if self.dry else "bf16"
+        arch = gl.model_arch(64 if self.dry else 1024, 2, 4 if self.dry else 16, precision)
+        torch.manual_seed(0)
+        model = gl.convert_model(gl.build(arch).to(dev))
+        x = torch.randint(0, 256, (8 if self.dry else 32, 64), device=dev)
+        start = time.perf_counter()
+        compiled = torch.compile(model)
+        with torch.inference_mode():
+            got, want = compiled(x).float(), model(x).float()
+        compile_s = time.perf_counter() - start
+        err = float((got - want).norm() / want.norm())
+        sec.check(f"{precision} model: compiled logits vs eager, relative L2", err, 0, 1e-2 if not self.dry else 1e-4,
+                  why="the same arithmetic, fused differently")
+        eager_ms, compiled_ms = gl.model_ms(model, x), gl.model_ms(compiled, x)
+        sec.check("compile time", compile_s, 0, 300, unit="s")
+        sec.note(f"latency eager {eager_ms:.3f} ms, compiled {compiled_ms:.3f} ms: {eager_ms / compiled_ms:.2f}x")
+
+
+def _cli(main: Any, args: list[str]) -> tuple[int, str]:
+    """Run a `dsnas` command in this process: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    sys.stdout.write(out.getvalue())
+    return code, out.getvalue()
+
+
+def meta(dry: bool) -> dict[str, Any]:
+    info: dict[str, Any] = {"date": datetime.date.today().isoformat(), "host": platform.node(),
+                            "torch": torch.__version__, "python": platform.python_version(), "dry_run": dry}
+    try:
+        info["dsnas commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                              capture_output=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["dsnas commit"] = "unknown"
+    if torch.cuda.is_available() and not dry:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        try:
+            from dsnas.profiler.capabilities import nvml_facts
+
+            facts = nvml_facts(torch.device("cuda", 0))
+            info["driver"] = facts.get("gpu_driver", "unknown")
+        except Exception as err:  # no NVML: the report says so instead of a driver version
+            info["driver"] = f"unknown ({err})"
+    else:
+        from dsnas.profiler.device import cpu_model
+
+        info["cpu"] = cpu_model()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip a section that would overrun this")
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU, at tiny sizes: what needs no CUDA")
+    parser.add_argument("--only", help="comma-separated sections to run (default: all)")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda}); "
+              "use --dry-run on a CPU machine", file=sys.stderr)
+        return 2
+    run = Run(Path(args.out), args.dry_run)
+    report = Report(Path(args.out), meta(args.dry_run))
+    sections = {"doctor": run.doctor, "limits": lambda s: gl.limits(s, run.dry),
+                "engine": lambda s: (gl.engine_in_model(s, run.dry), gl.engine_layers_alone(s, run.dry)),
+                "training": lambda s: gl.training(s, run.dry), "search": run.search, "profile": run.profile,
+                "compile": run.compile}
+    only = set(args.only.split(",")) if args.only else set(sections)
+    for name, fn in sections.items():
+        if name not in only:
+            continue
+        needs = "needs CUDA: the physical limits of a GPU (dry run on the CPU)" if name == "limits" and run.dry else ""
+        report.run(name, fn, estimate_s=ESTIMATE_S[name][1 if run.dry else 0], budget_s=args.budget_s, needs=needs)
+    print(f"\n{report.out / 'gpu_check.md'}: " + ", ".join(f"{s.name} {s.status}" for s in report.sections))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The GPU check's measuring sections: the device against its physical limits, every engine layer type inside a
+model and alone against bf16 dense, and CUDA training with loss scaling and a forced fp32 fallback.
+
+With ``dry`` (a CPU machine) the same code runs at tiny sizes on the CPU, against fp32 dense, so that CI runs it."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsnas.kernels.convert import convert
+from dsnas.kernels.linear import engine_layers
+from dsnas.kernels.quant import _import_torchao
+from dsnas.kernels.sparsity import magnitude_scores, prune_layer
+from dsnas.models import build
+
+# NVIDIA's H200 (and H100) SXM datasheet: dense bf16 tensor-core peak, and HBM3e bandwidth.
+BF16_DENSE_PEAK_TFLOP_S = 989.4
+HBM_PEAK_TB_S = 4.8
+GEMM_N = 8192
+COPY_BYTES = 2 * 2**30
+SPARSE_KERNELS = ("cusparselt", "cutlass")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One engine layer type for every linear layer of a model."""
+
+    label: str
+    precision: str
+    sparsity: str = "dense"
+    int8_backend: str = "auto"
+    # Relative L2 error of the logits against fp32 that still counts as close: fp32 is the same arithmetic;
+    # fp16 keeps 11 significant bits, bf16 8, int8 quantizes inputs and weights to 8 bits, and e4m3 keeps 4
+    # significant bits (up to 6% rounding per value, on inputs and weights), each through two blocks of four layers.
+    tolerance: float = 1e-4
+
+
+VARIANTS = (
+    Variant("fp32", "fp32"), Variant("bf16", "bf16", tolerance=3e-2), Variant("fp16", "fp16", tolerance=5e-3),
+    Variant("int8 int8-static", "int8", int8_backend="int8-static", tolerance=6e-2),
+    Variant("int8 torchao-dynamic", "int8", int8_backend="torchao-dynamic", tolerance=6e-2),
+    Variant("int8 torch-dynamic", "int8", int8_backend="torch-dynamic", tolerance=6e-2),
+    Variant("fp8", "fp8", tolerance=0.12),
+    Variant("2:4 fp32", "fp32", "2:4"), Variant("2:4 bf16", "bf16", "2:4", tolerance=3e-2),
+    Variant("2:4 fp16", "fp16", "2:4", tolerance=5e-3), Variant("2:4 fp8", "fp8", "2:4", tolerance=0.12),
+    Variant("2:4 int8 int8-static", "int8", "2:4", int8_backend="int8-static", tolerance=6e-2),
+)
+
+
+def device_of(dry: bool) -> torch.device:
+    return torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def event_ms(fn: Any, calls: int = 20, warmup: int = 5) -> list[float]:
+    """Milliseconds of each of ``calls`` calls by CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+# --- the device against its physical limits ------------------------------------------------------------------------
+
+def limits(sec: Any, dry: bool) -> None:
+    """bf16 GEMM and copy rates against the datasheet; GPM, energy and power in NVML's steady window; CUDA events
+    against the wall clock; five independent dsnas measurements of one model."""
+    from dsnas.profiler.nvml import _call, nvml_handle
+    from dsnas.profiler.timing import time_calls
+    from dsnas.profiler.window import measure_window
+
+    dev = device_of(dry)
+    a = torch.randn(GEMM_N, GEMM_N, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(GEMM_N, GEMM_N, device=dev, dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    gemm = lambda: torch.mm(a, b, out=c)  # noqa: E731
+    tflop_s = 2 * GEMM_N**3 / (statistics.median(event_ms(gemm)) / 1e3) / 1e12
+    sec.check(f"bf16 GEMM {GEMM_N}^3", tflop_s, 0.6 * BF16_DENSE_PEAK_TFLOP_S, BF16_DENSE_PEAK_TFLOP_S,
+              unit="TFLOP/s", why="above the datasheet's dense peak is a timing error; below 60% of it, a slow path")
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_ = lambda: dst.copy_(src)  # noqa: E731
+    tb_s = 2 * COPY_BYTES / (statistics.median(event_ms(copy_)) / 1e3) / 1e12
+    sec.check("device-to-device copy, read + write", tb_s, 0.5 * HBM_PEAK_TB_S, HBM_PEAK_TB_S, unit="TB/s",
+              why="HBM3e peak 4.8 TB/s; a copy reaches 85-90% of it")
+
+    timing = time_calls(gemm, lambda: sync(dev), warmup_s=0.2, measure_s=0.5, events=torch.cuda.Event)
+    sec.check("CUDA-event / wall-clock median, 8192^3 GEMM", timing.device_median_ms / timing.median_ms, 0.9, 1.1,
+              why="a ~1 ms kernel: the host's launch and sync add little")
+
+    repeatability(sec, dev)  # before the windows below run the board at its power cap
+    handle, how = nvml_handle(dev)
+    if handle is None:
+        sec.note(f"NVML window: unavailable: {how}")
+        return
+    limit_mw, why = _call("nvmlDeviceGetEnforcedPowerLimit", handle)
+    on_gemm = measure_window(handle, gemm, lambda: sync(dev), min_s=1.0)
+    on_copy = measure_window(handle, copy_, lambda: sync(dev), min_s=1.0)
+    # GPM's percentages are stored as shares (0..1), as dsnas's profiles hold them.
+    sec.check("GPM SM utilization, GEMM loop", on_gemm.sm_util, 0.8, 1.0,
+              why=on_gemm.unavailable.get("sm_util", "a large GEMM keeps every SM busy"))
+    sec.check("GPM tensor-core utilization, GEMM loop", on_gemm.tensor_util, 0.5, 1.0,
+              why=on_gemm.unavailable.get("tensor_util", "a bf16 GEMM runs on the tensor cores"))
+    sec.check("GPM DRAM bandwidth utilization, copy loop", on_copy.dram_bw_util, 0.6, 1.0,
+              why=on_copy.unavailable.get("dram_bw_util", "a large copy is bound by DRAM"))
+    sec.check("energy per GEMM", on_gemm.energy_per_call_j, 1e-6, None, unit="J",
+              why=on_gemm.unavailable.get("energy_per_call_j", "the energy counter advanced"))
+    limit_w = None if why else limit_mw / 1e3
+    sec.check("power, max over the GEMM window", on_gemm.power_w_max, 1, limit_w, unit="W",
+              why=why or on_gemm.unavailable.get("power_w_max", f"below the enforced board limit ({limit_w} W)"))
+    sec.table("NVML steady windows", ["loop", "seconds", "calls", "J/call", "W mean", "SM util", "tensor util",
+                                      "DRAM util", "SM MHz end", "clock events end"],
+              [[name, w.seconds, w.calls, w.energy_per_call_j, w.power_w_mean, w.sm_util, w.tensor_util,
+                w.dram_bw_util, w.sm_clock_mhz_end, ",".join(w.clock_events_end or [])]
+               for name, w in (("GEMM", on_gemm), ("copy", on_copy))])
+
+
+def repeatability(sec: Any, dev: torch.device) -> None:
+    """Five independent dsnas measurements of one bf16 model at a batch that keeps the GPU busy (256 x 64 tokens)
+    and at one where eager calls are bound by the host's launches (32): the medians' coefficient of variation."""
+    from dsnas.profiler import measure
+    from dsnas.spec import HardwareSpec
+
+    arch = model_arch(1024, 4, 16, "bf16")
+    model = convert_model(build(arch).to(dev))
+    task = RandomTokens(arch["context"])
+    hardware = HardwareSpec(device=dev.type, batch_sizes=(32, 256), warmup_s=0.2, measure_s=0.5, steady_s=0.2,
+                            cuda_graphs=True)
+    runs = [measure(model, task, dev, hardware) for _ in range(5)]
+    for bs, key, what in ((256, "latency_ms", "wall-clock"), (32, "latency_ms", "wall-clock, launch-bound"),
+                          (32, "graph_latency_ms", "CUDA-graph replay")):
+        ms = [metrics[f"{key}_bs{bs}"] for metrics, _ in runs]
+        sec.check(f"5 measurements of a d1024 L4 bf16 model at batch {bs}, {what} median, CV",
+                  statistics.stdev(ms) / statistics.mean(ms) * 100, 0, 1.0, unit="%",
+                  why="the target for a GPU: " + ", ".join(f"{m:.4f}" for m in ms) + " ms")
+    sec.note("per measurement: " + "; ".join(
+        f"{m['throughput_tok_s']:,.0f} tok/s at batch 256, SM clock {m.get('sm_clock_mhz', float('nan')):.0f} MHz"
+        for m, _ in runs))
+
+
+# --- the engine inside a model, and alone ----------------------------------------------------------------------------
+
+class RandomTokens:
+    """The task interface measure() needs, with random token ids: timing does not depend on the data."""
+
+    tokens_per_example: int
+
+    def __init__(self, context: int) -> None:
+        self.tokens_per_example = context
+
+    def example_batch(self, batch_size: int, device: Any) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(batch_size)
+        return torch.randint(0, 256, (batch_size, self.tokens_per_example), generator=gen).to(device)
+
+
+def model_arch(d_model: int, layers: int, heads: int, precision: str = "fp32", sparsity: str = "dense") -> dict:
+    return {"family": "transformer_lm", "vocab_size": 256, "context": 64, "d_model": d_model,
+            "layers": [{"n_heads": heads, "ffn_ratio": 4, "precision": precision, "sparsity": sparsity}] * layers}
+
+
+def convert_model(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
+    with torch.no_grad():
+        convert(model, int8_backend=backend)
+    return model.eval()
+
+
+def variant_model(v: Variant, ref: torch.nn.Module, arch: dict, x: torch.Tensor) -> tuple[Any, Any]:
+    """(model of variant ``v`` with ``ref``'s weights, its fp32 reference: ``ref`` with the same 2:4 masks)."""
+    model = build({**arch, "layers": [{**layer, "precision": v.precision, "sparsity": v.sparsity}
+                                      for layer in arch["layers"]]}).to(x.device)
+    model.load_state_dict(ref.state_dict(), strict=False)
+    reference = copy.deepcopy(ref)
+    ref_layers = engine_layers(reference)
+    for name, layer in engine_layers(model).items():
+        if v.sparsity != "dense":
+            mask = prune_layer(layer, magnitude_scores(layer.weight.detach()))
+            with torch.no_grad():
+                ref_layers[name].weight.mul_(mask)
+    if v.precision == "int8":  # what calibration sets: the largest |input| each layer sees
+        seen: dict[str, float] = {}
+        hooks = [ref_layers[n].register_forward_pre_hook(
+            lambda _m, args, n=n: seen.__setitem__(n, float(args[0].abs().max()))) for n in ref_layers]
+        with torch.inference_mode():
+            reference(x)
+        for h in hooks:
+            h.remove()
+        for name, layer in engine_layers(model).items():
+            layer.act_amax.fill_(seen[name])
+    return convert_model(model, v.int8_backend), reference.eval()
+
+
+def engine_in_model(sec: Any, dry: bool) -> None:
+    """Every layer type in a transformer_lm: logits against fp32, the backend each layer ran, and the model's
+    latency against the same model in bf16 (fp32 on the CPU)."""
+    dev = device_of(dry)
+    arch = model_arch(64 if dry else 1024, 2, 4 if dry else 16)
+    torch.manual_seed(0)
+    ref = build(arch).to(dev).eval()
+    x = torch.randint(0, 256, (8 if dry else 32, 64), device=dev)
+    base_label = "fp32" if dry else "bf16"
+    rows, latency = [], {}
+    for v in VARIANTS:
+        try:
+            model, reference = variant_model(v, ref, arch, x)
+            with torch.inference_mode():
+                got, want = model(x).float(), reference(x).float()
+        except Exception as err:  # the engine refused (a TrialError with its reason) or the device cannot
+            rows.append([v.label, "unavailable", "-", "-", f"{type(err).__name__}: {str(err).splitlines()[0]}"[:160]])
+            continue
+        err = float((got - want).norm() / want.norm())
+        backends = sorted({m.backend for m in engine_layers(model).values()})
+        reasons = sorted({m.reason for m in engine_layers(model).values() if m.reason})
+        latency[v.label] = model_ms(model, x)
+        sec.check(f"{v.label}: logits vs fp32, relative L2", err, 0, v.tolerance, why=f"backend {', '.join(backends)}")
+        if v.sparsity != "dense" and v.precision in ("bf16", "fp16") and not dry:
+            sec.fact(f"{v.label}: a sparse kernel ran", any(b.split(" ")[0] in SPARSE_KERNELS for b in backends),
+                     ", ".join(backends), "; ".join(reasons))
+        rows.append([v.label, ", ".join(backends), err, latency[v.label], "; ".join(reasons)[:300]])
+    base = latency.get(base_label)
+    for row in rows:
+        row.insert(4, "-" if base is None or row[0] not in latency else f"{base / latency[row[0]]:.2f}x")
+    sec.table(f"d{arch['d_model']} L2 transformer_lm, batch {tuple(x.shape)}: every linear layer of one type",
+              ["layer type", "backends", "logits rel. error", "latency ms", f"speed vs {base_label}", "reason"], rows)
+    torchao_rows(sec, dev)
+
+
+def model_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
+    from dsnas.profiler.timing import time_calls
+
+    with torch.inference_mode():
+        t = time_calls(lambda: model(x), lambda: sync(x.device), warmup_s=0.1, measure_s=0.2, max_measure_s=1.0,
+                       events=torch.cuda.Event if x.is_cuda else None)
+    return t.device_median_ms or t.median_ms
+
+
+def torchao_rows(sec: Any, dev: torch.device) -> None:
+    """Whether torchao's dynamic INT8 layer runs an int8 GEMM (aten::_int_mm) at each row count, or falls back."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsnas.kernels.quant import Int8Linear
+
+    try:
+        _import_torchao()
+    except Exception as err:  # not installed, or built for another torch release
+        sec.note(f"torchao rows: torchao does not import here ({type(err).__name__}: {err})")
+        return
+    weight = torch.randn(1024, 1024, device=dev) / 32
+    layer = Int8Linear.from_float(weight, None, None, "torchao-dynamic")
+    rows = []
+    for n in (1, 16, 17, 256):
+        x = torch.randn(n, 1024, device=dev)
+        with torch.inference_mode():
+            layer(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                layer(x)
+        ops = {e.name for e in prof.events()}
+        int_mm = any("_int_mm" in op for op in ops)
+        rows.append([n, "int8 GEMM (aten::_int_mm)" if int_mm else "no int8 GEMM: a floating-point fallback",
+                     ", ".join(sorted(op for op in ops if "mm" in op or "linear" in op))[:200]])
+    sec.table("torchao Int8DynamicActivationInt8WeightConfig, 1024x1024, what runs per row count",
+              ["rows", "kernel", "matmul-like ops seen"], rows)
+
+
+def engine_layers_alone(sec: Any, dry: bool) -> None:
+    """Each layer type alone at three shapes up to 8192x8192, against dense bf16 F.linear (fp32 on the CPU), with
+    L2 flushed before every timed call (benchmarks/kernels.py's sweep, paired and interleaved)."""
+    import kernels as kb
+
+    dev = device_of(dry)
+    extra = (kb.Kind("2:4 fp16", "fp16", "2:4"), kb.Kind("2:4 fp8", "fp8", "2:4"))
+    if dry:
+        sweep = kb.Sweep(kb.CPU_KINDS[1:], dev, torch.float32, "fp32 F.linear",
+                         lambda fn, x: kb.cpu_timer(fn, x, 0.002), 3)
+        shapes, rows = [("64^2", 64, 64), ("128^2", 128, 128), ("256^2", 256, 256)], (32,)
+    else:
+        l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+        buffer = torch.empty(max(2 * l2, 256 * 2**20), dtype=torch.uint8, device=dev)
+        sweep = kb.Sweep(kb.CUDA_KINDS + extra, dev, torch.bfloat16, "bf16 F.linear",
+                         lambda fn, x: kb.cuda_timer(fn, x, buffer.zero_), 7)
+        shapes, rows = [("1024^2", 1024, 1024), ("4096^2", 4096, 4096), ("8192^2", 8192, 8192)], (16, 4096)
+    table = []
+    for label, in_f, out_f in shapes:
+        for row in kb.sweep_shape(sweep, label, in_f, out_f, rows):
+            cells = [f"{row['cells'][r][0] * 1e6:.1f} us, {row['cells'][r][1]:.2f}x" if r in row["cells"] else "-"
+                     for r in rows]
+            table.append([label, row["kind"], row["backend"], *cells, (row["reason"] or row["note"])[:200]])
+        if not dry:
+            torch.cuda.empty_cache()
+    sec.table(f"layer types alone against {sweep.baseline} (time, speed ratio; > 1 is faster)",
+              ["shape", "layer type", "backend", *[f"rows {r}" for r in rows], "reason"], table)
+
+
+# --- training on the device ---------------------------------------------------------------------------------------
+
+def training(sec: Any, dry: bool) -> None:
+    """fp16 with loss scaling and one forced overflow in one layer: that step is skipped, the layer computes in fp32
+    for fallback_steps steps and returns to fp16, no other layer falls back, and the loss still falls. bf16 (fp32's
+    range: nothing to force) trains without a fallback."""
+    from dsnas.kernels.precision import TrainStep
+
+    dev = device_of(dry)
+    for precision in ("fp16", "bf16"):
+        torch.manual_seed(0)
+        model = build(model_arch(32 if dry else 256, 2, 2 if dry else 4, precision)).to(dev).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        step = TrainStep(model, opt, fallback_steps=5)
+        victim = model.blocks[0].up
+        forced = 10 if precision == "fp16" else None
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (8, 65), generator=gen).to(dev)  # one batch, learnt by heart: the loss must fall
+        losses, dtypes, skipped = [], {}, []
+        for i in range(40):
+            # 1e6 x a layer-normed input is finite in fp32 and beyond fp16's 65504 once cast.
+            hook = victim.register_forward_pre_hook(lambda _m, args: (args[0] * 1e6,)) if i == forced else None
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            if hook is not None:
+                hook.remove()
+            dtypes[i] = victim.compute_dtype
+            if not step.step(loss):
+                skipped.append(i)
+            losses.append(float(loss))
+        others = [m.fallbacks for m in engine_layers(model).values() if m is not victim]
+        want = 1 if forced is not None else 0
+        sec.check(f"{precision}: steps skipped", len(skipped), want, want,
+                  why=f"skipped steps {skipped}; overflow forced at step {forced}")
+        sec.check(f"{precision}: fallbacks of the overflowed layer", victim.fallbacks, want, want)
+        sec.check(f"{precision}: fallbacks of the other layers", sum(others), 0, 0,
+                  why="the layers after it see its inf input: not theirs to blame")
+        if forced is not None:
+            sec.fact(f"{precision}: the layer computed fp32 after the overflow, then its dtype again",
+                     dtypes[forced + 1] == torch.float32 and dtypes[forced + 10] != torch.float32,
+                     f"step {forced + 1} {dtypes[forced + 1]}, step {forced + 10} {dtypes[forced + 10]}")
+            sec.fact(f"{precision}: loss scaling on", step.scaler.is_enabled(), f"scale {step.scaler.get_scale():g}")
+        finite = [v for v in losses if v == v and abs(v) != float("inf")]
+        sec.check(f"{precision}: last loss / first loss", finite[-1] / finite[0], 0, 0.7,
+                  why="40 steps on one batch: the loss must fall")
+        step.close()

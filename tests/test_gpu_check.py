@@ -1,0 +1,76 @@
+"""benchmarks/gpu_check.py: its report logic, and its dry run on the CPU (what the GPU check does without CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Loaded by path: benchmarks/ is no package, and putting it on sys.path would shadow names (kernels.py).
+_spec = importlib.util.spec_from_file_location("gpu_report", REPO / "benchmarks" / "gpu_report.py")
+gpu_report = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_report"] = gpu_report  # dataclasses look their module up by name
+_spec.loader.exec_module(gpu_report)
+Report, Section = gpu_report.Report, gpu_report.Section
+
+
+def test_a_value_beyond_its_bound_fails_and_a_missing_one_is_unavailable_never_a_pass():
+    sec = Section("limits")
+    assert sec.check("bf16 GEMM", 1200.0, 0.6 * 989.4, 989.4) is False  # above the datasheet's peak: a timing bug
+    assert sec.check("bf16 GEMM", 790.0, 0.6 * 989.4, 989.4) is True
+    assert sec.check("GPM SM utilization", None, 80, 100) is None
+    assert sec.check("energy", float("nan"), 0) is None
+    assert [c.ok for c in sec.checks] == [False, True, None, None]
+    assert sec.checks[0].bound == "593.6 .. 989.4"
+
+
+def test_sections_run_in_budget_a_raising_one_is_an_error_and_the_rest_still_run(tmp_path):
+    report = Report(tmp_path)
+
+    def fails(sec):
+        sec.check("copy", 9.9, 2.4, 4.8, unit="TB/s")
+
+    def raises(sec):
+        raise RuntimeError("cuSPARSELt said no")
+
+    report.run("a", fails, estimate_s=0, budget_s=60)
+    report.run("b", raises, estimate_s=0, budget_s=60)
+    report.run("c", lambda sec: sec.check("x", 1.0, 0, 2), estimate_s=0, budget_s=60)
+    report.run("d", lambda sec: None, estimate_s=1e6, budget_s=60)
+    report.run("e", lambda sec: None, estimate_s=0, budget_s=60, needs="needs CUDA")
+    assert [s.status for s in report.sections] == ["failed", "error", "ok", "skipped", "skipped"]
+    assert "would overrun --budget-s" in report.sections[3].error and report.sections[4].error == "needs CUDA"
+    assert not report.ok
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["sections"][1]["error"].endswith("RuntimeError: cuSPARSELt said no")
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| a | copy | 9.9 TB/s | 2.4 .. 4.8 | **FAIL** |" in md
+
+
+@pytest.mark.slow
+def test_the_dry_run_checks_every_section_that_needs_no_cuda(tmp_path):
+    """About 90 s on 2 cores: the engine in a model, training with a forced fp16 overflow, a 3-trial search
+    with halving on the local executor (no Ray), export, verify, profile and compile, all on the CPU."""
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    status = {s["name"]: s["status"] for s in doc["sections"]}
+    assert status == {"doctor": "ok", "limits": "skipped", "engine": "ok", "training": "ok", "search": "ok",
+                      "profile": "ok", "compile": "ok"}
+    checks = {c["name"]: c for s in doc["sections"] for c in s["checks"]}
+    # Every CPU-runnable layer type inside the model, close to fp32 (fp8 has no CPU kernel: a row, not a check).
+    for label in ("fp32", "bf16", "fp16", "int8 int8-static", "int8 torch-dynamic", "2:4 fp32", "2:4 int8 int8-static"):
+        assert checks[f"{label}: logits vs fp32, relative L2"]["ok"], label
+    assert checks["fp16: fallbacks of the overflowed layer"]["value"] == 1
+    assert checks["fp16: fallbacks of the other layers"]["value"] == 0
+    assert checks["trials completed"]["value"] >= 2 and checks["trials failed"]["value"] == 0
+    assert checks["ray was not imported"]["ok"]
+    assert checks["verify probe logits"]["ok"] and checks["verify accuracy"]["ok"]
+    assert "needs CUDA" in next(s["error"] for s in doc["sections"] if s["name"] == "limits")
+    assert "| engine | ok |" in (tmp_path / "gpu_check.md").read_text()
