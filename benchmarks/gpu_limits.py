@@ -151,6 +151,8 @@ def repeatability(sec: Any, dev: torch.device) -> None:
         sec.check(f"5 measurements of a d1024 L4 bf16 model at batch {bs}, {what} median, CV",
                   statistics.stdev(ms) / statistics.mean(ms) * 100, 0, 1.0, unit="%",
                   why="the target for a GPU: " + ", ".join(f"{m:.4f}" for m in ms) + " ms")
+    sec.check("flop_util of the bf16 model at batch 256", runs[0][0].get("flop_util_bs256"), 0.01, 1.0,
+              why="against the bf16 tensor-core peak: above 1 is impossible, as the fp32 peak once made it look")
     sec.note("per measurement: " + "; ".join(
         f"{m['throughput_tok_s']:,.0f} tok/s at batch 256, SM clock {m.get('sm_clock_mhz', float('nan')):.0f} MHz"
         for m, _ in runs))

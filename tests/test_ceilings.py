@@ -140,3 +140,12 @@ def test_gpu_peaks_that_cannot_be_derived_are_none_with_a_reason(fake_cuda, monk
     assert (peaks.memory_gb_s, peaks.fp32_gflop_s, peaks.bf16_tensor_gflop_s) == (None, None, None)
     assert "driver not loaded" in peaks.details["memory"]
     assert peaks.details["fp32"] == "no per-SM rate known for sm_75"
+
+
+def test_gpu_peaks_per_precision_match_the_h100_datasheet_at_its_boost_clock(fake_cuda):
+    fake_cuda(h100_props(clock_rate=1_830_000))  # the datasheet's figures are at 1830 MHz
+    peaks = gpu_peaks("cuda:0").by_precision()
+    tflop_s = {k: round(v / 1e3) for k, v in peaks.items()}
+    # H100 SXM dense: fp32 67, bf16/fp16 989, fp8 1979, int8 1979 (TOPS); 2:4 sparse doubles the tensor cores'.
+    assert tflop_s == {"fp32": 62, "bf16": 989, "fp16": 989, "fp8": 1979, "int8": 1979, "bf16-2:4": 1979,
+                       "fp16-2:4": 1979, "fp8-2:4": 3958, "int8-2:4": 3958}

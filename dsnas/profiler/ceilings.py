@@ -21,7 +21,16 @@ GEMM_SIZES = (1024, 2048)  # large enough to be compute-bound on a CPU, small en
 STREAM_ARRAY_BYTES = 128 * 2**20  # two arrays, 256 MiB in all: far beyond a last-level cache of one CPU complex
 # FMA lanes per SM per clock, from NVIDIA's architecture whitepapers (the numbers torch.cuda._device_limits uses).
 FP32_FMA_PER_SM = {(7, 0): 64, (8, 0): 64, (8, 6): 128, (8, 9): 128, (9, 0): 128, (10, 0): 128}
-BF16_TENSOR_FMA_PER_SM = {(8, 0): 1024, (9, 0): 2048, (10, 0): 4096}  # dense, fp32 accumulate
+BF16_TENSOR_FMA_PER_SM = {(8, 0): 1024, (8, 9): 512, (9, 0): 2048, (10, 0): 4096}  # dense, fp32 accumulate
+# Dense tensor-core multiply-adds per SM per clock by precision (A100, L40S, H100, B200 datasheets divided by SMs and
+# boost clock); a 2:4 sparse kernel's peak is twice its precision's.
+TENSOR_FMA_PER_SM = {
+    "tf32": {(8, 0): 512, (8, 9): 256, (9, 0): 1024, (10, 0): 2048},
+    "bf16": BF16_TENSOR_FMA_PER_SM,
+    "fp16": BF16_TENSOR_FMA_PER_SM,
+    "fp8": {(8, 9): 1024, (9, 0): 4096, (10, 0): 8192},
+    "int8": {(8, 0): 2048, (8, 9): 1024, (9, 0): 4096, (10, 0): 8192},
+}
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,20 @@ class GpuPeaks:
     fp32_gflop_s: float | None
     bf16_tensor_gflop_s: float | None
     details: dict[str, str] = field(default_factory=dict)
+    tensor_gflop_s: dict[str, float] = field(default_factory=dict)  # dense tensor-core peak per precision
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def by_precision(self) -> dict[str, float]:
+        """The FLOP/s peak of each precision a layer can run in: fp32 on the CUDA cores (torch's default matmul
+        precision), the others on the tensor cores, and "<precision>-2:4" for a semi-structured sparse kernel."""
+        out = {} if self.fp32_gflop_s is None else {"fp32": self.fp32_gflop_s}
+        for name, peak in self.tensor_gflop_s.items():
+            if name != "tf32":
+                out[name] = peak
+                out[f"{name}-2:4"] = 2 * peak
+        return out
 
 
 def measure_ceilings(threads: int | None = None) -> Ceilings:
@@ -116,7 +136,8 @@ def gpu_peaks(device: Any) -> GpuPeaks:
         details["memory"] = f"memory clock or bus width not reported by {source}"
     fp32, details["fp32"] = _compute_peak(props, FP32_FMA_PER_SM, sm_khz, source)
     bf16, details["bf16_tensor"] = _compute_peak(props, BF16_TENSOR_FMA_PER_SM, sm_khz, source)
-    return GpuPeaks(memory, fp32, bf16, details)
+    tensor = {name: _compute_peak(props, rates, sm_khz, source)[0] for name, rates in TENSOR_FMA_PER_SM.items()}
+    return GpuPeaks(memory, fp32, bf16, details, {k: v for k, v in tensor.items() if v is not None})
 
 
 def _compute_peak(props: Any, fma_per_sm: dict[tuple[int, int], int], sm_khz: float,

@@ -69,6 +69,8 @@ def measure(model: Any, task: Any, device: Any, hardware: Any,
                 profile.setdefault("kernels", {})[str(bs)] = _kernels(model, batch, device)
             if uncounted := figures.pop("flops_uncounted", None):
                 profile["unavailable"]["flops of"] = uncounted
+            if no_peak := figures.pop("flop_util_unavailable", None):
+                profile["unavailable"]["flop_util"] = no_peak
             batches[bs] = figures
             profile["batches"][str(bs)] = {**timing, **figures}
             if figures.get("peak_memory_mb") is None:
@@ -95,6 +97,7 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     import torch
 
     from dsnas.profiler.counting import count_work
+    from dsnas.profiler.utilization import effective_peak, flops_by_precision
 
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -118,8 +121,12 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
         figures["flops_uncounted"] = ", ".join(counts.uncounted)
     if timing.device_median_ms is not None:
         figures["device_latency_ms"] = timing.device_median_ms
-    if "gflop_s" in ceilings:
-        figures["flop_util"] = figures["gflop_s"] / ceilings["gflop_s"]
+    # Each linear layer multiplies one row per token of the batch.
+    peak, why = effective_peak(flops_by_precision(eager, tokens, flops), ceilings["by_precision"])
+    if peak:
+        figures["flop_util"] = figures["gflop_s"] / peak  # both GFLOP/s
+    elif why:
+        figures["flop_util_unavailable"] = why
     if "gb_s" in ceilings:
         figures["bw_util"] = figures["gb_s"] / ceilings["gb_s"]
     if cuda and hardware.cuda_graphs:
@@ -149,19 +156,22 @@ def metrics_from_batches(batches: dict[int, dict[str, Any]], params: float, hard
     return metrics
 
 
-def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, Any]) -> dict[str, float]:
+def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, Any]) -> dict[str, Any]:
     """What the device could do at best, to put achieved rates in proportion: measured once per CPU
-    fingerprint (GEMM and streaming loops), or the GPU's peak where it can be known."""
+    fingerprint (an fp32 GEMM and a streaming loop: no other precision has a measured CPU ceiling yet), or the
+    GPU's datasheet peaks per precision, derived from its clocks and units."""
     from dsnas.profiler.ceilings import ceilings, gpu_peaks
 
     if device.type == "cpu":
         found = ceilings(fp, threads)
         profile["ceilings"] = found.as_dict()
-        return {"gflop_s": found.gemm_gflop_s, "gb_s": found.stream_gb_s}
-    peaks = gpu_peaks(device)  # the datasheet's peaks, derived from the device's clocks and units
+        return {"by_precision": {"fp32": found.gemm_gflop_s}, "gb_s": found.stream_gb_s}
+    peaks = gpu_peaks(device)
     profile["ceilings"] = peaks.as_dict()
-    found = {"gflop_s": peaks.fp32_gflop_s, "gb_s": peaks.memory_gb_s}  # the backend today is fp32
-    return {k: v for k, v in found.items() if v is not None}
+    out: dict[str, Any] = {"by_precision": peaks.by_precision()}
+    if peaks.memory_gb_s is not None:
+        out["gb_s"] = peaks.memory_gb_s
+    return out
 
 
 def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: dict[str, Any]) -> dict[str, Any]:
