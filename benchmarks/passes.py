@@ -1,4 +1,4 @@
-"""Effect of dsnas's graph substitution passes (dsnas.kernels.passes) on the transformer family at the shapes the
+"""Effect of the graph substitution passes (fx_passes.py beside this file) on the transformer family at the shapes the
 search uses, in eager PyTorch and under torch.compile (inductor), against the same traced graph without the passes.
 
 Two models per architecture, both built by dsnas.models.transformer_lm.build (same weights):
@@ -9,7 +9,7 @@ Two models per architecture, both built by dsnas.models.transformer_lm.build (sa
            before view. It computes the same function; it exists to show what the passes do when they fire.
 
 For each (model, arch, batch rows x context 64) and mode (eager, compiled), baseline = fx.symbolic_trace-style
-trace without passes, optimized = the same trace after dsnas.kernels.passes.run_passes. Reported:
+trace without passes, optimized = the same trace after fx_passes.run_passes. Reported:
 
   latency  median over --repeats samples per arm, sampled interleaved A B B A ... so drift hits both arms
            (one sample = the mean of enough calls to last ~20 ms); torch.no_grad, fp32
@@ -55,7 +55,8 @@ from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dsnas.kernels.passes import run_passes, trace  # noqa: E402  (after the path: runnable without installing)
+from fx_passes import run_passes, trace  # noqa: E402  (beside this file)
+
 from dsnas.models.transformer_lm import build  # noqa: E402
 
 CONTEXT, VOCAB = 64, 256

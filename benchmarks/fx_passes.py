@@ -9,11 +9,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
-
-from dsnas.errors import TrialError
-from dsnas.kernels.fxgraph import (
+from fx_graph import (
     PERMUTE_OPS,
     VIEW_OPS,
     Prod,
@@ -32,6 +28,10 @@ from dsnas.kernels.fxgraph import (
     shape_of,
     shape_op,
 )
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from dsnas.errors import TrialError
 
 # Why torch.fx.symbolic_trace and not torch.export: fx keeps every engine layer (EngineLinear and its inference
 # forms) as one call to the live module, so the layer's Python state (fallbacks, converted backends) stays in charge
