@@ -85,6 +85,23 @@ def test_only_the_layer_that_overflowed_falls_back_not_the_layers_its_inf_reache
     step.close()
 
 
+def test_a_step_in_which_a_layer_overflowed_is_skipped_even_when_the_loss_is_finite():
+    class Finite(nn.Module):  # what a clamp or nan_to_num downstream does: the loss hides the overflow
+        def forward(self, x):
+            return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+
+    model = nn.Sequential(EngineLinear(8, 8, precision="fp16"), Finite(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    before = model[2].weight.detach().clone()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), fallback_steps=3)
+    loss = model(torch.full((4, 8), 1e4)).sum()
+    assert torch.isfinite(loss)
+    assert not step.step(loss) and step.skipped == 1 and model[0].fallbacks == 1
+    assert torch.equal(model[2].weight, before)  # no update taken
+    step.close()
+
+
 def test_a_non_finite_loss_with_no_layer_to_blame_is_divergence():
     model = nn.Sequential(EngineLinear(4, 1, precision="bf16"))
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1))

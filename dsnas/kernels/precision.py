@@ -36,12 +36,15 @@ class TrainStep:
         self.unexplained = False  # the last loss was not finite and no low-precision layer overflowed
 
     def step(self, loss: torch.Tensor) -> bool:
-        # The one host sync of the step: the loss's finiteness and every layer's overflow flag together.
+        # dsnas's one host read of the step: the loss's finiteness and every layer's overflow flag together. (With
+        # fp16, GradScaler reads its own inf check and scale too: two more syncs that loss scaling needs.)
         state = torch.cat([torch.isfinite(loss.detach()).reshape(1), self.flags]).cpu()
         finite, overflowed = bool(state[0]), [layer for layer, hit in zip(self.layers, state[1:]) if hit]
         self.optimizer.zero_grad(set_to_none=True)
         taken = False
-        if finite:
+        # A step in which a layer overflowed is skipped even when the loss came out finite: its gradients went
+        # through an inf the layer produced.
+        if finite and not overflowed:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
