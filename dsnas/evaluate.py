@@ -79,8 +79,8 @@ class _Candidate:
                 self._train(None)
                 with self.gate.exclusive():  # converting times the INT8 backends: that needs the device alone too
                     measure_start = time.perf_counter()
-                    pipeline.finish(self.model, engine, self.engine_info)
-                    self._measure(self.model)
+                    pipeline.finish(self.model, engine, self.engine_info, rows=self._rows())
+                    self._measure(self.model, cached=self.request.cached)
                     self.seconds["measure_s"] = time.perf_counter() - measure_start
             else:
                 backends = self._measure_untrained()
@@ -88,6 +88,7 @@ class _Candidate:
                 self._train(self.request.rungs)
                 with self.gate.shared():  # the INT8 backends measured before: converting times nothing now
                     pipeline.finish(self.model, engine, self.engine_info, recorded=backends)
+                self._measure_again_if_the_form_changed()
         except RungStop as stop:
             return self._result(stop.report)
         with self.gate.shared():  # no computing outside the gate: another trial may be measuring
@@ -143,22 +144,45 @@ class _Candidate:
         with self.gate.exclusive():
             measure_start = time.perf_counter()
             probe = untrained_inference_form(build(self.request.arch).to(self.device),
-                                             int8_backend=self.request.engine.int8_backend)
-            self._measure(probe)
+                                             int8_backend=self.request.engine.int8_backend, rows=self._rows())
+            self._measure(probe, cached=self.request.cached)
             self.profile["measured_on"] = "the untrained inference form, before training (timings do not depend " \
                                           "on the weights' values)"
             self.seconds["measure_s"] = time.perf_counter() - measure_start
         return int8_backends(layer_report(probe))
 
-    def _measure(self, model: Any) -> None:
+    def _rows(self) -> list[int]:
+        """The row counts a linear layer multiplies when measured: an "auto" INT8 backend is timed at these."""
+        per_example = getattr(self.task, "tokens_per_example", 1)
+        return sorted({bs * per_example for bs in self.request.hardware.batch_sizes})
+
+    def _measure(self, model: Any, cached: dict[str, Any] | None = None) -> None:
         import torch
 
         from dsnas.profiler import measure
 
-        measured = torch.compile(model) if self.request.engine.compile else model
+        engine = self.request.engine
+        measured = torch.compile(model) if engine.compile else model
+        context = {"compile": engine.compile, "int8_backend": engine.int8_backend, "calibrator": engine.calibrator}
         self.hw_metrics, profile = measure(measured, self.task, self.device, self.request.hardware,
-                                           cached=self.request.cached)
+                                           cached=cached, context=context)
         self.profile.update(profile)
+
+    def _measure_again_if_the_form_changed(self) -> None:
+        """What was measured before training must be what ships: an "auto" sparsity layer the Hessian left dense
+        (the untrained form prunes every one) changes the form, and then the trained model is measured again."""
+        from dsnas.kernels.convert import inference_signature, signature_difference
+
+        shipped = inference_signature(self.model)
+        shipped["compiled"] = self.request.engine.compile  # measured under torch.compile: the same model compiled
+        why = signature_difference(self.profile.get("signature", {}), shipped)
+        if not why:
+            return
+        with self.gate.exclusive():
+            start = time.perf_counter()
+            self._measure(self.model, cached=self.request.cached)
+            self.seconds["measure_s"] = self.seconds.get("measure_s", 0.0) + time.perf_counter() - start
+        self.profile["measured_on"] = f"the trained model, measured again after training: {why}"
 
     def _ask(self, rung: int, fraction: float, metrics: dict[str, Any]) -> None:
         """Report to the driver at a rung; raises RungStop when it stops the trial there."""

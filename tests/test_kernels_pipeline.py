@@ -122,6 +122,25 @@ def test_the_untrained_form_measures_every_int8_backend_the_trained_model_may_sh
     assert {m.backend for m in engine_layers(static).values()} == {"int8:int8-static"}
 
 
+def test_the_int8_backend_is_timed_at_the_rows_the_model_is_measured_at(tmp_path):
+    """Batch sizes 1 and 4 of 16-token examples: 16 and 64 rows, not the default 1/32/256."""
+    from dsnas.kernels.convert import untrained_inference_form
+
+    model = untrained_inference_form(build(_arch(("int8", "dense"))), rows=[16, 64])
+    assert {tuple(m.inference.ratios["rows"]) for m in engine_layers(model).values()} == {(16, 64)}
+    study = tmp_path / "tiny.toml"
+    (tmp_path / "space.toml").write_text(ENGINE_SPACE.replace('["fp32", "bf16", "int8"]', '["int8"]'))
+    study.write_text(TINY_STUDY.format(space=tmp_path / "space.toml").replace("n_trials = 3", "n_trials = 1"))
+    from dsnas.cli import main
+    from dsnas.search import open_study
+    from dsnas.spec import load_study
+
+    assert main(["search", str(study)]) == 0
+    (trial,) = open_study(load_study(study), create=False).trials
+    reasons = {row["reason"] for row in trial.user_attrs["profile"]["engine"]["layers"].values()}
+    assert all("over rows 16/64" in r for r in reasons), reasons  # context 16 x batch sizes 1 and 4
+
+
 ENGINE_SPACE = TINY_SPACE.replace("d_model = [16, 32]", "d_model = [32]") + \
     'precision = ["fp32", "bf16", "int8"]\nsparsity = ["dense", "2:4"]\n'
 

@@ -76,6 +76,7 @@ def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: 
     here = fingerprint(dev)
     report = VerifyReport(str(bundle), f"{dev} ({here.get('gpu') or here['cpu']}, host {here['host']})")
     report.checks.append(_probe_check(bundle, model, dev, fp_then.get("device")))
+    report.checks.append(_form_check(model, profile.get("signature")))
     task, why = _recorded_task(doc)
     if task is None:
         report.checks += [Check(name, _num(recorded.get("metrics", {}).get(key)), "-", "-", f"not re-measured: {why}",
@@ -128,6 +129,22 @@ def _probe_check(bundle: str | Path, model: Any, dev: Any, recorded_type: str | 
     ok = diff <= tol
     return Check("probe logits", "-", "-", f"max |d| {diff:.2g}", f"{'ok' if ok else 'FAIL'} (atol {tol:g})",
                  failed=not ok)
+
+
+def _form_check(model: Any, recorded: dict[str, Any] | None) -> Check:
+    """The loaded model runs what was measured: each layer's precision, sparsity pattern and backend (the
+    signature recorded with the measurement; dsnas.kernels.convert.inference_signature)."""
+    from dsnas.kernels.convert import inference_signature, signature_difference
+
+    if not recorded:
+        return Check("inference form", "-", "-", "-", f"not recorded ({REEXPORT})", compared=False)
+    now = inference_signature(model)
+    layers = len(now["layers"])
+    why = signature_difference({**recorded, "compiled": False}, now)
+    if why:
+        return Check("inference form", "measured", "loaded", "-", f"FAIL: {why}", failed=True)
+    compiled = " (measured under torch.compile; loaded eager)" if recorded.get("compiled") else ""
+    return Check("inference form", f"{layers} layers", f"{layers} layers", "-", f"same{compiled}")
 
 
 def _recorded_task(doc: dict[str, Any]) -> tuple[Any, str]:

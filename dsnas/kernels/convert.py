@@ -3,6 +3,7 @@ records the backend that actually runs (never a silent dense stand-in for a spar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,18 +28,20 @@ class CastLinear(nn.Module):
         return F.linear(x.to(self.dtype), self.weight, self.bias)
 
 
-def convert(model: nn.Module, *, int8_backend: str = "auto", recorded: dict[str, str] | None = None) -> None:
+def convert(model: nn.Module, *, int8_backend: str = "auto", recorded: dict[str, str] | None = None,
+            rows: Sequence[int] | None = None) -> None:
     """Put every EngineLinear of ``model`` into its inference form, in place. ``recorded`` maps layer names to the
-    INT8 backend used when the model was measured, so a reloaded model runs the same code where it can."""
+    INT8 backend used when the model was measured, so a reloaded model runs the same code where it can; ``rows``:
+    the row counts the model will be measured at, where an "auto" INT8 backend is timed."""
     model.eval()
     for name, layer in engine_layers(model).items():
         if layer.inference is not None:
             continue
         with torch.no_grad():
-            _convert_layer(layer, (recorded or {}).get(name, int8_backend))
+            _convert_layer(layer, (recorded or {}).get(name, int8_backend), rows)
 
 
-def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
+def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] | None = None) -> None:
     if layer.mask is not None:
         layer.weight.mul_(layer.mask)  # baked once, so no forward pass multiplies by the mask again
         layer.baked = True
@@ -49,7 +52,7 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
         from dsnas.kernels.quant import Int8Linear
 
         amax = layer.act_amax if bool(layer.act_amax > 0) else None
-        layer.inference = Int8Linear.from_float(weight, bias, amax, int8_backend)
+        layer.inference = Int8Linear.from_float(weight, bias, amax, int8_backend, rows)
         layer.backend, layer.reason = f"int8:{layer.inference.backend}", layer.inference.reason
         if sparse:  # said, not hidden: the 2:4 zeros are multiplied like any other weight
             layer.reason = f"2:4 zeros computed densely: the INT8 kernels here are dense; {layer.reason}"
@@ -86,7 +89,8 @@ def _convert_layer(layer: EngineLinear, int8_backend: str) -> None:
 UNTRAINED_ACT_AMAX = 4.0
 
 
-def untrained_inference_form(model: nn.Module, int8_backend: str = "auto") -> nn.Module:
+def untrained_inference_form(model: nn.Module, int8_backend: str = "auto",
+                             rows: Sequence[int] | None = None) -> nn.Module:
     """A freshly built model in the inference form a trial would measure: 2:4 layers get a magnitude mask (the
     kernels need the pattern; timings do not depend on which weights are kept), int8 layers a stand-in activation
     range (so that the static backend, which needs one, is a candidate as it is for the trained model), then
@@ -98,7 +102,7 @@ def untrained_inference_form(model: nn.Module, int8_backend: str = "auto") -> nn
             prune_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
         if layer.precision == "int8" and not bool(layer.act_amax > 0):
             layer.act_amax.fill_(UNTRAINED_ACT_AMAX)
-    convert(model, int8_backend=int8_backend)
+    convert(model, int8_backend=int8_backend, rows=rows)
     return model
 
 
@@ -129,6 +133,29 @@ def int8_backends(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
     ``profile["engine"]["layers"]``), for ``convert(recorded=...)`` when the model is loaded again."""
     return {name: row["backend"].removeprefix("int8:") for name, row in layers.items()
             if str(row.get("backend", "")).startswith("int8:")}
+
+
+def inference_signature(model: nn.Module) -> dict[str, Any]:
+    """What runs: per engine layer its precision, its sparsity pattern (2:4 where a mask zeroes weights) and the
+    backend that ran; and whether the model is torch.compile'd. A measurement is of the model whose signature it
+    records, and a shipped model with another signature needs measuring again."""
+    eager = getattr(model, "_orig_mod", model)
+    layers = {}
+    for name, m in engine_layers(eager).items():
+        pattern = "2:4" if m.mask is not None and not bool(m.mask.all()) else "dense"
+        layers[name] = f"{m.precision} {pattern} {m.backend if m.inference is not None else 'unconverted'}"
+    return {"compiled": eager is not model, "layers": layers}
+
+
+def signature_difference(measured: dict[str, Any], shipped: dict[str, Any]) -> str:
+    """'' when two signatures are the same, else the first difference in words."""
+    if measured.get("compiled") != shipped.get("compiled"):
+        return f"compiled {measured.get('compiled')} was measured, compiled {shipped.get('compiled')} ships"
+    before, after = measured.get("layers", {}), shipped.get("layers", {})
+    for name in sorted(set(before) | set(after)):
+        if before.get(name) != after.get(name):
+            return f"layer {name}: {before.get(name, 'absent')!r} was measured, {after.get(name, 'absent')!r} ships"
+    return ""
 
 
 def training_state(model: nn.Module) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import nn
 from dsnas.errors import TrialError
 
 INT8_BACKENDS = ("torchao-dynamic", "torch-dynamic", "int8-static")
+DEFAULT_ROWS = (1, 32, 256)  # row counts the INT8 backends are timed at when the model's own are not known
 QMAX = 127  # symmetric int8: -128 is left out so that the grid is symmetric around zero
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _CHOICES: dict[tuple, tuple[str, dict[str, Any]]] = {}
@@ -206,7 +207,7 @@ def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Te
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def choose_int8_backend(in_features: int, out_features: int, rows: Sequence[int] = (1, 32, 256), *,
+def choose_int8_backend(in_features: int, out_features: int, rows: Sequence[int] = DEFAULT_ROWS, *,
                         device: Any = "cpu", backends: Sequence[str] = INT8_BACKENDS) -> tuple[str, dict[str, Any]]:
     """The INT8 backend that runs a (in_features -> out_features) layer fastest here, timed against fp32 F.linear
     at each row count; the answer is cached per shape, device, torch version and thread count.
@@ -270,9 +271,10 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, act_amax: Any = None,
-                   backend: str = "auto") -> Int8Linear:
+                   backend: str = "auto", rows: Sequence[int] | None = None) -> Int8Linear:
         """Quantize a trained fp32 layer. ``act_amax``: the calibrated input amax (needed by int8-static only);
-        ``backend``: one of INT8_BACKENDS, or "auto" to measure them here (choose_int8_backend)."""
+        ``backend``: one of INT8_BACKENDS, or "auto" to measure them here (choose_int8_backend) at ``rows``, the row
+        counts the model will run at (default: 1, 32 and 256)."""
         weight = weight.detach().float()
         bias = None if bias is None else bias.detach().float()
         out_features, in_features = weight.shape
@@ -283,7 +285,8 @@ class Int8Linear(nn.Module):
         ratios = None
         if backend == "auto":
             allowed = tuple(b for b in INT8_BACKENDS if amax is not None or b != "int8-static")
-            backend, ratios = choose_int8_backend(in_features, out_features, device=weight.device, backends=allowed)
+            backend, ratios = choose_int8_backend(in_features, out_features, tuple(rows or DEFAULT_ROWS),
+                                                  device=weight.device, backends=allowed)
             reason = _auto_reason(backend, ratios, amax is None)
         elif backend in INT8_BACKENDS:
             ok, why = int8_backend_supported(backend, weight.device, in_features, out_features)
@@ -293,6 +296,10 @@ class Int8Linear(nn.Module):
         else:
             raise TrialError(f"an int8 backend must be 'auto' or one of {list(INT8_BACKENDS)}, but got {backend!r}")
         kernel = _BUILDERS[backend](weight, bias, amax)
+        if backend == "torchao-dynamic" and weight.is_cuda and any(r <= 16 for r in rows or DEFAULT_ROWS):
+            # torchao's int8 GEMM goes through torch._int_mm, which cuBLASLt runs for more than 16 rows only; below
+            # that torchao computes in fp32 (seen on an H200: an aten::mm beside the int8 path at 1 and 16 rows).
+            reason += "; at 16 rows or fewer torchao computes in fp32, not int8"
         return cls(kernel, in_features, out_features, backend, reason, ratios)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

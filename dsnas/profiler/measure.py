@@ -8,11 +8,14 @@ import os
 from typing import Any
 
 from dsnas.profiler.device import fingerprint, fingerprint_id
+from dsnas.profiler.disturbance import CpuWindow, Share, least_disturbed, settle_s, wait_for_quiet
 from dsnas.profiler.memory import peak_memory
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
 
 BACKEND = "eager-fp32"  # a model without engine layers; an engine model names its layers' backends
 DTYPE = "float32"
+# The timing protocol's settings: a measurement taken under others is another number (see measurement_key).
+PROTOCOL_KEYS = ("warmup_s", "measure_s", "max_measure_s", "ci_tolerance", "cuda_graphs", "steady_s")
 # Figures of the largest batch size that also stand for the whole trial (besides latency at the smallest).
 AT_LARGEST = ("gflop_s", "gb_s", "flop_util", "bw_util", "flops_per_token")
 
@@ -39,22 +42,30 @@ def _backend(model: Any) -> tuple[str, str]:
     return name[:64], dtype
 
 
-def measure(model: Any, task: Any, device: Any, hardware: Any,
-            cached: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str, Any] | None = None,
+            context: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Returns (numeric metrics, profile). The caller holds the device exclusively. ``cached``: what this
     architecture measured before, per fingerprint id (dsnas.results.tables.cached_figures); an entry of this
-    device and thread count that covers every batch size is reused instead of measuring again."""
+    device whose measurement key (measurement_key) matches at every batch size is reused instead of measuring
+    again. ``context``: the other settings that made the model (the engine's), part of the key."""
     import torch
+
+    from dsnas.kernels.convert import inference_signature
 
     fp = fingerprint(device)
     params = float(_size(model)[0])
     threads = (hardware.threads or os.cpu_count()) if device.type == "cpu" else None
+    signature = inference_signature(model)
+    key = measurement_key(signature, hardware, threads, context)
     entry = (cached or {}).get(fingerprint_id(fp))
-    if entry and entry["threads"] == threads and all(str(bs) in entry["batches"] for bs in hardware.batch_sizes):
-        return _reuse(entry, fp, params, hardware)
+    stale = _stale(entry, key, hardware)
+    if entry and not stale:
+        metrics, profile = _reuse(entry, fp, params, hardware)
+        return metrics, {**profile, "signature": signature, "measurement_key": key}
     backend, dtype = _backend(model)
     profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": backend, "dtype": dtype,
-                               "cache": {"hit": False}, "unavailable": {}}
+                               "signature": signature, "measurement_key": key, "unavailable": {},
+                               "cache": {"hit": False, **({"why": stale} if entry else {})}}
     batches: dict[int, dict[str, Any]] = {}
     model.eval()
     with cpu_threads(threads) as used, torch.inference_mode():
@@ -72,7 +83,8 @@ def measure(model: Any, task: Any, device: Any, hardware: Any,
             if no_peak := figures.pop("flop_util_unavailable", None):
                 profile["unavailable"]["flop_util"] = no_peak
             batches[bs] = figures
-            profile["batches"][str(bs)] = {**timing, **figures}
+            profile["batches"][str(bs)] = {**timing, **figures, "measurement_key": key}
+            _add_disturbance(profile, timing["disturbance"])
             if figures.get("peak_memory_mb") is None:
                 profile["unavailable"]["peak_memory_mb"] = figures.pop("memory_unavailable", "")
                 profile["memory_unavailable"] = profile["unavailable"]["peak_memory_mb"]
@@ -80,7 +92,36 @@ def measure(model: Any, task: Any, device: Any, hardware: Any,
         "weights+profiler_cpu_allocation_peak"
     if device.type == "cpu":
         profile["peak_rss_mb"] = _peak_rss_mb()  # the worker process's, training included: context only
-    return metrics_from_batches(batches, params, hardware), profile
+    metrics = metrics_from_batches(batches, params, hardware)
+    if profile["disturbed"] is not None:
+        metrics["disturbed"] = float(profile["disturbed"])  # numeric, so that the trial table shows it
+    return metrics, profile
+
+
+def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | None,
+                    context: dict[str, Any] | None) -> str:
+    """Everything besides the architecture and the device fingerprint that changes a measured number: the
+    inference form, the timing protocol, the thread count and the settings that made the model."""
+    from dsnas.profiler.device import short_hash
+
+    protocol = {k: getattr(hardware, k) for k in PROTOCOL_KEYS}
+    return short_hash({"form": signature, "protocol": protocol, "threads": threads, "context": context or {}})
+
+
+def _stale(entry: dict[str, Any] | None, key: str, hardware: Any) -> str:
+    """Why a cache entry of this architecture and device cannot stand for this measurement ('' when it can)."""
+    if not entry:
+        return "nothing stored"
+    for bs in hardware.batch_sizes:
+        stored = entry["batches"].get(str(bs))
+        if stored is None:
+            return f"batch size {bs} was not measured"
+        if stored["figures"].get("measurement_key") != key:
+            return (f"batch size {bs} was measured with another inference form, protocol, thread count or engine "
+                    "setting (measurement key)")
+        if (stored.get("timing") or {}).get("disturbance", {}).get("disturbed"):
+            return f"batch size {bs} was measured while other processes took the CPUs (disturbed)"
+    return ""
 
 
 def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
@@ -101,9 +142,16 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
 
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
-                        max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
-                        events=torch.cuda.Event if cuda else None)
+
+    def attempt() -> tuple[Timing, Share]:
+        window = CpuWindow()
+        timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
+                            max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
+                            events=torch.cuda.Event if cuda else None, window=window)
+        return timing, window.share
+
+    # Others busy on the CPUs while timing: wait for them to finish and measure again; keep the least disturbed.
+    timing, disturbance = least_disturbed(attempt, lambda: wait_for_quiet(settle_s(hardware.measure_s)))
     weight_bytes = _size(model)[1]
     peak = peak_memory(lambda: model(batch), device, weight_bytes)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model counts as its eager self: same algorithm
@@ -131,7 +179,17 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
         figures["bw_util"] = figures["gb_s"] / ceilings["gb_s"]
     if cuda and hardware.cuda_graphs:
         figures["graph_latency_ms"] = _graph_latency(model, batch, device, hardware).median_ms
-    return figures, timing.as_dict()
+    return figures, {**timing.as_dict(), "disturbance": disturbance}
+
+
+def _add_disturbance(profile: dict[str, Any], record: dict[str, Any]) -> None:
+    """The profile's ``disturbed``: any batch size still disturbed after its attempts; None while every batch
+    size's share is unknown (no /proc/stat), with the reason under ``unavailable``."""
+    if record["disturbed"] is None:
+        profile["unavailable"]["disturbance"] = record.get("unavailable", "unknown")
+        profile.setdefault("disturbed", None)
+    else:
+        profile["disturbed"] = bool(profile.get("disturbed")) or record["disturbed"]
 
 
 def metrics_from_batches(batches: dict[int, dict[str, Any]], params: float, hardware: Any) -> dict[str, float]:

@@ -8,7 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,7 +47,8 @@ class Timing:
 
 # The keys of Timing.as_dict() (and the old profiles' peak_bytes): a batch's statistics, not its figures.
 TIMING_KEYS = frozenset({"median_ms", "p10_ms", "p90_ms", "repeats", "warmup", "p25_ms", "p75_ms", "ci_low_ms",
-                         "ci_high_ms", "converged", "device_median_ms", "spread", "iqr_ms", "ci_rel", "peak_bytes"})
+                         "ci_high_ms", "converged", "device_median_ms", "spread", "iqr_ms", "ci_rel", "peak_bytes",
+                         "disturbance"})  # the machine's load while timing (dsnas.profiler.disturbance)
 
 
 def median_ci(sorted_samples: list[float], z: float = 1.96) -> tuple[float, float]:
@@ -71,10 +72,12 @@ def summarize(samples: list[float], warmup: int, converged: bool, device: list[f
 
 def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: float, measure_s: float,
                max_measure_s: float | None = None, ci_tolerance: float = 0.05, min_warmup: int = 2,
-               min_repeats: int = 10, max_repeats: int = 100_000, events: Any = None) -> Timing:
+               min_repeats: int = 10, max_repeats: int = 100_000, events: Any = None,
+               window: AbstractContextManager[Any] | None = None) -> Timing:
     """Warm up for ``warmup_s``; then time calls for at least ``min_repeats`` and ``measure_s``, and on until the
     median's confidence interval is within ``ci_tolerance`` (relative half-width) or ``max_measure_s`` passed.
-    ``events``: a CUDA event factory (torch.cuda.Event) to also record device time per call."""
+    ``events``: a CUDA event factory (torch.cuda.Event) to also record device time per call. ``window``: a context
+    entered around the timed calls only, not the warm-up (a disturbance.CpuWindow watching the machine)."""
     deadline = time.perf_counter() + warmup_s
     warmup = 0
     while warmup < min_warmup or time.perf_counter() < deadline:
@@ -84,17 +87,18 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
     cap = max(measure_s, max_measure_s or measure_s)
     samples: list[float] = []
     device: list[float] = []
-    start_all = time.perf_counter()
-    converged, next_check = False, min_repeats
-    while len(samples) < max_repeats:
-        samples.append(_one_call(fn, sync, events, device))
-        elapsed = time.perf_counter() - start_all
-        if len(samples) >= next_check and elapsed >= measure_s:
-            low, high = median_ci(sorted(samples))
-            converged = (high - low) / 2 <= ci_tolerance * statistics.median(samples)
-            if converged or elapsed >= cap:
-                break
-            next_check = len(samples) + max(1, len(samples) // 10)  # re-check every 10% more samples
+    with window or nullcontext():
+        start_all = time.perf_counter()
+        converged, next_check = False, min_repeats
+        while len(samples) < max_repeats:
+            samples.append(_one_call(fn, sync, events, device))
+            elapsed = time.perf_counter() - start_all
+            if len(samples) >= next_check and elapsed >= measure_s:
+                low, high = median_ci(sorted(samples))
+                converged = (high - low) / 2 <= ci_tolerance * statistics.median(samples)
+                if converged or elapsed >= cap:
+                    break
+                next_check = len(samples) + max(1, len(samples) // 10)  # re-check every 10% more samples
     return summarize(samples, warmup, converged, device or None)
 
 

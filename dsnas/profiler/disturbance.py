@@ -1,0 +1,215 @@
+"""Was a measurement disturbed? The share of the CPUs this process may run on that other processes (and a
+hypervisor's steal) took while it was timed, from /proc/stat against the process's own CPU time; and measuring
+again, a bounded number of times, once the disturbance has passed. Reading it loads no torch."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Others (plus steal) above this share of the CPUs make a measurement disturbed. Measured on a 2-core EPYC with
+# every core measuring (2026-12, a d128 2-layer model, batch 32, 17.8-25 ms quiet): quiet moments read 0.00-0.02;
+# a process busy 10% of one core 0.04-0.06 (+5-28% time), 25% 0.10 (+15-40%), 50% 0.17-0.19 (+40-55%), a whole
+# core 0.30-0.32 (2-2.5x), both cores 0.50 (3-4x). Intra-op threads wait for the slowest, so a little load
+# costs a lot: the line sits at 5x the quiet readings, and catches half a core's load on two.
+THRESHOLD = 0.10
+MAX_ATTEMPTS = 3  # the first measurement and at most two more: a busy machine costs at most 3x the time
+SETTLE_STEP_S = 0.2  # how long one sample of the machine lasts while waiting for a disturbance to pass
+MAX_SETTLE_S = 1.0  # the longest wait before measuring again
+PROC_STAT = Path("/proc/stat")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SCOPE = "host CPU"  # on a GPU too: a launch-bound model slows down when the host's cores are taken
+# /proc/stat columns: user nice system idle iowait irq softirq steal guest guest_nice. guest time is already in
+# user and nice; idle and iowait are no work.
+_BUSY_COLUMNS = (0, 1, 2, 5, 6)
+_STEAL_COLUMN = 7
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Cumulative CPU-seconds at one instant, over the CPUs this process may run on."""
+    wall_s: float  # time.monotonic()
+    busy_s: float  # every process's work on those CPUs (user, nice, system, irq, softirq)
+    steal_s: float  # what a hypervisor took from them
+    own_s: float  # this process's user + system time, every thread (torch's intra-op threads included)
+    cpus: int  # how many CPUs were counted: the process's affinity
+    group_s: float | None = None  # the cgroup's CPU time, read only when its quota is below ``cpus``
+    quota: float | None = None  # that quota in CPUs
+
+
+@dataclass(frozen=True)
+class Share:
+    """Others' and steal's share of the counted CPUs' capacity over a window; None with the reason when unknown."""
+    others: float | None
+    steal: float | None
+    unavailable: str = ""
+
+    @property
+    def load(self) -> float:
+        return (self.others or 0.0) + (self.steal or 0.0)
+
+    def disturbed(self, threshold: float = THRESHOLD) -> bool | None:
+        """Steal counts: CPU time a hypervisor gave to another guest is CPU time the measurement waited for."""
+        return None if self.others is None else self.load > threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"others_cpu_share": _round(self.others), "steal_share": _round(self.steal)}
+
+
+def parse_stat(text: str, cpus: Collection[int] | None = None, hz: int = 100) -> tuple[float, float]:
+    """(busy, steal) CPU-seconds from /proc/stat text: summed over the ``cpuN`` lines of ``cpus`` (all CPUs, the
+    aggregate ``cpu`` line, when None or when the per-CPU lines are missing)."""
+    rows = {}
+    for line in text.splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu"):
+            rows[name] = [int(v) for v in values]
+    per_cpu = [rows[f"cpu{i}"] for i in sorted(cpus or ()) if f"cpu{i}" in rows]
+    if cpus is None or len(per_cpu) != len(cpus):
+        per_cpu = [rows["cpu"]]
+    busy = sum(sum(r[i] for i in _BUSY_COLUMNS) for r in per_cpu)
+    steal = sum(r[_STEAL_COLUMN] if len(r) > _STEAL_COLUMN else 0 for r in per_cpu)
+    return busy / hz, steal / hz
+
+
+def cpu_share(start: CpuSnapshot, end: CpuSnapshot) -> Share:
+    """Others' share = (the counted CPUs' busy time - this process's) / (wall time x counted CPUs). The
+    denominator is the CPUs this process may run on, not a cgroup quota: others' work on idle cores takes
+    nothing from it. Under a quota, other processes of the same cgroup spend the quota this process runs
+    under, so their share of the quota counts too where it is larger."""
+    wall = end.wall_s - start.wall_s
+    if wall <= 0:
+        return Share(None, None, "an empty window")
+    own = end.own_s - start.own_s
+    capacity = wall * end.cpus
+    others = (end.busy_s - start.busy_s - own) / capacity
+    if end.quota and end.group_s is not None and start.group_s is not None:
+        others = max(others, (end.group_s - start.group_s - own) / (wall * end.quota))
+    steal = (end.steal_s - start.steal_s) / capacity
+    return Share(_clip(others), _clip(steal))
+
+
+def snapshot(stat: Path = PROC_STAT, cgroup: Path = CGROUP_ROOT) -> CpuSnapshot | str:
+    """Now, or the reason it cannot be read (no /proc/stat: not Linux)."""
+    try:
+        text = stat.read_text()
+    except OSError as err:
+        return f"{stat} not readable ({err.strerror or err}): others' CPU use is unknown"
+    import resource  # here: Unix only, and this module must import everywhere (measure imports it)
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    count = len(cpus) if cpus else (os.cpu_count() or 1)
+    wall = time.monotonic()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    busy, steal = parse_stat(text, cpus, os.sysconf("SC_CLK_TCK"))
+    quota = cgroup_quota(cgroup)
+    group = cgroup_usage_s(cgroup) if quota and quota < count else None
+    return CpuSnapshot(wall, busy, steal, usage.ru_utime + usage.ru_stime, count, group,
+                       quota if group is not None else None)
+
+
+def cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (v2 cpu.max, v1 cfs files), None when there is none."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_usage_s(root: Path = CGROUP_ROOT) -> float | None:
+    """CPU-seconds every process of the cgroup used (v2 cpu.stat usage_usec, v1 cpuacct.usage in ns)."""
+    try:
+        if (root / "cpu.stat").exists():
+            for line in (root / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+            return None
+        return int((root / "cpuacct" / "cpuacct.usage").read_text()) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
+class CpuWindow:
+    """A context manager: ``share`` is others' and steal's share of the CPUs over the block."""
+
+    def __init__(self, read: Callable[[], CpuSnapshot | str] = snapshot) -> None:
+        self._read = read
+        self._start: CpuSnapshot | str = ""
+        self.share = Share(None, None, "the window was not closed")
+
+    def __enter__(self) -> CpuWindow:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        if isinstance(self._start, str) or isinstance(end, str):
+            self.share = Share(None, None, self._start if isinstance(self._start, str) else str(end))
+        else:
+            self.share = cpu_share(self._start, end)
+
+
+def sample_share(seconds: float) -> Share:
+    """Others' share while this process sleeps for ``seconds``: what the rest of the machine wants right now."""
+    with CpuWindow() as window:
+        time.sleep(seconds)
+    return window.share
+
+
+def wait_for_quiet(max_s: float, threshold: float = THRESHOLD, step_s: float = SETTLE_STEP_S,
+                   sample: Callable[[float], Share] = sample_share) -> Share:
+    """Sample the machine ``step_s`` at a time until others' share is at most ``threshold``, for ``max_s`` at most;
+    returns the last sample."""
+    waited = 0.0
+    while True:
+        share = sample(step_s)
+        waited += step_s
+        if not share.disturbed(threshold) or waited >= max_s:
+            return share
+
+
+def settle_s(measure_s: float) -> float:
+    """How long to wait at most for a disturbance to pass before measuring again: twice the measurement, between
+    one sample and MAX_SETTLE_S (a short measurement is not worth a long wait; a search measures many)."""
+    return min(MAX_SETTLE_S, max(SETTLE_STEP_S, 2 * measure_s))
+
+
+def least_disturbed(attempt: Callable[[], tuple[T, Share]], settle: Callable[[], Any], *,
+                    threshold: float = THRESHOLD, max_attempts: int = MAX_ATTEMPTS) -> tuple[T, dict[str, Any]]:
+    """Run ``attempt`` (one measurement and its window's share); while the share is above ``threshold``, call
+    ``settle`` (wait for the disturbance to pass) and measure again, ``max_attempts`` in all. Returns the least
+    disturbed attempt's result and the record of them all: its shares, each attempt's, which one was kept and
+    whether it is still disturbed (None where the share is unknown)."""
+    tried: list[tuple[T, Share]] = []
+    while len(tried) < max_attempts:
+        if tried:
+            settle()
+        tried.append(attempt())
+        if not tried[-1][1].disturbed(threshold):
+            break
+    kept = min(range(len(tried)), key=lambda i: tried[i][1].load)
+    result, share = tried[kept]
+    record: dict[str, Any] = {**share.as_dict(), "disturbed": share.disturbed(threshold), "threshold": threshold,
+                              "attempts": [s.as_dict() for _, s in tried], "kept": kept, "scope": SCOPE}
+    if share.unavailable:
+        record["unavailable"] = share.unavailable
+    return result, record
+
+
+def _clip(value: float) -> float:
+    return min(1.0, max(0.0, value))  # /proc/stat counts in clock ticks, rusage finer: a tick either way
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
