@@ -274,9 +274,11 @@ def torchao_rows(sec: Any, dev: torch.device) -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 layer(x)
         ops = {e.name for e in prof.events()}
-        int_mm = any("_int_mm" in op for op in ops)
-        rows.append([n, "int8 GEMM (aten::_int_mm)" if int_mm else "no int8 GEMM: a floating-point fallback",
-                     ", ".join(sorted(op for op in ops if "mm" in op or "linear" in op))[:200]])
+        # torchao reaches the int8 GEMM through out_dtype(aten.mm): a plain aten::mm is its fp32 fallback.
+        fallback = "aten::mm" in ops
+        kind = "a fallback matmul (aten::mm)" if fallback else "int8 GEMM (aten::_int_mm)" if any(
+            "_int_mm" in op for op in ops) else "neither: see the ops"
+        rows.append([n, kind, ", ".join(sorted(op for op in ops if "mm" in op or "linear" in op))[:200]])
     sec.table("torchao Int8DynamicActivationInt8WeightConfig, 1024x1024, what runs per row count",
               ["rows", "kernel", "matmul-like ops seen"], rows)
 

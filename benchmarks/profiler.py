@@ -10,9 +10,12 @@ that the machine's slow and fast phases hit both alike):
 
 A long reference measurement (dsnas protocol, 10 s, before and after) gives the best estimate of the true
 median. Reported: the coefficient of variation of the five estimates (lower is more repeatable), their median
-error against the reference, the seconds each measurement took, and the ratios naive / dsnas. Also the full
-profiler (dsnas.profiler.measure: timing at two batch sizes, peak memory, FLOP/byte counting, ceilings cached)
-against timing alone, as the profiler's own overhead.
+error against the reference, the seconds each measurement took, and the ratios naive / dsnas, with the largest
+share of the CPUs other processes took during the five (dsnas.profiler.disturbance). Also five independent runs of
+the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
+FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency and others' CPU share, and
+the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU, on a quiet
+machine); and the profiler's time against timing alone, as its own overhead.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -48,12 +51,17 @@ def naive(call, sync) -> tuple[float, float]:
     return (time.perf_counter() - t0) * 1e3, time.perf_counter() - started
 
 
-def dsnas_protocol(call, sync, events, measure_s=0.3, max_measure_s=3.0) -> tuple[float, float]:
+def dsnas_protocol(call, sync, events, measure_s=0.3, max_measure_s=3.0, shares=None) -> tuple[float, float]:
+    """(median ms, seconds taken); ``shares``: a list to append others' share of the CPUs while timing to."""
     from dsnas.profiler import time_calls
+    from dsnas.profiler.disturbance import CpuWindow
 
     started = time.perf_counter()
+    window = CpuWindow()
     timing = time_calls(call, sync, warmup_s=0.1, measure_s=measure_s, max_measure_s=max_measure_s,
-                        ci_tolerance=0.05, events=events)
+                        ci_tolerance=0.05, events=events, window=window)
+    if shares is not None:
+        shares.append(window.share.load if window.share.others is not None else float("nan"))
     return timing.median_ms, time.perf_counter() - started
 
 
@@ -73,12 +81,14 @@ def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
 
     reference = [dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0]]
     estimates: dict[str, list[tuple[float, float]]] = {"naive": [], "dsnas": []}
+    shares: list[float] = []
     for _ in range(rounds):  # interleaved
         estimates["naive"].append(naive(call, sync))
-        estimates["dsnas"].append(dsnas_protocol(call, sync, events))
+        estimates["dsnas"].append(dsnas_protocol(call, sync, events, shares=shares))
     reference.append(dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0])
     truth = statistics.mean(reference)
-    out = {"reference_ms": truth, "reference_drift": abs(reference[1] - reference[0]) / truth}
+    out = {"reference_ms": truth, "reference_drift": abs(reference[1] - reference[0]) / truth,
+           "others_max": max(shares)}
     for name, pairs in estimates.items():
         medians = [m for m, _ in pairs]
         out[f"{name}_cv"] = cv(medians)
@@ -87,8 +97,9 @@ def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
     return out
 
 
-def overhead(model, task, device, rounds: int) -> tuple[float, float]:
-    """Seconds of the whole profiler (dsnas.profiler.measure) and of timing alone, for the same batch sizes."""
+def overhead(model, task, device, rounds: int) -> tuple[float, float, list[tuple[dict, dict]]]:
+    """Seconds of the whole profiler (dsnas.profiler.measure) and of timing alone, for the same batch sizes; and
+    each profiler run's (metrics, profile)."""
     import torch
 
     from dsnas.profiler import measure, time_calls
@@ -97,10 +108,10 @@ def overhead(model, task, device, rounds: int) -> tuple[float, float]:
     hardware = HardwareSpec(batch_sizes=(1, 32))
     measure(model, task, device, hardware)  # the first call measures the CPU's ceilings once (then cached)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    full, timing_only = [], []
+    full, timing_only, runs = [], [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        measure(model, task, device, hardware)
+        runs.append(measure(model, task, device, hardware))
         full.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for bs in hardware.batch_sizes:
@@ -109,7 +120,31 @@ def overhead(model, task, device, rounds: int) -> tuple[float, float]:
                 time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
                            max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance)
         timing_only.append(time.perf_counter() - t0)
-    return statistics.median(full), statistics.median(timing_only)
+    return statistics.median(full), statistics.median(timing_only), runs
+
+
+def repeatability(runs: list[tuple[dict, dict]], device) -> None:
+    """Each profiler run's figures and others' CPU share, and the CV of the runs against the target."""
+    from dsnas.profiler.disturbance import THRESHOLD
+
+    print(f"repeatability of measure() (d128 L2, {len(runs)} independent runs; others' share of the CPUs per "
+          f"attempt, disturbed above {THRESHOLD:.0%}):")
+    for i, (metrics, profile) in enumerate(runs, start=1):
+        attempts = "; ".join(f"bs{bs} " + "/".join(_pct(a["others_cpu_share"]) for a in b["disturbance"]["attempts"])
+                             for bs, b in profile["batches"].items())
+        print(f"  run {i}: {metrics['throughput_tok_s']:>10,.0f} tok/s at bs32, {metrics['latency_ms']:.3f} ms at "
+              f"bs1; others {attempts}; disturbed {profile['disturbed']}")
+    target = 0.01 if device.type == "cuda" else 0.03
+    quiet = not any(p["disturbed"] for _, p in runs)
+    for name in ("throughput_tok_s", "latency_ms"):
+        value = cv([m[name] for m, _ in runs])
+        verdict = "met" if value <= target else "NOT met"
+        print(f"  CV of {name}: {value:.2%} (target <= {target:.0%} on a quiet {device.type}: {verdict}"
+              f"{'' if quiet else '; the machine was not quiet: some run stayed disturbed'})")
+
+
+def _pct(share) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
 
 
 def main() -> None:
@@ -127,11 +162,15 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} x{os.cpu_count()}"
+    from dsnas.profiler.disturbance import sample_share
+
+    before = sample_share(1.0)
     print(f"machine: {name}; torch {torch.__version__}; python {platform.python_version()}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}; others' share of the CPUs over 1 s before starting: "
+          f"{_pct(before.others)}")
     task = make_task(TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 64}, "."))
     head = f"{'model':8} {'batch':>5} {'ref ms':>8} | {'CV naive':>8} {'CV dsnas':>8} {'ratio':>6} | " \
-           f"{'err naive':>9} {'err dsnas':>9} | {'s naive':>7} {'s dsnas':>7}"
+           f"{'err naive':>9} {'err dsnas':>9} | {'s naive':>7} {'s dsnas':>7} | {'others':>6}"
     print(head + "\n" + "-" * len(head))
     cvs, errs = [], []
     for label, arch in MODELS.items():
@@ -144,11 +183,14 @@ def main() -> None:
             errs.append(r["naive_err"] / max(r["dsnas_err"], 1e-9))
             print(f"{label:8} {bs:>5} {r['reference_ms']:>8.3f} | {r['naive_cv']:>8.1%} {r['dsnas_cv']:>8.1%} "
                   f"{r['naive_cv'] / r['dsnas_cv']:>5.1f}x | {r['naive_err']:>9.1%} {r['dsnas_err']:>9.1%} | "
-                  f"{r['naive_s']:>7.3f} {r['dsnas_s']:>7.3f}   (reference moved {r['reference_drift']:.1%})")
+                  f"{r['naive_s']:>7.3f} {r['dsnas_s']:>7.3f} | {r['others_max']:>6.0%}   "
+                  f"(reference moved {r['reference_drift']:.1%})")
     print(f"median over cases: naive CV / dsnas CV = {statistics.median(cvs):.1f}x; "
           f"naive error / dsnas error = {statistics.median(errs):.1f}x")
+    print("others: the largest share of the CPUs other processes (and steal) took during the five dsnas estimates")
     model = build(MODELS["d128 L2"]).to(device)
-    full, timing_only = overhead(model, task, device, args.rounds)
+    full, timing_only, runs = overhead(model, task, device, args.rounds)
+    repeatability(runs, device)
     print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
           f"{timing_only:.2f} s: {full / timing_only:.2f}x ({full - timing_only:+.2f} s for memory, FLOP/byte "
           "counts and bookkeeping)")

@@ -130,6 +130,11 @@ def _extras(metrics: dict[str, float], profile: dict[str, Any]) -> list[str]:
             continue
         lines.append(f"top {kernels['kind']} at batch {bs} ({kernels['count']} distinct):")
         lines += [f"  {k['self_us']:>10.0f} us  {k['calls']:>5}x  {k['name']}" for k in kernels["top"]]
+    if profile.get("disturbed"):
+        shares = {bs: b.get("disturbance", {}).get("others_cpu_share") for bs, b in profile["batches"].items()}
+        lines.append("disturbed: other processes took the CPUs while timing, after every retry (others' share per "
+                     "batch size: " + ", ".join(f"{bs}: {v:.0%}" for bs, v in shares.items() if v is not None)
+                     + "); measure again on a quiet machine")
     if profile.get("cache", {}).get("hit"):
         lines.append(f"reused from the measurement cache: {profile['cache']['from']}")
     return lines

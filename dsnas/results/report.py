@@ -72,12 +72,14 @@ def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Pa
     charts = "\n".join(f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False)
                        for i, f in enumerate(figures))
     shown = _summary_frame(v)
+    disturbed = f"<p><b>{html.escape(note)}</b></p>" if (note := _disturbed_note(spec, df)) else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dsnas report: {html.escape(spec.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><body>
 <h1>dsnas study {html.escape(spec.name)}</h1>
 <p>{_counts(df)}. Measured on: {html.escape('; '.join(df['fingerprint'].dropna().unique()))}.</p>
+{disturbed}
 <h2>Pareto front (feasible, non-dominated)</h2>
 {shown.to_html(index=False, float_format=lambda x: f"{x:.4g}")}
 {charts}
@@ -94,7 +96,24 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 def _summary_frame(v: Any) -> Any:
     objective_columns = [o.column for o in (v.y, v.x)] if v.x is not v.y else [v.y.column]
     extra = [c for c in SUMMARY_COLUMNS if c in v.front.columns and c not in objective_columns]
-    return v.front[["trial", "arch_short", *objective_columns, *extra]]
+    shown = v.front[["trial", "arch_short", *objective_columns, *extra]]
+    if "disturbed" in v.front.columns and v.front["disturbed"].notna().any():
+        # A front point measured under others' load: its speed may be the machine's, not the model's.
+        flags = v.front["disturbed"].map({True: "yes", False: "no"}).fillna("?")
+        shown = shown.assign(disturbed=flags.to_numpy())
+    return shown
+
+
+def _disturbed_note(spec: StudySpec, df: Any) -> str:
+    """A line naming the completed trials whose measurement others' load disturbed even after its retries."""
+    if "disturbed" not in df.columns:
+        return ""
+    trials = df.loc[(df["state"] == "COMPLETE") & df["disturbed"].eq(True), "trial"].tolist()
+    if not trials:
+        return ""
+    return (f"disturbed: trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))} measured while other "
+            "processes took the CPUs (even after retries): speed figures suspect. Fix: re-measure on a quiet machine "
+            f"with `dsnas profile {spec.path} --trial N`")
 
 
 def _counts(df: Any) -> str:
@@ -108,5 +127,6 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref})", shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"),
+             *filter(None, [_disturbed_note(spec, df)]),
              f"report: {written[-1]} ({len(written) + 1} files, plotly.min.js included, in {written[-1].parent})"]
     return "\n".join(lines)

@@ -92,11 +92,24 @@ def _row(t: Any, objectives: list[Objective]) -> dict[str, Any]:
     constraint_values = [v for k, v in row.items() if k.startswith("constraint.")]
     row["feasible"] = (bool(attrs["feasible"]) if "feasible" in attrs else all(v <= 0 for v in constraint_values)) \
         if t.state.name == "COMPLETE" else None
+    row["disturbed"] = _disturbed(attrs)
     row["arch_short"] = attrs.get("arch_short")
     row["arch"] = json.dumps(attrs["arch"], sort_keys=True) if "arch" in attrs else None
     row.update(_fingerprint_columns(attrs.get("profile", {}).get("fingerprint")))
     row["fail_reason"] = attrs.get("fail_reason")
     return row
+
+
+def _disturbed(attrs: dict[str, Any]) -> bool | None:
+    """Whether others' load disturbed the trial's measurement even after its retries (dsnas.profiler.disturbance):
+    the ``disturbed`` metric, else (a measurement reused from the cache) its batch sizes' records; None when the
+    trial stored neither (no measurement, no /proc/stat, or a study older than the flag)."""
+    if isinstance(attrs.get("disturbed"), (int, float)):
+        return bool(attrs["disturbed"])
+    flags = [b["disturbance"].get("disturbed") for b in (attrs.get("profile") or {}).get("batches", {}).values()
+             if isinstance(b.get("disturbance"), dict)]
+    known = [f for f in flags if f is not None]
+    return any(known) if known else None
 
 
 def _seconds(t: Any) -> float | None:
@@ -116,7 +129,7 @@ def _fingerprint_columns(fp: dict[str, Any] | None) -> dict[str, Any]:
     return {"fingerprint": text, "fingerprint_id": fingerprint_id(fp)}
 
 
-_FIRST = ["trial", "state", "feasible", "arch_short"]
+_FIRST = ["trial", "state", "feasible", "disturbed", "arch_short"]
 _LAST = ["started", "completed", "duration_s", "fingerprint", "fingerprint_id", "arch", "fail_reason"]
 
 
