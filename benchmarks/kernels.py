@@ -25,9 +25,12 @@ Every layer type the search can choose is built the way a trial builds it.
    numerics are QAT's. Reported: validation accuracy and its change against fp32, absolute (points) and relative,
    and against fp32 trained on as long as QAT trains (QAT's extra training is no gain of quantization); the target
    is within 1%.
+4. 2:4 saliency (--saliency; on unless --quick): benchmarks/saliency.py on the same task and architecture, for
+   magnitude, wanda and hessian: how often two independent estimates choose the same masks, at what share of a
+   trial's training, and the accuracy after prune + fine-tune over 3 seeds (5-7 minutes on 2 cores).
 
-Run:  python benchmarks/kernels.py [--quick] [--accuracy | --no-accuracy] [--threads 1,2]
-      (--quick: d64 shapes, 5 rounds, no accuracy part: under a minute on 2 cores)
+Run:  python benchmarks/kernels.py [--quick] [--accuracy | --no-accuracy] [--saliency | --no-saliency] [--threads 1,2]
+      (--quick: d64 shapes, 5 rounds, no accuracy or saliency part: under a minute on 2 cores)
 """
 
 from __future__ import annotations
@@ -447,16 +450,20 @@ def parse_args() -> argparse.Namespace:
                         help="run part 3 (default: on, off with --quick)")
     parser.add_argument("--threads", default=default_threads,
                         help=f"comma-separated CPU thread counts to sweep (default {default_threads})")
+    parser.add_argument("--saliency", action=argparse.BooleanOptionalAction, default=None,
+                        help="run part 4, benchmarks/saliency.py (default: on, off with --quick)")
     parser.add_argument("--accuracy-threads", type=int, default=1,
-                        help="threads for part 3, whose numbers do not depend on them (default 1: steady when "
-                             "the machine is shared)")
+                        help="threads for parts 3 and 4 (default 1: a quickstart trial's cpus_per_trial, and "
+                             "steady when the machine is shared)")
     parser.add_argument("--rounds", type=int, default=None, help="paired samples per CPU cell (default 15; --quick 5)")
     parser.add_argument("--sample-ms", type=float, default=None,
                         help="CPU sample length (default 2: short samples mostly fit between preemptions)")
-    parser.add_argument("--train-tokens", type=int, default=None, help="part 3 (default 480000; --quick 120000)")
+    parser.add_argument("--train-tokens", type=int, default=None, help="parts 3 and 4 (default 480000; --quick "
+                        "120000)")
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
     args.accuracy = not args.quick if args.accuracy is None else args.accuracy
+    args.saliency = not args.quick if args.saliency is None else args.saliency
     args.rounds = args.rounds or (5 if args.quick else 15)
     args.sample_ms = args.sample_ms or 2.0
     args.d_models = (64,) if args.quick else (64, 128)
@@ -475,6 +482,11 @@ def main() -> None:
     cuda_sweeps(args)
     if args.accuracy:
         accuracy_study(args)
+    if args.saliency:
+        from saliency import run_study, settings  # beside this file; runnable on its own too
+
+        print("\n== 4. 2:4 saliency: agreement of independent estimates, accuracy after prune + fine-tune ==")
+        run_study(settings(args.quick, args.train_tokens, args.accuracy_threads))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

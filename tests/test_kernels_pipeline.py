@@ -3,6 +3,7 @@ after each step, what ran recorded per layer, and a search whose space has preci
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,23 @@ def test_sparse_and_int8_layers_go_through_every_step_in_order(task, saliency):
             assert info["calibration"]["amax"][name] > 0
         else:
             assert row["backend"] == "bf16"
+
+
+def test_the_default_saliency_is_signal_two_independent_prunes_keep_the_same_weights(task):
+    """Two trials pruning the same trained weights with the default engine but other seeds (other calibration batches,
+    other probes) keep nearly the same weights. Measured on this model: wanda (the default) agrees on 97-99% of
+    positions; hessian at 8 Hutchinson probes (the default before) on 50-52%, chance 50% (benchmarks/saliency.py)."""
+    torch.manual_seed(0)
+    trained = build(_arch(("fp32", "2:4")))
+    task.train(trained, "cpu", seed=0, checkpoint=lambda: None)
+    masks, saliencies = [], set()
+    for seed in (0, 1):
+        model = copy.deepcopy(trained)
+        _, info = pipeline.run(model, task, "cpu", EngineSpec(finetune_frac=0.0), seed=seed, checkpoint=lambda: None)
+        saliencies.add(info["sparsity"]["saliency"])
+        masks.append(torch.cat([layer.mask.flatten() for layer in engine_layers(model).values()]))
+    assert float((masks[0] == masks[1]).float().mean()) >= 0.9
+    assert saliencies == {"wanda"}
 
 
 def test_auto_sparsity_sparsifies_the_less_sensitive_half_by_hessian_trace(task):

@@ -131,6 +131,9 @@ def _prune(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[s
 
 def _hessian_diag(model: nn.Module, task: Any, batches: list[Any], params: list[torch.Tensor], samples: int,
                   seed: int) -> list[torch.Tensor]:
+    """diag(H) of the loss on the first batch by ``samples`` Hutchinson probes. Spreading the same probes over
+    several batches measured no better (benchmarks/saliency.py: the probes' noise dwarfs the batches'), and each
+    batch costs one more forward and backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from dsnas.kernels.sparsity import hutchinson_diag
