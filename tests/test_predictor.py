@@ -1,5 +1,6 @@
-"""The latency predictor: it learns a known law that FLOPs alone miss, its folds never split an architecture, it
-refuses too few architectures, and `dsnas predictor` prints its accuracy (or that one refusal) for a stored study."""
+"""The latency predictor: it learns a known law that FLOPs alone miss, its folds never split an architecture, its
+scores per batch size show what pooling over batch sizes hides, it refuses too few architectures, and
+`dsnas predictor` prints its accuracy (or that one refusal) for a stored study."""
 
 from __future__ import annotations
 
@@ -94,6 +95,38 @@ def test_predictor_learns_that_flops_weigh_differently_by_batch_size() -> None:
     assert result.predictor.within_10 > 0.5 and result.predictor.mape < 0.12, result
 
 
+def test_scores_per_batch_size_show_what_pooling_hides() -> None:
+    # Latency here is the batch size times a factor of the architecture that no feature sees: pooled, both models
+    # rank the rows well by telling batch 1 from batch 32 (Spearman ~0.8); at one batch size they rank by chance.
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        arch, hidden = random_arch(rng), math.exp(rng.gauss(0, 0.3))
+        for bs in (1, 32):
+            flops, nbytes, params = counts(arch, bs)
+            rows.append(MeasuredRow("fp0", "Test CPU", f"arch{i}", arch, bs, flops, nbytes, params, bs * hidden, 1.0))
+    result = evaluate_predictor(rows, "latency", folds=5)
+    assert [b.batch_size for b in result.by_batch] == [1, 32]
+    assert [(b.predictor.n, b.baseline.n) for b in result.by_batch] == [(60, 60), (60, 60)]
+    assert result.predictor.n == result.baseline.n == 120
+    for model in ("predictor", "baseline"):
+        pooled = getattr(result, model).spearman
+        assert pooled > 0.7, result
+        for b in result.by_batch:
+            assert getattr(b, model).spearman < 0.3 and pooled - getattr(b, model).spearman > 0.5, (model, b)
+    table = result.table()
+    assert "  1          predictor (ridge)" in table and "  32         FLOPs-only baseline" in table, table
+    assert "  pooled     predictor (ridge)" in table, table
+
+
+def test_scores_per_batch_size_are_those_of_its_rows() -> None:
+    result = evaluate_predictor(synthetic_rows(40), "latency", folds=5)
+    assert sum(b.predictor.n for b in result.by_batch) == result.predictor.n == result.n_rows
+    for b in result.by_batch:  # the law is the same at both batch sizes: it is learned at each
+        assert b.predictor.within_10 > 0.85 and b.predictor.spearman > 0.95, result
+        assert b.predictor.mape < b.baseline.mape / 2 and b.predictor.spearman > b.baseline.spearman, result
+
+
 def test_fit_predictor_predicts_a_new_architecture() -> None:
     predictor = fit_predictor(synthetic_rows(30), "latency")
     assert predictor.train.within_10 > 0.95 and predictor.n_archs == 30
@@ -171,6 +204,7 @@ def test_cli_prints_predictor_and_baseline(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "20 rows, 20 architectures, 4-fold split by architecture, target latency" in out, out
     assert "predictor (ridge)" in out and "FLOPs-only baseline" in out and "Test CPU" in out, out
+    assert "  1          predictor (ridge)" in out and "  pooled     FLOPs-only baseline" in out, out
     assert main(["predictor", str(study_file), "--target", "peak_memory"]) == 0
     assert "target peak_memory" in capsys.readouterr().out
     assert main(["predictor", str(study_file), "--folds", "1"]) == 2
