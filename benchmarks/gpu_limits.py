@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kernels import Kind  # benchmarks/kernels.py, beside this file
 
 from dsnas.kernels.convert import convert
 from dsnas.kernels.linear import engine_layers
@@ -24,17 +25,12 @@ BF16_DENSE_PEAK_TFLOP_S = 989.4
 HBM_PEAK_TB_S = 4.8
 GEMM_N = 8192
 COPY_BYTES = 2 * 2**30
-SPARSE_KERNELS = ("cusparselt", "cutlass")
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One engine layer type for every linear layer of a model."""
+class Variant(Kind):
+    """One engine layer type (benchmarks/kernels.py's Kind) for every linear layer of a model."""
 
-    label: str
-    precision: str
-    sparsity: str = "dense"
-    int8_backend: str = "auto"
     # Relative L2 error of the logits against fp32 that still counts as close: fp32 is the same arithmetic;
     # fp16 keeps 11 significant bits, bf16 8, int8 quantizes inputs and weights to 8 bits, and e4m3 keeps 4
     # significant bits (up to 6% rounding per value, on inputs and weights), each through two blocks of four layers.
@@ -233,7 +229,7 @@ def engine_in_model(sec: Any, dry: bool) -> None:
         latency[v.label] = model_ms(model, x)
         sec.check(f"{v.label}: logits vs fp32, relative L2", err, 0, v.tolerance, why=f"backend {', '.join(backends)}")
         if v.sparsity != "dense" and v.precision in ("bf16", "fp16") and not dry:
-            sec.fact(f"{v.label}: a sparse kernel ran", any(b.split(" ")[0] in SPARSE_KERNELS for b in backends),
+            sec.fact(f"{v.label}: a sparse kernel ran", any(m.sparse_kernel for m in engine_layers(model).values()),
                      ", ".join(backends), "; ".join(reasons))
         rows.append([v.label, ", ".join(backends), err, latency[v.label], "; ".join(reasons)[:300]])
     base = latency.get(base_label)
@@ -289,7 +285,7 @@ def engine_layers_alone(sec: Any, dry: bool) -> None:
     import kernels as kb
 
     dev = device_of(dry)
-    extra = (kb.Kind("2:4 fp16", "fp16", "2:4"), kb.Kind("2:4 fp8", "fp8", "2:4"))
+    extra = (Kind("2:4 fp16", "fp16", "2:4"), Kind("2:4 fp8", "fp8", "2:4"))
     if dry:
         sweep = kb.Sweep(kb.CPU_KINDS[1:], dev, torch.float32, "fp32 F.linear",
                          lambda fn, x: kb.cpu_timer(fn, x, 0.002), 3)

@@ -12,6 +12,7 @@ from torch import nn
 from dsnas.kernels.choices import PRECISIONS, SPARSITIES
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SPARSE_KERNELS = ("cusparselt", "cutlass")  # the semi-structured kernels convert may name as a layer's backend
 # The dtype each precision trains in: int8 trains in fp32 and then with fake quantization (QAT); fp8 trains in bf16
 # and is converted to per-row scaled fp8 for inference (fp8 training is out of scope).
 TRAIN_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
@@ -72,6 +73,11 @@ class EngineLinear(nn.Linear):
             self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
         return out.to(x.dtype)
 
+    @property
+    def sparse_kernel(self) -> bool:
+        """Whether a semi-structured sparse kernel runs this layer (else its zeros, if any, are multiplied)."""
+        return self.backend.split(" ")[0] in SPARSE_KERNELS
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, precision={self.precision}, sparsity={self.sparsity}, backend={self.backend}"
 
@@ -89,7 +95,7 @@ def layer_report(model: nn.Module) -> dict[str, dict[str, Any]]:
         if m.mask is not None:
             row["zero_share"] = round(1.0 - m.mask.float().mean().item(), 4)
             # Whether the zeros are skipped by a sparse kernel or multiplied densely (the reason says why).
-            row["sparse_kernel"] = m.backend.split(" ")[0] in ("cusparselt", "cutlass")
+            row["sparse_kernel"] = m.sparse_kernel
         if m.reason:
             row["reason"] = m.reason
         out[name] = row

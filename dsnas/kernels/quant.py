@@ -277,6 +277,7 @@ class Int8Linear(nn.Module):
         counts the model will run at (default: 1, 32 and 256)."""
         weight = weight.detach().float()
         bias = None if bias is None else bias.detach().float()
+        rows = tuple(rows or DEFAULT_ROWS)
         out_features, in_features = weight.shape
         amax = None if act_amax is None else float(act_amax)
         if amax is not None and not 0.0 < amax < float("inf"):
@@ -285,7 +286,7 @@ class Int8Linear(nn.Module):
         ratios = None
         if backend == "auto":
             allowed = tuple(b for b in INT8_BACKENDS if amax is not None or b != "int8-static")
-            backend, ratios = choose_int8_backend(in_features, out_features, tuple(rows or DEFAULT_ROWS),
+            backend, ratios = choose_int8_backend(in_features, out_features, rows,
                                                   device=weight.device, backends=allowed)
             reason = _auto_reason(backend, ratios, amax is None)
         elif backend in INT8_BACKENDS:
@@ -296,7 +297,7 @@ class Int8Linear(nn.Module):
         else:
             raise TrialError(f"an int8 backend must be 'auto' or one of {list(INT8_BACKENDS)}, but got {backend!r}")
         kernel = _BUILDERS[backend](weight, bias, amax)
-        if backend == "torchao-dynamic" and weight.is_cuda and any(r <= 16 for r in rows or DEFAULT_ROWS):
+        if backend == "torchao-dynamic" and weight.is_cuda and any(r <= 16 for r in rows):
             # torchao's int8 GEMM goes through torch._int_mm, which cuBLASLt runs for more than 16 rows only; below
             # that torchao computes in fp32 (seen on an H200: an aten::mm beside the int8 path at 1 and 16 rows).
             reason += "; at 16 rows or fewer torchao computes in fp32, not int8"

@@ -255,19 +255,28 @@ def _memory() -> Capability:
     return Capability("memory", False, "/proc/meminfo has no MemTotal line")
 
 
-def _cgroup_quota(root: Path = CGROUP_ROOT) -> Capability:
-    """A cgroup CPU quota caps throughput below os.cpu_count() without changing it (v2 cpu.max, v1 cfs files)."""
-    name = "cgroup CPU quota"
+def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:
+    """(quota, period) in microseconds as the cgroup's files write them (v2 cpu.max, v1 cfs files; a quota of "max"
+    or "-1" is none), or why they cannot be read."""
     try:
         if (root / "cpu.max").exists():
             quota, period = (root / "cpu.max").read_text().split()[:2]
-        elif (root / "cpu" / "cpu.cfs_quota_us").exists():
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        else:
-            return Capability(name, False, f"no cgroup CPU controller under {root}")
+            return quota, period
+        if (root / "cpu" / "cpu.cfs_quota_us").exists():
+            return ((root / "cpu" / "cpu.cfs_quota_us").read_text().strip(),
+                    (root / "cpu" / "cpu.cfs_period_us").read_text().strip())
     except (OSError, ValueError) as err:
-        return Capability(name, False, f"cgroup CPU files not readable: {err}")
+        return f"cgroup CPU files not readable: {err}"
+    return f"no cgroup CPU controller under {root}"
+
+
+def _cgroup_quota(root: Path = CGROUP_ROOT) -> Capability:
+    """A cgroup CPU quota caps throughput below os.cpu_count() without changing it (v2 cpu.max, v1 cfs files)."""
+    name = "cgroup CPU quota"
+    found = cgroup_cpu_max(root)
+    if isinstance(found, str):
+        return Capability(name, False, found)
+    quota, period = found
     if quota in ("max", "-1"):
         return Capability(name, False, f"no quota set ({quota})")
     return Capability(name, True, f"{int(quota) / int(period):.2f} CPUs ({quota}/{period} us)")

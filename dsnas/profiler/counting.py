@@ -5,6 +5,7 @@ hardware counters: caches, fusion and write-allocate traffic make the DRAM bytes
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,6 +208,12 @@ def _attention_flops() -> dict[Any, Callable[..., int]]:
     return mapping
 
 
+def _linear_flop_count(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """2 * rows * in * out for a linear layer (aten.linear, quantized::linear_dynamic): rows are every dimension of
+    the input but the last."""
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * out_shape[-1]
+
+
 def _linear_flops() -> dict[Any, Callable[..., int]]:
     """aten.linear counted whole, 2 * rows * in * out (what its parts, addmm or mm, count). Under inference mode it
     reaches the dispatcher whole, and torch's counter would decompose it into ops a semi-structured sparse weight
@@ -214,15 +221,9 @@ def _linear_flops() -> dict[Any, Callable[..., int]]:
     (expand.default)" while its FLOPs were counted."""
     import torch
 
-    def linear(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 2 * rows * w_shape[1] * w_shape[0]
-
     # Both keys: FlopCounterMode decomposes any op whose overload (aten.linear.default) is not a key of its registry,
     # and counts by the packet (aten.linear).
-    return {torch.ops.aten.linear: linear, torch.ops.aten.linear.default: linear}
+    return {torch.ops.aten.linear: _linear_flop_count, torch.ops.aten.linear.default: _linear_flop_count}
 
 
 def _int8_flops() -> dict[Any, Callable[..., int]]:
@@ -233,13 +234,7 @@ def _int8_flops() -> dict[Any, Callable[..., int]]:
     def int_mm(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
-    def linear_dynamic(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 2 * rows * x_shape[-1] * out_shape[-1]
-
     mapping: dict[Any, Callable[..., int]] = {torch.ops.aten._int_mm: int_mm}
     if hasattr(torch.ops.quantized, "linear_dynamic"):
-        mapping[torch.ops.quantized.linear_dynamic] = linear_dynamic
+        mapping[torch.ops.quantized.linear_dynamic] = _linear_flop_count
     return mapping

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dsnas.profiler.capabilities import CGROUP_ROOT, cgroup_cpu_max
+
 T = TypeVar("T")
 
 # Others (plus steal) above this share of the CPUs make a measurement disturbed. Measured on a 2-core EPYC with
@@ -23,7 +25,6 @@ MAX_ATTEMPTS = 3  # the first measurement and at most two more: a busy machine c
 SETTLE_STEP_S = 0.2  # how long one sample of the machine lasts while waiting for a disturbance to pass
 MAX_SETTLE_S = 1.0  # the longest wait before measuring again
 PROC_STAT = Path("/proc/stat")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 SCOPE = "host CPU"  # on a GPU too: a launch-bound model slows down when the host's cores are taken
 # /proc/stat columns: user nice system idle iowait irq softirq steal guest guest_nice. guest time is already in
 # user and nice; idle and iowait are no work.
@@ -115,15 +116,13 @@ def snapshot(stat: Path = PROC_STAT, cgroup: Path = CGROUP_ROOT) -> CpuSnapshot 
 
 
 def cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPU quota of this process's cgroup in CPUs (v2 cpu.max, v1 cfs files), None when there is none."""
+    """The CPU quota of this process's cgroup in CPUs, None when there is none or it cannot be read."""
+    found = cgroup_cpu_max(root)
+    if isinstance(found, str) or found[0] in ("max", "-1"):
+        return None
     try:
-        if (root / "cpu.max").exists():
-            quota, period = (root / "cpu.max").read_text().split()[:2]
-        else:
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        return None if quota in ("max", "-1") else int(quota) / int(period)
-    except (OSError, ValueError):
+        return int(found[0]) / int(found[1])
+    except ValueError:
         return None
 
 

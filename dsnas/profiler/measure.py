@@ -73,21 +73,18 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
         ceilings = _ceilings(device, fp, used, profile)
         for bs in sorted(hardware.batch_sizes):
             batch = task.example_batch(bs, device)
-            figures, timing = _measure_batch(model, batch, bs * task.tokens_per_example, device, hardware, ceilings)
+            figures, timing, missing = _measure_batch(model, batch, bs * task.tokens_per_example, device, hardware,
+                                                      ceilings)
             if bs == max(hardware.batch_sizes) and device.type == "cuda":
                 figures.update(_steady_window(model, batch, device, hardware, profile))
             if hardware.kernels:
                 profile.setdefault("kernels", {})[str(bs)] = _kernels(model, batch, device)
-            if uncounted := figures.pop("flops_uncounted", None):
-                profile["unavailable"]["flops of"] = uncounted
-            if no_peak := figures.pop("flop_util_unavailable", None):
-                profile["unavailable"]["flop_util"] = no_peak
             batches[bs] = figures
             profile["batches"][str(bs)] = {**timing, **figures, "measurement_key": key}
             _add_disturbance(profile, timing["disturbance"])
-            if figures.get("peak_memory_mb") is None:
-                profile["unavailable"]["peak_memory_mb"] = figures.pop("memory_unavailable", "")
-                profile["memory_unavailable"] = profile["unavailable"]["peak_memory_mb"]
+            profile["unavailable"].update(missing)
+            if "peak_memory_mb" in missing:
+                profile["memory_unavailable"] = missing["peak_memory_mb"]
     profile["memory_method"] = "cuda_max_memory_allocated" if device.type == "cuda" else \
         "weights+profiler_cpu_allocation_peak"
     if device.type == "cpu":
@@ -133,8 +130,8 @@ def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
 
 
 def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: Any,
-                   ceilings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(numeric figures of one batch size, its timing statistics)."""
+                   ceilings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(numeric figures of one batch size, its timing statistics, why a figure is missing: name -> reason)."""
     import torch
 
     from dsnas.profiler.counting import count_work
@@ -163,10 +160,11 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
         "bytes": float(nbytes), "flops_per_token": flops / tokens, "gflop_s": flops / seconds / 1e9,
         "gb_s": nbytes / seconds / 1e9,
         "peak_memory_mb": None if peak.bytes is None else peak.bytes / 2**20}
+    missing: dict[str, str] = {}
     if peak.bytes is None:
-        figures["memory_unavailable"] = peak.reason
+        missing["peak_memory_mb"] = peak.reason
     if counts.uncounted:  # matrix or attention ops with no FLOP formula: the count is short by their work
-        figures["flops_uncounted"] = ", ".join(counts.uncounted)
+        missing["flops of"] = ", ".join(counts.uncounted)
     if timing.device_median_ms is not None:
         figures["device_latency_ms"] = timing.device_median_ms
     # Each linear layer multiplies one row per token of the batch.
@@ -174,12 +172,12 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     if peak:
         figures["flop_util"] = figures["gflop_s"] / peak  # both GFLOP/s
     elif why:
-        figures["flop_util_unavailable"] = why
+        missing["flop_util"] = why
     if "gb_s" in ceilings:
         figures["bw_util"] = figures["gb_s"] / ceilings["gb_s"]
     if cuda and hardware.cuda_graphs:
         figures["graph_latency_ms"] = _graph_latency(model, batch, device, hardware).median_ms
-    return figures, {**timing.as_dict(), "disturbance": disturbance}
+    return figures, {**timing.as_dict(), "disturbance": disturbance}, missing
 
 
 def _add_disturbance(profile: dict[str, Any], record: dict[str, Any]) -> None:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-SPARSE_KERNELS = ("cusparselt", "cutlass")
-
 
 def layer_precision(layer: Any) -> str:
     """The peak a converted EngineLinear runs at: its precision, with "-2:4" when a sparse kernel runs it."""
     if layer.inference is None:  # the training form: int8 computes in fp32 (fake quantization), fp8 in bf16
         return {"int8": "fp32", "fp8": "bf16"}.get(layer.precision, layer.precision)
-    sparse = layer.backend.split(" ")[0] in SPARSE_KERNELS
-    return f"{layer.precision}-2:4" if sparse else layer.precision
+    return f"{layer.precision}-2:4" if layer.sparse_kernel else layer.precision
 
 
 def flops_by_precision(model: Any, rows: int, total_flops: float) -> dict[str, float]:
