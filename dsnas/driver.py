@@ -293,11 +293,13 @@ class Driver:
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         self._tell(trial, values)
+        # Told, the trial is finished: nothing after this may fail it, and a measurement row lost from here on is
+        # written again from its stored profile by the next run's backfill.
+        del self.running[trial.number]
         self.deadlines.pop(trial.number, None)
+        self.recording = None
         self.db(f"store trial {trial.number}'s measurements", tables.record_measurements, storage_engine(self.study),
                 self.spec.name, trial.number, outcome.profile, metrics, arch=trial.user_attrs["arch"])
-        self.recording = None
-        del self.running[trial.number]
         self.progress.finished(trial.number, values, feasible, self.running)
 
     def _record_pruned(self, trial: Any, outcome: TrialResult) -> None:
@@ -311,13 +313,13 @@ class Driver:
         self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, None)
         self._store_artifacts(trial, outcome)
         self._tell(trial, state=TrialState.PRUNED)
+        del self.running[trial.number]  # finished: see _record
         self.deadlines.pop(trial.number, None)
+        self.recording = None
         if outcome.profile.get("batches"):
             self.db(f"store trial {trial.number}'s measurements", tables.record_measurements,
                     storage_engine(self.study), self.spec.name, trial.number, outcome.profile, outcome.metrics,
                     arch=trial.user_attrs["arch"])
-        self.recording = None
-        del self.running[trial.number]
         reason = self.stopped.pop(trial.number, "stopped at a rung")
         self.progress.pruned_trial(trial.number, outcome.pruned.rung, outcome.pruned.fraction, reason, self.running)
 

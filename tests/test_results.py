@@ -180,6 +180,36 @@ def test_a_database_from_a_newer_dsnas_is_refused(tmp_path):
         open_study(spec)
 
 
+def test_two_drivers_recording_the_same_fingerprint_at_once_both_store(tmp_path, monkeypatch):
+    """The race CI met with two drivers on PostgreSQL: both read "no such fingerprint", both insert it. Made
+    deterministic here: the second driver's read misses the row the first committed an instant before."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from dsnas.results import tables
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'race.db'}")
+    tables.ensure_schema(engine, "race.db")
+    profile = {"fingerprint": {"cpu": "x"}, "batches": {"1": {"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.1,
+                                                                "spread": 0.1, "repeats": 5}}}
+    tables.record_measurements(engine, "s", 0, profile, {})  # the first driver's trial: the fingerprint is new
+    real_get, missed = Session.get, []
+
+    def stale_get(self, cls, key, **kw):  # the read that ran before the first driver committed
+        if cls is tables.Fingerprint and not missed:
+            missed.append(key)
+            return None
+        return real_get(self, cls, key, **kw)
+
+    monkeypatch.setattr(Session, "get", stale_get)
+    tables.record_measurements(engine, "s", 1, profile, {})  # the second driver's trial
+    assert missed, "the stale read was not exercised"
+    with Session(engine) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(tables.Fingerprint)) == 1
+        trials = session.scalars(sa.select(tables.Measurement.trial_number)).all()
+    assert sorted(trials) == [0, 1]
+
+
 class _Tags(HTMLParser):
     def __init__(self) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ import datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, inspect, select
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from dsnas.errors import DsnasError
@@ -102,20 +103,35 @@ def ensure_schema(engine: Any, url: str) -> int:
         raise DsnasError(f"{url}: its dsnas tables have schema version {found}, this dsnas {dsnas.__version__} "
                          f"knows up to {SCHEMA_VERSION}. Fix: upgrade dsnas (pip install -U dsnas)")
     if found < SCHEMA_VERSION:
-        Base.metadata.create_all(engine)  # only the tables that are missing; one transaction on SQLite
+        try:
+            Base.metadata.create_all(engine)  # only the tables that are missing; one transaction on SQLite
+        except DBAPIError:  # another driver created them between the check and the CREATE: they exist now
+            Base.metadata.create_all(engine)
         with Session(engine) as session, session.begin():
-            row = session.get(SchemaVersion, 1) or SchemaVersion(id=1)
-            row.version, row.written_by = SCHEMA_VERSION, dsnas.__version__
-            session.add(row)
+            merge_racing(session, SchemaVersion(id=1, version=SCHEMA_VERSION, written_by=dsnas.__version__))
     return found
+
+
+def merge_racing(session: Session, row: Base) -> None:
+    """``session.merge(row)``, safe when another driver on the same study inserts the same key between merge's
+    read and its insert (two drivers record the same device fingerprint at once): the loser's insert fails in
+    its savepoint, and the merge again finds the winner's row and updates it."""
+    for attempt in range(2):
+        try:
+            with session.begin_nested():
+                session.merge(row)
+            return
+        except IntegrityError:
+            if attempt:
+                raise
 
 
 def record_study(engine: Any, name: str, objectives: list[dict[str, str]], constraints: Any) -> None:
     import dsnas
 
     with Session(engine) as session, session.begin():
-        session.merge(StudyRecord(study_name=name, objectives=objectives, constraints=dict(constraints.items()),
-                                  dsnas_version=dsnas.__version__))
+        merge_racing(session, StudyRecord(study_name=name, objectives=objectives,
+                                          constraints=dict(constraints.items()), dsnas_version=dsnas.__version__))
 
 
 def study_record(engine: Any, name: str) -> StudyRecord | None:
@@ -186,7 +202,7 @@ def record_measurements(engine: Any, study_name: str, trial_number: int, profile
     if fp is None:
         return
     with Session(engine) as session, session.begin():
-        session.merge(fp)
+        merge_racing(session, fp)
         exists = select(Measurement.id).where(Measurement.study_name == study_name,
                                               Measurement.trial_number == trial_number)
         if session.execute(exists).first() is None:  # a re-run of the backfill writes nothing twice
