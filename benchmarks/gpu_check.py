@@ -78,8 +78,8 @@ class Run:
 
     def search(self, sec: Section) -> None:
         from dsnas.cli import main
-        from dsnas.search import open_study
         from dsnas.spec import load_study
+        from dsnas.study import open_study
 
         folder = self.out / "search"
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ measure_s = 0.2
 steady_s = 0.3
 [executor]
 kind = "local"
-[pruning]
+[fidelity]
 kind = "successive_halving"
 """
 
@@ -162,8 +162,8 @@ kind = "successive_halving"
 
     def profile(self, sec: Section) -> None:
         from dsnas.cli import main
+        from dsnas.profile import load_target
         from dsnas.profiler import measure
-        from dsnas.profiler.single import load_target
         from dsnas.tasks import make_task
 
         if self.bundle is None:
@@ -241,7 +241,7 @@ def meta(dry: bool) -> dict[str, Any]:
         except Exception as err:  # no NVML: the report says so instead of a driver version
             info["driver"] = f"unknown ({err})"
     else:
-        from dsnas.profiler.device import cpu_model
+        from dsnas.profiler.capabilities import cpu_model
 
         info["cpu"] = cpu_model()
     return info

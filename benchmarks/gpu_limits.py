@@ -17,7 +17,7 @@ from kernels import Kind  # benchmarks/kernels.py, beside this file
 from dsnas.kernels.convert import convert
 from dsnas.kernels.linear import engine_layers
 from dsnas.kernels.quant import _import_torchao
-from dsnas.kernels.sparsity import magnitude_scores, prune_layer
+from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer
 from dsnas.models import build
 
 # NVIDIA's H200 (and H100) SXM datasheet: dense bf16 tensor-core peak, and HBM3e bandwidth.
@@ -189,7 +189,7 @@ def variant_model(v: Variant, ref: torch.nn.Module, arch: dict, x: torch.Tensor)
     ref_layers = engine_layers(reference)
     for name, layer in engine_layers(model).items():
         if v.sparsity != "dense":
-            mask = prune_layer(layer, magnitude_scores(layer.weight.detach()))
+            mask = sparsify_layer(layer, magnitude_scores(layer.weight.detach()))
             with torch.no_grad():
                 ref_layers[name].weight.mul_(mask)
     if v.precision == "int8":  # what calibration sets: the largest |input| each layer sees

@@ -4,7 +4,7 @@ Every layer type the search can choose is built the way a trial builds it.
 
 1. CPU (always), at each --threads count. Each layer type is an EngineLinear of the search's shapes
    (search_spaces/transformer_lm.toml: d_model 64 and 128, ffn_ratio 4: qkv d->3d, proj d->d, up d->4d, down 4d->d),
-   pruned 2:4 by magnitude (prune_layer) where sparse, its act_amax set to the inputs' max |x| where int8, then put
+   pruned 2:4 by magnitude (sparsify_layer) where sparse, its act_amax set to the inputs' max |x| where int8, then put
    into its inference form by dsnas.kernels.convert, which records the backend that runs. Baseline:
    torch.nn.functional.linear in fp32 with an fp32 weight of the same shape (a plain nn.Linear is timed too, to tell
    the cost of any module call from the engine's own). Inputs are (rows, in_features) fp32 at rows 1, 32, 256,
@@ -27,7 +27,7 @@ Every layer type the search can choose is built the way a trial builds it.
    is within 1%.
 4. 2:4 saliency (--saliency; on unless --quick): benchmarks/saliency.py on the same task and architecture, for
    magnitude, wanda and hessian: how often two independent estimates choose the same masks, at what share of a
-   trial's training, and the accuracy after prune + fine-tune over 3 seeds (5-7 minutes on 2 cores).
+   trial's training, and the accuracy after sparsify + fine-tune over 3 seeds (5-7 minutes on 2 cores).
 
 Run:  python benchmarks/kernels.py [--quick] [--accuracy | --no-accuracy] [--saliency | --no-saliency] [--threads 1,2]
       (--quick: d64 shapes, 5 rounds, no accuracy or saliency part: under a minute on 2 cores)
@@ -56,7 +56,7 @@ from dsnas.errors import DsnasError  # noqa: E402  (after the path: runnable wit
 from dsnas.kernels.convert import convert, training_state  # noqa: E402
 from dsnas.kernels.linear import EngineLinear  # noqa: E402
 from dsnas.kernels.quant import INT8_BACKENDS, fp8_supported, int8_backend_supported  # noqa: E402
-from dsnas.kernels.sparsity import magnitude_scores, prune_layer  # noqa: E402
+from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer  # noqa: E402
 
 SEARCH_ROWS = (1, 32, 256)
 LARGE_ROWS = (256, 4096)
@@ -105,7 +105,7 @@ def engine_layer(kind: Kind, in_f: int, out_f: int, device: torch.device, act_am
     with torch.device(device):
         layer = EngineLinear(in_f, out_f, precision=kind.precision, sparsity=kind.sparsity)
     if kind.sparsity != "dense":
-        prune_layer(layer, magnitude_scores(layer.weight))  # the saliency does not change the speed
+        sparsify_layer(layer, magnitude_scores(layer.weight))  # the saliency does not change the speed
     if kind.precision == "int8":
         layer.act_amax.fill_(act_amax)  # what calibration would set
     with torch.no_grad():
@@ -427,7 +427,7 @@ def fp32_trained_on(task, fp32: torch.nn.Module) -> float:
 def header() -> str:
     import torchao
 
-    from dsnas.profiler.device import cpu_model
+    from dsnas.profiler.capabilities import cpu_model
 
     usable = len(os.sched_getaffinity(0))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
@@ -485,7 +485,7 @@ def main() -> None:
     if args.saliency:
         from saliency import run_study, settings  # beside this file; runnable on its own too
 
-        print("\n== 4. 2:4 saliency: agreement of independent estimates, accuracy after prune + fine-tune ==")
+        print("\n== 4. 2:4 saliency: agreement of independent estimates, accuracy after sparsify + fine-tune ==")
         run_study(settings(args.quick, args.train_tokens, args.accuracy_threads))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 

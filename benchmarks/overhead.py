@@ -4,9 +4,9 @@ plain-Optuna baselines in the same run, with an evaluation that does no work at 
 Four variants, each run for N trials (--trials, default 40) with a fresh SQLite study, --repeats times (default 3):
 
   A            plain Optuna ask/tell: RDBStorage on a new SQLite file, TPE (seed 0), maximize/maximize
-  dsnas-local  dsnas.search.run_study with executor "local" and a trivial evaluate_fn
+  dsnas-local  dsnas.run.run_study with executor "local" and a trivial trial_fn
   B            plain Optuna ask/tell + direct Ray tasks (num_cpus=1, max_retries=0), 2 in flight via ray.wait
-  dsnas-ray    dsnas.search.run_study with executor "ray" (cpus_per_trial = 1: 2 slots on Ray's 2 CPUs)
+  dsnas-ray    dsnas.run.run_study with executor "ray" (cpus_per_trial = 1: 2 slots on Ray's 2 CPUs)
 
 Both baselines suggest the same parameters as dsnas's transformer_lm space (sampled by dsnas.space), so TPE does
 the same work in every variant, and all variants report the same fake metrics (a function of the trial's seed).
@@ -72,8 +72,8 @@ def fake_metrics(seed: int) -> dict[str, float]:
             "latency_ms": rng.uniform(1.0, MAX_LATENCY_MS - 1), "params": float(rng.randrange(10_000, 10**6))}
 
 
-def trivial_evaluate(request):  # dsnas's evaluate_fn: no model, no weights, no probe
-    from dsnas.evaluate import TrialResult
+def trivial_evaluate(request):  # dsnas's trial_fn: no model, no weights, no probe
+    from dsnas.trial import TrialResult
 
     return TrialResult(metrics=fake_metrics(request.seed))
 
@@ -128,14 +128,14 @@ def run_plain_ray(n: int, workdir: Path) -> float:
 
 def run_dsnas(n: int, workdir: Path, kind: str) -> float:
     from dsnas.progress import Progress
-    from dsnas.search import run_study
+    from dsnas.run import run_study
     from dsnas.spec import load_study
 
     path = workdir / "overhead.toml"
     path.write_text(STUDY_TOML.format(space=SPACE_FILE.as_posix(), max_latency=MAX_LATENCY_MS))
     spec = load_study(path, executor=kind, n_trials=n)
     start = time.perf_counter()
-    outcome = run_study(spec, evaluate_fn=trivial_evaluate, progress=Progress(spec, out=io.StringIO()))
+    outcome = run_study(spec, trial_fn=trivial_evaluate, progress=Progress(spec, out=io.StringIO()))
     elapsed = time.perf_counter() - start
     if outcome.completed != n or outcome.failed:
         raise RuntimeError(f"dsnas-{kind}: {outcome.completed} completed, {outcome.failed} failed of {n}")

@@ -1,10 +1,10 @@
 """The latency predictor's accuracy on a space its design was not chosen on.
 
-dsnas.profiler.predictor's features (the architecture's terms times log batch size among them) were chosen on the
+dsnas.predictor's features (the architecture's terms times log batch size among them) were chosen on the
 108 models of benchmarks/data/charlm_space.csv, which search_efficiency.py reports on: fp32, dense, every
 layer alike. This check runs a fresh study on the quickstart's own space instead (search_spaces/transformer_lm.toml:
 1-4 layers, width 32-128, and per layer the heads, the FFN ratio, precision fp32/int8 and sparsity dense/2:4), with
-dsnas's own driver and worker (`dsnas.search.run_study`, the local executor, the random sampler so that the
+dsnas's own driver and worker (`dsnas.run.run_study`, the local executor, the random sampler so that the
 architectures are not the ones a sampler liked), then scores the predictor on that study exactly as
 `dsnas predictor` does: K-fold split by architecture, against a FLOPs-only power law fitted on the same folds, per
 batch size (architectures ranked against each other at one batch size, what a search compares) and pooled.
@@ -12,8 +12,9 @@ batch size (architectures ranked against each other at one batch size, what a se
 The study is studies/quickstart.toml with a small training budget (--train-tokens) and the engine's cheapest
 settings (magnitude 2:4 saliency, max calibration, no fine-tuning or QAT): they change which weights are kept and
 the INT8 ranges, not the layers' shapes or forms, and the check is about the measurements. No latency limit, no
-pruning, no predictor skips: every sampled architecture is trained and measured. The study is written to --out (a
-temporary folder by default); run again with the same --out to resume it or to score it again without new trials.
+multi-fidelity (no trial stopped at a rung), no predictor skips: every sampled architecture is trained and
+measured. The study is written to --out (a temporary folder by default); run again with the same --out to resume
+it or to score it again without new trials.
 
 Run:  python benchmarks/predictor_check.py [--trials 40] [--train-tokens 20000] [--seed 0] [--folds 5]
       [--threads N] [--out DIR]
@@ -55,7 +56,7 @@ def study_toml(args: argparse.Namespace) -> str:
     if args.threads:
         raw["hardware"]["threads"] = args.threads
     raw["executor"] = {"kind": "local"}
-    raw["pruning"] = {"kind": "none"}
+    raw["fidelity"] = {"kind": "none"}
     raw["predictor"] = {"skip": False}
     raw["engine"] = dict(CHEAP_ENGINE)
     return to_toml(raw)
@@ -75,8 +76,9 @@ def to_toml(table: dict[str, Any], prefix: str = "") -> str:
 def run_search(study_file: Path) -> tuple[Any, float]:
     """Run (or resume) the study; returns it, opened, and the seconds the search took."""
     from dsnas.progress import Progress
-    from dsnas.search import open_study, run_study
+    from dsnas.run import run_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     spec = load_study(study_file, executor="local")
     start = time.perf_counter()
@@ -119,7 +121,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads while measuring (default: all cores)")
     parser.add_argument("--out", help="folder for the study file and its database (default: a temporary one)")
     args = parser.parse_args()
-    from dsnas.profiler.predictor import by_device, evaluate_predictor, study_rows
+    from dsnas.predictor import by_device, cross_validate, study_rows
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsnas-predictor-check-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def main() -> None:
           f"{search_s:.0f} s; timings that converged: {converged_share(study)}")
     for rows in by_device(study_rows(study)).values():
         for target in ("latency", "peak_memory"):
-            result = evaluate_predictor(rows, target, folds=args.folds)
+            result = cross_validate(rows, target, folds=args.folds)
             print("\n" + result.table())
             print("\n".join(ratio_lines(result)))
 

@@ -152,7 +152,7 @@ def main() -> None:
 
     from dsnas.models import build
     from dsnas.profiler import resolve_device
-    from dsnas.profiler.device import cpu_model
+    from dsnas.profiler.capabilities import cpu_model
     from dsnas.spec import TaskSpec
     from dsnas.tasks import make_task
 

@@ -1,6 +1,6 @@
 """Record a fully enumerated search space for benchmarks/search_efficiency.py: every architecture of a small
 transformer space trained for real on the quickstart's task (the Python standard library, byte-level) and measured
-on this machine by dsnas's own worker (dsnas.evaluate with rungs: measured first, then the validation accuracy at
+on this machine by dsnas's own worker (dsnas.worker with rungs: measured first, then the validation accuracy at
 eight shares of the training budget, from 1/9 to 2/3, and at its end), one CSV row each. With the whole space known,
 the true Pareto front and its hypervolume are known, so a search's progress toward them can be measured; the
 recorded shares cover successive halving with eta 2 (1/4, 1/2) and eta 3 (1/9, 1/3).
@@ -85,12 +85,13 @@ def eval_seconds(arch: dict, task_spec) -> float:
 
 
 def record(arch: dict, number: int, task, hardware) -> dict:
-    from dsnas.evaluate import EvalRequest, evaluate
+    from dsnas.trial import TrialRequest
+    from dsnas.worker import run_trial
 
     channel = Recorder()
     start = time.perf_counter()
     rungs = tuple(float(Fraction(f)) for f in RECORDED_AT)
-    result = evaluate(EvalRequest(number, arch, task, hardware, seed=number, rungs=rungs, channel=channel))
+    result = run_trial(TrialRequest(number, arch, task, hardware, seed=number, rungs=rungs, channel=channel))
     end = time.perf_counter()
     at = {report.rung: (t - start, report.metrics) for t, report in channel.reports}
     m = result.metrics

@@ -1,9 +1,9 @@
 """Is the 2:4 saliency signal or noise? For magnitude, wanda and hessian: how often two independent estimates choose
-the same 2:4 masks, what an estimate costs against a trial's training, and the accuracy after prune + fine-tune.
+the same 2:4 masks, what an estimate costs against a trial's training, and the accuracy after sparsify + fine-tune.
 
 The quickstart's task (charlm, context 64, batch 32) trains a d128 L2 (n_heads 4, ffn_ratio 4) transformer_lm whose
 8 linear layers are 2:4, in fp32 on 1 thread (a quickstart trial's cpus_per_trial), on the first 75% of the budget
-(--train-tokens, default the quickstart's 480_000), as a trial trains before pruning.
+(--train-tokens, default the quickstart's 480_000), as a trial trains before sparsifying.
 
 1. Agreement. Two estimates from independent inputs (calibration batches drawn with different seeds; Hutchinson
    probes with different seeds) each give every layer a 2:4 mask (nm_mask of the method's scores). agreement = the
@@ -15,7 +15,7 @@ The quickstart's task (charlm, context 64, batch 32) trains a d128 L2 (n_heads 4
    chunk), so a row's seconds are what its estimate took, plus at most one forward-backward per extra chunk.
    share = seconds / the trial's whole training at the quickstart budget (this run's seconds per training token
    x 480_000). Target: >= 90% agreement at <= 5% of the training.
-2. Accuracy. The trained weights, pruned as dsnas.kernels.pipeline.run prunes (the engine's defaults with the
+2. Accuracy. The trained weights, sparsified as dsnas.kernels.pipeline.run sparsifies (the engine's defaults with the
    method's saliency: hessian at the default hessian_samples on one batch) and fine-tuned (finetune_frac 0.25 at
    lr_scale 0.3), seeds 0, 1, 2 (calibration batches, probes, fine-tuning data). Baseline: the dense model fine-tuned
    the same way. Median and spread (min..max) over the seeds.
@@ -66,7 +66,7 @@ def settings(quick: bool, train_tokens: int | None = None, threads: int = 1) -> 
 
 
 def trained(task, cfg: Settings) -> tuple[torch.nn.Module, float]:
-    """The model trained as a trial trains before pruning, and the seconds the quickstart's whole training takes."""
+    """The model trained as a trial trains before sparsifying, and the seconds the quickstart's whole training takes."""
     from dsnas.models import build
 
     torch.manual_seed(0)
@@ -135,37 +135,37 @@ def agreement_table(model, task, cfg: Settings, train_s: float) -> None:
 
 
 def finetuned(state: dict, task, saliency: str | None, seed: int) -> tuple[float, float]:
-    """(accuracy after pruning, after fine-tuning) of the trained weights; saliency None: the dense baseline."""
+    """(accuracy after sparsifying, after fine-tuning) of the trained weights; saliency None: the dense baseline."""
     from dsnas.models import build
 
     engine = EngineSpec() if saliency is None else EngineSpec(saliency=saliency)
     arch = ARCH if saliency is not None else ARCH | {"layers": [{"n_heads": 4, "ffn_ratio": 4}] * 2}
     model = build(arch)
     model.load_state_dict(state if saliency else {k: v for k, v in state.items() if not k.endswith(".mask")})
-    if saliency is None:  # fine-tuned as pipeline.run fine-tunes (seed + 1), without pruning
+    if saliency is None:  # fine-tuned as pipeline.run fine-tunes (seed + 1), without sparsifying
         before = task.evaluate(model, CPU)["accuracy"]
         task.train(model, CPU, seed=seed + 1, checkpoint=lambda: None, fraction=engine.finetune_frac,
                    lr_scale=engine.lr_scale)
         return before, task.evaluate(model, CPU)["accuracy"]
     metrics, _ = pipeline.run(model, task, CPU, engine, seed=seed, checkpoint=lambda: None)
-    return metrics["accuracy_pruned"], metrics["accuracy_finetuned"]
+    return metrics["accuracy_sparsified"], metrics["accuracy_finetuned"]
 
 
 def accuracy_table(model, task) -> None:
-    state = model.state_dict()  # the masks still all ones: nothing pruned yet
-    head = f"{'saliency':11}{'pruned':>8}{'spread':>15}{'fine-tuned':>12}{'spread':>15}{'vs dense':>10}  per seed"
+    state = model.state_dict()  # the masks still all ones: nothing sparsified yet
+    head = f"{'saliency':11}{'sparse':>8}{'spread':>15}{'fine-tuned':>12}{'spread':>15}{'vs dense':>10}  per seed"
     print(head + "\n" + "-" * len(head))
     dense = None
     for saliency in (None, "magnitude", "wanda", "hessian"):
         runs = [finetuned(state, task, saliency, seed) for seed in SEEDS]
-        pruned, tuned = [r[0] for r in runs], [r[1] for r in runs]
+        sparse, tuned = [r[0] for r in runs], [r[1] for r in runs]
         med = statistics.median(tuned)
         dense = med if saliency is None else dense
-        print(f"{saliency or 'dense':11}{statistics.median(pruned):8.4f}{spread(pruned):>15}{med:12.4f}"
+        print(f"{saliency or 'dense':11}{statistics.median(sparse):8.4f}{spread(sparse):>15}{med:12.4f}"
               f"{spread(tuned):>15}{(med - dense) * 100:+10.2f}  {' '.join(f'{t:.4f}' for t in tuned)}", flush=True)
-    print(f"median over seeds {SEEDS}; pruned: before fine-tuning (dense: not pruned); spread: min..max; vs dense: "
-          f"the fine-tuned median against the dense model's, in points; hessian: {EngineSpec().hessian_samples} "
-          "probes (hessian_samples) on one batch")
+    print(f"median over seeds {SEEDS}; sparse: after 2:4, before fine-tuning (dense: not sparsified); spread: "
+          f"min..max; vs dense: the fine-tuned median against the dense model's, in points; hessian: "
+          f"{EngineSpec().hessian_samples} probes (hessian_samples) on one batch")
 
 
 def spread(values: list[float]) -> str:
@@ -188,7 +188,7 @@ def run_study(cfg: Settings) -> None:
               f"{EngineSpec().saliency!r}, hessian_samples = {EngineSpec().hessian_samples}", flush=True)
         print("\n-- agreement of two independent estimates --")
         agreement_table(model, task, cfg, train_s)
-        print("\n-- accuracy after prune + fine-tune --")
+        print("\n-- accuracy after sparsify + fine-tune --")
         accuracy_table(model, task)
     finally:
         torch.set_num_threads(before)

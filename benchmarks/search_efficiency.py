@@ -2,8 +2,8 @@
 transformer LMs, each trained for real on the quickstart's task and measured on this machine
 (benchmarks/record_table.py wrote benchmarks/data/charlm_space.csv). Every search runs through dsnas's own driver
 (`dsnas.search`, the local executor, SQLite) with the table as its task (benchmarks/table_task.py: a task plug-in
-that uses only the documented protocol), so the samplers, the rungs, the pruning decisions and the latency predictor
-are dsnas's real code; only the trials' results are looked up instead of trained again.
+that uses only the documented protocol), so the samplers, the rungs, the decisions at each rung and the latency
+predictor are dsnas's real code; only the trials' results are looked up instead of trained again.
 
 Methods: random search, Optuna's default multi-objective sampler (TPE), NSGA-II, and dsnas with multi-fidelity
 (successive halving over the training budget) and the latency predictor (TPE as its sampler); each run with
@@ -71,15 +71,15 @@ batch_sizes = [1, 32]
 max_latency_ms = {limit}
 [executor]
 kind = "local"
-[pruning]
-kind = "{pruning}"
+[fidelity]
+kind = "{fidelity}"
 eta = {eta}
 min_fraction = {min_fraction}
 margin = {margin}
 [predictor]
 skip = {predictor}
 """
-# name: (sampler, pruning, predictor)
+# name: (sampler, fidelity kind, predictor)
 METHODS = {
     "random": ("random", "none", "false"),
     "tpe (Optuna default)": ("tpe", "none", "false"),
@@ -117,7 +117,7 @@ def read_table(path: Path) -> list[dict]:
 
 def true_front(rows: list[dict], limit: float) -> tuple[list[list[float]], list[float], float]:
     """(the feasible front's points, the reference point, its hypervolume)."""
-    from dsnas.results.pareto import front_indices
+    from dsnas.pareto import front_indices
     from dsnas.results.volume import dominated_volume
 
     directions = ["maximize", "maximize"]
@@ -131,14 +131,14 @@ def predictor_accuracy(rows: list[dict]) -> str:
     """dsnas's latency and peak-memory predictor on the table's own measurements (every architecture at batch 1
     and 32), 5-fold split by architecture, next to the FLOPs-only power law: what `dsnas predictor` prints. The
     data its features were chosen on: predictor_check.py gives the figures on a space they were not."""
-    from dsnas.profiler.predictor import MeasuredRow, evaluate_predictor
+    from dsnas.predictor import MeasuredRow, cross_validate
 
     measured = [MeasuredRow("table", "cpu", r["key"], json.loads(r["arch"]), bs, r[f"flops_bs{bs}"],
                             r[f"bytes_bs{bs}"], r["params"], r[f"latency_ms_bs{bs}"], r[f"peak_memory_mb_bs{bs}"])
                 for r in rows for bs in (1, 32)]
     head = ("latency predictor on this table, the data its design was chosen on (held-out figures on another "
             "space: benchmarks/predictor_check.py)")
-    return "\n".join([head, *(evaluate_predictor(measured, target).table() for target in ("latency", "peak_memory"))])
+    return "\n".join([head, *(cross_validate(measured, target).table() for target in ("latency", "peak_memory"))])
 
 
 def run_search(method: str, seed: int, args: argparse.Namespace, limit: float, folder: Path) -> tuple[list, float]:
@@ -146,14 +146,14 @@ def run_search(method: str, seed: int, args: argparse.Namespace, limit: float, f
     import optuna
 
     from dsnas.progress import Progress
-    from dsnas.search import run_study
+    from dsnas.run import run_study
     from dsnas.spec import load_study
 
-    sampler, pruning, predictor = METHODS[method]
+    sampler, fidelity, predictor = METHODS[method]
     space = folder / "space.toml"
     study_file = folder / f"m{list(METHODS).index(method)}_s{seed}.toml"
     study_file.write_text(STUDY.format(name=study_file.stem, sampler=sampler, seed=seed, trials=args.trials,
-                                       space=space, table=args.table, limit=limit, pruning=pruning,
+                                       space=space, table=args.table, limit=limit, fidelity=fidelity,
                                        eta=args.eta, min_fraction=args.min_fraction, margin=args.margin,
                                        predictor=predictor))
     spec = load_study(study_file)
@@ -240,9 +240,9 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--trials", type=int, default=160, help="evaluated trials per search")
     parser.add_argument("--max-latency-ms", type=float, help="the latency limit (default: the table's 70th pct)")
-    from dsnas.pruning import PruningSpec
+    from dsnas.spec import FidelitySpec
 
-    defaults = PruningSpec()  # dsnas's own defaults, unless told otherwise
+    defaults = FidelitySpec()  # dsnas's own defaults, unless told otherwise
     parser.add_argument("--eta", type=int, default=defaults.eta)
     parser.add_argument("--min-fraction", type=float, default=defaults.min_fraction)
     parser.add_argument("--margin", type=float, default=defaults.margin)
@@ -263,9 +263,9 @@ def main() -> None:
           f"({platform.node()}); latency limit {limit:g} ms at batch 1 ({infeasible} infeasible); true front "
           f"{len(front)} points, hypervolume {true_hv:.6g} (reference accuracy {reference[0]:.4f}, "
           f"throughput {reference[1]:,.0f} tok/s)")
-    from dsnas.pruning import RungPlan
+    from dsnas.fidelity import RungPlan
 
-    rungs = RungPlan(PruningSpec(eta=args.eta, min_fraction=args.min_fraction)).rungs
+    rungs = RungPlan(FidelitySpec(eta=args.eta, min_fraction=args.min_fraction)).rungs
     print(predictor_accuracy(rows) + "\n")
     count_s = counting_seconds(rows)
     seeds = range(args.first_seed, args.first_seed + args.seeds)

@@ -1,5 +1,5 @@
 """A search over a table of recorded results, as a dsnas task plug-in. It uses only the documented protocol of a
-user's own evaluation function (dsnas/tasks/evaluator.py) and imports nothing from dsnas: a table of one's own
+user's own evaluation function (dsnas.tasks.RunsOwnTrials) and imports nothing from dsnas: a table of one's own
 (from benchmarks/record_table.py, or any CSV with the same columns) is enough to benchmark dsnas's search on it.
 
 In a study file:
@@ -79,7 +79,7 @@ class TableTask:
             if abs(float(recorded) - share) < 1e-9:
                 return column
         raise KeyError(f"{self.path.name} records accuracy at {', '.join(map(str, sorted(self.shares)))} of the "
-                       f"budget, not at {share:.4g}: set [pruning] eta and min_fraction to rungs the table has")
+                       f"budget, not at {share:.4g}: set [fidelity] eta and min_fraction to rungs the table has")
 
 
 def _key(arch: dict[str, Any]) -> str:

@@ -1,27 +1,28 @@
 """dsnas: hardware-aware neural architecture search.
 
-Importing dsnas starts nothing and touches no hardware: torch, Ray, NVML and CUDA are imported on use.
+Importing dsnas starts nothing and touches no hardware: torch, Ray, NVML and CUDA are imported on use, and so is the
+driver (dsnas.run) that :func:`search` calls.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dsnas import search as _driver  # noqa: F401  (loaded first, so that `dsnas.search` stays the function below)
+from dsnas._version import __version__
 from dsnas.errors import DsnasError, SpecError, TrialError
 
 if TYPE_CHECKING:
     import torch
 
-__version__ = "0.1.0"
 __all__ = ["DsnasError", "SpecError", "TrialError", "load", "search", "__version__"]
 
 
 def search(study_file: str, **overrides: Any) -> Any:
-    """Run (or resume) the study described by ``study_file``; see :func:`dsnas.search.run_study`."""
+    """Run (or resume) the study described by ``study_file``; see :func:`dsnas.run.run_study`."""
+    from dsnas.run import run_study
     from dsnas.spec import load_study
 
-    return _driver.run_study(load_study(study_file, **overrides))
+    return run_study(load_study(study_file, **overrides))
 
 
 def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shutil
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+from dsnas._version import __version__
 from dsnas.errors import DsnasError
+from dsnas.interrupts import Terminated
 
 EXAMPLES = ("studies/quickstart.toml", "search_spaces/transformer_lm.toml")
+
+# Each command imports what it runs, inside its function: `dsnas --help` and a mistyped command answer without
+# loading torch, SQLAlchemy or Ray (tests/test_import.py).
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Run (or resume) the study in STUDY_FILE until its budget is spent; print the Pareto front."""
     from dsnas.progress import pareto_table
-    from dsnas.search import run_study
+    from dsnas.run import run_study
     from dsnas.spec import load_study
 
     spec = load_study(args.study_file, executor=args.executor, address=args.address, n_trials=args.n_trials,
@@ -55,12 +64,12 @@ def _example(name: str) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the bundle of a trial (architecture, weights, ONNX, metrics, model card) for `dsnas.load`."""
     from dsnas.export import Limits, export_trial, pick_trials
-    from dsnas.search import open_study
-    from dsnas.spec import load_study
+    from dsnas.spec import read_study
+    from dsnas.study import open_study
 
     if sum(x is not None and x is not False for x in (args.trial, args.pick, args.front)) != 1:
         raise DsnasError("give exactly one of --trial N, --pick RULE and --front. Fix: e.g. --pick knee")
-    spec = load_study(args.study_file)
+    spec = read_study(args.study_file)
     study = open_study(spec, create=False)
     limits = Limits(max_latency_ms=args.max_latency_ms, min_accuracy=args.min_accuracy,
                     max_memory_mb=args.max_memory_mb)
@@ -84,9 +93,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a report folder (trials.csv, an HTML page, PNG plots) and print the Pareto front."""
     from dsnas.results.report import write_report
-    from dsnas.spec import load_study
+    from dsnas.spec import read_study
 
-    spec = load_study(args.study_file)
+    spec = read_study(args.study_file)
     summary = write_report(spec, args.out, reference=args.reference)
     print(summary)
     return 0
@@ -95,9 +104,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve the Optuna dashboard on the study's storage, with dsnas's notes, charts and artifacts."""
     from dsnas.dashboard import serve
-    from dsnas.spec import load_study
+    from dsnas.spec import read_study
 
-    serve(load_study(args.study_file), host=args.host, port=args.port)
+    serve(read_study(args.study_file), host=args.host, port=args.port)
     return 0
 
 
@@ -122,7 +131,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Measure one architecture (a bundle folder, a study file with --trial N, or an architecture JSON file)
     and print its whole profile."""
-    from dsnas.profiler.single import profile_target
+    from dsnas.profile import profile_target
 
     sizes = None
     if args.batch_sizes:
@@ -140,13 +149,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_predictor(args: argparse.Namespace) -> int:
     """Fit a per-device predictor of latency (or peak memory) on the study's measurements and print its held-out
     accuracy (cross-validated by architecture) next to a FLOPs-only baseline."""
-    from dsnas.profiler.predictor import by_device, check_folds, evaluate_predictor, study_rows
+    from dsnas.predictor import by_device, check_folds, cross_validate, study_rows
     from dsnas.screening import search_record
-    from dsnas.search import open_study
-    from dsnas.spec import load_study
+    from dsnas.spec import read_study
+    from dsnas.study import open_study
 
     check_folds(args.folds)
-    spec = load_study(args.study_file)
+    spec = read_study(args.study_file)
     study = open_study(spec, create=False)
     devices = by_device(study_rows(study))
     if not devices:
@@ -155,7 +164,7 @@ def cmd_predictor(args: argparse.Namespace) -> int:
     refused = []
     for fp, rows in devices.items():
         try:
-            print(evaluate_predictor(rows, args.target, folds=args.folds).table())
+            print(cross_validate(rows, args.target, folds=args.folds).table())
         except DsnasError as e:
             refused.append(f"device {fp}: {e}")
             print(f"device {fp}: skipped: {e}")
@@ -169,7 +178,11 @@ def cmd_predictor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsnas", description="Hardware-aware neural architecture search.")
+    parser.add_argument("--version", action="version", version=f"dsnas {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")
+    loud.add_argument("-q", "--quiet", action="store_true", help="show only warnings, errors and results")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("search", help=cmd_search.__doc__, description=cmd_search.__doc__)
@@ -215,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help=cmd_dashboard.__doc__, description=cmd_dashboard.__doc__)
     p.add_argument("study_file")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s; 0: any free one)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("doctor", help=cmd_doctor.__doc__, description=cmd_doctor.__doc__)
@@ -244,18 +258,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def showing_logs(level: int) -> Iterator[None]:
+    """The library logs (progress of a search, the dashboard's address, a lost database) through the "dsnas"
+    logger; while a command runs, they show as plain lines on its stdout, where they went before they were logs.
+    Removed afterwards, so that a program that calls main() keeps its own logging as it was."""
+    logger = logging.getLogger("dsnas")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # printed once, not again by a root handler someone else installed
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with showing_logs(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO):
+            return args.func(args)
     except DsnasError as e:
         if args.debug:
             traceback.print_exc()
         print(f"dsnas: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ndsnas: interrupted; completed trials are stored, run the same command to resume", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `dsnas ... | head` closed the pipe: not an error of ours, and no traceback
+        # What the Python docs advise: point stdout at devnull, or the flush at exit fails on the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command cut off by its pipe
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\ndsnas: {stopped}; completed trials are stored, run the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -13,9 +14,12 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from dsnas import results
 from dsnas.errors import DsnasError
 from dsnas.spec import StudySpec
 from dsnas.storage import artifact_store, display_url
+
+log = logging.getLogger("dsnas.dashboard")
 
 # Fixed chart ids: saving a chart under the same id replaces it, so a restart never adds a copy.
 CHART_IDS = {"n_complete": "dsnas-hypervolume-trials", "wall_s": "dsnas-hypervolume-time"}
@@ -32,7 +36,7 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Prepare the study, then serve the dashboard until Ctrl-C."""
     from optuna_dashboard import wsgi
 
-    from dsnas.search import open_study
+    from dsnas.study import open_study  # SQLAlchemy loads on first use
 
     study = open_study(spec, create=False)
     app = wsgi(study._storage, artifact_store=artifact_store(spec))
@@ -45,7 +49,7 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
     with server:
         prepare(spec, study)
         url = f"http://{host}:{server.server_port}/dashboard/"  # the port the system gave, for --port 0
-        print(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)", flush=True)
+        log.info(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)")
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -76,7 +80,6 @@ def prepare(spec: StudySpec, study: Any) -> None:
     the charts, and uploads artifacts only for trials that have none yet."""
     from optuna_dashboard import save_note
 
-    from dsnas import results
 
     if not study.metric_names:
         study.set_metric_names([o.name for o in spec.objectives])
@@ -127,8 +130,6 @@ def _fingerprint_lines(trials: list[Any]) -> list[str]:
 
 
 def _front_table(df: Any) -> list[str]:
-    from dsnas import results
-
     front = results.front(df) if _has_completed(df) else None
     if front is None or front.empty:
         return ["no feasible completed trial yet"]
@@ -141,8 +142,6 @@ def _front_table(df: Any) -> list[str]:
 
 
 def _has_completed(df: Any) -> bool:
-    from dsnas import results
-
     return not results.done_trials(df, feasible_only=False).empty
 
 
@@ -152,7 +151,6 @@ def save_hypervolume_charts(study: Any, df: Any) -> dict[str, float] | None:
     import plotly.graph_objects as go
     from optuna_dashboard import save_plotly_graph_object
 
-    from dsnas import results
 
     if not _has_completed(df):
         return None

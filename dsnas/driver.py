@@ -4,17 +4,20 @@ their rungs, and records what comes back. It alone writes the study; workers onl
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from dsnas.evaluate import EvalRequest, TrialResult
-from dsnas.executors import BaseExecutor, EvaluateFn, make_executor
+from dsnas.executors import BaseExecutor, make_executor
+from dsnas.fidelity import RungJudge
 from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.progress import Progress
+from dsnas.screening import Screen, arch_counter
+from dsnas.space import arch_sampler
 from dsnas.spec import StudySpec
 from dsnas.storage import (
     HEARTBEAT_S,
@@ -27,6 +30,8 @@ from dsnas.storage import (
     storage_engine,
     study_lock,
 )
+from dsnas.tasks import make_task
+from dsnas.trial import TrialFn, TrialRequest, TrialResult
 
 # A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
 MAX_SKIPS_IN_A_ROW = 100
@@ -35,18 +40,13 @@ MAX_SKIPS_IN_A_ROW = 100
 class Driver:
     """One run of a study: dispatches trials to the executor, answers their rungs, records their results."""
 
-    def __init__(self, spec: StudySpec, study: Any, evaluate_fn: EvaluateFn, progress: Progress) -> None:
-        from dsnas.pruning import RungJudge
-        from dsnas.screening import Screen, arch_counter
-        from dsnas.space import make_sampler as make_space
-        from dsnas.tasks import make_task
-
+    def __init__(self, spec: StudySpec, study: Any, trial_fn: TrialFn, progress: Progress) -> None:
         self.spec, self.study, self.progress = spec, study, progress
-        self.sample = make_space(spec.space.file, spec.space.callable, spec.base_dir)
+        self.sample = arch_sampler(spec.space.file, spec.space.callable, spec.base_dir)
         self.task = make_task(spec.task)
         self.task_arch = self.task.arch_defaults()
-        self.evaluate_fn = evaluate_fn
-        self.rungs = RungJudge(spec) if spec.pruning.enabled else None
+        self.trial_fn = trial_fn
+        self.rungs = RungJudge(spec) if spec.fidelity.enabled else None
         self.screen = Screen(spec, study, arch_counter(self.task, spec.hardware.batch_sizes))
         self.predictions: dict[int, dict[str, float]] = {}  # trial number -> what the screen predicted for it
         self.brackets: dict[int, int] = {}  # trial number -> its Hyperband bracket
@@ -60,7 +60,7 @@ class Driver:
         self.guard = InterruptGuard()
         # A Ctrl-C held back by the guard (see interrupts.py) must not wait for the database to come back.
         self.outage = OutageRetry(spec.storage, spec.budget.storage_outage_s,
-                                  lambda text: print(text, file=progress.out, flush=True),
+                                  lambda text: progress.say(text, logging.WARNING),
                                   interrupted=lambda: self.guard.pending)
         self.recording: int | None = None  # the trial whose finished result is being stored
         self.started = time.monotonic()
@@ -93,7 +93,7 @@ class Driver:
     @property
     def executor(self) -> BaseExecutor:
         if self._executor is None:
-            self._executor = make_executor(self.spec, self.evaluate_fn, self._on_rung if self.rungs else None)
+            self._executor = make_executor(self.spec, self.trial_fn, self._on_rung if self.rungs else None)
         return self._executor
 
     def db(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -110,7 +110,7 @@ class Driver:
         """Trials of the study in these states, whichever driver runs them: the budget is the study's."""
         return len(self.study.get_trials(deepcopy=False, states=states))
 
-    def evaluated(self) -> tuple[int, int]:
+    def budget_used(self) -> tuple[int, int]:
         """(trials that count toward n_trials, how many of them were pruned): COMPLETE trials, and PRUNED ones
         stopped at a rung; a candidate the predictor skipped was never evaluated and does not count."""
         from optuna.trial import TrialState
@@ -121,7 +121,7 @@ class Driver:
 
     def _stop_reason(self) -> str | None:
         budget, n_trials = self.spec.budget, self.spec.budget.n_trials
-        done, pruned = self.db("read the study", self.evaluated) if n_trials is not None else (0, 0)
+        done, pruned = self.db("read the study", self.budget_used) if n_trials is not None else (0, 0)
         if n_trials is not None and done >= n_trials:
             return f"{budget.n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
         if self.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
@@ -129,7 +129,7 @@ class Driver:
                     "loosen [hardware.constraints], or check the predictor with `dsnas predictor`")
         if budget.timeout_s is not None and time.monotonic() - self.started >= budget.timeout_s:
             return f"the timeout of {budget.timeout_s:g} s passed"
-        max_failures = budget.max_failures if budget.max_failures is not None else (budget.n_trials or 10)
+        max_failures = budget.max_failures
         if self.progress.failed > max_failures:
             return f"{self.progress.failed} trials failed (max_failures = {max_failures})"
         return None
@@ -139,11 +139,11 @@ class Driver:
         from optuna.trial import TrialState
 
         n_trials = self.spec.budget.n_trials
-        return n_trials is None or self.evaluated()[0] + self.count(TrialState.RUNNING) < n_trials
+        return n_trials is None or self.budget_used()[0] + self.count(TrialState.RUNNING) < n_trials
 
     def _dispatch(self) -> bool:
         """Start one trial; False when the budget had no room left once the study was locked."""
-        from dsnas.results import tables
+        from dsnas import tables  # SQLAlchemy loads on first use
 
         trial = self.db("start a trial", self._take_place)
         if trial is None:
@@ -175,7 +175,7 @@ class Driver:
         self.db(f"store trial {trial.number}", self._set_attrs, trial, attrs)
         # The same model measured before:
         cached = self.db("read the measurement cache", tables.cached_figures, storage_engine(self.study), arch)
-        self.executor.submit(EvalRequest(trial.number, arch, self.spec.task, self.spec.hardware,
+        self.executor.submit(TrialRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=self.spec.seed + trial.number, cached=cached, engine=self.spec.engine,
                                          rungs=rungs))
         if self.spec.budget.trial_timeout_s is not None:
@@ -226,7 +226,7 @@ class Driver:
         """A trial's first real measurement, checked against what the screen predicted for it."""
         attrs, said = self.screen.observe(number, self.predictions.pop(number, {}), metrics)
         if said:
-            print(f"  trial {number}: {said}", file=self.progress.out, flush=True)
+            self.progress.say(f"  trial {number}: {said}")
         return attrs
 
     def _take_place(self) -> Any:
@@ -264,7 +264,7 @@ class Driver:
             trial, values, state=state, skip_if_finished=self.outage.retrying))
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
-        from dsnas.results import tables
+        from dsnas import tables  # SQLAlchemy loads on first use
 
         if isinstance(outcome, BaseException):
             reason = f"{type(outcome).__name__}: {outcome}"
@@ -307,7 +307,7 @@ class Driver:
         state is PRUNED, and no accuracy is recorded as if it were a finished trial's."""
         from optuna.trial import TrialState
 
-        from dsnas.results import tables
+        from dsnas import tables  # SQLAlchemy loads on first use
 
         self.recording = trial.number
         self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, None)

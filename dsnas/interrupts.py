@@ -1,6 +1,7 @@
 """Ctrl-C that waits for the storage: an interrupt in the middle of a write would leave a half-written trial
 and a database session in a broken state, so the driver defers it to the end of the write. Elsewhere (a trial
-training in the driver's own process, a wait on Ray) it acts at once."""
+training in the driver's own process, a wait on Ray) it acts at once. SIGTERM (`kill`, a batch scheduler, systemd)
+is handled the same way: without it the process died at once and left its running trial RUNNING."""
 
 from __future__ import annotations
 
@@ -11,33 +12,39 @@ from contextlib import contextmanager
 from typing import Any
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be; the command exits 143 (128 + 15) for it."""
+
+
 class InterruptGuard:
     def __init__(self) -> None:
         self._depth = 0
-        self._pending = False
+        self._pending: type[KeyboardInterrupt] | None = None
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        """Route SIGINT through the guard while the block runs (only the main thread can take signals)."""
+        """Route SIGINT and SIGTERM through the guard while the block runs (only the main thread takes signals)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @property
     def pending(self) -> bool:
         """A Ctrl-C arrived during a write and waits for it to end (a wait for the database stops at once)."""
-        return self._pending
+        return self._pending is not None
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        interrupt = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         if self._depth:
-            self._pending = True
+            self._pending = interrupt
         else:
-            raise KeyboardInterrupt
+            raise interrupt
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -47,6 +54,6 @@ class InterruptGuard:
             yield
         finally:
             self._depth -= 1
-            if not self._depth and self._pending:
-                self._pending = False
-                raise KeyboardInterrupt
+            if not self._depth and self._pending is not None:
+                interrupt, self._pending = self._pending, None
+                raise interrupt

@@ -1,13 +1,15 @@
 """Live progress of a search (one line per event, readable in a terminal and in a log) and the final
-Pareto table."""
+Pareto table. The lines go to the "dsnas.search" logger (INFO; a lost database WARNING): the command line shows
+them on stdout (-q hides them), a program that calls dsnas.search() routes them as it routes its own logs."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from typing import Any, TextIO
 
-from dsnas.results.pareto import front_indices
+from dsnas.fidelity import RungPlan
+from dsnas.pareto import front_indices
 from dsnas.spec import StudySpec
 from dsnas.storage import display_url
 
@@ -17,10 +19,13 @@ COLUMNS = {"accuracy": ("accuracy", "{:.4f}"), "throughput_tok_s": ("tokens/s", 
            "peak_memory_mb": ("peak MB", "{:.1f}"), "val_loss": ("val loss", "{:.3f}")}
 
 
+log = logging.getLogger("dsnas.search")
+
+
 class Progress:
     def __init__(self, spec: StudySpec, out: TextIO | None = None) -> None:
         self.spec = spec
-        self.out = out or sys.stdout
+        self.out = out  # a stream of its own (a benchmark's), instead of the logger
         self.completed = 0
         self.failed = 0
         self.pruned = 0  # stopped at a rung (they count toward n_trials)
@@ -31,8 +36,11 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
 
-    def _say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+    def say(self, text: str, level: int = logging.INFO) -> None:
+        if self.out is not None:
+            print(text, file=self.out, flush=True)
+        else:
+            log.log(level, text)
 
     def start(self, study: Any, requeued: list[int]) -> None:
         from optuna.trial import TrialState
@@ -46,48 +54,46 @@ class Progress:
         limits = [f"{budget.n_trials} trials"] if budget.n_trials else []
         limits += [f"{budget.timeout_s:g} s"] if budget.timeout_s else []
         objectives = ", ".join(f"{o.direction} {o.name}" for o in self.spec.objectives)
-        self._say(f"dsnas: study {self.spec.name!r} ({objectives}); budget {' or '.join(limits)}; "
+        self.say(f"dsnas: study {self.spec.name!r} ({objectives}); budget {' or '.join(limits)}; "
                   f"executor {self.spec.executor.kind}; storage {display_url(self.spec.storage)}")
         if self.completed or self.pruned:
             pruned = f" and {self.pruned} pruned" if self.pruned else ""
-            self._say(f"  resuming: {self.completed} completed{pruned} trials already stored count toward the budget")
-        pruning = self.spec.pruning
-        if pruning.enabled:
-            from dsnas.pruning import RungPlan
-
-            rungs = ", ".join(f"{r:.0%}" for r in RungPlan(pruning).rungs)
-            self._say(f"  pruning: {pruning.kind.replace('_', ' ')}, eta {pruning.eta}, rungs at {rungs} of the "
+            self.say(f"  resuming: {self.completed} completed{pruned} trials already stored count toward the budget")
+        fidelity = self.spec.fidelity
+        if fidelity.enabled:
+            rungs = ", ".join(f"{r:.0%}" for r in RungPlan(fidelity).rungs)
+            self.say(f"  fidelity: {fidelity.kind.replace('_', ' ')}, eta {fidelity.eta}, rungs at {rungs} of the "
                       "training budget; measured first, so a candidate over a hardware limit stops untrained")
         limits = [f"{m} {v:g}" for m, v in self.spec.hardware.constraints.items()]
         if self.spec.predictor.skip and limits:
-            self._say(f"  predictor: skips a candidate predicted over a limit ({', '.join(limits)}) by more than "
+            self.say(f"  predictor: skips a candidate predicted over a limit ({', '.join(limits)}) by more than "
                       f"{self.spec.predictor.margin:.0%}, once enough architectures are measured")
         if requeued:
-            self._say(f"  re-queued {len(requeued)} trial(s) left RUNNING by a stopped driver: "
+            self.say(f"  re-queued {len(requeued)} trial(s) left RUNNING by a stopped driver: "
                       f"{', '.join('#' + str(n) for n in requeued)} (marked FAIL)")
 
     def started(self, number: int, arch_short: str, running: dict[int, Any]) -> None:
-        self._say(f"{self._status(running)}  trial {number} started: {arch_short}")
+        self.say(f"{self._status(running)}  trial {number} started: {arch_short}")
 
     def finished(self, number: int, values: list[float], feasible: bool, running: dict[int, Any]) -> None:
         self.completed += 1
         if feasible:
             self.front_points.append(values)
         shown = "  ".join(f"{o.name} {_fmt(o.metric, v)}" for o, v in zip(self.spec.objectives, values))
-        self._say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else "  (infeasible)"))
+        self.say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else "  (infeasible)"))
 
     def pruned_trial(self, number: int, rung: int, fraction: float, reason: str, running: dict[int, Any]) -> None:
         self.pruned += 1
         where = "before training" if rung == 0 else f"at rung {rung} ({fraction:.0%} of the budget)"
-        self._say(f"{self._status(running)}  trial {number} pruned {where}: {reason}")
+        self.say(f"{self._status(running)}  trial {number} pruned {where}: {reason}")
 
     def skipped_trial(self, number: int, arch_short: str, reason: str, running: dict[int, Any]) -> None:
         self.skipped += 1
-        self._say(f"{self._status(running)}  trial {number} skipped untrained ({arch_short}): {reason}")
+        self.say(f"{self._status(running)}  trial {number} skipped untrained ({arch_short}): {reason}")
 
     def failed_trial(self, number: int, reason: str, running: dict[int, Any]) -> None:
         self.failed += 1
-        self._say(f"{self._status(running)}  trial {number} FAILED: {reason.splitlines()[0][:200]}")
+        self.say(f"{self._status(running)}  trial {number} FAILED: {reason.splitlines()[0][:200]}")
 
     def _status(self, running: dict[int, Any]) -> str:
         total = f"/{self.spec.budget.n_trials}" if self.spec.budget.n_trials else ""

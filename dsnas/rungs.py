@@ -1,5 +1,5 @@
 """The line from a trial's worker to the driver at each rung: the worker reports its figures and waits; the driver
-records them and answers whether the trial goes on (see dsnas.pruning). In-process for the local executor; a small
+records them and answers whether the trial goes on (see dsnas.fidelity). In-process for the local executor; a small
 asyncio Ray actor for Ray, so that a trial's rungs run in one worker while the decision stays the driver's."""
 
 from __future__ import annotations

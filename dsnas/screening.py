@@ -1,4 +1,4 @@
-"""The latency predictor in the search (dsnas.profiler.predictor): before a candidate is trained, predict the figures
+"""The latency predictor in the search (dsnas.predictor): before a candidate is trained, predict the figures
 the study's hardware limits are on, and skip one predicted over a limit by more than a margin. A drift guard keeps
 it honest: every prediction is checked against the measurement that follows it; an error beyond ``refit_error``
 re-fits the predictor at once; when the recent errors stay beyond it (the device changed: throttling, another
@@ -14,27 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dsnas.errors import require
+from dsnas.errors import DsnasError
+from dsnas.models import build
+from dsnas.profiler import MeasureGate, device_key
+from dsnas.profiler.counting import count_flops_and_bytes
+from dsnas.profiler.timing import cpu_threads
+from dsnas.tasks import runs_own_trials
 
 # The limits a predictor answers (limit metric -> predictor target); a params limit is checked on the count itself.
 PREDICTED = {"latency_ms": "latency", "peak_memory_mb": "peak_memory"}
 MIN_CHECKED = 3  # held-out checks before the recent errors, not the cross-validation, decide whether to trust it
-
-
-@dataclass(frozen=True)
-class PredictorSpec:
-    skip: bool = True  # skip candidates predicted over a [hardware.constraints] limit
-    margin: float = 0.2  # ... by more than this share of the limit; also the error above which skipping pauses
-    refit_error: float = 0.3  # a measurement this far from its prediction re-fits the predictor before the next one
-    refit_every: int = 4  # and it is re-fitted after this many new measurements anyway
-    recent: int = 5  # how many recent held-out errors the guard looks at
-
-    def __post_init__(self) -> None:
-        require(self.margin >= 0, "margin", "must be >= 0", self.margin, "e.g. margin = 0.2 (20% over the limit)")
-        require(self.refit_error > 0, "refit_error", "must be > 0", self.refit_error, "e.g. refit_error = 0.3")
-        for key in ("refit_every", "recent"):
-            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),
-                    f"remove {key} to use its default ({getattr(PredictorSpec, key)})")
 
 
 @dataclass(frozen=True)
@@ -145,8 +134,8 @@ class Screen:
                 f"{first} on, and skips nothing until its predictions are within the margin again")
 
     def _fit(self) -> None:
-        from dsnas.errors import DsnasError
-        from dsnas.profiler.predictor import by_device, evaluate_predictor, fit_predictor, study_rows
+        # numpy loads on first use
+        from dsnas.predictor import by_device, cross_validate, fit_predictor, study_rows
 
         self.stale, self.since_fit = False, 0
         devices = by_device(study_rows(self.study, since_trial=self.drift_from))
@@ -157,7 +146,7 @@ class Screen:
             for rows in devices.values():
                 try:
                     fits.append(fit_predictor(rows, target))
-                    errors.append(evaluate_predictor(rows, target).predictor.mape)
+                    errors.append(cross_validate(rows, target).predictor.mape)
                 except DsnasError:
                     continue  # too few architectures on this device yet
             self.fits[target] = fits
@@ -175,17 +164,14 @@ def arch_counter(task: Any, batch_sizes: tuple[int, ...]) -> CountFn:
     """What the predictor reads of an architecture before it trains (FLOPs, bytes, parameters): the task's own
     ``count_arch`` when it has one, else the model built and counted here; nothing for a user's evaluation function
     that counts nothing (there is no model to count)."""
-    from dsnas.tasks.evaluator import is_evaluator
-
     if callable(getattr(task, "count_arch", None)):
         return lambda arch: task.count_arch(arch, batch_sizes)
-    if is_evaluator(task):
+    if runs_own_trials(task):
         return lambda arch: None
 
     def counted(arch: dict[str, Any]) -> dict[str, float] | None:
         import torch
 
-        from dsnas.profiler import MeasureGate, device_key
 
         with MeasureGate(device_key(torch.device("cpu"))).shared():  # counting computes: not while a trial measures
             return count_arch(arch, task, batch_sizes)
@@ -199,10 +185,7 @@ def count_arch(arch: dict[str, Any], task: Any, batch_sizes: tuple[int, ...]) ->
     here (an fp8 layer on a CPU, say)."""
     import torch
 
-    from dsnas.kernels.convert import inference_size, untrained_inference_form
-    from dsnas.models import build
-    from dsnas.profiler.counting import count_flops_and_bytes
-    from dsnas.profiler.timing import cpu_threads
+    from dsnas.kernels.convert import inference_size, untrained_inference_form  # torch loads on first use
 
     try:
         model = untrained_inference_form(build(arch), int8_backend="torch-dynamic")
@@ -222,7 +205,7 @@ def search_record(study: Any) -> str | None:
     measurement that followed (held out: made before the candidate ran), the skips and the re-fits."""
     import numpy as np
 
-    from dsnas.profiler.predictor import _scores
+    from dsnas.predictor import _scores  # numpy loads on first use
 
     checked: dict[str, tuple[list[float], list[float]]] = {}
     skipped, refits = 0, 0  # re-fits a missed prediction caused

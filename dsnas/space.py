@@ -10,6 +10,8 @@ from typing import Any
 
 from dsnas.config import reject_unknown
 from dsnas.errors import Invalid, SpecError
+from dsnas.models import FAMILIES, family
+from dsnas.plugins import import_callable
 
 SampleFn = Callable[[Any], dict[str, Any]]
 
@@ -35,8 +37,6 @@ class SearchSpace:
 
     @property
     def per_layer_keys(self) -> tuple[str, ...]:
-        from dsnas.models import family
-
         return family(self.family).LAYER_KEYS
 
 
@@ -47,8 +47,6 @@ def _suggest(trial: Any, name: str, options: tuple[Any, ...]) -> Any:
 
 def load_space_file(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file; errors name the file and the key."""
-    from dsnas.models import FAMILIES, family
-
     where = str(path)
     try:
         raw = tomllib.loads(Path(path).read_text())
@@ -108,10 +106,9 @@ def _options(where: str, section: str, table: Any, known: tuple[str, ...],
     return out
 
 
-def make_sampler(file: str | None, callable_target: str | None, base_dir: str | Path) -> SampleFn:
+def arch_sampler(file: str | None, callable_target: str | None, base_dir: str | Path) -> SampleFn:
     """The function that turns an Optuna trial into an architecture."""
     if file is not None:
         return load_space_file(file).sample
-    from dsnas.plugins import import_callable
 
     return import_callable(callable_target or "", base_dir)

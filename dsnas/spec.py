@@ -15,8 +15,9 @@ from typing import Any
 
 from dsnas.config import build_section, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
-from dsnas.pruning import PruningSpec
-from dsnas.screening import PredictorSpec
+from dsnas.plugins import import_callable
+from dsnas.space import load_space_file
+from dsnas.tasks import BUILTIN_TASKS, check_params
 
 # Objective name -> (metric key reported by the worker, default direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -45,8 +46,8 @@ class Objective:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    name: str = "tpe"
-    seed: int | None = 0
+    name: str = "tpe"  # Optuna's sampler: "tpe" is its multi-objective default
+    seed: int | None = 0  # moves on by the number of stored trials when a study resumes
 
     def __post_init__(self) -> None:
         require(self.name in SAMPLERS, "name", f"must be one of {list(SAMPLERS)}", self.name,
@@ -57,8 +58,11 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class BudgetSpec:
+    # Trials to evaluate: completed plus pruned at a rung (stored ones count; one the predictor skipped does not).
+    # Default: 12, or no limit when timeout_s is set.
     n_trials: int | None = None
-    timeout_s: float | None = None
+    timeout_s: float | None = None  # no new trial starts after this many seconds
+    # Stop after more failed trials than this in one run; default: n_trials, or 10 when there is no n_trials
     max_failures: int | None = None
     trial_timeout_s: float | None = None  # a trial running longer fails, and its worker is reclaimed
     retries: int = 1  # times a trial whose worker died (crash, OOM kill, lost node) is run again
@@ -70,22 +74,28 @@ class BudgetSpec:
         require(self.trial_timeout_s is None or self.trial_timeout_s > 0, "trial_timeout_s", "must be > 0",
                 self.trial_timeout_s, "set it in seconds, e.g. trial_timeout_s = 600, or remove it")
         require(self.retries >= 0, "retries", "must be >= 0", self.retries, "set retries = 0 to never re-run")
-        require(self.n_trials is not None or self.timeout_s is not None, "n_trials",
-                "the budget needs n_trials, timeout_s or both", None, "add n_trials = 12 under [budget]")
+        if self.n_trials is None and self.timeout_s is None:
+            object.__setattr__(self, "n_trials", 12)  # frozen: the defaults are settled once, here
         require(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials,
                 "set n_trials = 12, or remove it and set timeout_s")
         require(self.timeout_s is None or self.timeout_s > 0, "timeout_s", "must be > 0", self.timeout_s,
                 "set timeout_s in seconds, e.g. timeout_s = 600, or remove it")
         require(self.max_failures is None or self.max_failures >= 0, "max_failures", "must be >= 0",
                 self.max_failures, "set max_failures = 0 to stop at the first failed trial, or remove it")
+        if self.max_failures is None:
+            object.__setattr__(self, "max_failures", self.n_trials or 10)
 
 
 @dataclass(frozen=True)
 class SpaceSpec:
+    # A search-space file (docs/search-space.md), relative to the study file; default, when callable is not set
+    # either: the shipped "../search_spaces/transformer_lm.toml"
     file: str | None = None
-    callable: str | None = None
+    callable: str | None = None  # or "module:function": function(trial) -> arch dict
 
     def __post_init__(self) -> None:
+        if self.file is None and self.callable is None:
+            object.__setattr__(self, "file", "../search_spaces/transformer_lm.toml")
         require((self.file is None) != (self.callable is None), "file",
                 "exactly one of file and callable must be set", None,
                 'set file = "../search_spaces/transformer_lm.toml" or callable = "my_module:my_space"')
@@ -96,8 +106,10 @@ class SpaceSpec:
 
 @dataclass(frozen=True)
 class Constraints:
-    max_latency_ms: float | None = None
-    max_peak_memory_mb: float | None = None
+    """Limits: a trial over one is infeasible, stored but never on the front."""
+
+    max_latency_ms: float | None = None  # at the smallest batch size
+    max_peak_memory_mb: float | None = None  # the most over the batch sizes
     max_params: int | None = None
 
     def __post_init__(self) -> None:
@@ -113,10 +125,10 @@ class Constraints:
 
 @dataclass(frozen=True)
 class HardwareSpec:
-    device: str = "auto"
-    batch_sizes: tuple[int, ...] = (1, 32)
+    device: str = "auto"  # "auto": a GPU if there is one
+    batch_sizes: tuple[int, ...] = (1, 32)  # latency is the smallest's, throughput the largest's
     threads: int | None = None  # CPU threads while measuring; default: every core of the node
-    warmup_s: float = 0.1
+    warmup_s: float = 0.1  # warm-up before each batch size is timed
     measure_s: float = 0.3  # at least this long (and 10 calls) per batch size ...
     max_measure_s: float = 3.0  # ... then on until the median is known to ci_tolerance, or this long at most
     ci_tolerance: float = 0.05  # half-width of the median's 95% confidence interval, relative to the median
@@ -144,11 +156,11 @@ class HardwareSpec:
 
 @dataclass(frozen=True)
 class ExecutorSpec:
-    kind: str = "ray"
-    address: str | None = None
+    kind: str = "ray"  # "local" runs trials one at a time in this process (debugging, one-GPU machines)
+    address: str | None = None  # a running Ray cluster, "host:port" or "auto"; default: start a local Ray
     workers: int | None = None  # default: as many trials as the resources allow
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0  # Ray resources of one trial
+    gpus_per_trial: float = 0.0  # whole GPUs; 0: one when the device is a GPU
 
     def __post_init__(self) -> None:
         require(self.kind in EXECUTORS, "kind", f"must be one of {list(EXECUTORS)}", self.kind,
@@ -167,7 +179,7 @@ class ExecutorSpec:
 @dataclass(frozen=True)
 class EngineSpec:
     """How the engine (dsnas.kernels) turns a trained candidate with sparse or low-precision layers into what ships:
-    prune -> fine-tune -> calibrate + QAT -> convert. A candidate whose layers are all dense fp32 skips it all."""
+    sparsify -> fine-tune -> calibrate + QAT -> convert. A candidate whose layers are all dense fp32 skips it all."""
 
     # Which weights 2:4 keeps: "wanda" (|w|*||x||), "magnitude" or "hessian" (diag(H)*w^2). Not hessian: on the
     # quickstart's d128 L2 model two independent Hutchinson estimates pick the same 2:4 masks at chance (50.1% of
@@ -175,9 +187,9 @@ class EngineSpec:
     # and it fine-tunes to 0.5 points below wanda; wanda's masks agree on 99.5% for 1% (benchmarks/saliency.py).
     saliency: str = "wanda"
     hessian_samples: int = 8  # Hutchinson probes for the "auto" layers' traces and for saliency "hessian"
-    finetune_frac: float = 0.25  # fine-tuning after pruning, as a share of the task's training budget
+    finetune_frac: float = 0.25  # fine-tuning after sparsifying, as a share of the task's training budget
     calibrator: str = "kl"  # INT8 activation ranges: "kl" (TensorRT's entropy), "percentile" or "max"
-    calibration_batches: int = 8
+    calibration_batches: int = 8  # batches the INT8 calibrator observes
     qat_frac: float = 0.25  # quantization-aware training, as a share of the task's training budget
     lr_scale: float = 0.3  # fine-tuning and QAT run at this share of the task's learning rate
     fallback_steps: int = 20  # a low-precision layer that overflowed computes in fp32 this many steps
@@ -202,9 +214,58 @@ class EngineSpec:
                     f"remove {key} to use its default ({getattr(EngineSpec, key)})")
 
 
+FIDELITY_KINDS = ("none", "successive_halving", "hyperband")
+TRAINED = ("accuracy", "val_loss")  # the metrics training changes; the rest (hardware figures) are known at rung 0
+
+
+@dataclass(frozen=True)
+class FidelitySpec:
+    kind: str = "successive_halving"  # "none" trains every candidate fully
+    eta: int = 3  # at each rung, the best 1/eta of the trials that reached it go on
+    # The first rung: the smallest share 1/eta**k of the budget that is at least this. 1/3 (one rung, with eta 3):
+    # on the quickstart's task the accuracy at 1/9 of the budget says little about the end (Spearman 0.58 over 108
+    # recorded models), at 1/3 it says much (0.87); see benchmarks/search_efficiency.py.
+    min_fraction: float = 1 / 3
+    min_trials: int = 3  # a rung stops nobody until this many trials of the bracket have reached it
+    margin: float = 0.015  # a rung's lead in accuracy (or loss) counts only beyond this share of the value
+
+    def __post_init__(self) -> None:
+        require(self.kind in FIDELITY_KINDS, "kind", f"must be one of {list(FIDELITY_KINDS)}", self.kind,
+                'set kind = "successive_halving", or "none" to train every candidate fully')
+        require(self.eta >= 2, "eta", "must be >= 2", self.eta, "e.g. eta = 3 (keep the best third at each rung)")
+        require(0 < self.min_fraction < 1, "min_fraction", "must be between 0 and 1 (a share of the training budget)",
+                self.min_fraction, "e.g. min_fraction = 0.333")
+        require(self.min_fraction * self.eta <= 1 + 1e-9, "min_fraction", f"must be <= 1/eta (1/{self.eta}) for a "
+                "rung to fit below the full budget", self.min_fraction,
+                f"e.g. min_fraction = {int(1000 / self.eta) / 1000:g}")
+        require(self.min_trials >= 1, "min_trials", "must be >= 1", self.min_trials, "e.g. min_trials = 3")
+        require(0 <= self.margin < 1, "margin", "must be in [0, 1) (a share of the objective's value)", self.margin,
+                "e.g. margin = 0.015; 0 compares rung values exactly")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    skip: bool = True  # skip candidates predicted over a [hardware.constraints] limit
+    margin: float = 0.2  # ... by more than this share of the limit; also the error above which skipping pauses
+    refit_error: float = 0.3  # a measurement this far from its prediction re-fits the predictor before the next one
+    refit_every: int = 4  # and it is re-fitted after this many new measurements anyway
+    recent: int = 5  # how many recent held-out errors the guard looks at
+
+    def __post_init__(self) -> None:
+        require(self.margin >= 0, "margin", "must be >= 0", self.margin, "e.g. margin = 0.2 (20% over the limit)")
+        require(self.refit_error > 0, "refit_error", "must be > 0", self.refit_error, "e.g. refit_error = 0.3")
+        for key in ("refit_every", "recent"):
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),
+                    f"remove {key} to use its default ({getattr(PredictorSpec, key)})")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str = "charlm"
+    name: str = "charlm"  # the built-in task, or "module:factory" (docs/own-model.md); other keys: its parameters
     params: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."  # relative paths in params resolve here (the study file's folder)
 
@@ -223,7 +284,7 @@ class StudySpec:
     hardware: HardwareSpec
     executor: ExecutorSpec
     engine: EngineSpec = field(default_factory=EngineSpec)
-    pruning: PruningSpec = field(default_factory=PruningSpec)
+    fidelity: FidelitySpec = field(default_factory=FidelitySpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
 
     @property
@@ -235,12 +296,23 @@ class StudySpec:
         return [o.direction for o in self.objectives]
 
 
-_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor", "engine", "pruning",
+_SECTIONS = ("study", "objectives", "sampler", "budget", "space", "task", "hardware", "executor", "engine", "fidelity",
              "predictor")
 
 
 def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
-    """Read and validate a study file. ``overrides`` (executor, address, n_trials, timeout_s) stand for CLI flags."""
+    """Read and validate a study file to run it: :func:`read_study`, then the user's plug-ins imported and the task's
+    parameters checked (:func:`check_plugins`), then what this machine must offer (:func:`check_machine`)."""
+    spec = read_study(path, **overrides)
+    check_plugins(spec)
+    check_machine(spec)
+    return spec
+
+
+def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
+    """Read and validate a study file without running anything: no plug-in is imported, no Ray address or GPU is
+    checked, so that a study that ran on a cluster reads (report, export, dashboard) on a laptop. ``overrides``
+    (executor, address, n_trials, timeout_s) stand for CLI flags."""
     path = Path(path).resolve()
     where = str(path)
     if not _is_there(path.is_file):
@@ -256,11 +328,17 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
         if e.key not in flags:
             raise
         raise SpecError(f"{where} with {flags[e.key]}", e.key, e.rule, e.got, e.fix) from None
-    _check_runtime(spec)
+    require_spec(where, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
+                 "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
+                 spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s')
     return spec
 
 
 def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
+    # [pruning] was the old name of [fidelity]: "pruning" named three things (2:4 weights, trials stopped at a
+    # rung, the predictor's skip), now called sparsity, fidelity and skipping.
+    require_spec(where, "pruning", "pruning" not in raw, "was renamed [fidelity] (successive halving and hyperband)",
+                 None, "rename the table [pruning] to [fidelity]; its keys are unchanged")
     reject_unknown(where, "", raw, _SECTIONS)
     study = section_table(where, raw, "study")
     reject_unknown(where, "study.", study, ("name", "storage", "seed"))
@@ -277,13 +355,13 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         seed=seed,
         objectives=_objectives(where, section_table(where, raw, "objectives")),
         sampler=build_section(where, "sampler", SamplerSpec, section_table(where, raw, "sampler")),
-        budget=build_section(where, "budget", BudgetSpec, section_table(where, raw, "budget") or {"n_trials": 12}),
+        budget=build_section(where, "budget", BudgetSpec, section_table(where, raw, "budget")),
         space=_space(where, section_table(where, raw, "space"), path.parent),
         task=_task(where, section_table(where, raw, "task"), path.parent),
         hardware=build_section(where, "hardware", HardwareSpec, section_table(where, raw, "hardware")),
         executor=build_section(where, "executor", ExecutorSpec, section_table(where, raw, "executor")),
         engine=build_section(where, "engine", EngineSpec, section_table(where, raw, "engine")),
-        pruning=build_section(where, "pruning", PruningSpec, section_table(where, raw, "pruning")),
+        fidelity=build_section(where, "fidelity", FidelitySpec, section_table(where, raw, "fidelity")),
         predictor=build_section(where, "predictor", PredictorSpec, section_table(where, raw, "predictor")),
     )
 
@@ -352,35 +430,37 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
 
 
 def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:
-    if not table:
-        table = {"file": "../search_spaces/transformer_lm.toml"}
     space = build_section(where, "space", SpaceSpec, table)
     if space.file is not None:
         path = base / space.file
         require_spec(where, "space.file", _is_there(path.is_file), "the search-space file must exist", space.file,
                      f"check the path (relative to {base})")
         path = path.resolve()
-        from dsnas.space import load_space_file
-
         load_space_file(path)  # validates the space, raising SpecError that names the space file
         return SpaceSpec(file=str(path))
-    _import_callable(where, "space.callable", space.callable, base)
     return space
 
 
 def _task(where: str, table: dict[str, Any], base: Path) -> TaskSpec:
     table = dict(table)
     name = typed(where, "task.name", table.pop("name", "charlm"), str)
-    from dsnas.tasks import BUILTIN_TASKS, check_params
 
     if name not in BUILTIN_TASKS:
         require_spec(where, "task.name", _is_import_path(name),
                      f'must be a built-in task ({", ".join(BUILTIN_TASKS)}) or "module:callable"', name,
                      'set name = "charlm", or name a factory of your own as "my_task:make"')
-        _import_callable(where, "task.name", name, base)
-    spec = TaskSpec(name=name, params=table, base_dir=str(base))
-    check_params(where, spec)
-    return spec
+    return TaskSpec(name=name, params=table, base_dir=str(base))
+
+
+def check_plugins(spec: StudySpec) -> None:
+    """Import the user's space callable and task factory, and check the task's parameters (names, types, data
+    files): what a run (or `dsnas profile`) needs and reading the results does not."""
+    where, base = spec.path, spec.base_dir
+    if spec.space.callable is not None:
+        _import_callable(where, "space.callable", spec.space.callable, base)
+    if spec.task.name not in BUILTIN_TASKS:
+        _import_callable(where, "task.name", spec.task.name, base)
+    check_params(where, spec.task)
 
 
 def _is_there(check: Callable[[], bool]) -> bool:
@@ -398,8 +478,6 @@ def _is_import_path(text: str) -> bool:
 
 
 def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
-    from dsnas.plugins import import_callable
-
     try:
         return import_callable(target, base)
     except (Exception, SystemExit) as e:  # whatever the user's module raises (or exits with) on import
@@ -408,13 +486,10 @@ def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
                         f"put the module beside the study file ({base}) or on PYTHONPATH") from None
 
 
-def _check_runtime(spec: StudySpec) -> None:
-    """Checks that need the machine: a requested GPU, a reachable Ray cluster (and one that needs both
-    sections, after the flags have overridden them)."""
+def check_machine(spec: StudySpec) -> None:
+    """What running the study needs of this machine: a requested GPU (and one of fp8's generation when the space
+    offers fp8), a reachable Ray cluster. `dsnas search` alone checks it."""
     where = spec.path
-    require_spec(where, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
-                 "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
-                 spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s')
     _check_fp8(spec)
     if spec.hardware.device == "cuda" and spec.executor.address is None:
         import torch
@@ -439,7 +514,6 @@ def _check_fp8(spec: StudySpec) -> None:
     here, rather than failing every trial that draws it."""
     if spec.space.file is None or spec.executor.address is not None:
         return  # a user callable's choices are unknown here; a remote cluster's devices too
-    from dsnas.space import load_space_file
 
     space = load_space_file(spec.space.file)
     offered = "fp8" in space.choices.get("precision", ()) + space.per_layer.get("precision", ())

@@ -114,7 +114,7 @@ measure_s = 0.02
 max_latency_ms = 1000
 [executor]
 kind = "local"
-[pruning]
+[fidelity]
 kind = "none"  # every trial trains fully: the tests of other features count completed trials
 """
 

@@ -1,5 +1,5 @@
 """A study over a synthetic table of results, through benchmarks/table_task.py (a user's evaluation function):
-searches of dozens of trials in seconds, with results known in advance, for testing pruning and the predictor."""
+searches of dozens of trials in seconds, with results known in advance, for testing multi-fidelity and the predictor."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ batch_sizes = [1, 32]
 {constraints}
 [executor]
 kind = "{executor}"
-[pruning]
-{pruning}
+[fidelity]
+{fidelity}
 [predictor]
 {predictor}
 """
@@ -76,7 +76,7 @@ def rows() -> list[dict]:
 
 
 def write_table_study(folder: Path, *, n_trials: int = 20, sampler: str = "random", executor: str = "local",
-                      pruning: str = 'kind = "successive_halving"', predictor: str = "skip = false",
+                      fidelity: str = 'kind = "successive_halving"', predictor: str = "skip = false",
                       max_latency_ms: float | None = None, task: str = "table_task:TableTask",
                       task_extra: str = "") -> Path:
     """The study file (with its space, the table and the plug-in beside it)."""
@@ -91,7 +91,7 @@ def write_table_study(folder: Path, *, n_trials: int = 20, sampler: str = "rando
     constraints = "" if max_latency_ms is None else f"[hardware.constraints]\nmax_latency_ms = {max_latency_ms}"
     study = folder / "table.toml"
     study.write_text(STUDY.format(sampler=sampler, n_trials=n_trials, task=task, table=table, task_extra=task_extra,
-                                  constraints=constraints, executor=executor, pruning=pruning, predictor=predictor))
+                                  constraints=constraints, executor=executor, fidelity=fidelity, predictor=predictor))
     return study
 
 

@@ -143,7 +143,7 @@ def fake_pynvml(missing: tuple[str, ...] = ()) -> types.ModuleType:
 
 def test_fingerprint_fields_of_a_gpu_come_from_nvml(fake_gpu, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml())
-    monkeypatch.setattr(nvml, "nvml_handle", lambda device: ("handle", "matched by UUID"))
+    monkeypatch.setattr(caps, "nvml_handle", lambda device: ("handle", "matched by UUID"))
     fields = caps.fingerprint_fields()
     assert fields["gpu_driver"] == "570.86.15" and fields["cuda_driver"] == "12.8"
     assert (fields["gpu_max_sm_clock_mhz"], fields["gpu_max_mem_clock_mhz"], fields["gpu_memory_bus_bits"]) == (
@@ -153,13 +153,13 @@ def test_fingerprint_fields_of_a_gpu_come_from_nvml(fake_gpu, monkeypatch):
 
 def test_a_figure_an_old_nvml_lacks_is_named_not_fatal(fake_gpu, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(missing=("nvmlDeviceGetMemoryBusWidth",)))
-    monkeypatch.setattr(nvml, "nvml_handle", lambda device: ("handle", "matched by UUID"))
+    monkeypatch.setattr(caps, "nvml_handle", lambda device: ("handle", "matched by UUID"))
     fields = caps.fingerprint_fields()
     assert "gpu_memory_bus_bits" not in fields and "gpu_memory_bus_bits" in fields["nvml_missing"]
     assert fields["gpu_driver"] == "570.86.15"
 
 
 def test_fingerprint_fields_say_why_nvml_is_missing(fake_gpu, monkeypatch):
-    monkeypatch.setattr(nvml, "nvml_handle", lambda device: (None, "unavailable: driver not loaded"))
+    monkeypatch.setattr(caps, "nvml_handle", lambda device: (None, "unavailable: driver not loaded"))
     fields = caps.fingerprint_fields()
     assert fields["nvml_error"] == "RuntimeError: unavailable: driver not loaded"

@@ -124,7 +124,7 @@ def test_gpu_peaks_from_device_properties_match_the_datasheet(fake_cuda):
 def test_gpu_peaks_fall_back_to_nvml_clocks_when_cuda_reports_none(fake_cuda, monkeypatch):
     fake_cuda(h100_props(clock_rate=0, memory_clock_rate=0))
     facts = {"gpu_max_sm_clock_mhz": 1980, "gpu_max_mem_clock_mhz": 2619, "gpu_memory_bus_bits": 5120}
-    monkeypatch.setattr("dsnas.profiler.capabilities.nvml_facts", lambda device: facts)
+    monkeypatch.setattr("dsnas.profiler.ceilings.nvml_facts", lambda device: facts)
     peaks = gpu_peaks("cuda:0")
     assert peaks.memory_gb_s == pytest.approx(3352.3, rel=1e-3) and "NVML" in peaks.details["memory"]
 
@@ -135,7 +135,7 @@ def test_gpu_peaks_that_cannot_be_derived_are_none_with_a_reason(fake_cuda, monk
     def no_nvml(device):
         raise RuntimeError("unavailable: driver not loaded")
 
-    monkeypatch.setattr("dsnas.profiler.capabilities.nvml_facts", no_nvml)
+    monkeypatch.setattr("dsnas.profiler.ceilings.nvml_facts", no_nvml)
     peaks = gpu_peaks("cuda:0")
     assert (peaks.memory_gb_s, peaks.fp32_gflop_s, peaks.bf16_tensor_gflop_s) == (None, None, None)
     assert "driver not loaded" in peaks.details["memory"]

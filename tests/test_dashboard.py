@@ -30,8 +30,8 @@ def made_study(tiny_study):
     the driver uploads now (a study searched by an older dsnas): built in milliseconds, no search."""
     import optuna
 
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     spec = load_study(tiny_study)
     study = open_study(spec)
@@ -108,8 +108,8 @@ def test_prepare_backfills_artifacts_once(made_study):
 
 def test_prepare_uploads_nothing_the_driver_uploaded(finished_study, tmp_path):
     from dsnas.dashboard import backfill_artifacts
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     spec = load_study(copy_study(finished_study, tmp_path / "study"))
     study = open_study(spec, create=False)
@@ -175,8 +175,8 @@ def wait_until_serving(server: subprocess.Popen, url: str, timeout_s: float = 60
 @pytest.mark.slow
 def test_dashboard_in_a_browser(finished_study, tmp_path):
     need_browser()
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     study_file = copy_study(finished_study, tmp_path / "study")
     study = open_study(load_study(study_file), create=False)

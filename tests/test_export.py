@@ -17,9 +17,9 @@ import dsnas.export
 from dsnas.cli import main
 from dsnas.errors import DsnasError
 from dsnas.export import Limits, knee, pick_trials, read_probe, write_model_files
-from dsnas.results.pareto import front_indices
-from dsnas.search import open_study
+from dsnas.pareto import front_indices
 from dsnas.spec import load_study
+from dsnas.study import open_study
 
 # (accuracy, throughput, latency_ms, peak_memory_mb, feasible) of a hand-made study whose answers are known.
 # Front among the feasible: 0, 2, 1; trial 3 is dominated by 2; trial 4 dominates all but is infeasible.

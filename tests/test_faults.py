@@ -26,8 +26,8 @@ def faulty_study(study_file, fault: str, n_trials: int, extra_budget: str = "", 
 
 
 def stored(study_file):
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     return open_study(load_study(study_file), create=False).trials
 

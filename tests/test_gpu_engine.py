@@ -59,7 +59,7 @@ def engine_and_reference(task: Any, precision: str, sparsity: str, int8_backend:
                          device: str = "cuda") -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the converted engine model, the fp32 dense model with the same weights and the same 2:4 zeros)."""
     from dsnas.kernels.convert import convert
-    from dsnas.kernels.sparsity import magnitude_scores, prune_layer
+    from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer
     from dsnas.models import build
 
     torch.manual_seed(0)
@@ -73,8 +73,8 @@ def engine_and_reference(task: Any, precision: str, sparsity: str, int8_backend:
     layers, reference_layers = engine_layers(model), engine_layers(reference)
     if sparsity == "2:4":
         for name, layer in layers.items():  # the same weights give the same magnitude masks
-            prune_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
-            prune_layer(reference_layers[name], magnitude_scores(reference_layers[name].weight.detach()), 2, 4)
+            sparsify_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
+            sparsify_layer(reference_layers[name], magnitude_scores(reference_layers[name].weight.detach()), 2, 4)
     if precision == "int8":
         calibrate(model, layers, x)
     convert(model, int8_backend=int8_backend)

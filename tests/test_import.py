@@ -13,9 +13,44 @@ def test_import_dsnas_loads_no_heavy_module():
     assert out.strip() == "[]"
 
 
-def test_dsnas_search_stays_the_api_function_after_the_driver_module_is_imported():
+def test_dsnas_search_is_the_api_function_and_the_driver_module_has_its_own_name():
     import dsnas
-    from dsnas.search import run_study
+    from dsnas.run import run_study
 
     assert callable(dsnas.search) and dsnas.search.__module__ == "dsnas"
-    assert run_study.__module__ == "dsnas.search"
+    assert run_study.__module__ == "dsnas.run"
+
+
+def test_imports_run_one_way_as_the_import_linter_contract_says():
+    """pyproject.toml's [tool.importlinter] layers: an import that runs back up (a cycle in the making) fails here."""
+    import shutil
+    from pathlib import Path
+
+    lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([lint, "--no-cache"], cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 0 and "1 kept, 0 broken" in run.stdout, run.stdout + run.stderr
+
+
+def test_every_deferred_import_says_why_it_is_deferred():
+    """An import inside a function is there to keep start-up light (torch, SQLAlchemy, numpy load on first use);
+    each says so on its line, so that one deferred for no reason (or to hide a cycle) stands out. The command line
+    defers every command's imports, as its module comment says."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "dsnas"
+    silent = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).as_posix() in ("cli.py", "__init__.py"):
+            continue
+        source = path.read_text()
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in top and (node.module or "").startswith("dsnas"):
+                said = "#" in lines[node.end_lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                if not said:
+                    silent.append(f"{path.relative_to(package.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not silent, "deferred imports without a reason:\n" + "\n".join(silent)

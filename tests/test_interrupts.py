@@ -31,3 +31,18 @@ def test_interrupt_outside_a_write_acts_at_once_and_the_handler_is_restored():
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("not interrupted")
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_is_held_during_a_write_like_ctrl_c_and_says_it_was_a_termination():
+    from dsnas.interrupts import Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = InterruptGuard()
+    done = []
+    with guard.installed():
+        with pytest.raises(Terminated):
+            with guard.writing():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("written")
+    assert done == ["written"]
+    assert signal.getsignal(signal.SIGTERM) is before

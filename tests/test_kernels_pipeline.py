@@ -1,4 +1,4 @@
-"""The worker's engine steps on a real (tiny) task: prune -> fine-tune -> calibrate + QAT -> convert, the accuracy
+"""The worker's engine steps on a real (tiny) task: sparsify -> fine-tune -> calibrate + QAT -> convert, the accuracy
 after each step, what ran recorded per layer, and a search whose space has precision and sparsity choices."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_dense_fp32_models_skip_every_step(task):
 @pytest.mark.parametrize("saliency", ["hessian", "wanda", "magnitude"])
 def test_sparse_and_int8_layers_go_through_every_step_in_order(task, saliency):
     model, metrics, info = _run(task, _arch(("int8", "2:4"), ("bf16", "dense")), saliency=saliency)
-    assert list(metrics) == ["accuracy_trained", "accuracy_pruned", "accuracy_finetuned", "accuracy_calibrated",
+    assert list(metrics) == ["accuracy_trained", "accuracy_sparsified", "accuracy_finetuned", "accuracy_calibrated",
                              "accuracy_qat", "fallbacks"]
     assert info["sparsity"]["pruned"] == ["blocks.0.down", "blocks.0.proj", "blocks.0.qkv", "blocks.0.up"]
     for name, layer in engine_layers(model).items():
@@ -82,8 +82,8 @@ def test_sparse_and_int8_layers_go_through_every_step_in_order(task, saliency):
             assert row["backend"] == "bf16"
 
 
-def test_the_default_saliency_is_signal_two_independent_prunes_keep_the_same_weights(task):
-    """Two trials pruning the same trained weights with the default engine but other seeds (other calibration batches,
+def test_the_default_saliency_is_signal_two_independent_sparsifications_keep_the_same_weights(task):
+    """Two trials sparsifying the same trained weights with the default engine but other seeds (other calibration batches,
     other probes) keep nearly the same weights. Measured on this model: wanda (the default) agrees on 97-99% of
     positions; hessian at 8 Hutchinson probes (the default before) on 50-52%, chance 50% (benchmarks/saliency.py)."""
     torch.manual_seed(0)
@@ -150,8 +150,8 @@ def test_the_int8_backend_is_timed_at_the_rows_the_model_is_measured_at(tmp_path
     (tmp_path / "space.toml").write_text(ENGINE_SPACE.replace('["fp32", "bf16", "int8"]', '["int8"]'))
     study.write_text(TINY_STUDY.format(space=tmp_path / "space.toml").replace("n_trials = 3", "n_trials = 1"))
     from dsnas.cli import main
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     assert main(["search", str(study)]) == 0
     (trial,) = open_study(load_study(study), create=False).trials
@@ -188,14 +188,15 @@ def test_a_search_with_precision_and_sparsity_choices_runs_end_to_end(tmp_path: 
 
 
 def test_the_compile_option_measures_the_compiled_model():
-    from dsnas.evaluate import EvalRequest, evaluate
     from dsnas.spec import HardwareSpec, TaskSpec
+    from dsnas.trial import TrialRequest
+    from dsnas.worker import run_trial
 
     arch = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
             "layers": [{"n_heads": 2, "ffn_ratio": 2}]}
     task = TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 16, "batch_size": 8, "train_tokens": 1024,
                                "val_tokens": 512})
     hardware = HardwareSpec(device="cpu", batch_sizes=(2,), warmup_s=0.01, measure_s=0.02)
-    result = evaluate(EvalRequest(0, arch, task, hardware, seed=0, engine=EngineSpec(compile=True)))
+    result = run_trial(TrialRequest(0, arch, task, hardware, seed=0, engine=EngineSpec(compile=True)))
     assert result.profile["engine"]["compiled"] is True
     assert result.metrics["flops_per_token"] > 0 and result.metrics["latency_ms"] > 0

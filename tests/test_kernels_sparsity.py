@@ -215,22 +215,22 @@ def test_input_norm_hooks_are_removed_on_error_and_silent_layers_refused():
     assert not model[2]._forward_hooks
 
 
-def test_prune_layer_zeros_exactly_the_dropped_weights_and_keeps_the_mask():
+def test_sparsify_layer_zeros_exactly_the_dropped_weights_and_keeps_the_mask():
     torch.manual_seed(0)
     layer = nn.Linear(8, 3)
     before = layer.weight.detach().clone()
-    mask = sp.prune_layer(layer, sp.magnitude_scores(layer.weight))
+    mask = sp.sparsify_layer(layer, sp.magnitude_scores(layer.weight))
     assert torch.equal(layer.weight[mask], before[mask]) and not layer.weight[~mask].any()
     assert torch.equal(layer.mask, mask) and "mask" in layer.state_dict()
     assert sp.sparsity_of(layer.weight) == 0.5
     # a second pass (4:8 now) replaces the buffer, and so does a layer whose mask was a plain None attribute
-    assert sp.prune_layer(layer, torch.randn(3, 8), 4, 8) is layer.mask
+    assert sp.sparsify_layer(layer, torch.randn(3, 8), 4, 8) is layer.mask
     dense = nn.Linear(8, 2)
     dense.mask = None
-    sp.prune_layer(dense, torch.randn(2, 8), 1, 4)
+    sp.sparsify_layer(dense, torch.randn(2, 8), 1, 4)
     assert "mask" in dict(dense.named_buffers()) and sp.sparsity_of(dense.weight) == 0.75
     with pytest.raises(TrialError, match="weight's shape"):
-        sp.prune_layer(layer, torch.randn(8, 3))
+        sp.sparsify_layer(layer, torch.randn(8, 3))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")

@@ -21,10 +21,10 @@ ffn_ratio = [1]
 
 
 def test_every_trial_stores_a_full_profile_and_its_measurement_rows(finished_study):
-    from dsnas.results import tables
-    from dsnas.search import open_study
+    from dsnas import tables
     from dsnas.spec import load_study
     from dsnas.storage import storage_engine
+    from dsnas.study import open_study
 
     study = open_study(load_study(finished_study), create=False)
     rows = tables.measurements(study)
@@ -46,8 +46,8 @@ def test_every_trial_stores_a_full_profile_and_its_measurement_rows(finished_stu
 def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch):
     import importlib
 
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     (tiny_study.parent / "tiny_space.toml").write_text(ONE_ARCH_SPACE)  # every trial: the same architecture
     measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from dsnas.errors import DsnasError
-from dsnas.profiler.predictor import (
+from dsnas.predictor import (
     PRECISIONS,
     SPARSITIES,
     MeasuredRow,
     arch_folds,
-    evaluate_predictor,
+    cross_validate,
     fit_predictor,
     spearman,
 )
@@ -71,7 +71,7 @@ def test_names_match_the_engine() -> None:
 
 
 def test_predictor_learns_what_flops_miss() -> None:
-    result = evaluate_predictor(synthetic_rows(40), "latency", folds=5)
+    result = cross_validate(synthetic_rows(40), "latency", folds=5)
     assert (result.n_rows, result.n_archs, result.folds) == (80, 40, 5)
     assert result.predictor.within_10 > 0.9, result
     assert result.predictor.within_10 > result.baseline.within_10 + 0.3, result
@@ -91,7 +91,7 @@ def test_predictor_learns_that_flops_weigh_differently_by_batch_size() -> None:
             flops, nbytes, params = counts(arch, bs)
             latency = (0.05 * len(arch["layers"]) + 2e-8 * flops) * math.exp(rng.gauss(0, 0.01))
             rows.append(MeasuredRow("fp0", "Test CPU", f"arch{i}", arch, bs, flops, nbytes, params, latency, 1.0))
-    result = evaluate_predictor(rows, "latency", folds=5)
+    result = cross_validate(rows, "latency", folds=5)
     assert result.predictor.within_10 > 0.5 and result.predictor.mape < 0.12, result
 
 
@@ -105,7 +105,7 @@ def test_scores_per_batch_size_show_what_pooling_hides() -> None:
         for bs in (1, 32):
             flops, nbytes, params = counts(arch, bs)
             rows.append(MeasuredRow("fp0", "Test CPU", f"arch{i}", arch, bs, flops, nbytes, params, bs * hidden, 1.0))
-    result = evaluate_predictor(rows, "latency", folds=5)
+    result = cross_validate(rows, "latency", folds=5)
     assert [b.batch_size for b in result.by_batch] == [1, 32]
     assert [(b.predictor.n, b.baseline.n) for b in result.by_batch] == [(60, 60), (60, 60)]
     assert result.predictor.n == result.baseline.n == 120
@@ -120,7 +120,7 @@ def test_scores_per_batch_size_show_what_pooling_hides() -> None:
 
 
 def test_scores_per_batch_size_are_those_of_its_rows() -> None:
-    result = evaluate_predictor(synthetic_rows(40), "latency", folds=5)
+    result = cross_validate(synthetic_rows(40), "latency", folds=5)
     assert sum(b.predictor.n for b in result.by_batch) == result.predictor.n == result.n_rows
     for b in result.by_batch:  # the law is the same at both batch sizes: it is learned at each
         assert b.predictor.within_10 > 0.85 and b.predictor.spearman > 0.95, result
@@ -148,7 +148,7 @@ def test_folds_never_split_an_architecture() -> None:
 
 def test_refuses_too_few_architectures() -> None:
     with pytest.raises(DsnasError, match="needs at least 8 measured architectures on one device, got 5; run more"):
-        evaluate_predictor(synthetic_rows(5), "latency")
+        cross_validate(synthetic_rows(5), "latency")
     two_devices = synthetic_rows(10) + [MeasuredRow(**{**vars(r), "fingerprint_id": "fp1"}) for r in synthetic_rows(10)]
     with pytest.raises(DsnasError, match="a predictor is per device"):
         fit_predictor(two_devices)

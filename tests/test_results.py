@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import copy_study
 
 from dsnas.cli import main
 from dsnas.errors import DsnasError
@@ -145,9 +146,9 @@ def test_a_study_made_by_dsnas_0_1_0_reports_without_being_written(tmp_path, cap
 def test_resuming_a_dsnas_0_1_0_study_creates_the_tables_and_fills_them_in(tmp_path):
     import sqlalchemy as sa
 
-    from dsnas.results import tables
-    from dsnas.search import open_study
+    from dsnas import tables
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     spec = load_study(_old_study(tmp_path))
     engine = sa.create_engine(spec.storage)
@@ -167,9 +168,9 @@ def test_a_database_from_a_newer_dsnas_is_refused(tmp_path):
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
-    from dsnas.results import tables
-    from dsnas.search import open_study
+    from dsnas import tables
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     spec = load_study(_old_study(tmp_path))
     open_study(spec)
@@ -186,7 +187,7 @@ def test_two_drivers_recording_the_same_fingerprint_at_once_both_store(tmp_path,
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
-    from dsnas.results import tables
+    from dsnas import tables
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'race.db'}")
     tables.ensure_schema(engine, "race.db")
@@ -249,3 +250,42 @@ def test_report_errors_are_one_line(finished_study, tmp_path, capsys):
     fresh.write_text(finished_study.read_text().replace('name = "tiny"', 'name = "never_run"'))
     assert main(["report", str(fresh)]) == 2
     assert "no study 'never_run'" in capsys.readouterr().err
+
+
+def test_a_study_run_on_a_cluster_reads_on_a_machine_without_its_ray_or_gpu(finished_study, tmp_path, capsys):
+    """Reading a study runs nothing: with an [executor] address no Ray cluster answers at, a CUDA device this machine
+    lacks and a task plug-in it cannot import, the study still reports, exports, loads, and its predictor fits;
+    only `dsnas search` checks those, each in one line."""
+    import dsnas
+    from dsnas import results
+
+    study = copy_study(finished_study, tmp_path / "laptop")
+    text = study.read_text()
+    text = text.replace('device = "cpu"', 'device = "cuda"').replace('kind = "local"', 'kind = "ray"\naddress = '
+                                                                   '"127.0.0.1:1"')
+    study.write_text(text)
+    assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "trials.csv").is_file()
+    assert main(["export", str(study), "--pick", "max-accuracy", "--out", str(tmp_path / "bundle")]) == 0
+    assert dsnas.load(str(tmp_path / "bundle"))(torch_batch()).shape[-1] == 256
+    frame = results.load(f"sqlite:///{study.parent / 'tiny.db'}", "tiny")
+    assert len(frame) == 3
+    capsys.readouterr()
+    main(["predictor", str(study), "--folds", "2"])  # 3 trials may be too few to fit: then it says so, in one line
+    said = capsys.readouterr()
+    assert "executor" not in said.err and "cuda" not in said.err and "Traceback" not in said.err, said
+    assert main(["search", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "[executor.address] no Ray cluster answers there" in err or "[hardware.device]" in err, err
+    # a task that does not import here: reading still works, searching says which module
+    study.write_text(text.replace('name = "charlm"', 'name = "not_here_module:make"').replace(
+        "corpus_bytes = 200_000\ncontext = 16\nbatch_size = 8\ntrain_tokens = 2048\nval_tokens = 512\n", ""))
+    assert main(["report", str(study), "--out", str(tmp_path / "report2")]) == 0
+    assert main(["search", str(study)]) == 2
+    assert "[task.name] must name an importable callable (ModuleNotFoundError" in capsys.readouterr().err
+
+
+def torch_batch():
+    import torch
+
+    return torch.randint(0, 256, (1, 16))

@@ -11,8 +11,8 @@ import pytest
 from optuna.trial import TrialState
 
 from dsnas.cli import main
-from dsnas.screening import MIN_CHECKED, PredictorSpec, Screen
-from dsnas.spec import load_study
+from dsnas.screening import MIN_CHECKED, Screen
+from dsnas.spec import PredictorSpec, load_study
 from tests.table_study import row_of, write_table_study
 
 
@@ -26,7 +26,7 @@ def skipped(trials):
 
 
 def test_candidates_predicted_over_the_limit_are_skipped_and_do_not_count(tmp_path, capsys):
-    study = write_table_study(tmp_path, n_trials=30, pruning='kind = "none"', predictor="skip = true\nmargin = 0.2",
+    study = write_table_study(tmp_path, n_trials=30, fidelity='kind = "none"', predictor="skip = true\nmargin = 0.2",
                               max_latency_ms=12.0)
     assert main(["search", str(study)]) == 0
     out = capsys.readouterr().out
@@ -50,7 +50,7 @@ def test_candidates_predicted_over_the_limit_are_skipped_and_do_not_count(tmp_pa
 
 
 def test_a_params_limit_is_checked_on_the_count_before_any_fit(tmp_path):
-    study = write_table_study(tmp_path, n_trials=8, pruning='kind = "none"', predictor="skip = true")
+    study = write_table_study(tmp_path, n_trials=8, fidelity='kind = "none"', predictor="skip = true")
     study.write_text(study.read_text().replace("[hardware]\nbatch_sizes = [1, 32]",
                                                "[hardware]\nbatch_sizes = [1, 32]\n[hardware.constraints]\n"
                                                "max_params = 20000"))
@@ -65,7 +65,7 @@ def test_a_params_limit_is_checked_on_the_count_before_any_fit(tmp_path):
 
 
 def test_a_space_all_over_the_limits_stops_after_a_hundred_skips(tmp_path, capsys):
-    study = write_table_study(tmp_path, n_trials=5, pruning='kind = "none"', predictor="skip = true")
+    study = write_table_study(tmp_path, n_trials=5, fidelity='kind = "none"', predictor="skip = true")
     study.write_text(study.read_text().replace("[hardware]\nbatch_sizes = [1, 32]",
                                                "[hardware]\nbatch_sizes = [1, 32]\n[hardware.constraints]\n"
                                                "max_params = 10"))
@@ -97,7 +97,7 @@ class DriftingTable(TableTask):
 
 def test_drift_re_fits_the_predictor_and_pauses_skipping(tmp_path, capsys):
     (tmp_path / "drifting.py").write_text(DRIFTING)
-    study = write_table_study(tmp_path, n_trials=40, pruning='kind = "none"', max_latency_ms=12.0,
+    study = write_table_study(tmp_path, n_trials=40, fidelity='kind = "none"', max_latency_ms=12.0,
                               predictor="skip = true\nmargin = 0.2\nrefit_error = 0.3\nrecent = 5",
                               task="drifting:DriftingTable", task_extra="drift_after = 14")
     assert main(["search", str(study)]) == 0

@@ -142,14 +142,39 @@ def wait_for(probe, process, timeout=120.0):
     raise AssertionError("timed out waiting for a running trial")
 
 
-def test_python_api_runs_and_resumes(tiny_study, capsys):
+def test_python_api_runs_and_resumes_and_logs_instead_of_printing(tiny_study, capsys, caplog):
+    import logging
+
     import dsnas
 
     first = dsnas.search(str(tiny_study), n_trials=2)
     assert first.completed == 2 and first.front and first.stopped_because == "2 trials completed"
-    again = dsnas.search(str(tiny_study), n_trials=3)
+    with caplog.at_level(logging.INFO, logger="dsnas"):
+        again = dsnas.search(str(tiny_study), n_trials=3)
     assert again.completed == 3 and len(again.study.trials) == 3  # two stored + one new
-    assert "resuming: 2 completed trials" in capsys.readouterr().out
+    assert any("resuming: 2 completed trials" in r.getMessage() and r.name == "dsnas.search" for r in caplog.records)
+    assert "trial" not in capsys.readouterr().out  # a library does not print: the program decides where logs go
+
+
+def test_the_command_shows_the_logs_on_stdout_and_quiet_hides_them(tiny_study, capsys):
+    assert main(["search", str(tiny_study), "--n-trials", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "trial 0 started" in out and "Pareto front" in out
+    assert main(["-q", "search", str(tiny_study), "--n-trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "trial 1 started" not in out and "Pareto front" in out  # the result is printed, the progress is not
+
+
+def test_version_and_the_dashboards_default_port_are_in_the_help(capsys):
+    import dsnas
+
+    for argv in (["--version"], ["dashboard", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dsnas {dsnas.__version__}\n")
+    assert "(default: 8080;" in out and "(default: 127.0.0.1," in out
 
 
 @pytest.mark.parametrize("sampler", ["nsga2", "nsga3", "gp", "random"])
@@ -162,18 +187,19 @@ def test_every_sampler_runs_a_search(tiny_study, sampler):
 
 
 @pytest.mark.slow
-def test_ctrl_c_fails_the_running_trial_as_interrupted_and_exits_130(tiny_study):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_fails_the_running_trial_as_interrupted(tiny_study, sig, code, said):
     tiny_study.write_text(tiny_study.read_text().replace("train_tokens = 2048", "train_tokens = 60000"))
     cmd = [sys.executable, "-m", "dsnas.cli", "search", str(tiny_study), "--executor", "local"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         running = wait_for(lambda: state_counts(tiny_study), driver)
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(sig)
         _, err = driver.communicate(timeout=60)
     finally:
         driver.kill()
-    assert driver.returncode == 130, err[-3000:]
-    assert "interrupted; completed trials are stored" in err
+    assert driver.returncode == code, err[-3000:]
+    assert f"{said}; completed trials are stored" in err
     _, after = trials(tiny_study)
     stopped = {t.number: t for t in after}[running]
     assert stopped.state == TrialState.FAIL

@@ -15,8 +15,8 @@ from dsnas.kernels.convert import inference_signature, signature_difference, unt
 from dsnas.models import build
 from dsnas.profiler import measure
 from dsnas.profiler.device import fingerprint, fingerprint_id
-from dsnas.results.tables import measurement_rows
 from dsnas.spec import HardwareSpec, TaskSpec
+from dsnas.tables import measurement_rows
 
 
 def _arch(precision="fp32", sparsity="dense"):
@@ -99,8 +99,8 @@ def test_every_exported_trial_ships_the_form_it_measured(tmp_path, int8_backend,
     trial's recorded signature is the signature of its bundle once loaded, and verify passes on this machine."""
     from dsnas.cli import main
     from dsnas.export import export_trial, load_bundle, verify_bundle
-    from dsnas.search import open_study
     from dsnas.spec import load_study
+    from dsnas.study import open_study
 
     study_file = _study(tmp_path, int8_backend, halving, n=2)
     assert main(["search", str(study_file)]) == 0

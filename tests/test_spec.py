@@ -225,8 +225,6 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      "os:sep is not callable)", "on PYTHONPATH"),
     ("task-unknown-name", {"task": {"name": "char_lm"}}, "task.name", "must be a built-in task (charlm)", 'set name = "charlm"'),
     # budget and executor combinations
-    ("budget-empty", {"budget": {"max_failures": 2}}, "budget.n_trials",
-     "the budget needs n_trials, timeout_s or both", "n_trials = 12"),
     ("address-with-local", {"executor": {"address": "127.0.0.1:6379"}}, "executor.address", 'needs kind = "ray"',
      'set kind = "ray"'),
     ("address-no-port", {"executor": {"kind": "ray", "address": "localhost"}}, "executor.address",
@@ -241,15 +239,17 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
     ("engine-int8-backend", {"engine": {"int8_backend": "onednn"}}, "engine.int8_backend", "must be one of ['auto'",
      'int8_backend = "auto"'),
     # multi-fidelity and the predictor
-    ("pruning-kind", {"pruning": {"kind": "asha"}}, "pruning.kind", "must be one of ['none', 'successive_halving'",
+    ("fidelity-kind", {"fidelity": {"kind": "asha"}}, "fidelity.kind", "must be one of ['none', 'successive_halving'",
      'kind = "successive_halving"'),
-    ("pruning-eta", {"pruning": {"eta": 1}}, "pruning.eta", "must be >= 2, but got 1", "eta = 3"),
-    ("pruning-min-fraction", {"pruning": {"min_fraction": 0.0}}, "pruning.min_fraction", "must be between 0 and 1",
+    ("fidelity-eta", {"fidelity": {"eta": 1}}, "fidelity.eta", "must be >= 2, but got 1", "eta = 3"),
+    ("fidelity-min-fraction", {"fidelity": {"min_fraction": 0.0}}, "fidelity.min_fraction", "must be between 0 and 1",
      "min_fraction = 0.333"),
-    ("pruning-no-rung", {"pruning": {"min_fraction": 0.5}}, "pruning.min_fraction", "must be <= 1/eta (1/3)",
+    ("fidelity-no-rung", {"fidelity": {"min_fraction": 0.5}}, "fidelity.min_fraction", "must be <= 1/eta (1/3)",
      "min_fraction = 0.333"),
-    ("pruning-min-trials", {"pruning": {"min_trials": 0}}, "pruning.min_trials", "must be >= 1", "min_trials = 3"),
-    ("pruning-unknown-key", {"pruning": {"rungs": 3}}, "pruning.rungs", "is not a known key", "known keys: kind"),
+    ("fidelity-min-trials", {"fidelity": {"min_trials": 0}}, "fidelity.min_trials", "must be >= 1", "min_trials = 3"),
+    ("fidelity-unknown-key", {"fidelity": {"rungs": 3}}, "fidelity.rungs", "is not a known key", "known keys: kind"),
+    ("pruning-renamed", {"pruning": {"kind": "none"}}, "pruning", "was renamed [fidelity]",
+     "rename the table [pruning] to [fidelity]"),
     ("predictor-margin", {"predictor": {"margin": -0.1}}, "predictor.margin", "must be >= 0", "margin = 0.2"),
     ("predictor-refit-error", {"predictor": {"refit_error": 0}}, "predictor.refit_error", "must be > 0",
      "refit_error = 0.3"),
@@ -466,3 +466,15 @@ def test_task_module_that_fails_to_import(tmp_path: Path, body: str) -> None:
                      "must name an importable callable")
     finally:
         sys.modules.pop(module, None)
+
+
+def test_the_budget_defaults_are_the_dataclass_ones_and_depend_on_each_other():
+    """One source of defaults (BudgetSpec, which docs/study-file.md is generated from): 12 trials unless a timeout
+    bounds the study, and as many failures as trials (10 without a trial count)."""
+    from dsnas.spec import BudgetSpec
+
+    assert (BudgetSpec().n_trials, BudgetSpec().max_failures) == (12, 12)
+    assert (BudgetSpec(max_failures=2).n_trials, BudgetSpec(max_failures=2).max_failures) == (12, 2)
+    timed = BudgetSpec(timeout_s=60)
+    assert (timed.n_trials, timed.max_failures) == (None, 10)
+    assert BudgetSpec(n_trials=30).max_failures == 30

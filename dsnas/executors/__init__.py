@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dsnas.evaluate import evaluate
-from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished, RungHandler
+from dsnas.executors.base import BaseExecutor, Finished, RungHandler, TrialFn
+from dsnas.executors.local import LocalExecutor
+from dsnas.executors.ray_executor import RayExecutor
 from dsnas.spec import StudySpec
+from dsnas.worker import run_trial
 
-__all__ = ["BaseExecutor", "EvaluateFn", "Finished", "RungHandler", "make_executor"]
+__all__ = ["BaseExecutor", "TrialFn", "Finished", "RungHandler", "make_executor"]
 
 
-def make_executor(spec: StudySpec, evaluate_fn: EvaluateFn = evaluate,
+def make_executor(spec: StudySpec, trial_fn: TrialFn = run_trial,
                   on_rung: RungHandler | None = None) -> BaseExecutor:
     if spec.executor.kind == "local":
-        from dsnas.executors.local import LocalExecutor
-
-        return LocalExecutor(evaluate_fn, on_rung)
-    from dsnas.executors.ray_executor import RayExecutor
-
-    return RayExecutor(spec.executor, spec.hardware.device, evaluate_fn, on_rung)
+        return LocalExecutor(trial_fn, on_rung)
+    return RayExecutor(spec.executor, spec.hardware.device, trial_fn, on_rung)

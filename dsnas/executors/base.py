@@ -5,10 +5,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
-from dsnas.evaluate import EvalRequest, TrialResult
 from dsnas.rungs import RungReport
+from dsnas.trial import TrialFn, TrialRequest, TrialResult
 
-EvaluateFn = Callable[[EvalRequest], TrialResult]
+__all__ = ["BaseExecutor", "Finished", "RungHandler", "TrialFn"]
 # A finished trial: its number, and its result or the reason it failed.
 Finished = tuple[int, TrialResult | BaseException]
 # The driver's answer to a trial at a rung: True when it goes on. Executors call it from wait(), on the driver's
@@ -20,7 +20,7 @@ class BaseExecutor(abc.ABC):
     slots: int  # how many trials may run at once
 
     @abc.abstractmethod
-    def submit(self, request: EvalRequest) -> None:
+    def submit(self, request: TrialRequest) -> None:
         """Start a trial (or queue it); returns at once."""
 
     @abc.abstractmethod

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dsnas.evaluate import EvalRequest, TrialResult, evaluate
-from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished, RungHandler
+from dsnas.executors.base import BaseExecutor, Finished, RungHandler, TrialFn
 from dsnas.rungs import LocalChannel
+from dsnas.trial import TrialRequest, TrialResult
+from dsnas.worker import run_trial
 
 
 class LocalExecutor(BaseExecutor):
     slots = 1
 
-    def __init__(self, evaluate_fn: EvaluateFn = evaluate, on_rung: RungHandler | None = None) -> None:
-        self._evaluate = evaluate_fn
-        self._queue: list[EvalRequest] = []
+    def __init__(self, trial_fn: TrialFn = run_trial, on_rung: RungHandler | None = None) -> None:
+        self._run_trial = trial_fn
+        self._queue: list[TrialRequest] = []
         self._channel = LocalChannel(on_rung) if on_rung is not None else None
 
-    def submit(self, request: EvalRequest) -> None:
+    def submit(self, request: TrialRequest) -> None:
         self._queue.append(replace(request, channel=self._channel) if request.rungs is not None else request)
 
     def wait(self, timeout: float) -> list[Finished]:
@@ -25,7 +26,7 @@ class LocalExecutor(BaseExecutor):
             return []
         request = self._queue.pop(0)
         try:
-            outcome: TrialResult | Exception = self._evaluate(request)
+            outcome: TrialResult | Exception = self._run_trial(request)
         except Exception as e:  # a failing candidate is a FAIL trial, not a failed search
             outcome = e
         return [(request.trial, outcome)]

@@ -8,16 +8,18 @@ from dataclasses import replace
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.evaluate import EvalRequest, evaluate
-from dsnas.executors.base import BaseExecutor, EvaluateFn, Finished, RungHandler
+from dsnas.executors.base import BaseExecutor, Finished, RungHandler, TrialFn
+from dsnas.rungs import RayChannel, start_board
 from dsnas.spec import ExecutorSpec
+from dsnas.trial import TrialRequest
+from dsnas.worker import run_trial
 
 # How long one long poll of the rung board waits for a report before the driver asks again.
 RUNG_POLL_S = 30.0
 
 
 class RayExecutor(BaseExecutor):
-    def __init__(self, spec: ExecutorSpec, device: str, evaluate_fn: EvaluateFn = evaluate,
+    def __init__(self, spec: ExecutorSpec, device: str, trial_fn: TrialFn = run_trial,
                  on_rung: RungHandler | None = None) -> None:
         import ray
 
@@ -47,17 +49,15 @@ class RayExecutor(BaseExecutor):
         # max_retries=0: Ray's default (3) would silently re-run a candidate that crashed its worker;
         # a crash is a result (a FAIL trial with its reason), and the driver decides about re-runs.
         self._remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=gpus, max_retries=0,
-                                  retry_exceptions=False)(evaluate_fn)
+                                  retry_exceptions=False)(trial_fn)
         self._running: dict[Any, int] = {}
         self._oom_kills_at_submit: dict[Any, int | None] = {}  # ref -> the kernel's OOM-kill count then
         self._on_rung = on_rung
         self._board: Any = None  # the rung board actor, started with the first trial that reports at rungs
         self._poll: Any = None  # the outstanding long poll of the board
 
-    def submit(self, request: EvalRequest) -> None:
+    def submit(self, request: TrialRequest) -> None:
         if request.rungs is not None and self._on_rung is not None:
-            from dsnas.rungs import RayChannel, start_board
-
             self._board = self._board or start_board(self._ray)
             request = replace(request, channel=RayChannel(self._board))
         ref = self._remote.remote(request)

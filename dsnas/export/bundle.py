@@ -8,10 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dsnas._version import __version__
 from dsnas.errors import DsnasError, Invalid
 from dsnas.export.card import model_card
 from dsnas.export.formats import _one_line, write_model_files
-from dsnas.spec import StudySpec
+from dsnas.models import build
+from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
+from dsnas.storage import artifact_dir
 
 BUNDLE_TYPE, BUNDLE_VERSION = "dsnas.bundle", 2
 READABLE_VERSIONS = (1, 2)  # version 1 bundles lack the task and hardware sections: they load, verify less
@@ -45,7 +48,6 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
 def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
     from optuna.artifacts import FileSystemArtifactStore, download_artifact
 
-    from dsnas.storage import artifact_dir
 
     store = FileSystemArtifactStore(str(artifact_dir(spec)))
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -57,13 +59,12 @@ def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
 
 
 def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
-    import dsnas
-    from dsnas.kernels.convert import int8_backends
+    from dsnas.kernels.convert import int8_backends  # torch loads on first use
 
     hw = spec.hardware
     layers = frozen.user_attrs.get("profile", {}).get("engine", {}).get("layers", {})
     return {"_type": BUNDLE_TYPE, "_version": BUNDLE_VERSION, "arch": frozen.user_attrs["arch"],
-            "study": spec.name, "trial": frozen.number, "dsnas_version": dsnas.__version__,
+            "study": spec.name, "trial": frozen.number, "dsnas_version": __version__,
             # What verify needs to rebuild the task and measure again; base_dir resolves relative paths in params.
             "task": {"name": spec.task.name, "params": spec.task.params, "base_dir": spec.task.base_dir},
             "hardware": {"batch_sizes": list(hw.batch_sizes), "threads": hw.threads, "warmup_s": hw.warmup_s,
@@ -129,9 +130,7 @@ def _read_tensors(path: Path) -> dict[str, Any]:
 def load_bundle(bundle: str | Path, device: str = "cpu") -> Any:
     """The bundle's trained model, in eval mode, on ``device``, its layers in the inference form they were
     measured in (INT8, FP8, sparse)."""
-    from dsnas.evaluate import unique_state
-    from dsnas.kernels.convert import convert
-    from dsnas.models import build
+    from dsnas.kernels.convert import convert, unique_state  # torch loads on first use
 
     path = Path(bundle) / "arch.json"
     arch = read_arch(bundle)
@@ -169,16 +168,12 @@ def read_probe(bundle: str | Path) -> dict[str, Any]:
 
 def recorded_task_spec(doc: dict[str, Any]) -> Any:
     """The TaskSpec a version-2 bundle's trial trained with."""
-    from dsnas.spec import TaskSpec
-
     recorded = doc["task"]
     return TaskSpec(recorded["name"], recorded.get("params", {}), recorded.get("base_dir", "."))
 
 
 def recorded_hardware(doc: dict[str, Any], path: Path) -> Any:
     """The HardwareSpec a version-2 bundle's trial was measured with (``path``: its arch.json, for errors)."""
-    from dsnas.spec import HardwareSpec
-
     hw = doc["hardware"]
     try:
         return HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"),

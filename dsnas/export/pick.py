@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.results.pareto import front_indices
+from dsnas.pareto import front_indices
 from dsnas.spec import OBJECTIVES, StudySpec
 
 # Each limit: the flag that sets it, the user attribute it bounds, and whether that is an upper bound.

@@ -19,6 +19,8 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.formats import _one_line
+from dsnas.profiler import MeasureGate, device_key, fingerprint, has_cuda, measure, resolve_device
+from dsnas.tasks import make_task
 
 # Independent measurements of each speed figure. On a shared machine one measurement can drift by tens of
 # percent, so a figure fails only when every round lies beyond the tolerance on the same side.
@@ -65,8 +67,6 @@ def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: 
     """Load the bundle, check its probe, evaluate accuracy and measure speed again here, and compare each
     figure with metrics.json: accuracy beyond ``accuracy_tol`` (absolute) fails; latency and throughput beyond
     ``latency_tol`` (relative) fail only on a device with the recorded fingerprint."""
-    from dsnas.profiler import fingerprint
-
     doc = read_bundle(bundle)
     recorded = _read_metrics(Path(bundle) / "metrics.json")
     dev = _device(device)
@@ -98,7 +98,6 @@ def _read_metrics(path: Path) -> dict[str, Any]:
 def _device(requested: str) -> Any:
     import torch
 
-    from dsnas.profiler import has_cuda, resolve_device
 
     if requested.startswith("cuda") and not has_cuda():
         raise DsnasError(f"--device {requested}: this machine has no visible NVIDIA GPU. Fix: use --device cpu")
@@ -134,7 +133,7 @@ def _probe_check(bundle: str | Path, model: Any, dev: Any, recorded_type: str | 
 def _form_check(model: Any, recorded: dict[str, Any] | None) -> Check:
     """The loaded model runs what was measured: each layer's precision, sparsity pattern and backend (the
     signature recorded with the measurement; dsnas.kernels.convert.inference_signature)."""
-    from dsnas.kernels.convert import inference_signature, signature_difference
+    from dsnas.kernels.convert import inference_signature, signature_difference  # torch loads on first use
 
     if not recorded:
         return Check("inference form", "-", "-", "-", f"not recorded ({REEXPORT})", compared=False)
@@ -149,8 +148,6 @@ def _form_check(model: Any, recorded: dict[str, Any] | None) -> Check:
 
 def _recorded_task(doc: dict[str, Any]) -> tuple[Any, str]:
     """(the task the bundle's trial trained with, "") or (None, why it cannot be rebuilt here)."""
-    from dsnas.tasks import make_task
-
     if "task" not in doc or "hardware" not in doc:
         return None, f"a version-{doc['_version']} bundle does not record its task and hardware ({REEXPORT})"
     recorded = doc["task"]
@@ -177,8 +174,6 @@ def _accuracy_checks(model: Any, task: Any, dev: Any, recorded: dict[str, Any], 
 
 def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict[str, Any],
                   tol: float) -> list[Check]:
-    from dsnas.profiler import MeasureGate, device_key, measure
-
     with MeasureGate(device_key(dev)).exclusive():
         rounds = [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
     now = {k: [r[0][k] for r in rounds] for k in rounds[0][0]}

@@ -1,6 +1,6 @@
 """The engine candidates are built from: per-layer mixed precision with fp32 fallback (precision), N:M structured
 sparsity chosen by saliency (sparsity), INT8 QAT with KL calibration and FP8 (calibrate, quant), the inference forms
-(convert), and the worker's prune -> fine-tune -> QAT -> convert steps (pipeline).
+(convert), and the worker's sparsify -> fine-tune -> QAT -> convert steps (pipeline).
 
 Modules load torch on first use; importing this package starts nothing."""
 

@@ -12,6 +12,8 @@ from torch import nn
 
 from dsnas.errors import TrialError
 from dsnas.kernels.linear import LOW, EngineLinear, engine_layers
+from dsnas.kernels.quant import Fp8Linear, Int8Linear, fp8_supported
+from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer, to_semi_structured
 
 
 class CastLinear(nn.Module):
@@ -49,16 +51,12 @@ def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] |
     bias = None if layer.bias is None else layer.bias.detach()
     sparse = layer.mask is not None and not bool(layer.mask.all())
     if layer.precision == "int8":
-        from dsnas.kernels.quant import Int8Linear
-
         amax = layer.act_amax if bool(layer.act_amax > 0) else None
         layer.inference = Int8Linear.from_float(weight, bias, amax, int8_backend, rows)
         layer.backend, layer.reason = f"int8:{layer.inference.backend}", layer.inference.reason
         if sparse:  # said, not hidden: the 2:4 zeros are multiplied like any other weight
             layer.reason = f"2:4 zeros computed densely: the INT8 kernels here are dense; {layer.reason}"
     elif layer.precision == "fp8":
-        from dsnas.kernels.quant import Fp8Linear, fp8_supported
-
         ok, why = fp8_supported(weight.device)
         if not ok:
             raise TrialError(f"a layer chose fp8, which cannot run here: {why}")
@@ -69,8 +67,6 @@ def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] |
     elif layer.precision in LOW:
         dtype = LOW[layer.precision]
         if sparse:
-            from dsnas.kernels.sparsity import to_semi_structured
-
             stored, kind, layer.reason = to_semi_structured(weight, layer.mask, dtype)
             layer.backend = f"{kind} {layer.precision}"
         else:
@@ -95,11 +91,9 @@ def untrained_inference_form(model: nn.Module, int8_backend: str = "auto",
     kernels need the pattern; timings do not depend on which weights are kept), int8 layers a stand-in activation
     range (so that the static backend, which needs one, is a candidate as it is for the trained model), then
     ``convert``."""
-    from dsnas.kernels.sparsity import magnitude_scores, prune_layer
-
     for layer in engine_layers(model).values():
         if layer.sparsity != "dense":
-            prune_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
+            sparsify_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
         if layer.precision == "int8" and not bool(layer.act_amax > 0):
             layer.act_amax.fill_(UNTRAINED_ACT_AMAX)
     convert(model, int8_backend=int8_backend, rows=rows)
@@ -161,3 +155,15 @@ def signature_difference(measured: dict[str, Any], shipped: dict[str, Any]) -> s
 def training_state(model: nn.Module) -> dict[str, Any]:
     """The state dict without the inference forms (they are rebuilt from it by ``convert``)."""
     return {k: v for k, v in model.state_dict().items() if ".inference." not in k}
+
+
+def unique_state(model: Any) -> dict[str, Any]:
+    """The training-form state dict (``convert`` rebuilds the inference forms from it) with each tensor once:
+    tied weights share storage, and safetensors stores each tensor once; loading the first name re-fills every
+    alias."""
+    out, seen = {}, set()
+    for name, tensor in training_state(model).items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.detach().cpu().contiguous()
+    return out

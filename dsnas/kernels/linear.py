@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsnas.kernels.choices import PRECISIONS, SPARSITIES
+from dsnas.kernels.quant import fake_quant_act, fake_quant_weight
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SPARSE_KERNELS = ("cusparselt", "cutlass")  # the semi-structured kernels convert may name as a layer's backend
@@ -59,8 +60,6 @@ class EngineLinear(nn.Linear):
             return self.inference(x).to(x.dtype)
         w = self.weight if self.mask is None or self.baked else self.weight * self.mask
         if self.qat:
-            from dsnas.kernels.quant import fake_quant_act, fake_quant_weight
-
             x, w = fake_quant_act(x, self.act_amax), fake_quant_weight(w)
         dtype = self.compute_dtype
         if dtype == torch.float32:

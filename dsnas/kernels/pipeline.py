@@ -1,4 +1,4 @@
-"""The worker's engine steps after training: prune -> fine-tune -> calibrate + QAT (``run``), then ``finish``
+"""The worker's engine steps after training: sparsify -> fine-tune -> calibrate + QAT (``run``), then ``finish``
 converts to the inference form, with the accuracy after each step, so a trial shows what each step cost."""
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from dsnas.errors import TrialError
+from dsnas.kernels import sparsity
+from dsnas.kernels.calibrate import make_calibrator
+from dsnas.kernels.convert import convert
 from dsnas.kernels.linear import EngineLinear, engine_layers, layer_report
+from dsnas.kernels.sparsity import hutchinson_diag
 
 NM = (2, 4)  # the one N:M pattern the sparsity choice "2:4" names, the one GPUs accelerate
 
@@ -29,8 +33,8 @@ def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
         check_task(model, task)
         metrics["accuracy_trained"] = task.evaluate(model, device)["accuracy"]
     if sparse:
-        info["sparsity"] = _prune(model, task, device, engine, sparse, seed)
-        metrics["accuracy_pruned"] = task.evaluate(model, device)["accuracy"]
+        info["sparsity"] = _sparsify(model, task, device, engine, sparse, seed)
+        metrics["accuracy_sparsified"] = task.evaluate(model, device)["accuracy"]
         if engine.finetune_frac > 0:
             _train(task, model, device, engine, engine.finetune_frac, seed + 1, checkpoint)
             metrics["accuracy_finetuned"] = task.evaluate(model, device)["accuracy"]
@@ -52,8 +56,6 @@ def finish(model: nn.Module, engine: Any, info: dict[str, Any], recorded: dict[s
     device alone: choosing an INT8 backend times the candidates (at ``rows``, the row counts it will be measured
     at), and other trials' work would skew that. ``recorded``: the INT8 backend each layer already chose (when
     measured before training): nothing is timed."""
-    from dsnas.kernels.convert import convert
-
     convert(model, int8_backend=engine.int8_backend, recorded=recorded, rows=rows)
     info["layers"] = layer_report(model)
 
@@ -94,11 +96,9 @@ def supported(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _prune(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[str, EngineLinear],
+def _sparsify(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[str, EngineLinear],
            seed: int) -> dict[str, Any]:
     """Resolve "auto" layers by their Hessian trace, then apply 2:4 masks chosen by the saliency criterion."""
-    from dsnas.kernels import sparsity
-
     batches = task.batches(max(1, engine.calibration_batches), device, seed=seed)
     diags = None
     auto = [n for n, m in layers.items() if m.sparsity == "auto"]
@@ -124,7 +124,7 @@ def _prune(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[s
             scores = sparsity.wanda_scores(weight, norms[name])
         else:
             scores = sparsity.magnitude_scores(weight)
-        sparsity.prune_layer(layers[name], scores, *NM)
+        sparsity.sparsify_layer(layers[name], scores, *NM)
     info["pruned"] = sorted(chosen)
     return info
 
@@ -136,7 +136,6 @@ def _hessian_diag(model: nn.Module, task: Any, batches: list[Any], params: list[
     batch costs one more forward and backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from dsnas.kernels.sparsity import hutchinson_diag
 
     x, y = batches[0]
     was_training = model.training
@@ -152,8 +151,6 @@ def _hessian_diag(model: nn.Module, task: Any, batches: list[Any], params: list[
 def _calibrate(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[str, EngineLinear],
                seed: int) -> dict[str, Any]:
     """Observe each int8 layer's inputs over calibration batches and set its activation range."""
-    from dsnas.kernels.calibrate import make_calibrator
-
     calibrators = {name: make_calibrator(engine.calibrator) for name in layers}
 
     def observer(name: str) -> Callable[..., None]:

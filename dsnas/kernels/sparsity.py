@@ -20,7 +20,7 @@ __all__ = [
     "hutchinson_diag",
     "magnitude_scores",
     "nm_mask",
-    "prune_layer",
+    "sparsify_layer",
     "rank_layers_by_sensitivity",
     "saliency",
     "sparse_backend",
@@ -215,7 +215,7 @@ def collect_input_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
     return {name: squares[name].sqrt() for name in layers}
 
 
-def prune_layer(layer: nn.Module, scores: Tensor, n: int = 2, m: int = 4) -> Tensor:
+def sparsify_layer(layer: nn.Module, scores: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """Zero all but the n best-scoring of every m weights of ``layer.weight`` and keep the mask as its ``mask`` buffer.
 
     Works for a plain nn.Linear (the buffer is registered) and for one that already has a mask (it is replaced).

@@ -4,6 +4,7 @@ missing: the facts behind `dsnas doctor`. Probed on use, never at import (import
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.profiler.device import cpu_model
+from dsnas.profiler.memory import _native_stderr_silenced
+from dsnas.profiler.nvml import nvml_handle
 
 # The flags that decide which CPU kernels run fast (x86 and Arm spellings as /proc/cpuinfo writes them).
 KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -50,6 +52,16 @@ class Capabilities:
         rows += [(i.name, "yes" if i.available else "no", i.detail) for i in self.items]
         w0, w1 = (max(len(r[k]) for r in rows) for k in (0, 1))
         return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def probe(device: Any = "auto") -> Capabilities:
@@ -102,8 +114,6 @@ def nvml_facts(device: Any) -> dict[str, Any]:
     """Driver, CUDA driver version, maximum clocks and memory bus width of a CUDA device, from NVML (found by UUID
     or PCI bus id, see nvml.nvml_handle). A figure NVML refuses is left out and named in ``nvml_missing``;
     raises RuntimeError with the reason when NVML has no handle for the device."""
-    from dsnas.profiler.nvml import nvml_handle
-
     handle, how = nvml_handle(device)
     if handle is None:
         raise RuntimeError(how)
@@ -180,6 +190,7 @@ def _nvml_rows(torch: Any, gpu: int | None, why: str) -> list[Capability]:
     if gpu is None:
         return [Capability(name, False, why) for name in NVML_ROWS]
     try:
+        # Here, not at the top: an NVML module that fails to import is one unavailable row per capability.
         from dsnas.profiler.nvml import nvml_capabilities
 
         found = nvml_capabilities(torch.device("cuda", gpu))
@@ -201,7 +212,6 @@ def _cupti(torch: Any, gpu: int | None, why: str) -> Capability:
         return Capability(name, False, "no CUDA device" if why.startswith("no NVIDIA GPU") else why)
     from torch.profiler import ProfilerActivity, profile, supported_activities
 
-    from dsnas.profiler.memory import _native_stderr_silenced
 
     if ProfilerActivity.CUDA not in supported_activities():
         return Capability(name, False, "this torch build has no CUDA profiling (Kineto without CUPTI)")

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsnas.profiler.capabilities import nvml_facts
+from dsnas.profiler.timing import cpu_threads
+
 log = logging.getLogger(__name__)
 
 CACHE_TYPE, CACHE_VERSION = "dsnas.ceilings_cache", 1
@@ -79,7 +82,6 @@ def measure_ceilings(threads: int | None = None) -> Ceilings:
     The caller owns the CPU meanwhile: another trial's work would lower both numbers."""
     import torch
 
-    from dsnas.profiler.timing import cpu_threads
 
     start = time.perf_counter()
     with cpu_threads(threads) as used, torch.inference_mode():
@@ -159,8 +161,6 @@ def _clocks(props: Any, dev: Any) -> tuple[float, int, float, str]:
     if mem and bus and sm:
         return mem, bus, sm, "cudaDeviceProp"
     try:
-        from dsnas.profiler.capabilities import nvml_facts
-
         facts = nvml_facts(dev)
     except Exception as err:  # no NVML here: derive what cudaDeviceProp alone allows
         return mem, bus, sm, f"cudaDeviceProp (NVML unavailable: {err})"

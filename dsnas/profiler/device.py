@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from pathlib import Path
 from typing import Any
+
+from dsnas._version import __version__
+from dsnas.profiler.capabilities import cpu_model, fingerprint_fields
 
 
 def has_cuda() -> bool:
@@ -33,22 +35,9 @@ def device_key(device: Any) -> str:
     return "cpu"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fingerprint(device: Any) -> dict[str, Any]:
     """What measured a number: enough to tell whether two measurements are comparable."""
     import torch
-
-    import dsnas
-    from dsnas.profiler.capabilities import fingerprint_fields
 
     out: dict[str, Any] = {
         "host": socket.gethostname(),
@@ -56,7 +45,7 @@ def fingerprint(device: Any) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "dsnas": dsnas.__version__,
+        "dsnas": __version__,
         "python": platform.python_version(),
     }
     if device.type == "cuda":

@@ -7,10 +7,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dsnas.profiler.device import fingerprint, fingerprint_id
+from dsnas.profiler.ceilings import ceilings, gpu_peaks
+from dsnas.profiler.counting import count_work
+from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
 from dsnas.profiler.disturbance import CpuWindow, Share, least_disturbed, settle_s, wait_for_quiet
-from dsnas.profiler.memory import peak_memory
+from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
+from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
+from dsnas.profiler.utilization import effective_peak, flops_by_precision
+from dsnas.profiler.window import measure_window
 
 BACKEND = "eager-fp32"  # a model without engine layers; an engine model names its layers' backends
 DTYPE = "float32"
@@ -22,7 +27,7 @@ AT_LARGEST = ("gflop_s", "gb_s", "flop_util", "bw_util", "flops_per_token")
 
 def _size(model: Any) -> tuple[int, int]:
     """(parameters, weight bytes at inference) of the model as it runs (see dsnas.kernels.convert)."""
-    from dsnas.kernels.convert import inference_size
+    from dsnas.kernels.convert import inference_size  # torch loads on first use
 
     return inference_size(getattr(model, "_orig_mod", model))
 
@@ -30,7 +35,7 @@ def _size(model: Any) -> tuple[int, int]:
 def _backend(model: Any) -> tuple[str, str]:
     """What runs: "eager-fp32", or the engine layers' backends (e.g. "engine:fp32+int8:torch-dynamic") and
     "mixed" when their precisions differ; "compiled-" in front under torch.compile. At most 64 characters."""
-    from dsnas.kernels.linear import engine_layers
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
 
     eager = getattr(model, "_orig_mod", model)
     layers = engine_layers(eager).values()
@@ -45,12 +50,12 @@ def _backend(model: Any) -> tuple[str, str]:
 def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str, Any] | None = None,
             context: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Returns (numeric metrics, profile). The caller holds the device exclusively. ``cached``: what this
-    architecture measured before, per fingerprint id (dsnas.results.tables.cached_figures); an entry of this
+    architecture measured before, per fingerprint id (dsnas.tables.cached_figures); an entry of this
     device whose measurement key (measurement_key) matches at every batch size is reused instead of measuring
     again. ``context``: the other settings that made the model (the engine's), part of the key."""
     import torch
 
-    from dsnas.kernels.convert import inference_signature
+    from dsnas.kernels.convert import inference_signature  # torch loads on first use
 
     fp = fingerprint(device)
     params = float(_size(model)[0])
@@ -99,8 +104,6 @@ def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | Non
                     context: dict[str, Any] | None) -> str:
     """Everything besides the architecture and the device fingerprint that changes a measured number: the
     inference form, the timing protocol, the thread count and the settings that made the model."""
-    from dsnas.profiler.device import short_hash
-
     protocol = {k: getattr(hardware, k) for k in PROTOCOL_KEYS}
     return short_hash({"form": signature, "protocol": protocol, "threads": threads, "context": context or {}})
 
@@ -134,8 +137,6 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     """(numeric figures of one batch size, its timing statistics, why a figure is missing: name -> reason)."""
     import torch
 
-    from dsnas.profiler.counting import count_work
-    from dsnas.profiler.utilization import effective_peak, flops_by_precision
 
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -216,8 +217,6 @@ def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, 
     """What the device could do at best, to put achieved rates in proportion: measured once per CPU
     fingerprint (an fp32 GEMM and a streaming loop: no other precision has a measured CPU ceiling yet), or the
     GPU's datasheet peaks per precision, derived from its clocks and units."""
-    from dsnas.profiler.ceilings import ceilings, gpu_peaks
-
     if device.type == "cpu":
         found = ceilings(fp, threads)
         profile["ceilings"] = found.as_dict()
@@ -234,8 +233,6 @@ def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: 
     """NVML/GPM over a window of at least ``steady_s`` looping the model; figures prefixed ``window_``."""
     import torch
 
-    from dsnas.profiler.nvml import nvml_handle
-    from dsnas.profiler.window import measure_window
 
     handle, reason = nvml_handle(device)
     if handle is None:
@@ -271,7 +268,6 @@ def _kernels(model: Any, batch: Any, device: Any, top: int = 10) -> dict[str, An
     profiler could not see them, and says so."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dsnas.profiler.memory import _native_stderr_silenced
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

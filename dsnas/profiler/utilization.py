@@ -17,7 +17,7 @@ def layer_precision(layer: Any) -> str:
 def flops_by_precision(model: Any, rows: int, total_flops: float) -> dict[str, float]:
     """FLOPs of one call by the precision that computes them: 2 * rows * in * out for each engine layer (the count
     of the dense layer it stands for), and whatever else was counted as fp32."""
-    from dsnas.kernels.linear import engine_layers
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
 
     out: dict[str, float] = {}
     for layer in engine_layers(model).values():

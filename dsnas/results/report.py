@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
+from dsnas.results.plots import plotly_figures, views, write_pngs
+from dsnas.results.trials import default_reference, frame, hypervolume_history
 from dsnas.spec import StudySpec
 
 SUMMARY_COLUMNS = ("latency_ms", "throughput_tok_s", "peak_memory_mb", "params")
@@ -31,10 +33,8 @@ def parse_reference(text: str | None, names: list[str]) -> dict[str, float] | No
 
 def write_report(spec: StudySpec, out: str | Path | None = None, reference: str | None = None) -> str:
     """Write the report folder of a study; returns the terminal summary."""
-    from dsnas.results import tables
-    from dsnas.results.plots import plotly_figures, views, write_pngs
-    from dsnas.results.trials import default_reference, frame, hypervolume_history
-    from dsnas.search import open_study
+    from dsnas import tables  # SQLAlchemy loads on first use
+    from dsnas.study import open_study  # SQLAlchemy loads on first use
 
     study = open_study(spec, create=False)
     df = frame(study)

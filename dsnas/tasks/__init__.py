@@ -1,5 +1,6 @@
-"""Proxy training tasks: a dataset plus its train and evaluation loops. Built-in tasks are named;
-a user task is "module:callable" returning an object with the methods of :class:`Task`."""
+"""Proxy training tasks: a dataset plus its train and evaluation loops. Built-in tasks are named; a user task is
+"module:callable" returning an object with the methods of :class:`Task` (dsnas builds, trains and measures the
+model), or of :class:`RunsOwnTrials` (the task's ``evaluate_arch`` does the whole trial)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,26 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from dsnas.config import build_section
 from dsnas.errors import SpecError
+from dsnas.plugins import import_callable
 
 BUILTIN_TASKS = ("charlm",)
 
 
 class Task(Protocol):
+    """What dsnas calls on a task that trains the candidates dsnas builds. Required: everything below. Optional,
+    looked up with getattr or by signature, so that a task written before they existed still runs:
+
+    - ``train(..., fraction=, lr_scale=, fallback_steps=)``: the engine's fine-tuning and QAT train on ``fraction``
+      of the budget at ``lr_scale`` times the learning rate; low-precision layers fall back to fp32 for
+      ``fallback_steps`` steps after an overflow. A candidate with sparse or int8 layers needs fraction and
+      lr_scale, and :class:`EngineTask`'s ``batches`` and ``loss``.
+    - ``train(..., rungs=, at_rung=)``: multi-fidelity; train() calls ``at_rung(k)`` after the share ``rungs[k-1]``
+      of its budget, and at_rung raises to stop it there. Without them, a trial trains fully and no rung stops it.
+    - ``count_arch(arch, batch_sizes)``: as :class:`RunsOwnTrials`' (the predictor's FLOPs, bytes and params).
+    """
+
     tokens_per_example: int  # what "throughput" counts per example (tokens for a language model)
 
     def arch_defaults(self) -> dict[str, Any]:
@@ -33,16 +48,54 @@ class Task(Protocol):
         """What data the task used, so that results are comparable."""
 
 
+class EngineTask(Task, Protocol):
+    """A task that can fine-tune and calibrate the engine's sparse and int8 layers (dsnas.kernels.pipeline)."""
+
+    def batches(self, n: int, device: Any, seed: int = 0) -> list[tuple[Any, Any]]:
+        """``n`` (input, target) training batches: calibration and the Hessian estimates read them."""
+
+    def loss(self, model: Any, x: Any, y: Any) -> Any:
+        """The training loss of ``model`` on one batch, a scalar tensor that backward() can run through."""
+
+
+class RunsOwnTrials(Protocol):
+    """A task that evaluates architectures itself: dsnas builds no model and measures nothing; the function returns
+    the trial's metrics (trained and measured its own way, or looked up in a table of recorded results). That is
+    enough to run a search, multi-fidelity included, and benchmarks/search_efficiency.py on a table of one's own.
+
+    ``evaluate_arch`` returns every objective and limit the study names (``accuracy``, ``throughput_tok_s``,
+    ``latency_ms``, ...) and, for the profile, ``latency_ms_bsN`` per batch size (with ``flops_bsN``, ``bytes_bsN``,
+    ``peak_memory_mb_bsN`` where known). With ``rungs`` (shares of the training budget; empty without them) it calls
+    ``report(0, hardware_metrics)`` before training and ``report(k, metrics)`` after share ``rungs[k - 1]``;
+    ``report`` raises when the driver stops the trial, and the trial is PRUNED. Optional: ``count_arch``.
+    """
+
+    def arch_defaults(self) -> dict[str, Any]:
+        """Architecture keys the task fixes (may be {})."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the results are of (data, table, device)."""
+
+    def evaluate_arch(self, arch: dict[str, Any], *, seed: int, rungs: tuple[float, ...],
+                      report: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
+        """The trial's metrics."""
+
+    def count_arch(self, arch: dict[str, Any], batch_sizes: tuple[int, ...]) -> dict[str, float]:
+        """Optional: ``flops_bsN``, ``bytes_bsN`` and ``params`` of an architecture, before it trains."""
+
+
+def runs_own_trials(task: Any) -> bool:
+    return callable(getattr(task, "evaluate_arch", None))
+
+
 def check_params(where: str, spec: Any) -> None:
     """Validate a task's parameters before any work (bad names, types, ranges, missing files)."""
     if spec.name == "charlm":
-        from dsnas.config import build_section
-        from dsnas.tasks.charlm import CharLMConfig
+        from dsnas.tasks.charlm import CharLMConfig  # torch loads on first use
 
         config = build_section(where, "task", CharLMConfig, spec.params)
         config.resolve_corpus(spec.base_dir, where)
         return
-    from dsnas.plugins import import_callable
 
     factory = import_callable(spec.name, spec.base_dir)
     try:
@@ -54,18 +107,17 @@ def check_params(where: str, spec: Any) -> None:
                         sorted(spec.params), f"give [task] only the parameters {spec.name} takes") from None
 
 
-def make_task(spec: Any) -> Task:
+def make_task(spec: Any) -> Task | RunsOwnTrials:
     """Build (once per process) the task a study names."""
     return _cached(spec.name, json.dumps(spec.params, sort_keys=True), spec.base_dir)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(name: str, params_json: str, base_dir: str) -> Task:
+def _cached(name: str, params_json: str, base_dir: str) -> Task | RunsOwnTrials:
     params = json.loads(params_json)
     if name == "charlm":
-        from dsnas.tasks.charlm import CharLMConfig, CharLMTask
+        from dsnas.tasks.charlm import CharLMConfig, CharLMTask  # torch loads on first use
 
         return CharLMTask(CharLMConfig(**params), base_dir)
-    from dsnas.plugins import import_callable
 
     return import_callable(name, base_dir)(**params)

@@ -25,12 +25,12 @@ VOCAB = 256  # bytes
 class CharLMConfig:
     corpus: str = "stdlib"  # "stdlib", or a text file (relative to the study file)
     corpus_bytes: int = 2_000_000  # train + validation, read in a fixed order
-    context: int = 64
-    batch_size: int = 32
+    context: int = 64  # bytes a model sees
+    batch_size: int = 32  # training batch
     train_tokens: int = 200_000  # the fixed training budget of every trial
-    val_tokens: int = 32_768
-    lr: float = 3e-3
-    warmup_frac: float = 0.1
+    val_tokens: int = 32_768  # validation tokens
+    lr: float = 3e-3  # AdamW learning rate
+    warmup_frac: float = 0.1  # learning-rate warm-up, as a share of training
 
     def __post_init__(self) -> None:
         for key in ("corpus_bytes", "context", "batch_size", "train_tokens", "val_tokens"):

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dsnas.errors import TrialError
+
 FAULTS = ("crash_once", "hang_once", "diverge_once", "oom_once", "pause_once")
 OOM_SLACK_MB = 256  # oom_once allocates at most the cgroup's limit plus this, then gives up: a bound, always
 PAUSE_MAX_S = 120.0  # pause_once waits at most this long for its release file
@@ -25,7 +27,7 @@ def faulty_charlm(fault: str, marker: str, after: int = 0, cgroup: str = "", **p
     the memory cgroup ``cgroup`` (see :func:`memory_cgroup`) and allocates until the kernel's OOM killer ends it,
     ``pause_once`` waits until the file ``marker + ".go"`` exists (a hold point for a fault from outside, such
     as a database restart). Other calls train normally."""
-    from dsnas.tasks.charlm import CharLMConfig, CharLMTask
+    from dsnas.tasks.charlm import CharLMConfig, CharLMTask  # torch loads on first use
 
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
@@ -48,8 +50,6 @@ def faulty_charlm(fault: str, marker: str, after: int = 0, cgroup: str = "", **p
 
 
 def _inject(fault: str, marker: str, cgroup: str) -> None:
-    from dsnas.errors import TrialError
-
     if fault == "crash_once":
         os._exit(1)
     if fault == "hang_once":
@@ -80,8 +80,6 @@ def _claim_call(marker: str) -> int:
 
 def _exhaust_memory(cgroup: str) -> None:
     """Join ``cgroup`` and touch memory until the kernel kills this process; bounded by the cgroup's limit."""
-    from dsnas.errors import TrialError
-
     limit = _limit_bytes(Path(cgroup))
     (Path(cgroup) / "cgroup.procs").write_text(f"{os.getpid()}\n")
     held, step = [], 8 << 20

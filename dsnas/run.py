@@ -7,20 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsnas.driver import Driver
-from dsnas.errors import DsnasError
-from dsnas.evaluate import evaluate
-from dsnas.executors import EvaluateFn
+from dsnas.errors import DsnasError, SpecError
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec
-from dsnas.storage import (
-    StorageLost,
-    display_url,
-    open_storage,
-    recover_stale_trials,
-    schema_lock,
-    sqlite_file,
-    storage_engine,
-)
+from dsnas.storage import StorageLost, recover_stale_trials
+from dsnas.study import open_study
+from dsnas.trial import TrialFn
+from dsnas.worker import run_trial
 
 
 @dataclass
@@ -39,7 +32,6 @@ def check_executor_installed(spec: StudySpec) -> None:
     ~80 MB wheel) still runs local studies; a study that asks for Ray there is refused before any work starts."""
     import importlib.util
 
-    from dsnas.errors import SpecError
 
     if spec.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
         raise SpecError(str(spec.path), "executor.kind", "the ray executor needs the ray package, which is not "
@@ -56,46 +48,7 @@ def make_sampler(spec: StudySpec, n_existing: int) -> Any:
             "random": lambda: s.RandomSampler(seed=seed)}[spec.sampler.name]()
 
 
-def open_study(spec: StudySpec, create: bool = True) -> Any:
-    """Create (or only load) the study; refuse one whose objectives differ from the study file's."""
-    import optuna
-
-    db_file = sqlite_file(spec.storage)
-    missing = db_file is not None and not db_file.exists()  # opening would create it
-    storage = None if (missing and not create) else open_storage(spec.storage)
-    if not create and (storage is None or spec.name not in optuna.study.get_all_study_names(storage)):
-        raise DsnasError(f"{spec.path}: [study.name] no study {spec.name!r} is stored in {display_url(spec.storage)}. "
-                         "Fix: run `dsnas search` on this study file first")
-    study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
-                                load_if_exists=True)
-    names = [o.name for o in spec.objectives]
-    stored = [d.name.lower() for d in study.directions]
-    if stored != spec.directions or (study.metric_names and study.metric_names != names):
-        raise DsnasError(f"{spec.path}: [objectives] the stored study {spec.name!r} has objectives "
-                         f"{study.metric_names or stored}, the file asks for {dict(zip(names, spec.directions))}. "
-                         "Fix: restore the objectives, or give the study a new [study] name")
-    if not study.metric_names:
-        study.set_metric_names(names)
-    if create:
-        _record_study(spec, study)
-    return study
-
-
-def _record_study(spec: StudySpec, study: Any) -> None:
-    """dsnas's tables beside Optuna's: created (or upgraded, for a study of an older dsnas) before any trial."""
-    from dsnas.results import tables
-
-    engine = storage_engine(study)
-    with schema_lock(spec.storage):  # another driver may be creating them at this moment
-        tables.ensure_schema(engine, display_url(spec.storage))
-        # Also fills in a trial that was told COMPLETE when the database was lost before its measurements were
-        # written (see _Driver._record); a no-op for a study whose measurements are all there.
-        tables.backfill(engine, study)
-    tables.record_study(engine, spec.name, [{"name": o.name, "metric": o.metric, "direction": o.direction}
-                                            for o in spec.objectives], spec.hardware.constraints)
-
-
-def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate,
+def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial,
               progress: Progress | None = None) -> SearchOutcome:
     """Run (or resume) a study until its budget is spent."""
     from optuna.trial import TrialState
@@ -106,7 +59,7 @@ def run_study(spec: StudySpec, *, evaluate_fn: EvaluateFn = evaluate,
     study.sampler = make_sampler(spec, len(study.trials))
     progress = progress or Progress(spec)
     progress.start(study, requeued)
-    driver = Driver(spec, study, evaluate_fn, progress)
+    driver = Driver(spec, study, trial_fn, progress)
     with driver.guard.installed():
         try:
             stopped = driver.loop()

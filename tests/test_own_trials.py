@@ -7,9 +7,9 @@ import optuna
 from optuna.trial import TrialState
 
 from dsnas.cli import main
-from dsnas.results.tables import measurements
-from dsnas.search import open_study
 from dsnas.spec import load_study
+from dsnas.study import open_study
+from dsnas.tables import measurements
 from tests.table_study import row_of, write_table_study
 
 PLUGIN = '''
@@ -34,7 +34,7 @@ def make():
 
 
 def test_a_table_task_runs_a_search_whose_figures_say_where_they_came_from(tmp_path):
-    study = write_table_study(tmp_path, n_trials=6, pruning='kind = "none"')
+    study = write_table_study(tmp_path, n_trials=6, fidelity='kind = "none"')
     assert main(["search", str(study)]) == 0
     spec = load_study(study)
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials

@@ -4,57 +4,78 @@ first, then train rung by rung while the driver decides). Never touches the stor
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
+from dsnas.models import build
+from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
 from dsnas.rungs import RungReport, RungStop
-from dsnas.spec import EngineSpec, HardwareSpec, TaskSpec
+from dsnas.tasks import make_task, runs_own_trials
+from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 
 
-@dataclass(frozen=True)
-class EvalRequest:
-    trial: int
-    arch: dict[str, Any]
-    task: TaskSpec
-    hardware: HardwareSpec
-    seed: int
-    cached: dict[str, Any] | None = None  # earlier measurements of this arch (the driver's cache lookup)
-    engine: EngineSpec = field(default_factory=EngineSpec)
-    # Multi-fidelity (dsnas.pruning): measure first and report there (rung 0), then at each of these shares of the
-    # training budget; the driver may stop the trial at any of them. None: train fully, then measure.
-    rungs: tuple[float, ...] | None = None
-    channel: Any = None  # the executor's RungChannel to the driver, set when the request is submitted
-
-
-@dataclass
-class TrialResult:
-    metrics: dict[str, float]  # every numeric result, named with its unit where it has one
-    profile: dict[str, Any] = field(default_factory=dict)  # how the numbers were obtained
-    weights: bytes | None = None  # trained weights, safetensors
-    probe: bytes | None = None  # safetensors: a fixed input and the trained model's logits on it
-    pruned: RungReport | None = None  # the rung where the driver stopped it; metrics then hold no accuracy
-
-
-def evaluate(request: EvalRequest) -> TrialResult:
-    from dsnas.tasks import make_task
-    from dsnas.tasks.evaluator import evaluate_with, is_evaluator
-
+def run_trial(request: TrialRequest) -> TrialResult:
     task = make_task(request.task)
-    if is_evaluator(task):  # the user's own evaluation function: no model is built here
-        return evaluate_with(task, request)
+    if runs_own_trials(task):  # the user's own evaluation function: no model is built here
+        return run_own_trial(task, request)
     return _Candidate(request, task).run()
+
+
+def run_own_trial(task: Any, request: TrialRequest) -> TrialResult:
+    """A trial whose task evaluates architectures itself (dsnas.tasks.RunsOwnTrials): no model is built here."""
+    started = time.perf_counter()
+    known: dict[str, float] = {}  # what the function reported so far
+    hardware: dict[str, float] = {}  # what it reported before training: all a pruned trial keeps
+
+    def report(rung: int, metrics: dict[str, Any]) -> None:
+        known.update({k: float(v) for k, v in metrics.items()})
+        if rung == 0:
+            hardware.update(known)
+        if request.rungs is None or request.channel is None:
+            return  # no multi-fidelity in this study: every trial goes on
+        fraction = 0.0 if rung == 0 else request.rungs[rung - 1]
+        sent = RungReport(request.trial, rung, fraction, dict(known))
+        if not request.channel.ask(sent):
+            raise RungStop(sent)
+
+    try:
+        metrics = {k: float(v) for k, v in task.evaluate_arch(request.arch, seed=request.seed,
+                                                             rungs=tuple(request.rungs or ()),
+                                                             report=report).items()}
+        pruned = None
+    except RungStop as stop:
+        metrics, pruned = {**hardware, "trained_fraction": stop.report.fraction}, stop.report
+    profile = {**recorded_profile(metrics, request.hardware, task), "worker": worker_identity()}
+    return TrialResult(metrics={**metrics, "trial_s": time.perf_counter() - started}, profile=profile,
+                       pruned=pruned)
+
+
+def recorded_profile(metrics: dict[str, float], hardware: Any, task: Any) -> dict[str, Any]:
+    """The profile of figures dsnas did not measure: each batch size's latency as one sample, on a "device"
+    named by the task's fingerprint, so that the measurement table, the cache and the predictor can use them while
+    every row says where it came from."""
+    batches = {}
+    for bs in hardware.batch_sizes:
+        ms = metrics.get(f"latency_ms_bs{bs}")
+        if ms is None:
+            continue
+        figures = {name: metrics[f"{name}_bs{bs}"] for name in ("flops", "bytes", "peak_memory_mb", "throughput_tok_s")
+                   if f"{name}_bs{bs}" in metrics}
+        batches[str(bs)] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "spread": 0.0, "repeats": 1,
+                            "latency_ms": ms, **figures}
+    source = task.fingerprint()
+    return {"fingerprint": {"device": "recorded", "source": source}, "batches": batches, "backend": "recorded",
+            "dtype": "recorded", "threads": None, "task": source,
+            "measured_by": "the task's evaluate_arch (figures it supplied; dsnas did not measure them)"}
 
 
 class _Candidate:
     """One trial in its worker: build -> train -> engine steps -> convert -> measure -> evaluate; with rungs,
     measured first (timings do not depend on the weights' values) and trained rung by rung."""
 
-    def __init__(self, request: EvalRequest, task: Any) -> None:
+    def __init__(self, request: TrialRequest, task: Any) -> None:
         import torch
 
-        from dsnas.kernels import pipeline
-        from dsnas.models import build
-        from dsnas.profiler import MeasureGate, device_key, resolve_device
+        from dsnas.kernels import pipeline  # torch loads on first use
 
         self.request, self.task = request, task
         self.started = time.perf_counter()
@@ -66,12 +87,12 @@ class _Candidate:
         self.hw_metrics: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
-        self.profile: dict[str, Any] = {}
+        self.profile: Profile = {}
         self.engine_info: dict[str, Any] = {}
         self.train_started: float | None = None
 
     def run(self) -> TrialResult:
-        from dsnas.kernels import pipeline
+        from dsnas.kernels import pipeline  # torch loads on first use
 
         engine = self.request.engine
         try:
@@ -99,7 +120,7 @@ class _Candidate:
         return self._result(None)
 
     def _train(self, rungs: tuple[float, ...] | None) -> None:
-        from dsnas.kernels import pipeline
+        from dsnas.kernels import pipeline  # torch loads on first use
 
         request, task = self.request, self.task
         with self.gate.shared() as hold:
@@ -120,7 +141,7 @@ class _Candidate:
         """``rungs`` and ``at_rung`` for the task's train(), when it takes both. Rungs are shares of the whole
         budget, so that every candidate reports after as many tokens; train() counts shares of its own call, which
         for an int8 or sparse candidate is the budget less fine-tuning and QAT."""
-        from dsnas.kernels import pipeline
+        from dsnas.kernels import pipeline  # torch loads on first use
 
         def at_rung(k: int) -> None:
             metrics = self.task.evaluate(self.model, self.device)
@@ -137,9 +158,8 @@ class _Candidate:
     def _measure_untrained(self) -> dict[str, str]:
         """Measure the architecture's inference form, untrained, holding the device alone; returns the INT8
         backend each layer chose, so that the trained model converts to the same code."""
-        from dsnas.kernels.convert import int8_backends, untrained_inference_form
-        from dsnas.kernels.linear import layer_report
-        from dsnas.models import build
+        from dsnas.kernels.convert import int8_backends, untrained_inference_form  # torch loads on first use
+        from dsnas.kernels.linear import layer_report  # torch loads on first use
 
         with self.gate.exclusive():
             measure_start = time.perf_counter()
@@ -159,7 +179,6 @@ class _Candidate:
     def _measure(self, model: Any, cached: dict[str, Any] | None = None) -> None:
         import torch
 
-        from dsnas.profiler import measure
 
         engine = self.request.engine
         measured = torch.compile(model) if engine.compile else model
@@ -170,8 +189,8 @@ class _Candidate:
 
     def _measure_again_if_the_form_changed(self) -> None:
         """What was measured before training must be what ships: an "auto" sparsity layer the Hessian left dense
-        (the untrained form prunes every one) changes the form, and then the trained model is measured again."""
-        from dsnas.kernels.convert import inference_signature, signature_difference
+        (the untrained form sparsifies every one) changes the form, and then the trained model is measured again."""
+        from dsnas.kernels.convert import inference_signature, signature_difference  # torch loads on first use
 
         shipped = inference_signature(self.model)
         shipped["compiled"] = self.request.engine.compile  # measured under torch.compile: the same model compiled
@@ -210,21 +229,9 @@ class _Candidate:
 def weights_bytes(model: Any) -> bytes:
     from safetensors.torch import save
 
+    from dsnas.kernels.convert import unique_state  # torch loads on first use
+
     return save(unique_state(model))
-
-
-def unique_state(model: Any) -> dict[str, Any]:
-    """The training-form state dict (``convert`` rebuilds the inference forms from it) with each tensor once:
-    tied weights share storage, and safetensors stores each tensor once; loading the first name re-fills every
-    alias."""
-    from dsnas.kernels.convert import training_state
-
-    out, seen = {}, set()
-    for name, tensor in training_state(model).items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            out[name] = tensor.detach().cpu().contiguous()
-    return out
 
 
 def probe_bytes(model: Any, batch: Any) -> bytes:
@@ -234,16 +241,3 @@ def probe_bytes(model: Any, batch: Any) -> bytes:
     with torch.inference_mode():
         logits = model(batch).float().cpu()
     return save({"input": batch.cpu().contiguous(), "logits": logits.contiguous()})
-
-
-def worker_identity() -> dict[str, Any]:
-    """Where the trial ran: host and process, and the Ray node when it ran in a Ray worker."""
-    import os
-    import socket
-    import sys
-
-    out: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
-    ray = sys.modules.get("ray")  # only a Ray worker has it imported; the local executor must not start Ray
-    if ray is not None and ray.is_initialized():
-        out["ray_node_id"] = ray.get_runtime_context().get_node_id()
-    return out

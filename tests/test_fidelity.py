@@ -1,5 +1,5 @@
 """Multi-objective successive halving and Hyperband: rungs, brackets, non-dominated sorting with crowding, the
-decision at a rung, and the [pruning] section."""
+decision at a rung, and the [fidelity] section."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsnas.errors import Invalid
-from dsnas.pruning import PruningSpec, RungPlan, decide, over_limits
-from dsnas.results.pareto import crowding_distances, front_indices, nondominated_ranks
-from dsnas.spec import Constraints, load_study
+from dsnas.fidelity import RungPlan, decide, over_limits
+from dsnas.pareto import crowding_distances, front_indices, nondominated_ranks
+from dsnas.spec import Constraints, FidelitySpec, load_study
 
 MAX2 = ["maximize", "maximize"]
 
@@ -26,13 +26,13 @@ MAX2 = ["maximize", "maximize"]
     (4, 0.25, (1 / 4,)),
 ])
 def test_rungs_are_powers_of_one_over_eta_below_the_full_budget(eta, min_fraction, rungs):
-    assert RungPlan(PruningSpec(eta=eta, min_fraction=min_fraction)).rungs == pytest.approx(rungs)
+    assert RungPlan(FidelitySpec(eta=eta, min_fraction=min_fraction)).rungs == pytest.approx(rungs)
 
 
 def test_successive_halving_has_one_bracket_hyperband_one_per_first_rung():
-    halving = RungPlan(PruningSpec(kind="successive_halving"))
+    halving = RungPlan(FidelitySpec(kind="successive_halving"))
     assert halving.brackets == 1 and {halving.bracket_of(n) for n in range(50)} == {0}
-    hyper = RungPlan(PruningSpec(kind="hyperband", eta=3, min_fraction=0.1))
+    hyper = RungPlan(FidelitySpec(kind="hyperband", eta=3, min_fraction=0.1))
     assert hyper.brackets == 3
     assert [hyper.fractions(b) for b in range(3)] == [pytest.approx((1 / 9, 1 / 3)), pytest.approx((1 / 3,)), ()]
     # Li et al.'s allocation for s_max = 2, eta = 3: 9, 5 and 3 trials per round of brackets.
@@ -53,7 +53,7 @@ def test_ranks_sort_fronts():
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=12))
 def test_rank_zero_is_the_front_and_each_rank_is_dominated_only_by_lower_ranks(raw):
-    from dsnas.results.pareto import dominates
+    from dsnas.pareto import dominates
 
     points = [list(p) for p in raw]
     ranks = nondominated_ranks(points, MAX2)
@@ -107,7 +107,7 @@ def test_decide_counts_a_trial_once_whether_or_not_its_own_values_are_among_the_
 
 
 def test_dominance_by_a_margin():
-    from dsnas.results.pareto import dominates_by
+    from dsnas.pareto import dominates_by
 
     assert dominates_by([0.31, 5.0], [0.30, 5.0], MAX2, [0.015, 0.0])  # 0.31 > 0.30 * 1.015
     assert not dominates_by([0.302, 9.0], [0.30, 5.0], MAX2, [0.015, 0.0])  # faster, but not clearly better
@@ -123,8 +123,8 @@ def test_over_limits_names_each_broken_limit():
 
 
 def test_pruning_is_on_by_default_and_can_be_turned_off(tiny_study):
-    assert not load_study(tiny_study).pruning.enabled  # the tests' tiny study turns it off
-    tiny_study.write_text(tiny_study.read_text().replace('[pruning]\nkind = "none"', ""))
-    assert load_study(tiny_study).pruning.kind == "successive_halving"
+    assert not load_study(tiny_study).fidelity.enabled  # the tests' tiny study turns it off
+    tiny_study.write_text(tiny_study.read_text().replace('[fidelity]\nkind = "none"', ""))
+    assert load_study(tiny_study).fidelity.kind == "successive_halving"
     with pytest.raises(Invalid):
-        PruningSpec(eta=0)
+        FidelitySpec(eta=0)

@@ -11,8 +11,11 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Uniqu
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from dsnas._version import __version__
 from dsnas.errors import DsnasError
 from dsnas.profiler.device import fingerprint_id, short_hash
+from dsnas.profiler.timing import TIMING_KEYS
+from dsnas.storage import storage_engine
 
 # Version 0 is a database without these tables (dsnas 0.1.0): every table is created, and the
 # measurements of its trials are filled in from what their user attrs hold.
@@ -96,11 +99,9 @@ def schema_version(engine: Any) -> int:
 def ensure_schema(engine: Any, url: str) -> int:
     """Create or upgrade dsnas's tables; returns the version found before. A database from a newer dsnas
     is refused rather than written to by code that does not know its tables."""
-    import dsnas
-
     found = schema_version(engine)
     if found > SCHEMA_VERSION:
-        raise DsnasError(f"{url}: its dsnas tables have schema version {found}, this dsnas {dsnas.__version__} "
+        raise DsnasError(f"{url}: its dsnas tables have schema version {found}, this dsnas {__version__} "
                          f"knows up to {SCHEMA_VERSION}. Fix: upgrade dsnas (pip install -U dsnas)")
     if found < SCHEMA_VERSION:
         try:
@@ -108,7 +109,7 @@ def ensure_schema(engine: Any, url: str) -> int:
         except DBAPIError:  # another driver created them between the check and the CREATE: they exist now
             Base.metadata.create_all(engine)
         with Session(engine) as session, session.begin():
-            merge_racing(session, SchemaVersion(id=1, version=SCHEMA_VERSION, written_by=dsnas.__version__))
+            merge_racing(session, SchemaVersion(id=1, version=SCHEMA_VERSION, written_by=__version__))
     return found
 
 
@@ -127,11 +128,9 @@ def merge_racing(session: Session, row: Base) -> None:
 
 
 def record_study(engine: Any, name: str, objectives: list[dict[str, str]], constraints: Any) -> None:
-    import dsnas
-
     with Session(engine) as session, session.begin():
         merge_racing(session, StudyRecord(study_name=name, objectives=objectives,
-                                          constraints=dict(constraints.items()), dsnas_version=dsnas.__version__))
+                                          constraints=dict(constraints.items()), dsnas_version=__version__))
 
 
 def study_record(engine: Any, name: str) -> StudyRecord | None:
@@ -145,8 +144,6 @@ def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any]
                      measured_at: datetime.datetime | None,
                      arch: dict[str, Any] | None = None) -> tuple[Fingerprint | None, list[Measurement]]:
     """One row per batch size of a trial's profile (as the driver stores it in the trial's user attrs)."""
-    from dsnas.profiler.timing import TIMING_KEYS
-
     batches = profile.get("batches") or {}
     if not batches:
         return None, []
@@ -177,12 +174,10 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     """The measurement cache: what this dsnas measured of ``arch`` before, in any study of this database, per
     device fingerprint id: {fingerprint_id: {"threads", "batches": {bs: figures and timing}, "source"}}. The
     worker reuses the entry of its own fingerprint (and thread count) instead of measuring again."""
-    import dsnas
-
     if schema_version(engine) < SCHEMA_VERSION:
         return {}
     query = (select(Measurement).where(Measurement.arch_hash == arch_hash(arch),
-                                       Measurement.dsnas_version == dsnas.__version__,
+                                       Measurement.dsnas_version == __version__,
                                        Measurement.cached_from.is_(None), Measurement.figures.is_not(None))
              .order_by(Measurement.id))
     out: dict[str, Any] = {}
@@ -231,7 +226,6 @@ def measurements(study: Any) -> Any:
     dsnas_measurements; for a study that predates the table, from its trials' stored profiles."""
     import pandas as pd
 
-    from dsnas.storage import storage_engine
 
     engine = storage_engine(study)
     rows: list[Measurement] = []

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dsnas.cli import main
-from dsnas.pruning import RungJudge, decide
+from dsnas.fidelity import RungJudge, decide
 from dsnas.spec import load_study
 from tests.table_study import row_of, write_table_study
 
@@ -28,8 +28,8 @@ def replay_decisions(spec, trials):
     for _, trial, rung in records:
         record = trial.user_attrs[f"rung{rung}"]
         peers = seen.setdefault((trial.user_attrs.get("bracket", 0), rung), {})
-        again = decide(trial.number, record["values"], dict(peers), spec.directions, spec.pruning.eta,
-                       spec.pruning.min_trials, margins)
+        again = decide(trial.number, record["values"], dict(peers), spec.directions, spec.fidelity.eta,
+                       spec.fidelity.min_trials, margins)
         assert (again.go, again.reason) == (record["go"], record["reason"]), trial.number
         peers[trial.number] = record["values"]
     return len(records)
@@ -59,7 +59,7 @@ def check_pruned_and_complete(spec, trials, n_trials):
 
 def test_halving_prunes_dominated_trials_at_rungs_locally(tmp_path, capsys):
     study = write_table_study(tmp_path, n_trials=24,
-                              pruning='kind = "successive_halving"\neta = 3\nmin_fraction = 0.1\nmin_trials = 3')
+                              fidelity='kind = "successive_halving"\neta = 3\nmin_fraction = 0.1\nmin_trials = 3')
     assert main(["search", str(study)]) == 0
     out = capsys.readouterr().out
     spec, trials = stored(study)
@@ -86,7 +86,7 @@ def test_a_candidate_over_a_hardware_limit_stops_before_training(tmp_path, capsy
 
 
 def test_without_pruning_every_candidate_trains_and_an_infeasible_one_completes(tmp_path):
-    study = write_table_study(tmp_path, n_trials=10, pruning='kind = "none"', max_latency_ms=15.0)
+    study = write_table_study(tmp_path, n_trials=10, fidelity='kind = "none"', max_latency_ms=15.0)
     assert main(["search", str(study)]) == 0
     _, trials = stored(study)
     assert {t.state for t in trials} == {TrialState.COMPLETE}
@@ -96,7 +96,7 @@ def test_without_pruning_every_candidate_trains_and_an_infeasible_one_completes(
 
 def test_hyperband_spreads_trials_over_brackets_and_its_last_bracket_is_never_stopped_at_a_rung(tmp_path):
     study = write_table_study(tmp_path, n_trials=34,
-                              pruning='kind = "hyperband"\neta = 3\nmin_fraction = 0.1\nmin_trials = 2')
+                              fidelity='kind = "hyperband"\neta = 3\nmin_fraction = 0.1\nmin_trials = 2')
     assert main(["search", str(study)]) == 0
     spec, trials = stored(study)
     brackets = {t.number: t.user_attrs["bracket"] for t in trials}
@@ -125,7 +125,7 @@ def test_a_resumed_search_counts_pruned_trials_toward_the_budget(tmp_path, capsy
 @pytest.mark.slow
 def test_halving_with_the_ray_executor_decides_in_the_driver(tmp_path):
     study = write_table_study(tmp_path, n_trials=16, executor="ray", max_latency_ms=30.0,
-                              pruning='kind = "successive_halving"\neta = 3\nmin_trials = 2')
+                              fidelity='kind = "successive_halving"\neta = 3\nmin_trials = 2')
     assert main(["search", str(study)]) == 0
     spec, trials = stored(study)
     pruned, done = check_pruned_and_complete(spec, trials, 16)
@@ -138,8 +138,8 @@ def test_halving_with_the_ray_executor_decides_in_the_driver(tmp_path):
 def test_real_training_stops_at_a_rung_and_keeps_its_measurement(tiny_study):
     """The charlm task trains rung by rung in its Ray worker: measured first (the untrained inference form), then
     stopped or trained on; a completed trial's rungs are its own training's accuracy on the way."""
-    from dsnas.results.tables import measurements
-    from dsnas.search import open_study
+    from dsnas.study import open_study
+    from dsnas.tables import measurements
 
     tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 6")
                           .replace("train_tokens = 2048", "train_tokens = 8192").replace('kind = "local"', 'kind = "ray"')

@@ -1,6 +1,6 @@
 """Does multi-fidelity make the quickstart better or worse? The quickstart study (studies/quickstart.toml: real
 training on 2 cores, the Ray executor), run as a user runs it (`dsnas search` in its own process, a fresh folder),
-with [pruning] kind = "none" (the baseline) and "successive_halving", alternating, --repeats times:
+with [fidelity] kind = "none" (the baseline) and "successive_halving", alternating, --repeats times:
 
 - at the same budget (the quickstart's 12 evaluated trials): the front's hypervolume and the wall time;
 - at about the same wall time: halving with the trial budget lifted and [budget] timeout_s at 85% of the
@@ -10,7 +10,7 @@ with [pruning] kind = "none" (the baseline) and "successive_halving", alternatin
 The hypervolume uses a fixed reference point (accuracy 0.30, throughput 0 tokens/s) so that runs compare; the
 front is the feasible completed trials'. Wall time: the driver's run from start to its last trial's end.
 
-Run:  python benchmarks/quickstart_pruning.py [--repeats 2]
+Run:  python benchmarks/quickstart_fidelity.py [--repeats 2]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run(kind: str, timeout_s: float | None, folder: Path) -> dict:
 
     (folder / "studies").mkdir(parents=True)
     shutil.copytree(ROOT / "search_spaces", folder / "search_spaces")
-    text = (ROOT / "studies" / "quickstart.toml").read_text() + f'\n[pruning]\nkind = "{kind}"\n'
+    text = (ROOT / "studies" / "quickstart.toml").read_text() + f'\n[fidelity]\nkind = "{kind}"\n'
     if timeout_s is not None:
         text = text.replace("n_trials = 12", "n_trials = 200").replace("timeout_s = 270", f"timeout_s = {timeout_s}")
     study = folder / "studies" / "quickstart.toml"
@@ -71,7 +71,7 @@ def main() -> None:
             results["halving, same wall time"].append(run("successive_halving", round(0.85 * same_time), Path(tmp)))
         print(f"  repeat {repeat + 1}: same wall time: {results['halving, same wall time'][-1]}", flush=True)
     base = statistics.median(r["hv"] for r in results["none"])
-    print(f"\n{'pruning':<26} {'HV (median)':>12} {'HV / none':>10} {'wall s':>8} {'complete':>9} {'pruned':>7} "
+    print(f"\n{'fidelity':<26} {'HV (median)':>12} {'HV / none':>10} {'wall s':>8} {'complete':>9} {'pruned':>7} "
           f"{'front':>6} {'best acc':>9}")
     for label, rows in results.items():
         med = {k: statistics.median(r[k] for r in rows) for k in ("hv", "wall_s", "complete", "pruned", "front",

@@ -13,47 +13,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dsnas.errors import require
-from dsnas.results.pareto import crowding_distances, nondominated_ranks
-
-KINDS = ("none", "successive_halving", "hyperband")
-TRAINED = ("accuracy", "val_loss")  # the metrics training changes; the rest (hardware figures) are known at rung 0
-
-
-@dataclass(frozen=True)
-class PruningSpec:
-    kind: str = "successive_halving"
-    eta: int = 3  # at each rung, the best 1/eta of the trials that reached it go on
-    # The first rung: the smallest share 1/eta**k of the budget that is at least this. 1/3 (one rung, with eta 3):
-    # on the quickstart's task the accuracy at 1/9 of the budget says little about the end (Spearman 0.58 over 108
-    # recorded models), at 1/3 it says much (0.87); see benchmarks/search_efficiency.py.
-    min_fraction: float = 1 / 3
-    min_trials: int = 3  # a rung stops nobody until this many trials of the bracket have reached it
-    margin: float = 0.015  # a rung's lead in accuracy (or loss) counts only beyond this share of the value
-
-    def __post_init__(self) -> None:
-        require(self.kind in KINDS, "kind", f"must be one of {list(KINDS)}", self.kind,
-                'set kind = "successive_halving", or "none" to train every candidate fully')
-        require(self.eta >= 2, "eta", "must be >= 2", self.eta, "e.g. eta = 3 (keep the best third at each rung)")
-        require(0 < self.min_fraction < 1, "min_fraction", "must be between 0 and 1 (a share of the training budget)",
-                self.min_fraction, "e.g. min_fraction = 0.333")
-        require(self.min_fraction * self.eta <= 1 + 1e-9, "min_fraction", f"must be <= 1/eta (1/{self.eta}) for a "
-                "rung to fit below the full budget", self.min_fraction,
-                f"e.g. min_fraction = {int(1000 / self.eta) / 1000:g}")
-        require(self.min_trials >= 1, "min_trials", "must be >= 1", self.min_trials, "e.g. min_trials = 3")
-        require(0 <= self.margin < 1, "margin", "must be in [0, 1) (a share of the objective's value)", self.margin,
-                "e.g. margin = 0.015; 0 compares rung values exactly")
-
-    @property
-    def enabled(self) -> bool:
-        return self.kind != "none"
+from dsnas.pareto import crowding_distances, nondominated_ranks
+from dsnas.spec import TRAINED, FidelitySpec
 
 
 @dataclass(frozen=True)
 class RungPlan:
     """The rungs of each bracket: successive halving has one bracket, Hyperband one per first rung."""
 
-    spec: PruningSpec
+    spec: FidelitySpec
 
     @property
     def rungs(self) -> tuple[float, ...]:
@@ -131,11 +99,11 @@ class RungJudge:
     """The driver's side of the rungs: a report's decision against the study's stored rungs, and what to store."""
 
     def __init__(self, spec: Any) -> None:
-        self.spec = spec.pruning
-        self.plan = RungPlan(spec.pruning)
+        self.spec = spec.fidelity
+        self.plan = RungPlan(spec.fidelity)
         self.metrics = [o.metric for o in spec.objectives]
         self.directions = spec.directions
-        self.margins = [spec.pruning.margin if m in TRAINED else 0.0 for m in self.metrics]
+        self.margins = [spec.fidelity.margin if m in TRAINED else 0.0 for m in self.metrics]
         self.constraints = spec.hardware.constraints
 
     def values(self, metrics: dict[str, float]) -> list[float] | None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from dsnas.errors import DsnasError
 from dsnas.kernels.choices import PRECISIONS, SPARSITIES
+from dsnas.profiler.device import short_hash
 
 TARGETS = {"latency": "latency_ms", "peak_memory": "peak_memory_mb"}
 BASE_FEATURES = ("log_flops", "log_bytes", "log_params", "log_batch_size", "n_layers", "d_model",
@@ -70,7 +71,7 @@ class BatchScores:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class CrossValidation:
     target: str
     fingerprint_id: str
     device: str
@@ -143,8 +144,7 @@ def study_rows(study: Any, since_trial: int | None = None) -> list[MeasuredRow]:
     """Every measurement of an open study joined with its trial's architecture and counted FLOPs/bytes/params,
     one row per (device, architecture, batch size); only trials numbered ``since_trial`` or later when given.
     Trials without counts (older dsnas) are left out."""
-    from dsnas.profiler.device import short_hash
-    from dsnas.results.tables import measurements
+    from dsnas.tables import measurements  # SQLAlchemy loads on first use
 
     attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
@@ -194,8 +194,8 @@ def fit_predictor(rows: list[MeasuredRow], target: str = "latency") -> Predictor
                      _scores(np.exp(y), fitted))
 
 
-def evaluate_predictor(rows: list[MeasuredRow], target: str = "latency", folds: int = 5,
-                       seed: int = 0) -> Evaluation:
+def cross_validate(rows: list[MeasuredRow], target: str = "latency", folds: int = 5,
+                   seed: int = 0) -> CrossValidation:
     """K-fold cross-validation split by architecture (an architecture's batch sizes are all on one side, so a
     held-out prediction is for an architecture the model never saw): the predictor and the FLOPs-only baseline,
     scored per batch size and pooled over all of them."""
@@ -212,7 +212,7 @@ def evaluate_predictor(rows: list[MeasuredRow], target: str = "latency", folds: 
     sizes = np.array([r.batch_size for r in rows])
     by_batch = tuple(BatchScores(int(bs), _scores(y[sizes == bs], ours[sizes == bs]),
                                  _scores(y[sizes == bs], base[sizes == bs])) for bs in np.unique(sizes))
-    return Evaluation(target, rows[0].fingerprint_id, rows[0].device, len(rows), len({r.arch_key for r in rows}),
+    return CrossValidation(target, rows[0].fingerprint_id, rows[0].device, len(rows), len({r.arch_key for r in rows}),
                       len(splits), _scores(y, ours), _scores(y, base), by_batch)
 
 

@@ -1,0 +1,232 @@
+"""`dsnas profile`: measure one architecture outside a search (from a study's trial, an export bundle or an
+architecture file) with the study's protocol, and print the whole profile."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import DsnasError
+from dsnas.export.bundle import load_bundle, read_bundle, recorded_hardware, recorded_task_spec
+from dsnas.models import build, validate
+from dsnas.profiler.device import device_key, fingerprint_id, resolve_device
+from dsnas.profiler.gate import MeasureGate
+from dsnas.profiler.measure import measure
+from dsnas.spec import HardwareSpec, TaskSpec, check_plugins, read_study
+from dsnas.tasks import make_task
+
+
+def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[Any, Any, Any, str]:
+    """(model, TaskSpec, HardwareSpec, what it is) for a bundle folder, a study file with --trial, or an
+    architecture JSON file (``{"family": ...}`` or ``{"arch": {...}}``, measured with the default task). The model
+    is converted on ``device``: its inference form (fp8, the INT8 backend, a sparse kernel) depends on it."""
+    from dsnas.kernels.convert import untrained_inference_form  # torch loads on first use
+
+    path = Path(target)
+    if path.is_dir():
+        return _bundle(path, device)
+    if path.suffix == ".toml":
+        return _trial(path, trial, device)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DsnasError(f"{path}: no such file. Fix: give a bundle folder, a study file with --trial N, "
+                         "or an architecture JSON file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DsnasError(f"{path}: not an architecture JSON file ({e}). Fix: write {{\"family\": ...}}") from None
+    arch = data.get("arch", data) if isinstance(data, dict) else None
+    if not isinstance(arch, dict):
+        raise DsnasError(f"{path}: must hold an architecture object. Fix: write {{\"family\": ...}}")
+    task = TaskSpec("charlm", {k: arch[k] for k in ("context",) if k in arch}, str(path.parent))
+    try:
+        validate(arch)
+        model = untrained_inference_form(build(arch).to(device))
+    except Exception as e:
+        raise DsnasError(f"{path}: not a buildable architecture ({type(e).__name__}: {e}). Fix: correct it, "
+                         "or export a trial with `dsnas export`") from None
+    return model, task, HardwareSpec(), f"{path} (untrained weights)"
+
+
+def _bundle(path: Path, device: Any) -> tuple[Any, Any, Any, str]:
+    doc = read_bundle(path)
+    model = load_bundle(path, device=str(device))
+    if "task" not in doc:
+        raise DsnasError(f"{path}/arch.json: a version-1 bundle records no task to measure with. "
+                         "Fix: re-export the trial with `dsnas export`")
+    return model, recorded_task_spec(doc), recorded_hardware(doc, path / "arch.json"), \
+        f"bundle {path} (trained weights)"
+
+
+def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, str]:
+    from dsnas.kernels.convert import untrained_inference_form  # torch loads on first use
+    from dsnas.study import open_study  # SQLAlchemy loads on first use
+
+    spec = read_study(path)  # measured on the device --device names, not the study's: its Ray or GPU is not needed
+    check_plugins(spec)
+    if trial is None:
+        raise DsnasError(f"{path}: a study file needs --trial N: which trial's architecture to measure")
+    study = open_study(spec, create=False)
+    found = [t for t in study.trials if t.number == trial and "arch" in t.user_attrs]
+    if not found:
+        raise DsnasError(f"--trial {trial}: study {spec.name!r} has no trial {trial} with an architecture. "
+                         f"Fix: pick one of {[t.number for t in study.trials if 'arch' in t.user_attrs]}")
+    # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
+    # form its layers chose (INT8 kernels, 2:4 masks).
+    return untrained_inference_form(build(found[0].user_attrs["arch"]).to(device)), spec.task, spec.hardware, \
+        f"study {spec.name!r} trial {trial} (untrained weights)"
+
+
+def profile_target(target: str, trial: int | None = None, device: str = "auto", **overrides: Any) -> ProfileReport:
+    """Measure ``target``; ``str()`` of the result is the table `dsnas profile` prints. ``overrides``: HardwareSpec
+    fields (batch_sizes, kernels, ...)."""
+    dev = resolve_device(device)
+    model, task_spec, hardware, what = load_target(target, trial, dev)
+    hardware = replace(hardware, **{k: v for k, v in overrides.items() if v is not None})
+    task = make_task(task_spec)
+    with MeasureGate(device_key(dev)).exclusive():
+        metrics, profile = measure(model.to(dev), task, dev, hardware)
+    return ProfileReport(what, metrics, profile)
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    """One measured architecture: ``what`` was measured, its flat trial ``metrics`` (``latency_ms_bs1``, ...) and
+    the whole ``profile`` (as a trial stores it in user_attrs["profile"]). ``str()`` is :meth:`table`."""
+
+    what: str
+    metrics: dict[str, float]
+    profile: dict[str, Any]
+
+    def table(self) -> str:
+        """What was measured, a row per batch size with units, then what is unavailable and why."""
+        lines = [f"profile of {self.what}", *_header(self.profile), *_batch_table(self.profile)]
+        return "\n".join(lines + _extras(self.metrics, self.profile))
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _header(profile: dict[str, Any]) -> list[str]:
+    fp = profile["fingerprint"]
+    on = f"{fp.get('gpu')} (CUDA {fp.get('cuda')})" if fp.get("device") == "cuda" else \
+        f"{fp.get('cpu')} ({fp.get('cpu_count')} CPUs)"
+    lines = [f"device {fp.get('device')}: {on}, torch {fp.get('torch')}; fingerprint {fingerprint_id(fp)} "
+             "(dsnas doctor lists its fields)",
+             f"backend {profile.get('backend')}, dtype {profile.get('dtype')}, threads {_fmt(profile.get('threads'))}"]
+    if ceilings := _ceilings(profile.get("ceilings") or {}):
+        lines.append("ceilings: " + ", ".join(ceilings))
+    return lines
+
+
+_CEILING_UNITS = (("_gflop_s", "GFLOP/s"), ("_gb_s", "GB/s"))
+
+
+def _ceilings(ceilings: dict[str, Any]) -> list[str]:
+    """The device's peaks with their units: a CPU's GEMM and copy measured here, a GPU's from its datasheet."""
+    found = []
+    for key, value in ceilings.items():
+        if key == "tensor_gflop_s" and isinstance(value, dict):  # a GPU's tensor-core peak per precision
+            found += [f"{name} tensor {_fmt(peak)} GFLOP/s" for name, peak in value.items()]
+        for suffix, unit in _CEILING_UNITS:
+            if key.endswith(suffix) and isinstance(value, (int, float)):
+                found.append(f"{key.removesuffix(suffix).replace('_', ' ')} {_fmt(value)} {unit}")
+    if found and isinstance(ceilings.get("threads"), int):
+        found[-1] += f" (measured with {ceilings['threads']} threads)"
+    return found
+
+
+# The table's columns: heading (with the unit) and the cell of one batch size's profile entry. An optional
+# column shows only when some batch size has its figure (device time and graph replays: GPU only).
+_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str], bool]] = [
+    ("median ms", lambda b: _fmt(b.get("median_ms")), False),
+    ("p10-p90 ms", lambda b: f"{_fmt(b.get('p10_ms'))}-{_fmt(b.get('p90_ms'))}", False),
+    ("CI ±", lambda b: _pct(b.get("ci_rel")), False),
+    ("calls", lambda b: f"{b.get('repeats')}{'' if b.get('converged', True) else '*'}", False),
+    ("device ms", lambda b: _fmt(b.get("device_latency_ms")), True),
+    ("graph ms", lambda b: _fmt(b.get("graph_latency_ms")), True),
+    ("tokens/s", lambda b: _fmt(b.get("throughput_tok_s")), False),
+    ("GFLOP/s", lambda b: _fmt(b.get("gflop_s")), False),
+    ("GB/s", lambda b: _fmt(b.get("gb_s")), False),
+    ("flop util", lambda b: _pct(b.get("flop_util")), True),
+    ("bw util", lambda b: _pct(b.get("bw_util")), True),
+    ("peak MB", lambda b: _fmt(b.get("peak_memory_mb")), False),
+    ("disturbed", lambda b: _yes_no((b.get("disturbance") or {}).get("disturbed")), False),
+]
+
+
+def _batch_table(profile: dict[str, Any]) -> list[str]:
+    batches = profile["batches"]
+    columns = [(head, cell) for head, cell, optional in _COLUMNS
+               if not optional or any(cell(b) != "-" for b in batches.values())]
+    rows = [["batch", *(head for head, _ in columns)]]
+    rows += [[bs, *(cell(b) for _, cell in columns)] for bs, b in batches.items()]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if any(not b.get("converged", True) for b in batches.values()):
+        lines.append("* the median's confidence interval did not reach the tolerance before max_measure_s")
+    method = _MEMORY_METHODS.get(profile.get("memory_method", ""), profile.get("memory_method"))
+    if method:
+        lines.append(f"peak MB: {method}")
+    return lines
+
+
+_MEMORY_METHODS = {"cuda_max_memory_allocated": "torch.cuda.max_memory_allocated over one call",
+                   "weights+profiler_cpu_allocation_peak": "the weights plus the peak of the CPU allocations torch's "
+                                                          "profiler saw in one call"}
+
+
+# The figures of the GPU's steady window (NVML, GPM) as the trial metrics name them: (what it is, unit).
+_WINDOW = {"energy_per_call_j": ("energy per call", "J"), "power_w": ("power", "W"), "gpu_util": ("GPU busy", "%"),
+           "sm_util": ("SMs busy", "%"), "sm_occupancy": ("SM occupancy", "%"), "tensor_util": ("tensor cores", "%"),
+           "dram_bw_util": ("DRAM bandwidth", "%")}
+
+
+def _extras(metrics: dict[str, float], profile: dict[str, Any]) -> list[str]:
+    """The lines under the table: the GPU's steady window, what is unavailable and why, the kernels, whether other
+    processes disturbed the timing, and whether the figures came from the measurement cache."""
+    lines = []
+    window = [f"{name} {_pct(metrics[key]) if unit == '%' else f'{_fmt(metrics[key])} {unit}'}"
+              for key, (name, unit) in _WINDOW.items() if metrics.get(key) is not None]
+    if window:
+        lines.append("steady window: " + ", ".join(window))
+    for name, reason in (profile.get("unavailable") or {}).items():
+        lines.append(f"unavailable: {name}: {reason}")
+    for bs, kernels in (profile.get("kernels") or {}).items():
+        if "top" not in kernels:
+            lines.append(f"kernels at batch {bs}: unavailable: {kernels.get('unavailable')}")
+            continue
+        lines.append(f"top {kernels['kind']} at batch {bs} ({kernels['count']} distinct):")
+        lines += [f"  {k['self_us']:>10.0f} us  {k['calls']:>5}x  {_short(k['name'])}" for k in kernels["top"]]
+    if profile.get("disturbed"):
+        shares = {bs: b.get("disturbance", {}).get("others_cpu_share") for bs, b in profile["batches"].items()}
+        lines.append("disturbed: other processes took the CPUs while timing, after every retry (others' share per "
+                     "batch size: " + ", ".join(f"{bs}: {v:.0%}" for bs, v in shares.items() if v is not None)
+                     + "); measure again on a quiet machine")
+    if profile.get("cache", {}).get("hit"):
+        lines.append(f"reused from the measurement cache: {profile['cache']['from']}")
+    return lines
+
+
+def _short(name: str, width: int = 100) -> str:
+    """A kernel's name cut to a line: a CUDA kernel's template arguments run to 800 characters, and its first 100
+    name it (the whole name stays in the profile)."""
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else "yes" if flag else "no"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
