@@ -1,13 +1,22 @@
-"""Recovery of trials that a stopped driver left RUNNING: a dead local pid, silent heartbeats, no driver at all."""
+"""Recovery of trials that a stopped driver left RUNNING: a dead local pid, silent heartbeats, no driver at all;
+and a damaged SQLite file, refused with the command that recovers it."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import time
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 
 import optuna
+import pytest
+from conftest import copy_study
 from optuna.trial import TrialState
 
 from dsnas import storage as dsnas_storage
+from dsnas.cli import main
 
 
 def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkeypatch):
@@ -41,3 +50,85 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
     assert sorted(t.user_attrs["requeued_from"] for t in waiting) == recovered
     assert [t.params for t in waiting if t.user_attrs["requeued_from"] == elsewhere.number] == [{"x": elsewhere.params["x"]}]
     assert dsnas_storage.recover_stale_trials(study) == []  # nothing twice
+
+
+# A damaged SQLite file: the commands refuse it in one line that names the file and the recovery, and never
+# write to it (whatever it still holds can be copied out only while it is left as it is).
+
+def _damaged_copy(finished_study: Path, dest: Path, damage: Callable[[Path], None]) -> tuple[Path, Path, bytes]:
+    study = copy_study(finished_study, dest)
+    db_file = study.with_suffix(".db")
+    damage(db_file)
+    return study, db_file, db_file.read_bytes()
+
+
+def _truncate_to_half(db_file: Path) -> None:
+    os.truncate(db_file, db_file.stat().st_size // 2)
+
+
+def _overwrite_page_of(table: str) -> Callable[[Path], None]:
+    """Overwrites the first page of ``table``: a page that opening the study does not read."""
+    def damage(db_file: Path) -> None:
+        with closing(sqlite3.connect(db_file)) as conn:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+        with db_file.open("r+b") as f:
+            f.seek((root - 1) * page_size)
+            f.write(b"\xa5" * page_size)
+    return damage
+
+
+@pytest.mark.parametrize("damage, detail", [
+    (_truncate_to_half, "database disk image is malformed"),
+    (_overwrite_page_of("trial_user_attributes"), "quick_check: "),
+], ids=["truncated", "overwritten-page"])
+@pytest.mark.parametrize("command", [["report"], ["export", "--pick", "knee"], ["search"]],
+                         ids=["report", "export", "search"])
+def test_a_damaged_sqlite_file_is_refused_with_the_recovery_command(finished_study, tmp_path, capsys, damage, detail,
+                                                                     command):
+    study, db_file, before = _damaged_copy(finished_study, tmp_path / "study", damage)
+
+    assert main([command[0], str(study), *command[1:]]) == 2
+
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last.startswith(f"dsnas: error: {db_file}: the study database is damaged ({detail}"), last
+    assert "dsnas wrote nothing to it" in last
+    assert f"`sqlite3 {db_file} .recover | sqlite3 {tmp_path / 'study' / 'tiny-recovered.db'}`" in last
+    assert f"sqlite3 {db_file} .dump | sed" in last
+    assert f'[study] storage = "sqlite:///{tmp_path / "study" / "tiny-recovered.db"}"' in last
+    assert "password" not in last
+    assert db_file.read_bytes() == before
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    db_file = tmp_path / "s.db"
+    db_file.write_bytes(b"not SQLite at all\n" * 400)
+
+    with pytest.raises(dsnas_storage.DamagedDatabase, match=r"s\.db: the study database is damaged \(file is not a "
+                                                           r"database\)"):
+        dsnas_storage.open_storage(f"sqlite:///{db_file}")
+    assert db_file.read_bytes() == b"not SQLite at all\n" * 400
+
+
+def test_damage_met_after_opening_is_named_too(finished_study, tmp_path):
+    """The disk fails during a run: the read that meets the damaged page raises DamagedDatabase, not Optuna's
+    StorageInternalError about a commit."""
+    study_file = copy_study(finished_study, tmp_path / "study")
+    db_file = study_file.with_suffix(".db")
+    storage = dsnas_storage.open_storage(f"sqlite:///{db_file}")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    _overwrite_page_of("trial_user_attributes")(db_file)
+    storage.engine.dispose()  # a new connection: no page cached from before the damage
+
+    with pytest.raises(dsnas_storage.DamagedDatabase) as caught:
+        study.get_trials()
+    assert "database disk image is malformed" in str(caught.value)
+    assert "wrote nothing" not in str(caught.value)  # the run wrote to it before the damage
+
+
+def test_a_locked_file_is_not_called_damaged():
+    locked = sqlite3.OperationalError("database is locked")
+    assert dsnas_storage._damage(locked) is None
+    assert dsnas_storage._damage(sqlite3.DatabaseError("database disk image is malformed")) is not None

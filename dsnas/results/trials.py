@@ -9,6 +9,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dsnas.errors import DsnasError
+from dsnas.pareto import front_indices
+from dsnas.profiler.device import fingerprint_id
+from dsnas.results.volume import dominated_volume as volume
+from dsnas.spec import OBJECTIVES
+from dsnas.storage import check_sqlite_file, display_url, quiet_optuna, sqlite_file, storage_engine
 
 
 @dataclass(frozen=True)
@@ -25,12 +30,12 @@ def load(storage: str, study: str) -> Any:
     the hardware limits; see :func:`front` and :func:`hypervolume`."""
     import optuna
 
-    from dsnas.storage import display_url, quiet_optuna, sqlite_file
 
     quiet_optuna()
     db_file = sqlite_file(storage)
     if db_file is not None and not db_file.exists():  # opening it would create an empty database
         raise DsnasError(f"{db_file}: no such study database. Fix: run `dsnas search` first, or check the path")
+    check_sqlite_file(storage)  # a damaged file: one line that names it and how to recover it
     try:
         loaded = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
@@ -58,9 +63,7 @@ def frame(study: Any) -> Any:
 def _study_meta(study: Any) -> tuple[list[Objective], dict[str, float]]:
     """Objectives and constraints as the driver recorded them, or (a study without dsnas's tables) as
     the objective names map onto dsnas's metrics."""
-    from dsnas.results.tables import study_record
-    from dsnas.spec import OBJECTIVES
-    from dsnas.storage import storage_engine
+    from dsnas.tables import study_record  # SQLAlchemy loads on first use
 
     engine = storage_engine(study)
     record = study_record(engine, study.study_name) if engine is not None else None
@@ -119,8 +122,6 @@ def _seconds(t: Any) -> float | None:
 
 
 def _fingerprint_columns(fp: dict[str, Any] | None) -> dict[str, Any]:
-    from dsnas.profiler.device import fingerprint_id
-
     if not fp:
         return {"fingerprint": None, "fingerprint_id": None}
     what = fp.get("gpu") or fp.get("cpu", "?")
@@ -156,8 +157,6 @@ def done_trials(df: Any, feasible_only: bool = True) -> Any:
 
 def front(df: Any, feasible_only: bool = True) -> Any:
     """The non-dominated completed trials (feasible ones only, unless told), best first in the first objective."""
-    from dsnas.results.pareto import front_indices
-
     objs = objectives(df)
     done = done_trials(df, feasible_only)
     points = done[[o.column for o in objs]].to_numpy().tolist()
@@ -183,8 +182,6 @@ def default_reference(df: Any) -> dict[str, float]:
 def hypervolume(df: Any, reference: dict[str, float] | None = None) -> float:
     """Hypervolume of the feasible completed trials, bounded by ``reference`` (objective name -> value;
     default: :func:`default_reference`). Units are the product of the objectives' units."""
-    from dsnas.results.volume import dominated_volume as volume
-
     objs = objectives(df)
     reference = _check_reference(df, reference)
     done = done_trials(df)
@@ -197,7 +194,6 @@ def hypervolume_history(df: Any, reference: dict[str, float] | None = None) -> A
     wall_s (seconds since the study's first trial started) and hypervolume."""
     import pandas as pd
 
-    from dsnas.results.volume import dominated_volume as volume
 
     objs = objectives(df)
     reference = _check_reference(df, reference)
