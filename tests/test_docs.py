@@ -1,0 +1,122 @@
+"""The docs: the generated study-file reference is current and every key it lists loads; the README stays short and
+every relative link in it and in docs/ points at a file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsnas import spec, spec_docs
+from dsnas.errors import SpecError
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+README_MAX_LINES = 120
+SPACE = str(REPO / "search_spaces" / "transformer_lm.toml")
+
+
+def test_study_file_reference_is_current():
+    page = DOCS / "study-file.md"
+    assert page.read_text() == spec_docs.render(), f"docs/study-file.md is stale: run `{spec_docs.COMMAND}`"
+
+
+def test_every_study_file_table_is_documented():
+    documented = {t.name.partition(".")[0] for t in spec_docs.tables()} | set(spec_docs.HAND_WRITTEN)
+    assert documented == set(spec._SECTIONS)
+    hints = typing.get_type_hints(spec.StudySpec)
+    loose = {f.name for f in dataclasses.fields(spec.StudySpec) if not dataclasses.is_dataclass(hints[f.name])}
+    assert loose <= set(spec_docs.NOT_KEYS) | set(spec_docs.HAND_WRITTEN["study"]) | {"objectives"}
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _write(folder: Path, raw: dict[str, Any]) -> Path:
+    lines = [f"{k} = {_toml(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    tables = [(k, v) for k, v in raw.items() if isinstance(v, dict)]
+    while tables:
+        name, table = tables.pop(0)
+        lines += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items() if not isinstance(v, dict))]
+        tables += [(f"{name}.{k}", v) for k, v in table.items() if isinstance(v, dict)]
+    path = folder / "docs_check.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _study(**tables: dict[str, Any]) -> dict[str, Any]:
+    raw: dict[str, Any] = {"budget": {"n_trials": 2}, "space": {"file": SPACE}}
+    for name, keys in tables.items():
+        table = raw
+        for part in name.split("."):
+            table = table.setdefault(part, {})
+        table.update(keys)
+    return raw
+
+
+def _keys() -> list[tuple[str, spec_docs.Key]]:
+    return [(t.name, k) for t in spec_docs.tables() for k in t.keys]
+
+
+@pytest.mark.parametrize("table,key", _keys(), ids=lambda v: getattr(v, "name", v))
+def test_each_documented_key_is_one_the_loader_takes(tmp_path, table, key):
+    """A key with a default loads set to it; one without is refused for its type, not as unknown."""
+    if key.default is not None and key.default is not spec_docs.UNSET:
+        value = list(key.default) if isinstance(key.default, tuple) else key.default
+        spec.load_study(_write(tmp_path, _study(**{table: {key.name: value}})))
+        return
+    with pytest.raises(SpecError) as caught:
+        spec.load_study(_write(tmp_path, _study(**{table: {key.name: [True]}})))
+    assert caught.value.key.startswith(f"{table}.{key.name}") and "not a known key" not in caught.value.rule
+
+
+def test_hand_written_keys_load(tmp_path):
+    study = {"name": "docs_check", "seed": 0, "storage": f"sqlite:///{tmp_path / 'docs.db'}"}
+    assert set(study) == set(spec_docs.HAND_WRITTEN["study"])
+    spec.load_study(_write(tmp_path, _study(study=study)))
+    objectives = {name: "minimize" for name in spec_docs.HAND_WRITTEN["objectives"]}
+    loaded = spec.load_study(_write(tmp_path, _study(objectives=objectives)))
+    assert [o.name for o in loaded.objectives] == list(objectives)
+
+
+@pytest.mark.parametrize("name", sorted(spec_docs.NOT_KEYS))
+def test_fields_left_out_of_the_reference_are_not_keys(tmp_path, name):
+    table, _, key = name.rpartition(".")
+    raw = _study(**{table: {key: "."}}) if table else {**_study(), key: "."}
+    with pytest.raises(SpecError):
+        spec.load_study(_write(tmp_path, raw))
+
+
+def _pages() -> list[Path]:
+    return sorted(p for p in DOCS.glob("*.md") if p.name != "README.md")
+
+
+def test_readme_is_short_and_names_every_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES, "the README is one or two screens: move the rest to docs/"
+    index = (DOCS / "README.md").read_text()
+    assert _pages()
+    for page in _pages():
+        assert f"(docs/{page.name})" in readme, f"README.md links no docs/{page.name}"
+        assert f"({page.name})" in index, f"docs/README.md links no {page.name}"
+
+
+@pytest.mark.parametrize("doc", [REPO / "README.md", *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
+def test_relative_links_point_at_files(doc):
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if "://" in target or target.startswith(("#", "mailto:")):
+            continue
+        path = (doc.parent / target.partition("#")[0]).resolve()
+        assert path.exists(), f"{doc.relative_to(REPO)} links {target}, which is not there"
