@@ -4,22 +4,19 @@ from the device's clocks and widths, which no kernel reaches."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.capabilities import nvml_facts
 from dsnas.profiler.timing import cpu_threads
 
 log = logging.getLogger(__name__)
 
-CACHE_TYPE, CACHE_VERSION = "dsnas.ceilings_cache", 1
+CACHE_TYPE = "dsnas.ceilings_cache"
 GEMM_SIZES = (1024, 2048)  # large enough to be compute-bound on a CPU, small enough for ~1 s on 2 cores
 STREAM_ARRAY_BYTES = 128 * 2**20  # two arrays, 256 MiB in all: far beyond a last-level cache of one CPU complex
 # FMA lanes per SM per clock, from NVIDIA's architecture whitepapers (the numbers torch.cuda._device_limits uses).
@@ -95,27 +92,21 @@ def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceiling
     import torch
 
     threads = threads or torch.get_num_threads()
-    key = _cache_key(fingerprint, threads)
-    entry = _read_cache(cache_file()).get(key)
+    key = entry_key(fingerprint=fingerprint, threads=threads)
+    entry = read_entries(cache_file(), CACHE_TYPE).get(key)
     if isinstance(entry, dict):
         try:
             return Ceilings.from_dict(entry["ceilings"])
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring a malformed ceilings cache entry %s; measuring again", key)
     measured = measure_ceilings(threads)
-    # Read again just before writing: another process may have stored its own entry meanwhile.
-    entries = _read_cache(cache_file())
-    entries[key] = {"fingerprint": fingerprint, "threads": threads, "ceilings": measured.as_dict()}
-    _write_cache(cache_file(), entries)
+    store_entry(cache_file(), CACHE_TYPE, key,
+                {"fingerprint": fingerprint, "threads": threads, "ceilings": measured.as_dict()})
     return measured
 
 
 def cache_file() -> Path:
-    """``$DSNAS_CACHE_DIR/ceilings.json``, else under ``$XDG_CACHE_HOME/dsnas``, else ``~/.cache/dsnas``."""
-    root = os.environ.get("DSNAS_CACHE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsnas")
-    return Path(root) / "ceilings.json"
+    return cache_dir() / "ceilings.json"
 
 
 def gpu_peaks(device: Any) -> GpuPeaks:
@@ -200,41 +191,3 @@ def _stream_bandwidth(torch: Any) -> tuple[float, str]:
     moved = 2 * STREAM_ARRAY_BYTES
     return moved / seconds / 1e9, (f"fp32 copy_ of {STREAM_ARRAY_BYTES >> 20} MiB, best of {reps}; bytes = read + "
                                    "write (write-allocate traffic not counted, as in STREAM)")
-
-
-def _cache_key(fingerprint: dict[str, Any], threads: int) -> str:
-    text = json.dumps({"fingerprint": fingerprint, "threads": threads}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    """The cached entries; a missing, unreadable or foreign file reads as empty and is rewritten on store."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        log.warning("ignoring unreadable ceilings cache %s (%s); it will be rewritten", path, err)
-        return {}
-    if not isinstance(data, dict) or data.get("_type") != CACHE_TYPE or not isinstance(data.get("entries"), dict):
-        log.warning("ignoring ceilings cache %s: not a %s file; it will be rewritten", path, CACHE_TYPE)
-        return {}
-    return data["entries"] if data.get("_version") == CACHE_VERSION else {}
-
-
-def _write_cache(path: Path, entries: dict[str, Any]) -> None:
-    """Temp file + os.replace, so a reader never sees half a file. A cache that cannot be written costs a
-    re-measurement next time, not a failed run."""
-    text = json.dumps({"_type": CACHE_TYPE, "_version": CACHE_VERSION, "entries": entries}, indent=1)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".ceilings-", suffix=".tmp",
-                                         delete=False) as f:
-            tmp = f.name
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        log.warning("could not write ceilings cache %s: %s", path, err)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
