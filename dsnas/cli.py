@@ -125,7 +125,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
         found = ceilings(fp, args.threads)
         print("ceilings: " + ", ".join(f"{k}={v}" for k, v in found.as_dict().items()))
+    if args.engine:
+        print("\n" + _engine_table(Path(args.engine), args.device, args.threads))
     return 0
+
+
+def _engine_table(study_file: Path, device: str, threads: int | None) -> str:
+    """The engine probe at a study's shapes (its space's widths, its task's context, its batch sizes)."""
+    from dsnas.engine_offer import study_shapes
+    from dsnas.profiler.engine_probe import probe_on_device
+    from dsnas.space import load_space_file
+    from dsnas.spec import check_plugins, read_study
+    from dsnas.tasks import make_task
+
+    spec = read_study(study_file)
+    if spec.space.file is None:
+        raise DsnasError(f"{study_file}: [space] names a callable; --engine needs a space file to read its widths")
+    check_plugins(spec)
+    context = int(make_task(spec.task).arch_defaults().get("context", 1))
+    shapes = study_shapes(load_space_file(spec.space.file), spec, context)
+    if not shapes:
+        raise DsnasError(f"{spec.space.file}: its model family does not say its layers' widths, so there is "
+                         "nothing to probe")
+    return probe_on_device(device, shapes, threads or spec.hardware.threads).table()
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -236,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help=cmd_doctor.__doc__, description=cmd_doctor.__doc__)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--ceilings", action="store_true", help="also measure (or read cached) CPU GEMM/bandwidth peaks")
-    p.add_argument("--threads", type=int, help="threads for --ceilings (default: all cores)")
+    p.add_argument("--threads", type=int, help="threads for --ceilings and --engine (default: all cores)")
+    p.add_argument("--engine", nargs="?", const=str(_example("studies/quickstart.toml")), metavar="STUDY",
+                   help="also probe which engine choices pay here, at STUDY's layer shapes (default: the quickstart)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("profile", help=cmd_profile.__doc__, description=cmd_profile.__doc__)

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsnas.engine_offer import settle
 from dsnas.executors import BaseExecutor, make_executor
 from dsnas.fidelity import RungJudge
 from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.progress import Progress
 from dsnas.screening import Screen, arch_counter
-from dsnas.space import arch_sampler
+from dsnas.space import arch_sampler, load_space_file
 from dsnas.spec import StudySpec
 from dsnas.storage import (
     HEARTBEAT_S,
@@ -42,7 +43,7 @@ class Driver:
 
     def __init__(self, spec: StudySpec, study: Any, trial_fn: TrialFn, progress: Progress) -> None:
         self.spec, self.study, self.progress = spec, study, progress
-        self.sample = arch_sampler(spec.space.file, spec.space.callable, spec.base_dir)
+        self._sample: Any = None  # settled before the first trial (see _sampler)
         self.task = make_task(spec.task)
         self.task_arch = self.task.arch_defaults()
         self.trial_fn = trial_fn
@@ -80,6 +81,18 @@ class Driver:
                 with self.guard.writing():
                     self._record(self.running[number], outcome)
             self._stop_overdue()
+
+    def _sampler(self) -> Any:
+        """The function from an Optuna trial to an architecture; a space whose engine choices the device decides is
+        settled first (dsnas.engine_offer), once, where the trials run."""
+        spec = self.spec
+        if spec.space.file is None:
+            return arch_sampler(None, spec.space.callable, spec.base_dir)
+        space = load_space_file(spec.space.file)
+        if space.by_device:
+            space = self.db("settle the engine choices", settle, space, spec, self.study,
+                            int(self.task_arch.get("context", 1)), self.executor.call, self.progress.say)
+        return space.sample
 
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
@@ -145,13 +158,15 @@ class Driver:
         """Start one trial; False when the budget had no room left once the study was locked."""
         from dsnas import tables  # SQLAlchemy loads on first use
 
+        if self._sample is None:
+            self._sample = self._sampler()
         trial = self.db("start a trial", self._take_place)
         if trial is None:
             return False
         self.running[trial.number] = trial  # from here on, an interrupt fails it (see close)
         try:
             # Sampling again after a lost connection is harmless: a parameter stored once is returned as stored.
-            arch = {**self.db(f"sample trial {trial.number}", self.sample, trial), **self.task_arch}
+            arch = {**self.db(f"sample trial {trial.number}", self._sample, trial), **self.task_arch}
             validate(arch)
         except StorageLost:
             raise

@@ -16,14 +16,38 @@ from dsnas.plugins import import_callable
 SampleFn = Callable[[Any], dict[str, Any]]
 
 
+# `precision = "auto"` (or a space-level `engine = "auto"`, which also decides sparsity): the engine probe decides.
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Choices for one model family. ``choices`` are sampled once per model (a layer key there is shared
-    by all layers); ``per_layer`` once per layer, as ``layer{i}.{key}``."""
+    by all layers); ``per_layer`` once per layer, as ``layer{i}.{key}``. ``by_device`` names the engine keys the
+    engine probe decides on the trial's device (see :meth:`resolved`); until then they hold fp32 / dense only."""
 
     family: str
     choices: dict[str, tuple[Any, ...]]
     per_layer: dict[str, tuple[Any, ...]]
+    by_device: tuple[str, ...] = ()
+
+    def resolved(self, precisions: tuple[str, ...], sparsities: tuple[str, ...]) -> SearchSpace:
+        """This space with its ``by_device`` keys set to what pays on the device (the probe's offer)."""
+        if any(s != "dense" for s in sparsities):
+            try:  # 2:4 needs widths in groups of 4: a space that cannot build it is offered dense only
+                family(self.family).check_choices({**self.choices, **self.per_layer, "sparsity": sparsities})
+            except Invalid:
+                sparsities = ("dense",)
+        offer = {"precision": precisions, "sparsity": sparsities}
+        choices = {k: offer[k] if k in self.by_device else v for k, v in self.choices.items()}
+        per_layer = {k: offer[k] if k in self.by_device else v for k, v in self.per_layer.items()}
+        return SearchSpace(self.family, choices, per_layer)
+
+    def linear_widths(self) -> list[tuple[int, int]]:
+        """The (in, out) widths of the engine layers this space can build (for the probe); [] when the family does
+        not say."""
+        widths = getattr(family(self.family), "linear_widths", None)
+        return widths({**self.choices, **self.per_layer}) if widths else []
 
     def sample(self, trial: Any) -> dict[str, Any]:
         picked = {key: _suggest(trial, key, options) for key, options in self.choices.items()}
@@ -53,7 +77,7 @@ def load_space_file(path: str | Path) -> SearchSpace:
     except (OSError, ValueError, RecursionError) as e:  # also bad UTF-8, an int of > 4300 digits, deep nesting
         raise SpecError(where, "-", f"must be a readable TOML file ({e})", None,
                         "check the path and the TOML syntax") from None
-    reject_unknown(where, "", raw, ("family", "choices", "per_layer"))
+    reject_unknown(where, "", raw, ("family", "engine", "choices", "per_layer"))
     name = raw.get("family")
     if name not in FAMILIES:
         raise SpecError(where, "family", f"must be one of {list(FAMILIES)}", name, 'set family = "transformer_lm"')
@@ -63,6 +87,7 @@ def load_space_file(path: str | Path) -> SearchSpace:
     choices = _options(where, "choices", raw.get("choices", {}), fam.ARCH_KEYS + optional_arch + fam.LAYER_KEYS,
                        named)
     per_layer = _options(where, "per_layer", raw.get("per_layer", {}), fam.LAYER_KEYS, named)
+    by_device = _by_device(where, raw, choices, per_layer)
     for key in fam.ARCH_KEYS:
         if key not in choices:
             raise SpecError(where, f"choices.{key}", "is required", None, f"add {key} = [...] under [choices]")
@@ -77,7 +102,30 @@ def load_space_file(path: str | Path) -> SearchSpace:
     except Invalid as e:
         section = "choices" if e.key in choices else "per_layer"
         raise SpecError(where, f"{section}.{e.key}", e.rule, e.got, e.fix) from None
-    return SearchSpace(family=name, choices=choices, per_layer=per_layer)
+    return SearchSpace(family=name, choices=choices, per_layer=per_layer, by_device=by_device)
+
+
+def _by_device(where: str, raw: dict[str, Any], choices: dict[str, tuple[Any, ...]],
+               per_layer: dict[str, tuple[Any, ...]]) -> tuple[str, ...]:
+    """The engine keys the probe decides, each left at fp32 / dense in its section until it has: `precision =
+    "auto"`, or `engine = "auto"` (precision and sparsity, per layer). Sparsity's own "auto" is another thing (the
+    Hessian trace decides per layer, see dsnas.kernels.choices) and stays as it is."""
+    engine = raw.get("engine")
+    if engine is not None:
+        if engine != AUTO:
+            raise SpecError(where, "engine", 'must be "auto" (the engine probe decides precision and sparsity)',
+                            engine, 'set engine = "auto", or remove it and list precision and sparsity')
+        given = [k for k in ("precision", "sparsity") if k in choices or k in per_layer]
+        if given:
+            raise SpecError(where, "engine", f'= "auto" decides {" and ".join(given)} itself', given,
+                            f'remove {" and ".join(given)}, or remove engine = "auto"')
+        per_layer.update(precision=("fp32",), sparsity=("dense",))
+        return ("precision", "sparsity")
+    for section in (choices, per_layer):
+        if AUTO in section.get("precision", ()):
+            section["precision"] = ("fp32",)
+            return ("precision",)
+    return ()
 
 
 def _options(where: str, section: str, table: Any, known: tuple[str, ...],
@@ -88,6 +136,12 @@ def _options(where: str, section: str, table: Any, known: tuple[str, ...],
     out = {}
     for key, value in table.items():
         values = value if isinstance(value, list) else [value]
+        if key == "precision" and AUTO in values:
+            if values != [AUTO]:
+                raise SpecError(where, f"{section}.{key}", '"auto" must stand alone: the probe decides the whole '
+                                "list", value, 'write precision = "auto", or list the precisions without it')
+            out[key] = (AUTO,)
+            continue
         if key in named:
             allowed = named[key]
             if not values or any(isinstance(v, bool) or v not in allowed for v in values):

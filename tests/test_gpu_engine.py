@@ -255,3 +255,17 @@ def test_steady_window_of_a_bf16_matmul_loop_on_a_real_gpu():
         pytest.skip(f"no GPM SM utilization on {torch.cuda.get_device_name(device)}: "
                     f"{result.unavailable.get('sm_util')}")
     assert result.sm_util >= 0.8  # a ratio (GPM's percent / 100): a large GEMM keeps the SMs busy
+
+
+def test_the_engine_probe_on_a_gpu_offers_bf16_and_times_fp8_and_the_sparse_kernel(tmp_path, monkeypatch):
+    """At widths where tensor cores pay, bf16 is offered; fp8 and 2:4 run their own kernels (or say why not)."""
+    from dsnas.profiler import engine_probe as ep
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    probe = ep.probe_engine(torch.device("cuda"), ep.linear_shapes([(1024, 1024), (1024, 4096)], [2048]))
+    assert probe.verdicts["bf16"].offered, probe.table()
+    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    assert (probe.verdicts["fp8"].speedup is not None) == fp8_ok, probe.table()
+    sparse = probe.verdicts["2:4"]
+    assert sparse.speedup is not None and ("cusparselt" in sparse.kernel or "cutlass" in sparse.kernel
+                                           or "no sparse kernel runs here" in sparse.why), probe.table()

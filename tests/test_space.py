@@ -82,6 +82,11 @@ CASES: list[tuple[str, str, str, str, str | None]] = [
      'write each choice once: ["2:4"]'),
     ("precision-in-both", VALID.replace("d_model = [32, 64]", 'd_model = [32, 64]\nprecision = "bf16"')
      + 'precision = ["fp32"]\n', "precision", "must be given once", "add precision = [...] to exactly one of them"),
+    ("auto-precision-not-alone", VALID + 'precision = ["auto", "int8"]\n', "per_layer.precision",
+     '"auto" must stand alone', 'write precision = "auto"'),
+    ("engine-not-auto", 'engine = "fast"\n' + VALID, "engine", 'must be "auto"', 'set engine = "auto"'),
+    ("engine-auto-and-precision", 'engine = "auto"\n' + VALID + 'precision = ["fp32", "bf16"]\n', "engine",
+     '= "auto" decides precision itself', 'remove precision, or remove engine = "auto"'),
     ("sparse-d_model-not-divisible-by-4", VALID.replace("d_model = [32, 64]", "d_model = [34]")
      .replace("n_heads = [1, 2, 4]", "n_heads = [1, 2]") + 'sparsity = ["dense", "2:4"]\n', "choices.d_model",
      "2:4 sparsity needs every d_model divisible by 4", "use multiples of 4"),
@@ -215,3 +220,21 @@ def test_shipped_space_loads_and_samples(path: Path) -> None:
     space = load_space_file(path)
     arch = space.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask())
     assert arch["family"] == space.family and len(arch["layers"]) >= 1
+
+
+def test_auto_engine_choices_are_fp32_dense_until_the_device_decides(tmp_path: Path) -> None:
+    """`precision = "auto"` and `engine = "auto"` hold fp32 / dense only (safe anywhere) until resolved with what
+    the engine probe found paying; 2:4 is dropped where the widths cannot take it."""
+    auto = load_space_file(write_space(tmp_path, VALID + 'precision = "auto"\n'))
+    assert auto.by_device == ("precision",) and auto.per_layer["precision"] == ("fp32",)
+    offered = auto.resolved(("fp32", "bf16", "int8"), ("dense", "2:4"))
+    assert offered.per_layer["precision"] == ("fp32", "bf16", "int8") and "sparsity" not in offered.per_layer
+    engine = load_space_file(write_space(tmp_path, 'engine = "auto"\n' + VALID))
+    assert engine.by_device == ("precision", "sparsity")
+    assert (engine.per_layer["precision"], engine.per_layer["sparsity"]) == (("fp32",), ("dense",))
+    resolved = engine.resolved(("fp32", "int8"), ("dense", "2:4"))
+    assert resolved.per_layer["sparsity"] == ("dense", "2:4") and not resolved.by_device
+    odd = load_space_file(write_space(tmp_path, 'engine = "auto"\n' + VALID.replace("[32, 64]", "[34]")
+                                      .replace("[1, 2, 4]", "[1, 2]", 1)))
+    assert odd.resolved(("fp32",), ("dense", "2:4")).per_layer["sparsity"] == ("dense",)
+    assert auto.linear_widths() == [(32, 32), (64, 64), (32, 128), (64, 256)]

@@ -323,7 +323,8 @@ def test_fp8_choices_are_refused_where_trials_run_on_the_cpu(tmp_path: Path) -> 
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("this GPU runs fp8")
     space = tmp_path / "space.toml"
-    space.write_text(SPACE.read_text().replace('precision = ["fp32", "int8"]', 'precision = ["fp32", "fp8"]'))
+    space.write_text(SPACE.read_text().replace('engine = "auto"\n', "")
+                     .replace("[per_layer]\n", '[per_layer]\nprecision = ["fp32", "fp8"]\n'))
     path = write_study(tmp_path, space={"file": "space.toml"}, hardware={"device": "cpu"})
     with pytest.raises(SpecError) as info:
         load_study(path)

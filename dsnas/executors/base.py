@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 from dsnas.rungs import RungReport
 from dsnas.trial import TrialFn, TrialRequest, TrialResult
@@ -35,6 +36,10 @@ class BaseExecutor(abc.ABC):
     @abc.abstractmethod
     def cancel(self, trial: int) -> None:
         """Stop one trial and reclaim its worker (the driver fails it)."""
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` run once where the trials run, with a trial's resources (the engine probe); its result."""
+        return fn(*args)
 
     def lost_worker(self, error: BaseException) -> bool:
         """Whether ``error`` says the trial's worker died (a crash, an out-of-memory kill, a lost node), so that

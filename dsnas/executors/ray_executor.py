@@ -48,13 +48,16 @@ class RayExecutor(BaseExecutor):
         self.slots = spec.workers or max(1, fit)
         # max_retries=0: Ray's default (3) would silently re-run a candidate that crashed its worker;
         # a crash is a result (a FAIL trial with its reason), and the driver decides about re-runs.
-        self._remote = ray.remote(num_cpus=spec.cpus_per_trial, num_gpus=gpus, max_retries=0,
-                                  retry_exceptions=False)(trial_fn)
+        self._resources = {"num_cpus": spec.cpus_per_trial, "num_gpus": gpus}
+        self._remote = ray.remote(**self._resources, max_retries=0, retry_exceptions=False)(trial_fn)
         self._running: dict[Any, int] = {}
         self._oom_kills_at_submit: dict[Any, int | None] = {}  # ref -> the kernel's OOM-kill count then
         self._on_rung = on_rung
         self._board: Any = None  # the rung board actor, started with the first trial that reports at rungs
         self._poll: Any = None  # the outstanding long poll of the board
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._ray.get(self._ray.remote(**self._resources, max_retries=0)(fn).remote(*args))
 
     def submit(self, request: TrialRequest) -> None:
         if request.rungs is not None and self._on_rung is not None:

@@ -37,6 +37,13 @@ def check_choices(options: dict[str, tuple[Any, ...]]) -> None:
                     f"({d} % {h} != 0)", list(options["d_model"]), "use multiples of the largest n_heads")
 
 
+def linear_widths(options: dict[str, tuple[Any, ...]]) -> list[tuple[int, int]]:
+    """(in, out) of the engine layers a space can build, two per width: the attention's output projection and the
+    widest FFN's up projection. The engine probe times its choices at these."""
+    ratio = max(options.get("ffn_ratio", (1,)))
+    return [(d, d) for d in options["d_model"]] + [(d, ratio * d) for d in options["d_model"]]
+
+
 def validate(arch: dict[str, Any]) -> None:
     for key in ("d_model", "layers", *TASK_KEYS):
         require(key in arch, key, "the architecture needs this key", None)

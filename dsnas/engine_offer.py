@@ -1,0 +1,51 @@
+"""A space's device-decided engine choices (`precision = "auto"`, `engine = "auto"`), settled once per study before
+its first trial: the engine probe runs where the trials run, the space offers what pays there, and the offer is
+stored in the study so that a resumed study samples from the same choices (Optuna's distributions stay fixed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dsnas.profiler.engine_probe import EngineProbe, Shape, linear_shapes, probe_on_device
+from dsnas.space import SearchSpace
+from dsnas.spec import StudySpec
+
+OFFER_ATTR = "dsnas_engine_offer"  # the study's user attribute that keeps the offer
+
+
+def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: Callable[..., Any],
+           say: Callable[[str], None]) -> SearchSpace:
+    """``space`` with its ``by_device`` keys decided. ``call(fn, *args)`` runs fn where the trials run."""
+    stored = study.user_attrs.get(OFFER_ATTR)
+    if stored:
+        say(f"  engine: {_offer_line(stored)} (decided at this study's first run on {stored['device']})")
+        return space.resolved(tuple(stored["precision"]), tuple(stored["sparsity"]))
+    shapes = study_shapes(space, spec, context)
+    if not shapes:
+        offer = {"precision": ["fp32"], "sparsity": ["dense"], "device": "-",
+                 "why": f"the {space.family} family does not say its layers' widths, so nothing was probed"}
+    else:
+        probe: EngineProbe = call(probe_on_device, spec.hardware.device, shapes, spec.hardware.threads)
+        say("\n".join("  " + line for line in probe.table().splitlines()))
+        offer = {"precision": list(probe.precisions()), "sparsity": list(probe.sparsities()), "device": probe.device,
+                 "fingerprint_id": probe.fingerprint_id, "probe": probe.as_dict()}
+    offered = [c for c in offer["precision"] + offer["sparsity"] if c not in ("fp32", "dense")]
+    if not offered:  # not an error: the search goes on, over what runs fastest here
+        say(f"  engine: no engine choice pays on {offer['device']} at this space's shapes"
+            f"{' (' + offer['why'] + ')' if 'why' in offer else ''}: this study searches fp32 dense layers only")
+    else:
+        say(f"  engine: {_offer_line(offer)}")
+    study.set_user_attr(OFFER_ATTR, offer)
+    return space.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]))
+
+
+def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Shape, ...]:
+    """The shapes the probe times: the space's layer widths at the rows of the smallest batch size (the latency
+    limit's) and of the largest (the throughput objective's)."""
+    sizes = sorted(set(spec.hardware.batch_sizes))
+    return linear_shapes(space.linear_widths(), dict.fromkeys([sizes[0] * context, sizes[-1] * context]))
+
+
+def _offer_line(offer: dict[str, Any]) -> str:
+    return f"precision {offer['precision']}, sparsity {offer['sparsity']} (what pays on this device)"

@@ -1,0 +1,198 @@
+"""Which engine choices pay on this device: a short measured probe of the engine's inference layers against fp32
+at a search space's linear shapes, cached per device fingerprint (as the CPU ceilings are). A space whose
+precision is "auto" (or whose engine is "auto") offers exactly the choices the probe found faster: bf16 where the
+CPU has AVX512-BF16 or AMX, or on a GPU; int8 where an INT8 kernel beats fp32 at these shapes; fp8 on a GPU of
+compute capability 8.9+; 2:4 only where a semi-structured sparse kernel runs and beats the dense layer."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dsnas.errors import TrialError
+from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
+from dsnas.profiler.device import device_key, fingerprint, fingerprint_id, resolve_device
+from dsnas.profiler.gate import MeasureGate
+from dsnas.profiler.timing import cpu_threads, time_calls
+
+PRECISIONS = ("bf16", "fp16", "int8", "fp8")  # the low precisions the probe may offer beside fp32
+SPARSITY = "2:4"
+# A choice is offered when its layers run at least this much faster than the baseline (the geometric mean over the
+# shapes): 10%, beyond the spread of a short probe on a quiet machine, so that a choice offered is one that pays.
+PAYS = 1.10
+CACHE_TYPE = "dsnas.engine_probe_cache"
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int  # tokens in one forward pass: batch size x context
+    in_features: int
+    out_features: int
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.in_features}->{self.out_features}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    choice: str
+    offered: bool
+    speedup: float | None  # geometric mean over the shapes of baseline time / choice time; None: it cannot run here
+    kernel: str  # what ran ("torch-dynamic", "cusparselt bf16", ...); "" when nothing did
+    why: str  # one line: why it is offered or not
+    per_shape: dict[str, float] = field(default_factory=dict)  # str(Shape) -> speedup
+
+
+def decide(choice: str, baseline_s: dict[str, float], choice_s: dict[str, float] | None, kernel: str,
+           missing: str = "", baseline: str = "fp32") -> Verdict:
+    """The verdict on one choice from its timings and the baseline's at the same shapes (seconds per call)."""
+    if choice_s is None:
+        return Verdict(choice, False, None, kernel, f"cannot run here: {missing}")
+    per_shape = {s: baseline_s[s] / t for s, t in choice_s.items() if t > 0 and s in baseline_s}
+    speedup = math.exp(sum(math.log(r) for r in per_shape.values()) / len(per_shape))
+    low, high = min(per_shape.values()), max(per_shape.values())
+    span = f"{speedup:.2f}x {baseline} (geomean of {len(per_shape)} shapes, {low:.2f}x-{high:.2f}x)"
+    if missing:  # it ran, but not as its kernel would: e.g. 2:4 zeros multiplied densely
+        return Verdict(choice, False, speedup, kernel, f"{span}, but {missing}", per_shape)
+    if speedup >= PAYS:
+        return Verdict(choice, True, speedup, kernel, f"{span}: pays", per_shape)
+    return Verdict(choice, False, speedup, kernel, f"{span}: below {PAYS:.2f}x, does not pay", per_shape)
+
+
+@dataclass(frozen=True)
+class EngineProbe:
+    device: str  # the device's name, as the fingerprint says it
+    fingerprint_id: str
+    shapes: tuple[str, ...]
+    verdicts: dict[str, Verdict]
+    cached: bool = False
+
+    def precisions(self) -> tuple[str, ...]:
+        """fp32, then each low precision that pays here."""
+        return ("fp32",) + tuple(p for p in PRECISIONS if p in self.verdicts and self.verdicts[p].offered)
+
+    def sparsities(self) -> tuple[str, ...]:
+        offered = SPARSITY in self.verdicts and self.verdicts[SPARSITY].offered
+        return ("dense", SPARSITY) if offered else ("dense",)
+
+    def table(self) -> str:
+        lines = [f"engine probe on {self.device} (fingerprint {self.fingerprint_id}"
+                 f"{', cached' if self.cached else ''}), shapes rows x in -> out: {', '.join(self.shapes)}",
+                 f"{'choice':8} {'offered':8} {'speed':>7}  {'kernel':26} why"]
+        for v in self.verdicts.values():
+            speed = "-" if v.speedup is None else f"{v.speedup:.2f}x"
+            lines.append(f"{v.choice:8} {'yes' if v.offered else 'no':8} {speed:>7}  {v.kernel or '-':26} {v.why}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "fingerprint_id": self.fingerprint_id, "shapes": list(self.shapes),
+                "verdicts": {k: asdict(v) for k, v in self.verdicts.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], cached: bool = False) -> EngineProbe:
+        return cls(data["device"], data["fingerprint_id"], tuple(data["shapes"]),
+                   {k: Verdict(**v) for k, v in data["verdicts"].items()}, cached)
+
+
+def linear_shapes(widths: Iterable[tuple[int, int]], rows: Iterable[int]) -> tuple[Shape, ...]:
+    """Every (in, out) width at every row count, without repeats."""
+    return tuple(dict.fromkeys(Shape(r, i, o) for r in rows for i, o in widths))
+
+
+def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = None,
+                 use_cache: bool = True) -> EngineProbe:
+    """Measure (or read from the cache) each choice's layers against fp32 at ``shapes`` on ``device``. The caller
+    holds the device exclusively (MeasureGate), as for any measurement."""
+    import torch
+
+    device = torch.device(device)
+    fp = fingerprint(device)
+    with cpu_threads(threads if device.type == "cpu" else None) as used:
+        key = entry_key(fingerprint=fp, threads=used if device.type == "cpu" else None,
+                        shapes=[str(s) for s in shapes])
+        path = cache_dir() / "engine_probe.json"
+        entry = read_entries(path, CACHE_TYPE).get(key) if use_cache else None
+        if isinstance(entry, dict):
+            try:
+                return EngineProbe.from_dict(entry, cached=True)
+            except (KeyError, TypeError):
+                pass  # a malformed entry: measure again, and overwrite it
+        probe = EngineProbe(str(fp.get("gpu") or fp.get("cpu")), fingerprint_id(fp), tuple(map(str, shapes)),
+                            _measure(device, shapes))
+        store_entry(path, CACHE_TYPE, key, probe.as_dict())
+    return probe
+
+
+def _measure(device: Any, shapes: Sequence[Shape]) -> dict[str, Verdict]:
+    fp32 = {str(s): _seconds(_layer(s, "fp32", "dense", device), s, device) for s in shapes}
+    verdicts = {}
+    for precision in PRECISIONS:
+        times, kernel, missing = _times(shapes, precision, "dense", device)
+        verdicts[precision] = decide(precision, fp32, times, kernel, missing)
+    # 2:4 against the dense layer of the precision a sparse kernel takes (bf16): the sparsity's own gain.
+    half = "bf16" if device.type == "cuda" else "fp32"
+    base = fp32 if half == "fp32" else _times(shapes, half, "dense", device)[0]
+    times, kernel, missing = _times(shapes, half, SPARSITY, device)
+    if base is None:
+        verdicts[SPARSITY] = decide(SPARSITY, fp32, None, "", f"{half} does not run here")
+    else:
+        verdicts[SPARSITY] = decide(SPARSITY, base, times, kernel, missing, baseline=f"dense {half}")
+    return verdicts
+
+
+def _times(shapes: Sequence[Shape], precision: str, sparsity: str,
+           device: Any) -> tuple[dict[str, float] | None, str, str]:
+    """Seconds per call at each shape, the kernel that ran, and what kept it from running as it should ("" when
+    nothing did); None for the times when the choice cannot run here at all."""
+    times, kernels, missing = {}, [], ""
+    for shape in shapes:
+        try:
+            layer = _layer(shape, precision, sparsity, device)
+        except (TrialError, RuntimeError) as err:  # e.g. fp8 on a CPU, or on a GPU before compute capability 8.9
+            return None, "", str(err).split(". Fix:")[0].split("cannot run here: ")[-1]
+        if sparsity != "dense" and not layer.sparse_kernel:
+            missing = f"no sparse kernel runs here ({layer.reason or layer.backend})"
+        kernels.append(layer.backend)
+        times[str(shape)] = _seconds(layer, shape, device)
+    return times, "/".join(dict.fromkeys(k.removeprefix("int8:") for k in kernels)), missing
+
+
+def _layer(shape: Shape, precision: str, sparsity: str, device: Any) -> Any:
+    """One engine layer of ``shape`` in its inference form (as convert leaves a trained one)."""
+    import torch
+
+    from dsnas.kernels.convert import UNTRAINED_ACT_AMAX, convert  # torch loads on first use
+    from dsnas.kernels.linear import EngineLinear  # torch loads on first use
+    from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer  # torch loads on first use
+
+    torch.manual_seed(0)
+    layer = EngineLinear(shape.in_features, shape.out_features, precision=precision, sparsity=sparsity).to(device)
+    if sparsity != "dense":
+        sparsify_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
+    if precision == "int8":
+        layer.act_amax.fill_(UNTRAINED_ACT_AMAX)
+    convert(torch.nn.Sequential(layer), rows=(shape.rows,))
+    return layer
+
+
+def _seconds(layer: Any, shape: Shape, device: Any) -> float:
+    import torch
+
+    x = torch.randn(shape.rows, shape.in_features, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        timing = time_calls(lambda: layer(x), sync, warmup_s=0.02, measure_s=0.05, max_measure_s=0.3,
+                            min_repeats=5)
+    return timing.median_ms / 1e3
+
+
+def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = None) -> EngineProbe:
+    """The probe where trials run (the executor calls it there), holding the device and using the threads as a
+    trial's measurement does (every core unless [hardware] threads says otherwise, also in a 1-CPU Ray worker)."""
+    resolved = resolve_device(device)
+    threads = threads or os.cpu_count()
+    with MeasureGate(device_key(resolved)).exclusive():
+        return probe_engine(resolved, shapes, threads)

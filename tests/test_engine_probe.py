@@ -1,0 +1,116 @@
+"""The engine probe: which engine choices pay on this device, decided from timings at a space's layer shapes; a study
+whose space says "auto" offers exactly those, and never a choice without a fast kernel here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from optuna.trial import TrialState
+
+from dsnas.cli import main
+from dsnas.profiler import engine_probe as ep
+
+SHAPES = {"64x256->256": 1.0, "2048x256->1024": 4.0}
+
+
+def test_a_choice_is_offered_when_its_geometric_mean_speedup_clears_the_bar():
+    fast = ep.decide("int8", SHAPES, {"64x256->256": 0.8, "2048x256->1024": 1.6}, "torch-dynamic")
+    assert fast.offered and fast.speedup == pytest.approx(math.sqrt(1.25 * 2.5))
+    assert fast.per_shape == {"64x256->256": pytest.approx(1.25), "2048x256->1024": pytest.approx(2.5)}
+    assert "pays" in fast.why and "1.25x-2.50x" in fast.why
+    # Faster at one shape, slower at the other: the geometric mean (0.99x) decides, and it does not pay.
+    mixed = ep.decide("bf16", SHAPES, {"64x256->256": 2.2, "2048x256->1024": 1.85}, "bf16")
+    assert not mixed.offered and "does not pay" in mixed.why
+    edge = ep.decide("bf16", SHAPES, {"64x256->256": 1 / ep.PAYS, "2048x256->1024": 4 / ep.PAYS}, "bf16")
+    assert edge.offered  # exactly at the bar pays
+
+
+def test_a_choice_without_its_kernel_is_never_offered_however_fast_it_looks():
+    masked = ep.decide("2:4", SHAPES, {"64x256->256": 0.5, "2048x256->1024": 2.0}, "masked-dense fp32",
+                       "no sparse kernel runs here (the zeros are computed densely)", baseline="dense fp32")
+    assert not masked.offered and masked.speedup == pytest.approx(2.0)
+    assert "no sparse kernel runs here" in masked.why and "dense fp32" in masked.why
+    absent = ep.decide("fp8", SHAPES, None, "", "fp8 matmuls need a CUDA GPU of compute capability >= 8.9")
+    assert not absent.offered and absent.speedup is None and absent.why.startswith("cannot run here: fp8")
+
+
+def probe_of(offered: set[str]) -> ep.EngineProbe:
+    verdicts = {c: ep.Verdict(c, c in offered, 2.0 if c in offered else 0.5, "k", "recorded")
+                for c in (*ep.PRECISIONS, ep.SPARSITY)}
+    return ep.EngineProbe("fake device", "f" * 16, ("64x256->256",), verdicts)
+
+
+def test_the_offer_is_fp32_and_dense_plus_what_pays():
+    assert probe_of(set()).precisions() == ("fp32",) and probe_of(set()).sparsities() == ("dense",)
+    both = probe_of({"bf16", "int8", "2:4"})
+    assert both.precisions() == ("fp32", "bf16", "int8") and both.sparsities() == ("dense", "2:4")
+    again = ep.EngineProbe.from_dict(both.as_dict(), cached=True)
+    assert again.precisions() == both.precisions() and again.cached and "cached" in again.table()
+
+
+def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    shapes = ep.linear_shapes([(64, 64), (64, 256)], [8, 256])
+    probe = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert set(probe.verdicts) == {*ep.PRECISIONS, ep.SPARSITY} and not probe.cached
+    assert not probe.verdicts["fp8"].offered and probe.verdicts["fp8"].speedup is None  # no fp8 kernel on a CPU
+    assert not probe.verdicts["2:4"].offered and "no sparse kernel runs here" in probe.verdicts["2:4"].why
+    for choice in ("bf16", "fp16", "int8"):  # measured: offered exactly when the measurement clears the bar
+        verdict = probe.verdicts[choice]
+        assert verdict.offered == (verdict.speedup >= ep.PAYS), verdict
+        assert len(verdict.per_shape) == len(shapes)
+    monkeypatch.setattr(ep, "_measure", lambda *a: pytest.fail("measured again"))
+    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached
+
+
+AUTO_SPACE = """\
+family = "transformer_lm"
+engine = "auto"
+[choices]
+n_layers = [1]
+d_model = [32, 64]
+[per_layer]
+n_heads = [2]
+ffn_ratio = [1, 2]
+"""
+
+
+@pytest.mark.parametrize("offered", [set(), {"int8", "2:4"}])
+def test_a_study_with_auto_choices_samples_only_what_the_probe_offered(tiny_study, monkeypatch, capsys, offered):
+    """Through the real driver: the offer is settled once, stored in the study, printed, and the sampled layers use
+    only offered choices; where nothing pays it says so in one line and searches fp32 dense, not an error."""
+    from dsnas import engine_offer
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    space = tiny_study.parent / "tiny_space.toml"
+    space.write_text(AUTO_SPACE)
+    calls = []
+
+    def fake_probe(device, shapes, threads):
+        calls.append([str(s) for s in shapes])
+        return probe_of(offered)
+
+    monkeypatch.setattr(engine_offer, "probe_on_device", fake_probe)
+    tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 4"))
+    assert main(["search", str(tiny_study)]) == 0
+    out = capsys.readouterr().out
+    assert calls == [["16x32->32", "16x64->64", "16x32->64", "16x64->128", "64x32->32", "64x64->64", "64x32->64",
+                      "64x64->128"]]  # context 16 at batch sizes 1 and 4
+    study = open_study(load_study(tiny_study), create=False)
+    stored = study.user_attrs[engine_offer.OFFER_ATTR]
+    layers = [layer for t in study.get_trials(states=(TrialState.COMPLETE,)) for layer in t.user_attrs["arch"]["layers"]]
+    assert {layer.get("precision", "fp32") for layer in layers} <= set(stored["precision"])
+    assert {layer.get("sparsity", "dense") for layer in layers} <= set(stored["sparsity"])
+    if not offered:
+        assert stored["precision"] == ["fp32"] and stored["sparsity"] == ["dense"]
+        assert "no engine choice pays on fake device at this space's shapes: this study searches fp32 dense" in out
+    else:
+        assert stored["precision"] == ["fp32", "int8"] and stored["sparsity"] == ["dense", "2:4"]
+        assert "engine: precision ['fp32', 'int8'], sparsity ['dense', '2:4']" in out
+    # Resumed, the study keeps its offer: no second probe, the same distributions for Optuna.
+    assert main(["search", str(tiny_study), "--n-trials", "5"]) == 0
+    assert len(calls) == 1 and "decided at this study's first run on fake device" in capsys.readouterr().out
