@@ -1,0 +1,151 @@
+"""What hardware-aware search buys on this machine: throughput at equal accuracy, dsnas's engine study against the
+same search without the engine.
+
+Both run studies/engine_cpu.toml as a user runs it (`dsnas search` in its own process, a fresh folder, the Ray
+executor, real training), one after the other with the same seed and budget:
+
+- baseline, fp32: the space with its engine choices fixed to fp32 dense layers. What a user gets without dsnas's
+  engine: the best widths and depths the search finds, all in fp32 (a hand pick can only be as good as its front);
+- dsnas: the space as shipped (engine = "auto": the precisions and sparsity that the engine probe found faster
+  than fp32 here).
+
+For 3 accuracy levels that both fronts reach (the lowest accuracy both reach, the highest, and their middle), it
+prints each front's throughput at that accuracy, interpolated linearly between its two neighbouring front points
+(a front is a staircase of measured candidates; between two of them, a mix of the two serves that accuracy at that
+throughput), and their ratio; then the hypervolume ratio (reference: accuracy 0.30, throughput 0 tokens/s). The
+last line is the median throughput ratio at equal accuracy. With --repeats 2 the order alternates, so that a
+machine getting slower or faster during the run favours neither.
+
+Run:  python benchmarks/hardware_gain.py [--repeats 1] [--keep DIR]   (about 7 minutes a repeat on 2 cores)
+      python benchmarks/hardware_gain.py --scored DIR                 (score the studies --keep DIR kept, again)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+STUDY = ROOT / "studies" / "engine_cpu.toml"
+REFERENCE = {"accuracy": 0.30, "throughput": 0.0}
+FP32_ONLY = 'precision = ["fp32"]\nsparsity = ["dense"]\n'
+
+
+def run(variant: str, folder: Path) -> dict:
+    """One engine study, searched in ``folder``, and scored."""
+    spaces, studies = folder / "search_spaces", folder / "studies"
+    shutil.copytree(ROOT / "search_spaces", spaces)
+    studies.mkdir()
+    study = studies / STUDY.name
+    shutil.copy(STUDY, study)
+    if variant == "fp32":
+        space = spaces / "transformer_lm_wide.toml"
+        text = space.read_text().replace('engine = "auto"\n', "")
+        space.write_text(text.replace("[per_layer]\n", "[per_layer]\n" + FP32_ONLY))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "dsnas.cli", "search", str(study)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {variant} search failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return {**score(variant, folder), "wall_s": time.monotonic() - start}
+
+
+def score(variant: str, folder: Path) -> dict:
+    """A searched engine study: its front (accuracy, tokens/s, architecture), hypervolume and engine offer."""
+    import optuna
+
+    from dsnas.engine_offer import OFFER_ATTR
+    from dsnas.results import front, hypervolume, load
+
+    studies = folder / "studies"
+    url, name = f"sqlite:///{studies / 'engine_cpu.db'}", "engine_cpu"
+    df = load(url, name)
+    best = front(df)
+    points = sorted(zip(best["accuracy"], best["throughput_tok_s"], best["arch_short"]), reverse=True)
+    offer = optuna.load_study(study_name=name, storage=url).user_attrs.get(OFFER_ATTR, {})
+    return {"variant": variant, "wall_s": float("nan"), "front": points, "hv": hypervolume(df, REFERENCE),
+            "offer": offer}
+
+
+def throughput_at(points: list[tuple], accuracy: float) -> float | None:
+    """A front's tokens/s at ``accuracy``: linear between the two front points around it; None outside the front."""
+    ranked = sorted((acc, tput) for acc, tput, _ in points)
+    for (a0, t0), (a1, t1) in zip(ranked, ranked[1:]):
+        if a0 <= accuracy <= a1:
+            return t0 + (t1 - t0) * (accuracy - a0) / (a1 - a0) if a1 > a0 else max(t0, t1)
+    exact = [t for a, t in ranked if abs(a - accuracy) < 1e-12]
+    return max(exact) if exact else None
+
+
+def compare(base: dict, dsnas: dict) -> list[tuple[float, float, float, float]]:
+    """(accuracy level, baseline tokens/s, dsnas tokens/s, ratio) at 3 levels both fronts reach."""
+    low = max(min(p[0] for p in base["front"]), min(p[0] for p in dsnas["front"]))
+    high = min(max(p[0] for p in base["front"]), max(p[0] for p in dsnas["front"]))
+    rows = []
+    for level in sorted({low, (low + high) / 2, high}) if low <= high else []:  # [] when the fronts do not overlap
+        b, d = throughput_at(base["front"], level), throughput_at(dsnas["front"], level)
+        if b and d:
+            rows.append((level, b, d, d / b))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="keep the studies in this folder (default: a temporary one)")
+    parser.add_argument("--scored", type=Path, help="score the studies an earlier --keep kept there; search nothing")
+    args = parser.parse_args()
+    if args.scored:
+        args.repeats = len(list(args.scored.glob("dsnas-*")))
+    from dsnas.profiler.capabilities import cpu_features, cpu_model
+
+    print(f"machine: {cpu_model()} ({', '.join(cpu_features())}), {platform.node()}; study {STUDY.name}")
+    ratios, hv_ratios = [], []
+    for repeat in range(args.repeats):
+        order = ("fp32", "dsnas") if repeat % 2 == 0 else ("dsnas", "fp32")
+        runs = {}
+        for variant in order:
+            if args.scored:
+                runs[variant] = score(variant, args.scored / f"{variant}-{repeat}")
+                _show(repeat, runs[variant])
+                continue
+            folder = (args.keep / f"{variant}-{repeat}") if args.keep else Path(tempfile.mkdtemp(prefix="gain-"))
+            if args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+            runs[variant] = run(variant, folder)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+            _show(repeat, runs[variant])
+        rows = compare(runs["fp32"], runs["dsnas"])
+        print(f"\n{'accuracy':>12} {'fp32 tokens/s':>14} {'dsnas tokens/s':>15} {'ratio':>7}")
+        for level, b, d, r in rows:
+            print(f"{level:>12.4f} {b:>14,.0f} {d:>15,.0f} {r:>6.2f}x")
+        hv = runs["dsnas"]["hv"] / runs["fp32"]["hv"]
+        print(f"hypervolume (reference {REFERENCE}): fp32 {runs['fp32']['hv']:,.0f}, dsnas {runs['dsnas']['hv']:,.0f}: "
+              f"{hv:.2f}x")
+        ratios += [r for *_, r in rows]
+        hv_ratios.append(hv)
+    print(f"\nhypervolume ratio (median of {len(hv_ratios)}): {statistics.median(hv_ratios):.2f}x")
+    print(f"median throughput ratio at equal accuracy (dsnas / fp32, {len(ratios)} levels): "
+          f"{statistics.median(ratios):.2f}x")
+
+
+def _show(repeat: int, result: dict) -> None:
+    wall = "" if result["wall_s"] != result["wall_s"] else f", {result['wall_s']:.0f} s"  # nan: scored again
+    print(f"\nrepeat {repeat + 1}, {result['variant']}: {len(result['front'])} on the front{wall};"
+          f" engine offer: {result['offer'].get('precision', ['fp32'])} {result['offer'].get('sparsity', ['dense'])}",
+          flush=True)
+    for acc, tput, arch in result["front"]:
+        print(f"  accuracy {acc:.4f}  {tput:>10,.0f} tokens/s  {arch}")
+
+
+if __name__ == "__main__":
+    main()
