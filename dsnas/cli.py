@@ -32,7 +32,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec = load_study(args.study_file, executor=args.executor, address=args.address, n_trials=args.n_trials,
                       timeout_s=args.timeout)
     outcome = run_study(spec)
-    print(f"\nstopped: {outcome.stopped_because}; {outcome.completed} completed trials in the study, "
+    reused = f" ({outcome.reused} of them repeats whose results were reused)" if outcome.reused else ""
+    print(f"\nstopped: {outcome.stopped_because}; {outcome.completed} completed trials in the study{reused}, "
           f"{outcome.failed} failed in this run, {outcome.elapsed_s:.1f} s")
     print(pareto_table(outcome.front, spec))
     return 0

@@ -8,6 +8,7 @@ import logging
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from dsnas.executors import BaseExecutor, make_executor
 from dsnas.fidelity import RungJudge
 from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
+from dsnas.profiler.cache import entry_key
 from dsnas.progress import Progress
 from dsnas.screening import Screen, arch_counter
 from dsnas.space import arch_sampler, load_space_file
@@ -36,6 +38,8 @@ from dsnas.trial import TrialFn, TrialRequest, TrialResult
 
 # A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
 MAX_SKIPS_IN_A_ROW = 100
+# A sampler that proposes this many evaluated candidates in a row has (almost) exhausted the space.
+MAX_REUSES_IN_A_ROW = 100
 
 
 class Driver:
@@ -53,6 +57,8 @@ class Driver:
         self.brackets: dict[int, int] = {}  # trial number -> its Hyperband bracket
         self.stopped: dict[int, str] = {}  # trial number -> why the driver stopped it at a rung
         self.skips_in_a_row = 0
+        self.reuses_in_a_row = 0
+        self._evaluated: dict[str, int] | None = None  # evaluation key -> the trial that trained it (see _original)
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
@@ -125,18 +131,23 @@ class Driver:
 
     def budget_used(self) -> tuple[int, int]:
         """(trials that count toward n_trials, how many of them were pruned): COMPLETE trials, and PRUNED ones
-        stopped at a rung; a candidate the predictor skipped was never evaluated and does not count."""
+        stopped at a rung; a candidate the predictor skipped, or a repeat answered from an earlier trial, was not
+        evaluated again and does not count."""
         from optuna.trial import TrialState
 
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         pruned = sum(t.state == TrialState.PRUNED and t.user_attrs.get("pruned_by") != "predictor" for t in trials)
-        return sum(t.state == TrialState.COMPLETE for t in trials) + pruned, pruned
+        trained = sum(t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs for t in trials)
+        return trained + pruned, pruned
 
     def _stop_reason(self) -> str | None:
         budget, n_trials = self.spec.budget, self.spec.budget.n_trials
         done, pruned = self.db("read the study", self.budget_used) if n_trials is not None else (0, 0)
         if n_trials is not None and done >= n_trials:
             return f"{budget.n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
+        if self.reuses_in_a_row >= MAX_REUSES_IN_A_ROW:
+            return (f"the sampler proposed {self.reuses_in_a_row} candidates in a row that were already evaluated: "
+                    "the space is (nearly) exhausted; widen it, or set [budget] repeats = \"retrain\"")
         if self.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
             return (f"the predictor skipped {self.skips_in_a_row} candidates in a row as over the hardware limits: "
                     "loosen [hardware.constraints], or check the predictor with `dsnas predictor`")
@@ -174,12 +185,19 @@ class Driver:
             self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
             return True
         short = describe(arch)
+        key = entry_key(arch=arch, task=[self.spec.task.name, self.spec.task.params], engine=asdict(self.spec.engine),
+                        hardware={k: v for k, v in asdict(self.spec.hardware).items() if k != "constraints"})
+        original = self._original(key) if self.spec.budget.repeats == "reuse" else None
+        if original is not None:
+            self._reuse(trial, arch, short, key, original)
+            return True
+        self.reuses_in_a_row = 0
         verdict = self.db("screen the candidate", self.screen.judge, arch)
         if verdict is not None and verdict.skip:
             self._skip(trial, arch, short, verdict)
             return True
         self.skips_in_a_row = 0
-        attrs = {"arch": arch, "arch_short": short}
+        attrs = {"arch": arch, "arch_short": short, "evaluation_key": key}
         if verdict is not None and verdict.predicted:
             self.predictions[trial.number] = verdict.predicted
             attrs.update({f"predicted.{m}": v for m, v in verdict.predicted.items()})
@@ -197,6 +215,37 @@ class Driver:
             self.deadlines[trial.number] = time.monotonic() + self.spec.budget.trial_timeout_s
         self.progress.started(trial.number, short, self.running)
         return True
+
+    def _original(self, key: str) -> int | None:
+        """The completed trial that trained this evaluation key (the architecture under this study's task, training
+        budget, engine and measurement settings), if any; indexed once from the study, then kept up to date."""
+        from optuna.trial import TrialState
+
+        if self._evaluated is None:
+            done = self.db("read the study", self.study.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
+            self._evaluated = {t.user_attrs["evaluation_key"]: t.number for t in done
+                               if "evaluation_key" in t.user_attrs and "reused_from" not in t.user_attrs}
+        return self._evaluated.get(key)
+
+    def _reuse(self, trial: Any, arch: dict[str, Any], short: str, key: str, original: int) -> None:
+        """A repeat: COMPLETE with the original's values and figures (so the sampler learns them again), marked
+        ``reused_from``; nothing trained or measured, no weights of its own (export takes the original's)."""
+        frozen = self.db("read the study", self.study.get_trials, deepcopy=False)[original]
+        figures = {k: v for k, v in frozen.user_attrs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+        def store() -> None:
+            self._set_attrs(trial, {**figures, "arch": arch, "arch_short": short, "evaluation_key": key,
+                                    "reused_from": original})
+            for metric, limit in self.spec.hardware.constraints.items():
+                if metric in figures:
+                    trial.set_constraint(f"max_{metric}", figures[metric] - limit)
+
+        self.db(f"store trial {trial.number}", store)
+        self._tell(trial, list(frozen.values))
+        del self.running[trial.number]
+        self.reuses_in_a_row += 1
+        self.progress.reused_trial(trial.number, original, short, self.running)
 
     def _skip(self, trial: Any, arch: dict[str, Any], short: str, verdict: Any) -> None:
         """A candidate predicted over a hardware limit: PRUNED without training, with the prediction as its
@@ -308,6 +357,8 @@ class Driver:
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         self._tell(trial, values)
+        if self._evaluated is not None and "evaluation_key" in trial.user_attrs:
+            self._evaluated.setdefault(trial.user_attrs["evaluation_key"], trial.number)
         # Told, the trial is finished: nothing after this may fail it, and a measurement row lost from here on is
         # written again from its stored profile by the next run's backfill.
         del self.running[trial.number]

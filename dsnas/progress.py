@@ -30,6 +30,7 @@ class Progress:
         self.failed = 0
         self.pruned = 0  # stopped at a rung (they count toward n_trials)
         self.skipped = 0  # skipped by the predictor before training (they do not)
+        self.reused = 0  # repeats answered from an earlier trial's result (they do not)
         self.front_points: list[list[float]] = []  # objective values of feasible completed trials
         self._t0 = time.monotonic()
 
@@ -46,7 +47,8 @@ class Progress:
         from optuna.trial import TrialState
 
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        self.completed = len(done)
+        self.reused = sum("reused_from" in t.user_attrs for t in done)
+        self.completed = len(done) - self.reused
         self.pruned = sum(t.user_attrs.get("pruned_by") == "rung"
                           for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
         self.front_points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0)]
@@ -91,6 +93,11 @@ class Progress:
         self.skipped += 1
         self.say(f"{self._status(running)}  trial {number} skipped untrained ({arch_short}): {reason}")
 
+    def reused_trial(self, number: int, original: int, arch_short: str, running: dict[int, Any]) -> None:
+        self.reused += 1
+        self.say(f"{self._status(running)}  trial {number} is trial {original} again ({arch_short}): the same "
+                 "candidate, task, budget and engine; its result is reused, not trained again")
+
     def failed_trial(self, number: int, reason: str, running: dict[int, Any]) -> None:
         self.failed += 1
         self.say(f"{self._status(running)}  trial {number} FAILED: {reason.splitlines()[0][:200]}")
@@ -100,6 +107,7 @@ class Progress:
         front = len(front_indices(self.front_points, self.spec.directions))
         pruned = f" ({self.pruned} pruned)" if self.pruned else ""
         skipped = f"skipped {self.skipped} · " if self.skipped else ""
+        skipped += f"reused {self.reused} · " if self.reused else ""
         return (f"[{self.elapsed():6.1f}s] done {self.completed + self.pruned}{total}{pruned} · running "
                 f"{len(running)} · failed {self.failed} · {skipped}front {front} ·")
 

@@ -25,6 +25,7 @@ class SearchOutcome:
     front: list[Any] = field(default_factory=list)  # feasible non-dominated FrozenTrials
     stopped_because: str = ""
     pruned: int = 0  # PRUNED trials in the study: stopped at a rung, or skipped by the predictor
+    reused: int = 0  # of the COMPLETE ones, repeats answered from an earlier trial's result (trained once)
 
 
 def check_executor_installed(spec: StudySpec) -> None:
@@ -67,7 +68,10 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial,
             raise DsnasError(driver.lost_message(e)) from None
         finally:
             driver.close()
-    front = driver.db("read the Pareto front", lambda: study.best_trials) if progress.completed else []
+    # A reused repeat has its original's values: the original alone stands for them on the front.
+    front = [t for t in driver.db("read the Pareto front", lambda: study.best_trials) if "reused_from" not in
+             t.user_attrs] if progress.completed else []
     completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
     pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
-    return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned)
+    return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
+                         progress.reused)

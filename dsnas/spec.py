@@ -32,6 +32,7 @@ SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
 EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
+REPEATS = ("reuse", "retrain")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class BudgetSpec:
     trial_timeout_s: float | None = None  # a trial running longer fails, and its worker is reclaimed
     retries: int = 1  # times a trial whose worker died (crash, OOM kill, lost node) is run again
     storage_outage_s: float = 120.0  # how long the driver waits for a lost database before it stops
+    # A candidate already evaluated under the same task, training budget, engine and measurement settings: "reuse"
+    # its stored result (not trained again, not counted in n_trials), or "retrain" it (a second seed)
+    repeats: str = "reuse"
 
     def __post_init__(self) -> None:
         require(self.storage_outage_s >= 0, "storage_outage_s", "must be >= 0", self.storage_outage_s,
@@ -74,6 +78,8 @@ class BudgetSpec:
         require(self.trial_timeout_s is None or self.trial_timeout_s > 0, "trial_timeout_s", "must be > 0",
                 self.trial_timeout_s, "set it in seconds, e.g. trial_timeout_s = 600, or remove it")
         require(self.retries >= 0, "retries", "must be >= 0", self.retries, "set retries = 0 to never re-run")
+        require(self.repeats in REPEATS, "repeats", f"must be one of {list(REPEATS)}", self.repeats,
+                'set repeats = "reuse" (or "retrain" to train a repeated candidate again)')
         if self.n_trials is None and self.timeout_s is None:
             object.__setattr__(self, "n_trials", 12)  # frozen: the defaults are settled once, here
         require(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials,

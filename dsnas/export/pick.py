@@ -45,7 +45,11 @@ def pick_trials(study: Any, spec: StudySpec, trial: int | None = None, pick: str
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if trial is not None:
-        return [_by_number(done, trial, spec)]
+        chosen = _by_number(done, trial, spec)
+        # A reused repeat trained nothing: its original holds the weights, and the same result.
+        return [_by_number(done, int(chosen.user_attrs["reused_from"]), spec) if "reused_from" in chosen.user_attrs
+                else chosen]
+    done = [t for t in done if "reused_from" not in t.user_attrs]
     how, metric = ("front", "") if front else _parse_pick(pick)
     candidates = _within(limits, [t for t in done if t.user_attrs.get("feasible", 1.0)], spec)
     if how in ("front", "knee"):

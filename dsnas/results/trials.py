@@ -159,6 +159,8 @@ def front(df: Any, feasible_only: bool = True) -> Any:
     """The non-dominated completed trials (feasible ones only, unless told), best first in the first objective."""
     objs = objectives(df)
     done = done_trials(df, feasible_only)
+    if "reused_from" in done.columns:  # a reused repeat has its original's values: the original stands for both
+        done = done[done["reused_from"].isna()]
     points = done[[o.column for o in objs]].to_numpy().tolist()
     best = done.iloc[front_indices(points, [o.direction for o in objs])]
     return best.sort_values(objs[0].column, ascending=objs[0].direction == "minimize")

@@ -1,0 +1,77 @@
+"""No repeated work: a candidate the sampler proposes again under the same task, training budget, engine and
+measurement settings is answered from the stored result, visibly, and does not count toward n_trials."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from table_study import write_table_study
+
+from dsnas.cli import main
+from dsnas.results import front, load
+from dsnas.spec import load_study
+
+
+def trials_of(study_file):
+    spec = load_study(study_file)
+    return spec, optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+
+
+def test_a_repeat_is_answered_from_the_stored_result_and_the_budget_counts_trained_candidates(tmp_path, capsys):
+    # 36 architectures, 30 trained candidates asked for: a random sampler proposes many of them again.
+    study = write_table_study(tmp_path, n_trials=30, fidelity='kind = "none"', repeats="reuse")
+    assert main(["search", str(study)]) == 0
+    out = capsys.readouterr().out
+    spec, trials = trials_of(study)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    trained = [t for t in done if "reused_from" not in t.user_attrs]
+    reused = [t for t in done if "reused_from" in t.user_attrs]
+    assert len(trained) == 30 and reused, "the sampler proposed no repeat: the test says nothing"
+    keys = [t.user_attrs["evaluation_key"] for t in trained]
+    assert len(set(keys)) == len(keys)  # nothing trained twice
+    by_number = {t.number: t for t in trials}
+    for t in reused:
+        original = by_number[int(t.user_attrs["reused_from"])]
+        assert original.number < t.number and "reused_from" not in original.user_attrs
+        assert t.values == original.values and t.user_attrs["arch"] == original.user_attrs["arch"]
+        assert t.user_attrs["evaluation_key"] == original.user_attrs["evaluation_key"]
+        assert "profile" not in t.user_attrs  # nothing was measured for it
+    assert f"trial {reused[0].number} is trial {int(reused[0].user_attrs['reused_from'])} again" in out
+    assert f"({len(reused)} of them repeats whose results were reused)" in out
+    df = load(spec.storage, spec.name)  # the trial table says which rows are reused, and from which trial
+    assert sorted(df.loc[df["reused_from"].notna(), "trial"]) == sorted(t.number for t in reused)
+    assert df.loc[df["reused_from"].notna(), "reused_from"].isin([t.number for t in trained]).all()
+    assert front(df)["reused_from"].isna().all()  # the original stands for its repeats on the front
+    # Resumed, the index of what was trained is read back from the study: still nothing trained twice.
+    assert main(["search", str(study), "--n-trials", "33"]) == 0
+    _, trials = trials_of(study)
+    keys = [t.user_attrs["evaluation_key"] for t in trials
+            if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
+    assert len(keys) == 33 and len(set(keys)) == 33
+
+
+def test_retrain_trains_a_repeat_again_and_an_exhausted_space_stops_with_the_reason(tmp_path, capsys):
+    retrain = write_table_study(tmp_path, n_trials=40, fidelity='kind = "none"', repeats="retrain")
+    assert main(["search", str(retrain)]) == 0
+    _, trials = trials_of(retrain)
+    keys = [t.user_attrs["evaluation_key"] for t in trials if t.state == TrialState.COMPLETE]
+    assert len(keys) == 40 and len(set(keys)) < 40 and not any("reused_from" in t.user_attrs for t in trials)
+    capsys.readouterr()
+    exhausted = tmp_path / "exhausted"
+    exhausted.mkdir()
+    study = write_table_study(exhausted, n_trials=60, fidelity='kind = "none"', repeats="reuse")  # > 36 archs
+    assert main(["search", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "candidates in a row that were already evaluated: the space is (nearly) exhausted" in out
+    _, trials = trials_of(study)
+    trained = [t for t in trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
+    assert len(trained) <= 36
+
+
+@pytest.mark.parametrize("bad", ['"again"', "true"])
+def test_repeats_takes_reuse_or_retrain(tmp_path, bad, capsys):
+    study = write_table_study(tmp_path, n_trials=3)
+    study.write_text(study.read_text().replace('repeats = "retrain"', f"repeats = {bad}"))
+    assert main(["search", str(study)]) == 2
+    assert "[budget.repeats]" in capsys.readouterr().err
