@@ -50,6 +50,8 @@ def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, m
     from dsnas.study import open_study
 
     (tiny_study.parent / "tiny_space.toml").write_text(ONE_ARCH_SPACE)  # every trial: the same architecture
+    # Trained again (a second seed), not answered from the first trial: the measurement cache is what is tested.
+    tiny_study.write_text(tiny_study.read_text().replace("[budget]\n", '[budget]\nrepeats = "retrain"\n'))
     measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
     measured = []
     real = measure_module._measure_batch
