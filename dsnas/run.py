@@ -9,7 +9,7 @@ from typing import Any
 from dsnas.driver import Driver
 from dsnas.errors import DsnasError, SpecError
 from dsnas.progress import Progress
-from dsnas.spec import StudySpec
+from dsnas.spec import SAMPLER_CLASSES, StudySpec
 from dsnas.storage import StorageLost, recover_stale_trials
 from dsnas.study import open_study
 from dsnas.trial import TrialFn
@@ -40,13 +40,11 @@ def check_executor_installed(spec: StudySpec) -> None:
 
 
 def make_sampler(spec: StudySpec, n_existing: int) -> Any:
-    import optuna.samplers as s
+    import optuna.samplers
 
     # On resume the seed moves on, so that the sampler does not propose the first trials again.
     seed = None if spec.sampler.seed is None else (spec.sampler.seed + n_existing) % 2**32
-    return {"tpe": lambda: s.TPESampler(seed=seed), "nsga2": lambda: s.NSGAIISampler(seed=seed),
-            "nsga3": lambda: s.NSGAIIISampler(seed=seed), "gp": lambda: s.GPSampler(seed=seed),
-            "random": lambda: s.RandomSampler(seed=seed)}[spec.sampler.name]()
+    return getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler.name])(seed=seed, **spec.sampler.settings)
 
 
 def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial,

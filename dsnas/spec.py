@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import socket
@@ -28,7 +29,10 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "peak_memory": ("peak_memory_mb", "minimize"),
     "loss": ("val_loss", "minimize"),
 }
-SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random")
+# Each sampler name and its Optuna class (in optuna.samplers).
+SAMPLER_CLASSES = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "nsga3": "NSGAIIISampler", "gp": "GPSampler",
+                   "random": "RandomSampler"}
+SAMPLERS = tuple(SAMPLER_CLASSES)
 EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
@@ -47,8 +51,12 @@ class Objective:
 
 @dataclass(frozen=True)
 class SamplerSpec:
+    """Any other key is a setting of the Optuna sampler `name` names, passed to it as it is (e.g. `constant_liar =
+    true` or `n_startup_trials = 5` for tpe, `population_size = 20` for nsga2), checked against its signature."""
+
     name: str = "tpe"  # Optuna's sampler: "tpe" is its multi-objective default
     seed: int | None = 0  # moves on by the number of stored trials when a study resumes
+    settings: dict[str, Any] = field(default_factory=dict)  # the sampler's own keyword arguments
 
     def __post_init__(self) -> None:
         require(self.name in SAMPLERS, "name", f"must be one of {list(SAMPLERS)}", self.name,
@@ -310,6 +318,7 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     """Read and validate a study file to run it: :func:`read_study`, then the user's plug-ins imported and the task's
     parameters checked (:func:`check_plugins`), then what this machine must offer (:func:`check_machine`)."""
     spec = read_study(path, **overrides)
+    check_sampler(spec)
     check_plugins(spec)
     check_machine(spec)
     return spec
@@ -360,7 +369,7 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         storage=_storage_url(where, study.get("storage"), path.parent, name),
         seed=seed,
         objectives=_objectives(where, section_table(where, raw, "objectives")),
-        sampler=build_section(where, "sampler", SamplerSpec, section_table(where, raw, "sampler")),
+        sampler=_sampler(where, section_table(where, raw, "sampler")),
         budget=build_section(where, "budget", BudgetSpec, section_table(where, raw, "budget")),
         space=_space(where, section_table(where, raw, "space"), path.parent),
         task=_task(where, section_table(where, raw, "task"), path.parent),
@@ -433,6 +442,63 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
                      url, f"create {db_path.parent}")
         return parsed.set(database=str(db_path)).render_as_string(hide_password=False)
     return url
+
+
+def _sampler(where: str, table: dict[str, Any]) -> SamplerSpec:
+    """name and seed, and every other key as the sampler's own setting (checked when the study runs: that needs
+    Optuna's classes, see check_sampler)."""
+    own = {k: v for k, v in table.items() if k in ("name", "seed")}
+    return dataclasses.replace(build_section(where, "sampler", SamplerSpec, own),
+                               settings={k: v for k, v in table.items() if k not in own})
+
+
+def check_sampler(spec: StudySpec) -> None:
+    """The [sampler] settings against the Optuna sampler's signature: each a parameter it has, of its type, and a
+    value it accepts (the sampler is built once with them); one line naming the key otherwise."""
+    import inspect
+    import warnings
+
+    import optuna.samplers
+
+    sampler = spec.sampler
+    if not sampler.settings:
+        return
+    cls = getattr(optuna.samplers, SAMPLER_CLASSES[sampler.name])
+    params = {n: p for n, p in inspect.signature(cls).parameters.items() if n != "seed"
+              and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    for key, value in sampler.settings.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1)
+            raise SpecError(spec.path, f"sampler.{key}", f"is not a setting of Optuna's {cls.__name__}", None,
+                            f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(params)}")
+        kinds = _toml_kinds(params[key].annotation)
+        if not kinds:
+            raise SpecError(spec.path, f"sampler.{key}", "cannot be set in a study file (it takes a Python object)",
+                            value, f"remove {key}, or pass a sampler of your own through the Python API")
+        if not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds):
+            # "float", not "int or float": an int is a float's value written without a point
+            wanted = " or ".join(k.__name__ for k in kinds if k is not int or float not in kinds)
+            example = {bool: "true", int: "10", float: "0.5", str: '"text"'}[kinds[-1]]
+            raise SpecError(spec.path, f"sampler.{key}", f"must be of type {wanted}, as {cls.__name__} takes it",
+                            value, f"e.g. {key} = {example}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for some settings: the run shows them
+            cls(seed=0, **sampler.settings)
+    except (ValueError, TypeError) as e:
+        raise SpecError(spec.path, "sampler", f"Optuna's {cls.__name__} refuses these settings ({e})",
+                        sampler.settings, "correct the value its message names") from None
+
+
+def _toml_kinds(annotation: Any) -> tuple[type, ...]:
+    """The Python types a TOML value may have for a parameter annotated so ("bool | None", "int", "float"); () for
+    one that takes an object (a callable, a crossover, a list) that a study file cannot write."""
+    words = set(re.findall(r"[A-Za-z_]+", annotation if isinstance(annotation, str) else
+                           getattr(annotation, "__name__", str(annotation))))
+    if words - {"bool", "int", "float", "str", "None", "Optional", "Union"}:
+        return ()
+    takes = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}  # TOML writes 2 for 2.0
+    return tuple(dict.fromkeys(k for name, kinds in takes.items() if name in words for k in kinds))
 
 
 def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:

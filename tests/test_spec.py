@@ -479,3 +479,26 @@ def test_the_budget_defaults_are_the_dataclass_ones_and_depend_on_each_other():
     timed = BudgetSpec(timeout_s=60)
     assert (timed.n_trials, timed.max_failures) == (None, 10)
     assert BudgetSpec(n_trials=30).max_failures == 30
+
+
+def test_the_samplers_own_settings_reach_it_and_bad_ones_are_one_line_errors(tmp_path: Path) -> None:
+    """[sampler] keys other than name and seed are the Optuna sampler's own: passed to it as they are, checked
+    against its signature (name, type) and by building it once (its own range checks)."""
+    from dsnas.run import make_sampler
+
+    spec = load_study(write_study(tmp_path, sampler={"name": "tpe", "constant_liar": True, "n_startup_trials": 5}))
+    sampler = make_sampler(spec, 0)
+    assert sampler._constant_liar is True and sampler._n_startup_trials == 5
+    nsga = load_study(write_study(tmp_path, sampler={"name": "nsga2", "population_size": 20}))
+    assert make_sampler(nsga, 0)._population_size == 20
+    expect_error(write_study(tmp_path, sampler={"name": "tpe", "constant_lair": True}), "sampler.constant_lair",
+                 "is not a setting of Optuna's TPESampler", "did you mean 'constant_liar'?")
+    expect_error(write_study(tmp_path, sampler={"name": "tpe", "n_startup_trials": "5"}), "sampler.n_startup_trials",
+                 "must be of type int, as TPESampler takes it", "n_startup_trials = 10")
+    expect_error(write_study(tmp_path, sampler={"name": "tpe", "multivariate": 1}), "sampler.multivariate",
+                 "must be of type bool", "multivariate = true")
+    expect_error(write_study(tmp_path, sampler={"name": "nsga2", "population_size": 1}), "sampler",
+                 "Optuna's NSGAIISampler refuses these settings", "correct the value")
+    expect_error(write_study(tmp_path, sampler={"name": "tpe", "gamma": 0.1}), "sampler.gamma",
+                 "cannot be set in a study file")
+    assert load_study(write_study(tmp_path, sampler={"name": "random"})).sampler.settings == {}
