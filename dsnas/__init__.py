@@ -6,6 +6,7 @@ driver (dsnas.run) that :func:`search` calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dsnas._version import __version__
@@ -17,12 +18,14 @@ if TYPE_CHECKING:
 __all__ = ["DsnasError", "SpecError", "TrialError", "load", "search", "__version__"]
 
 
-def search(study_file: str, **overrides: Any) -> Any:
-    """Run (or resume) the study described by ``study_file``; see :func:`dsnas.run.run_study`."""
+def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = (), **overrides: Any) -> Any:
+    """Run (or resume) the study described by ``study_file``; ``callbacks`` are Optuna-style ``(study, trial)``
+    callables, called after each trial is stored (as Optuna's optimize() calls them). See
+    :func:`dsnas.run.run_study`."""
     from dsnas.run import run_study
     from dsnas.spec import load_study
 
-    return run_study(load_study(study_file, **overrides))
+    return run_study(load_study(study_file, **overrides), callbacks=callbacks)
 
 
 def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":

@@ -8,6 +8,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ MAX_REUSES_IN_A_ROW = 100
 class Driver:
     """One run of a study: dispatches trials to the executor, answers their rungs, records their results."""
 
-    def __init__(self, spec: StudySpec, study: Any, trial_fn: TrialFn, progress: Progress) -> None:
+    def __init__(self, spec: StudySpec, study: Any, trial_fn: TrialFn, progress: Progress,
+                 callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> None:
         self.spec, self.study, self.progress = spec, study, progress
+        self.callbacks = list(callbacks)
         self._sample: Any = None  # settled before the first trial (see _sampler)
         self.task = make_task(spec.task)
         self.task_arch = self.task.arch_defaults()
@@ -323,9 +326,23 @@ class Driver:
             trial.set_user_attr(key, value)
 
     def _tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
-        """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is."""
+        """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is.
+        Then the callbacks, with the trial as stored."""
         self.db(f"store trial {trial.number}", lambda: self.study.tell(
             trial, values, state=state, skip_if_finished=self.outage.retrying))
+        if self.callbacks:
+            self._call_back(self.db("read the study", self.study._storage.get_trial, trial._trial_id))
+
+    def _call_back(self, frozen: Any) -> None:
+        """Each callback, as Optuna's optimize() calls it; one that raises is reported and the search goes on (a
+        logging service being down must not cost the study)."""
+        for callback in self.callbacks:
+            try:
+                callback(self.study, frozen)
+            except Exception as e:
+                name = getattr(callback, "__qualname__", type(callback).__name__)
+                self.progress.say(f"  callback {name} raised {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                                  f"(trial {frozen.number}); the search goes on", logging.WARNING)
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
         from dsnas import tables  # SQLAlchemy loads on first use

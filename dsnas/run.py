@@ -3,13 +3,14 @@ dsnas.driver until the budget is spent. The driver alone writes the study; worke
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dsnas.driver import Driver
 from dsnas.errors import DsnasError, SpecError
 from dsnas.progress import Progress
-from dsnas.spec import SAMPLER_CLASSES, StudySpec
+from dsnas.spec import SAMPLER_CLASSES, StudySpec, study_callbacks
 from dsnas.storage import StorageLost, recover_stale_trials
 from dsnas.study import open_study
 from dsnas.trial import TrialFn
@@ -47,9 +48,10 @@ def make_sampler(spec: StudySpec, n_existing: int) -> Any:
     return getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler.name])(seed=seed, **spec.sampler.settings)
 
 
-def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial,
-              progress: Progress | None = None) -> SearchOutcome:
-    """Run (or resume) a study until its budget is spent."""
+def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progress | None = None,
+              callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> SearchOutcome:
+    """Run (or resume) a study until its budget is spent. ``callbacks``: Optuna-style ``(study, frozen_trial)``
+    callables, called in the driver after each finished trial is stored, after the study file's [study] ones."""
     from optuna.trial import TrialState
 
     check_executor_installed(spec)
@@ -58,7 +60,7 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial,
     study.sampler = make_sampler(spec, len(study.trials))
     progress = progress or Progress(spec)
     progress.start(study, requeued)
-    driver = Driver(spec, study, trial_fn, progress)
+    driver = Driver(spec, study, trial_fn, progress, [*study_callbacks(spec), *callbacks])
     with driver.guard.installed():
         try:
             stopped = driver.loop()

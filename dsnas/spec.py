@@ -300,6 +300,7 @@ class StudySpec:
     engine: EngineSpec = field(default_factory=EngineSpec)
     fidelity: FidelitySpec = field(default_factory=FidelitySpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
+    callbacks: tuple[str, ...] = ()  # "module:callable" of Optuna-style callbacks (study, trial), after each trial
 
     @property
     def base_dir(self) -> Path:
@@ -356,13 +357,17 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
                  None, "rename the table [pruning] to [fidelity]; its keys are unchanged")
     reject_unknown(where, "", raw, _SECTIONS)
     study = section_table(where, raw, "study")
-    reject_unknown(where, "study.", study, ("name", "storage", "seed"))
+    reject_unknown(where, "study.", study, ("name", "storage", "seed", "callbacks"))
     name = typed(where, "study.name", study.get("name", path.stem), str)
     require_spec(where, "study.name", re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None,
                  "must be a plain name (letters, digits, '_', '-', '.'): it names the database and folders",
                  name, 'e.g. name = "my_study"')
     seed = typed(where, "study.seed", study.get("seed", 0), int)
     require_spec(where, "study.seed", 0 <= seed < 2**31, "must be in [0, 2**31)", seed, "e.g. seed = 0")
+    callbacks = typed(where, "study.callbacks", study.get("callbacks", []), tuple[str, ...])
+    for target in callbacks:
+        require_spec(where, "study.callbacks", _is_import_path(target), 'each must look like "module:callable"',
+                     target, 'e.g. callbacks = ["my_callbacks:log_trial"], with my_callbacks.py beside the study file')
     return StudySpec(
         path=where,
         name=name,
@@ -378,6 +383,7 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         engine=build_section(where, "engine", EngineSpec, section_table(where, raw, "engine")),
         fidelity=build_section(where, "fidelity", FidelitySpec, section_table(where, raw, "fidelity")),
         predictor=build_section(where, "predictor", PredictorSpec, section_table(where, raw, "predictor")),
+        callbacks=tuple(callbacks),
     )
 
 
@@ -533,6 +539,18 @@ def check_plugins(spec: StudySpec) -> None:
     if spec.task.name not in BUILTIN_TASKS:
         _import_callable(where, "task.name", spec.task.name, base)
     check_params(where, spec.task)
+    study_callbacks(spec)
+
+
+def study_callbacks(spec: StudySpec) -> list[Callable[..., Any]]:
+    """The [study] callbacks, imported (the study's folder is importable); each must be callable."""
+    found = []
+    for target in spec.callbacks:
+        callback = _import_callable(spec.path, "study.callbacks", target, spec.base_dir)
+        require_spec(spec.path, "study.callbacks", callable(callback), "each must name a callable (study, trial)",
+                     target, "name a function, or an object with __call__, e.g. optuna-integration's MLflowCallback")
+        found.append(callback)
+    return found
 
 
 def _is_there(check: Callable[[], bool]) -> bool:

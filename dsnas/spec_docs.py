@@ -25,7 +25,7 @@ COMMAND = "python -m dsnas.spec_docs --write"
 # Dataclass fields that no study-file key sets: the loader fills them in itself.
 NOT_KEYS = {"path": "the study file's own path", "task.base_dir": "the study file's folder"}
 # What the loader reads itself rather than into a section dataclass; written by hand in HEADER below.
-HAND_WRITTEN = {"study": ("name", "storage", "seed"), "objectives": tuple(spec.OBJECTIVES)}
+HAND_WRITTEN = {"study": ("name", "storage", "seed", "callbacks"), "objectives": tuple(spec.OBJECTIVES)}
 # The built-in task's parameters ([task] keys), read from the source: importing that module would import torch.
 TASK_PARAMS = {"charlm": ("dsnas.tasks.charlm", "CharLMConfig")}
 UNSET = object()  # a field without a default
@@ -212,6 +212,7 @@ code's; "unset" means the key has no value unless you give one. `[study]`, `[obj
 | `name` | string | the file's stem | study name (letters, digits, `_ - .`); it names the database and folders |
 | `storage` | string | `sqlite:///NAME.db` beside the file | an SQLAlchemy URL: SQLite, PostgreSQL, MySQL |
 | `seed` | integer | `0` | seeds each trial's initialisation and data order (`seed + trial number`) |
+| `callbacks` | list of strings | `[]` | `"module:callable"` of Optuna callbacks `(study, trial)` ([usage](usage.md)) |
 
 ## [objectives]
 

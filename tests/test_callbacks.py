@@ -1,0 +1,71 @@
+"""Optuna-style callbacks (study, frozen_trial), from the study file and from the Python API: called in the driver
+after each finished trial is stored, with the trial as stored; one that raises is reported and the search goes on."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+from optuna.trial import TrialState
+
+from dsnas.cli import main
+from dsnas.spec import load_study
+
+CALLBACKS = '''
+import json
+from pathlib import Path
+
+LOG = Path(__file__).with_name("callback.jsonl")
+
+
+def record(study, trial):
+    with LOG.open("a") as f:
+        f.write(json.dumps({"study": study.study_name, "number": trial.number, "state": trial.state.name,
+                            "values": trial.values, "arch": trial.user_attrs.get("arch_short")}) + "\\n")
+
+
+def broken(study, trial):
+    raise RuntimeError("the tracking server is down")
+'''
+
+
+def test_study_file_callbacks_see_every_stored_trial_and_one_that_raises_stops_nothing(tiny_study, capsys):
+    (tiny_study.parent / "cbs.py").write_text(CALLBACKS)
+    tiny_study.write_text(tiny_study.read_text().replace("[study]\n", '[study]\ncallbacks = ["cbs:record", '
+                                                                      '"cbs:broken"]\n'))
+    assert main(["search", str(tiny_study)]) == 0
+    out = capsys.readouterr().out
+    spec = load_study(tiny_study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+    seen = [json.loads(line) for line in (tiny_study.parent / "callback.jsonl").read_text().splitlines()]
+    assert [s["number"] for s in seen] == sorted(t.number for t in trials)  # each trial once, as it finished
+    for s in seen:
+        stored = trials[s["number"]]
+        assert (s["study"], s["state"], s["values"], s["arch"]) == \
+            ("tiny", stored.state.name, stored.values, stored.user_attrs["arch_short"])
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(trials) == 3
+    assert out.count("callback broken raised RuntimeError: the tracking server is down") == 3
+    assert "the search goes on" in out
+
+
+def test_python_api_callbacks_run_after_the_study_files(tiny_study):
+    import dsnas
+
+    calls = []
+    outcome = dsnas.search(str(tiny_study), callbacks=[lambda study, trial: calls.append((trial.number,
+                                                                                           trial.values))],
+                           n_trials=2)
+    assert [n for n, _ in calls] == [t.number for t in outcome.study.get_trials()]
+    assert [v for _, v in calls] == [t.values for t in outcome.study.get_trials()]
+
+
+def test_a_callback_that_is_not_there_is_a_one_line_error_before_any_trial(tiny_study, capsys):
+    tiny_study.write_text(tiny_study.read_text().replace("[study]\n", '[study]\ncallbacks = ["nowhere:log"]\n'))
+    assert main(["search", str(tiny_study)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[study.callbacks] must name an importable callable (ModuleNotFoundError" in err[0]
+    tiny_study.write_text(tiny_study.read_text().replace('callbacks = ["nowhere:log"]', 'callbacks = "cbs"'))
+    assert main(["search", str(tiny_study)]) == 2
+    assert "[study.callbacks]" in capsys.readouterr().err
+    assert not (tiny_study.parent / "tiny.db").exists() or not optuna.load_study(
+        study_name="tiny", storage=f"sqlite:///{tiny_study.parent / 'tiny.db'}").trials
