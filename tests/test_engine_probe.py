@@ -114,3 +114,34 @@ def test_a_study_with_auto_choices_samples_only_what_the_probe_offered(tiny_stud
     # Resumed, the study keeps its offer: no second probe, the same distributions for Optuna.
     assert main(["search", str(tiny_study), "--n-trials", "5"]) == 0
     assert len(calls) == 1 and "decided at this study's first run on fake device" in capsys.readouterr().out
+
+
+def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatch):
+    """A busy moment decides this study's offer at most, never every later study's: it is not cached, and says so."""
+    import torch
+
+    from dsnas.profiler.disturbance import Share
+
+    class Busy:
+        share = Share(others=0.45, steal=0.0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ep, "CpuWindow", Busy)
+    monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
+    measured = []
+    monkeypatch.setattr(ep, "_measure", lambda device, shapes: measured.append(1) or probe_of({"int8"}).verdicts)
+    shapes = ep.linear_shapes([(64, 64)], [8])
+    first = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert first.load == pytest.approx(0.45) and "others used 45% of the CPUs, so not cached" in first.table()
+    assert first.precisions() == ("fp32", "int8")
+    again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert not again.cached and len(measured) == 2
+    monkeypatch.setattr(Busy, "share", Share(others=0.02, steal=0.0))  # quiet: kept, and read back next time
+    ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached and len(measured) == 3

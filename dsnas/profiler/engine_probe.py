@@ -15,6 +15,7 @@ from typing import Any
 from dsnas.errors import TrialError
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.device import device_key, fingerprint, fingerprint_id, resolve_device
+from dsnas.profiler.disturbance import MAX_SETTLE_S, THRESHOLD, CpuWindow, wait_for_quiet
 from dsnas.profiler.gate import MeasureGate
 from dsnas.profiler.timing import cpu_threads, time_calls
 
@@ -69,6 +70,9 @@ class EngineProbe:
     shapes: tuple[str, ...]
     verdicts: dict[str, Verdict]
     cached: bool = False
+    # Others' share of the host's CPUs while it ran (dsnas.profiler.disturbance); above the threshold the probe is
+    # used for this study but not cached, so that a busy moment does not decide for every later study. None: unknown.
+    load: float | None = None
 
     def precisions(self) -> tuple[str, ...]:
         """fp32, then each low precision that pays here."""
@@ -79,8 +83,10 @@ class EngineProbe:
         return ("dense", SPARSITY) if offered else ("dense",)
 
     def table(self) -> str:
+        busy = "" if self.load is None or self.load <= THRESHOLD else \
+            f", disturbed: others used {self.load:.0%} of the CPUs, so not cached"
         lines = [f"engine probe on {self.device} (fingerprint {self.fingerprint_id}"
-                 f"{', cached' if self.cached else ''}), shapes rows x in -> out: {', '.join(self.shapes)}",
+                 f"{', cached' if self.cached else ''}{busy}), shapes rows x in -> out: {', '.join(self.shapes)}",
                  f"{'choice':8} {'offered':8} {'speed':>7}  {'kernel':26} why"]
         for v in self.verdicts.values():
             speed = "-" if v.speedup is None else f"{v.speedup:.2f}x"
@@ -89,12 +95,12 @@ class EngineProbe:
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "fingerprint_id": self.fingerprint_id, "shapes": list(self.shapes),
-                "verdicts": {k: asdict(v) for k, v in self.verdicts.items()}}
+                "verdicts": {k: asdict(v) for k, v in self.verdicts.items()}, "load": self.load}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], cached: bool = False) -> EngineProbe:
         return cls(data["device"], data["fingerprint_id"], tuple(data["shapes"]),
-                   {k: Verdict(**v) for k, v in data["verdicts"].items()}, cached)
+                   {k: Verdict(**v) for k, v in data["verdicts"].items()}, cached, data.get("load"))
 
 
 def linear_shapes(widths: Iterable[tuple[int, int]], rows: Iterable[int]) -> tuple[Shape, ...]:
@@ -120,9 +126,13 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
                 return EngineProbe.from_dict(entry, cached=True)
             except (KeyError, TypeError):
                 pass  # a malformed entry: measure again, and overwrite it
+        wait_for_quiet(MAX_SETTLE_S)  # a neighbour's burst that ends within a second does not decide the offer
+        with CpuWindow() as window:
+            verdicts = _measure(device, shapes)
         probe = EngineProbe(str(fp.get("gpu") or fp.get("cpu")), fingerprint_id(fp), tuple(map(str, shapes)),
-                            _measure(device, shapes))
-        store_entry(path, CACHE_TYPE, key, probe.as_dict())
+                            verdicts, load=window.share.load if window.share.others is not None else None)
+        if not window.share.disturbed():
+            store_entry(path, CACHE_TYPE, key, probe.as_dict())
     return probe
 
 
