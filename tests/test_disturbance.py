@@ -241,7 +241,11 @@ def test_a_cpu_hog_started_during_a_measurement_is_detected(monkeypatch):
     shares = [a["others_cpu_share"] for a in record["attempts"]]
     assert len(shares) == MAX_ATTEMPTS and min(shares) >= 0.5, record
     assert record["disturbed"] is True and profile["disturbed"] is True and metrics["disturbed"] == 1.0
-    assert record["others_cpu_share"] == min(shares) and record["scope"] == "host CPU"
+    # The attempt kept is the least loaded: others' share plus steal (a hypervisor's), not others' alone (CI saw
+    # others 0.6684 kept over 0.6656 when the latter had more steal).
+    loads = [a["others_cpu_share"] + (a["steal_share"] or 0.0) for a in record["attempts"]]
+    kept = record["attempts"][loads.index(min(loads))]
+    assert record["others_cpu_share"] == kept["others_cpu_share"] and record["scope"] == "host CPU"
 
 
 def _study_with_flags(tmp_path: Path) -> str:
