@@ -62,6 +62,7 @@ class Driver:
         self.skips_in_a_row = 0
         self.reuses_in_a_row = 0
         self._evaluated: dict[str, int] | None = None  # evaluation key -> the trial that trained it (see _original)
+        self.keys: dict[int, str] = {}  # running trial number -> its evaluation key
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
@@ -201,6 +202,7 @@ class Driver:
             return True
         self.skips_in_a_row = 0
         attrs = {"arch": arch, "arch_short": short, "evaluation_key": key}
+        self.keys[trial.number] = key
         if verdict is not None and verdict.predicted:
             self.predictions[trial.number] = verdict.predicted
             attrs.update({f"predicted.{m}": v for m, v in verdict.predicted.items()})
@@ -330,6 +332,7 @@ class Driver:
         Then the callbacks, with the trial as stored."""
         self.db(f"store trial {trial.number}", lambda: self.study.tell(
             trial, values, state=state, skip_if_finished=self.outage.retrying))
+        self.keys.pop(trial.number, None)
         if self.callbacks:
             self._call_back(self.db("read the study", self.study._storage.get_trial, trial._trial_id))
 
@@ -373,9 +376,10 @@ class Driver:
         self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, feasible)
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
+        key = self.keys.get(trial.number)  # kept at dispatch: trial.user_attrs would read the storage again
         self._tell(trial, values)
-        if self._evaluated is not None and "evaluation_key" in trial.user_attrs:
-            self._evaluated.setdefault(trial.user_attrs["evaluation_key"], trial.number)
+        if self._evaluated is not None and key is not None:
+            self._evaluated.setdefault(key, trial.number)
         # Told, the trial is finished: nothing after this may fail it, and a measurement row lost from here on is
         # written again from its stored profile by the next run's backfill.
         del self.running[trial.number]
