@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsnas.errors import TrialError
+from dsnas.kernels.conv import EngineConv2d
 from dsnas.kernels.linear import LOW, EngineLinear, engine_layers
 from dsnas.kernels.quant import Fp8Linear, Int8Linear, fp8_supported
 from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer, to_semi_structured
@@ -40,7 +41,10 @@ def convert(model: nn.Module, *, int8_backend: str = "auto", recorded: dict[str,
         if layer.inference is not None:
             continue
         with torch.no_grad():
-            _convert_layer(layer, (recorded or {}).get(name, int8_backend), rows)
+            if isinstance(layer, EngineConv2d):
+                layer.convert()
+            else:
+                _convert_layer(layer, (recorded or {}).get(name, int8_backend), rows)
 
 
 def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] | None = None) -> None:

@@ -20,7 +20,29 @@ TRAIN_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
                "fp8": torch.bfloat16}
 
 
-class EngineLinear(nn.Linear):
+class EngineLayer:
+    """What every engine layer carries beside its module (EngineLinear here, EngineConv2d in dsnas.kernels.conv):
+    ``precision`` and ``sparsity``, the N:M ``mask`` (None when dense), the fp32 fallback state the training step
+    drives, and once converted, ``inference`` and the ``backend`` that runs it (with the ``reason`` a faster one did
+    not)."""
+
+    precision: str
+    sparsity: str
+    mask: torch.Tensor | None
+    fallback_left: int
+    fallbacks: int
+    overflow: torch.Tensor | None
+    inference: nn.Module | None
+    backend: str
+    reason: str
+
+    @property
+    def sparse_kernel(self) -> bool:
+        """Whether a semi-structured sparse kernel runs this layer (else its zeros, if any, are multiplied)."""
+        return self.backend.split(" ")[0] in SPARSE_KERNELS
+
+
+class EngineLinear(EngineLayer, nn.Linear):
     """nn.Linear whose precision and sparsity are choices of the search.
 
     Training form: the weight times the N:M ``mask`` (when sparse), optionally fake-quantized (QAT), computed in the
@@ -72,17 +94,13 @@ class EngineLinear(nn.Linear):
             self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
         return out.to(x.dtype)
 
-    @property
-    def sparse_kernel(self) -> bool:
-        """Whether a semi-structured sparse kernel runs this layer (else its zeros, if any, are multiplied)."""
-        return self.backend.split(" ")[0] in SPARSE_KERNELS
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, precision={self.precision}, sparsity={self.sparsity}, backend={self.backend}"
 
 
-def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, EngineLinear)}
+def engine_layers(model: nn.Module) -> dict[str, Any]:
+    """The engine layers of ``model`` by module name: EngineLinear and EngineConv2d."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, EngineLayer)}
 
 
 def layer_report(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -16,11 +16,15 @@ def layer_precision(layer: Any) -> str:
 
 def flops_by_precision(model: Any, rows: int, total_flops: float) -> dict[str, float]:
     """FLOPs of one call by the precision that computes them: 2 * rows * in * out for each engine layer (the count
-    of the dense layer it stands for), and whatever else was counted as fp32."""
-    from dsnas.kernels.linear import engine_layers  # torch loads on first use
+    of the dense layer it stands for), and whatever else was counted as fp32. An EngineConv2d's FLOPs depend on its
+    output's size, which the layer does not know: they stay in the fp32 share, so a bf16 convolution's share of the
+    ceiling reads high."""
+    from dsnas.kernels.linear import EngineLinear, engine_layers  # torch loads on first use
 
     out: dict[str, float] = {}
     for layer in engine_layers(model).values():
+        if not isinstance(layer, EngineLinear):
+            continue
         key = layer_precision(layer)
         out[key] = out.get(key, 0.0) + 2.0 * rows * layer.in_features * layer.out_features
     out["fp32"] = out.get("fp32", 0.0) + max(0.0, total_flops - sum(out.values()))

@@ -1,0 +1,106 @@
+"""The engine's convolution: per-layer precision (fp32, bf16, fp16) with the same fp32 fallback as EngineLinear.
+INT8, FP8 and 2:4 are not offered for convolutions: the engine wires no quantized or semi-structured sparse
+convolution kernel (torch's quantized conv needs a whole-model FX/PT2E flow, and cuSPARSELt multiplies matrices,
+not convolutions), and a choice without a kernel would be measured as something it is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsnas.kernels.linear import LOW, TRAIN_DTYPE, EngineLayer
+
+CONV_PRECISIONS = ("fp32", "bf16", "fp16")
+NOT_FOR_CONV = {
+    "int8": "no INT8 convolution kernel is wired into the engine (torch's quantized conv needs whole-model "
+            "FX/PT2E quantization)",
+    "fp8": "torch._scaled_mm multiplies matrices; there is no FP8 convolution kernel",
+    "2:4": "the semi-structured sparse kernels (cuSPARSELt, CUTLASS) multiply matrices, not convolutions",
+    "auto": "the semi-structured sparse kernels (cuSPARSELt, CUTLASS) multiply matrices, not convolutions",
+}
+
+
+class CastConv2d(nn.Module):
+    """The inference form of a bf16/fp16 convolution: the weight stored in that dtype (no per-call cast)."""
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.weight = nn.Parameter(conv.weight.detach().to(dtype), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().to(dtype), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x.to(self.dtype), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class EngineConv2d(EngineLayer, nn.Conv2d):
+    """nn.Conv2d whose precision is a choice of the search; trains in that dtype with an on-device overflow flag
+    (the training step falls back to fp32 for a while after an overflow), and converts to :class:`CastConv2d`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 groups: int = 1, bias: bool = True, *, precision: str = "fp32", sparsity: str = "dense",
+                 **conv: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
+                         bias=bias, **conv)
+        refused = NOT_FOR_CONV.get(precision) or NOT_FOR_CONV.get(sparsity)
+        if refused or precision not in CONV_PRECISIONS or sparsity != "dense":
+            raise ValueError(f"a convolution takes precision one of {list(CONV_PRECISIONS)} and dense sparsity, "
+                             f"got {precision!r}, {sparsity!r}" + (f": {refused}" if refused else ""))
+        self.precision, self.sparsity = precision, sparsity
+        self.mask = None
+        self.fallback_left = 0
+        self.fallbacks = 0
+        self.overflow = None
+        self.inference = None
+        self.backend = "dense"
+        self.reason = ""
+
+    @property
+    def out_features(self) -> int:
+        """Output channels, under the name the engine's size counts read (one bias and scale per output)."""
+        return self.out_channels
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.fallback_left > 0 else TRAIN_DTYPE[self.precision]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference is not None:
+            return self.inference(x).to(x.dtype)
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
+        if self.overflow is not None and self.training:
+            # As in EngineLinear: on the device, read once per step by TrainStep, and only when the input was finite.
+            self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
+        return out.to(x.dtype)
+
+    def convert(self) -> None:
+        """Into the inference form: the weight stored at the layer's precision."""
+        if self.precision in LOW:
+            self.inference = CastConv2d(self, LOW[self.precision])
+            self.backend = self.precision
+        else:
+            self.backend = "fp32"
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, precision: str) -> EngineConv2d:
+        """An engine convolution with ``conv``'s shape and weights (a user model's layer, converted in place)."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    groups=conv.groups, bias=conv.bias is not None, precision=precision, dilation=conv.dilation,
+                    padding_mode=conv.padding_mode)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer.to(conv.weight.device)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, precision={self.precision}, backend={self.backend}"
