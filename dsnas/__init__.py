@@ -15,7 +15,7 @@ from dsnas.errors import DsnasError, SpecError, TrialError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DsnasError", "SpecError", "TrialError", "load", "search", "__version__"]
+__all__ = ["DsnasError", "SpecError", "TrialError", "load", "measure", "search", "__version__"]
 
 
 def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = (), **overrides: Any) -> Any:
@@ -33,3 +33,14 @@ def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":
     from dsnas.export import load_bundle
 
     return load_bundle(bundle, device=device)
+
+
+def measure(model: "torch.nn.Module", example_input: Any, device: str = "auto", batch_sizes: Sequence[int] = (1, 32),
+            items_per_example: int = 1, **protocol: Any) -> Any:
+    """Measure any PyTorch model as dsnas measures a trial (no study needed): latency per batch size with its
+    spread, throughput, FLOPs, bytes, peak memory and, on a GPU, the NVML window. Returns a
+    :class:`dsnas.profile.ProfileReport`: ``.metrics`` (the flat figures a trial stores), ``.profile`` (the whole
+    profile); printing it gives the `dsnas profile` table. See :func:`dsnas.profile.measure_model`."""
+    from dsnas.profile import measure_model
+
+    return measure_model(model, example_input, device, tuple(batch_sizes), items_per_example, **protocol)

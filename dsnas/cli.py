@@ -36,6 +36,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"\nstopped: {outcome.stopped_because}; {outcome.completed} completed trials in the study{reused}, "
           f"{outcome.failed} failed in this run, {outcome.elapsed_s:.1f} s")
     print(pareto_table(outcome.front, spec))
+    if outcome.all_failed:  # a run that evaluated nothing is a failed run, whatever it stored
+        print(f"dsnas: all {outcome.failed} trials of this run failed; the first: {outcome.first_failure}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -76,7 +80,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                     max_memory_mb=args.max_memory_mb)
     for frozen in pick_trials(study, spec, trial=args.trial, pick=args.pick, front=args.front, limits=limits):
         out = export_trial(spec, study, frozen, args.out if not args.front else None)
-        print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) to {out}")
+        what = "its architecture and metrics (the task's own function evaluated it: there is no model) " \
+            if not (out / "weights.safetensors").exists() else ""
+        print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) {what}to {out}")
     return 0
 
 

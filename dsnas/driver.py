@@ -34,7 +34,7 @@ from dsnas.storage import (
     storage_engine,
     study_lock,
 )
-from dsnas.tasks import make_task
+from dsnas.tasks import make_task, runs_own_trials
 from dsnas.trial import TrialFn, TrialRequest, TrialResult
 
 # A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
@@ -182,13 +182,14 @@ class Driver:
         try:
             # Sampling again after a lost connection is harmless: a parameter stored once is returned as stored.
             arch = {**self.db(f"sample trial {trial.number}", self._sample, trial), **self.task_arch}
-            validate(arch)
+            if arch.get("family") or not runs_own_trials(self.task):  # an evaluate_arch task needs no family
+                validate(arch, self.spec.base_dir)
         except StorageLost:
             raise
         except Exception as e:  # a space that cannot produce a valid candidate fails this trial only
             self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
             return True
-        short = describe(arch)
+        short = describe(arch, tuple(self.task_arch), self.spec.base_dir)
         key = entry_key(arch=arch, task=[self.spec.task.name, self.spec.task.params], engine=asdict(self.spec.engine),
                         hardware={k: v for k, v in asdict(self.spec.hardware).items() if k != "constraints"})
         original = self._original(key) if self.spec.budget.repeats == "reuse" else None
@@ -367,7 +368,9 @@ class Driver:
         missing += [m for m, _ in self.spec.hardware.constraints.items() if m not in metrics]
         if missing:
             why = outcome.profile.get("memory_unavailable", "the worker did not report them")
-            self._fail(trial, f"no measurement of {missing} ({why})")
+            needs = [f"objective {o.name} needs {o.metric!r}" for o in self.spec.objectives if o.metric in missing]
+            needs += [f"limit max_{m} needs {m!r}" for m, _ in self.spec.hardware.constraints.items() if m in missing]
+            self._fail(trial, f"no measurement of {missing} ({why}): {'; '.join(needs)} among the trial's metrics")
             return
         self.recording = trial.number
         feasible = all(metrics[m] <= limit for m, limit in self.spec.hardware.constraints.items())
@@ -424,9 +427,10 @@ class Driver:
         from optuna.artifacts import upload_artifact
 
         self.artifacts = self.artifacts or artifact_store(self.spec)
-        files = {"arch": json.dumps(trial.user_attrs["arch"], indent=2).encode(),
-                 "profile": json.dumps(outcome.profile, indent=2).encode(),
-                 "weights": outcome.weights, "probe": outcome.probe}
+        files: dict[str, bytes | None] = {"weights": outcome.weights, "probe": outcome.probe}
+        if self.spec.json_artifacts:  # copies of two trial attributes, as files the dashboard's artifact view shows
+            files.update(arch=json.dumps(trial.user_attrs["arch"], indent=2).encode(),
+                         profile=json.dumps(outcome.profile, indent=2).encode())
 
         def upload(path: Path, name: str) -> None:
             trial.set_user_attr(f"{name}_artifact", upload_artifact(

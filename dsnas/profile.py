@@ -75,7 +75,8 @@ def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, s
                          f"Fix: pick one of {[t.number for t in study.trials if 'arch' in t.user_attrs]}")
     # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
     # form its layers chose (INT8 kernels, 2:4 masks).
-    return untrained_inference_form(build(found[0].user_attrs["arch"]).to(device)), spec.task, spec.hardware, \
+    model = build(found[0].user_attrs["arch"], spec.base_dir)
+    return untrained_inference_form(model.to(device)), spec.task, spec.hardware, \
         f"study {spec.name!r} trial {trial} (untrained weights)"
 
 
@@ -89,6 +90,44 @@ def profile_target(target: str, trial: int | None = None, device: str = "auto", 
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model.to(dev), task, dev, hardware)
     return ProfileReport(what, metrics, profile)
+
+
+def measure_model(model: Any, example_input: Any, device: str = "auto", batch_sizes: tuple[int, ...] = (1, 32),
+                  items_per_example: int = 1, **protocol: Any) -> ProfileReport:
+    """Measure any model with the protocol a trial's is measured with: timings per batch size (median, spread,
+    until the median is known to ``ci_tolerance``), FLOP and byte counts, peak memory and, on a GPU, the NVML/GPM
+    window. ``example_input``: one batch (its first dimension is the batch; rows are repeated to each batch size) or
+    a function ``batch_size -> input``; ``items_per_example`` is what throughput counts per example (e.g. the
+    tokens of a sequence). ``protocol``: HardwareSpec's other fields (threads, measure_s, kernels, ...). The model
+    moves to the device."""
+    dev = resolve_device(device)
+    hardware = HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol)
+    task = _ExampleInputs(example_input, items_per_example)
+    model = model.to(dev)
+    with MeasureGate(device_key(dev)).exclusive():
+        metrics, profile = measure(model, task, dev, hardware)
+    return ProfileReport(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters)",
+                         metrics, profile)
+
+
+class _ExampleInputs:
+    """The part of a task measuring reads: an input batch per batch size."""
+
+    def __init__(self, example: Any, items_per_example: int) -> None:
+        if items_per_example < 1:
+            raise DsnasError(f"items_per_example must be >= 1, got {items_per_example}")
+        self.example, self.tokens_per_example = example, items_per_example
+
+    def example_batch(self, batch_size: int, device: Any) -> Any:
+        if callable(self.example):
+            return self.example(batch_size)
+        import torch
+
+        if not isinstance(self.example, torch.Tensor) or self.example.dim() == 0:
+            raise DsnasError("example_input must be a tensor whose first dimension is the batch, or a function "
+                             f"batch_size -> input; got {type(self.example).__name__}")
+        rows = torch.arange(batch_size) % self.example.shape[0]  # the example's rows, repeated
+        return self.example[rows.to(self.example.device)].to(device)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dsnas.fidelity import RungPlan
 from dsnas.pareto import front_indices
 from dsnas.spec import StudySpec
 from dsnas.storage import display_url
+from dsnas.tasks import rung_support, throughput_unit
 
 # How each metric is shown: (column title, format).
 COLUMNS = {"accuracy": ("accuracy", "{:.4f}"), "throughput_tok_s": ("tokens/s", "{:,.0f}"),
@@ -31,6 +32,7 @@ class Progress:
         self.pruned = 0  # stopped at a rung (they count toward n_trials)
         self.skipped = 0  # skipped by the predictor before training (they do not)
         self.reused = 0  # repeats answered from an earlier trial's result (they do not)
+        self.first_failure = ""  # "trial N: reason" of this run's first failed trial
         self.front_points: list[list[float]] = []  # objective values of feasible completed trials
         self._t0 = time.monotonic()
 
@@ -64,8 +66,13 @@ class Progress:
         fidelity = self.spec.fidelity
         if fidelity.enabled:
             rungs = ", ".join(f"{r:.0%}" for r in RungPlan(fidelity).rungs)
-            self.say(f"  fidelity: {fidelity.kind.replace('_', ' ')}, eta {fidelity.eta}, rungs at {rungs} of the "
-                      "training budget; measured first, so a candidate over a hardware limit stops untrained")
+            why_not = rung_support(self.spec.task)
+            if why_not:
+                self.say(f"  fidelity: off: {why_not}, so every candidate trains its whole budget (measured first: "
+                         "one over a hardware limit still stops untrained)")
+            else:
+                self.say(f"  fidelity: {fidelity.kind.replace('_', ' ')}, eta {fidelity.eta}, rungs at {rungs} of the "
+                         "training budget; measured first, so a candidate over a hardware limit stops untrained")
         limits = [f"{m} {v:g}" for m, v in self.spec.hardware.constraints.items()]
         if self.spec.predictor.skip and limits:
             self.say(f"  predictor: skips a candidate predicted over a limit ({', '.join(limits)}) by more than "
@@ -100,6 +107,7 @@ class Progress:
 
     def failed_trial(self, number: int, reason: str, running: dict[int, Any]) -> None:
         self.failed += 1
+        self.first_failure = self.first_failure or f"trial {number}: {reason.splitlines()[0][:500]}"
         self.say(f"{self._status(running)}  trial {number} FAILED: {reason.splitlines()[0][:200]}")
 
     def _status(self, running: dict[int, Any]) -> str:
@@ -124,7 +132,8 @@ def pareto_table(front: list[Any], spec: StudySpec) -> str:
     metrics += [m for m in ("accuracy", "throughput_tok_s", "latency_ms", "params") if m not in metrics]
     first = spec.objectives[0]
     rows = sorted(front, key=lambda t: t.values[0], reverse=first.direction == "maximize")
-    header = ["trial", *(COLUMNS.get(m, (m, ""))[0] for m in metrics), "architecture"]
+    titles = {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": throughput_unit(spec.task)}
+    header = ["trial", *(titles.get(m, m) for m in metrics), "architecture"]
     body = [[f"#{t.number}", *(_fmt(m, t.user_attrs[m]) if m in t.user_attrs else "-" for m in metrics),
              t.user_attrs.get("arch_short", "?")] for t in rows]
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]

@@ -27,6 +27,13 @@ class SearchOutcome:
     stopped_because: str = ""
     pruned: int = 0  # PRUNED trials in the study: stopped at a rung, or skipped by the predictor
     reused: int = 0  # of the COMPLETE ones, repeats answered from an earlier trial's result (trained once)
+    evaluated_now: int = 0  # trials of this run that completed or were stopped at a rung or skipped (not failed)
+    first_failure: str = ""  # the first failed trial's reason in this run
+
+    @property
+    def all_failed(self) -> bool:
+        """This run's trials all failed: the study's setup is broken, not its candidates."""
+        return self.failed > 0 and self.evaluated_now == 0
 
 
 def check_executor_installed(spec: StudySpec) -> None:
@@ -74,4 +81,5 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
     pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
     return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
-                         progress.reused)
+                         progress.reused, progress.completed + progress.pruned + progress.skipped + progress.reused,
+                         progress.first_failure)

@@ -10,7 +10,8 @@ from typing import Any
 
 from dsnas.config import reject_unknown
 from dsnas.errors import Invalid, SpecError
-from dsnas.models import FAMILIES, family
+from dsnas.kernels.choices import PRECISIONS, SPARSITIES
+from dsnas.models import FAMILIES, family, is_user_family
 from dsnas.plugins import import_callable
 
 SampleFn = Callable[[Any], dict[str, Any]]
@@ -30,6 +31,7 @@ class SearchSpace:
     choices: dict[str, tuple[Any, ...]]
     per_layer: dict[str, tuple[Any, ...]]
     by_device: tuple[str, ...] = ()
+    groups: tuple[EngineGroup, ...] = ()  # [engine.NAME] tables: the engine's choices by module name
 
     def resolved(self, precisions: tuple[str, ...], sparsities: tuple[str, ...]) -> SearchSpace:
         """This space with its ``by_device`` keys set to what pays on the device (the probe's offer)."""
@@ -38,30 +40,53 @@ class SearchSpace:
                 family(self.family).check_choices({**self.choices, **self.per_layer, "sparsity": sparsities})
             except Invalid:
                 sparsities = ("dense",)
+        named = getattr(family(self.family), "NAMED_CHOICES", {})
+        precisions = tuple(p for p in precisions if p in named.get("precision", precisions))  # a family's own
         offer = {"precision": precisions, "sparsity": sparsities}
         choices = {k: offer[k] if k in self.by_device else v for k, v in self.choices.items()}
         per_layer = {k: offer[k] if k in self.by_device else v for k, v in self.per_layer.items()}
-        return SearchSpace(self.family, choices, per_layer)
+        return SearchSpace(self.family, choices, per_layer, groups=self.groups)
 
     def linear_widths(self) -> list[tuple[int, int]]:
         """The (in, out) widths of the engine layers this space can build (for the probe); [] when the family does
         not say."""
+        if is_user_family(self.family):
+            return []
         widths = getattr(family(self.family), "linear_widths", None)
         return widths({**self.choices, **self.per_layer}) if widths else []
 
     def sample(self, trial: Any) -> dict[str, Any]:
         picked = {key: _suggest(trial, key, options) for key, options in self.choices.items()}
+        engine = [g.sample(trial) for g in self.groups]
+        if is_user_family(self.family):
+            return {"family": self.family, **picked, **({"engine": engine} if engine else {})}
         n_layers = picked.pop("n_layers")
         shared = {key: picked.pop(key) for key in list(picked) if key in self.per_layer_keys}
         layers = []
         for i in range(n_layers):
             per = {key: _suggest(trial, f"layer{i}.{key}", opts) for key, opts in self.per_layer.items()}
             layers.append({**shared, **per})
-        return {"family": self.family, **picked, "layers": layers}
+        return {"family": self.family, **picked, "layers": layers, **({"engine": engine} if engine else {})}
 
     @property
     def per_layer_keys(self) -> tuple[str, ...]:
-        return family(self.family).LAYER_KEYS
+        return () if is_user_family(self.family) else family(self.family).LAYER_KEYS
+
+
+@dataclass(frozen=True)
+class EngineGroup:
+    """``[engine.NAME]``: the layers whose module names match ``modules`` (fnmatch patterns, e.g.
+    ``"blocks.*.mlp.*"``) take one precision and one sparsity, sampled as ``NAME.precision`` and ``NAME.sparsity``."""
+
+    name: str
+    modules: tuple[str, ...]
+    precision: tuple[str, ...] = ("fp32",)
+    sparsity: tuple[str, ...] = ("dense",)
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        return {"group": self.name, "modules": list(self.modules),
+                "precision": _suggest(trial, f"{self.name}.precision", self.precision),
+                "sparsity": _suggest(trial, f"{self.name}.sparsity", self.sparsity)}
 
 
 def _suggest(trial: Any, name: str, options: tuple[Any, ...]) -> Any:
@@ -79,8 +104,13 @@ def load_space_file(path: str | Path) -> SearchSpace:
                         "check the path and the TOML syntax") from None
     reject_unknown(where, "", raw, ("family", "engine", "choices", "per_layer"))
     name = raw.get("family")
-    if name not in FAMILIES:
-        raise SpecError(where, "family", f"must be one of {list(FAMILIES)}", name, 'set family = "transformer_lm"')
+    if not isinstance(name, str) or (name not in FAMILIES and not _is_target(name)):
+        raise SpecError(where, "family", f'must be one of {list(FAMILIES)} or a model builder "module:callable"',
+                        name, 'set family = "transformer_lm", or family = "my_model:build" for def build(arch) in '
+                        "my_model.py beside the study file")
+    groups = _groups(where, raw.get("engine")) if isinstance(raw.get("engine"), dict) else ()
+    if is_user_family(name):
+        return _user_space(where, name, raw, groups)
     fam = family(name)
     named = getattr(fam, "NAMED_CHOICES", {})
     optional_arch = tuple(getattr(fam, "OPTIONAL_ARCH_KEYS", ()))
@@ -88,6 +118,11 @@ def load_space_file(path: str | Path) -> SearchSpace:
                        named)
     per_layer = _options(where, "per_layer", raw.get("per_layer", {}), fam.LAYER_KEYS, named)
     by_device = _by_device(where, raw, choices, per_layer)
+    if by_device and not hasattr(fam, "linear_widths"):
+        raise SpecError(where, "precision" if by_device == ("precision",) else "engine",
+                        f'"auto" needs the engine probe, which times linear layers; the {name} family does not say '
+                        "its layers' widths (its convolutions are not what the probe measures)", AUTO,
+                        'list the precisions instead, e.g. precision = ["fp32", "bf16"]')
     for key in fam.ARCH_KEYS:
         if key not in choices:
             raise SpecError(where, f"choices.{key}", "is required", None, f"add {key} = [...] under [choices]")
@@ -102,7 +137,66 @@ def load_space_file(path: str | Path) -> SearchSpace:
     except Invalid as e:
         section = "choices" if e.key in choices else "per_layer"
         raise SpecError(where, f"{section}.{e.key}", e.rule, e.got, e.fix) from None
-    return SearchSpace(family=name, choices=choices, per_layer=per_layer, by_device=by_device)
+    return SearchSpace(family=name, choices=choices, per_layer=per_layer, by_device=by_device, groups=groups)
+
+
+def _is_target(name: str) -> bool:
+    module, _, attr = name.partition(":")
+    return bool(module and attr) and all(p.isidentifier() for p in [*module.split("."), *attr.split(".")])
+
+
+def _user_space(where: str, name: str, raw: dict[str, Any], groups: tuple[EngineGroup, ...]) -> SearchSpace:
+    """A user family's space: [choices] of any names and values (the builder reads them), and [engine.NAME]."""
+    if "per_layer" in raw:
+        raise SpecError(where, "per_layer", "is for the built-in families; a model builder reads [choices] only",
+                        sorted(raw["per_layer"]) if isinstance(raw["per_layer"], dict) else raw["per_layer"],
+                        "put the choices under [choices] and let build(arch) lay them out")
+    if isinstance(raw.get("engine"), str):
+        raise SpecError(where, "engine", 'is a table of groups for a model builder: "auto" is for the built-in '
+                        "families", raw["engine"], '[engine.mlp] modules = ["blocks.*.mlp.*"] precision = ["fp32", '
+                        '"bf16"]')
+    table = raw.get("choices", {})
+    if not isinstance(table, dict):
+        raise SpecError(where, "choices", "must be a table", table, "write it as [choices]")
+    choices = {}
+    for key, value in table.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, (int, float, str, bool)) for v in values):
+            raise SpecError(where, f"choices.{key}", "must be a value or a non-empty list of numbers, strings or "
+                            "booleans", value, f"e.g. {key} = [32, 64]")
+        if len(set(map(repr, values))) != len(values):
+            raise SpecError(where, f"choices.{key}", "must not repeat a choice", value, "write each choice once")
+        choices[key] = tuple(values)
+    return SearchSpace(family=name, choices=choices, per_layer={}, groups=groups)
+
+
+def _groups(where: str, table: dict[str, Any]) -> tuple[EngineGroup, ...]:
+    """[engine.NAME] tables: modules (patterns), precision and sparsity (one or a list each)."""
+    groups = []
+    for name, group in table.items():
+        key = f"engine.{name}"
+        if not isinstance(group, dict):
+            raise SpecError(where, key, "must be a table with modules, precision and sparsity", group,
+                            f'[engine.{name}] modules = ["blocks.*.mlp.*"] precision = ["fp32", "bf16"]')
+        if not name.isidentifier():
+            raise SpecError(where, key, "the group's name must be a word (letters, digits, _): it names the "
+                            "Optuna parameters NAME.precision and NAME.sparsity", name, "e.g. [engine.mlp]")
+        reject_unknown(where, f"{key}.", group, ("modules", "precision", "sparsity"))
+        modules = group.get("modules")
+        patterns = [modules] if isinstance(modules, str) else modules
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise SpecError(where, f"{key}.modules", "must be a module-name pattern or a non-empty list of them",
+                            modules, 'e.g. modules = ["blocks.*.mlp.*", "head"]')
+        picked = {}
+        for field, allowed in (("precision", PRECISIONS), ("sparsity", SPARSITIES)):
+            value = group.get(field, allowed[0])
+            values = value if isinstance(value, list) else [value]
+            if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
+                raise SpecError(where, f"{key}.{field}", f"must be one or a list (without repeats) of "
+                                f"{list(allowed)}", value, f"e.g. {field} = {list(allowed[:2])!r}".replace("'", '"'))
+            picked[field] = tuple(values)
+        groups.append(EngineGroup(name, tuple(patterns), **picked))
+    return tuple(groups)
 
 
 def _by_device(where: str, raw: dict[str, Any], choices: dict[str, tuple[Any, ...]],
@@ -111,7 +205,7 @@ def _by_device(where: str, raw: dict[str, Any], choices: dict[str, tuple[Any, ..
     "auto"`, or `engine = "auto"` (precision and sparsity, per layer). Sparsity's own "auto" is another thing (the
     Hessian trace decides per layer, see dsnas.kernels.choices) and stays as it is."""
     engine = raw.get("engine")
-    if engine is not None:
+    if engine is not None and not isinstance(engine, dict):  # a table: [engine.NAME] groups (see _groups)
         if engine != AUTO:
             raise SpecError(where, "engine", 'must be "auto" (the engine probe decides precision and sparsity)',
                             engine, 'set engine = "auto", or remove it and list precision and sparsity')

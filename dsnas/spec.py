@@ -16,6 +16,7 @@ from typing import Any
 
 from dsnas.config import build_section, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
+from dsnas.models import is_user_family
 from dsnas.plugins import import_callable
 from dsnas.space import load_space_file
 from dsnas.tasks import BUILTIN_TASKS, check_params
@@ -55,7 +56,7 @@ class SamplerSpec:
     true` or `n_startup_trials = 5` for tpe, `population_size = 20` for nsga2), checked against its signature."""
 
     name: str = "tpe"  # Optuna's sampler: "tpe" is its multi-objective default
-    seed: int | None = 0  # moves on by the number of stored trials when a study resumes
+    seed: int | None = 0  # seeds which candidates are tried; moves on by the stored trials when a study resumes
     settings: dict[str, Any] = field(default_factory=dict)  # the sampler's own keyword arguments
 
     def __post_init__(self) -> None:
@@ -301,6 +302,7 @@ class StudySpec:
     fidelity: FidelitySpec = field(default_factory=FidelitySpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
     callbacks: tuple[str, ...] = ()  # "module:callable" of Optuna-style callbacks (study, trial), after each trial
+    json_artifacts: bool = True  # each trial's arch and profile as JSON artifact files too (the dashboard shows them)
 
     @property
     def base_dir(self) -> Path:
@@ -357,7 +359,7 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
                  None, "rename the table [pruning] to [fidelity]; its keys are unchanged")
     reject_unknown(where, "", raw, _SECTIONS)
     study = section_table(where, raw, "study")
-    reject_unknown(where, "study.", study, ("name", "storage", "seed", "callbacks"))
+    reject_unknown(where, "study.", study, ("name", "storage", "seed", "callbacks", "json_artifacts"))
     name = typed(where, "study.name", study.get("name", path.stem), str)
     require_spec(where, "study.name", re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None,
                  "must be a plain name (letters, digits, '_', '-', '.'): it names the database and folders",
@@ -384,6 +386,7 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         fidelity=build_section(where, "fidelity", FidelitySpec, section_table(where, raw, "fidelity")),
         predictor=build_section(where, "predictor", PredictorSpec, section_table(where, raw, "predictor")),
         callbacks=tuple(callbacks),
+        json_artifacts=typed(where, "study.json_artifacts", study.get("json_artifacts", True), bool),
     )
 
 
@@ -536,6 +539,10 @@ def check_plugins(spec: StudySpec) -> None:
     where, base = spec.path, spec.base_dir
     if spec.space.callable is not None:
         _import_callable(where, "space.callable", spec.space.callable, base)
+    if spec.space.file is not None:
+        name = load_space_file(spec.space.file).family
+        if is_user_family(name):  # the model builder, imported as the workers will (the study's folder importable)
+            _import_callable(where, f"family (in {spec.space.file})", name, base)
     if spec.task.name not in BUILTIN_TASKS:
         _import_callable(where, "task.name", spec.task.name, base)
     check_params(where, spec.task)

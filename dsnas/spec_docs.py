@@ -25,9 +25,11 @@ COMMAND = "python -m dsnas.spec_docs --write"
 # Dataclass fields that no study-file key sets: the loader fills them in itself.
 NOT_KEYS = {"path": "the study file's own path", "task.base_dir": "the study file's folder"}
 # What the loader reads itself rather than into a section dataclass; written by hand in HEADER below.
-HAND_WRITTEN = {"study": ("name", "storage", "seed", "callbacks"), "objectives": tuple(spec.OBJECTIVES)}
+HAND_WRITTEN = {"study": ("name", "storage", "seed", "callbacks", "json_artifacts"),
+                "objectives": tuple(spec.OBJECTIVES)}
 # The built-in task's parameters ([task] keys), read from the source: importing that module would import torch.
-TASK_PARAMS = {"charlm": ("dsnas.tasks.charlm", "CharLMConfig")}
+TASK_PARAMS = {"charlm": ("dsnas.tasks.charlm", "CharLMConfig"),
+               "images": ("dsnas.tasks.images", "ImagesConfig")}
 UNSET = object()  # a field without a default
 _WORDS = {"int": "integer", "float": "number", "str": "string", "bool": "boolean", "dict": "table"}
 
@@ -211,8 +213,9 @@ code's; "unset" means the key has no value unless you give one. `[study]`, `[obj
 | --- | --- | --- | --- |
 | `name` | string | the file's stem | study name (letters, digits, `_ - .`); it names the database and folders |
 | `storage` | string | `sqlite:///NAME.db` beside the file | an SQLAlchemy URL: SQLite, PostgreSQL, MySQL |
-| `seed` | integer | `0` | seeds each trial's initialisation and data order (`seed + trial number`) |
+| `seed` | integer | `0` | seeds each trial's training (`seed + trial number`); `[sampler] seed` picks candidates |
 | `callbacks` | list of strings | `[]` | `"module:callable"` of Optuna callbacks `(study, trial)` ([usage](usage.md)) |
+| `json_artifacts` | boolean | `true` | each trial's arch and profile as JSON files too (the dashboard shows them) |
 
 ## [objectives]
 
@@ -224,12 +227,18 @@ NOTES = {  # by heading
     "[task]": "*loader*: every other `[task]` key is a parameter of the task `name` names; the built-in task's are "
             "the next table. A task of your own: [own-model.md](own-model.md).",
     '[task] for name = "charlm"': "The keys of the built-in task, `name = \"charlm\"` (they go in `[task]` itself).",
+    '[task] for name = "images"': "The keys of the built-in image task, `name = \"images\"` (with the `cnn` family; "
+                                  "`pip install \"dsnas[images]\"`).",
 }
 
 
 def render() -> str:
-    rows = [f"| `{name}` | `{metric}` |" for name, (metric, _) in spec.OBJECTIVES.items()]
-    out = [HEADER, "| objective | metric |", "| --- | --- |", *rows]
+    rows = [f"| objective `{name}` | `{metric}` |" for name, (metric, _) in spec.OBJECTIVES.items()]
+    rows += [f"| limit `{f.name}` ([hardware.constraints]) | `{f.name.removeprefix('max_')}` |"
+             for f in dataclasses.fields(spec.Constraints)]
+    out = [HEADER, "The metric key each objective and limit reads from a trial's metrics (a task's own `evaluate_arch` "
+           "must return it; a trial without it fails and says which):", "", "| objective or limit | metric key |",
+           "| --- | --- |", *rows]
     for table in tables():
         out += ["", f"## {table.title}", ""]
         for text in (" ".join(table.intro.split()), NOTES.get(table.title, "")):

@@ -81,7 +81,7 @@ class _Candidate:
         self.started = time.perf_counter()
         torch.manual_seed(request.seed)
         self.device = resolve_device(request.hardware.device)
-        self.model = build(request.arch).to(self.device)
+        self.model = build(request.arch, request.task.base_dir).to(self.device)
         pipeline.check_task(self.model, task)
         self.gate = MeasureGate(device_key(self.device))
         self.hw_metrics: dict[str, float] = {}
@@ -163,7 +163,7 @@ class _Candidate:
 
         with self.gate.exclusive():
             measure_start = time.perf_counter()
-            probe = untrained_inference_form(build(self.request.arch).to(self.device),
+            probe = untrained_inference_form(build(self.request.arch, self.request.task.base_dir).to(self.device),
                                              int8_backend=self.request.engine.int8_backend, rows=self._rows())
             self._measure(probe, cached=self.request.cached)
             self.profile["measured_on"] = "the untrained inference form, before training (timings do not depend " \
@@ -214,7 +214,11 @@ class _Candidate:
     def _result(self, pruned: RungReport | None) -> TrialResult:
         if pruned is not None and self.train_started is not None:
             self.seconds["train_s"] = time.perf_counter() - self.train_started  # up to the rung where it stopped
-        profile = {**self.profile, "engine": {**self.engine_info, "compiled": self.request.engine.compile},
+        engine = {**self.engine_info, "compiled": self.request.engine.compile}
+        left_alone = getattr(self.model, "dsnas_left_alone", None)
+        if left_alone:  # layers an [engine.NAME] group matched that the engine has no kernel for, and why
+            engine["left_alone"] = left_alone
+        profile = {**self.profile, "engine": engine,
                    "task": self.task.fingerprint(), "worker": worker_identity()}
         metrics = {**(self.train_metrics if pruned is None else {}), **self.hw_metrics, **self.seconds,
                    "trial_s": time.perf_counter() - self.started}

@@ -3,11 +3,17 @@ returns as figures it did not measure, and fails a trial whose function omits an
 
 from __future__ import annotations
 
+import json
+
 import optuna
+import pytest
 from optuna.trial import TrialState
 
+import dsnas
 from dsnas.cli import main
+from dsnas.errors import DsnasError
 from dsnas.spec import load_study
+from dsnas.storage import artifact_dir
 from dsnas.study import open_study
 from dsnas.tables import measurements
 from tests.table_study import row_of, write_table_study
@@ -35,10 +41,13 @@ def make():
 
 def test_a_table_task_runs_a_search_whose_figures_say_where_they_came_from(tmp_path):
     study = write_table_study(tmp_path, n_trials=6, fidelity='kind = "none"')
+    study.write_text(study.read_text().replace("[study]\n", "[study]\njson_artifacts = false\n"))
     assert main(["search", str(study)]) == 0
     spec = load_study(study)
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    # No model, and json_artifacts = false: not one file per trial beside the study.
+    assert not any(artifact_dir(spec).rglob("*")) and not any(k.endswith("_artifact") for k in trials[0].user_attrs)
     for t in trials:
         assert t.user_attrs["latency_ms_bs32"] == row_of(t.user_attrs["arch"])["latency_ms_bs32"]
         profile = t.user_attrs["profile"]
@@ -50,15 +59,30 @@ def test_a_table_task_runs_a_search_whose_figures_say_where_they_came_from(tmp_p
     assert (rows["repeats"] == 1).all()  # one recorded figure per batch size, not a measured distribution
 
 
+def test_an_evaluated_trial_exports_its_architecture_and_metrics_and_says_it_has_no_model(tmp_path, capsys):
+    study = write_table_study(tmp_path, n_trials=2, fidelity='kind = "none"')
+    assert main(["search", str(study)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(study), "--trial", "1", "--out", str(tmp_path / "b")]) == 0
+    assert "its architecture and metrics (the task's own function evaluated it: there is no model)" in \
+        capsys.readouterr().out
+    doc = json.loads((tmp_path / "b" / "arch.json").read_text())
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"]
+    assert doc["model"] is False and metrics["latency_ms_bs32"] == row_of(doc["arch"])["latency_ms_bs32"]
+    with pytest.raises(DsnasError, match="holds an architecture and its metrics, no model"):
+        dsnas.load(str(tmp_path / "b"))
+
+
 def test_an_evaluation_function_that_omits_an_objective_or_raises_fails_that_trial(tmp_path):
     (tmp_path / "partial.py").write_text(PLUGIN)
     study = write_table_study(tmp_path, n_trials=4, task="partial:make")
     study.write_text(study.read_text().replace(f'table = "{tmp_path / "table.csv"}"', "")
                      .replace("n_trials = 4", "n_trials = 4\nmax_failures = 3"))
-    assert main(["search", str(study)]) == 0
+    assert main(["search", str(study)]) == 1  # every trial of the run failed
     spec = load_study(study)
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
     assert trials and all(t.state == TrialState.FAIL for t in trials)
     reasons = {t.user_attrs["fail_reason"] for t in trials}
-    assert any("no measurement of ['throughput_tok_s']" in r for r in reasons), reasons
+    assert any("no measurement of ['throughput_tok_s']" in r and "objective throughput needs 'throughput_tok_s'" in r
+               for r in reasons), reasons
     assert all("no measurement" in r or "RuntimeError: this one cannot be evaluated" in r for r in reasons), reasons

@@ -69,11 +69,14 @@ def test_failing_candidate_is_a_fail_trial_with_reason(tiny_study, capsys):
         "    return {'family': 'transformer_lm', 'd_model': 30, 'layers': [{'n_heads': 4, 'ffn_ratio': 1}]}\n")
     text = tiny_study.read_text().replace(f'file = "{tiny_space_path(tiny_study)}"', 'callable = "broken_space:space"')
     tiny_study.write_text(text.replace("max_failures = 3", "max_failures = 1"))
-    assert main(["search", str(tiny_study), "--executor", "local"]) == 0
+    assert main(["search", str(tiny_study), "--executor", "local"]) == 1  # a run in which every trial failed
     _, all_trials = trials(tiny_study)
     assert {t.state for t in all_trials} == {TrialState.FAIL}
     assert "must divide d_model" in all_trials[0].user_attrs["fail_reason"]
-    assert "max_failures = 1" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "max_failures = 1" in said.out
+    assert said.err.strip().splitlines()[-1].startswith(
+        "dsnas: all 1 trials of this run failed; the first: trial 0: the search space gave no valid architecture")
 
 
 def tiny_space_path(study_file):

@@ -41,9 +41,18 @@ def write_space(folder: Path, text: str) -> Path:
 # (id, file text, key, rule, fix or None where dsnas gives none today)
 CASES: list[tuple[str, str, str, str, str | None]] = [
     ("unknown-family", VALID.replace('"transformer_lm"', '"resnet"'), "family",
-     "must be one of ['transformer_lm'], but got 'resnet'", 'family = "transformer_lm"'),
-    ("missing-family", VALID.replace('family = "transformer_lm"', ""), "family", "must be one of ['transformer_lm']",
+     "must be one of ['transformer_lm', 'cnn', 'hf_causal_lm'] or a model builder \"module:callable\", but got 'resnet'",
      'family = "transformer_lm"'),
+    ("missing-family", VALID.replace('family = "transformer_lm"', ""), "family",
+     "must be one of ['transformer_lm', 'cnn', 'hf_causal_lm'] or a model builder", 'family = "transformer_lm"'),
+    ("user-family-per-layer", VALID.replace('"transformer_lm"', '"my_model:build"'), "per_layer",
+     "is for the built-in families", "put the choices under [choices]"),
+    ("engine-group-no-modules", VALID + '[engine.mlp]\nprecision = ["fp32"]\n', "engine.mlp.modules",
+     "must be a module-name pattern or a non-empty list of them", "modules = "),
+    ("engine-group-bad-precision", VALID + '[engine.mlp]\nmodules = "b.*"\nprecision = ["fp64"]\n',
+     "engine.mlp.precision", "must be one or a list (without repeats) of ['fp32'", 'precision = ["fp32", "bf16"]'),
+    ("engine-group-unknown-key", VALID + '[engine.mlp]\nmodules = "b.*"\nprecisions = ["fp32"]\n',
+     "engine.mlp.precisions", "is not a known key", "did you mean 'precision'?"),
     ("unknown-top-level-key", "layers = 3\n" + VALID, "layers", "is not a known key", "did you mean 'per_layer'?"),
     ("unknown-choice-key", VALID.replace("n_layers =", "n_layer ="), "choices.n_layer",
      "is not a known key", "did you mean 'n_layers'?"),
@@ -157,7 +166,12 @@ def test_every_shipped_space_loads_and_samples_buildable_archs(path: Path) -> No
     space = load_space_file(path)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
-        validate({**space.sample(study.ask()), "vocab_size": 256, "context": 64})
+        validate({**space.sample(study.ask()), **TASK_KEYS[space.family]})
+
+
+TASK_KEYS = {"transformer_lm": {"vocab_size": 256, "context": 64}, "cnn": {"image_size": 16, "channels": 1,
+                                                                            "n_classes": 10},
+             "hf_causal_lm": {"vocab_size": 256, "context": 64}}
 
 
 def test_sample_study_ask_names_per_layer_params(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      "on PYTHONPATH"),
     ("task-not-callable", {"task": {"name": "os:sep"}}, "task.name", "must name an importable callable (TypeError: "
      "os:sep is not callable)", "on PYTHONPATH"),
-    ("task-unknown-name", {"task": {"name": "char_lm"}}, "task.name", "must be a built-in task (charlm)", 'set name = "charlm"'),
+    ("task-unknown-name", {"task": {"name": "char_lm"}}, "task.name", "must be a built-in task (charlm, images)", 'set name = "charlm"'),
     # budget and executor combinations
     ("address-with-local", {"executor": {"address": "127.0.0.1:6379"}}, "executor.address", 'needs kind = "ray"',
      'set kind = "ray"'),
@@ -293,7 +293,7 @@ def test_error_in_the_space_file_names_the_space_file(tmp_path: Path) -> None:
     space.write_text('family = "resnet"\n')
     with pytest.raises(SpecError) as info:
         load_study(write_study(tmp_path, space={"file": "space.toml"}))
-    check_message(info.value, space.resolve(), "family", "must be one of ['transformer_lm']", 'family = "transformer_lm"')
+    check_message(info.value, space.resolve(), "family", "must be one of ['transformer_lm', 'cnn', 'hf_causal_lm']", 'family = "transformer_lm"')
 
 
 def test_plugin_task_parameters_must_fit_its_signature(tmp_path: Path) -> None:

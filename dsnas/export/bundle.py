@@ -12,7 +12,7 @@ from dsnas._version import __version__
 from dsnas.errors import DsnasError, Invalid
 from dsnas.export.card import model_card
 from dsnas.export.formats import _one_line, write_model_files
-from dsnas.models import build
+from dsnas.models import build, family, is_user_family
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
 from dsnas.storage import artifact_dir
 
@@ -27,6 +27,8 @@ REEXPORT = "re-export the trial with `dsnas export`"
 def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | None = None) -> Path:
     """Write the bundle of one trial from what the search stored (nothing is retrained); returns its folder."""
     out = Path(out) if out else spec.base_dir / "exports" / f"{spec.name}-trial{frozen.number}"
+    if "arch" in frozen.user_attrs and frozen.user_attrs.get("profile", {}).get("backend") == "recorded":
+        return _export_evaluated(spec, frozen, out)
     missing = [k for k in ("weights_artifact", "probe_artifact", "arch") if k not in frozen.user_attrs]
     if missing:
         raise DsnasError(f"trial {frozen.number} of {spec.name!r} has no stored {missing}: it cannot be exported. "
@@ -34,7 +36,10 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     out.mkdir(parents=True, exist_ok=True)
     _copy_artifacts(spec, frozen, out)
     _write_json(out / "arch.json", _arch_doc(spec, frozen))
-    exports = write_model_files(load_bundle(out), read_probe(out)["input"], out)
+    model = load_bundle(out)
+    exports = write_model_files(model, read_probe(out)["input"], out)
+    if frozen.user_attrs["arch"].get("family") == "hf_causal_lm":
+        exports["transformers"] = _save_pretrained(model, out / "hf")
     profile = frozen.user_attrs.get("profile", {})
     metrics = {"_type": METRICS_TYPE, "_version": METRICS_VERSION,
                "metrics": {k: v for k, v in frozen.user_attrs.items() if isinstance(v, (int, float))},
@@ -43,6 +48,42 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     _write_json(out / "metrics.json", metrics)
     (out / "README.md").write_text(model_card(spec, frozen, metrics, out.name))
     return out
+
+
+def _save_pretrained(model: Any, folder: Path) -> str:
+    """The Hugging Face layout beside the bundle (``from_pretrained(folder)`` loads it), or why it is missing."""
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
+    from dsnas.models import hf_causal_lm  # transformers loads on first use
+
+    if engine_layers(model):
+        return ("unavailable: engine layers (their precision or sparsity) replaced linear layers, and "
+                "transformers' from_pretrained would build plain ones; load the bundle with dsnas.load")
+    try:
+        hf_causal_lm.save_pretrained(model, folder)
+    except Exception as e:  # a transformers version that cannot save it: the dsnas bundle still stands
+        return f"unavailable: save_pretrained failed ({_one_line(e)})"
+    return folder.name + "/"
+
+
+def _export_evaluated(spec: StudySpec, frozen: Any, out: Path) -> Path:
+    """A trial the task's own evaluation function answered has no model: its bundle holds the architecture and the
+    metrics (``"model": false`` in arch.json), which is all there is to deploy or to cite."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"_type": BUNDLE_TYPE, "_version": BUNDLE_VERSION, "arch": frozen.user_attrs["arch"], "model": False,
+           "study": spec.name, "trial": frozen.number, "dsnas_version": __version__,
+           "why": NO_MODEL, "task": {"name": spec.task.name, "params": spec.task.params,
+                                      "base_dir": spec.task.base_dir}}
+    _write_json(out / "arch.json", doc)
+    profile = frozen.user_attrs.get("profile", {})
+    _write_json(out / "metrics.json", {
+        "_type": METRICS_TYPE, "_version": METRICS_VERSION,
+        "metrics": {k: v for k, v in frozen.user_attrs.items() if isinstance(v, (int, float))},
+        "objectives": dict(zip([o.name for o in spec.objectives], frozen.values)), "profile": profile,
+        "fingerprint": profile.get("fingerprint", {}), "exports": {}})
+    return out
+
+
+NO_MODEL = "the task's own evaluation function (evaluate_arch) answered this trial: dsnas built no model of it"
 
 
 def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
@@ -133,11 +174,19 @@ def load_bundle(bundle: str | Path, device: str = "cpu") -> Any:
     from dsnas.kernels.convert import convert, unique_state  # torch loads on first use
 
     path = Path(bundle) / "arch.json"
-    arch = read_arch(bundle)
-    engine = read_bundle(bundle).get("engine")
+    doc = read_bundle(bundle)
+    if doc.get("model") is False:
+        raise DsnasError(f"{path}: this bundle holds an architecture and its metrics, no model: {NO_MODEL}. Fix: "
+                         "build the model from arch.json yourself, or search with a task dsnas trains")
+    arch = doc["arch"]
+    engine = doc.get("engine")
     recorded = engine.get("int8_backends") if isinstance(engine, dict) else None
+    name = str(arch.get("family", ""))
+    study_dir = doc.get("task", {}).get("base_dir") if isinstance(doc.get("task"), dict) else None
+    if is_user_family(name):
+        _import_builder(path, name, study_dir)
     try:
-        model = build(arch)
+        model = build(arch, study_dir)
     except Exception as e:  # the family's own checks, or a torch error on absurd sizes: either way a bad arch.json
         raise DsnasError(f"{path}: [arch] is not a buildable architecture ({_one_line(e)}). Fix: {REEXPORT}") from None
     weights_path = Path(bundle) / "weights.safetensors"
@@ -155,6 +204,17 @@ def load_bundle(bundle: str | Path, device: str = "cpu") -> Any:
     model = model.to(device)
     convert(model, recorded=recorded if isinstance(recorded, dict) else None)
     return model
+
+
+def _import_builder(path: Path, name: str, study_dir: str | None) -> None:
+    """A user family's builder, importable from where it was searched (the study's folder) or from sys.path."""
+    try:
+        family(name, study_dir if study_dir and Path(study_dir).is_dir() else None)
+    except Exception as e:
+        module = name.partition(":")[0]
+        raise DsnasError(f"{path}: the model builder {name!r} cannot be imported ({type(e).__name__}: "
+                         f"{_one_line(e)}). Fix: make the module {module!r} importable (run from its folder, or "
+                         "add that folder to PYTHONPATH)") from None
 
 
 def read_probe(bundle: str | Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dsnas.config import build_section
 from dsnas.errors import SpecError
 from dsnas.plugins import import_callable
 
-BUILTIN_TASKS = ("charlm",)
+BUILTIN_TASKS = ("charlm", "images")
 
 
 class Task(Protocol):
@@ -28,6 +28,8 @@ class Task(Protocol):
     - ``train(..., rungs=, at_rung=)``: multi-fidelity; train() calls ``at_rung(k)`` after the share ``rungs[k-1]``
       of its budget, and at_rung raises to stop it there. Without them, a trial trains fully and no rung stops it.
     - ``count_arch(arch, batch_sizes)``: as :class:`RunsOwnTrials`' (the predictor's FLOPs, bytes and params).
+    - ``throughput_unit``, a class attribute: what throughput counts, in words (e.g. "images/s"; "items/s" when
+      absent), for tables and plots.
     """
 
     tokens_per_example: int  # what "throughput" counts per example (tokens for a language model)
@@ -84,6 +86,40 @@ class RunsOwnTrials(Protocol):
         """Optional: ``flops_bsN``, ``bytes_bsN`` and ``params`` of an architecture, before it trains."""
 
 
+THROUGHPUT_UNITS = {"charlm": "tokens/s", "images": "images/s"}
+
+
+def throughput_unit(spec: Any) -> str:
+    """What throughput counts per second, in words: a built-in task's unit, or a user task class's
+    ``throughput_unit`` (e.g. "snippets/s"); "items/s" when it does not say."""
+    if spec.name in THROUGHPUT_UNITS:
+        return THROUGHPUT_UNITS[spec.name]
+    try:
+        factory = import_callable(spec.name, spec.base_dir)
+    except Exception:  # a label is never worth an error: the study's checks report an unimportable task
+        return "items/s"
+    unit = getattr(factory, "throughput_unit", None)
+    return unit if isinstance(unit, str) and unit else "items/s"
+
+
+def rung_support(spec: Any) -> str:
+    """'' when the task can stop a candidate part-way through training (its train() takes ``rungs=`` and
+    ``at_rung=``, or it evaluates architectures itself and reports rungs), else why not, in words. Read from the
+    task's class, without building it."""
+    if spec.name in BUILTIN_TASKS:
+        return ""
+    try:
+        factory = import_callable(spec.name, spec.base_dir)
+    except Exception:  # the study's checks report an unimportable task
+        return ""
+    if callable(getattr(factory, "evaluate_arch", None)) or not callable(getattr(factory, "train", None)):
+        return ""  # its own evaluation function reports rungs, or a factory function: not known before it runs
+    params = inspect.signature(factory.train).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or {"rungs", "at_rung"} <= set(params):
+        return ""
+    return "the task's train() takes no rungs= and at_rung="
+
+
 def runs_own_trials(task: Any) -> bool:
     return callable(getattr(task, "evaluate_arch", None))
 
@@ -95,6 +131,12 @@ def check_params(where: str, spec: Any) -> None:
 
         config = build_section(where, "task", CharLMConfig, spec.params)
         config.resolve_corpus(spec.base_dir, where)
+        return
+    if spec.name == "images":
+        from dsnas.tasks.images import ImagesConfig  # torch loads on first use
+
+        config = build_section(where, "task", ImagesConfig, spec.params)
+        config.resolve_dataset(spec.base_dir, where)
         return
 
     factory = import_callable(spec.name, spec.base_dir)
@@ -119,5 +161,9 @@ def _cached(name: str, params_json: str, base_dir: str) -> Task | RunsOwnTrials:
         from dsnas.tasks.charlm import CharLMConfig, CharLMTask  # torch loads on first use
 
         return CharLMTask(CharLMConfig(**params), base_dir)
+    if name == "images":
+        from dsnas.tasks.images import ImagesConfig, ImagesTask  # torch loads on first use
+
+        return ImagesTask(ImagesConfig(**params), base_dir)
 
     return import_callable(name, base_dir)(**params)

@@ -1,0 +1,253 @@
+"""Image classification that works offline: scikit-learn's bundled 8x8 handwritten digits (upsampled), or a folder
+of images in ImageFolder layout (one sub-folder per class). Accuracy is top-1 on a held-out split."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsnas.errors import SpecError, TrialError, require
+from dsnas.kernels.precision import FALLBACK_STEPS, TrainStep
+
+DIGITS = "digits"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+# PIL modes with one channel: a folder of only these trains on 1 channel, anything else on RGB.
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+INSTALL_HINT = 'pip install "dsnas[images]"'
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    dataset: str = "digits"  # "digits" (scikit-learn's bundled 8x8 digits), or a folder relative to the study file
+    image_size: int = 16  # images are resized to image_size x image_size
+    batch_size: int = 64  # training batch
+    train_images: int = 20_000  # the fixed training budget of every trial, in images seen
+    val_share: float = 0.2  # the share of each class held out for evaluation
+    lr: float = 1e-2  # AdamW learning rate (small BatchNorm CNNs take it: 0.98 held-out digits vs 0.91 at 3e-3)
+    warmup_frac: float = 0.1  # learning-rate warm-up, as a share of training
+    shift: int = 1  # augmentation: random shifts of up to this many pixels (0: none)
+    seed: int = 0  # of the train / held-out split
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "batch_size", "train_images"):
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),
+                    f"remove {key} to use its default ({getattr(ImagesConfig, key)})")
+        require(4 <= self.image_size <= 1024, "image_size", "must be in [4, 1024]", self.image_size,
+                "e.g. image_size = 16")
+        require(0 < self.val_share < 1, "val_share", "must be in (0, 1)", self.val_share, "e.g. val_share = 0.2")
+        require(self.lr > 0, "lr", "must be > 0", self.lr, "e.g. lr = 1e-2")
+        require(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)", self.warmup_frac,
+                "e.g. warmup_frac = 0.1")
+        require(0 <= self.shift < self.image_size // 2, "shift", "must be >= 0 and below half the image size",
+                self.shift, "e.g. shift = 1, or 0 for no augmentation")
+        require(self.seed >= 0, "seed", "must be >= 0", self.seed)
+
+    def resolve_dataset(self, base_dir: str, where: str = "task") -> Path | None:
+        """The folder to read, or None for the digits; raises SpecError if it is missing, holds fewer than two
+        classes, or the package that reads it is not installed."""
+        if self.dataset == DIGITS:
+            if importlib.util.find_spec("sklearn") is None:
+                raise SpecError(where, "task.dataset", '"digits" is read from scikit-learn\'s bundled data, '
+                                "which is not installed", self.dataset, INSTALL_HINT)
+            return None
+        try:
+            path = (Path(base_dir) / self.dataset).resolve()
+            found = path.is_dir()
+        except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte) names no folder either
+            found = False
+        if not found:
+            raise SpecError(where, "task.dataset", f'must be "{DIGITS}" or an existing folder', self.dataset,
+                            f"check the path (relative to {base_dir})")
+        classes = [d.name for d in class_folders(path) if image_files(d)]
+        if len(classes) < 2:
+            raise SpecError(where, "task.dataset", "needs at least two class sub-folders holding images "
+                            f"({', '.join(IMAGE_SUFFIXES)})", classes, "use the layout FOLDER/CLASS/IMAGE.png")
+        if importlib.util.find_spec("PIL") is None:
+            raise SpecError(where, "task.dataset", "an image folder is read with Pillow, which is not installed",
+                            self.dataset, "pip install pillow")
+        return path
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(images (1797, 1, 8, 8) in [0, 1], labels, sha256). Read from scikit-learn's data file directly: importing
+    sklearn itself pulls in scipy and takes seconds."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise TrialError(f'the "digits" dataset needs scikit-learn: {INSTALL_HINT}')
+    raw = gzip.decompress((Path(spec.submodule_search_locations[0]) / "datasets/data/digits.csv.gz").read_bytes())
+    rows = torch.tensor([[float(v) for v in line.split(",")] for line in raw.decode().splitlines() if line])
+    # Each row: 64 pixel values in 0..16, then the label.
+    return rows[:, :64].reshape(-1, 1, 8, 8) / 16.0, rows[:, 64].long(), hashlib.sha256(raw).hexdigest()
+
+
+def load_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(images (N, C, size, size) in [0, 1], labels, sha256) of an ImageFolder layout: sub-folders in name order
+    are the classes 0, 1, ...; C is 1 when every image is grayscale, else 3 (RGB)."""
+    from PIL import Image  # an optional dependency, needed only for folders
+
+    files = [(label, f) for label, d in enumerate(class_folders(root)) for f in image_files(d)]
+    digest, pictures = hashlib.sha256(), []
+    for _, file in files:
+        data = file.read_bytes()
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + data)
+        try:
+            with Image.open(file) as img:
+                img.load()
+                pictures.append(img.copy())
+        except OSError as e:
+            raise TrialError(f"cannot read image {file}: {e}") from None
+    mode = "L" if all(p.mode in GRAY_MODES for p in pictures) else "RGB"
+    arrays = [torch.frombuffer(bytearray(p.convert(mode).resize((size, size), Image.BILINEAR).tobytes()),
+                               dtype=torch.uint8) for p in pictures]
+    channels = 1 if mode == "L" else 3
+    images = torch.stack(arrays).reshape(-1, size, size, channels).permute(0, 3, 1, 2).float() / 255.0
+    return images, torch.tensor([label for label, _ in files]), digest.hexdigest()
+
+
+def split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices, stratified: a seeded ``share`` of each class (at least one image of a class with
+    two or more) is held out, so that every class is both learnt and evaluated."""
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        n = min(len(members) - 1, max(1, round(share * len(members))))
+        held.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[torch.cat(held)] = True
+    return (~mask).nonzero().flatten(), mask.nonzero().flatten()
+
+
+def shifted(x: torch.Tensor, most: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random offset of up to ``most`` pixels per axis, zero (the mean) filled."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (most, most, most, most))
+    dy, dx = torch.randint(0, 2 * most + 1, (2, b), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (b, h, w, c) -> (b, c, h, w)
+
+
+class ImagesTask:
+    tokens_per_example = 1  # throughput counts images
+    throughput_unit = "images/s"
+
+    def __init__(self, config: ImagesConfig, base_dir: str) -> None:
+        self.config = config
+        path = config.resolve_dataset(base_dir)
+        if path is None:
+            images, labels, self.sha256 = load_digits()
+            # Bilinear upsampling gives the stride-2 stages of a CNN something to downsample.
+            images = F.interpolate(images, size=(config.image_size,) * 2, mode="bilinear", align_corners=False)
+            self.source = f"{DIGITS} (scikit-learn)"
+        else:
+            images, labels, self.sha256 = load_folder(path, config.image_size)
+            self.source = str(path)
+        self.n_classes = int(labels.max()) + 1
+        self.train_idx, self.val_idx = split(labels, config.val_share, config.seed)
+        if len(self.train_idx) == 0 or len(self.val_idx) == 0:
+            raise TrialError(f"{self.source} has too few images to hold out {config.val_share} of them")
+        # Statistics of the training split only: the held-out images stay unseen.
+        train = images[self.train_idx]
+        mean = train.mean(dim=(0, 2, 3), keepdim=True)
+        std = train.std(dim=(0, 2, 3), keepdim=True, correction=0).clamp_min(1e-6)
+        self.images, self.labels = (images - mean) / std, labels
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def arch_defaults(self) -> dict[str, Any]:
+        return {"image_size": self.config.image_size, "channels": self.channels, "n_classes": self.n_classes}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"task": "images", "dataset": self.source, "dataset_sha256": self.sha256,
+                "image_size": self.config.image_size, "classes": self.n_classes,
+                "train_count": len(self.train_idx), "val_count": len(self.val_idx), "split_seed": self.config.seed}
+
+    def train(self, model: Any, device: Any, *, seed: int, checkpoint: Callable[[], None], fraction: float = 1.0,
+              lr_scale: float = 1.0, fallback_steps: int = FALLBACK_STEPS, rungs: Sequence[float] = (),
+              at_rung: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Train on ``fraction`` of the image budget at ``lr_scale`` times the learning rate (the engine's
+        fine-tuning and QAT use both); low-precision layers fall back to fp32 where they overflow. After each
+        share ``rungs[k]`` of this call's steps, ``at_rung(k)`` is called (it raises to stop the training)."""
+        cfg = self.config
+        steps = max(1, int(fraction * cfg.train_images) // cfg.batch_size)
+        rung_steps = [max(1, math.ceil(share * steps - 1e-9)) for share in rungs]
+        warmup = max(1, int(steps * cfg.warmup_frac))
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_scale, betas=(0.9, 0.95), weight_decay=0.01)
+        # Linear warm-up, then cosine decay to a tenth: the same schedule shape for every budget (as charlm).
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
+            1 + math.cos(math.pi * max(0, s - warmup) / max(1, steps - warmup)))))
+        model.train()
+        step = TrainStep(model, opt, fallback_steps=fallback_steps)
+        recent: list[float] = []
+        try:
+            for done in range(1, steps + 1):
+                x, y = self.batch(gen, device, augment=True)
+                loss = self.loss(model, x, y)
+                if step.step(loss):
+                    sched.step()
+                    recent = (recent + [loss.item()])[-10:]
+                elif step.diverged():
+                    raise TrialError(f"training diverged: the loss became {loss.item()}")
+                checkpoint()
+                while at_rung is not None and rung_steps and rung_steps[0] <= done:
+                    at_rung(len(rungs) - len(rung_steps))
+                    rung_steps.pop(0)
+        finally:
+            step.close()
+        if not recent:
+            raise TrialError(f"training diverged: all {steps} steps overflowed")
+        return {"train_loss": sum(recent) / len(recent), "train_steps": float(steps),
+                "train_images": float(steps * cfg.batch_size), "skipped_steps": float(step.skipped)}
+
+    def batch(self, gen: torch.Generator, device: Any, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random training batch (images, labels), drawn with replacement; shifted when ``augment``."""
+        pick = self.train_idx[torch.randint(0, len(self.train_idx), (self.config.batch_size,), generator=gen)]
+        x = self.images[pick]
+        if augment and self.config.shift:
+            x = shifted(x, self.config.shift, gen)
+        return x.to(device), self.labels[pick].to(device)
+
+    def batches(self, n: int, device: Any, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` training batches, unshifted, for calibration and saliency (never the held-out split)."""
+        gen = torch.Generator().manual_seed(seed)
+        return [self.batch(gen, device) for _ in range(n)]
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, device: Any) -> dict[str, float]:
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        for idx in self.val_idx.split(256):
+            x, y = self.images[idx].to(device), self.labels[idx].to(device)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+        return {"accuracy": correct / len(self.val_idx), "val_loss": loss_sum / len(self.val_idx)}
+
+    def example_batch(self, batch_size: int, device: Any) -> torch.Tensor:
+        """The first ``batch_size`` held-out images, repeated in order when there are fewer."""
+        idx = self.val_idx[torch.arange(batch_size) % len(self.val_idx)]
+        return self.images[idx].to(device)

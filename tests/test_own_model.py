@@ -1,0 +1,163 @@
+"""A model family of the user's: examples/own_model runs as a study (built, trained, engine applied, measured,
+exported, loaded), with its figures checked against the architecture; and bad builders and patterns say why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dsnas
+from dsnas.cli import main
+from dsnas.errors import SpecError, TrialError
+from dsnas.kernels.conv import EngineConv2d
+from dsnas.kernels.groups import apply_groups
+from dsnas.kernels.linear import EngineLinear
+from dsnas.models import build, describe
+from dsnas.spec import load_study
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "own_model"
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """The example, copied and run as a 3-trial study with a small training budget (as CI runs it)."""
+    folder = tmp_path_factory.mktemp("own_model")
+    for name in ("snippet_model.py", "snippet_task.py", "space.toml", "study.toml"):
+        shutil.copy(EXAMPLE / name, folder / name)
+    study_file = folder / "study.toml"
+    study_file.write_text(study_file.read_text().replace("train_snippets = 12_000", "train_snippets = 1_500")
+                          .replace("n_trials = 6", "n_trials = 3"))
+    return folder, dsnas.search(str(study_file)).study
+
+
+def _conv_params(arch: dict) -> int:
+    w, k, h, c = arch["width"], arch["kernel"], arch["hidden"], arch["n_classes"]
+    return 256 * w + arch["depth"] * (w * w * k + w) + (2 * w * h + h) + (h * c + c)
+
+
+def test_the_example_study_trains_measures_and_applies_the_engine(searched):
+    folder, study = searched
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3
+    for t in done:
+        arch = t.user_attrs["arch"]
+        assert arch["family"] == "snippet_model:build"
+        assert t.user_attrs["accuracy"] > 1 / 6 + 0.1  # six packages: well above chance
+        assert t.user_attrs["params"] == _conv_params(arch)
+        # FLOPs of one snippet: the convolutions over every position and the two head layers (2 per multiply-add).
+        w, length = arch["width"], 96
+        flops = arch["depth"] * 2 * length * w * w * arch["kernel"] + 2 * (2 * w * arch["hidden"] +
+                                                                          arch["hidden"] * arch["n_classes"])
+        assert t.user_attrs["flops_bs1"] == pytest.approx(flops, rel=0.01)
+        layers = t.user_attrs["profile"]["engine"]["layers"]
+        assert set(layers) == {"head.0", "head.2"}  # the [engine.head] group's two linear layers, no others
+        assert {row["precision"] for row in layers.values()} == {t.params.get("head.precision", "fp32")}
+        assert t.user_attrs["arch_short"].startswith(f"w{w} d{arch['depth']} k{arch['kernel']} h{arch['hidden']}")
+        assert f"head={layers['head.0']['precision']}" in t.user_attrs["arch_short"]
+
+
+def test_the_example_exports_and_loads_back_without_pickle(searched):
+    folder, study = searched
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    out = folder / "bundle"
+    assert main(["export", str(folder / "study.toml"), "--trial", str(best.number), "--out", str(out)]) == 0
+    doc = json.loads((out / "arch.json").read_text())
+    assert doc["arch"]["family"] == "snippet_model:build"
+    probe = dsnas.export.read_probe(out)
+    model = dsnas.load(str(out))
+    with torch.inference_mode():
+        assert torch.allclose(model(probe["input"]).float(), probe["logits"], atol=1e-5)
+    # Elsewhere, with the study's folder gone: one line that says which module to make importable.
+    doc["task"]["base_dir"] = str(folder / "gone")
+    (out / "arch.json").write_text(json.dumps(doc))
+    code = f"import dsnas\ntry:\n    dsnas.load({str(out)!r})\nexcept dsnas.DsnasError as e:\n    print(e)"
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/").stdout
+    assert "the model builder 'snippet_model:build' cannot be imported" in said
+    assert "make the module 'snippet_model' importable" in said and len(said.strip().splitlines()) == 1
+
+
+def test_a_pattern_that_matches_nothing_names_it_and_lists_the_modules():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(TrialError, match=r"engine group 'mlp': the pattern 'blocks\.\*' matches no module of the "
+                                         r"model; its modules are: 0, 1, 2"):
+        apply_groups(model, [{"group": "mlp", "modules": ["blocks.*"], "precision": "bf16", "sparsity": "dense"}])
+
+
+def test_groups_convert_linear_and_conv_in_place_keeping_ties_and_outputs():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.embed = nn.Embedding(10, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.embed.weight
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.conv(x).mean((2, 3)))
+
+    model = Tied()
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    left = apply_groups(model, [{"group": "all", "modules": ["conv", "out", "attn.out_proj"], "precision": "bf16",
+                                 "sparsity": "dense"}])
+    assert isinstance(model.conv, EngineConv2d) and isinstance(model.out, EngineLinear)
+    assert model.out.weight is model.embed.weight  # the tie survives: the same Parameter
+    assert set(left) == {"attn.out_proj"} and "nn.MultiheadAttention" in left["attn.out_proj"]
+    after = model(x)
+    assert torch.allclose(after, before, atol=0.05, rtol=0.05) and not torch.equal(after, before)  # bf16, same weights
+    left = apply_groups(Tied(), [{"group": "c", "modules": ["conv"], "precision": "int8", "sparsity": "dense"}])
+    assert "no INT8 convolution kernel" in left["conv"]
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "odd_models.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def raises(arch):
+            raise RuntimeError(f"width {arch['width']} is too wide")
+
+        def not_a_module(arch):
+            return "a model"
+
+        def mlp(arch):
+            return nn.Sequential(nn.Linear(4, arch["width"]), nn.ReLU(), nn.Linear(arch["width"], 2))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_builder_that_raises_or_returns_no_module_fails_the_trial_with_the_reason(user_module):
+    with pytest.raises(TrialError, match="the model builder odd_models:raises raised RuntimeError: width 8 is too"):
+        build({"family": "odd_models:raises", "width": 8}, user_module)
+    with pytest.raises(TrialError, match="returned a str, not a torch.nn.Module"):
+        build({"family": "odd_models:not_a_module", "width": 8}, user_module)
+    model = build({"family": "odd_models:mlp", "width": 8, "engine": [
+        {"group": "first", "modules": ["0"], "precision": "bf16", "sparsity": "dense"}]}, user_module)
+    assert isinstance(model[0], EngineLinear) and type(model[2]) is nn.Linear
+    # No describe() beside the builder: the sampled choices, and the engine's.
+    assert describe({"family": "odd_models:mlp", "width": 8, "n_in": 4, "engine": [
+        {"group": "first", "modules": ["0"], "precision": "bf16", "sparsity": "dense"}]}, ("n_in",)) == \
+        "width=8 first=bf16"
+
+
+def test_a_builder_that_cannot_be_imported_stops_the_study_before_any_work(tmp_path: Path):
+    (tmp_path / "space.toml").write_text('family = "no_such_module_here:build"\n[choices]\nwidth = [8]\n')
+    (tmp_path / "study.toml").write_text('[space]\nfile = "space.toml"\n[budget]\nn_trials = 1\n'
+                                         '[executor]\nkind = "local"\n')
+    with pytest.raises(SpecError) as caught:
+        load_study(tmp_path / "study.toml")
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'study.toml'}: [family (in {tmp_path / 'space.toml'})] must name an "
+                           "importable callable (ModuleNotFoundError")
+    assert "\n" not in text
