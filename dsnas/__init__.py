@@ -15,7 +15,7 @@ from dsnas.errors import DsnasError, SpecError, TrialError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DsnasError", "SpecError", "TrialError", "load", "measure", "search", "__version__"]
+__all__ = ["DsnasError", "SpecError", "TrialError", "load", "load_route", "measure", "search", "__version__"]
 
 
 def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = (), **overrides: Any) -> Any:
@@ -44,3 +44,11 @@ def measure(model: "torch.nn.Module", example_input: Any, device: str = "auto", 
     from dsnas.profile import measure_model
 
     return measure_model(model, example_input, device, tuple(batch_sizes), items_per_example, **protocol)
+
+
+def load_route(folder: str, device: str = "cpu") -> Any:
+    """The route bundle `dsnas route` wrote, as a callable that serves batches: the first model runs on the whole
+    batch and only the rows it is unsure of go on. See :class:`dsnas.route.Route`."""
+    from dsnas.route import load_route as load
+
+    return load(folder, device=device)

@@ -90,9 +90,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Re-measure an exported bundle here (accuracy on the task's validation split, latency, throughput);
     exit 1 when it drifted beyond tolerance."""
     from dsnas.export import verify_bundle
+    from dsnas.route import verify_route
 
-    report = verify_bundle(args.bundle, accuracy_tol=args.accuracy_tol, latency_tol=args.latency_tol,
-                           device=args.device)
+    if (Path(args.bundle) / "route.json").is_file():  # a route bundle: its members, accuracy and cost
+        report = verify_route(args.bundle, accuracy_tol=args.accuracy_tol, latency_tol=args.latency_tol)
+    else:
+        report = verify_bundle(args.bundle, accuracy_tol=args.accuracy_tol, latency_tol=args.latency_tol,
+                               device=args.device)
     print(report.table())
     return 0 if report.ok else 1
 
@@ -155,6 +159,31 @@ def _engine_table(study_file: Path, device: str, threads: int | None) -> str:
         raise DsnasError(f"{spec.space.file}: its model family does not say its layers' widths, so there is "
                          "nothing to probe")
     return probe_on_device(device, shapes, threads or spec.hardware.threads).table()
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Route each input over the Pareto front: the cheapest model first, up while it is unsure; write a route
+    bundle (members, thresholds, learned router, measured table) that dsnas.load_route serves."""
+    from dsnas.route import NothingToRoute, build_route
+    from dsnas.spec import read_study
+    from dsnas.study import open_study
+
+    if args.target_accuracy is not None and args.max_accuracy_drop is not None:
+        raise DsnasError("give one of --target-accuracy and --max-accuracy-drop. Fix: drop one")
+    spec = read_study(args.study_file)
+    study = open_study(spec, create=False)
+    out = Path(args.out) if args.out else spec.base_dir / "routes" / spec.name
+    trials = [int(n) for n in args.trials.split(",")] if args.trials else None
+    try:
+        report = build_route(spec, study, out, trials=trials, target_accuracy=args.target_accuracy,
+                             max_accuracy_drop=0.005 if args.max_accuracy_drop is None else args.max_accuracy_drop,
+                             cost=args.cost)
+    except NothingToRoute as e:
+        print(f"dsnas route: {e}")
+        return 0
+    print(report.table())
+    print(f"route bundle: {report.folder} (dsnas.load_route serves it)")
+    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -280,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="per-kernel (CUDA) or per-operator (CPU) times")
     p.add_argument("--cuda-graphs", action="store_true", help="GPU: also time CUDA-graph replays")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("route", help=cmd_route.__doc__, description=cmd_route.__doc__)
+    p.add_argument("study_file")
+    p.add_argument("--target-accuracy", type=float, help="the accuracy the route must keep (on the calibration half)")
+    p.add_argument("--max-accuracy-drop", type=float,
+                   help="or: at most this far below the most accurate model (default 0.005)")
+    p.add_argument("--cost", choices=("latency", "flops", "energy"), default="latency",
+                   help="what a model costs per input: its measured latency (default) or FLOPs")
+    p.add_argument("--trials", help="route these trials (e.g. 3,7,11) instead of the feasible front")
+    p.add_argument("--out", help="route bundle folder (default: routes/STUDY beside the study file)")
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("predictor", help=cmd_predictor.__doc__, description=cmd_predictor.__doc__)
     p.add_argument("study_file")

@@ -92,7 +92,7 @@ def test_a_worker_death_is_named_out_of_memory_only_with_evidence():
 def test_a_trial_past_its_time_limit_fails_and_its_worker_is_killed(tiny_study):
     tiny_study.write_text(tiny_study.read_text().replace("max_failures = 3", "max_failures = 0"))
     marker = faulty_study(tiny_study, "hang_once", n_trials=1, extra_budget="trial_timeout_s = 4")
-    assert main(["search", str(tiny_study)]) == 0
+    assert main(["search", str(tiny_study)]) == 1  # the run's only trial failed
     trials = stored(tiny_study)
     assert [t.state for t in trials] == [TrialState.FAIL]
     assert "ran longer than trial_timeout_s = 4 s; its worker was stopped" in trials[0].user_attrs["fail_reason"]
@@ -111,7 +111,7 @@ def test_a_time_limit_needs_an_executor_that_can_stop_a_trial(tiny_study, capsys
 def test_diverging_training_is_a_fail_trial_with_the_reason(tiny_study):
     tiny_study.write_text(tiny_study.read_text().replace("val_tokens = 512", "val_tokens = 512\nlr = 1e30")
                           .replace("max_failures = 3", "max_failures = 0"))
-    assert main(["search", str(tiny_study)]) == 0
+    assert main(["search", str(tiny_study)]) == 1  # the run's only trial failed
     trials = stored(tiny_study)
     assert trials[0].state == TrialState.FAIL
     assert "training diverged: the loss became" in trials[0].user_attrs["fail_reason"]

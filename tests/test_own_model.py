@@ -161,3 +161,18 @@ def test_a_builder_that_cannot_be_imported_stops_the_study_before_any_work(tmp_p
     assert text.startswith(f"{tmp_path / 'study.toml'}: [family (in {tmp_path / 'space.toml'})] must name an "
                            "importable callable (ModuleNotFoundError")
     assert "\n" not in text
+
+
+def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    report = dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=(1, 8), threads=1,
+                           measure_s=0.05, max_measure_s=0.5)
+    m = report.metrics
+    per_row = 2 * (256 * 512 + 512 * 10)  # two multiply-adds' worth per weight, per input row
+    assert m["flops_bs1"] == per_row and m["flops_bs8"] == 8 * per_row
+    assert m["params"] == 256 * 512 + 512 + 512 * 10 + 10
+    assert m["throughput_tok_s"] == pytest.approx(8 * 1000 / m["latency_ms_bs8"], rel=1e-6)
+    assert report.profile["batches"]["8"]["repeats"] >= 10 and report.profile["threads"] == 1
+    assert "profile of Sequential" in str(report)
+    with pytest.raises(dsnas.DsnasError, match="example_input must be a tensor"):
+        dsnas.measure(model, [1, 2], device="cpu")

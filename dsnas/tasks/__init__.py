@@ -28,6 +28,8 @@ class Task(Protocol):
     - ``train(..., rungs=, at_rung=)``: multi-fidelity; train() calls ``at_rung(k)`` after the share ``rungs[k-1]``
       of its budget, and at_rung raises to stop it there. Without them, a trial trains fully and no rung stops it.
     - ``count_arch(arch, batch_sizes)``: as :class:`RunsOwnTrials`' (the predictor's FLOPs, bytes and params).
+    - ``eval_inputs() -> (inputs, targets)``: every validation input and its target, as evaluate() scores them;
+      `dsnas route` needs it (its thresholds are chosen on half of them, its accuracy reported on the other half).
     - ``throughput_unit``, a class attribute: what throughput counts, in words (e.g. "images/s"; "items/s" when
       absent), for tables and plots.
     """

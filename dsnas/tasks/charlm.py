@@ -178,5 +178,10 @@ class CharLMTask:
         loss = loss_sum / count
         return {"accuracy": correct / count, "val_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
+    def eval_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every validation window and its next-byte targets, in evaluate()'s order (for dsnas route)."""
+        n = max(1, self.config.val_tokens // self.config.context)
+        return self._windows(self.val_data, self._val_starts(n), torch.device("cpu"))
+
     def example_batch(self, batch_size: int, device: Any) -> torch.Tensor:
         return self._windows(self.val_data, self._val_starts(batch_size), device)[0]

@@ -247,6 +247,10 @@ class ImagesTask:
             correct += (logits.argmax(-1) == y).sum().item()
         return {"accuracy": correct / len(self.val_idx), "val_loss": loss_sum / len(self.val_idx)}
 
+    def eval_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held-out image and its label, in evaluate()'s order (for dsnas route)."""
+        return self.images[self.val_idx], self.labels[self.val_idx]
+
     def example_batch(self, batch_size: int, device: Any) -> torch.Tensor:
         """The first ``batch_size`` held-out images, repeated in order when there are fewer."""
         idx = self.val_idx[torch.arange(batch_size) % len(self.val_idx)]

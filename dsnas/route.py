@@ -1,0 +1,598 @@
+"""Routing over the Pareto front: each input is served by the cheapest front model that gets it right. A cascade runs
+the cheapest model first and moves an input up while the model's confidence in it is below that stage's threshold;
+a learned router predicts, from the first model's output, the cheapest sufficient model. Thresholds are chosen on a
+calibration half of the task's validation inputs and accuracy is reported on the other half; the cost of each model
+is dsnas's own measurement of it on this device, and the route as a whole is timed end to end.
+
+A route bundle (``dsnas route --out DIR``) holds its members' bundles, route.json (order, thresholds, router,
+calibration summary, the measured table), and ``load_route(DIR)`` serves batches with it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsnas.errors import DsnasError
+from dsnas.export.bundle import export_trial, load_bundle, read_bundle, recorded_task_spec
+from dsnas.export.pick import pick_trials
+from dsnas.tasks import make_task
+
+ROUTE_TYPE, ROUTE_VERSION = "dsnas.route", 1
+MAX_STAGES = 4  # thresholds are searched over a grid: 4 stages are 23^3 combinations, more would be slow and overfit
+LEVELS = 21  # threshold candidates per stage: quantiles of its confidence on the calibration half
+COSTS = {"latency": ("latency_ms", "ms"), "flops": ("flops", "FLOPs")}
+TIMING_ROUNDS = 5
+Z95 = 1.645  # one-sided 95%: the accuracy a route may lose is bounded at this confidence (see lost)
+
+
+# ---- what a model says about each input -------------------------------------------------------------------------
+
+def scores(logits: Any, targets: Any) -> tuple[Any, Any]:
+    """(per-input accuracy, per-input confidence) of one model's logits: a classifier's (N, C) against (N,), or a
+    sequence model's (N, T, V) against (N, T), where both are means over the sequence. Confidence is the softmax's
+    largest probability: calibrated enough to rank inputs, which is all a threshold needs."""
+    import torch
+
+    logits = logits.float()
+    right = (logits.argmax(-1) == targets).float()
+    top = torch.softmax(logits, -1).amax(-1)
+    if right.dim() == 2:
+        right, top = right.mean(1), top.mean(1)
+    return right, top
+
+
+def features(logits: Any) -> Any:
+    """What the learned router reads from the first model's output, per input: mean and least top probability,
+    mean margin between the two largest, mean entropy (over the sequence for a sequence model)."""
+    import torch
+
+    p = torch.softmax(logits.float(), -1)
+    two = p.topk(2, dim=-1).values
+    margin = two[..., 0] - two[..., 1]
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    top = two[..., 0]
+    if top.dim() == 1:
+        top, margin, entropy = top[:, None], margin[:, None], entropy[:, None]
+    return torch.stack([top.mean(1), top.amin(1), margin.mean(1), entropy.mean(1)], dim=1)
+
+
+# ---- choosing the route ---------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """A way of serving the report half: its accuracy, mean cost per input and the share each stage served."""
+    name: str
+    accuracy: float
+    cost: float
+    shares: list[float]
+
+    def row(self, unit: str, best: Outcome) -> dict[str, Any]:
+        return {"route": self.name, "accuracy": self.accuracy, f"cost ({unit}/input)": self.cost,
+                "cost vs most accurate": self.cost / best.cost if best.cost else math.nan,
+                "served by stage": "/".join(f"{s:.0%}" for s in self.shares)}
+
+
+def cascade_assign(conf: Any, thresholds: Sequence[float]) -> Any:
+    """The stage that serves each input: the first whose confidence is at or above its threshold (the last stage
+    serves what is left); a stage whose threshold is +inf serves nothing and is skipped (never run, never paid).
+    ``conf``: (stages, N)."""
+    import torch
+
+    k, n = conf.shape
+    served = torch.full((n,), k - 1, dtype=torch.long)
+    open_ = torch.ones(n, dtype=torch.bool)
+    for s, t in enumerate(thresholds):
+        stop = open_ & (conf[s] >= t)
+        served[stop] = s
+        open_ &= ~stop
+    return served
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """A stage's cost per input when a share of the inputs runs through it, served in batches of ``batch`` rows.
+    The rows that reach a later stage form a smaller batch, and a small batch costs more per row (much of a call's
+    latency does not grow with its rows): one call's cost at a row count is interpolated linearly between the batch
+    sizes dsnas measured the model at."""
+    points: tuple[tuple[int, float], ...]  # (batch size, measured cost of one call), ascending
+    batch: int
+
+    def call(self, rows: float) -> float:
+        (b0, c0), (b1, c1) = (self.points[0], self.points[-1]) if len(self.points) > 1 else (self.points[0],) * 2
+        for (lo, clo), (hi, chi) in zip(self.points, self.points[1:]):
+            if rows <= hi:
+                (b0, c0), (b1, c1) = (lo, clo), (hi, chi)
+                break
+        return c0 if b1 == b0 else c0 + (rows - b0) * (c1 - c0) / (b1 - b0)
+
+    def per_input(self, share: float) -> float:
+        """Mean cost per input of all inputs, when ``share`` of them run through this stage."""
+        if share <= 0:
+            return 0.0
+        rows = share * self.batch  # per batch; below one row, a share of the batches runs one row
+        return self.call(max(1.0, rows)) * min(1.0, rows) / self.batch
+
+
+def accuracy(served: Any, right: Any) -> float:
+    return right.gather(0, served[None]).mean().item()
+
+
+def shares(served: Any, k: int) -> list[float]:
+    return [(served == s).float().mean().item() for s in range(k)]
+
+
+def cascade_cost(served: Any, thresholds: Sequence[float], curves: Sequence[CostCurve]) -> float:
+    """Mean cost per input of a cascade: each stage that runs costs the inputs that reach it (all that the stages
+    before it did not serve); a stage with threshold +inf is skipped."""
+    runs = [t != math.inf for t in thresholds] + [True]
+    reach = [(served >= s).float().mean().item() for s in range(len(curves))]
+    return sum(c.per_input(r) for c, r, on in zip(curves, reach, runs) if on)
+
+
+def learned_cost(served: Any, curves: Sequence[CostCurve]) -> float:
+    """Mean cost per input of the learned router: the first model on every input (the router reads its output),
+    then each input's chosen model alone."""
+    share = shares(served, len(curves))
+    return curves[0].per_input(1.0) + sum(c.per_input(p) for c, p in zip(curves[1:], share[1:]))
+
+
+def lost(served: Any, right: Any) -> float:
+    """A one-sided 95% upper bound on the accuracy an assignment gives up against the last (most accurate) stage
+    on new inputs: the difference summed over the m inputs served early, plus Z95 standard errors of that sum. The
+    variance is at least that of a smoothed loss rate (losses + 1) / (m + 2), so that a cheap model that made no
+    mistake on 180 images is not taken to make none."""
+    early = served < right.shape[0] - 1
+    m = int(early.sum())
+    if m == 0:
+        return 0.0
+    diff = (right[-1] - right.gather(0, served[None])[0])[early]
+    total = diff.sum().item()
+    rate = (max(total, 0.0) + 1) / (m + 2)
+    spread = max(diff.var(correction=0).item() if m > 1 else 0.0, rate * (1 - rate))
+    return (total + Z95 * math.sqrt(m * spread)) / right.shape[1]
+
+
+def choose_thresholds(conf: Any, right: Any, curves: Sequence[CostCurve], drop: float) -> tuple[list[float], float]:
+    """The thresholds (one per stage but the last) of least expected cost that lose at most ``drop`` of accuracy
+    against the last stage on these (calibration) inputs (see :func:`lost`); all +inf (everything to the last
+    stage) when none does."""
+    import torch
+
+    k = conf.shape[0]
+    grids = []
+    for s in range(k - 1):
+        q = torch.quantile(conf[s], torch.linspace(0, 1, LEVELS)).tolist()
+        grids.append(sorted({-math.inf, math.inf, *q}))
+    best = ([math.inf] * (k - 1), math.inf)
+    for combo in itertools.product(*grids):
+        served = cascade_assign(conf, combo)
+        mean_cost = cascade_cost(served, combo, curves)
+        if mean_cost < best[1] and lost(served, right) <= drop + 1e-12:
+            best = (list(combo), mean_cost)
+    return best
+
+
+@dataclass
+class LearnedRouter:
+    """Multinomial logistic regression from the first model's output features to the cheapest sufficient stage;
+    an input goes to the first stage j where P(the cheapest sufficient stage <= j) reaches ``tau``."""
+    mean: list[float]
+    std: list[float]
+    weight: list[list[float]]
+    bias: list[float]
+    tau: float = 0.5
+
+    @classmethod
+    def fit(cls, feats: Any, labels: Any, k: int) -> LearnedRouter:
+        import torch
+
+        mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        x = (feats - mean) / std
+        w = torch.zeros(x.shape[1], k, requires_grad=True)
+        b = torch.zeros(k, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=200)
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ w + b, labels) + 1e-3 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return cls(mean.tolist(), std.tolist(), w.detach().T.tolist(), b.detach().tolist())
+
+    def assign(self, feats: Any, tau: float | None = None) -> Any:
+        import torch
+
+        x = (feats - torch.tensor(self.mean)) / torch.tensor(self.std)
+        p = torch.softmax(x @ torch.tensor(self.weight).T + torch.tensor(self.bias), -1).cumsum(-1)
+        return (p < (self.tau if tau is None else tau) - 1e-9).sum(-1).clamp_max(p.shape[1] - 1)
+
+
+def sufficient_stage(right: Any) -> Any:
+    """Per input, the cheapest stage as right as the last (most accurate) one."""
+    enough = right >= right[-1][None] - 1e-9
+    return enough.float().argmax(0)
+
+
+def choose_tau(router: LearnedRouter, feats: Any, right: Any, curves: Sequence[CostCurve], drop: float) -> float:
+    """The router's ``tau`` of least expected cost that loses at most ``drop`` (as :func:`choose_thresholds`)."""
+    best = (1.0 + 1e-6, math.inf)  # tau above 1: everything to the last stage
+    for tau in [i / 100 for i in range(1, 101)]:
+        served = router.assign(feats, tau)
+        mean_cost = learned_cost(served, curves)
+        if mean_cost < best[1] and lost(served, right) <= drop + 1e-12:
+            best = (tau, mean_cost)
+    return best[0]
+
+
+# ---- the members and their data ---------------------------------------------------------------------------------
+
+@dataclass
+class Member:
+    """One front model in a route: its bundle, model and measured cost per input."""
+    trial: int
+    folder: Path
+    model: Any
+    curve: CostCurve
+    accuracy: float  # as the search recorded it
+    describe: str = ""
+
+    @property
+    def cost(self) -> float:
+        """Per input, serving every input (in batches of the largest measured batch size)."""
+        return self.curve.per_input(1.0)
+
+
+def cost_curve(metrics: dict[str, float], batch_sizes: Sequence[int], kind: str, trial: int) -> CostCurve:
+    """A trial's cost per call at each batch size it was measured at (its ``latency_ms_bsN`` or ``flops_bsN``)."""
+    key, _ = COSTS[kind]
+    points = tuple((bs, float(metrics[f"{key}_bs{bs}"])) for bs in sorted(batch_sizes) if metrics.get(f"{key}_bs{bs}"))
+    if not points:
+        raise DsnasError(f"trial {trial} has no measured {key}_bsN: dsnas did not measure it (a task's own "
+                         "evaluation function that reported none)")
+    return CostCurve(points, max(batch_sizes))
+
+
+def validation_inputs(task: Any) -> tuple[Any, Any]:
+    """(inputs, targets) of the task's validation split; a task that cannot give them cannot be routed."""
+    get = getattr(task, "eval_inputs", None)
+    if not callable(get):
+        raise DsnasError(f"the task {type(task).__name__} has no eval_inputs() -> (inputs, targets): dsnas route "
+                         "needs each validation input and its target. Fix: add it to the task (see dsnas.tasks.Task)")
+    return get()
+
+
+def halves(n: int) -> tuple[Any, Any]:
+    """(calibration, report) indices: alternate inputs, so both halves cover the whole validation split."""
+    import torch
+
+    idx = torch.arange(n)
+    return idx[0::2], idx[1::2]
+
+
+def run_all(models: Sequence[Any], x: Any, batch: int = 256) -> list[Any]:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for m in models:
+            out.append(torch.cat([m(part).float() for part in x.split(batch)]))
+    return out
+
+
+# ---- serving ----------------------------------------------------------------------------------------------------
+
+class Route:
+    """Serves batches: the first stage runs on the whole batch, and only the rows it escalates go on, so a batch
+    costs what its inputs need. Returns each row's logits from the stage that served it."""
+
+    def __init__(self, models: Sequence[Any], kind: str, thresholds: Sequence[float],
+                 router: LearnedRouter | None = None) -> None:
+        self.models, self.kind, self.thresholds, self.router = list(models), kind, list(thresholds), router
+        self.last_served: Any = None  # the stage that served each row of the last batch
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            if self.kind != "learned":
+                return self._cascade(x)
+            assert self.router is not None
+            first = self.models[0](x).float()
+            out = first.clone()
+            served = torch.zeros(x.shape[0], dtype=torch.long)
+            target = self.router.assign(features(first))  # the first model's output says where each row goes
+            for s in range(1, len(self.models)):
+                rows = (target == s).nonzero().flatten()
+                if len(rows):
+                    out[rows] = self.models[s](x[rows]).float()
+                    served[rows] = s
+            self.last_served = served
+            return out
+
+    def _cascade(self, x: Any) -> Any:
+        """Stage by stage on the rows still open; a stage whose threshold is +inf is skipped."""
+        import torch
+
+        open_rows = torch.arange(x.shape[0])
+        served = torch.full((x.shape[0],), len(self.models) - 1, dtype=torch.long)
+        out: Any = None
+        for s, model in enumerate(self.models):
+            last = s == len(self.models) - 1
+            if not last and self.thresholds[s] == math.inf:
+                continue
+            logits = model(x[open_rows]).float()
+            if out is None:
+                out = logits.new_empty((x.shape[0], *logits.shape[1:]))
+            out[open_rows] = logits
+            served[open_rows] = s
+            if last:
+                break
+            still = scores(logits, logits.argmax(-1))[1] < self.thresholds[s]
+            open_rows = open_rows[still]
+            if not len(open_rows):
+                break
+        self.last_served = served
+        return out
+
+
+def load_route(folder: str | Path, device: str = "cpu", kind: str | None = None) -> Route:
+    """The route bundle in ``folder`` as a callable that serves batches (see :class:`Route`); ``kind``: "cascade"
+    or "learned" (default: the one the bundle chose)."""
+    folder = Path(folder)
+    doc = read_route(folder)
+    members = [load_bundle(folder / m["bundle"], device=device) for m in doc["members"]]
+    kind = kind or doc["serve"]
+    if kind not in ("cascade", "learned"):
+        raise DsnasError(f"kind must be 'cascade' or 'learned', got {kind!r}")
+    router = LearnedRouter(**doc["learned"]) if kind == "learned" else None
+    return Route(members, kind, [float(t) for t in doc["cascade"]["thresholds"]], router)
+
+
+def read_route(folder: Path) -> dict[str, Any]:
+    path = folder / "route.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DsnasError(f"{path}: missing: {folder} is not a route bundle. Fix: write one with `dsnas route "
+                         "STUDY.toml --out DIR`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DsnasError(f"{path}: not readable JSON ({e}). Fix: write the route again") from None
+    if doc.get("_type") != ROUTE_TYPE or doc.get("_version") != ROUTE_VERSION:
+        raise DsnasError(f"{path}: expected _type {ROUTE_TYPE!r} version {ROUTE_VERSION}, got {doc.get('_type')!r} "
+                         f"version {doc.get('_version')!r}. Fix: write the route again with this dsnas")
+    check_members(path, [read_bundle(folder / m["bundle"]) for m in doc["members"]])
+    return doc
+
+
+def check_members(where: Path, docs: Sequence[dict[str, Any]]) -> None:
+    """Members must read the same inputs: one task with the same parameters, the same fixed arch keys."""
+    first = docs[0]
+    for doc in docs[1:]:
+        if doc.get("task", {}).get("name") != first.get("task", {}).get("name") or \
+                doc.get("task", {}).get("params") != first.get("task", {}).get("params"):
+            raise DsnasError(f"{where}: trial {doc.get('trial')} was trained on another task or task parameters than "
+                             f"trial {first.get('trial')}: a route's members must read the same inputs")
+        for key in ("vocab_size", "context", "image_size", "channels", "n_classes"):
+            if doc["arch"].get(key) != first["arch"].get(key):
+                raise DsnasError(f"{where}: trial {doc.get('trial')} has {key} {doc['arch'].get(key)!r} and trial "
+                                 f"{first.get('trial')} {first['arch'].get(key)!r}: a route's members must read the "
+                                 "same inputs")
+
+
+# ---- building a route -------------------------------------------------------------------------------------------
+
+@dataclass
+class RouteReport:
+    """What `dsnas route` found: the table of single models, the cascade and the learned router on the report
+    half, and the route bundle's folder."""
+    unit: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)  # route name -> end-to-end ms per input
+    folder: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, acc: float, cost: float, served_shares: list[float]) -> None:
+        self.outcomes[name] = Outcome(name, acc, cost, served_shares)
+
+    def table(self) -> str:
+        cols = list(self.rows[0]) + ["measured ms/input"]
+        body = [[_cell(r[c]) for c in cols[:-1]] + [_cell(self.measured.get(r["route"], math.nan))]
+                for r in self.rows]
+        widths = [max(len(str(x)) for x in [c, *(b[i] for b in body)]) for i, c in enumerate(cols)]
+        lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [cols, *body]]
+        return "\n".join(lines + self.notes)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | None = None,
+                target_accuracy: float | None = None, max_accuracy_drop: float = 0.005,
+                cost: str = "latency", also_drops: Sequence[float] = ()) -> RouteReport:
+    """Export the front (or ``trials``) into ``out``/members, choose the cascade's thresholds and fit the learned
+    router on the calibration half, report both on the other half against each single model, time them end to
+    end, and write route.json. ``also_drops``: more accuracy drops (below the most accurate model) to report the
+    cascade and the router at, beside the route's own target."""
+    import torch
+
+    if cost not in COSTS:
+        raise DsnasError(f"--cost must be one of {list(COSTS)}: energy is measured only on a GPU's NVML counter, "
+                         f"got {cost!r}" if cost == "energy" else f"--cost must be one of {list(COSTS)}, got {cost!r}")
+    chosen = [pick_trials(study, spec, trial=n)[0] for n in trials] if trials else \
+        pick_trials(study, spec, front=True)
+    if len(chosen) < 2:
+        raise NothingToRoute(f"the front has {len(chosen)} model: there is nothing to route "
+                             "(a route needs at least two models of different cost)")
+    members = []
+    for frozen in chosen:
+        folder = export_trial(spec, study, frozen, out / "members" / f"trial{frozen.number}")
+        curve = cost_curve(frozen.user_attrs, read_bundle(folder)["hardware"]["batch_sizes"], cost, frozen.number)
+        members.append(Member(frozen.number, folder, load_bundle(folder), curve,
+                              float(frozen.user_attrs.get("accuracy", math.nan)),
+                              str(frozen.user_attrs.get("arch_short", ""))))
+    members.sort(key=lambda m: m.cost)
+    members = _thin(members)
+    check_members(out, [read_bundle(m.folder) for m in members])
+    task = make_task(recorded_task_spec(read_bundle(members[0].folder)))
+    x, y = validation_inputs(task)
+    logits = run_all([m.model for m in members], x)
+    right, conf = (torch.stack(t) for t in zip(*(scores(lg, y) for lg in logits)))
+    calib, held = halves(len(x))
+    best_calib = right[-1, calib].mean().item()
+    if target_accuracy is not None and target_accuracy > best_calib + 1e-12:
+        raise DsnasError(f"--target-accuracy {target_accuracy:g} is above the most accurate model's "
+                         f"{best_calib:.4f} on the calibration half: the best reachable is {best_calib:.4f}")
+    drop = best_calib - target_accuracy if target_accuracy is not None else max_accuracy_drop
+    curves = [m.curve for m in members]
+    feats = features(logits[0])
+    router = LearnedRouter.fit(feats[calib], sufficient_stage(right[:, calib]), len(members))
+    report = RouteReport(unit=COSTS[cost][1])
+    for i, m in enumerate(members):  # each single model: all inputs to stage i
+        served = torch.full((len(held),), i, dtype=torch.long)
+        report.add(f"trial {m.trial} alone", accuracy(served, right[:, held]), m.cost, shares(served, len(members)))
+    chosen_routes = {}
+    for extra, suffix in [(drop, ""), *((d, f" -{d * 100:g} pt") for d in also_drops)]:
+        t = choose_thresholds(conf[:, calib], right[:, calib], curves, extra)[0]
+        served = cascade_assign(conf[:, held], t)
+        report.add("cascade" + suffix, accuracy(served, right[:, held]), cascade_cost(served, t, curves),
+                   shares(served, len(members)))
+        tau = choose_tau(router, feats[calib], right[:, calib], curves, extra)
+        served = router.assign(feats[held], tau)
+        report.add(("learned router" if not suffix else "learned") + suffix, accuracy(served, right[:, held]),
+                   learned_cost(served, curves), shares(served, len(members)))
+        chosen_routes.setdefault("thresholds", t)
+        chosen_routes.setdefault("tau", tau)
+    thresholds, router.tau = chosen_routes["thresholds"], chosen_routes["tau"]
+    best = report.outcomes[f"trial {members[-1].trial} alone"]
+    report.rows = [o.row(report.unit, best) for o in report.outcomes.values()]
+    serve = min(("cascade", "learned router"), key=lambda n: report.outcomes[n].cost)
+    if cost == "latency":
+        report.measured = _time_end_to_end(members, thresholds, router, x[held],
+                                           read_bundle(members[0].folder)["hardware"]["batch_sizes"])
+    doc = {"_type": ROUTE_TYPE, "_version": ROUTE_VERSION, "study": spec.name, "cost": cost,
+           "serve": "cascade" if serve == "cascade" else "learned",
+           "members": [{"trial": m.trial, "bundle": str(m.folder.relative_to(out)), "cost_per_input": m.cost,
+                        "cost_per_call": dict(m.curve.points), "arch_short": m.describe} for m in members],
+           "cascade": {"thresholds": thresholds, "confidence": "mean top softmax probability"},
+           "learned": router.__dict__,
+           "calibration": {"inputs": len(calib), "report_inputs": len(held), "max_accuracy_lost": drop,
+                           "most_accurate_on_calibration": best_calib},
+           "table": report.rows, "measured_ms_per_input": report.measured}
+    (out / "route.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    report.folder = out
+    return report
+
+
+class NothingToRoute(DsnasError):
+    """The front has fewer than two models: a notice, not a failure."""
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    raise TypeError(type(v).__name__)
+
+
+def _thin(members: list[Member]) -> list[Member]:
+    """At most MAX_STAGES members, cheapest first: the cheapest, the most accurate, and between them the ones
+    spread evenly in cost (a longer cascade pays more first stages for less)."""
+    if len(members) <= MAX_STAGES:
+        return members
+    picks = {0, len(members) - 1}
+    for i in range(1, MAX_STAGES - 1):
+        picks.add(round(i * (len(members) - 1) / (MAX_STAGES - 1)))
+    return [members[i] for i in sorted(picks)]
+
+
+def _time_end_to_end(members: Sequence[Member], thresholds: Sequence[float], router: LearnedRouter, x: Any,
+                     batch_sizes: Sequence[int]) -> dict[str, float]:
+    """Wall-clock ms per input of serving ``x`` in batches of the largest measured batch size: the most accurate
+    model alone, the cascade and the learned router, in turns (so that a busy moment of the machine hits all),
+    median of TIMING_ROUNDS rounds."""
+    import torch
+
+    batch = max(batch_sizes)
+    servers = {f"trial {members[-1].trial} alone": members[-1].model,
+               f"trial {members[0].trial} alone": members[0].model,
+               "cascade": Route([m.model for m in members], "cascade", thresholds),
+               "learned router": Route([m.model for m in members], "learned", [], router)}
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    parts = list(x.split(batch))
+    with torch.inference_mode():
+        for serve in servers.values():
+            serve(parts[0])  # warm-up
+        for _ in range(TIMING_ROUNDS):
+            for name, serve in servers.items():
+                start = time.perf_counter()
+                for p in parts:
+                    serve(p)
+                times[name].append((time.perf_counter() - start) * 1000 / len(x))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+# ---- verifying a route here -------------------------------------------------------------------------------------
+
+def verify_route(folder: str | Path, accuracy_tol: float = 0.005, latency_tol: float = 0.25) -> Any:
+    """A route bundle checked here: each member's probe (its weights are the trial's), the route's accuracy on the
+    report half against route.json's, and its end-to-end time per input against the recorded one (the median of
+    TIMING_ROUNDS rounds; a drift beyond ``latency_tol`` fails only on a machine like the one that wrote it)."""
+    import torch
+
+    from dsnas.export.verify import Check, VerifyReport, _probe_check  # (same layer) one table for both kinds
+
+    folder = Path(folder)
+    doc = read_route(folder)
+    dev = torch.device("cpu")
+    report = VerifyReport(str(folder), "cpu")
+    members = []
+    for m in doc["members"]:
+        model = load_bundle(folder / m["bundle"])
+        check = _probe_check(folder / m["bundle"], model, dev, None)
+        report.checks.append(Check(f"trial {m['trial']} probe", check.recorded, check.now, check.drift,
+                                   check.verdict, check.failed))
+        members.append(model)
+    kind = doc["serve"]
+    router = LearnedRouter(**doc["learned"]) if kind == "learned" else None
+    thresholds = [float(t) for t in doc["cascade"]["thresholds"]]
+    route = Route(members, kind, thresholds, router)
+    task = make_task(recorded_task_spec(read_bundle(folder / doc["members"][0]["bundle"])))
+    x, y = validation_inputs(task)
+    _, held = halves(len(x))
+    name = "cascade" if kind == "cascade" else "learned router"
+    row = next(r for r in doc["table"] if r["route"] == name)
+    acc = scores(route(x[held]), y[held])[0].mean().item()
+    drift = acc - row["accuracy"]
+    ok = abs(drift) <= accuracy_tol
+    report.checks.append(Check(f"{name} accuracy", f"{row['accuracy']:.4f}", f"{acc:.4f}", f"{drift:+.4f}",
+                               f"{'ok' if ok else 'FAIL'} (tol {accuracy_tol:g})", failed=not ok))
+    recorded = (doc.get("measured_ms_per_input") or {}).get(name)
+    if recorded:
+        batch = max(read_bundle(folder / doc["members"][0]["bundle"])["hardware"]["batch_sizes"])
+        rounds = []
+        with torch.inference_mode():
+            parts = list(x[held].split(batch))
+            route(parts[0])
+            for _ in range(TIMING_ROUNDS):
+                start = time.perf_counter()
+                for p in parts:
+                    route(p)
+                rounds.append((time.perf_counter() - start) * 1000 / len(held))
+        now = sorted(rounds)[len(rounds) // 2]
+        ratio = now / recorded
+        ok = 1 / (1 + latency_tol) <= ratio <= 1 + latency_tol
+        report.checks.append(Check(f"{name} ms/input", f"{recorded:.4g}", f"{now:.4g} (rounds {min(rounds):.3g}-"
+                                   f"{max(rounds):.3g})", f"x{ratio:.2f}",
+                                   f"{'ok' if ok else 'FAIL'} (tol x{1 + latency_tol:g})", failed=not ok))
+    return report

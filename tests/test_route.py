@@ -1,0 +1,157 @@
+"""Routing over the front: thresholds of least cost within the accuracy bound, the cost a cascade pays, serving only
+the escalated rows on, and a route bundle from a searched study served by dsnas.load_route."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import dsnas
+from dsnas.cli import main
+from dsnas.errors import DsnasError
+from dsnas.route import (
+    Z95,
+    CostCurve,
+    Route,
+    cascade_assign,
+    cascade_cost,
+    check_members,
+    choose_thresholds,
+    lost,
+    scores,
+)
+from tests.conftest import copy_study
+
+
+def test_scores_of_a_sequence_model_are_means_over_the_sequence():
+    logits = torch.tensor([[[9.0, 0.0], [0.0, 9.0]], [[9.0, 0.0], [9.0, 0.0]]])  # (2 inputs, 2 steps, 2 classes)
+    right, conf = scores(logits, torch.tensor([[0, 1], [0, 1]]))
+    assert right.tolist() == [1.0, 0.5]
+    top = torch.softmax(torch.tensor([9.0, 0.0]), 0).max().item()
+    assert conf == pytest.approx(torch.tensor([top, top]))
+
+
+def test_the_loss_bound_is_the_smoothed_binomial_one():
+    n = 180
+    right = torch.ones(2, n)
+    served = torch.zeros(n, dtype=torch.long)  # all served by the cheap stage, which made no mistake here
+    rate = 1 / (n + 2)
+    assert lost(served, right) == pytest.approx(Z95 * math.sqrt(n * rate * (1 - rate)) / n)  # 0.91 %, not 0
+    assert lost(torch.ones(n, dtype=torch.long), right) == 0.0  # all to the last stage loses nothing
+    right[0, :9] = 0  # 9 of the cheap stage's answers are wrong where the last is right ...
+    right[1, 9:12] = 0  # ... and 3 right where the last is wrong: a net loss of 6
+    diff = torch.tensor([1.0] * 9 + [-1.0] * 3 + [0.0] * (n - 12))
+    rate = 7 / (n + 2)
+    spread = max(diff.var(correction=0).item(), rate * (1 - rate))
+    assert lost(served, right) == pytest.approx((6 + Z95 * math.sqrt(n * spread)) / n)
+
+
+def test_thresholds_send_sure_inputs_to_the_cheap_model_at_the_least_cost():
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    conf0 = torch.rand(n, generator=gen)
+    right0 = (conf0 > 0.3).float()  # the cheap model is right exactly where it is confident
+    right = torch.stack([right0, torch.ones(n)])
+    conf = torch.stack([conf0, torch.ones(n)])
+    curves = [CostCurve(((1, 1.0), (32, 32.0)), 32), CostCurve(((1, 4.0), (32, 128.0)), 32)]  # 1 and 4 per row
+    thresholds, cost = choose_thresholds(conf, right, curves, drop=0.01)
+    served = cascade_assign(conf, thresholds)
+    share0 = (served == 0).float().mean().item()
+    grid = torch.quantile(conf0, torch.linspace(0, 1, 21)).tolist()
+    below = max(q for q in grid if q < thresholds[0])  # the next cheaper threshold would lose too much
+    assert thresholds[0] in grid and lost(served, right) <= 0.01 < lost(cascade_assign(conf, [below]), right)
+    assert 0.25 < thresholds[0] < 0.35  # about where the cheap model starts being right
+    assert cost == pytest.approx(1.0 + (1 - share0) * 4.0)  # every input pays the first, escalated ones both
+    assert cascade_cost(served, thresholds, curves) == pytest.approx(cost)
+    everything_on = torch.ones(n, dtype=torch.long)
+    assert cascade_cost(everything_on, [math.inf], curves) == pytest.approx(4.0)  # a skipped stage is not paid
+
+
+def test_rows_that_reach_a_stage_in_small_batches_cost_more_per_row():
+    curve = CostCurve(((1, 0.5), (32, 1.0)), 32)  # ms per call: mostly fixed cost
+    assert curve.per_input(1.0) == pytest.approx(1.0 / 32)
+    call = 0.5 + (3.2 - 1) * 0.5 / 31  # 10% of 32 rows: a call of 3.2 rows
+    assert curve.per_input(0.1) == pytest.approx(call / 32)  # five times 10% of the full-batch cost
+    assert curve.per_input(0.01) == pytest.approx(0.5 * 0.32 / 32)  # a third of the batches run one row
+
+
+class Scripted(nn.Module):
+    """Logits fixed per input id (the input's first column), and a count of the rows it saw."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table, self.rows = table, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.table[x[:, 0].long()]
+
+
+def test_a_route_runs_only_the_escalated_rows_on_and_returns_the_serving_models_logits():
+    sure, unsure = torch.tensor([8.0, 0.0]), torch.tensor([0.1, 0.0])
+    cheap = Scripted(torch.stack([sure, unsure, sure, unsure]))
+    big = Scripted(torch.tensor([[0.0, 5.0]] * 4))
+    route = Route([cheap, big], "cascade", [0.9])
+    out = route(torch.arange(4)[:, None])
+    assert cheap.rows == 4 and big.rows == 2  # only the two unsure rows went on
+    assert route.last_served.tolist() == [0, 1, 0, 1]
+    assert torch.equal(out[0], sure) and torch.equal(out[1], torch.tensor([0.0, 5.0]))
+    skipping = Route([cheap, big], "cascade", [math.inf])
+    skipping(torch.arange(4)[:, None])
+    assert cheap.rows == 4 and big.rows == 6  # a skipped stage is not run
+
+
+def test_members_of_different_tasks_are_refused(tmp_path):
+    doc = {"trial": 1, "task": {"name": "charlm", "params": {"context": 16}}, "arch": {"vocab_size": 256}}
+    with pytest.raises(DsnasError, match="trial 2 was trained on another task or task parameters than trial 1"):
+        check_members(tmp_path, [doc, {**doc, "trial": 2, "task": {"name": "charlm", "params": {"context": 32}}}])
+    with pytest.raises(DsnasError, match="trial 2 has vocab_size 128 and trial 1 256"):
+        check_members(tmp_path, [doc, {**doc, "trial": 2, "arch": {"vocab_size": 128}}])
+
+
+def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path, capsys):
+    study = copy_study(finished_study, tmp_path / "s")
+    out = tmp_path / "route"
+    assert main(["route", str(study), "--trials", "0,1,2", "--max-accuracy-drop", "0.01", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "cascade" in said and "learned router" in said and f"route bundle: {out}" in said
+    doc = json.loads((out / "route.json").read_text())
+    costs = [m["cost_per_input"] for m in doc["members"]]
+    assert costs == sorted(costs) and len(doc["members"]) == 3
+    for m in doc["members"]:  # a member's cost is its measured latency per input at the largest batch size
+        metrics = json.loads((out / m["bundle"] / "metrics.json").read_text())["metrics"]
+        assert m["cost_per_input"] == pytest.approx(metrics["latency_ms_bs4"] / 4)
+    route = dsnas.load_route(str(out))
+    from dsnas.export.bundle import read_bundle, recorded_task_spec
+    from dsnas.tasks import make_task
+
+    x, _ = make_task(recorded_task_spec(read_bundle(out / doc["members"][0]["bundle"]))).eval_inputs()
+    logits = route(x)
+    for s, model in enumerate(route.models):  # each row holds the logits of the model that served it
+        rows = (route.last_served == s).nonzero().flatten()
+        if len(rows):
+            with torch.inference_mode():
+                assert torch.allclose(logits[rows], model(x[rows]).float(), atol=1e-5)
+    capsys.readouterr()
+    # Verified here: each member's probe, the route's accuracy on the report half as recorded (the same models and
+    # thresholds on the same inputs: exactly), and its time per input (a tiny model: a wide tolerance).
+    assert main(["verify", str(out), "--latency-tol", "3"]) == 0
+    said = capsys.readouterr().out
+    kind = "cascade" if doc["serve"] == "cascade" else "learned router"
+    assert said.count(" probe ") == 3 and re.search(rf"{kind} accuracy .* \+0\.0000 +ok", said), said
+
+
+def test_a_front_of_one_is_a_notice_and_an_unreachable_target_names_the_best(finished_study, tmp_path, capsys):
+    study = copy_study(finished_study, tmp_path / "s")
+    assert main(["route", str(study), "--trials", "0", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.strip() == ("dsnas route: the front has 1 model: there is nothing to route (a "
+                                               "route needs at least two models of different cost)")
+    assert main(["route", str(study), "--trials", "0,1", "--target-accuracy", "0.99", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert re.search(r"--target-accuracy 0.99 is above the most accurate model's 0\.\d+ on the calibration half: "
+                     r"the best reachable is 0\.\d+", capsys.readouterr().err)
