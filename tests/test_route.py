@@ -116,8 +116,8 @@ def test_members_of_different_tasks_are_refused(tmp_path):
 
 def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path, capsys):
     study = copy_study(finished_study, tmp_path / "s")
-    out = tmp_path / "route"
-    assert main(["route", str(study), "--trials", "0,1,2", "--max-accuracy-drop", "0.01", "--out", str(out)]) == 0
+    out = study.parent / "routes" / "tiny"  # the default folder, where the report finds it
+    assert main(["route", str(study), "--trials", "0,1,2", "--max-accuracy-drop", "0.01"]) == 0
     said = capsys.readouterr().out
     assert "cascade" in said and "learned router" in said and f"route bundle: {out}" in said
     doc = json.loads((out / "route.json").read_text())
@@ -144,6 +144,10 @@ def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path,
     said = capsys.readouterr().out
     kind = "cascade" if doc["serve"] == "cascade" else "learned router"
     assert said.count(" probe ") == 3 and re.search(rf"{kind} accuracy .* \+0\.0000 +ok", said), said
+    # The report draws the route beside the front.
+    assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert (tmp_path / "report" / "route.png").stat().st_size > 10_000 and "Routing over the front" in page
 
 
 def test_a_front_of_one_is_a_notice_and_an_unreachable_target_names_the_best(finished_study, tmp_path, capsys):

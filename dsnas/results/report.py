@@ -48,7 +48,10 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
     history = hypervolume_history(df, ref)
     v = views(df, history, ref)
     written += write_pngs(v, folder)
-    written.append(_write_html(spec, df, v, plotly_figures(v), folder))
+    route = _read_route(spec)
+    if route is not None:
+        written.append(_route_png(route, folder))
+    written.append(_write_html(spec, df, v, plotly_figures(v), folder, route))
     return summary(spec, df, v, written)
 
 
@@ -64,7 +67,52 @@ def _write_tables(df: Any, measured: Any, folder: Path) -> list[Path]:
     return [*written, folder / "trials.parquet"]
 
 
-def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Path) -> Path:
+def _read_route(spec: StudySpec) -> dict[str, Any] | None:
+    """The route `dsnas route` wrote for this study (routes/STUDY beside the study file), if any."""
+    import json
+
+    path = spec.base_dir / "routes" / spec.name / "route.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if doc.get("_type") == "dsnas.route" and doc.get("table") else None
+
+
+def _route_png(route: dict[str, Any], folder: Path) -> Path:
+    """route.png: accuracy against mean cost per input, of each member alone (the front) and of the routes at
+    each target, on the report half of the validation inputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must happen before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    cost = next(k for k in route["table"][0] if k.startswith("cost ("))
+    unit = cost.removeprefix("cost (").removesuffix(")")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    alone = [r for r in route["table"] if r["route"].endswith("alone")]
+    routed = [r for r in route["table"] if not r["route"].endswith("alone")]
+    ax.plot([r[cost] for r in alone], [r["accuracy"] for r in alone], "o-", color="tab:red",
+            label="front models alone")
+    for kind, marker in (("cascade", "*"), ("learned", "^")):
+        rows = [r for r in routed if r["route"].startswith(kind)]
+        ax.scatter([r[cost] for r in rows], [r["accuracy"] for r in rows], marker=marker, s=80,
+                   label=f"{kind} at each accuracy target")
+    for r in alone + [r for r in routed if r["route"] in ("cascade", "learned router")]:
+        ax.annotate(r["route"], (r[cost], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=f"mean cost, {unit} (each model measured on this device)",
+           ylabel="accuracy on the report half of the validation inputs",
+           title="Routing over the front: accuracy against cost")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = folder / "route.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Path,
+                route: dict[str, Any] | None = None) -> Path:
     from plotly.offline import get_plotlyjs
 
     # plotly.js goes once into the folder beside the page: the page works offline and stays small.
@@ -83,6 +131,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 <h2>Pareto front (feasible, non-dominated)</h2>
 {shown.to_html(index=False, float_format=lambda x: f"{x:.4g}")}
 {charts}
+{_route_html(route)}
 <h2>All trials</h2>
 <p>Also in trials.csv and measurements.csv (one row per trial and batch size, with dispersion).</p>
 {df.drop(columns=["arch"]).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")}
@@ -91,6 +140,18 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
     path = folder / "index.html"
     path.write_text(page)
     return path
+
+
+def _route_html(route: dict[str, Any] | None) -> str:
+    if route is None:
+        return ""
+    import pandas as pd
+
+    table = pd.DataFrame(route["table"]).to_html(index=False, float_format=lambda x: f"{x:.4g}")
+    return (f"<h2>Routing over the front</h2><p>dsnas route: {len(route['members'])} members; serves with the "
+            f"{html.escape(route['serve'])} router. Thresholds chosen on {route['calibration']['inputs']} "
+            f"validation inputs, figures on the other {route['calibration']['report_inputs']}.</p>"
+            f'<img src="route.png" alt="route: accuracy against cost">{table}')
 
 
 def _summary_frame(v: Any) -> Any:
