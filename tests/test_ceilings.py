@@ -4,6 +4,7 @@ corrupt file cannot break; GPU peaks derived from (faked) device properties."""
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from dsnas.profiler import ceilings as ceil
 from dsnas.profiler.ceilings import Ceilings, cache_file, ceilings, gpu_peaks
+from dsnas.profiler.timing import cpu_threads
 
 FP = {"host": "h", "device": "cpu", "cpu": "Test CPU", "torch": "2.13.0"}
 
@@ -149,3 +151,16 @@ def test_gpu_peaks_per_precision_match_the_h100_datasheet_at_its_boost_clock(fak
     # H100 SXM dense: fp32 67, bf16/fp16 989, fp8 1979, int8 1979 (TOPS); 2:4 sparse doubles the tensor cores'.
     assert tflop_s == {"fp32": 62, "bf16": 989, "fp16": 989, "fp8": 1979, "int8": 1979, "bf16-2:4": 1979,
                        "fp16-2:4": 1979, "fp8-2:4": 3958, "int8-2:4": 3958}
+
+
+
+def test_no_layer_shape_of_the_shipped_spaces_beats_the_gemm_ceiling():
+    """A ceiling is a limit: the matrix products of the searched models (quickstart widths, 32 x 64 tokens) must not
+    run faster than it. Measured at 1024-2048 alone, the ceiling was beaten by these cache-resident shapes."""
+    threads = os.cpu_count() or 1  # as trials are measured: every core (the gap showed with 2 threads, not 1)
+    peak = ceil.measure_ceilings(threads=threads).gemm_gflop_s
+    with cpu_threads(threads):
+        for m, k, n in ((2048, 64, 256), (2048, 128, 512), (64, 512, 512), (2048, 96, 384)):
+            a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+            seconds, _ = ceil._best_seconds(lambda: torch.mm(a, b, out=out), budget_s=0.2, min_reps=10)
+            assert 2 * m * k * n / seconds / 1e9 <= 1.15 * peak, (m, k, n, peak)
