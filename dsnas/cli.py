@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--accuracy-tol", type=float, default=0.005, help="allowed absolute accuracy drift (0.005)")
     p.add_argument("--latency-tol", type=float, default=0.25,
-                   help="allowed latency/throughput drift on the same device fingerprint: a ratio beyond 1 + tol "
-                        "either way (0.25; the recorded p10-p90 spread when larger)")
+                   help="allowed latency/throughput drift on the same device fingerprint: the median of 5 "
+                        "re-measurements against the recorded median fails beyond a ratio of 1 + tol either way "
+                        "(0.25; the recorded p10-p90 spread when larger); the rounds' range is printed beside it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_verify)
 

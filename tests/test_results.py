@@ -289,3 +289,12 @@ def torch_batch():
     import torch
 
     return torch.randint(0, 256, (1, 16))
+
+
+def test_load_takes_a_study_file(finished_study):
+    from dsnas.spec import read_study
+
+    spec = read_study(finished_study)
+    by_file, by_url = load(finished_study), load(spec.storage, spec.name)
+    assert list(by_file["trial"]) == list(by_url["trial"]) and len(by_file) == 3
+    assert by_file["accuracy"].tolist() == by_url["accuracy"].tolist()

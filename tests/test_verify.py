@@ -207,3 +207,13 @@ def test_verify_refuses_a_bundle_it_cannot_compare(bundle, capsys, damage, where
 def test_verify_rejects_an_unknown_device(exported, capsys):
     assert main(["verify", str(exported), "--device", "tpu"]) == 2
     assert "--device tpu: must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_a_drift_of_the_median_beyond_the_tolerance_fails_even_when_some_rounds_are_within():
+    from dsnas.export.verify import _relative
+
+    slower = _relative("latency_ms_bs1", 1.0, [1.3, 1.31, 1.29, 1.0, 1.02], tol=0.25, compare=True)
+    assert slower.failed and slower.drift == "+29%" and slower.now == "1.29 (1-1.31)"
+    assert "median of 5 rounds within x/÷ 1.25" in slower.verdict
+    busy_once = _relative("latency_ms_bs1", 1.0, [1.05, 0.98, 2.5, 1.01, 1.0], tol=0.25, compare=True)
+    assert not busy_once.failed  # one busy round moves the median little

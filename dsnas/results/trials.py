@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
 from dsnas.pareto import front_indices
 from dsnas.profiler.device import fingerprint_id
 from dsnas.results.volume import dominated_volume as volume
-from dsnas.spec import OBJECTIVES
+from dsnas.spec import OBJECTIVES, read_study
 from dsnas.storage import check_sqlite_file, display_url, quiet_optuna, sqlite_file, storage_engine
 
 
@@ -23,13 +24,20 @@ class Objective:
     direction: str  # "maximize" or "minimize"
 
 
-def load(storage: str, study: str) -> Any:
-    """The trials of ``study`` in ``storage`` (an SQLAlchemy URL) as a DataFrame; read-only.
+def load(storage: str | Path, study: str | None = None) -> Any:
+    """The trials of ``study`` in ``storage`` (an SQLAlchemy URL) as a DataFrame; read-only. ``storage`` may also
+    be a study file (``load("studies/quickstart.toml")``): its storage and name are read from it.
 
     ``df.attrs["objectives"]`` lists the objectives (name, column, direction) and ``df.attrs["constraints"]``
     the hardware limits; see :func:`front` and :func:`hypervolume`."""
     import optuna
 
+    if str(storage).endswith(".toml"):
+        spec = read_study(storage)
+        storage, study = spec.storage, study or spec.name
+    if study is None:
+        raise DsnasError(f"load({storage!r}): name the study, or give a study file (STUDY.toml). Fix: "
+                         "load(url, \"my_study\")")
 
     quiet_optuna()
     db_file = sqlite_file(storage)
