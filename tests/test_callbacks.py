@@ -69,3 +69,25 @@ def test_a_callback_that_is_not_there_is_a_one_line_error_before_any_trial(tiny_
     assert "[study.callbacks]" in capsys.readouterr().err
     assert not (tiny_study.parent / "tiny.db").exists() or not optuna.load_study(
         study_name="tiny", storage=f"sqlite:///{tiny_study.parent / 'tiny.db'}").trials
+
+
+def test_optuna_integrations_mlflow_callback_logs_every_trial_read_back_from_mlflow(tiny_study):
+    """The tool users log to, unchanged: optuna-integration's MLflowCallback in [study] callbacks, an MLflow store in
+    a local SQLite file, and each trial's objectives and parameters read back from it."""
+    import mlflow
+
+    store = f"sqlite:///{tiny_study.parent / 'mlflow.db'}"
+    (tiny_study.parent / "tracking.py").write_text(
+        "from optuna_integration.mlflow import MLflowCallback\n"
+        f"log = MLflowCallback(tracking_uri={store!r}, metric_name=['accuracy', 'throughput'])\n")
+    tiny_study.write_text(tiny_study.read_text().replace("[study]\n", '[study]\ncallbacks = ["tracking:log"]\n'))
+    assert main(["search", str(tiny_study)]) == 0
+    spec = load_study(tiny_study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials(states=(TrialState.COMPLETE,))
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(experiment_names=[spec.name]).sort_values("metrics.accuracy")
+    assert len(runs) == len(trials) == 3
+    logged = sorted(zip(runs["metrics.accuracy"], runs["metrics.throughput"]))
+    assert logged == sorted((t.values[0], t.values[1]) for t in trials)
+    param = next(c for c in runs.columns if c.startswith("params.layer0."))
+    assert sorted(runs[param]) == sorted(str(t.params[param.removeprefix("params.")]) for t in trials)
