@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -69,6 +70,7 @@ def _example(name: str) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the bundle of a trial (architecture, weights, ONNX, metrics, model card) for `dsnas.load`."""
     from dsnas.export import Limits, export_trial, pick_trials
+    from dsnas.export.formats import describe_exports
     from dsnas.spec import read_study
     from dsnas.study import open_study
 
@@ -83,6 +85,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         what = "its architecture and metrics (the task's own function evaluated it: there is no model) " \
             if not (out / "weights.safetensors").exists() else ""
         print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) {what}to {out}")
+        if not what:
+            exports = json.loads((out / "metrics.json").read_text())["exports"]
+            print("\n".join(describe_exports(exports)))
     return 0
 
 

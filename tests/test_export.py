@@ -133,7 +133,12 @@ def test_bundle_files_and_metadata(bundle, finished_study):
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert metrics["objectives"]["accuracy"] == metrics["metrics"]["accuracy"]
     assert metrics["fingerprint"] == metrics["profile"]["fingerprint"] and metrics["fingerprint"]["device"] == "cpu"
-    assert metrics["exports"] == {"onnx": "model.onnx", "pt2": "model.pt2"}
+    exports = metrics["exports"]
+    assert {k: exports[k] for k in ("onnx", "pt2")} == {"onnx": "model.onnx", "pt2": "model.pt2"}
+    check = exports["onnx_check"]  # an fp32 model in onnxruntime: its logits to float rounding
+    assert check["ok"] and check["max_abs_diff"] <= 1e-3 and check["top1_agreement"] == 1.0
+    assert check["onnxruntime_latency_ms_bs4"] > 0 and check["dsnas_latency_ms_bs4"] == metrics["metrics"][
+        "latency_ms_bs4"]
 
 
 def test_model_card_says_what_where_how(bundle):
@@ -204,7 +209,7 @@ def test_export_errors(finished_study, capsys):
     assert "--min-accuracy 0.999: no feasible completed trial" in capsys.readouterr().err
 
 
-def test_a_failed_export_format_is_recorded_with_its_reason(finished_study, tmp_path, monkeypatch):
+def test_a_failed_export_format_is_recorded_with_its_reason(finished_study, tmp_path, monkeypatch, capsys):
     def no_export(*args, **kwargs):
         raise RuntimeError("unsupported operator\nsecond line")
 
@@ -215,7 +220,12 @@ def test_a_failed_export_format_is_recorded_with_its_reason(finished_study, tmp_
     assert exports["pt2"] == "unavailable: torch.export failed (RuntimeError: unsupported operator second line)"
     assert exports["onnx"].startswith("unavailable: the ONNX exporter needs torch.export")
     assert not (out / "model.pt2").exists() and not (out / "model.onnx").exists()
-    assert "not written: unavailable: torch.export failed" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "- not written: `model.pt2` — unavailable: torch.export failed" in card
+    assert "onnxruntime" not in card and "torch.export.load" not in card  # no example for a file that is not there
+    said = capsys.readouterr().out  # export says what it wrote, and why not the rest
+    assert "  model.pt2: unavailable: torch.export failed (RuntimeError" in said
+    assert "  model.onnx: unavailable: the ONNX exporter needs torch.export" in said
     dsnas.load(out)  # the bundle itself is whole
 
 
@@ -235,3 +245,33 @@ def test_export_of_a_study_never_searched_says_so_and_writes_nothing(tiny_study,
     assert main(["export", str(tiny_study), "--pick", "max-accuracy"]) == 2
     assert "no study 'tiny' is stored" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_study.parent.iterdir()) == ["tiny.toml", "tiny_space.toml"]
+
+
+def test_an_int8_and_2_4_winner_exports_qdq_onnx_that_onnxruntime_agrees_with(tmp_path, capsys):
+    """INT8 layers in QDQ form (the form TensorRT and onnxruntime take), 2:4 weights with their zeros in place:
+    onnxruntime's predictions on the probe agree with the trial's, and export says what it wrote."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.conftest import TINY_SPACE, TINY_STUDY
+
+    (tmp_path / "space.toml").write_text(TINY_SPACE.replace("n_layers = [1, 2]", "n_layers = [1]") +
+                                         'precision = ["int8"]\nsparsity = ["2:4"]\n')
+    study = tmp_path / "i8.toml"
+    study.write_text(TINY_STUDY.format(space=tmp_path / "space.toml").replace("n_trials = 3", "n_trials = 1"))
+    assert main(["search", str(study)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(study), "--trial", "0", "--out", str(tmp_path / "b")]) == 0
+    said = capsys.readouterr().out
+    exports = json.loads((tmp_path / "b" / "metrics.json").read_text())["exports"]
+    assert exports["onnx"] == "model.onnx" and exports["onnx_check"]["ok"]
+    assert exports["onnx_check"]["top1_agreement"] >= 0.99
+    assert "int8: 4 INT8 layers as QuantizeLinear/DequantizeLinear" in said and "onnxruntime: agrees" in said
+    assert "sparsity: 4 2:4 layers with their zeros in place" in said
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == 4  # one per INT8 layer's input
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8
+               and len(t.dims) == 2]
+    assert len(weights) == 4
+    for w in weights:  # every group of 4 inputs keeps at most 2 weights
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()

@@ -11,7 +11,7 @@ from typing import Any
 from dsnas._version import __version__
 from dsnas.errors import DsnasError, Invalid
 from dsnas.export.card import model_card
-from dsnas.export.formats import _one_line, write_model_files
+from dsnas.export.formats import _one_line, onnx_check, write_model_files
 from dsnas.models import build, family, is_user_family
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
 from dsnas.storage import artifact_dir
@@ -37,7 +37,12 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     _copy_artifacts(spec, frozen, out)
     _write_json(out / "arch.json", _arch_doc(spec, frozen))
     model = load_bundle(out)
-    exports = write_model_files(model, read_probe(out)["input"], out)
+    probe = read_probe(out)
+    exports: dict[str, Any] = dict(write_model_files(model, probe["input"], out))
+    if exports.get("onnx") == "model.onnx":
+        exports["onnx_check"] = onnx_check(out / "model.onnx", probe, spec.hardware.batch_sizes,
+                                           frozen.user_attrs.get("profile", {}).get("threads"), frozen.user_attrs,
+                                           int8="int8" in exports)
     if frozen.user_attrs["arch"].get("family") == "hf_causal_lm":
         exports["transformers"] = _save_pretrained(model, out / "hf")
     profile = frozen.user_attrs.get("profile", {})

@@ -6,14 +6,18 @@ import json
 from typing import Any
 
 from dsnas.spec import StudySpec
+from dsnas.tasks import throughput_unit
 
-UNITS = (("gflop_s", "GFLOP/s"), ("_tok_s", "tokens/s"), ("_ms", "ms"), ("_mb", "MiB"), ("_s", "s"))
+# Longest suffix first: "gb_s" is GB/s, not seconds.
+UNITS = (("gflop_s", "GFLOP/s"), ("gb_s", "GB/s"), ("_tok_s", "THROUGHPUT"), ("_ms", "ms"), ("_mb", "MiB"),
+         ("_util", ""), ("_s", "s"))
 
 
-def _with_unit(name: str, value: float) -> str:
-    """A metric as the card shows it: the unit its name ends with (before any _bsN), counts with separators."""
+def _with_unit(name: str, value: float, throughput: str = "tokens/s") -> str:
+    """A metric as the card shows it: the unit its name ends with (before any _bsN), counts with separators;
+    ``throughput``: what the task's throughput counts (tokens/s, images/s, ...)."""
     base = name.split("_bs")[0]
-    unit = next((u for suffix, u in UNITS if base.endswith(suffix)), "")
+    unit = next((u for suffix, u in UNITS if base.endswith(suffix)), "").replace("THROUGHPUT", throughput)
     text = f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 1000 else f"{value:.4g}"
     return f"{text} {unit}".strip()
 
@@ -22,7 +26,8 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
     """README.md of a bundle: what the model is, what it scored, how that was measured, and how to load it."""
     arch, numbers = frozen.user_attrs["arch"], metrics["metrics"]
     objectives = {o.metric: f"objective, {o.direction}" for o in spec.objectives}
-    scored = [f"| {k} | {_with_unit(k, v)} | {objectives.get(k, '')} |" for k, v in sorted(numbers.items())
+    unit = throughput_unit(spec.task)
+    scored = [f"| {k} | {_with_unit(k, v, unit)} | {objectives.get(k, '')} |" for k, v in sorted(numbers.items())
               if k != "feasible"]
     limits = ", ".join(f"{m} <= {v:g}" for m, v in spec.hardware.constraints.items()) or "none"
     feasible = "yes" if numbers.get("feasible", 1.0) else "no"
@@ -34,7 +39,8 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
         "The weights are the trial's own: nothing was retrained for this bundle.", "",
         "## What it scored", "", "| figure | value | |", "|---|---|---|", *scored, "",
         f"Feasible: {feasible} (constraints: {limits}).", "",
-        *_measured_section(spec, metrics), *_files_section(metrics["exports"]), *_loading_section(folder)])
+        *_measured_section(spec, metrics), *_files_section(metrics["exports"]),
+        *_loading_section(folder, metrics["exports"])])
 
 
 def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
@@ -52,26 +58,41 @@ def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
             "Run `dsnas verify` on this folder to measure it all again here.", ""]
 
 
-def _files_section(exports: dict[str, str]) -> list[str]:
-    def state(fmt: str) -> str:
-        return "" if not exports.get(fmt, "").startswith("unavailable") else f" — not written: {exports[fmt]}"
-
-    return ["## Files", "",
-            "- `arch.json` — the architecture, the study and trial, the task and hardware settings (JSON)",
-            "- `weights.safetensors` — the trained weights (tied weights stored once)",
-            "- `probe.safetensors` — a fixed input and the trained model's logits on it",
-            "- `metrics.json` — every measured number, the device fingerprint, the timing of each batch size",
-            f"- `model.onnx` — ONNX, dynamic batch dimension{state('onnx')}",
-            f"- `model.pt2` — a `torch.export` program, dynamic batch dimension{state('pt2')}",
-            "- `README.md` — this card", ""]
+def _written(exports: dict[str, Any], fmt: str) -> bool:
+    return fmt in exports and not str(exports[fmt]).startswith("unavailable")
 
 
-def _loading_section(folder: str) -> list[str]:
-    return ["## How to load it", "", "```python", "import dsnas", "",
-            f'model = dsnas.load("{folder}")  # a torch.nn.Module in eval mode; JSON and safetensors only', "```", "",
-            "With ONNX Runtime (token ids, int64, shape (batch, context)):", "", "```python",
-            "import onnxruntime as ort", "",
-            f'session = ort.InferenceSession("{folder}/model.onnx")',
-            'logits = session.run(None, {"input": tokens})[0]', "```", "",
-            "`model.pt2` loads with `torch.export.load`, which is torch's own serialization and runs pickle inside: "
-            "load it only from a source you trust. `dsnas.load` never unpickles anything.", ""]
+def _files_section(exports: dict[str, Any]) -> list[str]:
+    """The files that are there, and for a model format that is not, why."""
+    int8 = f" {exports['int8']}." if "int8" in exports else ""
+    check = exports.get("onnx_check") or {}
+    agreed = (f" onnxruntime's logits agree with the trial's (top-1 {check['top1_agreement']:.1%}, max difference "
+              f"{check['max_abs_diff']:.2g})." if check.get("ok") else "")
+    files = ["- `arch.json` — the architecture, the study and trial, the task and hardware settings (JSON)",
+             "- `weights.safetensors` — the trained weights (tied weights stored once; 2:4 layers with their mask)",
+             "- `probe.safetensors` — a fixed input and the trained model's logits on it",
+             "- `metrics.json` — every measured number, the device fingerprint, the timing of each batch size"]
+    if _written(exports, "onnx"):
+        files.append(f"- `model.onnx` — ONNX, dynamic batch dimension.{int8}{agreed}")
+    if _written(exports, "pt2"):
+        files.append("- `model.pt2` — a `torch.export` program, dynamic batch dimension")
+    if _written(exports, "transformers"):
+        files.append(f"- `{exports['transformers']}` — the Hugging Face layout "
+                     "(`AutoModelForCausalLM.from_pretrained`)")
+    missing = [f"- not written: `model.{ext}` — {exports[key]}" for key, ext in (("onnx", "onnx"), ("pt2", "pt2"))
+               if key in exports and not _written(exports, key)]
+    return ["## Files", "", *files, "- `README.md` — this card", *missing, ""]
+
+
+def _loading_section(folder: str, exports: dict[str, Any]) -> list[str]:
+    lines = ["## How to load it", "", "```python", "import dsnas", "",
+             f'model = dsnas.load("{folder}")  # a torch.nn.Module in eval mode; JSON and safetensors only', "```", ""]
+    if _written(exports, "onnx"):
+        lines += ["With ONNX Runtime (the input as `probe.safetensors` holds it, with any batch size):", "",
+                  "```python", "import onnxruntime as ort", "",
+                  f'session = ort.InferenceSession("{folder}/model.onnx")',
+                  'logits = session.run(None, {"input": batch})[0]', "```", ""]
+    if _written(exports, "pt2"):
+        lines += ["`model.pt2` loads with `torch.export.load`, which is torch's own serialization and runs pickle "
+                  "inside: load it only from a source you trust. `dsnas.load` never unpickles anything.", ""]
+    return lines

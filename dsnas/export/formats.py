@@ -1,4 +1,7 @@
-"""The model files of a bundle that other runtimes load: model.pt2 (torch.export) and model.onnx."""
+"""The model files of a bundle that other runtimes load: model.pt2 (torch.export) and model.onnx. INT8 layers
+export in QDQ form (QuantizeLinear / DequantizeLinear around a float GEMM, the form TensorRT and onnxruntime take):
+their weights as int8 per output row, their inputs at the calibrated per-tensor range. 2:4 layers export with their
+zeros in place (the mask is in weights.safetensors)."""
 
 from __future__ import annotations
 
@@ -19,15 +22,51 @@ def write_model_files(model: Any, example: Any, out: Path) -> dict[str, str]:
     for name in ("model.pt2", "model.onnx"):
         (out / name).unlink(missing_ok=True)  # a file from an earlier export must not outlive a failure now
     status = {}
-    try:
-        # Batch 2, not 1: torch.export specializes a dimension whose example size is 1.
-        program = torch.export.export(model, (example[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        torch.export.save(program, out / "model.pt2")
-        status["pt2"] = "model.pt2"
-    except Exception as e:  # any failure of tracing or saving means: this model has no .pt2
-        program, status["pt2"] = None, f"unavailable: torch.export failed ({_one_line(e)})"
-    status["onnx"] = _write_onnx(program, out / "model.onnx")
+    with qdq_form(model) as int8_layers:
+        try:
+            # Batch 2, not 1: torch.export specializes a dimension whose example size is 1.
+            program = torch.export.export(model, (example[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, out / "model.pt2")
+            status["pt2"] = "model.pt2"
+        except Exception as e:  # any failure of tracing or saving means: this model has no .pt2
+            program, status["pt2"] = None, f"unavailable: torch.export failed ({_one_line(e)})"
+        status["onnx"] = _write_onnx(program, out / "model.onnx")
+    if int8_layers:
+        status["int8"] = (f"{int8_layers} INT8 layers as QuantizeLinear/DequantizeLinear (weights int8 per output "
+                          "row, inputs at the calibrated per-tensor range) in model.onnx and model.pt2")
+    sparse = _sparse_layers(model)
+    if sparse:
+        status["sparsity"] = (f"{len(sparse)} 2:4 layers with their zeros in place in the model files; each mask is "
+                              f"in weights.safetensors as LAYER.mask ({', '.join(sparse[:4])}"
+                              f"{', ...' if len(sparse) > 4 else ''})")
     return status
+
+
+def _sparse_layers(model: Any) -> list[str]:
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
+
+    return [name for name, layer in engine_layers(model).items()
+            if layer.mask is not None and not bool(layer.mask.all())]
+
+
+@contextmanager
+def qdq_form(model: Any) -> Iterator[int]:
+    """While open, each converted INT8 engine layer of ``model`` computes through torch's quantized_decomposed
+    quantize/dequantize ops, which torch.export keeps and the ONNX exporter writes as QuantizeLinear /
+    DequantizeLinear; the kernel that ran when measuring (torch's or torchao's packed weights) cannot be exported.
+    Yields how many layers it changed; puts the measured kernels back on exit."""
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
+
+    swapped = {}
+    for layer in engine_layers(model).values():
+        if getattr(layer, "precision", None) == "int8" and layer.inference is not None:
+            swapped[layer] = layer.inference
+            layer.inference = _qdq_linear(layer)
+    try:
+        yield len(swapped)
+    finally:
+        for layer, kernel in swapped.items():
+            layer.inference = kernel
 
 
 def _write_onnx(program: Any, path: Path) -> str:
@@ -46,6 +85,105 @@ def _write_onnx(program: Any, path: Path) -> str:
         path.unlink(missing_ok=True)
         return f"unavailable: torch.onnx.export failed ({_one_line(e)})"
     return path.name
+
+
+def _qdq_linear(layer: Any) -> Any:
+    """A module computing ``layer`` (a converted INT8 EngineLinear) as QDQ: symmetric int8 weights per output row
+    (scale = the row's amax / 127, as QAT fake-quantized them) and the input at the calibrated amax / 127."""
+    import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+    from torch import nn
+
+    qd = torch.ops.quantized_decomposed
+    weight = layer.weight.detach().float() * (layer.mask if layer.mask is not None else 1)
+    scale = (weight.abs().amax(1).clamp_min(1e-12) / 127).float()
+    x_scale = float(layer.act_amax) / 127  # calibrated before QAT: every trained int8 layer has one
+
+    class QDQ(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_zero", torch.zeros_like(scale, dtype=torch.int64))
+            self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            xq = qd.quantize_per_tensor(x.float(), x_scale, 0, -128, 127, torch.int8)
+            xd = qd.dequantize_per_tensor(xq, x_scale, 0, -128, 127, torch.int8)
+            w = qd.dequantize_per_channel(self.weight_int8, self.weight_scale, self.weight_zero, 0, -127, 127,
+                                          torch.int8)
+            return torch.nn.functional.linear(xd, w, self.bias)
+
+    return QDQ().to(layer.weight.device)
+
+
+# A QDQ model run by onnxruntime against the trial's logits: INT8 rounding may differ between kernels, but the
+# predictions must agree. fp32 models must agree to float rounding.
+ONNX_TOP1_AGREEMENT = 0.99
+ONNX_FP32_ATOL = 1e-3
+
+
+def onnx_check(path: Path, probe: dict[str, Any], batch_sizes: Any, threads: int | None,
+               recorded: dict[str, float], int8: bool) -> dict[str, Any]:
+    """model.onnx run by onnxruntime on the probe input against the trial's logits (largest difference, relative
+    RMS, top-1 agreement) and timed on the CPU at each batch size beside dsnas's latency of the torch model."""
+    import statistics
+    import time
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {"ok": None, "why": "onnxruntime not installed (pip install onnxruntime): not checked"}
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x, y = probe["input"].numpy(), probe["logits"].float().numpy()
+    out = session.run(None, {"input": x})[0]
+    diff = out - y
+    top1 = float((out.argmax(-1) == y.argmax(-1)).mean())
+    max_diff = float(np.abs(diff).max())
+    ok = top1 >= ONNX_TOP1_AGREEMENT if int8 else max_diff <= ONNX_FP32_ATOL
+    check: dict[str, Any] = {"ok": ok, "max_abs_diff": max_diff, "top1_agreement": top1,
+                             "relative_rms": float(np.sqrt((diff ** 2).mean() / max((y ** 2).mean(), 1e-30))),
+                             "rule": f"top-1 agreement >= {ONNX_TOP1_AGREEMENT}" if int8 else
+                                     f"max |difference| <= {ONNX_FP32_ATOL}"}
+    for bs in batch_sizes:
+        batch = x[np.arange(bs) % len(x)]
+        for _ in range(3):
+            session.run(None, {"input": batch})
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            session.run(None, {"input": batch})
+            times.append((time.perf_counter() - start) * 1000)
+        check[f"onnxruntime_latency_ms_bs{bs}"] = statistics.median(times)
+        if recorded.get(f"latency_ms_bs{bs}"):
+            check[f"dsnas_latency_ms_bs{bs}"] = recorded[f"latency_ms_bs{bs}"]
+    return check
+
+
+def describe_exports(exports: dict[str, Any]) -> list[str]:
+    """What `dsnas export` says about the files: each format written, or why not; the onnxruntime check."""
+    lines = [f"  {name}: {'written' if not str(exports.get(key, '')).startswith('unavailable') else exports[key]}"
+             for key, name in (("pt2", "model.pt2"), ("onnx", "model.onnx")) if key in exports]
+    for key in ("int8", "sparsity"):
+        if key in exports:
+            lines.append(f"  {key}: {exports[key]}")
+    if "transformers" in exports:
+        lines.append(f"  hf/ (transformers): {exports['transformers']}")
+    check = exports.get("onnx_check")
+    if check and check.get("ok") is None:
+        lines.append(f"  onnxruntime: {check['why']}")
+    elif check:
+        times = ", ".join(f"{check[k]:.3g} ms at batch {k.rsplit('_bs', 1)[1]} (dsnas, torch: "
+                          f"{check.get(k.replace('onnxruntime', 'dsnas'), float('nan')):.3g} ms)"
+                          for k in check if k.startswith("onnxruntime_latency"))
+        lines.append(f"  onnxruntime: {'agrees' if check['ok'] else 'DISAGREES'} with the trial's logits (max "
+                     f"|difference| {check['max_abs_diff']:.2g}, top-1 agreement {check['top1_agreement']:.1%}; "
+                     f"rule: {check['rule']}); {times}")
+    return lines
 
 
 def onnx_missing() -> list[str]:
