@@ -4,6 +4,7 @@ whose space says "auto" offers exactly those, and never a choice without a fast 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from optuna.trial import TrialState
@@ -53,6 +54,10 @@ def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tm
     import torch
 
     monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    # Taken as quiet whatever else runs on the machine: a disturbed probe is not cached (tests/test_disturbance.py),
+    # and this test is about what a quiet one caches.
+    monkeypatch.setattr(ep, "CpuWindow", QuietWindow)
+    monkeypatch.setattr(ep, "wait_for_quiet", lambda seconds: None)
     shapes = ep.linear_shapes([(64, 64), (64, 256)], [8, 256])
     probe = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert set(probe.verdicts) == {*ep.PRECISIONS, ep.SPARSITY} and not probe.cached
@@ -64,6 +69,16 @@ def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tm
         assert len(verdict.per_shape) == len(shapes)
     monkeypatch.setattr(ep, "_measure", lambda *a: pytest.fail("measured again"))
     assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached
+
+
+class QuietWindow:
+    share = SimpleNamespace(disturbed=lambda: False, others=None, load=0.0)
+
+    def __enter__(self) -> QuietWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 AUTO_SPACE = """\
