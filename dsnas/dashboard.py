@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from dsnas import results
 from dsnas.errors import DsnasError
+from dsnas.progress import format_metric
 from dsnas.spec import StudySpec
 from dsnas.storage import artifact_store, display_url
 
@@ -137,7 +138,8 @@ def _front_table(df: Any) -> list[str]:
     columns += [c for c in ("latency_ms", "peak_memory_mb") if c in front.columns and c not in columns]
     rows = ["| trial | " + " | ".join(columns) + " | architecture |", "|---:|" + "---:|" * len(columns) + "---|"]
     for _, t in front.iterrows():
-        rows.append(f"| {t['trial']} | " + " | ".join(f"{t[c]:.6g}" for c in columns) + f" | {t['arch_short']} |")
+        rows.append(f"| {t['trial']} | " + " | ".join(format_metric(c, t[c]) for c in columns) +
+                    f" | {t['arch_short']} |")
     return rows
 
 

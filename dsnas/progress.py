@@ -88,7 +88,7 @@ class Progress:
         self.completed += 1
         if feasible:
             self.front_points.append(values)
-        shown = "  ".join(f"{o.name} {_fmt(o.metric, v)}" for o, v in zip(self.spec.objectives, values))
+        shown = "  ".join(f"{o.name} {format_metric(o.metric, v)}" for o, v in zip(self.spec.objectives, values))
         self.say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else "  (infeasible)"))
 
     def pruned_trial(self, number: int, rung: int, fraction: float, reason: str, running: dict[int, Any]) -> None:
@@ -120,7 +120,8 @@ class Progress:
                 f"{len(running)} · failed {self.failed} · {skipped}front {front} ·")
 
 
-def _fmt(metric: str, value: float) -> str:
+def format_metric(metric: str, value: float) -> str:
+    """A figure in the one format dsnas prints it in, everywhere (search, report, dashboard note)."""
     return COLUMNS.get(metric, (metric, "{:.4g}"))[1].format(value)
 
 
@@ -134,7 +135,7 @@ def pareto_table(front: list[Any], spec: StudySpec) -> str:
     rows = sorted(front, key=lambda t: t.values[0], reverse=first.direction == "maximize")
     titles = {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": throughput_unit(spec.task)}
     header = ["trial", *(titles.get(m, m) for m in metrics), "architecture"]
-    body = [[f"#{t.number}", *(_fmt(m, t.user_attrs[m]) if m in t.user_attrs else "-" for m in metrics),
+    body = [[f"#{t.number}", *(format_metric(m, t.user_attrs[m]) if m in t.user_attrs else "-" for m in metrics),
              t.user_attrs.get("arch_short", "?")] for t in rows]
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(c).rjust(w) if i < len(header) - 1 else str(c)

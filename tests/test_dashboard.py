@@ -67,7 +67,7 @@ def test_prepare_writes_the_note(made_study):
     # Two devices measured the trials: both fingerprints, and a warning that says so.
     assert "2 different devices" in note and "host=`box-a`" in note and "gpu=`NVIDIA H200`" in note
     # Neither trial dominates the other: both are on the front; the reference point is stated.
-    assert "| 0 | 0.3 | 2000 |" in note and "| 1 | 0.4 | 1500 |" in note
+    assert "| 0 | 0.3000 | 2,000 |" in note and "| 1 | 0.4000 | 1,500 |" in note  # as search and report print them
     assert "Hypervolume reference point: accuracy = " in note
 
 
@@ -300,3 +300,33 @@ def test_the_dashboard_reads_a_sqlite_study_while_a_search_writes_it(tiny_study)
                 proc.terminate()
                 proc.wait(timeout=10)
     assert "locked" not in server.communicate()[1]
+
+
+@pytest.mark.slow
+def test_report_page_in_a_browser(finished_study, tmp_path):
+    """The report's index.html opened from disk (offline: plotly.min.js beside it) in chromium: every figure is
+    drawn, with its axis labels in words, and a screenshot of the page is kept."""
+    need_browser()
+    from playwright.sync_api import sync_playwright
+
+    from dsnas.cli import main
+
+    out = tmp_path / "report"
+    assert main(["report", str(finished_study), "--out", str(out)]) == 0
+    SCREENSHOTS.mkdir(exist_ok=True)
+    args = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto((out / "index.html").as_uri())
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+            drawn = page.locator(".js-plotly-plot").count()
+            titles = page.locator(".js-plotly-plot .g-xtitle, .js-plotly-plot .g-ytitle").all_text_contents()
+            page.screenshot(path=str(SCREENSHOTS / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert drawn == 4  # pareto, hypervolume, hardware, roofline (3 trials try no choice value twice: no choices)
+    assert any(t.startswith("throughput, tokens/s at batch 4") for t in titles), titles
+    assert "arithmetic intensity, FLOPs per byte" in titles and "hypervolume, share of the ideal box" in titles
+    assert (SCREENSHOTS / "report.png").stat().st_size > 50_000

@@ -106,8 +106,10 @@ def test_front_and_hypervolume_of_a_hand_made_study(tmp_path):
     assert list(history["trial"]) == [0, 1, 2, 3]
     assert list(history["wall_s"]) == [5.0, 15.0, 25.0, 35.0]
     assert list(history["hypervolume"]) == pytest.approx([50.0, 130.0, 130.0, 130.0])
-    # Default: 10% of the range beyond the worst completed value (infeasible trials included).
-    assert default_reference(df) == pytest.approx({"accuracy": 0.3 - 0.06, "throughput": 100.0 - 80.0})
+    # Zero accuracy and zero throughput: a reference a reader can state, never negative.
+    assert default_reference(df) == {"accuracy": 0.0, "throughput": 0.0}
+    # Normalised to the ideal box (best feasible accuracy 0.5 x best feasible throughput 300).
+    assert history["normalised"].iloc[-1] == pytest.approx(hypervolume(df, reference) / (0.5 * 300))
     with pytest.raises(DsnasError, match="must give a value for each objective"):
         hypervolume(df, {"accuracy": 0.0})
 
@@ -232,10 +234,21 @@ def test_report_writes_tables_images_and_a_page(finished_study, tmp_path, capsys
     assert len(trials) == 3 and {"accuracy", "throughput_tok_s", "gflop_s", "fingerprint"} <= set(trials.columns)
     assert len(pd.read_parquet(out / "trials.parquet")) == 3
     assert len(pd.read_csv(out / "measurements.csv")) == 3 * 2
-    for name in ("pareto", "hypervolume", "hardware"):
+    for name in ("pareto", "hypervolume", "hardware", "roofline", "choices"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(out / f"{name}.png").shape[0] > 100
+        assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    # The figures say in words what they plot, with units and conditions (SVG keeps text as text).
+    svg = {name: (out / f"{name}.svg").read_text() for name in ("pareto", "hypervolume", "roofline", "choices")}
+    device = trials["fingerprint"][0].split(" on ")[0]
+    assert "throughput, tokens/s at batch 4, " + device in svg["pareto"]
+    assert "accuracy (charlm validation split)" in svg["pareto"]
+    assert "hypervolume, share of the ideal box" in svg["hypervolume"] and "accuracy 0, throughput 0" in svg[
+        "hypervolume"]
+    assert "arithmetic intensity, FLOPs per byte" in svg["roofline"] and "GB/s (measured here)" in svg["roofline"]
+    assert "Architecture choices, largest effect first" in svg["choices"]
     page = (out / "index.html").read_text()
+    assert "at batch 4, " + device in page and "Roofline" in page  # the same labels on the page (JSON escapes "/")
     parser = _Tags()
     parser.feed(page)
     assert parser.tags.count("table") == 2 and "Plotly.newPlot" in page and "plotly.min.js" in page

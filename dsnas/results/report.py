@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.results.plots import plotly_figures, views, write_pngs
+from dsnas.progress import format_metric
+from dsnas.results.plots import Conditions, device_words, plotly_figures, views, write_pngs
 from dsnas.results.trials import default_reference, frame, hypervolume_history
 from dsnas.spec import StudySpec
+from dsnas.tasks import throughput_unit
 
 SUMMARY_COLUMNS = ("latency_ms", "throughput_tok_s", "peak_memory_mb", "params")
 
@@ -46,7 +48,9 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
     folder.mkdir(parents=True, exist_ok=True)
     written = _write_tables(df, tables.measurements(study), folder)
     history = hypervolume_history(df, ref)
-    v = views(df, history, ref)
+    conditions = Conditions(throughput_unit(spec.task), tuple(spec.hardware.batch_sizes), device_words(df),
+                            spec.task.name)
+    v = views(df, history, ref, conditions)
     written += write_pngs(v, folder)
     route = _read_route(spec)
     if route is not None:
@@ -129,12 +133,14 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 <p>{_counts(df)}. Measured on: {html.escape('; '.join(df['fingerprint'].dropna().unique()))}.</p>
 {disturbed}
 <h2>Pareto front (feasible, non-dominated)</h2>
-{shown.to_html(index=False, float_format=lambda x: f"{x:.4g}")}
+{_formatted(shown).to_html(index=False)}
 {charts}
 {_route_html(route)}
 <h2>All trials</h2>
 <p>Also in trials.csv and measurements.csv (one row per trial and batch size, with dispersion).</p>
+<div style="overflow-x:auto">
 {df.drop(columns=["arch"]).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")}
+</div>
 </body></html>
 """
     path = folder / "index.html"
@@ -182,12 +188,24 @@ def _counts(df: Any) -> str:
     return ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + " trials"
 
 
+def _formatted(shown: Any) -> Any:
+    """The front with each figure in the one format dsnas prints it everywhere (search, report, dashboard)."""
+    out = shown.copy()
+    for col in out.columns:
+        if out[col].dtype.kind == "f":
+            out[col] = [format_metric(col, x) if x == x else "" for x in out[col]]
+    return out
+
+
 def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     shown = _summary_frame(v)
     volume = v.history["hypervolume"].iloc[-1]  # after the last completed trial: the study's hypervolume
+    share = v.history["normalised"].iloc[-1]
     ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
-             f"(reference {ref})", shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"),
+             f"(reference {ref}), {share:.1%} of the box from the reference to the best of each objective",
+             _formatted(shown).to_string(index=False),
              *filter(None, [_disturbed_note(spec, df)]),
-             f"report: {written[-1]} ({len(written) + 1} files, plotly.min.js included, in {written[-1].parent})"]
+             f"report: {written[-1]} ({len(written) + 1} files: figures as PNG, SVG and PDF, plotly.min.js included, "
+             f"in {written[-1].parent})"]
     return "\n".join(lines)

@@ -175,8 +175,9 @@ def front(df: Any, feasible_only: bool = True) -> Any:
 
 
 def default_reference(df: Any) -> dict[str, float]:
-    """A reference point 10% of the observed range beyond the worst value of each objective, over every
-    completed trial (so that the worst trials still add a sliver of volume)."""
+    """A reference point a reader can state: zero for an objective to maximize whose values are not negative (no
+    accuracy, no throughput), and 10% beyond the worst completed trial for one to minimize (latency, memory,
+    parameters, loss have no natural worst). Never negative for figures that cannot be."""
     done = done_trials(df, feasible_only=False)
     if done.empty:
         raise DsnasError(f"study {df.attrs.get('study')!r} has no completed trial: no hypervolume to compute")
@@ -184,9 +185,22 @@ def default_reference(df: Any) -> dict[str, float]:
     for o in objectives(df):
         values = done[o.column]
         low, high = float(values.min()), float(values.max())
-        margin = 0.1 * (high - low) or 0.1 * abs(high) or 1.0
-        reference[o.name] = low - margin if o.direction == "maximize" else high + margin
+        if o.direction == "maximize":
+            reference[o.name] = 0.0 if low >= 0 else low - (0.1 * (high - low) or 1.0)
+        else:
+            reference[o.name] = high * 1.1 if high > 0 else high + (0.1 * (high - low) or 1.0)
     return reference
+
+
+def ideal_box(df: Any, reference: dict[str, float]) -> float:
+    """The volume between the reference and the ideal point (the best feasible value of each objective): the
+    most a front could dominate, which a normalised hypervolume is a share of."""
+    done = done_trials(df)
+    box = 1.0
+    for o in objectives(df):
+        best = done[o.column].max() if o.direction == "maximize" else done[o.column].min()
+        box *= max(0.0, (best - reference[o.name]) * (1 if o.direction == "maximize" else -1))
+    return box
 
 
 def hypervolume(df: Any, reference: dict[str, float] | None = None) -> float:
@@ -201,7 +215,8 @@ def hypervolume(df: Any, reference: dict[str, float] | None = None) -> float:
 
 def hypervolume_history(df: Any, reference: dict[str, float] | None = None) -> Any:
     """Hypervolume after each completed trial, in the order they completed: columns trial, n_complete,
-    wall_s (seconds since the study's first trial started) and hypervolume."""
+    wall_s (seconds since the study's first trial started), hypervolume, and normalised: its share of the study's
+    ideal box (:func:`ideal_box`), in [0, 1]."""
     import pandas as pd
 
 
@@ -216,7 +231,10 @@ def hypervolume_history(df: Any, reference: dict[str, float] | None = None) -> A
             points.append([t[o.column] for o in objs])
         rows.append({"trial": t["trial"], "n_complete": n, "wall_s": (t["completed"] - origin).total_seconds(),
                      "hypervolume": volume(points, ref, [o.direction for o in objs])})
-    return pd.DataFrame(rows, columns=["trial", "n_complete", "wall_s", "hypervolume"])
+    history = pd.DataFrame(rows, columns=["trial", "n_complete", "wall_s", "hypervolume"])
+    box = ideal_box(df, reference) if len(done_trials(df)) else 0.0
+    history["normalised"] = history["hypervolume"] / box if box > 0 else float("nan")
+    return history
 
 
 def _check_reference(df: Any, reference: dict[str, float] | None) -> dict[str, float]:
