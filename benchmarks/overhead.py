@@ -51,6 +51,8 @@ throughput = "maximize"
 [sampler]
 name = "tpe"
 seed = 0
+[budget]
+repeats = "retrain"  # every proposal is one tell, as in the baselines (a reused repeat is not counted in n_trials)
 [space]
 file = "{space}"
 [task]
@@ -93,6 +95,8 @@ def new_study(workdir: Path):
 
 
 def tell(study, trial, metrics: dict[str, float]) -> None:
+    # The latency limit as dsnas stores it: Optuna 5's samplers read it, so both do the same constrained search.
+    trial.set_constraint("max_latency_ms", metrics["latency_ms"] - MAX_LATENCY_MS)
     study.tell(trial, [metrics["accuracy"], metrics["throughput_tok_s"]])
 
 
@@ -176,12 +180,84 @@ def profile_local(n: int) -> None:
     pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
 
 
+def growth(sizes: list[int], sampler: str, postgres: str | None) -> None:
+    """The driver's own time per trial as the study grows: plain Optuna ask/tell (A) and dsnas's local executor on
+    the same storage and sampler, each run once per size; per trial over the whole run, its first tenth and its last
+    tenth (flat is the aim), and the ratio."""
+    import optuna
+
+    storages = [("sqlite", None)] + ([("postgresql", postgres)] if postgres else [])
+    print(f"{'storage':<11}{'trials':>7}{'sampler':>8}  {'A ms/trial (first/last 10%)':>30}  "
+          f"{'dsnas ms/trial (first/last 10%)':>33}  {'dsnas / A':>9}")
+    for kind, url in storages:
+        for n in sizes:
+            with tempfile.TemporaryDirectory(prefix="dsnas-overhead-") as tmp:
+                work = Path(tmp)
+                name = f"plain-{os.getpid()}-{n}-{time.time_ns()}"
+                a = stamps_plain(n, optuna.storages.RDBStorage(url or f"sqlite:///{work / 'plain.db'}"), name,
+                                 sampler)
+                d = stamps_dsnas(n, work, url or f"sqlite:///{work / 'dsnas.db'}", sampler)
+            ra, rd = per_trial(a), per_trial(d)
+            print(f"{kind:<11}{n:>7}{sampler:>8}  {ra[0]:>12.2f} ({ra[1]:>6.2f}/{ra[2]:>6.2f})      "
+                  f"{rd[0]:>15.2f} ({rd[1]:>6.2f}/{rd[2]:>6.2f})  {rd[0] / ra[0]:>8.2f}x", flush=True)
+
+
+def per_trial(stamps: list[float]) -> tuple[float, float, float]:
+    """(ms per trial over the run, over its first tenth, over its last tenth) from each trial's end time."""
+    n, tenth = len(stamps) - 1, max(1, (len(stamps) - 1) // 10)
+    return ((stamps[-1] - stamps[0]) / n * 1e3, (stamps[tenth] - stamps[0]) / tenth * 1e3,
+            (stamps[-1] - stamps[-1 - tenth]) / tenth * 1e3)
+
+
+def stamps_plain(n: int, storage, name: str, sampler: str) -> list[float]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler_obj = (optuna.samplers.NSGAIISampler if sampler == "nsga2" else optuna.samplers.TPESampler)(seed=0)
+    stamps = [time.perf_counter()]
+    study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "maximize"],
+                                sampler=sampler_obj)
+    for _ in range(n):
+        trial = study.ask()
+        suggest(trial)
+        tell(study, trial, fake_metrics(trial.number))
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def stamps_dsnas(n: int, workdir: Path, url: str, sampler: str) -> list[float]:
+    from dsnas.progress import Progress
+    from dsnas.run import run_study
+    from dsnas.spec import load_study
+
+    path = workdir / "overhead.toml"
+    text = STUDY_TOML.format(space=SPACE_FILE.as_posix(), max_latency=MAX_LATENCY_MS)
+    text = text.replace('name = "overhead"', f'name = "overhead-{os.getpid()}-{n}-{time.time_ns()}"\n'
+                                             f'storage = "{url}"').replace('name = "tpe"', f'name = "{sampler}"')
+    path.write_text(text)
+    spec = load_study(path, executor="local", n_trials=n)
+    stamps = [time.perf_counter()]
+    outcome = run_study(spec, trial_fn=trivial_evaluate, progress=Progress(spec, out=io.StringIO()),
+                        callbacks=[lambda study, trial: stamps.append(time.perf_counter())])
+    if outcome.completed != n or outcome.failed:
+        raise RuntimeError(f"dsnas: {outcome.completed} completed, {outcome.failed} failed of {n}")
+    return stamps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sizes", help="e.g. 100,1000,5000: the per-trial time as the study grows (A and "
+                                        "dsnas-local only), instead of the four variants")
+    parser.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="with --sizes")
+    parser.add_argument("--postgres", help="with --sizes: also on this PostgreSQL URL (e.g. from .ci/postgres)")
     args = parser.parse_args()
+    if args.sizes:
+        print(machine())
+        growth([int(s) for s in args.sizes.split(",")], args.sampler, args.postgres)
+        return
     print(machine())
     print(f"{args.trials} trials per run, {args.repeats} repeats, fresh SQLite storage each run\n", flush=True)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}

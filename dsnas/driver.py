@@ -28,9 +28,11 @@ from dsnas.storage import (
     OutageRetry,
     StorageLost,
     artifact_store,
+    budget_counts,
     connection_lost,
     driver_identity,
     requeue,
+    set_user_attrs,
     storage_engine,
     study_lock,
 )
@@ -139,6 +141,9 @@ class Driver:
         evaluated again and does not count."""
         from optuna.trial import TrialState
 
+        counted = budget_counts(self.study)
+        if counted is not None:
+            return counted["trained"] + counted["pruned"], counted["pruned"]
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         pruned = sum(t.state == TrialState.PRUNED and t.user_attrs.get("pruned_by") != "predictor" for t in trials)
         trained = sum(t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs for t in trials)
@@ -167,7 +172,12 @@ class Driver:
         from optuna.trial import TrialState
 
         n_trials = self.spec.budget.n_trials
-        return n_trials is None or self.budget_used()[0] + self.count(TrialState.RUNNING) < n_trials
+        if n_trials is None:
+            return True
+        counted = budget_counts(self.study)
+        if counted is not None:  # one query for all three
+            return counted["trained"] + counted["pruned"] + counted["running"] < n_trials
+        return self.budget_used()[0] + self.count(TrialState.RUNNING) < n_trials
 
     def _dispatch(self) -> bool:
         """Start one trial; False when the budget had no room left once the study was locked."""
@@ -325,8 +335,7 @@ class Driver:
 
     @staticmethod
     def _set_attrs(trial: Any, attrs: dict[str, Any]) -> None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+        set_user_attrs(trial, attrs)  # one transaction, not one commit per figure
 
     def _tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
         """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is.
@@ -415,12 +424,13 @@ class Driver:
 
     def _store_figures(self, trial: Any, outcome: TrialResult, feasible: bool | None) -> None:
         """Metrics, profile and constraints as the trial's attributes (written again after a lost connection)."""
-        self._set_attrs(trial, {**outcome.metrics, "profile": outcome.profile})
-        for metric, limit in self.spec.hardware.constraints.items():
-            if metric in outcome.metrics:  # a pruned trial's are there when it was measured
-                trial.set_constraint(f"max_{metric}", outcome.metrics[metric] - limit)  # feasible when <= 0
+        attrs = {**outcome.metrics, "profile": outcome.profile}
         if feasible is not None:
-            trial.set_user_attr("feasible", float(feasible))
+            attrs["feasible"] = float(feasible)
+        # Feasible when <= 0; a pruned trial's are there when it was measured.
+        constraints = {f"max_{metric}": outcome.metrics[metric] - limit
+                       for metric, limit in self.spec.hardware.constraints.items() if metric in outcome.metrics}
+        set_user_attrs(trial, attrs, constraints)
 
     def _store_artifacts(self, trial: Any, outcome: TrialResult) -> None:
         """Weights and probe (safetensors), and the architecture and profile (JSON) that the dashboard shows."""

@@ -9,7 +9,7 @@ import time
 from typing import Any, TextIO
 
 from dsnas.fidelity import RungPlan
-from dsnas.pareto import front_indices
+from dsnas.pareto import dominates, front_indices
 from dsnas.spec import StudySpec
 from dsnas.storage import display_url
 from dsnas.tasks import rung_support, throughput_unit
@@ -33,7 +33,9 @@ class Progress:
         self.skipped = 0  # skipped by the predictor before training (they do not)
         self.reused = 0  # repeats answered from an earlier trial's result (they do not)
         self.first_failure = ""  # "trial N: reason" of this run's first failed trial
-        self.front_points: list[list[float]] = []  # objective values of feasible completed trials
+        # The objective values of the feasible non-dominated completed trials, kept as trials finish: computing the
+        # front of every trial on every status line grew with the cube of the study's size.
+        self.front_points: list[list[float]] = []
         self._t0 = time.monotonic()
 
     def elapsed(self) -> float:
@@ -53,7 +55,8 @@ class Progress:
         self.completed = len(done) - self.reused
         self.pruned = sum(t.user_attrs.get("pruned_by") == "rung"
                           for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-        self.front_points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0)]
+        points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0)]
+        self.front_points = [points[i] for i in front_indices(points, self.spec.directions)]
         budget = self.spec.budget
         limits = [f"{budget.n_trials} trials"] if budget.n_trials else []
         limits += [f"{budget.timeout_s:g} s"] if budget.timeout_s else []
@@ -87,9 +90,15 @@ class Progress:
     def finished(self, number: int, values: list[float], feasible: bool, running: dict[int, Any]) -> None:
         self.completed += 1
         if feasible:
-            self.front_points.append(values)
+            self._add_to_front(list(values))
         shown = "  ".join(f"{o.name} {format_metric(o.metric, v)}" for o, v in zip(self.spec.objectives, values))
         self.say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else "  (infeasible)"))
+
+    def _add_to_front(self, values: list[float]) -> None:
+        directions = self.spec.directions
+        if any(dominates(p, values, directions) for p in self.front_points):
+            return
+        self.front_points = [p for p in self.front_points if not dominates(values, p, directions)] + [values]
 
     def pruned_trial(self, number: int, rung: int, fraction: float, reason: str, running: dict[int, Any]) -> None:
         self.pruned += 1
@@ -112,7 +121,7 @@ class Progress:
 
     def _status(self, running: dict[int, Any]) -> str:
         total = f"/{self.spec.budget.n_trials}" if self.spec.budget.n_trials else ""
-        front = len(front_indices(self.front_points, self.spec.directions))
+        front = len(self.front_points)
         pruned = f" ({self.pruned} pruned)" if self.pruned else ""
         skipped = f"skipped {self.skipped} · " if self.skipped else ""
         skipped += f"reused {self.reused} · " if self.reused else ""

@@ -302,7 +302,10 @@ class StudySpec:
     fidelity: FidelitySpec = field(default_factory=FidelitySpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
     callbacks: tuple[str, ...] = ()  # "module:callable" of Optuna-style callbacks (study, trial), after each trial
-    json_artifacts: bool = True  # each trial's arch and profile as JSON artifact files too (the dashboard shows them)
+    # Each trial's arch and profile as JSON artifact files as it finishes (they are in its attributes anyway, and
+    # `dsnas dashboard` writes the files it shows when it starts): two files and four commits a trial, so off unless
+    # a dashboard must show them live.
+    json_artifacts: bool = False
 
     @property
     def base_dir(self) -> Path:
@@ -386,7 +389,7 @@ def _build_study(where: str, path: Path, raw: dict[str, Any]) -> StudySpec:
         fidelity=build_section(where, "fidelity", FidelitySpec, section_table(where, raw, "fidelity")),
         predictor=build_section(where, "predictor", PredictorSpec, section_table(where, raw, "predictor")),
         callbacks=tuple(callbacks),
-        json_artifacts=typed(where, "study.json_artifacts", study.get("json_artifacts", True), bool),
+        json_artifacts=typed(where, "study.json_artifacts", study.get("json_artifacts", False), bool),
     )
 
 

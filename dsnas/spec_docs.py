@@ -215,7 +215,7 @@ code's; "unset" means the key has no value unless you give one. `[study]`, `[obj
 | `storage` | string | `sqlite:///NAME.db` beside the file | an SQLAlchemy URL: SQLite, PostgreSQL, MySQL |
 | `seed` | integer | `0` | seeds each trial's training (`seed + trial number`); `[sampler] seed` picks candidates |
 | `callbacks` | list of strings | `[]` | `"module:callable"` of Optuna callbacks `(study, trial)` ([usage](usage.md)) |
-| `json_artifacts` | boolean | `true` | each trial's arch and profile as JSON files too (the dashboard shows them) |
+| `json_artifacts` | boolean | `false` | each trial's arch and profile as JSON files as it ends (else the dashboard's) |
 
 ## [objectives]
 

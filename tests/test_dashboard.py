@@ -106,12 +106,15 @@ def test_prepare_backfills_artifacts_once(made_study):
             assert json.load(f) == trial.user_attrs["arch"]
 
 
-def test_prepare_uploads_nothing_the_driver_uploaded(finished_study, tmp_path):
+def test_prepare_uploads_nothing_the_driver_uploaded(tiny_study):
+    from dsnas.cli import main
     from dsnas.dashboard import backfill_artifacts
     from dsnas.spec import load_study
     from dsnas.study import open_study
 
-    spec = load_study(copy_study(finished_study, tmp_path / "study"))
+    tiny_study.write_text(tiny_study.read_text().replace("[study]\n", "[study]\njson_artifacts = true\n"))
+    assert main(["search", str(tiny_study)]) == 0  # the driver writes the files as each trial ends
+    spec = load_study(tiny_study)
     study = open_study(spec, create=False)
     assert backfill_artifacts(spec, study) == 0
     for trial in study.trials:

@@ -92,7 +92,7 @@ def test_each_documented_key_is_one_the_loader_takes(tmp_path, table, key):
 
 def test_hand_written_keys_load(tmp_path):
     study = {"name": "docs_check", "seed": 0, "storage": f"sqlite:///{tmp_path / 'docs.db'}", "callbacks": [],
-             "json_artifacts": False}
+             "json_artifacts": True}
     assert set(study) == set(spec_docs.HAND_WRITTEN["study"])
     spec.load_study(_write(tmp_path, _study(study=study)))
     objectives = {name: "minimize" for name in spec_docs.HAND_WRITTEN["objectives"]}

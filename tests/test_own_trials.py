@@ -41,12 +41,11 @@ def make():
 
 def test_a_table_task_runs_a_search_whose_figures_say_where_they_came_from(tmp_path):
     study = write_table_study(tmp_path, n_trials=6, fidelity='kind = "none"')
-    study.write_text(study.read_text().replace("[study]\n", "[study]\njson_artifacts = false\n"))
     assert main(["search", str(study)]) == 0
     spec = load_study(study)
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
-    # No model, and json_artifacts = false: not one file per trial beside the study.
+    # No model, and json_artifacts off (the default): not one file per trial beside the study.
     assert not any(artifact_dir(spec).rglob("*")) and not any(k.endswith("_artifact") for k in trials[0].user_attrs)
     for t in trials:
         assert t.user_attrs["latency_ms_bs32"] == row_of(t.user_attrs["arch"])["latency_ms_bs32"]
