@@ -33,10 +33,15 @@ class Progress:
         self.skipped = 0  # skipped by the predictor before training (they do not)
         self.reused = 0  # repeats answered from an earlier trial's result (they do not)
         self.first_failure = ""  # "trial N: reason" of this run's first failed trial
+        self.stored_at_start = 0  # completed, pruned, reused and skipped trials a resumed study already had
         # The objective values of the feasible non-dominated completed trials, kept as trials finish: computing the
         # front of every trial on every status line grew with the cube of the study's size.
         self.front_points: list[list[float]] = []
         self._t0 = time.monotonic()
+
+    def evaluated_this_run(self) -> int:
+        """Trials of this run that did not fail: completed, pruned at a rung, skipped or reused."""
+        return self.completed + self.pruned + self.reused + self.skipped - self.stored_at_start
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -55,6 +60,7 @@ class Progress:
         self.completed = len(done) - self.reused
         self.pruned = sum(t.user_attrs.get("pruned_by") == "rung"
                           for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+        self.stored_at_start = self.completed + self.pruned + self.reused + self.skipped
         points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0)]
         self.front_points = [points[i] for i in front_indices(points, self.spec.directions)]
         budget = self.spec.budget

@@ -81,5 +81,4 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
     pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
     return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
-                         progress.reused, progress.completed + progress.pruned + progress.skipped + progress.reused,
-                         progress.first_failure)
+                         progress.reused, progress.evaluated_this_run(), progress.first_failure)

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from dsnas.cli import main
 from dsnas.spec import load_study
+from tests.conftest import copy_study
 
 METRICS = ("accuracy", "val_loss", "throughput_tok_s", "latency_ms", "params", "peak_memory_mb",
            "latency_ms_bs1", "throughput_tok_s_bs4", "train_s")
@@ -76,7 +77,7 @@ def test_failing_candidate_is_a_fail_trial_with_reason(tiny_study, capsys):
     said = capsys.readouterr()
     assert "max_failures = 1" in said.out
     assert said.err.strip().splitlines()[-1].startswith(
-        "dsnas: all 1 trials of this run failed; the first: trial 0: the search space gave no valid architecture")
+        "dsnas: all 2 trials of this run failed; the first: trial 0: the search space gave no valid architecture")
 
 
 def tiny_space_path(study_file):
@@ -235,3 +236,14 @@ def test_a_local_search_needs_no_ray_and_a_ray_one_says_how_to_get_it(tiny_study
     err = refused.stderr.strip()
     assert err.count("\n") == 0 and "[executor.kind] the ray executor needs the ray package" in err
     assert 'pip install ray, or set kind = "local"' in err and str(tiny_study) in err
+
+
+def test_a_resumed_run_whose_trials_all_fail_exits_non_zero(finished_study, tmp_path, capsys):
+    """Trials stored by an earlier run do not hide that every trial of this one failed."""
+    study = copy_study(finished_study, tmp_path / "s")
+    text = study.read_text().replace("n_trials = 3", "n_trials = 4").replace("val_tokens = 512",
+                                                                           "val_tokens = 512\nlr = 1e30")
+    study.write_text(text.replace("max_failures = 3", "max_failures = 0"))
+    assert main(["search", str(study), "--executor", "local"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dsnas: all 1 trials of this run failed; the first: trial 3: ") and "diverged" in err
