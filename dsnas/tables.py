@@ -5,6 +5,7 @@ fingerprints. Created on first use and upgraded in place, so a study written by 
 from __future__ import annotations
 
 import datetime
+import weakref
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, inspect, select
@@ -88,12 +89,22 @@ def arch_hash(arch: dict[str, Any]) -> str:
 
 
 def schema_version(engine: Any) -> int:
-    """The dsnas schema of a database: 0 when it has no dsnas tables yet."""
+    """The dsnas schema of a database: 0 when it has no dsnas tables yet. Once current it stays current (a newer
+    dsnas would upgrade it only where this one refuses to run), so that is remembered per engine: the driver asks
+    once a trial."""
+    if engine in _CURRENT:
+        return SCHEMA_VERSION
     if not inspect(engine).has_table(SchemaVersion.__tablename__):
         return 0
     with Session(engine) as session:
         row = session.get(SchemaVersion, 1)
-        return row.version if row else 0
+        version = row.version if row else 0
+    if version == SCHEMA_VERSION:
+        _CURRENT.add(engine)
+    return version
+
+
+_CURRENT: weakref.WeakSet[Any] = weakref.WeakSet()  # engines whose database has the current schema
 
 
 def ensure_schema(engine: Any, url: str) -> int:
