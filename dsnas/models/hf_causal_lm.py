@@ -123,5 +123,8 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> None:
     ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` without dsnas."""
     if not isinstance(model, HFCausalLM):
         raise DsnasError(f"save_pretrained takes a model of the hf_causal_lm family, not a {type(model).__name__}")
+    from transformers.utils import logging as hf_logging  # transformers loads on first use
+
+    hf_logging.disable_progress_bar()  # a bar for one small shard is noise in `dsnas export`'s report
     # safetensors is the default since transformers 4.35 and the only format since 5 (no pickle).
     model.hf.save_pretrained(str(folder))
