@@ -82,8 +82,9 @@ class Driver:
 
     def loop(self) -> str:
         while True:
-            while (self._stop_reason() is None and self.db("read the study", self._room)
-                   and len(self.running) < self.executor.slots):
+            # A free slot first: it costs nothing, and the two budget checks each read the database.
+            while (len(self.running) < self.executor.slots and self._stop_reason() is None
+                   and self.db("read the study", self._room)):
                 with self.guard.writing():
                     if not self._dispatch():
                         break  # another driver took the last place in the budget

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from dsnas.errors import SpecError, TrialError, require
-from dsnas.kernels.precision import FALLBACK_STEPS, TrainStep
+from dsnas.kernels.precision import FALLBACK_STEPS
+from dsnas.tasks.loop import train_steps
 
 DIGITS = "digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -190,35 +190,13 @@ class ImagesTask:
         share ``rungs[k]`` of this call's steps, ``at_rung(k)`` is called (it raises to stop the training)."""
         cfg = self.config
         steps = max(1, int(fraction * cfg.train_images) // cfg.batch_size)
-        rung_steps = [max(1, math.ceil(share * steps - 1e-9)) for share in rungs]
-        warmup = max(1, int(steps * cfg.warmup_frac))
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_scale, betas=(0.9, 0.95), weight_decay=0.01)
-        # Linear warm-up, then cosine decay to a tenth: the same schedule shape for every budget (as charlm).
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (
-            1 + math.cos(math.pi * max(0, s - warmup) / max(1, steps - warmup)))))
-        model.train()
-        step = TrainStep(model, opt, fallback_steps=fallback_steps)
-        recent: list[float] = []
-        try:
-            for done in range(1, steps + 1):
-                x, y = self.batch(gen, device, augment=True)
-                loss = self.loss(model, x, y)
-                if step.step(loss):
-                    sched.step()
-                    recent = (recent + [loss.item()])[-10:]
-                elif step.diverged():
-                    raise TrialError(f"training diverged: the loss became {loss.item()}")
-                checkpoint()
-                while at_rung is not None and rung_steps and rung_steps[0] <= done:
-                    at_rung(len(rungs) - len(rung_steps))
-                    rung_steps.pop(0)
-        finally:
-            step.close()
-        if not recent:
-            raise TrialError(f"training diverged: all {steps} steps overflowed")
-        return {"train_loss": sum(recent) / len(recent), "train_steps": float(steps),
-                "train_images": float(steps * cfg.batch_size), "skipped_steps": float(step.skipped)}
+        mean_loss, skipped = train_steps(model, steps, lambda: self.batch(gen, device, augment=True),
+                                         lambda x, y: self.loss(model, x, y), lr=cfg.lr * lr_scale,
+                                         warmup_frac=cfg.warmup_frac, fallback_steps=fallback_steps,
+                                         checkpoint=checkpoint, rungs=rungs, at_rung=at_rung)
+        return {"train_loss": mean_loss, "train_steps": float(steps),
+                "train_images": float(steps * cfg.batch_size), "skipped_steps": float(skipped)}
 
     def batch(self, gen: torch.Generator, device: Any, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A random training batch (images, labels), drawn with replacement; shifted when ``augment``."""
