@@ -90,17 +90,5 @@ class EngineConv2d(EngineLayer, nn.Conv2d):
         else:
             self.backend = "fp32"
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, precision: str) -> EngineConv2d:
-        """An engine convolution with ``conv``'s shape and weights (a user model's layer, converted in place)."""
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    groups=conv.groups, bias=conv.bias is not None, precision=precision, dilation=conv.dilation,
-                    padding_mode=conv.padding_mode)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer.to(conv.weight.device)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, precision={self.precision}, backend={self.backend}"

@@ -1,4 +1,4 @@
-"""The engine on any model: a space's ``[engine.GROUP]`` tables name module-name patterns (``"blocks.*.mlp.*"``, as
+"""The engine on any model: a space's ``[engine.NAME]`` tables name module-name patterns (``"blocks.*.mlp.*"``, as
 torchao's ``quantize_`` takes a filter) and the group's precision and sparsity; each matched ``nn.Linear`` becomes an
 EngineLinear and each matched ``nn.Conv2d`` an EngineConv2d, sharing the original's parameters (so weights a user
 tied stay tied). A matched layer the engine has no kernel for stays as it is, with the reason."""
