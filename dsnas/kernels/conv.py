@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsnas.kernels.linear import LOW, TRAIN_DTYPE, EngineLayer
+from dsnas.kernels.linear import LOW, EngineLayer
 
 CONV_PRECISIONS = ("fp32", "bf16", "fp16")
 NOT_FOR_CONV = {
@@ -65,10 +65,6 @@ class EngineConv2d(EngineLayer, nn.Conv2d):
         """Output channels, under the name the engine's size counts read (one bias and scale per output)."""
         return self.out_channels
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float32 if self.fallback_left > 0 else TRAIN_DTYPE[self.precision]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inference is not None:
             return self.inference(x).to(x.dtype)
@@ -77,9 +73,7 @@ class EngineConv2d(EngineLayer, nn.Conv2d):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         out = self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
-        if self.overflow is not None and self.training:
-            # As in EngineLinear: on the device, read once per step by TrainStep, and only when the input was finite.
-            self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
+        self.watch_overflow(out, x, self.training)
         return out.to(x.dtype)
 
     def convert(self) -> None:

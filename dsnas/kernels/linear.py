@@ -41,6 +41,17 @@ class EngineLayer:
         """Whether a semi-structured sparse kernel runs this layer (else its zeros, if any, are multiplied)."""
         return self.backend.split(" ")[0] in SPARSE_KERNELS
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.fallback_left > 0 else TRAIN_DTYPE[self.precision]
+
+    def watch_overflow(self, out: torch.Tensor, x: torch.Tensor, training: bool) -> None:
+        """Raise this layer's overflow flag when its low-precision output is not finite though its input was. On
+        the device, no host sync: TrainStep reads every layer's flag at once, once per step. A layer is to blame
+        only when its input was finite: the layers after an overflow see its inf and would fall back too."""
+        if self.overflow is not None and training:
+            self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
+
 
 class EngineLinear(EngineLayer, nn.Linear):
     """nn.Linear whose precision and sparsity are choices of the search.
@@ -73,10 +84,6 @@ class EngineLinear(EngineLayer, nn.Linear):
         self.backend = "dense"  # what runs at inference; set by convert
         self.reason = ""  # why a faster backend did not run
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float32 if self.fallback_left > 0 else TRAIN_DTYPE[self.precision]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inference is not None:
             return self.inference(x).to(x.dtype)
@@ -88,10 +95,7 @@ class EngineLinear(EngineLayer, nn.Linear):
             return F.linear(x, w, self.bias)
         bias = None if self.bias is None else self.bias.to(dtype)
         out = F.linear(x.to(dtype), w.to(dtype), bias)
-        if self.overflow is not None and self.training:
-            # On the device, no host sync: TrainStep reads every layer's flag at once, once per step. A layer is to
-            # blame only when its input was finite: the layers after an overflow see its inf and would fall back too.
-            self.overflow.logical_or_(~torch.isfinite(out).all() & torch.isfinite(x).all())
+        self.watch_overflow(out, x, self.training)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
