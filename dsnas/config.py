@@ -8,6 +8,7 @@ import difflib
 import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from dsnas.errors import Invalid, SpecError
@@ -79,3 +80,12 @@ def build_section(where: str, name: str, cls: type, table: dict[str, Any]) -> An
         return cls(**kwargs)
     except Invalid as e:
         raise SpecError(where, f"{name}.{e.key}", e.rule, e.got, e.fix) from None
+
+
+def is_there(check: Callable[[], bool]) -> bool:
+    """``path.is_file`` or ``path.is_dir``, called; False where the OS rejects the name (too long, a NUL byte)
+    rather than OSError or ValueError, as Python 3.12 answers."""
+    try:
+        return check()
+    except (OSError, ValueError):
+        return False

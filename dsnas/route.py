@@ -241,7 +241,6 @@ class Member:
     folder: Path
     model: Any
     curve: CostCurve
-    accuracy: float  # as the search recorded it
     describe: str = ""
 
     @property
@@ -398,7 +397,6 @@ class RouteReport:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)  # route name -> end-to-end ms per input
     folder: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
     def add(self, name: str, acc: float, cost: float, served_shares: list[float]) -> None:
         self.outcomes[name] = Outcome(name, acc, cost, served_shares)
@@ -409,7 +407,7 @@ class RouteReport:
                 for r in self.rows]
         widths = [max(len(str(x)) for x in [c, *(b[i] for b in body)]) for i, c in enumerate(cols)]
         lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [cols, *body]]
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines)
 
 
 def _cell(v: Any) -> str:
@@ -440,7 +438,6 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
         folder = export_trial(spec, study, frozen, out / "members" / f"trial{frozen.number}")
         curve = cost_curve(frozen.user_attrs, read_bundle(folder)["hardware"]["batch_sizes"], cost, frozen.number)
         members.append(Member(frozen.number, folder, load_bundle(folder), curve,
-                              float(frozen.user_attrs.get("accuracy", math.nan)),
                               str(frozen.user_attrs.get("arch_short", ""))))
     members.sort(key=lambda m: m.cost)
     members = _thin(members)

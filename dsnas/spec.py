@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsnas.config import build_section, reject_unknown, require_spec, section_table, typed
+from dsnas.config import build_section, is_there, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
 from dsnas.models import is_user_family
 from dsnas.plugins import import_callable
@@ -336,7 +336,7 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     (executor, address, n_trials, timeout_s) stand for CLI flags."""
     path = Path(path).resolve()
     where = str(path)
-    if not _is_there(path.is_file):
+    if not is_there(path.is_file):
         raise SpecError(where, "-", "the study file must exist", None, "check the path, or run `dsnas init DIR`")
     try:
         raw = tomllib.loads(path.read_text())
@@ -450,7 +450,7 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
         require_spec(where, "study.storage", db not in ("", ":memory:"),
                      "must name a database file (an in-memory database loses the study)", url, fix)
         db_path = Path(db) if Path(db).is_absolute() else base / db
-        require_spec(where, "study.storage", _is_there(db_path.parent.is_dir), "the database's folder must exist",
+        require_spec(where, "study.storage", is_there(db_path.parent.is_dir), "the database's folder must exist",
                      url, f"create {db_path.parent}")
         return parsed.set(database=str(db_path)).render_as_string(hide_password=False)
     return url
@@ -517,7 +517,7 @@ def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:
     space = build_section(where, "space", SpaceSpec, table)
     if space.file is not None:
         path = base / space.file
-        require_spec(where, "space.file", _is_there(path.is_file), "the search-space file must exist", space.file,
+        require_spec(where, "space.file", is_there(path.is_file), "the search-space file must exist", space.file,
                      f"check the path (relative to {base})")
         path = path.resolve()
         load_space_file(path)  # validates the space, raising SpecError that names the space file
@@ -561,15 +561,6 @@ def study_callbacks(spec: StudySpec) -> list[Callable[..., Any]]:
                      target, "name a function, or an object with __call__, e.g. optuna-integration's MLflowCallback")
         found.append(callback)
     return found
-
-
-def _is_there(check: Callable[[], bool]) -> bool:
-    """``path.is_file`` or ``path.is_dir``, called; False where the OS rejects the name (too long, a NUL byte)
-    rather than OSError or ValueError, as Python 3.12 answers."""
-    try:
-        return check()
-    except (OSError, ValueError):
-        return False
 
 
 def _is_import_path(text: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dsnas.config import is_there
 from dsnas.errors import SpecError, TrialError, require
 from dsnas.kernels.precision import FALLBACK_STEPS
 from dsnas.tasks.loop import train_steps
@@ -47,15 +48,11 @@ class CharLMConfig:
         """The text file to read, or None for the standard library; raises SpecError if it is missing."""
         if self.corpus == "stdlib":
             return None
-        try:
-            path = (Path(base_dir) / self.corpus).resolve()
-            found = path.is_file()
-        except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte) names no file either
-            found = False
-        if not found:
+        path = Path(base_dir) / self.corpus
+        if not is_there(path.is_file):
             raise SpecError(where, "task.corpus", 'must be "stdlib" or an existing text file', self.corpus,
                             f"check the path (relative to {base_dir})")
-        return path
+        return path.resolve()
 
 
 def stdlib_files() -> list[Path]:

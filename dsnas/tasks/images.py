@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dsnas.config import is_there
 from dsnas.errors import SpecError, TrialError, require
 from dsnas.kernels.precision import FALLBACK_STEPS
 from dsnas.tasks.loop import train_steps
@@ -59,14 +60,11 @@ class ImagesConfig:
                 raise SpecError(where, "task.dataset", '"digits" is read from scikit-learn\'s bundled data, '
                                 "which is not installed", self.dataset, INSTALL_HINT)
             return None
-        try:
-            path = (Path(base_dir) / self.dataset).resolve()
-            found = path.is_dir()
-        except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte) names no folder either
-            found = False
-        if not found:
+        path = Path(base_dir) / self.dataset
+        if not is_there(path.is_dir):
             raise SpecError(where, "task.dataset", f'must be "{DIGITS}" or an existing folder', self.dataset,
                             f"check the path (relative to {base_dir})")
+        path = path.resolve()
         classes = [d.name for d in class_folders(path) if image_files(d)]
         if len(classes) < 2:
             raise SpecError(where, "task.dataset", "needs at least two class sub-folders holding images "
