@@ -15,8 +15,8 @@ from conftest import copy_study
 
 from dsnas.cli import main
 from dsnas.errors import DsnasError
+from dsnas.pareto import dominated_volume
 from dsnas.results import default_reference, front, hypervolume, hypervolume_history, load
-from dsnas.results.volume import dominated_volume
 
 OLD_STUDY = Path(__file__).parent / "data" / "study-dsnas-0.1.0"
 MAX2 = ["maximize", "maximize"]

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
+from dsnas.pareto import dominated_volume as volume
 from dsnas.pareto import front_indices
 from dsnas.profiler.device import fingerprint_id
-from dsnas.results.volume import dominated_volume as volume
 from dsnas.spec import OBJECTIVES, read_study
 from dsnas.storage import check_sqlite_file, display_url, quiet_optuna, sqlite_file, storage_engine
 
