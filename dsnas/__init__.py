@@ -18,14 +18,16 @@ if TYPE_CHECKING:
 __all__ = ["DsnasError", "SpecError", "TrialError", "load", "load_route", "measure", "search", "__version__"]
 
 
-def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = (), **overrides: Any) -> Any:
+def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = (), sampler: Any = None,
+           **overrides: Any) -> Any:
     """Run (or resume) the study described by ``study_file``; ``callbacks`` are Optuna-style ``(study, trial)``
-    callables, called after each trial is stored (as Optuna's optimize() calls them). See
+    callables, called after each trial is stored (as Optuna's optimize() calls them; one may call
+    ``study.stop()``); ``sampler``: an Optuna sampler of one's own instead of [sampler]'s. See
     :func:`dsnas.run.run_study`."""
     from dsnas.run import run_study
     from dsnas.spec import load_study
 
-    return run_study(load_study(study_file, **overrides), callbacks=callbacks)
+    return run_study(load_study(study_file, **overrides), callbacks=callbacks, sampler=sampler)
 
 
 def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":

@@ -20,6 +20,7 @@ from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.profiler.cache import entry_key
 from dsnas.progress import Progress
+from dsnas.sampler import DsnasSampler, Problem
 from dsnas.screening import Screen, arch_counter
 from dsnas.space import arch_sampler, load_space_file
 from dsnas.spec import StudySpec
@@ -81,6 +82,7 @@ class Driver:
         threading.Thread(target=self._heartbeats, name="dsnas-heartbeat", daemon=True).start()
 
     def loop(self) -> str:
+        self.study._stop_flag = False  # as optimize() starts: a stop() of an earlier run does not stop this one
         while True:
             # A free slot first: it costs nothing, and the two budget checks each read the database.
             while (len(self.running) < self.executor.slots and self._stop_reason() is None
@@ -105,7 +107,18 @@ class Driver:
         if space.by_device:
             space = self.db("settle the engine choices", settle, space, spec, self.study,
                             int(self.task_arch.get("context", 1)), self.executor.call, self.progress.say)
+        if isinstance(self.study.sampler, DsnasSampler):
+            self.study.sampler.bind(self._problem(space))
         return space.sample
+
+    def _problem(self, space: Any) -> Problem:
+        """What dsnas's sampler needs: the space's parameters, and the figures the task knows before training."""
+        hardware = getattr(self.task, "hardware", None)
+        return Problem(parameters=space.parameters(), used=space.used,
+                       arch_of=lambda params: {**space.arch_of(params), **self.task_arch},
+                       objectives=[(o.metric, o.direction) for o in self.spec.objectives],
+                       limits=dict(self.spec.hardware.constraints.items()),
+                       known=hardware if callable(hardware) else None)
 
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
@@ -155,6 +168,8 @@ class Driver:
         done, pruned = self.db("read the study", self.budget_used) if n_trials is not None else (0, 0)
         if n_trials is not None and done >= n_trials:
             return f"{budget.n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
+        if getattr(self.study, "_stop_flag", False):
+            return "a callback called study.stop()"
         if self.reuses_in_a_row >= MAX_REUSES_IN_A_ROW:
             return (f"the sampler proposed {self.reuses_in_a_row} candidates in a row that were already evaluated: "
                     "the space is (nearly) exhausted; widen it, or set [budget] repeats = \"retrain\"")
@@ -349,14 +364,21 @@ class Driver:
 
     def _call_back(self, frozen: Any) -> None:
         """Each callback, as Optuna's optimize() calls it; one that raises is reported and the search goes on (a
-        logging service being down must not cost the study)."""
-        for callback in self.callbacks:
-            try:
-                callback(self.study, frozen)
-            except Exception as e:
-                name = getattr(callback, "__qualname__", type(callback).__name__)
-                self.progress.say(f"  callback {name} raised {type(e).__name__}: {str(e).splitlines()[0][:200]} "
-                                  f"(trial {frozen.number}); the search goes on", logging.WARNING)
+        logging service being down must not cost the study). A callback may call ``study.stop()``, as in optimize():
+        the search then stops once the running trials finish."""
+        local = self.study._thread_local
+        local.in_optimize_loop = True  # what Optuna's study.stop() checks: the driver's loop is the optimize loop
+        try:
+            for callback in self.callbacks:
+                try:
+                    callback(self.study, frozen)
+                except Exception as e:
+                    name = getattr(callback, "__qualname__", type(callback).__name__)
+                    self.progress.say(f"  callback {name} raised {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200]} (trial {frozen.number}); the search goes on",
+                                      logging.WARNING)
+        finally:
+            local.in_optimize_loop = False
 
     def _record(self, trial: Any, outcome: TrialResult | BaseException) -> None:
         from dsnas import tables  # SQLAlchemy loads on first use
@@ -437,11 +459,13 @@ class Driver:
         """Weights and probe (safetensors), and the architecture and profile (JSON) that the dashboard shows."""
         from optuna.artifacts import upload_artifact
 
-        self.artifacts = self.artifacts or artifact_store(self.spec)
         files: dict[str, bytes | None] = {"weights": outcome.weights, "probe": outcome.probe}
         if self.spec.json_artifacts:  # copies of two trial attributes, as files the dashboard's artifact view shows
             files.update(arch=json.dumps(trial.user_attrs["arch"], indent=2).encode(),
                          profile=json.dumps(outcome.profile, indent=2).encode())
+        if all(data is None for data in files.values()):
+            return  # a task that returns no weights (a table's lookups): no artifact folder either
+        self.artifacts = self.artifacts or artifact_store(self.spec)
 
         def upload(path: Path, name: str) -> None:
             trial.set_user_attr(f"{name}_artifact", upload_artifact(
@@ -469,6 +493,8 @@ class Driver:
 
     def _heartbeats(self) -> None:
         storage = self.study._storage
+        if not callable(getattr(storage, "record_heartbeat", None)):
+            return  # an in-memory study: nobody else can see its trials, so none can look stale
         while not self._beat_stop.wait(HEARTBEAT_S / 2):
             for trial in list(self.running.values()):
                 try:

@@ -10,7 +10,7 @@ from typing import Any
 from dsnas.driver import Driver
 from dsnas.errors import DsnasError, SpecError
 from dsnas.progress import Progress
-from dsnas.spec import SAMPLER_CLASSES, StudySpec, study_callbacks
+from dsnas.spec import StudySpec, sampler_class, study_callbacks
 from dsnas.storage import StorageLost, recover_stale_trials
 from dsnas.study import open_study
 from dsnas.trial import TrialFn
@@ -47,25 +47,31 @@ def check_executor_installed(spec: StudySpec) -> None:
                         "installed here", "ray", 'pip install ray, or set kind = "local" (or pass --executor local)')
 
 
-def make_sampler(spec: StudySpec, n_existing: int) -> Any:
-    import optuna.samplers
-
+def make_sampler(spec: StudySpec, n_existing: int, say: Callable[[str], None] = print) -> Any:
     # On resume the seed moves on, so that the sampler does not propose the first trials again.
     seed = None if spec.sampler.seed is None else (spec.sampler.seed + n_existing) % 2**32
-    return getattr(optuna.samplers, SAMPLER_CLASSES[spec.sampler.name])(seed=seed, **spec.sampler.settings)
+    if spec.sampler.name == "dsnas" and spec.space.file is None:
+        say('[sampler] name = "dsnas" models an architecture by the choices of a space file; a [space] callable '
+            "declares none, so this run uses TPE (Optuna's default) instead")
+        return sampler_class("tpe")(seed=seed)
+    return sampler_class(spec.sampler.name)(seed=seed, **spec.sampler.settings)
 
 
 def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progress | None = None,
-              callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> SearchOutcome:
+              callbacks: Sequence[Callable[[Any, Any], None]] = (), study: Any = None,
+              sampler: Any = None) -> SearchOutcome:
     """Run (or resume) a study until its budget is spent. ``callbacks``: Optuna-style ``(study, frozen_trial)``
-    callables, called in the driver after each finished trial is stored, after the study file's [study] ones."""
+    callables, called in the driver after each finished trial is stored, after the study file's [study] ones.
+    ``study``: an Optuna study to drive instead of the one [study] storage holds, e.g. an in-memory one for a
+    benchmark's thousands of short searches (dsnas's own tables, the measurement cache among them, are then not
+    kept). ``sampler``: an Optuna sampler of one's own, used instead of the one [sampler] names."""
     from optuna.trial import TrialState
 
     check_executor_installed(spec)
-    study = open_study(spec)
+    study = study if study is not None else open_study(spec)
     requeued = recover_stale_trials(study)
-    study.sampler = make_sampler(spec, len(study.trials))
     progress = progress or Progress(spec)
+    study.sampler = sampler if sampler is not None else make_sampler(spec, len(study.trials), progress.say)
     progress.start(study, requeued)
     driver = Driver(spec, study, trial_fn, progress, [*study_callbacks(spec), *callbacks])
     with driver.guard.installed():

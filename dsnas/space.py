@@ -68,6 +68,29 @@ class SearchSpace:
             layers.append({**shared, **per})
         return {"family": self.family, **picked, "layers": layers, **({"engine": engine} if engine else {})}
 
+    def parameters(self) -> dict[str, tuple[Any, ...]]:
+        """Every Optuna parameter this space can ask for, with its options (those with more than one): a per-layer
+        key once per layer of the deepest model."""
+        out = {key: options for key, options in self.choices.items() if len(options) > 1}
+        depth = max(self.choices.get("n_layers", (0,))) if not is_user_family(self.family) else 0
+        for i in range(depth):
+            out.update({f"layer{i}.{key}": opts for key, opts in self.per_layer.items() if len(opts) > 1})
+        for group in self.groups:
+            out.update({f"{group.name}.{key}": opts for key, opts in (("precision", group.precision),
+                                                                      ("sparsity", group.sparsity)) if len(opts) > 1})
+        return out
+
+    def used(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters an architecture takes of ``params``: none of a layer past its depth."""
+        if not self.per_layer:
+            return dict(params)
+        depth = params.get("n_layers", self.choices.get("n_layers", (0,))[0])
+        return {k: v for k, v in params.items() if not (k.startswith("layer") and int(k[5:].split(".")[0]) >= depth)}
+
+    def arch_of(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The architecture these parameters make (as ``sample`` would, with them as the trial's answers)."""
+        return self.sample(_Answers(params))
+
     @property
     def per_layer_keys(self) -> tuple[str, ...]:
         return () if is_user_family(self.family) else family(self.family).LAYER_KEYS
@@ -87,6 +110,16 @@ class EngineGroup:
         return {"group": self.name, "modules": list(self.modules),
                 "precision": _suggest(trial, f"{self.name}.precision", self.precision),
                 "sparsity": _suggest(trial, f"{self.name}.sparsity", self.sparsity)}
+
+
+class _Answers:
+    """A trial whose answers are given: what ``sample`` needs of an Optuna trial, without a study."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.params[name]
 
 
 def _suggest(trial: Any, name: str, options: tuple[Any, ...]) -> Any:

@@ -30,9 +30,9 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "peak_memory": ("peak_memory_mb", "minimize"),
     "loss": ("val_loss", "minimize"),
 }
-# Each sampler name and its Optuna class (in optuna.samplers).
+# Each sampler name and its class: Optuna's (in optuna.samplers), and dsnas's own (dsnas.sampler).
 SAMPLER_CLASSES = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "nsga3": "NSGAIIISampler", "gp": "GPSampler",
-                   "random": "RandomSampler"}
+                   "random": "RandomSampler", "dsnas": "DsnasSampler"}
 SAMPLERS = tuple(SAMPLER_CLASSES)
 EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,10 +52,13 @@ class Objective:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """Any other key is a setting of the Optuna sampler `name` names, passed to it as it is (e.g. `constant_liar =
-    true` or `n_startup_trials = 5` for tpe, `population_size = 20` for nsga2), checked against its signature."""
+    """Any other key is a setting of the sampler `name` names, passed to it as it is (e.g. `constant_liar = true` or
+    `n_startup_trials = 5` for tpe, `population_size = 20` for nsga2, `startup = 10` for dsnas), checked against its
+    signature. "dsnas" is dsnas's own (see docs/search-strategy.md): it proposes by expected hypervolume
+    improvement, knowing the hardware figures a task gives before training (`hardware(arch)`) and modelling the
+    rest; on a `[space] callable`, which declares no choices, the run uses "tpe" and says so."""
 
-    name: str = "tpe"  # Optuna's sampler: "tpe" is its multi-objective default
+    name: str = "tpe"  # the sampler: Optuna's ("tpe" is its multi-objective default, "nsga2", "gp", ...) or "dsnas"
     seed: int | None = 0  # seeds which candidates are tried; moves on by the stored trials when a study resumes
     settings: dict[str, Any] = field(default_factory=dict)  # the sampler's own keyword arguments
 
@@ -470,18 +473,16 @@ def check_sampler(spec: StudySpec) -> None:
     import inspect
     import warnings
 
-    import optuna.samplers
-
     sampler = spec.sampler
     if not sampler.settings:
         return
-    cls = getattr(optuna.samplers, SAMPLER_CLASSES[sampler.name])
+    cls = sampler_class(sampler.name)
     params = {n: p for n, p in inspect.signature(cls).parameters.items() if n != "seed"
               and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
     for key, value in sampler.settings.items():
         if key not in params:
             close = difflib.get_close_matches(key, list(params), n=1)
-            raise SpecError(spec.path, f"sampler.{key}", f"is not a setting of Optuna's {cls.__name__}", None,
+            raise SpecError(spec.path, f"sampler.{key}", f"is not a setting of {_owner(cls)}", None,
                             f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(params)}")
         kinds = _toml_kinds(params[key].annotation)
         if not kinds:
@@ -498,8 +499,23 @@ def check_sampler(spec: StudySpec) -> None:
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for some settings: the run shows them
             cls(seed=0, **sampler.settings)
     except (ValueError, TypeError) as e:
-        raise SpecError(spec.path, "sampler", f"Optuna's {cls.__name__} refuses these settings ({e})",
+        raise SpecError(spec.path, "sampler", f"{_owner(cls)} refuses these settings ({e})",
                         sampler.settings, "correct the value its message names") from None
+
+
+def _owner(cls: type) -> str:
+    return f"dsnas's {cls.__name__}" if cls.__module__.startswith("dsnas") else f"Optuna's {cls.__name__}"
+
+
+def sampler_class(name: str) -> Any:
+    """The class a [sampler] name stands for."""
+    if name == "dsnas":
+        from dsnas.sampler import DsnasSampler  # numpy and the model load on first use
+
+        return DsnasSampler
+    import optuna.samplers
+
+    return getattr(optuna.samplers, SAMPLER_CLASSES[name])
 
 
 def _toml_kinds(annotation: Any) -> tuple[type, ...]:

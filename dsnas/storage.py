@@ -378,7 +378,8 @@ def recover_stale_trials(study: Any) -> list[int]:
     from optuna.trial import TrialState
 
     storage = study._storage
-    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id))
+    beats = callable(getattr(storage, "record_heartbeat", None))  # an in-memory study has no heartbeats
+    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id)) if beats else set()
     now = datetime.datetime.now()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -439,7 +440,7 @@ def study_lock(study: Any, url: str) -> Iterator[None]:
     elif backend in ("mysql", "mariadb"):
         with _server_lock(engine, "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", key):
             yield
-    elif (db_file := sqlite_file(url)) is not None:
+    elif engine is not None and (db_file := sqlite_file(url)) is not None:
         import fcntl
 
         with open(f"{db_file}.dsnas-lock", "a") as handle:

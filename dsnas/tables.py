@@ -185,7 +185,7 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     """The measurement cache: what this dsnas measured of ``arch`` before, in any study of this database, per
     device fingerprint id: {fingerprint_id: {"threads", "batches": {bs: figures and timing}, "source"}}. The
     worker reuses the entry of its own fingerprint (and thread count) instead of measuring again."""
-    if schema_version(engine) < SCHEMA_VERSION:
+    if engine is None or schema_version(engine) < SCHEMA_VERSION:  # None: a study in memory keeps no tables
         return {}
     query = (select(Measurement).where(Measurement.arch_hash == arch_hash(arch),
                                        Measurement.dsnas_version == __version__,
@@ -205,7 +205,7 @@ def record_measurements(engine: Any, study_name: str, trial_number: int, profile
                         metrics: dict[str, Any], measured_at: datetime.datetime | None = None,
                         arch: dict[str, Any] | None = None) -> None:
     fp, rows = measurement_rows(study_name, trial_number, profile, metrics, measured_at, arch)
-    if fp is None:
+    if fp is None or engine is None:  # None: a study in memory keeps no tables
         return
     with Session(engine) as session, session.begin():
         merge_racing(session, fp)

@@ -85,3 +85,33 @@ def test_an_evaluation_function_that_omits_an_objective_or_raises_fails_that_tri
     assert any("no measurement of ['throughput_tok_s']" in r and "objective throughput needs 'throughput_tok_s'" in r
                for r in reasons), reasons
     assert all("no measurement" in r or "RuntimeError: this one cannot be evaluated" in r for r in reasons), reasons
+
+
+def test_an_in_memory_study_with_a_sampler_of_ones_own_stops_when_a_callback_says(tmp_path):
+    """The Python API as a benchmark uses it: an Optuna study in memory (no database file is written), a sampler
+    passed in, and a callback that calls study.stop() as under Optuna's optimize(): the running trial finishes, no
+    new one starts, and the outcome says why."""
+    import io
+
+    from dsnas.progress import Progress
+    from dsnas.run import run_study
+
+    spec = load_study(write_table_study(tmp_path, n_trials=20, fidelity='kind = "none"'))
+    study = optuna.create_study(directions=spec.directions)
+    seen = []
+
+    def stop_after_three(study, trial):
+        seen.append(trial.number)
+        if len(seen) == 3:
+            study.stop()
+
+    outcome = run_study(spec, progress=Progress(spec, out=io.StringIO()), study=study,
+                        sampler=optuna.samplers.RandomSampler(seed=3), callbacks=[stop_after_three])
+    assert outcome.stopped_because == "a callback called study.stop()"
+    assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert isinstance(study.sampler, optuna.samplers.RandomSampler)
+    assert not list(tmp_path.glob("*.db")) and not list(tmp_path.glob("*_artifacts"))
+    # A second run on the same study starts afresh: the stop of the first does not stop it.
+    again = run_study(spec, progress=Progress(spec, out=io.StringIO()), study=study,
+                      sampler=optuna.samplers.RandomSampler(seed=4))
+    assert again.stopped_because.startswith("20 trials")

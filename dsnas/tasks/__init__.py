@@ -71,7 +71,9 @@ class RunsOwnTrials(Protocol):
     ``latency_ms``, ...) and, for the profile, ``latency_ms_bsN`` per batch size (with ``flops_bsN``, ``bytes_bsN``,
     ``peak_memory_mb_bsN`` where known). With ``rungs`` (shares of the training budget; empty without them) it calls
     ``report(0, hardware_metrics)`` before training and ``report(k, metrics)`` after share ``rungs[k - 1]``;
-    ``report`` raises when the driver stops the trial, and the trial is PRUNED. Optional: ``count_arch``.
+    ``report`` raises when the driver stops the trial, and the trial is PRUNED. Optional: ``count_arch``, and
+    ``hardware(arch)``: the figures known before training (a table's recorded latency), which dsnas's sampler takes
+    as they are instead of modelling them.
     """
 
     def arch_defaults(self) -> dict[str, Any]:
@@ -86,6 +88,10 @@ class RunsOwnTrials(Protocol):
 
     def count_arch(self, arch: dict[str, Any], batch_sizes: tuple[int, ...]) -> dict[str, float]:
         """Optional: ``flops_bsN``, ``bytes_bsN`` and ``params`` of an architecture, before it trains."""
+
+    def hardware(self, arch: dict[str, Any]) -> dict[str, float]:
+        """Optional: the figures of an architecture known before it trains (``latency_ms``, ...), cheaply: dsnas's
+        sampler asks it of thousands of candidates."""
 
 
 THROUGHPUT_UNITS = {"charlm": "tokens/s", "images": "images/s"}

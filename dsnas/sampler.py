@@ -1,0 +1,316 @@
+"""dsnas's own sampler (``[sampler] name = "dsnas"``), built for architecture spaces where training is what costs
+and the hardware figures do not: before a candidate trains, its hardware figures are known (the task's
+``hardware(arch)``: a table's recorded latency, say), and only what training gives (accuracy) must be predicted.
+
+Each proposal:
+1. The trained candidates so far (COMPLETE trials, a repeat counted once) fit one Gaussian process per figure
+   that is not known in advance (dsnas.surrogate); the hyperparameters are re-learned as the data grows by a
+   fifth, and only re-conditioned in between.
+2. A pool of candidates never proposed before: the whole space when it is small, else random ones and every
+   one-choice mutation of the current front. Those a known figure puts over a hardware limit are dropped.
+3. Each is scored by its expected hypervolume improvement (dsnas.acquisition) over the front of the feasible
+   trained candidates and of the running ones (their known figures, and the model's mean for the rest: a
+   "kriging believer", so that several workers are not all sent to the same spot), times the probability that
+   the figures it must guess are within the limits. The best is proposed.
+Until ``startup`` candidates have trained, the proposals are random (among those within the known limits).
+
+The driver binds the sampler to the study's space and task (``bind``); on a space without declared choices
+(``[space] callable``) the run falls back to TPE with a notice."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from optuna.distributions import CategoricalDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import TrialState
+
+from dsnas.acquisition import expected_improvement, probability_feasible
+from dsnas.surrogate import Encoding, GaussianProcess
+
+_ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
+STARTUP = 10  # random proposals before the model is trusted: enough points for a first fit of 6-10 length scales
+LISTED = 50_000  # a space of at most this many architectures is listed whole, and every candidate can be scored
+SCORING_FLOPS = 3e8  # per proposal: candidates x (trained candidates)^2, about 50 ms on one core
+
+
+Candidate = tuple[dict[str, Any], tuple[Any, ...]]  # (its parameters, its key: see DsnasSampler._key)
+
+
+@dataclass
+class Problem:
+    """What the sampler must know of the study, given by the driver once the space is settled."""
+
+    parameters: dict[str, tuple[Any, ...]]  # Optuna parameter name -> its options (those with more than one)
+    used: Callable[[dict[str, Any]], dict[str, Any]]  # the parameters an architecture uses (no layers past its depth)
+    arch_of: Callable[[dict[str, Any]], dict[str, Any]]  # parameters -> the architecture
+    objectives: list[tuple[str, str]]  # (metric, direction), in the study's order
+    limits: dict[str, float] = field(default_factory=dict)  # metric -> upper limit ([hardware.constraints])
+    known: Callable[[dict[str, Any]], dict[str, float]] | None = None  # arch -> figures known before training
+
+
+class DsnasSampler(BaseSampler):
+    """See the module's docstring. ``pool``: how many candidates to score per proposal at most; ``time_s``: the
+    driver's time per proposal it aims to stay within (the pool shrinks when scoring takes longer)."""
+
+    def __init__(self, seed: int | None = None, *, startup: int = STARTUP, pool: int = 2000,
+                 time_s: float = 1.0) -> None:
+        self._rng = np.random.RandomState(seed)
+        self._fallback = RandomSampler(seed=seed)
+        self.startup, self.pool, self.time_s = startup, pool, time_s
+        self.problem: Problem | None = None
+        self._encoding: Encoding | None = None
+        self._models: dict[str, GaussianProcess] = {}  # metric -> its model
+        self._fitted_at: dict[str, int] = {}  # metric -> how many points its hyperparameters were learned on
+        self._all: list[Candidate] | None = None  # see _listed
+        self._encoded: dict[tuple[Any, ...], np.ndarray] = {}  # candidate key -> its row of the design matrix
+        self._known: dict[tuple[Any, ...], dict[str, float]] = {}  # candidate key -> known figures (fixed)
+        self._keys: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # trial number -> (key, used params)
+        self.last_seconds = 0.0  # the last proposal's time
+        self.proposals: list[float] = []  # every proposal's time (for the benchmark)
+
+    def bind(self, problem: Problem) -> None:
+        self.problem = problem
+        self._encoding = Encoding.of(problem.parameters)
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._fallback.reseed_rng()
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        if self.problem is None:
+            return {}
+        return {name: CategoricalDistribution(list(options)) for name, options in self.problem.parameters.items()}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        if self.problem is None or not search_space:
+            return {}
+        start = time.perf_counter()
+        done, pending, seen = self._history(study, trial.number)
+        if len(done) < self.startup:
+            params = self._random_unseen(seen)
+        else:
+            params = self._best(done, pending, seen, start)
+        self.last_seconds = time.perf_counter() - start
+        self.proposals.append(self.last_seconds)
+        return params
+
+    # -- the study so far
+
+    def _key(self, used: dict[str, Any]) -> tuple[Any, ...]:
+        """A candidate's identity: the values of the parameters it uses, in the space's order."""
+        return tuple(used.get(name, _ABSENT) for name in self.problem.parameters)
+
+    def _history(self, study: Any, current: int) -> tuple[dict[Any, Any], list[dict[str, Any]], set[Any]]:
+        """(trained candidates: key -> (parameters, values, figures, feasible); the running ones' parameters;
+        the keys of every candidate proposed before, in any state)."""
+        done: dict[str, Any] = {}
+        pending, seen = [], set()
+        for t in study._get_trials(deepcopy=False, use_cache=True):
+            if t.number == current:
+                continue
+            if t.number not in self._keys or t.state == TrialState.RUNNING:  # a running trial's params may grow
+                used = self.problem.used(t.params)
+                self._keys[t.number] = (self._key(used), used)
+            key, used = self._keys[t.number]
+            seen.add(key)
+            if t.state == TrialState.COMPLETE and t.values is not None and key not in done:
+                feasible = t.user_attrs.get("feasible", 1.0) > 0.5
+                done[key] = (used, list(t.values), t.user_attrs, feasible)
+            elif t.state == TrialState.RUNNING and used:
+                pending.append(used)
+        return done, pending, seen
+
+    # -- proposals
+
+    def _random_unseen(self, seen: set[Any]) -> dict[str, Any]:
+        for _ in range(200):
+            params = self._random_params()
+            if self._key(self.problem.used(params)) not in seen and self._within_known_limits(params):
+                return params
+        return self._random_params()
+
+    def _random_params(self, count: int | None = None) -> Any:
+        """One random candidate's parameters, or a list of ``count``."""
+        names = list(self.problem.parameters)
+        options = list(self.problem.parameters.values())
+        picks = self._rng.randint(0, [len(o) for o in options], size=(count or 1, len(names)))
+        drawn = [{n: o[i] for n, o, i in zip(names, options, row)} for row in picks]
+        return drawn if count is not None else drawn[0]
+
+    def _best(self, done: dict[Any, Any], pending: list[dict[str, Any]], seen: set[Any],
+              start: float) -> dict[str, Any]:
+        problem = self.problem
+        rows = list(done.values())
+        x = self._encoding.encode([r[0] for r in rows])
+        modelled = self._modelled(rows[0][0])
+        for metric in modelled:
+            y = np.array([self._figure(r, metric) for r in rows])
+            self._fit(metric, x, y)
+        pool = self._pool(rows, pending, seen)
+        if not pool:
+            return self._random_unseen(seen)
+        budget = max(0.1, self.time_s - (time.perf_counter() - start))
+        mu, sigma, pof = self._predict(pool, modelled, budget)
+        pool = pool[: len(mu)]
+        front = [self._minimized(r[1]) for r in rows if r[3]]
+        if pending:  # the running ones, as the model expects them to end
+            running = [(p, self._key(p)) for p in pending]
+            front += self._predict(running, modelled, budget)[0].tolist()
+        front_arr = np.array(front, dtype=float).reshape(-1, len(problem.objectives))
+        ref = self._reference(np.array([self._minimized(r[1]) for r in rows], dtype=float))
+        score = expected_improvement(mu, sigma, front_arr, ref) * pof
+        if not np.any(score > 0):
+            return pool[int(self._rng.randint(len(pool)))][0]
+        best = np.flatnonzero(score >= score.max() * (1 - 1e-12))
+        return pool[int(self._rng.choice(best))][0]
+
+    def _modelled(self, params: dict[str, Any]) -> list[str]:
+        """The objectives and limits not known before training: those the sampler models."""
+        known = self._known_figures(params)
+        metrics = [m for m, _ in self.problem.objectives] + list(self.problem.limits)
+        return [m for m in dict.fromkeys(metrics) if m not in known]
+
+    def _figure(self, row: Any, metric: str) -> float:
+        params, values, attrs, _ = row
+        for (m, _), v in zip(self.problem.objectives, values):
+            if m == metric:
+                return float(v)
+        return float(attrs[metric])
+
+    def _fit(self, metric: str, x: np.ndarray, y: np.ndarray) -> None:
+        model = self._models.setdefault(metric, GaussianProcess(self._encoding))
+        n = len(y)
+        if n >= 1.2 * self._fitted_at.get(metric, 0):
+            model.fit(x, y)
+            self._fitted_at[metric] = n
+        else:
+            model.condition(x, y)
+
+    def _pool(self, rows: list[Any], pending: list[dict[str, Any]], seen: set[Any]) -> list[Candidate]:
+        """Candidates never proposed and within the known limits: every one-choice mutation of the front's members
+        and of the running ones, and the rest of the space (when it is listed, see _listed) or random ones, as
+        many as scoring can take (its cost grows with the square of the trained candidates)."""
+        names = list(self.problem.parameters)
+        options = [self.problem.parameters[n] for n in names]
+        room = int(np.clip(SCORING_FLOPS / max(1, len(rows)) ** 2, self.pool // 4, self.pool * 10))
+        front = self._front_params(rows)
+        near = [{**p, name: v} for p in [*front, *pending] for name, opts in zip(names, options) for v in opts
+                if p.get(name, v) != v]
+        self._rng.shuffle(near)
+        listed = self._listed()
+        if listed is not None:  # the neighbours first, then the rest of the space (keys known, no work to redo)
+            rest = [c for c in listed if c[1] not in seen]
+            if len(rest) > room:
+                rest = [rest[i] for i in self._rng.choice(len(rest), room, replace=False)]
+            raw = near
+        else:
+            raw, rest = near[: room // 2] + self._random_params(room - min(len(near), room // 2)), []
+        out, keys = [], set(seen)
+        for params in raw:
+            full = {**self._random_params(), **params} if len(params) < len(names) else params
+            key = self._key(self.problem.used(full))
+            if key not in keys and self._within_known_limits(full, key):
+                keys.add(key)
+                out.append((full, key))
+        out += [c for c in rest if c[1] not in keys and self._within_known_limits(*c)]
+        return out
+
+    def _listed(self) -> list[Candidate] | None:
+        """Every candidate of a space of at most LISTED architectures, with its key, listed once (None for a
+        larger space, which is sampled instead)."""
+        if self._all is None:
+            options = list(self.problem.parameters.values())
+            if math.prod(len(o) for o in options) > LISTED:
+                self._all = []
+            else:
+                names, unique = list(self.problem.parameters), {}
+                for combo in itertools.product(*options):
+                    params = dict(zip(names, combo))
+                    unique.setdefault(self._key(self.problem.used(params)), params)
+                self._all = [(params, key) for key, params in unique.items()]
+        return self._all or None
+
+    def _front_params(self, rows: list[Any]) -> list[dict[str, Any]]:
+        feasible = [r for r in rows if r[3]] or rows
+        points = np.array([self._minimized(r[1]) for r in feasible], dtype=float)
+        # A point is on the front when no other is at least as good everywhere and better somewhere.
+        no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+        better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+        dominated = (no_worse & better).any(axis=0)
+        return [r[0] for r, d in zip(feasible, dominated) if not d]
+
+    def _known_figures(self, params: dict[str, Any], key: tuple[Any, ...] | None = None) -> dict[str, float]:
+        if self.problem.known is None:
+            return {}
+        key = key if key is not None else self._key(self.problem.used(params))
+        if key not in self._known:
+            self._known[key] = dict(self.problem.known(self.problem.arch_of(params)) or {})
+        return self._known[key]
+
+    def _within_known_limits(self, params: dict[str, Any], key: tuple[Any, ...] | None = None) -> bool:
+        known = self._known_figures(params, key)
+        return all(known[m] <= limit for m, limit in self.problem.limits.items() if m in known)
+
+    def _predict(self, pool: list[Candidate], modelled: list[str],
+                 budget_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per candidate, each objective's value in minimized form (mean and standard deviation; a known figure
+        has deviation 0) and the probability that the modelled limits hold. Stops scoring (the pool is cut) when
+        the time per proposal is spent."""
+        start = time.perf_counter()
+        chunks = []
+        for begin in range(0, len(pool), 2048):
+            if chunks and time.perf_counter() - start > budget_s:
+                break
+            chunks.append(self._predict_chunk(pool[begin:begin + 2048], modelled))
+        return tuple(np.concatenate(parts) for parts in zip(*chunks))  # type: ignore[return-value]
+
+    def _predict_chunk(self, pool: list[Candidate],
+                       modelled: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        problem = self.problem
+        predicted = {m: self._models[m].predict(self._design(pool)) for m in modelled}
+        known = [self._known_figures(params, key) for params, key in pool]
+        mu = np.zeros((len(pool), len(problem.objectives)))
+        sigma = np.zeros_like(mu)
+        for i, (metric, direction) in enumerate(problem.objectives):
+            sign = -1.0 if direction == "maximize" else 1.0
+            if metric in predicted:
+                mu[:, i], sigma[:, i] = sign * predicted[metric][0], predicted[metric][1]
+            else:
+                mu[:, i] = [sign * k[metric] for k in known]
+        limited = [m for m in problem.limits if m in predicted]
+        if limited:
+            pof = probability_feasible(np.stack([predicted[m][0] for m in limited], axis=1),
+                                       np.stack([predicted[m][1] for m in limited], axis=1),
+                                       np.array([problem.limits[m] for m in limited]))
+        else:
+            pof = np.ones(len(pool))
+        return mu, sigma, pof
+
+    def _design(self, pool: list[Candidate]) -> np.ndarray:
+        """The candidates' rows of the design matrix, each encoded once."""
+        new = [(params, key) for params, key in pool if key not in self._encoded]
+        if new:
+            rows = self._encoding.encode([self.problem.used(params) for params, _ in new])
+            self._encoded.update((key, row) for (_, key), row in zip(new, rows))
+        return np.stack([self._encoded[key] for _, key in pool])
+
+    def _minimized(self, values: list[float]) -> list[float]:
+        return [-v if d == "maximize" else v for v, (_, d) in zip(values, self.problem.objectives)]
+
+    @staticmethod
+    def _reference(points: np.ndarray) -> list[float]:
+        """A tenth of the observed range beyond the worst observed value of each objective (the nadir): every
+        trained candidate counts, the ones at the ends of the front too."""
+        worst, best = points.max(axis=0), points.min(axis=0)
+        return list(worst + 0.1 * np.maximum(worst - best, 1e-9))
+
