@@ -6,10 +6,11 @@ that uses only the documented protocol), so the samplers, the rungs, the decisio
 predictor are dsnas's real code; only the trials' results are looked up instead of trained again.
 
 Methods: random search, Optuna's default multi-objective sampler (TPE), NSGA-II, and dsnas with multi-fidelity
-(successive halving over the training budget) and the latency predictor (TPE as its sampler); each run with
---seeds seeds. Objectives: accuracy and throughput (tokens/s at batch 32), both maximized, subject to a limit on
-latency at batch 1 (--max-latency-ms; default: the table's 70th percentile, so that about 30% of the space is
-infeasible).
+(successive halving over the training budget) and the latency predictor (TPE as its sampler), and dsnas's own
+sampler ([sampler] name = "dsnas", which takes the table's hardware figures as known before training), alone and
+with halving and the predictor; each run with --seeds seeds. Objectives: accuracy and throughput (tokens/s at
+batch 32), both maximized, subject to a limit on latency at batch 1 (--max-latency-ms; default: the table's 70th
+percentile, so that about 30% of the space is infeasible).
 
 What it reports: first, the latency predictor's held-out accuracy on the table's measurements next to a
 FLOPs-only baseline, per batch size and pooled (as `dsnas predictor` prints it). The predictor's features were
@@ -24,6 +25,8 @@ chosen on. Then, median and [min, max] over seeds:
   judged, the cost of counting its FLOPs and bytes in the driver, measured at the start of this run on real
   models of the table (the table task reads its counts from the table instead). A run that never reaches a level
   within --trials counts as not reaching it (shown as ">N").
+
+On NAS-Bench-201 (`--table nb201`): benchmarks/nb201_efficiency.py, whose docstring says what it runs.
 
 Run:  python benchmarks/search_efficiency.py [--seeds 5] [--first-seed 0] [--trials 160] [--max-latency-ms X]
       [--methods a,b] [--out DIR]
@@ -87,6 +90,8 @@ METHODS = {
     "dsnas: tpe + halving + predictor": ("tpe", "successive_halving", "true"),
     "  ablation: tpe + halving": ("tpe", "successive_halving", "false"),
     "  ablation: tpe + predictor": ("tpe", "none", "true"),
+    "dsnas sampler": ("dsnas", "none", "false"),
+    "dsnas sampler + halving + predictor": ("dsnas", "successive_halving", "true"),
 }
 LEVELS = (0.90, 0.95)
 
@@ -117,8 +122,7 @@ def read_table(path: Path) -> list[dict]:
 
 def true_front(rows: list[dict], limit: float) -> tuple[list[list[float]], list[float], float]:
     """(the feasible front's points, the reference point, its hypervolume)."""
-    from dsnas.pareto import front_indices
-    from dsnas.results.volume import dominated_volume
+    from dsnas.pareto import dominated_volume, front_indices
 
     directions = ["maximize", "maximize"]
     reference = [min(r["accuracy"] for r in rows), min(r["throughput_tok_s"] for r in rows)]
@@ -182,7 +186,7 @@ def trial_cost(trial, row: dict, count_s: float) -> tuple[float, bool]:
 def trajectory(trials: list, rows_by_arch: dict, reference: list[float], limit: float,
                count_s: float) -> list[tuple]:
     """(evaluated trials so far, wall seconds so far, hypervolume) after each trial, in the order they ran."""
-    from dsnas.results.volume import dominated_volume
+    from dsnas.pareto import dominated_volume
 
     out, points, cost, evaluated = [], [], 0.0, 0
     begun = min(t.datetime_start for t in trials)
@@ -234,6 +238,11 @@ def summary(values: list[float | None], budget: float, unit: str = "") -> str:
 
 
 def main() -> None:
+    if "nb201" in sys.argv[1:] and sys.argv[sys.argv.index("nb201") - 1] == "--table":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from nb201_efficiency import main as nb201  # NAS-Bench-201: the scoring its SOURCES.md gives
+
+        return nb201(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", default=str(TABLE))
     parser.add_argument("--seeds", type=int, default=5)

@@ -1,0 +1,101 @@
+"""benchmarks/nb201_efficiency.py's scoring, on a table in NAS-Bench-201's format that the test writes (the real
+one lives outside the repository): the reference point SOURCES.md prescribes, the true front's hypervolume, the
+hypervolume share of a search's evaluated cells after each evaluation, and the summary cells."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsnas.pareto import dominated_volume
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import nb201_efficiency as bench  # noqa: E402  (benchmarks/ is not a package)
+from nb201_task import EDGES, arch_string  # noqa: E402
+
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+
+
+def write_table(path: Path) -> list[dict]:
+    """Every cell, with an accuracy that grows with its convolutions and a latency that is their cost."""
+    rng = np.random.RandomState(0)
+    rows = []
+    for i, ops in enumerate(itertools.product(OPS, repeat=6)):
+        arch = dict(zip(EDGES, ops))
+        convs = sum(op.startswith("nor_conv") for op in ops) + sum(op == "nor_conv_3x3" for op in ops)
+        row = {"idx": i, "arch_str": arch_string(arch),
+               "acc_cifar100_test": 40 + 3 * convs + rng.uniform(0, 4) - 8 * (ops[5] == "none"),
+               "acc_imagenet16_test": 20 + 2 * convs + rng.uniform(0, 3)}
+        for device in bench.DEVICES:
+            row[f"lat_{device}_ms"] = 1 + convs * (1.5 if device == "fpga" else 1.0) + rng.uniform(0, 0.5)
+        rows.append(row)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nb201") / "nb201.csv"
+    return path, write_table(path)
+
+
+def test_reference_point_and_true_hypervolume_are_those_sources_md_gives(table):
+    path, rows = table
+    reference, true_hv = bench.problem(path, "cifar100", "fpga")
+    accuracy = np.array([r["acc_cifar100_test"] for r in rows])
+    latency = np.array([r["lat_fpga_ms"] for r in rows])
+    assert reference == pytest.approx([np.percentile(accuracy, 15), np.median(latency)])
+    points = np.column_stack([accuracy, latency]).tolist()
+    inside = [p for p in points if p[0] > reference[0] and p[1] < reference[1]]
+    # Brute force: the area under the staircase of the cells inside the reference box.
+    best = {}
+    for a, lat in inside:
+        best[lat] = max(best.get(lat, -np.inf), a)
+    area, top = 0.0, reference[0]
+    edges = sorted(best) + [reference[1]]
+    for lat, nxt in zip(edges, edges[1:]):
+        top = max(top, best[lat])
+        area += (top - reference[0]) * (nxt - lat)
+    assert true_hv == pytest.approx(area, rel=1e-9)
+
+
+def test_a_search_is_scored_by_the_hypervolume_of_its_evaluated_cells(table):
+    path, rows = table
+    result = bench.one_search(("cifar100", "pixel3", "random", 0, 80, str(path), 60.0))
+    assert result["evaluations"] == 80 and result["trials"] >= 80
+    shares = [share for _, _, share in result["curve"]]
+    assert shares == sorted(shares) and 0 < shares[-1] <= 1
+    evaluations = [n for n, _, _ in result["curve"]]
+    assert evaluations == sorted(evaluations) and evaluations[-1] <= 80
+    # The last share, recomputed from the evaluated cells' front: each a cell of the table.
+    reference, true_hv = bench.problem(path, "cifar100", "pixel3")
+    cells = {(r["acc_cifar100_test"], r["lat_pixel3_ms"]) for r in rows}
+    assert all(tuple(p) in cells for p in result["front"])
+    volume = dominated_volume(result["front"], reference, ["maximize", "minimize"])
+    assert volume / true_hv == pytest.approx(shares[-1])
+
+
+def test_dsnas_stops_once_it_reaches_95_percent(table):
+    path, _ = table
+    result = bench.one_search(("cifar100", "fpga", "dsnas", 0, 600, str(path), 120.0))
+    assert result["curve"][-1][2] >= 0.95 and result["stopped"] == "a callback called study.stop()"
+    assert result["evaluations"] < 600 and result["proposal_s_median"] is not None
+
+
+def test_summary_cells():
+    assert bench.cell([10, 20, None], 600) == "20 [10, >600]"
+    assert bench.cell([None, None, 30], 600) == ">600 [30, >600]"
+    assert bench.cell([None, None], 600) == ">600 (none)"
+    assert bench.ratio(50, 200, 600) == "0.25x"
+    assert bench.ratio(50, float("inf"), 600).startswith("<0.08x")
+    assert bench.first_reaching([(3, 0.1, 0.5), (9, 0.2, 0.91), (12, 0.3, 0.96)], 0.95) == (12, 0.3)
