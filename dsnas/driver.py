@@ -84,12 +84,12 @@ class Driver:
     def loop(self) -> str:
         self.study._stop_flag = False  # as optimize() starts: a stop() of an earlier run does not stop this one
         while True:
-            # A free slot first: it costs nothing, and the two budget checks each read the database.
-            while (len(self.running) < self.executor.slots and self._stop_reason() is None
-                   and self.db("read the study", self._room)):
+            # A free slot first: it costs nothing. Then the stop reasons (one read of the budget); whether the budget
+            # has room is checked once, under the study's lock, as the trial is taken (see _take_place).
+            while len(self.running) < self.executor.slots and self._stop_reason() is None:
                 with self.guard.writing():
                     if not self._dispatch():
-                        break  # another driver took the last place in the budget
+                        break  # the budget is full: this driver's, or another driver took the last place
             if not self.running:
                 return self._stop_reason() or "the rest of the budget is running in other drivers"
             for number, outcome in self.executor.wait(timeout=1.0):
