@@ -163,8 +163,8 @@ class DsnasSampler(BaseSampler):
         mu, sigma, pof = self._predict(pool, modelled, budget)
         pool = pool[: len(mu)]
         front = [self._minimized(r[1]) for r in rows if r[3]]
-        if pending:  # the running ones, as the model expects them to end
-            running = [(p, self._key(p)) for p in pending]
+        running = [(p, self._key(p)) for p in pending if self._whole(p)]
+        if running:  # the running ones, as the model expects them to end
             front += self._predict(running, modelled, budget)[0].tolist()
         front_arr = np.array(front, dtype=float).reshape(-1, len(problem.objectives))
         ref = self._reference(np.array([self._minimized(r[1]) for r in rows], dtype=float))
@@ -173,6 +173,14 @@ class DsnasSampler(BaseSampler):
             return pool[int(self._rng.randint(len(pool)))][0]
         best = np.flatnonzero(score >= score.max() * (1 - 1e-12))
         return pool[int(self._rng.choice(best))][0]
+
+    def _whole(self, params: dict[str, Any]) -> bool:
+        """Whether a running trial's parameters are all there: another driver's trial may be half-sampled."""
+        try:
+            self.problem.arch_of(params)
+        except KeyError:
+            return False
+        return True
 
     def _modelled(self, params: dict[str, Any]) -> list[str]:
         """The objectives and limits not known before training: those the sampler models."""

@@ -301,3 +301,26 @@ def test_with_rungs_a_limit_and_sqlite_through_the_cli(tmp_path, capsys):
     assert any(t.state == TrialState.PRUNED and "pruned_at" in t.user_attrs for t in trials)
     assert all(t.user_attrs["latency_ms"] <= limit for t in trials if "latency_ms" in t.user_attrs)
     assert not [t for t in trials if "reused_from" in t.user_attrs]  # 20 of 25 feasible: none proposed twice
+
+
+def test_a_half_sampled_trial_of_another_driver_is_not_counted_as_running():
+    """With several drivers on one database, a RUNNING trial may have some of its parameters only."""
+    points = {tuple(a.values()): p for a, p in true_points()}
+
+    def arch_of(params):
+        return {k: params[k] for k in CHOICES}  # KeyError on a missing one, as SearchSpace.arch_of raises
+
+    sampler = DsnasSampler(seed=1, startup=3)
+    sampler.bind(Problem(parameters={k: tuple(v) for k, v in CHOICES.items()}, used=dict, arch_of=arch_of,
+                         objectives=[("accuracy", "maximize"), ("latency_ms", "minimize")],
+                         known=lambda arch: {"latency_ms": points[tuple(arch.values())][1]}))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for _ in range(5):
+        trial = study.ask()
+        params = {k: trial.suggest_categorical(k, v) for k, v in CHOICES.items()}
+        study.tell(trial, list(points[tuple(params.values())]))
+    half = study.ask()
+    half.suggest_categorical("width", CHOICES["width"])  # the other driver stops here for now
+    trial = study.ask()
+    params = {k: trial.suggest_categorical(k, v) for k, v in CHOICES.items()}
+    assert tuple(params.values()) in points
