@@ -146,6 +146,20 @@ def test_sample_fixed_trial_gives_one_entry_per_layer(tmp_path: Path) -> None:
     validate({**arch, "vocab_size": 256, "context": 64})  # the family can build what the space samples
 
 
+def test_parameters_used_and_arch_of_say_what_a_sampler_of_whole_architectures_needs(tmp_path: Path) -> None:
+    """dsnas's sampler proposes every parameter at once: a per-layer key for each layer of the deepest model, of
+    which an architecture uses those of its own layers; arch_of builds what sample would from the same answers."""
+    space = load_space_file(write_space(tmp_path, VALID))
+    parameters = space.parameters()
+    assert parameters == {"n_layers": (1, 2, 3, 4), "d_model": (32, 64),
+                          **{f"layer{i}.{k}": (1, 2, 4) for i in range(4) for k in ("n_heads", "ffn_ratio")}}
+    params = {name: options[-1] for name, options in parameters.items()} | {"n_layers": 2}
+    used = space.used(params)
+    assert sorted(used) == ["d_model", "layer0.ffn_ratio", "layer0.n_heads", "layer1.ffn_ratio", "layer1.n_heads",
+                            "n_layers"]
+    assert space.arch_of(params) == space.sample(FixedTrial(used))
+
+
 def test_engine_choices_are_sampled_per_layer_and_default_when_absent(tmp_path: Path) -> None:
     text = VALID.replace("d_model = [32, 64]", "d_model = [32, 64]\ngrad_checkpoint = [0, 1]")
     space = load_space_file(write_space(tmp_path, text + 'precision = ["fp32", "int8"]\nsparsity = ["dense", "2:4"]\n'))
