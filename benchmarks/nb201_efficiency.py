@@ -79,12 +79,11 @@ def problem(table: Path, dataset: str, device: str) -> tuple[list[float], float]
 
 
 def one_search(job: tuple[str, str, str, int, int, str, float]) -> dict:
-    """One search of one method on one pair; returns its curve: (evaluations, driver seconds, hypervolume share)
-    at each evaluation that raised the hypervolume."""
+    """One search of one method on one pair (this folder on sys.path: see importable); returns its curve:
+    (evaluations, driver seconds, hypervolume share) at each evaluation that raised the hypervolume."""
     dataset, device, method, seed, evaluations, table, timeout_s = job
     import optuna
 
-    sys.path.insert(0, str(HERE))  # nb201_task and nb201_model, as the study names them
     from dsnas.spec import load_study
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -138,6 +137,12 @@ def _search(spec, method: str, seed: int, reference: list[float], true_hv: float
             "trials": len(study.trials), "seconds": seconds, "curve": curve, "stopped": outcome.stopped_because,
             "proposal_s_median": statistics.median(proposals) if proposals else None,
             "proposal_s_max": max(proposals) if proposals else None}
+
+
+def importable() -> None:
+    """In each worker: nb201_task, nb201_model and nas_baselines importable, as the study names them (this folder
+    goes on sys.path in the workers only: its kernels.py would shadow a package of that name elsewhere)."""
+    sys.path.insert(0, str(HERE))
 
 
 def first_reaching(curve: list, level: float) -> tuple[int, float] | None:
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only and jobs:
         print(f"{len(jobs)} searches to run ({len(have)} already in {out}), {args.jobs} at once", file=sys.stderr)
         context = multiprocessing.get_context("spawn")
-        with context.Pool(args.jobs, maxtasksperchild=20) as pool, out.open("a") as sink:
+        with context.Pool(args.jobs, initializer=importable, maxtasksperchild=20) as pool, out.open("a") as sink:
             for done, result in enumerate(pool.imap_unordered(one_search, jobs), start=1):
                 sink.write(json.dumps(result) + "\n")
                 sink.flush()
