@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import multiprocessing
@@ -63,8 +64,10 @@ kind = "local"
 """
 
 
+@functools.lru_cache(maxsize=None)
 def problem(table: Path, dataset: str, device: str) -> tuple[list[float], float]:
-    """(the reference point [accuracy, latency], the true front's hypervolume) of one pair."""
+    """(the reference point [accuracy, latency], the true front's hypervolume) of one pair; a worker runs many
+    searches of a pair, and reads the table for it once."""
     import numpy as np
 
     from dsnas.pareto import dominated_volume, front_indices

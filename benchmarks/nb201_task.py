@@ -21,14 +21,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-EDGES = ("edge_1_0", "edge_2_0", "edge_2_1", "edge_3_0", "edge_3_1", "edge_3_2")  # edge_i_j: node j -> node i
+from nb201_model import arch_string  # the cell's name as the table writes it (the study's family builds it)
+
 DATASETS = {"cifar100": "acc_cifar100_test", "imagenet16": "acc_imagenet16_test"}
-
-
-def arch_string(arch: dict[str, Any]) -> str:
-    """The cell as NAS-Bench-201 writes it: |op~0|+|op~0|op~1|+|op~0|op~1|op~2|."""
-    nodes = [[f"{arch[f'edge_{i}_{j}']}~{j}" for j in range(i)] for i in (1, 2, 3)]
-    return "+".join("|" + "|".join(node) + "|" for node in nodes)
 
 
 def devices(header: list[str]) -> list[str]:

@@ -238,7 +238,9 @@ def summary(values: list[float | None], budget: float, unit: str = "") -> str:
 
 
 def main() -> None:
-    if "nb201" in sys.argv[1:] and sys.argv[sys.argv.index("nb201") - 1] == "--table":
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--table")
+    if first.parse_known_args()[0].table == "nb201":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from nb201_efficiency import main as nb201  # NAS-Bench-201: the scoring its SOURCES.md gives
 

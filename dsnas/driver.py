@@ -32,6 +32,7 @@ from dsnas.storage import (
     budget_counts,
     connection_lost,
     driver_identity,
+    has_heartbeats,
     requeue,
     set_user_attrs,
     storage_engine,
@@ -493,8 +494,8 @@ class Driver:
 
     def _heartbeats(self) -> None:
         storage = self.study._storage
-        if not callable(getattr(storage, "record_heartbeat", None)):
-            return  # an in-memory study: nobody else can see its trials, so none can look stale
+        if not has_heartbeats(storage):
+            return
         while not self._beat_stop.wait(HEARTBEAT_S / 2):
             for trial in list(self.running.values()):
                 try:

@@ -72,7 +72,6 @@ class DsnasSampler(BaseSampler):
         self._encoded: dict[tuple[Any, ...], np.ndarray] = {}  # candidate key -> its row of the design matrix
         self._known: dict[tuple[Any, ...], dict[str, float]] = {}  # candidate key -> known figures (fixed)
         self._keys: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # trial number -> (key, used params)
-        self.last_seconds = 0.0  # the last proposal's time
         self.proposals: list[float] = []  # every proposal's time (for the benchmark)
 
     def bind(self, problem: Problem) -> None:
@@ -100,8 +99,7 @@ class DsnasSampler(BaseSampler):
             params = self._random_unseen(seen)
         else:
             params = self._best(done, pending, seen, start)
-        self.last_seconds = time.perf_counter() - start
-        self.proposals.append(self.last_seconds)
+        self.proposals.append(time.perf_counter() - start)
         return params
 
     # -- the study so far
@@ -110,9 +108,9 @@ class DsnasSampler(BaseSampler):
         """A candidate's identity: the values of the parameters it uses, in the space's order."""
         return tuple(used.get(name, _ABSENT) for name in self.problem.parameters)
 
-    def _history(self, study: Any, current: int) -> tuple[dict[Any, Any], list[dict[str, Any]], set[Any]]:
-        """(trained candidates: key -> (parameters, values, figures, feasible); the running ones' parameters;
-        the keys of every candidate proposed before, in any state)."""
+    def _history(self, study: Any, current: int) -> tuple[dict[Any, Any], list[Candidate], set[Any]]:
+        """(trained candidates: key -> (parameters, values, figures, feasible); the running ones; the keys of
+        every candidate proposed before, in any state)."""
         done: dict[str, Any] = {}
         pending, seen = [], set()
         for t in study._get_trials(deepcopy=False, use_cache=True):
@@ -127,7 +125,7 @@ class DsnasSampler(BaseSampler):
                 feasible = t.user_attrs.get("feasible", 1.0) > 0.5
                 done[key] = (used, list(t.values), t.user_attrs, feasible)
             elif t.state == TrialState.RUNNING and used:
-                pending.append(used)
+                pending.append((used, key))
         return done, pending, seen
 
     # -- proposals
@@ -147,7 +145,7 @@ class DsnasSampler(BaseSampler):
         drawn = [{n: o[i] for n, o, i in zip(names, options, row)} for row in picks]
         return drawn if count is not None else drawn[0]
 
-    def _best(self, done: dict[Any, Any], pending: list[dict[str, Any]], seen: set[Any],
+    def _best(self, done: dict[Any, Any], pending: list[Candidate], seen: set[Any],
               start: float) -> dict[str, Any]:
         problem = self.problem
         rows = list(done.values())
@@ -163,7 +161,7 @@ class DsnasSampler(BaseSampler):
         mu, sigma, pof = self._predict(pool, modelled, budget)
         pool = pool[: len(mu)]
         front = [self._minimized(r[1]) for r in rows if r[3]]
-        running = [(p, self._key(p)) for p in pending if self._whole(p)]
+        running = [c for c in pending if self._whole(c[0])]
         if running:  # the running ones, as the model expects them to end
             front += self._predict(running, modelled, budget)[0].tolist()
         front_arr = np.array(front, dtype=float).reshape(-1, len(problem.objectives))
@@ -204,15 +202,15 @@ class DsnasSampler(BaseSampler):
         else:
             model.condition(x, y)
 
-    def _pool(self, rows: list[Any], pending: list[dict[str, Any]], seen: set[Any]) -> list[Candidate]:
+    def _pool(self, rows: list[Any], pending: list[Candidate], seen: set[Any]) -> list[Candidate]:
         """Candidates never proposed and within the known limits: every one-choice mutation of the front's members
         and of the running ones, and the rest of the space (when it is listed, see _listed) or random ones, as
         many as scoring can take (its cost grows with the square of the trained candidates)."""
         names = list(self.problem.parameters)
         options = [self.problem.parameters[n] for n in names]
         room = int(np.clip(SCORING_FLOPS / max(1, len(rows)) ** 2, self.pool // 4, self.pool * 10))
-        front = self._front_params(rows)
-        near = [{**p, name: v} for p in [*front, *pending] for name, opts in zip(names, options) for v in opts
+        starts = [*self._front_params(rows), *(params for params, _ in pending)]
+        near = [{**p, name: v} for p in starts for name, opts in zip(names, options) for v in opts
                 if p.get(name, v) != v]
         self._rng.shuffle(near)
         listed = self._listed()

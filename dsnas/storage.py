@@ -368,6 +368,12 @@ def _driver_gone(driver: dict[str, Any]) -> bool:
     return bool(driver.get("pid_start")) and _start_time(pid) != driver["pid_start"]
 
 
+def has_heartbeats(storage: Any) -> bool:
+    """Whether an Optuna storage records heartbeats: a database does, a study in memory does not (nobody else
+    can see its trials, so none can look stale)."""
+    return callable(getattr(storage, "record_heartbeat", None))
+
+
 def recover_stale_trials(study: Any) -> list[int]:
     """Mark FAIL, with the reason, and queue again (same parameters) the trials a stopped driver left RUNNING;
     returns their numbers.
@@ -378,8 +384,7 @@ def recover_stale_trials(study: Any) -> list[int]:
     from optuna.trial import TrialState
 
     storage = study._storage
-    beats = callable(getattr(storage, "record_heartbeat", None))  # an in-memory study has no heartbeats
-    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id)) if beats else set()
+    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id)) if has_heartbeats(storage) else set()
     now = datetime.datetime.now()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

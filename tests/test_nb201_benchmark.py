@@ -27,10 +27,8 @@ def load(name: str):
 
 
 bench = load("nb201_efficiency")
-EDGES, arch_string = load("nb201_task").EDGES, load("nb201_task").arch_string
-
-OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
-
+model = load("nb201_model")
+EDGES, OPS, arch_string = model.EDGES, model.OPS, model.arch_string
 
 def write_table(path: Path) -> list[dict]:
     """Every cell, with an accuracy that grows with its convolutions and a latency that is their cost."""
