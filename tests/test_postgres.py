@@ -222,3 +222,15 @@ def test_two_drivers_on_one_study_run_exactly_the_budget(tiny_study, postgres_ur
     assert len({t.number for t in trials}) == len(trials), f"duplicate trial numbers: {[t.number for t in trials]}"
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], f"left RUNNING: {states}\n{log}"
     assert all("accuracy" in t.user_attrs and t.values for t in complete), "a COMPLETE trial lost its metrics"
+
+
+def test_set_user_attrs_stores_what_optuna_would_on_postgresql(postgres_url):
+    from test_storage import check_set_user_attrs
+
+    check_set_user_attrs(postgres_url)
+
+
+def test_a_resumed_dsnas_sampler_search_learns_from_the_stored_trials_on_postgresql(postgres_url, tmp_path):
+    from test_sampler import check_resume
+
+    check_resume(tmp_path, postgres_url)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -324,3 +325,31 @@ def test_a_half_sampled_trial_of_another_driver_is_not_counted_as_running():
     trial = study.ask()
     params = {k: trial.suggest_categorical(k, v) for k, v in CHOICES.items()}
     assert tuple(params.values()) in points
+
+
+def check_resume(folder: Path, url: str) -> None:
+    """A study on ``url`` searched to 12 trained candidates, then resumed by a new driver (a new sampler) to 20:
+    the new sampler learns from every stored trial, so past its 10 random starts it proposes by the model from its
+    first proposal on, and no architecture is trained twice across both runs."""
+    from dsnas.progress import Progress
+    from dsnas.run import run_study
+    from dsnas.spec import load_study
+
+    path = toy_study(folder, "dsnas", 0, 12)
+    path.write_text(path.read_text().replace("[study]\n", f"[study]\nstorage = {json.dumps(url)}\n", 1))
+    assert run_study(load_study(path), progress=Progress(load_study(path), out=io.StringIO())).completed == 12
+    resumed = DsnasSampler(seed=1)
+    modelled: list[int] = []
+    best = resumed._best
+    resumed._best = lambda done, *rest: modelled.append(len(done)) or best(done, *rest)
+    spec = load_study(path, n_trials=20)
+    outcome = run_study(spec, progress=Progress(spec, out=io.StringIO()), sampler=resumed)
+    assert outcome.completed == 20
+    assert modelled == list(range(12, 20))  # every new proposal by the model, from the 12 stored on
+    trials = optuna.load_study(study_name=spec.name, storage=url).get_trials()
+    archs = [tuple(t.params[k] for k in CHOICES) for t in trials if "reused_from" not in t.user_attrs]
+    assert len(archs) == len(set(archs)) == 20
+
+
+def test_a_resumed_search_learns_from_the_stored_trials_on_sqlite(tmp_path):
+    check_resume(tmp_path, f"sqlite:///{tmp_path / 'toy.db'}")
