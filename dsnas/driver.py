@@ -357,11 +357,11 @@ class Driver:
     def _tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
         """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is.
         Then the callbacks, with the trial as stored."""
-        self.db(f"store trial {trial.number}", lambda: self.study.tell(
+        stored = self.db(f"store trial {trial.number}", lambda: self.study.tell(
             trial, values, state=state, skip_if_finished=self.outage.retrying))
         self.keys.pop(trial.number, None)
         if self.callbacks:
-            self._call_back(self.db("read the study", self.study._storage.get_trial, trial._trial_id))
+            self._call_back(stored)  # tell returns the trial as stored (read back after the write)
 
     def _call_back(self, frozen: Any) -> None:
         """Each callback, as Optuna's optimize() calls it; one that raises is reported and the search goes on (a
@@ -407,9 +407,9 @@ class Driver:
             return
         self.recording = trial.number
         feasible = all(metrics[m] <= limit for m, limit in self.spec.hardware.constraints.items())
-        if self.rungs is None:  # with rungs, the measurement was checked at rung 0
-            self.db(f"store trial {trial.number}", self._set_attrs, trial, self._observe(trial.number, metrics))
-        self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, feasible)
+        # With rungs, the measurement was checked against the screen's prediction at rung 0.
+        observed = self._observe(trial.number, metrics) if self.rungs is None else {}
+        self.db(f"store trial {trial.number}", self._store_figures, trial, outcome, feasible, observed)
         self._store_artifacts(trial, outcome)
         values = [metrics[o.metric] for o in self.spec.objectives]
         key = self.keys.get(trial.number)  # kept at dispatch: trial.user_attrs would read the storage again
@@ -446,9 +446,11 @@ class Driver:
         reason = self.stopped.pop(trial.number, "stopped at a rung")
         self.progress.pruned_trial(trial.number, outcome.pruned.rung, outcome.pruned.fraction, reason, self.running)
 
-    def _store_figures(self, trial: Any, outcome: TrialResult, feasible: bool | None) -> None:
-        """Metrics, profile and constraints as the trial's attributes (written again after a lost connection)."""
-        attrs = {**outcome.metrics, "profile": outcome.profile}
+    def _store_figures(self, trial: Any, outcome: TrialResult, feasible: bool | None,
+                       observed: dict[str, Any] | None = None) -> None:
+        """Metrics, profile, constraints and the screen's check (``observed``) as the trial's attributes, in one
+        transaction (written again after a lost connection)."""
+        attrs = {**outcome.metrics, "profile": outcome.profile, **(observed or {})}
         if feasible is not None:
             attrs["feasible"] = float(feasible)
         # Feasible when <= 0; a pruned trial's are there when it was measured.

@@ -217,6 +217,9 @@ code's; "unset" means the key has no value unless you give one. `[study]`, `[obj
 | `callbacks` | list of strings | `[]` | `"module:callable"` of Optuna callbacks `(study, trial)` ([usage](usage.md)) |
 | `json_artifacts` | boolean | `false` | each trial's arch and profile as JSON files as it ends (else the dashboard's) |
 
+A search keeps a SQLite file in write-ahead-log mode (one synced file per commit): while one runs, copy
+`NAME.db-wal` along with `NAME.db`.
+
 ## [objectives]
 
 `NAME = "maximize"` or `"minimize"`, in order; without the table, accuracy and throughput, both maximized.

@@ -18,7 +18,7 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
 
     db_file = sqlite_file(spec.storage)
     missing = db_file is not None and not db_file.exists()  # opening would create it
-    storage = None if (missing and not create) else open_storage(spec.storage)
+    storage = None if (missing and not create) else open_storage(spec.storage, write_ahead=create)
     if not create and (storage is None or spec.name not in optuna.study.get_all_study_names(storage)):
         raise DsnasError(f"{spec.path}: [study.name] no study {spec.name!r} is stored in {display_url(spec.storage)}. "
                          "Fix: run `dsnas search` on this study file first")

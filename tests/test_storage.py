@@ -58,8 +58,17 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
 def _damaged_copy(finished_study: Path, dest: Path, damage: Callable[[Path], None]) -> tuple[Path, Path, bytes]:
     study = copy_study(finished_study, dest)
     db_file = study.with_suffix(".db")
+    _checkpoint(db_file)
     damage(db_file)
     return study, db_file, db_file.read_bytes()
+
+
+def _checkpoint(db_file: Path) -> None:
+    """Move the write-ahead log of a copied study into its file, as SQLite does when a search's last connection
+    closes (the fixture's search ran in this process, whose pool may keep the log open): the damage then hits
+    pages that are read, not pages the log holds newer copies of."""
+    with closing(sqlite3.connect(db_file)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _truncate_to_half(db_file: Path) -> None:
@@ -117,6 +126,7 @@ def test_damage_met_after_opening_is_named_too(finished_study, tmp_path):
     StorageInternalError about a commit."""
     study_file = copy_study(finished_study, tmp_path / "study")
     db_file = study_file.with_suffix(".db")
+    _checkpoint(db_file)
     storage = dsnas_storage.open_storage(f"sqlite:///{db_file}")
     study = optuna.load_study(study_name="tiny", storage=storage)
     _overwrite_page_of("trial_user_attributes")(db_file)
@@ -132,3 +142,39 @@ def test_a_locked_file_is_not_called_damaged():
     locked = sqlite3.OperationalError("database is locked")
     assert dsnas_storage._damage(locked) is None
     assert dsnas_storage._damage(sqlite3.DatabaseError("database disk image is malformed")) is not None
+
+
+def check_set_user_attrs(url: str) -> None:
+    """set_user_attrs on an RDB storage: every attribute and constraint as Optuna's own setters store them (a key
+    written twice keeps the last value), one check that the trial runs, and a finished trial refused."""
+    import optuna.exceptions
+
+    study = optuna.create_study(storage=url, directions=["maximize", "minimize"])
+    trial = study.ask()
+    dsnas_storage.set_user_attrs(trial, {"arch": {"d_model": 64}, "latency_ms": 1.5})
+    dsnas_storage.set_user_attrs(trial, {"latency_ms": 2.5, "feasible": 1.0}, {"max_latency_ms": -0.5})
+    reference = study.ask()  # the same through Optuna's setters, one by one
+    for key, value in {"arch": {"d_model": 64}, "latency_ms": 2.5, "feasible": 1.0}.items():
+        reference.set_user_attr(key, value)
+    reference.set_constraint("max_latency_ms", -0.5)
+    assert trial.user_attrs == {"arch": {"d_model": 64}, "latency_ms": 2.5, "feasible": 1.0}
+    study.tell(trial, [1.0, 2.0])
+    study.tell(reference, [1.0, 2.0])
+    ours, theirs = study.get_trials()
+    assert ours.user_attrs == theirs.user_attrs
+    assert ours.system_attrs == theirs.system_attrs and theirs.system_attrs  # the constraint is there
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        dsnas_storage.set_user_attrs(trial, {"late": 1})
+    assert "late" not in study.get_trials()[0].user_attrs
+
+
+def test_set_user_attrs_stores_what_optuna_would_on_sqlite(tmp_path):
+    check_set_user_attrs(f"sqlite:///{tmp_path / 'attrs.db'}")
+
+
+def test_a_search_keeps_its_sqlite_file_in_write_ahead_log_mode(finished_study, tmp_path):
+    """One synced log file per commit instead of the file and a rollback journal (see storage._write_ahead)."""
+    db_file = copy_study(finished_study, tmp_path / "study").with_suffix(".db")
+    with closing(sqlite3.connect(db_file)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: as durable as before
