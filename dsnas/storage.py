@@ -521,10 +521,13 @@ def _upsert(backend: Any, session: Any, model: Any, trial_id: int, values: dict[
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect = sqlite if backend.engine.name == "sqlite" else postgresql
-    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in values.items()]
-    insert = dialect.insert(model).values(rows)
-    session.execute(insert.on_conflict_do_update(index_elements=[model.trial_id, model.key],
-                                                 set_={"value_json": insert.excluded.value_json}))
+    insert = dialect.insert(model)
+    upsert = insert.on_conflict_do_update(index_elements=[model.trial_id, model.key],
+                                          set_={"value_json": insert.excluded.value_json})
+    # Executed with a list of rows: SQLAlchemy sends them as one multi-row statement, and compiles it once per
+    # table rather than once per call (a statement built with .values(rows) is compiled again for every trial).
+    session.execute(upsert, [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                             for key, value in values.items()])
 
 
 def budget_counts(study: Any) -> dict[str, int] | None:
