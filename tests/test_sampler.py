@@ -353,3 +353,20 @@ def check_resume(folder: Path, url: str) -> None:
 
 def test_a_resumed_search_learns_from_the_stored_trials_on_sqlite(tmp_path):
     check_resume(tmp_path, f"sqlite:///{tmp_path / 'toy.db'}")
+
+
+def test_modelled_objectives_are_fitted_on_normal_scores_and_limits_keep_their_units():
+    """The model sees each modelled objective as the normal quantiles of its ranks (order kept, the long tail of
+    failed architectures pulled in); a known objective, and a modelled figure that is also a limit, stay as
+    measured."""
+    sampler = DsnasSampler(seed=0)
+    sampler.bind(Problem(parameters={"w": (1, 2, 3)}, used=dict, arch_of=dict,
+                         objectives=[("accuracy", "maximize"), ("latency_ms", "minimize"), ("memory_mb", "minimize")],
+                         limits={"memory_mb": 100.0}))
+    values = np.array([[0.01, 5.0, 90.0], [0.70, 1.0, 50.0], [0.69, 3.0, 70.0], [0.02, 2.0, 80.0]])
+    warped = sampler._warped(values, ["accuracy", "memory_mb"])
+    from statistics import NormalDist
+
+    expected = [NormalDist().inv_cdf((rank - 0.5) / 4) for rank in (1, 4, 3, 2)]
+    assert np.allclose(warped[:, 0], expected)  # the 0.01 and 0.02 failures sit as far below as 0.70 sits above
+    assert np.array_equal(warped[:, 1:], values[:, 1:])  # latency known, memory a limit: as measured
