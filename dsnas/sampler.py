@@ -4,8 +4,8 @@ and the hardware figures do not: before a candidate trains, its hardware figures
 
 Each proposal:
 1. The trained candidates so far (COMPLETE trials, a repeat counted once) fit one Gaussian process per figure
-   that is not known in advance (dsnas.surrogate); the hyperparameters are re-learned as the data grows by a
-   fifth, and only re-conditioned in between.
+   that is not known in advance (dsnas.surrogate), an objective on the normal scores of its ranks (_warped); the
+   hyperparameters are re-learned as the data grows by a fifth, and only re-conditioned in between.
 2. A pool of candidates never proposed before: the whole space when it is small, else random ones and every
    one-choice mutation of the current front. Those a known figure puts over a hardware limit are dropped.
 3. Each is scored by its expected hypervolume improvement (dsnas.acquisition) over the front of the feasible
