@@ -152,9 +152,9 @@ class DsnasSampler(BaseSampler):
         x = self._encoding.encode([r[0] for r in rows])
         modelled = self._modelled(rows[0][0])
         values = self._warped(np.array([r[1] for r in rows], dtype=float), modelled)
-        for metric in modelled:
-            column = [i for i, (m, _) in enumerate(problem.objectives) if m == metric]
-            y = values[:, column[0]] if column else np.array([self._figure(r, metric) for r in rows])
+        column = {metric: i for i, (metric, _) in enumerate(problem.objectives)}
+        for metric in modelled:  # an objective's (warped) values, or a limit's figure from the trial's attributes
+            y = values[:, column[metric]] if metric in column else np.array([float(r[2][metric]) for r in rows])
             self._fit(metric, x, y)
         pool = self._pool(rows, pending, seen)
         if not pool:
@@ -203,13 +203,6 @@ class DsnasSampler(BaseSampler):
         known = self._known_figures(params)
         metrics = [m for m, _ in self.problem.objectives] + list(self.problem.limits)
         return [m for m in dict.fromkeys(metrics) if m not in known]
-
-    def _figure(self, row: Any, metric: str) -> float:
-        params, values, attrs, _ = row
-        for (m, _), v in zip(self.problem.objectives, values):
-            if m == metric:
-                return float(v)
-        return float(attrs[metric])
 
     def _fit(self, metric: str, x: np.ndarray, y: np.ndarray) -> None:
         model = self._models.setdefault(metric, GaussianProcess(self._encoding))
