@@ -26,10 +26,10 @@ from dsnas.space import arch_sampler, load_space_file
 from dsnas.spec import StudySpec
 from dsnas.storage import (
     HEARTBEAT_S,
+    BudgetCount,
     OutageRetry,
     StorageLost,
     artifact_store,
-    budget_counts,
     connection_lost,
     driver_identity,
     has_heartbeats,
@@ -67,6 +67,7 @@ class Driver:
         self.reuses_in_a_row = 0
         self._evaluated: dict[str, int] | None = None  # evaluation key -> the trial that trained it (see _original)
         self.keys: dict[int, str] = {}  # running trial number -> its evaluation key
+        self.budget = BudgetCount()
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
@@ -156,7 +157,7 @@ class Driver:
         evaluated again and does not count."""
         from optuna.trial import TrialState
 
-        counted = budget_counts(self.study)
+        counted = self.budget.read(self.study)
         if counted is not None:
             return counted["trained"] + counted["pruned"], counted["pruned"]
         trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -191,7 +192,7 @@ class Driver:
         n_trials = self.spec.budget.n_trials
         if n_trials is None:
             return True
-        counted = budget_counts(self.study)
+        counted = self.budget.read(self.study)
         if counted is not None:  # one query for all three
             return counted["trained"] + counted["pruned"] + counted["running"] < n_trials
         return self.budget_used()[0] + self.count(TrialState.RUNNING) < n_trials

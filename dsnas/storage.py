@@ -20,6 +20,7 @@ from dsnas.spec import StudySpec
 
 HEARTBEAT_S = 10
 GRACE_S = 60  # a RUNNING trial whose driver sent no heartbeat for this long is stale
+IDLE_PING_S = 1.0  # a pooled connection idle for longer is pinged before use (see _ping_when_idle)
 
 
 def quiet_optuna() -> None:
@@ -44,9 +45,7 @@ def open_storage(url: str, write_ahead: bool = False) -> Any:
     quiet_optuna()
     check_sqlite_file(url)  # before Optuna creates tables in it, or a search appends trials to it
     backend = make_url(url).get_backend_name()
-    # pool_pre_ping: after a database server restarts, every pooled connection is dead; a ping at checkout
-    # replaces it with a new one instead of failing the next write.
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    engine_kwargs: dict[str, Any] = {}
     if backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
@@ -61,11 +60,36 @@ def open_storage(url: str, write_ahead: bool = False) -> Any:
             raise DamagedDatabase(db_file, damage) from None
         raise DsnasError(f"cannot open the storage {display_url(url)}: {_first_line(e)}. Fix: check that the "
                          "server runs and the URL, user and password (PGPASSWORD for PostgreSQL) are right") from None
+    _ping_when_idle(storage.engine)
     if (db_file := sqlite_file(url)) is not None:
         _refuse_damage(storage.engine, db_file)
         if write_ahead:
             _write_ahead(storage.engine)
     return storage
+
+
+def _ping_when_idle(engine: Any) -> None:
+    """After a database server restarts, every pooled connection is dead: a connection that sat in the pool for
+    more than IDLE_PING_S is pinged as it is taken, and a dead one replaced, so that a driver waiting on long
+    trials meets no error. SQLAlchemy's pool_pre_ping pings at every checkout instead: a round trip before each
+    of Optuna's storage calls, about 20 per trial, which was a third of dsnas's own time per trial on PostgreSQL.
+    A connection cut while in use fails its statement; SQLAlchemy then discards every pooled connection, and
+    OutageRetry runs the operation again on a new one."""
+    from sqlalchemy import event, exc
+
+    @event.listens_for(engine, "checkin")
+    def idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_from"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        idle_from = record.info.pop("idle_from", None)  # none: a new connection
+        if idle_from is None or time.monotonic() - idle_from < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as e:
+            raise exc.DisconnectionError(f"a pooled connection is dead: {_first_line(e)}") from e  # take another
 
 
 def _write_ahead(engine: Any) -> None:
@@ -322,12 +346,23 @@ def _server_lock(engine: Any, take: str, give: str, key: str) -> Iterator[None]:
 
     arg = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True) if "advisory" in take \
         else key[:64]
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         conn.execute(text(take), {"k": arg})
         try:
             yield
         finally:
             conn.execute(text(give), {"k": arg})
+
+
+@contextmanager
+def reading(engine: Any) -> Iterator[Any]:
+    """A connection whose transaction ends with COMMIT, not with the ROLLBACK that closing an open one sends:
+    psycopg forgets a connection's prepared statements at every rollback, and Optuna's statements, run a dozen
+    times a trial, were parsed and planned again each time on PostgreSQL (a tenth of the driver's time per trial).
+    For reads, and for statements that need no transaction of their own (an advisory lock)."""
+    with engine.connect() as connection:
+        yield connection
+        connection.commit()
 
 
 def _null_pool() -> Any:
@@ -530,23 +565,51 @@ def _upsert(backend: Any, session: Any, model: Any, trial_id: int, values: dict[
                              for key, value in values.items()])
 
 
-def budget_counts(study: Any) -> dict[str, int] | None:
-    """How many trials of the study count toward its budget, by one SQL query on Optuna's tables: ``trained``
-    (COMPLETE, not a reused repeat), ``pruned`` (stopped at a rung, not skipped by the predictor) and ``running``.
-    Loading every trial with its attributes to count them, as study.get_trials does, made each dispatch cost more
-    as the study grew. None on a storage without SQL (in memory, a journal file): the caller counts trials."""
-    engine = storage_engine(study)
-    if engine is None:
-        return None
-    import sqlalchemy as sa
+class BudgetCount:
+    """How many trials of a study count toward its budget, whichever driver ran them: ``trained`` (COMPLETE, not a
+    reused repeat), ``pruned`` (stopped at a rung, not skipped by the predictor) and ``running``. A finished trial
+    never changes state or marks, so the trials below the oldest unfinished one are counted once and kept, and each
+    read is one SQL query over the trials from there on: a count of the whole study on every dispatch (an
+    anti-join that PostgreSQL ran over the attributes of every study in the database) took the driver's time per
+    trial from 58 to 102 ms over a 1,000-trial study. Every FULL_EVERY reads count the whole study again: a trial
+    that another process enqueued while a read ran may have been committed below the mark."""
 
-    query = sa.text("""
-        SELECT t.state, COUNT(*) FROM trials t
-        WHERE t.study_id = :study AND t.state IN ('COMPLETE', 'PRUNED', 'RUNNING') AND NOT EXISTS (
-            SELECT 1 FROM trial_user_attributes a WHERE a.trial_id = t.trial_id AND (
+    FULL_EVERY = 100
+    QUERY = """
+        SELECT t.trial_id, t.state, (
+            SELECT COUNT(*) FROM trial_user_attributes a
+            WHERE a.trial_id = t.trial_id AND a.key IN ('reused_from', 'pruned_by') AND (
                 (t.state = 'COMPLETE' AND a.key = 'reused_from') OR
-                (t.state = 'PRUNED' AND a.key = 'pruned_by' AND a.value_json = '"predictor"')))
-        GROUP BY t.state""")
-    with engine.connect() as connection:
-        rows = dict(connection.execute(query, {"study": study._study_id}).all())
-    return {"trained": rows.get("COMPLETE", 0), "pruned": rows.get("PRUNED", 0), "running": rows.get("RUNNING", 0)}
+                (t.state = 'PRUNED' AND a.key = 'pruned_by' AND a.value_json = '"predictor"'))) AS uncounted
+        FROM trials t WHERE t.study_id = :study AND t.trial_id >= :low"""
+    # (The per-trial subquery, not NOT EXISTS: PostgreSQL turns that into a scan of the whole attribute table.)
+
+    def __init__(self) -> None:
+        self.low = 0  # trials with a smaller id are finished and counted in self.kept
+        self.kept = {"trained": 0, "pruned": 0}
+        self.reads = 0
+
+    def read(self, study: Any) -> dict[str, int] | None:
+        """The counts now; None on a storage without SQL (in memory, a journal file): the caller counts trials."""
+        engine = storage_engine(study)
+        if engine is None:
+            return None
+        import sqlalchemy as sa
+
+        if self.reads % self.FULL_EVERY == 0:
+            self.low, self.kept = 0, {"trained": 0, "pruned": 0}
+        self.reads += 1
+        with reading(engine) as connection:
+            rows = connection.execute(sa.text(self.QUERY), {"study": study._study_id, "low": self.low}).all()
+        unfinished = [trial_id for trial_id, state, _ in rows if state in ("RUNNING", "WAITING")]
+        low = min(unfinished, default=max((trial_id + 1 for trial_id, _, _ in rows), default=self.low))
+        counts = {**self.kept, "running": 0}
+        for trial_id, state, uncounted in rows:
+            kind = {"COMPLETE": "trained", "PRUNED": "pruned", "RUNNING": "running"}.get(state)
+            if kind is None or uncounted:
+                continue
+            counts[kind] += 1
+            if trial_id < low:
+                self.kept[kind] += 1
+        self.low = low
+        return counts

@@ -192,7 +192,7 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
                                        Measurement.cached_from.is_(None), Measurement.figures.is_not(None))
              .order_by(Measurement.id))
     out: dict[str, Any] = {}
-    with Session(engine) as session:
+    with Session(engine) as session, session.begin():  # ends with COMMIT: see storage.reading
         for row in session.scalars(query):  # later measurements of the same key replace earlier ones
             entry = out.setdefault(row.fingerprint_id, {"threads": row.threads, "batches": {}, "profile": {
                 "backend": row.backend, "dtype": row.dtype, "threads": row.threads}})

@@ -247,6 +247,29 @@ def _lost_error() -> Exception:
         return e
 
 
+@pytest.mark.parametrize("idle_ping_s, survives", [(0.2, True), (3600.0, False)])
+def test_a_connection_idle_across_a_restart_is_replaced_before_use(postgres, monkeypatch, idle_ping_s, survives):
+    """The pool pings a connection that sat idle for longer than IDLE_PING_S and replaces a dead one, so that a
+    driver waiting on long trials meets no error after the server restarted; one not pinged fails its statement
+    (which OutageRetry would then run again)."""
+    import optuna
+
+    from dsnas import storage
+
+    monkeypatch.setattr(storage, "IDLE_PING_S", idle_ping_s)
+    study = optuna.create_study(storage=storage.open_storage(postgres.create_database()), directions=["maximize"])
+    study.tell(study.ask(), 1.0)  # a pooled connection, used
+    postgres.stop()
+    postgres.start()
+    time.sleep(0.5)
+    if survives:
+        assert len(study.get_trials()) == 1
+    else:
+        with pytest.raises(optuna.exceptions.StorageInternalError) as lost:  # Optuna's wrapper of the error
+            study.get_trials()
+        assert storage.connection_lost(lost.value)
+
+
 def test_only_a_lost_connection_is_worth_retrying():
     import sqlite3
 

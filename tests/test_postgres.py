@@ -230,6 +230,12 @@ def test_set_user_attrs_stores_what_optuna_would_on_postgresql(postgres_url):
     check_set_user_attrs(postgres_url)
 
 
+def test_the_budget_count_of_a_postgresql_study_matches_a_count_of_every_trial(postgres_url):
+    from test_storage import check_budget_count
+
+    check_budget_count(postgres_url)
+
+
 def test_a_resumed_dsnas_sampler_search_learns_from_the_stored_trials_on_postgresql(postgres_url, tmp_path):
     from test_sampler import check_resume
 

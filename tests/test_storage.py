@@ -172,6 +172,52 @@ def test_set_user_attrs_stores_what_optuna_would_on_sqlite(tmp_path):
     check_set_user_attrs(f"sqlite:///{tmp_path / 'attrs.db'}")
 
 
+def check_budget_count(url: str) -> None:
+    """BudgetCount against a count of every trial, read by two drivers' counters as trials start, finish in each
+    state (a reused repeat and a predictor's skip are not counted), and are queued and taken again, beside another
+    study in the same database whose trials take the ids in between."""
+    import random
+
+    rng = random.Random(0)
+    study = optuna.create_study(storage=url, study_name="counted", directions=["maximize"])
+    other = optuna.create_study(storage=url, study_name="beside", directions=["maximize"])
+    counters = [dsnas_storage.BudgetCount(), dsnas_storage.BudgetCount()]
+    counters[1].FULL_EVERY = 10**9  # never starts over: the kept counts must stay right by themselves
+    running: list[optuna.trial.Trial] = []
+
+    def expected() -> dict[str, int]:
+        trials = study.get_trials(deepcopy=False)
+        return {"trained": sum(t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs for t in trials),
+                "pruned": sum(t.state == TrialState.PRUNED and t.user_attrs.get("pruned_by") != "predictor"
+                              for t in trials),
+                "running": sum(t.state == TrialState.RUNNING for t in trials)}
+
+    for step in range(300):
+        if rng.random() < 0.3:
+            other.tell(other.ask(), 1.0)
+        if len(running) < 6 and rng.random() < 0.6:
+            if rng.random() < 0.1:
+                study.enqueue_trial({})
+            running.append(study.ask())
+        elif running:
+            trial = running.pop(rng.randrange(len(running)))  # finished in any order: a long trial stays below
+            end = rng.choice(["trained", "reused", "rung", "skipped", "failed"])
+            if end == "reused":
+                trial.set_user_attr("reused_from", 0)
+            if end in ("rung", "skipped"):
+                trial.set_user_attr("pruned_by", "predictor" if end == "skipped" else "rung")
+            state = {"rung": TrialState.PRUNED, "skipped": TrialState.PRUNED, "failed": TrialState.FAIL}
+            study.tell(trial, None if end in state else 1.0, state=state.get(end))
+        counter = counters[step % 2]
+        assert counter.read(study) == expected(), step
+    assert expected()["trained"] > 20 and expected()["pruned"] > 10
+    assert counters[1].low > 0  # the finished trials below are kept, not read again
+
+
+def test_the_budget_count_of_a_sqlite_study_matches_a_count_of_every_trial(tmp_path):
+    check_budget_count(f"sqlite:///{tmp_path / 'budget.db'}")
+
+
 def test_a_search_keeps_its_sqlite_file_in_write_ahead_log_mode(finished_study, tmp_path):
     """One synced log file per commit instead of the file and a rollback journal (see storage._write_ahead)."""
     db_file = copy_study(finished_study, tmp_path / "study").with_suffix(".db")
