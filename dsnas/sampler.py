@@ -4,7 +4,8 @@ and the hardware figures do not: before a candidate trains, its hardware figures
 
 Each proposal:
 1. The trained candidates so far (COMPLETE trials, a repeat counted once) fit one Gaussian process per figure
-   that is not known in advance (dsnas.surrogate), an objective on the normal scores of its ranks (_warped); the
+   that is not known in advance (dsnas.surrogate), an objective on the normal scores of its ranks (_warped); a
+   hardware figure is fitted on every candidate measured, those stopped at a rung too (_measured_early). The
    hyperparameters are re-learned as the data grows by a fifth, and only re-conditioned in between.
 2. A pool of candidates never proposed before: the whole space when it is small, else random ones and every
    one-choice mutation of the current front. Those a known figure puts over a hardware limit are dropped.
@@ -32,6 +33,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import TrialState
 
 from dsnas.acquisition import expected_improvement, probability_feasible
+from dsnas.spec import TRAINED
 from dsnas.surrogate import Encoding, GaussianProcess
 
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
@@ -72,6 +74,7 @@ class DsnasSampler(BaseSampler):
         self._encoded: dict[tuple[Any, ...], np.ndarray] = {}  # candidate key -> its row of the design matrix
         self._known: dict[tuple[Any, ...], dict[str, float]] = {}  # candidate key -> known figures (fixed)
         self._keys: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # trial number -> (key, used params)
+        self._measured: dict[tuple[Any, ...], tuple[dict[str, Any], Any]] = {}  # key -> (used params, figures)
         self.proposals: list[float] = []  # every proposal's time (for the benchmark)
 
     def bind(self, problem: Problem) -> None:
@@ -110,9 +113,11 @@ class DsnasSampler(BaseSampler):
 
     def _history(self, study: Any, current: int) -> tuple[dict[Any, Any], list[Candidate], set[Any]]:
         """(trained candidates: key -> (parameters, values, figures, feasible); the running ones; the keys of
-        every candidate proposed before, in any state)."""
+        every candidate proposed before, in any state). Also keeps in self._measured every candidate whose figures
+        were measured, trained or not (stopped at a rung: measured before training)."""
         done: dict[str, Any] = {}
         pending, seen = [], set()
+        self._measured = {}
         for t in study._get_trials(deepcopy=False, use_cache=True):
             if t.number == current:
                 continue
@@ -124,6 +129,9 @@ class DsnasSampler(BaseSampler):
             if t.state == TrialState.COMPLETE and t.values is not None and key not in done:
                 feasible = t.user_attrs.get("feasible", 1.0) > 0.5
                 done[key] = (used, list(t.values), t.user_attrs, feasible)
+            if (t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and
+                                                   t.user_attrs.get("pruned_by") != "predictor")):
+                self._measured.setdefault(key, (used, t.user_attrs))  # a skipped one's figures are predicted
             elif t.state == TrialState.RUNNING and used:
                 pending.append((used, key))
         return done, pending, seen
@@ -151,9 +159,16 @@ class DsnasSampler(BaseSampler):
         rows = list(done.values())
         x = self._encoding.encode([r[0] for r in rows])
         modelled = self._modelled(rows[0][0])
-        values = self._warped(np.array([r[1] for r in rows], dtype=float), modelled)
+        early = self._measured_early(modelled, len(rows))
+        values = self._warped(np.array([r[1] for r in rows], dtype=float), modelled,
+                              {metric: ys for metric, (_, ys) in early.items()})
         column = {metric: i for i, (metric, _) in enumerate(problem.objectives)}
         for metric in modelled:  # an objective's (warped) values, or a limit's figure from the trial's attributes
+            if metric in early:  # measured on more candidates than were trained
+                xs, ys = early[metric]
+                warp = metric in column and metric not in problem.limits  # as _warped does
+                self._fit(metric, xs, _normal_scores(ys, ys) if warp else ys)
+                continue
             y = values[:, column[metric]] if metric in column else np.array([float(r[2][metric]) for r in rows])
             self._fit(metric, x, y)
         pool = self._pool(rows, pending, seen)
@@ -174,20 +189,35 @@ class DsnasSampler(BaseSampler):
         best = np.flatnonzero(score >= score.max() * (1 - 1e-12))
         return pool[int(self._rng.choice(best))][0]
 
-    def _warped(self, values: np.ndarray, modelled: list[str]) -> np.ndarray:
+    def _warped(self, values: np.ndarray, modelled: list[str],
+                among: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The trained candidates' objective values (one row each) with every modelled objective replaced by its
         normal scores (the standard normal quantile of each value's rank), which the model is fitted on and the
         front is scored in. Accuracy has a long tail of failed architectures; fitted as it is, the model spends
         itself on telling those from the rest and ranks the good ones poorly (on NAS-Bench-201, Spearman 0.24
         among the best fifth of held-out cells after 100 trained, against 0.45 on normal scores). The map keeps
         the order, so the front is the same front. An objective that is also a limit stays in its units, where
-        the limit is."""
-        from scipy.stats import norm, rankdata
-
+        the limit is. ``among``: an objective's values ranked among these (every measured candidate's, see
+        _measured_early) instead of among the trained ones."""
         out = values.copy()
         for i, (metric, _) in enumerate(self.problem.objectives):
             if metric in modelled and metric not in self.problem.limits:
-                out[:, i] = norm.ppf((rankdata(values[:, i]) - 0.5) / len(values))
+                out[:, i] = _normal_scores(values[:, i], (among or {}).get(metric, values[:, i]))
+        return out
+
+    def _measured_early(self, modelled: list[str], trained: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each modelled figure that training does not change (the hardware figures, measured before training),
+        with the design matrix and values of every candidate it was measured on, where those are more than the
+        trained ones: a candidate stopped at a rung, one over a limit at rung 0 in particular, tells where the
+        figures and the limits lie as a trained one does."""
+        out = {}
+        for metric in modelled:
+            if metric in TRAINED:
+                continue
+            rows = [(used, float(attrs[metric])) for used, attrs in self._measured.values()
+                    if isinstance(attrs.get(metric), (int, float))]
+            if len(rows) > trained:
+                out[metric] = (self._encoding.encode([r[0] for r in rows]), np.array([r[1] for r in rows]))
         return out
 
     def _whole(self, params: dict[str, Any]) -> bool:
@@ -331,3 +361,13 @@ class DsnasSampler(BaseSampler):
         worst, best = points.max(axis=0), points.min(axis=0)
         return list(worst + 0.1 * np.maximum(worst - best, 1e-9))
 
+
+def _normal_scores(values: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """The standard normal quantile of each value's rank among ``among`` (which holds them all; ties share their
+    average rank, as scipy's rankdata gives them)."""
+    from scipy.stats import norm
+
+    reference = np.sort(among)
+    below = np.searchsorted(reference, values, "left")
+    rank = below + (np.searchsorted(reference, values, "right") - below + 1) / 2
+    return norm.ppf((rank - 0.5) / len(reference))

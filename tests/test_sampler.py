@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
 
 from dsnas.acquisition import expected_improvement, improvement_2d, probability_feasible
 from dsnas.pareto import dominated_volume, front_indices
@@ -370,3 +372,38 @@ def test_modelled_objectives_are_fitted_on_normal_scores_and_limits_keep_their_u
     expected = [NormalDist().inv_cdf((rank - 0.5) / 4) for rank in (1, 4, 3, 2)]
     assert np.allclose(warped[:, 0], expected)  # the 0.01 and 0.02 failures sit as far below as 0.70 sits above
     assert np.array_equal(warped[:, 1:], values[:, 1:])  # latency known, memory a limit: as measured
+
+
+def test_candidates_measured_but_not_trained_teach_the_hardware_models_where_the_limit_is():
+    """A built-in task's figures are not known before a candidate is proposed: the worker measures them before
+    training (rung 0), and a candidate over a limit stops there, PRUNED. Those measurements teach the models of
+    the hardware figures as the trained ones do: here every trained candidate has width <= 4 (latency 10 per
+    width, limit 45), and wider ones measured over the limit were stopped; the sampler then proposes no wider
+    one, where its accuracy model alone (accuracy grows with width) would lead it."""
+    widths, ops = (1, 2, 3, 4, 5, 6, 7, 8), ("a", "b", "c", "d")
+    distributions = {"width": CategoricalDistribution(widths), "op": CategoricalDistribution(ops)}
+    gain = {"a": 0.0, "b": 1.0, "c": 2.0, "d": 0.5}
+    rng = np.random.RandomState(0)
+    trained = [(w, op) for w in (1, 2, 3, 4) for op in ops][:13]
+    stopped = [(w, op) for w in (5, 6, 7, 8) for op in ops if rng.rand() < 0.6]
+    proposed = []
+    for seed in range(4):
+        sampler = DsnasSampler(seed=seed)
+        sampler.bind(Problem(parameters={"width": widths, "op": ops}, used=dict, arch_of=dict,
+                             objectives=[("accuracy", "maximize"), ("throughput", "maximize")],
+                             limits={"latency_ms": 45.0}))
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        for w, op in trained:
+            figures = {"latency_ms": 10.0 * w, "throughput": 100.0 / w, "feasible": 1.0}
+            study.add_trial(optuna.trial.create_trial(
+                params={"width": w, "op": op}, distributions=distributions, user_attrs=figures,
+                values=[50 + 5 * w + gain[op], 100.0 / w]))
+        for w, op in stopped:
+            figures = {"latency_ms": 10.0 * w, "throughput": 100.0 / w, "pruned_by": "rung", "pruned_at": 0}
+            study.add_trial(optuna.trial.create_trial(
+                params={"width": w, "op": op}, distributions=distributions, user_attrs=figures,
+                state=TrialState.PRUNED))
+        trial = study.ask()
+        proposed.append(trial.suggest_categorical("width", widths))
+        assert len(sampler._models["latency_ms"].x) == len(trained) + len(stopped)  # fitted on all measured
+    assert max(proposed) <= 4, proposed
