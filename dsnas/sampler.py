@@ -129,11 +129,11 @@ class DsnasSampler(BaseSampler):
             if t.state == TrialState.COMPLETE and t.values is not None and key not in done:
                 feasible = t.user_attrs.get("feasible", 1.0) > 0.5
                 done[key] = (used, list(t.values), t.user_attrs, feasible)
-            if (t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and
-                                                   t.user_attrs.get("pruned_by") != "predictor")):
-                self._measured.setdefault(key, (used, t.user_attrs))  # a skipped one's figures are predicted
             elif t.state == TrialState.RUNNING and used:
                 pending.append((used, key))
+            if t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and
+                                                  t.user_attrs.get("pruned_by") != "predictor"):
+                self._measured.setdefault(key, (used, t.user_attrs))  # a skipped one's figures are predicted
         return done, pending, seen
 
     # -- proposals
