@@ -19,6 +19,8 @@ more than the ratios.
 
 Run:  python benchmarks/overhead.py [--trials 40] [--repeats 3] [--profile]
       (--profile: also print the top costs of one dsnas-local run under cProfile)
+      python benchmarks/overhead.py --sizes 100,1000,5000 [--sampler nsga2] [--postgres URL] [--repeats 1]
+      (the per-trial time as the study grows, A against dsnas-local only: see growth())
 """
 
 from __future__ import annotations
@@ -180,24 +182,26 @@ def profile_local(n: int) -> None:
     pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
 
 
-def growth(sizes: list[int], sampler: str, postgres: str | None) -> None:
+def growth(sizes: list[int], sampler: str, postgres: str | None, repeats: int) -> None:
     """The driver's own time per trial as the study grows: plain Optuna ask/tell (A) and dsnas's local executor on
-    the same storage and sampler, each run once per size; per trial over the whole run, its first tenth and its last
-    tenth (flat is the aim), and the ratio."""
-    import optuna
-
+    the same storage and sampler, ``repeats`` runs of each per size (interleaved); per trial over the whole run,
+    its first tenth and its last tenth (flat is the aim), each the median over the runs, and the ratio of the
+    medians. Both clocks start before the storage is opened."""
     storages = [("sqlite", None)] + ([("postgresql", postgres)] if postgres else [])
     print(f"{'storage':<11}{'trials':>7}{'sampler':>8}  {'A ms/trial (first/last 10%)':>30}  "
           f"{'dsnas ms/trial (first/last 10%)':>33}  {'dsnas / A':>9}")
     for kind, url in storages:
         for n in sizes:
-            with tempfile.TemporaryDirectory(prefix="dsnas-overhead-") as tmp:
-                work = Path(tmp)
-                name = f"plain-{os.getpid()}-{n}-{time.time_ns()}"
-                a = stamps_plain(n, optuna.storages.RDBStorage(url or f"sqlite:///{work / 'plain.db'}"), name,
-                                 sampler)
-                d = stamps_dsnas(n, work, url or f"sqlite:///{work / 'dsnas.db'}", sampler)
-            ra, rd = per_trial(a), per_trial(d)
+            runs: dict[str, list[tuple[float, float, float]]] = {"A": [], "dsnas": []}
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory(prefix="dsnas-overhead-") as tmp:
+                    work = Path(tmp)
+                    name = f"plain-{os.getpid()}-{n}-{time.time_ns()}"
+                    runs["A"].append(per_trial(stamps_plain(n, url or f"sqlite:///{work / 'plain.db'}", name,
+                                                            sampler)))
+                    runs["dsnas"].append(per_trial(stamps_dsnas(n, work, url or f"sqlite:///{work / 'dsnas.db'}",
+                                                                sampler)))
+            ra, rd = ([statistics.median(r[i] for r in runs[k]) for i in range(3)] for k in ("A", "dsnas"))
             print(f"{kind:<11}{n:>7}{sampler:>8}  {ra[0]:>12.2f} ({ra[1]:>6.2f}/{ra[2]:>6.2f})      "
                   f"{rd[0]:>15.2f} ({rd[1]:>6.2f}/{rd[2]:>6.2f})  {rd[0] / ra[0]:>8.2f}x", flush=True)
 
@@ -209,14 +213,14 @@ def per_trial(stamps: list[float]) -> tuple[float, float, float]:
             (stamps[-1] - stamps[-1 - tenth]) / tenth * 1e3)
 
 
-def stamps_plain(n: int, storage, name: str, sampler: str) -> list[float]:
+def stamps_plain(n: int, url: str, name: str, sampler: str) -> list[float]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler_obj = (optuna.samplers.NSGAIISampler if sampler == "nsga2" else optuna.samplers.TPESampler)(seed=0)
     stamps = [time.perf_counter()]
-    study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "maximize"],
-                                sampler=sampler_obj)
+    study = optuna.create_study(storage=optuna.storages.RDBStorage(url), study_name=name,
+                                directions=["maximize", "maximize"], sampler=sampler_obj)
     for _ in range(n):
         trial = study.ask()
         suggest(trial)
@@ -247,7 +251,7 @@ def stamps_dsnas(n: int, workdir: Path, url: str, sampler: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="runs of each variant (default 3; 1 with --sizes)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sizes", help="e.g. 100,1000,5000: the per-trial time as the study grows (A and "
                                         "dsnas-local only), instead of the four variants")
@@ -256,9 +260,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.sizes:
         print(machine())
-        growth([int(s) for s in args.sizes.split(",")], args.sampler, args.postgres)
+        growth([int(s) for s in args.sizes.split(",")], args.sampler, args.postgres, args.repeats or 1)
         return
     print(machine())
+    args.repeats = args.repeats or 3
     print(f"{args.trials} trials per run, {args.repeats} repeats, fresh SQLite storage each run\n", flush=True)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
 
