@@ -23,7 +23,7 @@ from dsnas.progress import Progress
 from dsnas.sampler import DsnasSampler, Problem
 from dsnas.screening import Screen, arch_counter
 from dsnas.space import arch_sampler, load_space_file
-from dsnas.spec import StudySpec
+from dsnas.spec import TRAINED, StudySpec
 from dsnas.storage import (
     HEARTBEAT_S,
     BudgetCount,
@@ -120,7 +120,10 @@ class Driver:
                        arch_of=lambda params: {**space.arch_of(params), **self.task_arch},
                        objectives=[(o.metric, o.direction) for o in self.spec.objectives],
                        limits=dict(self.spec.hardware.constraints.items()),
-                       known=hardware if callable(hardware) else None)
+                       known=hardware if callable(hardware) else None,
+                       untrained=tuple(m for m in (*(o.metric for o in self.spec.objectives),
+                                                   *dict(self.spec.hardware.constraints.items()))
+                                       if m not in TRAINED))
 
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""

@@ -33,7 +33,6 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import TrialState
 
 from dsnas.acquisition import expected_improvement, probability_feasible
-from dsnas.spec import TRAINED
 from dsnas.surrogate import Encoding, GaussianProcess
 
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
@@ -55,6 +54,7 @@ class Problem:
     objectives: list[tuple[str, str]]  # (metric, direction), in the study's order
     limits: dict[str, float] = field(default_factory=dict)  # metric -> upper limit ([hardware.constraints])
     known: Callable[[dict[str, Any]], dict[str, float]] | None = None  # arch -> figures known before training
+    untrained: tuple[str, ...] = ()  # figures training does not change (hardware): measured before it, at rung 0
 
 
 class DsnasSampler(BaseSampler):
@@ -206,13 +206,13 @@ class DsnasSampler(BaseSampler):
         return out
 
     def _measured_early(self, modelled: list[str], trained: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each modelled figure that training does not change (the hardware figures, measured before training),
+        """Each modelled figure that training does not change (Problem.untrained: the hardware figures),
         with the design matrix and values of every candidate it was measured on, where those are more than the
         trained ones: a candidate stopped at a rung, one over a limit at rung 0 in particular, tells where the
         figures and the limits lie as a trained one does."""
         out = {}
         for metric in modelled:
-            if metric in TRAINED:
+            if metric not in self.problem.untrained:
                 continue
             rows = [(used, float(attrs[metric])) for used, attrs in self._measured.values()
                     if isinstance(attrs.get(metric), (int, float))]

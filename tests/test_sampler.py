@@ -348,6 +348,7 @@ def check_resume(folder: Path, url: str) -> None:
     outcome = run_study(spec, progress=Progress(spec, out=io.StringIO()), sampler=resumed)
     assert outcome.completed == 20
     assert modelled == list(range(12, 20))  # every new proposal by the model, from the 12 stored on
+    assert resumed.problem.untrained == ("latency_ms",)  # from the driver: the figure training does not change
     trials = optuna.load_study(study_name=spec.name, storage=url).get_trials()
     archs = [tuple(t.params[k] for k in CHOICES) for t in trials if "reused_from" not in t.user_attrs]
     assert len(archs) == len(set(archs)) == 20
@@ -391,7 +392,7 @@ def test_candidates_measured_but_not_trained_teach_the_hardware_models_where_the
         sampler = DsnasSampler(seed=seed)
         sampler.bind(Problem(parameters={"width": widths, "op": ops}, used=dict, arch_of=dict,
                              objectives=[("accuracy", "maximize"), ("throughput", "maximize")],
-                             limits={"latency_ms": 45.0}))
+                             limits={"latency_ms": 45.0}, untrained=("throughput", "latency_ms")))
         study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
         for w, op in trained:
             figures = {"latency_ms": 10.0 * w, "throughput": 100.0 / w, "feasible": 1.0}
