@@ -116,14 +116,13 @@ class Driver:
     def _problem(self, space: Any) -> Problem:
         """What dsnas's sampler needs: the space's parameters, and the figures the task knows before training."""
         hardware = getattr(self.task, "hardware", None)
+        objectives = [(o.metric, o.direction) for o in self.spec.objectives]
+        limits = dict(self.spec.hardware.constraints.items())
+        figures = dict.fromkeys([*(metric for metric, _ in objectives), *limits])
         return Problem(parameters=space.parameters(), used=space.used,
                        arch_of=lambda params: {**space.arch_of(params), **self.task_arch},
-                       objectives=[(o.metric, o.direction) for o in self.spec.objectives],
-                       limits=dict(self.spec.hardware.constraints.items()),
-                       known=hardware if callable(hardware) else None,
-                       untrained=tuple(m for m in (*(o.metric for o in self.spec.objectives),
-                                                   *dict(self.spec.hardware.constraints.items()))
-                                       if m not in TRAINED))
+                       objectives=objectives, limits=limits, known=hardware if callable(hardware) else None,
+                       untrained=tuple(metric for metric in figures if metric not in TRAINED))
 
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""

@@ -157,7 +157,7 @@ class DsnasSampler(BaseSampler):
               start: float) -> dict[str, Any]:
         problem = self.problem
         rows = list(done.values())
-        x = self._encoding.encode([r[0] for r in rows])
+        x = self._design([(r[0], key) for key, r in done.items()])
         modelled = self._modelled(rows[0][0])
         early = self._measured_early(modelled, len(rows))
         values = self._warped(np.array([r[1] for r in rows], dtype=float), modelled,
@@ -166,8 +166,7 @@ class DsnasSampler(BaseSampler):
         for metric in modelled:  # an objective's (warped) values, or a limit's figure from the trial's attributes
             if metric in early:  # measured on more candidates than were trained
                 xs, ys = early[metric]
-                warp = metric in column and metric not in problem.limits  # as _warped does
-                self._fit(metric, xs, _normal_scores(ys, ys) if warp else ys)
+                self._fit(metric, xs, _normal_scores(ys, ys) if self._ranked(metric) else ys)
                 continue
             y = values[:, column[metric]] if metric in column else np.array([float(r[2][metric]) for r in rows])
             self._fit(metric, x, y)
@@ -201,9 +200,13 @@ class DsnasSampler(BaseSampler):
         _measured_early) instead of among the trained ones."""
         out = values.copy()
         for i, (metric, _) in enumerate(self.problem.objectives):
-            if metric in modelled and metric not in self.problem.limits:
+            if metric in modelled and self._ranked(metric):
                 out[:, i] = _normal_scores(values[:, i], (among or {}).get(metric, values[:, i]))
         return out
+
+    def _ranked(self, metric: str) -> bool:
+        """Whether a modelled figure is fitted on normal scores (see _warped): an objective that is not a limit."""
+        return any(m == metric for m, _ in self.problem.objectives) and metric not in self.problem.limits
 
     def _measured_early(self, modelled: list[str], trained: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each modelled figure that training does not change (Problem.untrained: the hardware figures),
@@ -214,10 +217,10 @@ class DsnasSampler(BaseSampler):
         for metric in modelled:
             if metric not in self.problem.untrained:
                 continue
-            rows = [(used, float(attrs[metric])) for used, attrs in self._measured.values()
+            rows = [((used, key), float(attrs[metric])) for key, (used, attrs) in self._measured.items()
                     if isinstance(attrs.get(metric), (int, float))]
             if len(rows) > trained:
-                out[metric] = (self._encoding.encode([r[0] for r in rows]), np.array([r[1] for r in rows]))
+                out[metric] = (self._design([r[0] for r in rows]), np.array([r[1] for r in rows]))
         return out
 
     def _whole(self, params: dict[str, Any]) -> bool:
