@@ -69,6 +69,41 @@ def test_verify_fails_on_latency_drift_on_the_same_device(bundle, capsys):
     assert code == 1 and "latency_ms_bs1" in out.splitlines()[-1], out
 
 
+def _slowed(monkeypatch, slow_rounds):
+    """verify's measure, with the rounds numbered in ``slow_rounds`` (from 0) made 3x slower."""
+    import dsnas.export.verify as verify_module
+
+    real, calls = verify_module.measure, []
+
+    def measure(*args, **kwargs):
+        metrics, profile = real(*args, **kwargs)
+        slow = len(calls) in slow_rounds
+        calls.append(slow)
+        if slow:
+            metrics = {k: v * 3 if k.startswith("latency") else v / 3 if k.startswith("throughput") else v
+                       for k, v in metrics.items()}
+        return metrics, profile
+
+    monkeypatch.setattr(verify_module, "measure", measure)
+    monkeypatch.setattr(verify_module, "UNSTEADY_PAUSE_S", 0.0)
+    return calls
+
+
+def test_rounds_that_disagree_beyond_the_tolerance_are_measured_again_before_a_verdict(exported, capsys, monkeypatch):
+    calls = _slowed(monkeypatch, slow_rounds={1, 2, 3})  # a slow spell of the host: 3 of the first 5 rounds
+    code, out = verify(exported, capsys, "--latency-tol", "1.0")
+    assert code == 0 and len(calls) == 10, out  # a second set, and the median of all 10 is judged
+    assert "ok (median of 10 rounds within x/÷" in next(line for line in out.splitlines()
+                                                        if line.startswith("latency_ms_bs1")), out
+
+
+def test_a_bundle_slower_in_every_round_fails_without_being_measured_again(exported, capsys, monkeypatch):
+    calls = _slowed(monkeypatch, slow_rounds=set(range(15)))
+    code, out = verify(exported, capsys, "--latency-tol", "1.0")
+    assert code == 1 and len(calls) == 5, out  # the rounds agree with each other: the bundle is slower
+    assert "FAIL (median of 5 rounds" in out
+
+
 def test_a_wide_recorded_spread_does_not_hide_a_figure_many_times_off(bundle, capsys):
     def edit(d):
         d["metrics"]["latency_ms_bs1"] *= 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from dsnas.tasks import make_task
 
 # Independent measurements of each speed figure; their median is compared (one busy round moves it little).
 SPEED_ROUNDS = 5
+# A shared host has slow spells that no /proc/stat counter shows (likely another guest on the core's SMT sibling): on
+# a 2-core EPYC VM like CI's, one bundle timed 0.43 ms in most rounds and 0.8 ms in runs of 1-4 consecutive rounds,
+# with no other process busy. When the rounds disagree among themselves beyond the tolerance and their median fails, the
+# machine, not the bundle, is in doubt: measure another set after a pause and judge the median of them all.
+EXTRA_SETS = 2
+UNSTEADY_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -173,9 +180,17 @@ def _accuracy_checks(model: Any, task: Any, dev: Any, recorded: dict[str, Any], 
 
 def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict[str, Any],
                   tol: float) -> list[Check]:
+    rounds: list[tuple[dict[str, float], dict[str, Any]]] = []
+    then = recorded.get("metrics", {})
+    batches = recorded.get("profile", {}).get("batches", {})
     with MeasureGate(device_key(dev)).exclusive():
-        rounds = [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
-    now = {k: [r[0][k] for r in rounds] for k in rounds[0][0]}
+        for extra in range(EXTRA_SETS + 1):
+            if extra:
+                time.sleep(UNSTEADY_PAUSE_S)
+            rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
+            now = {k: [r[0][k] for r in rounds] for k in rounds[0][0]}
+            if not any(_unsteady(then.get(k), now[k], max(tol, _spread(batches, k))) for k in _speed_keys(now)):
+                break
     profile = rounds[0][1]
     then_fp = recorded.get("fingerprint") or recorded.get("profile", {}).get("fingerprint", {})
     # Every field of a fingerprint is stable on one machine and install (none is volatile), so the whole dict
@@ -185,13 +200,28 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
     checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
                     f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
                     compared=not differs)]
-    then = recorded.get("metrics", {})
-    batches = recorded.get("profile", {}).get("batches", {})
-    for key in sorted(k for k in now if k.startswith(("latency_ms_bs", "throughput_tok_s_bs"))):
-        # A drift inside the recorded p10-p90 spread is no evidence of a change: the tolerance is the larger.
-        spread = batches.get(key.rsplit("_bs", 1)[1], {}).get("spread") or 0.0
-        checks.append(_relative(key, then.get(key), now[key], max(tol, spread), compare=not differs))
+    for key in _speed_keys(now):
+        checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), compare=not differs))
     return checks
+
+
+def _speed_keys(now: dict[str, list[float]]) -> list[str]:
+    return sorted(k for k in now if k.startswith(("latency_ms_bs", "throughput_tok_s_bs")))
+
+
+def _spread(batches: dict[str, Any], key: str) -> float:
+    """A drift inside the recorded p10-p90 spread is no evidence of a change: the tolerance is at least that."""
+    return batches.get(key.rsplit("_bs", 1)[1], {}).get("spread") or 0.0
+
+
+def _unsteady(then: float | None, rounds: list[float], tol: float) -> bool:
+    """The median fails while the rounds themselves differ by more than the tolerance: the machine was unsteady."""
+    import statistics
+
+    if not then or min(rounds) <= 0:
+        return False
+    ratio = statistics.median(rounds) / then
+    return not 1 / (1 + tol) <= ratio <= 1 + tol and max(rounds) / min(rounds) > 1 + tol
 
 
 def _relative(key: str, then: float | None, rounds: list[float], tol: float, compare: bool) -> Check:
