@@ -12,7 +12,8 @@ Each proposal:
 3. Each is scored by its expected hypervolume improvement (dsnas.acquisition) over the front of the feasible
    trained candidates and of the running ones (their known figures, and the model's mean for the rest: a
    "kriging believer", so that several workers are not all sent to the same spot), times the probability that
-   the figures it must guess are within the limits. The best is proposed.
+   the figures it must guess are within the limits, times the chance that it does not train to a floor
+   (_not_failing). The best is proposed.
 Until ``startup`` candidates have trained, the proposals are random (among those within the known limits).
 
 The driver binds the sampler to the study's space and task (``bind``); on a space without declared choices
@@ -38,6 +39,7 @@ from dsnas.surrogate import Encoding, GaussianProcess
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
 STARTUP = 10  # random proposals before the model is trusted: enough points for a first fit of 6-10 length scales
 LISTED = 50_000  # a space of at most this many architectures is listed whole, and every candidate can be scored
+FLOOR_TIES = 3  # trained candidates sharing the lowest value exactly that make it a floor (see _not_failing)
 SCORING_FLOPS = 3e8  # per proposal: candidates x (trained candidates)^2, about 50 ms on one core
 
 
@@ -182,11 +184,31 @@ class DsnasSampler(BaseSampler):
             front += self._predict(running, modelled, budget)[0].tolist()
         front_arr = np.array(front, dtype=float).reshape(-1, len(problem.objectives))
         ref = self._reference(np.array([self._minimized(v) for v in values], dtype=float))
-        score = expected_improvement(mu, sigma, front_arr, ref) * pof
+        score = expected_improvement(mu, sigma, front_arr, ref) * pof * self._not_failing(x, rows, pool, modelled)
         if not np.any(score > 0):
             return pool[int(self._rng.randint(len(pool)))][0]
         best = np.flatnonzero(score >= score.max() * (1 - 1e-12))
         return pool[int(self._rng.choice(best))][0]
+
+    def _not_failing(self, x: np.ndarray, rows: list[Any], pool: list[Candidate], modelled: list[str]) -> np.ndarray:
+        """Per candidate, the chance it does not train to the floor: the worst value of a modelled objective when
+        at least FLOOR_TIES trained candidates share it exactly (chance accuracy: a broken architecture, one whose
+        output does not depend on its input). Modelled apart, as an unknown constraint, by a model of the
+        0/1 floor indicator."""
+        failed = np.zeros(len(rows), dtype=bool)
+        for i, (metric, direction) in enumerate(self.problem.objectives):
+            if metric not in modelled or not self._ranked(metric):
+                continue
+            column = np.array([r[1][i] for r in rows], dtype=float)
+            floor = column.min() if direction == "maximize" else column.max()
+            at_floor = column == floor
+            if at_floor.sum() >= FLOOR_TIES:
+                failed |= at_floor
+        if not failed.any():
+            return np.ones(len(pool))
+        self._fit("<floor>", x, failed.astype(float))
+        chance, _ = self._models["<floor>"].predict(self._design(pool))
+        return 1.0 - np.clip(chance, 0.0, 1.0)
 
     def _warped(self, values: np.ndarray, modelled: list[str],
                 among: dict[str, np.ndarray] | None = None) -> np.ndarray:
