@@ -39,7 +39,7 @@ from dsnas.surrogate import Encoding, GaussianProcess
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
 STARTUP = 10  # random proposals before the model is trusted: enough points for a first fit of 6-10 length scales
 LISTED = 50_000  # a space of at most this many architectures is listed whole, and every candidate can be scored
-FLOOR_TIES = 3  # trained candidates sharing the lowest value exactly that make it a floor (see _not_failing)
+FLOOR_TIES = 3  # trained candidates sharing the worst value exactly that make it a floor (see _not_failing)
 SCORING_FLOPS = 3e8  # per proposal: candidates x (trained candidates)^2, about 50 ms on one core
 
 
