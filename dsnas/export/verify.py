@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,21 +215,23 @@ def _spread(batches: dict[str, Any], key: str) -> float:
     return batches.get(key.rsplit("_bs", 1)[1], {}).get("spread") or 0.0
 
 
+def _median_within(then: float, rounds: list[float], tol: float) -> bool:
+    """Whether the rounds' median is within a ratio of 1 + ``tol`` of the recorded figure, either way. In ratios, not
+    differences: a figure 1000x smaller is a drift of -100% and would hide inside a tolerance widened past 100%."""
+    ratio = statistics.median(rounds) / then if then else math.inf
+    return 1 / (1 + tol) <= ratio <= 1 + tol
+
+
 def _unsteady(then: float | None, rounds: list[float], tol: float) -> bool:
     """The median fails while the rounds themselves differ by more than the tolerance: the machine was unsteady."""
-    import statistics
-
     if not then or min(rounds) <= 0:
         return False
-    ratio = statistics.median(rounds) / then
-    return not 1 / (1 + tol) <= ratio <= 1 + tol and max(rounds) / min(rounds) > 1 + tol
+    return not _median_within(then, rounds, tol) and max(rounds) / min(rounds) > 1 + tol
 
 
 def _relative(key: str, then: float | None, rounds: list[float], tol: float, compare: bool) -> Check:
     """The median of the rounds against the recorded figure (itself a median): it fails when their ratio is beyond
     1 + ``tol`` either way. The rounds' range is shown beside it: a wide one says the machine was busy."""
-    import statistics
-
     now = statistics.median(rounds)
     shown = f"{_num(now)} ({_num(min(rounds), 3)}-{_num(max(rounds), 3)})"
     if then is None:
@@ -236,10 +239,6 @@ def _relative(key: str, then: float | None, rounds: list[float], tol: float, com
     drift = (now - then) / then if then else math.inf
     if not compare:
         return Check(key, _num(then), shown, f"{drift:+.0%}", "other device: not compared", compared=False)
-    # In ratios, not differences: a figure 1000x smaller is a drift of -100% and would hide inside a tolerance
-    # widened past 100%; a ratio beyond 1 + tol either way is a drift.
-    limit = 1 + tol
-    ratio = now / then if then else math.inf
-    ok = 1 / limit <= ratio <= limit
-    verdict = f"{'ok' if ok else 'FAIL'} (median of {len(rounds)} rounds within x/÷ {limit:.3g})"
+    ok = _median_within(then, rounds, tol)
+    verdict = f"{'ok' if ok else 'FAIL'} (median of {len(rounds)} rounds within x/÷ {1 + tol:.3g})"
     return Check(key, _num(then), shown, f"{drift:+.0%}", verdict, failed=not ok)
