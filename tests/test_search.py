@@ -126,11 +126,14 @@ def state_counts(study_file):
         return None
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            rows = db.execute("SELECT number, state FROM trials").fetchall()
+            # A trial counts as running once its driver is recorded: study.ask() and that attribute are two writes,
+            # and a kill between them leaves a trial that only GRACE_S later looks stale.
+            rows = db.execute("SELECT number, state, EXISTS (SELECT 1 FROM trial_user_attributes a WHERE "
+                              "a.trial_id = t.trial_id AND a.key = 'driver') FROM trials t").fetchall()
     except sqlite3.OperationalError:
         return None  # the driver has not created the tables yet, or holds a write lock
-    running = [n for n, state in rows if state == "RUNNING"]
-    if any(state == "COMPLETE" for _, state in rows) and running:
+    running = [n for n, state, dispatched in rows if state == "RUNNING" and dispatched]
+    if any(state == "COMPLETE" for _, state, _ in rows) and running:
         return running[0]
     return None
 
