@@ -104,6 +104,43 @@ def test_gaussian_process_learns_which_choice_matters():
     assert scales[2] > 2 * max(scales[0], scales[1])
 
 
+
+def test_choices_sharing_their_options_are_also_counted_and_that_generalizes_from_few_cells(monkeypatch):
+    """A cell of 6 edges, each one of 5 operations, whose accuracy grows with how many convolutions it has,
+    wherever they are: one-hot columns alone must learn that edge by edge; with the bag's count columns, 40
+    trained cells predict 2,000 others with under a tenth of the function's variance left, and at most half the
+    error without them (measured 6-7% against 20-32%)."""
+    import dsnas.surrogate as surrogate_module
+
+    ops, edges = ("none", "skip", "conv1", "conv3", "pool"), [f"e{i}" for i in range(6)]
+    archs = [dict(zip(edges, combo)) for combo in itertools.product(ops, repeat=6)]
+
+    def accuracy(cell: dict) -> float:
+        convs = sum(op.startswith("conv") for op in cell.values()) + 0.5 * sum(op == "conv3" for op in cell.values())
+        return math.log1p(convs) + 0.1 * (cell["e0"] == "skip")
+
+    y = np.array([accuracy(a) for a in archs])
+
+    def held_out_error(seed: int) -> float:
+        enc = Encoding.of({e: ops for e in edges})
+        rng = np.random.RandomState(seed)
+        train, test = rng.choice(len(archs), 40, replace=False), rng.choice(len(archs), 2000, replace=False)
+        x = enc.encode(archs)
+        gp = GaussianProcess(enc)
+        gp.fit(x[train], y[train])
+        return float(np.mean((gp.predict(x[test])[0] - y[test]) ** 2) / np.var(y[test]))
+
+    enc = Encoding.of({e: ops for e in edges} | {"width": [8, 16, 32]})
+    assert enc.bags == [tuple(range(6))] and enc.width == 6 * 5 + 1 + 5
+    row = enc.encode([{"e0": "conv3", "e1": "conv3", "e2": "none", "e3": "skip", "e4": "conv3", "e5": "pool",
+                       "width": 16}])[0]
+    assert np.allclose(row[-5:] / math.sqrt(0.5), [1 / 6, 1 / 6, 0, 3 / 6, 1 / 6])  # each option's share
+    with_bags = [held_out_error(seed) for seed in range(3)]
+    monkeypatch.setattr(surrogate_module, "BAG_MEMBERS", 10**9)  # no bag
+    without = [held_out_error(seed) for seed in range(3)]
+    assert max(with_bags) < 0.1 and sum(with_bags) <= 0.5 * sum(without), (with_bags, without)
+
+
 # -- whole searches through the driver, on a space whose true front is enumerated
 
 CHOICES = {"width": [1, 2, 3, 4], "depth": [1, 2, 3, 4], "op1": ["conv", "pool", "skip", "none"],
