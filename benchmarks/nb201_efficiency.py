@@ -14,7 +14,8 @@ NAS baselines (regularized evolution, Pareto local search: benchmarks/nas_baseli
 
 A search stops at --evaluations, or once it reaches 95% (what the score needs). Results go to --out (one JSON line
 per search) as they finish, so an interrupted run resumes where it stopped. The last lines give, per pair, dsnas's
-evaluations to 90% (and 95%) as a ratio of TPE's."""
+evaluations to 90% (and 95%) as a ratio of TPE's, with the middle 95% of that ratio over bootstrap resamples of
+the seeds (how much of a ratio near a target is the seeds' luck)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -164,16 +167,22 @@ def cell(values: list[float | None], budget: int) -> str:
         if filled[0] != float("inf") else f">{budget} (none)"
 
 
-def median_or_inf(values: list[float | None]) -> float:
-    return statistics.median(v if v is not None else float("inf") for v in values)
-
-
 def ratio(ours: float, theirs: float, budget: int) -> str:
     if ours == float("inf"):
         return "n/a (dsnas did not reach it)" if theirs == float("inf") else f"{ours}x"
     if theirs == float("inf"):
         return f"<{ours / budget:.2f}x (TPE's median did not reach it in {budget})"
     return f"{ours / theirs:.2f}x"
+
+
+def ratio_interval(ours: list[float], theirs: list[float], budget: int, draws: int = 2000) -> tuple[float, float]:
+    """The middle 95% of the ratio of medians over bootstrap resamples of each method's seeds (a search that did
+    not reach the level counts as the budget): how far the ratio could move with other seeds."""
+    rng = np.random.RandomState(0)
+    a, b = (np.minimum(np.array(v, dtype=float), budget) for v in (ours, theirs))
+    ratios = np.median(rng.choice(a, (draws, len(a))), axis=1) / np.median(rng.choice(b, (draws, len(b))), axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def report(results: list[dict], budget: int, seeds: list[int]) -> None:
@@ -218,10 +227,15 @@ def report(results: list[dict], budget: int, seeds: list[int]) -> None:
             continue
         parts = []
         for level in LEVELS:
-            o = median_or_inf([h[0] if (h := first_reaching(r["curve"], level)) else None for r in ours])
-            t = median_or_inf([h[0] if (h := first_reaching(r["curve"], level)) else None for r in theirs])
-            parts.append(f"{level:.0%}: {ratio(o, t, budget)}")
+            reached = [[h[0] if (h := first_reaching(r["curve"], level)) else float("inf") for r in runs]
+                       for runs in (ours, theirs)]
+            o, t = (statistics.median(v) for v in reached)
+            interval = ""
+            if o != float("inf") and t != float("inf"):
+                interval = " [{:.2f}, {:.2f}]".format(*ratio_interval(*reached, budget))
+            parts.append(f"{level:.0%}: {ratio(o, t, budget)}{interval}")
         print(f"  {dataset}/{device}: " + ", ".join(parts))
+    print("  [ , ]: the middle 95% of the ratio over 2,000 bootstrap resamples of each method's seeds")
 
 
 def _cpu() -> str:

@@ -112,3 +112,9 @@ def test_summary_cells():
     assert bench.ratio(50, 200, 600) == "0.25x"
     assert bench.ratio(50, float("inf"), 600).startswith("<0.08x")
     assert bench.first_reaching([(3, 0.1, 0.5), (9, 0.2, 0.91), (12, 0.3, 0.96)], 0.95) == (12, 0.3)
+    assert bench.ratio_interval([10] * 10, [20] * 10, 600) == (0.5, 0.5)  # no spread, no doubt
+    # ours: 10 seeds at 10..19 (median 14.5); theirs: 29 or 30 (median 29.5): a resampled median of ours lies
+    # within 10-19 and of theirs within 29-30, so every ratio within [10/30, 19/29], and the point ratio inside
+    low, high = bench.ratio_interval(list(range(10, 20)), [29] * 5 + [30] * 5, 600)
+    assert 10 / 30 <= low < 14.5 / 29.5 < high <= 19 / 29
+    assert bench.ratio_interval([5, float("inf")], [600, 600], 600)[1] == 1.0  # not reached counts as the budget
