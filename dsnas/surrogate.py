@@ -43,8 +43,9 @@ class Encoding:
         each option is chosen among its members. What a cell can do depends much on how many convolutions it has,
         wherever they are, which one-hot columns alone make the model learn edge by edge: on 6 edges of 5
         operations with 40 cells trained, the held-out error of such a function fell from 20-32% of its variance
-        to 6-7% (tests/test_sampler.py), and on NAS-Bench-201 the evaluations to reach 90% and 95% of the front
-        fell by 5-11% (geometric mean over 120 held-out searches)."""
+        to 6-7% (tests/test_sampler.py). On NAS-Bench-201 the evaluations to reach 90% and 95% of the front fell
+        by 5-11% on the seeds it was tried on, and stayed about the same on the benchmark's own seeds
+        (docs/search-strategy.md)."""
         shared: dict[tuple[str, ...], list[int]] = {}
         for i, (opts, numeric) in enumerate(zip(self.options, self.numeric)):
             if not numeric:

@@ -104,7 +104,6 @@ def test_gaussian_process_learns_which_choice_matters():
     assert scales[2] > 2 * max(scales[0], scales[1])
 
 
-
 def test_choices_sharing_their_options_are_also_counted_and_that_generalizes_from_few_cells(monkeypatch):
     """A cell of 6 edges, each one of 5 operations, whose accuracy grows with how many convolutions it has,
     wherever they are: one-hot columns alone must learn that edge by edge; with the bag's count columns, 40
