@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ class Encoding:
                         for opts in options)
         return cls(names, options, numeric)
 
-    @property
+    @cached_property  # the choices are fixed: worked out once
     def bags(self) -> list[tuple[int, ...]]:
         """Categorical choices that share one set of options, at least BAG_MEMBERS of them (a cell's edges, each
         one of the same operations; the layers' precisions), by index: each such bag also gets columns of how often
@@ -52,7 +53,7 @@ class Encoding:
                 shared.setdefault(tuple(repr(v) for v in opts), []).append(i)
         return [tuple(members) for members in shared.values() if len(members) >= BAG_MEMBERS]
 
-    @property
+    @cached_property
     def groups(self) -> list[slice]:
         """The columns of each choice (one for a numeric choice, one per option for a categorical one), then
         those of each bag (one per option)."""
@@ -64,7 +65,7 @@ class Encoding:
             start += width
         return out
 
-    @property
+    @cached_property
     def width(self) -> int:
         return self.groups[-1].stop if self.names else 0
 
