@@ -41,10 +41,16 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
 
 
 def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Shape, ...]:
-    """The shapes the probe times: the space's layer widths at the rows of the smallest batch size (the latency
-    limit's) and of the largest (the throughput objective's)."""
+    """The shapes the probe times: the space's layer widths at the rows of the batch sizes the study's speed
+    objectives are measured at: the largest for throughput, the smallest for latency. A choice that pays where the
+    objective is measured serves the search even where it is slower at another batch size (a low precision at
+    batch 1, say); a latency limit is checked on every candidate anyway. A study without a speed objective is
+    probed at both."""
     sizes = sorted(set(spec.hardware.batch_sizes))
-    return linear_shapes(space.linear_widths(), dict.fromkeys([sizes[0] * context, sizes[-1] * context]))
+    named = {o.name for o in spec.objectives}
+    speed = {"latency": sizes[0], "throughput": sizes[-1]}
+    batches = [size for name, size in speed.items() if name in named] or list(speed.values())
+    return linear_shapes(space.linear_widths(), dict.fromkeys(b * context for b in batches))
 
 
 def _offer_line(offer: dict[str, Any]) -> str:

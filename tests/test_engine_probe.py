@@ -50,6 +50,25 @@ def test_the_offer_is_fp32_and_dense_plus_what_pays():
     assert again.precisions() == both.precisions() and again.cached and "cached" in again.table()
 
 
+@pytest.mark.parametrize(("objectives", "rows"), [(("accuracy", "throughput"), [64]), (("accuracy", "latency"), [16]),
+                                                  (("latency", "throughput"), [16, 64]), (("accuracy", "params"), [16, 64])])
+def test_the_probe_times_the_rows_the_speed_objectives_are_measured_at(tiny_study, objectives, rows):
+    """Throughput is measured at the largest batch size and latency at the smallest: a choice is judged where the
+    search will judge its candidates, and at both batch sizes when no objective says which."""
+    from dataclasses import replace
+
+    from dsnas.engine_offer import study_shapes
+    from dsnas.space import load_space_file
+    from dsnas.spec import Objective, load_study
+
+    spec = load_study(tiny_study)  # batch sizes 1 and 4; context 16 below
+    spec = replace(spec, objectives=tuple(Objective(o, "maximize") for o in objectives))
+    space = load_space_file(spec.space.file)
+    shapes = study_shapes(space, spec, 16)
+    assert sorted({s.rows for s in shapes}) == rows
+    assert len(shapes) == len(rows) * len(set(space.linear_widths()))  # every width at each of those rows
+
+
 def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tmp_path, monkeypatch):
     import torch
 
@@ -113,8 +132,8 @@ def test_a_study_with_auto_choices_samples_only_what_the_probe_offered(tiny_stud
     tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 4"))
     assert main(["search", str(tiny_study)]) == 0
     out = capsys.readouterr().out
-    assert calls == [["16x32->32", "16x64->64", "16x32->64", "16x64->128", "64x32->32", "64x64->64", "64x32->64",
-                      "64x64->128"]]  # context 16 at batch sizes 1 and 4
+    # Context 16 at batch size 4, where the throughput objective is measured (batch size 1 is the latency limit's).
+    assert calls == [["64x32->32", "64x64->64", "64x32->64", "64x64->128"]]
     study = open_study(load_study(tiny_study), create=False)
     stored = study.user_attrs[engine_offer.OFFER_ATTR]
     layers = [layer for t in study.get_trials(states=(TrialState.COMPLETE,)) for layer in t.user_attrs["arch"]["layers"]]
