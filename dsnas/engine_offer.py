@@ -20,7 +20,7 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
     stored = study.user_attrs.get(OFFER_ATTR)
     if stored:
         say(f"  engine: {_offer_line(stored)} (decided at this study's first run on {stored['device']})")
-        return space.resolved(tuple(stored["precision"]), tuple(stored["sparsity"]))
+        return space.resolved(tuple(stored["precision"]), tuple(stored["sparsity"]), stored.get("by_width"))
     shapes = study_shapes(space, spec, context)
     if not shapes:
         offer = {"precision": ["fp32"], "sparsity": ["dense"], "device": "-",
@@ -29,7 +29,8 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
         probe: EngineProbe = call(probe_on_device, spec.hardware.device, shapes, spec.hardware.threads)
         say("\n".join("  " + line for line in probe.table().splitlines()))
         offer = {"precision": list(probe.precisions()), "sparsity": list(probe.sparsities()), "device": probe.device,
-                 "fingerprint_id": probe.fingerprint_id, "probe": probe.as_dict()}
+                 "fingerprint_id": probe.fingerprint_id, "probe": probe.as_dict(),
+                 "by_width": {str(w): {k: list(v) for k, v in there.items()} for w, there in probe.by_width().items()}}
     offered = [c for c in offer["precision"] + offer["sparsity"] if c not in ("fp32", "dense")]
     if not offered:  # not an error: the search goes on, over what runs fastest here
         say(f"  engine: no engine choice pays on {offer['device']} at this space's shapes"
@@ -37,7 +38,7 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
     else:
         say(f"  engine: {_offer_line(offer)}")
     study.set_user_attr(OFFER_ATTR, offer)
-    return space.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]))
+    return space.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]), offer.get("by_width"))
 
 
 def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Shape, ...]:
@@ -54,4 +55,11 @@ def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Sha
 
 
 def _offer_line(offer: dict[str, Any]) -> str:
-    return f"precision {offer['precision']}, sparsity {offer['sparsity']} (what pays on this device)"
+    where = []  # the choices offered at some widths only
+    for key in ("precision", "sparsity"):
+        for choice in offer[key][1:]:
+            at = [w for w, there in offer.get("by_width", {}).items() if choice in there[key]]
+            if len(at) < len(offer.get("by_width", {})):
+                where.append(f"{choice} at width {', '.join(at)} only")
+    return (f"precision {offer['precision']}, sparsity {offer['sparsity']} (what pays on this device"
+            f"{': ' + '; '.join(where) if where else ''})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,14 @@ class SearchSpace:
     per_layer: dict[str, tuple[Any, ...]]
     by_device: tuple[str, ...] = ()
     groups: tuple[EngineGroup, ...] = ()  # [engine.NAME] tables: the engine's choices by module name
+    # The probe's offer per model width (the family's WIDTH_KEY, e.g. d_model): width -> engine key -> options.
+    # A width whose options differ from the key's own takes them under its own parameter name (see _engine_name).
+    width_offer: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
-    def resolved(self, precisions: tuple[str, ...], sparsities: tuple[str, ...]) -> SearchSpace:
-        """This space with its ``by_device`` keys set to what pays on the device (the probe's offer)."""
+    def resolved(self, precisions: tuple[str, ...], sparsities: tuple[str, ...],
+                 by_width: dict[int, dict[str, tuple[str, ...]]] | None = None) -> SearchSpace:
+        """This space with its ``by_device`` keys set to what pays on the device (the probe's offer), and, given
+        ``by_width``, each width's keys to what pays at that width."""
         if any(s != "dense" for s in sparsities):
             try:  # 2:4 needs widths in groups of 4: a space that cannot build it is offered dense only
                 family(self.family).check_choices({**self.choices, **self.per_layer, "sparsity": sparsities})
@@ -45,7 +50,28 @@ class SearchSpace:
         offer = {"precision": precisions, "sparsity": sparsities}
         choices = {k: offer[k] if k in self.by_device else v for k, v in self.choices.items()}
         per_layer = {k: offer[k] if k in self.by_device else v for k, v in self.per_layer.items()}
-        return SearchSpace(self.family, choices, per_layer, groups=self.groups)
+        widths = {}
+        if by_width and self.width_key:
+            widths = {int(w): {k: tuple(o for o in offer[k] if o in there.get(k, offer[k])) for k in self.by_device}
+                      for w, there in by_width.items() if int(w) in self.choices.get(self.width_key, ())}
+        return SearchSpace(self.family, choices, per_layer, groups=self.groups, width_offer=widths)
+
+    @property
+    def width_key(self) -> str | None:
+        """The architecture key that sets the engine layers' width (d_model), where the family says."""
+        return None if is_user_family(self.family) else getattr(family(self.family), "WIDTH_KEY", None)
+
+    @property
+    def _width_keys(self) -> set[str]:
+        return {key for there in self.width_offer.values() for key in there}
+
+    def _engine_options(self, key: str, options: tuple[Any, ...], width: Any) -> tuple[Any, ...]:
+        return self.width_offer.get(width, {}).get(key, options)
+
+    def _engine_name(self, name: str, key: str, options: tuple[Any, ...], width: Any) -> str:
+        """An engine key's parameter name at ``width``: its own where the width offers the key's options, else
+        suffixed with the width (``layer0.precision@32``), because an Optuna parameter keeps one set of options."""
+        return name if self._engine_options(key, options, width) == options else f"{name}@{width}"
 
     def linear_widths(self) -> list[tuple[int, int]]:
         """The (in, out) widths of the engine layers this space can build (for the probe); [] when the family does
@@ -56,7 +82,11 @@ class SearchSpace:
         return widths({**self.choices, **self.per_layer}) if widths else []
 
     def sample(self, trial: Any) -> dict[str, Any]:
-        picked = {key: _suggest(trial, key, options) for key, options in self.choices.items()}
+        by_width = self._width_keys  # sampled after the width, from its options
+        picked = {key: _suggest(trial, key, options) for key, options in self.choices.items() if key not in by_width}
+        width = picked.get(self.width_key)
+        picked.update({key: self._suggest_engine(trial, key, key, options, width)
+                       for key, options in self.choices.items() if key in by_width})
         engine = [g.sample(trial) for g in self.groups]
         if is_user_family(self.family):
             return {"family": self.family, **picked, **({"engine": engine} if engine else {})}
@@ -64,17 +94,33 @@ class SearchSpace:
         shared = {key: picked.pop(key) for key in list(picked) if key in self.per_layer_keys}
         layers = []
         for i in range(n_layers):
-            per = {key: _suggest(trial, f"layer{i}.{key}", opts) for key, opts in self.per_layer.items()}
+            per = {key: self._suggest_engine(trial, f"layer{i}.{key}", key, opts, width) if key in by_width
+                   else _suggest(trial, f"layer{i}.{key}", opts) for key, opts in self.per_layer.items()}
             layers.append({**shared, **per})
         return {"family": self.family, **picked, "layers": layers, **({"engine": engine} if engine else {})}
 
+    def _suggest_engine(self, trial: Any, name: str, key: str, options: tuple[Any, ...], width: Any) -> Any:
+        return _suggest(trial, self._engine_name(name, key, options, width),
+                        self._engine_options(key, options, width))
+
     def parameters(self) -> dict[str, tuple[Any, ...]]:
         """Every Optuna parameter this space can ask for, with its options (those with more than one): a per-layer
-        key once per layer of the deepest model."""
-        out = {key: options for key, options in self.choices.items() if len(options) > 1}
+        key once per layer of the deepest model, and an engine key once more per width that offers it other
+        options."""
+        def named(name: str, key: str, options: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
+            if key not in self._width_keys:
+                return {name: options}
+            return {self._engine_name(name, key, options, w): self._engine_options(key, options, w)
+                    for w in self.choices.get(self.width_key, ())}
+
+        out = {}
+        for key, options in self.choices.items():
+            out.update(named(key, key, options))
         depth = max(self.choices.get("n_layers", (0,))) if not is_user_family(self.family) else 0
         for i in range(depth):
-            out.update({f"layer{i}.{key}": opts for key, opts in self.per_layer.items() if len(opts) > 1})
+            for key, opts in self.per_layer.items():
+                out.update(named(f"layer{i}.{key}", key, opts))
+        out = {name: options for name, options in out.items() if len(options) > 1}
         for group in self.groups:
             out.update({f"{group.name}.{key}": opts for key, opts in (("precision", group.precision),
                                                                       ("sparsity", group.sparsity)) if len(opts) > 1})
@@ -221,13 +267,14 @@ def _groups(where: str, table: dict[str, Any]) -> tuple[EngineGroup, ...]:
             raise SpecError(where, f"{key}.modules", "must be a module-name pattern or a non-empty list of them",
                             modules, 'e.g. modules = ["blocks.*.mlp.*", "head"]')
         picked = {}
-        for field, allowed in (("precision", PRECISIONS), ("sparsity", SPARSITIES)):
-            value = group.get(field, allowed[0])
+        for engine_key, allowed in (("precision", PRECISIONS), ("sparsity", SPARSITIES)):
+            value = group.get(engine_key, allowed[0])
             values = value if isinstance(value, list) else [value]
             if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
-                raise SpecError(where, f"{key}.{field}", f"must be one or a list (without repeats) of "
-                                f"{list(allowed)}", value, f"e.g. {field} = {list(allowed[:2])!r}".replace("'", '"'))
-            picked[field] = tuple(values)
+                raise SpecError(where, f"{key}.{engine_key}", f"must be one or a list (without repeats) of "
+                                f"{list(allowed)}", value,
+                                f"e.g. {engine_key} = {list(allowed[:2])!r}".replace("'", '"'))
+            picked[engine_key] = tuple(values)
         groups.append(EngineGroup(name, tuple(patterns), **picked))
     return tuple(groups)
 

@@ -27,6 +27,21 @@ def test_a_choice_is_offered_when_its_geometric_mean_speedup_clears_the_bar():
     assert edge.offered  # exactly at the bar pays
 
 
+def test_a_choice_is_offered_at_the_widths_where_it_pays():
+    """bf16 at d 32 is 0.5x and at d 128 2x: overall 1.0x, yet it pays at d 128 and is offered there only."""
+    shapes = {"2048x32->32": 1.0, "2048x32->128": 1.0, "2048x128->128": 1.0, "2048x128->512": 1.0}
+    slow_small = {"2048x32->32": 2.0, "2048x32->128": 2.0, "2048x128->128": 0.5, "2048x128->512": 0.5}
+    bf16 = ep.decide("bf16", shapes, slow_small, "bf16")
+    assert bf16.speedup == pytest.approx(1.0) and bf16.widths == {"32": pytest.approx(0.5), "128": pytest.approx(2.0)}
+    assert bf16.offered and bf16.pays_at() == [128] and "pays at width 128 (2.00x); not at 32 (0.50x)" in bf16.why
+    slow = ep.decide("fp16", shapes, dict.fromkeys(shapes, 2.0), "fp16")
+    assert not slow.offered and slow.pays_at() == [] and "at every width" in slow.why
+    probe = ep.EngineProbe("fake device", "f" * 16, tuple(shapes), {"bf16": bf16, "fp16": slow})
+    assert probe.precisions() == ("fp32", "bf16")
+    assert probe.by_width() == {32: {"precision": ("fp32",), "sparsity": ("dense",)},
+                                128: {"precision": ("fp32", "bf16"), "sparsity": ("dense",)}}
+
+
 def test_a_choice_without_its_kernel_is_never_offered_however_fast_it_looks():
     masked = ep.decide("2:4", SHAPES, {"64x256->256": 0.5, "2048x256->1024": 2.0}, "masked-dense fp32",
                        "no sparse kernel runs here (the zeros are computed densely)", baseline="dense fp32")
@@ -36,8 +51,10 @@ def test_a_choice_without_its_kernel_is_never_offered_however_fast_it_looks():
     assert not absent.offered and absent.speedup is None and absent.why.startswith("cannot run here: fp8")
 
 
-def probe_of(offered: set[str]) -> ep.EngineProbe:
-    verdicts = {c: ep.Verdict(c, c in offered, 2.0 if c in offered else 0.5, "k", "recorded")
+def probe_of(offered: set[str], widths: dict[str, dict[str, float]] | None = None) -> ep.EngineProbe:
+    """A recorded probe: ``offered`` pay (2x) and the rest do not (0.5x); ``widths``: a choice's speedup per width."""
+    verdicts = {c: ep.Verdict(c, c in offered, 2.0 if c in offered else 0.5, "k", "recorded",
+                              widths=(widths or {}).get(c, {}))
                 for c in (*ep.PRECISIONS, ep.SPARSITY)}
     return ep.EngineProbe("fake device", "f" * 16, ("64x256->256",), verdicts)
 
@@ -82,10 +99,11 @@ def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tm
     assert set(probe.verdicts) == {*ep.PRECISIONS, ep.SPARSITY} and not probe.cached
     assert not probe.verdicts["fp8"].offered and probe.verdicts["fp8"].speedup is None  # no fp8 kernel on a CPU
     assert not probe.verdicts["2:4"].offered and "no sparse kernel runs here" in probe.verdicts["2:4"].why
-    for choice in ("bf16", "fp16", "int8"):  # measured: offered exactly when the measurement clears the bar
+    for choice in ("bf16", "fp16", "int8"):  # measured: offered exactly where the measurement clears the bar
         verdict = probe.verdicts[choice]
-        assert verdict.offered == (verdict.speedup >= ep.PAYS), verdict
-        assert len(verdict.per_shape) == len(shapes)
+        assert verdict.offered == any(r >= ep.PAYS for r in verdict.widths.values()), verdict
+        assert len(verdict.per_shape) == len(shapes) and set(verdict.widths) == {"64"}
+        assert verdict.widths["64"] == pytest.approx(math.prod(verdict.per_shape.values()) ** (1 / len(shapes)))
     monkeypatch.setattr(ep, "_measure", lambda *a: pytest.fail("measured again"))
     assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached
 
@@ -148,6 +166,34 @@ def test_a_study_with_auto_choices_samples_only_what_the_probe_offered(tiny_stud
     # Resumed, the study keeps its offer: no second probe, the same distributions for Optuna.
     assert main(["search", str(tiny_study), "--n-trials", "5"]) == 0
     assert len(calls) == 1 and "decided at this study's first run on fake device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "dsnas"])
+def test_a_study_samples_a_choice_only_at_the_widths_where_it_paid(tiny_study, monkeypatch, capsys, sampler):
+    """Through the real driver, with Optuna's sampler and dsnas's: int8 paid at d 64 and lost at d 32, so no d 32
+    candidate has an int8 layer, the study says where it is offered, and keeps the offer by width for a resumed
+    run."""
+    from dsnas import engine_offer
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    (tiny_study.parent / "tiny_space.toml").write_text(AUTO_SPACE.replace("[1]", "[1, 2]"))
+    probe = probe_of({"int8"}, {"int8": {"32": 0.5, "64": 2.0}, "bf16": {"32": 0.5, "64": 0.5}})
+    monkeypatch.setattr(engine_offer, "probe_on_device", lambda device, shapes, threads: probe)
+    text = tiny_study.read_text().replace("n_trials = 3", "n_trials = 8")
+    tiny_study.write_text(text.replace('name = "tpe"', f'name = "{sampler}"'))
+    assert main(["search", str(tiny_study)]) == 0
+    assert "precision ['fp32', 'int8'], sparsity ['dense'] (what pays on this device: int8 at width 64 only)" in \
+        capsys.readouterr().out
+    study = open_study(load_study(tiny_study), create=False)
+    assert study.user_attrs[engine_offer.OFFER_ATTR]["by_width"]["32"]["precision"] == ["fp32"]
+    archs = [t.user_attrs["arch"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert {arch["d_model"] for arch in archs} == {32, 64}
+    for arch in archs:
+        allowed = {"fp32"} if arch["d_model"] == 32 else {"fp32", "int8"}
+        assert {layer["precision"] for layer in arch["layers"]} <= allowed, arch
+    assert main(["search", str(tiny_study), "--n-trials", "9"]) == 0
+    assert "int8 at width 64 only) (decided at this study's first run" in capsys.readouterr().out
 
 
 def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatch):

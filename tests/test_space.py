@@ -266,3 +266,30 @@ def test_auto_engine_choices_are_fp32_dense_until_the_device_decides(tmp_path: P
                                       .replace("[1, 2, 4]", "[1, 2]", 1)))
     assert odd.resolved(("fp32",), ("dense", "2:4")).per_layer["sparsity"] == ("dense",)
     assert auto.linear_widths() == [(32, 32), (64, 64), (32, 128), (64, 256)]
+
+
+def test_an_offer_by_width_samples_each_width_only_from_what_pays_there(tmp_path: Path) -> None:
+    """bf16 that pays at d 64 and loses at d 32 is never drawn at d 32 (no parameter there), and a width offered a
+    smaller set than the space's takes it under its own parameter name, since an Optuna parameter keeps one set."""
+    import optuna
+
+    space = load_space_file(write_space(tmp_path, 'engine = "auto"\n' + VALID.replace("[32, 64]", "[32, 64, 96]")))
+    by_width = {"32": {"precision": ["fp32"], "sparsity": ["dense"]},
+                "64": {"precision": ["fp32", "bf16"], "sparsity": ["dense"]},
+                "96": {"precision": ["fp32", "bf16", "int8"], "sparsity": ["dense"]}}
+    resolved = space.resolved(("fp32", "bf16", "int8"), ("dense",), by_width)
+    params = resolved.parameters()
+    assert params["layer0.precision"] == ("fp32", "bf16", "int8") and params["layer3.precision@64"] == ("fp32", "bf16")
+    assert not any(name.endswith("@32") for name in params) and "layer0.sparsity" not in params
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: dict[int, set[str]] = {32: set(), 64: set(), 96: set()}
+    for _ in range(60):
+        trial = study.ask()
+        arch = resolved.sample(trial)
+        seen[arch["d_model"]] |= {layer["precision"] for layer in arch["layers"]}
+        assert set(trial.params) <= set(params) | {"n_layers", "d_model"}
+        assert resolved.arch_of(trial.params) == arch  # the parameters alone make the same architecture
+        study.tell(trial, 0.0)
+    assert seen == {32: {"fp32"}, 64: {"fp32", "bf16"}, 96: {"fp32", "bf16", "int8"}}
+    # A study that stored no offer by width (older) samples every width from the whole offer, as before.
+    assert resolved.parameters().keys() > space.resolved(("fp32", "bf16", "int8"), ("dense",)).parameters().keys()

@@ -16,6 +16,7 @@ from dsnas.kernels.linear import PRECISIONS, SPARSITIES, EngineLinear
 # What a search space may choose: once per model, and once per layer. Optional keys have defaults, so spaces and
 # stored architectures written before they existed stay valid.
 ARCH_KEYS = ("n_layers", "d_model")
+WIDTH_KEY = "d_model"  # the engine layers' width: the probe's offer may differ from one d_model to the next
 OPTIONAL_ARCH_KEYS = {"grad_checkpoint": 0}  # 1: recompute each block in backward (less memory, more time)
 LAYER_KEYS = ("n_heads", "ffn_ratio", "precision", "sparsity")
 REQUIRED_LAYER_KEYS = ("n_heads", "ffn_ratio")

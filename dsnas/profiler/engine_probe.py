@@ -25,6 +25,7 @@ SPARSITY = "2:4"
 # shapes): 10%, beyond the spread of a short probe on a quiet machine, so that a choice offered is one that pays.
 PAYS = 1.10
 CACHE_TYPE = "dsnas.engine_probe_cache"
+RULE = "per-width"  # in the cache key: entries decided by an earlier rule (one offer for every width) are not read
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class Verdict:
     kernel: str  # what ran ("torch-dynamic", "cusparselt bf16", ...); "" when nothing did
     why: str  # one line: why it is offered or not
     per_shape: dict[str, float] = field(default_factory=dict)  # str(Shape) -> speedup
+    # Model width (a layer's input features: d_model) -> geometric mean speedup over that width's shapes. A choice
+    # is offered at the widths where it pays: bf16 may pay at d 128 and lose at d 32 on the same CPU.
+    widths: dict[str, float] = field(default_factory=dict)
+
+    def pays_at(self) -> list[int]:
+        """The widths where it is offered."""
+        return [int(w) for w, r in self.widths.items() if r >= PAYS] if self.offered else []
 
 
 def decide(choice: str, baseline_s: dict[str, float], choice_s: dict[str, float] | None, kernel: str,
@@ -53,14 +61,35 @@ def decide(choice: str, baseline_s: dict[str, float], choice_s: dict[str, float]
     if choice_s is None:
         return Verdict(choice, False, None, kernel, f"cannot run here: {missing}")
     per_shape = {s: baseline_s[s] / t for s, t in choice_s.items() if t > 0 and s in baseline_s}
-    speedup = math.exp(sum(math.log(r) for r in per_shape.values()) / len(per_shape))
+    speedup = _geomean(per_shape.values())
+    by_width: dict[str, list[float]] = {}
+    for s, r in per_shape.items():
+        by_width.setdefault(str(_width(s)), []).append(r)
+    widths = {w: _geomean(rs) for w, rs in sorted(by_width.items(), key=lambda item: int(item[0]))}
     low, high = min(per_shape.values()), max(per_shape.values())
     span = f"{speedup:.2f}x {baseline} (geomean of {len(per_shape)} shapes, {low:.2f}x-{high:.2f}x)"
     if missing:  # it ran, but not as its kernel would: e.g. 2:4 zeros multiplied densely
-        return Verdict(choice, False, speedup, kernel, f"{span}, but {missing}", per_shape)
-    if speedup >= PAYS:
-        return Verdict(choice, True, speedup, kernel, f"{span}: pays", per_shape)
-    return Verdict(choice, False, speedup, kernel, f"{span}: below {PAYS:.2f}x, does not pay", per_shape)
+        return Verdict(choice, False, speedup, kernel, f"{span}, but {missing}", per_shape, widths)
+    paying = [w for w, r in widths.items() if r >= PAYS]
+    if len(paying) == len(widths):
+        return Verdict(choice, True, speedup, kernel, f"{span}: pays", per_shape, widths)
+    if paying:
+        at = ", ".join(f"{w} ({widths[w]:.2f}x)" for w in paying)
+        not_at = ", ".join(f"{w} ({r:.2f}x)" for w, r in widths.items() if r < PAYS)
+        return Verdict(choice, True, speedup, kernel, f"{span}: pays at width {at}; not at {not_at}", per_shape,
+                       widths)
+    return Verdict(choice, False, speedup, kernel, f"{span}: below {PAYS:.2f}x at every width, does not pay",
+                   per_shape, widths)
+
+
+def _geomean(ratios: Iterable[float]) -> float:
+    ratios = list(ratios)
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _width(shape: str) -> int:
+    """The model width of a shape "ROWSxIN->OUT": its input features (the space's widths are d->d and d->r*d)."""
+    return int(shape.split("x", 1)[1].split("->")[0])
 
 
 @dataclass(frozen=True)
@@ -81,6 +110,14 @@ class EngineProbe:
     def sparsities(self) -> tuple[str, ...]:
         offered = SPARSITY in self.verdicts and self.verdicts[SPARSITY].offered
         return ("dense", SPARSITY) if offered else ("dense",)
+
+    def by_width(self) -> dict[int, dict[str, tuple[str, ...]]]:
+        """Per model width, the precisions and sparsities offered there: fp32 and dense, and what pays at it."""
+        widths = sorted({w for v in self.verdicts.values() for w in map(int, v.widths)})
+        pays = {c: set(v.pays_at()) for c, v in self.verdicts.items()}
+        return {w: {"precision": tuple(p for p in self.precisions() if p == "fp32" or w in pays[p]),
+                    "sparsity": tuple(s for s in self.sparsities() if s == "dense" or w in pays[s])}
+                for w in widths}
 
     def table(self) -> str:
         busy = "" if self.load is None or self.load <= THRESHOLD else \
@@ -118,7 +155,7 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
     fp = fingerprint(device)
     with cpu_threads(threads if device.type == "cpu" else None) as used:
         key = entry_key(fingerprint=fp, threads=used if device.type == "cpu" else None,
-                        shapes=[str(s) for s in shapes])
+                        shapes=[str(s) for s in shapes], rule=RULE)
         path = cache_dir() / "engine_probe.json"
         entry = read_entries(path, CACHE_TYPE).get(key) if use_cache else None
         if isinstance(entry, dict):
