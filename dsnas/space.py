@@ -127,11 +127,11 @@ class SearchSpace:
         return out
 
     def used(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The parameters an architecture takes of ``params``: none of a layer past its depth."""
-        if not self.per_layer:
-            return dict(params)
-        depth = params.get("n_layers", self.choices.get("n_layers", (0,))[0])
-        return {k: v for k, v in params.items() if not (k.startswith("layer") and int(k[5:].split(".")[0]) >= depth)}
+        """The parameters an architecture takes of ``params``: those ``sample`` asks for with them as its answers
+        (none of a layer past its depth, none of another width's engine options)."""
+        asked = _Answers(params, record=True)
+        self.sample(asked)
+        return {name: params[name] for name in asked.asked if name in params}
 
     def arch_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """The architecture these parameters make (as ``sample`` would, with them as the trial's answers)."""
@@ -159,13 +159,17 @@ class EngineGroup:
 
 
 class _Answers:
-    """A trial whose answers are given: what ``sample`` needs of an Optuna trial, without a study."""
+    """A trial whose answers are given: what ``sample`` needs of an Optuna trial, without a study. Recording, it
+    notes the names asked and answers one it lacks (a half-sampled trial's) with the first option."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
+    def __init__(self, params: dict[str, Any], record: bool = False) -> None:
+        self.params, self.record, self.asked = params, record, []
 
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        return self.params[name]
+        if not self.record:
+            return self.params[name]
+        self.asked.append(name)
+        return self.params.get(name, choices[0])
 
 
 def _suggest(trial: Any, name: str, options: tuple[Any, ...]) -> Any:

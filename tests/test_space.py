@@ -291,5 +291,10 @@ def test_an_offer_by_width_samples_each_width_only_from_what_pays_there(tmp_path
         assert resolved.arch_of(trial.params) == arch  # the parameters alone make the same architecture
         study.tell(trial, 0.0)
     assert seen == {32: {"fp32"}, 64: {"fp32", "bf16"}, 96: {"fp32", "bf16", "int8"}}
+    # A candidate with every parameter set (as dsnas's sampler draws one) uses only its own width's engine options.
+    every = {name: options[-1] for name, options in params.items()} | {"d_model": 64, "n_layers": 2}
+    assert resolved.used(every) == {"d_model": 64, "n_layers": 2, "layer0.n_heads": 4, "layer0.ffn_ratio": 4,
+                                    "layer0.precision@64": "bf16", "layer1.n_heads": 4, "layer1.ffn_ratio": 4,
+                                    "layer1.precision@64": "bf16"}
     # A study that stored no offer by width (older) samples every width from the whole offer, as before.
     assert resolved.parameters().keys() > space.resolved(("fp32", "bf16", "int8"), ("dense",)).parameters().keys()
