@@ -62,7 +62,7 @@ def test_the_dry_run_checks_every_section_that_needs_no_cuda(tmp_path):
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {s["name"]: s["status"] for s in doc["sections"]}
     assert status == {"doctor": "ok", "limits": "skipped", "engine": "ok", "training": "ok", "search": "ok",
-                      "profile": "ok", "compile": "ok"}
+                      "gain": "ok", "profile": "ok", "compile": "ok"}
     checks = {c["name"]: c for s in doc["sections"] for c in s["checks"]}
     # Every CPU-runnable layer type inside the model, close to fp32 (fp8 has no CPU kernel: a row, not a check).
     for label in ("fp32", "bf16", "fp16", "int8 int8-static", "int8 torch-dynamic", "2:4 fp32", "2:4 int8 int8-static"):
