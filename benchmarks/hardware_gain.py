@@ -12,12 +12,14 @@ executor, real training), one after the other with the same seed and budget:
 For 3 accuracy levels that both fronts reach (the lowest accuracy both reach, the highest, and their middle), it
 prints each front's throughput at that accuracy, interpolated linearly between its two neighbouring front points
 (a front is a staircase of measured candidates; between two of them, a mix of the two serves that accuracy at that
-throughput), and their ratio; then the hypervolume ratio (reference: accuracy 0.30, throughput 0 tokens/s). The
-last line is the median throughput ratio at equal accuracy. With --repeats 2 the order alternates, so that a
-machine getting slower or faster during the run favours neither.
+throughput; below its least accurate point, that point serves), and their ratio; then the hypervolume ratio
+(reference: accuracy 0.30, throughput 0 tokens/s). The last line is the median throughput ratio at equal
+accuracy. With --repeats 2 the order alternates, so that a machine getting slower or faster during the run
+favours neither.
 
-Run:  python benchmarks/hardware_gain.py [--repeats 1] [--keep DIR]   (about 7 minutes a repeat on 2 cores)
-      python benchmarks/hardware_gain.py --scored DIR                 (score the studies --keep DIR kept, again)
+Run:  python benchmarks/hardware_gain.py [--repeats 1] [--keep DIR] [--seeds 3]   (31 minutes with --repeats 2 on
+      2 cores: 7 a repeat, 10 for the fresh seeds)
+      python benchmarks/hardware_gain.py --scored DIR        (score the studies --keep DIR kept, again)
 """
 
 from __future__ import annotations
@@ -115,15 +117,19 @@ def throughput_at(points: list[tuple], accuracy: float) -> float | None:
         if a0 <= accuracy <= a1:
             return t0 + (t1 - t0) * (accuracy - a0) / (a1 - a0) if a1 > a0 else max(t0, t1)
     exact = [t for a, t in ranked if abs(a - accuracy) < 1e-12]
-    return max(exact) if exact else None
+    if exact:
+        return max(exact)
+    above = [t for a, t in ranked if a >= accuracy]  # below the front's least accurate point, that point serves
+    return max(above) if above else None
 
 
 def compare(base: dict, dsnas: dict) -> list[tuple[float, float, float, float]]:
-    """(accuracy level, baseline tokens/s, dsnas tokens/s, ratio) at 3 levels both fronts reach."""
-    low = max(min(p[0] for p in base["front"]), min(p[0] for p in dsnas["front"]))
+    """(accuracy level, baseline tokens/s, dsnas tokens/s, ratio) at 3 levels both fronts reach. Where one front
+    lies wholly above the other in accuracy, the one level both reach is the lower front's best."""
     high = min(max(p[0] for p in base["front"]), max(p[0] for p in dsnas["front"]))
+    low = min(max(min(p[0] for p in base["front"]), min(p[0] for p in dsnas["front"])), high)
     rows = []
-    for level in sorted({low, (low + high) / 2, high}) if low <= high else []:  # [] when the fronts do not overlap
+    for level in sorted({low, (low + high) / 2, high}):
         b, d = throughput_at(base["front"], level), throughput_at(dsnas["front"], level)
         if b and d:
             rows.append((level, b, d, d / b))
