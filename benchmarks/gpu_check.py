@@ -195,9 +195,10 @@ kind = "successive_halving"
         rows, ratios = [], []
         for t in trials:
             arch = t.user_attrs["arch"]
+            if all(layer.get("precision", "fp32") == "fp32" and layer.get("sparsity", "dense") == "dense"
+                   for layer in arch["layers"]):
+                continue  # no engine choice: it is its own twin
             twin = {**arch, "layers": [{**layer, "precision": "fp32", "sparsity": "dense"} for layer in arch["layers"]]}
-            if twin == arch:
-                continue
             got = {}
             for name, candidate in (("engine", arch), ("fp32", twin)):
                 request = TrialRequest(trial=t.number, arch=json.loads(json.dumps(candidate)), task=spec.task,
