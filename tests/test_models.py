@@ -41,3 +41,42 @@ def test_outputs_do_not_depend_on_future_tokens():
 def test_invalid_architectures_are_trial_errors(change, message):
     with pytest.raises(TrialError, match=message):
         build({**ARCH, **change})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_converted_half_mlp_keeps_its_activations_in_half_with_the_same_logits(precision, monkeypatch):
+    """The MLP's hidden activations stay bf16/fp16 between `up` and `down` once converted: GELU computes in fp32
+    inside and rounds once, so the logits are the same bits as with the casts to fp32 and back, two casts fewer
+    per block (each of the widest tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dsnas.kernels.convert import convert
+    from dsnas.kernels.linear import EngineLinear
+
+    class Casts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy):  # `to` under inference_mode
+                self.count += out.dtype != args[0].dtype  # a conversion, not a no-op `to`
+            return out
+
+    torch.manual_seed(0)
+    layer = {"n_heads": 2, "ffn_ratio": 4, "precision": precision, "sparsity": "dense"}
+    model = build({"family": "transformer_lm", "d_model": 32, "vocab_size": 256, "context": 16,
+                   "layers": [layer, layer]})
+    convert(model)
+    x = torch.randint(0, 256, (4, 16))
+
+    def logits() -> tuple[torch.Tensor, int]:
+        with torch.inference_mode(), Casts() as casts:
+            return model(x), casts.count
+
+    kept, kept_casts = logits()
+    monkeypatch.setattr(EngineLinear, "forward_half", EngineLinear.__call__)  # cast back after `up`, as before
+    cast, cast_casts = logits()
+    assert torch.equal(kept, cast) and kept.dtype == torch.float32
+    assert cast_casts - kept_casts == 2 * 2  # two blocks, two casts each
