@@ -142,9 +142,14 @@ def inference_signature(model: nn.Module) -> dict[str, Any]:
     for name, m in engine_layers(eager).items():
         pattern = "2:4" if m.mask is not None and not bool(m.mask.all()) else "dense"
         layers[name] = f"{m.precision} {pattern} {m.backend if m.inference is not None else 'unconverted'}"
-    # "form" names the inference code: measurements taken before the MLP kept bf16/fp16 activations (2) are of
-    # a slower model, so a changed form makes them stale (profiler.measure's measurement key).
-    return {"compiled": eager is not model, "layers": layers, "form": 2}
+    signature = {"compiled": eager is not model, "layers": layers}
+    # "form" names the inference code where it changed: a model with bf16/fp16 layers measured before its MLP kept
+    # their activations in half (form 2) was slower, so its measurements are stale (the measurement key) and its
+    # bundle says so; fp32, int8 and fp8 models run as they did and their signatures stay as they were.
+    if any(getattr(m.inference, "dtype", None) in (torch.bfloat16, torch.float16)
+           for m in engine_layers(eager).values()):
+        signature["form"] = 2
+    return signature
 
 
 def signature_difference(measured: dict[str, Any], shipped: dict[str, Any]) -> str:
