@@ -116,10 +116,7 @@ def throughput_at(points: list[tuple], accuracy: float) -> float | None:
     for (a0, t0), (a1, t1) in zip(ranked, ranked[1:]):
         if a0 <= accuracy <= a1:
             return t0 + (t1 - t0) * (accuracy - a0) / (a1 - a0) if a1 > a0 else max(t0, t1)
-    exact = [t for a, t in ranked if abs(a - accuracy) < 1e-12]
-    if exact:
-        return max(exact)
-    above = [t for a, t in ranked if a >= accuracy]  # below the front's least accurate point, that point serves
+    above = [t for a, t in ranked if a >= accuracy - 1e-12]  # below the least accurate point, that point serves
     return max(above) if above else None
 
 

@@ -55,11 +55,11 @@ def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Sha
 
 
 def _offer_line(offer: dict[str, Any]) -> str:
-    where = []  # the choices offered at some widths only
+    where, by_width = [], offer.get("by_width", {})  # the choices offered at some widths only
     for key in ("precision", "sparsity"):
         for choice in offer[key][1:]:
-            at = [w for w, there in offer.get("by_width", {}).items() if choice in there[key]]
-            if len(at) < len(offer.get("by_width", {})):
+            at = [w for w, there in by_width.items() if choice in there[key]]
+            if len(at) < len(by_width):
                 where.append(f"{choice} at width {', '.join(at)} only")
     return (f"precision {offer['precision']}, sparsity {offer['sparsity']} (what pays on this device"
             f"{': ' + '; '.join(where) if where else ''})")

@@ -85,7 +85,7 @@ class SearchSpace:
         by_width = self._width_keys  # sampled after the width, from its options
         picked = {key: _suggest(trial, key, options) for key, options in self.choices.items() if key not in by_width}
         width = picked.get(self.width_key)
-        picked.update({key: self._suggest_engine(trial, key, key, options, width)
+        picked.update({key: self._suggest_at(width, trial, key, key, options)
                        for key, options in self.choices.items() if key in by_width})
         engine = [g.sample(trial) for g in self.groups]
         if is_user_family(self.family):
@@ -94,12 +94,13 @@ class SearchSpace:
         shared = {key: picked.pop(key) for key in list(picked) if key in self.per_layer_keys}
         layers = []
         for i in range(n_layers):
-            per = {key: self._suggest_engine(trial, f"layer{i}.{key}", key, opts, width) if key in by_width
-                   else _suggest(trial, f"layer{i}.{key}", opts) for key, opts in self.per_layer.items()}
+            per = {key: self._suggest_at(width, trial, f"layer{i}.{key}", key, opts)
+                   for key, opts in self.per_layer.items()}
             layers.append({**shared, **per})
         return {"family": self.family, **picked, "layers": layers, **({"engine": engine} if engine else {})}
 
-    def _suggest_engine(self, trial: Any, name: str, key: str, options: tuple[Any, ...], width: Any) -> Any:
+    def _suggest_at(self, width: Any, trial: Any, name: str, key: str, options: tuple[Any, ...]) -> Any:
+        """A choice at ``width``: an engine key from that width's offer (under its name there), any other as is."""
         return _suggest(trial, self._engine_name(name, key, options, width),
                         self._engine_options(key, options, width))
 

@@ -143,12 +143,12 @@ def inference_signature(model: nn.Module) -> dict[str, Any]:
         pattern = "2:4" if m.mask is not None and not bool(m.mask.all()) else "dense"
         layers[name] = f"{m.precision} {pattern} {m.backend if m.inference is not None else 'unconverted'}"
     signature = {"compiled": eager is not model, "layers": layers}
-    # "form" names the inference code where it changed: a model with bf16/fp16 layers measured before its MLP kept
-    # their activations in half (form 2) was slower, so its measurements are stale (the measurement key) and its
-    # bundle says so; fp32, int8 and fp8 models run as they did and their signatures stay as they were.
-    if any(getattr(m.inference, "dtype", None) in (torch.bfloat16, torch.float16)
-           for m in engine_layers(eager).values()):
-        signature["form"] = 2
+    # "form" names the inference code where a model's modules say it changed (``inference_form``): a transformer
+    # block whose MLP now keeps bf16/fp16 activations (2) was slower before, so measurements of it are stale (the
+    # measurement key) and an older bundle says so; every other model's signature stays as it was.
+    form = max((getattr(m, "inference_form", 1) for m in eager.modules()), default=1)
+    if form > 1:
+        signature["form"] = form
     return signature
 
 

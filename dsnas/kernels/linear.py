@@ -98,14 +98,16 @@ class EngineLinear(EngineLayer, nn.Linear):
         self.watch_overflow(out, x, self.training)
         return out.to(x.dtype)
 
+    @property
+    def half_inference(self) -> bool:
+        """Converted to a bf16/fp16 linear (convert.CastLinear, dense or 2:4)."""
+        return getattr(self.inference, "dtype", None) in (torch.bfloat16, torch.float16)
+
     def forward_half(self, x: torch.Tensor) -> torch.Tensor:
         """As ``forward``, but a converted bf16/fp16 layer hands its output on in that dtype instead of casting it
         back: for a next step that computes in fp32 inside and rounds to it once (GELU), whose result the next
         layer casts to that dtype anyway, so the same bits arrive without two casts of the widest tensor."""
-        half = getattr(self.inference, "dtype", None)  # CastLinear's: bf16 or fp16, dense or 2:4
-        if half in (torch.bfloat16, torch.float16):
-            return self.inference(x)
-        return self(x)
+        return self.inference(x) if self.half_inference else self(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, precision={self.precision}, sparsity={self.sparsity}, backend={self.backend}"

@@ -93,6 +93,12 @@ class Block(nn.Module):
         self.up = EngineLinear(d_model, ffn_ratio * d_model, **engine)
         self.down = EngineLinear(ffn_ratio * d_model, d_model, **engine)
 
+    @property
+    def inference_form(self) -> int:
+        """2 where the MLP hands bf16/fp16 activations on (forward), 1 where it runs as before this did: the
+        inference signature's "form" (dsnas.kernels.convert.inference_signature)."""
+        return 2 if self.up.half_inference else 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
