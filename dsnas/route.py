@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsnas.allocator import hold_freed_memory
 from dsnas.errors import DsnasError
 from dsnas.export.bundle import export_trial, load_bundle, read_bundle, recorded_task_spec
 from dsnas.export.pick import pick_trials
@@ -517,9 +518,10 @@ def _time_end_to_end(members: Sequence[Member], thresholds: Sequence[float], rou
                      batch_sizes: Sequence[int]) -> dict[str, float]:
     """Wall-clock ms per input of serving ``x`` in batches of the largest measured batch size: the most accurate
     model alone, the cascade and the learned router, in turns (so that a busy moment of the machine hits all),
-    median of TIMING_ROUNDS rounds."""
+    median of TIMING_ROUNDS rounds. Freed memory is held, as for every dsnas timing (dsnas.allocator)."""
     import torch
 
+    hold_freed_memory()
     batch = max(batch_sizes)
     servers = {f"trial {members[-1].trial} alone": members[-1].model,
                f"trial {members[0].trial} alone": members[0].model,
@@ -578,6 +580,7 @@ def verify_route(folder: str | Path, accuracy_tol: float = 0.005, latency_tol: f
     if recorded:
         batch = max(read_bundle(folder / doc["members"][0]["bundle"])["hardware"]["batch_sizes"])
         rounds = []
+        hold_freed_memory()  # as when it was measured
         with torch.inference_mode():
             parts = list(x[held].split(batch))
             route(parts[0])

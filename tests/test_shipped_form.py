@@ -5,6 +5,7 @@ measured again; an exported bundle loads into the measured form, and verify says
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def _cache_entry(profile, metrics):
         "batches": {str(r.batch_size): {"figures": r.figures, "timing": r.timing} for r in rows}}}
 
 
-def test_the_measurement_cache_misses_when_anything_that_changes_the_number_changes(task):
+def test_the_measurement_cache_misses_when_anything_that_changes_the_number_changes(task, monkeypatch):
     hardware = HardwareSpec(device="cpu", batch_sizes=(1, 2), warmup_s=0.01, measure_s=0.02, threads=1)
     model = untrained_inference_form(build(_arch()))
     cpu = torch.device("cpu")
@@ -58,6 +59,10 @@ def test_the_measurement_cache_misses_when_anything_that_changes_the_number_chan
     for what, (m, hw, ctx) in changes.items():
         cache = measure(m, task, cpu, hw, cached=cached, context=ctx)[1]["cache"]
         assert not cache["hit"] and cache["why"], what
+    with monkeypatch.context() as patch:  # measured before dsnas held freed memory (dsnas.allocator)
+        patch.setattr(importlib.import_module("dsnas.profiler.measure"), "hold_freed_memory",
+                      lambda: {"policy": "allocator default"})
+        assert not measure(model, task, cpu, hardware, cached=cached, context=context)[1]["cache"]["hit"]
     other_device = {"0" * 16: next(iter(cached.values()))}  # another fingerprint's entry
     assert not measure(model, task, cpu, hardware, cached=other_device, context=context)[1]["cache"]["hit"]
     assert fingerprint_id(fingerprint(cpu)) != "0" * 16

@@ -200,10 +200,22 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
                      if then_fp.get(k) != profile["fingerprint"].get(k))
     checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
                     f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
-                    compared=not differs)]
+                    compared=not differs), _allocator_check(recorded.get("profile", {}), profile)]
+    why_not = "other device" if differs else "other allocator policy" if not checks[-1].compared else ""
     for key in _speed_keys(now):
-        checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), compare=not differs))
+        checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), why_not))
     return checks
+
+
+def _allocator_check(then: dict[str, Any], now: dict[str, Any]) -> Check:
+    """Speed is compared only when it was measured with the allocator's policy of now (dsnas.allocator): glibc's
+    default faults freed memory in again on each call, by an amount the process's history decides."""
+    policy_then = (then.get("allocator") or {}).get("policy", "allocator default (not recorded)")
+    policy_now = now["allocator"]["policy"]
+    if policy_then == policy_now:
+        return Check("allocator", policy_then, policy_now, "-", "same")
+    return Check("allocator", policy_then, policy_now, "-", f"other policy: speed not compared ({REEXPORT})",
+                 compared=False)
 
 
 def _speed_keys(now: dict[str, list[float]]) -> list[str]:
@@ -229,16 +241,17 @@ def _unsteady(then: float | None, rounds: list[float], tol: float) -> bool:
     return not _median_within(then, rounds, tol) and max(rounds) / min(rounds) > 1 + tol
 
 
-def _relative(key: str, then: float | None, rounds: list[float], tol: float, compare: bool) -> Check:
+def _relative(key: str, then: float | None, rounds: list[float], tol: float, why_not: str) -> Check:
     """The median of the rounds against the recorded figure (itself a median): it fails when their ratio is beyond
-    1 + ``tol`` either way. The rounds' range is shown beside it: a wide one says the machine was busy."""
+    1 + ``tol`` either way. The rounds' range is shown beside it: a wide one says the machine was busy. ``why_not``:
+    why the figures are not comparable ("" when they are)."""
     now = statistics.median(rounds)
     shown = f"{_num(now)} ({_num(min(rounds), 3)}-{_num(max(rounds), 3)})"
     if then is None:
         return Check(key, "-", shown, "-", "not recorded", compared=False)
     drift = (now - then) / then if then else math.inf
-    if not compare:
-        return Check(key, _num(then), shown, f"{drift:+.0%}", "other device: not compared", compared=False)
+    if why_not:
+        return Check(key, _num(then), shown, f"{drift:+.0%}", f"{why_not}: not compared", compared=False)
     ok = _median_within(then, rounds, tol)
     verdict = f"{'ok' if ok else 'FAIL'} (median of {len(rounds)} rounds within x/÷ {1 + tol:.3g})"
     return Check(key, _num(then), shown, f"{drift:+.0%}", verdict, failed=not ok)

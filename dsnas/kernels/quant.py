@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsnas.allocator import hold_freed_memory
 from dsnas.errors import TrialError
 
 INT8_BACKENDS = ("torchao-dynamic", "torch-dynamic", "int8-static")
@@ -183,7 +184,9 @@ def int8_backend_supported(backend: str, device: Any, in_features: int, out_feat
 def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
                       repeats: int = 5) -> dict[str, float]:
     """Per function: the median over ``repeats`` of the mean time of a call, each repeat long enough (~2 ms) to rise
-    above timer noise. The functions take turns within each repeat, so a slow spell of the machine hits them all."""
+    above timer noise. The functions take turns within each repeat, so a slow spell of the machine hits them all.
+    Freed memory is held, as for every dsnas timing (dsnas.allocator)."""
+    hold_freed_memory()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     iters = {}
     for name, fn in fns.items():

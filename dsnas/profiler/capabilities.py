@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsnas.allocator import POLICY, hold_freed_memory
 from dsnas.errors import DsnasError
 from dsnas.profiler.memory import _native_stderr_silenced
 from dsnas.profiler.nvml import nvml_handle
@@ -76,7 +77,7 @@ def probe(device: Any = "auto") -> Capabilities:
              _safe("torch.compile", lambda: _compile(cuda.available)),
              _safe("CPU", _cpu), _safe("CPU kernels (ATen)", lambda: _aten_isa(torch)),
              _safe("threads", lambda: _threads(torch)), _safe("memory", _memory),
-             _safe("cgroup CPU quota", _cgroup_quota)]
+             _safe("allocator", _allocator), _safe("cgroup CPU quota", _cgroup_quota)]
     return Capabilities(tuple(items))
 
 
@@ -263,6 +264,16 @@ def _memory() -> Capability:
     except OSError as err:
         return Capability("memory", False, f"/proc/meminfo not readable: {err.strerror}")
     return Capability("memory", False, "/proc/meminfo has no MemTotal line")
+
+
+def _allocator() -> Capability:
+    """What the allocator does with freed memory while dsnas times (holding it is what every timing does first)."""
+    state = hold_freed_memory()
+    if state["policy"] != POLICY:
+        return Capability("allocator", False, f"freed memory not held while timing: {state['why']}")
+    return Capability("allocator", True, f"{state['allocator']}: freed memory held while timing (blocks up to "
+                      f"{int(state['mmap_threshold']) >> 20} MiB from the heap, never trimmed), so calls do not "
+                      "fault it in again")
 
 
 def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dsnas.allocator import hold_freed_memory
 from dsnas.errors import TrialError
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.device import device_key, fingerprint, fingerprint_id, resolve_device
@@ -155,7 +156,7 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
     fp = fingerprint(device)
     with cpu_threads(threads if device.type == "cpu" else None) as used:
         key = entry_key(fingerprint=fp, threads=used if device.type == "cpu" else None,
-                        shapes=[str(s) for s in shapes], rule=RULE)
+                        shapes=[str(s) for s in shapes], rule=RULE, allocator=hold_freed_memory()["policy"])
         path = cache_dir() / "engine_probe.json"
         entry = read_entries(path, CACHE_TYPE).get(key) if use_cache else None
         if isinstance(entry, dict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dsnas.allocator import hold_freed_memory
 from dsnas.profiler.ceilings import ceilings, gpu_peaks
 from dsnas.profiler.counting import count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
@@ -61,7 +62,8 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
     params = float(_size(model)[0])
     threads = (hardware.threads or os.cpu_count()) if device.type == "cpu" else None
     signature = inference_signature(model)
-    key = measurement_key(signature, hardware, threads, context)
+    allocator = hold_freed_memory()  # before anything is timed; it stays so for this process
+    key = measurement_key(signature, hardware, threads, context, allocator["policy"])
     entry = (cached or {}).get(fingerprint_id(fp))
     stale = _stale(entry, key, hardware)
     if entry and not stale:
@@ -69,7 +71,8 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
         return metrics, {**profile, "signature": signature, "measurement_key": key}
     backend, dtype = _backend(model)
     profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": backend, "dtype": dtype,
-                               "signature": signature, "measurement_key": key, "unavailable": {},
+                               "signature": signature, "measurement_key": key, "allocator": allocator,
+                               "unavailable": {},
                                "cache": {"hit": False, **({"why": stale} if entry else {})}}
     batches: dict[int, dict[str, Any]] = {}
     model.eval()
@@ -101,10 +104,11 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
 
 
 def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | None,
-                    context: dict[str, Any] | None) -> str:
+                    context: dict[str, Any] | None, allocator: str) -> str:
     """Everything besides the architecture and the device fingerprint that changes a measured number: the
-    inference form, the timing protocol, the thread count and the settings that made the model."""
-    protocol = {k: getattr(hardware, k) for k in PROTOCOL_KEYS}
+    inference form, the timing protocol (with the allocator's policy, dsnas.allocator), the thread count and the
+    settings that made the model."""
+    protocol = {**{k: getattr(hardware, k) for k in PROTOCOL_KEYS}, "allocator": allocator}
     return short_hash({"form": signature, "protocol": protocol, "threads": threads, "context": context or {}})
 
 

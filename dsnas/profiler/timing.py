@@ -12,6 +12,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dsnas.allocator import hold_freed_memory
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -77,7 +79,9 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
     """Warm up for ``warmup_s``; then time calls for at least ``min_repeats`` and ``measure_s``, and on until the
     median's confidence interval is within ``ci_tolerance`` (relative half-width) or ``max_measure_s`` passed.
     ``events``: a CUDA event factory (torch.cuda.Event) to also record device time per call. ``window``: a context
-    entered around the timed calls only, not the warm-up (a disturbance.CpuWindow watching the machine)."""
+    entered around the timed calls only, not the warm-up (a disturbance.CpuWindow watching the machine). Freed
+    memory is held first (dsnas.allocator): a call must not pay for page faults that the heap's history decides."""
+    hold_freed_memory()
     deadline = time.perf_counter() + warmup_s
     warmup = 0
     while warmup < min_warmup or time.perf_counter() < deadline:
