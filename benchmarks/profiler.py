@@ -15,7 +15,9 @@ share of the CPUs other processes took during the five (dsnas.profiler.disturban
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
 FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency and others' CPU share, and
 the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU, on a quiet
-machine); and the profiler's time against timing alone, as its own overhead.
+machine); and the profiler's time against timing alone, as its own overhead. Last, on a CPU, the same target over
+five fresh processes each (a measurement's independence includes its process), with freed memory held (what dsnas
+does, dsnas.allocator) against glibc's default allocator in the same run, alternating.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -143,6 +145,59 @@ def repeatability(runs: list[tuple[dict, dict]], device) -> None:
               f"{'' if quiet else '; the machine was not quiet: some run stayed disturbed'})")
 
 
+# One measure() of a model at batch 32 in a fresh process; "default" leaves glibc's allocator as it is (the
+# baseline: patched before dsnas.profiler binds the function).
+_ONE_PROCESS = """
+import json, sys, torch
+import dsnas.allocator
+if sys.argv[1] == "default":
+    dsnas.allocator.hold_freed_memory = lambda: {"policy": "allocator default", "why": "benchmark baseline"}
+from dsnas.kernels.convert import untrained_inference_form
+from dsnas.models import build
+from dsnas.profiler import measure
+from dsnas.spec import HardwareSpec, TaskSpec
+from dsnas.tasks import make_task
+task = make_task(TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 64}, "."))
+torch.manual_seed(0)
+model = untrained_inference_form(build(json.loads(sys.argv[2])))
+metrics, profile = measure(model, task, torch.device("cpu"), HardwareSpec(device="cpu", batch_sizes=(32,)))
+print(json.dumps([metrics["throughput_tok_s"], profile["allocator"]["policy"], profile["disturbed"]]))
+"""
+PROCESS_MODELS = {
+    "d128 L2 fp32": MODELS["d128 L2"],
+    "d384 L1 bf16": {"family": "transformer_lm", "d_model": 384, "vocab_size": 256, "context": 64,
+                     "layers": [{"n_heads": 8, "ffn_ratio": 2, "precision": "bf16"}]},
+}
+
+
+def across_processes(rounds: int) -> None:
+    """CV of ``rounds`` measurements, each in a fresh process, with glibc's default allocator and with freed
+    memory held, alternating."""
+    import json
+    import subprocess
+
+    print(f"repeatability across processes (throughput at batch 32, {rounds} fresh processes each, alternating):")
+    for label, arch in PROCESS_MODELS.items():
+        found: dict[str, list[float]] = {"default": [], "held": []}
+        for _ in range(rounds):
+            for policy in found:
+                done = subprocess.run([sys.executable, "-c", _ONE_PROCESS, policy, json.dumps(arch)], cwd=ROOT,
+                                      capture_output=True, text=True, check=True)
+                tok_s, recorded, disturbed = json.loads(done.stdout.splitlines()[-1])
+                assert recorded == ("held" if policy == "held" else "allocator default"), recorded
+                found[policy].append(tok_s)
+                if disturbed:
+                    print(f"  ({label}, {policy}: one measurement stayed disturbed)")
+        for policy, values in found.items():
+            value = cv(values)
+            print(f"  {label:13} {policy:8} median {statistics.median(values):>10,.0f} tok/s, CV {value:6.2%} "
+                  f"({'met' if value <= 0.03 else 'NOT met'}: <= 3%); "
+                  + ", ".join(f"{v:,.0f}" for v in values))
+        faster = statistics.median(found["held"]) / statistics.median(found["default"])
+        print(f"  {label:13} held / default: median throughput {faster:.2f}x, "
+              f"CV {cv(found['held']) / cv(found['default']):.2f}x")
+
+
 def _pct(share) -> str:
     return "n/a" if share is None else f"{share:.0%}"
 
@@ -194,6 +249,8 @@ def main() -> None:
     print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
           f"{timing_only:.2f} s: {full / timing_only:.2f}x ({full - timing_only:+.2f} s for memory, FLOP/byte "
           "counts and bookkeeping)")
+    if device.type == "cpu":
+        across_processes(args.rounds)
 
 
 if __name__ == "__main__":
