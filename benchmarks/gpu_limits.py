@@ -147,6 +147,13 @@ def repeatability(sec: Any, dev: torch.device) -> None:
         sec.check(f"5 measurements of a d1024 L4 bf16 model at batch {bs}, {what} median, CV",
                   statistics.stdev(ms) / statistics.mean(ms) * 100, 0, 1.0, unit="%",
                   why="the target for a GPU: " + ", ".join(f"{m:.4f}" for m in ms) + " ms")
+    # Where the spread comes from: the device's own time (CUDA events) steady while the wall clock is not points at
+    # the host (launches, its allocator, its scheduler); both spread alike point at the GPU (clocks, placement).
+    for bs in (256, 32):
+        device_ms = [metrics.get(f"device_latency_ms_bs{bs}") for metrics, _ in runs]
+        if all(device_ms):
+            sec.note(f"batch {bs}: CUDA-event medians {', '.join(f'{m:.4f}' for m in device_ms)} ms, CV "
+                     f"{statistics.stdev(device_ms) / statistics.mean(device_ms):.2%} (wall-clock CV above)")
     sec.check("flop_util of the bf16 model at batch 256", runs[0][0].get("flop_util_bs256"), 0.01, 1.0,
               why="against the bf16 tensor-core peak: above 1 is impossible, as the fp32 peak once made it look")
     sec.note("per measurement: " + "; ".join(
