@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dsnas.allocator import POLICY
 from dsnas.errors import DsnasError
 from dsnas.export.bundle import load_bundle, read_bundle, recorded_hardware, recorded_task_spec
 from dsnas.models import build, validate
@@ -148,13 +149,20 @@ class ProfileReport:
         return self.table()
 
 
+def _allocator(state: dict[str, Any] | None) -> str:
+    if not state:
+        return "allocator not recorded"
+    return "freed memory held" if state["policy"] == POLICY else f"freed memory not held: {state.get('why')}"
+
+
 def _header(profile: dict[str, Any]) -> list[str]:
     fp = profile["fingerprint"]
     on = f"{fp.get('gpu')} (CUDA {fp.get('cuda')})" if fp.get("device") == "cuda" else \
         f"{fp.get('cpu')} ({fp.get('cpu_count')} CPUs)"
     lines = [f"device {fp.get('device')}: {on}, torch {fp.get('torch')}; fingerprint {fingerprint_id(fp)} "
              "(dsnas doctor lists its fields)",
-             f"backend {profile.get('backend')}, dtype {profile.get('dtype')}, threads {_fmt(profile.get('threads'))}"]
+             f"backend {profile.get('backend')}, dtype {profile.get('dtype')}, threads {_fmt(profile.get('threads'))}, "
+             + _allocator(profile.get("allocator"))]
     if ceilings := _ceilings(profile.get("ceilings") or {}):
         lines.append("ceilings: " + ", ".join(ceilings))
     return lines

@@ -38,7 +38,8 @@ def test_profile_prints_a_row_per_batch_size_with_the_measured_figures(tmp_path,
     lines = out.splitlines()
     assert lines[0] == f"profile of {path} (untrained weights)"
     assert lines[1].startswith("device cpu: ") and f"fingerprint {fingerprint_id(profile['fingerprint'])}" in lines[1]
-    assert lines[2] == f"backend {profile['backend']}, dtype {profile['dtype']}, threads {profile['threads']}"
+    assert lines[2] == (f"backend {profile['backend']}, dtype {profile['dtype']}, threads {profile['threads']}, "
+                        "freed memory held")
     rows = _rows(out)
     heading = " ".join(rows["batch"])
     for unit in ("median ms", "p10-p90 ms", "tokens/s", "GFLOP/s", "GB/s", "peak MB", "disturbed"):
