@@ -30,7 +30,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 
 # Page faults per call of a quickstart-sized model at batch 32, over dsnas's own timing of 20 calls after its warm-up.
 _MODEL = """
-import resource, time, torch
+import resource, torch
 from dsnas.models import build
 from dsnas.profiler.timing import time_calls
 model = build({"family": "transformer_lm", "vocab_size": 256, "context": 64, "d_model": 128,
@@ -63,5 +63,5 @@ def test_a_freed_block_is_not_faulted_in_again_once_memory_is_held():
 
 
 def test_dsnas_timing_runs_a_model_without_page_faults():
-    # Unheld, this model took 240-6,800 faults a call on a 2-core Xeon, by the heap's history (see dsnas.allocator).
+    # Unheld, a model like it took 346-1,066 faults a call on a 2-core Xeon, by the heap's history (dsnas.allocator).
     assert _faults(_MODEL) < 1.0
