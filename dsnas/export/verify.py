@@ -198,10 +198,11 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
     # must match: another host, CPU, GPU, torch or dsnas version may legitimately measure other numbers.
     differs = sorted(k for k in set(then_fp) | set(profile["fingerprint"])
                      if then_fp.get(k) != profile["fingerprint"].get(k))
+    allocator = _allocator_check(recorded.get("profile", {}), profile)
     checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
                     f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
-                    compared=not differs), _allocator_check(recorded.get("profile", {}), profile)]
-    why_not = "other device" if differs else "other allocator policy" if not checks[-1].compared else ""
+                    compared=not differs), allocator]
+    why_not = "other device" if differs else "" if allocator.compared else "other allocator policy"
     for key in _speed_keys(now):
         checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), why_not))
     return checks
