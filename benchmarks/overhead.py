@@ -83,8 +83,28 @@ def trivial_evaluate(request):  # dsnas's trial_fn: no model, no weights, no pro
 
 
 def suggest(trial) -> None:
-    """The same Optuna parameters a dsnas trial gets: dsnas's own sampling of the space file."""
+    """The same Optuna parameters a dsnas trial gets: dsnas's own sampling of the space file, settled as dsnas
+    settles it here (settle_space)."""
     SPACE.sample(trial)
+
+
+def settle_space() -> None:
+    """Give the baselines the space as dsnas samples it on this machine. Its `engine = "auto"` choices are decided
+    by the device's engine probe: where bf16 pays (an AMX CPU), each layer has one Optuna parameter more, and every
+    parameter costs Optuna storage reads and writes. One single-trial dsnas run settles the offer (the probe is
+    cached per device), and the baselines sample the space resolved by it."""
+    global SPACE
+    import optuna
+
+    from dsnas.engine_offer import OFFER_ATTR
+
+    with tempfile.TemporaryDirectory(prefix="dsnas-overhead-settle-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'settle.db'}"
+        stamps_dsnas(1, Path(tmp), url, "tpe")
+        offer = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).user_attrs.get(OFFER_ATTR)
+    if offer:
+        SPACE = SPACE.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]), offer.get("by_width"))
+        print(f"space as dsnas settles it here: precision {offer['precision']}, sparsity {offer['sparsity']}")
 
 
 def new_study(workdir: Path):
@@ -258,6 +278,7 @@ def main() -> None:
     parser.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="with --sizes")
     parser.add_argument("--postgres", help="with --sizes: also on this PostgreSQL URL (e.g. from .ci/postgres)")
     args = parser.parse_args()
+    settle_space()
     if args.sizes:
         print(machine())
         growth([int(s) for s in args.sizes.split(",")], args.sampler, args.postgres, args.repeats or 1)
