@@ -86,9 +86,12 @@ class Driver:
     def loop(self) -> str:
         self.study._stop_flag = False  # as optimize() starts: a stop() of an earlier run does not stop this one
         while True:
-            # A free slot first: it costs nothing. Then the stop reasons (one read of the budget); whether the budget
-            # has room is checked once, under the study's lock, as the trial is taken (see _take_place).
-            while len(self.running) < self.executor.slots and self._stop_reason() is None:
+            # A free slot first: it costs nothing. Then the stop reasons. Once a trial was dispatched, the budget is
+            # not among them: whether it has room is read under the study's lock as each trial is taken (see
+            # _take_place), a full one ends this loop, and the reason is read once nothing runs. Before the first,
+            # a spent budget must stop the run before the space's engine choices are settled (a probe).
+            while len(self.running) < self.executor.slots and \
+                    self._stop_reason(read_budget=self._sample is None) is None:
                 with self.guard.writing():
                     if not self._dispatch():
                         break  # the budget is full: this driver's, or another driver took the last place
@@ -167,11 +170,14 @@ class Driver:
         trained = sum(t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs for t in trials)
         return trained + pruned, pruned
 
-    def _stop_reason(self) -> str | None:
+    def _stop_reason(self, read_budget: bool = True) -> str | None:
+        """Why the search stops now, if it does; ``read_budget=False`` leaves out the one reason that reads the
+        study."""
         budget, n_trials = self.spec.budget, self.spec.budget.n_trials
-        done, pruned = self.db("read the study", self.budget_used) if n_trials is not None else (0, 0)
-        if n_trials is not None and done >= n_trials:
-            return f"{budget.n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
+        counted = read_budget and n_trials is not None
+        done, pruned = self.db("read the study", self.budget_used) if counted else (0, 0)
+        if counted and done >= n_trials:
+            return f"{n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
         if getattr(self.study, "_stop_flag", False):
             return "a callback called study.stop()"
         if self.reuses_in_a_row >= MAX_REUSES_IN_A_ROW:
@@ -339,7 +345,7 @@ class Driver:
                 if not self._room():
                     return None
                 trial = self.study.ask()
-            trial.set_user_attr("driver", self.identity)  # under the lock: a RUNNING trial without it is an orphan
+            set_user_attrs(trial, {"driver": self.identity})  # under the lock: a RUNNING trial without it is an orphan
         return trial
 
     def _orphan(self) -> Any:

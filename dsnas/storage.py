@@ -4,6 +4,7 @@ recovery of trials that a stopped driver left RUNNING."""
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -359,8 +360,13 @@ def reading(engine: Any) -> Iterator[Any]:
     """A connection whose transaction ends with COMMIT, not with the ROLLBACK that closing an open one sends:
     psycopg forgets a connection's prepared statements at every rollback, and Optuna's statements, run a dozen
     times a trial, were parsed and planned again each time on PostgreSQL (a tenth of the driver's time per trial).
-    For reads, and for statements that need no transaction of their own (an advisory lock)."""
+    For reads, and for statements that need no transaction of their own (an advisory lock). On PostgreSQL the
+    connection runs in autocommit: a read is then one round trip to the server, not three (BEGIN, the statement,
+    COMMIT), which is a read of the budget or of the measurement cache per trial. (psycopg sets autocommit on its
+    side of the connection, and the pool puts it back when the connection returns, both without a round trip.)"""
     with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execution_options(isolation_level="AUTOCOMMIT")
         yield connection
         connection.commit()
 
@@ -515,6 +521,14 @@ def study_lock(study: Any, url: str) -> Iterator[None]:
         yield  # in-memory or another backend: one driver only
 
 
+@functools.cache
+def _trial_state_query() -> Any:
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    return sa.select(models.TrialModel.state).where(models.TrialModel.trial_id == sa.bindparam("trial_id"))
+
+
 def set_user_attrs(trial: Any, attrs: dict[str, Any], constraints: dict[str, float] | None = None) -> None:
     """Store many user attributes of a running trial, and its constraint values (feasible when <= 0, as
     ``trial.set_constraint`` stores them), in one transaction: one check that the trial is still running, then one
@@ -538,7 +552,10 @@ def set_user_attrs(trial: Any, attrs: dict[str, Any], constraints: dict[str, flo
     if not attrs and not system:
         return
     with _create_scoped_session(backend.scoped_session, True) as session:
-        state = models.TrialModel.find_or_raise_by_id(trial._trial_id, session).state
+        # The state alone, not the ORM row Optuna loads for its check: a third less time per write on PostgreSQL.
+        state = session.execute(_trial_state_query(), {"trial_id": trial._trial_id}).scalar_one_or_none()
+        if state is None:
+            raise KeyError(f"no trial with trial_id {trial._trial_id}")
         backend.check_trial_is_updatable(trial._trial_id, state)
         for model, values in ((models.TrialUserAttributeModel, attrs), (models.TrialSystemAttributeModel, system)):
             if values:

@@ -16,7 +16,7 @@ from dsnas._version import __version__
 from dsnas.errors import DsnasError
 from dsnas.profiler.device import fingerprint_id, short_hash
 from dsnas.profiler.timing import TIMING_KEYS
-from dsnas.storage import storage_engine
+from dsnas.storage import reading, storage_engine
 
 # Version 0 is a database without these tables (dsnas 0.1.0): every table is created, and the
 # measurements of its trials are filled in from what their user attrs hold.
@@ -187,13 +187,15 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     worker reuses the entry of its own fingerprint (and thread count) instead of measuring again."""
     if engine is None or schema_version(engine) < SCHEMA_VERSION:  # None: a study in memory keeps no tables
         return {}
-    query = (select(Measurement).where(Measurement.arch_hash == arch_hash(arch),
-                                       Measurement.dsnas_version == __version__,
-                                       Measurement.cached_from.is_(None), Measurement.figures.is_not(None))
-             .order_by(Measurement.id))
+    m = Measurement
+    query = (select(m.fingerprint_id, m.threads, m.backend, m.dtype, m.batch_size, m.figures, m.timing,
+                    m.study_name, m.trial_number)
+             .where(m.arch_hash == arch_hash(arch), m.dsnas_version == __version__, m.cached_from.is_(None),
+                    m.figures.is_not(None))
+             .order_by(m.id))
     out: dict[str, Any] = {}
-    with Session(engine) as session, session.begin():  # ends with COMMIT: see storage.reading
-        for row in session.scalars(query):  # later measurements of the same key replace earlier ones
+    with reading(engine) as connection:  # one round trip on PostgreSQL
+        for row in connection.execute(query):  # later measurements of the same key replace earlier ones
             entry = out.setdefault(row.fingerprint_id, {"threads": row.threads, "batches": {}, "profile": {
                 "backend": row.backend, "dtype": row.dtype, "threads": row.threads}})
             entry["batches"][str(row.batch_size)] = {"figures": row.figures, "timing": row.timing}

@@ -240,3 +240,28 @@ def test_a_resumed_dsnas_sampler_search_learns_from_the_stored_trials_on_postgre
     from test_sampler import check_resume
 
     check_resume(tmp_path, postgres_url)
+
+
+def test_a_read_is_one_round_trip_on_postgresql(postgres_url):
+    """storage.reading runs PostgreSQL reads in autocommit: no BEGIN before the statement and no COMMIT after it,
+    so the connection is idle, not in a transaction, once the statement returned (each read of the budget and of
+    the measurement cache was three round trips). The pool gives the next user a connection that is not in
+    autocommit, which Optuna's writes need."""
+    import psycopg
+    import sqlalchemy as sa
+
+    from dsnas import storage as dsnas_storage
+
+    engine = sa.create_engine(postgres_url)
+    try:
+        for _ in range(2):
+            with dsnas_storage.reading(engine) as connection:
+                assert connection.execute(sa.text("SELECT 1")).scalar() == 1
+                dbapi = connection.connection.dbapi_connection
+                assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+            assert connection.connection.dbapi_connection.info.transaction_status == \
+                psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        engine.dispose()

@@ -223,3 +223,20 @@ def test_a_search_keeps_its_sqlite_file_in_write_ahead_log_mode(finished_study, 
     db_file = copy_study(finished_study, tmp_path / "study").with_suffix(".db")
     with closing(sqlite3.connect(db_file)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_driver_reads_the_budget_once_per_trial(tmp_path, monkeypatch):
+    """Whether the budget has room is read under the study's lock as each trial is taken; the stop check before
+    each dispatch does not read it again (a query of the study per trial less: see Driver.loop). Only the first
+    dispatch, the stop reason once nothing runs, and a dispatch refused by a full budget read it besides."""
+    from table_study import write_table_study
+
+    reads = []
+    read = dsnas_storage.BudgetCount.read
+    monkeypatch.setattr(dsnas_storage.BudgetCount, "read", lambda self, study: reads.append(1) or read(self, study))
+    study = write_table_study(tmp_path, n_trials=20, fidelity='kind = "none"')
+    assert main(["search", str(study)]) == 0
+    assert 20 <= len(reads) <= 20 + 4, f"{len(reads)} reads of the budget for 20 trials"
+    reads.clear()
+    assert main(["search", str(study)]) == 0  # resumed with the budget spent: it stops at once
+    assert len(reads) <= 2  # before any dispatch (nothing is settled or started), and for the stop reason
