@@ -202,7 +202,7 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
     checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
                     f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
                     compared=not differs), allocator]
-    why_not = "other device" if differs else "" if allocator.compared else "other allocator policy"
+    why_not = "other device" if differs else ("" if allocator.compared else "other allocator policy")
     for key in _speed_keys(now):
         checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), why_not))
     return checks
