@@ -46,7 +46,7 @@ def test_invalid_architectures_are_trial_errors(change, message):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_converted_half_mlp_keeps_its_activations_in_half_with_the_same_logits(precision, monkeypatch):
     """The MLP's hidden activations stay bf16/fp16 between `up` and `down` once converted: GELU computes in fp32
-    inside and rounds once, so the logits are the same bits as with the casts to fp32 and back, two casts fewer
+    inside and rounds once, so the logits are those of the casts to fp32 and back (see below), two casts fewer
     per block (each of the widest tensor)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -78,5 +78,11 @@ def test_a_converted_half_mlp_keeps_its_activations_in_half_with_the_same_logits
     kept, kept_casts = logits()
     monkeypatch.setattr(EngineLinear, "forward_half", EngineLinear.__call__)  # cast back after `up`, as before
     cast, cast_casts = logits()
-    assert torch.equal(kept, cast) and kept.dtype == torch.float32
+    assert kept.dtype == torch.float32
+    # The same bits on most CPUs (bf16 everywhere, fp16 on an AMX Xeon); on an AVX2-only CPU ATen's fp16 GELU
+    # computes erf a float ulp apart from the fp32 kernel, so an activation at a rounding tie can land one fp16 ulp
+    # away (1 of 8192 activations here: 1.2e-5 in logits of 0.58). Allowed: a quarter of an fp16 ulp at the logits'
+    # scale, well below what a cast to the wrong dtype would move them.
+    print(f"largest difference: {(kept - cast).abs().max().item():.3g} of {cast.abs().max().item():.3g}")
+    assert (kept - cast).abs().max() <= 2**-12 * cast.abs().max()
     assert cast_casts - kept_casts == 2 * 2  # two blocks, two casts each
