@@ -79,7 +79,7 @@ def test_a_converted_half_mlp_keeps_its_activations_in_half_with_the_same_logits
     monkeypatch.setattr(EngineLinear, "forward_half", EngineLinear.__call__)  # cast back after `up`, as before
     cast, cast_casts = logits()
     assert kept.dtype == torch.float32
-    # The same bits on most CPUs (bf16 everywhere, fp16 on an AMX Xeon); on an AVX2-only CPU ATen's fp16 GELU
+    # The same bits for bf16 on both CPUs tried, and for fp16 on an AMX Xeon; on an AVX2-only CPU ATen's fp16 GELU
     # computes erf a float ulp apart from the fp32 kernel, so an activation at a rounding tie can land one fp16 ulp
     # away (1 of 8192 activations here: 1.2e-5 in logits of 0.58). Allowed: a quarter of an fp16 ulp at the logits'
     # scale, well below what a cast to the wrong dtype would move them.
