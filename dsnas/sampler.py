@@ -37,7 +37,7 @@ from dsnas.acquisition import expected_improvement, probability_feasible
 from dsnas.surrogate import Encoding, GaussianProcess
 
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
-STARTUP = 10  # random proposals before the model is trusted: enough points for a first fit of 6-10 length scales
+STARTUP = 14  # random proposals before the model is trusted (docs/search-strategy.md: 10 and 6 needed more evaluations)
 LISTED = 50_000  # a space of at most this many architectures is listed whole, and every candidate can be scored
 FLOOR_TIES = 3  # trained candidates sharing the worst value exactly that make it a floor (see _not_failing)
 SCORING_FLOPS = 3e8  # per proposal: candidates x (trained candidates)^2, about 50 ms on one core

@@ -376,7 +376,7 @@ def check_resume(folder: Path, url: str) -> None:
     path = toy_study(folder, "dsnas", 0, 12)
     path.write_text(path.read_text().replace("[study]\n", f"[study]\nstorage = {json.dumps(url)}\n", 1))
     assert run_study(load_study(path), progress=Progress(load_study(path), out=io.StringIO())).completed == 12
-    resumed = DsnasSampler(seed=1)
+    resumed = DsnasSampler(seed=1, startup=10)  # fewer than the 12 stored
     modelled: list[int] = []
     best = resumed._best
     resumed._best = lambda done, *rest: modelled.append(len(done)) or best(done, *rest)
@@ -425,7 +425,7 @@ def test_candidates_measured_but_not_trained_teach_the_hardware_models_where_the
     stopped = [(w, op) for w in (5, 6, 7, 8) for op in ops if rng.rand() < 0.6]
     proposed = []
     for seed in range(4):
-        sampler = DsnasSampler(seed=seed)
+        sampler = DsnasSampler(seed=seed, startup=10)  # fewer than the 13 trained
         sampler.bind(Problem(parameters={"width": widths, "op": ops}, used=dict, arch_of=dict,
                              objectives=[("accuracy", "maximize"), ("throughput", "maximize")],
                              limits={"latency_ms": 45.0}, untrained=("throughput", "latency_ms")))
@@ -469,7 +469,7 @@ def test_candidates_that_train_to_the_floor_are_modelled_apart_and_proposed_less
     ops, edges = ("none", "skip", "conv1", "conv3"), ("e0", "e1", "e2", "e3", "e4")
 
     def broken_trained(seed: int) -> int:
-        sampler = DsnasSampler(seed=seed)
+        sampler = DsnasSampler(seed=seed, startup=10)  # fewer than the 13 trained
         sampler.bind(Problem(parameters={e: ops for e in edges}, used=dict, arch_of=dict,
                              objectives=[("accuracy", "maximize"), ("latency_ms", "minimize")],
                              known=lambda cell: {"latency_ms": _cell_figures(cell)[1]}))
