@@ -469,7 +469,7 @@ def test_candidates_that_train_to_the_floor_are_modelled_apart_and_proposed_less
     ops, edges = ("none", "skip", "conv1", "conv3"), ("e0", "e1", "e2", "e3", "e4")
 
     def broken_trained(seed: int) -> int:
-        sampler = DsnasSampler(seed=seed, startup=10)  # fewer than the 13 trained
+        sampler = DsnasSampler(seed=seed, startup=10)  # the start the figures above were measured with
         sampler.bind(Problem(parameters={e: ops for e in edges}, used=dict, arch_of=dict,
                              objectives=[("accuracy", "maximize"), ("latency_ms", "minimize")],
                              known=lambda cell: {"latency_ms": _cell_figures(cell)[1]}))
