@@ -125,7 +125,8 @@ class Driver:
         return Problem(parameters=space.parameters(), used=space.used,
                        arch_of=lambda params: {**space.arch_of(params), **self.task_arch},
                        objectives=objectives, limits=limits, known=hardware if callable(hardware) else None,
-                       untrained=tuple(metric for metric in figures if metric not in TRAINED))
+                       untrained=tuple(metric for metric in figures if metric not in TRAINED),
+                       budget=self.spec.budget.n_trials)
 
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""

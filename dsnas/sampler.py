@@ -14,7 +14,9 @@ Each proposal:
    "kriging believer", so that several workers are not all sent to the same spot), times the probability that
    the figures it must guess are within the limits, times the chance that it does not train to a floor
    (_not_failing). The best is proposed.
-Until ``startup`` candidates have trained, the proposals are random (among those within the known limits).
+Until ``startup`` candidates have been evaluated (trained, or measured and stopped at a rung), the proposals are
+random (among those within the known limits); by default a third of the study's ``n_trials``, at least 4 and at
+most 14 (_startup).
 
 The driver binds the sampler to the study's space and task (``bind``); on a space without declared choices
 (``[space] callable``) the run falls back to TPE with a notice."""
@@ -37,7 +39,9 @@ from dsnas.acquisition import expected_improvement, probability_feasible
 from dsnas.surrogate import Encoding, GaussianProcess
 
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
-STARTUP = 14  # random proposals before the model is trusted (docs/search-strategy.md: 10 and 6 needed more evaluations)
+# Random proposals before the model is trusted, and the shortest start a small budget gets (docs/search-strategy.md:
+# on NAS-Bench-201's 600 evaluations 10 and 6 needed more; on the quickstart's table a 12-trial budget did best with 4)
+STARTUP, SHORTEST_STARTUP = 14, 4
 LISTED = 50_000  # a space of at most this many architectures is listed whole, and every candidate can be scored
 FLOOR_TIES = 3  # trained candidates sharing the worst value exactly that make it a floor (see _not_failing)
 SCORING_FLOPS = 3e8  # per proposal: candidates x (trained candidates)^2, about 50 ms on one core
@@ -57,13 +61,15 @@ class Problem:
     limits: dict[str, float] = field(default_factory=dict)  # metric -> upper limit ([hardware.constraints])
     known: Callable[[dict[str, Any]], dict[str, float]] | None = None  # arch -> figures known before training
     untrained: tuple[str, ...] = ()  # figures training does not change (hardware): measured before it, at rung 0
+    budget: int | None = None  # the candidates the study evaluates at most ([budget] n_trials), when it says
 
 
 class DsnasSampler(BaseSampler):
-    """See the module's docstring. ``pool``: how many candidates to score per proposal at most; ``time_s``: the
-    driver's time per proposal it aims to stay within (the pool shrinks when scoring takes longer)."""
+    """See the module's docstring. ``startup``: random candidates before the model proposes (default: by the
+    budget, see _startup); ``pool``: how many candidates to score per proposal at most; ``time_s``: the driver's
+    time per proposal it aims to stay within (the pool shrinks when scoring takes longer)."""
 
-    def __init__(self, seed: int | None = None, *, startup: int = STARTUP, pool: int = 2000,
+    def __init__(self, seed: int | None = None, *, startup: int | None = None, pool: int = 2000,
                  time_s: float = 1.0) -> None:
         self._rng = np.random.RandomState(seed)
         self._fallback = RandomSampler(seed=seed)
@@ -100,12 +106,22 @@ class DsnasSampler(BaseSampler):
             return {}
         start = time.perf_counter()
         done, pending, seen = self._history(study, trial.number)
-        if len(done) < self.startup:
+        if not done or len(self._measured) < self._startup():  # _measured: the evaluated candidates, see _history
             params = self._random_unseen(seen)
         else:
             params = self._best(done, pending, seen, start)
         self.proposals.append(time.perf_counter() - start)
         return params
+
+    def _startup(self) -> int:
+        """The random start: as set, else a third of the budget within [SHORTEST_STARTUP, STARTUP]. A start of 14
+        in a 12-trial study would leave the model nothing to propose; on the quickstart's recorded table, 20 seeds
+        of 12 / 24 / 40-trial searches with halving did best with starts of 4 / 8 / 8-14 (docs/search-strategy.md)."""
+        if self.startup is not None:
+            return self.startup
+        if self.problem is None or self.problem.budget is None:
+            return STARTUP
+        return min(STARTUP, max(SHORTEST_STARTUP, self.problem.budget // 3))
 
     # -- the study so far
 

@@ -342,6 +342,42 @@ def test_with_rungs_a_limit_and_sqlite_through_the_cli(tmp_path, capsys):
     assert not [t for t in trials if "reused_from" in t.user_attrs]  # 20 of 25 feasible: none proposed twice
 
 
+def test_the_random_start_is_a_third_of_a_small_budget_and_counts_candidates_stopped_at_a_rung(tmp_path,
+                                                                                               monkeypatch):
+    """A 12-trial study (the quickstart's budget) starts with 4 random candidates, not 14 that would leave the
+    model nothing to propose; a candidate stopped at a rung counts toward them, so halving does not hold the model
+    back until enough have trained fully. Larger budgets start with a third of theirs, at most 14."""
+    from table_study import write_table_study
+
+    from dsnas.cli import main
+    from dsnas.spec import load_study
+
+    def start(budget, startup=None):
+        sampler = DsnasSampler(seed=0, startup=startup)
+        sampler.bind(Problem(parameters={"w": (1, 2)}, used=dict, arch_of=dict, objectives=[], budget=budget))
+        return sampler._startup()
+
+    assert [start(b) for b in (6, 12, 24, 40, 160, None)] == [4, 4, 8, 13, 14, 14]
+    assert start(12, startup=10) == 10  # as set
+
+    model_at: list[tuple[int, int]] = []  # per proposal by the model: (candidates evaluated, trained) before it
+    best = DsnasSampler._best
+
+    def recorded(self, done, pending, seen, started):
+        model_at.append((len(self._measured), len(done)))
+        return best(self, done, pending, seen, started)
+
+    monkeypatch.setattr(DsnasSampler, "_best", recorded)
+    study_file = write_table_study(tmp_path, n_trials=12, sampler="dsnas", fidelity='kind = "successive_halving"\n'
+                                   "min_trials = 2")
+    assert main(["search", str(study_file)]) == 0
+    spec = load_study(study_file)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 12
+    assert model_at[0][0] == 4 and len(model_at) == 8, model_at  # proposals 5-12 by the model
+    assert model_at[0][1] < 4, model_at  # some of the first 4 stopped at a rung, and counted
+
+
 def test_a_half_sampled_trial_of_another_driver_is_not_counted_as_running():
     """With several drivers on one database, a RUNNING trial may have some of its parameters only."""
     points = {tuple(a.values()): p for a, p in true_points()}
