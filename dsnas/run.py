@@ -51,8 +51,8 @@ def make_sampler(spec: StudySpec, n_existing: int, say: Callable[[str], None] = 
     # On resume the seed moves on, so that the sampler does not propose the first trials again.
     seed = None if spec.sampler.seed is None else (spec.sampler.seed + n_existing) % 2**32
     if spec.sampler.name == "dsnas" and spec.space.file is None:
-        say('[sampler] name = "dsnas" models an architecture by the choices of a space file; a [space] callable '
-            "declares none, so this run uses TPE (Optuna's default) instead")
+        say('the "dsnas" sampler (the default) models an architecture by the choices of a space file; a [space] '
+            "callable declares none, so this run uses TPE (Optuna's default) instead")
         return sampler_class("tpe")(seed=seed)
     return sampler_class(spec.sampler.name)(seed=seed, **spec.sampler.settings)
 

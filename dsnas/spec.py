@@ -52,19 +52,21 @@ class Objective:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """Any other key is a setting of the sampler `name` names, passed to it as it is (e.g. `constant_liar = true` or
-    `n_startup_trials = 5` for tpe, `population_size = 20` for nsga2, `startup = 10` for dsnas), checked against its
-    signature. "dsnas" is dsnas's own (see docs/search-strategy.md): it proposes by expected hypervolume
-    improvement, knowing the hardware figures a task gives before training (`hardware(arch)`) and modelling the
-    rest; on a `[space] callable`, which declares no choices, the run uses "tpe" and says so."""
+    """Any other key is a setting of the sampler `name` names, passed to it as it is (e.g. `startup = 8` for dsnas,
+    `constant_liar = true` or `n_startup_trials = 5` for tpe, `population_size = 20` for nsga2), checked against
+    its signature. "dsnas", the default, is dsnas's own (see docs/search-strategy.md): it proposes by expected
+    hypervolume improvement, knowing the hardware figures a task gives before training (`hardware(arch)`) and
+    modelling the rest; it needed at most half of TPE's evaluations to reach 90% and 95% of the true front on
+    every NAS-Bench-201 pair measured. On a `[space] callable`, which declares no choices, the run uses "tpe" and
+    says so."""
 
-    name: str = "tpe"  # the sampler: Optuna's ("tpe" is its multi-objective default, "nsga2", "gp", ...) or "dsnas"
+    name: str = "dsnas"  # the sampler: dsnas's own, or Optuna's ("tpe", "nsga2", "gp", "random", ...)
     seed: int | None = 0  # seeds which candidates are tried; moves on by the stored trials when a study resumes
     settings: dict[str, Any] = field(default_factory=dict)  # the sampler's own keyword arguments
 
     def __post_init__(self) -> None:
         require(self.name in SAMPLERS, "name", f"must be one of {list(SAMPLERS)}", self.name,
-                'set name = "tpe" (the multi-objective default)')
+                'set name = "dsnas" (the default), or one of Optuna\'s, e.g. "tpe"')
         require(self.seed is None or 0 <= self.seed < 2**31, "seed", "must be in [0, 2**31)", self.seed,
                 "e.g. seed = 0")
 

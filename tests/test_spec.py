@@ -188,7 +188,7 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
     ("study-name-blank", {"study": {"name": "  "}}, "study.name", "must be a plain name", 'name = "my_study"'),
     # names from a fixed list
     ("unknown-sampler", {"sampler": {"name": "bayes"}}, "sampler.name", "must be one of ['tpe', 'nsga2'",
-     'name = "tpe"'),
+     'name = "dsnas" (the default)'),
     ("unknown-device", {"hardware": {"device": "tpu"}}, "hardware.device", "must be one of", 'device = "auto"'),
     ("unknown-executor", {"executor": {"kind": "slurm"}}, "executor.kind", "must be one of", 'kind = "ray"'),
     ("bad-direction", {"objectives": {"accuracy": "max"}}, "objectives.accuracy",
