@@ -72,7 +72,9 @@ def score(variant: str, folder: Path) -> dict:
     best = front(df)
     points = sorted(zip(best["accuracy"], best["throughput_tok_s"], best["arch_short"]), reverse=True)
     offer = optuna.load_study(study_name=name, storage=url).user_attrs.get(OFFER_ATTR, {})
-    done = df[(df["state"] == "COMPLETE") & df["reused_from"].isna()]
+    done = df[df["state"] == "COMPLETE"]
+    if "reused_from" in done.columns:  # only a study with a reused repeat has the column (dsnas's sampler makes none)
+        done = done[done["reused_from"].isna()]
     archs = {a: (s, t) for a, s, t in zip(done["arch"], done["arch_short"], done["throughput_tok_s"])}
     return {"variant": variant, "wall_s": float("nan"), "front": points, "hv": hypervolume(df, REFERENCE),
             "offer": offer, "archs": archs, "study": studies / STUDY.name}
