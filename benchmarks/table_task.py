@@ -7,6 +7,7 @@ In a study file:
     [task]
     name = "table_task:TableTask"      # this file beside the study file, or on PYTHONPATH
     table = "/path/to/charlm_space.csv"
+    hardware_known = true              # false: the hardware figures are measured at rung 0, not known in advance
 
 The CSV has one row per architecture: ``arch`` (the architecture as JSON, as the search space produces it with
 the task's fixed keys), ``accuracy`` (at the end of training), ``accuracy@1/9``, ``accuracy@1/3``, ... (at those
@@ -28,7 +29,7 @@ PER_BATCH = ("latency_ms", "flops", "bytes", "peak_memory_mb")
 
 
 class TableTask:
-    def __init__(self, table: str) -> None:
+    def __init__(self, table: str, hardware_known: bool = True) -> None:
         self.path = Path(table).expanduser().resolve()
         text = self.path.read_text()
         self.rows = {_key(json.loads(r["arch"])): r for r in csv.DictReader(text.splitlines())}
@@ -40,6 +41,8 @@ class TableTask:
         archs = [json.loads(r["arch"]) for r in self.rows.values()]
         # The keys every row has alike (vocabulary, context) are what the task fixes, as charlm does.
         self.fixed = {k: v for k, v in archs[0].items() if k != "family" and all(a.get(k) == v for a in archs)}
+        if not hardware_known:  # as on dsnas's built-in tasks: a sampler must model the figures, not look them up
+            self.hardware = None
 
     def arch_defaults(self) -> dict[str, Any]:
         return dict(self.fixed)
@@ -54,13 +57,16 @@ class TableTask:
         return found
 
     def hardware(self, arch: dict[str, Any], batch_sizes: Any = None) -> dict[str, float]:
+        return self._hardware(arch)
+
+    def _hardware(self, arch: dict[str, Any]) -> dict[str, float]:
         row = self.row(arch)
         out = {name: float(row[name]) for name in HARDWARE}
         out.update({c: float(row[c]) for c in row if any(c.startswith(f"{p}_bs") for p in PER_BATCH) and row[c]})
         return out
 
     def evaluate_arch(self, arch: dict[str, Any], *, seed: int, rungs: tuple[float, ...], report: Any) -> dict:
-        row, hardware = self.row(arch), self.hardware(arch)
+        row, hardware = self.row(arch), self._hardware(arch)
         report(0, hardware)  # the figures known before training: a trial over a hardware limit stops here
         for k, share in enumerate(rungs, start=1):
             report(k, {"accuracy": float(row[self._column(share)])})
