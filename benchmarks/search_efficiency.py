@@ -178,7 +178,7 @@ def trial_cost(trial, row: dict, count_s: float) -> tuple[float, bool]:
     """(recorded seconds of what this trial ran, whether it was evaluated: counts toward the trial budget)."""
     attrs = trial.user_attrs
     counted = count_s if any(k.startswith("predicted.") for k in attrs) else 0.0  # the driver counted it first
-    if attrs.get("pruned_by") == "predictor":
+    if attrs.get("pruned_by") == "predictor" or "reused_from" in attrs:  # a reused repeat trains nothing
         return counted, False
     rungs = sorted(int(k[4:]) for k in attrs if k.startswith("rung") and k[4:].isdigit())
     evals = max([k for k in rungs if k > 0], default=0)  # one validation pass at each rung reached

@@ -75,3 +75,21 @@ def test_repeats_takes_reuse_or_retrain(tmp_path, bad, capsys):
     study.write_text(study.read_text().replace('repeats = "retrain"', f"repeats = {bad}"))
     assert main(["search", str(study)]) == 2
     assert "[budget.repeats]" in capsys.readouterr().err
+
+
+def test_the_search_efficiency_benchmark_counts_a_reused_repeat_as_no_evaluation_and_no_cost():
+    """benchmarks/search_efficiency.py scores a search by its evaluated (trained) candidates and their recorded
+    cost; a repeat answered from the stored result trains nothing, so it must add neither."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "search_efficiency.py"
+    spec = importlib.util.spec_from_file_location("search_efficiency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = {"trial_s": 10.0, "eval_s": 1.0, "measure_s": 0.5, "train_s": 8.0}
+    trained = SimpleNamespace(state=TrialState.COMPLETE, user_attrs={"rung1": {"fraction": 1 / 3}})
+    reused = SimpleNamespace(state=TrialState.COMPLETE, user_attrs={"rung1": {"fraction": 1 / 3}, "reused_from": 0})
+    assert bench.trial_cost(trained, row, 0.02) == (11.0, True)  # trained, and one validation pass at its rung
+    assert bench.trial_cost(reused, row, 0.02) == (0.0, False)
