@@ -40,7 +40,8 @@ from dsnas.surrogate import Encoding, GaussianProcess
 
 _ABSENT = "<absent>"  # in a candidate's key: a parameter it does not use (a layer past its depth)
 # Random proposals before the model is trusted, and the shortest start a small budget gets (docs/search-strategy.md:
-# on NAS-Bench-201's 600 evaluations 10 and 6 needed more; on the quickstart's table a 12-trial budget did best with 4)
+# on NAS-Bench-201's 600 evaluations 10 and 6 needed more; a 12-trial search of the quickstart's table did as well
+# with 3 to 6, and with 14 no better than random search)
 STARTUP, SHORTEST_STARTUP = 14, 4
 LISTED = 50_000  # a space of at most this many architectures is listed whole, and every candidate can be scored
 FLOOR_TIES = 3  # trained candidates sharing the worst value exactly that make it a floor (see _not_failing)
@@ -61,7 +62,7 @@ class Problem:
     limits: dict[str, float] = field(default_factory=dict)  # metric -> upper limit ([hardware.constraints])
     known: Callable[[dict[str, Any]], dict[str, float]] | None = None  # arch -> figures known before training
     untrained: tuple[str, ...] = ()  # figures training does not change (hardware): measured before it, at rung 0
-    budget: int | None = None  # the candidates the study evaluates at most ([budget] n_trials), when it says
+    budget: int | None = None  # the candidates the study evaluates at most ([budget] n_trials; None: timeout only)
 
 
 class DsnasSampler(BaseSampler):
@@ -116,7 +117,8 @@ class DsnasSampler(BaseSampler):
     def _startup(self) -> int:
         """The random start: as set, else a third of the budget within [SHORTEST_STARTUP, STARTUP]. A start of 14
         in a 12-trial study would leave the model nothing to propose; on the quickstart's recorded table, 20 seeds
-        of 12 / 24 / 40-trial searches with halving did best with starts of 4 / 8 / 8-14 (docs/search-strategy.md)."""
+        of 12 / 24 / 40-trial searches with halving did as well with starts of 3-6 / 8 / 8-14, and better than
+        TPE from 24 trials on (docs/search-strategy.md, "Small budgets")."""
         if self.startup is not None:
             return self.startup
         if self.problem is None or self.problem.budget is None:
