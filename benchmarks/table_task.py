@@ -57,16 +57,14 @@ class TableTask:
         return found
 
     def hardware(self, arch: dict[str, Any], batch_sizes: Any = None) -> dict[str, float]:
-        return self._hardware(arch)
-
-    def _hardware(self, arch: dict[str, Any]) -> dict[str, float]:
         row = self.row(arch)
         out = {name: float(row[name]) for name in HARDWARE}
         out.update({c: float(row[c]) for c in row if any(c.startswith(f"{p}_bs") for p in PER_BATCH) and row[c]})
         return out
 
     def evaluate_arch(self, arch: dict[str, Any], *, seed: int, rungs: tuple[float, ...], report: Any) -> dict:
-        row, hardware = self.row(arch), self._hardware(arch)
+        # The class's hardware(), which a subclass may override, also when hardware_known = false hides it
+        row, hardware = self.row(arch), type(self).hardware(self, arch)
         report(0, hardware)  # the figures known before training: a trial over a hardware limit stops here
         for k, share in enumerate(rungs, start=1):
             report(k, {"accuracy": float(row[self._column(share)])})
