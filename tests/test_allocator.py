@@ -28,7 +28,8 @@ for _ in range(5):
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
-# Page faults per call of a quickstart-sized model at batch 32, over dsnas's own timing of 20 calls after its warm-up.
+# The share of calls of a quickstart-sized model at batch 32 that page-fault at all, over dsnas's own timing after its
+# warm-up.
 _MODEL = """
 import resource, torch
 from dsnas.models import build
@@ -43,7 +44,7 @@ def call():
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 with torch.inference_mode():
     timing = time_calls(call, lambda: None, warmup_s=0.2, measure_s=0.0, max_repeats=20)
-print(sum(faults[-timing.repeats:]) / timing.repeats)
+print(sum(f > 0 for f in faults[-timing.repeats:]) / timing.repeats)
 """
 
 
@@ -63,5 +64,8 @@ def test_a_freed_block_is_not_faulted_in_again_once_memory_is_held():
 
 
 def test_dsnas_timing_runs_a_model_without_page_faults():
-    # Unheld, a model like it took 346-1,066 faults a call on a 2-core Xeon, by the heap's history (dsnas.allocator).
-    assert _faults(_MODEL) < 1.0
+    # Unheld, every call of it faults: 346-1,066 pages a call on a 2-core Xeon, by the heap's history
+    # (dsnas.allocator), 1,760-7,072 on a 2-core AVX2 EPYC. Held, most calls fault nothing; now and then one faults
+    # 256-1,025 pages (the heap still growing to its steady size; 0-2 calls of 10 on the EPYC, also with the
+    # garbage collector off), which is new memory, not what the last call freed.
+    assert _faults(_MODEL) < 0.5
