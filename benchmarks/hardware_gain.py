@@ -64,7 +64,7 @@ def score(variant: str, folder: Path) -> dict:
     import optuna
 
     from dsnas.engine_offer import OFFER_ATTR
-    from dsnas.results import front, hypervolume, load
+    from dsnas.results import done_trials, front, hypervolume, load
 
     studies = folder / "studies"
     url, name = f"sqlite:///{studies / 'engine_cpu.db'}", "engine_cpu"
@@ -72,9 +72,7 @@ def score(variant: str, folder: Path) -> dict:
     best = front(df)
     points = sorted(zip(best["accuracy"], best["throughput_tok_s"], best["arch_short"]), reverse=True)
     offer = optuna.load_study(study_name=name, storage=url).user_attrs.get(OFFER_ATTR, {})
-    done = df[df["state"] == "COMPLETE"]
-    if "reused_from" in done.columns:  # only a study with a reused repeat has the column (dsnas's sampler makes none)
-        done = done[done["reused_from"].isna()]
+    done = done_trials(df, feasible_only=False, trained_only=True)
     archs = {a: (s, t) for a, s, t in zip(done["arch"], done["arch_short"], done["throughput_tok_s"])}
     return {"variant": variant, "wall_s": float("nan"), "front": points, "hv": hypervolume(df, REFERENCE),
             "offer": offer, "archs": archs, "study": studies / STUDY.name}

@@ -156,19 +156,21 @@ def objectives(df: Any) -> list[Objective]:
     return [Objective(**o) for o in df.attrs["objectives"]]
 
 
-def done_trials(df: Any, feasible_only: bool = True) -> Any:
+def done_trials(df: Any, feasible_only: bool = True, trained_only: bool = False) -> Any:
+    """The completed trials (feasible ones only, unless told); ``trained_only`` leaves out the reused repeats: each
+    has its original's values, and the original stands for both. Only a study with one has the column."""
     done = df[df["state"] == "COMPLETE"]
     cols = [o.column for o in objectives(df)]
     done = done.dropna(subset=[c for c in cols if c in done.columns])
+    if trained_only and "reused_from" in done.columns:
+        done = done[done["reused_from"].isna()]
     return done[done["feasible"].astype(bool)] if feasible_only and len(done) else done
 
 
 def front(df: Any, feasible_only: bool = True) -> Any:
     """The non-dominated completed trials (feasible ones only, unless told), best first in the first objective."""
     objs = objectives(df)
-    done = done_trials(df, feasible_only)
-    if "reused_from" in done.columns:  # a reused repeat has its original's values: the original stands for both
-        done = done[done["reused_from"].isna()]
+    done = done_trials(df, feasible_only, trained_only=True)
     points = done[[o.column for o in objs]].to_numpy().tolist()
     best = done.iloc[front_indices(points, [o.direction for o in objs])]
     return best.sort_values(objs[0].column, ascending=objs[0].direction == "minimize")
