@@ -13,11 +13,11 @@ median. Reported: the coefficient of variation of the five estimates (lower is m
 error against the reference, the seconds each measurement took, and the ratios naive / dsnas, with the largest
 share of the CPUs other processes took during the five (dsnas.profiler.disturbance). Also five independent runs of
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
-FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency and others' CPU share, and
-the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU, on a quiet
-machine); and the profiler's time against timing alone, as its own overhead. Last, on a CPU, the same target over
-five fresh processes each (a measurement's independence includes its process), with freed memory held (what dsnas
-does, dsnas.allocator) against glibc's default allocator in the same run, alternating.
+FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency, others' CPU share and the
+host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU,
+on a quiet machine); and the profiler's time against timing alone, as its own overhead. Last, on a CPU, the same
+target over five fresh processes each (a measurement's independence includes its process), with freed memory held
+(what dsnas does, dsnas.allocator) against glibc's default allocator in the same run, alternating.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -126,13 +126,15 @@ def overhead(model, task, device, rounds: int) -> tuple[float, float, list[tuple
 
 
 def repeatability(runs: list[tuple[dict, dict]], device) -> None:
-    """Each profiler run's figures and others' CPU share, and the CV of the runs against the target."""
-    from dsnas.profiler.disturbance import THRESHOLD
+    """Each profiler run's figures, others' CPU share and the host's slowdown, and the CV of the runs against the
+    target."""
+    from dsnas.profiler.disturbance import SLOWDOWN_LIMIT, THRESHOLD
 
-    print(f"repeatability of measure() (d128 L2, {len(runs)} independent runs; others' share of the CPUs per "
-          f"attempt, disturbed above {THRESHOLD:.0%}):")
+    print(f"repeatability of measure() (d128 L2, {len(runs)} independent runs; per attempt others' share of the "
+          f"CPUs, disturbed above {THRESHOLD:.0%}, and the host's slowdown, disturbed above {SLOWDOWN_LIMIT}x):")
     for i, (metrics, profile) in enumerate(runs, start=1):
-        attempts = "; ".join(f"bs{bs} " + "/".join(_pct(a["others_cpu_share"]) for a in b["disturbance"]["attempts"])
+        attempts = "; ".join(f"bs{bs} " + "/".join(f"{_pct(a['others_cpu_share'])} {_times(a.get('host_slowdown'))}"
+                                                   for a in b["disturbance"]["attempts"])
                              for bs, b in profile["batches"].items())
         print(f"  run {i}: {metrics['throughput_tok_s']:>10,.0f} tok/s at bs32, {metrics['latency_ms']:.3f} ms at "
               f"bs1; others {attempts}; disturbed {profile['disturbed']}")
@@ -200,6 +202,10 @@ def across_processes(rounds: int) -> None:
 
 def _pct(share) -> str:
     return "n/a" if share is None else f"{share:.0%}"
+
+
+def _times(slowdown) -> str:
+    return "n/a" if slowdown is None else f"{slowdown:.2f}x"
 
 
 def main() -> None:

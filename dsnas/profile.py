@@ -248,10 +248,12 @@ def _extras(metrics: dict[str, float], profile: dict[str, Any]) -> list[str]:
         lines.append(f"top {kernels['kind']} at batch {bs} ({kernels['count']} distinct):")
         lines += [f"  {k['self_us']:>10.0f} us  {k['calls']:>5}x  {_short(k['name'])}" for k in kernels["top"]]
     if profile.get("disturbed"):
-        shares = {bs: b.get("disturbance", {}).get("others_cpu_share") for bs, b in profile["batches"].items()}
-        lines.append("disturbed: other processes took the CPUs while timing, after every retry (others' share per "
-                     "batch size: " + ", ".join(f"{bs}: {v:.0%}" for bs, v in shares.items() if v is not None)
-                     + "); measure again on a quiet machine")
+        records = {bs: b.get("disturbance", {}) for bs, b in profile["batches"].items()}
+        readings = [f"{bs}: others {_pct0(r.get('others_cpu_share'))}, host slowed "
+                    + ("-" if r.get("host_slowdown") is None else f"{r['host_slowdown']:.2f}x")
+                    for bs, r in records.items() if r.get("disturbed")]
+        lines.append("disturbed: other processes took the CPUs or the host ran slow while timing, after every retry "
+                     "(per batch size " + "; ".join(readings) + "); measure again on a quiet machine")
     if profile.get("cache", {}).get("hit"):
         lines.append(f"reused from the measurement cache: {profile['cache']['from']}")
     return lines
@@ -265,6 +267,10 @@ def _short(name: str, width: int = 100) -> str:
 
 def _yes_no(flag: bool | None) -> str:
     return "-" if flag is None else "yes" if flag else "no"
+
+
+def _pct0(value: Any) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _pct(value: Any) -> str:

@@ -120,6 +120,16 @@ kind = "none"  # every trial trains fully: the tests of other features count com
 
 
 @pytest.fixture
+def steady_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's speed reads as its fastest: for a test of what happens to an undisturbed measurement (the
+    measurement cache reuses only those), on a shared machine whose speed may drift. Others' CPU share is still
+    read (dsnas.profiler.disturbance); tests/test_host_speed.py tests the probe itself."""
+    from dsnas.profiler import host_speed
+
+    monkeypatch.setattr(host_speed, "slowdown", lambda reference: None if reference is None else 1.0)
+
+
+@pytest.fixture
 def tiny_study(tmp_path: Path) -> Path:
     """A study file whose 3 trials train byte-level LMs for 2k tokens each: seconds, not minutes."""
     space = tmp_path / "tiny_space.toml"

@@ -41,6 +41,9 @@ def test_ceilings_are_measured_then_read_from_the_cache(cache_dir, monkeypatch):
     assert first.gemm_gflop_s > 0 and first.stream_gb_s > 0 and first.seconds > 0
     assert first.threads == torch.get_num_threads()
     assert "torch.mm" in first.details["gemm"] and "copy_" in first.details["stream"]
+    # The host-speed reference (dsnas.profiler.host_speed), stored with the ceilings and read back with them. No
+    # bound against the GEMM ceiling: on a drifting host the two are measured at different speeds.
+    assert 0.001 < first.reference_ms < 1000.0 and "torch.mm 256^3" in first.details["reference"]
     assert cache_file() == cache_dir / "ceilings.json" and cache_file().exists()
 
     monkeypatch.setattr(ceil, "measure_ceilings", lambda threads=None: pytest.fail("measured again"))

@@ -43,7 +43,7 @@ def test_every_trial_stores_a_full_profile_and_its_measurement_rows(finished_stu
     assert len(cached) == 1 and set(next(iter(cached.values()))["batches"]) == {"1", "4"}
 
 
-def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch):
+def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch, steady_host):
     import importlib
 
     from dsnas.spec import load_study

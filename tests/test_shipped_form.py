@@ -40,7 +40,7 @@ def _cache_entry(profile, metrics):
         "batches": {str(r.batch_size): {"figures": r.figures, "timing": r.timing} for r in rows}}}
 
 
-def test_the_measurement_cache_misses_when_anything_that_changes_the_number_changes(task, monkeypatch):
+def test_the_measurement_cache_misses_when_anything_that_changes_the_number_changes(task, monkeypatch, steady_host):
     hardware = HardwareSpec(device="cpu", batch_sizes=(1, 2), warmup_s=0.01, measure_s=0.02, threads=1)
     model = untrained_inference_form(build(_arch()))
     cpu = torch.device("cpu")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsnas.profiler import host_speed
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.capabilities import nvml_facts
 from dsnas.profiler.timing import cpu_threads
@@ -21,8 +22,9 @@ CACHE_TYPE = "dsnas.ceilings_cache"
 # 118 at 2048), and a ceiling taken at 1024-2048 alone was exceeded by the small layers of searched models (a
 # "flop util" of 229%). Small enough for ~1.5 s on 2 cores.
 GEMM_SIZES = (256, 512, 1024, 2048)
-# Part of the cache key: ceilings measured by an earlier method are measured again.
-CEILING_METHOD = "gemm-best-of-256-2048"
+# Part of the cache key: ceilings measured by an earlier method are measured again (one without the host-speed
+# reference, dsnas.profiler.host_speed, too).
+CEILING_METHOD = "gemm-best-of-256-2048+host-reference"
 STREAM_ARRAY_BYTES = 128 * 2**20  # two arrays, 256 MiB in all: far beyond a last-level cache of one CPU complex
 # FMA lanes per SM per clock, from NVIDIA's architecture whitepapers (the numbers torch.cuda._device_limits uses).
 FP32_FMA_PER_SM = {(7, 0): 64, (8, 0): 64, (8, 6): 128, (8, 9): 128, (9, 0): 128, (10, 0): 128}
@@ -45,14 +47,17 @@ class Ceilings:
     threads: int
     seconds: float  # how long measuring took
     details: dict[str, str] = field(default_factory=dict)  # how each number was obtained
+    reference_ms: float | None = None  # the host-speed probe at its fastest (dsnas.profiler.host_speed)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ceilings:
+        reference = data.get("reference_ms")
         return cls(float(data["gemm_gflop_s"]), float(data["stream_gb_s"]), int(data["threads"]),
-                   float(data["seconds"]), {str(k): str(v) for k, v in dict(data["details"]).items()})
+                   float(data["seconds"]), {str(k): str(v) for k, v in dict(data["details"]).items()},
+                   None if reference is None else float(reference))
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,19 @@ class GpuPeaks:
 
 
 def measure_ceilings(threads: int | None = None) -> Ceilings:
-    """Measure both CPU ceilings with ``threads`` intra-op threads (None: torch's current setting), ~1-2 s.
-    The caller owns the CPU meanwhile: another trial's work would lower both numbers."""
+    """Measure both CPU ceilings with ``threads`` intra-op threads (None: torch's current setting), ~1-2 s, and
+    the host-speed probe's reference. The caller owns the CPU meanwhile: another trial's work would lower them."""
     import torch
-
 
     start = time.perf_counter()
     with cpu_threads(threads) as used, torch.inference_mode():
         gemm, gemm_how = _gemm_peak(torch)
         stream, stream_how = _stream_bandwidth(torch)
-    return Ceilings(gemm, stream, used, time.perf_counter() - start, {"gemm": gemm_how, "stream": stream_how})
+        reference = host_speed.reference_ms()
+    return Ceilings(gemm, stream, used, time.perf_counter() - start, {
+        "gemm": gemm_how, "stream": stream_how,
+        "reference": f"fp32 torch.mm {host_speed.REFERENCE_N}^3, fastest median of {host_speed.REFERENCE_PROBES} "
+                     f"probes of {host_speed.PROBE_S * 1e3:.0f} ms"}, reference)
 
 
 def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceilings:

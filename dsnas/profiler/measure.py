@@ -5,13 +5,15 @@ device's ceilings; on an NVIDIA GPU a steady window with NVML/GPM figures; and h
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from dsnas.allocator import hold_freed_memory
+from dsnas.profiler import host_speed
 from dsnas.profiler.ceilings import ceilings, gpu_peaks
 from dsnas.profiler.counting import count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
-from dsnas.profiler.disturbance import CpuWindow, Share, least_disturbed, settle_s, wait_for_quiet
+from dsnas.profiler.disturbance import CpuWindow, Share, least_disturbed, sample_share, settle_s, wait_for_quiet
 from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
@@ -124,7 +126,7 @@ def _stale(entry: dict[str, Any] | None, key: str, hardware: Any) -> str:
             return (f"batch size {bs} was measured with another inference form, protocol, thread count or engine "
                     "setting (measurement key)")
         if (stored.get("timing") or {}).get("disturbance", {}).get("disturbed"):
-            return f"batch size {bs} was measured while other processes took the CPUs (disturbed)"
+            return f"batch size {bs} was measured while other processes took the CPUs or the host ran slow (disturbed)"
     return ""
 
 
@@ -145,15 +147,27 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
+    # On the CPU the host's speed is probed at both ends of the window: a slowed host slows the timed calls
+    # themselves. A GPU's timing is the device's and the host's launch path, which a CPU GEMM does not stand for.
+    reference = None if cuda else ceilings.get("reference_ms")
+
+    def probe() -> float | None:
+        return host_speed.slowdown(reference) if reference else None
+
     def attempt() -> tuple[Timing, Share]:
         window = CpuWindow()
+        before = probe()
         timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
                             max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
                             events=torch.cuda.Event if cuda else None, window=window)
-        return timing, window.share
+        after = probe()
+        worst = None if before is None or after is None else max(before, after)
+        return timing, replace(window.share, host_slowdown=worst)
 
-    # Others busy on the CPUs while timing: wait for them to finish and measure again; keep the least disturbed.
-    timing, disturbance = least_disturbed(attempt, lambda: wait_for_quiet(settle_s(hardware.measure_s)))
+    # Others busy on the CPUs, or a slowed host, while timing: wait for it to pass and measure again; keep the
+    # least disturbed.
+    timing, disturbance = least_disturbed(attempt, lambda: wait_for_quiet(
+        settle_s(hardware.measure_s), sample=lambda s: replace(sample_share(s), host_slowdown=probe())))
     weight_bytes = _size(model)[1]
     peak = peak_memory(lambda: model(batch), device, weight_bytes)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model counts as its eager self: same algorithm
@@ -224,7 +238,8 @@ def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, 
     if device.type == "cpu":
         found = ceilings(fp, threads)
         profile["ceilings"] = found.as_dict()
-        return {"by_precision": {"fp32": found.gemm_gflop_s}, "gb_s": found.stream_gb_s}
+        return {"by_precision": {"fp32": found.gemm_gflop_s}, "gb_s": found.stream_gb_s,
+                "reference_ms": found.reference_ms}
     peaks = gpu_peaks(device)
     profile["ceilings"] = peaks.as_dict()
     out: dict[str, Any] = {"by_precision": peaks.by_precision()}

@@ -172,15 +172,16 @@ def _summary_frame(v: Any) -> Any:
 
 
 def _disturbed_note(spec: StudySpec, df: Any) -> str:
-    """A line naming the completed trials whose measurement others' load disturbed even after its retries."""
+    """A line naming the completed trials whose measurement others' load or a slowed host disturbed even after its
+    retries."""
     if "disturbed" not in df.columns:
         return ""
     trials = df.loc[(df["state"] == "COMPLETE") & df["disturbed"].eq(True), "trial"].tolist()
     if not trials:
         return ""
     return (f"disturbed: trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))} measured while other "
-            "processes took the CPUs (even after retries): speed figures suspect. Fix: re-measure on a quiet machine "
-            f"with `dsnas profile {spec.path} --trial N`")
+            "processes took the CPUs or the host ran slow (even after retries): speed figures suspect. Fix: "
+            f"re-measure on a quiet machine with `dsnas profile {spec.path} --trial N`")
 
 
 def _counts(df: Any) -> str:

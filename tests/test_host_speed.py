@@ -1,0 +1,116 @@
+"""A slowed host is caught: the reference GEMM's slowdown against the fastest seen (recorded probes), a slowdown
+counted as disturbance beside others' CPU share, and a real competitor /proc/stat cannot see (threads of this very
+process) caught during a measurement."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+import pytest
+
+from dsnas.profiler import disturbance, host_speed
+from dsnas.profiler.disturbance import MAX_ATTEMPTS, SLOWDOWN_LIMIT, Share, least_disturbed
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    """probe_ms answers from a list, in order; the process's fastest probes start empty."""
+    answers: list[float] = []
+    monkeypatch.setattr(host_speed, "probe_ms", lambda: answers.pop(0))
+    monkeypatch.setattr(host_speed, "_fastest", {})
+    return answers
+
+
+def test_the_slowdown_is_against_the_fastest_probe_seen_or_the_stored_reference(probes):
+    probes.extend([0.30, 0.20, 0.25, 0.12, 0.18])
+    assert host_speed.slowdown(0.20) == pytest.approx(1.5)  # 0.30 against the stored 0.20
+    assert host_speed.slowdown(0.20) == pytest.approx(1.0)
+    assert host_speed.slowdown(0.20) == pytest.approx(1.25)
+    assert host_speed.slowdown(0.20) == pytest.approx(1.0)  # faster than the stored reference: the new fastest
+    assert host_speed.slowdown(0.20) == pytest.approx(1.5)  # 0.18 against 0.12, not against 0.20
+    assert host_speed.slowdown(None) is None and probes == []  # no reference: not probed at all
+
+
+def test_a_slowed_host_is_disturbance_beside_the_cpu_shares_and_the_least_disturbed_attempt_is_kept():
+    assert not Share(0.0, 0.0, host_slowdown=1.25).disturbed() and Share(0.0, 0.0, host_slowdown=1.35).disturbed()
+    assert Share(None, None, "no /proc/stat", host_slowdown=1.5).disturbed()  # one reading suffices
+    assert Share(None, None, "no /proc/stat").disturbed() is None and Share(0.0, 0.0).disturbed() is False
+    # Severity: how far past its line the worse reading is. 1.6x slowed is twice the line; 15% of others 1.5x.
+    assert Share(0.15, 0.0, host_slowdown=1.6).severity() == pytest.approx(2.0)
+    assert Share(0.15, 0.0, host_slowdown=1.1).severity() == pytest.approx(1.5)
+
+    readings = iter([Share(0.02, 0.0, host_slowdown=1.9), Share(0.12, 0.0, host_slowdown=1.05),
+                     Share(0.0, 0.0, host_slowdown=1.5)])
+    result, record = least_disturbed(lambda: ("timing", next(readings)), lambda: None)
+    assert record["kept"] == 1 and record["disturbed"] is True and len(record["attempts"]) == MAX_ATTEMPTS
+    assert record["host_slowdown"] == 1.05 and record["slowdown_limit"] == SLOWDOWN_LIMIT
+    assert [a["host_slowdown"] for a in record["attempts"]] == [1.9, 1.05, 1.5]
+
+
+def test_a_probe_times_the_reference_gemm():
+    # 256^3 fp32 is 33.6 MFLOP: no CPU does it in a microsecond, and no working one takes a second.
+    assert 0.001 < host_speed.probe_ms() < 1000.0
+    assert host_speed.reference_ms(probes=2) > 0.001
+
+
+def test_threads_of_this_process_competing_for_the_cores_are_caught_by_the_host_probe(monkeypatch, tmp_path):
+    """Threads of this very process multiplying matrices, twice as many as its CPUs, started by the
+    model's first call: /proc/stat counts their work as this process's own, so others' share cannot see them, but
+    the reference GEMM at the window's end runs slower than at its fastest, in every attempt."""
+    import torch
+
+    from dsnas.profiler import measure
+    from dsnas.spec import HardwareSpec
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path / "cache"))  # the reference is measured here, quiet
+    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
+    monkeypatch.setattr(disturbance, "MAX_SETTLE_S", 0.2)  # the competitors never stop: waiting proves nothing
+    stop = threading.Event()
+    competitors: list[threading.Thread] = []
+    a = torch.randn(256, 256)
+
+    def multiply_forever() -> None:
+        with torch.inference_mode():
+            while not stop.is_set():
+                a @ a  # torch lets go of the GIL inside an op: these threads run beside the timed calls
+
+    def stop_competitors() -> None:
+        stop.set()
+        for thread in competitors:
+            thread.join()
+
+    # The timed attempts are over when peak memory is measured: stop the competitors there.
+    real_peak = measure_module.peak_memory
+    monkeypatch.setattr(measure_module, "peak_memory", lambda *a: stop_competitors() or real_peak(*a))
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+
+        def forward(self, x):
+            if not competitors:
+                competitors.extend(threading.Thread(target=multiply_forever, daemon=True)
+                                   for _ in range(2 * len(os.sched_getaffinity(0))))
+                for thread in competitors:
+                    thread.start()
+            return self.body(x)
+
+    class Task:
+        tokens_per_example = 1
+
+        def example_batch(self, bs, device):
+            return torch.ones(bs, 64)
+
+    hardware = HardwareSpec(device="cpu", batch_sizes=(8,), warmup_s=0.1, measure_s=0.3, max_measure_s=0.3)
+    try:
+        metrics, profile = measure(Model(), Task(), torch.device("cpu"), hardware)
+    finally:
+        stop_competitors()
+    record = profile["batches"]["8"]["disturbance"]
+    slowdowns = [a["host_slowdown"] for a in record["attempts"]]
+    assert len(slowdowns) == MAX_ATTEMPTS and min(slowdowns) > SLOWDOWN_LIMIT, record
+    assert record["disturbed"] is True and profile["disturbed"] is True and metrics["disturbed"] == 1.0
+    assert record["host_slowdown"] > SLOWDOWN_LIMIT and profile["ceilings"]["reference_ms"] > 0
