@@ -15,9 +15,11 @@ share of the CPUs other processes took during the five (dsnas.profiler.disturban
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
 FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency, others' CPU share and the
 host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU,
-on a quiet machine); and the profiler's time against timing alone, as its own overhead. Last, on a CPU, the same
-target over five fresh processes each (a measurement's independence includes its process), with freed memory held
-(what dsnas does, dsnas.allocator) against glibc's default allocator in the same run, alternating.
+on a quiet machine); twice as many runs at batch 32 with and without the host-speed probe
+(dsnas.profiler.host_speed), alternating; and the profiler's time against timing alone, as its own overhead. Last,
+on a CPU, the same target over five fresh processes each (a measurement's independence includes its process), with
+freed memory held (what dsnas does, dsnas.allocator) against glibc's default allocator in the same run,
+alternating.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -200,6 +202,35 @@ def across_processes(rounds: int) -> None:
               f"CV {cv(found['held']) / cv(found['default']):.2f}x")
 
 
+def host_probe_effect(model, task, device, rounds: int) -> None:
+    """measure() with the host-speed probe (what dsnas does) against measure() with others' CPU share alone, in
+    alternation, ``rounds`` times each: the CV of the throughput at batch 32, the attempts taken and the runs that
+    stayed disturbed."""
+    from dsnas.profiler import host_speed, measure
+    from dsnas.spec import HardwareSpec
+
+    hardware = HardwareSpec(batch_sizes=(32,))
+    real = host_speed.slowdown
+    found: dict[str, list[tuple[float, int, bool]]] = {"with probe": [], "shares only": []}
+    for _ in range(rounds):
+        for label in found:
+            host_speed.slowdown = real if label == "with probe" else (lambda reference: None)
+            try:
+                metrics, profile = measure(model, task, device, hardware)
+            finally:
+                host_speed.slowdown = real
+            record = profile["batches"]["32"]["disturbance"]
+            found[label].append((metrics["throughput_tok_s"], len(record["attempts"]), bool(record["disturbed"])))
+    print(f"the host-speed probe (d128 L2, batch 32, {rounds} measure() each, alternating):")
+    for label, runs in found.items():
+        tok_s = [r[0] for r in runs]
+        print(f"  {label:11} median {statistics.median(tok_s):>10,.0f} tok/s, CV {cv(tok_s):6.2%}; attempts "
+              f"{sum(r[1] for r in runs)}, stayed disturbed {sum(r[2] for r in runs)}; "
+              + ", ".join(f"{t:,.0f}" for t in tok_s))
+    ratio = cv([r[0] for r in found["with probe"]]) / cv([r[0] for r in found["shares only"]])
+    print(f"  CV with probe / shares only: {ratio:.2f}x")
+
+
 def _pct(share) -> str:
     return "n/a" if share is None else f"{share:.0%}"
 
@@ -252,6 +283,8 @@ def main() -> None:
     model = build(MODELS["d128 L2"]).to(device)
     full, timing_only, runs = overhead(model, task, device, args.rounds)
     repeatability(runs, device)
+    if device.type == "cpu":
+        host_probe_effect(model, task, device, 2 * args.rounds)
     print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
           f"{timing_only:.2f} s: {full / timing_only:.2f}x ({full - timing_only:+.2f} s for memory, FLOP/byte "
           "counts and bookkeeping)")
