@@ -233,7 +233,7 @@ _WINDOW = {"energy_per_call_j": ("energy per call", "J"), "power_w": ("power", "
 
 def _extras(metrics: dict[str, float], profile: dict[str, Any]) -> list[str]:
     """The lines under the table: the GPU's steady window, what is unavailable and why, the kernels, whether other
-    processes disturbed the timing, and whether the figures came from the measurement cache."""
+    processes or a slowed host disturbed the timing, and whether the figures came from the measurement cache."""
     lines = []
     window = [f"{name} {_pct(metrics[key]) if unit == '%' else f'{_fmt(metrics[key])} {unit}'}"
               for key, (name, unit) in _WINDOW.items() if metrics.get(key) is not None]
