@@ -130,6 +130,51 @@ def steady_host(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def measure_beside(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``run(start, stop, hardware)``: dsnas.profiler.measure of a small MLP at batch 8 with ``start()`` called at
+    the model's first call (competitors for the CPUs) and ``stop()`` once the timed attempts are over, when peak
+    memory is measured (a profiled call is slow to start on starved CPUs). The wait for a disturbance to pass is
+    cut to 0.2 s: the competitors never stop by themselves, so waiting longer proves nothing."""
+    import importlib
+
+    import torch
+
+    from dsnas.profiler import disturbance, measure
+
+    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
+    monkeypatch.setattr(disturbance, "MAX_SETTLE_S", 0.2)
+
+    def run(start: Any, stop: Any, hardware: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        started: list[bool] = []
+        real_peak = measure_module.peak_memory
+        monkeypatch.setattr(measure_module, "peak_memory", lambda *a: stop() or real_peak(*a))
+
+        class Model(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+
+            def forward(self, x: Any) -> Any:
+                if not started:
+                    started.append(True)
+                    start()
+                return self.body(x)
+
+        class Task:
+            tokens_per_example = 1
+
+            def example_batch(self, bs: int, device: Any) -> Any:
+                return torch.ones(bs, 64)
+
+        try:
+            return measure(Model(), Task(), torch.device("cpu"), hardware)
+        finally:
+            stop()
+
+    return run
+
+
+@pytest.fixture
 def tiny_study(tmp_path: Path) -> Path:
     """A study file whose 3 trials train byte-level LMs for 2k tokens each: seconds, not minutes."""
     space = tmp_path / "tiny_space.toml"

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from dsnas.profiler import disturbance
 from dsnas.profiler.disturbance import (
     MAX_ATTEMPTS,
     CpuSnapshot,
@@ -188,22 +187,14 @@ def _hogs(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def test_a_cpu_hog_started_during_a_measurement_is_detected(monkeypatch):
+def test_a_cpu_hog_started_during_a_measurement_is_detected(measure_beside):
     """Twice as many busy-looping processes as this process's CPUs, started by the model's first call: each attempt
     finds others on at least half of the CPUs, so the measurement is flagged after every attempt. (No claim is
     made about the quiet case: other test runs may share this machine.)"""
     if not Path("/proc/stat").exists():
         pytest.skip("no /proc/stat (not Linux)")
-    import importlib
-
-    import torch
-
-    from dsnas.profiler import measure
     from dsnas.spec import HardwareSpec
 
-    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
-    monkeypatch.setattr(disturbance, "MAX_SETTLE_S", 0.2)  # the hog never stops: waiting longer proves nothing
-    cpus = len(os.sched_getaffinity(0))
     hogs: list[subprocess.Popen] = []
 
     def stop_hogs() -> None:
@@ -211,32 +202,9 @@ def test_a_cpu_hog_started_during_a_measurement_is_detected(monkeypatch):
             hog.kill()
             hog.wait()
 
-    # The timed attempts are over when peak memory is measured: stop the hogs there (a profiled call is slow
-    # to start on starved CPUs).
-    real_peak = measure_module.peak_memory
-    monkeypatch.setattr(measure_module, "peak_memory", lambda *a: stop_hogs() or real_peak(*a))
-
-    class Model(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
-
-        def forward(self, x):
-            if not hogs:
-                hogs.extend(_hogs(2 * cpus))
-            return self.body(x)
-
-    class Task:
-        tokens_per_example = 1
-
-        def example_batch(self, bs, device):
-            return torch.ones(bs, 64)
-
     hardware = HardwareSpec(device="cpu", batch_sizes=(8,), warmup_s=0.2, measure_s=0.5, max_measure_s=0.5)
-    try:
-        metrics, profile = measure(Model(), Task(), torch.device("cpu"), hardware)
-    finally:
-        stop_hogs()
+    metrics, profile = measure_beside(lambda: hogs.extend(_hogs(2 * len(os.sched_getaffinity(0)))), stop_hogs,
+                                      hardware)
     record = profile["batches"]["8"]["disturbance"]
     shares = [a["others_cpu_share"] for a in record["attempts"]]
     assert len(shares) == MAX_ATTEMPTS and min(shares) >= 0.5, record

@@ -4,13 +4,12 @@ process) caught during a measurement."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 
 import pytest
 
-from dsnas.profiler import disturbance, host_speed
+from dsnas.profiler import host_speed
 from dsnas.profiler.disturbance import MAX_ATTEMPTS, SLOWDOWN_LIMIT, Share, least_disturbed
 
 
@@ -55,18 +54,16 @@ def test_a_probe_times_the_reference_gemm():
     assert host_speed.reference_ms(probes=2) > 0.001
 
 
-def test_threads_of_this_process_competing_for_the_cores_are_caught_by_the_host_probe(monkeypatch, tmp_path):
+def test_threads_of_this_process_competing_for_the_cores_are_caught_by_the_host_probe(measure_beside, monkeypatch,
+                                                                                      tmp_path):
     """Threads of this very process multiplying matrices, twice as many as its CPUs, started by the
     model's first call: /proc/stat counts their work as this process's own, so others' share cannot see them, but
     the reference GEMM at the window's end runs slower than at its fastest, in every attempt."""
     import torch
 
-    from dsnas.profiler import measure
     from dsnas.spec import HardwareSpec
 
     monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path / "cache"))  # the reference is measured here, quiet
-    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
-    monkeypatch.setattr(disturbance, "MAX_SETTLE_S", 0.2)  # the competitors never stop: waiting proves nothing
     stop = threading.Event()
     competitors: list[threading.Thread] = []
     a = torch.randn(256, 256)
@@ -76,39 +73,19 @@ def test_threads_of_this_process_competing_for_the_cores_are_caught_by_the_host_
             while not stop.is_set():
                 a @ a  # torch lets go of the GIL inside an op: these threads run beside the timed calls
 
+    def start_competitors() -> None:
+        competitors.extend(threading.Thread(target=multiply_forever, daemon=True)
+                           for _ in range(2 * len(os.sched_getaffinity(0))))
+        for thread in competitors:
+            thread.start()
+
     def stop_competitors() -> None:
         stop.set()
         for thread in competitors:
             thread.join()
 
-    # The timed attempts are over when peak memory is measured: stop the competitors there.
-    real_peak = measure_module.peak_memory
-    monkeypatch.setattr(measure_module, "peak_memory", lambda *a: stop_competitors() or real_peak(*a))
-
-    class Model(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
-
-        def forward(self, x):
-            if not competitors:
-                competitors.extend(threading.Thread(target=multiply_forever, daemon=True)
-                                   for _ in range(2 * len(os.sched_getaffinity(0))))
-                for thread in competitors:
-                    thread.start()
-            return self.body(x)
-
-    class Task:
-        tokens_per_example = 1
-
-        def example_batch(self, bs, device):
-            return torch.ones(bs, 64)
-
     hardware = HardwareSpec(device="cpu", batch_sizes=(8,), warmup_s=0.1, measure_s=0.3, max_measure_s=0.3)
-    try:
-        metrics, profile = measure(Model(), Task(), torch.device("cpu"), hardware)
-    finally:
-        stop_competitors()
+    metrics, profile = measure_beside(start_competitors, stop_competitors, hardware)
     record = profile["batches"]["8"]["disturbance"]
     slowdowns = [a["host_slowdown"] for a in record["attempts"]]
     assert len(slowdowns) == MAX_ATTEMPTS and min(slowdowns) > SLOWDOWN_LIMIT, record
