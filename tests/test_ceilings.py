@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dsnas.profiler import ceilings as ceil
+from dsnas.profiler.cache import entry_key, store_entry
 from dsnas.profiler.ceilings import Ceilings, cache_file, ceilings, gpu_peaks
 from dsnas.profiler.timing import cpu_threads
 
@@ -47,7 +48,37 @@ def test_ceilings_are_measured_then_read_from_the_cache(cache_dir, monkeypatch):
     assert cache_file() == cache_dir / "ceilings.json" and cache_file().exists()
 
     monkeypatch.setattr(ceil, "measure_ceilings", lambda threads=None: pytest.fail("measured again"))
+    # The host at the speed its reference says: on a drifting host a faster probe would rightly measure again.
+    monkeypatch.setattr(ceil.host_speed, "probe_ms", lambda: first.reference_ms)
     assert ceilings(FP, threads=torch.get_num_threads()) == first
+
+
+def test_ceilings_measured_while_the_host_ran_slow_are_measured_again_keeping_the_better(monkeypatch):
+    """The host now runs the reference GEMM 1.4x faster than the stored reference: those ceilings were measured
+    in a slow phase. They are measured again, and each ceiling keeps the better of the two measurements."""
+    calls: list[int | None] = []
+
+    def measure(threads=None):
+        calls.append(threads)
+        return Ceilings(180.0, 20.0, threads, 0.01, {"gemm": "fresh", "stream": "fresh"}, reference_ms=1.05)
+
+    monkeypatch.setattr(ceil, "measure_ceilings", measure)
+    monkeypatch.setattr(ceil.host_speed, "probe_ms", lambda: 1.0)  # ms: the host's speed at this moment
+    slow = Ceilings(120.0, 25.0, 1, 0.01, {"gemm": "slow", "stream": "slow"}, reference_ms=1.4)
+    store_entry(cache_file(), ceil.CACHE_TYPE, entry_key(fingerprint=FP, threads=1, method=ceil.CEILING_METHOD),
+                {"fingerprint": FP, "threads": 1, "ceilings": slow.as_dict()})
+    found = ceilings(FP, threads=1)
+    assert calls == [1]
+    assert (found.gemm_gflop_s, found.stream_gb_s, found.reference_ms) == (180.0, 25.0, 1.05)
+    assert (found.details["gemm"], found.details["stream"]) == ("fresh", "slow")
+    assert "1.40x faster" in found.details["measured again"]
+    # Stored so: the host is now 1.05x faster than the new reference, within REMEASURE_FACTOR, so it is read back.
+    assert ceilings(FP, threads=1) == found and calls == [1]
+    # Ceilings without a reference (stored before it existed) are not judged by one.
+    plain = Ceilings(120.0, 25.0, 2, 0.01, {"gemm": "old", "stream": "old"})
+    store_entry(cache_file(), ceil.CACHE_TYPE, entry_key(fingerprint=FP, threads=2, method=ceil.CEILING_METHOD),
+                {"fingerprint": FP, "threads": 2, "ceilings": plain.as_dict()})
+    assert ceilings(FP, threads=2) == plain and calls == [1]
 
 
 def test_another_fingerprint_or_thread_count_measures_again(fake_measure):
