@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from dsnas.cli import main
 from dsnas.profiler import engine_probe as ep
+from dsnas.profiler.disturbance import Share
 
 SHAPES = {"64x256->256": 1.0, "2048x256->1024": 4.0}
 
@@ -94,6 +95,7 @@ def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tm
     # and this test is about what a quiet one caches.
     monkeypatch.setattr(ep, "CpuWindow", QuietWindow)
     monkeypatch.setattr(ep, "wait_for_quiet", lambda seconds: None)
+    monkeypatch.setattr(ep.host_speed, "probe_ms", lambda: 1.0)  # and its speed steady
     shapes = ep.linear_shapes([(64, 64), (64, 256)], [8, 256])
     probe = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert set(probe.verdicts) == {*ep.PRECISIONS, ep.SPARSITY} and not probe.cached
@@ -109,7 +111,7 @@ def test_the_probe_on_this_cpu_offers_no_kernel_it_lacks_and_caches_by_device(tm
 
 
 class QuietWindow:
-    share = SimpleNamespace(disturbed=lambda: False, others=None, load=0.0)
+    share = Share(others=0.0, steal=0.0)
 
     def __enter__(self) -> QuietWindow:
         return self
@@ -200,8 +202,6 @@ def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatc
     """A busy moment decides this study's offer at most, never every later study's: it is not cached, and says so."""
     import torch
 
-    from dsnas.profiler.disturbance import Share
-
     class Busy:
         share = Share(others=0.45, steal=0.0)
 
@@ -215,7 +215,7 @@ def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatc
     monkeypatch.setattr(ep, "CpuWindow", Busy)
     monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
     measured = []
-    monkeypatch.setattr(ep, "_measure", lambda device, shapes: measured.append(1) or probe_of({"int8"}).verdicts)
+    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between: measured.append(1) or probe_of({"int8"}).verdicts)
     shapes = ep.linear_shapes([(64, 64)], [8])
     first = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert first.load == pytest.approx(0.45) and "others used 45% of the CPUs, so not cached" in first.table()
@@ -225,3 +225,43 @@ def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatc
     monkeypatch.setattr(Busy, "share", Share(others=0.02, steal=0.0))  # quiet: kept, and read back next time
     ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached and len(measured) == 3
+
+
+def test_a_host_that_slows_midway_moves_no_ratio_and_the_probe_that_saw_it_is_not_cached(tmp_path, monkeypatch):
+    """Recorded timings: int8 layers run in half fp32's time, bf16 in the same. The host slows 2x after the first
+    shape (as a 2-core VM's does, dsnas.profiler.host_speed). Each choice is timed beside fp32 at every shape, so
+    every ratio stays true; the host-speed probes between shapes see the change, and the probe is not cached."""
+    import torch
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ep, "CpuWindow", QuietWindow)
+    monkeypatch.setattr(ep, "wait_for_quiet", lambda seconds: None)
+    slow = {"factor": 1.0, "probes": 0}
+
+    def probe_ms():  # the probe before the second shape is where the host slows
+        slow["probes"] += 1
+        slow["factor"] = 1.0 if slow["probes"] < 2 else 2.0
+        return slow["factor"]
+
+    def layer(shape, precision, sparsity, device):
+        if precision == "fp8":
+            raise ep.TrialError("fp8 cannot run here: no fp8 kernel on a CPU")
+        return SimpleNamespace(precision=precision, backend=precision, sparse_kernel=False, reason="masked dense")
+
+    seconds = {"fp32": 2.0, "bf16": 2.0, "fp16": 4.0, "int8": 1.0}
+    monkeypatch.setattr(ep.host_speed, "probe_ms", probe_ms)
+    monkeypatch.setattr(ep, "_layer", layer)
+    monkeypatch.setattr(ep, "_seconds", lambda layer, shape, device: seconds[layer.precision] * slow["factor"])
+    shapes = ep.linear_shapes([(64, 64), (128, 128)], [8])
+    probe = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    expected = {"bf16": 1.0, "fp16": 0.5, "int8": 2.0}
+    for choice, ratio in expected.items():
+        assert probe.verdicts[choice].per_shape == {str(s): pytest.approx(ratio) for s in shapes}, choice
+    assert probe.verdicts["2:4"].per_shape == {str(s): pytest.approx(1.0) for s in shapes}  # vs dense fp32
+    assert probe.verdicts["fp8"].speedup is None and probe.by_width()[64]["precision"] == ("fp32", "int8")
+    assert slow["probes"] == len(shapes) + 1 and probe.host_drift == pytest.approx(2.0)
+    assert "the host's speed changed 2.00x, so not cached" in probe.table()
+    slow["probes"] = -100  # a steady host from here on: the next probe is measured again, and cached
+    again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert not again.cached and again.host_drift == pytest.approx(1.0) and "disturbed" not in again.table()
+    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dsnas.allocator import hold_freed_memory
 from dsnas.errors import TrialError
+from dsnas.profiler import host_speed
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.device import device_key, fingerprint, fingerprint_id, resolve_device
-from dsnas.profiler.disturbance import MAX_SETTLE_S, THRESHOLD, CpuWindow, wait_for_quiet
+from dsnas.profiler.disturbance import MAX_SETTLE_S, SLOWDOWN_LIMIT, THRESHOLD, CpuWindow, wait_for_quiet
 from dsnas.profiler.gate import MeasureGate
 from dsnas.profiler.timing import cpu_threads, time_calls
 
@@ -103,6 +104,9 @@ class EngineProbe:
     # Others' share of the host's CPUs while it ran (dsnas.profiler.disturbance); above the threshold the probe is
     # used for this study but not cached, so that a busy moment does not decide for every later study. None: unknown.
     load: float | None = None
+    # The host's slowest over its fastest moment while it ran (dsnas.profiler.host_speed, probed between shapes):
+    # a choice is timed beside fp32 at each shape, but a probe that spans a change of speed is not cached either.
+    host_drift: float | None = None
 
     def precisions(self) -> tuple[str, ...]:
         """fp32, then each low precision that pays here."""
@@ -121,8 +125,12 @@ class EngineProbe:
                 for w in widths}
 
     def table(self) -> str:
-        busy = "" if self.load is None or self.load <= THRESHOLD else \
-            f", disturbed: others used {self.load:.0%} of the CPUs, so not cached"
+        why = []
+        if self.load is not None and self.load > THRESHOLD:
+            why.append(f"others used {self.load:.0%} of the CPUs")
+        if self.host_drift is not None and self.host_drift > SLOWDOWN_LIMIT:
+            why.append(f"the host's speed changed {self.host_drift:.2f}x")
+        busy = f", disturbed: {' and '.join(why)}, so not cached" if why else ""
         lines = [f"engine probe on {self.device} (fingerprint {self.fingerprint_id}"
                  f"{', cached' if self.cached else ''}{busy}), shapes rows x in -> out: {', '.join(self.shapes)}",
                  f"{'choice':8} {'offered':8} {'speed':>7}  {'kernel':26} why"]
@@ -133,12 +141,14 @@ class EngineProbe:
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "fingerprint_id": self.fingerprint_id, "shapes": list(self.shapes),
-                "verdicts": {k: asdict(v) for k, v in self.verdicts.items()}, "load": self.load}
+                "verdicts": {k: asdict(v) for k, v in self.verdicts.items()}, "load": self.load,
+                "host_drift": self.host_drift}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], cached: bool = False) -> EngineProbe:
         return cls(data["device"], data["fingerprint_id"], tuple(data["shapes"]),
-                   {k: Verdict(**v) for k, v in data["verdicts"].items()}, cached, data.get("load"))
+                   {k: Verdict(**v) for k, v in data["verdicts"].items()}, cached, data.get("load"),
+                   data.get("host_drift"))
 
 
 def linear_shapes(widths: Iterable[tuple[int, int]], rows: Iterable[int]) -> tuple[Shape, ...]:
@@ -165,47 +175,69 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
             except (KeyError, TypeError):
                 pass  # a malformed entry: measure again, and overwrite it
         wait_for_quiet(MAX_SETTLE_S)  # a neighbour's burst that ends within a second does not decide the offer
+        speeds: list[float] = []  # the host-speed probe between shapes, ms: only a CPU layer's time follows it
+        between = (lambda: speeds.append(host_speed.probe_ms())) if device.type == "cpu" else (lambda: None)
         with CpuWindow() as window:
-            verdicts = _measure(device, shapes)
+            verdicts = _measure(device, shapes, between)
+        drift = max(speeds) / min(speeds) if speeds else None
         probe = EngineProbe(str(fp.get("gpu") or fp.get("cpu")), fingerprint_id(fp), tuple(map(str, shapes)),
-                            verdicts, load=window.share.load if window.share.others is not None else None)
-        if not window.share.disturbed():
+                            verdicts, load=window.share.load if window.share.others is not None else None,
+                            host_drift=drift)
+        if not replace(window.share, host_slowdown=drift).disturbed():
             store_entry(path, CACHE_TYPE, key, probe.as_dict())
     return probe
 
 
-def _measure(device: Any, shapes: Sequence[Shape]) -> dict[str, Verdict]:
-    fp32 = {str(s): _seconds(_layer(s, "fp32", "dense", device), s, device) for s in shapes}
-    verdicts = {}
-    for precision in PRECISIONS:
-        times, kernel, missing = _times(shapes, precision, "dense", device)
-        verdicts[precision] = decide(precision, fp32, times, kernel, missing)
+def _measure(device: Any, shapes: Sequence[Shape], between: Callable[[], None] = lambda: None) -> dict[str, Verdict]:
+    """Every choice timed beside its baseline shape by shape: a choice's time at a shape is taken right after fp32's,
+    so that a change in the host's speed over the probe's seconds moves both, not their ratio. ``between()`` runs
+    before each shape and after the last (the host-speed probe, on the CPU)."""
     # 2:4 against the dense layer of the precision a sparse kernel takes (bf16): the sparsity's own gain.
     half = "bf16" if device.type == "cuda" else "fp32"
-    base = fp32 if half == "fp32" else _times(shapes, half, "dense", device)[0]
-    times, kernel, missing = _times(shapes, half, SPARSITY, device)
-    if base is None:
+    timed = {choice: _Timed() for choice in dict.fromkeys([("fp32", "dense"), *((p, "dense") for p in PRECISIONS),
+                                                           (half, SPARSITY)])}
+    for shape in shapes:
+        between()
+        for (precision, sparsity), one in timed.items():
+            if one.error is None:
+                one.time(shape, precision, sparsity, device)
+    between()
+    fp32 = timed["fp32", "dense"].times
+    verdicts = {p: decide(p, fp32, *timed[p, "dense"].outcome()) for p in PRECISIONS}
+    base = timed[half, "dense"]
+    if base.error is not None:
         verdicts[SPARSITY] = decide(SPARSITY, fp32, None, "", f"{half} does not run here")
     else:
-        verdicts[SPARSITY] = decide(SPARSITY, base, times, kernel, missing, baseline=f"dense {half}")
+        verdicts[SPARSITY] = decide(SPARSITY, base.times, *timed[half, SPARSITY].outcome(), baseline=f"dense {half}")
     return verdicts
 
 
-def _times(shapes: Sequence[Shape], precision: str, sparsity: str,
-           device: Any) -> tuple[dict[str, float] | None, str, str]:
-    """Seconds per call at each shape, the kernel that ran, and what kept it from running as it should ("" when
-    nothing did); None for the times when the choice cannot run here at all."""
-    times, kernels, missing = {}, [], ""
-    for shape in shapes:
+@dataclass
+class _Timed:
+    """One choice's seconds per call at each shape, the kernels that ran, and what kept it from running as it
+    should ("" when nothing did); ``error`` says why it cannot run here at all (then it is not timed)."""
+
+    times: dict[str, float] = field(default_factory=dict)
+    kernels: list[str] = field(default_factory=list)
+    missing: str = ""
+    error: str | None = None
+
+    def time(self, shape: Shape, precision: str, sparsity: str, device: Any) -> None:
         try:
             layer = _layer(shape, precision, sparsity, device)
         except (TrialError, RuntimeError) as err:  # e.g. fp8 on a CPU, or on a GPU before compute capability 8.9
-            return None, "", str(err).split(". Fix:")[0].split("cannot run here: ")[-1]
+            self.error = str(err).split(". Fix:")[0].split("cannot run here: ")[-1]
+            return
         if sparsity != "dense" and not layer.sparse_kernel:
-            missing = f"no sparse kernel runs here ({layer.reason or layer.backend})"
-        kernels.append(layer.backend)
-        times[str(shape)] = _seconds(layer, shape, device)
-    return times, "/".join(dict.fromkeys(k.removeprefix("int8:") for k in kernels)), missing
+            self.missing = f"no sparse kernel runs here ({layer.reason or layer.backend})"
+        self.kernels.append(layer.backend)
+        self.times[str(shape)] = _seconds(layer, shape, device)
+
+    def outcome(self) -> tuple[dict[str, float] | None, str, str]:
+        """decide()'s choice_s, kernel and missing: no times when the choice cannot run here."""
+        if self.error is not None:
+            return None, "", self.error
+        return self.times, "/".join(dict.fromkeys(k.removeprefix("int8:") for k in self.kernels)), self.missing
 
 
 def _layer(shape: Shape, precision: str, sparsity: str, device: Any) -> Any:
