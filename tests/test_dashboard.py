@@ -285,6 +285,7 @@ def test_the_dashboard_reads_a_sqlite_study_while_a_search_writes_it(tiny_study)
                                   stderr=subprocess.PIPE, text=True)
         answers, errors = 0, []
         while search.poll() is None:
+            time.sleep(0.02)  # a browser's pace, not a busy loop: on 2 cores that starved the search it reads
             for path in ("api/studies", "api/studies/1?after=0"):
                 try:
                     with urllib.request.urlopen(url + path, timeout=10) as response:
