@@ -35,6 +35,9 @@ class SearchSpace:
     # The probe's offer per model width (the family's WIDTH_KEY, e.g. d_model): width -> engine key -> options.
     # A width whose options differ from the key's own takes them under its own parameter name (see _engine_name).
     width_offer: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    # The parameter names ``sample`` asks for, by the values of ``choices`` (see :meth:`used`).
+    _asked: dict[tuple[Any, ...], tuple[str, ...]] = field(default_factory=dict, init=False, repr=False,
+                                                           compare=False)
 
     def resolved(self, precisions: tuple[str, ...], sparsities: tuple[str, ...],
                  by_width: dict[int, dict[str, tuple[str, ...]]] | None = None) -> SearchSpace:
@@ -129,10 +132,21 @@ class SearchSpace:
 
     def used(self, params: dict[str, Any]) -> dict[str, Any]:
         """The parameters an architecture takes of ``params``: those ``sample`` asks for with them as its answers
-        (none of a layer past its depth, none of another width's engine options)."""
-        asked = _Answers(params, record=True)
-        self.sample(asked)
-        return {name: params[name] for name in asked.asked if name in params}
+        (none of a layer past its depth, none of another width's engine options). Which names it asks depends on
+        the model-wide choices alone (the depth, the width), so they are found once per combination of those:
+        dsnas's sampler calls this for every candidate it scores (~20,000 a proposal, 1.6 s on one core before)."""
+        try:
+            structure = tuple(params.get(key, _Answers) for key in self.choices)  # _Answers: a value not given
+            names = self._asked.get(structure)
+        except TypeError:  # an option that cannot be a key (a list): ask every time
+            structure, names = None, None
+        if names is None:
+            asked = _Answers(params, record=True)
+            self.sample(asked)
+            names = tuple(asked.asked)
+            if structure is not None:
+                self._asked[structure] = names
+        return {name: params[name] for name in names if name in params}
 
     def arch_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """The architecture these parameters make (as ``sample`` would, with them as the trial's answers)."""

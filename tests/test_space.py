@@ -3,6 +3,7 @@ and how a SearchSpace turns an Optuna trial into an architecture."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
@@ -158,6 +159,38 @@ def test_parameters_used_and_arch_of_say_what_a_sampler_of_whole_architectures_n
     assert sorted(used) == ["d_model", "layer0.ffn_ratio", "layer0.n_heads", "layer1.ffn_ratio", "layer1.n_heads",
                             "n_layers"]
     assert space.arch_of(params) == space.sample(FixedTrial(used))
+
+
+def asked_afresh(space, params):
+    """What ``used`` says, found by a sampling pass of its own (no names remembered from earlier calls)."""
+    from dsnas.space import _Answers
+
+    asked = _Answers(params, record=True)
+    space.sample(asked)
+    return {name: params[name] for name in asked.asked if name in params}
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "transformer_lm_wide", "transformer_lm_gpu", "cnn", "by width"])
+def test_used_names_remembered_per_depth_and_width_are_those_a_fresh_pass_asks(tmp_path: Path, name: str) -> None:
+    """``used`` finds the names once per combination of model-wide choices (dsnas's sampler calls it ~20,000 times
+    a proposal); on random candidates, some missing parameters, it says what a fresh sampling pass says."""
+    import random
+
+    if name == "by width":
+        space = load_space_file(write_space(tmp_path, 'engine = "auto"\n' + VALID.replace("[32, 64]", "[32, 64, 96]")))
+        space = space.resolved(("fp32", "bf16", "int8"), ("dense",), {
+            "32": {"precision": ["fp32"], "sparsity": ["dense"]},
+            "64": {"precision": ["fp32", "bf16"], "sparsity": ["dense"]}})
+    else:
+        space = load_space_file(REPO / "search_spaces" / f"{name}.toml")
+        if space.by_device:
+            space = space.resolved(("fp32", "bf16", "int8"), ("dense", "2:4"))
+    rng = random.Random(0)
+    parameters = space.parameters()
+    for _ in range(400):
+        params = {n: rng.choice(options) for n, options in parameters.items() if rng.random() > 0.05}
+        assert space.used(params) == asked_afresh(space, params), params
+    assert 0 < len(space._asked) <= math.prod(len(o) + 1 for o in space.choices.values())  # + 1: not given
 
 
 def test_engine_choices_are_sampled_per_layer_and_default_when_absent(tmp_path: Path) -> None:
