@@ -80,6 +80,38 @@ def test_a_paused_hold_lets_a_measurer_in_and_then_holds_again(tmp_path):
     assert measured.is_set()
 
 
+def test_the_driver_samples_holding_this_nodes_cpu_gate(tiny_study, tmp_path, monkeypatch):
+    """The sampler's model computes for about a second a proposal, on the CPUs a trial measures on: each sampling
+    pass of the driver holds the gate as a training trial does, so no measurer's exclusive hold can be taken then."""
+    import fcntl
+    import tempfile
+
+    import optuna
+
+    from dsnas.cli import main
+    from dsnas.space import SearchSpace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own gate, which nothing else holds
+    lock = MeasureGate("cpu").paths[1]
+    held: list[bool] = []
+    sample = SearchSpace.sample
+
+    def checked(self, trial):
+        if isinstance(trial, optuna.trial.Trial):  # the driver's pass, not the sampler's own used() / arch_of()
+            with open(lock, "a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                    held.append(False)
+                except BlockingIOError:
+                    held.append(True)
+        return sample(self, trial)
+
+    monkeypatch.setattr(SearchSpace, "sample", checked)
+    assert main(["search", str(tiny_study)]) == 0
+    assert held == [True, True, True]
+
+
 def test_time_calls_reports_median_and_spread():
     calls = []
     timing = time_calls(lambda: calls.append(time.sleep(0.002)), lambda: None, warmup_s=0.01, measure_s=0.05)
