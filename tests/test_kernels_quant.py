@@ -129,6 +129,29 @@ def test_choose_int8_backend_measures_and_caches():
     assert layer(torch.randn(2, 32)).shape == (2, 32)
 
 
+def test_a_backend_three_times_slower_than_the_fastest_is_timed_by_two_calls():
+    """Choosing a backend: one whose faster of two calls is LOSING times the fastest function's is timed no further
+    (torch._int_mm at 0.26 s a call took 41 s of an engine probe on an AVX2 EPYC); the others are timed in full."""
+    import collections
+    import time
+
+    from dsnas.kernels.quant import _seconds_per_call
+
+    calls: collections.Counter[str] = collections.Counter()
+
+    def sleeping(name, seconds):
+        def fn(x):
+            calls[name] += 1
+            time.sleep(seconds)
+        return fn
+
+    fns = {"fp32": sleeping("fp32", 0.002), "close": sleeping("close", 0.003), "slow": sleeping("slow", 0.05)}
+    times, short = _seconds_per_call(fns, torch.zeros(1))
+    assert short == {"slow"} and calls["slow"] == 3  # a warm-up and two calls
+    assert calls["close"] == calls["fp32"] == 1 + 3 + 5  # a warm-up, three single calls, five repeats of one
+    assert 0.05 <= times["slow"] < 0.2 and times["close"] / times["fp32"] == pytest.approx(1.5, rel=0.3)
+
+
 def test_auto_without_amax_skips_the_static_backend_and_says_why():
     weight, bias, x = _layer(32, 32)
     layer = Int8Linear.from_float(weight, bias, None, "auto")

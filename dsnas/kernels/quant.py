@@ -22,6 +22,10 @@ DEFAULT_ROWS = (1, 32, 256)  # row counts the INT8 backends are timed at when th
 QMAX = 127  # symmetric int8: -128 is left out so that the grid is symmetric around zero
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _CHOICES: dict[tuple, tuple[str, dict[str, Any]]] = {}
+# Choosing a backend, one this many times slower than the fastest at its faster of two calls is timed no further:
+# torch._int_mm ran 0.26 s a call at 1024 rows on an AVX2-only EPYC (fp32: 0.02 s), and its nine calls at each of
+# 8 shapes took 41 s of a 58 s engine probe (2026-12-06).
+LOSING = 3.0
 
 
 # --- fake quantization (QAT) ----------------------------------------------------------------------------------------
@@ -181,33 +185,45 @@ def int8_backend_supported(backend: str, device: Any, in_features: int, out_feat
     return False, f"unknown INT8 backend {backend!r}; known: {list(INT8_BACKENDS)}"
 
 
-def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
-                      repeats: int = 5) -> dict[str, float]:
+def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, repeats: int = 5,
+                      losing: float = LOSING) -> tuple[dict[str, float], set[str]]:
     """Per function: the median over ``repeats`` of the mean time of a call, each repeat long enough (~2 ms) to rise
     above timer noise. The functions take turns within each repeat, so a slow spell of the machine hits them all.
-    Freed memory is held, as for every dsnas timing (dsnas.allocator)."""
+    Freed memory is held, as for every dsnas timing (dsnas.allocator). A function whose faster of two calls is
+    ``losing`` times the fastest function's is not timed further (its time is that call's): no spell of a shared
+    machine makes a 3x difference, and it could not be chosen. Returns (times, the functions cut short)."""
     hold_freed_memory()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    iters = {}
+
+    def one_call(fn: Callable[[torch.Tensor], Any]) -> float:
+        start = time.perf_counter()
+        fn(x)
+        sync()
+        return time.perf_counter() - start
+
+    single: dict[str, list[float]] = {}
     for name, fn in fns.items():
         fn(x)  # warm-up: first-call allocation and kernel selection
         sync()
-        single = []
-        for _ in range(3):  # the fastest of three sizes the repeats: one preempted call must not shrink them to 1
-            start = time.perf_counter()
-            fn(x)
-            sync()
-            single.append(time.perf_counter() - start)
-        iters[name] = max(1, min(1000, int(0.002 / max(min(single), 1e-7))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+        single[name] = [one_call(fn) for _ in range(2)]
+    fastest = min(min(v) for v in single.values())
+    short = {name for name, v in single.items() if min(v) > losing * fastest}
+    iters = {}
+    for name, fn in fns.items():
+        if name not in short:  # the fastest of three sizes the repeats: one preempted call must not shrink them to 1
+            single[name].append(one_call(fn))
+            iters[name] = max(1, min(1000, int(0.002 / max(min(single[name]), 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in iters}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in iters:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(iters[name]):
                 fn(x)
             sync()
             samples[name].append((time.perf_counter() - start) / iters[name])
-    return {name: statistics.median(v) for name, v in samples.items()}
+    times = {name: statistics.median(v) for name, v in samples.items()}
+    return {name: times.get(name, min(single[name])) for name in fns}, short
 
 
 def choose_int8_backend(in_features: int, out_features: int, rows: Sequence[int] = DEFAULT_ROWS, *,
@@ -251,14 +267,17 @@ def _measure_backends(in_features: int, out_features: int, rows: tuple[int, ...]
                          "for this layer")
     with torch.inference_mode():
         fns = {"fp32": lambda x: F.linear(x, weight, bias), **kernels}
-        times = [_seconds_per_call(fns, inputs[r]) for r in rows]
+        timed = [_seconds_per_call(fns, inputs[r]) for r in rows]
+    times = [t for t, _ in timed]
     fp32 = [t["fp32"] for t in times]
     ratios = {n: [t["fp32"] / t[n] for t in times] for n in kernels}
     geomean = {n: statistics.geometric_mean(v) for n, v in ratios.items()}
     best = max(geomean, key=geomean.__getitem__)
     info = {"rows": list(rows), "ratios": ratios, "geomean": geomean, "fp32_us": [t * 1e6 for t in fp32],
             "unavailable": unavailable, "device": str(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            # Per row count, the backends timed by two calls only: LOSING times slower than the fastest.
+            "cut_short": [sorted(short) for _, short in timed]}
     return best, info
 
 
