@@ -246,12 +246,19 @@ def test_a_host_that_slows_midway_moves_no_ratio_and_the_probe_that_saw_it_is_no
     def layer(shape, precision, sparsity, device):
         if precision == "fp8":
             raise ep.TrialError("fp8 cannot run here: no fp8 kernel on a CPU")
-        return SimpleNamespace(precision=precision, backend=precision, sparse_kernel=False, reason="masked dense")
+        return SimpleNamespace(precision=precision, sparsity=sparsity, backend=precision, sparse_kernel=False,
+                               reason="masked dense")
 
     seconds = {"fp32": 2.0, "bf16": 2.0, "fp16": 4.0, "int8": 1.0}
     monkeypatch.setattr(ep.host_speed, "probe_ms", probe_ms)
     monkeypatch.setattr(ep, "_layer", layer)
-    monkeypatch.setattr(ep, "_seconds", lambda layer, shape, device: seconds[layer.precision] * slow["factor"])
+    given: dict[tuple[str, str], float | None] = {}
+
+    def timed(layer, shape, device, give_up_s):
+        given[layer.precision, layer.sparsity] = give_up_s
+        return seconds[layer.precision] * slow["factor"]
+
+    monkeypatch.setattr(ep, "_seconds", timed)
     shapes = ep.linear_shapes([(64, 64), (128, 128)], [8])
     probe = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     expected = {"bf16": 1.0, "fp16": 0.5, "int8": 2.0}
@@ -260,8 +267,32 @@ def test_a_host_that_slows_midway_moves_no_ratio_and_the_probe_that_saw_it_is_no
     assert probe.verdicts["2:4"].per_shape == {str(s): pytest.approx(1.0) for s in shapes}  # vs dense fp32
     assert probe.verdicts["fp8"].speedup is None and probe.by_width()[64]["precision"] == ("fp32", "int8")
     assert slow["probes"] == len(shapes) + 1 and probe.host_drift == pytest.approx(2.0)
+    # Each choice may stop timing once LOSING times slower than fp32 at the same shape, then (the second shape).
+    assert given == {("fp32", "dense"): None, **{(p, s): ep.LOSING * 2.0 * 2.0
+                                                 for p, s in (("bf16", "dense"), ("fp16", "dense"),
+                                                              ("int8", "dense"), ("fp32", "2:4"))}}
     assert "the host's speed changed 2.00x, so not cached" in probe.table()
     slow["probes"] = -100  # a steady host from here on: the next probe is measured again, and cached
     again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert not again.cached and again.host_drift == pytest.approx(1.0) and "disturbed" not in again.table()
     assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached
+
+
+def test_a_layer_slower_than_it_could_pay_is_timed_by_two_calls_and_others_in_full():
+    """A layer LOSING times slower than fp32 at the faster of two calls cannot pay: that call's time stands (bf16
+    at 0.1x on an AVX2 CPU need not be timed in full); a layer within the bound is timed as usual."""
+    import time
+
+    import torch
+
+    calls = {"n": 0}
+
+    def layer(x):
+        calls["n"] += 1
+        time.sleep(0.02)
+
+    shape = ep.Shape(4, 8, 8)
+    assert 0.02 <= ep._seconds(layer, shape, torch.device("cpu"), give_up_s=0.005) < 0.1 and calls["n"] == 3
+    calls["n"] = 0
+    assert ep._seconds(layer, shape, torch.device("cpu"), give_up_s=0.5) == pytest.approx(0.02, rel=0.5)
+    assert calls["n"] >= 3 + 5  # two calls, then a warm-up and at least five timed calls

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -26,6 +27,9 @@ SPARSITY = "2:4"
 # A choice is offered when its layers run at least this much faster than the baseline (the geometric mean over the
 # shapes): 10%, beyond the spread of a short probe on a quiet machine, so that a choice offered is one that pays.
 PAYS = 1.10
+# A choice this many times slower than its baseline at the faster of two calls is timed no further at that shape:
+# it cannot pay, and timing bf16 in full at 0.1x fp32 on an AVX2 CPU only costs seconds.
+LOSING = 3.0
 CACHE_TYPE = "dsnas.engine_probe_cache"
 RULE = "per-width"  # in the cache key: entries decided by an earlier rule (one offer for every width) are not read
 
@@ -196,11 +200,13 @@ def _measure(device: Any, shapes: Sequence[Shape], between: Callable[[], None] =
     half = "bf16" if device.type == "cuda" else "fp32"
     timed = {choice: _Timed() for choice in dict.fromkeys([("fp32", "dense"), *((p, "dense") for p in PRECISIONS),
                                                            (half, SPARSITY)])}
+    baseline = {choice: (half, "dense") if choice[1] == SPARSITY else ("fp32", "dense") for choice in timed}
     for shape in shapes:
         between()
         for (precision, sparsity), one in timed.items():
             if one.error is None:
-                one.time(shape, precision, sparsity, device)
+                base = timed[baseline[precision, sparsity]].times.get(str(shape))
+                one.time(shape, precision, sparsity, device, None if base is None else LOSING * base)
     between()
     fp32 = timed["fp32", "dense"].times
     verdicts = {p: decide(p, fp32, *timed[p, "dense"].outcome()) for p in PRECISIONS}
@@ -222,7 +228,7 @@ class _Timed:
     missing: str = ""
     error: str | None = None
 
-    def time(self, shape: Shape, precision: str, sparsity: str, device: Any) -> None:
+    def time(self, shape: Shape, precision: str, sparsity: str, device: Any, give_up_s: float | None) -> None:
         try:
             layer = _layer(shape, precision, sparsity, device)
         except (TrialError, RuntimeError) as err:  # e.g. fp8 on a CPU, or on a GPU before compute capability 8.9
@@ -231,7 +237,7 @@ class _Timed:
         if sparsity != "dense" and not layer.sparse_kernel:
             self.missing = f"no sparse kernel runs here ({layer.reason or layer.backend})"
         self.kernels.append(layer.backend)
-        self.times[str(shape)] = _seconds(layer, shape, device)
+        self.times[str(shape)] = _seconds(layer, shape, device, give_up_s)
 
     def outcome(self) -> tuple[dict[str, float] | None, str, str]:
         """decide()'s choice_s, kernel and missing: no times when the choice cannot run here."""
@@ -258,15 +264,31 @@ def _layer(shape: Shape, precision: str, sparsity: str, device: Any) -> Any:
     return layer
 
 
-def _seconds(layer: Any, shape: Shape, device: Any) -> float:
+def _seconds(layer: Any, shape: Shape, device: Any, give_up_s: float | None = None) -> float:
+    """Seconds per call, the median of a short timing; or, when the faster of two calls after a warm-up already
+    takes ``give_up_s`` (LOSING times the baseline's), that call's: a layer so slow cannot pay, and a bf16 layer at
+    0.1x fp32 on an AVX2 CPU is not worth timing in full."""
     import torch
 
     x = torch.randn(shape.rows, shape.in_features, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
+        if give_up_s is not None:
+            layer(x)
+            sync()
+            first = min(_one_call(layer, x, sync) for _ in range(2))
+            if first > give_up_s:
+                return first
         timing = time_calls(lambda: layer(x), sync, warmup_s=0.02, measure_s=0.05, max_measure_s=0.3,
                             min_repeats=5)
     return timing.median_ms / 1e3
+
+
+def _one_call(layer: Any, x: Any, sync: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    layer(x)
+    sync()
+    return time.perf_counter() - start
 
 
 def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = None) -> EngineProbe:
