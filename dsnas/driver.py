@@ -147,9 +147,9 @@ class Driver:
 
     def _computing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` run holding this node's CPU measurement gate, as a training trial holds it: the sampler's model
-        takes about a second of a core a proposal (the driver's CPU time was 18 s of a 90 s quickstart before the
-        sampler was made faster, 7.5 s after), and a trial timed on this node's CPUs beside it ran slow by as much
-        as others' CPU share can miss on 2 cores. Each call holds it, not a wait for the database between calls.
+        takes about a second of a core a proposal (its proposals took 7.5 s of a 90 s quickstart, 18 s before
+        space.used remembered its names), and a trial timed beside it on this node's CPUs runs slow, by more than
+        others' CPU share shows on 2 cores. Each call holds it, not a wait for the database between calls.
         A study measured on a GPU takes none: its gate is the GPU's, which the driver leaves to the workers."""
         if self._cpu_gate is None:
             device = self.spec.hardware.device

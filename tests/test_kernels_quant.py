@@ -150,6 +150,10 @@ def test_a_backend_three_times_slower_than_the_fastest_is_timed_by_two_calls():
     assert short == {"slow"} and calls["slow"] == 3  # a warm-up and two calls
     assert calls["close"] == calls["fp32"] == 1 + 3 + 5  # a warm-up, three single calls, five repeats of one
     assert 0.05 <= times["slow"] < 0.2 and times["close"] / times["fp32"] == pytest.approx(1.5, rel=0.3)
+    # The reference (the first function) is timed in full however slow: every ratio is taken against it.
+    calls.clear()
+    _, short = _seconds_per_call({"fp32": fns["slow"], "int8": fns["fp32"]}, torch.zeros(1), repeats=1)
+    assert short == set() and calls["slow"] == 1 + 3 + 1
 
 
 def test_auto_without_amax_skips_the_static_backend_and_says_why():

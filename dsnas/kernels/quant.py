@@ -191,7 +191,8 @@ def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Te
     above timer noise. The functions take turns within each repeat, so a slow spell of the machine hits them all.
     Freed memory is held, as for every dsnas timing (dsnas.allocator). A function whose faster of two calls is
     ``losing`` times the fastest function's is not timed further (its time is that call's): no spell of a shared
-    machine makes a 3x difference, and it could not be chosen. Returns (times, the functions cut short)."""
+    machine makes a 3x difference, and it could not be chosen. The first function, the reference every ratio is
+    taken against, is always timed in full. Returns (times, the functions cut short)."""
     hold_freed_memory()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
@@ -207,7 +208,8 @@ def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Te
         sync()
         single[name] = [one_call(fn) for _ in range(2)]
     fastest = min(min(v) for v in single.values())
-    short = {name for name, v in single.items() if min(v) > losing * fastest}
+    reference = next(iter(fns))
+    short = {name for name, v in single.items() if name != reference and min(v) > losing * fastest}
     iters = {}
     for name, fn in fns.items():
         if name not in short:  # the fastest of three sizes the repeats: one preempted call must not shrink them to 1
