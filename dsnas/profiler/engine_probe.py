@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -20,7 +19,7 @@ from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.device import device_key, fingerprint, fingerprint_id, resolve_device
 from dsnas.profiler.disturbance import MAX_SETTLE_S, SLOWDOWN_LIMIT, THRESHOLD, CpuWindow, wait_for_quiet
 from dsnas.profiler.gate import MeasureGate
-from dsnas.profiler.timing import cpu_threads, time_calls
+from dsnas.profiler.timing import call_ms, cpu_threads, time_calls
 
 PRECISIONS = ("bf16", "fp16", "int8", "fp8")  # the low precisions the probe may offer beside fp32
 SPARSITY = "2:4"
@@ -276,19 +275,12 @@ def _seconds(layer: Any, shape: Shape, device: Any, give_up_s: float | None = No
         if give_up_s is not None:
             layer(x)
             sync()
-            first = min(_one_call(layer, x, sync) for _ in range(2))
+            first = min(call_ms(lambda: layer(x), sync) for _ in range(2)) / 1e3
             if first > give_up_s:
                 return first
         timing = time_calls(lambda: layer(x), sync, warmup_s=0.02, measure_s=0.05, max_measure_s=0.3,
                             min_repeats=5)
     return timing.median_ms / 1e3
-
-
-def _one_call(layer: Any, x: Any, sync: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    layer(x)
-    sync()
-    return time.perf_counter() - start
 
 
 def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = None) -> EngineProbe:

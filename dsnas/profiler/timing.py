@@ -106,12 +106,17 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
     return summarize(samples, warmup, converged, device or None)
 
 
+def call_ms(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    """The wall time of one call, synchronized, in ms."""
+    start = time.perf_counter_ns()
+    fn()
+    sync()
+    return (time.perf_counter_ns() - start) / 1e6
+
+
 def _one_call(fn: Callable[[], Any], sync: Callable[[], None], events: Any, device: list[float]) -> float:
     if events is None:
-        start = time.perf_counter_ns()
-        fn()
-        sync()
-        return (time.perf_counter_ns() - start) / 1e6
+        return call_ms(fn, sync)
     begin, end = events(enable_timing=True), events(enable_timing=True)
     start = time.perf_counter_ns()
     begin.record()
