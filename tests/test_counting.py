@@ -171,7 +171,7 @@ def _linear_bytes(rows: int, k: int, n: int, form: str) -> int:
     assert form == "int8-static"  # dsnas's _StaticInt8, op by op
     quantize = 4 * (2 * rows * k + 1) + 2 * 4 * 2 * rows * k + (4 * rows * k + rows * k)  # x/s, round, clamp, int8
     int_mm = rows * k + k * n + 4 * rows * n
-    rescale = 2 * 4 * rows * n + 2 * 4 * (2 * rows * n + n)  # int32 -> fp32, * out_scale, + bias
+    rescale = 2 * 4 * (2 * rows * n + n)  # int32 * out_scale into fp32 (one op), + bias
     return quantize + int_mm + rescale
 
 

@@ -178,6 +178,40 @@ def test_fp8_rows_round_trip_within_e4m3_precision():
     assert torch.allclose(back.gather(1, top[:, None]), x.gather(1, top[:, None]), rtol=1e-6)  # amax -> 448 exactly
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_rows_equal_the_plain_formula_in_fewer_ops(dtype):
+    """The lean quantizer gives the plain chain's bytes exactly (zeros, inf, nan and subnormal rows included),
+    and dispatches fewer ops: each is a kernel launch on a GPU, where a small layer is bound by them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def plain(x):
+        amax = x.detach().float().abs().amax(dim=1, keepdim=True)
+        scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / 448.0
+        return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(200, 96, generator=gen) * torch.logspace(-20, 20, 200)[:, None]).to(dtype)
+    x[3], x[4, 5], x[5, 1], x[6] = 0.0, float("nan"), float("inf"), torch.finfo(dtype).tiny / 4
+    (want, want_scale), (got, got_scale) = plain(x), fp8_quantize_rows(x)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(got_scale.nan_to_num(), want_scale.nan_to_num())
+    with Ops() as lean:
+        fp8_quantize_rows(x)
+    with Ops() as chain:
+        plain(x)
+    kernels = [n for n in lean.names if n != "detach.default"]
+    assert len(kernels) == 5 and len(kernels) < len([n for n in chain.names if n != "detach.default"]) - 1
+
+
 def test_fp8_is_refused_on_cpu_with_the_reason():
     ok, why = fp8_supported("cpu")
     assert not ok and "CUDA" in why

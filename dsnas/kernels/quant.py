@@ -88,12 +88,15 @@ class _StaticInt8(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = _int8_grid(x.float() / self.act_scale).to(torch.int8)
+        # In place after the division, and the int32 product rescaled straight into fp32 (a multiply promotes it):
+        # fewer kernels and bytes than the out-of-place chain, with the same values. Detached: no gradient passes
+        # an int8 cast anyway, and autograd would clone the tensor before each in-place op.
+        q = torch.div(x.detach().float(), self.act_scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
         rows = q.shape[0]
         if q.is_cuda and rows <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows: pad with zeros
             q = F.pad(q, (0, 0, 0, 17 - rows))
-        y = torch._int_mm(q, self.weight_int8.t())[:rows].float() * self.out_scale
-        return y if self.bias is None else y + self.bias
+        y = torch.mul(torch._int_mm(q, self.weight_int8.t())[:rows], self.out_scale)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 def _build_static(weight: torch.Tensor, bias: torch.Tensor | None, act_amax: float | None) -> nn.Module:
@@ -370,10 +373,15 @@ def fp8_supported(device: Any) -> tuple[bool, str]:
 
 
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of a 2-D tensor to float8_e4m3fn with its own scale (amax / 448): (values, scales [rows, 1] fp32)."""
-    amax = x.detach().float().abs().amax(dim=1, keepdim=True)
-    scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """Each row of a 2-D tensor to float8_e4m3fn with its own scale (amax / 448): (values, scales [rows, 1] fp32).
+
+    Every input of an fp8 layer goes through this, so it is lean: the inf-norm reads the rows without writing |x|,
+    the division promotes a bf16 input to fp32 itself, and no clamp is needed (|x| / (amax / 448) exceeds 448 by
+    at most a rounding, which e4m3 rounds to 448). Five kernels where a plain chain launches seven (nine for bf16),
+    passing over an fp32 input with 17 bytes per element moved where it moved 37; the same values."""
+    amax = torch.linalg.vector_norm(x.detach(), float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp_min_(torch.finfo(torch.float32).tiny).div_(FP8_MAX)
+    return torch.div(x, scale).to(torch.float8_e4m3fn), scale
 
 
 def fp8_dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
