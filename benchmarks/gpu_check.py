@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(Path(args.out), args.dry_run)
     report = Report(Path(args.out), meta(args.dry_run))
     sections = {"doctor": run.doctor, "limits": lambda s: gl.limits(s, run.dry),
-                "engine": lambda s: (gl.engine_in_model(s, run.dry), gl.engine_layers_alone(s, run.dry)),
+                "engine": lambda s: (gl.engine_in_model(s, run.dry), gl.launch_costs(s, run.dry),
+                               gl.engine_layers_alone(s, run.dry)),
                 "training": lambda s: gl.training(s, run.dry), "search": run.search, "gain": run.gain,
                 "profile": run.profile, "compile": run.compile}
     only = set(args.only.split(",")) if args.only else set(sections)

@@ -286,6 +286,49 @@ def torchao_rows(sec: Any, dev: torch.device) -> None:
               ["rows", "kernel", "matmul-like ops seen"], rows)
 
 
+def launch_costs(sec: Any, dry: bool) -> None:
+    """Each layer type at 16 rows, where the device has little to do: how many kernels a call launches, the host's
+    time until the call returns, the call's time to a synchronized end, and the kernels' own time. On the H200
+    (2026-12-04) fp8 and int8-static took ~150 us a call at 16 rows at every shape, 2:4 ~580 us and bf16 8 us;
+    a host time near the call's time, far above the kernels', says the launches bound it."""
+    import time
+
+    import kernels as kb
+
+    from dsnas.profiler.measure import _kernels
+    from dsnas.profiler.timing import call_ms
+
+    dev = device_of(dry)
+    n = 64 if dry else 1024
+    x = torch.randn(16, n, device=dev, dtype=torch.float32 if dry else torch.bfloat16)
+    kinds = kb.CPU_KINDS[1:] if dry else (*kb.CUDA_KINDS, Kind("2:4 fp8", "fp8", "2:4"))
+    rows = []
+    for kind in kinds:
+        layer, why = kb.build_or_reason(kind, n, n, dev, {16: x})
+        if layer is None:
+            rows.append([kind.label, "unavailable", "-", "-", "-", "-", why[:120]])
+            continue
+        host, call = [], []
+        with torch.inference_mode():
+            for _ in range(5):
+                layer(x)
+            for _ in range(30):
+                sync(dev)
+                start = time.perf_counter_ns()
+                layer(x)
+                host.append((time.perf_counter_ns() - start) / 1e3)
+                sync(dev)
+                call.append(call_ms(lambda: layer(x), lambda: sync(dev)) * 1e3)
+            seen = _kernels(layer, x, dev, top=100)  # every kernel (CPU: operator) with its number of calls
+        top = seen.get("top", [])
+        rows.append([kind.label, layer.backend, sum(k["calls"] for k in top) or "-", statistics.median(host),
+                     statistics.median(call), "-" if dry else seen.get("total_us", "-"),
+                     ", ".join(f"{k['name']} x{k['calls']}" for k in top[:4])[:160]])
+    sec.table(f"one call at 16 rows, {n}x{n}: launches, host time to return, synchronized call time, kernel time",
+              ["layer type", "backend", "operators" if dry else "kernel launches", "host us", "call us",
+               "kernel us", "longest"], rows)
+
+
 def engine_layers_alone(sec: Any, dry: bool) -> None:
     """Each layer type alone at three shapes up to 8192x8192, against dense bf16 F.linear (fp32 on the CPU), with
     L2 flushed before every timed call (benchmarks/kernels.py's sweep, paired and interleaved)."""
