@@ -193,8 +193,12 @@ def test_no_layer_shape_of_the_shipped_spaces_beats_the_gemm_ceiling():
     run faster than it. Measured at 1024-2048 alone, the ceiling was beaten by these cache-resident shapes."""
     threads = os.cpu_count() or 1  # as trials are measured: every core (the gap showed with 2 threads, not 1)
     peak = ceil.measure_ceilings(threads=threads).gemm_gflop_s
+    rates = {}
     with cpu_threads(threads):
         for m, k, n in ((2048, 64, 256), (2048, 128, 512), (64, 512, 512), (2048, 96, 384)):
             a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
             seconds, _ = ceil._best_seconds(lambda: torch.mm(a, b, out=out), budget_s=0.2, min_reps=10)
-            assert 2 * m * k * n / seconds / 1e9 <= 1.15 * peak, (m, k, n, peak)
+            rates[m, k, n] = 2 * m * k * n / seconds / 1e9
+    if max(rates.values()) > 1.15 * peak:  # a ceiling is the best of its measurements, as dsnas keeps it on a
+        peak = max(peak, ceil.measure_ceilings(threads=threads).gemm_gflop_s)  # slow host (79 GFLOP/s, usually 200)
+    assert all(rate <= 1.15 * peak for rate in rates.values()), (rates, peak)
