@@ -375,11 +375,12 @@ def fp8_supported(device: Any) -> tuple[bool, str]:
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of a 2-D tensor to float8_e4m3fn with its own scale (amax / 448): (values, scales [rows, 1] fp32).
 
-    Every input of an fp8 layer goes through this, so it is lean: the inf-norm reads the rows without writing |x|,
-    the division promotes a bf16 input to fp32 itself, and no clamp is needed (|x| / (amax / 448) exceeds 448 by
-    at most a rounding, which e4m3 rounds to 448). Five kernels where a plain chain launches seven (nine for bf16),
-    passing over an fp32 input with 17 bytes per element moved where it moved 37; the same values."""
-    amax = torch.linalg.vector_norm(x.detach(), float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    Every input of an fp8 layer goes through this, so it is lean: a bf16 input's row maxima are exact in bf16 and
+    its division promotes to fp32 itself (no fp32 copies of x), and no clamp is needed (|x| / (amax / 448) exceeds
+    448 by at most a rounding, which e4m3 rounds to 448). Per element of x, 25 bytes moved where the plain chain
+    moved 33 (bf16: 17 where 45), one kernel fewer (bf16: two); the same values. (torch.linalg.vector_norm's inf-norm
+    would not write |x|, but ran 7x slower than abs and amax on a CPU.)"""
+    amax = x.detach().abs().amax(dim=1, keepdim=True).float()
     scale = amax.clamp_min_(torch.finfo(torch.float32).tiny).div_(FP8_MAX)
     return torch.div(x, scale).to(torch.float8_e4m3fn), scale
 
