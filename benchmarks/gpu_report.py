@@ -57,6 +57,15 @@ class Section:
         self.checks.append(Check(name, None if ok is None else float(value), low, high, unit, why, ok))
         return ok
 
+    def within_peak(self, name: str, value: float | None, peak: float | None, floor: float, *, unit: str,
+                    how: str, why: str) -> bool | None:
+        """``floor * peak <= value <= peak``, the peak this device's own (how: where it came from); without a
+        known peak the value is recorded unjudged (ok None), never a pass."""
+        if peak is None:
+            self.fact(name, None, f"{value:.4g} {unit}" if value is not None else "-", f"no peak to judge it: {how}")
+            return None
+        return self.check(name, value, floor * peak, peak, unit=unit, why=f"{why}; peak {peak:.4g} {unit}: {how}")
+
     def fact(self, name: str, ok: bool | None, value: str, why: str = "") -> None:
         """A yes/no finding (a capability, a backend that ran), shown as a check with its text."""
         self.checks.append(Check(name, value, unit="", why=why, ok=ok))

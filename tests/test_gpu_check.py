@@ -29,6 +29,19 @@ def test_a_value_beyond_its_bound_fails_and_a_missing_one_is_unavailable_never_a
     assert sec.checks[0].bound == "593.6 .. 989.4"
 
 
+def test_a_rate_is_judged_against_this_devices_own_peak_and_unjudged_without_one():
+    """The bounds come from the device (dsnas's gpu_peaks), so an H100 PCIe is not failed by an H200's figures."""
+    sec = Section("limits")
+    h100_pcie = 114 * 2048 * 2 * 1.755e9 / 1e12  # 819 TFLOP/s at its max SM clock
+    assert sec.within_peak("bf16 GEMM", 520.0, h100_pcie, 0.5, unit="TFLOP/s", how="114 SMs", why="w") is True
+    assert sec.within_peak("bf16 GEMM", 1200.0, 1070.5, 0.5, unit="TFLOP/s", how="132 SMs", why="w") is False
+    assert sec.within_peak("bf16 GEMM", 300.0, 1070.5, 0.5, unit="TFLOP/s", how="132 SMs", why="w") is False
+    assert sec.within_peak("copy", 3.1, None, 0.5, unit="TB/s", how="no per-SM rate known", why="w") is None
+    assert [c.ok for c in sec.checks] == [True, False, False, None]
+    assert sec.checks[0].bound == "409.7 .. 819.5"
+    assert "no peak to judge it: no per-SM rate known" in sec.checks[3].why
+
+
 def test_sections_run_in_budget_a_raising_one_is_an_error_and_the_rest_still_run(tmp_path):
     report = Report(tmp_path)
 
