@@ -11,7 +11,14 @@ from typing import Any
 
 from dsnas.allocator import POLICY
 from dsnas.errors import DsnasError
-from dsnas.export.bundle import load_bundle, read_bundle, recorded_hardware, recorded_task_spec
+from dsnas.export.bundle import (
+    as_measured,
+    load_bundle,
+    measured_compiled,
+    read_bundle,
+    recorded_hardware,
+    recorded_task_spec,
+)
 from dsnas.models import build, validate
 from dsnas.profiler.device import device_key, fingerprint_id, resolve_device
 from dsnas.profiler.gate import MeasureGate
@@ -57,8 +64,9 @@ def _bundle(path: Path, device: Any) -> tuple[Any, Any, Any, str]:
     if "task" not in doc:
         raise DsnasError(f"{path}/arch.json: a version-1 bundle records no task to measure with. "
                          "Fix: re-export the trial with `dsnas export`")
-    return model, recorded_task_spec(doc), recorded_hardware(doc, path / "arch.json"), \
-        f"bundle {path} (trained weights)"
+    compiled = ", under torch.compile as its trial was measured" if measured_compiled(path) else ""
+    return as_measured(model, path), recorded_task_spec(doc), recorded_hardware(doc, path / "arch.json"), \
+        f"bundle {path} (trained weights{compiled})"
 
 
 def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, str]:

@@ -231,6 +231,22 @@ def read_probe(bundle: str | Path) -> dict[str, Any]:
     return probe
 
 
+def measured_compiled(bundle: str | Path) -> bool:
+    """Whether the bundle's trial was measured under torch.compile ([engine] compile = true): dsnas.load gives the
+    eager model, so whatever measures the bundle again compiles it first, or it times another form."""
+    metrics = _read_json(Path(bundle) / "metrics.json")
+    return bool((metrics.get("profile") or {}).get("signature", {}).get("compiled"))
+
+
+def as_measured(model: Any, bundle: str | Path) -> Any:
+    """``model`` in the form the bundle's figures were measured in: compiled when they were."""
+    if not measured_compiled(bundle):
+        return model
+    import torch
+
+    return torch.compile(model)
+
+
 def recorded_task_spec(doc: dict[str, Any]) -> Any:
     """The TaskSpec a version-2 bundle's trial trained with."""
     recorded = doc["task"]

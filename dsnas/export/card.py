@@ -40,7 +40,8 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
         "## What it scored", "", "| figure | value | |", "|---|---|---|", *scored, "",
         f"Feasible: {feasible} (constraints: {limits}).", "",
         *_measured_section(spec, metrics), *_files_section(metrics["exports"]),
-        *_loading_section(folder, metrics["exports"])])
+        *_loading_section(folder, metrics["exports"],
+                          bool(metrics["profile"].get("signature", {}).get("compiled")))])
 
 
 def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
@@ -84,9 +85,12 @@ def _files_section(exports: dict[str, Any]) -> list[str]:
     return ["## Files", "", *files, "- `README.md` — this card", *missing, ""]
 
 
-def _loading_section(folder: str, exports: dict[str, Any]) -> list[str]:
+def _loading_section(folder: str, exports: dict[str, Any], compiled: bool) -> list[str]:
     lines = ["## How to load it", "", "```python", "import dsnas", "",
              f'model = dsnas.load("{folder}")  # a torch.nn.Module in eval mode; JSON and safetensors only', "```", ""]
+    if compiled:
+        lines.insert(-2, "model = torch.compile(model)  # its speed above was measured so ([engine] compile = true)")
+        lines.insert(3, "import torch")
     if _written(exports, "onnx"):
         lines += ["With ONNX Runtime (the input as `probe.safetensors` holds it, with any batch size):", "",
                   "```python", "import onnxruntime as ort", "",

@@ -14,6 +14,7 @@ from dsnas.export.bundle import (
     METRICS_TYPE,
     REEXPORT,
     _read_json,
+    as_measured,
     load_bundle,
     read_bundle,
     read_probe,
@@ -90,8 +91,8 @@ def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: 
                                 compared=False) for name, key in (("accuracy", "accuracy"), ("speed", "latency_ms"))]
         return report
     report.checks += _accuracy_checks(model, task, dev, recorded, accuracy_tol)
-    report.checks += _speed_checks(model, task, dev, recorded_hardware(doc, Path(bundle) / "arch.json"), recorded,
-                                   latency_tol)
+    report.checks += _speed_checks(as_measured(model, bundle), task, dev,
+                                   recorded_hardware(doc, Path(bundle) / "arch.json"), recorded, latency_tol)
     return report
 
 
@@ -149,7 +150,7 @@ def _form_check(model: Any, recorded: dict[str, Any] | None) -> Check:
     why = signature_difference({**recorded, "compiled": False}, now)
     if why:
         return Check("inference form", "measured", "loaded", "-", f"FAIL: {why}", failed=True)
-    compiled = " (measured under torch.compile; loaded eager)" if recorded.get("compiled") else ""
+    compiled = " (measured under torch.compile, and timed so again)" if recorded.get("compiled") else ""
     return Check("inference form", f"{layers} layers", f"{layers} layers", "-", f"same{compiled}")
 
 
