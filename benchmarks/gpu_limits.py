@@ -162,9 +162,13 @@ def repeatability(sec: Any, dev: torch.device) -> None:
                      f"{statistics.stdev(device_ms) / statistics.mean(device_ms):.2%} (wall-clock CV above)")
     sec.check("flop_util of the bf16 model at batch 256", runs[0][0].get("flop_util_bs256"), 0.01, 1.0,
               why="against the bf16 tensor-core peak: above 1 is impossible, as the fp32 peak once made it look")
+    # The H200's medians fell in two groups 3% apart at the same SM clock: the steady window's power, memory clock
+    # and clock-event reasons (power or thermal capping) say whether the board's state moved between them.
     sec.note("per measurement: " + "; ".join(
-        f"{m['throughput_tok_s']:,.0f} tok/s at batch 256, SM clock {m.get('sm_clock_mhz', float('nan')):.0f} MHz"
-        for m, _ in runs))
+        f"{m['throughput_tok_s']:,.0f} tok/s at batch 256, SM clock {m.get('sm_clock_mhz', float('nan')):.0f} MHz, "
+        f"memory clock {p.get('window', {}).get('mem_clock_mhz_end', float('nan')):.0f} MHz, "
+        f"{m.get('power_w', float('nan')):.0f} W, clock events "
+        f"{','.join(p.get('window', {}).get('clock_events_end') or []) or 'none'}" for m, p in runs))
 
 
 # --- the engine inside a model, and alone ----------------------------------------------------------------------------
