@@ -128,7 +128,20 @@ def test_bundle_files_and_metadata(bundle, finished_study):
     arch = json.loads((bundle / "arch.json").read_text())
     assert arch["_type"] == "dsnas.bundle" and arch["_version"] == 2 and arch["arch"]["family"] == "transformer_lm"
     assert arch["task"]["name"] == "charlm" and arch["task"]["params"]["context"] == 16
-    assert arch["hardware"] == {"batch_sizes": [1, 4], "threads": None, "warmup_s": 0.01, "measure_s": 0.02}
+    assert arch["hardware"] == {"batch_sizes": [1, 4], "threads": None, "warmup_s": 0.01, "measure_s": 0.02,
+                                "max_measure_s": 3.0, "ci_tolerance": 0.05, "cuda_graphs": False, "steady_s": 1.0}
+    # verify times the bundle with the search's whole protocol; a bundle that recorded two of its keys, with the
+    # defaults for the rest.
+    from dsnas.export.bundle import recorded_hardware
+    from dsnas.spec import HardwareSpec
+
+    study_hw = HardwareSpec(batch_sizes=(1, 4), warmup_s=0.01, measure_s=0.02)
+    assert recorded_hardware(arch, bundle / "arch.json") == study_hw
+    custom = {**arch["hardware"], "max_measure_s": 9.0, "ci_tolerance": 0.02, "cuda_graphs": True}
+    assert recorded_hardware({**arch, "hardware": custom}, bundle / "arch.json") == HardwareSpec(
+        batch_sizes=(1, 4), warmup_s=0.01, measure_s=0.02, max_measure_s=9.0, ci_tolerance=0.02, cuda_graphs=True)
+    old = {k: arch["hardware"][k] for k in ("batch_sizes", "threads", "warmup_s", "measure_s")}
+    assert recorded_hardware({**arch, "hardware": old}, bundle / "arch.json") == study_hw
     assert arch["study"] == "tiny" and arch["dsnas_version"] == dsnas.__version__
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert metrics["objectives"]["accuracy"] == metrics["metrics"]["accuracy"]

@@ -13,6 +13,7 @@ from dsnas.errors import DsnasError, Invalid
 from dsnas.export.card import model_card
 from dsnas.export.formats import _one_line, onnx_check, write_model_files
 from dsnas.models import build, family, is_user_family
+from dsnas.profiler.measure import PROTOCOL_KEYS
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
 from dsnas.storage import artifact_dir
 
@@ -113,8 +114,9 @@ def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
             "study": spec.name, "trial": frozen.number, "dsnas_version": __version__,
             # What verify needs to rebuild the task and measure again; base_dir resolves relative paths in params.
             "task": {"name": spec.task.name, "params": spec.task.params, "base_dir": spec.task.base_dir},
-            "hardware": {"batch_sizes": list(hw.batch_sizes), "threads": hw.threads, "warmup_s": hw.warmup_s,
-                         "measure_s": hw.measure_s},
+            # The whole timing protocol (PROTOCOL_KEYS), so that verify times the bundle as the search did.
+            "hardware": {"batch_sizes": list(hw.batch_sizes), "threads": hw.threads,
+                         **{key: getattr(hw, key) for key in PROTOCOL_KEYS}},
             # The INT8 code each layer ran when measured, so load() runs the same code where it can.
             "engine": {"int8_backends": int8_backends(layers)}}
 
@@ -257,8 +259,10 @@ def recorded_hardware(doc: dict[str, Any], path: Path) -> Any:
     """The HardwareSpec a version-2 bundle's trial was measured with (``path``: its arch.json, for errors)."""
     hw = doc["hardware"]
     try:
-        return HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"),
-                            warmup_s=hw["warmup_s"], measure_s=hw["measure_s"])
+        # Bundles before 2026-12-06 recorded warmup_s and measure_s only: the rest of the protocol is the default.
+        protocol = {"warmup_s": hw["warmup_s"], "measure_s": hw["measure_s"],
+                    **{key: hw[key] for key in PROTOCOL_KEYS if key in hw}}
+        return HardwareSpec(batch_sizes=tuple(hw["batch_sizes"]), threads=hw.get("threads"), **protocol)
     except Invalid as e:
         raise DsnasError(f"{path}: [hardware.{e.key}] {e.rule}, got {e.got!r}. Fix: {REEXPORT}") from None
     except (KeyError, TypeError) as e:
