@@ -43,6 +43,31 @@ def test_a_choice_is_offered_at_the_widths_where_it_pays():
                                 128: {"precision": ("fp32", "bf16"), "sparsity": ("dense",)}}
 
 
+def test_an_8_bit_choice_is_not_offered_where_a_16_bit_one_runs_as_fast():
+    """int8 and fp8 are less exact than bf16: where bf16 pays and runs at least as fast, they can only lose (the H200
+    ran fp8 at 0.74x and int8 at 0.51x of bf16; an AMX Xeon bf16 at 5-8x fp32, INT8 at 2x). Where the 8-bit kernel is
+    the faster, it stays: int8 at width 256 below."""
+    shapes = {"2048x64->64": 1.0, "2048x256->256": 1.0}
+
+    def verdict(choice, at64, at256):
+        return ep.decide(choice, shapes, {"2048x64->64": 1 / at64, "2048x256->256": 1 / at256}, "k")
+
+    probe = ep.EngineProbe("fake device", "f" * 16, tuple(shapes), {
+        "bf16": verdict("bf16", 7.5, 1.5), "fp16": verdict("fp16", 0.5, 0.5), "int8": verdict("int8", 2.0, 2.0),
+        "fp8": verdict("fp8", 5.0, 1.2)})
+    assert probe.precisions() == ("fp32", "bf16", "int8")  # fp8 is slower than bf16 at every width
+    assert probe.by_width() == {64: {"precision": ("fp32", "bf16"), "sparsity": ("dense",)},
+                                256: {"precision": ("fp32", "bf16", "int8"), "sparsity": ("dense",)}}
+    assert (probe.dominated_by("int8", 64), probe.dominated_by("int8", 256)) == ("bf16", "")
+    rows = {line.split()[0]: line for line in probe.table().splitlines()[2:]}
+    assert rows["fp8"].split()[1] == "no" and "where bf16 runs 7.50x and is more exact" in rows["fp8"]
+    assert rows["int8"].split()[1] == "yes" and "not offered at width 64, where bf16 runs 7.50x" in rows["int8"]
+    # Without bf16 paying (an AVX2 CPU: 0.11x), int8 is offered wherever it pays, as before.
+    alone = ep.EngineProbe("fake device", "f" * 16, tuple(shapes), {
+        "bf16": verdict("bf16", 0.11, 0.11), "int8": verdict("int8", 2.0, 2.0)})
+    assert alone.precisions() == ("fp32", "int8") and alone.by_width()[64]["precision"] == ("fp32", "int8")
+
+
 def test_a_choice_without_its_kernel_is_never_offered_however_fast_it_looks():
     masked = ep.decide("2:4", SHAPES, {"64x256->256": 0.5, "2048x256->1024": 2.0}, "masked-dense fp32",
                        "no sparse kernel runs here (the zeros are computed densely)", baseline="dense fp32")
