@@ -74,7 +74,7 @@ def event_ms(fn: Any, calls: int = 20, warmup: int = 5) -> list[float]:
 # --- the device against its physical limits ------------------------------------------------------------------------
 
 def limits(sec: Any, dry: bool) -> None:
-    """bf16 GEMM and copy rates against the datasheet; GPM, energy and power in NVML's steady window; CUDA events
+    """bf16 GEMM and copy rates against this device's peaks; GPM, energy and power in NVML's steady window; CUDA events
     against the wall clock; five independent dsnas measurements of one model."""
     from dsnas.profiler.ceilings import gpu_peaks
     from dsnas.profiler.nvml import _call, nvml_handle

@@ -168,7 +168,7 @@ class EngineProbe:
         return "\n".join(lines)
 
     def _dominance(self, v: Verdict) -> str:
-        """"; not offered at width W, where bf16 runs as fast (7.50x) and is more exact", or ""."""
+        """"; not offered at width 64, where bf16 runs 7.50x and is more exact" (per width), or ""."""
         beaten = [(w, self.dominated_by(v.choice, w)) for w in v.pays_at()] if v.choice in MORE_EXACT else []
         beaten = [(w, by) for w, by in beaten if by]
         if not beaten:
