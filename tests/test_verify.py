@@ -69,9 +69,10 @@ def test_verify_fails_on_latency_drift_on_the_same_device(bundle, capsys):
     assert code == 1 and "latency_ms_bs1" in out.splitlines()[-1], out
 
 
-def _slowed(monkeypatch, bundle, slow_rounds):
+def _slowed(monkeypatch, bundle, slow_rounds, disturbed=False):
     """verify's measure, its speed figures set to the recorded ones (this machine's own slow spells must not
-    decide these tests), and those of the rounds numbered in ``slow_rounds`` (from 0) 3x slower."""
+    decide these tests), and those of the rounds numbered in ``slow_rounds`` (from 0) 3x slower; ``disturbed``:
+    those rounds' profiles say they were disturbed, the others' that they were not."""
     import dsnas.export.verify as verify_module
 
     real, calls = verify_module.measure, []
@@ -83,7 +84,7 @@ def _slowed(monkeypatch, bundle, slow_rounds):
         calls.append(factor > 1)
         metrics = {k: recorded[k] * factor if k.startswith("latency") else
                    recorded[k] / factor if k.startswith("throughput") else v for k, v in metrics.items()}
-        return metrics, profile
+        return metrics, {**profile, "disturbed": disturbed and factor > 1}
 
     monkeypatch.setattr(verify_module, "measure", measure)
     monkeypatch.setattr(verify_module, "UNSTEADY_PAUSE_S", 0.0)
@@ -103,6 +104,28 @@ def test_a_bundle_slower_in_every_round_fails_without_being_measured_again(expor
     code, out = verify(exported, capsys, "--latency-tol", "1.0")
     assert code == 1 and len(calls) == 5, out  # the rounds agree with each other: the bundle is slower
     assert "FAIL (median of 5 rounds" in out
+
+
+def test_rounds_that_were_disturbed_are_left_out_and_a_busy_machine_compares_nothing(exported, capsys, monkeypatch):
+    """A round measure() could only take while others held the CPUs or the host ran slow is no evidence about the
+    bundle: 3 disturbed slow rounds of 5 are left out (without them the median would fail), and when every round
+    was disturbed the speed is shown, not judged."""
+    calls = _slowed(monkeypatch, exported, slow_rounds={1, 2, 3}, disturbed=True)
+    code, out = verify(exported, capsys, "--latency-tol", "0.5")
+    line = next(line for line in out.splitlines() if line.startswith("latency_ms_bs1"))
+    assert code == 0 and len(calls) == 5, out
+    assert "ok (median of 2 rounds within" in line and "3 disturbed rounds left out" in line, out
+    calls = _slowed(monkeypatch, exported, slow_rounds=set(range(15)), disturbed=True)
+    code, out = verify(exported, capsys, "--latency-tol", "0.5")
+    assert code == 0 and "every round disturbed" in out and "not compared: latency_ms_bs1" in out.splitlines()[-1]
+
+
+def test_a_record_taken_while_disturbed_says_so_beside_its_verdict(bundle, capsys, monkeypatch):
+    edit_json(bundle / "metrics.json", lambda d: d["profile"].update(disturbed=True))
+    _slowed(monkeypatch, bundle, slow_rounds=set())
+    code, out = verify(bundle, capsys)
+    line = next(line for line in out.splitlines() if line.startswith("latency_ms_bs1"))
+    assert code == 0 and "ok (median of 5 rounds" in line and line.endswith("; recorded while disturbed"), out
 
 
 def test_a_wide_recorded_spread_does_not_hide_a_figure_many_times_off(bundle, capsys):

@@ -190,7 +190,7 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
             if extra:
                 time.sleep(UNSTEADY_PAUSE_S)
             rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
-            now = {k: [r[0][k] for r in rounds] for k in rounds[0][0]}
+            now = _figures(rounds)
             if not any(_unsteady(then.get(k), now[k], max(tol, _spread(batches, k))) for k in _speed_keys(now)):
                 break
     profile = rounds[0][1]
@@ -204,9 +204,26 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
                     f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
                     compared=not differs), allocator]
     why_not = "other device" if differs else ("" if allocator.compared else "other allocator policy")
+    if not why_not and all(p.get("disturbed") for _, p in rounds):
+        why_not = "every round disturbed (other processes or a slow host; see dsnas profile): run again when quiet"
+    notes = []
+    left_out = sum(bool(p.get("disturbed")) for _, p in rounds)
+    if 0 < left_out < len(rounds):
+        notes.append(f"{left_out} disturbed round{'s' * (left_out > 1)} left out")
+    if recorded.get("profile", {}).get("disturbed"):  # likely slower than the bundle: a drift that says so
+        notes.append("recorded while disturbed")
     for key in _speed_keys(now):
-        checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), why_not))
+        checks.append(_relative(key, then.get(key), now[key], max(tol, _spread(batches, key)), why_not,
+                                "; ".join(notes)))
     return checks
+
+
+def _figures(rounds: list[tuple[dict[str, float], dict[str, Any]]]) -> dict[str, list[float]]:
+    """Each figure's values over the rounds that other processes or a slowed host did not disturb
+    (dsnas.profiler.disturbance: measure() tries three times before it gives a disturbed round); over every round
+    when each was."""
+    quiet = [metrics for metrics, profile in rounds if not profile.get("disturbed")] or [m for m, _ in rounds]
+    return {key: [metrics[key] for metrics in quiet] for key in quiet[0]}
 
 
 def _allocator_check(then: dict[str, Any], now: dict[str, Any]) -> Check:
@@ -243,10 +260,10 @@ def _unsteady(then: float | None, rounds: list[float], tol: float) -> bool:
     return not _median_within(then, rounds, tol) and max(rounds) / min(rounds) > 1 + tol
 
 
-def _relative(key: str, then: float | None, rounds: list[float], tol: float, why_not: str) -> Check:
+def _relative(key: str, then: float | None, rounds: list[float], tol: float, why_not: str, note: str = "") -> Check:
     """The median of the rounds against the recorded figure (itself a median): it fails when their ratio is beyond
     1 + ``tol`` either way. The rounds' range is shown beside it: a wide one says the machine was busy. ``why_not``:
-    why the figures are not comparable ("" when they are)."""
+    why the figures are not comparable ("" when they are); ``note``: said after the verdict."""
     now = statistics.median(rounds)
     shown = f"{_num(now)} ({_num(min(rounds), 3)}-{_num(max(rounds), 3)})"
     if then is None:
@@ -256,4 +273,6 @@ def _relative(key: str, then: float | None, rounds: list[float], tol: float, why
         return Check(key, _num(then), shown, f"{drift:+.0%}", f"{why_not}: not compared", compared=False)
     ok = _median_within(then, rounds, tol)
     verdict = f"{'ok' if ok else 'FAIL'} (median of {len(rounds)} rounds within x/÷ {1 + tol:.3g})"
+    if note:
+        verdict += f"; {note}"
     return Check(key, _num(then), shown, f"{drift:+.0%}", verdict, failed=not ok)
