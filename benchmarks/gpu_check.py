@@ -116,9 +116,14 @@ class Run:
     def _engine_offer(self, sec: Section, offer: dict[str, Any]) -> None:
         """The engine probe that settled the GPU space's precision = "auto": its table, and on a GPU bf16 offered
         (a bf16 tensor-core GEMM is many times an fp32 one at widths 256-1024 on any GPU dsnas targets)."""
+        from dsnas.profiler.engine_probe import EngineProbe
+
         verdicts = (offer.get("probe") or {}).get("verdicts", {})
+        probe = EngineProbe.from_dict(offer["probe"]) if offer.get("probe") else None
+        offered = set(offer.get("precision", ())) | set(offer.get("sparsity", ()))  # after the 8-bit dominance rule
         sec.table("engine probe (precision = \"auto\")", ["choice", "offered", "speed vs baseline", "kernel", "why"],
-                  [[c, v["offered"], v["speedup"], v["kernel"], v["why"][:200]] for c, v in verdicts.items()])
+                  [[c, c in offered, v.speedup, v.kernel, (v.why + probe.dominance_note(v))[:300]]
+                   for c, v in (probe.verdicts.items() if probe else ())])
         sec.fact("engine offer", bool(offer), f"precision {offer.get('precision')}, sparsity {offer.get('sparsity')}")
         if not self.dry:
             sec.fact("bf16 offered on the GPU", "bf16" in offer.get("precision", ()),

@@ -164,10 +164,10 @@ class EngineProbe:
             speed = "-" if v.speedup is None else f"{v.speedup:.2f}x"
             offered = self._kept(v.choice) if v.choice in PRECISIONS else v.offered
             lines.append(f"{v.choice:8} {'yes' if offered else 'no':8} {speed:>7}  {v.kernel or '-':26} {v.why}"
-                         f"{self._dominance(v)}")
+                         f"{self.dominance_note(v)}")
         return "\n".join(lines)
 
-    def _dominance(self, v: Verdict) -> str:
+    def dominance_note(self, v: Verdict) -> str:
         """"; not offered at width 64, where bf16 runs 7.50x and is more exact" (per width), or ""."""
         beaten = [(w, self.dominated_by(v.choice, w)) for w in v.pays_at()] if v.choice in MORE_EXACT else []
         beaten = [(w, by) for w, by in beaten if by]
