@@ -12,13 +12,14 @@ from typing import Any
 from dsnas.allocator import POLICY
 from dsnas.errors import DsnasError
 from dsnas.export.bundle import (
+    _read_json,
     as_measured,
     load_bundle,
-    measured_compiled,
     read_bundle,
     recorded_hardware,
     recorded_task_spec,
 )
+from dsnas.export.card import measured_compiled
 from dsnas.models import build, validate
 from dsnas.profiler.device import device_key, fingerprint_id, resolve_device
 from dsnas.profiler.gate import MeasureGate
@@ -64,8 +65,9 @@ def _bundle(path: Path, device: Any) -> tuple[Any, Any, Any, str]:
     if "task" not in doc:
         raise DsnasError(f"{path}/arch.json: a version-1 bundle records no task to measure with. "
                          "Fix: re-export the trial with `dsnas export`")
-    compiled = ", under torch.compile as its trial was measured" if measured_compiled(path) else ""
-    return as_measured(model, path), recorded_task_spec(doc), recorded_hardware(doc, path / "arch.json"), \
+    metrics = _read_json(path / "metrics.json")
+    compiled = ", under torch.compile as its trial was measured" if measured_compiled(metrics) else ""
+    return as_measured(model, metrics), recorded_task_spec(doc), recorded_hardware(doc, path / "arch.json"), \
         f"bundle {path} (trained weights{compiled})"
 
 

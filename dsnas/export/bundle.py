@@ -10,7 +10,7 @@ from typing import Any
 
 from dsnas._version import __version__
 from dsnas.errors import DsnasError, Invalid
-from dsnas.export.card import model_card
+from dsnas.export.card import measured_compiled, model_card
 from dsnas.export.formats import _one_line, onnx_check, write_model_files
 from dsnas.models import build, family, is_user_family
 from dsnas.profiler.measure import PROTOCOL_KEYS
@@ -233,16 +233,10 @@ def read_probe(bundle: str | Path) -> dict[str, Any]:
     return probe
 
 
-def measured_compiled(bundle: str | Path) -> bool:
-    """Whether the bundle's trial was measured under torch.compile ([engine] compile = true): dsnas.load gives the
-    eager model, so whatever measures the bundle again compiles it first, or it times another form."""
-    metrics = _read_json(Path(bundle) / "metrics.json")
-    return bool((metrics.get("profile") or {}).get("signature", {}).get("compiled"))
-
-
-def as_measured(model: Any, bundle: str | Path) -> Any:
-    """``model`` in the form the bundle's figures were measured in: compiled when they were."""
-    if not measured_compiled(bundle):
+def as_measured(model: Any, metrics: dict[str, Any]) -> Any:
+    """``model`` in the form its bundle's figures (``metrics``, its metrics.json) were measured in: compiled when
+    they were."""
+    if not measured_compiled(metrics):
         return model
     import torch
 

@@ -22,6 +22,12 @@ def _with_unit(name: str, value: float, throughput: str = "tokens/s") -> str:
     return f"{text} {unit}".strip()
 
 
+def measured_compiled(metrics: dict[str, Any]) -> bool:
+    """Whether a bundle's trial (its metrics.json) was measured under torch.compile ([engine] compile = true):
+    dsnas.load gives the eager model, so whatever times the bundle again compiles it first."""
+    return bool((metrics.get("profile") or {}).get("signature", {}).get("compiled"))
+
+
 def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: str) -> str:
     """README.md of a bundle: what the model is, what it scored, how that was measured, and how to load it."""
     arch, numbers = frozen.user_attrs["arch"], metrics["metrics"]
@@ -40,8 +46,7 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
         "## What it scored", "", "| figure | value | |", "|---|---|---|", *scored, "",
         f"Feasible: {feasible} (constraints: {limits}).", "",
         *_measured_section(spec, metrics), *_files_section(metrics["exports"]),
-        *_loading_section(folder, metrics["exports"],
-                          bool(metrics["profile"].get("signature", {}).get("compiled")))])
+        *_loading_section(folder, metrics["exports"], measured_compiled(metrics))])
 
 
 def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:

@@ -91,7 +91,7 @@ def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: 
                                 compared=False) for name, key in (("accuracy", "accuracy"), ("speed", "latency_ms"))]
         return report
     report.checks += _accuracy_checks(model, task, dev, recorded, accuracy_tol)
-    report.checks += _speed_checks(as_measured(model, bundle), task, dev,
+    report.checks += _speed_checks(as_measured(model, recorded), task, dev,
                                    recorded_hardware(doc, Path(bundle) / "arch.json"), recorded, latency_tol)
     return report
 
