@@ -130,6 +130,16 @@ def steady_host(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def no_model_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bundles exported without model.pt2 and model.onnx, for tests of what else a bundle holds: torch.export, the
+    ONNX exporter and onnxruntime's timing took 6 s a bundle of a tiny int8 model here. tests/test_export.py
+    tests those files."""
+    from dsnas.export import bundle
+
+    monkeypatch.setattr(bundle, "write_model_files", lambda *a: {"onnx": "unavailable: not written by this test"})
+
+
+@pytest.fixture
 def measure_beside(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``run(start, stop, hardware)``: dsnas.profiler.measure of a small MLP at batch 8 with ``start()`` called at
     the model's first call (competitors for the CPUs) and ``stop()`` once the timed attempts are over, when peak

@@ -265,7 +265,8 @@ def test_report_errors_are_one_line(finished_study, tmp_path, capsys):
     assert "no study 'never_run'" in capsys.readouterr().err
 
 
-def test_a_study_run_on_a_cluster_reads_on_a_machine_without_its_ray_or_gpu(finished_study, tmp_path, capsys):
+def test_a_study_run_on_a_cluster_reads_on_a_machine_without_its_ray_or_gpu(finished_study, tmp_path, capsys,
+                                                                              no_model_files):
     """Reading a study runs nothing: with an [executor] address no Ray cluster answers at, a CUDA device this machine
     lacks and a task plug-in it cannot import, the study still reports, exports, loads, and its predictor fits;
     only `dsnas search` checks those, each in one line."""

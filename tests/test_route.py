@@ -114,7 +114,7 @@ def test_members_of_different_tasks_are_refused(tmp_path):
         check_members(tmp_path, [doc, {**doc, "trial": 2, "arch": {"vocab_size": 128}}])
 
 
-def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path, capsys):
+def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path, capsys, no_model_files):
     study = copy_study(finished_study, tmp_path / "s")
     out = study.parent / "routes" / "tiny"  # the default folder, where the report finds it
     assert main(["route", str(study), "--trials", "0,1,2", "--max-accuracy-drop", "0.01"]) == 0

@@ -104,7 +104,7 @@ def _study(tmp_path: Path, int8_backend: str, halving: bool, n: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(("int8_backend", "halving"), [("int8-static", True), ("torch-dynamic", False),
                                                        ("torchao-dynamic", True)])
-def test_every_exported_trial_ships_the_form_it_measured(tmp_path, int8_backend, halving):
+def test_every_exported_trial_ships_the_form_it_measured(tmp_path, int8_backend, halving, no_model_files):
     """Random architectures with int8 (each backend), 2:4 and auto layers, halving on and off: each completed
     trial's recorded signature is the signature of its bundle once loaded, and verify passes on this machine."""
     from dsnas.cli import main
@@ -135,7 +135,8 @@ def test_every_exported_trial_ships_the_form_it_measured(tmp_path, int8_backend,
         assert ("measured again" in measured_on) == (halving and auto), measured_on
 
 
-def test_a_bundle_whose_form_differs_from_its_measurement_fails_verify_in_one_line(finished_study, tmp_path):
+def test_a_bundle_whose_form_differs_from_its_measurement_fails_verify_in_one_line(finished_study, tmp_path,
+                                                                                   no_model_files):
     import json
 
     from conftest import copy_study
