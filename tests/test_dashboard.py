@@ -270,10 +270,11 @@ def test_the_dashboard_reads_a_sqlite_study_while_a_search_writes_it(tiny_study)
     """No "database is locked" (or any other) error on either side while both use the same SQLite file."""
     import urllib.error
 
+    from dsnas.cli import main
+
     tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 6"))
     base = [sys.executable, "-m", "dsnas.cli"]
-    assert subprocess.run([*base, "search", str(tiny_study), "--n-trials", "1"], cwd=REPO,
-                          capture_output=True, timeout=120).returncode == 0  # the study exists for the dashboard
+    assert main(["search", str(tiny_study), "--n-trials", "1"]) == 0  # the study exists for the dashboard
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     server = subprocess.Popen([*base, "dashboard", str(tiny_study), "--port", str(port)], cwd=REPO,
