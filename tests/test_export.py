@@ -116,12 +116,6 @@ def bundle(finished_study, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def no_model_files(monkeypatch):
-    """ONNX and .pt2 cost seconds per bundle; tests about which trials are exported do without them."""
-    monkeypatch.setattr(dsnas.export.bundle, "write_model_files", lambda *a: {"onnx": "unavailable: test"})
-
-
 def test_bundle_files_and_metadata(bundle, finished_study):
     assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "arch.json", "metrics.json", "model.onnx",
                                                        "model.pt2", "probe.safetensors", "weights.safetensors"]
