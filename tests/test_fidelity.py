@@ -66,6 +66,21 @@ def test_rank_zero_is_the_front_and_each_rank_is_dominated_only_by_lower_ranks(r
             assert any(ranks[j] == ranks[i] - 1 and dominates(q, p, MAX2) for j, q in enumerate(points))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3).flatmap(lambda k: st.tuples(
+    st.lists(st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.0, 3.0, math.inf, -math.inf, math.nan]), min_size=k,
+                      max_size=k), max_size=14),
+    st.lists(st.sampled_from(["maximize", "minimize"]), min_size=k, max_size=k))))
+def test_the_front_is_every_point_no_other_dominates(case):
+    """Against every pair compared, with ties, signed zeros, infinities and NaN (which no order sorts)."""
+    from dsnas.pareto import dominates
+
+    points, directions = case
+    brute = [i for i, p in enumerate(points)
+             if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+    assert front_indices(points, directions) == brute
+
+
 def test_crowding_gives_the_ends_of_each_front_infinity_and_the_middle_its_neighbours_gap():
     points = [[0.0, 4.0], [1.0, 3.0], [3.0, 1.0], [4.0, 0.0], [0.0, 0.0]]
     ranks = nondominated_ranks(points, MAX2)
