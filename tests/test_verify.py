@@ -22,7 +22,7 @@ CALM = ["--latency-tol", "1e9"]
 @pytest.fixture(autouse=True)
 def _steady(steady_host):
     """These tests judge verify's comparison of undisturbed rounds. On a 2-core EPYC VM the host's own slow spells
-    (1.3x+ on the reference GEMM, nothing in /proc/stat) made all 15 rounds disturbed in one run of ten, and a fresh
+    (1.3x+ on the reference GEMM, nothing in /proc/stat) left every round disturbed in one run of ten, and a fresh
     bundle then read "OK (not compared: ...)". What verify does with disturbed rounds is tested with rounds that
     say they were (_slowed)."""
 
