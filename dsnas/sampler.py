@@ -408,9 +408,10 @@ class DsnasSampler(BaseSampler):
 def _normal_scores(values: np.ndarray, among: np.ndarray) -> np.ndarray:
     """The standard normal quantile of each value's rank among ``among`` (which holds them all; ties share their
     average rank, as scipy's rankdata gives them)."""
-    from scipy.stats import norm
+    # scipy.stats.norm.ppf is this function; importing scipy.stats took 1.1 s of every driver, scipy.special 0.3 s.
+    from scipy.special import ndtri
 
     reference = np.sort(among)
     below = np.searchsorted(reference, values, "left")
     rank = below + (np.searchsorted(reference, values, "right") - below + 1) / 2
-    return norm.ppf((rank - 0.5) / len(reference))
+    return ndtri((rank - 0.5) / len(reference))
