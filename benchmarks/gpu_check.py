@@ -118,7 +118,6 @@ class Run:
         (a bf16 tensor-core GEMM is many times an fp32 one at widths 256-1024 on any GPU dsnas targets)."""
         from dsnas.profiler.engine_probe import EngineProbe
 
-        verdicts = (offer.get("probe") or {}).get("verdicts", {})
         probe = EngineProbe.from_dict(offer["probe"]) if offer.get("probe") else None
         offered = set(offer.get("precision", ())) | set(offer.get("sparsity", ()))  # after the 8-bit dominance rule
         sec.table("engine probe (precision = \"auto\")", ["choice", "offered", "speed vs baseline", "kernel", "why"],
@@ -127,7 +126,7 @@ class Run:
         sec.fact("engine offer", bool(offer), f"precision {offer.get('precision')}, sparsity {offer.get('sparsity')}")
         if not self.dry:
             sec.fact("bf16 offered on the GPU", "bf16" in offer.get("precision", ()),
-                     str((verdicts.get("bf16") or {}).get("why", "no probe")))
+                     probe.verdicts["bf16"].why if probe and "bf16" in probe.verdicts else "no probe")
 
     def _verify(self, sec: Section, bundle: Path) -> None:
         """`dsnas verify` of the bundle here, each row a check. On a shared 2-core CPU (the dry run) its timings

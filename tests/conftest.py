@@ -134,6 +134,11 @@ def no_model_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bundles exported without model.pt2 and model.onnx, for tests of what else a bundle holds: torch.export, the
     ONNX exporter and onnxruntime's timing took 6 s a bundle of a tiny int8 model here. tests/test_export.py
     tests those files."""
+    without_model_files(monkeypatch)
+
+
+def without_model_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What no_model_files does, for a fixture of a wider scope (with its own pytest.MonkeyPatch)."""
     from dsnas.export import bundle
 
     monkeypatch.setattr(bundle, "write_model_files", lambda *a: {"onnx": "unavailable: not written by this test"})

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import without_model_files
 from safetensors.torch import load_file, save_file
 
 import dsnas
@@ -32,7 +33,7 @@ def exported(finished_study, tmp_path_factory):
     """A bundle without model.onnx/model.pt2 (verify reads neither; they cost seconds to write)."""
     out = tmp_path_factory.mktemp("verify") / "bundle"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dsnas.export.bundle, "write_model_files", lambda *a: {"onnx": "unavailable: test"})
+        without_model_files(mp)
         assert main(["export", str(finished_study), "--pick", "max-accuracy", "--out", str(out)]) == 0
     return out
 

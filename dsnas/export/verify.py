@@ -187,22 +187,22 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
     batches = recorded.get("profile", {}).get("batches", {})
     then_fp = recorded.get("fingerprint") or recorded.get("profile", {}).get("fingerprint", {})
     with MeasureGate(device_key(dev)).exclusive():
-        for extra in range(EXTRA_SETS + 1):
-            if extra:
-                time.sleep(UNSTEADY_PAUSE_S)
-            rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
+        rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
+        profile = rounds[0][1]
+        # Every field of a fingerprint is stable on one machine and install (none is volatile), so the whole
+        # dict must match: another host, CPU, GPU, torch or dsnas version may legitimately measure other numbers.
+        differs = sorted(k for k in set(then_fp) | set(profile["fingerprint"])
+                         if then_fp.get(k) != profile["fingerprint"].get(k))
+        allocator = _allocator_check(recorded.get("profile", {}), profile)
+        why_not = "other device" if differs else ("" if allocator.compared else "other allocator policy")
+        # Figures that will not be compared need no more sets to be judged.
+        for _ in range(0 if why_not else EXTRA_SETS):
             now = _figures(rounds)
-            profile = rounds[0][1]
-            # Every field of a fingerprint is stable on one machine and install (none is volatile), so the whole
-            # dict must match: another host, CPU, GPU, torch or dsnas version may legitimately measure other numbers.
-            differs = sorted(k for k in set(then_fp) | set(profile["fingerprint"])
-                             if then_fp.get(k) != profile["fingerprint"].get(k))
-            allocator = _allocator_check(recorded.get("profile", {}), profile)
-            why_not = "other device" if differs else ("" if allocator.compared else "other allocator policy")
-            # Figures that will not be compared need no more sets to be judged.
-            if why_not or not any(_unsteady(then.get(k), now[k], max(tol, _spread(batches, k)))
-                                  for k in _speed_keys(now)):
+            if not any(_unsteady(then.get(k), now[k], max(tol, _spread(batches, k))) for k in _speed_keys(now)):
                 break
+            time.sleep(UNSTEADY_PAUSE_S)
+            rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
+    now = _figures(rounds)
     checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
                     f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
                     compared=not differs), allocator]
