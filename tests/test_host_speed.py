@@ -156,3 +156,16 @@ def test_the_probe_runs_inside_and_outside_inference_mode_in_either_order(monkey
     with torch.inference_mode():
         assert host_speed.probe_ms(calls=host_speed.QUICK_CALLS) > 0
     assert host_speed.probe_ms() > 0
+
+
+def test_a_block_of_short_calls_leaves_out_its_first_and_a_block_of_long_ones_keeps_every_call():
+    """The first call after a probe finds the probe's operands in the caches: left out where a block holds many
+    calls, kept where it holds two (long calls), so that the gate does not make a slow model time more calls."""
+    for sleep_s, left_out_per_block in ((0.0005, 1), (0.004, 0)):
+        calls: list[None] = []
+        gate = HostGate(lambda: 1.0, limit=SLOWDOWN_LIMIT, block_s=0.005)
+        timing = time_calls(lambda: calls.append(time.sleep(sleep_s)), lambda: None, warmup_s=0, measure_s=0.1,
+                            max_measure_s=0.1, ci_tolerance=1e-9, gate=gate)
+        timed = len(calls) - timing.warmup
+        assert timing.host_blocks == timing.host_blocks_kept > 0
+        assert timing.repeats == timed - left_out_per_block * timing.host_blocks, (sleep_s, timing)
