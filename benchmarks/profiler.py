@@ -6,7 +6,8 @@ that the machine's slow and fast phases hit both alike):
 
   naive   one warm-up call, then one timed call (what a search that "measures" each candidate in passing does)
   dsnas   dsnas.profiler.time_calls with the quickstart's settings: warm-up 0.1 s, then at least 10 calls and
-          0.3 s, and on until the 95% confidence interval of the median is within 5% (at most 3 s)
+          0.3 s, and on until the 95% confidence interval of the median is within 5% (at most 3 s); on a CPU
+          only the calls of blocks the host ran at speed count (HostGate)
 
 A long reference measurement (dsnas protocol, 10 s, before and after) gives the best estimate of the true
 median. Reported: the coefficient of variation of the five estimates (lower is more repeatable), their median
@@ -14,13 +15,12 @@ error against the reference, the seconds each measurement took, and the ratios n
 share of the CPUs other processes took during the five (dsnas.profiler.disturbance). Also five independent runs of
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
 FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency, others' CPU share and the
-host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU,
-on a quiet machine); twice as many runs at batch 32 with the host-speed gate (dsnas.profiler.timing.HostGate),
-with a probe at each end of the window instead, and with neither, alternating;
-and the profiler's time against timing alone, as its own overhead. Last,
-on a CPU, the same target over five fresh processes each (a measurement's independence includes its process), with
-freed memory held (what dsnas does, dsnas.allocator) against glibc's default allocator in the same run,
-alternating.
+host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU, on
+a quiet machine); twice as many runs at batch 32 with the host-speed gate (dsnas.profiler.timing.HostGate), with a
+probe at each end of the window instead, and with neither, alternating; and the profiler's time against timing
+alone, as its own overhead. Last, on a CPU, the same target over five fresh processes each (a measurement's
+independence includes its process), with freed memory held (what dsnas does, dsnas.allocator) against glibc's
+default allocator in the same run, alternating.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -56,15 +56,16 @@ def naive(call, sync) -> tuple[float, float]:
     return (time.perf_counter() - t0) * 1e3, time.perf_counter() - started
 
 
-def dsnas_protocol(call, sync, events, measure_s=0.3, max_measure_s=3.0, shares=None) -> tuple[float, float]:
-    """(median ms, seconds taken); ``shares``: a list to append others' share of the CPUs while timing to."""
+def dsnas_protocol(call, sync, events, gate, measure_s=0.3, max_measure_s=3.0, shares=None) -> tuple[float, float]:
+    """(median ms, seconds taken); ``gate``: the host-speed gate on a CPU (None on a GPU); ``shares``: a list to
+    append others' share of the CPUs while timing to."""
     from dsnas.profiler import time_calls
     from dsnas.profiler.disturbance import CpuWindow
 
     started = time.perf_counter()
     window = CpuWindow()
     timing = time_calls(call, sync, warmup_s=0.1, measure_s=measure_s, max_measure_s=max_measure_s,
-                        ci_tolerance=0.05, events=events, window=window)
+                        ci_tolerance=0.05, events=events, window=window, gate=gate)
     if shares is not None:
         shares.append(window.share.load if window.share.others is not None else float("nan"))
     return timing.median_ms, time.perf_counter() - started
@@ -77,6 +78,10 @@ def cv(values: list[float]) -> float:
 def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
     import torch
 
+    from dsnas.profiler import fingerprint
+    from dsnas.profiler.ceilings import ceilings
+    from dsnas.profiler.measure import host_gate
+
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     events = torch.cuda.Event if cuda else None
@@ -84,13 +89,14 @@ def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
     def call():
         return model(batch)
 
-    reference = [dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0]]
+    gate = None if cuda else host_gate(ceilings(fingerprint(device)).reference_ms)  # as dsnas.profiler.measure
+    reference = [dsnas_protocol(call, sync, events, gate, measure_s=10.0, max_measure_s=10.0)[0]]
     estimates: dict[str, list[tuple[float, float]]] = {"naive": [], "dsnas": []}
     shares: list[float] = []
     for _ in range(rounds):  # interleaved
         estimates["naive"].append(naive(call, sync))
-        estimates["dsnas"].append(dsnas_protocol(call, sync, events, shares=shares))
-    reference.append(dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0])
+        estimates["dsnas"].append(dsnas_protocol(call, sync, events, gate, shares=shares))
+    reference.append(dsnas_protocol(call, sync, events, gate, measure_s=10.0, max_measure_s=10.0)[0])
     truth = statistics.mean(reference)
     out = {"reference_ms": truth, "reference_drift": abs(reference[1] - reference[0]) / truth,
            "others_max": max(shares)}

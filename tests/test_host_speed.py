@@ -60,7 +60,7 @@ def test_threads_of_this_process_competing_for_the_cores_are_caught_by_the_host_
                                                                                       tmp_path):
     """Threads of this very process multiplying matrices, twice as many as its CPUs, started by the
     model's first call: /proc/stat counts their work as this process's own, so others' share cannot see them, but
-    the reference GEMM at the window's end runs slower than at its fastest, in every attempt."""
+    the reference GEMM between the timed calls runs slower than at its fastest, in every attempt."""
     import torch
 
     from dsnas.spec import HardwareSpec
