@@ -226,6 +226,28 @@ def test_fp8_is_refused_on_cpu_with_the_reason():
         Fp8Linear.from_float(torch.randn(32, 32), None)
 
 
+@pytest.mark.parametrize(("cuda", "fast"), [("13.0", True), ("12.6", True), ("12.9", False), (None, True)])
+def test_an_fp8_layer_accumulates_fast_but_under_cuda_12_9_and_scales_each_row(monkeypatch, cuda, fast):
+    """torch._scaled_mm is faked by the product it stands for (no fp8 GEMM runs on a CPU): the input's row scales
+    on its rows, the weight's on the output's columns. The layer asks for fast accumulation except under CUDA
+    12.9, names it in its backend, and its output is the layer's within e4m3's rounding."""
+    seen = {}
+
+    def scaled_mm(a, b, *, scale_a, scale_b, bias, out_dtype, use_fast_accum):
+        seen.update(fast=use_fast_accum, dtypes=(a.dtype, b.dtype))
+        return ((a.float() * scale_a) @ (b.float() * scale_b) + bias.float()).to(out_dtype)
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    weight, bias, x = _layer(48, 64)
+    layer = Fp8Linear(*fp8_quantize_rows(weight), bias)
+    y = layer(x)
+    assert seen == {"fast": fast, "dtypes": (torch.float8_e4m3fn, torch.float8_e4m3fn)}
+    assert layer.backend.endswith("-fast-accum") is fast and y.shape == (3, 5, 48) and y.dtype == x.dtype
+    ref = F.linear(x, weight, bias)
+    assert (y - ref).norm() / ref.norm() < 0.08  # as on the GPU (test_fp8_linear_on_gpu)
+
+
 def test_importing_the_quant_modules_touches_no_hardware():
     code = ("import sys, torch, dsnas.kernels.quant, dsnas.kernels.calibrate; "
             "print(torch.cuda.is_initialized(), 'torchao' in sys.modules)")

@@ -65,7 +65,7 @@ def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] |
         if not ok:
             raise TrialError(f"a layer chose fp8, which cannot run here: {why}")
         layer.inference = Fp8Linear.from_float(weight, bias)
-        layer.backend = "fp8:scaled_mm"
+        layer.backend = "fp8:scaled_mm" + ("-fast-accum" if layer.inference.fast_accum else "")
         if sparse:
             layer.reason = "2:4 zeros computed densely: torch._scaled_mm has no sparse form"
     elif layer.precision in LOW:

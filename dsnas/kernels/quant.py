@@ -372,6 +372,15 @@ def fp8_supported(device: Any) -> tuple[bool, str]:
     return True, f"{name}, compute capability {major}.{minor}, torch._scaled_mm rowwise e4m3"
 
 
+def fp8_fast_accumulation() -> bool:
+    """Whether an fp8 layer's GEMM accumulates in the tensor cores' fast mode (torch._scaled_mm use_fast_accum),
+    as torchao's fp8 inference does by default, rather than promoting to fp32 every 128 products. PyTorch's and
+    torchao's maintainers measured the rowwise-scaled kernel without it as much slower (pytorch/ao#1325,
+    pytorch/pytorch#147971); the H200 check of 2026-12-04 ran without it and found fp8 at 0.74x bf16 at 8192^2.
+    Not under CUDA 12.9, whose cuBLASLt fails some rowwise fast-accumulation shapes (pytorch/ao#4582)."""
+    return not (torch.version.cuda or "").startswith("12.9")
+
+
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of a 2-D tensor to float8_e4m3fn with its own scale (amax / 448): (values, scales [rows, 1] fp32).
 
@@ -391,7 +400,8 @@ def fp8_dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 class Fp8Linear(nn.Module):
     """An fp8 (e4m3) linear layer: weight quantized per output row once, the input per row at each call, both
-    multiplied by torch._scaled_mm with rowwise scales into bf16."""
+    multiplied by torch._scaled_mm with rowwise scales into bf16, accumulating fast where that is safe
+    (fp8_fast_accumulation)."""
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -399,7 +409,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_fp8", weight_fp8)  # [out, in] row-major: .t() is the column-major mat2
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
-        self.backend = "scaled_mm-rowwise-e4m3"
+        self.fast_accum = fp8_fast_accumulation()
+        self.backend = "scaled_mm-rowwise-e4m3" + ("-fast-accum" if self.fast_accum else "")
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp8Linear:
@@ -416,7 +427,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values, scale = fp8_quantize_rows(x.reshape(-1, self.in_features))
         y = torch._scaled_mm(values, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                             bias=self.bias, out_dtype=torch.bfloat16)
+                             bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
