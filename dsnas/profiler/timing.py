@@ -88,8 +88,9 @@ class HostGate:
     Why: a 2-core EPYC VM runs slow in spells of 0.1-1 s that /proc/stat does not show (host_speed), and probes at
     a window's two ends miss those inside it. In a 60 s trace of a d128 L2 model at batch 32 (2026-12-06), the
     medians of 1 s windows varied with a CV of 10.3%, the same windows' kept calls 2.6% (17% of the calls dropped
-    at the median window); 20 measure() runs each, alternating, had a throughput CV of 2.2% and 3.4% gated against
-    3.8% and 5.5% with probes at the ends (benchmarks/profiler.py). A probe of 5 calls costs ~1 ms, 2% of a block."""
+    at the median window); measure() runs alternating in three noisy hours had a throughput CV of 2.2%, 3.4% and
+    3.7% gated against 3.8%, 5.5% and 6.6% with probes at the ends (benchmarks/profiler.py). A probe of 5 calls
+    costs ~1 ms, 2% of a block."""
 
     probe: Callable[[], float | None]
     limit: float
