@@ -80,10 +80,10 @@ def summarize(samples: list[float], warmup: int, converged: bool, device: list[f
 class HostGate:
     """Keep only the calls timed while the host ran at its own speed. ``probe()`` (the host's slowdown now:
     dsnas.profiler.host_speed.slowdown, quick) is read at the window's start and after every block of at least
-    ``block_s`` and ``block_calls`` calls; a block whose probes on both sides read at most ``limit`` is kept. A
-    block of ``cold_from`` calls or more leaves out its first, which runs with the probe's operands in the caches
-    (+5% on a 1 ms call here, +0.7% on a 15 ms one); a block of long calls keeps it, so that a 100 ms call is timed
-    no more often than without the gate.
+    ``block_s`` (a quarter of a shorter ``measure_s``) and ``block_calls`` calls; a block whose probes on both sides
+    read at most ``limit`` is kept. A block of ``cold_from`` calls or more leaves out its first, which runs with the
+    probe's operands in the caches (+5% on a 1 ms call here, +0.7% on a 15 ms one); a block of long calls keeps it,
+    so that a 100 ms call is timed no more often than without the gate.
 
     Why: a 2-core EPYC VM runs slow in spells of 0.1-1 s that /proc/stat does not show (host_speed), and probes at
     a window's two ends miss those inside it. In a 60 s trace of a d128 L2 model at batch 32 (2026-12-06), the
@@ -102,8 +102,10 @@ class HostGate:
 class _Blocks:
     """The gate's bookkeeping over one window: which samples lie in blocks the host ran at speed."""
 
-    def __init__(self, gate: HostGate) -> None:
+    def __init__(self, gate: HostGate, measure_s: float) -> None:
         self.gate = gate
+        # A short window still holds a few blocks (a test's 0.02 s window would otherwise last one 0.05 s block).
+        self.block_s = min(gate.block_s, measure_s / 4)
         self.before = self._probe()
         self.probed = [self.before]
         self.start, self.started = 0, time.perf_counter()
@@ -116,7 +118,7 @@ class _Blocks:
         return math.inf if found is None else found  # no reading: the block cannot be vouched for
 
     def due(self, n: int) -> bool:
-        return n - self.start >= self.gate.block_calls and time.perf_counter() - self.started >= self.gate.block_s
+        return n - self.start >= self.gate.block_calls and time.perf_counter() - self.started >= self.block_s
 
     def close(self, n: int) -> None:
         """End the block of samples [start, n) with a probe; keep it when both its probes are within the limit."""
@@ -156,7 +158,7 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
     with window or nullcontext():
         start_all = time.perf_counter()
         if gate is not None:
-            blocks = _Blocks(gate)
+            blocks = _Blocks(gate, measure_s)
         next_check = min_repeats
         while len(samples) < max_repeats:
             samples.append(_one_call(fn, sync, events, device))
