@@ -6,8 +6,7 @@ that the machine's slow and fast phases hit both alike):
 
   naive   one warm-up call, then one timed call (what a search that "measures" each candidate in passing does)
   dsnas   dsnas.profiler.time_calls with the quickstart's settings: warm-up 0.1 s, then at least 10 calls and
-          0.3 s, and on until the 95% confidence interval of the median is within 5% (at most 3 s); on a CPU
-          only the calls of blocks the host ran at speed count (HostGate)
+          0.3 s, and on until the 95% confidence interval of the median is within 5% (at most 3 s)
 
 A long reference measurement (dsnas protocol, 10 s, before and after) gives the best estimate of the true
 median. Reported: the coefficient of variation of the five estimates (lower is more repeatable), their median
@@ -15,12 +14,12 @@ error against the reference, the seconds each measurement took, and the ratios n
 share of the CPUs other processes took during the five (dsnas.profiler.disturbance). Also five independent runs of
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
 FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency, others' CPU share and the
-host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU, on
-a quiet machine); twice as many runs at batch 32 with the host-speed gate (dsnas.profiler.timing.HostGate), with a
-probe at each end of the window instead, and with neither, alternating; and the profiler's time against timing
-alone, as its own overhead. Last, on a CPU, the same target over five fresh processes each (a measurement's
-independence includes its process), with freed memory held (what dsnas does, dsnas.allocator) against glibc's
-default allocator in the same run, alternating.
+host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU,
+on a quiet machine); twice as many runs at batch 32 with and without the host-speed probe
+(dsnas.profiler.host_speed), alternating; and the profiler's time against timing alone, as its own overhead. Last,
+on a CPU, the same target over five fresh processes each (a measurement's independence includes its process), with
+freed memory held (what dsnas does, dsnas.allocator) against glibc's default allocator in the same run,
+alternating.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -56,16 +55,15 @@ def naive(call, sync) -> tuple[float, float]:
     return (time.perf_counter() - t0) * 1e3, time.perf_counter() - started
 
 
-def dsnas_protocol(call, sync, events, gate, measure_s=0.3, max_measure_s=3.0, shares=None) -> tuple[float, float]:
-    """(median ms, seconds taken); ``gate``: the host-speed gate on a CPU (None on a GPU); ``shares``: a list to
-    append others' share of the CPUs while timing to."""
+def dsnas_protocol(call, sync, events, measure_s=0.3, max_measure_s=3.0, shares=None) -> tuple[float, float]:
+    """(median ms, seconds taken); ``shares``: a list to append others' share of the CPUs while timing to."""
     from dsnas.profiler import time_calls
     from dsnas.profiler.disturbance import CpuWindow
 
     started = time.perf_counter()
     window = CpuWindow()
     timing = time_calls(call, sync, warmup_s=0.1, measure_s=measure_s, max_measure_s=max_measure_s,
-                        ci_tolerance=0.05, events=events, window=window, gate=gate)
+                        ci_tolerance=0.05, events=events, window=window)
     if shares is not None:
         shares.append(window.share.load if window.share.others is not None else float("nan"))
     return timing.median_ms, time.perf_counter() - started
@@ -78,10 +76,6 @@ def cv(values: list[float]) -> float:
 def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
     import torch
 
-    from dsnas.profiler import fingerprint
-    from dsnas.profiler.ceilings import ceilings
-    from dsnas.profiler.measure import host_gate
-
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     events = torch.cuda.Event if cuda else None
@@ -89,14 +83,13 @@ def bench_case(model, batch, device, rounds: int) -> dict[str, float]:
     def call():
         return model(batch)
 
-    gate = None if cuda else host_gate(ceilings(fingerprint(device)).reference_ms)  # as dsnas.profiler.measure
-    reference = [dsnas_protocol(call, sync, events, gate, measure_s=10.0, max_measure_s=10.0)[0]]
+    reference = [dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0]]
     estimates: dict[str, list[tuple[float, float]]] = {"naive": [], "dsnas": []}
     shares: list[float] = []
     for _ in range(rounds):  # interleaved
         estimates["naive"].append(naive(call, sync))
-        estimates["dsnas"].append(dsnas_protocol(call, sync, events, gate, shares=shares))
-    reference.append(dsnas_protocol(call, sync, events, gate, measure_s=10.0, max_measure_s=10.0)[0])
+        estimates["dsnas"].append(dsnas_protocol(call, sync, events, shares=shares))
+    reference.append(dsnas_protocol(call, sync, events, measure_s=10.0, max_measure_s=10.0)[0])
     truth = statistics.mean(reference)
     out = {"reference_ms": truth, "reference_drift": abs(reference[1] - reference[0]) / truth,
            "others_max": max(shares)}
@@ -209,51 +202,33 @@ def across_processes(rounds: int) -> None:
               f"CV {cv(found['held']) / cv(found['default']):.2f}x")
 
 
-def host_gate_effect(model, task, device, rounds: int) -> None:
-    """measure() as dsnas does it (quick probes of the host's speed between blocks of calls, and only blocks at
-    speed count: dsnas.profiler.timing.HostGate) against the protocol before it (a probe at each end of the
-    window, the whole window counted) and against others' CPU share alone, in alternation, ``rounds`` times each:
-    the CV of the throughput at batch 32, the attempts taken and the runs that stayed disturbed."""
-    from dataclasses import replace
-
-    from dsnas.profiler import fingerprint, host_speed, measure
-    from dsnas.profiler.ceilings import ceilings
+def host_probe_effect(model, task, device, rounds: int) -> None:
+    """measure() with the host-speed probe (what dsnas does) against measure() with others' CPU share alone, in
+    alternation, ``rounds`` times each: the CV of the throughput at batch 32, the attempts taken and the runs that
+    stayed disturbed."""
+    from dsnas.profiler import host_speed, measure
     from dsnas.spec import HardwareSpec
 
-    module = sys.modules["dsnas.profiler.measure"]  # the package's `measure` is the function
-    reference = ceilings(fingerprint(device)).reference_ms
-    real_gate, real_time_calls = module.host_gate, module.time_calls
-
-    def at_the_ends(*args, **kwargs):
-        before = host_speed.slowdown(reference)
-        timing = real_time_calls(*args, **kwargs)
-        return replace(timing, host_slowdown=max(before, host_speed.slowdown(reference)))
-
-    variants = {"gated": (real_gate, real_time_calls), "ends only": (lambda reference: None, at_the_ends),
-                "shares only": (lambda reference: None, real_time_calls)}
     hardware = HardwareSpec(batch_sizes=(32,))
-    found: dict[str, list[tuple[float, int, bool, float]]] = {label: [] for label in variants}
+    real = host_speed.slowdown
+    found: dict[str, list[tuple[float, int, bool]]] = {"with probe": [], "shares only": []}
     for _ in range(rounds):
-        for label, (gate, timer) in variants.items():
-            module.host_gate, module.time_calls = gate, timer
+        for label in found:
+            host_speed.slowdown = real if label == "with probe" else (lambda reference: None)
             try:
-                started = time.perf_counter()
                 metrics, profile = measure(model, task, device, hardware)
-                took = time.perf_counter() - started
             finally:
-                module.host_gate, module.time_calls = real_gate, real_time_calls
+                host_speed.slowdown = real
             record = profile["batches"]["32"]["disturbance"]
-            found[label].append((metrics["throughput_tok_s"], len(record["attempts"]), bool(record["disturbed"]),
-                                 took))
-    print(f"the host-speed gate (d128 L2, batch 32, {rounds} measure() each, alternating):")
+            found[label].append((metrics["throughput_tok_s"], len(record["attempts"]), bool(record["disturbed"])))
+    print(f"the host-speed probe (d128 L2, batch 32, {rounds} measure() each, alternating):")
     for label, runs in found.items():
         tok_s = [r[0] for r in runs]
         print(f"  {label:11} median {statistics.median(tok_s):>10,.0f} tok/s, CV {cv(tok_s):6.2%}; attempts "
-              f"{sum(r[1] for r in runs)}, stayed disturbed {sum(r[2] for r in runs)}, "
-              f"{statistics.median(r[3] for r in runs):.2f} s a measure(); " + ", ".join(f"{t:,.0f}" for t in tok_s))
-    gated = cv([r[0] for r in found["gated"]])
-    print(f"  CV gated / ends only: {gated / cv([r[0] for r in found['ends only']]):.2f}x; gated / shares only: "
-          f"{gated / cv([r[0] for r in found['shares only']]):.2f}x")
+              f"{sum(r[1] for r in runs)}, stayed disturbed {sum(r[2] for r in runs)}; "
+              + ", ".join(f"{t:,.0f}" for t in tok_s))
+    ratio = cv([r[0] for r in found["with probe"]]) / cv([r[0] for r in found["shares only"]])
+    print(f"  CV with probe / shares only: {ratio:.2f}x")
 
 
 def _pct(share) -> str:
@@ -309,7 +284,7 @@ def main() -> None:
     full, timing_only, runs = overhead(model, task, device, args.rounds)
     repeatability(runs, device)
     if device.type == "cpu":
-        host_gate_effect(model, task, device, 2 * args.rounds)
+        host_probe_effect(model, task, device, 2 * args.rounds)
     print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
           f"{timing_only:.2f} s: {full / timing_only:.2f}x ({full - timing_only:+.2f} s for memory, FLOP/byte "
           "counts and bookkeeping)")

@@ -126,7 +126,7 @@ def steady_host(monkeypatch: pytest.MonkeyPatch) -> None:
     read (dsnas.profiler.disturbance); tests/test_host_speed.py tests the probe itself."""
     from dsnas.profiler import host_speed
 
-    monkeypatch.setattr(host_speed, "slowdown", lambda reference, quick=False: None if reference is None else 1.0)
+    monkeypatch.setattr(host_speed, "slowdown", lambda reference: None if reference is None else 1.0)
 
 
 @pytest.fixture

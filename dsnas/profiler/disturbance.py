@@ -1,6 +1,6 @@
 """Was a measurement disturbed? The share of the CPUs this process may run on that other processes (and a
 hypervisor's steal) took while it was timed, from /proc/stat against the process's own CPU time; how much slower
-than its fastest the host ran a reference GEMM around the calls counted (dsnas.profiler.host_speed: what /proc/stat
+than its fastest the host ran a reference GEMM at the window's ends (dsnas.profiler.host_speed: what /proc/stat
 cannot see); and measuring again, a bounded number of times, once the disturbance has passed. Reading it loads no
 torch."""
 
@@ -53,8 +53,7 @@ class CpuSnapshot:
 @dataclass(frozen=True)
 class Share:
     """Others' and steal's share of the counted CPUs' capacity over a window, None with the reason when unknown;
-    and the host's worst slowdown around the calls counted, None where it was not probed (a GPU's timing, no
-    reference)."""
+    and the host's slowdown at the window's ends, None where it was not probed (a GPU's timing, no reference)."""
     others: float | None
     steal: float | None
     unavailable: str = ""

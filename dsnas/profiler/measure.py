@@ -13,18 +13,10 @@ from dsnas.profiler import host_speed
 from dsnas.profiler.ceilings import ceilings, gpu_peaks
 from dsnas.profiler.counting import count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
-from dsnas.profiler.disturbance import (
-    SLOWDOWN_LIMIT,
-    CpuWindow,
-    Share,
-    least_disturbed,
-    sample_share,
-    settle_s,
-    wait_for_quiet,
-)
+from dsnas.profiler.disturbance import CpuWindow, Share, least_disturbed, sample_share, settle_s, wait_for_quiet
 from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
-from dsnas.profiler.timing import HostGate, Timing, cpu_threads, time_calls
+from dsnas.profiler.timing import Timing, cpu_threads, time_calls
 from dsnas.profiler.utilization import effective_peak, flops_by_precision
 from dsnas.profiler.window import measure_window
 
@@ -34,9 +26,6 @@ DTYPE = "float32"
 PROTOCOL_KEYS = ("warmup_s", "measure_s", "max_measure_s", "ci_tolerance", "cuda_graphs", "steady_s")
 # Figures of the largest batch size that also stand for the whole trial (besides latency at the smallest).
 AT_LARGEST = ("gflop_s", "gb_s", "flop_util", "bw_util", "flops_per_token")
-# How the CPU timing gates on the host's speed, in the measurement key: a measurement gated otherwise (or not at all,
-# before 2026-12-06) is another number.
-HOST_GATE = f"blocks of {HostGate.block_s} s, kept at <= {SLOWDOWN_LIMIT}x"
 
 
 def _size(model: Any) -> tuple[int, int]:
@@ -122,17 +111,7 @@ def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | Non
     inference form, the timing protocol (with the allocator's policy, dsnas.allocator), the thread count and the
     settings that made the model."""
     protocol = {**{k: getattr(hardware, k) for k in PROTOCOL_KEYS}, "allocator": allocator}
-    if threads is not None:  # the CPU: only calls of blocks the host ran at speed count (host_gate)
-        protocol["host_gate"] = HOST_GATE
     return short_hash({"form": signature, "protocol": protocol, "threads": threads, "context": context or {}})
-
-
-def host_gate(reference: float | None) -> HostGate | None:
-    """The CPU timing's gate on the host's speed (dsnas.profiler.timing.HostGate): quick probes of the reference
-    GEMM against ``reference``, the stored fastest; None without one (a GPU, or no stored reference)."""
-    if not reference:
-        return None
-    return HostGate(lambda: host_speed.slowdown(reference, quick=True), SLOWDOWN_LIMIT)
 
 
 def _stale(entry: dict[str, Any] | None, key: str, hardware: Any) -> str:
@@ -168,22 +147,22 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
-    # On the CPU the host's speed is probed between blocks of the timed calls, and only the blocks it ran at speed
-    # count (HostGate): a slowed host slows the timed calls themselves. A GPU's timing is the device's and the
-    # host's launch path, which a CPU GEMM does not stand for.
+    # On the CPU the host's speed is probed at both ends of the window: a slowed host slows the timed calls
+    # themselves. A GPU's timing is the device's and the host's launch path, which a CPU GEMM does not stand for.
     reference = None if cuda else ceilings.get("reference_ms")
 
     def probe() -> float | None:
         return host_speed.slowdown(reference) if reference else None
 
-    gate = host_gate(reference)
-
     def attempt() -> tuple[Timing, Share]:
         window = CpuWindow()
+        before = probe()
         timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
                             max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
-                            events=torch.cuda.Event if cuda else None, window=window, gate=gate)
-        return timing, replace(window.share, host_slowdown=timing.host_slowdown)
+                            events=torch.cuda.Event if cuda else None, window=window)
+        after = probe()
+        worst = None if before is None or after is None else max(before, after)
+        return timing, replace(window.share, host_slowdown=worst)
 
     # Others busy on the CPUs, or a slowed host, while timing: wait for it to pass and measure again; keep the
     # least disturbed.

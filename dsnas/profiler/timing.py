@@ -9,7 +9,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from dsnas.allocator import hold_freed_memory
@@ -28,9 +28,6 @@ class Timing:
     ci_high_ms: float = math.nan
     converged: bool = False  # the interval reached the tolerance before the time cap
     device_median_ms: float | None = None  # CUDA events: the device's own time, without host overhead
-    host_blocks: int = 0  # under a HostGate: the blocks of calls timed, and those kept (the host ran at speed)
-    host_blocks_kept: int = 0
-    host_slowdown: float | None = None  # the host's worst probed slowdown around the calls the median came from
 
     @property
     def spread(self) -> float:
@@ -53,8 +50,7 @@ class Timing:
 # The keys of Timing.as_dict() (and the old profiles' peak_bytes): a batch's statistics, not its figures.
 TIMING_KEYS = frozenset({"median_ms", "p10_ms", "p90_ms", "repeats", "warmup", "p25_ms", "p75_ms", "ci_low_ms",
                          "ci_high_ms", "converged", "device_median_ms", "spread", "iqr_ms", "ci_rel", "peak_bytes",
-                         "disturbance",  # the machine's load while timing (dsnas.profiler.disturbance)
-                         "host_blocks", "host_blocks_kept", "host_slowdown"})
+                         "disturbance"})  # the machine's load while timing (dsnas.profiler.disturbance)
 
 
 def median_ci(sorted_samples: list[float], z: float = 1.96) -> tuple[float, float]:
@@ -76,74 +72,15 @@ def summarize(samples: list[float], warmup: int, converged: bool, device: list[f
                   statistics.median(device) if device else None)
 
 
-@dataclass(frozen=True)
-class HostGate:
-    """Keep only the calls timed while the host ran at its own speed. ``probe()`` (the host's slowdown now:
-    dsnas.profiler.host_speed.slowdown, quick) is read at the window's start and after every block of at least
-    ``block_s`` (a quarter of a shorter ``measure_s``) and ``block_calls`` calls; a block whose probes on both sides
-    read at most ``limit`` is kept. A block of ``cold_from`` calls or more leaves out its first, which runs with the
-    probe's operands in the caches (+5% on a 1 ms call here, +0.7% on a 15 ms one); a block of long calls keeps it,
-    so that a 100 ms call is timed no more often than without the gate.
-
-    Why: a 2-core EPYC VM runs slow in spells of 0.1-1 s that /proc/stat does not show (host_speed), and probes at
-    a window's two ends miss those inside it. In a 60 s trace of a d128 L2 model at batch 32 (2026-12-06), the
-    medians of 1 s windows varied with a CV of 10.3%, the same windows' kept calls 2.6% (17% of the calls dropped
-    at the median window); measure() runs alternating in three noisy hours had a throughput CV of 2.2%, 3.4% and
-    3.7% gated against 3.8%, 5.5% and 6.6% with probes at the ends (benchmarks/profiler.py). A probe of 5 calls
-    costs ~1 ms, 2% of a block."""
-
-    probe: Callable[[], float | None]
-    limit: float
-    block_s: float = 0.05
-    block_calls: int = 2
-    cold_from: int = 4
-
-
-class _Blocks:
-    """The gate's bookkeeping over one window: which samples lie in blocks the host ran at speed."""
-
-    def __init__(self, gate: HostGate, measure_s: float) -> None:
-        self.gate = gate
-        # A short window still holds a few blocks (a test's 0.02 s window would otherwise last one 0.05 s block).
-        self.block_s = min(gate.block_s, measure_s / 4)
-        self.before = self._probe()
-        self.probed = [self.before]
-        self.start, self.started = 0, time.perf_counter()
-        self.kept: list[int] = []  # indices of kept samples
-        self.blocks = self.kept_blocks = 0
-        self.worst_kept = 0.0
-
-    def _probe(self) -> float:
-        found = self.gate.probe()
-        return math.inf if found is None else found  # no reading: the block cannot be vouched for
-
-    def due(self, n: int) -> bool:
-        return n - self.start >= self.gate.block_calls and time.perf_counter() - self.started >= self.block_s
-
-    def close(self, n: int) -> None:
-        """End the block of samples [start, n) with a probe; keep it when both its probes are within the limit."""
-        after = self._probe()
-        self.probed.append(after)
-        worst = max(self.before, after)
-        self.blocks += 1
-        if worst <= self.gate.limit:
-            self.kept.extend(range(self.start + (n - self.start >= self.gate.cold_from), n))
-            self.kept_blocks += 1
-            self.worst_kept = max(self.worst_kept, worst)
-        self.before, self.start, self.started = after, n, time.perf_counter()
-
-
 def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: float, measure_s: float,
                max_measure_s: float | None = None, ci_tolerance: float = 0.05, min_warmup: int = 2,
                min_repeats: int = 10, max_repeats: int = 100_000, events: Any = None,
-               window: AbstractContextManager[Any] | None = None, gate: HostGate | None = None) -> Timing:
+               window: AbstractContextManager[Any] | None = None) -> Timing:
     """Warm up for ``warmup_s``; then time calls for at least ``min_repeats`` and ``measure_s``, and on until the
     median's confidence interval is within ``ci_tolerance`` (relative half-width) or ``max_measure_s`` passed.
     ``events``: a CUDA event factory (torch.cuda.Event) to also record device time per call. ``window``: a context
-    entered around the timed calls only, not the warm-up (a disturbance.CpuWindow watching the machine). ``gate``:
-    count only the calls of blocks the host ran at its own speed (HostGate); when none was, after ``measure_s``,
-    the window ends and reports every call, with the host's slowdown that says so. Freed memory is held first
-    (dsnas.allocator): a call must not pay for page faults that the heap's history decides."""
+    entered around the timed calls only, not the warm-up (a disturbance.CpuWindow watching the machine). Freed
+    memory is held first (dsnas.allocator): a call must not pay for page faults that the heap's history decides."""
     hold_freed_memory()
     deadline = time.perf_counter() + warmup_s
     warmup = 0
@@ -154,49 +91,19 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
     cap = max(measure_s, max_measure_s or measure_s)
     samples: list[float] = []
     device: list[float] = []
-    blocks: _Blocks | None = None
     with window or nullcontext():
         start_all = time.perf_counter()
-        if gate is not None:
-            blocks = _Blocks(gate, measure_s)
-        next_check = min_repeats
+        converged, next_check = False, min_repeats
         while len(samples) < max_repeats:
             samples.append(_one_call(fn, sync, events, device))
-            if blocks is not None:
-                if not blocks.due(len(samples)):
-                    continue
-                blocks.close(len(samples))
-                if blocks.kept_blocks == 0 and time.perf_counter() - start_all >= measure_s:
-                    break  # the host never ran at speed: a disturbed window, which the caller measures again
             elapsed = time.perf_counter() - start_all
-            counted = len(samples) if blocks is None else len(blocks.kept)
-            if counted >= next_check and elapsed >= measure_s:
-                if _converged(_pick(samples, blocks), ci_tolerance) or elapsed >= cap:
+            if len(samples) >= next_check and elapsed >= measure_s:
+                low, high = median_ci(sorted(samples))
+                converged = (high - low) / 2 <= ci_tolerance * statistics.median(samples)
+                if converged or elapsed >= cap:
                     break
-                next_check = counted + max(1, counted // 10)  # re-check every 10% more samples
-            elif blocks is not None and elapsed >= cap:
-                break
-        if blocks is not None and len(samples) - blocks.start >= 2:
-            blocks.close(len(samples))  # the calls since the last probe, ended by max_repeats
-    if blocks is None:
-        return summarize(samples, warmup, _converged(samples, ci_tolerance), device or None)
-    if len(blocks.kept) >= min_repeats:
-        chosen, host = blocks.kept, blocks.worst_kept
-    else:  # too few calls at speed: every call, and the worst the host was
-        chosen, host = list(range(len(samples))), max(blocks.probed)
-    kept = [samples[i] for i in chosen]
-    timing = summarize(kept, warmup, _converged(kept, ci_tolerance), [device[i] for i in chosen] if device else None)
-    return replace(timing, host_blocks=blocks.blocks, host_blocks_kept=blocks.kept_blocks,
-                   host_slowdown=None if math.isinf(host) else host)
-
-
-def _pick(samples: list[float], blocks: _Blocks | None) -> list[float]:
-    return samples if blocks is None else [samples[i] for i in blocks.kept]
-
-
-def _converged(samples: list[float], ci_tolerance: float) -> bool:
-    low, high = median_ci(sorted(samples))
-    return (high - low) / 2 <= ci_tolerance * statistics.median(samples)
+                next_check = len(samples) + max(1, len(samples) // 10)  # re-check every 10% more samples
+    return summarize(samples, warmup, converged, device or None)
 
 
 def call_ms(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
