@@ -105,6 +105,7 @@ def limits(sec: Any, dry: bool) -> None:
               why="a ~1 ms kernel: the host's launch and sync add little")
 
     repeatability(sec, dev)  # before the windows below run the board at its power cap
+    co_tenant(sec, dev)
     handle, how = nvml_handle(dev)
     if handle is None:
         sec.note(f"NVML window: unavailable: {how}")
@@ -168,7 +169,56 @@ def repeatability(sec: Any, dev: torch.device) -> None:
         f"{m['throughput_tok_s']:,.0f} tok/s at batch 256, SM clock {m.get('sm_clock_mhz', float('nan')):.0f} MHz, "
         f"memory clock {p.get('window', {}).get('mem_clock_mhz_end', float('nan')):.0f} MHz, "
         f"{m.get('power_w', float('nan')):.0f} W, clock events "
-        f"{','.join(p.get('window', {}).get('clock_events_end') or []) or 'none'}" for m, p in runs))
+        f"{','.join(p.get('window', {}).get('clock_events_end') or []) or 'none'}, "
+        f"timing windows held down by power or heat (batch 256/32) {_throttled(p, 256)}/{_throttled(p, 32)}"
+        for m, p in runs))
+
+
+def _throttled(profile: dict[str, Any], bs: int) -> str:
+    share = profile["batches"][str(bs)]["disturbance"].get("gpu_throttled_share")
+    return "-" if share is None else f"{share:.0%}"
+
+
+def co_tenant(sec: Any, dev: torch.device) -> None:
+    """A second process looping bf16 GEMMs on this GPU (benchmarks/gpu_co_tenant.py) during a dsnas measurement:
+    NVML's per-process samples must show it past the line (dsnas.profiler.gpu_share), and the measurement is
+    flagged. How much it slowed the model, against a measurement alone just before, is the evidence for the line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dsnas.profiler import measure
+    from dsnas.profiler.disturbance import GPU_THRESHOLD
+    from dsnas.spec import HardwareSpec
+
+    arch = model_arch(512, 2, 8, "bf16")
+    model = convert_model(build(arch).to(dev))
+    task = RandomTokens(arch["context"])
+    hardware = HardwareSpec(device=dev.type, batch_sizes=(32,), warmup_s=0.2, measure_s=0.5, max_measure_s=0.5,
+                            steady_s=0.2)
+    alone_m, alone_p = measure(model, task, dev, hardware)
+    hog = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gpu_co_tenant.py")), "30"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        ready = hog.stdout is not None and hog.stdout.readline().strip() == "ready"
+        shared_m, shared_p = measure(model, task, dev, hardware) if ready else (None, None)
+    finally:
+        hog.kill()
+        hog.wait()
+    if shared_p is None:
+        sec.fact("a co-tenant process on the GPU", False, "did not start", f"exit status {hog.returncode}")
+        return
+    alone, shared = alone_p["batches"]["32"]["disturbance"], shared_p["batches"]["32"]["disturbance"]
+    slowed = shared_m["latency_ms"] / alone_m["latency_ms"]
+    sec.check("others' share of the SMs, measured alone", alone.get("others_gpu_share"), 0, GPU_THRESHOLD,
+              why=alone.get("gpu_unavailable", "nothing else runs on the GPU"))
+    seen = [a.get("others_gpu_share") for a in shared["attempts"]]
+    sec.check("others' share of the SMs beside a process looping GEMMs, least of the attempts",
+              None if None in seen else min(seen), GPU_THRESHOLD, 1.0,
+              why=shared.get("gpu_unavailable") or f"attempts {', '.join('-' if v is None else f'{v:.2f}' for v in seen)}; the model "
+              f"took {slowed:.2f}x its time alone (d512 L2 bf16, batch 32)")
+    sec.fact("a measurement beside the co-tenant is flagged disturbed", bool(shared_p.get("disturbed")),
+             str(shared_p.get("disturbed")), f"its kept attempt: {shared.get('others_gpu_share')} of the SMs to others")
 
 
 # --- the engine inside a model, and alone ----------------------------------------------------------------------------

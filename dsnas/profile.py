@@ -261,9 +261,10 @@ def _extras(metrics: dict[str, float], profile: dict[str, Any]) -> list[str]:
         records = {bs: b.get("disturbance", {}) for bs, b in profile["batches"].items()}
         readings = [f"{bs}: others {_pct0(r.get('others_cpu_share'))}, host slowed "
                     + ("-" if r.get("host_slowdown") is None else f"{r['host_slowdown']:.2f}x")
+                    + (f", others on the GPU {_pct0(r.get('others_gpu_share'))}" if "others_gpu_share" in r else "")
                     for bs, r in records.items() if r.get("disturbed")]
-        lines.append("disturbed: other processes took the CPUs or the host ran slow while timing, after every retry "
-                     "(per batch size " + "; ".join(readings) + "); measure again on a quiet machine")
+        lines.append("disturbed: other processes took the CPUs or the GPU, or the host ran slow while timing, after "
+                     "every retry (per batch size " + "; ".join(readings) + "); measure again on a quiet machine")
     if profile.get("cache", {}).get("hit"):
         lines.append(f"reused from the measurement cache: {profile['cache']['from']}")
     return lines

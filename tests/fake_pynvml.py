@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,13 @@ class FakeGpu:
         real.NVML_GPM_METRIC_SM_UTIL: 80.0, real.NVML_GPM_METRIC_SM_OCCUPANCY: 40.0,
         real.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 60.0, real.NVML_GPM_METRIC_DRAM_BW_UTIL: 30.0})
     gpm_errors: dict[int, int] = field(default_factory=dict)  # metric id -> NVML_ERROR_* code for that metric
+    # (pid, SM utilization %) of each process that used the device: one sample each, stamped at the read (so after
+    # any window's start), as the driver gives the latest per process. Empty: NVML_ERROR_NOT_FOUND, as no process.
+    processes: list[tuple[int, int]] = field(default_factory=list)
+    # Violation counters (ns the clocks were held down) per NVML_PERF_POLICY_*, advanced by their step at each read.
+    violation_ns: dict[int, int] = field(default_factory=lambda: {real.NVML_PERF_POLICY_POWER: 7_000_000_000,
+                                                                  real.NVML_PERF_POLICY_THERMAL: 0})
+    violation_step_ns: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,6 +154,23 @@ class FakePynvml(types.ModuleType):
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
         self._enter("nvmlDeviceGetCurrentClocksThrottleReasons")
         return self._gpu(handle).clock_events
+
+    def nvmlDeviceGetProcessUtilization(self, handle: FakeHandle, last_seen_us: int) -> list[Any]:
+        self._enter("nvmlDeviceGetProcessUtilization")
+        gpu = self._gpu(handle)
+        if not gpu.processes:
+            raise real.NVMLError_NotFound()
+        now = max(int(time.time() * 1e6), last_seen_us + 1)
+        return [real.c_nvmlProcessUtilizationSample_t(pid=pid, timeStamp=now, smUtil=sm, memUtil=0, encUtil=0,
+                                                      decUtil=0) for pid, sm in gpu.processes]
+
+    def nvmlDeviceGetViolationStatus(self, handle: FakeHandle, policy: int) -> Any:
+        self._enter("nvmlDeviceGetViolationStatus")
+        gpu = self._gpu(handle)
+        if policy not in gpu.violation_ns:
+            raise real.NVMLError_NotSupported()
+        gpu.violation_ns[policy] += gpu.violation_step_ns.get(policy, 0)
+        return real.c_nvmlViolationTime_t(referenceTime=int(time.time() * 1e6), violationTime=gpu.violation_ns[policy])
 
     def nvmlGpmQueryDeviceSupport(self, handle: FakeHandle) -> Any:
         self._enter("nvmlGpmQueryDeviceSupport")

@@ -250,5 +250,5 @@ def test_the_trial_table_and_the_report_show_disturbed_trials(tmp_path):
     table = text.splitlines()[1:6]
     assert table[0].split()[-1] == "disturbed"
     assert {row.split()[0]: row.split()[-1] for row in table[1:]} == {"0": "yes", "1": "no", "2": "yes", "3": "?"}
-    assert "disturbed: trials 0, 2 measured while other processes took the CPUs or the host ran slow" in text
+    assert "disturbed: trials 0, 2 measured while other processes took the CPUs or the GPU, or the host ran slow" in text
     assert "dsnas profile studies/flags.toml --trial N" in text

@@ -83,7 +83,7 @@ def test_a_gpu_profile_shows_device_and_graph_times_and_says_what_is_unavailable
     assert "steady window: energy per call 0.33 J, power 256.1 W, GPU busy 39.9%" in text
     assert "unavailable: nvml: pynvml is not installed" in text
     assert "kernels at batch 32: unavailable: the profiler recorded no kernel events" in text
-    assert "disturbed: other processes took the CPUs or the host ran slow" in text
+    assert "disturbed: other processes took the CPUs or the GPU, or the host ran slow" in text
     assert "(per batch size 32: others 60%, host slowed -)" in text
     assert "{" not in text and "}" not in text
 

@@ -1,19 +1,20 @@
 """Was a measurement disturbed? The share of the CPUs this process may run on that other processes (and a
 hypervisor's steal) took while it was timed, from /proc/stat against the process's own CPU time; how much slower
 than its fastest the host ran a reference GEMM at the window's ends (dsnas.profiler.host_speed: what /proc/stat
-cannot see); and measuring again, a bounded number of times, once the disturbance has passed. Reading it loads no
-torch."""
+cannot see); on a GPU, what NVML saw of the device (dsnas.profiler.gpu_share); and measuring again, a bounded number
+of times, once the disturbance has passed. Reading it loads no torch."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dsnas.profiler.capabilities import CGROUP_ROOT, cgroup_cpu_max
+from dsnas.profiler.gpu_share import GpuShare, GpuWindow
 
 T = TypeVar("T")
 
@@ -32,6 +33,11 @@ SETTLE_STEP_S = 0.2  # how long one sample of the machine lasts while waiting fo
 MAX_SETTLE_S = 1.0  # the longest wait before measuring again
 PROC_STAT = Path("/proc/stat")
 SCOPE = "host CPU"  # on a GPU too: a launch-bound model slows down when the host's cores are taken
+GPU_SCOPE = "host CPU and GPU"
+# Other processes above this share of the GPU's SMs make a measurement disturbed. Not yet measured on a GPU: the
+# CPU's line, on the reasoning that time-sliced kernels of another process delay every call as another process's
+# threads delay intra-op threads. The GPU check measures a co-tenant's reading and its effect.
+GPU_THRESHOLD = 0.10
 # /proc/stat columns: user nice system idle iowait irq softirq steal guest guest_nice. guest time is already in
 # user and nice; idle and iowait are no work.
 _BUSY_COLUMNS = (0, 1, 2, 5, 6)
@@ -53,11 +59,13 @@ class CpuSnapshot:
 @dataclass(frozen=True)
 class Share:
     """Others' and steal's share of the counted CPUs' capacity over a window, None with the reason when unknown;
-    and the host's slowdown at the window's ends, None where it was not probed (a GPU's timing, no reference)."""
+    the host's slowdown at the window's ends, None where it was not probed (a GPU's timing, no reference); and on a
+    GPU, ``gpu``: what NVML saw of the device over the window (None: not a GPU timing)."""
     others: float | None
     steal: float | None
     unavailable: str = ""
     host_slowdown: float | None = None
+    gpu: GpuShare | None = None
 
     @property
     def load(self) -> float:
@@ -65,20 +73,25 @@ class Share:
 
     def disturbed(self, threshold: float = THRESHOLD) -> bool | None:
         """Steal counts: CPU time a hypervisor gave to another guest is CPU time the measurement waited for. So
-        does a slowed host, which neither share shows."""
-        if self.others is None and self.host_slowdown is None:
+        does a slowed host, which neither share shows, and other processes on the GPU."""
+        if self.others is None and self.host_slowdown is None and (self.gpu is None or self.gpu.others is None):
             return None
         return self.severity(threshold) > 1.0
 
     def severity(self, threshold: float = THRESHOLD) -> float:
-        """How far past its line the worse of the two readings is (above 1: disturbed), to keep the least
-        disturbed of several attempts."""
+        """How far past its line the worst reading is (above 1: disturbed), to keep the least disturbed of several
+        attempts. A GPU held down by power or heat is not among them: a model that loads the GPU to its power limit
+        runs at that speed whenever it runs, so its share is recorded, not retried."""
         slowed = 0.0 if self.host_slowdown is None else (self.host_slowdown - 1) / (SLOWDOWN_LIMIT - 1)
-        return max(self.load / threshold, slowed)
+        on_gpu = 0.0 if self.gpu is None or self.gpu.others is None else self.gpu.others / GPU_THRESHOLD
+        return max(self.load / threshold, slowed, on_gpu)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"others_cpu_share": _round(self.others), "steal_share": _round(self.steal),
-                "host_slowdown": _round(self.host_slowdown)}
+        out = {"others_cpu_share": _round(self.others), "steal_share": _round(self.steal),
+               "host_slowdown": _round(self.host_slowdown)}
+        if self.gpu is not None:
+            out.update(others_gpu_share=_round(self.gpu.others), gpu_throttled_share=_round(self.gpu.throttled))
+        return out
 
 
 def parse_stat(text: str, cpus: Collection[int] | None = None, hz: int = 100) -> tuple[float, float]:
@@ -177,9 +190,36 @@ class CpuWindow:
             self.share = cpu_share(self._start, end)
 
 
-def sample_share(seconds: float) -> Share:
-    """Others' share while this process sleeps for ``seconds``: what the rest of the machine wants right now."""
-    with CpuWindow() as window:
+class MachineWindow:
+    """A context manager: ``share`` is the CPUs' over the block (CpuWindow) and, on a GPU, the device's
+    (GpuWindow). ``gpu``: (NVML handle, why there is none) of the GPU timed, None where none is. ``busy``: this
+    process uses the GPU in the block."""
+
+    def __init__(self, gpu: tuple[Any, str] | None = None, busy: bool = True,
+                 read: Callable[[], CpuSnapshot | str] = snapshot) -> None:
+        self.cpu = CpuWindow(read)
+        self.gpu = None if gpu is None or gpu[0] is None else GpuWindow(gpu[0], busy)
+        self._gpu_missing = None if gpu is None or gpu[0] is not None else GpuShare(None, None, gpu[1])
+        self.share = Share(None, None, "the window was not closed")
+
+    def __enter__(self) -> MachineWindow:
+        self.cpu.__enter__()
+        if self.gpu is not None:
+            self.gpu.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gpu is not None:
+            self.gpu.__exit__(*exc)
+        self.cpu.__exit__(*exc)
+        gpu = self.gpu.share if self.gpu is not None else self._gpu_missing
+        self.share = replace(self.cpu.share, gpu=gpu)
+
+
+def sample_share(seconds: float, gpu: tuple[Any, str] | None = None) -> Share:
+    """Others' share while this process sleeps for ``seconds``: what the rest of the machine (and of the GPU,
+    given its NVML handle) wants right now."""
+    with MachineWindow(gpu, busy=False) as window:
         time.sleep(seconds)
     return window.share
 
@@ -219,9 +259,11 @@ def least_disturbed(attempt: Callable[[], tuple[T, Share]], settle: Callable[[],
     result, share = tried[kept]
     record: dict[str, Any] = {**share.as_dict(), "disturbed": share.disturbed(threshold), "threshold": threshold,
                               "slowdown_limit": SLOWDOWN_LIMIT, "attempts": [s.as_dict() for _, s in tried],
-                              "kept": kept, "scope": SCOPE}
+                              "kept": kept, "scope": SCOPE if share.gpu is None else GPU_SCOPE}
     if share.unavailable:
         record["unavailable"] = share.unavailable
+    if share.gpu is not None and share.gpu.unavailable:
+        record["gpu_unavailable"] = share.gpu.unavailable
     return result, record
 
 

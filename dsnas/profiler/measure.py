@@ -13,7 +13,7 @@ from dsnas.profiler import host_speed
 from dsnas.profiler.ceilings import ceilings, gpu_peaks
 from dsnas.profiler.counting import count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
-from dsnas.profiler.disturbance import CpuWindow, Share, least_disturbed, sample_share, settle_s, wait_for_quiet
+from dsnas.profiler.disturbance import MachineWindow, Share, least_disturbed, sample_share, settle_s, wait_for_quiet
 from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
@@ -126,7 +126,8 @@ def _stale(entry: dict[str, Any] | None, key: str, hardware: Any) -> str:
             return (f"batch size {bs} was measured with another inference form, protocol, thread count or engine "
                     "setting (measurement key)")
         if (stored.get("timing") or {}).get("disturbance", {}).get("disturbed"):
-            return f"batch size {bs} was measured while other processes took the CPUs or the host ran slow (disturbed)"
+            return (f"batch size {bs} was measured while other processes took the CPUs or the GPU, or the host ran "
+                    "slow (disturbed)")
     return ""
 
 
@@ -154,8 +155,11 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     def probe() -> float | None:
         return host_speed.slowdown(reference) if reference else None
 
+    # On a GPU, NVML watches the device too: another process's kernels share its SMs (dsnas.profiler.gpu_share).
+    gpu = nvml_handle(device) if cuda else None
+
     def attempt() -> tuple[Timing, Share]:
-        window = CpuWindow()
+        window = MachineWindow(gpu)
         before = probe()
         timing = time_calls(lambda: model(batch), sync, warmup_s=hardware.warmup_s, measure_s=hardware.measure_s,
                             max_measure_s=hardware.max_measure_s, ci_tolerance=hardware.ci_tolerance,
@@ -167,7 +171,7 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     # Others busy on the CPUs, or a slowed host, while timing: wait for it to pass and measure again; keep the
     # least disturbed.
     timing, disturbance = least_disturbed(attempt, lambda: wait_for_quiet(
-        settle_s(hardware.measure_s), sample=lambda s: replace(sample_share(s), host_slowdown=probe())))
+        settle_s(hardware.measure_s), sample=lambda s: replace(sample_share(s, gpu), host_slowdown=probe())))
     weight_bytes = _size(model)[1]
     peak = peak_memory(lambda: model(batch), device, weight_bytes)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model counts as its eager self: same algorithm
@@ -207,6 +211,8 @@ def _add_disturbance(profile: dict[str, Any], record: dict[str, Any]) -> None:
         profile.setdefault("disturbed", None)
     else:
         profile["disturbed"] = bool(profile.get("disturbed")) or record["disturbed"]
+    if "gpu_unavailable" in record:  # the host's reading stands; what NVML could not tell is said
+        profile["unavailable"]["gpu disturbance"] = record["gpu_unavailable"]
 
 
 def metrics_from_batches(batches: dict[int, dict[str, Any]], params: float, hardware: Any) -> dict[str, float]:

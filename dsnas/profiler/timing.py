@@ -79,7 +79,7 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
     """Warm up for ``warmup_s``; then time calls for at least ``min_repeats`` and ``measure_s``, and on until the
     median's confidence interval is within ``ci_tolerance`` (relative half-width) or ``max_measure_s`` passed.
     ``events``: a CUDA event factory (torch.cuda.Event) to also record device time per call. ``window``: a context
-    entered around the timed calls only, not the warm-up (a disturbance.CpuWindow watching the machine). Freed
+    entered around the timed calls only, not the warm-up (a disturbance.MachineWindow watching the machine). Freed
     memory is held first (dsnas.allocator): a call must not pay for page faults that the heap's history decides."""
     hold_freed_memory()
     deadline = time.perf_counter() + warmup_s

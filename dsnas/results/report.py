@@ -180,8 +180,8 @@ def _disturbed_note(spec: StudySpec, df: Any) -> str:
     if not trials:
         return ""
     return (f"disturbed: trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))} measured while other "
-            "processes took the CPUs or the host ran slow (even after retries): speed figures suspect. Fix: "
-            f"re-measure on a quiet machine with `dsnas profile {spec.path} --trial N`")
+            "processes took the CPUs or the GPU, or the host ran slow (even after retries): speed figures suspect. "
+            f"Fix: re-measure on a quiet machine with `dsnas profile {spec.path} --trial N`")
 
 
 def _counts(df: Any) -> str:
