@@ -163,13 +163,15 @@ def repeatability(sec: Any, dev: torch.device) -> None:
                      f"{statistics.stdev(device_ms) / statistics.mean(device_ms):.2%} (wall-clock CV above)")
     sec.check("flop_util of the bf16 model at batch 256", runs[0][0].get("flop_util_bs256"), 0.01, 1.0,
               why="against the bf16 tensor-core peak: above 1 is impossible, as the fp32 peak once made it look")
-    # The H200's medians fell in two groups 3% apart at the same SM clock: the steady window's power, memory clock
-    # and clock-event reasons (power or thermal capping) say whether the board's state moved between them.
+    # The H200's medians fell in two groups 3% apart at the same SM clock: the steady window's power, memory clock,
+    # clock-event reasons and temperature, and the share of each timing window the driver held the clocks down for
+    # power or heat (dsnas.profiler.gpu_share), say whether the board's state moved between them.
     sec.note("per measurement: " + "; ".join(
         f"{m['throughput_tok_s']:,.0f} tok/s at batch 256, SM clock {m.get('sm_clock_mhz', float('nan')):.0f} MHz, "
         f"memory clock {p.get('window', {}).get('mem_clock_mhz_end', float('nan')):.0f} MHz, "
         f"{m.get('power_w', float('nan')):.0f} W, clock events "
         f"{','.join(p.get('window', {}).get('clock_events_end') or []) or 'none'}, "
+        f"{p.get('window', {}).get('temperature_c_end', float('nan')):.0f} C, "
         f"timing windows held down by power or heat (batch 256/32) {_throttled(p, 256)}/{_throttled(p, 32)}"
         for m, p in runs))
 
@@ -213,10 +215,11 @@ def co_tenant(sec: Any, dev: torch.device) -> None:
     sec.check("others' share of the SMs, measured alone", alone.get("others_gpu_share"), 0, GPU_THRESHOLD,
               why=alone.get("gpu_unavailable", "nothing else runs on the GPU"))
     seen = [a.get("others_gpu_share") for a in shared["attempts"]]
+    shown = ", ".join("-" if v is None else f"{v:.2f}" for v in seen)
     sec.check("others' share of the SMs beside a process looping GEMMs, least of the attempts",
               None if None in seen else min(seen), GPU_THRESHOLD, 1.0,
-              why=shared.get("gpu_unavailable") or f"attempts {', '.join('-' if v is None else f'{v:.2f}' for v in seen)}; the model "
-              f"took {slowed:.2f}x its time alone (d512 L2 bf16, batch 32)")
+              why=shared.get("gpu_unavailable") or f"attempts {shown}; the model took {slowed:.2f}x its time "
+              "alone (d512 L2 bf16, batch 32)")
     sec.fact("a measurement beside the co-tenant is flagged disturbed", bool(shared_p.get("disturbed")),
              str(shared_p.get("disturbed")), f"its kept attempt: {shared.get('others_gpu_share')} of the SMs to others")
 

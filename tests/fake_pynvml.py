@@ -36,6 +36,7 @@ class FakeGpu:
     sm_clock_max: int = 1_980
     mem_clock_max: int = 2_619
     clock_events: int = 0
+    temperature_c: int = 41
     gpm_supported: bool = True
     gpm_percent: dict[int, float] = field(default_factory=lambda: {
         real.NVML_GPM_METRIC_SM_UTIL: 80.0, real.NVML_GPM_METRIC_SM_OCCUPANCY: 40.0,
@@ -146,6 +147,12 @@ class FakePynvml(types.ModuleType):
         self._enter("nvmlDeviceGetMaxClockInfo")
         gpu = self._gpu(handle)
         return {real.NVML_CLOCK_SM: gpu.sm_clock_max, real.NVML_CLOCK_MEM: gpu.mem_clock_max}[clock]
+
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
+        self._enter("nvmlDeviceGetTemperature")
+        if sensor != real.NVML_TEMPERATURE_GPU:
+            raise real.NVMLError_InvalidArgument()
+        return self._gpu(handle).temperature_c
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
         self._enter("nvmlDeviceGetCurrentClocksEventReasons")

@@ -217,6 +217,7 @@ def test_window_converts_units(install):
         pytest.approx(0.8), pytest.approx(0.4), pytest.approx(0.6), pytest.approx(0.3))  # % -> ratio
     assert (result.sm_clock_mhz_start, result.sm_clock_mhz_end, result.sm_clock_mhz_max) == (1755, 1755, 1980)
     assert (result.mem_clock_mhz_start, result.mem_clock_mhz_end, result.mem_clock_mhz_max) == (2619, 2619, 2619)
+    assert (result.temperature_c_start, result.temperature_c_end) == (41, 41)  # degrees C, as NVML gives them
     assert result.unavailable == {}
     assert_reasons_complete(result)
 
@@ -335,7 +336,7 @@ def test_clock_events_fall_back_to_the_throttle_reasons_of_an_older_nvidia_ml_py
 def test_every_figure_refused_leaves_the_timing_and_a_reason_for_each(install):
     refused = ["nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetUtilizationRates",
                "nvmlDeviceGetClockInfo", "nvmlDeviceGetMaxClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
-               "nvmlGpmQueryDeviceSupport"]
+               "nvmlDeviceGetTemperature", "nvmlGpmQueryDeviceSupport"]
     install(gpus(1), fail=dict.fromkeys(refused, real.NVMLError_NoPermission))
     result = window()
     assert result.calls > 0 and result.seconds > 0.1

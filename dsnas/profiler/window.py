@@ -54,6 +54,9 @@ class WindowResult:
     mem_clock_mhz_max: float | None = None
     clock_events_start: list[str] | None = None
     clock_events_end: list[str] | None = None
+    # At equal clocks a hotter GPU draws more power and meets its power limit sooner.
+    temperature_c_start: float | None = None
+    temperature_c_end: float | None = None
     sm_util: float | None = None
     sm_occupancy: float | None = None
     tensor_util: float | None = None
@@ -126,7 +129,8 @@ def _put(got: dict[str, Any], missing: dict[str, str], key: str, value: Any, why
 
 
 def _snapshot(handle: Any, when: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Energy counter, clocks and clock events at one end of the window (field names end in ``when``)."""
+    """Energy counter, clocks, clock events and temperature at one end of the window (field names end in
+    ``when``)."""
     import pynvml
 
     got: dict[str, Any] = {}
@@ -141,6 +145,8 @@ def _snapshot(handle: Any, when: str) -> tuple[dict[str, Any], dict[str, str]]:
             _put(got, missing, f"{name}_max", value, why, "max clock")
     events, why = _clock_events(handle)
     _put(got, missing, f"clock_events_{when}", events, why, "clock events")
+    value, why = _call("nvmlDeviceGetTemperature", handle, pynvml.NVML_TEMPERATURE_GPU)  # degrees C
+    _put(got, missing, f"temperature_c_{when}", value, why, "temperature")
     return got, missing
 
 
