@@ -365,31 +365,69 @@ def launch_costs(sec: Any, dry: bool) -> None:
     n = 64 if dry else 1024
     x = torch.randn(16, n, device=dev, dtype=torch.float32 if dry else torch.bfloat16)
     kinds = kb.CPU_KINDS[1:] if dry else (*kb.CUDA_KINDS, Kind("2:4 fp8", "fp8", "2:4"))
+    def cost(label: str, backend: str, fn: Any) -> list[Any]:
+        host, call = [], []
+        with torch.inference_mode():
+            for _ in range(5):
+                fn(x)
+            for _ in range(30):
+                sync(dev)
+                start = time.perf_counter_ns()
+                fn(x)
+                host.append((time.perf_counter_ns() - start) / 1e3)
+                sync(dev)
+                call.append(call_ms(lambda: fn(x), lambda: sync(dev)) * 1e3)
+            seen = _kernels(fn, x, dev, top=100)  # every kernel (CPU: operator) with its number of calls
+        top = seen.get("top", [])
+        return [label, backend, sum(k["calls"] for k in top) or "-", statistics.median(host),
+                statistics.median(call), "-" if dry else seen.get("total_us", "-"),
+                ", ".join(f"{k['name']} x{k['calls']}" for k in top[:4])[:160]]
+
     rows = []
     for kind in kinds:
         layer, why = kb.build_or_reason(kind, n, n, dev, {16: x})
         if layer is None:
             rows.append([kind.label, "unavailable", "-", "-", "-", "-", why[:120]])
             continue
-        host, call = [], []
-        with torch.inference_mode():
-            for _ in range(5):
-                layer(x)
-            for _ in range(30):
-                sync(dev)
-                start = time.perf_counter_ns()
-                layer(x)
-                host.append((time.perf_counter_ns() - start) / 1e3)
-                sync(dev)
-                call.append(call_ms(lambda: layer(x), lambda: sync(dev)) * 1e3)
-            seen = _kernels(layer, x, dev, top=100)  # every kernel (CPU: operator) with its number of calls
-        top = seen.get("top", [])
-        rows.append([kind.label, layer.backend, sum(k["calls"] for k in top) or "-", statistics.median(host),
-                     statistics.median(call), "-" if dry else seen.get("total_us", "-"),
-                     ", ".join(f"{k['name']} x{k['calls']}" for k in top[:4])[:160]])
+        rows.append(cost(kind.label, layer.backend, layer))
+        for name, fn in _library_calls(layer, x):  # the library call alone: what the layer adds around it
+            rows.append(cost(f"{kind.label}: {name}", "library call alone", fn) if callable(fn)
+                        else [f"{kind.label}: {name}", "unavailable", "-", "-", "-", "-", fn[:120]])
     sec.table(f"one call at 16 rows, {n}x{n}: launches, host time to return, synchronized call time, kernel time",
               ["layer type", "backend", "operators" if dry else "kernel launches", "host us", "call us",
                "kernel us", "longest"], rows)
+
+
+def _library_calls(layer: Any, x: torch.Tensor) -> list[tuple[str, Any]]:
+    """The GEMM library call inside an fp8, int8-static or cuSPARSELt layer, on operands prepared once, each as a
+    function of x (ignored), or why it cannot run: what the call costs without the layer's quantization, casts and
+    Python around it. For 2:4, also with the algorithm cuSPARSELt's own search picks (torch's default is 0)."""
+    from dsnas.kernels.quant import fp8_quantize_rows
+
+    inner = layer.inference
+    if hasattr(inner, "weight_fp8"):
+        values, scale = fp8_quantize_rows(x.reshape(-1, inner.in_features))
+        return [("torch._scaled_mm", lambda _x: torch._scaled_mm(
+            values, inner.weight_fp8.t(), scale_a=scale, scale_b=inner.weight_scale, bias=inner.bias,
+            out_dtype=torch.bfloat16, use_fast_accum=inner.fast_accum))]
+    kernel = getattr(inner, "kernel", None)
+    if hasattr(kernel, "weight_int8"):
+        q = torch.zeros(17, x.shape[-1], dtype=torch.int8, device=x.device)  # as the layer pads 16 rows to 17
+        return [("torch._int_mm", lambda _x: torch._int_mm(q, kernel.weight_int8.t()))]
+    packed = getattr(getattr(inner, "weight", None), "packed", None)
+    if packed is None:
+        return []
+    weight = inner.weight
+    dense_t = x.to(inner.dtype).t()
+    calls = [("torch._cslt_sparse_mm", lambda _x: torch._cslt_sparse_mm(
+        packed, dense_t, transpose_result=True, alg_id=weight.alg_id_cusparselt))]
+    try:
+        alg = torch._cslt_sparse_mm_search(packed, dense_t)
+    except (RuntimeError, TypeError) as e:
+        return [*calls, ("searched algorithm", f"the search failed: {type(e).__name__}: {e}")]
+    calls.append((f"torch._cslt_sparse_mm, searched algorithm {alg}", lambda _x: torch._cslt_sparse_mm(
+        packed, dense_t, transpose_result=True, alg_id=alg)))
+    return calls
 
 
 def engine_layers_alone(sec: Any, dry: bool) -> None:
