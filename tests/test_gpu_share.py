@@ -90,6 +90,17 @@ def test_while_this_process_waits_every_other_process_counts_and_none_is_quiet(f
     assert window(handle, busy=True).others is None  # but a timing window without this process's sample: unknown
 
 
+def test_an_empty_answer_nvidia_ml_py_raises_as_success_is_no_process(fake, monkeypatch):
+    """nvidia-ml-py raises NVMLError(NVML_SUCCESS) when the driver's size query finds nothing to size."""
+    module, handle = fake()
+
+    def empty(_handle, _since):
+        raise real.NVMLError(real.NVML_SUCCESS)
+
+    monkeypatch.setattr(module, "nvmlDeviceGetProcessUtilization", empty, raising=False)
+    assert window(handle, busy=False).others == 0.0
+
+
 def test_per_process_utilization_refused_is_unknown_with_the_reason(fake):
     _, handle = fake(processes=[(ME, 90)], fail={"nvmlDeviceGetProcessUtilization": real.NVMLError_NoPermission})
     share = window(handle)

@@ -81,10 +81,12 @@ def _others_sm_share(handle: Any, since_us: int, pid: int, busy: bool) -> tuple[
 
     try:
         samples = pynvml.nvmlDeviceGetProcessUtilization(handle, since_us)
-    except pynvml.NVMLError_NotFound:  # no process used the GPU since then
-        samples = []
     except pynvml.NVMLError as err:
-        return None, _why(err)
+        # No process used the GPU since then: NOT_FOUND, or (nvidia-ml-py's wrapper raises on any answer to its
+        # size query but "buffer too small") an empty success.
+        if getattr(err, "value", None) not in (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_SUCCESS):
+            return None, _why(err)
+        samples = []
     except AttributeError:
         return None, "nvidia-ml-py has no nvmlDeviceGetProcessUtilization (upgrade nvidia-ml-py)"
     util: dict[int, list[int]] = {}
