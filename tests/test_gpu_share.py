@@ -148,7 +148,8 @@ def test_a_co_tenant_makes_the_measurement_retry_and_the_least_disturbed_is_kept
     module, handle = fake(processes=[(ME, 60), (4242, 70)])
 
     def attempt() -> tuple[str, Share]:
-        with MachineWindow((handle, "")) as w:
+        # The host's CPUs unread, so that only the GPU decides (a busy test machine must not add attempts).
+        with MachineWindow((handle, ""), read=lambda: "no /proc/stat in this test") as w:
             time.sleep(0.01)
         return f"attempt with {len(module.gpus[0].processes)} processes", w.share
 
@@ -175,7 +176,7 @@ def test_a_gpu_without_an_nvml_handle_says_why_in_the_record_and_the_profile():
 def test_waiting_for_quiet_samples_the_gpu_too(fake):
     _, handle = fake(processes=[(4242, 50)])
     share = sample_share(0.01, (handle, ""))
-    assert share.gpu is not None and share.gpu.others == pytest.approx(0.5) and share.disturbed() is True
+    assert share.gpu is not None and share.gpu.others == pytest.approx(0.5) and share.severity() >= 5.0
     assert sample_share(0.01).gpu is None  # the CPU's: no GPU reading at all
 
 
