@@ -70,8 +70,8 @@ class Run:
         sec.table("dsnas doctor", ["capability", "available", "detail"],
                   [[c.name, "yes" if c.available else "no", c.detail] for c in caps])
         wanted = ("torch.compile", "CPU") if self.dry else \
-            ("CUDA", "NVML", "energy counter", "GPM", "power", "utilization", "clocks", "CUPTI activities",
-             "torch.compile")
+            ("CUDA", "NVML", "energy counter", "GPM", "power", "utilization", "clocks", "process utilization",
+             "clock slowdowns", "CUPTI activities", "torch.compile")
         for name in wanted:
             sec.fact(f"doctor: {name}", caps[name].available, caps[name].detail[:160])
         fp = fingerprint(self.device)

@@ -375,10 +375,22 @@ def test_as_profile_keeps_the_reasons_and_drops_the_missing_numbers(install):
 def test_capabilities_all_available(install):
     install(gpus(1), cuda=[torch_props(0)])
     caps = nvml.nvml_capabilities(torch.device("cuda", 0))
-    assert set(caps) == {"nvml", "energy_counter", "gpm", "power", "utilization", "clocks"}
+    assert set(caps) == {"nvml", "energy_counter", "gpm", "power", "utilization", "clocks", "process_utilization",
+                         "clock_slowdowns"}
     assert all(ok for ok, _ in caps.values()), caps
     assert caps["nvml"][1].startswith("driver 570.124.06")
     assert caps["clocks"] == (True, "SM up to 1980 MHz")
+    assert caps["process_utilization"] == (True, "other processes' SM use readable")
+    assert caps["clock_slowdowns"] == (True, "power 7.0 s, thermal 0.0 s held down since the driver loaded")
+
+
+def test_capabilities_say_why_the_gpu_disturbance_readings_are_missing(install):
+    install(gpus(1), cuda=[torch_props(0)], fail={"nvmlDeviceGetProcessUtilization": real.NVMLError_NoPermission,
+                                                  "nvmlDeviceGetViolationStatus": real.NVMLError_NotSupported})
+    caps = nvml.nvml_capabilities(torch.device("cuda", 0))
+    assert caps["process_utilization"] == (False, "process utilization: no permission (containers often deny it)")
+    assert caps["clock_slowdowns"] == (False, "clock slowdowns: not supported on this device")
+    assert caps["power"][0]  # the rest still read
 
 
 def test_capabilities_without_nvml_all_say_why(install):

@@ -20,7 +20,8 @@ from dsnas.profiler.nvml import nvml_handle
 KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
                    "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm")
 # The rows nvml_capabilities reports, in the order the table shows them.
-NVML_ROWS = ("NVML", "energy counter", "GPM", "power", "utilization", "clocks")
+NVML_ROWS = ("NVML", "energy counter", "GPM", "power", "utilization", "clocks", "process utilization",
+             "clock slowdowns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 

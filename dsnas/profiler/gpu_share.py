@@ -99,3 +99,15 @@ def _others_sm_share(handle: Any, since_us: int, pid: int, busy: bool) -> tuple[
                       "another PID namespace (a container) or samples more slowly than the window lasted")
     others = sum(sum(v) / len(v) for p, v in util.items() if p != pid) / 100
     return min(1.0, others), None
+
+
+def share_capabilities(handle: Any) -> dict[str, tuple[bool, str]]:
+    """For ``dsnas doctor``: whether this device gives the two readings, each with a detail or the reason not."""
+    caps = {}
+    _, why = _others_sm_share(handle, 0, os.getpid(), busy=False)
+    caps["process_utilization"] = (True, "other processes' SM use readable") if why is None else \
+        (False, f"process utilization: {why}")
+    held, why = _violation_ns(handle)
+    caps["clock_slowdowns"] = (False, f"clock slowdowns: {why}") if held is None else (
+        True, ", ".join(f"{name} {ns / 1e9:.1f} s" for name, ns in held.items()) + " held down since the driver loaded")
+    return caps

@@ -66,7 +66,8 @@ def gpm_supported(handle: Any) -> tuple[bool, str]:
 
 def nvml_capabilities(device: Any) -> dict[str, tuple[bool, str]]:
     """For ``dsnas doctor``: which NVML figures this device gives, each with a detail or the reason not."""
-    names = ("nvml", "energy_counter", "gpm", "power", "utilization", "clocks")
+    names = ("nvml", "energy_counter", "gpm", "power", "utilization", "clocks", "process_utilization",
+             "clock_slowdowns")
     handle, how = nvml_handle(device)
     if handle is None:
         return dict.fromkeys(names, (False, how))
@@ -82,6 +83,9 @@ def nvml_capabilities(device: Any) -> dict[str, tuple[bool, str]]:
                                  "nvmlDeviceGetUtilizationRates", handle)
     caps["clocks"] = _probe("clocks", lambda v: f"SM up to {v} MHz", "nvmlDeviceGetMaxClockInfo", handle,
                             pynvml.NVML_CLOCK_SM)
+    from dsnas.profiler.gpu_share import share_capabilities  # here: gpu_share reads NVML through this module
+
+    caps.update(share_capabilities(handle))
     return caps
 
 
