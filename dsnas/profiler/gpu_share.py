@@ -1,8 +1,8 @@
 """Was a GPU measurement disturbed? What NVML saw of the device while the calls were timed: other processes' share
 of its SMs (the driver's per-process utilization samples) and the share of the window its clocks were held down by
 the power limit or by heat (the driver's violation counters). The host-side reading (dsnas.profiler.disturbance)
-sees neither: a process on another machine's CPU, or in another container, can share this GPU. Reading it loads no
-torch; NVML comes from dsnas.profiler.nvml."""
+sees neither: a co-tenant shows there only through its CPU time, and a process that keeps the GPU busy spends little
+(it launches, then waits). Reading it loads no torch; NVML comes from dsnas.profiler.nvml."""
 
 from __future__ import annotations
 
