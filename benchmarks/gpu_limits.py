@@ -147,7 +147,16 @@ def repeatability(sec: Any, dev: torch.device) -> None:
     task = RandomTokens(arch["context"])
     hardware = HardwareSpec(device=dev.type, batch_sizes=(32, 256), warmup_s=0.2, measure_s=0.5, steady_s=0.2,
                             cuda_graphs=True)
-    runs = [measure(model, task, dev, hardware) for _ in range(5)]
+    # A fixed GEMM timed before each measurement: if it steps with the model's medians, the device's speed moved;
+    # if it holds while they step, the model's own placement or launches did.
+    a = torch.randn(GEMM_N, GEMM_N, device=dev, dtype=torch.bfloat16)
+    reference_ms, runs = [], []
+    for _ in range(5):
+        reference_ms.append(statistics.median(event_ms(lambda: a @ a, calls=10, warmup=2)))
+        runs.append(measure(model, task, dev, hardware))
+    sec.note(f"reference bf16 GEMM {GEMM_N}^3 before each measurement (CUDA events, median of 10): "
+             + ", ".join(f"{m:.4f}" for m in reference_ms)
+             + f" ms, CV {statistics.stdev(reference_ms) / statistics.mean(reference_ms):.2%}")
     for bs, key, what in ((256, "latency_ms", "wall-clock"), (32, "latency_ms", "wall-clock, launch-bound"),
                           (32, "graph_latency_ms", "CUDA-graph replay")):
         ms = [metrics[f"{key}_bs{bs}"] for metrics, _ in runs]
