@@ -149,14 +149,20 @@ def repeatability(sec: Any, dev: torch.device) -> None:
                             cuda_graphs=True)
     # A fixed GEMM timed before each measurement: if it steps with the model's medians, the device's speed moved;
     # if it holds while they step, the model's own placement or launches did.
+    # The host's dispatch speed likewise: eager calls at batch 32 are bound by the host's launches (H200: CV 19%).
     a = torch.randn(GEMM_N, GEMM_N, device=dev, dtype=torch.bfloat16)
-    reference_ms, runs = [], []
+    reference_ms, dispatch_us, runs = [], [], []
     for _ in range(5):
         reference_ms.append(statistics.median(event_ms(lambda: a @ a, calls=10, warmup=2)))
+        dispatch_us.append(_dispatch_us())
         runs.append(measure(model, task, dev, hardware))
     sec.note(f"reference bf16 GEMM {GEMM_N}^3 before each measurement (CUDA events, median of 10): "
              + ", ".join(f"{m:.4f}" for m in reference_ms)
              + f" ms, CV {statistics.stdev(reference_ms) / statistics.mean(reference_ms):.2%}")
+    eager = [metrics["latency_ms_bs32"] for metrics, _ in runs]
+    sec.note("host dispatch before each measurement (one tiny CPU torch op, median): "
+             + ", ".join(f"{d:.2f}" for d in dispatch_us) + " us; Pearson correlation with the eager batch-32 "
+             f"medians: {_correlation(dispatch_us, eager):.2f}")
     for bs, key, what in ((256, "latency_ms", "wall-clock"), (32, "latency_ms", "wall-clock, launch-bound"),
                           (32, "graph_latency_ms", "CUDA-graph replay")):
         ms = [metrics[f"{key}_bs{bs}"] for metrics, _ in runs]
@@ -183,6 +189,27 @@ def repeatability(sec: Any, dev: torch.device) -> None:
         f"{p.get('window', {}).get('temperature_c_end', float('nan')):.0f} C, "
         f"timing windows held down by power or heat (batch 256/32) {_throttled(p, 256)}/{_throttled(p, 32)}"
         for m, p in runs))
+
+
+def _dispatch_us(calls: int = 2000) -> float:
+    """The host's time to dispatch one tiny CPU torch op (an add of two 1-element tensors), median over ``calls``
+    in microseconds: the path every eager kernel launch also takes, single-threaded."""
+    import time
+
+    x, y = torch.ones(1), torch.ones(1)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        torch.add(x, y)
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1e3
+
+
+def _correlation(xs: list[float], ys: list[float]) -> float:
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:  # a constant series
+        return float("nan")
 
 
 def _throttled(profile: dict[str, Any], bs: int) -> str:
