@@ -221,9 +221,7 @@ def co_tenant(sec: Any, dev: torch.device) -> None:
     """A second process looping bf16 GEMMs on this GPU (benchmarks/gpu_co_tenant.py) during a dsnas measurement:
     NVML's per-process samples must show it past the line (dsnas.profiler.gpu_share), and the measurement is
     flagged. How much it slowed the model, against a measurement alone just before, is the evidence for the line."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    import gpu_co_tenant  # benchmarks/gpu_co_tenant.py, beside this file
 
     from dsnas.profiler import measure
     from dsnas.profiler.disturbance import GPU_THRESHOLD
@@ -235,17 +233,16 @@ def co_tenant(sec: Any, dev: torch.device) -> None:
     hardware = HardwareSpec(device=dev.type, batch_sizes=(32,), warmup_s=0.2, measure_s=0.5, max_measure_s=0.5,
                             steady_s=0.2)
     alone_m, alone_p = measure(model, task, dev, hardware)
-    hog = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gpu_co_tenant.py")), "30"],
-                           stdout=subprocess.PIPE, text=True)
     try:
-        ready = hog.stdout is not None and hog.stdout.readline().strip() == "ready"
-        shared_m, shared_p = measure(model, task, dev, hardware) if ready else (None, None)
+        hog = gpu_co_tenant.start(30)
+    except RuntimeError as err:
+        sec.fact("a co-tenant process on the GPU", False, "did not start", str(err))
+        return
+    try:
+        shared_m, shared_p = measure(model, task, dev, hardware)
     finally:
         hog.kill()
         hog.wait()
-    if shared_p is None:
-        sec.fact("a co-tenant process on the GPU", False, "did not start", f"exit status {hog.returncode}")
-        return
     alone, shared = alone_p["batches"]["32"]["disturbance"], shared_p["batches"]["32"]["disturbance"]
     slowed = shared_m["latency_ms"] / alone_m["latency_ms"]
     sec.check("others' share of the SMs, measured alone", alone.get("others_gpu_share"), 0, GPU_THRESHOLD,

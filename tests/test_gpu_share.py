@@ -5,7 +5,6 @@ an NVIDIA GPU under ``-m gpu``, with a real second process on the device."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -182,7 +181,23 @@ def test_waiting_for_quiet_samples_the_gpu_too(fake):
 
 # --- On an NVIDIA GPU -----------------------------------------------------------------------------------------
 
-CO_TENANT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_co_tenant.py"
+def _co_tenant():
+    """benchmarks/gpu_co_tenant.py, loaded by path (benchmarks/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_co_tenant.py"
+    spec = importlib.util.spec_from_file_location("gpu_co_tenant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_co_tenant_that_is_not_ready_in_time_is_killed_and_said_not_waited_for():
+    """The GPU check must not hang on a CUDA start that hangs: the child is killed at the deadline."""
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the co-tenant process did not start: exit status -9"):
+        _co_tenant().start(30, ready_within_s=0.01)  # importing torch alone takes longer
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.gpu
@@ -198,9 +213,8 @@ def test_a_process_running_gemms_on_the_same_gpu_is_detected():
     task = make_task(TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 64}, "."))
     model = build({"family": "transformer_lm", "d_model": 512, "layers": [{"n_heads": 8, "ffn_ratio": 4}] * 2,
                    **task.arch_defaults()}).cuda()
-    hog = subprocess.Popen([sys.executable, str(CO_TENANT), "60"], stdout=subprocess.PIPE, text=True)
+    hog = _co_tenant().start(60)
     try:
-        assert hog.stdout is not None and hog.stdout.readline().strip() == "ready"
         _, profile = measure(model, task, torch.device("cuda"), HardwareSpec(
             device="cuda", batch_sizes=(32,), warmup_s=0.2, measure_s=0.5, max_measure_s=0.5, steady_s=0.2))
     finally:
