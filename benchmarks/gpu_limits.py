@@ -398,6 +398,7 @@ def launch_costs(sec: Any, dry: bool) -> None:
     n = 64 if dry else 1024
     x = torch.randn(16, n, device=dev, dtype=torch.float32 if dry else torch.bfloat16)
     kinds = kb.CPU_KINDS[1:] if dry else (*kb.CUDA_KINDS, Kind("2:4 fp8", "fp8", "2:4"))
+
     def cost(label: str, backend: str, fn: Any) -> list[Any]:
         host, call = [], []
         with torch.inference_mode():
