@@ -71,10 +71,14 @@ class Share:
     def load(self) -> float:
         return (self.others or 0.0) + (self.steal or 0.0)
 
+    @property
+    def gpu_others(self) -> float | None:
+        return None if self.gpu is None else self.gpu.others
+
     def disturbed(self, threshold: float = THRESHOLD) -> bool | None:
         """Steal counts: CPU time a hypervisor gave to another guest is CPU time the measurement waited for. So
         does a slowed host, which neither share shows, and other processes on the GPU."""
-        if self.others is None and self.host_slowdown is None and (self.gpu is None or self.gpu.others is None):
+        if self.others is None and self.host_slowdown is None and self.gpu_others is None:
             return None
         return self.severity(threshold) > 1.0
 
@@ -83,7 +87,7 @@ class Share:
         attempts. A GPU held down by power or heat is not among them: a model that loads the GPU to its power limit
         runs at that speed whenever it runs, so its share is recorded, not retried."""
         slowed = 0.0 if self.host_slowdown is None else (self.host_slowdown - 1) / (SLOWDOWN_LIMIT - 1)
-        on_gpu = 0.0 if self.gpu is None or self.gpu.others is None else self.gpu.others / GPU_THRESHOLD
+        on_gpu = (self.gpu_others or 0.0) / GPU_THRESHOLD
         return max(self.load / threshold, slowed, on_gpu)
 
     def as_dict(self) -> dict[str, Any]:
