@@ -9,8 +9,8 @@ reason when the --budget-s would overrun:
             against bf16), torchao's INT8 path per row count, and each layer type alone at 1024^2..8192^2 against
             bf16 F.linear with L2 flushed
   training  fp16 with loss scaling and one forced overflow (per-layer fp32 fallback), bf16
-  search    a 6-trial study on search_spaces/transformer_lm_gpu.toml (local executor, SQLite, successive halving,
-            a tiny training budget), the knee exported and `dsnas verify`'d
+  search    the shipped GPU study, studies/engine_gpu.toml, at 6 trials and a tiny training budget (local executor,
+            SQLite, successive halving), the knee exported and `dsnas verify`'d
   gain      each of its candidates with an engine choice against its fp32 dense twin, both trained here from the
             same seed: throughput ratio (>= 1.4x on an H200) and accuracy side by side
   profile   `dsnas profile BUNDLE --kernels --cuda-graphs`, and its kernel table against the device time of a call
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_STUDY = ROOT / "studies" / "engine_gpu.toml"
 sys.path.insert(0, str(ROOT))
 import gpu_limits as gl  # noqa: E402  (beside this file)
 import torch  # noqa: E402
@@ -142,17 +143,19 @@ class Run:
             sec.fact(f"verify {row.figure}", ok, f"{row.recorded} -> {row.now} ({row.drift})", why)
 
     def _study_text(self, folder: Path) -> str:
-        space = ROOT / "search_spaces" / "transformer_lm_gpu.toml"
-        if self.dry:  # the GPU space's keys with what a CPU runs in seconds
-            space = folder / "space_cpu.toml"
+        """The shipped GPU study (studies/engine_gpu.toml: its space, task shape and batch sizes) at a budget the
+        check can afford; in a dry run, the GPU space's keys at what a CPU runs in seconds, and batch 32."""
+        from dsnas.spec import read_study
+
+        shipped = read_study(SHIPPED_STUDY)
+        space, largest = shipped.space.file, max(shipped.hardware.batch_sizes)
+        context, batch = shipped.task.params["context"], shipped.task.params["batch_size"]
+        if self.dry:
+            space, largest = folder / "space_cpu.toml", 32
             space.write_text('family = "transformer_lm"\n[choices]\nn_layers = [1, 2]\nd_model = [32, 64]\n'
                              'grad_checkpoint = [0, 1]\n[per_layer]\nn_heads = [2, 4]\nffn_ratio = [2, 4]\n'
                              'precision = "auto"\nsparsity = ["dense", "2:4", "auto"]\n')
         n, tokens, val = (3, 4096, 1024) if self.dry else (6, 65_536, 8192)
-        # Throughput at a batch that keeps the GPU busy: on the H200, batch 32 of these widths took as long as
-        # batch 1 (1.93 against 1.90 ms for d512 L2), bound by the host's launches, so an engine choice could not
-        # show there what it buys (the gain section compares at the largest batch size).
-        largest = 32 if self.dry else 256
         return f"""[study]
 name = "gpu_check"
 seed = 0
@@ -166,8 +169,8 @@ file = "{space}"
 [task]
 name = "charlm"
 corpus_bytes = 400_000
-context = 64
-batch_size = 32
+context = {context}
+batch_size = {batch}
 train_tokens = {tokens}
 val_tokens = {val}
 [hardware]

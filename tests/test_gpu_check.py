@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,25 @@ def test_sections_run_in_budget_a_raising_one_is_an_error_and_the_rest_still_run
 
 
 @pytest.mark.slow
+def test_the_checks_search_is_the_shipped_gpu_study_at_the_checks_budget(tmp_path):
+    """On a GPU the check searches studies/engine_gpu.toml as a user would (its space, task shape and batch sizes),
+    only with fewer trials and tokens, so that what the check finds holds for the shipped study."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import gpu_check; "
+            "run = gpu_check.Run.__new__(gpu_check.Run); run.dry, run.device = False, gpu_check.torch.device('cuda'); "
+            f"print(run._study_text(Path({str(tmp_path)!r})))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-4000:]
+    check, shipped = tomllib.loads(run.stdout), tomllib.loads((REPO / "studies" / "engine_gpu.toml").read_text())
+    assert Path(check["space"]["file"]) == (REPO / "studies" / shipped["space"]["file"]).resolve()
+    assert check["hardware"]["batch_sizes"] == shipped["hardware"]["batch_sizes"]
+    assert max(check["hardware"]["batch_sizes"]) >= 256  # batch 32 was launch-bound on the H200
+    for key in ("context", "batch_size"):
+        assert check["task"][key] == shipped["task"][key]
+    assert check["budget"]["n_trials"] < shipped["budget"]["n_trials"]
+    assert check["task"]["train_tokens"] < shipped["task"]["train_tokens"]
+    assert check["executor"]["kind"] == shipped["executor"]["kind"] == "local"  # no Ray on the GPU machine
+
+
 def test_the_dry_run_checks_every_section_that_needs_no_cuda(tmp_path):
     """About 90 s on 2 cores: the engine in a model, training with a forced fp16 overflow, a 3-trial search
     with halving on the local executor (no Ray), export, verify, profile and compile, all on the CPU."""

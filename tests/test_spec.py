@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import check_message
 
 from dsnas.cli import main
 from dsnas.errors import SpecError
-from dsnas.spec import load_study
+from dsnas.spec import load_study, read_study
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = REPO / "search_spaces" / "transformer_lm.toml"
@@ -422,10 +423,19 @@ def test_the_repo_ships_studies() -> None:
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
 def test_shipped_study_loads(path: Path) -> None:
+    """Every shipped study reads; it loads to run where its device is (a GPU study on a CPU-only machine gives
+    the one-line error that says so, before any work)."""
     before = _files(path.parent)
-    spec = load_study(path)
+    spec = read_study(path)
     assert spec.path == str(path.resolve())
     assert Path(spec.space.file or "").is_file() or spec.space.callable
+    if spec.hardware.device == "cuda" and not torch.cuda.is_available():
+        with pytest.raises(SpecError) as e:
+            load_study(path)
+        assert e.value.key == "hardware.device" and "cuda needs a visible NVIDIA GPU" in str(e.value)
+        assert str(e.value).count("\n") == 0 and str(path.resolve()) in str(e.value)
+    else:
+        load_study(path)
     assert _files(path.parent) == before  # loading wrote nothing beside it
 
 
