@@ -202,3 +202,18 @@ def test_no_layer_shape_of_the_shipped_spaces_beats_the_gemm_ceiling():
     if max(rates.values()) > 1.15 * peak:  # a ceiling is the best of its measurements, as dsnas keeps it on a
         peak = max(peak, ceil.measure_ceilings(threads=threads).gemm_gflop_s)  # slow host (79 GFLOP/s, usually 200)
     assert all(rate <= 1.15 * peak for rate in rates.values()), (rates, peak)
+
+
+def test_the_stored_host_speed_reference_is_read_without_measuring(monkeypatch):
+    """`dsnas doctor`'s host-speed row judges its probes against the reference stored with this machine's ceilings
+    (a slow spell can outlast its second of probes); reading it measures nothing, and no entry reads as None."""
+    from dsnas.profiler.device import fingerprint
+
+    monkeypatch.setattr(ceil, "measure_ceilings", lambda threads=None: pytest.fail("measured"))
+    assert ceil.stored_reference(threads=2) is None
+    fp = fingerprint(torch.device("cpu"))
+    stored = Ceilings(120.0, 25.0, 2, 0.01, {"gemm": "g", "stream": "s"}, reference_ms=0.197)
+    store_entry(cache_file(), ceil.CACHE_TYPE, entry_key(fingerprint=fp, threads=2, method=ceil.CEILING_METHOD),
+                {"fingerprint": fp, "threads": 2, "ceilings": stored.as_dict()})
+    assert ceil.stored_reference(threads=2) == 0.197
+    assert ceil.stored_reference(threads=3) is None  # another thread count has its own reference

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -46,6 +47,62 @@ def test_a_slowed_host_is_disturbance_beside_the_cpu_shares_and_the_least_distur
     assert record["kept"] == 1 and record["disturbed"] is True and len(record["attempts"]) == MAX_ATTEMPTS
     assert record["host_slowdown"] == 1.05 and record["slowdown_limit"] == SLOWDOWN_LIMIT
     assert [a["host_slowdown"] for a in record["attempts"]] == [1.9, 1.05, 1.5]
+
+
+def test_steadiness_is_each_probe_against_the_fastest_of_them_and_of_the_stored_reference():
+    found = host_speed.Steadiness((0.20, 0.21, 0.32, 0.20, 0.30))
+    assert found.fastest_ms == 0.20 and found.median == pytest.approx(1.05) and found.slowest == pytest.approx(1.6)
+    assert found.share_slowed(SLOWDOWN_LIMIT) == pytest.approx(2 / 5)  # 1.6x and 1.5x; 1.05x is not
+    # A slow spell that outlasts the stretch looks steady against itself, and is not against the stored reference.
+    spell = (0.32, 0.33, 0.32)
+    assert host_speed.Steadiness(spell).share_slowed(SLOWDOWN_LIMIT) == 0.0
+    against = host_speed.Steadiness(spell, reference_ms=0.20)
+    assert against.fastest_ms == 0.20 and against.share_slowed(SLOWDOWN_LIMIT) == 1.0
+    assert against.slowest == pytest.approx(1.65)
+    # A probe faster than the stored reference is the fastest.
+    assert host_speed.Steadiness((0.18, 0.24), reference_ms=0.20).fastest_ms == 0.18
+
+
+def test_steadiness_probes_back_to_back_for_the_stretch():
+    answers = iter([0.2, 0.3, 0.25] + [0.2] * 1000)
+
+    def probe() -> float:
+        time.sleep(0.01)
+        return next(answers)
+
+    found = host_speed.steadiness(0.1, probe=probe)
+    assert 5 <= len(found.probes) <= 11 and found.probes[:3] == (0.2, 0.3, 0.25)
+    assert len(host_speed.steadiness(0.0, reference_ms=0.1, probe=lambda: 0.2).probes) == 2  # at least two
+
+
+@pytest.mark.parametrize("slow, steady", [(1, True), (2, False)])
+def test_doctor_calls_a_host_unsteady_when_its_probes_fall_past_the_disturbance_line_often(monkeypatch, slow,
+                                                                                            steady):
+    """1 probe in 25 past the line (4%) makes a retry rare: steady. 2 in 25 (8%): unsteady, with the figures."""
+    from dsnas.profiler import capabilities, ceilings
+
+    probes = (0.2,) * (25 - slow) + (0.3,) * slow
+    monkeypatch.setattr(ceilings, "stored_reference", lambda threads=None: 0.25)
+    monkeypatch.setattr(host_speed, "steadiness", lambda reference_ms=None: host_speed.Steadiness(probes, reference_ms))
+    row = capabilities._host_speed()
+    assert row.name == "host speed" and row.available is steady
+    assert row.detail.startswith("steady: " if steady else "unsteady: ")
+    assert "25 probes" in row.detail and "against the fastest probe, 0.200 ms" in row.detail
+    assert f"slowest 1.50x, {slow / 25:.0%} above 1.3x" in row.detail
+    assert ("expect retries" in row.detail) is not steady
+
+
+@pytest.mark.parametrize("reference, against", [
+    (0.15, "against the stored reference, 0.150 ms: median 1.33x, slowest 1.33x, 100%"),
+    (None, "against the fastest probe (none stored yet), 0.200 ms: median 1.00x, slowest 1.00x, 0%")])
+def test_doctor_judges_a_slow_spell_by_the_stored_reference(monkeypatch, reference, against):
+    from dsnas.profiler import capabilities, ceilings
+
+    monkeypatch.setattr(ceilings, "stored_reference", lambda threads=None: reference)
+    monkeypatch.setattr(host_speed, "steadiness", lambda reference_ms=None: host_speed.Steadiness((0.2,) * 20,
+                                                                                                 reference_ms))
+    row = capabilities._host_speed()
+    assert against in row.detail and row.available is (reference is None)
 
 
 def test_a_probe_times_the_reference_gemm():

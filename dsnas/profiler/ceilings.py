@@ -131,6 +131,22 @@ def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceiling
     return measured
 
 
+def stored_reference(threads: int | None = None) -> float | None:
+    """The host-speed reference stored with this machine's CPU ceilings for ``threads`` (torch's current count by
+    default), or None where none is stored yet. Reads only: nothing is measured."""
+    import torch
+
+    from dsnas.profiler.device import fingerprint
+
+    threads = threads or torch.get_num_threads()
+    key = entry_key(fingerprint=fingerprint(torch.device("cpu")), threads=threads, method=CEILING_METHOD)
+    entry = read_entries(cache_file(), CACHE_TYPE).get(key)
+    try:
+        return float(entry["ceilings"]["reference_ms"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _runs_faster_now(stored: Ceilings) -> float | None:
     """How much faster than its stored reference the host runs the reference GEMM now, when by more than
     REMEASURE_FACTOR (None otherwise, or without a stored reference): the ceilings were then measured in a slow

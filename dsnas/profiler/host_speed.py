@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 REFERENCE_N = 256  # fp32 256x256 @ 256x256: 34 MFLOP, ~0.2 ms on 2 EPYC cores, so a probe holds ~50 calls
 PROBE_S = 0.01  # two probes per window: ~7% of a 0.3 s window
@@ -55,3 +57,43 @@ def slowdown(reference: float | None) -> float | None:
     fastest = min(reference, _fastest.get(threads, reference), now)
     _fastest[threads] = fastest
     return now / fastest
+
+
+@dataclass(frozen=True)
+class Steadiness:
+    """The host's speed over a stretch of back-to-back probes (ms each), each against the fastest: of them, and of
+    ``reference_ms`` (the fastest stored for this machine) where there is one, since a slow spell can outlast the
+    stretch. Whether this machine is quiet enough for repeatable timings: `dsnas doctor`'s "host speed" row."""
+
+    probes: tuple[float, ...]
+    reference_ms: float | None = None
+
+    @property
+    def fastest_ms(self) -> float:
+        return min(self.probes) if self.reference_ms is None else min(*self.probes, self.reference_ms)
+
+    @property
+    def median(self) -> float:
+        """The median probe over the fastest."""
+        return statistics.median(self.probes) / self.fastest_ms
+
+    @property
+    def slowest(self) -> float:
+        return max(self.probes) / self.fastest_ms
+
+    def share_slowed(self, limit: float) -> float:
+        """The share of the probes more than ``limit`` times the fastest (where a timing counts as disturbed)."""
+        return sum(p > limit * self.fastest_ms for p in self.probes) / len(self.probes)
+
+
+def steadiness(seconds: float = 1.0, reference_ms: float | None = None,
+               probe: Callable[[], float] | None = None) -> Steadiness:
+    """Probes back to back for ``seconds`` (at least two). On a 2-core EPYC VM the reference GEMM ran in two states,
+    0.20 and 0.32 ms on 2 threads (the slow one a 1-thread GEMM's time), for spells of a fraction of a second to
+    several seconds, with no process using the CPUs: a measurement there is often slowed past the line."""
+    probe = probe or probe_ms
+    probes: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(probes) < 2 or time.perf_counter() < deadline:
+        probes.append(probe())
+    return Steadiness(tuple(probes), reference_ms)
