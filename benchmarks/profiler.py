@@ -15,7 +15,7 @@ share of the CPUs other processes took during the five (dsnas.profiler.disturban
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
 FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency, others' CPU share and the
 host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU,
-on a quiet machine); twice as many runs at batch 32 with and without the host-speed probe
+on a quiet machine; the host's steadiness, `dsnas doctor`'s "host speed" row, is read before and after them); twice as many runs at batch 32 with and without the host-speed probe
 (dsnas.profiler.host_speed), alternating; and the profiler's time against timing alone, as its own overhead. Last,
 on a CPU, the same target over five fresh processes each (a measurement's independence includes its process), with
 freed memory held (what dsnas does, dsnas.allocator) against glibc's default allocator in the same run,
@@ -127,9 +127,23 @@ def overhead(model, task, device, rounds: int) -> tuple[float, float, list[tuple
     return statistics.median(full), statistics.median(timing_only), runs
 
 
-def repeatability(runs: list[tuple[dict, dict]], device) -> None:
+def host_steadiness(device) -> str:
+    """What `dsnas doctor`'s "host speed" row reads: a second of host-speed probes against the stored reference,
+    the share above the disturbance line. On a GPU the host's CPU GEMM does not stand for the device's timing."""
+    from dsnas.profiler import host_speed
+    from dsnas.profiler.ceilings import stored_reference
+    from dsnas.profiler.disturbance import SLOWDOWN_LIMIT
+
+    if device.type != "cpu":
+        return "not probed (a GPU's timing)"
+    found = host_speed.steadiness(reference_ms=stored_reference())
+    return f"{found.share_slowed(SLOWDOWN_LIMIT):.0%} of {len(found.probes)} probes above {SLOWDOWN_LIMIT:g}x " \
+           f"(median {found.median:.2f}x, slowest {found.slowest:.2f}x)"
+
+
+def repeatability(runs: list[tuple[dict, dict]], device, host: tuple[str, str]) -> None:
     """Each profiler run's figures, others' CPU share and the host's slowdown, and the CV of the runs against the
-    target."""
+    target; ``host``: the host's steadiness just before and just after the runs."""
     from dsnas.profiler.disturbance import SLOWDOWN_LIMIT, THRESHOLD
 
     print(f"repeatability of measure() (d128 L2, {len(runs)} independent runs; per attempt others' share of the "
@@ -140,6 +154,7 @@ def repeatability(runs: list[tuple[dict, dict]], device) -> None:
                              for bs, b in profile["batches"].items())
         print(f"  run {i}: {metrics['throughput_tok_s']:>10,.0f} tok/s at bs32, {metrics['latency_ms']:.3f} ms at "
               f"bs1; others {attempts}; disturbed {profile['disturbed']}")
+    print(f"  host speed over 1 s (dsnas doctor's row) before the runs: {host[0]}; after: {host[1]}")
     target = 0.01 if device.type == "cuda" else 0.03
     quiet = not any(p["disturbed"] for _, p in runs)
     for name in ("throughput_tok_s", "latency_ms"):
@@ -259,7 +274,7 @@ def main() -> None:
     before = sample_share(1.0)
     print(f"machine: {name}; torch {torch.__version__}; python {platform.python_version()}; "
           f"load average {os.getloadavg()[0]:.2f}; others' share of the CPUs over 1 s before starting: "
-          f"{_pct(before.others)}")
+          f"{_pct(before.others)}; host speed over 1 s: {host_steadiness(device)}")
     task = make_task(TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 64}, "."))
     head = f"{'model':8} {'batch':>5} {'ref ms':>8} | {'CV naive':>8} {'CV dsnas':>8} {'ratio':>6} | " \
            f"{'err naive':>9} {'err dsnas':>9} | {'s naive':>7} {'s dsnas':>7} | {'others':>6}"
@@ -281,8 +296,9 @@ def main() -> None:
           f"naive error / dsnas error = {statistics.median(errs):.1f}x")
     print("others: the largest share of the CPUs other processes (and steal) took during the five dsnas estimates")
     model = build(MODELS["d128 L2"]).to(device)
+    host_before = host_steadiness(device)
     full, timing_only, runs = overhead(model, task, device, args.rounds)
-    repeatability(runs, device)
+    repeatability(runs, device, (host_before, host_steadiness(device)))
     if device.type == "cpu":
         host_probe_effect(model, task, device, 2 * args.rounds)
     print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
