@@ -79,12 +79,12 @@ def test_steadiness_probes_back_to_back_for_the_stretch():
 def test_doctor_calls_a_host_unsteady_when_its_probes_fall_past_the_disturbance_line_often(monkeypatch, slow,
                                                                                             steady):
     """1 probe in 25 past the line (4%) makes a retry rare: steady. 2 in 25 (8%): unsteady, with the figures."""
-    from dsnas.profiler import capabilities, ceilings
+    from dsnas.profiler import steadiness
 
     probes = (0.2,) * (25 - slow) + (0.3,) * slow
-    monkeypatch.setattr(ceilings, "stored_reference", lambda threads=None: 0.25)
+    monkeypatch.setattr(steadiness, "stored_reference", lambda threads=None: 0.25)
     monkeypatch.setattr(host_speed, "steadiness", lambda reference_ms=None: host_speed.Steadiness(probes, reference_ms))
-    row = capabilities._host_speed()
+    row = steadiness.host_speed_row()
     assert row.name == "host speed" and row.available is steady
     assert row.detail.startswith("steady: " if steady else "unsteady: ")
     assert "25 probes" in row.detail and "against the fastest probe, 0.200 ms" in row.detail
@@ -96,12 +96,12 @@ def test_doctor_calls_a_host_unsteady_when_its_probes_fall_past_the_disturbance_
     (0.15, "against the stored reference, 0.150 ms: median 1.33x, slowest 1.33x, 100%"),
     (None, "against the fastest probe (none stored yet), 0.200 ms: median 1.00x, slowest 1.00x, 0%")])
 def test_doctor_judges_a_slow_spell_by_the_stored_reference(monkeypatch, reference, against):
-    from dsnas.profiler import capabilities, ceilings
+    from dsnas.profiler import steadiness
 
-    monkeypatch.setattr(ceilings, "stored_reference", lambda threads=None: reference)
+    monkeypatch.setattr(steadiness, "stored_reference", lambda threads=None: reference)
     monkeypatch.setattr(host_speed, "steadiness", lambda reference_ms=None: host_speed.Steadiness((0.2,) * 20,
                                                                                                  reference_ms))
-    row = capabilities._host_speed()
+    row = steadiness.host_speed_row()
     assert against in row.detail and row.available is (reference is None)
 
 

@@ -72,6 +72,8 @@ def test_doctor_prints_the_capabilities_and_the_fingerprint(capsys):
     cuda = next(line for line in out.splitlines() if line.startswith("CUDA "))
     assert " no " in cuda  # this machine has no GPU, and says why
     assert "fingerprint " in out and "cpu_features=" in out
+    host = next(line for line in out.splitlines() if line.startswith("host speed "))  # the last row: steady or not
+    assert "probes over 1 s of a 256^3 fp32 GEMM" in host and ("unsteady" in host) == (" no " in host)
 
 
 def test_profile_of_an_architecture_file_prints_every_batch_size(tmp_path, capsys):

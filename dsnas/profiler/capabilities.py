@@ -23,8 +23,6 @@ KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx5
 NVML_ROWS = ("NVML", "energy counter", "GPM", "power", "utilization", "clocks", "process utilization",
              "clock slowdowns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# A host whose speed probes fall past the disturbance line this often makes retries common, not rare.
-UNSTEADY_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,7 @@ def probe(device: Any = "auto") -> Capabilities:
              _safe("torch.compile", lambda: _compile(cuda.available)),
              _safe("CPU", _cpu), _safe("CPU kernels (ATen)", lambda: _aten_isa(torch)),
              _safe("threads", lambda: _threads(torch)), _safe("memory", _memory),
-             _safe("allocator", _allocator), _safe("cgroup CPU quota", _cgroup_quota),
-             _safe("host speed", _host_speed)]
+             _safe("allocator", _allocator), _safe("cgroup CPU quota", _cgroup_quota)]
     return Capabilities(tuple(items))
 
 
@@ -278,27 +275,6 @@ def _allocator() -> Capability:
     return Capability("allocator", True, f"{state['allocator']}: freed memory held while timing (blocks up to "
                       f"{int(state['mmap_threshold']) >> 20} MiB from the heap, never trimmed), so calls do not "
                       "fault it in again")
-
-
-def _host_speed() -> Capability:
-    """Is the host steady enough for repeatable timings? A second of host-speed probes (dsnas.profiler.host_speed)
-    against the fastest stored for this machine: a timing taken while the host runs more than SLOWDOWN_LIMIT times
-    slower is flagged disturbed and measured again, so a host that often does gives retries and flags."""
-    from dsnas.profiler import host_speed
-    from dsnas.profiler.ceilings import stored_reference
-    from dsnas.profiler.disturbance import SLOWDOWN_LIMIT
-
-    found = host_speed.steadiness(reference_ms=stored_reference())
-    slowed = found.share_slowed(SLOWDOWN_LIMIT)
-    against = "the stored reference" if found.reference_ms is not None and found.reference_ms <= min(found.probes) \
-        else "the fastest probe" + ("" if found.reference_ms is not None else " (none stored yet)")
-    detail = (f"{len(found.probes)} probes over 1 s of a {host_speed.REFERENCE_N}^3 fp32 GEMM against {against}, "
-              f"{found.fastest_ms:.3f} ms: median {found.median:.2f}x, slowest {found.slowest:.2f}x, "
-              f"{slowed:.0%} above {SLOWDOWN_LIMIT:g}x (where a timing counts as disturbed)")
-    if slowed < UNSTEADY_SHARE:
-        return Capability("host speed", True, f"steady: {detail}")
-    return Capability("host speed", False, f"unsteady: {detail}; expect retries and disturbed flags (a "
-                      "hypervisor's other guests, a lowered clock)")
 
 
 def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:

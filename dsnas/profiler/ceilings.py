@@ -13,6 +13,7 @@ from typing import Any
 from dsnas.profiler import host_speed
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.capabilities import nvml_facts
+from dsnas.profiler.device import fingerprint
 from dsnas.profiler.timing import cpu_threads
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ def stored_reference(threads: int | None = None) -> float | None:
     """The host-speed reference stored with this machine's CPU ceilings for ``threads`` (torch's current count by
     default), or None where none is stored yet. Reads only: nothing is measured."""
     import torch
-
-    from dsnas.profiler.device import fingerprint
 
     threads = threads or torch.get_num_threads()
     key = entry_key(fingerprint=fingerprint(torch.device("cpu")), threads=threads, method=CEILING_METHOD)
