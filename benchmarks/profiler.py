@@ -15,11 +15,11 @@ share of the CPUs other processes took during the five (dsnas.profiler.disturban
 the full profiler (dsnas.profiler.measure: timing at two batch sizes with its disturbance retries, peak memory,
 FLOP/byte counting, ceilings cached) on one candidate: each run's throughput, latency, others' CPU share and the
 host's slowdown, and the coefficient of variation of the five against the target (<= 3% on a CPU, <= 1% on a GPU,
-on a quiet machine; the host's steadiness, `dsnas doctor`'s "host speed" row, is read before and after them); twice as many runs at batch 32 with and without the host-speed probe
-(dsnas.profiler.host_speed), alternating; and the profiler's time against timing alone, as its own overhead. Last,
-on a CPU, the same target over five fresh processes each (a measurement's independence includes its process), with
-freed memory held (what dsnas does, dsnas.allocator) against glibc's default allocator in the same run,
-alternating.
+on a quiet machine; the host's steadiness, `dsnas doctor`'s "host speed" row, is read before and after them);
+twice as many runs at batch 32 with and without the host-speed probe (dsnas.profiler.host_speed), alternating; and
+the profiler's time against timing alone, as its own overhead. Last, on a CPU, the same target over five fresh
+processes each (a measurement's independence includes its process), with freed memory held (what dsnas does,
+dsnas.allocator) against glibc's default allocator in the same run, alternating.
 
 Run:  python benchmarks/profiler.py [--rounds 5] [--device auto]
 """
@@ -130,15 +130,9 @@ def overhead(model, task, device, rounds: int) -> tuple[float, float, list[tuple
 def host_steadiness(device) -> str:
     """What `dsnas doctor`'s "host speed" row reads: a second of host-speed probes against the stored reference,
     the share above the disturbance line. On a GPU the host's CPU GEMM does not stand for the device's timing."""
-    from dsnas.profiler import host_speed
-    from dsnas.profiler.ceilings import stored_reference
-    from dsnas.profiler.disturbance import SLOWDOWN_LIMIT
+    from dsnas.profiler.steadiness import host_speed_row
 
-    if device.type != "cpu":
-        return "not probed (a GPU's timing)"
-    found = host_speed.steadiness(reference_ms=stored_reference())
-    return f"{found.share_slowed(SLOWDOWN_LIMIT):.0%} of {len(found.probes)} probes above {SLOWDOWN_LIMIT:g}x " \
-           f"(median {found.median:.2f}x, slowest {found.slowest:.2f}x)"
+    return host_speed_row().detail if device.type == "cpu" else "not probed (a GPU's timing)"
 
 
 def repeatability(runs: list[tuple[dict, dict]], device, host: tuple[str, str]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from dsnas.profiler import host_speed
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
 from dsnas.profiler.capabilities import nvml_facts
-from dsnas.profiler.device import fingerprint
+from dsnas.profiler.device import fingerprint as device_fingerprint
 from dsnas.profiler.timing import cpu_threads
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def stored_reference(threads: int | None = None) -> float | None:
     import torch
 
     threads = threads or torch.get_num_threads()
-    key = entry_key(fingerprint=fingerprint(torch.device("cpu")), threads=threads, method=CEILING_METHOD)
+    key = entry_key(fingerprint=device_fingerprint(torch.device("cpu")), threads=threads, method=CEILING_METHOD)
     entry = read_entries(cache_file(), CACHE_TYPE).get(key)
     try:
         return float(entry["ceilings"]["reference_ms"])  # type: ignore[index]
