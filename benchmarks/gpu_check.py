@@ -64,10 +64,13 @@ class Run:
     # --- doctor ------------------------------------------------------------------------------------------------
 
     def doctor(self, sec: Section) -> None:
-        from dsnas.profiler.capabilities import probe
+        from dsnas.profiler.capabilities import Capabilities, probe
         from dsnas.profiler.device import fingerprint, fingerprint_id
+        from dsnas.profiler.steadiness import host_speed_row
 
-        caps = probe(self.device.type)
+        # The host's steadiness too: an eager model at small batches is bound by the host's launches (H200: eager
+        # batch-32 CV 19%), so the host's slow spells reach its timings.
+        caps = Capabilities((*probe(self.device.type), host_speed_row()))
         sec.table("dsnas doctor", ["capability", "available", "detail"],
                   [[c.name, "yes" if c.available else "no", c.detail] for c in caps])
         wanted = ("torch.compile", "CPU") if self.dry else \
