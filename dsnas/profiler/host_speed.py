@@ -69,8 +69,13 @@ class Steadiness:
     reference_ms: float | None = None
 
     @property
+    def against_reference(self) -> bool:
+        """The stored reference is the fastest (no probe ran as fast)."""
+        return self.reference_ms is not None and self.reference_ms <= min(self.probes)
+
+    @property
     def fastest_ms(self) -> float:
-        return min(self.probes) if self.reference_ms is None else min(*self.probes, self.reference_ms)
+        return self.reference_ms if self.reference_ms is not None and self.against_reference else min(self.probes)
 
     @property
     def median(self) -> float:

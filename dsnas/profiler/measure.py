@@ -81,12 +81,14 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
     with cpu_threads(threads) as used, torch.inference_mode():
         profile["threads"] = used if device.type == "cpu" else None
         ceilings = _ceilings(device, fp, used, profile)
+        # On a GPU, NVML watches the device too (the timing windows, the steady window): looked up once.
+        gpu = nvml_handle(device) if device.type == "cuda" else None
         for bs in sorted(hardware.batch_sizes):
             batch = task.example_batch(bs, device)
             figures, timing, missing = _measure_batch(model, batch, bs * task.tokens_per_example, device, hardware,
-                                                      ceilings)
-            if bs == max(hardware.batch_sizes) and device.type == "cuda":
-                figures.update(_steady_window(model, batch, device, hardware, profile))
+                                                      ceilings, gpu)
+            if gpu is not None and bs == max(hardware.batch_sizes):
+                figures.update(_steady_window(model, batch, device, hardware, profile, gpu))
             if hardware.kernels:
                 profile.setdefault("kernels", {})[str(bs)] = _kernels(model, batch, device)
             batches[bs] = figures
@@ -139,9 +141,10 @@ def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
     return metrics_from_batches({bs: b["figures"] for bs, b in stored.items()}, params, hardware), profile
 
 
-def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: Any,
-                   ceilings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-    """(numeric figures of one batch size, its timing statistics, why a figure is missing: name -> reason)."""
+def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: Any, ceilings: dict[str, Any],
+                   gpu: tuple[Any, str] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(numeric figures of one batch size, its timing statistics, why a figure is missing: name -> reason).
+    ``gpu``: (NVML handle, why there is none) on a GPU, None on a CPU."""
     import torch
 
 
@@ -155,9 +158,8 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     def probe() -> float | None:
         return host_speed.slowdown(reference) if reference else None
 
-    # On a GPU, NVML watches the device too: another process's kernels share its SMs (dsnas.profiler.gpu_share).
-    gpu = nvml_handle(device) if cuda else None
-
+    # On a GPU, NVML watches the timing window too: another process's kernels share its SMs
+    # (dsnas.profiler.gpu_share).
     def attempt() -> tuple[Timing, Share]:
         window = MachineWindow(gpu)
         before = probe()
@@ -254,12 +256,14 @@ def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, 
     return out
 
 
-def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: dict[str, Any]) -> dict[str, Any]:
-    """NVML/GPM over a window of at least ``steady_s`` looping the model; figures prefixed ``window_``."""
+def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: dict[str, Any],
+                   gpu: tuple[Any, str]) -> dict[str, Any]:
+    """NVML/GPM over a window of at least ``steady_s`` looping the model; figures prefixed ``window_``. ``gpu``:
+    (NVML handle, why there is none)."""
     import torch
 
 
-    handle, reason = nvml_handle(device)
+    handle, reason = gpu
     if handle is None:
         profile["unavailable"]["nvml"] = reason
         return {}

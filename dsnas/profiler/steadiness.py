@@ -20,8 +20,8 @@ def host_speed_row() -> Capability:
     it is faster than every probe: a slow spell can outlast the second) and their share above the line."""
     found = host_speed.steadiness(reference_ms=stored_reference())
     slowed = found.share_slowed(SLOWDOWN_LIMIT)
-    against = "the stored reference" if found.reference_ms is not None and found.reference_ms <= min(found.probes) \
-        else "the fastest probe" + ("" if found.reference_ms is not None else " (none stored yet)")
+    against = "the stored reference" if found.against_reference else \
+        "the fastest probe" + ("" if found.reference_ms is not None else " (none stored yet)")
     detail = (f"{len(found.probes)} probes over 1 s of a {host_speed.REFERENCE_N}^3 fp32 GEMM against {against}, "
               f"{found.fastest_ms:.3f} ms: median {found.median:.2f}x, slowest {found.slowest:.2f}x, "
               f"{slowed:.0%} above {SLOWDOWN_LIMIT:g}x (where a timing counts as disturbed)")
