@@ -119,6 +119,29 @@ def test_groups_convert_linear_and_conv_in_place_keeping_ties_and_outputs():
     assert "no INT8 convolution kernel" in left["conv"]
 
 
+def test_a_group_decides_the_built_in_familys_layers_it_names():
+    """A built-in family's layers are engine layers already: a group that names them sets their precision and
+    sparsity (it once left the family's, so a sampled group choice changed nothing); the others keep theirs."""
+    arch = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+            "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "fp32", "sparsity": "dense"}] * 2,
+            "engine": [{"group": "mlp", "modules": ["blocks.*.up", "blocks.*.down"], "precision": "int8",
+                        "sparsity": "2:4"},
+                       {"group": "first", "modules": ["blocks.0.*"], "precision": "bf16", "sparsity": "dense"}]}
+    torch.manual_seed(0)
+    model = build(arch)
+    layers = {name: (m.precision, m.sparsity) for name, m in model.named_modules() if isinstance(m, EngineLinear)}
+    assert layers == {"blocks.0.qkv": ("bf16", "dense"), "blocks.0.proj": ("bf16", "dense"),
+                      "blocks.0.up": ("int8", "2:4"), "blocks.0.down": ("int8", "2:4"),  # the first group took them
+                      "blocks.1.qkv": ("fp32", "dense"), "blocks.1.proj": ("fp32", "dense"),
+                      "blocks.1.up": ("int8", "2:4"), "blocks.1.down": ("int8", "2:4")}
+    assert model.blocks[1].up.mask is not None and model.blocks[1].up.act_amax is not None
+    assert model.dsnas_left_alone == {}
+    # The same architecture builds the same layers again, so saved weights load into it (export, dsnas.load).
+    again = build(arch)
+    again.load_state_dict(model.state_dict())
+    assert model(torch.randint(0, 256, (2, 16))).shape == (2, 16, 256)
+
+
 @pytest.fixture
 def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "odd_models.py").write_text(textwrap.dedent("""

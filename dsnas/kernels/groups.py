@@ -46,14 +46,17 @@ def _convert(model: nn.Module, name: str, precision: str, sparsity: str) -> str 
     """None when the layer became an engine layer; else why not ('' for what is no layer: a block, an activation,
     whose own layers the pattern may match too)."""
     module = model.get_submodule(name)
-    if isinstance(module, EngineLayer):
-        return None  # already the engine's (a built-in family's layer, or an earlier pattern)
-    if type(module) is nn.Linear:
+    # A built-in family's engine layer is rebuilt with the group's choices like a plain one: the group decides the
+    # layers it names (before, it kept the family's, and the group's sampled choice changed nothing). A layer an
+    # earlier pattern took never reaches here (apply_groups skips it).
+    if isinstance(module, EngineLayer) and (module.precision, module.sparsity) == (precision, sparsity):
+        return None
+    if type(module) in (nn.Linear, EngineLinear):
         layer: nn.Module = EngineLinear(module.in_features, module.out_features, module.bias is not None,
                                         precision=precision, sparsity=sparsity)
         if sparsity != "dense" and module.in_features % 4:
             return f"2:4 sparsity needs in_features divisible by 4 (got {module.in_features})"
-    elif type(module) is nn.Conv2d:
+    elif type(module) in (nn.Conv2d, EngineConv2d):
         refused = NOT_FOR_CONV.get(sparsity) if sparsity != "dense" else NOT_FOR_CONV.get(precision)
         if refused or precision not in CONV_PRECISIONS:
             return f"{precision} {sparsity} convolution: {refused}"
