@@ -72,6 +72,14 @@ class DsnasSampler(BaseSampler):
 
     def __init__(self, seed: int | None = None, *, startup: int | None = None, pool: int = 2000,
                  time_s: float = 1.0) -> None:
+        # Checked here, so that a study file's [sampler] with one of these out of range is refused before any work
+        # (dsnas.spec builds the sampler once to check its settings); a negative pool once failed every trial.
+        if startup is not None and startup < 0:
+            raise ValueError(f"startup must be >= 0 (random candidates before the model proposes), got {startup}")
+        if pool < 1:
+            raise ValueError(f"pool must be >= 1 (candidates scored per proposal), got {pool}")
+        if not time_s > 0:
+            raise ValueError(f"time_s must be > 0 (seconds per proposal), got {time_s}")
         self._rng = np.random.RandomState(seed)
         self._fallback = RandomSampler(seed=seed)
         self.startup, self.pool, self.time_s = startup, pool, time_s

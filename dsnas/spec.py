@@ -628,13 +628,15 @@ def _check_fp8(spec: StudySpec) -> None:
         return  # a user callable's choices are unknown here; a remote cluster's devices too
 
     space = load_space_file(spec.space.file)
-    offered = "fp8" in space.choices.get("precision", ()) + space.per_layer.get("precision", ())
+    keys = {"precision": space.choices.get("precision", ()) + space.per_layer.get("precision", ()),
+            **{f"engine.{g.name}.precision": g.precision for g in space.groups}}
+    offered = [key for key, options in keys.items() if "fp8" in options]
     if not offered or spec.hardware.device == "cuda":
         return
     import torch
 
     ok = spec.hardware.device == "auto" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-    require_spec(spec.space.file, "precision", ok, "fp8 needs an NVIDIA GPU of compute capability 8.9 or newer, "
+    require_spec(spec.space.file, offered[0], ok, "fp8 needs an NVIDIA GPU of compute capability 8.9 or newer, "
                  "and trials here run on the CPU", "fp8", "remove \"fp8\" from the precision choices")
 
 

@@ -331,6 +331,12 @@ def test_fp8_choices_are_refused_where_trials_run_on_the_cpu(tmp_path: Path) -> 
         load_study(path)
     check_message(info.value, space.resolve(), "precision", "fp8 needs an NVIDIA GPU of compute capability 8.9",
                   'remove "fp8"')
+    # An [engine.NAME] group's choices too (they were let through: every trial trained, then failed converting).
+    space.write_text(SPACE.read_text().replace('engine = "auto"\n', "")
+                     + '[engine.mlp]\nmodules = ["blocks.*.up"]\nprecision = ["fp32", "fp8"]\n')
+    with pytest.raises(SpecError) as info:
+        load_study(path)
+    check_message(info.value, space.resolve(), "engine.mlp.precision", "fp8 needs an NVIDIA GPU", 'remove "fp8"')
 
 
 def test_the_engine_section_loads(tmp_path: Path) -> None:
@@ -509,6 +515,9 @@ def test_the_samplers_own_settings_reach_it_and_bad_ones_are_one_line_errors(tmp
                  "must be of type bool", "multivariate = true")
     expect_error(write_study(tmp_path, sampler={"name": "nsga2", "population_size": 1}), "sampler",
                  "Optuna's NSGAIISampler refuses these settings", "correct the value")
+    for key, value in (("pool", -1), ("startup", -2), ("time_s", 0)):  # dsnas's own: once, pool -1 failed every trial
+        expect_error(write_study(tmp_path, sampler={"name": "dsnas", key: value}), "sampler",
+                     f"dsnas's DsnasSampler refuses these settings ({key} must be", "correct the value")
     expect_error(write_study(tmp_path, sampler={"name": "tpe", "gamma": 0.1}), "sampler.gamma",
                  "cannot be set in a study file")
     assert load_study(write_study(tmp_path, sampler={"name": "random"})).sampler.settings == {}
