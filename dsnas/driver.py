@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.engine_offer import settle
+from dsnas.errors import DsnasError
 from dsnas.executors import BaseExecutor, make_executor
 from dsnas.fidelity import RungJudge
 from dsnas.interrupts import InterruptGuard
@@ -114,9 +115,25 @@ class Driver:
         if space.by_device:
             space = self.db("settle the engine choices", settle, space, spec, self.study,
                             int(self.task_arch.get("context", 1)), self.executor.call, self.progress.say)
+        changed = space.changed_options(self.db("read the stored parameters", self._stored_options))
+        if changed is not None:  # before any trial: Optuna would fail each one that asks with the new options
+            key, name, was, now = changed
+            raise DsnasError(f"{spec.space.file}: [{key}] the stored study {spec.name!r} sampled {name} from "
+                             f"{list(was)}, the file now offers {list(now)}; Optuna keeps a parameter's options for "
+                             f"the life of a study. Fix: restore {key.rsplit('.', 1)[-1]} = {list(was)}, or give the "
+                             f"study a new [study] name in {spec.path}")
         if isinstance(self.study.sampler, DsnasSampler):
             self.study.sampler.bind(self._problem(space))
         return space.sample
+
+    def _stored_options(self) -> dict[str, tuple[Any, ...]]:
+        """Each parameter the study's trials sampled, with the options it was sampled from (the first seen)."""
+        stored: dict[str, tuple[Any, ...]] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            for name, distribution in trial.distributions.items():
+                if name not in stored and hasattr(distribution, "choices"):
+                    stored[name] = tuple(distribution.choices)
+        return stored
 
     def _problem(self, space: Any) -> Problem:
         """What dsnas's sampler needs: the space's parameters, and the figures the task knows before training."""
@@ -203,7 +220,8 @@ class Driver:
             return "a callback called study.stop()"
         if self.reuses_in_a_row >= MAX_REUSES_IN_A_ROW:
             return (f"the sampler proposed {self.reuses_in_a_row} candidates in a row that were already evaluated: "
-                    "the space is (nearly) exhausted; widen it, or set [budget] repeats = \"retrain\"")
+                    "the space is (nearly) exhausted; widen it in a new study ([study] name), or set [budget] "
+                    "repeats = \"retrain\"")
         if self.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
             return (f"the predictor skipped {self.skips_in_a_row} candidates in a row as over the hardware limits: "
                     "loosen [hardware.constraints], or check the predictor with `dsnas predictor`")

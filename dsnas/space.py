@@ -130,6 +130,26 @@ class SearchSpace:
                                                                       ("sparsity", group.sparsity)) if len(opts) > 1})
         return out
 
+    def changed_options(self, stored: dict[str, tuple[Any, ...]]) -> tuple[str, str, tuple, tuple] | None:
+        """The first parameter that ``stored`` (a study's trials: parameter -> the options it was sampled from)
+        sampled from other options than this space offers now, as (its key in the space file, the parameter, the
+        stored options, the offered ones); None when they agree. Optuna keeps one set of options per parameter for
+        a study's life and fails every trial that asks with others."""
+        offered = self.parameters()
+        for name, options in stored.items():
+            if name in offered and tuple(options) != tuple(offered[name]):
+                return self._file_key(name), name, tuple(options), tuple(offered[name])
+        return None
+
+    def _file_key(self, name: str) -> str:
+        base = name.split("@")[0]  # an engine key's parameter at one width (see _engine_name)
+        head, _, key = base.partition(".")
+        if any(head == group.name for group in self.groups):
+            return f"engine.{head}.{key}"
+        if key and head.startswith("layer") and head[5:].isdigit():
+            return f"per_layer.{key}"
+        return f"choices.{base}"
+
     def used(self, params: dict[str, Any]) -> dict[str, Any]:
         """The parameters an architecture takes of ``params``: those ``sample`` asks for with them as its answers
         (none of a layer past its depth, none of another width's engine options). Which names it asks depends on

@@ -4,11 +4,13 @@ beside it. Nothing here runs a trial, checks a Ray address or a CUDA device, or 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 from dsnas import tables
 from dsnas.errors import DsnasError
-from dsnas.spec import StudySpec
+from dsnas.spec import Constraints, StudySpec, TaskSpec
 from dsnas.storage import display_url, open_storage, schema_lock, sqlite_file, storage_engine
 
 
@@ -33,8 +35,81 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
     if not study.metric_names:
         study.set_metric_names(names)
     if create:
+        _check_settings(spec, study)
         _record_study(spec, study)
     return study
+
+
+# The study's user attribute that keeps the settings its stored numbers were made under (study_settings).
+SETTINGS_ATTR = "dsnas_settings"
+# Why a changed section would make the stored numbers mean something else than the new ones.
+_CHANGES = {"task": "its stored accuracies were measured on the task as it was",
+            "hardware": "its stored speeds were measured, and their limits judged, as it was",
+            "engine": "its stored candidates were compressed and measured as it was"}
+
+
+def study_settings(spec: StudySpec) -> dict[str, Any]:
+    """What a study's stored numbers mean depends on, JSON-ready: the task (accuracy), the batch sizes, threads,
+    timing protocol and limits (speeds, feasibility, the front) and the engine (what a candidate ships as). Not the
+    device, which each measurement's fingerprint records, nor ``kernels``, an extra table that changes no figure."""
+    hardware = {k: v for k, v in dataclasses.asdict(spec.hardware).items() if k not in ("device", "kernels")}
+    settings = {"task": {"name": spec.task.name, **spec.task.params}, "hardware": hardware,
+                "engine": dataclasses.asdict(spec.engine)}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _check_settings(spec: StudySpec, study: Any) -> None:
+    """Record the study file's settings at a study's first run; refuse to resume a study with trials stored under
+    other ones, before any work, since the old and the new trials would then share a front without being alike.
+    (A study of an older dsnas has none recorded: this run's are taken as its.)"""
+    from optuna.trial import TrialState
+
+    now, stored = study_settings(spec), study.user_attrs.get(SETTINGS_ATTR)
+    if stored == now:
+        return
+    was_set, now_set = (_comparable(stored, like=now), _comparable(now, like=stored)) if stored else (None, None)
+    if was_set != now_set and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        key, was, wanted = _first_difference(was_set, now_set)
+        section = key.split(".")[0]
+        leaf = key.rsplit(".", 1)[-1]
+        restore = f"remove {leaf}" if was is None else f"restore {leaf} = {_toml(was)}"
+        raise DsnasError(f"{spec.path}: [{key}] the stored study {spec.name!r} was searched with {_toml(was)}, the "
+                         f"file now says {_toml(wanted)}; {_CHANGES[section]}. Fix: {restore}, or give the study a "
+                         "new [study] name")
+    study.set_user_attr(SETTINGS_ATTR, now)
+
+
+def _comparable(settings: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """The task's keys as they are (an added or removed one is a change), the hardware's and the engine's only
+    where ``like`` has them too: a field a dsnas upgrade adds or drops is not the user's change."""
+    return {"task": settings.get("task"),
+            **{part: {k: v for k, v in (settings.get(part) or {}).items() if k in (like.get(part) or {})}
+               for part in ("hardware", "engine")}}
+
+
+def _first_difference(stored: Any, now: Any, key: str = "") -> tuple[str, Any, Any]:
+    if isinstance(stored, dict) and isinstance(now, dict):
+        for name in [*stored, *(k for k in now if k not in stored)]:
+            if stored.get(name) != now.get(name):
+                return _first_difference(stored.get(name), now.get(name), f"{key}.{name}" if key else name)
+    return key, stored, now
+
+
+def _toml(value: Any) -> str:
+    return "(not set)" if value is None else json.dumps(value)
+
+
+def as_searched(spec: StudySpec, study: Any) -> StudySpec:
+    """``spec`` with the task and hardware its study was searched with (recorded at its first run), where the
+    study file was edited since: what an exported bundle must carry to be measured again as its trial was."""
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if not stored:
+        return spec
+    task = dict(stored["task"])
+    hardware = {**stored["hardware"], "batch_sizes": tuple(stored["hardware"]["batch_sizes"]),
+                "constraints": Constraints(**stored["hardware"]["constraints"])}
+    return dataclasses.replace(spec, task=TaskSpec(task.pop("name"), task, spec.task.base_dir),
+                               hardware=dataclasses.replace(spec.hardware, **hardware))
 
 
 def _record_study(spec: StudySpec, study: Any) -> None:

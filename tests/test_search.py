@@ -223,6 +223,58 @@ def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, 
     assert len(trials(tiny_study)[1]) == 1
 
 
+@pytest.mark.parametrize("old, new, said", [
+    ("val_tokens = 512", "val_tokens = 1024",
+     "[task.val_tokens] the stored study 'tiny' was searched with 512, the file now says 1024; its stored "
+     "accuracies were measured on the task as it was. Fix: restore val_tokens = 512, or give the study a new "
+     "[study] name"),
+    ("val_tokens = 512", "val_tokens = 512\nlr = 0.01", "[task.lr] the stored study 'tiny' was searched with (not "
+     "set), the file now says 0.01; its stored accuracies were measured on the task as it was. Fix: remove lr"),
+    ("batch_sizes = [1, 4]", "batch_sizes = [1, 8]", "[hardware.batch_sizes] the stored study 'tiny' was searched "
+     "with [1, 4], the file now says [1, 8]; its stored speeds were measured, and their limits judged, as it was"),
+    ("max_latency_ms = 1000", "max_latency_ms = 0.001", "[hardware.constraints.max_latency_ms] the stored study "
+     "'tiny' was searched with 1000.0, the file now says 0.001"),
+    ("[executor]", "[engine]\nint8_backend = \"int8-static\"\n[executor]", "[engine.int8_backend] the stored study "
+     "'tiny' was searched with \"auto\", the file now says \"int8-static\"; its stored candidates were compressed "
+     "and measured as it was"),
+])
+def test_resuming_under_other_settings_is_refused_before_any_trial(finished_study, tmp_path, capsys, old, new, said):
+    """A stored trial's numbers mean what the task, the measurement and the limits made them: a study resumed
+    under other ones would put unlike trials on one front (once, a looser limit left a feasible trial off it)."""
+    study = copy_study(finished_study, tmp_path / "s")
+    original = study.read_text()
+    assert old in original
+    study.write_text(original.replace(old, new).replace("n_trials = 3", "n_trials = 4"))
+    assert main(["search", str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"dsnas: error: {study}: ") and said in err, err
+    assert len(trials(study)[1]) == 3  # nothing ran
+    # The budget, the executor and the sampler are not what a stored number means: a resume may change them.
+    study.write_text(original.replace("n_trials = 3", "n_trials = 4").replace('name = "tpe"', 'name = "random"'))
+    assert main(["search", str(study), "--executor", "local"]) == 0
+    assert len(trials(study)[1]) == 4
+
+
+def test_resuming_with_other_options_in_the_space_is_refused_before_any_trial(finished_study, tmp_path, capsys):
+    """Optuna keeps a parameter's options for a study's life: each trial of a resumed study whose space changed them
+    once failed ("CategoricalDistribution does not support dynamic value space") and was stored failed."""
+    study = copy_study(finished_study, tmp_path / "s")
+    study.write_text(study.read_text().replace("n_trials = 3", "n_trials = 5"))
+    space = tmp_path / "s" / "tiny_space.toml"
+    original = space.read_text()
+    for old, new, key, name in (("d_model = [16, 32]", "d_model = [16, 32, 64]", "choices.d_model", "d_model"),
+                                ("n_heads = [1, 2]", "n_heads = [2, 1]", "per_layer.n_heads", "layer0.n_heads")):
+        space.write_text(original.replace(old, new))
+        assert main(["search", str(study)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{space}: [{key}] the stored study 'tiny' sampled {name} from " in err, err
+        assert f"Fix: restore {key.split('.')[-1]} = " in err and f"new [study] name in {study}" in err
+        assert len(trials(study)[1]) == 3 and not trials(study, (optuna.trial.TrialState.FAIL,))[1]
+    space.write_text(original.replace("n_layers = [1, 2]", "n_layers = 2"))  # a choice fixed: no options to keep
+    assert main(["search", str(study), "--n-trials", "4"]) == 0
+    assert len(trials(study)[1]) == 4
+
+
 # Ray made unimportable, as on a machine without its wheel: find_spec("ray") is None, `import ray` raises.
 NO_RAY = "import sys; sys.modules['ray'] = None; from dsnas.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -241,12 +293,18 @@ def test_a_local_search_needs_no_ray_and_a_ray_one_says_how_to_get_it(tiny_study
     assert 'pip install ray, or set kind = "local"' in err and str(tiny_study) in err
 
 
-def test_a_resumed_run_whose_trials_all_fail_exits_non_zero(finished_study, tmp_path, capsys):
+def test_a_resumed_run_whose_trials_all_fail_exits_non_zero(finished_study, tmp_path, capsys, monkeypatch):
     """Trials stored by an earlier run do not hide that every trial of this one failed."""
+    from dsnas.errors import TrialError
+    from dsnas.tasks.charlm import CharLMTask
+
+    def diverges(*args, **kwargs):  # the study's settings stay as they were: a resume under others is refused
+        raise TrialError("training diverged: the loss became nan")
+
+    monkeypatch.setattr(CharLMTask, "train", diverges)  # the local executor trains in this process
     study = copy_study(finished_study, tmp_path / "s")
-    text = study.read_text().replace("n_trials = 3", "n_trials = 4").replace("val_tokens = 512",
-                                                                           "val_tokens = 512\nlr = 1e30")
-    study.write_text(text.replace("max_failures = 3", "max_failures = 0"))
+    study.write_text(study.read_text().replace("n_trials = 3", "n_trials = 4").replace("max_failures = 3",
+                                                                                     "max_failures = 0"))
     assert main(["search", str(study), "--executor", "local"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dsnas: all 1 trials of this run failed; the first: trial 3: ") and "diverged" in err
