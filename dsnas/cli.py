@@ -81,7 +81,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     limits = Limits(max_latency_ms=args.max_latency_ms, min_accuracy=args.min_accuracy,
                     max_memory_mb=args.max_memory_mb)
     for frozen in pick_trials(study, spec, trial=args.trial, pick=args.pick, front=args.front, limits=limits):
-        out = export_trial(spec, study, frozen, args.out if not args.front else None)
+        # With --front, --out is the folder the bundles go into, each under its default name.
+        out = Path(args.out) / f"{spec.name}-trial{frozen.number}" if args.front and args.out else args.out
+        out = export_trial(spec, study, frozen, out)
         what = "its architecture and metrics (the task's own function evaluated it: there is no model) " \
             if not (out / "weights.safetensors").exists() else ""
         print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) {what}to {out}")
@@ -271,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=float, help="with --pick/--front: only trials at most this slow")
     p.add_argument("--min-accuracy", type=float, help="with --pick/--front: only trials at least this accurate")
     p.add_argument("--max-memory-mb", type=float, help="with --pick/--front: only trials using at most this memory")
-    p.add_argument("--out", help="bundle folder (default: exports/STUDY-trialN beside the study file)")
+    p.add_argument("--out", help="bundle folder (default: exports/STUDY-trialN beside the study file); with "
+                   "--front, the folder the bundles go into")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help=cmd_verify.__doc__, description=cmd_verify.__doc__)

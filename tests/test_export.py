@@ -205,6 +205,66 @@ def test_export_front_writes_one_bundle_per_front_trial(finished_study, tmp_path
     assert exported == front and out.count("exported trial") == len(front)
 
 
+def test_export_front_with_out_writes_the_bundles_into_that_folder(finished_study, tmp_path, no_model_files):
+    """--out with --front once went unheeded: the bundles went to exports/ beside the study file instead."""
+    assert main(["export", str(finished_study), "--front", "--out", str(tmp_path / "front")]) == 0
+    names = sorted(p.name for p in (tmp_path / "front").iterdir())
+    assert names and all(name.startswith("tiny-trial") for name in names)
+    assert not (finished_study.parent / "exports").exists()
+
+
+def test_a_failed_export_leaves_the_earlier_bundle_there_as_it_was(finished_study, tmp_path, no_model_files, capsys):
+    """A bundle is built beside its folder and put in place whole: an export that fails part-way (here, a trial
+    whose probe file is gone) once left one trial's weights beside another's architecture."""
+    study_file = copy_study(finished_study, tmp_path / "copy")
+    spec = load_study(study_file)
+    done = sorted(t.number for t in open_study(spec, create=False).trials if t.state == TrialState.COMPLETE)
+    out = tmp_path / "bundle"
+    assert main(["export", str(study_file), "--trial", str(done[0]), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = next(t for t in open_study(spec, create=False).trials if t.number == done[1])
+    probe = tmp_path / "copy" / "tiny_artifacts" / broken.user_attrs["probe_artifact"]
+    probe.unlink()
+    capsys.readouterr()
+    assert main(["export", str(study_file), "--trial", str(done[1]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"tiny_artifacts: trial {done[1]}'s probe (" in err and "is not there" in err
+    assert "Fix: keep the tiny_artifacts folder beside the study's database" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing of trial done[1] got in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "copy"]  # no half-built folder left
+    dsnas.load(out)
+    # Over it, a whole export replaces every file: none of the earlier trial's is left.
+    assert main(["export", str(study_file), "--trial", str(done[2]), "--out", str(out)]) == 0
+    assert json.loads((out / "arch.json").read_text())["trial"] == done[2]
+    assert f"trial {done[2]}" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "copy"]
+
+
+def test_export_into_a_file_or_an_unwritable_place_is_a_one_line_error(finished_study, tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("not a folder")
+    assert main(["export", str(finished_study), "--pick", "knee", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dsnas: error: {target}: a bundle is a folder, and this is a file. Fix: name a folder with --out"
+    assert main(["export", str(finished_study), "--pick", "knee", "--out", str(target / "under")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the bundle cannot be written there" in err and "Fix: name a folder" in err
+
+
+def test_the_bundle_carries_the_settings_the_study_was_searched_with(finished_study, tmp_path, no_model_files):
+    """A study file edited after its search (a batch size, the task's context) once went into the bundle, and
+    verify then measured the trial under settings it never ran with."""
+    study_file = copy_study(finished_study, tmp_path / "copy")
+    study_file.write_text(study_file.read_text().replace("batch_sizes = [1, 4]", "batch_sizes = [1, 8]")
+                          .replace("context = 16", "context = 32").replace("measure_s = 0.02", "measure_s = 0.5"))
+    out = tmp_path / "bundle"
+    assert main(["export", str(study_file), "--pick", "knee", "--out", str(out)]) == 0
+    doc = json.loads((out / "arch.json").read_text())
+    assert doc["hardware"]["batch_sizes"] == [1, 4] and doc["hardware"]["measure_s"] == 0.02
+    assert doc["task"]["params"]["context"] == 16
+    assert "Batch sizes [1, 4]" in (out / "README.md").read_text()
+
+
 def test_export_errors(finished_study, capsys):
     assert main(["export", str(finished_study), "--trial", "99"]) == 2
     assert "no completed trial with that number" in capsys.readouterr().err

@@ -4,6 +4,7 @@ read back, checked and rebuilt without pickle."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,56 @@ REEXPORT = "re-export the trial with `dsnas export`"
 # ---- writing a bundle ------------------------------------------------------------------------------------------
 
 def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | None = None) -> Path:
-    """Write the bundle of one trial from what the search stored (nothing is retrained); returns its folder."""
+    """Write the bundle of one trial from what the search stored (nothing is retrained); returns its folder.
+
+    The bundle carries the task and timing protocol its study was searched with, even where the study file was
+    edited since (dsnas.study.as_searched). It is built in a folder beside ``out`` and put in place whole: a
+    failure leaves an earlier bundle at ``out`` as it was, never a mix of two trials' files."""
+    from dsnas.study import as_searched  # SQLAlchemy loads on first use: dsnas.load reads a bundle without it
+
+    spec = as_searched(spec, study)
     out = Path(out) if out else spec.base_dir / "exports" / f"{spec.name}-trial{frozen.number}"
-    if "arch" in frozen.user_attrs and frozen.user_attrs.get("profile", {}).get("backend") == "recorded":
-        return _export_evaluated(spec, frozen, out)
+    if out.exists() and not out.is_dir():
+        raise DsnasError(f"{out}: a bundle is a folder, and this is a file. Fix: name a folder with --out")
+    evaluated = "arch" in frozen.user_attrs and frozen.user_attrs.get("profile", {}).get("backend") == "recorded"
     missing = [k for k in ("weights_artifact", "probe_artifact", "arch") if k not in frozen.user_attrs]
-    if missing:
+    if missing and not evaluated:
         raise DsnasError(f"trial {frozen.number} of {spec.name!r} has no stored {missing}: it cannot be exported. "
                          "Fix: export another trial")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise DsnasError(f"{out}: the bundle cannot be written there ({e.strerror or e}). Fix: name a folder you "
+                         "can write to with --out") from None
+    try:
+        if evaluated:
+            _export_evaluated(spec, frozen, work)
+        else:
+            _write_bundle(spec, frozen, work, out.name)
+        _put_in_place(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _put_in_place(work: Path, out: Path) -> None:
+    """``work`` becomes ``out``; an earlier bundle there is moved aside first and removed once the new one is in."""
+    if not out.exists():
+        work.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        work.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
     _copy_artifacts(spec, frozen, out)
     _write_json(out / "arch.json", _arch_doc(spec, frozen))
     model = load_bundle(out)
@@ -52,8 +94,7 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
                "objectives": dict(zip([o.name for o in spec.objectives], frozen.values)),
                "profile": profile, "fingerprint": profile.get("fingerprint", {}), "exports": exports}
     _write_json(out / "metrics.json", metrics)
-    (out / "README.md").write_text(model_card(spec, frozen, metrics, out.name))
-    return out
+    (out / "README.md").write_text(model_card(spec, frozen, metrics, name))
 
 
 def _save_pretrained(model: Any, folder: Path) -> str:
@@ -71,10 +112,9 @@ def _save_pretrained(model: Any, folder: Path) -> str:
     return folder.name + "/"
 
 
-def _export_evaluated(spec: StudySpec, frozen: Any, out: Path) -> Path:
+def _export_evaluated(spec: StudySpec, frozen: Any, out: Path) -> None:
     """A trial the task's own evaluation function answered has no model: its bundle holds the architecture and the
     metrics (``"model": false`` in arch.json), which is all there is to deploy or to cite."""
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"_type": BUNDLE_TYPE, "_version": BUNDLE_VERSION, "arch": frozen.user_attrs["arch"], "model": False,
            "study": spec.name, "trial": frozen.number, "dsnas_version": __version__,
            "why": NO_MODEL, "task": {"name": spec.task.name, "params": spec.task.params,
@@ -86,7 +126,6 @@ def _export_evaluated(spec: StudySpec, frozen: Any, out: Path) -> Path:
         "metrics": {k: v for k, v in frozen.user_attrs.items() if isinstance(v, (int, float))},
         "objectives": dict(zip([o.name for o in spec.objectives], frozen.values)), "profile": profile,
         "fingerprint": profile.get("fingerprint", {}), "exports": {}})
-    return out
 
 
 NO_MODEL = "the task's own evaluation function (evaluate_arch) answered this trial: dsnas built no model of it"
@@ -94,15 +133,18 @@ NO_MODEL = "the task's own evaluation function (evaluate_arch) answered this tri
 
 def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
     from optuna.artifacts import FileSystemArtifactStore, download_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
 
-
-    store = FileSystemArtifactStore(str(artifact_dir(spec)))
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        for name in ("weights", "probe"):
-            part = Path(tmp) / f"{name}.safetensors"
-            download_artifact(artifact_store=store, file_path=str(part),
-                              artifact_id=frozen.user_attrs[f"{name}_artifact"])
-            part.replace(out / part.name)
+    folder = artifact_dir(spec)
+    store = FileSystemArtifactStore(str(folder))
+    for name in ("weights", "probe"):
+        artifact = frozen.user_attrs[f"{name}_artifact"]
+        try:
+            download_artifact(artifact_store=store, file_path=str(out / f"{name}.safetensors"), artifact_id=artifact)
+        except (ArtifactNotFound, FileNotFoundError):
+            raise DsnasError(f"{folder}: trial {frozen.number}'s {name} ({artifact}) is not there. Fix: keep the "
+                             f"{folder.name} folder beside the study's database when copying or moving the study, "
+                             "or export another trial") from None
 
 
 def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
