@@ -173,5 +173,28 @@ def test_a_converted_model_counts_each_weight_once_at_its_inference_width():
         sizes[precision] = inference_size(model)
     plain = build({**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2}]})
     assert sizes["fp32"][0] == sizes["bf16"][0] == sum(p.numel() for p in plain.parameters())
-    linear_weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, EngineLinear))
-    assert sizes["fp32"][1] - sizes["bf16"][1] == 2 * linear_weights
+    linear = sum(m.weight.numel() + m.bias.numel() for m in plain.modules() if isinstance(m, EngineLinear))
+    assert sizes["fp32"][1] - sizes["bf16"][1] == 2 * linear  # weights and biases, 4 bytes each -> 2
+
+
+@pytest.mark.parametrize("arch", [
+    {**ARCH, "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "bf16"}, {"n_heads": 2, "ffn_ratio": 2}]},
+    {"family": "cnn", "stem_width": 8, "image_size": 12, "channels": 3, "n_classes": 10,
+     "layers": [{"depth": 1, "width": 16, "kernel": 3, "expand": 2, "precision": "bf16"},
+                {"depth": 1, "width": 24, "kernel": 3, "expand": 1}]},
+], ids=["transformer_lm", "cnn"])
+def test_the_counted_weight_bytes_are_those_the_inference_form_holds(arch):
+    """A bias was counted at 4 bytes on every engine layer: also where there is none (every convolution of the
+    cnn family) and where the inference form keeps it in bf16."""
+    from dsnas.kernels.convert import inference_size
+    from dsnas.kernels.linear import engine_layers
+
+    model = build(arch)
+    convert(model)
+    layers = engine_layers(model).values()
+    inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in inside)
+    for layer in layers:
+        form = layer.inference if layer.inference is not None else layer  # fp32: the layer itself runs
+        held += sum(t.numel() * t.element_size() for t in [form.weight, form.bias] if t is not None)
+    assert inference_size(model)[1] == held

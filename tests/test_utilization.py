@@ -49,3 +49,43 @@ def test_measure_on_the_cpu_reports_no_flop_util_for_an_int8_model_but_says_why(
     fp32 = untrained_inference_form(build(_arch(("fp32", "dense"))))
     metrics, _ = measure(fp32, task, torch.device("cpu"), hardware)
     assert metrics["flop_util"] == pytest.approx(metrics["gflop_s"] / profile["ceilings"]["gemm_gflop_s"])
+
+
+def test_a_low_precision_convolution_counts_at_its_precision_by_its_output_size():
+    """A bf16 CNN's FLOPs were all put at fp32's peak on a CPU (the layer does not know its output's size), and
+    its flop_util read 1.28. Each convolution's FLOPs are now 2 * outputs * in_channels / groups * kernel area,
+    the outputs seen in one call, at its precision; their sum is the whole count's convolution share."""
+    from dsnas.kernels.conv import EngineConv2d
+    from dsnas.profiler.counting import count_work
+
+    arch = {"family": "cnn", "stem_width": 8, "image_size": 12, "channels": 3, "n_classes": 10,
+            "layers": [{"depth": 1, "width": 16, "kernel": 5, "expand": 2, "precision": "bf16"},
+                       {"depth": 1, "width": 24, "kernel": 3, "expand": 1}]}
+    model = untrained_inference_form(build(arch).eval())
+    x = torch.randn(3, 3, 12, 12)
+    with torch.inference_mode():
+        counted = count_work(lambda: model(x)).flops_by_op
+    convs = [m for m in model.modules() if isinstance(m, EngineConv2d)]
+    assert {m.precision for m in convs} == {"bf16", "fp32"}
+    shares = flops_by_precision(model, rows=3, total_flops=sum(counted.values()), call=lambda: model(x))
+    conv_flops = sum(n for op, n in counted.items() if "convolution" in op)
+    fp32_convs = 0
+    for m in model.modules():  # each fp32 convolution's FLOPs (the stem's is a plain nn.Conv2d), from its input
+        if isinstance(m, torch.nn.Conv2d) and getattr(m, "precision", "fp32") == "fp32" and m.in_channels:
+            with torch.inference_mode():
+                out = m(torch.zeros(3, m.in_channels, *_input_size(model, m, x)))
+            fp32_convs += 2 * out.numel() * (m.in_channels // m.groups) * m.weight.shape[2] * m.weight.shape[3]
+    assert shares["bf16"] == conv_flops - fp32_convs > 0
+    assert shares["bf16"] + shares["fp32"] == sum(counted.values())
+    assert effective_peak(shares, {"fp32": 50.0})[1] == "no bf16 FLOP/s ceiling known on this device"
+    with pytest.raises(ValueError, match="needs call="):
+        flops_by_precision(model, rows=3, total_flops=1.0)
+
+
+def _input_size(model, layer, x):
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[2:]))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    return seen[0]

@@ -110,7 +110,8 @@ BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 def inference_size(model: nn.Module) -> tuple[int, int]:
     """(parameters, bytes of the weights inference uses). A converted layer keeps its fp32 master weight (saved
     weights are the training form) beside its inference form; count each weight once, at its inference width.
-    Bytes are algorithmic (a weight at its dtype's width, plus fp32 bias and per-row scales)."""
+    Bytes are algorithmic: a weight at its dtype's width, a bias (where there is one) as the inference form keeps it
+    (bf16/fp16 layers and fp8's in 2 bytes, int8's in fp32), and int8's and fp8's fp32 per-row scales."""
     params, nbytes = 0, 0
     engine = engine_layers(model)
     inside = {id(t) for layer in engine.values() for t in [*layer.parameters(), *layer.buffers()]}
@@ -121,8 +122,11 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
     for layer in engine.values():
         width = BYTES_PER_WEIGHT[layer.precision] if layer.inference is not None else 4
         params += layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
-        scaled = layer.inference is not None and layer.precision in ("int8", "fp8")  # fp32 per-row scales
-        nbytes += layer.weight.numel() * width + 4 * layer.out_features * (2 if scaled else 1)
+        converted = layer.inference is not None
+        scaled = converted and layer.precision in ("int8", "fp8")  # fp32 per-row scales
+        bias_width = 2 if converted and layer.precision in ("bf16", "fp16", "fp8") else 4
+        nbytes += layer.weight.numel() * width + (0 if layer.bias is None else layer.bias.numel() * bias_width)
+        nbytes += 4 * layer.out_features if scaled else 0
     return params, nbytes
 
 

@@ -4,6 +4,7 @@ fp32's. Dividing everything by the fp32 peak made a bf16 model on a GPU look 15 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -14,21 +15,52 @@ def layer_precision(layer: Any) -> str:
     return f"{layer.precision}-2:4" if layer.sparse_kernel else layer.precision
 
 
-def flops_by_precision(model: Any, rows: int, total_flops: float) -> dict[str, float]:
+def flops_by_precision(model: Any, rows: int, total_flops: float,
+                       call: Callable[[], Any] | None = None) -> dict[str, float]:
     """FLOPs of one call by the precision that computes them: 2 * rows * in * out for each engine layer (the count
     of the dense layer it stands for), and whatever else was counted as fp32. An EngineConv2d's FLOPs depend on its
-    output's size, which the layer does not know: they stay in the fp32 share, so a bf16 convolution's share of the
-    ceiling reads high."""
-    from dsnas.kernels.linear import EngineLinear, engine_layers  # torch loads on first use
+    output's size, which the layer does not know: ``call`` (one call of the model) is run once to see it where a
+    convolution computes in another precision than fp32. (Without that, a bf16 CNN's FLOPs were all divided by the
+    fp32 peak on a CPU: flop_util 1.28.)"""
+    from dsnas.kernels.conv import EngineConv2d  # torch loads on first use
+    from dsnas.kernels.linear import EngineLinear, engine_layers  # likewise
 
     out: dict[str, float] = {}
+    convs = []
     for layer in engine_layers(model).values():
-        if not isinstance(layer, EngineLinear):
-            continue
         key = layer_precision(layer)
-        out[key] = out.get(key, 0.0) + 2.0 * rows * layer.in_features * layer.out_features
+        if isinstance(layer, EngineLinear):
+            out[key] = out.get(key, 0.0) + 2.0 * rows * layer.in_features * layer.out_features
+        elif isinstance(layer, EngineConv2d) and key != "fp32":
+            convs.append((layer, key))
+    if convs and call is None:
+        raise ValueError("flops_by_precision needs call= to count a low-precision convolution's FLOPs")
+    for (layer, key), outputs in zip(convs, _output_sizes([layer for layer, _ in convs], call)):
+        kernel = layer.weight.shape[2] * layer.weight.shape[3]  # FlopCounterMode's convolution formula
+        out[key] = out.get(key, 0.0) + 2.0 * outputs * (layer.in_channels // layer.groups) * kernel
     out["fp32"] = out.get("fp32", 0.0) + max(0.0, total_flops - sum(out.values()))
     return {k: v for k, v in out.items() if v > 0}
+
+
+def _output_sizes(layers: list[Any], call: Callable[[], Any] | None) -> list[int]:
+    """The number of output elements each layer gives in one ``call`` (summed over its calls)."""
+    if not layers or call is None:
+        return []
+    import torch
+
+    seen = [0] * len(layers)
+
+    def hook(i: int) -> Callable[..., None]:
+        return lambda _module, _args, output: seen.__setitem__(i, seen[i] + output.numel())
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def effective_peak(flops: dict[str, float], peaks: dict[str, float]) -> tuple[float | None, str]:
