@@ -357,9 +357,11 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
         if e.key not in flags:
             raise
         raise SpecError(f"{where} with {flags[e.key]}", e.key, e.rule, e.got, e.fix) from None
-    require_spec(where, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
+    local = f"{where} with {flags['executor.kind']}" if "executor.kind" in flags else where  # the flag chose it
+    require_spec(local, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
                  "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
-                 spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s')
+                 spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s'
+                 + (f" (or leave out {flags['executor.kind']})" if "executor.kind" in flags else ""))
     return spec
 
 

@@ -106,6 +106,12 @@ def test_a_time_limit_needs_an_executor_that_can_stop_a_trial(tiny_study, capsys
     assert main(["search", str(tiny_study)]) == 2
     err = capsys.readouterr().err
     assert "[budget.trial_timeout_s] needs the ray executor" in err and 'kind = "ray"' in err
+    # Chosen by the flag, not the file: the message blames the flag.
+    tiny_study.write_text(tiny_study.read_text().replace('kind = "local"', 'kind = "ray"'))
+    assert main(["search", str(tiny_study), "--executor", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dsnas: error: {tiny_study} with --executor local: [budget.trial_timeout_s] needs the ray")
+    assert err.endswith("(or leave out --executor local)") and err.count("\n") == 0
 
 
 def test_diverging_training_is_a_fail_trial_with_the_reason(tiny_study):
