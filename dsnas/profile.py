@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.allocator import POLICY
-from dsnas.errors import DsnasError
+from dsnas.errors import DsnasError, Invalid
 from dsnas.export.bundle import (
     _read_json,
     as_measured,
@@ -20,7 +20,7 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.card import measured_compiled
-from dsnas.models import build, validate
+from dsnas.models import FAMILIES, build, validate
 from dsnas.profiler.device import device_key, fingerprint_id, resolve_device
 from dsnas.profiler.gate import MeasureGate
 from dsnas.profiler.measure import measure
@@ -49,6 +49,10 @@ def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[An
     arch = data.get("arch", data) if isinstance(data, dict) else None
     if not isinstance(arch, dict):
         raise DsnasError(f"{path}: must hold an architecture object. Fix: write {{\"family\": ...}}")
+    if arch.get("family") in FAMILIES and arch["family"] not in TEXT_FAMILIES:  # a CNN once crashed on token ids
+        raise DsnasError(f"{path}: an architecture file is measured on the default text task (token ids), which "
+                         f"a {arch.get('family')!r} model does not take. Fix: profile a bundle (`dsnas export`) or a "
+                         "study file with --trial N, which bring their own task")
     task = TaskSpec("charlm", {k: arch[k] for k in ("context",) if k in arch}, str(path.parent))
     try:
         validate(arch)
@@ -96,7 +100,10 @@ def profile_target(target: str, trial: int | None = None, device: str = "auto", 
     fields (batch_sizes, kernels, ...)."""
     dev = resolve_device(device)
     model, task_spec, hardware, what = load_target(target, trial, dev)
-    hardware = replace(hardware, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "measure_s" in given and "max_measure_s" not in given:  # a longer minimum lifts the cap it must stay below
+        given["max_measure_s"] = max(hardware.max_measure_s, given["measure_s"])
+    hardware = _protocol(lambda: replace(hardware, **given), "--")
     task = make_task(task_spec)
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model.to(dev), task, dev, hardware)
@@ -112,13 +119,25 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     tokens of a sequence). ``protocol``: HardwareSpec's other fields (threads, measure_s, kernels, ...). The model
     moves to the device."""
     dev = resolve_device(device)
-    hardware = HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol)
+    hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol), "dsnas.measure ")
     task = _ExampleInputs(example_input, items_per_example)
     model = model.to(dev)
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model, task, dev, hardware)
     return ProfileReport(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters)",
                          metrics, profile)
+
+
+TEXT_FAMILIES = ("transformer_lm", "hf_causal_lm")  # the built-in families that take token ids
+
+
+def _protocol(make: Callable[[], HardwareSpec], where: str) -> HardwareSpec:
+    """The HardwareSpec ``make`` builds, its rule broken as one line naming the option (a flag, or an argument)."""
+    try:
+        return make()
+    except Invalid as e:
+        option = f"--{e.key.replace('_', '-')}" if where == "--" else f"{where}{e.key}"
+        raise DsnasError(f"{option}: {e.rule}, but got {e.got!r}. Fix: {e.fix}") from None
 
 
 class _ExampleInputs:

@@ -107,3 +107,37 @@ def test_a_cuda_kernel_name_is_cut_to_a_line():
     line = next(line for line in ProfileReport("x", {}, profile).table().splitlines() if " 9x " in line)
 
     assert line.endswith(name[:97] + "...") and len(line) < 130
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--batch-sizes", "0,32"], "--batch-sizes: must be a non-empty list of integers >= 1, but got [0, 32]"),
+    (["--measure-s", "0"], "--measure-s: must be > 0, but got 0.0"),
+    (["--measure-s", "1", "--max-measure-s", "0.5"], "--max-measure-s: must be >= measure_s, but got 0.5"),
+])
+def test_a_protocol_flag_out_of_range_is_one_line_naming_it(tmp_path, capsys, flags, said):
+    """They once ended in a traceback (the rule's Invalid is not a DsnasError)."""
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(ARCH))
+    assert main(["profile", str(path), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dsnas: error: {said}. Fix: ") and err.count("\n") == 0
+
+
+def test_a_longer_measure_s_alone_lifts_the_cap(tmp_path, monkeypatch):
+    """--measure-s 5 was refused: the default max_measure_s (3 s) is below it."""
+    seen = []
+    monkeypatch.setattr(dsnas_profile, "measure", lambda model, task, dev, hw: seen.append(hw) or ({}, {}))
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(ARCH))
+    dsnas_profile.profile_target(str(path), device="cpu", measure_s=5.0)
+    assert (seen[0].measure_s, seen[0].max_measure_s) == (5.0, 5.0)
+
+
+def test_an_architecture_file_of_a_family_without_token_inputs_is_refused_with_the_way_that_works(tmp_path, capsys):
+    """A CNN's architecture file was measured on the default text task and crashed on its token ids."""
+    path = tmp_path / "cnn.json"
+    path.write_text(json.dumps({"family": "cnn", "stem_width": 8, "image_size": 16, "channels": 1, "n_classes": 10,
+                                "layers": [{"depth": 1, "width": 16, "kernel": 3, "expand": 1}]}))
+    assert main(["profile", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a 'cnn' model does not take" in err and "`dsnas export`" in err

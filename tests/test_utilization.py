@@ -89,3 +89,19 @@ def _input_size(model, layer, x):
         model(x)
     handle.remove()
     return seen[0]
+
+
+def test_a_plain_model_in_bf16_is_labelled_so_and_not_divided_by_the_fp32_peak():
+    """A model of the user's converted with .to(torch.bfloat16) has no engine layer to say its precision: it was
+    labelled eager-fp32, float32, and its flop_util divided by the fp32 GEMM peak."""
+    import dsnas
+
+    for dtype, backend, name in ((torch.float32, "eager-fp32", "float32"), (torch.bfloat16, "eager-bf16", "bfloat16")):
+        report = dsnas.measure(torch.nn.Linear(64, 64).to(dtype), torch.randn(4, 64, dtype=dtype), device="cpu",
+                               batch_sizes=(8,), measure_s=0.02, max_measure_s=0.1, warmup_s=0.01)
+        assert (report.profile["backend"], report.profile["dtype"]) == (backend, name)
+        if dtype == torch.float32:
+            assert report.metrics["flop_util"] > 0
+        else:
+            assert "flop_util" not in report.metrics
+            assert report.profile["unavailable"]["flop_util"] == "no bf16 FLOP/s ceiling known on this device"

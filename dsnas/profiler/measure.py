@@ -17,11 +17,9 @@ from dsnas.profiler.disturbance import MachineWindow, Share, least_disturbed, sa
 from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
-from dsnas.profiler.utilization import effective_peak, flops_by_precision
+from dsnas.profiler.utilization import PRECISION_OF, effective_peak, flops_by_precision, weights_precision
 from dsnas.profiler.window import measure_window
 
-BACKEND = "eager-fp32"  # a model without engine layers; an engine model names its layers' backends
-DTYPE = "float32"
 # The timing protocol's settings: a measurement taken under others is another number (see measurement_key).
 PROTOCOL_KEYS = ("warmup_s", "measure_s", "max_measure_s", "ci_tolerance", "cuda_graphs", "steady_s")
 # Figures of the largest batch size that also stand for the whole trial (besides latency at the smallest).
@@ -36,17 +34,22 @@ def _size(model: Any) -> tuple[int, int]:
 
 
 def _backend(model: Any) -> tuple[str, str]:
-    """What runs: "eager-fp32", or the engine layers' backends (e.g. "engine:fp32+int8:torch-dynamic") and
-    "mixed" when their precisions differ; "compiled-" in front under torch.compile. At most 64 characters."""
+    """What runs: "eager-fp32" (a plain model: its weights' precision), or the engine layers' backends (e.g.
+    "engine:fp32+int8:torch-dynamic") and "mixed" when their precisions differ; "compiled-" in front under
+    torch.compile. At most 64 characters."""
     from dsnas.kernels.linear import engine_layers  # torch loads on first use
 
     eager = getattr(model, "_orig_mod", model)
     layers = engine_layers(eager).values()
     backends = sorted({m.backend for m in layers})
     precisions = {m.precision for m in layers}
-    name = BACKEND if backends in ([], ["fp32"], ["dense"]) else "engine:" + "+".join(backends)
+    plain = weights_precision(eager)  # a model of the user's in bf16, say, has no engine layer to say so
+    name = f"eager-{plain}" if backends in ([], ["fp32"], ["dense"]) else "engine:" + "+".join(backends)
     name = ("compiled-" if eager is not model else "") + name
-    dtype = DTYPE if precisions <= {"fp32"} else (precisions.pop() if len(precisions) == 1 else "mixed")
+    if precisions <= {"fp32"}:  # torch's name of it: "float32", "bfloat16"
+        dtype = next((k for k, v in PRECISION_OF.items() if v == plain), plain)
+    else:
+        dtype = precisions.pop() if len(precisions) == 1 else "mixed"
     return name[:64], dtype
 
 

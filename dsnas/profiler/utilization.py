@@ -38,8 +38,30 @@ def flops_by_precision(model: Any, rows: int, total_flops: float,
     for (layer, key), outputs in zip(convs, _output_sizes([layer for layer, _ in convs], call)):
         kernel = layer.weight.shape[2] * layer.weight.shape[3]  # FlopCounterMode's convolution formula
         out[key] = out.get(key, 0.0) + 2.0 * outputs * (layer.in_channels // layer.groups) * kernel
-    out["fp32"] = out.get("fp32", 0.0) + max(0.0, total_flops - sum(out.values()))
+    rest = weights_precision(model)  # the rest (attention, the head, norms, a plain model) in its weights' dtype
+    out[rest] = out.get(rest, 0.0) + max(0.0, total_flops - sum(out.values()))
     return {k: v for k, v in out.items() if v > 0}
+
+
+PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+def weights_precision(model: Any) -> str:
+    """The precision of the model's floating-point weights outside its engine layers (most of them, by count;
+    "fp32" where there are none): what a plain model converted with ``.to(torch.bfloat16)`` computes in. (It was
+    taken as fp32 for every model: a bf16 nn.Linear's flop_util was divided by the fp32 peak.)"""
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
+
+    inside = {id(t) for layer in engine_layers(model).values() for t in layer.parameters()}
+    counts: dict[str, int] = {}
+    for t in model.parameters():
+        if id(t) not in inside and t.is_floating_point():
+            name = str(t.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + t.numel()
+    if not counts:
+        return "fp32"
+    dtype = max(counts, key=counts.__getitem__)
+    return PRECISION_OF.get(dtype, dtype)
 
 
 def _output_sizes(layers: list[Any], call: Callable[[], Any] | None) -> list[int]:
