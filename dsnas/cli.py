@@ -181,7 +181,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     spec = read_study(args.study_file)
     study = open_study(spec, create=False)
     out = Path(args.out) if args.out else spec.base_dir / "routes" / spec.name
-    trials = [int(n) for n in args.trials.split(",")] if args.trials else None
+    try:
+        trials = [int(n) for n in args.trials.split(",")] if args.trials else None
+    except ValueError:
+        raise DsnasError(f"--trials {args.trials}: must be trial numbers separated by commas. Fix: e.g. "
+                         "--trials 3,7") from None
     try:
         report = build_route(spec, study, out, trials=trials, target_accuracy=args.target_accuracy,
                              max_accuracy_drop=0.005 if args.max_accuracy_drop is None else args.max_accuracy_drop,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -352,7 +353,7 @@ def load_route(folder: str | Path, device: str = "cpu", kind: str | None = None)
     kind = kind or doc["serve"]
     if kind not in ("cascade", "learned"):
         raise DsnasError(f"kind must be 'cascade' or 'learned', got {kind!r}")
-    router = LearnedRouter(**doc["learned"]) if kind == "learned" else None
+    router = LearnedRouter(**{**doc["learned"], "tau": float(doc["learned"]["tau"])}) if kind == "learned" else None
     return Route(members, kind, [float(t) for t in doc["cascade"]["thresholds"]], router)
 
 
@@ -398,6 +399,7 @@ class RouteReport:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)  # route name -> end-to-end ms per input
     folder: Path | None = None
+    left_out: list[str] = field(default_factory=list)  # members left out, each with why
 
     def add(self, name: str, acc: float, cost: float, served_shares: list[float]) -> None:
         self.outcomes[name] = Outcome(name, acc, cost, served_shares)
@@ -408,7 +410,7 @@ class RouteReport:
                 for r in self.rows]
         widths = [max(len(str(x)) for x in [c, *(b[i] for b in body)]) for i, c in enumerate(cols)]
         lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [cols, *body]]
-        return "\n".join(lines)
+        return "\n".join(lines + self.left_out)
 
 
 def _cell(v: Any) -> str:
@@ -431,6 +433,7 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
                          f"got {cost!r}" if cost == "energy" else f"--cost must be one of {list(COSTS)}, got {cost!r}")
     chosen = [pick_trials(study, spec, trial=n)[0] for n in trials] if trials else \
         pick_trials(study, spec, front=True)
+    chosen = list({frozen.number: frozen for frozen in chosen}.values())  # a trial named twice, or a repeat's original
     if len(chosen) < 2:
         raise NothingToRoute(f"the front has {len(chosen)} model: there is nothing to route "
                              "(a route needs at least two models of different cost)")
@@ -448,6 +451,16 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     logits = run_all([m.model for m in members], x)
     right, conf = (torch.stack(t) for t in zip(*(scores(lg, y) for lg in logits)))
     calib, held = halves(len(x))
+    # A cascade falls back to its costliest stage, which must be its most accurate: a member that costs more than
+    # a cheaper one and is not more accurate is left out (named trials, or a front by another cost than its own).
+    keep, left_out = _rising(members, right[:, calib].mean(1).tolist())
+    if len(keep) < len(members):
+        for i in sorted(set(range(len(members))) - set(keep)):
+            shutil.rmtree(members[i].folder, ignore_errors=True)
+        members, logits, right, conf = ([members[i] for i in keep], [logits[i] for i in keep], right[keep],
+                                        conf[keep])
+        if len(members) < 2:
+            raise NothingToRoute(f"{'; '.join(left_out)}: one model is left, so there is nothing to route")
     best_calib = right[-1, calib].mean().item()
     if target_accuracy is not None and target_accuracy > best_calib + 1e-12:
         raise DsnasError(f"--target-accuracy {target_accuracy:g} is above the most accurate model's "
@@ -456,7 +469,7 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     curves = [m.curve for m in members]
     feats = features(logits[0])
     router = LearnedRouter.fit(feats[calib], sufficient_stage(right[:, calib]), len(members))
-    report = RouteReport(unit=COSTS[cost][1])
+    report = RouteReport(unit=COSTS[cost][1], left_out=left_out)
     for i, m in enumerate(members):  # each single model: all inputs to stage i
         served = torch.full((len(held),), i, dtype=torch.long)
         report.add(f"trial {m.trial} alone", accuracy(served, right[:, held]), m.cost, shares(served, len(members)))
@@ -487,8 +500,10 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
            "learned": router.__dict__,
            "calibration": {"inputs": len(calib), "report_inputs": len(held), "max_accuracy_lost": drop,
                            "most_accurate_on_calibration": best_calib},
-           "table": report.rows, "measured_ms_per_input": report.measured}
-    (out / "route.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+           "table": report.rows, "measured_ms_per_input": report.measured, "left_out": left_out}
+    # allow_nan=False: an infinite threshold (a stage no input stops at) is written "inf", as JSON has no Infinity
+    # (json.dumps wrote the bare word, which JavaScript and jq refuse or misread); a NaN fails here, loudly.
+    (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
     report.folder = out
     return report
 
@@ -497,10 +512,31 @@ class NothingToRoute(DsnasError):
     """The front has fewer than two models: a notice, not a failure."""
 
 
-def _json_default(v: Any) -> Any:
+def _json_safe(v: Any) -> Any:
+    """``v`` with each infinite float as the string "inf" or "-inf" (float() reads both back)."""
     if isinstance(v, float) and math.isinf(v):
         return "inf" if v > 0 else "-inf"
-    raise TypeError(type(v).__name__)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _rising(members: list[Member], accuracies: list[float]) -> tuple[list[int], list[str]]:
+    """Of members sorted by cost, the indices of those more accurate than every cheaper one kept, and why each
+    other one was left out."""
+    keep: list[int] = []
+    left_out = []
+    for i, acc in enumerate(accuracies):
+        if keep and acc <= accuracies[keep[-1]]:
+            best = members[keep[-1]]
+            left_out.append(f"left out trial {members[i].trial}: it costs more than trial {best.trial} "
+                            f"({members[i].cost:.4g} vs {best.cost:.4g}) and is not more accurate on the calibration "
+                            f"half ({acc:.4f} vs {accuracies[keep[-1]]:.4f})")
+        else:
+            keep.append(i)
+    return keep, left_out
 
 
 def _thin(members: list[Member]) -> list[Member]:
@@ -563,7 +599,7 @@ def verify_route(folder: str | Path, accuracy_tol: float = 0.005, latency_tol: f
                                    check.verdict, check.failed))
         members.append(model)
     kind = doc["serve"]
-    router = LearnedRouter(**doc["learned"]) if kind == "learned" else None
+    router = LearnedRouter(**{**doc["learned"], "tau": float(doc["learned"]["tau"])}) if kind == "learned" else None
     thresholds = [float(t) for t in doc["cascade"]["thresholds"]]
     route = Route(members, kind, thresholds, router)
     task = make_task(recorded_task_spec(read_bundle(folder / doc["members"][0]["bundle"])))

@@ -25,7 +25,22 @@ from dsnas.route import (
     lost,
     scores,
 )
-from tests.conftest import copy_study
+from tests.conftest import TINY_STUDY, copy_study
+
+
+@pytest.fixture(scope="module")
+def routable(tmp_path_factory: pytest.TempPathFactory):
+    """A study of two models that differ in cost and accuracy alike (d8 and d192, two layers each, 32k training
+    tokens: 0.34 and 0.40 on the calibration half at 7x the cost here, far beyond a noisy host's timing spread),
+    so that routing has something to trade; ~10 s."""
+    root = tmp_path_factory.mktemp("routable")
+    (root / "space.toml").write_text('family = "transformer_lm"\n[choices]\nn_layers = 2\nd_model = [8, 192]\n'
+                                     '[per_layer]\nn_heads = 2\nffn_ratio = 2\n')
+    study = root / "tiny.toml"
+    study.write_text(TINY_STUDY.format(space=root / "space.toml").replace("n_trials = 3", "n_trials = 2")
+                     .replace("train_tokens = 2048", "train_tokens = 32768").replace('name = "tpe"', 'name = "dsnas"'))
+    assert main(["search", str(study)]) == 0
+    return study
 
 
 def test_scores_of_a_sequence_model_are_means_over_the_sequence():
@@ -114,15 +129,17 @@ def test_members_of_different_tasks_are_refused(tmp_path):
         check_members(tmp_path, [doc, {**doc, "trial": 2, "arch": {"vocab_size": 128}}])
 
 
-def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path, capsys, no_model_files):
-    study = copy_study(finished_study, tmp_path / "s")
+def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsys, no_model_files):
+    study = copy_study(routable, tmp_path / "s")
     out = study.parent / "routes" / "tiny"  # the default folder, where the report finds it
-    assert main(["route", str(study), "--trials", "0,1,2", "--max-accuracy-drop", "0.01"]) == 0
+    assert main(["route", str(study), "--max-accuracy-drop", "0.01"]) == 0
     said = capsys.readouterr().out
     assert "cascade" in said and "learned router" in said and f"route bundle: {out}" in said
-    doc = json.loads((out / "route.json").read_text())
+    text = (out / "route.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text  # standard JSON: an infinite threshold is "inf"
+    doc = json.loads(text)
     costs = [m["cost_per_input"] for m in doc["members"]]
-    assert costs == sorted(costs) and len(doc["members"]) == 3
+    assert costs == sorted(costs) and len(doc["members"]) == 2 and doc["left_out"] == []
     for m in doc["members"]:  # a member's cost is its measured latency per input at the largest batch size
         metrics = json.loads((out / m["bundle"] / "metrics.json").read_text())["metrics"]
         assert m["cost_per_input"] == pytest.approx(metrics["latency_ms_bs4"] / 4)
@@ -143,15 +160,15 @@ def test_a_searched_study_routes_and_the_bundle_serves(finished_study, tmp_path,
     assert main(["verify", str(out), "--latency-tol", "3"]) == 0
     said = capsys.readouterr().out
     kind = "cascade" if doc["serve"] == "cascade" else "learned router"
-    assert said.count(" probe ") == 3 and re.search(rf"{kind} accuracy .* \+0\.0000 +ok", said), said
+    assert said.count(" probe ") == 2 and re.search(rf"{kind} accuracy .* \+0\.0000 +ok", said), said
     # The report draws the route beside the front.
     assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
     assert (tmp_path / "report" / "route.png").stat().st_size > 10_000 and "Routing over the front" in page
 
 
-def test_a_front_of_one_is_a_notice_and_an_unreachable_target_names_the_best(finished_study, tmp_path, capsys):
-    study = copy_study(finished_study, tmp_path / "s")
+def test_a_front_of_one_is_a_notice_and_an_unreachable_target_names_the_best(routable, tmp_path, capsys):
+    study = copy_study(routable, tmp_path / "s")
     assert main(["route", str(study), "--trials", "0", "--out", str(tmp_path / "r")]) == 0
     assert capsys.readouterr().out.strip() == ("dsnas route: the front has 1 model: there is nothing to route (a "
                                                "route needs at least two models of different cost)")
@@ -159,3 +176,28 @@ def test_a_front_of_one_is_a_notice_and_an_unreachable_target_names_the_best(fin
                  str(tmp_path / "r")]) == 2
     assert re.search(r"--target-accuracy 0.99 is above the most accurate model's 0\.\d+ on the calibration half: "
                      r"the best reachable is 0\.\d+", capsys.readouterr().err)
+
+
+def test_a_trial_named_twice_is_one_model_and_a_bad_list_is_one_line(routable, tmp_path, capsys):
+    """--trials 1,1 once built a route of one model twice (its router paying for it twice); 1,x a traceback."""
+    study = copy_study(routable, tmp_path / "s")
+    assert main(["route", str(study), "--trials", "1,1", "--out", str(tmp_path / "r")]) == 0
+    assert "the front has 1 model: there is nothing to route" in capsys.readouterr().out
+    assert main(["route", str(study), "--trials", "1,x"]) == 2
+    assert capsys.readouterr().err.strip() == ("dsnas: error: --trials 1,x: must be trial numbers separated by "
+                                               "commas. Fix: e.g. --trials 3,7")
+
+
+def test_a_member_costlier_and_not_more_accurate_than_a_cheaper_one_is_left_out_saying_why():
+    """A cascade falls back to its costliest stage: that one must be the most accurate. A costlier, less accurate
+    member was taken as the most accurate (the costliest) one, and the accuracy bound held against it."""
+    from types import SimpleNamespace
+
+    from dsnas.route import _rising
+
+    members = [SimpleNamespace(trial=t, cost=c) for t, c in ((4, 1.0), (7, 2.0), (2, 3.0), (9, 4.0))]
+    keep, left_out = _rising(members, [0.30, 0.35, 0.33, 0.40])
+    assert keep == [0, 1, 3]
+    assert left_out == ["left out trial 2: it costs more than trial 7 (3 vs 2) and is not more accurate on the "
+                        "calibration half (0.3300 vs 0.3500)"]
+    assert _rising(members, [0.40, 0.35, 0.33, 0.40])[0] == [0]  # the cheapest is best: nothing to route
