@@ -312,3 +312,49 @@ def test_load_takes_a_study_file(finished_study):
     by_file, by_url = load(finished_study), load(spec.storage, spec.name)
     assert list(by_file["trial"]) == list(by_url["trial"]) and len(by_file) == 3
     assert by_file["accuracy"].tolist() == by_url["accuracy"].tolist()
+
+
+def _in_memory(directions, names, rows, states=None):
+    """An Optuna study in memory with dsnas's attribute names, one trial per row of objective values."""
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from dsnas.results import frame
+
+    study = optuna.create_study(directions=list(directions), study_name="x")
+    study.set_metric_names(list(names))
+    start = datetime.datetime(2026, 1, 1)
+    for i, values in enumerate(rows):
+        state = (states or {}).get(i, TrialState.COMPLETE)
+        trial = create_trial(state=state, values=list(values) if state == TrialState.COMPLETE else None,
+                             user_attrs={"arch_short": f"m{i}", **dict(zip(("accuracy", "throughput_tok_s",
+                                                                             "val_loss"), values))})
+        trial.datetime_start, trial.datetime_complete = (start + datetime.timedelta(seconds=i),
+                                                         start + datetime.timedelta(seconds=i + 1))
+        study.add_trial(trial)
+    return frame(study)
+
+
+def test_the_front_of_a_study_without_a_completed_trial_is_empty():
+    """It was a pandas KeyError (no objective columns), where hypervolume says so in one line."""
+    from optuna.trial import TrialState
+
+    df = _in_memory(("maximize", "maximize"), ("accuracy", "throughput"), [()], {0: TrialState.FAIL})
+    assert front(df).empty
+    with pytest.raises(DsnasError, match="has no completed trial"):
+        hypervolume(df)
+
+
+def test_the_printed_front_shows_every_objective():
+    """A third objective was left out of the printed and HTML front, so the row it puts there looked dominated."""
+    from dsnas.results.plots import views
+    from dsnas.results.report import _summary_frame
+
+    df = _in_memory(("maximize", "maximize", "minimize"), ("accuracy", "throughput", "loss"),
+                    [(0.40, 1000.0, 1.9), (0.38, 900.0, 1.5), (0.30, 2000.0, 2.5)])
+    reference = default_reference(df)
+    shown = _summary_frame(views(df, hypervolume_history(df, reference), reference))
+    assert sorted(shown["trial"]) == [0, 1, 2]  # trial 1 is there for its loss
+    assert {"accuracy", "throughput_tok_s", "val_loss"} <= set(shown.columns)

@@ -10,7 +10,7 @@ from typing import Any
 from dsnas.errors import DsnasError
 from dsnas.progress import format_metric
 from dsnas.results.plots import Conditions, device_words, plotly_figures, views, write_pngs
-from dsnas.results.trials import default_reference, frame, hypervolume_history
+from dsnas.results.trials import default_reference, frame, hypervolume_history, objectives
 from dsnas.spec import StudySpec
 from dsnas.tasks import throughput_unit
 
@@ -161,7 +161,10 @@ def _route_html(route: dict[str, Any] | None) -> str:
 
 
 def _summary_frame(v: Any) -> Any:
-    objective_columns = [o.column for o in (v.y, v.x)] if v.x is not v.y else [v.y.column]
+    # Every objective: the front is non-dominated in all of them, and a row shown without the third one it wins
+    # on looks dominated.
+    plotted = [v.y.column, v.x.column] if v.x is not v.y else [v.y.column]
+    objective_columns = plotted + [o.column for o in objectives(v.front) if o.column not in plotted]
     extra = [c for c in SUMMARY_COLUMNS if c in v.front.columns and c not in objective_columns]
     shown = v.front[["trial", "arch_short", *objective_columns, *extra]]
     if "disturbed" in v.front.columns and v.front["disturbed"].notna().any():

@@ -171,6 +171,8 @@ def front(df: Any, feasible_only: bool = True) -> Any:
     """The non-dominated completed trials (feasible ones only, unless told), best first in the first objective."""
     objs = objectives(df)
     done = done_trials(df, feasible_only, trained_only=True)
+    if done.empty:  # no completed trial (all failed, or none yet): no front, and maybe no objective columns
+        return done
     points = done[[o.column for o in objs]].to_numpy().tolist()
     best = done.iloc[front_indices(points, [o.direction for o in objs])]
     return best.sort_values(objs[0].column, ascending=objs[0].direction == "minimize")
