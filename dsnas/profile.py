@@ -115,17 +115,20 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     """Measure any model with the protocol a trial's is measured with: timings per batch size (median, spread,
     until the median is known to ``ci_tolerance``), FLOP and byte counts, peak memory and, on a GPU, the NVML/GPM
     window. ``example_input``: one batch (its first dimension is the batch; rows are repeated to each batch size) or
-    a function ``batch_size -> input``; ``items_per_example`` is what throughput counts per example (e.g. the
+    a function ``batch_size -> input``; a tuple or dict of them for a model of several inputs (passed as positional or
+    keyword arguments); ``items_per_example`` is what throughput counts per example (e.g. the
     tokens of a sequence). ``protocol``: HardwareSpec's other fields (threads, measure_s, kernels, ...). The model
     moves to the device."""
     dev = resolve_device(device)
     hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol), "dsnas.measure ")
     task = _ExampleInputs(example_input, items_per_example)
     model = model.to(dev)
+    what = f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters)"
+    if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
+        model = _unpacking(model)
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model, task, dev, hardware)
-    return ProfileReport(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters)",
-                         metrics, profile)
+    return ProfileReport(what, metrics, profile)
 
 
 TEXT_FAMILIES = ("transformer_lm", "hf_causal_lm")  # the built-in families that take token ids
@@ -153,11 +156,42 @@ class _ExampleInputs:
             return self.example(batch_size)
         import torch
 
-        if not isinstance(self.example, torch.Tensor) or self.example.dim() == 0:
-            raise DsnasError("example_input must be a tensor whose first dimension is the batch, or a function "
-                             f"batch_size -> input; got {type(self.example).__name__}")
-        rows = torch.arange(batch_size) % self.example.shape[0]  # the example's rows, repeated
-        return self.example[rows.to(self.example.device)].to(device)
+        parts = (self.example.values() if isinstance(self.example, dict) else self.example
+                 if isinstance(self.example, (tuple, list)) else [self.example])
+        tensors = [t for t in parts if isinstance(t, torch.Tensor)]
+        if not tensors or any(t.dim() == 0 for t in tensors):
+            raise DsnasError("example_input must be a tensor whose first dimension is the batch (or a tuple or dict "
+                             "of such tensors, for a model of several inputs), or a function batch_size -> input; "
+                             f"got {type(self.example).__name__}")
+
+        def repeated(t: Any) -> Any:  # the example's rows, repeated to the batch size; other values as they are
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t[(torch.arange(batch_size) % t.shape[0]).to(t.device)].to(device)
+
+        if isinstance(self.example, dict):
+            return {k: repeated(v) for k, v in self.example.items()}
+        if isinstance(self.example, (tuple, list)):
+            return type(self.example)(repeated(v) for v in self.example)
+        return repeated(self.example)
+
+
+def _unpacking(model: Any) -> Any:
+    """A model of several inputs, called with one: a tuple's parts as positional arguments, a dict's as keyword
+    ones (``forward(input_ids, attention_mask)``), as the measurement calls every model with its batch."""
+    from torch import nn  # torch loads on first use
+
+    class Unpacking(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch: Any) -> Any:
+            if isinstance(batch, dict):
+                return self.model(**batch)
+            return self.model(*batch) if isinstance(batch, (tuple, list)) else self.model(batch)
+
+    return Unpacking()
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,23 @@ def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol(
     assert "profile of Sequential" in str(report)
     with pytest.raises(dsnas.DsnasError, match="example_input must be a tensor"):
         dsnas.measure(model, [1, 2], device="cpu")
+
+
+def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function():
+    """forward(x, y) or forward(input_ids=..., mask=...) could not be measured: the batch went in as one argument."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(16, 32)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            assert x.shape[0] == mask.shape[0]
+            return self.proj(x) * mask
+
+    protocol = {"device": "cpu", "batch_sizes": (2, 8), "measure_s": 0.02, "max_measure_s": 0.1}
+    for example in ((torch.randn(3, 16), torch.ones(3, 32)), {"x": torch.randn(3, 16), "mask": torch.ones(3, 32)},
+                    lambda b: (torch.randn(b, 16), torch.ones(b, 32))):
+        report = dsnas.measure(Two(), example, **protocol)
+        assert report.metrics["flops_bs8"] == 8 * 2 * 16 * 32  # the rows of every input repeated to the batch size
+        assert report.what == "Two (544 parameters)"
