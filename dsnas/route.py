@@ -501,8 +501,8 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
            "calibration": {"inputs": len(calib), "report_inputs": len(held), "max_accuracy_lost": drop,
                            "most_accurate_on_calibration": best_calib},
            "table": report.rows, "measured_ms_per_input": report.measured, "left_out": left_out}
-    # allow_nan=False: an infinite threshold (a stage no input stops at) is written "inf", as JSON has no Infinity
-    # (json.dumps wrote the bare word, which JavaScript and jq refuse or misread); a NaN fails here, loudly.
+    # An infinite threshold (a stage no input stops at) is written "inf" and a figure that is NaN null, as JSON has
+    # neither (json.dumps wrote the bare words, which JavaScript and jq refuse or misread).
     (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
     report.folder = out
     return report
@@ -513,9 +513,11 @@ class NothingToRoute(DsnasError):
 
 
 def _json_safe(v: Any) -> Any:
-    """``v`` with each infinite float as the string "inf" or "-inf" (float() reads both back)."""
+    """``v`` with each infinite float as the string "inf" or "-inf" (float() reads both back), a NaN as None."""
     if isinstance(v, float) and math.isinf(v):
         return "inf" if v > 0 else "-inf"
+    if isinstance(v, float) and math.isnan(v):
+        return None
     if isinstance(v, dict):
         return {k: _json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
