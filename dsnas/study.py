@@ -106,10 +106,15 @@ def as_searched(spec: StudySpec, study: Any) -> StudySpec:
     if not stored:
         return spec
     task = dict(stored["task"])
-    hardware = {**stored["hardware"], "batch_sizes": tuple(stored["hardware"]["batch_sizes"]),
-                "constraints": Constraints(**stored["hardware"]["constraints"])}
+    # Only the fields this dsnas has (a study recorded by another version may have more, or fewer).
+    known = {f.name for f in dataclasses.fields(spec.hardware)} - {"constraints"}
+    hardware = {k: v for k, v in stored["hardware"].items() if k in known}
+    if "batch_sizes" in hardware:
+        hardware["batch_sizes"] = tuple(hardware["batch_sizes"])
+    limits = {f.name for f in dataclasses.fields(Constraints)}
+    constraints = Constraints(**{k: v for k, v in stored["hardware"].get("constraints", {}).items() if k in limits})
     return dataclasses.replace(spec, task=TaskSpec(task.pop("name"), task, spec.task.base_dir),
-                               hardware=dataclasses.replace(spec.hardware, **hardware))
+                               hardware=dataclasses.replace(spec.hardware, **hardware, constraints=constraints))
 
 
 def _record_study(spec: StudySpec, study: Any) -> None:
