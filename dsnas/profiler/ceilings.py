@@ -113,14 +113,7 @@ def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceiling
     import torch
 
     threads = threads or torch.get_num_threads()
-    key = entry_key(fingerprint=fingerprint, threads=threads, method=CEILING_METHOD)
-    entry = read_entries(cache_file(), CACHE_TYPE).get(key)
-    stored = None
-    if isinstance(entry, dict):
-        try:
-            stored = Ceilings.from_dict(entry["ceilings"])
-        except (KeyError, TypeError, ValueError):
-            log.warning("ignoring a malformed ceilings cache entry %s; measuring again", key)
+    key, stored = _stored(fingerprint, threads)
     faster = None if stored is None else _runs_faster_now(stored)
     if stored is not None and faster is None:
         return stored
@@ -129,7 +122,7 @@ def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceiling
                  "measuring them again", faster)
     with CpuWindow() as window:
         fresh = measure_ceilings(threads)
-    measured = fresh if stored is None else _best_of(stored, fresh, faster or 1.0)
+    measured = fresh if stored is None or faster is None else _best_of(stored, fresh, faster)
     if window.share.disturbed():
         # Other processes took the CPUs meanwhile: these ceilings are too low, and a cached one would stand for
         # good (a stream bandwidth of 18.8 GB/s was stored where 31-34 is usual on a 2-core EPYC, and every
@@ -147,13 +140,21 @@ def stored_reference(threads: int | None = None) -> float | None:
     default), or None where none is stored yet. Reads only: nothing is measured."""
     import torch
 
-    threads = threads or torch.get_num_threads()
-    key = entry_key(fingerprint=device_fingerprint(torch.device("cpu")), threads=threads, method=CEILING_METHOD)
+    stored = _stored(device_fingerprint(torch.device("cpu")), threads or torch.get_num_threads())[1]
+    return None if stored is None else stored.reference_ms
+
+
+def _stored(fingerprint: dict[str, Any], threads: int) -> tuple[str, Ceilings | None]:
+    """(the cache key, the ceilings stored under it or None); a malformed entry is None, with a warning."""
+    key = entry_key(fingerprint=fingerprint, threads=threads, method=CEILING_METHOD)
     entry = read_entries(cache_file(), CACHE_TYPE).get(key)
+    if not isinstance(entry, dict):
+        return key, None
     try:
-        return float(entry["ceilings"]["reference_ms"])  # type: ignore[index]
+        return key, Ceilings.from_dict(entry["ceilings"])
     except (KeyError, TypeError, ValueError):
-        return None
+        log.warning("ignoring a malformed ceilings cache entry %s; measuring again", key)
+        return key, None
 
 
 def _runs_faster_now(stored: Ceilings) -> float | None:

@@ -17,7 +17,7 @@ from dsnas.profiler.disturbance import MachineWindow, Share, least_disturbed, sa
 from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
-from dsnas.profiler.utilization import PRECISION_OF, effective_peak, flops_by_precision, weights_precision
+from dsnas.profiler.utilization import PRECISION_OF, effective_peak, flops_by_precision, weights_dtype
 from dsnas.profiler.window import measure_window
 
 # The timing protocol's settings: a measurement taken under others is another number (see measurement_key).
@@ -43,13 +43,11 @@ def _backend(model: Any) -> tuple[str, str]:
     layers = engine_layers(eager).values()
     backends = sorted({m.backend for m in layers})
     precisions = {m.precision for m in layers}
-    plain = weights_precision(eager)  # a model of the user's in bf16, say, has no engine layer to say so
-    name = f"eager-{plain}" if backends in ([], ["fp32"], ["dense"]) else "engine:" + "+".join(backends)
+    plain = weights_dtype(eager)  # a model of the user's in bf16, say, has no engine layer to say so
+    name = f"eager-{PRECISION_OF.get(plain, plain)}" if backends in ([], ["fp32"], ["dense"]) else \
+        "engine:" + "+".join(backends)
     name = ("compiled-" if eager is not model else "") + name
-    if precisions <= {"fp32"}:  # torch's name of it: "float32", "bfloat16"
-        dtype = next((k for k, v in PRECISION_OF.items() if v == plain), plain)
-    else:
-        dtype = precisions.pop() if len(precisions) == 1 else "mixed"
+    dtype = plain if precisions <= {"fp32"} else (precisions.pop() if len(precisions) == 1 else "mixed")
     return name[:64], dtype
 
 

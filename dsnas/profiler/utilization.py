@@ -46,10 +46,10 @@ def flops_by_precision(model: Any, rows: int, total_flops: float,
 PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
-def weights_precision(model: Any) -> str:
-    """The precision of the model's floating-point weights outside its engine layers (most of them, by count;
-    "fp32" where there are none): what a plain model converted with ``.to(torch.bfloat16)`` computes in. (It was
-    taken as fp32 for every model: a bf16 nn.Linear's flop_util was divided by the fp32 peak.)"""
+def weights_dtype(model: Any) -> str:
+    """torch's name of the dtype of the model's floating-point weights outside its engine layers (most of them, by
+    count; "float32" where there are none): what a plain model converted with ``.to(torch.bfloat16)`` computes in.
+    (It was taken as fp32 for every model: a bf16 nn.Linear's flop_util was divided by the fp32 peak.)"""
     from dsnas.kernels.linear import engine_layers  # torch loads on first use
 
     inside = {id(t) for layer in engine_layers(model).values() for t in layer.parameters()}
@@ -58,9 +58,12 @@ def weights_precision(model: Any) -> str:
         if id(t) not in inside and t.is_floating_point():
             name = str(t.dtype).removeprefix("torch.")
             counts[name] = counts.get(name, 0) + t.numel()
-    if not counts:
-        return "fp32"
-    dtype = max(counts, key=counts.__getitem__)
+    return max(counts, key=counts.__getitem__) if counts else "float32"
+
+
+def weights_precision(model: Any) -> str:
+    """weights_dtype in the engine's words: "fp32", "bf16", ..."""
+    dtype = weights_dtype(model)
     return PRECISION_OF.get(dtype, dtype)
 
 
