@@ -160,6 +160,7 @@ def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any]
         return None, []
     fp = Fingerprint(id=fingerprint_id(profile.get("fingerprint", {})), data=profile.get("fingerprint", {}))
     source = profile.get("cache", {}).get("from") if profile.get("cache", {}).get("hit") else None
+    measured_at = _when(profile.get("measured_at")) or _utc(measured_at)
     rows = []
     for bs, stats in sorted(batches.items(), key=lambda kv: int(kv[0])):
         timing = {k: v for k, v in stats.items() if k in TIMING_KEYS}
@@ -181,6 +182,19 @@ def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any]
     return fp, rows
 
 
+def _when(stamp: Any) -> datetime.datetime | None:
+    """The profile's own time of measuring (ISO 8601), as the column's naive UTC; None where it has none."""
+    try:
+        return _utc(datetime.datetime.fromisoformat(stamp)) if isinstance(stamp, str) else None
+    except ValueError:
+        return None
+
+
+def _utc(when: datetime.datetime | None) -> datetime.datetime | None:
+    """Naive UTC, as every measured_at is stored; a naive time is local (Optuna's trial times are)."""
+    return None if when is None else when.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+
+
 def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     """The measurement cache: what this dsnas measured of ``arch`` before, in any study of this database, per
     device fingerprint id: {fingerprint_id: {"threads", "batches": {bs: figures and timing}, "source"}}. The
@@ -189,7 +203,7 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
         return {}
     m = Measurement
     query = (select(m.fingerprint_id, m.threads, m.backend, m.dtype, m.batch_size, m.figures, m.timing,
-                    m.study_name, m.trial_number)
+                    m.study_name, m.trial_number, m.measured_at)
              .where(m.arch_hash == arch_hash(arch), m.dsnas_version == __version__, m.cached_from.is_(None),
                     m.figures.is_not(None))
              .order_by(m.id))
@@ -200,6 +214,8 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
                 "backend": row.backend, "dtype": row.dtype, "threads": row.threads}})
             entry["batches"][str(row.batch_size)] = {"figures": row.figures, "timing": row.timing}
             entry["source"] = f"study {row.study_name} trial {row.trial_number}"
+            if row.measured_at is not None:  # a reused figure keeps the time it was measured at
+                entry["profile"]["measured_at"] = row.measured_at.replace(tzinfo=datetime.timezone.utc).isoformat()
     return out
 
 

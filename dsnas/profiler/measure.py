@@ -4,6 +4,7 @@ device's ceilings; on an NVIDIA GPU a steady window with NVML/GPM figures; and h
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import replace
 from typing import Any
@@ -75,6 +76,7 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
     backend, dtype = _backend(model)
     profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": backend, "dtype": dtype,
                                "signature": signature, "measurement_key": key, "allocator": allocator,
+                               "measured_at": _utc_now(),
                                "unavailable": {},
                                "cache": {"hit": False, **({"why": stale} if entry else {})}}
     batches: dict[int, dict[str, Any]] = {}
@@ -106,6 +108,11 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
     if profile["disturbed"] is not None:
         metrics["disturbed"] = float(profile["disturbed"])  # numeric, so that the trial table shows it
     return metrics, profile
+
+
+def _utc_now() -> str:
+    """When a measurement's timings were taken, as stored with it (ISO 8601, UTC)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | None,
