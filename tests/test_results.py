@@ -314,8 +314,9 @@ def test_load_takes_a_study_file(finished_study):
     assert by_file["accuracy"].tolist() == by_url["accuracy"].tolist()
 
 
-def _in_memory(directions, names, rows, states=None):
-    """An Optuna study in memory with dsnas's attribute names, one trial per row of objective values."""
+def _in_memory(directions, names, rows, states=None, attrs=None):
+    """An Optuna study in memory with dsnas's attribute names, one trial per row of objective values; ``attrs``:
+    more user attributes of every trial."""
     import datetime
 
     import optuna
@@ -330,7 +331,8 @@ def _in_memory(directions, names, rows, states=None):
         state = (states or {}).get(i, TrialState.COMPLETE)
         trial = create_trial(state=state, values=list(values) if state == TrialState.COMPLETE else None,
                              user_attrs={"arch_short": f"m{i}", **dict(zip(("accuracy", "throughput_tok_s",
-                                                                             "val_loss"), values))})
+                                                                             "val_loss"), values)),
+                                         **(attrs or {})})
         trial.datetime_start, trial.datetime_complete = (start + datetime.timedelta(seconds=i),
                                                          start + datetime.timedelta(seconds=i + 1))
         study.add_trial(trial)
@@ -358,3 +360,41 @@ def test_the_printed_front_shows_every_objective():
     shown = _summary_frame(views(df, hypervolume_history(df, reference), reference))
     assert sorted(shown["trial"]) == [0, 1, 2]  # trial 1 is there for its loss
     assert {"accuracy", "throughput_tok_s", "val_loss"} <= set(shown.columns)
+
+
+def test_the_summary_of_a_study_without_a_feasible_trial_says_so():
+    """Its share of the ideal box was printed as 'nan%'."""
+    from types import SimpleNamespace
+
+    from dsnas.results.plots import views
+    from dsnas.results.report import summary
+
+    df = _in_memory(("maximize", "maximize"), ("accuracy", "throughput"), [(0.4, 1000.0), (0.3, 2000.0)],
+                    attrs={"feasible": 0.0})
+    reference = default_reference(df)
+    v = views(df, hypervolume_history(df, reference), reference)
+    line = summary(SimpleNamespace(name="x", path="x.toml"), df, v, [Path("r/index.html")]).splitlines()[0]
+    assert "nan" not in line and "hypervolume 0 " in line and "no feasible trial" in line
+
+
+def test_each_measurement_row_says_when_it_was_measured(finished_study):
+    """A live study's measured_at column was empty: only a backfilled row had a time."""
+    import datetime
+
+    from dsnas import tables
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    study = open_study(load_study(finished_study), create=False)
+    rows = tables.measurements(study)
+    trials = {t.number: t for t in study.trials}
+    second = datetime.timedelta(seconds=1)
+    for row in rows.itertuples():
+        trial = trials[row.trial_number]
+        # Optuna's trial times are naive local; measured_at is naive UTC
+        start, end = (tables._utc(t) for t in (trial.datetime_start, trial.datetime_complete))
+        assert row.measured_at is not None
+        if row.cached_from is None:  # measured by this trial, while it ran
+            assert start - second <= row.measured_at <= end + second
+        else:  # reused: the time of the measurement it reuses, before this trial
+            assert row.measured_at <= start + second

@@ -206,8 +206,11 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     volume = v.history["hypervolume"].iloc[-1]  # after the last completed trial: the study's hypervolume
     share = v.history["normalised"].iloc[-1]
     ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
+    # NaN: no feasible trial, so there is no box between the reference and a best value to take a share of
+    boxed = f"{share:.1%} of the box from the reference to the best of each objective" if share == share else \
+        "no feasible trial, so no share of a box"
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
-             f"(reference {ref}), {share:.1%} of the box from the reference to the best of each objective",
+             f"(reference {ref}), {boxed}",
              _formatted(shown).to_string(index=False),
              *filter(None, [_disturbed_note(spec, df)]),
              f"report: {written[-1]} ({len(written) + 1} files: figures as PNG, SVG and PDF, plotly.min.js included, "
