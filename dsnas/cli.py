@@ -178,6 +178,12 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     if args.target_accuracy is not None and args.max_accuracy_drop is not None:
         raise DsnasError("give one of --target-accuracy and --max-accuracy-drop. Fix: drop one")
+    if args.target_accuracy is not None and not 0 <= args.target_accuracy <= 1:  # NaN fails both comparisons
+        raise DsnasError(f"--target-accuracy {args.target_accuracy:g}: must be an accuracy in [0, 1]. Fix: e.g. "
+                         "--target-accuracy 0.5")
+    if args.max_accuracy_drop is not None and not 0 <= args.max_accuracy_drop <= 1:
+        raise DsnasError(f"--max-accuracy-drop {args.max_accuracy_drop:g}: must be a drop in accuracy in [0, 1]. "
+                         "Fix: e.g. --max-accuracy-drop 0.005")
     spec = read_study(args.study_file)
     study = open_study(spec, create=False)
     out = Path(args.out) if args.out else spec.base_dir / "routes" / spec.name

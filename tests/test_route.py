@@ -188,6 +188,16 @@ def test_a_trial_named_twice_is_one_model_and_a_bad_list_is_one_line(routable, t
                                                "commas. Fix: e.g. --trials 3,7")
 
 
+@pytest.mark.parametrize("flag, value", [("--max-accuracy-drop", "-1"), ("--target-accuracy", "nan"),
+                                         ("--target-accuracy", "1.5"), ("--max-accuracy-drop", "inf")])
+def test_an_accuracy_bound_outside_0_1_is_one_line(routable, tmp_path, capsys, flag, value):
+    """-1 and nan were taken: a negative drop asks the route to beat its best member, nan compares false."""
+    assert main(["route", str(routable), flag, value, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dsnas: error: {flag} ") and "must be" in err and "in [0, 1]. Fix: e.g." in err
+    assert "\n" not in err and not (tmp_path / "r").exists()
+
+
 def test_a_member_costlier_and_not_more_accurate_than_a_cheaper_one_is_left_out_saying_why():
     """A cascade falls back to its costliest stage: that one must be the most accurate. A costlier, less accurate
     member was taken as the most accurate (the costliest) one, and the accuracy bound held against it."""
