@@ -6,6 +6,7 @@ regression, and a fit that takes microseconds can be redone whenever a new measu
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,9 @@ _BY_BATCH = [BASE_FEATURES.index(f) for f in BY_BATCH]
 
 
 def _layer_mean(layers: list[dict[str, Any]], key: str) -> float:
-    return float(np.mean([layer[key] for layer in layers])) if layers else 0.0
+    """The mean of a transformer layer's ``key``; 0 for a family whose layers have none (a cnn's stages)."""
+    values = [layer[key] for layer in layers if key in layer]
+    return float(np.mean(values)) if values else 0.0
 
 
 def study_rows(study: Any, since_trial: int | None = None) -> list[MeasuredRow]:
@@ -200,6 +203,7 @@ def cross_validate(rows: list[MeasuredRow], target: str = "latency", folds: int 
     held-out prediction is for an architecture the model never saw): the predictor and the FLOPs-only baseline,
     scored per batch size and pooled over all of them."""
     rows = _usable(rows, target)
+    _check_enough_to_fold(rows, target, folds)
     y = np.array([r.value(target) for r in rows])
     ours, base = np.empty_like(y), np.empty_like(y)
     splits = arch_folds(rows, folds, seed)
@@ -224,6 +228,17 @@ def arch_folds(rows: list[MeasuredRow], folds: int, seed: int = 0) -> list[set[i
     k = min(folds, len(keys))
     fold_of = {keys[j]: n % k for n, j in enumerate(order)}
     return [{i for i, r in enumerate(rows) if fold_of[r.arch_key] == f} for f in range(k)]
+
+
+def _check_enough_to_fold(rows: list[MeasuredRow], target: str, folds: int) -> None:
+    """Each fold's predictor learns from the other folds, which must hold MIN_ARCHS architectures themselves."""
+    check_folds(folds)  # one fold would learn from nothing: no count is enough
+    n = len({r.arch_key for r in rows})
+    need = next(m for m in itertools.count(MIN_ARCHS) if m - math.ceil(m / min(folds, m)) >= MIN_ARCHS)
+    if n < need:
+        raise DsnasError(f"cross-validating the {target} predictor over {folds} folds needs at least {need} measured "
+                         f"architectures on one device (each fold learns from the others, which need {MIN_ARCHS}), "
+                         f"got {n}; run more trials")
 
 
 def check_folds(folds: int) -> None:

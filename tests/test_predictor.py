@@ -154,6 +154,26 @@ def test_refuses_too_few_architectures() -> None:
         fit_predictor(two_devices)
 
 
+@pytest.mark.parametrize("n, folds, need", [(8, 5, 10), (9, 5, 10), (8, 9, 9)])
+def test_cross_validation_says_how_many_architectures_its_folds_need(n: int, folds: int, need: int) -> None:
+    """With 8 or 9 it said "needs at least 8 ..., got 6": the count of one fold's training rows."""
+    with pytest.raises(DsnasError, match=f"over {folds} folds needs at least {need} measured architectures on one "
+                                         f"device .* got {n}; run more trials"):
+        cross_validate(synthetic_rows(n), "latency", folds=folds)
+    cross_validate(synthetic_rows(need), "latency", folds=folds)  # enough: each fold learns from 8
+
+
+def test_a_cnn_architecture_has_features() -> None:
+    """A cnn stage has no ffn_ratio or n_heads: the predictor raised KeyError, ending a cnn search with a limit."""
+    from dsnas.predictor import FEATURES, features
+
+    arch = {"family": "cnn", "stem_width": 16, "layers": [{"depth": 1, "width": 16, "kernel": 3, "expand": 2},
+                                                          {"depth": 2, "width": 32, "kernel": 5, "expand": 4}]}
+    x = features(arch, 1e6, 1e5, 1e4, 8)
+    assert x.shape == (len(FEATURES),) and np.isfinite(x).all()
+    assert x[list(FEATURES).index("n_layers")] == 2 and x[list(FEATURES).index("mean_ffn_ratio")] == 0
+
+
 def test_spearman_uses_average_ranks_for_ties() -> None:
     from scipy.stats import spearmanr
 
