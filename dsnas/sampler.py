@@ -220,10 +220,11 @@ class DsnasSampler(BaseSampler):
         """Per candidate, the chance it does not train to the floor: the worst value of a modelled objective when
         at least FLOOR_TIES trained candidates share it exactly (chance accuracy: a broken architecture, one whose
         output does not depend on its input). Modelled apart, as an unknown constraint, by a model of the
-        0/1 floor indicator."""
+        0/1 floor indicator. Only a figure training makes can be a floor: the largest models tie on params or
+        peak memory without being broken."""
         failed = np.zeros(len(rows), dtype=bool)
         for i, (metric, direction) in enumerate(self.problem.objectives):
-            if metric not in modelled or not self._ranked(metric):
+            if metric not in modelled or not self._ranked(metric) or metric in self.problem.untrained:
                 continue
             column = np.array([r[1][i] for r in rows], dtype=float)
             floor = column.min() if direction == "maximize" else column.max()

@@ -522,3 +522,21 @@ def test_candidates_that_train_to_the_floor_are_modelled_apart_and_proposed_less
     monkeypatch.setattr(sampler_module, "FLOOR_TIES", 10**9)  # no floor is ever found
     without = [broken_trained(seed) for seed in range(3)]
     assert sum(with_floor) <= 0.7 * sum(without), (with_floor, without)
+
+
+def test_the_largest_models_tying_on_params_are_not_a_floor():
+    """A floor is a figure training makes (chance accuracy). Three trained candidates that differ only in heads
+    share the largest parameter count exactly; with params an objective they were taken for broken ones, and the
+    sampler steered away from the most accurate models."""
+    widths, heads = (1, 2, 3, 4), (1, 2, 4)
+    distributions = {"width": CategoricalDistribution(widths), "heads": CategoricalDistribution(heads)}
+    sampler = DsnasSampler(seed=0, startup=4)
+    sampler.bind(Problem(parameters={"width": widths, "heads": heads}, used=dict, arch_of=dict,
+                         objectives=[("accuracy", "maximize"), ("params", "minimize")], untrained=("params",)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for w, h in [(4, 1), (4, 2), (4, 4), (1, 1), (2, 2), (1, 4), (2, 1)]:
+        study.add_trial(optuna.trial.create_trial(params={"width": w, "heads": h}, distributions=distributions,
+                                                  values=[0.3 + 0.1 * w + 0.01 * h, 100.0 * w * w],
+                                                  user_attrs={"feasible": 1.0, "params": 100.0 * w * w}))
+    study.ask().suggest_categorical("width", widths)
+    assert "<floor>" not in sampler._models
