@@ -167,11 +167,15 @@ class DsnasSampler(BaseSampler):
     # -- proposals
 
     def _random_unseen(self, seen: set[Any]) -> dict[str, Any]:
+        """A random candidate never proposed and within the known limits. Where few are, random draws miss them:
+        a listed space is searched whole for one; only where none is left is any candidate drawn."""
         for _ in range(200):
             params = self._random_params()
             if self._key(self.problem.used(params)) not in seen and self._within_known_limits(params):
                 return params
-        return self._random_params()
+        left = [params for params, key in self._listed() or () if key not in seen and
+                self._within_known_limits(params, key)]
+        return left[int(self._rng.randint(len(left)))] if left else self._random_params()
 
     def _random_params(self, count: int | None = None) -> Any:
         """One random candidate's parameters, or a list of ``count``."""

@@ -74,7 +74,8 @@ class Encoding:
         state of its own."""
         x = np.zeros((len(rows), self.width))
         for g, (name, opts, numeric, cols) in enumerate(zip(self.names, self.options, self.numeric, self.groups)):
-            index = {repr(v): i for i, v in enumerate(opts)}
+            # a numeric option's rank by value, not its place in the file: [128, 32, 64] puts 64 between the two
+            index = {repr(v): i for i, v in enumerate(sorted(opts) if numeric else opts)}
             for r, row in enumerate(rows):
                 if name not in row:
                     if numeric:

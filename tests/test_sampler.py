@@ -81,6 +81,12 @@ def test_probability_feasible_is_the_product_of_normal_tails():
     assert p[0] == pytest.approx(0.841344746 * 0.5, rel=1e-6)
 
 
+def test_a_numeric_choice_is_encoded_by_the_rank_of_its_value():
+    """It was the option's place in the file: with d_model = [128, 32, 64], 128 sat next to 32."""
+    x = Encoding.of({"d_model": [128, 32, 64]}).encode([{"d_model": 32}, {"d_model": 64}, {"d_model": 128}])
+    assert x[:, 0].tolist() == [0.0, 0.5, 1.0]
+
+
 def test_gaussian_process_learns_which_choice_matters():
     """y depends on a (numeric) and op (categorical), not on noise_key: the fit interpolates, predicts held-out
     architectures far better than their mean, and gives the irrelevant choice the longest length scale."""
@@ -540,3 +546,23 @@ def test_the_largest_models_tying_on_params_are_not_a_floor():
                                                   user_attrs={"feasible": 1.0, "params": 100.0 * w * w}))
     study.ask().suggest_categorical("width", widths)
     assert "<floor>" not in sampler._models
+
+
+def test_the_random_start_keeps_to_a_known_limit_that_few_candidates_meet():
+    """25 of 15,625 cells meet the limit: 200 random draws mostly miss them, and the start then proposed any
+    cell, 8-10 of 14 over a limit whose figure was known (docs: such a candidate is never proposed)."""
+    ops, edges = ("none", "skip", "conv1", "conv3", "pool"), [f"e{i}" for i in range(6)]
+
+    def latency(cell: dict) -> float:
+        return 6.0 - sum(cell[e] == "none" for e in edges)  # within 1.0: five edges or more of "none"
+
+    sampler = DsnasSampler(seed=0)
+    sampler.bind(Problem(parameters={e: ops for e in edges}, used=dict, arch_of=dict,
+                         objectives=[("accuracy", "maximize"), ("latency_ms", "minimize")],
+                         limits={"latency_ms": 1.0}, known=lambda cell: {"latency_ms": latency(cell)}, budget=60))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for _ in range(14):  # the random start
+        trial = study.ask()
+        cell = {e: trial.suggest_categorical(e, ops) for e in edges}
+        assert latency(cell) <= 1.0, cell
+        study.tell(trial, [sum(cell[e] == "conv3" for e in edges), latency(cell)])
