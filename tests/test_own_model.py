@@ -142,6 +142,30 @@ def test_a_group_decides_the_built_in_familys_layers_it_names():
     assert model(torch.randint(0, 256, (2, 16))).shape == (2, 16, 256)
 
 
+@pytest.mark.parametrize("down", ["fp32", "int8", "fp16"])
+def test_a_group_may_give_up_and_down_different_precisions(down):
+    """`up` in bf16 handed its bf16 output to an fp32 `down` once converted: every such trial failed with "mat1 and
+    mat2 must have the same dtype", and an int8 `down` rounded its output to bf16."""
+    from dsnas.kernels.convert import convert
+
+    arch = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+            "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "fp32", "sparsity": "dense"}],
+            "engine": [{"group": "up", "modules": ["blocks.*.up"], "precision": "bf16", "sparsity": "dense"},
+                       {"group": "down", "modules": ["blocks.*.down"], "precision": down, "sparsity": "dense"}]}
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        trained = model(x)
+        if down == "int8":
+            model.blocks[0].down.act_amax.fill_(4.0)  # as calibration sets it
+        convert(model, int8_backend="int8-static" if down == "int8" else "auto")
+        converted = model(x)
+    assert model.blocks[0].inference_form == 1  # `up` casts back: `down` does not take bf16
+    # the converted form computes as the training form did, to int8's rounding where `down` is int8
+    assert (converted - trained).abs().max() <= (0.1 if down == "int8" else 0.0)
+
+
 @pytest.fixture
 def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "odd_models.py").write_text(textwrap.dedent("""

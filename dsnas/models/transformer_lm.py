@@ -97,7 +97,14 @@ class Block(nn.Module):
     def inference_form(self) -> int:
         """2 where the MLP hands bf16/fp16 activations on (forward), 1 where it runs as before this did: the
         inference signature's "form" (dsnas.kernels.convert.inference_signature)."""
-        return 2 if self.up.half_inference else 1
+        return 2 if self.half_mlp else 1
+
+    @property
+    def half_mlp(self) -> bool:
+        """Whether `up` hands its bf16/fp16 output on uncast (forward): only where `down` takes that dtype. An
+        [engine] group may give them different precisions, and an fp32 or int8 `down` takes fp32."""
+        dtype = getattr(self.up.inference, "dtype", None)
+        return self.up.half_inference and getattr(self.down.inference, "dtype", None) == dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -113,7 +120,8 @@ class Block(nn.Module):
         # rounds once, as the cast into `down` did, so the logits are the same bits (but for a rounding tie in ATen's
         # fp16 GELU on AVX2) without two casts of the widest tensor (1.6-1.8x a bf16 d384 model's throughput on an
         # AMX CPU).
-        return x + self.down(F.gelu(self.up.forward_half(self.ln2(x)))).to(x.dtype)
+        up = self.up.forward_half if self.half_mlp else self.up
+        return x + self.down(F.gelu(up(self.ln2(x)))).to(x.dtype)
 
 
 class TransformerLM(nn.Module):
