@@ -32,10 +32,15 @@ class CastConv2d(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach().to(dtype), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().to(dtype), requires_grad=False)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        # reflect, replicate or circular padding is done apart, as nn.Conv2d does: F.conv2d pads only with zeros
+        self.padding_mode = conv.padding_mode
+        self.pad = tuple(conv._reversed_padding_repeated_twice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x.to(self.dtype), self.weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        x, padding = x.to(self.dtype), self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class EngineConv2d(EngineLayer, nn.Conv2d):
