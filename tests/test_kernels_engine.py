@@ -219,3 +219,14 @@ def test_a_converted_convolution_pads_as_its_padding_mode_says(padding_mode, pre
     assert conv.inference is not None
     error = (converted - exact).norm() / exact.norm()
     assert error < (1e-2 if precision == "bf16" else 2e-3), error
+
+
+def test_the_training_state_keeps_a_users_module_named_inference():
+    """Every key with ".inference." was left out of a trial's weights and its bundle, so a user's head named
+    `inference` shipped random weights, and load_bundle took them for tied aliases without a word."""
+    model = nn.ModuleDict({"layer": EngineLinear(8, 8, precision="bf16"),
+                           "head": nn.ModuleDict({"inference": nn.Linear(8, 2)})})
+    convert(model)
+    assert model["layer"].inference is not None  # the engine layer's inference form: rebuilt, not stored
+    assert sorted(training_state(model)) == ["head.inference.bias", "head.inference.weight", "layer.bias",
+                                             "layer.weight"]

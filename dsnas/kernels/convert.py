@@ -170,8 +170,10 @@ def signature_difference(measured: dict[str, Any], shipped: dict[str, Any]) -> s
 
 
 def training_state(model: nn.Module) -> dict[str, Any]:
-    """The state dict without the inference forms (they are rebuilt from it by ``convert``)."""
-    return {k: v for k, v in model.state_dict().items() if ".inference." not in k}
+    """The state dict without the engine layers' inference forms (they are rebuilt from it by ``convert``); a
+    user's own module named `inference` keeps its weights."""
+    forms = tuple(f"{name}.inference." if name else "inference." for name in engine_layers(model))
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(forms)}
 
 
 def unique_state(model: Any) -> dict[str, Any]:
