@@ -453,6 +453,10 @@ class Driver:
             needs += [f"limit max_{m} needs {m!r}" for m, _ in self.spec.hardware.constraints.items() if m in missing]
             self._fail(trial, f"no measurement of {missing} ({why}): {'; '.join(needs)} among the trial's metrics")
             return
+        unfit = _unfit(metrics, self.spec.objectives)
+        if unfit:
+            self._fail(trial, unfit)
+            return
         self.recording = trial.number
         feasible = all(metrics[m] <= limit for m, limit in self.spec.hardware.constraints.items())
         # With rungs, the measurement was checked against the screen's prediction at rung 0.
@@ -582,3 +586,17 @@ class Driver:
                 self._fail(trial, "the search was interrupted while the trial ran")
             if self._executor is not None:
                 self._executor.close()
+
+
+def _unfit(metrics: dict[str, float], objectives: Sequence[Any]) -> str:
+    """Why a finished trial's figures cannot be stored as a result ('' when they can): Optuna would store a nan
+    objective as a failed trial with no reason, and an accuracy of 83 or inf would take the whole front."""
+    for o in objectives:
+        if metrics[o.metric] != metrics[o.metric] or abs(metrics[o.metric]) == float("inf"):
+            return (f"objective {o.name} is {metrics[o.metric]}: the task's figures must be finite numbers (a "
+                    "task whose training diverged, or whose evaluate() reports nan)")
+    accuracy = metrics.get("accuracy")
+    if accuracy is not None and not 0 <= accuracy <= 1:
+        return (f"accuracy {accuracy:g} is not a fraction in [0, 1]: the task's evaluate() must return accuracy as "
+                "a fraction (0.83, not 83)")
+    return ""

@@ -19,7 +19,7 @@ from dsnas.errors import SpecError, require
 from dsnas.models import is_user_family
 from dsnas.plugins import import_callable
 from dsnas.space import load_space_file
-from dsnas.tasks import BUILTIN_TASKS, check_params
+from dsnas.tasks import BUILTIN_TASKS, check_params, check_task
 
 # Objective name -> (metric key reported by the worker, default direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -572,6 +572,8 @@ def check_plugins(spec: StudySpec) -> None:
     if spec.task.name not in BUILTIN_TASKS:
         _import_callable(where, "task.name", spec.task.name, base)
     check_params(where, spec.task)
+    if spec.task.name not in BUILTIN_TASKS:
+        check_task(where, spec.task)
     study_callbacks(spec)
 
 

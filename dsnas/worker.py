@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dsnas.models import build
+from dsnas.errors import TrialError
+from dsnas.models import build, is_user_family
 from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
 from dsnas.rungs import RungReport, RungStop
 from dsnas.tasks import make_task, runs_own_trials
@@ -84,6 +85,9 @@ class _Candidate:
         self.model = build(request.arch, request.task.base_dir).to(self.device)
         pipeline.check_task(self.model, task)
         self.gate = MeasureGate(device_key(self.device))
+        if is_user_family(str(request.arch.get("family", ""))):
+            with self.gate.shared():  # no computing outside the gate: another trial may be measuring
+                _check_output(self.model, task, self.device, request.arch["family"])
         self.hw_metrics: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
@@ -131,6 +135,7 @@ class _Candidate:
                 kwargs.update(self._rung_kwargs(hold, rungs, main))
             self.train_metrics.update(task.train(self.model, self.device, seed=request.seed,
                                                  checkpoint=hold.checkpoint, **kwargs))
+            _check_finite(self.model)
             trained = time.perf_counter()
             engine_metrics, self.engine_info = pipeline.run(self.model, task, self.device, request.engine,
                                                             seed=request.seed, checkpoint=hold.checkpoint)
@@ -228,6 +233,31 @@ class _Candidate:
                                pruned=pruned)
         return TrialResult(metrics=metrics, profile=profile, weights=weights_bytes(self.model),
                            probe=probe_bytes(self.model, self.task.example_batch(2, self.device)))
+
+
+def _check_output(model: Any, task: Any, device: Any, family: str) -> None:
+    """A user's model must return one tensor, the logits: one that returned a tuple was measured and trained, and
+    then failed the trial at the export probe with a message naming neither the rule nor the builder."""
+    import torch
+
+    training = model.training
+    with torch.inference_mode():
+        out = model.eval()(task.example_batch(2, device))
+    model.train(training)
+    if not isinstance(out, torch.Tensor):
+        raise TrialError(f"the model's forward() must return one tensor (the logits) for the task's example_batch, "
+                         f"got a {type(out).__name__}. Fix: return the logits only, in the model {family} builds")
+
+
+def _check_finite(model: Any) -> None:
+    """A trained model whose weights hold nan or inf diverged: the built-in tasks stop on a nan loss themselves, a
+    user's task may not, and its model would complete at a constant prediction's accuracy and export."""
+    import torch
+
+    diverged = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if diverged:
+        tensors = f"{len(diverged)} weight tensor{'s hold' if len(diverged) > 1 else ' holds'}"
+        raise TrialError(f"training diverged: {tensors} nan or inf after the task's train() (first {diverged[0]})")
 
 
 def weights_bytes(model: Any) -> bytes:

@@ -243,3 +243,36 @@ def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function
         report = dsnas.measure(Two(), example, **protocol)
         assert report.metrics["flops_bs8"] == 8 * 2 * 16 * 32  # the rows of every input repeated to the batch size
         assert report.what == "Two (544 parameters)"
+
+
+def test_a_model_that_diverged_or_returns_a_tuple_fails_its_trial_before_it_costs_more():
+    """A user's task may train on through a nan loss: its model completed at a constant prediction's accuracy and
+    exported. A model returning (logits, features) was measured and trained, then failed at the export probe with
+    "'tuple' object has no attribute 'float'"."""
+    from types import SimpleNamespace
+
+    from dsnas.worker import _check_finite, _check_output
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _check_finite(model)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(TrialError, match=r"^training diverged: 1 weight tensor holds nan or inf after the task's "
+                                         r"train\(\) \(first 2.weight\)$"):
+        _check_finite(model)
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.body(x), x
+
+    task = SimpleNamespace(example_batch=lambda n, device: torch.randn(n, 4))
+    _check_output(nn.Linear(4, 2), task, "cpu", "odd_models:mlp")
+    pair = Pair()
+    with pytest.raises(TrialError, match=r"must return one tensor \(the logits\) for the task's example_batch, got a "
+                                         r"tuple. Fix: return the logits only, in the model odd_models:pair builds"):
+        _check_output(pair, task, "cpu", "odd_models:pair")
+    assert pair.training  # left in the mode it was built in

@@ -115,3 +115,78 @@ def test_an_in_memory_study_with_a_sampler_of_ones_own_stops_when_a_callback_say
     again = run_study(spec, progress=Progress(spec, out=io.StringIO()), study=study,
                       sampler=optuna.samplers.RandomSampler(seed=4))
     assert again.stopped_because.startswith("20 trials")
+
+
+ODD = '''
+import numpy as np
+
+
+class Odd:
+    """Accuracy nan for d_model 16, 83 (a percentage) for 32, a fraction for 64."""
+
+    def arch_defaults(self):
+        return {"vocab_size": 256, "context": 16}
+
+    def fingerprint(self):
+        return {"task": "odd"}
+
+    def evaluate_arch(self, arch, *, seed, rungs, report):
+        accuracy = {16: float("nan"), 32: 83.0, 64: 0.5}[arch["d_model"]]
+        return {"accuracy": accuracy, "throughput_tok_s": 1000.0 / arch["d_model"], "latency_ms_bs1": 1.0,
+                "latency_ms_bs32": 2.0}
+
+
+class NumpyFingerprint(Odd):
+    def fingerprint(self):
+        return {"task": "odd", "rows": np.int64(3)}
+
+
+class NoFingerprint:
+    def arch_defaults(self):
+        return {}
+
+    def evaluate_arch(self, arch, *, seed, rungs, report):
+        return {}
+
+
+def raises(path="data.csv"):
+    raise FileNotFoundError(f"{path} not found")
+'''
+
+
+def test_a_nan_or_percent_accuracy_fails_its_trial_with_the_rule_and_the_search_goes_on(tmp_path):
+    """A nan accuracy was stored by Optuna as a FAIL without a reason, and the next repeat of that architecture
+    stopped the driver with a TypeError on every run; 83 (a percentage) took the whole front."""
+    (tmp_path / "odd.py").write_text(ODD)
+    study = write_table_study(tmp_path, n_trials=12, task="odd:Odd", fidelity='kind = "none"')
+    study.write_text(study.read_text().replace(f'table = "{tmp_path / "table.csv"}"', "")
+                     .replace("n_trials = 12", "n_trials = 12\nmax_failures = 12"))
+    assert main(["search", str(study)]) == 0
+    spec = load_study(study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
+    by_width = {}
+    for t in trials:
+        by_width.setdefault(t.user_attrs["arch"]["d_model"], set()).add((t.state, t.user_attrs.get("fail_reason")))
+    assert by_width[16] == {(TrialState.FAIL, "objective accuracy is nan: the task's figures must be finite numbers "
+                                              "(a task whose training diverged, or whose evaluate() reports nan)")}
+    assert by_width[32] == {(TrialState.FAIL, "accuracy 83 is not a fraction in [0, 1]: the task's evaluate() must "
+                                              "return accuracy as a fraction (0.83, not 83)")}
+    assert {state for state, _ in by_width[64]} == {TrialState.COMPLETE}
+
+
+@pytest.mark.parametrize("factory, rule", [
+    ("odd:NumpyFingerprint", "the task's fingerprint() must return JSON values (str, int, float, bool, lists and "
+                             "dicts of them), to be stored with each trial (Object of type int64 is not JSON "
+                             "serializable)"),
+    ("odd:NoFingerprint", "the task must have the methods of dsnas.tasks.RunsOwnTrials (arch_defaults, "
+                          "fingerprint); NoFingerprint has no fingerprint"),
+    ("odd:raises", "the factory must build the task (FileNotFoundError: data.csv not found)"),
+])
+def test_a_task_without_what_dsnas_calls_is_one_line_before_any_trial(tmp_path, capsys, factory, rule):
+    (tmp_path / "odd.py").write_text(ODD)
+    study = write_table_study(tmp_path, n_trials=2, task=factory, fidelity='kind = "none"')
+    study.write_text(study.read_text().replace(f'table = "{tmp_path / "table.csv"}"', ""))
+    assert main(["search", str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dsnas: error: {study}: [task.name] {rule}") and "Fix: " in err and "\n" not in err
+    assert not list(tmp_path.glob("*.db"))  # nothing stored: refused before the study was made

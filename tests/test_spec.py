@@ -299,7 +299,10 @@ def test_error_in_the_space_file_names_the_space_file(tmp_path: Path) -> None:
 
 def test_plugin_task_parameters_must_fit_its_signature(tmp_path: Path) -> None:
     module = f"dsnas_test_task_{uuid.uuid4().hex}"
-    (tmp_path / f"{module}.py").write_text("def make(size=1):\n    return None\n")
+    (tmp_path / f"{module}.py").write_text(
+        "class Table:\n    def arch_defaults(self):\n        return {}\n\n    def fingerprint(self):\n        return {}\n"
+        "\n    def evaluate_arch(self, arch, *, seed, rungs, report):\n        return {}\n\n\n"
+        "def make(size=1):\n    return Table()\n")
     importlib.invalidate_caches()
     ok = load_study(write_study(tmp_path, task={"name": f"{module}:make", "size": 2}))
     assert ok.task.params == {"size": 2}

@@ -118,8 +118,8 @@ class Block(nn.Module):
         x = x + self.proj(att.to(x.dtype).transpose(1, 2).reshape(b, t, d))
         # Converted to bf16/fp16, the MLP's hidden activations stay in that dtype: GELU computes in fp32 inside and
         # rounds once, as the cast into `down` did, so the logits are the same bits in bf16 (in fp16 an ulp apart on
-        # some activations where the CPU has no native fp16: docs/engine.md) without two casts of the widest tensor (1.6-1.8x a bf16 d384 model's throughput on an
-        # AMX CPU).
+        # some activations where the CPU has no native fp16: docs/engine.md) without two casts of the widest tensor
+        # (1.6-1.8x a bf16 d384 model's throughput on an AMX CPU).
         up = self.up.forward_half if self.half_mlp else self.up
         return x + self.down(F.gelu(up(self.ln2(x)))).to(x.dtype)
 

@@ -86,10 +86,10 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
         ceilings = _ceilings(device, fp, used, profile)
         # On a GPU, NVML watches the device too (the timing windows, the steady window): looked up once.
         gpu = nvml_handle(device) if device.type == "cuda" else None
+        per_example = getattr(task, "tokens_per_example", 1)  # what throughput counts (dsnas.tasks.Task)
         for bs in sorted(hardware.batch_sizes):
             batch = task.example_batch(bs, device)
-            figures, timing, missing = _measure_batch(model, batch, bs * task.tokens_per_example, device, hardware,
-                                                      ceilings, gpu)
+            figures, timing, missing = _measure_batch(model, batch, bs * per_example, device, hardware, ceilings, gpu)
             if gpu is not None and bs == max(hardware.batch_sizes):
                 figures.update(_steady_window(model, batch, device, hardware, profile, gpu))
             if hardware.kernels:

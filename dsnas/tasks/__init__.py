@@ -32,9 +32,8 @@ class Task(Protocol):
       `dsnas route` needs it (its thresholds are chosen on half of them, its accuracy reported on the other half).
     - ``throughput_unit``, a class attribute: what throughput counts, in words (e.g. "images/s"; "items/s" when
       absent), for tables and plots.
+    - ``tokens_per_example``: what throughput counts per example (tokens for a language model; 1 when absent).
     """
-
-    tokens_per_example: int  # what "throughput" counts per example (tokens for a language model)
 
     def arch_defaults(self) -> dict[str, Any]:
         """Architecture keys the task fixes (vocabulary, context length)."""
@@ -155,6 +154,40 @@ def check_params(where: str, spec: Any) -> None:
     except TypeError as e:
         raise SpecError(where, "task", f"the parameters must fit {spec.name}{inspect.signature(factory)} ({e})",
                         sorted(spec.params), f"give [task] only the parameters {spec.name} takes") from None
+
+
+def check_task(where: str, spec: Any) -> None:
+    """Build a user's task (once per process: the driver then takes this one) and check that it has what dsnas
+    calls, before any trial trains: a missing method or a fingerprint that cannot be stored failed each trial after
+    it had trained, or stopped the search with a traceback."""
+    try:
+        task = make_task(spec)
+    except Exception as e:  # whatever the user's factory raises
+        detail = " ".join(str(e).splitlines())
+        raise SpecError(where, "task.name", f"the factory must build the task ({type(e).__name__}: {detail})",
+                        spec.name, "fix the factory or the [task] parameters it was given") from None
+    own = runs_own_trials(task)
+    needs = ("arch_defaults", "fingerprint", *(() if own else ("train", "evaluate", "example_batch")))
+    missing = [name for name in needs if not callable(getattr(task, name, None))]
+    protocol = "RunsOwnTrials" if own else "Task"
+    if missing:
+        raise SpecError(where, "task.name", f"the task must have the methods of dsnas.tasks.{protocol} "
+                        f"({', '.join(needs)}); {type(task).__name__} has no {', '.join(missing)}", spec.name,
+                        "add them (docs/own-model.md)")
+    defaults = task.arch_defaults()
+    if not isinstance(defaults, dict):
+        raise SpecError(where, "task.name", f"the task's arch_defaults() must return a dict, got "
+                        f"{type(defaults).__name__}", spec.name, "return {} when the task fixes no architecture key")
+    fingerprint = task.fingerprint()
+    try:
+        json.dumps(fingerprint, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise SpecError(where, "task.name", f"the task's fingerprint() must return JSON values (str, int, float, "
+                        f"bool, lists and dicts of them), to be stored with each trial ({e})", spec.name,
+                        "convert them, e.g. int(labels.sum()) for a numpy number, str(path) for a path") from None
+    if not isinstance(fingerprint, dict):
+        raise SpecError(where, "task.name", f"the task's fingerprint() must return a dict, got "
+                        f"{type(fingerprint).__name__}", spec.name, 'return e.g. {"data": "my.csv", "rows": 1000}')
 
 
 def make_task(spec: Any) -> Task | RunsOwnTrials:
