@@ -197,6 +197,31 @@ def test_an_image_folder_loads_with_its_classes_and_channels(tmp_path, mode, cha
     assert model(batch).shape == (5, 2)
 
 
+def test_a_16_bit_image_loads_as_its_8_bit_copy_does(tmp_path):
+    """convert("L") clipped 16-bit pixels at 255: every image of a 16-bit folder was white, and the search ran at
+    chance accuracy without a word."""
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+
+    from dsnas.tasks.images import load_folder
+
+    rng = np.random.default_rng(0)
+    for name, (low, high) in (("bright", (35000, 65000)), ("dark", (500, 25000))):
+        for i in range(3):
+            pixels = rng.integers(low, high, (8, 8)).astype(np.uint16)
+            for bits, picture in ((16, Image.fromarray(pixels)), (8, Image.fromarray((pixels >> 8).astype(np.uint8)))):
+                (tmp_path / str(bits) / name).mkdir(parents=True, exist_ok=True)
+                picture.save(tmp_path / str(bits) / name / f"{i}.png")
+    deep, _, _ = load_folder(tmp_path / "16", 8)
+    shallow, labels, _ = load_folder(tmp_path / "8", 8)
+    assert deep.shape == shallow.shape == (6, 1, 8, 8) and deep.dtype == shallow.dtype == torch.float32
+    assert len(deep.unique()) > 300  # not all white: 16 bits of levels, where 8 bits keep at most 256
+    # The same images up to their low 8 bits (one 8-bit level, 1/255), class by class.
+    assert (deep - shallow).abs().max() < 1.01 / 255
+    assert deep[labels == 0].mean() > 0.5 > deep[labels == 1].mean()
+
+
 def test_a_missing_or_classless_folder_is_a_spec_error_naming_task_dataset(tmp_path):
     with pytest.raises(SpecError, match=r"\[task.dataset\].*existing folder") as e:
         ImagesConfig(dataset="no_such_folder").resolve_dataset(str(tmp_path), "study.toml")

@@ -22,7 +22,10 @@ from dsnas.tasks.loop import train_steps
 DIGITS = "digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 # PIL modes with one channel: a folder of only these trains on 1 channel, anything else on RGB.
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# One-channel modes deeper than 8 bits, by the value that is white: convert("L") clips them at 255, so that every
+# pixel of a 16-bit image came out white. 16-bit images are often opened as 32-bit "I"; a float image is in [0, 1].
+DEEP_MODES = {"I": 65535.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
 INSTALL_HINT = 'pip install "dsnas[images]"'
 
 
@@ -112,11 +115,24 @@ def load_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, str]
         except OSError as e:
             raise TrialError(f"cannot read image {file}: {e}") from None
     mode = "L" if all(p.mode in GRAY_MODES for p in pictures) else "RGB"
-    arrays = [torch.frombuffer(bytearray(p.convert(mode).resize((size, size), Image.BILINEAR).tobytes()),
-                               dtype=torch.uint8) for p in pictures]
     channels = 1 if mode == "L" else 3
-    images = torch.stack(arrays).reshape(-1, size, size, channels).permute(0, 3, 1, 2).float() / 255.0
+    arrays = [_pixels(p, mode, size) for p in pictures]
+    images = torch.stack(arrays).reshape(-1, size, size, channels).permute(0, 3, 1, 2)
     return images, torch.tensor([label for label, _ in files]), digest.hexdigest()
+
+
+def _pixels(picture: Any, mode: str, size: int) -> torch.Tensor:
+    """One picture resized to size x size in ``mode`` ("L" or "RGB"), as floats in [0, 1], channels last."""
+    import numpy as np
+    from PIL import Image
+
+    if picture.mode in DEEP_MODES:  # scaled by its own white, then resized as floats
+        gray = np.clip(np.asarray(picture, dtype=np.float32) / DEEP_MODES[picture.mode], 0.0, 1.0)
+        resized = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float32)
+        pixels = torch.from_numpy(resized.copy()).reshape(size, size, 1)
+        return pixels.expand(size, size, 3 if mode == "RGB" else 1).flatten()
+    raw = picture.convert(mode).resize((size, size), Image.BILINEAR).tobytes()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).float() / 255.0
 
 
 def split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
