@@ -160,6 +160,7 @@ class Driver:
     def executor(self) -> BaseExecutor:
         if self._executor is None:
             self._executor = make_executor(self.spec, self.trial_fn, self._on_rung if self.rungs else None)
+            self.guard.reroute()  # starting Ray replaced the guard's SIGTERM handler with its own
         return self._executor
 
     def _computing(self, fn: Callable[..., Any]) -> Callable[..., Any]:

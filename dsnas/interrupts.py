@@ -20,6 +20,7 @@ class InterruptGuard:
     def __init__(self) -> None:
         self._depth = 0
         self._pending: type[KeyboardInterrupt] | None = None
+        self._installed = False
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -28,11 +29,20 @@ class InterruptGuard:
             yield
             return
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._installed = True
         try:
             yield
         finally:
+            self._installed = False
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def reroute(self) -> None:
+        """Take SIGINT and SIGTERM back from a library that set its own handlers since: ray.init sets SIGTERM to
+        exit at once, so a SIGTERM cut a trial's recording short and left trials RUNNING (exit 134, not 143)."""
+        if self._installed and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
 
     @property
     def pending(self) -> bool:
