@@ -59,8 +59,9 @@ def open_storage(url: str, write_ahead: bool = False) -> Any:
     except Exception as e:  # SQLAlchemy or driver errors: the database cannot be opened
         if (damage := _damage(e)) is not None and (db_file := sqlite_file(url)) is not None:
             raise DamagedDatabase(db_file, damage) from None
-        raise DsnasError(f"cannot open the storage {display_url(url)}: {_first_line(e)}. Fix: check that the "
-                         "server runs and the URL, user and password (PGPASSWORD for PostgreSQL) are right") from None
+        fix = "check that the file is a study database that this user can write" if backend == "sqlite" else \
+            "check that the server runs and the URL, user and password (PGPASSWORD for PostgreSQL) are right"
+        raise DsnasError(f"cannot open the storage {display_url(url)}: {_first_line(e)}. Fix: {fix}") from None
     _ping_when_idle(storage.engine)
     if (db_file := sqlite_file(url)) is not None:
         _refuse_damage(storage.engine, db_file)
@@ -324,13 +325,20 @@ class OutageRetry:
 
 @contextmanager
 def schema_lock(url: str, engine_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
-    """While held, no other dsnas creates or upgrades tables in this PostgreSQL database (an advisory lock on a
-    connection of its own); elsewhere a no-op (SQLite serializes schema changes itself)."""
+    """While held, no other dsnas creates or upgrades tables in this database: on PostgreSQL an advisory lock on a
+    connection of its own, on SQLite the study lock file beside the database (SQLite serializes each write, not
+    Optuna's creation of its tables: drivers started together on a new file collided, "table trial_params already
+    exists" or "database is locked"); elsewhere a no-op."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     if make_url(url).get_backend_name() != "postgresql":
-        yield
+        db_file = sqlite_file(url)
+        if db_file is not None and str(db_file) != ":memory:" and db_file.parent.is_dir():
+            with _file_lock(db_file):
+                yield
+        else:
+            yield
         return
     engine = create_engine(url, poolclass=_null_pool(), **(engine_kwargs or {}))
     try:
@@ -509,16 +517,24 @@ def study_lock(study: Any, url: str) -> Iterator[None]:
         with _server_lock(engine, "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", key):
             yield
     elif engine is not None and (db_file := sqlite_file(url)) is not None:
-        import fcntl
-
-        with open(f"{db_file}.dsnas-lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with _file_lock(db_file):
+            yield
     else:
         yield  # in-memory or another backend: one driver only
+
+
+@contextmanager
+def _file_lock(db_file: Path) -> Iterator[None]:
+    """Exclusive across the processes of this machine: a lock file beside a SQLite database. Never nested: a
+    second open of the file in the same process would wait for the first forever."""
+    import fcntl
+
+    with open(f"{db_file}.dsnas-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache

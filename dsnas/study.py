@@ -125,5 +125,5 @@ def _record_study(spec: StudySpec, study: Any) -> None:
         # Also fills in a trial that was told COMPLETE when the database was lost before its measurements were
         # written (see _Driver._record); a no-op for a study whose measurements are all there.
         tables.backfill(engine, study)
-    tables.record_study(engine, spec.name, [{"name": o.name, "metric": o.metric, "direction": o.direction}
-                                            for o in spec.objectives], spec.hardware.constraints)
+        tables.record_study(engine, spec.name, [{"name": o.name, "metric": o.metric, "direction": o.direction}
+                                                for o in spec.objectives], spec.hardware.constraints)

@@ -190,3 +190,23 @@ def test_a_task_without_what_dsnas_calls_is_one_line_before_any_trial(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"dsnas: error: {study}: [task.name] {rule}") and "Fix: " in err and "\n" not in err
     assert not list(tmp_path.glob("*.db"))  # nothing stored: refused before the study was made
+
+
+@pytest.mark.slow
+def test_drivers_started_together_on_a_new_sqlite_study_all_run(tmp_path):
+    """Optuna's tables and dsnas's were created by each driver at once: about one driver in three stopped with
+    "database is locked" or "table trial_params already exists". Rounds of three drivers on a new file each."""
+    import subprocess
+    import sys
+
+    for round_ in range(3):
+        folder = tmp_path / str(round_)
+        folder.mkdir()
+        study = write_table_study(folder, n_trials=6, fidelity='kind = "none"')
+        drivers = [subprocess.Popen([sys.executable, "-m", "dsnas.cli", "-q", "search", str(study)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        ends = [(d.wait(timeout=300), d.stderr.read()) for d in drivers]
+        assert [rc for rc, _ in ends] == [0, 0, 0], [err[-800:] for _, err in ends]
+        spec = load_study(study)
+        trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
