@@ -115,8 +115,22 @@ def test_groups_convert_linear_and_conv_in_place_keeping_ties_and_outputs():
     assert set(left) == {"attn.out_proj"} and "nn.MultiheadAttention" in left["attn.out_proj"]
     after = model(x)
     assert torch.allclose(after, before, atol=0.05, rtol=0.05) and not torch.equal(after, before)  # bf16, same weights
-    left = apply_groups(Tied(), [{"group": "c", "modules": ["conv"], "precision": "int8", "sparsity": "dense"}])
-    assert "no INT8 convolution kernel" in left["conv"]
+    # A group that decides no layer would make its sampled choice change nothing: the trial fails, saying why.
+    with pytest.raises(TrialError, match="engine group 'c' decides no layer: conv: int8 dense convolution: no INT8 "
+                                         "convolution kernel"):
+        apply_groups(Tied(), [{"group": "c", "modules": ["conv"], "precision": "int8", "sparsity": "dense"}])
+
+
+def test_a_layer_of_weights_without_an_engine_form_is_left_alone_saying_why():
+    """A Conv1d (the example's own model is made of them) was dropped without a word: the trial was labelled
+    conv=bf16 and ran fp32."""
+    model = nn.ModuleDict({"conv": nn.Conv1d(8, 8, 3), "act": nn.ReLU(), "head": nn.Linear(8, 2)})
+    left = apply_groups(model, [{"group": "g", "modules": ["*"], "precision": "bf16", "sparsity": "dense"}])
+    assert left == {"conv": "Conv1d has no engine form (the engine converts nn.Linear and nn.Conv2d)"}
+    assert isinstance(model["head"], EngineLinear) and type(model["conv"]) is nn.Conv1d
+    with pytest.raises(TrialError, match=r"engine group 'g' decides no layer: conv: Conv1d has no engine form"):
+        apply_groups(nn.ModuleDict({"conv": nn.Conv1d(8, 8, 3)}),
+                     [{"group": "g", "modules": ["conv"], "precision": "bf16", "sparsity": "dense"}])
 
 
 def test_a_group_decides_the_built_in_familys_layers_it_names():

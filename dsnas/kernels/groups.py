@@ -24,6 +24,7 @@ def apply_groups(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, st
     left_alone: dict[str, str] = {}
     taken: set[str] = set()
     for group in groups:
+        decided, matched_any = 0, []
         for pattern in group["modules"]:
             matched = [n for n in names if fnmatchcase(n, pattern)]
             if not matched:
@@ -31,14 +32,23 @@ def apply_groups(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, st
                                                            if len(names) > SHOWN_NAMES else "")
                 raise TrialError(f"engine group {group['group']!r}: the pattern {pattern!r} matches no module of "
                                  f"the model; its modules are: {shown}")
+            matched_any += matched
             for name in matched:
                 if name in taken:
                     continue
                 why = _convert(model, name, group["precision"], group["sparsity"])
                 if why is None:
                     taken.add(name)
+                    decided += 1
                 elif why:
                     left_alone[name] = why
+        if not decided:  # the group's sampled choice would change nothing: a dimension of the search spent on it
+            reasons = [f"{n}: {left_alone[n]}" for n in dict.fromkeys(matched_any) if n in left_alone]
+            raise TrialError(f"engine group {group['group']!r} decides no layer: "
+                             + ("; ".join(reasons[:3]) if reasons else "every layer it matches is an earlier "
+                                "group's, or it matches only blocks and activations")
+                             + ". Fix: name layers the engine converts in its modules (nn.Linear; nn.Conv2d in fp32, "
+                               "bf16 or fp16), or offer the group only the choices they take")
     return left_alone
 
 
@@ -66,8 +76,11 @@ def _convert(model: nn.Module, name: str, precision: str, sparsity: str) -> str 
     elif isinstance(module, (nn.Linear, nn.Conv2d)):
         return (f"{type(module).__name__} is not a plain {type(module).__mro__[1].__name__} (its owner may use its "
                 "weight directly, as nn.MultiheadAttention does with out_proj)")
+    elif isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dim() >= 2:
+        # a layer of weights (Conv1d, Conv3d, ConvTranspose2d, Embedding): it stays, and the profile says so
+        return f"{type(module).__name__} has no engine form (the engine converts nn.Linear and nn.Conv2d)"
     else:
-        return ""
+        return ""  # a block or an activation, whose own layers the pattern may match too
     # The original's parameters themselves, not copies: ties and the optimizer's view of them survive.
     layer.weight = module.weight
     layer.bias = module.bias
