@@ -131,12 +131,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Show what this machine's hardware and drivers allow dsnas to measure, and its device fingerprint."""
     from dsnas.profiler.capabilities import Capabilities, probe
-    from dsnas.profiler.device import fingerprint, fingerprint_id, resolve_device
+    from dsnas.profiler.device import fingerprint, fingerprint_id, named_device
     from dsnas.profiler.steadiness import host_speed_row
 
     caps = probe(args.device)
     print(Capabilities((*caps, host_speed_row())).table())
-    device = resolve_device(args.device)
+    device = named_device(args.device)
     fp = fingerprint(device)
     print(f"\nfingerprint {fingerprint_id(fp)}: " + ", ".join(f"{k}={v}" for k, v in fp.items()))
     if args.ceilings and device.type == "cpu":

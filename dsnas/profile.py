@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from dsnas.export.bundle import (
 )
 from dsnas.export.card import measured_compiled
 from dsnas.models import FAMILIES, build, validate
-from dsnas.profiler.device import device_key, fingerprint_id, resolve_device
+from dsnas.profiler.device import device_key, fingerprint_id, named_device
 from dsnas.profiler.gate import MeasureGate
 from dsnas.profiler.measure import measure
 from dsnas.spec import HardwareSpec, TaskSpec, check_plugins, read_study
@@ -98,7 +98,7 @@ def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, s
 def profile_target(target: str, trial: int | None = None, device: str = "auto", **overrides: Any) -> ProfileReport:
     """Measure ``target``; ``str()`` of the result is the table `dsnas profile` prints. ``overrides``: HardwareSpec
     fields (batch_sizes, kernels, ...)."""
-    dev = resolve_device(device)
+    dev = named_device(device)
     model, task_spec, hardware, what = load_target(target, trial, dev)
     given = {k: v for k, v in overrides.items() if v is not None}
     if "measure_s" in given and "max_measure_s" not in given:  # a longer minimum lifts the cap it must stay below
@@ -119,7 +119,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     keyword arguments); ``items_per_example`` is what throughput counts per example (e.g. the
     tokens of a sequence). ``protocol``: HardwareSpec's other fields (threads, measure_s, kernels, ...). The model
     moves to the device."""
-    dev = resolve_device(device)
+    dev = named_device(device, "device=")
     hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol), "dsnas.measure ")
     task = _ExampleInputs(example_input, items_per_example)
     model = model.to(dev)
@@ -138,6 +138,13 @@ def _protocol(make: Callable[[], HardwareSpec], where: str) -> HardwareSpec:
     """The HardwareSpec ``make`` builds, its rule broken as one line naming the option (a flag, or an argument)."""
     try:
         return make()
+    except TypeError as e:  # a keyword HardwareSpec has not (a typo in dsnas.measure's protocol)
+        if "unexpected keyword" not in str(e):
+            raise
+        known = ", ".join(f.name for f in fields(HardwareSpec) if f.name not in ("batch_sizes", "constraints",
+                                                                                     "device"))
+        raise DsnasError(f"{where.strip()} takes no keyword {str(e).split()[-1]}. Fix: use the [hardware] keys "
+                         f"{known}") from None
     except Invalid as e:
         option = f"--{e.key.replace('_', '-')}" if where == "--" else f"{where}{e.key}"
         raise DsnasError(f"{option}: {e.rule}, but got {e.got!r}. Fix: {e.fix}") from None

@@ -151,3 +151,32 @@ def test_a_matrix_op_without_a_flop_formula_is_named_in_the_profile_not_hidden()
                                HardwareSpec(device="cpu", batch_sizes=(1,), warmup_s=0.01, measure_s=0.02))
     assert profile["unavailable"]["flops of"] == "aten.mv"
     assert counting.count_work(lambda: torch.mv(torch.ones(3, 3), torch.ones(3))).uncounted == ("aten.mv",)
+
+
+@pytest.mark.parametrize("argv", [["doctor", "--device", "{device}"], ["profile", "{arch}", "--device", "{device}"]])
+@pytest.mark.parametrize("device, said", [("gpu", "must be auto, cpu, cuda or cuda:N. Fix: e.g. --device auto"),
+                                          ("cuda:x", "must be auto, cpu, cuda or cuda:N")])
+def test_a_device_that_is_none_is_one_line_before_any_work(tmp_path, capsys, argv, device, said):
+    """`--device gpu` measured on the CPU without a word; `--device cuda` on a machine without one was a traceback."""
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps({"family": "transformer_lm", "d_model": 16, "vocab_size": 256, "context": 8,
+                                "layers": [{"n_heads": 2, "ffn_ratio": 2}]}))
+    assert main([a.format(device=device, arch=arch) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsnas: error: --device {device}: {said}") and err.count("\n") == 1, err
+
+
+def test_a_cuda_device_where_there_is_none_and_a_mistyped_keyword_are_one_line():
+    import torch
+
+    import dsnas
+
+    model = torch.nn.Linear(4, 4)
+    if not torch.cuda.is_available():
+        assert main(["doctor", "--device", "cuda"]) == 2
+        with pytest.raises(dsnas.DsnasError, match=r"^device='cuda': this machine has no visible NVIDIA GPU. Fix: use "
+                                                   r"device='cpu'$"):
+            dsnas.measure(model, torch.randn(2, 4), device="cuda")
+    with pytest.raises(dsnas.DsnasError, match=r"^dsnas.measure takes no keyword 'measure_ss'. Fix: use the "
+                                               r"\[hardware\] keys threads, warmup_s, measure_s"):
+        dsnas.measure(model, torch.randn(2, 4), device="cpu", measure_ss=1)

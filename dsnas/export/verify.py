@@ -22,7 +22,8 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.formats import _one_line
-from dsnas.profiler import MeasureGate, device_key, fingerprint, has_cuda, measure, resolve_device
+from dsnas.profiler import MeasureGate, device_key, fingerprint, measure
+from dsnas.profiler.device import named_device
 from dsnas.tasks import make_task
 
 # Independent measurements of each speed figure; their median is compared (one busy round moves it little).
@@ -77,7 +78,7 @@ def verify_bundle(bundle: str | Path, accuracy_tol: float = 0.005, latency_tol: 
     ``latency_tol`` (relative) fail only on a device with the recorded fingerprint."""
     doc = read_bundle(bundle)
     recorded = _read_metrics(Path(bundle) / "metrics.json")
-    dev = _device(device)
+    dev = named_device(device)
     model = load_bundle(bundle, device=str(dev))
     profile = recorded.get("profile", {})
     fp_then = recorded.get("fingerprint") or profile.get("fingerprint", {})
@@ -101,19 +102,6 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     if data.get("_type") != METRICS_TYPE:
         raise DsnasError(f"{path}: expected _type {METRICS_TYPE!r}, got {data.get('_type')!r}. Fix: {REEXPORT}")
     return data
-
-
-def _device(requested: str) -> Any:
-    import torch
-
-
-    if requested.startswith("cuda") and not has_cuda():
-        raise DsnasError(f"--device {requested}: this machine has no visible NVIDIA GPU. Fix: use --device cpu")
-    if requested.startswith("cuda:"):
-        return torch.device(requested)
-    if requested not in ("auto", "cpu", "cuda"):
-        raise DsnasError(f"--device {requested}: must be auto, cpu, cuda or cuda:N. Fix: e.g. --device auto")
-    return resolve_device(requested)
 
 
 def _num(value: Any, digits: int = 4) -> str:

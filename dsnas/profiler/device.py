@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from dsnas._version import __version__
+from dsnas.errors import DsnasError
 from dsnas.profiler.capabilities import cpu_model, fingerprint_fields
 
 
@@ -24,6 +25,28 @@ def resolve_device(requested: str) -> Any:
     if requested == "auto":
         requested = "cuda" if has_cuda() else "cpu"
     return torch.device("cuda", torch.cuda.current_device()) if requested == "cuda" else torch.device("cpu")
+
+
+def named_device(requested: str, option: str = "--device") -> Any:
+    """The device a user named (a flag, or an argument: ``option``): auto, cpu, cuda or cuda:N, refused in one line
+    when it is none of them or names a GPU this machine lacks (it fell back to the CPU, or crashed)."""
+    import torch
+
+    def given(value: Any) -> str:  # "--device cuda" for a flag, "device='cuda'" for an argument
+        return f"{option}{value!r}" if option.endswith("=") else f"{option} {value}"
+
+    if not isinstance(requested, str) or not (requested in ("auto", "cpu", "cuda") or (
+            requested.startswith("cuda:") and requested[5:].isdigit())):
+        raise DsnasError(f"{given(requested)}: must be auto, cpu, cuda or cuda:N. Fix: e.g. {given('auto')}")
+    if requested.startswith("cuda") and not has_cuda():
+        raise DsnasError(f"{given(requested)}: this machine has no visible NVIDIA GPU. Fix: use {given('cpu')}")
+    if requested.startswith("cuda:"):
+        index = int(requested[5:])
+        if index >= torch.cuda.device_count():
+            raise DsnasError(f"{given(requested)}: this machine has {torch.cuda.device_count()} visible GPU(s), "
+                             f"numbered from 0. Fix: e.g. {given('cuda:0')}")
+        return torch.device("cuda", index)
+    return resolve_device(requested)
 
 
 def device_key(device: Any) -> str:
