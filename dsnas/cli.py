@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file")
     p.add_argument("--out", help="report folder (default: reports/STUDY beside the study file)")
     p.add_argument("--reference", help="hypervolume reference point, e.g. accuracy=0.3,throughput=1000 "
-                                       "(default: 10%% beyond the worst value of each objective)")
+                                       "(default: 0 for an objective to maximize whose values are not negative, "
+                                       "else 10%% beyond the worst value)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help=cmd_dashboard.__doc__, description=cmd_dashboard.__doc__)
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-accuracy", type=float, help="the accuracy the route must keep (on the calibration half)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="or: at most this far below the most accurate model (default 0.005)")
-    p.add_argument("--cost", choices=("latency", "flops", "energy"), default="latency",
+    p.add_argument("--cost", choices=("latency", "flops"), default="latency",
                    help="what a model costs per input: its measured latency (default) or FLOPs")
     p.add_argument("--trials", help="route these trials (e.g. 3,7,11) instead of the feasible front")
     p.add_argument("--out", help="route bundle folder (default: routes/STUDY beside the study file)")

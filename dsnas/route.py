@@ -429,8 +429,9 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     import torch
 
     if cost not in COSTS:
-        raise DsnasError(f"--cost must be one of {list(COSTS)}: energy is measured only on a GPU's NVML counter, "
-                         f"got {cost!r}" if cost == "energy" else f"--cost must be one of {list(COSTS)}, got {cost!r}")
+        raise DsnasError(f"--cost must be one of {list(COSTS)}, got {cost!r}" + (
+            " (energy is measured only on a GPU's NVML counter, so a route cannot be priced by it everywhere)"
+            if cost == "energy" else ""))
     chosen = [pick_trials(study, spec, trial=n)[0] for n in trials] if trials else \
         pick_trials(study, spec, front=True)
     chosen = list({frozen.number: frozen for frozen in chosen}.values())  # a trial named twice, or a repeat's original
