@@ -100,6 +100,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dsnas.route import verify_route
 
     if (Path(args.bundle) / "route.json").is_file():  # a route bundle: its members, accuracy and cost
+        if args.device not in ("auto", "cpu"):
+            raise DsnasError(f"--device {args.device}: a route is verified on the CPU, where `dsnas route` timed it. "
+                             "Fix: leave --device out")
         report = verify_route(args.bundle, accuracy_tol=args.accuracy_tol, latency_tol=args.latency_tol)
     else:
         report = verify_bundle(args.bundle, accuracy_tol=args.accuracy_tol, latency_tol=args.latency_tol,

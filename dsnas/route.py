@@ -23,6 +23,7 @@ from dsnas.allocator import hold_freed_memory
 from dsnas.errors import DsnasError
 from dsnas.export.bundle import export_trial, load_bundle, read_bundle, recorded_task_spec
 from dsnas.export.pick import pick_trials
+from dsnas.profiler.device import fingerprint
 from dsnas.tasks import make_task
 
 ROUTE_TYPE, ROUTE_VERSION = "dsnas.route", 1
@@ -490,10 +491,12 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     best = report.outcomes[f"trial {members[-1].trial} alone"]
     report.rows = [o.row(report.unit, best) for o in report.outcomes.values()]
     serve = min(("cascade", "learned router"), key=lambda n: report.outcomes[n].cost)
+    timed_on = None
     if cost == "latency":
         report.measured = _time_end_to_end(members, thresholds, router, x[held],
                                            read_bundle(members[0].folder)["hardware"]["batch_sizes"])
-    doc = {"_type": ROUTE_TYPE, "_version": ROUTE_VERSION, "study": spec.name, "cost": cost,
+        timed_on = fingerprint(torch.device("cpu"))  # verify compares the time only on a machine like this one
+    doc = {"_type": ROUTE_TYPE, "_version": ROUTE_VERSION, "study": spec.name, "cost": cost, "timed_on": timed_on,
            "serve": "cascade" if serve == "cascade" else "learned",
            "members": [{"trial": m.trial, "bundle": str(m.folder.relative_to(out)), "cost_per_input": m.cost,
                         "cost_per_call": dict(m.curve.points), "arch_short": m.describe} for m in members],
@@ -616,7 +619,13 @@ def verify_route(folder: str | Path, accuracy_tol: float = 0.005, latency_tol: f
     report.checks.append(Check(f"{name} accuracy", f"{row['accuracy']:.4f}", f"{acc:.4f}", f"{drift:+.4f}",
                                f"{'ok' if ok else 'FAIL'} (tol {accuracy_tol:g})", failed=not ok))
     recorded = (doc.get("measured_ms_per_input") or {}).get(name)
-    if recorded:
+    then_fp, here = doc.get("timed_on") or {}, fingerprint(dev)
+    differs = sorted(k for k in set(then_fp) | set(here) if then_fp.get(k) != here.get(k))
+    if recorded and differs:  # another host, CPU, torch or dsnas may legitimately serve at another speed
+        said = f"other device ({', '.join(differs)} differ)" if then_fp else "route.json records no device"
+        report.checks.append(Check(f"{name} ms/input", f"{recorded:.4g}", "-", "-", f"{said}: not compared",
+                                   compared=False))
+    elif recorded:
         batch = max(read_bundle(folder / doc["members"][0]["bundle"])["hardware"]["batch_sizes"])
         rounds = []
         hold_freed_memory()  # as when it was measured

@@ -161,6 +161,14 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
     said = capsys.readouterr().out
     kind = "cascade" if doc["serve"] == "cascade" else "learned router"
     assert said.count(" probe ") == 2 and re.search(rf"{kind} accuracy .* \+0\.0000 +ok", said), said
+    assert re.search(rf"{kind} ms/input .* ok \(tol x4\)", said), said  # timed here, where it was timed
+    # Another machine serves at another speed: its time is shown, not compared (it failed on any other machine).
+    doc["timed_on"]["cpu"] = "Another CPU"
+    (out / "route.json").write_text(json.dumps(doc))
+    assert main(["verify", str(out)]) == 0
+    assert re.search(rf"{kind} ms/input .* other device \(cpu differ\): not compared", capsys.readouterr().out)
+    assert main(["verify", str(out), "--device", "cuda"]) == 2  # it was verified on the CPU without a word
+    assert "a route is verified on the CPU, where `dsnas route` timed it" in capsys.readouterr().err
     # The report draws the route beside the front.
     assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
