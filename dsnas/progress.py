@@ -61,7 +61,9 @@ class Progress:
         self.pruned = sum(t.user_attrs.get("pruned_by") == "rung"
                           for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
         self.stored_at_start = self.completed + self.pruned + self.reused + self.skipped
-        points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0)]
+        # A reused repeat has its original's values: the original alone stands for them (as on the final front).
+        points = [list(t.values) for t in done if t.user_attrs.get("feasible", 1.0) and "reused_from" not in
+                  t.user_attrs]
         self.front_points = [points[i] for i in front_indices(points, self.spec.directions)]
         budget = self.spec.budget
         limits = [f"{budget.n_trials} trials"] if budget.n_trials else []

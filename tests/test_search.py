@@ -311,3 +311,19 @@ def test_a_resumed_run_whose_trials_all_fail_exits_non_zero(finished_study, tmp_
     assert main(["search", str(study), "--executor", "local"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dsnas: all 1 trials of this run failed; the first: trial 3: ") and "diverged" in err
+
+
+def test_a_resumed_search_counts_a_reused_repeat_once_on_the_front(tiny_study, capsys):
+    """A repeat has its original's values; the progress line's front counted both on a resume (front 6 beside a
+    final table of 5), where a live run and the final table count the original alone."""
+    from optuna.trial import create_trial
+
+    from dsnas.progress import Progress
+
+    spec = load_study(tiny_study)
+    study = optuna.create_study(directions=spec.directions)
+    for values, attrs in (([0.5, 100.0], {}), ([0.5, 100.0], {"reused_from": 0}), ([0.4, 300.0], {})):
+        study.add_trial(create_trial(values=values, user_attrs={"feasible": 1.0, **attrs}))
+    progress = Progress(spec)
+    progress.start(study, [])
+    assert progress.front_points == [[0.5, 100.0], [0.4, 300.0]] and progress.reused == 1
