@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ class Driver:
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
         self.artifacts: Any = None  # created on the first trial that returns weights
         self.running: dict[int, Any] = {}  # trial number -> optuna Trial
-        self.deadlines: dict[int, float] = {}  # trial number -> when it must have finished (trial_timeout_s)
+        self.clocks: dict[int, TrialClock] = {}  # trial number -> its own running time so far (trial_timeout_s)
         self.identity = driver_identity()
         self.guard = InterruptGuard()
         # A Ctrl-C held back by the guard (see interrupts.py) must not wait for the database to come back.
@@ -149,17 +149,24 @@ class Driver:
 
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
-        now = time.monotonic()
-        for number in [n for n, deadline in self.deadlines.items() if now > deadline and n in self.running]:
+        now, limit = time.monotonic(), self.spec.budget.trial_timeout_s
+        for number in [n for n, clock in self.clocks.items() if n in self.running and clock.ran_s(now) > limit]:
             with self.guard.writing():
                 self.executor.cancel(number)
-                self._fail(self.running[number], f"ran longer than trial_timeout_s = "
-                                                 f"{self.spec.budget.trial_timeout_s:g} s; its worker was stopped")
+                self._fail(self.running[number], f"ran longer than trial_timeout_s = {limit:g} s (not counting "
+                                                 "time queued or waiting for another trial); its worker was stopped")
+
+    def _on_clock(self, event: Any) -> None:
+        """A worker's clock event: its trial started, or waits for another trial, or runs again."""
+        clock = self.clocks.get(event.trial)
+        if clock is not None:
+            clock.tell(event.event, time.monotonic())
 
     @property
     def executor(self) -> BaseExecutor:
         if self._executor is None:
-            self._executor = make_executor(self.spec, self.trial_fn, self._on_rung if self.rungs else None)
+            self._executor = make_executor(self.spec, self.trial_fn, self._on_rung if self.rungs else None,
+                                           self._on_clock if self.spec.budget.trial_timeout_s is not None else None)
             self.guard.reroute()  # starting Ray replaced the guard's SIGTERM handler with its own
         return self._executor
 
@@ -187,8 +194,8 @@ class Driver:
         result = self.outage.call(what, fn, *args, **kwargs)
         if len(self.outage.outages_s) > survived:
             # Time spent waiting for the database is not the trials' time: their results may have waited too.
-            for number in self.deadlines:
-                self.deadlines[number] += self.outage.outages_s[-1]
+            for clock in self.clocks.values():
+                clock.waited_s += self.outage.outages_s[-1]
         return result
 
     def count(self, *states: Any) -> int:
@@ -294,7 +301,7 @@ class Driver:
                                          seed=self.spec.seed + trial.number, cached=cached, engine=self.spec.engine,
                                          rungs=rungs))
         if self.spec.budget.trial_timeout_s is not None:
-            self.deadlines[trial.number] = time.monotonic() + self.spec.budget.trial_timeout_s
+            self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
         self.progress.started(trial.number, short, self.running)
         return True
 
@@ -472,7 +479,7 @@ class Driver:
         # Told, the trial is finished: nothing after this may fail it, and a measurement row lost from here on is
         # written again from its stored profile by the next run's backfill.
         del self.running[trial.number]
-        self.deadlines.pop(trial.number, None)
+        self.clocks.pop(trial.number, None)
         self.recording = None
         self.db(f"store trial {trial.number}'s measurements", tables.record_measurements, storage_engine(self.study),
                 self.spec.name, trial.number, outcome.profile, metrics, arch=trial.user_attrs["arch"])
@@ -490,7 +497,7 @@ class Driver:
         self._store_artifacts(trial, outcome)
         self._tell(trial, state=TrialState.PRUNED)
         del self.running[trial.number]  # finished: see _record
-        self.deadlines.pop(trial.number, None)
+        self.clocks.pop(trial.number, None)
         self.recording = None
         if outcome.profile.get("batches"):
             self.db(f"store trial {trial.number}'s measurements", tables.record_measurements,
@@ -543,7 +550,7 @@ class Driver:
             self.db(f"store trial {trial.number}", trial.set_user_attr, "fail_reason", reason[:2000])
             self._tell(trial, state=TrialState.FAIL)
         del self.running[trial.number]
-        self.deadlines.pop(trial.number, None)
+        self.clocks.pop(trial.number, None)
         self.stopped.pop(trial.number, None)
         self.progress.failed_trial(trial.number, reason, self.running)
 
@@ -587,6 +594,32 @@ class Driver:
                 self._fail(trial, "the search was interrupted while the trial ran")
             if self._executor is not None:
                 self._executor.close()
+
+
+@dataclass
+class TrialClock:
+    """A trial's own running time, from what its worker says (dsnas.rungs.ClockEvent): from when it started on its
+    worker, less the time it waited for another trial (the measurement gate) or for the database."""
+
+    started: float | None = None  # the driver's monotonic time when the worker said it started
+    waited_s: float = 0.0
+    waiting_since: float | None = None
+
+    def tell(self, event: str, now: float) -> None:
+        if event == "started" and self.started is None:
+            self.started = now
+        elif event == "waiting" and self.waiting_since is None:
+            self.waiting_since = now
+        elif event == "running" and self.waiting_since is not None:
+            self.waited_s += now - self.waiting_since
+            self.waiting_since = None
+
+    def ran_s(self, now: float) -> float:
+        """Seconds it has run itself (0 while it is queued: it has not started)."""
+        if self.started is None:
+            return 0.0
+        waiting = now - self.waiting_since if self.waiting_since is not None else 0.0
+        return now - self.started - self.waited_s - waiting
 
 
 def _unfit(metrics: dict[str, float], objectives: Sequence[Any]) -> str:

@@ -1,6 +1,8 @@
 """The line from a trial's worker to the driver at each rung: the worker reports its figures and waits; the driver
-records them and answers whether the trial goes on (see dsnas.fidelity). In-process for the local executor; a small
-asyncio Ray actor for Ray, so that a trial's rungs run in one worker while the decision stays the driver's."""
+records them and answers whether the trial goes on (see dsnas.fidelity). The same line carries the trial's clock
+(when it started, when it waits for another trial), which trial_timeout_s counts by. In-process for the local
+executor; a small asyncio Ray actor for Ray, so that a trial's rungs run in one worker while the decision stays the
+driver's."""
 
 from __future__ import annotations
 
@@ -19,6 +21,16 @@ class RungReport:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class ClockEvent:
+    """What a worker tells the driver about its trial's own running time (trial_timeout_s): it ``started`` on its
+    worker (time queued before is not its own), or is ``waiting`` for another trial (the measurement gate) or
+    ``running`` again."""
+
+    trial: int
+    event: str
+
+
 class RungStop(Exception):
     """Raised in the worker when the driver stops its trial at a rung; the worker returns a pruned result."""
 
@@ -31,6 +43,9 @@ class RungChannel(abc.ABC):
     @abc.abstractmethod
     def ask(self, report: RungReport) -> bool:
         """Tell the driver, wait for its answer: True when the trial goes on."""
+
+    def clock(self, event: ClockEvent) -> None:
+        """Tell the driver without waiting (the local executor's driver runs the trial itself: nothing to tell)."""
 
 
 class LocalChannel(RungChannel):
@@ -54,13 +69,16 @@ class RayChannel(RungChannel):
 
         return bool(ray.get(self._board.ask.remote(report)))
 
+    def clock(self, event: ClockEvent) -> None:
+        self._board.clock.remote(event)  # not waited for: the trial goes on at once
+
 
 class RungBoard:
     """The Ray actor between workers and the driver (every method async: one event loop, no locks). Workers
-    ``ask`` and wait; the driver long-polls ``take`` and ``answer``s each report."""
+    ``ask`` and wait, or tell the ``clock``; the driver long-polls ``take`` and ``answer``s each report."""
 
     def __init__(self) -> None:
-        self._reports: list[RungReport] = []
+        self._reports: list[RungReport | ClockEvent] = []
         self._waiting: dict[tuple[int, int], asyncio.Future[bool]] = {}
         self._new = asyncio.Event()
 
@@ -71,8 +89,12 @@ class RungBoard:
         self._new.set()
         return await answer
 
-    async def take(self, timeout_s: float) -> list[RungReport]:
-        """The reports not yet taken, waiting up to ``timeout_s`` for one."""
+    async def clock(self, event: ClockEvent) -> None:
+        self._reports.append(event)
+        self._new.set()
+
+    async def take(self, timeout_s: float) -> list[RungReport | ClockEvent]:
+        """The reports and clock events not yet taken, in the order they came, waiting up to ``timeout_s``."""
         if not self._reports:
             try:
                 await asyncio.wait_for(self._new.wait(), timeout_s)

@@ -79,7 +79,9 @@ class BudgetSpec:
     timeout_s: float | None = None  # no new trial starts after this many seconds
     # Stop after more failed trials than this in one run; default: n_trials, or 10 when there is no n_trials
     max_failures: int | None = None
-    trial_timeout_s: float | None = None  # a trial running longer fails, and its worker is reclaimed
+    # A trial running longer fails, and its worker is reclaimed; its own time: from when it starts on a worker, less
+    # its waits for another trial's measurement
+    trial_timeout_s: float | None = None
     retries: int = 1  # times a trial whose worker died (crash, OOM kill, lost node) is run again
     storage_outage_s: float = 120.0  # how long the driver waits for a lost database before it stops
     # A candidate already evaluated under the same task, training budget, engine and measurement settings: "reuse"

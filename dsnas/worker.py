@@ -9,12 +9,13 @@ from typing import Any
 from dsnas.errors import TrialError
 from dsnas.models import build, is_user_family
 from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
-from dsnas.rungs import RungReport, RungStop
+from dsnas.rungs import ClockEvent, RungReport, RungStop
 from dsnas.tasks import make_task, runs_own_trials
 from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 
 
 def run_trial(request: TrialRequest) -> TrialResult:
+    _clock(request, "started")  # its time limit counts from here, not from when it was queued
     task = make_task(request.task)
     if runs_own_trials(task):  # the user's own evaluation function: no model is built here
         return run_own_trial(task, request)
@@ -84,7 +85,9 @@ class _Candidate:
         self.device = resolve_device(request.hardware.device)
         self.model = build(request.arch, request.task.base_dir).to(self.device)
         pipeline.check_task(self.model, task)
-        self.gate = MeasureGate(device_key(self.device))
+        # Time kept waiting for another trial's measurement (or for its training, to measure) is not this one's.
+        self.gate = MeasureGate(device_key(self.device),
+                                on_wait=lambda waiting: _clock(request, "waiting" if waiting else "running"))
         if is_user_family(str(request.arch.get("family", ""))):
             with self.gate.shared():  # no computing outside the gate: another trial may be measuring
                 _check_output(self.model, task, self.device, request.arch["family"])
@@ -233,6 +236,12 @@ class _Candidate:
                                pruned=pruned)
         return TrialResult(metrics=metrics, profile=profile, weights=weights_bytes(self.model),
                            probe=probe_bytes(self.model, self.task.example_batch(2, self.device)))
+
+
+def _clock(request: TrialRequest, event: str) -> None:
+    """Tell the driver, where it counts the trial's own time (trial_timeout_s) by what its worker says."""
+    if request.channel is not None:
+        request.channel.clock(ClockEvent(request.trial, event))
 
 
 def _check_output(model: Any, task: Any, device: Any, family: str) -> None:

@@ -95,7 +95,8 @@ def test_a_trial_past_its_time_limit_fails_and_its_worker_is_killed(tiny_study):
     assert main(["search", str(tiny_study)]) == 1  # the run's only trial failed
     trials = stored(tiny_study)
     assert [t.state for t in trials] == [TrialState.FAIL]
-    assert "ran longer than trial_timeout_s = 4 s; its worker was stopped" in trials[0].user_attrs["fail_reason"]
+    assert trials[0].user_attrs["fail_reason"] == ("ran longer than trial_timeout_s = 4 s (not counting time queued "
+                                                   "or waiting for another trial); its worker was stopped")
     pid = int(open(marker).read().split()[0])
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the hung worker process is gone
@@ -121,3 +122,22 @@ def test_diverging_training_is_a_fail_trial_with_the_reason(tiny_study):
     trials = stored(tiny_study)
     assert trials[0].state == TrialState.FAIL
     assert "training diverged: the loss became" in trials[0].user_attrs["fail_reason"]
+
+
+@pytest.mark.slow
+def test_a_time_limit_counts_a_trials_own_time_not_its_wait_in_rays_queue(tmp_path):
+    """One trial at a time fits (cpus_per_trial = every CPU), three are dispatched: the last waits two trials'
+    time in Ray's queue. Each runs 2.5 s of a 5 s limit; counted from dispatch, the queued ones failed."""
+    from tests.table_study import write_table_study
+
+    (tmp_path / "slow_task.py").write_text(
+        "import time\nfrom table_task import TableTask\n\n\nclass SlowTask(TableTask):\n"
+        "    def evaluate_arch(self, arch, **kwargs):\n        time.sleep(2.5)\n"
+        "        return super().evaluate_arch(arch, **kwargs)\n")
+    study = write_table_study(tmp_path, n_trials=3, executor="ray", task="slow_task:SlowTask",
+                              fidelity='kind = "none"')
+    study.write_text(study.read_text().replace('kind = "ray"', f'kind = "ray"\nworkers = 3\n'
+                                                               f'cpus_per_trial = {os.cpu_count()}')
+                     .replace("n_trials = 3", "n_trials = 3\ntrial_timeout_s = 5"))
+    assert main(["search", str(study)]) == 0
+    assert [t.state for t in stored(study)] == [TrialState.COMPLETE] * 3

@@ -55,6 +55,50 @@ def test_gate_is_reentrant_in_sequence(tmp_path):
             pass
 
 
+def test_a_holder_kept_waiting_by_another_says_so_and_an_uncontended_pass_says_nothing(tmp_path):
+    """What a trial's time limit leaves out (trial_timeout_s): a trial waiting to measure behind a hung trainer was
+    stopped with it, though it had run a few seconds of its own."""
+    import threading
+
+    told: list[bool] = []
+    gate = MeasureGate("told", tmp_path, on_wait=told.append)
+    with gate.shared() as hold:
+        hold.checkpoint()
+    with gate.exclusive():
+        pass
+    assert told == []  # nothing kept it waiting: no message per training step
+    holding, release = threading.Event(), threading.Event()
+
+    def trainer():
+        with MeasureGate("told", tmp_path).shared():
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    assert holding.wait(10)
+    threading.Timer(0.3, release.set).start()
+    start = time.monotonic()
+    with gate.exclusive():
+        waited = time.monotonic() - start
+    thread.join(10)
+    assert told == [True, False] and waited >= 0.25
+
+
+def test_a_trials_clock_counts_its_own_time_only():
+    from dsnas.driver import TrialClock
+
+    clock = TrialClock()
+    assert clock.ran_s(100.0) == 0.0  # queued: not started on a worker yet
+    clock.tell("started", 10.0)
+    clock.tell("waiting", 12.0)  # behind another trial's measurement
+    assert clock.ran_s(50.0) == 2.0
+    clock.tell("running", 52.0)
+    assert clock.ran_s(55.0) == 5.0
+    clock.waited_s += 3.0  # the database was out
+    assert clock.ran_s(55.0) == 2.0
+
+
 def test_a_paused_hold_lets_a_measurer_in_and_then_holds_again(tmp_path):
     import threading
 

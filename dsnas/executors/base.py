@@ -6,15 +6,17 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
-from dsnas.rungs import RungReport
+from dsnas.rungs import ClockEvent, RungReport
 from dsnas.trial import TrialFn, TrialRequest, TrialResult
 
-__all__ = ["BaseExecutor", "Finished", "RungHandler", "TrialFn"]
+__all__ = ["BaseExecutor", "ClockHandler", "Finished", "RungHandler", "TrialFn"]
 # A finished trial: its number, and its result or the reason it failed.
 Finished = tuple[int, TrialResult | BaseException]
 # The driver's answer to a trial at a rung: True when it goes on. Executors call it from wait(), on the driver's
 # thread, so that the driver alone writes the study.
 RungHandler = Callable[[RungReport], bool]
+# What the driver does with a worker's clock event (trial_timeout_s counts the trial's own running time by them).
+ClockHandler = Callable[[ClockEvent], None]
 
 
 class BaseExecutor(abc.ABC):

@@ -8,8 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.executors.base import BaseExecutor, Finished, RungHandler, TrialFn
-from dsnas.rungs import RayChannel, start_board
+from dsnas.executors.base import BaseExecutor, ClockHandler, Finished, RungHandler, TrialFn
+from dsnas.rungs import ClockEvent, RayChannel, start_board
 from dsnas.spec import ExecutorSpec
 from dsnas.trial import TrialRequest
 from dsnas.worker import run_trial
@@ -20,7 +20,7 @@ RUNG_POLL_S = 30.0
 
 class RayExecutor(BaseExecutor):
     def __init__(self, spec: ExecutorSpec, device: str, trial_fn: TrialFn = run_trial,
-                 on_rung: RungHandler | None = None) -> None:
+                 on_rung: RungHandler | None = None, on_clock: ClockHandler | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -52,15 +52,15 @@ class RayExecutor(BaseExecutor):
         self._remote = ray.remote(**self._resources, max_retries=0, retry_exceptions=False)(trial_fn)
         self._running: dict[Any, int] = {}
         self._oom_kills_at_submit: dict[Any, int | None] = {}  # ref -> the kernel's OOM-kill count then
-        self._on_rung = on_rung
-        self._board: Any = None  # the rung board actor, started with the first trial that reports at rungs
+        self._on_rung, self._on_clock = on_rung, on_clock
+        self._board: Any = None  # the rung board actor, started with the first trial that reports to the driver
         self._poll: Any = None  # the outstanding long poll of the board
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._ray.get(self._ray.remote(**self._resources, max_retries=0)(fn).remote(*args))
 
     def submit(self, request: TrialRequest) -> None:
-        if request.rungs is not None and self._on_rung is not None:
+        if (request.rungs is not None and self._on_rung is not None) or self._on_clock is not None:
             self._board = self._board or start_board(self._ray)
             request = replace(request, channel=RayChannel(self._board))
         ref = self._remote.remote(request)
@@ -91,9 +91,14 @@ class RayExecutor(BaseExecutor):
         return out
 
     def _answer(self, reports: list[Any]) -> None:
-        """The driver's decision on each rung report, sent back to the waiting workers."""
+        """The driver's decision on each rung report, sent back to the waiting workers; clock events to the
+        driver's clock."""
         self._poll = None
         for report in reports:
+            if isinstance(report, ClockEvent):
+                if self._on_clock is not None:
+                    self._on_clock(report)
+                continue
             go = self._on_rung(report) if self._on_rung is not None else True
             self._board.answer.remote(report.trial, report.rung, go)
 

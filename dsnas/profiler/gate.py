@@ -13,22 +13,26 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 class MeasureGate:
-    def __init__(self, key: str, folder: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, key: str, folder: str | os.PathLike[str] | None = None,
+                 on_wait: Callable[[bool], None] | None = None) -> None:
+        """``on_wait(True)`` when a holder is kept waiting by another, ``on_wait(False)`` when it goes on: the time a
+        trial waits for others is not its own (trial_timeout_s). An uncontended pass says nothing."""
         folder = Path(folder or tempfile.gettempdir())
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         self.paths = (folder / f"dsnas-gate-{safe}.turnstile", folder / f"dsnas-gate-{safe}.lock")
+        self.on_wait = on_wait
 
     @contextmanager
     def shared(self) -> Iterator["_SharedHold"]:
         """Hold while training or evaluating; call ``checkpoint()`` often so a measurer is not kept waiting."""
         with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock:
-            hold = _SharedHold(turnstile, lock)
+            hold = _SharedHold(turnstile, lock, self.on_wait)
             hold.enter()
             try:
                 yield hold
@@ -39,9 +43,9 @@ class MeasureGate:
     def exclusive(self) -> Iterator[None]:
         """Hold while measuring: no other holder of this gate computes meanwhile."""
         with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock:
-            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            _take(turnstile, fcntl.LOCK_EX, self.on_wait)
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                _take(lock, fcntl.LOCK_EX, self.on_wait)
                 try:
                     yield
                 finally:
@@ -51,13 +55,13 @@ class MeasureGate:
 
 
 class _SharedHold:
-    def __init__(self, turnstile: int, lock: int) -> None:
-        self._turnstile, self._lock = turnstile, lock
+    def __init__(self, turnstile: int, lock: int, on_wait: Callable[[bool], None] | None = None) -> None:
+        self._turnstile, self._lock, self._on_wait = turnstile, lock, on_wait
 
     def enter(self) -> None:
-        fcntl.flock(self._turnstile, fcntl.LOCK_EX)  # waits while a measurer is queued or measuring
+        _take(self._turnstile, fcntl.LOCK_EX, self._on_wait)  # waits while a measurer is queued or measuring
         fcntl.flock(self._turnstile, fcntl.LOCK_UN)
-        fcntl.flock(self._lock, fcntl.LOCK_SH)
+        _take(self._lock, fcntl.LOCK_SH, self._on_wait)
 
     def checkpoint(self) -> None:
         """Let a waiting measurer in, then carry on."""
@@ -72,6 +76,21 @@ class _SharedHold:
             yield
         finally:
             self.enter()
+
+
+def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None) -> None:
+    """flock, saying so (``on_wait``) only when another holder keeps it waiting."""
+    if on_wait is None:
+        fcntl.flock(fd, operation)
+        return
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        on_wait(True)
+        try:
+            fcntl.flock(fd, operation)
+        finally:
+            on_wait(False)
 
 
 @contextmanager
