@@ -136,6 +136,10 @@ class RungJudge:
         values = self.values(report.metrics)
         if values is None or peers is None:
             return Decision(True, f"the report lacks an objective ({', '.join(self.metrics)}): goes on")
+        broken = [f"{m} {v}" for m, v in zip(self.metrics, values) if not math.isfinite(v)]
+        if broken:  # a nan is never dominated: it would go on at every rung, and sit among its peers' values
+            return Decision(False, f"{', '.join(broken)} at this rung: a figure must be a finite number (training "
+                                   "diverged?)")
         return decide(report.trial, values, peers, self.directions, self.spec.eta, self.spec.min_trials,
                       self.margins)
 

@@ -143,3 +143,17 @@ def test_pruning_is_on_by_default_and_can_be_turned_off(tiny_study):
     assert load_study(tiny_study).fidelity.kind == "successive_halving"
     with pytest.raises(Invalid):
         FidelitySpec(eta=0)
+
+
+def test_a_nan_figure_at_a_rung_stops_the_trial_there(tiny_study):
+    """A nan is never dominated: a user task's nan accuracy went on at every rung, its value among its peers'."""
+    from dsnas.fidelity import RungJudge
+    from dsnas.rungs import RungReport
+
+    tiny_study.write_text(tiny_study.read_text().replace('[fidelity]\nkind = "none"', ""))
+    judge = RungJudge(load_study(tiny_study))
+    peers = {n: [0.3 + 0.01 * n, 1000.0] for n in range(6)}
+    report = RungReport(9, 1, 0.3, {"accuracy": float("nan"), "throughput_tok_s": 2000.0})
+    decision = judge.decide(report, peers)
+    assert not decision.go and decision.reason.startswith("accuracy nan at this rung: a figure must be a finite")
+    assert judge.decide(RungReport(9, 1, 0.3, {"accuracy": 0.9, "throughput_tok_s": 2000.0}), peers).go
