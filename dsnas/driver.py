@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -626,7 +627,7 @@ def _unfit(metrics: dict[str, float], objectives: Sequence[Any]) -> str:
     """Why a finished trial's figures cannot be stored as a result ('' when they can): Optuna would store a nan
     objective as a failed trial with no reason, and an accuracy of 83 or inf would take the whole front."""
     for o in objectives:
-        if metrics[o.metric] != metrics[o.metric] or abs(metrics[o.metric]) == float("inf"):
+        if not math.isfinite(metrics[o.metric]):
             return (f"objective {o.name} is {metrics[o.metric]}: the task's figures must be finite numbers (a "
                     "task whose training diverged, or whose evaluate() reports nan)")
     accuracy = metrics.get("accuracy")
