@@ -21,6 +21,7 @@ class InterruptGuard:
         self._depth = 0
         self._pending: type[KeyboardInterrupt] | None = None
         self._installed = False
+        self._received: type[KeyboardInterrupt] | None = None  # the last signal's interrupt
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -32,6 +33,12 @@ class InterruptGuard:
         self._installed = True
         try:
             yield
+        except KeyboardInterrupt as e:
+            # Ray's C++ core checks for signals while it waits and raises a plain KeyboardInterrupt for the
+            # Terminated the handler raised: the SIGTERM is what arrived, so it exits 143, not 130.
+            if self._received is Terminated and not isinstance(e, Terminated):
+                raise Terminated() from e
+            raise
         finally:
             self._installed = False
             for sig, handler in previous.items():
@@ -51,6 +58,7 @@ class InterruptGuard:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         interrupt = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self._received = interrupt
         if self._depth:
             self._pending = interrupt
         else:

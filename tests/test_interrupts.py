@@ -46,3 +46,21 @@ def test_sigterm_is_held_during_a_write_like_ctrl_c_and_says_it_was_a_terminatio
                 done.append("written")
     assert done == ["written"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigterm_that_a_library_turned_into_a_plain_keyboardinterrupt_is_still_a_termination():
+    """Ray's core checks for signals while the driver waits, and raises KeyboardInterrupt for the handler's
+    Terminated: the search exited 130 ("interrupted") for a SIGTERM. And ray.init's own SIGTERM handler, put in
+    place of the guard's, exited at once mid-write (134) until the guard took it back."""
+    from dsnas.interrupts import Terminated
+
+    guard = InterruptGuard()
+    with pytest.raises(Terminated):
+        with guard.installed():
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(99))  # a library's handler, as ray.init sets one
+            guard.reroute()
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise AssertionError("not terminated")
+            except Terminated:
+                raise KeyboardInterrupt from None  # what Ray's check_signals makes of it

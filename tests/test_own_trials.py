@@ -122,7 +122,7 @@ import numpy as np
 
 
 class Odd:
-    """Accuracy nan for d_model 16, 83 (a percentage) for 32, a fraction for 64."""
+    """Accuracy nan for d_model 16, inf for 32, a fraction for 64."""
 
     def arch_defaults(self):
         return {"vocab_size": 256, "context": 16}
@@ -131,7 +131,7 @@ class Odd:
         return {"task": "odd"}
 
     def evaluate_arch(self, arch, *, seed, rungs, report):
-        accuracy = {16: float("nan"), 32: 83.0, 64: 0.5}[arch["d_model"]]
+        accuracy = {16: float("nan"), 32: float("inf"), 64: 0.5}[arch["d_model"]]
         return {"accuracy": accuracy, "throughput_tok_s": 1000.0 / arch["d_model"], "latency_ms_bs1": 1.0,
                 "latency_ms_bs32": 2.0}
 
@@ -154,9 +154,9 @@ def raises(path="data.csv"):
 '''
 
 
-def test_a_nan_or_percent_accuracy_fails_its_trial_with_the_rule_and_the_search_goes_on(tmp_path):
+def test_a_nan_or_infinite_accuracy_fails_its_trial_with_the_rule_and_the_search_goes_on(tmp_path):
     """A nan accuracy was stored by Optuna as a FAIL without a reason, and the next repeat of that architecture
-    stopped the driver with a TypeError on every run; 83 (a percentage) took the whole front."""
+    stopped the driver with a TypeError on every run; an infinite one took the whole front."""
     (tmp_path / "odd.py").write_text(ODD)
     study = write_table_study(tmp_path, n_trials=12, task="odd:Odd", fidelity='kind = "none"')
     study.write_text(study.read_text().replace(f'table = "{tmp_path / "table.csv"}"', "")
@@ -169,8 +169,8 @@ def test_a_nan_or_percent_accuracy_fails_its_trial_with_the_rule_and_the_search_
         by_width.setdefault(t.user_attrs["arch"]["d_model"], set()).add((t.state, t.user_attrs.get("fail_reason")))
     assert by_width[16] == {(TrialState.FAIL, "objective accuracy is nan: the task's figures must be finite numbers "
                                               "(a task whose training diverged, or whose evaluate() reports nan)")}
-    assert by_width[32] == {(TrialState.FAIL, "accuracy 83 is not a fraction in [0, 1]: the task's evaluate() must "
-                                              "return accuracy as a fraction (0.83, not 83)")}
+    assert by_width[32] == {(TrialState.FAIL, "objective accuracy is inf: the task's figures must be finite numbers "
+                                              "(a task whose training diverged, or whose evaluate() reports nan)")}
     assert {state for state, _ in by_width[64]} == {TrialState.COMPLETE}
 
 
