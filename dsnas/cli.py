@@ -169,7 +169,7 @@ def _engine_table(study_file: Path, device: str, threads: int | None) -> str:
     if not shapes:
         raise DsnasError(f"{spec.space.file}: its model family does not say its layers' widths, so there is "
                          "nothing to probe")
-    return probe_on_device(device, shapes, threads or spec.hardware.threads).table()
+    return probe_on_device(device, shapes, threads or spec.hardware.threads, spec.engine.int8_backend).table()
 
 
 def cmd_route(args: argparse.Namespace) -> int:

@@ -114,8 +114,11 @@ class Driver:
             return arch_sampler(None, spec.space.callable, spec.base_dir)
         space = load_space_file(spec.space.file)
         if space.by_device:
-            space = self.db("settle the engine choices", settle, space, spec, self.study,
-                            int(self.task_arch.get("context", 1)), self.executor.call, self.progress.say)
+            # Decided once per study: a driver started beside the one probing waits, then takes its offer (each
+            # sampling from an offer of its own failed the other's trials, whose options then differed).
+            with study_lock(self.study, spec.storage):
+                space = self.db("settle the engine choices", settle, space, spec, self.study,
+                                int(self.task_arch.get("context", 1)), self.executor.call, self.progress.say)
         changed = space.changed_options(self.db("read the stored parameters", self._stored_options))
         if changed is not None:  # before any trial: Optuna would fail each one that asks with the new options
             key, name, was, now = changed

@@ -26,7 +26,8 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
         offer = {"precision": ["fp32"], "sparsity": ["dense"], "device": "-",
                  "why": f"the {space.family} family does not say its layers' widths, so nothing was probed"}
     else:
-        probe: EngineProbe = call(probe_on_device, spec.hardware.device, shapes, spec.hardware.threads)
+        probe: EngineProbe = call(probe_on_device, spec.hardware.device, shapes, spec.hardware.threads,
+                                  spec.engine.int8_backend)
         say("\n".join("  " + line for line in probe.table().splitlines()))
         offer = {"precision": list(probe.precisions()), "sparsity": list(probe.sparsities()), "device": probe.device,
                  "fingerprint_id": probe.fingerprint_id, "probe": probe.as_dict(),

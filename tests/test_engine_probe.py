@@ -169,7 +169,8 @@ def test_a_study_with_auto_choices_samples_only_what_the_probe_offered(tiny_stud
     space.write_text(AUTO_SPACE)
     calls = []
 
-    def fake_probe(device, shapes, threads):
+    def fake_probe(device, shapes, threads, int8_backend):
+        assert int8_backend == "auto"  # the study's [engine] int8_backend, which the probe's int8 layers take
         calls.append([str(s) for s in shapes])
         return probe_of(offered)
 
@@ -206,7 +207,7 @@ def test_a_study_samples_a_choice_only_at_the_widths_where_it_paid(tiny_study, m
 
     (tiny_study.parent / "tiny_space.toml").write_text(AUTO_SPACE.replace("[1]", "[1, 2]"))
     probe = probe_of({"int8"}, {"int8": {"32": 0.5, "64": 2.0}, "bf16": {"32": 0.5, "64": 0.5}})
-    monkeypatch.setattr(engine_offer, "probe_on_device", lambda device, shapes, threads: probe)
+    monkeypatch.setattr(engine_offer, "probe_on_device", lambda device, shapes, threads, int8_backend: probe)
     text = tiny_study.read_text().replace("n_trials = 3", "n_trials = 8")
     # dsnas's sampler proposes 4 at random, then by its model of measured figures: with seed 0 the 4 were all d 64,
     # and the model, timing-driven, once proposed no d 32 at all. Seed 7's random 4 hold both widths.
@@ -243,7 +244,8 @@ def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatc
     monkeypatch.setattr(ep, "CpuWindow", Busy)
     monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
     measured = []
-    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between: measured.append(1) or probe_of({"int8"}).verdicts)
+    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between, int8_backend: measured.append(1)
+                        or probe_of({"int8"}).verdicts)
     shapes = ep.linear_shapes([(64, 64)], [8])
     first = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert first.load == pytest.approx(0.45) and "others used 45% of the CPUs, so not cached" in first.table()
@@ -271,7 +273,7 @@ def test_a_host_that_slows_midway_moves_no_ratio_and_the_probe_that_saw_it_is_no
         slow["factor"] = 1.0 if slow["probes"] < 2 else 2.0
         return slow["factor"]
 
-    def layer(shape, precision, sparsity, device):
+    def layer(shape, precision, sparsity, device, int8_backend):
         if precision == "fp8":
             raise ep.TrialError("fp8 cannot run here: no fp8 kernel on a CPU")
         return SimpleNamespace(precision=precision, sparsity=sparsity, backend=precision, sparse_kernel=False,
@@ -304,6 +306,32 @@ def test_a_host_that_slows_midway_moves_no_ratio_and_the_probe_that_saw_it_is_no
     again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert not again.cached and again.host_drift == pytest.approx(1.0) and "disturbed" not in again.table()
     assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached
+
+
+def test_a_study_that_pins_an_int8_backend_is_probed_with_it_and_cached_apart(tmp_path, monkeypatch):
+    """The probe timed int8 with the fastest backend here while the study's trials ran the one it pinned: int8 was
+    offered where that one may not pay."""
+    import torch
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ep, "CpuWindow", QuietWindow)
+    monkeypatch.setattr(ep, "wait_for_quiet", lambda seconds: None)
+    monkeypatch.setattr(ep.host_speed, "probe_ms", lambda: 1.0)
+    backends = []
+
+    def layer(shape, precision, sparsity, device, int8_backend):
+        backends.append(int8_backend)
+        return SimpleNamespace(precision=precision, sparsity=sparsity, backend=precision, sparse_kernel=False,
+                               reason="masked dense")
+
+    monkeypatch.setattr(ep, "_layer", layer)
+    monkeypatch.setattr(ep, "_seconds", lambda layer, shape, device, give_up_s: 1.0)
+    shapes = ep.linear_shapes([(64, 64)], [8])
+    ep.probe_engine(torch.device("cpu"), shapes, threads=1, int8_backend="torch-dynamic")
+    assert set(backends) == {"torch-dynamic"}
+    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1, int8_backend="torch-dynamic").cached
+    assert not ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached  # "auto": another entry
+    assert backends[-1] == "auto"
 
 
 def test_a_layer_slower_than_it_could_pay_is_timed_by_two_calls_and_others_in_full():

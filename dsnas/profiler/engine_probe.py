@@ -195,8 +195,9 @@ def linear_shapes(widths: Iterable[tuple[int, int]], rows: Iterable[int]) -> tup
 
 
 def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = None,
-                 use_cache: bool = True) -> EngineProbe:
-    """Measure (or read from the cache) each choice's layers against fp32 at ``shapes`` on ``device``. The caller
+                 use_cache: bool = True, int8_backend: str = "auto") -> EngineProbe:
+    """Measure (or read from the cache) each choice's layers against fp32 at ``shapes`` on ``device``; int8 with
+    the study's ``int8_backend`` (a study that pins one is offered int8 only where that one pays). The caller
     holds the device exclusively (MeasureGate), as for any measurement."""
     import torch
 
@@ -204,7 +205,8 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
     fp = fingerprint(device)
     with cpu_threads(threads if device.type == "cpu" else None) as used:
         key = entry_key(fingerprint=fp, threads=used if device.type == "cpu" else None,
-                        shapes=[str(s) for s in shapes], rule=RULE, allocator=hold_freed_memory()["policy"])
+                        shapes=[str(s) for s in shapes], rule=RULE, allocator=hold_freed_memory()["policy"],
+                        **({"int8_backend": int8_backend} if int8_backend != "auto" else {}))
         path = cache_dir() / "engine_probe.json"
         entry = read_entries(path, CACHE_TYPE).get(key) if use_cache else None
         if isinstance(entry, dict):
@@ -216,7 +218,7 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
         speeds: list[float] = []  # the host-speed probe between shapes, ms: only a CPU layer's time follows it
         between = (lambda: speeds.append(host_speed.probe_ms())) if device.type == "cpu" else (lambda: None)
         with CpuWindow() as window:
-            verdicts = _measure(device, shapes, between)
+            verdicts = _measure(device, shapes, between, int8_backend)
         drift = max(speeds) / min(speeds) if speeds else None
         probe = EngineProbe(str(fp.get("gpu") or fp.get("cpu")), fingerprint_id(fp), tuple(map(str, shapes)),
                             verdicts, load=window.share.load if window.share.others is not None else None,
@@ -226,7 +228,8 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
     return probe
 
 
-def _measure(device: Any, shapes: Sequence[Shape], between: Callable[[], None] = lambda: None) -> dict[str, Verdict]:
+def _measure(device: Any, shapes: Sequence[Shape], between: Callable[[], None] = lambda: None,
+             int8_backend: str = "auto") -> dict[str, Verdict]:
     """Every choice timed beside its baseline shape by shape: a choice's time at a shape is taken right after fp32's,
     so that a change in the host's speed over the probe's seconds moves both, not their ratio. ``between()`` runs
     before each shape and after the last (the host-speed probe, on the CPU)."""
@@ -240,7 +243,7 @@ def _measure(device: Any, shapes: Sequence[Shape], between: Callable[[], None] =
         for (precision, sparsity), one in timed.items():
             if one.error is None:
                 base = timed[baseline[precision, sparsity]].times.get(str(shape))
-                one.time(shape, precision, sparsity, device, None if base is None else LOSING * base)
+                one.time(shape, precision, sparsity, device, None if base is None else LOSING * base, int8_backend)
     between()
     fp32 = timed["fp32", "dense"].times
     verdicts = {p: decide(p, fp32, *timed[p, "dense"].outcome()) for p in PRECISIONS}
@@ -262,9 +265,10 @@ class _Timed:
     missing: str = ""
     error: str | None = None
 
-    def time(self, shape: Shape, precision: str, sparsity: str, device: Any, give_up_s: float | None) -> None:
+    def time(self, shape: Shape, precision: str, sparsity: str, device: Any, give_up_s: float | None,
+             int8_backend: str = "auto") -> None:
         try:
-            layer = _layer(shape, precision, sparsity, device)
+            layer = _layer(shape, precision, sparsity, device, int8_backend)
         except (TrialError, RuntimeError) as err:  # e.g. fp8 on a CPU, or on a GPU before compute capability 8.9
             self.error = str(err).split(". Fix:")[0].split("cannot run here: ")[-1]
             return
@@ -280,8 +284,9 @@ class _Timed:
         return self.times, "/".join(dict.fromkeys(k.removeprefix("int8:") for k in self.kernels)), self.missing
 
 
-def _layer(shape: Shape, precision: str, sparsity: str, device: Any) -> Any:
-    """One engine layer of ``shape`` in its inference form (as convert leaves a trained one)."""
+def _layer(shape: Shape, precision: str, sparsity: str, device: Any, int8_backend: str = "auto") -> Any:
+    """One engine layer of ``shape`` in its inference form (as convert leaves a trained one), int8 with the backend
+    the study's [engine] int8_backend names (the fastest here when "auto")."""
     import torch
 
     from dsnas.kernels.convert import UNTRAINED_ACT_AMAX, convert  # torch loads on first use
@@ -294,7 +299,7 @@ def _layer(shape: Shape, precision: str, sparsity: str, device: Any) -> Any:
         sparsify_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
     if precision == "int8":
         layer.act_amax.fill_(UNTRAINED_ACT_AMAX)
-    convert(torch.nn.Sequential(layer), rows=(shape.rows,))
+    convert(torch.nn.Sequential(layer), int8_backend=int8_backend, rows=(shape.rows,))
     return layer
 
 
@@ -318,10 +323,11 @@ def _seconds(layer: Any, shape: Shape, device: Any, give_up_s: float | None = No
     return timing.median_ms / 1e3
 
 
-def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = None) -> EngineProbe:
+def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = None,
+                    int8_backend: str = "auto") -> EngineProbe:
     """The probe where trials run (the executor calls it there), holding the device and using the threads as a
     trial's measurement does (every core unless [hardware] threads says otherwise, also in a 1-CPU Ray worker)."""
     resolved = resolve_device(device)
     threads = threads or os.cpu_count()
     with MeasureGate(device_key(resolved)).exclusive():
-        return probe_engine(resolved, shapes, threads)
+        return probe_engine(resolved, shapes, threads, int8_backend=int8_backend)
