@@ -4,6 +4,7 @@ whose space says "auto" offers exactly those, and never a choice without a fast 
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -91,6 +92,20 @@ def test_the_offer_is_fp32_and_dense_plus_what_pays():
     assert both.precisions() == ("fp32", "bf16", "int8") and both.sparsities() == ("dense", "2:4")
     again = ep.EngineProbe.from_dict(both.as_dict(), cached=True)
     assert again.precisions() == both.precisions() and again.cached and "cached" in again.table()
+
+
+def test_2_4_is_offered_at_a_width_only_beside_the_precision_its_sparse_kernel_takes():
+    """On a GPU 2:4 is timed in bf16 against dense bf16: where bf16 is not offered, a 2:4 layer would be fp32 and
+    masked-dense, a candidate no faster that the search paid for."""
+    probe = probe_of({"bf16", "2:4"}, {"bf16": {"256": 0.9, "1024": 2.0}, "2:4": {"256": 1.3, "1024": 1.3},
+                                       **{c: {"256": 0.5, "1024": 0.5} for c in ("fp16", "int8", "fp8")}})
+    assert probe.by_width() == {256: {"precision": ("fp32",), "sparsity": ("dense",)},
+                                1024: {"precision": ("fp32", "bf16"), "sparsity": ("dense", "2:4")}}
+    assert probe.sparsities() == ("dense", "2:4")
+    nowhere = probe_of({"2:4"}, {"bf16": {"256": 0.9}, "2:4": {"256": 1.3},
+                                 **{c: {"256": 0.5} for c in ("fp16", "int8", "fp8")}})
+    assert nowhere.sparsities() == ("dense",) and nowhere.by_width()[256]["sparsity"] == ("dense",)
+    assert re.search(r"^2:4 +no ", nowhere.table(), re.M)
 
 
 @pytest.mark.parametrize(("objectives", "rows"), [(("accuracy", "throughput"), [64]), (("accuracy", "latency"), [16]),

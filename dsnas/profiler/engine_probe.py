@@ -23,6 +23,7 @@ from dsnas.profiler.timing import call_ms, cpu_threads, time_calls
 
 PRECISIONS = ("bf16", "fp16", "int8", "fp8")  # the low precisions the probe may offer beside fp32
 SPARSITY = "2:4"
+SPARSE_WITH = "bf16"  # the precision the probe times 2:4 in on a GPU: where it is not offered, 2:4 runs masked-dense
 # A choice is offered when its layers run at least this much faster than the baseline (the geometric mean over the
 # shapes): 10%, beyond the spread of a short probe on a quiet machine, so that a choice offered is one that pays.
 PAYS = 1.10
@@ -139,16 +140,23 @@ class EngineProbe:
 
     def sparsities(self) -> tuple[str, ...]:
         offered = SPARSITY in self.verdicts and self.verdicts[SPARSITY].offered
+        if offered and self.verdicts[SPARSITY].widths:  # with its sparse kernel's precision at some width
+            offered = any(SPARSITY in there["sparsity"] for there in self.by_width().values())
         return ("dense", SPARSITY) if offered else ("dense",)
 
     def by_width(self) -> dict[int, dict[str, tuple[str, ...]]]:
-        """Per model width, the precisions and sparsities offered there: fp32 and dense, and what pays at it."""
+        """Per model width, the precisions and sparsities offered there: fp32 and dense, and what pays at it; 2:4
+        only beside the precision its sparse kernel takes (SPARSE_WITH), which it paid against."""
         widths = sorted({w for v in self.verdicts.values() for w in map(int, v.widths)})
         pays = {c: set(v.pays_at()) for c, v in self.verdicts.items()}
-        return {w: {"precision": tuple(p for p in self.precisions()
-                                       if p == "fp32" or (w in pays[p] and not self.dominated_by(p, w))),
-                    "sparsity": tuple(s for s in self.sparsities() if s == "dense" or w in pays[s])}
-                for w in widths}
+        sparse = SPARSITY in self.verdicts and self.verdicts[SPARSITY].offered
+        out = {}
+        for w in widths:
+            precisions = tuple(p for p in self.precisions()
+                               if p == "fp32" or (w in pays[p] and not self.dominated_by(p, w)))
+            with_kernel = sparse and w in pays[SPARSITY] and SPARSE_WITH in precisions
+            out[w] = {"precision": precisions, "sparsity": ("dense", SPARSITY) if with_kernel else ("dense",)}
+        return out
 
     def table(self) -> str:
         why = []
@@ -162,7 +170,7 @@ class EngineProbe:
                  f"{'choice':8} {'offered':8} {'speed':>7}  {'kernel':26} why"]
         for v in self.verdicts.values():
             speed = "-" if v.speedup is None else f"{v.speedup:.2f}x"
-            offered = self._kept(v.choice) if v.choice in PRECISIONS else v.offered
+            offered = self._kept(v.choice) if v.choice in PRECISIONS else v.choice in self.sparsities()
             lines.append(f"{v.choice:8} {'yes' if offered else 'no':8} {speed:>7}  {v.kernel or '-':26} {v.why}"
                          f"{self.dominance_note(v)}")
         return "\n".join(lines)
