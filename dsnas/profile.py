@@ -25,7 +25,7 @@ from dsnas.profiler.device import device_key, fingerprint_id, named_device
 from dsnas.profiler.gate import MeasureGate
 from dsnas.profiler.measure import measure
 from dsnas.spec import HardwareSpec, TaskSpec, check_plugins, read_study
-from dsnas.tasks import make_task
+from dsnas.tasks import make_task, throughput_unit
 
 
 def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[Any, Any, Any, str]:
@@ -107,7 +107,7 @@ def profile_target(target: str, trial: int | None = None, device: str = "auto", 
     task = make_task(task_spec)
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model.to(dev), task, dev, hardware)
-    return ProfileReport(what, metrics, profile)
+    return ProfileReport(what, metrics, profile, throughput_unit(task_spec))
 
 
 def measure_model(model: Any, example_input: Any, device: str = "auto", batch_sizes: tuple[int, ...] = (1, 32),
@@ -128,7 +128,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
         model = _unpacking(model)
     with MeasureGate(device_key(dev)).exclusive():
         metrics, profile = measure(model, task, dev, hardware)
-    return ProfileReport(what, metrics, profile)
+    return ProfileReport(what, metrics, profile, "items/s")  # items_per_example says what an item is
 
 
 TEXT_FAMILIES = ("transformer_lm", "hf_causal_lm")  # the built-in families that take token ids
@@ -209,10 +209,11 @@ class ProfileReport:
     what: str
     metrics: dict[str, float]
     profile: dict[str, Any]
+    unit: str = "tokens/s"  # what throughput counts (images/s for an image task: dsnas.tasks.throughput_unit)
 
     def table(self) -> str:
         """What was measured, a row per batch size with units, then what is unavailable and why."""
-        lines = [f"profile of {self.what}", *_header(self.profile), *_batch_table(self.profile)]
+        lines = [f"profile of {self.what}", *_header(self.profile), *_batch_table(self.profile, self.unit)]
         return "\n".join(lines + _extras(self.metrics, self.profile))
 
     def __str__(self) -> str:
@@ -269,14 +270,14 @@ _COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str], bool]] = [
     ("GB/s", lambda b: _fmt(b.get("gb_s")), False),
     ("flop util", lambda b: _pct(b.get("flop_util")), True),
     ("bw util", lambda b: _pct(b.get("bw_util")), True),
-    ("peak MB", lambda b: _fmt(b.get("peak_memory_mb")), False),
+    ("peak MiB", lambda b: _fmt(b.get("peak_memory_mb")), False),
     ("disturbed", lambda b: _yes_no((b.get("disturbance") or {}).get("disturbed")), False),
 ]
 
 
-def _batch_table(profile: dict[str, Any]) -> list[str]:
+def _batch_table(profile: dict[str, Any], unit: str = "tokens/s") -> list[str]:
     batches = profile["batches"]
-    columns = [(head, cell) for head, cell, optional in _COLUMNS
+    columns = [(unit if head == "tokens/s" else head, cell) for head, cell, optional in _COLUMNS
                if not optional or any(cell(b) != "-" for b in batches.values())]
     rows = [["batch", *(head for head, _ in columns)]]
     rows += [[bs, *(cell(b) for _, cell in columns)] for bs, b in batches.items()]
@@ -286,7 +287,7 @@ def _batch_table(profile: dict[str, Any]) -> list[str]:
         lines.append("* the median's confidence interval did not reach the tolerance before max_measure_s")
     method = _MEMORY_METHODS.get(profile.get("memory_method", ""), profile.get("memory_method"))
     if method:
-        lines.append(f"peak MB: {method}")
+        lines.append(f"peak MiB: {method}")
     return lines
 
 

@@ -17,7 +17,7 @@ from dsnas.tasks import rung_support, throughput_unit
 # How each metric is shown: (column title, format).
 COLUMNS = {"accuracy": ("accuracy", "{:.4f}"), "throughput_tok_s": ("tokens/s", "{:,.0f}"),
            "latency_ms": ("latency ms", "{:.2f}"), "params": ("params", "{:,.0f}"),
-           "peak_memory_mb": ("peak MB", "{:.1f}"), "val_loss": ("val loss", "{:.3f}")}
+           "peak_memory_mb": ("peak MiB", "{:.1f}"), "val_loss": ("val loss", "{:.3f}")}
 
 
 log = logging.getLogger("dsnas.search")

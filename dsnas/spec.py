@@ -131,7 +131,7 @@ class Constraints:
     """Limits: a trial over one is infeasible, stored but never on the front."""
 
     max_latency_ms: float | None = None  # at the smallest batch size
-    max_peak_memory_mb: float | None = None  # the most over the batch sizes
+    max_peak_memory_mb: float | None = None  # the most over the batch sizes, in MiB (2**20 bytes), as measured
     max_params: int | None = None
 
     def __post_init__(self) -> None:

@@ -42,7 +42,7 @@ def test_profile_prints_a_row_per_batch_size_with_the_measured_figures(tmp_path,
                         "freed memory held")
     rows = _rows(out)
     heading = " ".join(rows["batch"])
-    for unit in ("median ms", "p10-p90 ms", "tokens/s", "GFLOP/s", "GB/s", "peak MB", "disturbed"):
+    for unit in ("median ms", "p10-p90 ms", "tokens/s", "GFLOP/s", "GB/s", "peak MiB", "disturbed"):
         assert unit in heading
     for bs in ("1", "2"):
         measured = profile["batches"][bs]
@@ -141,3 +141,15 @@ def test_an_architecture_file_of_a_family_without_token_inputs_is_refused_with_t
     assert main(["profile", str(path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a 'cnn' model does not take" in err and "`dsnas export`" in err
+
+
+def test_the_throughput_column_says_what_the_task_counts():
+    """An image model's profile said tokens/s, where its report and card say images/s."""
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import throughput_unit
+
+    profile = {"fingerprint": {"device": "cpu", "cpu": "Test CPU"}, "backend": "eager-fp32", "dtype": "float32",
+               "threads": 2, "batches": {"8": {"median_ms": 2.0, "throughput_tok_s": 4000.0, "repeats": 20}}}
+    unit = throughput_unit(TaskSpec("images", {}, "."))
+    heading = " ".join(_rows(ProfileReport("x", {}, profile, unit).table())["batch"])
+    assert unit == "images/s" and "images/s" in heading and "tokens/s" not in heading

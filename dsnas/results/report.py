@@ -10,7 +10,7 @@ from typing import Any
 from dsnas.errors import DsnasError
 from dsnas.progress import format_metric
 from dsnas.results.plots import Conditions, device_words, plotly_figures, views, write_pngs
-from dsnas.results.trials import default_reference, frame, hypervolume_history, objectives
+from dsnas.results.trials import default_reference, done_trials, frame, hypervolume_history, objectives
 from dsnas.spec import StudySpec
 from dsnas.tasks import throughput_unit
 
@@ -206,9 +206,14 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     volume = v.history["hypervolume"].iloc[-1]  # after the last completed trial: the study's hypervolume
     share = v.history["normalised"].iloc[-1]
     ref = ", ".join(f"{k}={val:.4g}" for k, val in v.reference.items())
-    # NaN: no feasible trial, so there is no box between the reference and a best value to take a share of
-    boxed = f"{share:.1%} of the box from the reference to the best of each objective" if share == share else \
-        "no feasible trial, so no share of a box"
+    # NaN: no box between the reference and the best values to take a share of
+    if share == share:
+        boxed = f"{share:.1%} of the box from the reference to the best of each objective"
+    elif done_trials(df).empty:
+        boxed = "no feasible trial, so no share of a box"
+    else:
+        boxed = ("the reference is not below the best feasible value of every objective, so the box from it to the "
+                 "best is empty (Fix: a --reference worse than the front in each objective)")
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref}), {boxed}",
              _formatted(shown).to_string(index=False),
