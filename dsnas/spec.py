@@ -438,8 +438,8 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    if url is None:
-        return f"sqlite:///{base / (name + '.db')}"
+    if url is None:  # rendered by SQLAlchemy: a "?" or "%" in the folder's path stays part of it
+        return make_url("sqlite://").set(database=str(base / (name + ".db"))).render_as_string(hide_password=False)
     typed(where, "study.storage", url, str)
     fix = 'use e.g. "sqlite:///results.db" or "postgresql+psycopg://user@host/db"'
     try:

@@ -524,3 +524,14 @@ def test_the_samplers_own_settings_reach_it_and_bad_ones_are_one_line_errors(tmp
     expect_error(write_study(tmp_path, sampler={"name": "tpe", "gamma": 0.1}), "sampler.gamma",
                  "cannot be set in a study file")
     assert load_study(write_study(tmp_path, sampler={"name": "random"})).sampler.settings == {}
+
+
+@pytest.mark.parametrize("folder", ["exp?1", "pct%41x"])
+def test_the_default_database_is_beside_the_study_file_whatever_its_folder_is_called(tmp_path: Path, folder: str) -> None:
+    """The URL was built as text: "?" began a query (two studies in exp?1 and exp?2 shared the database "exp") and
+    "%41" was read as "A"."""
+    from dsnas.storage import sqlite_file
+
+    (tmp_path / folder).mkdir()
+    spec = read_study(write_study(tmp_path / folder, study={"name": "q"}))
+    assert sqlite_file(spec.storage) == tmp_path / folder / "q.db"
