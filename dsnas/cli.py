@@ -99,6 +99,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dsnas.export import verify_bundle
     from dsnas.route import verify_route
 
+    for flag, tol in (("--accuracy-tol", args.accuracy_tol), ("--latency-tol", args.latency_tol)):
+        if not 0 <= tol < float("inf"):  # NaN fails it too
+            raise DsnasError(f"{flag} {tol:g}: must be a tolerance >= 0. Fix: e.g. {flag} "
+                             f"{0.005 if flag == '--accuracy-tol' else 0.25}")
     if (Path(args.bundle) / "route.json").is_file():  # a route bundle: its members, accuracy and cost
         if args.device not in ("auto", "cpu"):
             raise DsnasError(f"--device {args.device}: a route is verified on the CPU, where `dsnas route` timed it. "

@@ -328,6 +328,15 @@ def test_verify_rejects_an_unknown_device(exported, capsys):
     assert "--device tpu: must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--accuracy-tol", "-1"), ("--accuracy-tol", "nan"), ("--latency-tol", "-0.5")])
+def test_verify_refuses_a_negative_tolerance_before_measuring(exported, capsys, flag, value):
+    """-1 failed an unchanged model after the whole re-evaluation; a route's -1 divided by zero."""
+    assert main(["verify", str(exported), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsnas: error: {flag} {value}: must be a tolerance >= 0. Fix: e.g. {flag} ") and \
+        err.count("\n") == 1
+
+
 def test_a_drift_of_the_median_beyond_the_tolerance_fails_even_when_some_rounds_are_within():
     from dsnas.export.verify import _relative
 
