@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import traceback
@@ -53,9 +54,14 @@ def cmd_init(args: argparse.Namespace) -> int:
             raise DsnasError(f"{dest} exists. Fix: choose an empty DIR, or pass --force to overwrite")
     for name in EXAMPLES:
         dest = target / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_example(name), dest)
-    print(f"wrote {', '.join(str(target / n) for n in EXAMPLES)}\nnext: dsnas search {target / EXAMPLES[0]}")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_example(name), dest)
+        except OSError as e:  # DIR is a file, a folder stands where a file goes, or the place is not writable
+            raise DsnasError(f"cannot write {dest}: {e.strerror or e}. Fix: choose a DIR that is a folder you can "
+                             "write (or does not exist yet)") from None
+    print(f"wrote {', '.join(str(target / n) for n in EXAMPLES)}\nnext: dsnas search "
+          f"{shlex.quote(str(target / EXAMPLES[0]))}")
     return 0
 
 
@@ -131,6 +137,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from dsnas.dashboard import serve
     from dsnas.spec import read_study
 
+    if not 0 <= args.port <= 65535:
+        raise DsnasError(f"--port {args.port}: must be a port number, 0-65535. Fix: e.g. --port 8080 (0: any free one)")
     serve(read_study(args.study_file), host=args.host, port=args.port)
     return 0
 
@@ -140,6 +148,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from dsnas.profiler.capabilities import Capabilities, probe
     from dsnas.profiler.device import fingerprint, fingerprint_id, named_device
     from dsnas.profiler.steadiness import host_speed_row
+
+    if args.threads is not None and args.threads < 1:
+        raise DsnasError(f"--threads {args.threads}: must be >= 1. Fix: e.g. --threads 1, or leave it out (all cores)")
 
     caps = probe(args.device)
     print(Capabilities((*caps, host_speed_row())).table())

@@ -327,3 +327,17 @@ def test_a_resumed_search_counts_a_reused_repeat_once_on_the_front(tiny_study, c
     progress = Progress(spec)
     progress.start(study, [])
     assert progress.front_points == [[0.5, 100.0], [0.4, 300.0]] and progress.reused == 1
+
+
+def test_flags_and_places_that_cannot_work_are_one_line(tmp_path, finished_study, capsys):
+    """Each was a traceback: init into a file, --port 99999, --threads -2, a report --out that is a file."""
+    (tmp_path / "afile").write_text("")
+    cases = [(["init", str(tmp_path / "afile")], "cannot write "),
+             (["dashboard", str(finished_study), "--port", "99999"], "--port 99999: must be a port number"),
+             (["doctor", "--threads", "-2"], "--threads -2: must be >= 1"),
+             (["report", str(finished_study), "--out", str(tmp_path / "afile")], "is a file, and the report is a "
+                                                                                 "folder")]
+    for argv, said in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("dsnas: error: ") and said in err and "Fix: " in err and err.count("\n") == 1, err

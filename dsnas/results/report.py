@@ -45,6 +45,9 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
                          f"{spec.path}` first")
     ref = parse_reference(reference, [o["name"] for o in df.attrs["objectives"]]) or default_reference(df)
     folder = Path(out) if out else spec.base_dir / "reports" / spec.name
+    if folder.exists() and not folder.is_dir():
+        raise DsnasError(f"--out {folder}: is a file, and the report is a folder. Fix: name a folder, e.g. --out "
+                         f"reports/{spec.name}")
     folder.mkdir(parents=True, exist_ok=True)
     written = _write_tables(df, tables.measurements(study), folder)
     history = hypervolume_history(df, ref)
