@@ -146,13 +146,15 @@ def _expected_flops(b: int) -> int:
 def _expected_bytes(b: int, form: str, whole: bool) -> int:
     """count_bytes' definition spelled out for this model: every op reads its tensor arguments and writes its
     results once (no fusion, no cache), views cost nothing, and each weight is read by the op that uses it at the
-    width it has there (the tied token table twice: by the lookup and by the head). ``whole``: under
+    width it has there (the tied token table by the head; the lookup reads the rows it gathers, fewer than the
+    table here: b * T tokens of V = 256). ``whole``: under
     inference_mode, where layer_norm and SDPA reach the dispatcher whole; elsewhere they run as native_layer_norm,
     which also writes each row's mean and rstd, and the CPU flash kernel, which also writes the logsumexp."""
     tokens = b * T
     norm = 4 * (2 * tokens * D + 2 * D) + (0 if whole else 2 * 4 * tokens)
     total = 8 * T  # arange of the positions
-    total += (4 * V * D + 8 * tokens + 4 * tokens * D) + (4 * T * D + 8 * T + 4 * T * D)  # both lookups
+    assert tokens <= V
+    total += (4 * tokens * D + 8 * tokens + 4 * tokens * D) + (4 * T * D + 8 * T + 4 * T * D)  # both lookups
     total += 4 * (2 * tokens * D + T * D)  # token + position
     for layer in LAYERS:
         f, heads = layer["ffn_ratio"] * D, layer["n_heads"]
@@ -177,12 +179,12 @@ def _linear_bytes(rows: int, k: int, n: int, form: str) -> int:
 
 def _weight_bytes(form: str, u8s8: bool = False) -> int:
     """The bytes of a call that do not grow with the batch: the weights at their inference width, each read once
-    by each op that uses it, and the position terms (arange, position lookup, its operand of the add).
+    by each op that uses it (the token lookup's rows grow with the batch, up to the table), and the position terms (arange, position lookup, its operand of the add).
     ``u8s8``: torchao took its CPU path for VNNI without AMX, which shifts the activation to uint8 and corrects
     with the weight's column sums, recomputed on every call: the int8 weight is read a second time, and the
     (1, out) int32 sums are scaled by 128 and subtracted."""
     norms = (2 * len(LAYERS) + 1) * 2 * 4 * D
-    constant = 8 * T + (4 * T * D + 8 * T + 4 * T * D) + 4 * T * D + 2 * 4 * V * D + norms
+    constant = 8 * T + (4 * T * D + 8 * T + 4 * T * D) + 4 * T * D + 4 * V * D + norms  # the head reads the table
     for k, n in (shape for layer in LAYERS for shape in _linears(layer)):
         if form in ("fp32", "2:4-masked-dense"):
             constant += 4 * k * n + 4 * n
@@ -348,3 +350,13 @@ def test_a_linear_layer_is_counted_whole_so_a_weight_that_only_supports_linear_c
     with torch.inference_mode():
         counts = count_work(lambda: torch.nn.functional.linear(x, weight))
     assert counts.flops == 2 * 10 * 16 * 24 and counts.uncounted == ()
+
+
+def test_a_lookup_reads_the_rows_it_gathers_at_most_its_table():
+    """The whole table was counted: a 16-token call of a 50,257-row vocabulary counted 51 MB where it reads 33 kB."""
+    table = torch.nn.Embedding(50_257, 256)
+    ids = torch.randint(0, 50_257, (1, 16))
+    with torch.inference_mode():
+        assert count_bytes(lambda: table(ids)) == 16 * 256 * 4 + 16 * 8 + 16 * 256 * 4  # rows, ids, output
+        small, many = torch.nn.Embedding(8, 4), torch.randint(0, 8, (100,))
+        assert count_bytes(lambda: small(many)) == 8 * 4 * 4 + 100 * 8 + 100 * 4 * 4  # the table once, at most
