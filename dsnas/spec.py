@@ -19,7 +19,7 @@ from dsnas.errors import SpecError, require
 from dsnas.models import is_user_family
 from dsnas.plugins import import_callable
 from dsnas.space import load_space_file
-from dsnas.tasks import BUILTIN_TASKS, check_params, check_task
+from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, make_task, runs_own_trials
 
 # Objective name -> (metric key reported by the worker, default direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -576,7 +576,25 @@ def check_plugins(spec: StudySpec) -> None:
     check_params(where, spec.task)
     if spec.task.name not in BUILTIN_TASKS:
         check_task(where, spec.task)
+    if spec.space.file is not None:
+        _check_family_fits_task(where, spec)
     study_callbacks(spec)
+
+
+def _check_family_fits_task(where: str, spec: StudySpec) -> None:
+    """A built-in family takes some architecture keys from the task (a cnn its image size, channels and classes; a
+    language model its vocabulary and context): a cnn space with charlm failed every trial, naming neither."""
+    from dsnas.models import family  # the family's module: torch loads on first use
+
+    name = load_space_file(spec.space.file).family
+    if is_user_family(name) or (spec.task.name not in BUILTIN_TASKS and runs_own_trials(make_task(spec.task))):
+        return  # a user's builder takes what it takes; a task evaluating architectures itself builds no model
+    given = set(arch_keys(spec.task))
+    missing = [key for key in family(name).TASK_KEYS if key not in given]
+    pairs = "cnn with \"images\"; transformer_lm and hf_causal_lm with \"charlm\""
+    require_spec(where, "task.name", not missing, f"the {name} family of {spec.space.file} needs {missing} from "
+                 f"the task, which it does not give", spec.task.name,
+                 f"pair {pairs}, or give a task whose arch_defaults() has them")
 
 
 def study_callbacks(spec: StudySpec) -> list[Callable[..., Any]]:

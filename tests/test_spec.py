@@ -535,3 +535,25 @@ def test_the_default_database_is_beside_the_study_file_whatever_its_folder_is_ca
     (tmp_path / folder).mkdir()
     spec = read_study(write_study(tmp_path / folder, study={"name": "q"}))
     assert sqlite_file(spec.storage) == tmp_path / folder / "q.db"
+
+
+def test_a_space_whose_family_the_task_cannot_complete_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A cnn space with charlm (or transformer_lm with images) created the database and failed every trial with
+    "[image_size] the architecture needs this key", naming neither the space nor the task."""
+    space = tmp_path / "cnn.toml"
+    space.write_text('family = "cnn"\n[choices]\nn_layers = [1]\nstem_width = [8]\n[per_layer]\ndepth = [1]\n'
+                     'width = [16]\nkernel = [3]\nexpand = [1]\n')
+    path = write_study(tmp_path, space={"file": str(space)})
+    expect_error(path, "task.name", "the cnn family of", 'pair cnn with "images"')
+    assert not list(tmp_path.glob("*.db"))
+
+
+def test_the_built_in_tasks_fix_the_architecture_keys_the_check_expects() -> None:
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import BUILTIN_ARCH_KEYS, make_task
+
+    charlm = make_task(TaskSpec("charlm", {"train_tokens": 2048, "val_tokens": 512}, str(REPO)))
+    assert tuple(charlm.arch_defaults()) == BUILTIN_ARCH_KEYS["charlm"]
+    pytest.importorskip("sklearn")
+    images = make_task(TaskSpec("images", {}, str(REPO)))
+    assert tuple(images.arch_defaults()) == BUILTIN_ARCH_KEYS["images"]

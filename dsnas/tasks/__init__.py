@@ -15,6 +15,8 @@ from dsnas.errors import SpecError
 from dsnas.plugins import import_callable
 
 BUILTIN_TASKS = ("charlm", "images")
+# The architecture keys each built-in task fixes (its arch_defaults()), known without loading its data.
+BUILTIN_ARCH_KEYS = {"charlm": ("vocab_size", "context"), "images": ("image_size", "channels", "n_classes")}
 
 
 class Task(Protocol):
@@ -188,6 +190,14 @@ def check_task(where: str, spec: Any) -> None:
     if not isinstance(fingerprint, dict):
         raise SpecError(where, "task.name", f"the task's fingerprint() must return a dict, got "
                         f"{type(fingerprint).__name__}", spec.name, 'return e.g. {"data": "my.csv", "rows": 1000}')
+
+
+def arch_keys(spec: Any) -> tuple[str, ...]:
+    """The architecture keys a task fixes: a built-in task's without loading its data, a user's from the task
+    itself (built once per process, check_task has)."""
+    if spec.name in BUILTIN_ARCH_KEYS:
+        return BUILTIN_ARCH_KEYS[spec.name]
+    return tuple(make_task(spec).arch_defaults())
 
 
 def make_task(spec: Any) -> Task | RunsOwnTrials:
