@@ -352,6 +352,8 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
         raw = tomllib.loads(path.read_text())
     except (ValueError, RecursionError) as e:  # bad TOML or UTF-8, an int of > 4300 digits, nesting too deep
         raise SpecError(where, "-", f"must be valid TOML ({e})", None, "correct the TOML syntax there") from None
+    except OSError as e:  # unreadable: its permissions
+        raise SpecError(where, "-", f"must be readable ({e.strerror})", None, "check its permissions") from None
     flags = _apply_overrides(raw, overrides)
     try:
         spec = _build_study(where, path, raw)

@@ -557,3 +557,14 @@ def test_the_built_in_tasks_fix_the_architecture_keys_the_check_expects() -> Non
     pytest.importorskip("sklearn")
     images = make_task(TaskSpec("images", {}, str(REPO)))
     assert tuple(images.arch_defaults()) == BUILTIN_ARCH_KEYS["images"]
+
+
+def test_a_corpus_too_short_for_its_validation_split_is_refused_before_any_work(tmp_path: Path) -> None:
+    """It passed the checks, the database was created, and the driver stopped with a line naming no key."""
+    (tmp_path / "small.txt").write_text("x" * 600)
+    path = write_study(tmp_path, task={"corpus": "small.txt", "context": 64})
+    expect_error(path, "task.corpus", "must be long enough that its last tenth (the validation split, 60 bytes) "
+                 "holds two contexts of 64", "give a text of at least 1320 bytes, or a shorter context")
+    (tmp_path / "small.txt").write_text("x" * 1320)
+    load_study(path)  # long enough
+    assert not list(tmp_path.glob("*.db"))

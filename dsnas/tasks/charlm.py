@@ -52,6 +52,15 @@ class CharLMConfig:
         if not is_there(path.is_file):
             raise SpecError(where, "task.corpus", 'must be "stdlib" or an existing text file', self.corpus,
                             f"check the path (relative to {base_dir})")
+        if not os.access(path, os.R_OK):
+            raise SpecError(where, "task.corpus", "must be a file this user can read", self.corpus,
+                            "check its permissions")
+        # The last tenth is the validation split: it must hold two contexts (and their next bytes).
+        held_out = min(path.stat().st_size, self.corpus_bytes) - min(path.stat().st_size, self.corpus_bytes) * 9 // 10
+        if held_out < 2 * (self.context + 1):
+            raise SpecError(where, "task.corpus", f"must be long enough that its last tenth (the validation split, "
+                            f"{held_out} bytes) holds two contexts of {self.context}", self.corpus,
+                            f"give a text of at least {20 * (self.context + 2)} bytes, or a shorter context")
         return path.resolve()
 
 
