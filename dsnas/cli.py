@@ -12,7 +12,6 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
 from dsnas._version import __version__
@@ -67,10 +66,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _example(name: str) -> Path:
     """An example file: inside the installed wheel, or at the top of a source checkout."""
-    packaged = resources.files("dsnas") / "_examples" / name
-    if packaged.is_file():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / name
+    from dsnas.spec import shipped  # deferred, as every command's import of the study file's code
+
+    return shipped(name)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

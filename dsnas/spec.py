@@ -11,6 +11,7 @@ import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -540,10 +541,21 @@ def _toml_kinds(annotation: Any) -> tuple[type, ...]:
     return tuple(dict.fromkeys(k for name, kinds in takes.items() if name in words for k in kinds))
 
 
+def shipped(name: str) -> Path:
+    """A file dsnas ships (the quickstart study, the default search space): inside the installed wheel, or at the
+    top of a source checkout."""
+    packaged = resources.files("dsnas") / "_examples" / name
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / name
+
+
 def _space(where: str, table: dict[str, Any], base: Path) -> SpaceSpec:
     space = build_section(where, "space", SpaceSpec, table)
     if space.file is not None:
         path = base / space.file
+        if not table and not is_there(path.is_file):  # the default, where no checkout's search_spaces/ is beside
+            path = shipped("search_spaces/transformer_lm.toml")
         require_spec(where, "space.file", is_there(path.is_file), "the search-space file must exist", space.file,
                      f"check the path (relative to {base})")
         path = path.resolve()

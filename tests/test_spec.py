@@ -568,3 +568,14 @@ def test_a_corpus_too_short_for_its_validation_split_is_refused_before_any_work(
     (tmp_path / "small.txt").write_text("x" * 1320)
     load_study(path)  # long enough
     assert not list(tmp_path.glob("*.db"))
+
+
+def test_a_study_without_a_space_table_takes_the_shipped_space_wherever_it_is(tmp_path: Path) -> None:
+    """The default was a path relative to the study file: outside a checkout, a file of only [study] and [budget]
+    was refused for a [space.file] the user never wrote."""
+    from dsnas.spec import shipped
+
+    (tmp_path / "s.toml").write_text('[study]\nname = "ns"\n[budget]\nn_trials = 1\n')
+    spec = read_study(tmp_path / "s.toml")
+    assert Path(spec.space.file) == shipped("search_spaces/transformer_lm.toml").resolve()
+    assert Path(spec.space.file).is_file()
