@@ -132,6 +132,11 @@ def _seconds(t: Any) -> float | None:
 def _fingerprint_columns(fp: dict[str, Any] | None) -> dict[str, Any]:
     if not fp:
         return {"fingerprint": None, "fingerprint_id": None}
+    if fp.get("device") == "recorded":  # figures a task's own function gave (dsnas.worker.recorded_profile)
+        source = fp.get("source")
+        named = ", ".join(f"{k} {v}" for k, v in source.items()) if isinstance(source, dict) else source
+        return {"fingerprint": f"recorded by the task{f' ({named})' if named else ''}",
+                "fingerprint_id": fingerprint_id(fp)}
     what = fp.get("gpu") or fp.get("cpu", "?")
     threads = f" x{fp['cpu_count']}" if fp.get("device") == "cpu" and fp.get("cpu_count") else ""
     text = f"{fp.get('device', '?')}: {what}{threads} on {fp.get('host', '?')}, torch {fp.get('torch', '?')}"
