@@ -57,7 +57,9 @@ def test_a_table_task_runs_a_search_whose_figures_say_where_they_came_from(tmp_p
     assert set(rows["backend"]) == {"recorded"} and sorted(set(rows["batch_size"])) == [1, 32]
     assert (rows["repeats"] == 1).all()  # one recorded figure per batch size, not a measured distribution
     # Said so where the report names the device (it read "recorded: ? on ?, torch ?")
-    fingerprints = set(dsnas.results.load(study)["fingerprint"])
+    from dsnas.results import load
+
+    fingerprints = set(load(study)["fingerprint"])
     assert len(fingerprints) == 1 and fingerprints.pop().startswith("recorded by the task (")
 
 
