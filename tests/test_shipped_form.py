@@ -55,6 +55,8 @@ def test_the_measurement_cache_misses_when_anything_that_changes_the_number_chan
         "the thread count": (model, dataclasses.replace(hardware, threads=2), context),
         "an engine setting": (model, hardware, {**context, "calibrator": "max"}),
         "a batch size": (model, dataclasses.replace(hardware, batch_sizes=(1, 4)), context),
+        # not a number's change, but a table the cache does not keep: reused, the profile came without it
+        "the kernel table asked for": (model, dataclasses.replace(hardware, kernels=True), context),
     }
     for what, (m, hw, ctx) in changes.items():
         cache = measure(m, task, cpu, hw, cached=cached, context=ctx)[1]["cache"]

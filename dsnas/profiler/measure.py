@@ -128,6 +128,8 @@ def _stale(entry: dict[str, Any] | None, key: str, hardware: Any) -> str:
     """Why a cache entry of this architecture and device cannot stand for this measurement ('' when it can)."""
     if not entry:
         return "nothing stored"
+    if hardware.kernels:  # a reused figure would come without the table asked for
+        return "the per-kernel table (kernels = true) was asked for, which the cache does not keep"
     for bs in hardware.batch_sizes:
         stored = entry["batches"].get(str(bs))
         if stored is None:
