@@ -398,3 +398,25 @@ def test_each_measurement_row_says_when_it_was_measured(finished_study):
             assert start - second <= row.measured_at <= end + second
         else:  # reused: the time of the measurement it reuses, before this trial
             assert row.measured_at <= start + second
+
+
+def test_a_choice_offered_by_width_ranks_as_one_choice():
+    """bf16 offered at widths 96 and 128 only: precision was sampled as layer0.precision@96 and @128 (and fixed at
+    fp32 at 32 and 64), each column a part of the trials, and it dropped out of the figure."""
+    import json
+
+    import pandas as pd
+
+    from dsnas.results.plots import rank_choices
+
+    rows = []
+    for i in range(24):
+        d, precision = (32, 64, 96, 128)[i % 4], ("fp32", "bf16")[(i // 4) % 2]
+        precision = precision if d >= 96 else "fp32"
+        rows.append({"param.d_model": d, "accuracy": 0.3 + d / 1000,
+                     "throughput_tok_s": 1e5 / d * (3.0 if precision == "bf16" else 1.0),
+                     "arch": json.dumps({"d_model": d, "layers": [{"precision": precision}]}),
+                     **({f"param.layer0.precision@{d}": precision} if d >= 96 else {})})
+    ranked = dict(rank_choices(pd.DataFrame(rows), ["accuracy", "throughput_tok_s"]))
+    assert set(ranked) == {"param.d_model", "param.layer0.precision"}
+    assert ranked["param.layer0.precision"]["throughput_tok_s"] > 0.1

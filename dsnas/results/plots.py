@@ -55,7 +55,7 @@ def views(df: Any, history: Any, reference: dict[str, float], conditions: Condit
     x, y = (objs[1], objs[0]) if len(objs) > 1 else (objs[0], objs[0])  # throughput across, accuracy up
     # Each trained candidate once: a reused repeat is its original's point again, and counted twice it weighed a
     # choice's median (n_layers' effect on throughput read 71% where the trained trials give 20%).
-    done = done_trials(df, feasible_only=False, trained_only=True)
+    done = _one_column_per_choice(done_trials(df, feasible_only=False, trained_only=True))
     hardware_x = next((c for c in ("sm_util", "gflop_s") if c in done.columns and done[c].notna().any()), None)
     if "throughput_tok_s" not in done.columns:
         hardware_x = None
@@ -102,6 +102,7 @@ def rank_choices(done: Any, columns: list[str]) -> list[tuple[str, dict[str, flo
     left out (one trial's median is that trial, not the value's effect), and so is a parameter most trials lack (a
     deep layer's choice, which only the deep models have)."""
     ranked = []
+    done = _one_column_per_choice(done)
     for param in [c for c in done.columns if c.startswith("param.") and 1 < done[c].nunique() <= MAX_CHOICES]:
         if done[param].notna().mean() < 0.75:
             continue
@@ -117,6 +118,36 @@ def rank_choices(done: Any, columns: list[str]) -> list[tuple[str, dict[str, flo
         ranked.append((param, effects))
     ranked.sort(key=lambda pe: -max(pe[1].values(), default=0.0))
     return ranked[:CHOICE_ROWS]
+
+
+def _one_column_per_choice(done: Any) -> Any:
+    """A choice the device offers by width is sampled as one parameter per width where its options differ
+    (``layer0.precision@96``, dsnas.space): each holds a part of the trials, fewer than the rank needs, so the
+    precision dropped out of the figure. Here they are the one choice again, ``param.layer0.precision``."""
+    split = [c for c in done.columns if c.startswith("param.") and "@" in c]
+    if not split:
+        return done
+    done = done.copy()
+    for column in split:
+        whole = column.split("@")[0]
+        done[whole] = done[column] if whole not in done.columns else done[whole].fillna(done[column])
+    # At a width that offers one option the choice is no parameter at all: its value is in the architecture.
+    for whole in {c.split("@")[0] for c in split}:
+        layer, _, key = whole.removeprefix("param.layer").partition(".")
+        if layer.isdigit() and "arch" in done.columns:
+            done[whole] = done[whole].fillna(done["arch"].map(lambda arch: _layer_value(arch, int(layer), key)))
+    return done.drop(columns=split)
+
+
+def _layer_value(arch: Any, index: int, key: str) -> Any:
+    """``arch["layers"][index][key]`` of a stored architecture (a dict or its JSON text), or None."""
+    if isinstance(arch, str):
+        try:
+            arch = json.loads(arch)
+        except ValueError:
+            return None
+    layers = arch.get("layers", []) if isinstance(arch, dict) else []
+    return layers[index].get(key) if index < len(layers) and isinstance(layers[index], dict) else None
 
 
 def precision_of(arch: Any) -> str:
