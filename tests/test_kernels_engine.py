@@ -230,3 +230,16 @@ def test_the_training_state_keeps_a_users_module_named_inference():
     assert model["layer"].inference is not None  # the engine layer's inference form: rebuilt, not stored
     assert sorted(training_state(model)) == ["head.inference.bias", "head.inference.weight", "layer.bias",
                                              "layer.weight"]
+
+
+def test_a_weight_tied_to_another_module_counts_both_forms_once_converted():
+    """A bf16 head tied to the token table: the lookup still reads the fp32 table, the head its bf16 copy. The
+    table was counted once, at bf16's width."""
+    from dsnas.kernels.convert import inference_size
+
+    model = nn.ModuleDict({"embed": nn.Embedding(256, 64), "head": EngineLinear(64, 256, bias=False,
+                                                                                  precision="bf16")})
+    model["head"].weight = model["embed"].weight
+    convert(model)
+    params, nbytes = inference_size(model)
+    assert params == 256 * 64 and nbytes == 256 * 64 * 4 + 256 * 64 * 2

@@ -115,6 +115,10 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
     params, nbytes = 0, 0
     engine = engine_layers(model)
     inside = {id(t) for layer in engine.values() for t in [*layer.parameters(), *layer.buffers()]}
+    # A weight an engine layer shares with another module (a head tied to the token table) is still read at fp32
+    # there when the layer converts it: both forms are used at inference.
+    layers = {id(m) for layer in engine.values() for m in layer.modules()}
+    shared = {id(t) for m in model.modules() if id(m) not in layers for t in m.parameters(recurse=False)}
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in inside:
             params += t.numel() if isinstance(t, nn.Parameter) else 0
@@ -127,6 +131,8 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         bias_width = 2 if converted and layer.precision in ("bf16", "fp16", "fp8") else 4
         nbytes += layer.weight.numel() * width + (0 if layer.bias is None else layer.bias.numel() * bias_width)
         nbytes += 4 * layer.out_features if scaled else 0
+        if converted and width != 4 and id(layer.weight) in shared:
+            nbytes += layer.weight.numel() * 4  # its fp32 form, for the module it is tied to
     return params, nbytes
 
 
