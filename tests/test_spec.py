@@ -113,7 +113,7 @@ def test_minimal_study_loads_with_defaults_and_writes_nothing(tmp_path: Path) ->
 def test_relative_paths_resolve_beside_the_study_file(tmp_path: Path) -> None:
     (tmp_path / "spaces").mkdir()
     (tmp_path / "spaces" / "s.toml").write_text(SPACE.read_text())
-    (tmp_path / "corpus.txt").write_text("hello world\n" * 100)
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 200)  # its last tenth holds two contexts of 64
     path = write_study(tmp_path, study={"storage": "sqlite:///res.db"}, space={"file": "spaces/s.toml"},
                        task={"corpus": "corpus.txt"})
     spec = load_study(path)
