@@ -581,26 +581,25 @@ def check_plugins(spec: StudySpec) -> None:
     where, base = spec.path, spec.base_dir
     if spec.space.callable is not None:
         _import_callable(where, "space.callable", spec.space.callable, base)
-    if spec.space.file is not None:
-        name = load_space_file(spec.space.file).family
-        if is_user_family(name):  # the model builder, imported as the workers will (the study's folder importable)
-            _import_callable(where, f"family (in {spec.space.file})", name, base)
+    name = load_space_file(spec.space.file).family if spec.space.file is not None else None
+    if name is not None and is_user_family(name):  # the builder, imported as the workers will (study folder first)
+        _import_callable(where, f"family (in {spec.space.file})", name, base)
     if spec.task.name not in BUILTIN_TASKS:
         _import_callable(where, "task.name", spec.task.name, base)
     check_params(where, spec.task)
     if spec.task.name not in BUILTIN_TASKS:
         check_task(where, spec.task)
-    if spec.space.file is not None:
-        _check_family_fits_task(where, spec)
+    if name is not None:
+        _check_family_fits_task(where, spec, name)
     study_callbacks(spec)
 
 
-def _check_family_fits_task(where: str, spec: StudySpec) -> None:
-    """A built-in family takes some architecture keys from the task (a cnn its image size, channels and classes; a
-    language model its vocabulary and context): a cnn space with charlm failed every trial, naming neither."""
+def _check_family_fits_task(where: str, spec: StudySpec, name: str) -> None:
+    """A built-in family (``name``, of the space file) takes some architecture keys from the task (a cnn its image
+    size, channels and classes; a language model its vocabulary and context): a cnn space with charlm failed every
+    trial, naming neither."""
     from dsnas.models import family  # the family's module: torch loads on first use
 
-    name = load_space_file(spec.space.file).family
     if is_user_family(name) or (spec.task.name not in BUILTIN_TASKS and runs_own_trials(make_task(spec.task))):
         return  # a user's builder takes what it takes; a task evaluating architectures itself builds no model
     given = set(arch_keys(spec.task))

@@ -139,26 +139,27 @@ def _one_column_per_choice(done: Any) -> Any:
     return done.drop(columns=split)
 
 
-def _layer_value(arch: Any, index: int, key: str) -> Any:
-    """``arch["layers"][index][key]`` of a stored architecture (a dict or its JSON text), or None."""
+def _as_dict(arch: Any) -> dict[str, Any] | None:
+    """A stored architecture as a dict: the trials table holds it as JSON text."""
     if isinstance(arch, str):
         try:
             arch = json.loads(arch)
         except ValueError:
             return None
-    layers = arch.get("layers", []) if isinstance(arch, dict) else []
+    return arch if isinstance(arch, dict) else None
+
+
+def _layer_value(arch: Any, index: int, key: str) -> Any:
+    """``arch["layers"][index][key]`` of a stored architecture (a dict or its JSON text), or None."""
+    layers = (_as_dict(arch) or {}).get("layers", [])
     return layers[index].get(key) if index < len(layers) and isinstance(layers[index], dict) else None
 
 
 def precision_of(arch: Any) -> str:
     """What a candidate computes in: its layers' precision, "mixed" when they differ. ``arch``: a dict, or the JSON
     text the trials table holds (read as text, every candidate was "fp32")."""
-    if isinstance(arch, str):
-        try:
-            arch = json.loads(arch)
-        except ValueError:
-            return "fp32"
-    if not isinstance(arch, dict):
+    arch = _as_dict(arch)
+    if arch is None:
         return "fp32"
     found = {layer.get("precision", "fp32") for layer in arch.get("layers", []) if isinstance(layer, dict)}
     found |= {g.get("precision", "fp32") for g in arch.get("engine", []) if isinstance(g, dict)}

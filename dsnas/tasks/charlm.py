@@ -56,7 +56,8 @@ class CharLMConfig:
             raise SpecError(where, "task.corpus", "must be a file this user can read", self.corpus,
                             "check its permissions")
         # The last tenth is the validation split: it must hold two contexts (and their next bytes).
-        held_out = min(path.stat().st_size, self.corpus_bytes) - min(path.stat().st_size, self.corpus_bytes) * 9 // 10
+        read = min(path.stat().st_size, self.corpus_bytes)
+        held_out = read - read * 9 // 10  # as read_corpus cuts it
         if held_out < 2 * (self.context + 1):
             raise SpecError(where, "task.corpus", f"must be long enough that its last tenth (the validation split, "
                             f"{held_out} bytes) holds two contexts of {self.context}", self.corpus,
