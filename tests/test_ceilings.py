@@ -214,8 +214,8 @@ def test_gpu_peaks_per_precision_match_the_h100_datasheet_at_its_boost_clock(fak
     fake_cuda(h100_props(clock_rate=1_830_000))  # the datasheet's figures are at 1830 MHz
     peaks = gpu_peaks("cuda:0").by_precision()
     tflop_s = {k: round(v / 1e3) for k, v in peaks.items()}
-    # H100 SXM dense: fp32 67, bf16/fp16 989, fp8 1979, int8 1979 (TOPS); 2:4 sparse doubles the tensor cores'.
-    assert tflop_s == {"fp32": 62, "bf16": 989, "fp16": 989, "fp8": 1979, "int8": 1979, "bf16-2:4": 1979,
+    # H100 SXM dense: fp32 67, tf32 495, bf16/fp16 989, fp8 1979, int8 1979 (TOPS); 2:4 sparse doubles the tensor cores'.
+    assert tflop_s == {"fp32": 62, "tf32": 495, "bf16": 989, "fp16": 989, "fp8": 1979, "int8": 1979, "bf16-2:4": 1979,
                        "fp16-2:4": 1979, "fp8-2:4": 3958, "int8-2:4": 3958}
 
 

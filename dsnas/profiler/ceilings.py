@@ -81,11 +81,12 @@ class GpuPeaks:
 
     def by_precision(self) -> dict[str, float]:
         """The FLOP/s peak of each precision a layer can run in: fp32 on the CUDA cores (torch's default matmul
-        precision), the others on the tensor cores, and "<precision>-2:4" for a semi-structured sparse kernel."""
+        precision), the others on the tensor cores (tf32: an fp32 convolution, cuDNN's default), and
+        "<precision>-2:4" for a semi-structured sparse kernel (none runs tf32)."""
         out = {} if self.fp32_gflop_s is None else {"fp32": self.fp32_gflop_s}
         for name, peak in self.tensor_gflop_s.items():
+            out[name] = peak
             if name != "tf32":
-                out[name] = peak
                 out[f"{name}-2:4"] = 2 * peak
         return out
 

@@ -46,6 +46,9 @@ class Counts:
     uncounted: tuple[str, ...] = ()
     flops_by_op: dict[str, int] = field(default_factory=dict)
     bytes_by_op: dict[str, int] = field(default_factory=dict)
+    # FLOPs whose precision the op itself shows (flops_seen_at), by precision: attention at its inputs' dtype, an
+    # fp32 convolution on CUDA at tf32 where cuDNN may use it. dsnas.profiler.utilization divides them by that peak.
+    flops_at: dict[str, int] = field(default_factory=dict)
 
 
 def count_bytes(call: Callable[[], Any]) -> int:
@@ -75,7 +78,7 @@ def count_work(call: Callable[[], Any]) -> Counts:
         call()
     by_op = {str(op): int(n) for op, n in flops.get_flop_counts().get("Global", {}).items()}
     return Counts(int(flops.get_total_flops()), nbytes.total, tuple(sorted(flops.uncounted)), by_op,
-                  dict(nbytes.by_op))
+                  dict(nbytes.by_op), dict(flops.at))
 
 
 def count_flops_and_bytes(call: Callable[[], Any]) -> tuple[int, int]:
@@ -181,13 +184,41 @@ def _flop_counter_class() -> type:
             super().__init__(display=False,
                              custom_mapping={**_attention_flops(), **_int8_flops(), **_linear_flops()})
             self.uncounted: set[str] = set()
+            self.at: Counter[str] = Counter()
 
         def _count_flops(self, func_packet, out, args, kwargs):
-            if func_packet not in self.flop_registry and is_matrix_op(getattr(func_packet, "__name__", "")):
+            name = getattr(func_packet, "__name__", "")
+            if func_packet not in self.flop_registry and is_matrix_op(name):
                 self.uncounted.add(str(func_packet))
-            return super()._count_flops(func_packet, out, args, kwargs)
+            precision = flops_seen_at(name, args) if func_packet in self.flop_registry else None
+            if precision is None:
+                return super()._count_flops(func_packet, out, args, kwargs)
+            before = self.flop_counts["Global"][func_packet]
+            result = super()._count_flops(func_packet, out, args, kwargs)
+            self.at[precision] += self.flop_counts["Global"][func_packet] - before
+            return result
 
     return DsnasFlopCounter
+
+
+def flops_seen_at(name: str, args: tuple[Any, ...]) -> str | None:
+    """The precision an op computes in, where the op shows it and it may differ from the model's weights: attention
+    at its query's dtype (a bf16 block casts q, k, v to bf16 on CUDA: charged to the fp32 peak, flop_util read up to
+    3x too high at long contexts), and an fp32 convolution on CUDA at tf32 where cuDNN is allowed it (torch's
+    default: charged to the fp32 CUDA-core peak, 8x below the tensor cores it runs on). None for any other op."""
+    import torch
+
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None or not first.is_floating_point():
+        return None
+    if "attention" in name:
+        return PRECISION_OF.get(str(first.dtype).removeprefix("torch."))
+    if "convolution" in name and first.is_cuda and first.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return None
+
+
+PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 def _attention_flops() -> dict[Any, Callable[..., int]]:

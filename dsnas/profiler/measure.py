@@ -203,7 +203,7 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     if timing.device_median_ms is not None:
         figures["device_latency_ms"] = timing.device_median_ms
     # Each linear layer multiplies one row per token of the batch.
-    peak, why = effective_peak(flops_by_precision(eager, tokens, flops, lambda: eager(batch)),
+    peak, why = effective_peak(flops_by_precision(eager, tokens, flops, lambda: eager(batch), counts.flops_at),
                                ceilings["by_precision"])
     if peak:
         figures["flop_util"] = figures["gflop_s"] / peak  # both GFLOP/s

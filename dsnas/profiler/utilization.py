@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from dsnas.profiler.counting import PRECISION_OF
+
 
 def layer_precision(layer: Any) -> str:
     """The peak a converted EngineLinear runs at: its precision, with "-2:4" when a sparse kernel runs it."""
@@ -15,10 +17,11 @@ def layer_precision(layer: Any) -> str:
     return f"{layer.precision}-2:4" if layer.sparse_kernel else layer.precision
 
 
-def flops_by_precision(model: Any, rows: int, total_flops: float,
-                       call: Callable[[], Any] | None = None) -> dict[str, float]:
+def flops_by_precision(model: Any, rows: int, total_flops: float, call: Callable[[], Any] | None = None,
+                       seen_at: dict[str, int] | None = None) -> dict[str, float]:
     """FLOPs of one call by the precision that computes them: 2 * rows * in * out for each engine layer (the count
-    of the dense layer it stands for), and whatever else was counted as fp32. An EngineConv2d's FLOPs depend on its
+    of the dense layer it stands for), the FLOPs the counter saw at a precision (``seen_at``: Counts.flops_at,
+    attention and CUDA's tf32 convolutions) at it, and whatever else was counted in the weights' precision. An EngineConv2d's FLOPs depend on its
     output's size, which the layer does not know: ``call`` (one call of the model) is run once to see it where a
     convolution computes in another precision than fp32. (Without that, a bf16 CNN's FLOPs were all divided by the
     fp32 peak on a CPU: flop_util 1.28.)"""
@@ -38,12 +41,11 @@ def flops_by_precision(model: Any, rows: int, total_flops: float,
     for (layer, key), outputs in zip(convs, _output_sizes([layer for layer, _ in convs], call)):
         kernel = layer.weight.shape[2] * layer.weight.shape[3]  # FlopCounterMode's convolution formula
         out[key] = out.get(key, 0.0) + 2.0 * outputs * (layer.in_channels // layer.groups) * kernel
-    rest = weights_precision(model)  # the rest (attention, the head, norms, a plain model) in its weights' dtype
+    for key, flops in (seen_at or {}).items():  # never inside an engine layer: no low-precision conv is fp32
+        out[key] = out.get(key, 0.0) + flops
+    rest = weights_precision(model)  # the rest (the head, norms, a plain model) in its weights' dtype
     out[rest] = out.get(rest, 0.0) + max(0.0, total_flops - sum(out.values()))
     return {k: v for k, v in out.items() if v > 0}
-
-
-PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 def weights_dtype(model: Any) -> str:
