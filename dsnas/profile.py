@@ -291,7 +291,10 @@ def _batch_table(profile: dict[str, Any], unit: str = "tokens/s") -> list[str]:
     return lines
 
 
-_MEMORY_METHODS = {"cuda_max_memory_allocated": "torch.cuda.max_memory_allocated over one call",
+_MEMORY_METHODS = {"cuda_max_memory_allocated": "torch.cuda.max_memory_allocated over one call, all that the "
+                                                "process held (an older measurement)",
+                   "weights+cuda_peak_above_start": "the weights plus the CUDA allocator's peak in one call above "
+                                                    "what was allocated before it",
                    "weights+profiler_cpu_allocation_peak": "the weights plus the peak of the CPU allocations torch's "
                                                           "profiler saw in one call"}
 

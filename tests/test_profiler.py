@@ -205,6 +205,19 @@ def test_cpu_peak_memory_counts_live_intermediates(capfd):
     assert capfd.readouterr().err == ""  # the profiler's native log lines do not reach the terminal
 
 
+def test_cuda_peak_memory_is_the_weights_plus_what_the_call_allocates(monkeypatch):
+    """On a GPU the process's whole peak counted what it held before the call: a trial measured right after
+    training weighed its leftover gradients (one fp32 copy of the weights) more than one measured untrained. A fake
+    allocator holding 900 bytes of such leftovers, whose peak reaches 1500 during the call, gives 600 + weights."""
+    held = {"now": 900, "peak": 900}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: held.update(peak=held["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: held["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: held["peak"])
+    peak = peak_memory(lambda: held.update(peak=1500), torch.device("cuda"), resident_bytes=1000)
+    assert peak.bytes == 1000 + 600 and peak.method == "weights+cuda_peak_above_start"
+
+
 def test_measure_reports_each_batch_size(tiny_study):
     from dsnas.models import build
     from dsnas.profiler import measure

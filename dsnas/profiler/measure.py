@@ -15,7 +15,7 @@ from dsnas.profiler.ceilings import ceilings, gpu_peaks
 from dsnas.profiler.counting import count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
 from dsnas.profiler.disturbance import MachineWindow, Share, least_disturbed, sample_share, settle_s, wait_for_quiet
-from dsnas.profiler.memory import _native_stderr_silenced, peak_memory
+from dsnas.profiler.memory import CPU_METHOD, CUDA_METHOD, _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
 from dsnas.profiler.utilization import PRECISION_OF, effective_peak, flops_by_precision, weights_dtype
@@ -100,8 +100,7 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
             profile["unavailable"].update(missing)
             if "peak_memory_mb" in missing:
                 profile["memory_unavailable"] = missing["peak_memory_mb"]
-    profile["memory_method"] = "cuda_max_memory_allocated" if device.type == "cuda" else \
-        "weights+profiler_cpu_allocation_peak"
+    profile["memory_method"] = CUDA_METHOD if device.type == "cuda" else CPU_METHOD
     if device.type == "cpu":
         profile["peak_rss_mb"] = _peak_rss_mb()  # the worker process's, training included: context only
     metrics = metrics_from_batches(batches, params, hardware)
