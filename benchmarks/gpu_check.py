@@ -249,6 +249,8 @@ kind = "successive_halving"
         from dsnas.profiler import measure
         from dsnas.tasks import make_task
 
+        if self.bundle is None and (self.out / "search" / "knee").is_dir():  # a rerun of --only profile
+            self.bundle = self.out / "search" / "knee"
         if self.bundle is None:
             raise RuntimeError("no bundle: the search section did not export one")
         args = ["profile", str(self.bundle), "--device", self.device.type, "--kernels", "--measure-s", "0.2"]
@@ -354,6 +356,14 @@ def main(argv: list[str] | None = None) -> int:
                 "training": lambda s: gl.training(s, run.dry), "search": run.search, "gain": run.gain,
                 "profile": run.profile, "compile": run.compile}
     only = set(args.only.split(",")) if args.only else set(sections)
+    if only - set(sections):  # a misspelt section ran nothing and passed, after the machine's start
+        print(f"gpu_check: --only names no section {', '.join(sorted(only - set(sections)))}; the sections are "
+              f"{', '.join(sections)}", file=sys.stderr)
+        return 2
+    if args.only:
+        kept = [name for name in report.keep_earlier() if name not in only]
+        if kept:
+            print(f"gpu_check: keeping the earlier sections {', '.join(kept)} of {report.out / 'gpu_check.json'}")
     for name, fn in sections.items():
         if name not in only:
             continue

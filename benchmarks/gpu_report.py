@@ -76,13 +76,40 @@ class Section:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Section:
+        """A section as Report.write stored it."""
+        checks = [Check(**{k: v for k, v in c.items() if k != "bound"}) for c in doc.get("checks", [])]
+        return cls(doc["name"], doc.get("status", "not run"), doc.get("seconds", 0.0), checks,
+                   doc.get("tables", []), doc.get("notes", []), doc.get("error", ""))
+
 
 @dataclass
 class Report:
     out: Path
     meta: dict[str, Any] = field(default_factory=dict)
-    sections: list[Section] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)  # this run's
     started: float = field(default_factory=time.perf_counter)
+    kept: list[Section] = field(default_factory=list)  # an earlier run's, in the same folder (keep_earlier)
+
+    def keep_earlier(self) -> list[str]:
+        """Take the sections of the report already in ``out`` (a run of --only some sections keeps the rest: it
+        overwrote a whole check's report with its one section); the names kept."""
+        try:
+            doc = json.loads((self.out / "gpu_check.json").read_text())
+            self.kept = [Section.from_dict(s) for s in doc["sections"]]
+        except (OSError, ValueError, KeyError, TypeError):  # none, or not a report: nothing to keep
+            self.kept = []
+        if self.kept:
+            self.meta = {**self.meta, "sections kept from": doc.get("meta", {}).get("date", "an earlier run")}
+        return [s.name for s in self.kept]
+
+    @property
+    def all_sections(self) -> list[Section]:
+        """The earlier run's sections, each rerun one in its place, then this run's new ones."""
+        new = {s.name: s for s in self.sections}
+        merged = [new.pop(s.name, s) for s in self.kept]
+        return merged + [s for s in self.sections if s.name in new]
 
     def run(self, name: str, fn: Callable[[Section], None], *, estimate_s: float, budget_s: float,
             needs: str = "") -> Section:
@@ -112,14 +139,16 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(s.status in ("ok", "skipped") for s in self.sections)
+        """This run's sections passed or were skipped, and at least one ran: all skipped checked nothing."""
+        return all(s.status in ("ok", "skipped") for s in self.sections) and any(s.status == "ok"
+                                                                                 for s in self.sections)
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         doc = {"_type": "dsnas.gpu_check", "_version": 1, "meta": self.meta,
                "seconds": time.perf_counter() - self.started,
                "sections": [{**asdict(s), "checks": [{**asdict(c), "bound": c.bound} for c in s.checks]}
-                            for s in self.sections]}
+                            for s in self.all_sections]}
         (self.out / "gpu_check.json").write_text(json.dumps(doc, indent=2, default=str))
         (self.out / "gpu_check.md").write_text(self.markdown())
 
@@ -129,19 +158,19 @@ class Report:
                  ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "date"), "",
                  f"Total {time.perf_counter() - self.started:.0f} s.", "",
                  "| section | status | seconds | checks passed | note |", "|---|---|---|---|---|"]
-        for s in self.sections:
+        for s in self.all_sections:
             passed = sum(c.ok is True for c in s.checks)
             lines.append(f"| {s.name} | {s.status} | {s.seconds:.1f} | {passed}/{len(s.checks)} | "
                          f"{_md(s.error.splitlines()[-1]) if s.error else ''} |")
         lines += ["", "## Checks", "", "| section | check | value | bound | result | why |",
                   "|---|---|---|---|---|---|"]
-        for s in self.sections:
+        for s in self.all_sections:
             for c in s.checks:
                 result = {True: "pass", False: "**FAIL**",
                           None: "unavailable" if c.value is None else "not judged"}[c.ok]
                 value = _num(c.value) + (f" {c.unit}" if c.unit and c.value is not None else "")
                 lines.append(f"| {s.name} | {_md(c.name)} | {_md(value)} | {c.bound} | {result} | {_md(c.why)} |")
-        for s in self.sections:
+        for s in self.all_sections:
             if not (s.tables or s.notes or s.status == "error"):
                 continue
             lines += ["", f"## {s.name}", ""]

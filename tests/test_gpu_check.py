@@ -66,6 +66,24 @@ def test_sections_run_in_budget_a_raising_one_is_an_error_and_the_rest_still_run
     assert "| a | copy | 9.9 TB/s | 2.4 .. 4.8 | **FAIL** |" in md
 
 
+def test_a_rerun_of_some_sections_keeps_the_earlier_ones_and_all_skipped_is_no_pass(tmp_path):
+    """`--only gain` in a check's folder (gain reads its search) overwrote the whole report with one section."""
+    first = Report(tmp_path)
+    first.run("search", lambda sec: sec.check("trials completed", 3.0, 2, None), estimate_s=0, budget_s=60)
+    first.run("gain", lambda sec: sec.check("ratio", 0.5, 1, None), estimate_s=0, budget_s=60)
+    again = Report(tmp_path, {"date": "later"})
+    assert again.keep_earlier() == ["search", "gain"]
+    again.run("gain", lambda sec: sec.check("ratio", 1.5, 1, None), estimate_s=0, budget_s=60)
+    assert again.ok and [s.name for s in again.sections] == ["gain"]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(s["name"], s["status"]) for s in doc["sections"]] == [("search", "ok"), ("gain", "ok")]
+    assert doc["sections"][0]["checks"][0]["value"] == 3.0 and doc["sections"][1]["checks"][0]["value"] == 1.5
+    assert "| search | trials completed | 3 |" in (tmp_path / "gpu_check.md").read_text()
+    skipped = Report(tmp_path / "other")
+    skipped.run("limits", lambda sec: None, estimate_s=0, budget_s=60, needs="needs CUDA")
+    assert not skipped.ok  # nothing was checked
+
+
 @pytest.mark.slow
 def test_the_checks_search_is_the_shipped_gpu_study_at_the_checks_budget(tmp_path):
     """On a GPU the check searches studies/engine_gpu.toml as a user would (its space, task shape and batch sizes),
@@ -107,3 +125,11 @@ def test_the_dry_run_checks_every_section_that_needs_no_cuda(tmp_path):
     assert checks["verify probe logits"]["ok"] and checks["verify accuracy"]["ok"]
     assert "needs CUDA" in next(s["error"] for s in doc["sections"] if s["name"] == "limits")
     assert "| engine | ok |" in (tmp_path / "gpu_check.md").read_text()
+    # A rerun of one section profiles the bundle the search exported, and keeps the other sections' results.
+    script = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)]
+    run = subprocess.run([*script, "--only", "profile"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {s["name"]: s["status"] for s in doc["sections"]} == status
+    typo = subprocess.run([*script, "--only", "profile,engin"], capture_output=True, text=True, timeout=600)
+    assert typo.returncode == 2 and "--only names no section engin" in typo.stderr

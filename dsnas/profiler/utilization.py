@@ -1,6 +1,7 @@
 """Which ceiling an achieved FLOP rate is a share of: each engine layer's FLOPs at the peak of the precision and
-kernel it ran (a 2:4 sparse kernel at twice its precision's), the rest of the model (attention, the head, norms) at
-fp32's. Dividing everything by the fp32 peak made a bf16 model on a GPU look 15 times as busy as it was."""
+kernel it ran (a 2:4 sparse kernel at twice its precision's), attention at its inputs' precision, the rest of the
+model (the head, norms) at its weights'. Dividing everything by the fp32 peak made a bf16 model on a GPU look 15
+times as busy as it was."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ def flops_by_precision(model: Any, rows: int, total_flops: float, call: Callable
                        seen_at: dict[str, int] | None = None) -> dict[str, float]:
     """FLOPs of one call by the precision that computes them: 2 * rows * in * out for each engine layer (the count
     of the dense layer it stands for), the FLOPs the counter saw at a precision (``seen_at``: Counts.flops_at,
-    attention and CUDA's tf32 convolutions) at it, and whatever else was counted in the weights' precision. An EngineConv2d's FLOPs depend on its
-    output's size, which the layer does not know: ``call`` (one call of the model) is run once to see it where a
-    convolution computes in another precision than fp32. (Without that, a bf16 CNN's FLOPs were all divided by the
-    fp32 peak on a CPU: flop_util 1.28.)"""
+    attention and CUDA's tf32 convolutions) at it, and whatever else was counted in the weights' precision. An
+    EngineConv2d's FLOPs depend on its output's size, which the layer does not know: ``call`` (one call of the
+    model) is run once to see it where a convolution computes in another precision than fp32. (Without that, a
+    bf16 CNN's FLOPs were all divided by the fp32 peak on a CPU: flop_util 1.28.)"""
     from dsnas.kernels.conv import EngineConv2d  # torch loads on first use
     from dsnas.kernels.linear import EngineLinear, engine_layers  # likewise
 
