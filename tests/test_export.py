@@ -4,6 +4,9 @@ safetensors, ONNX and .pt2 files that give the trial's outputs, a metrics file a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import optuna
@@ -229,7 +232,7 @@ def test_a_failed_export_leaves_the_earlier_bundle_there_as_it_was(finished_stud
     assert main(["export", str(study_file), "--trial", str(done[1]), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"tiny_artifacts: trial {done[1]}'s probe (" in err and "is not there" in err
-    assert "Fix: keep the tiny_artifacts folder beside the study's database" in err
+    assert "Fix: keep the tiny_artifacts folder beside the study file" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing of trial done[1] got in
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "copy"]  # no half-built folder left
     dsnas.load(out)
@@ -249,6 +252,46 @@ def test_export_into_a_file_or_an_unwritable_place_is_a_one_line_error(finished_
     assert main(["export", str(finished_study), "--pick", "knee", "--out", str(target / "under")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the bundle cannot be written there" in err and "Fix: name a folder" in err
+
+
+def test_export_refuses_a_folder_that_is_not_a_bundle_and_leaves_it_as_it_was(finished_study, tmp_path, capsys,
+                                                                                 no_model_files, monkeypatch):
+    """`--out mymodels` moved a folder of other files aside and deleted it; `--out .` gave a traceback. Only an
+    earlier bundle (or an empty folder) is replaced; the bundle's folder is readable as the umask says, not 0700."""
+    mine = tmp_path / "mymodels"
+    (mine / "other").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    assert main(["export", str(finished_study), "--pick", "knee", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "this folder holds files and is not a dsnas bundle" in err and "Fix:" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "other"]
+    (tmp_path / "empty").mkdir()
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(finished_study), "--pick", "knee", "--out", str(tmp_path / "empty")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "empty" / "arch.json").is_file() and (tmp_path / "empty").stat().st_mode & 0o777 == 0o755
+    monkeypatch.chdir(tmp_path / "empty")  # replacing the bundle that holds the current folder
+    assert main(["export", str(finished_study), "--pick", "knee", "--out", "."]) == 2
+    assert "holds the current folder. Fix: run the export from another folder" in capsys.readouterr().err
+
+
+def test_load_names_a_bad_device_in_one_line(bundle):
+    with pytest.raises(DsnasError, match="device='gpu': must be auto, cpu, cuda or cuda:N"):
+        dsnas.load(bundle, device="gpu")
+    assert next(dsnas.load(bundle, device="auto").parameters()).device.type == ("cuda" if torch.cuda.is_available()
+                                                                               else "cpu")
+
+
+def test_the_card_says_when_onnxruntime_disagrees_with_the_trial():
+    from dsnas.export.card import _files_section
+
+    check = {"ok": False, "top1_agreement": 0.984, "max_abs_diff": 0.015, "rule": "top-1 agreement >= 0.99"}
+    text = "\n".join(_files_section({"onnx": "model.onnx", "pt2": "model.pt2", "int8": "4 INT8 layers",
+                                      "onnx_check": check}))
+    assert "**Its logits disagree with the trial's** (onnxruntime: top-1 agreement 98.4%" in text
+    assert "quantized at the calibrated range" in text and "`dsnas.load` rebuilds" in text
 
 
 def test_the_bundle_carries_the_settings_the_study_was_searched_with(finished_study, tmp_path, no_model_files):
@@ -335,6 +378,15 @@ def test_an_int8_and_2_4_winner_exports_qdq_onnx_that_onnxruntime_agrees_with(tm
     assert exports["onnx_check"]["top1_agreement"] >= 0.99
     assert "int8: 4 INT8 layers as QuantizeLinear/DequantizeLinear" in said and "onnxruntime: agrees" in said
     assert "sparsity: 4 2:4 layers with their zeros in place" in said
+    # model.pt2 loads in a fresh process after the import the card names (without it, torch.export.load failed).
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "`import torch.ao.quantization.fx._decomposed` before `torch.export.load`" in card
+    load = ("import torch, torch.ao.quantization.fx._decomposed, sys, safetensors.torch as st\n"
+            "x = st.load_file(sys.argv[1] + '/probe.safetensors')['input']\n"
+            "torch.export.load(sys.argv[1] + '/model.pt2').module()(x)")
+    run = subprocess.run([sys.executable, "-c", load, str(tmp_path / "b")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
     graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == 4  # one per INT8 layer's input
     weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8

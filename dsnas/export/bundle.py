@@ -4,7 +4,9 @@ read back, checked and rebuilt without pickle."""
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     out = Path(out) if out else spec.base_dir / "exports" / f"{spec.name}-trial{frozen.number}"
     if out.exists() and not out.is_dir():
         raise DsnasError(f"{out}: a bundle is a folder, and this is a file. Fix: name a folder with --out")
+    _check_replaceable(out)
     evaluated = "arch" in frozen.user_attrs and frozen.user_attrs.get("profile", {}).get("backend") == "recorded"
     missing = [k for k in ("weights_artifact", "probe_artifact", "arch") if k not in frozen.user_attrs]
     if missing and not evaluated:
@@ -45,7 +48,10 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
                          "Fix: export another trial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        # Made with mkdir, not mkdtemp: the folder becomes the bundle, and mkdtemp's mode 0700 left it unreadable
+        # to anyone else (a serving account) whatever the umask.
+        work = out.parent / f".{out.name}.{secrets.token_hex(6)}"
+        work.mkdir()
     except OSError as e:
         raise DsnasError(f"{out}: the bundle cannot be written there ({e.strerror or e}). Fix: name a folder you "
                          "can write to with --out") from None
@@ -58,6 +64,22 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """An export replaces an earlier bundle at ``out`` whole; anything else there is refused. (It was moved aside
+    and deleted: `--out mymodels` erased that folder's other files.)"""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        read_bundle(out)
+    except DsnasError:
+        raise DsnasError(f"{out}: this folder holds files and is not a dsnas bundle; an export replaces a bundle "
+                         "whole, which would delete them. Fix: name a new folder, or an earlier bundle, with --out"
+                         ) from None
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise DsnasError(f"{out}: the bundle to replace holds the current folder. Fix: run the export from "
+                         "another folder")
 
 
 def _put_in_place(work: Path, out: Path) -> None:
@@ -142,8 +164,13 @@ def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
         try:
             download_artifact(artifact_store=store, file_path=str(out / f"{name}.safetensors"), artifact_id=artifact)
         except (ArtifactNotFound, FileNotFoundError):
+            host = (frozen.user_attrs.get("driver") or {}).get("host")
+            if host and host != socket.gethostname():  # drivers on several machines share a database, not files
+                raise DsnasError(f"{folder}: trial {frozen.number}'s {name} ({artifact}) is not there: its driver "
+                                 f"ran on {host} and stored it beside the study file there. Fix: export it on "
+                                 f"{host}, or copy {host}'s {folder.name} folder here") from None
             raise DsnasError(f"{folder}: trial {frozen.number}'s {name} ({artifact}) is not there. Fix: keep the "
-                             f"{folder.name} folder beside the study's database when copying or moving the study, "
+                             f"{folder.name} folder beside the study file when copying or moving the study, "
                              "or export another trial") from None
 
 
@@ -217,10 +244,14 @@ def _read_tensors(path: Path) -> dict[str, Any]:
                          f"Fix: {REEXPORT}") from None
 
 
-def load_bundle(bundle: str | Path, device: str = "cpu") -> Any:
+def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
     """The bundle's trained model, in eval mode, on ``device``, its layers in the inference form they were
     measured in (INT8, FP8, sparse)."""
     from dsnas.kernels.convert import convert, unique_state  # torch loads on first use
+    from dsnas.profiler.device import named_device  # likewise
+
+    if isinstance(device, str):  # "auto" raised torch's own error, "cuda" without a GPU a bare AssertionError
+        device = named_device(device, "device=")
 
     path = Path(bundle) / "arch.json"
     doc = read_bundle(bundle)

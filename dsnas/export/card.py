@@ -74,6 +74,12 @@ def _files_section(exports: dict[str, Any]) -> list[str]:
     check = exports.get("onnx_check") or {}
     agreed = (f" onnxruntime's logits agree with the trial's (top-1 {check['top1_agreement']:.1%}, max difference "
               f"{check['max_abs_diff']:.2g})." if check.get("ok") else "")
+    if check.get("ok") is False:  # the card listed the file as if it were the model; it is not that model
+        agreed = (f" **Its logits disagree with the trial's** (onnxruntime: top-1 agreement "
+                  f"{check['top1_agreement']:.1%}, max difference {check['max_abs_diff']:.2g}; rule: {check['rule']})"
+                  + (": its INT8 inputs are quantized at the calibrated range, where the measured backend quantized "
+                     "them at run time, and `model.pt2` computes the same." if "int8" in exports else ".")
+                  + " The measured model is the one `dsnas.load` rebuilds.")
     files = ["- `arch.json` — the architecture, the study and trial, the task and hardware settings (JSON)",
              "- `weights.safetensors` — the trained weights (tied weights stored once; 2:4 layers with their mask)",
              "- `probe.safetensors` — a fixed input and the trained model's logits on it",
@@ -104,4 +110,7 @@ def _loading_section(folder: str, exports: dict[str, Any], compiled: bool) -> li
     if _written(exports, "pt2"):
         lines += ["`model.pt2` loads with `torch.export.load`, which is torch's own serialization and runs pickle "
                   "inside: load it only from a source you trust. `dsnas.load` never unpickles anything.", ""]
+        if "int8" in exports:  # without the import, torch.export.load fails in a fresh process
+            lines[-1:-1] = ["Its INT8 layers use torch's quantize/dequantize ops, which a fresh process must register "
+                            "first: `import torch.ao.quantization.fx._decomposed` before `torch.export.load`."]
     return lines
