@@ -49,7 +49,11 @@ def step_seconds(precision: str, d_model: int) -> float:
 
 
 def main() -> None:
+    import argparse
+
     from dsnas.profiler.capabilities import cpu_features, cpu_model
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, not a whole run
 
     print(f"machine: {cpu_model()} ({', '.join(cpu_features())})")
     for d in (128, 256, 512):

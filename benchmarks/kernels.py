@@ -129,8 +129,8 @@ def build_or_reason(kind: Kind, in_f: int, out_f: int, device: torch.device, inp
 
 def sparse_note(kind: Kind, layer: EngineLinear) -> str:
     """What the benchmark sees that convert did not record: a 2:4 layer whose backend names no sparse kernel."""
-    if kind.sparsity == "dense" or any(k in layer.backend for k in SPARSE_KERNELS):
-        return ""
+    if kind.sparsity == "dense" or any(k in layer.backend for k in SPARSE_KERNELS) or layer.reason:
+        return ""  # dense, a sparse kernel, or convert said why the zeros run densely
     return (f"the 2:4 zeros run through the dense {layer.backend} kernel, and convert records neither a sparse "
             "backend nor why")
 

@@ -139,10 +139,21 @@ def _search(spec, method: str, seed: int, reference: list[float], true_hv: float
     proposals = getattr(study.sampler, "proposals", [])
     front = [points[i] for i in front_indices(points, ["maximize", "minimize"])] if points else []
     return {"dataset": spec.task.params["dataset"], "device": spec.task.params["device"], "method": method,
-            "seed": seed, "evaluations": len(points), "front": front,
+            "seed": seed, "evaluations": len(points), "budget": spec.budget.n_trials,
+            "timeout_s": spec.budget.timeout_s, "front": front,
             "trials": len(study.trials), "seconds": seconds, "curve": curve, "stopped": outcome.stopped_because,
             "proposal_s_median": statistics.median(proposals) if proposals else None,
             "proposal_s_max": max(proposals) if proposals else None}
+
+
+def resumable(result: dict, evaluations: int, timeout_s: float) -> bool:
+    """Whether a stored search answers this run: one with this budget and time limit, or one that reached the last
+    level within this budget (it stopped there; more budget would not change its curve). A shorter search that
+    reached less was reported as not reaching it within the longer budget."""
+    if result["evaluations"] > evaluations:
+        return False
+    done = bool(result["curve"]) and result["curve"][-1][2] >= LEVELS[-1] - 1e-12
+    return done or (result.get("budget") == evaluations and result.get("timeout_s") == timeout_s)
 
 
 def importable() -> None:
@@ -169,7 +180,8 @@ def cell(values: list[float | None], budget: int) -> str:
 
 def ratio(ours: float, theirs: float, budget: int) -> str:
     if ours == float("inf"):
-        return "n/a (dsnas did not reach it)" if theirs == float("inf") else f"{ours}x"
+        return "n/a (dsnas did not reach it)" if theirs == float("inf") else \
+            f">{budget / theirs:.2f}x (dsnas's median did not reach it in {budget})"
     if theirs == float("inf"):
         return f"<{ours / budget:.2f}x (TPE's median did not reach it in {budget})"
     return f"{ours / theirs:.2f}x"
@@ -269,10 +281,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--methods: {unknown} are none of {list(METHODS)}")
     pairs = [tuple(p.split("/")) for p in args.pairs.split(",")] if args.pairs else \
         [(d, dev) for d in DATASETS for dev in DEVICES]
+    wrong = ["/".join(p) for p in pairs if len(p) != 2 or p[0] not in DATASETS or p[1] not in DEVICES]
+    if wrong:
+        raise SystemExit(f"--pairs: {wrong} are not DATASET/DEVICE with a dataset of {list(DATASETS)} and a device of "
+                         f"{list(DEVICES)}. Fix: e.g. --pairs {DATASETS[0]}/{DEVICES[0]}")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     out = Path(args.out)
     results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    results = [r for r in results if r["evaluations"] <= args.evaluations]
+    results = [r for r in results if resumable(r, args.evaluations, args.timeout_s)]
     have = {(r["dataset"], r["device"], r["method"], r["seed"]) for r in results}
     jobs = [(d, dev, m, s, args.evaluations, args.csv, args.timeout_s) for m in methods for (d, dev) in pairs
             for s in seeds if (d, dev, m, s) not in have]

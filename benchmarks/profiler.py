@@ -258,9 +258,12 @@ def main() -> None:
     from dsnas.tasks import make_task
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measurements of each case, interleaved; a CV needs at least 2 (default 5)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: a coefficient of variation needs at least 2 measurements")
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} x{os.cpu_count()}"
     from dsnas.profiler.disturbance import sample_share

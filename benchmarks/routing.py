@@ -78,7 +78,8 @@ def route(study: Path) -> tuple[str, float, str]:
     if not ok:
         how += ", misses the target"
     if measured.get(chosen.name) and measured.get(best.name):
-        how += f"; end to end: {1.0 - measured[chosen.name] / measured[best.name]:.0%} less"
+        saved = 1.0 - measured[chosen.name] / measured[best.name]  # negative: the route is slower end to end
+        how += f"; end to end: {abs(saved):.0%} {'less' if saved >= 0 else 'more'}"
     return "\n".join(lines), 1.0 - chosen.cost / best.cost, how
 
 

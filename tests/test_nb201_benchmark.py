@@ -111,6 +111,7 @@ def test_summary_cells():
     assert bench.cell([None, None], 600) == ">600 (none)"
     assert bench.ratio(50, 200, 600) == "0.25x"
     assert bench.ratio(50, float("inf"), 600).startswith("<0.08x")
+    assert bench.ratio(float("inf"), 480, 600) == ">1.25x (dsnas's median did not reach it in 600)"  # was "infx"
     assert bench.first_reaching([(3, 0.1, 0.5), (9, 0.2, 0.91), (12, 0.3, 0.96)], 0.95) == (12, 0.3)
     assert bench.ratio_interval([10] * 10, [20] * 10, 600) == (0.5, 0.5)  # no spread, no doubt
     # ours: 10 seeds at 10..19 (median 14.5); theirs: 29 or 30 (median 29.5): a resampled median of ours lies
@@ -118,3 +119,20 @@ def test_summary_cells():
     low, high = bench.ratio_interval(list(range(10, 20)), [29] * 5 + [30] * 5, 600)
     assert 10 / 30 <= low < 14.5 / 29.5 < high <= 19 / 29
     assert bench.ratio_interval([5, float("inf")], [600, 600], 600)[1] == 1.0  # not reached counts as the budget
+
+
+def test_a_resumed_run_reuses_only_searches_that_answer_its_budget():
+    """A quick 20-evaluation run then the real 600-evaluation one in the same --out: the short searches were kept
+    and reported as not reaching a level within 600. Kept now: the same budget and time limit, or a search that
+    reached the last level within the new budget (it stopped there)."""
+    short = {"evaluations": 20, "budget": 20, "timeout_s": 300.0, "curve": [[20, 1.0, 0.8]]}
+    assert not bench.resumable(short, 600, 300.0)
+    assert bench.resumable(short, 20, 300.0) and not bench.resumable(short, 20, 60.0)
+    reached = {"evaluations": 40, "budget": 100, "timeout_s": 300.0, "curve": [[40, 1.0, 0.96]]}
+    assert bench.resumable(reached, 600, 60.0) and not bench.resumable(reached, 30, 300.0)
+    assert not bench.resumable({"evaluations": 20, "curve": [[20, 1.0, 0.5]]}, 20, 300.0)  # an old line: no budget
+
+
+def test_a_mistyped_pair_is_one_line_naming_the_datasets_and_devices(table):
+    with pytest.raises(SystemExit, match=r"--pairs: \['cifar10/pixel3'\] are not DATASET/DEVICE"):
+        bench.main(["--csv", str(table[0]), "--pairs", "cifar10/pixel3", "--report-only"])
