@@ -36,6 +36,7 @@ from dsnas.storage import (
     connection_lost,
     driver_identity,
     has_heartbeats,
+    recover_stale_trials,
     requeue,
     set_user_attrs,
     storage_engine,
@@ -48,6 +49,8 @@ from dsnas.trial import TrialFn, TrialRequest, TrialResult
 MAX_SKIPS_IN_A_ROW = 100
 # A sampler that proposes this many evaluated candidates in a row has (almost) exhausted the space.
 MAX_REUSES_IN_A_ROW = 100
+# A driver whose budget's rest runs in other drivers looks this often for a trial whose driver stopped.
+WATCH_S = 2.0
 
 
 class Driver:
@@ -69,6 +72,7 @@ class Driver:
         self.stopped: dict[int, str] = {}  # trial number -> why the driver stopped it at a rung
         self.skips_in_a_row = 0
         self.reuses_in_a_row = 0
+        self.watching = False  # the rest of the budget runs in other drivers (see _watch_other_drivers)
         self._evaluated: dict[str, int] | None = None  # evaluation key -> the trial that trained it (see _original)
         self.keys: dict[int, str] = {}  # running trial number -> its evaluation key
         self.budget = BudgetCount()
@@ -100,11 +104,29 @@ class Driver:
                     if not self._dispatch():
                         break  # the budget is full: this driver's, or another driver took the last place
             if not self.running:
-                return self._stop_reason() or "the rest of the budget is running in other drivers"
+                stop = self._stop_reason()
+                if stop is not None:
+                    return stop
+                self._watch_other_drivers()
+                continue
             for number, outcome in self.executor.wait(timeout=1.0):
                 with self.guard.writing():
                     self._record(self.running[number], outcome)
             self._stop_overdue()
+
+    def _watch_other_drivers(self) -> None:
+        """The rest of the budget runs in other drivers: wait, and take back any trial whose driver stops. (This
+        driver ended here, and a driver killed while it ran a trial left it RUNNING for good: the study ended a
+        trial short of n_trials, with nobody left to see it.)"""
+        if not self.watching:
+            self.watching = True
+            self.progress.say("the rest of the budget is running in other drivers: waiting for them, to take back "
+                              "any trial whose driver stops")
+        time.sleep(WATCH_S)
+        requeued = self.db("recover stale trials", lambda: recover_stale_trials(self.study))
+        if requeued:
+            self.progress.say(f"taken back from a stopped driver: trial(s) {', '.join(map(str, requeued))}")
+            self.watching = False
 
     def _sampler(self) -> Any:
         """The function from an Optuna trial to an architecture; a space whose engine choices the device decides is

@@ -468,8 +468,8 @@ def recover_stale_trials(study: Any) -> list[int]:
             reason = "its driver stopped before it could dispatch the trial"
         else:
             continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason + "; queued again")
-        try:
+        try:  # both: another driver recovering it at once may finish it between them (a traceback, on resume)
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason + "; queued again")
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another driver recovered it first

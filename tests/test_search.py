@@ -341,3 +341,37 @@ def test_flags_and_places_that_cannot_work_are_one_line(tmp_path, finished_study
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("dsnas: error: ") and said in err and "Fix: " in err and err.count("\n") == 1, err
+
+
+def test_a_driver_whose_budget_runs_elsewhere_takes_back_the_trial_of_one_that_died(tiny_study, monkeypatch, capsys):
+    """Two drivers on one study, the other killed while it ran a trial: this driver ended ('the rest of the budget
+    is running in other drivers') and the dead one's trial stayed RUNNING, the study a trial short of n_trials.
+    It now waits while other drivers hold the rest, and takes back a trial whose driver stopped."""
+    from dsnas import driver as dsnas_driver
+    from dsnas import storage as dsnas_storage
+    from dsnas.study import open_study
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        study = open_study(load_study(tiny_study))
+        held = study.ask()  # the other driver's trial
+        held.set_user_attr("driver", {"host": dsnas_storage.driver_identity()["host"], "pid": other.pid,
+                                      "pid_start": dsnas_storage._start_time(other.pid)})
+        watch = dsnas_driver.Driver._watch_other_drivers
+
+        def other_dies_while_watched(self):
+            other.kill()
+            other.wait()
+            watch(self)
+
+        monkeypatch.setattr(dsnas_driver.Driver, "_watch_other_drivers", other_dies_while_watched)
+        assert main(["search", str(tiny_study), "--executor", "local", "--n-trials", "2"]) == 0
+    finally:
+        other.kill()
+    out = capsys.readouterr().out
+    assert f"taken back from a stopped driver: trial(s) {held.number}" in out
+    _, after = trials(tiny_study)
+    by_number = {t.number: t for t in after}
+    assert by_number[held.number].state == TrialState.FAIL
+    assert "stopped while the trial ran" in by_number[held.number].user_attrs["fail_reason"]
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 2

@@ -52,6 +52,19 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
     assert dsnas_storage.recover_stale_trials(study) == []  # nothing twice
 
 
+def test_a_trial_another_driver_recovers_first_is_left_to_it(tmp_path, monkeypatch):
+    """Two drivers resuming at once: the other failed the trial between this one's reading it RUNNING and writing
+    its reason, and this driver stopped with UpdateFinishedTrialError."""
+    storage = dsnas_storage.open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage, directions=["maximize", "maximize"])
+    dead = study.ask()
+    dead.set_user_attr("driver", {**dsnas_storage.driver_identity(), "pid": 2**22 + 12345})
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    study._storage.set_trial_state_values(dead._trial_id, state=TrialState.FAIL)  # the other driver, first
+    monkeypatch.setattr(study, "get_trials", lambda **kwargs: running)  # as this driver read them, before
+    assert dsnas_storage.recover_stale_trials(study) == []
+
+
 # A damaged SQLite file: the commands refuse it in one line that names the file and the recovery, and never
 # write to it (whatever it still holds can be copied out only while it is left as it is).
 
