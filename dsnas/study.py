@@ -24,17 +24,25 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
     if not create and (storage is None or spec.name not in optuna.study.get_all_study_names(storage)):
         raise DsnasError(f"{spec.path}: [study.name] no study {spec.name!r} is stored in {display_url(spec.storage)}. "
                          "Fix: run `dsnas search` on this study file first")
-    study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
-                                load_if_exists=True)
+    # Only loaded where nothing is to be created: create_study(load_if_exists=True) writes (an INSERT, then reads
+    # the study it found), which a read-only database role refuses, and `report` and `export` only read.
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
+                                    load_if_exists=True) if create else optuna.load_study(study_name=spec.name,
+                                                                                          storage=storage)
+    except optuna.exceptions.StorageInternalError as e:  # e.g. a read-only role or transaction: Optuna's text
+        cause = str(e.__cause__ or e).strip().splitlines()[0]  # blames "invalid data"; the driver's says why
+        raise DsnasError(f"{spec.path}: [study] storage {display_url(spec.storage)} refused to store the study "
+                         f"({cause}). Fix: search with a database user that may write there") from None
     names = [o.name for o in spec.objectives]
     stored = [d.name.lower() for d in study.directions]
     if stored != spec.directions or (study.metric_names and study.metric_names != names):
         raise DsnasError(f"{spec.path}: [objectives] the stored study {spec.name!r} has objectives "
                          f"{study.metric_names or stored}, the file asks for {dict(zip(names, spec.directions))}. "
                          "Fix: restore the objectives, or give the study a new [study] name")
-    if not study.metric_names:
-        study.set_metric_names(names)
     if create:
+        if not study.metric_names:
+            study.set_metric_names(names)
         _check_settings(spec, study)
         _record_study(spec, study)
     return study

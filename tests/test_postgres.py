@@ -96,10 +96,22 @@ def test_search_load_and_report_on_postgresql(tiny_study, postgres_url, tmp_path
     df = dsnas.results.load(postgres_url, "tiny")
     assert len(df) == 3 and set(df["state"]) == {"COMPLETE"}
     assert df["accuracy"].notna().all() and df["throughput_tok_s"].notna().all()
+    # Report and export only read: they work where every transaction is read-only (a SELECT-only role: both
+    # stopped with a traceback, as opening the study wrote).
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    with _connect(url, url.database) as conn:
+        conn.execute(f"ALTER DATABASE {url.database} SET default_transaction_read_only = on")
     out = tmp_path / "report"
     assert main(["report", str(study), "--out", str(out)]) == 0
     assert "arch_short" in capsys.readouterr().out
     assert len(pd.read_csv(out / "trials.csv")) == 3 and (out / "index.html").is_file()
+    assert main(["export", str(study), "--pick", "knee", "--out", str(tmp_path / "knee")]) == 0
+    capsys.readouterr()
+    assert main(["search", str(study), "--n-trials", "4"]) == 2  # the database really is read-only: one line
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "refused to store the study" in err and "read-only transaction" in err, err
 
 
 def test_password_in_the_study_file_is_never_printed_or_written(tiny_study, postgres_url, tmp_path, capsys,
