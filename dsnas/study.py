@@ -130,6 +130,7 @@ def _record_study(spec: StudySpec, study: Any) -> None:
     engine = storage_engine(study)
     with schema_lock(spec.storage):  # another driver may be creating them at this moment
         tables.ensure_schema(engine, display_url(spec.storage))
+        tables.forget_deleted(engine, study)
         # Also fills in a trial that was told COMPLETE when the database was lost before its measurements were
         # written (see _Driver._record); a no-op for a study whose measurements are all there.
         tables.backfill(engine, study)

@@ -8,7 +8,7 @@ import datetime
 import weakref
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, inspect, select
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, delete, inspect, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -231,6 +231,18 @@ def record_measurements(engine: Any, study_name: str, trial_number: int, profile
                                               Measurement.trial_number == trial_number)
         if session.execute(exists).first() is None:  # a re-run of the backfill writes nothing twice
             session.add_all(rows)
+
+
+def forget_deleted(engine: Any, study: Any) -> int:
+    """Remove the measurements stored under the name of a study that has no trial yet: they are a deleted study's
+    (optuna.delete_study, the dashboard's delete button) of that name, and are keyed by name. A new study of the
+    name then showed the old trials' figures for its own, and never wrote its own (record_measurements writes a
+    trial's rows once). A study's trials are always stored before their measurements. Returns the rows removed."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    with Session(engine) as session, session.begin():
+        gone = session.execute(delete(Measurement).where(Measurement.study_name == study.study_name))
+    return gone.rowcount or 0
 
 
 def backfill(engine: Any, study: Any) -> int:

@@ -166,6 +166,28 @@ def test_resuming_a_dsnas_0_1_0_study_creates_the_tables_and_fills_them_in(tmp_p
     assert len(study.trials) == 2  # Optuna's own rows untouched
 
 
+def test_a_study_made_again_under_a_deleted_ones_name_shows_its_own_measurements(finished_study, tmp_path):
+    """dsnas_measurements is keyed by the study's name: after optuna.delete_study (the dashboard's delete button)
+    a new study of that name showed the deleted one's figures for its trials and never stored its own."""
+    import optuna
+
+    from dsnas import tables
+    from dsnas.spec import load_study
+    from dsnas.storage import storage_engine
+    from dsnas.study import open_study
+
+    spec = load_study(copy_study(finished_study, tmp_path / "copy"))
+    old = open_study(spec)
+    assert len(tables.measurements(old)) == 3 * 2
+    optuna.delete_study(study_name=spec.name, storage=spec.storage)
+    new = open_study(spec)
+    assert len(tables.measurements(new)) == 0  # none of the deleted study's
+    profile = old.trials[0].user_attrs["profile"]
+    tables.record_measurements(storage_engine(new), spec.name, 0, profile, {})  # its trial 0, measured
+    rows = tables.measurements(new)
+    assert len(rows) == 2 and list(rows["trial_number"]) == [0, 0]
+
+
 def test_a_database_from_a_newer_dsnas_is_refused(tmp_path):
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
