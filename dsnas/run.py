@@ -11,7 +11,7 @@ from dsnas.driver import Driver
 from dsnas.errors import DsnasError, SpecError
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec, sampler_class, study_callbacks
-from dsnas.storage import StorageLost, recover_stale_trials
+from dsnas.storage import StorageLost, recover_stale_trials, storage_engine, study_lock
 from dsnas.study import open_study
 from dsnas.trial import TrialFn
 from dsnas.worker import run_trial
@@ -47,14 +47,32 @@ def check_executor_installed(spec: StudySpec) -> None:
                         "installed here", "ray", 'pip install ray, or set kind = "local" (or pass --executor local)')
 
 
-def make_sampler(spec: StudySpec, n_existing: int, say: Callable[[str], None] = print) -> Any:
-    # On resume the seed moves on, so that the sampler does not propose the first trials again.
-    seed = None if spec.sampler.seed is None else (spec.sampler.seed + n_existing) % 2**32
+def make_sampler(spec: StudySpec, n_existing: int, say: Callable[[str], None] = print, run: int = 0) -> Any:
+    """The study's sampler. On resume the seed moves on, so that the sampler does not propose the first trials
+    again; ``run`` (driver_run) moves it apart for each driver: two started together on one study saw the same
+    count of trials, and proposed the same candidates in lockstep."""
+    seed = None if spec.sampler.seed is None else (spec.sampler.seed + n_existing + DRIVER_SEED_STEP * run) % 2**32
     if spec.sampler.name == "dsnas" and spec.space.file is None:
         say('the "dsnas" sampler (the default) models an architecture by the choices of a space file; a [space] '
             "callable declares none, so this run uses TPE (Optuna's default) instead")
         return sampler_class("tpe")(seed=seed)
     return sampler_class(spec.sampler.name)(seed=seed, **spec.sampler.settings)
+
+
+# How far apart the seeds of two drivers' samplers are (a prime, far beyond any study's trial count).
+DRIVER_SEED_STEP = 1_000_003
+DRIVER_RUNS_ATTR = "dsnas_driver_runs"  # the study's count of the driver runs that started on it
+
+
+def driver_run(study: Any, spec: StudySpec) -> int:
+    """How many driver runs started on this study before this one (0 for the first: its seed is the study
+    file's), counted under the study's lock so that two drivers starting together get different numbers."""
+    if storage_engine(study) is None:  # a study in memory: no other driver can see it
+        return 0
+    with study_lock(study, spec.storage):
+        runs = int(study.user_attrs.get(DRIVER_RUNS_ATTR, 0))
+        study.set_user_attr(DRIVER_RUNS_ATTR, runs + 1)
+    return runs
 
 
 def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progress | None = None,
@@ -71,7 +89,8 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     study = study if study is not None else open_study(spec)
     requeued = recover_stale_trials(study)
     progress = progress or Progress(spec)
-    study.sampler = sampler if sampler is not None else make_sampler(spec, len(study.trials), progress.say)
+    study.sampler = sampler if sampler is not None else make_sampler(spec, len(study.trials), progress.say,
+                                                                     driver_run(study, spec))
     progress.start(study, requeued)
     driver = Driver(spec, study, trial_fn, progress, [*study_callbacks(spec), *callbacks])
     with driver.guard.installed():
