@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import secrets
 import shutil
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 from dsnas.allocator import hold_freed_memory
 from dsnas.errors import DsnasError
-from dsnas.export.bundle import export_trial, load_bundle, read_bundle, recorded_task_spec
+from dsnas.export.bundle import export_trial, load_bundle, put_in_place, read_bundle, recorded_task_spec
 from dsnas.export.pick import pick_trials
 from dsnas.profiler.device import fingerprint
 from dsnas.tasks import make_task
@@ -264,11 +265,15 @@ def cost_curve(metrics: dict[str, float], batch_sizes: Sequence[int], kind: str,
 
 def validation_inputs(task: Any) -> tuple[Any, Any]:
     """(inputs, targets) of the task's validation split; a task that cannot give them cannot be routed."""
+    return _needs_eval_inputs(task)()
+
+
+def _needs_eval_inputs(task: Any) -> Any:
     get = getattr(task, "eval_inputs", None)
     if not callable(get):
         raise DsnasError(f"the task {type(task).__name__} has no eval_inputs() -> (inputs, targets): dsnas route "
                          "needs each validation input and its target. Fix: add it to the task (see dsnas.tasks.Task)")
-    return get()
+    return get
 
 
 def halves(n: int) -> tuple[Any, Any]:
@@ -426,13 +431,42 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     """Export the front (or ``trials``) into ``out``/members, choose the cascade's thresholds and fit the learned
     router on the calibration half, report both on the other half against each single model, time them end to
     end, and write route.json. ``also_drops``: more accuracy drops (below the most accurate model) to report the
-    cascade and the router at, beside the route's own target."""
-    import torch
+    cascade and the router at, beside the route's own target.
 
+    Built in a folder beside ``out`` and put in place whole, as a bundle is: a run that writes no route (nothing to
+    route, a task without eval_inputs) leaves an earlier route at ``out`` as it was. (It deleted that route's
+    left-out member and ended "nothing to route", exit 0: the route no longer loaded.)"""
     if cost not in COSTS:
         raise DsnasError(f"--cost must be one of {list(COSTS)}, got {cost!r}" + (
             " (energy is measured only on a GPU's NVML counter, so a route cannot be priced by it everywhere)"
             if cost == "energy" else ""))
+    _needs_eval_inputs(make_task(spec.task))  # before minutes of exports
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            read_route(out)
+        except DsnasError:
+            raise DsnasError(f"{out}: this folder holds files and is not a route bundle; writing a route replaces "
+                             "it whole, which would delete them. Fix: name a new folder, or an earlier route, with "
+                             "--out") from None
+    work = out.parent / f".{out.name}.{secrets.token_hex(6)}"
+    try:
+        work.mkdir(parents=True)
+    except OSError as e:
+        raise DsnasError(f"{out}: the route cannot be written there ({e.strerror or e}). Fix: name a folder you "
+                         "can write to with --out") from None
+    try:
+        report = _build_route(spec, study, work, trials, target_accuracy, max_accuracy_drop, cost, also_drops)
+        put_in_place(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.folder = out
+    return report
+
+
+def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None, target_accuracy: float | None,
+                 max_accuracy_drop: float, cost: str, also_drops: Sequence[float]) -> RouteReport:
+    import torch
+
     chosen = [pick_trials(study, spec, trial=n)[0] for n in trials] if trials else \
         pick_trials(study, spec, front=True)
     chosen = list({frozen.number: frozen for frozen in chosen}.values())  # a trial named twice, or a repeat's original
@@ -455,10 +489,10 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     calib, held = halves(len(x))
     # A cascade falls back to its costliest stage, which must be its most accurate: a member that costs more than
     # a cheaper one and is not more accurate is left out (named trials, or a front by another cost than its own).
-    keep, left_out = _rising(members, right[:, calib].mean(1).tolist())
+    keep, left_out = _rising(members, right[:, calib].mean(1).tolist(), COSTS[cost][1])
     if len(keep) < len(members):
         for i in sorted(set(range(len(members))) - set(keep)):
-            shutil.rmtree(members[i].folder, ignore_errors=True)
+            shutil.rmtree(members[i].folder, ignore_errors=True)  # in the work folder: the route holds the rest
         members, logits, right, conf = ([members[i] for i in keep], [logits[i] for i in keep], right[keep],
                                         conf[keep])
         if len(members) < 2:
@@ -508,7 +542,6 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
     # An infinite threshold (a stage no input stops at) is written "inf" and a figure that is NaN null, as JSON has
     # neither (json.dumps wrote the bare words, which JavaScript and jq refuse or misread).
     (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
-    report.folder = out
     return report
 
 
@@ -529,17 +562,19 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def _rising(members: list[Member], accuracies: list[float]) -> tuple[list[int], list[str]]:
+def _rising(members: list[Member], accuracies: list[float], unit: str = "") -> tuple[list[int], list[str]]:
     """Of members sorted by cost, the indices of those more accurate than every cheaper one kept, and why each
-    other one was left out."""
+    other one was left out (``unit``: the cost's, per input)."""
     keep: list[int] = []
     left_out = []
     for i, acc in enumerate(accuracies):
         if keep and acc <= accuracies[keep[-1]]:
             best = members[keep[-1]]
-            left_out.append(f"left out trial {members[i].trial}: it costs more than trial {best.trial} "
-                            f"({members[i].cost:.4g} vs {best.cost:.4g}) and is not more accurate on the calibration "
-                            f"half ({acc:.4f} vs {accuracies[keep[-1]]:.4f})")
+            costs = "as much as" if members[i].cost == best.cost else "more than"
+            per = f"{' ' + unit if unit else ''} per input"
+            left_out.append(f"left out trial {members[i].trial}: it costs {costs} trial {best.trial} "
+                            f"({members[i].cost:.4g} vs {best.cost:.4g}{per}) and is not more accurate "
+                            f"on the calibration half ({acc:.4f} vs {accuracies[keep[-1]]:.4f})")
         else:
             keep.append(i)
     return keep, left_out

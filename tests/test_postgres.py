@@ -105,7 +105,7 @@ def test_search_load_and_report_on_postgresql(tiny_study, postgres_url, tmp_path
         conn.execute(f"ALTER DATABASE {url.database} SET default_transaction_read_only = on")
     out = tmp_path / "report"
     assert main(["report", str(study), "--out", str(out)]) == 0
-    assert "arch_short" in capsys.readouterr().out
+    assert "architecture" in capsys.readouterr().out
     assert len(pd.read_csv(out / "trials.csv")) == 3 and (out / "index.html").is_file()
     assert main(["export", str(study), "--pick", "knee", "--out", str(tmp_path / "knee")]) == 0
     capsys.readouterr()

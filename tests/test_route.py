@@ -129,7 +129,7 @@ def test_members_of_different_tasks_are_refused(tmp_path):
         check_members(tmp_path, [doc, {**doc, "trial": 2, "arch": {"vocab_size": 128}}])
 
 
-def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsys, no_model_files):
+def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsys, no_model_files, monkeypatch):
     study = copy_study(routable, tmp_path / "s")
     out = study.parent / "routes" / "tiny"  # the default folder, where the report finds it
     assert main(["route", str(study), "--max-accuracy-drop", "0.01"]) == 0
@@ -169,6 +169,21 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
     assert re.search(rf"{kind} ms/input .* other device \(cpu differ\): not compared", capsys.readouterr().out)
     assert main(["verify", str(out), "--device", "cuda"]) == 2  # it was verified on the CPU without a word
     assert "a route is verified on the CPU, where `dsnas route` timed it" in capsys.readouterr().err
+    # A run that writes no route leaves the route there as it was: one ending "nothing to route" after its
+    # exports deleted a member (the route no longer loaded), and a folder of other files is refused whole.
+    before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else b"") for p in out.rglob("*"))
+    monkeypatch.setattr("dsnas.route._rising", lambda members, acc, unit="": ([0], ["left out trial 9: why"]))
+    assert main(["route", str(study), "--max-accuracy-drop", "0.01"]) == 0
+    assert "one model is left, so there is nothing to route" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else b"") for p in out.rglob("*")) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no work folder left beside it
+    dsnas.load_route(str(out))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    assert main(["route", str(study), "--out", str(tmp_path / "mine")]) == 2
+    assert "this folder holds files and is not a route bundle" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
     # The report draws the route beside the front.
     assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
@@ -216,6 +231,9 @@ def test_a_member_costlier_and_not_more_accurate_than_a_cheaper_one_is_left_out_
     members = [SimpleNamespace(trial=t, cost=c) for t, c in ((4, 1.0), (7, 2.0), (2, 3.0), (9, 4.0))]
     keep, left_out = _rising(members, [0.30, 0.35, 0.33, 0.40])
     assert keep == [0, 1, 3]
-    assert left_out == ["left out trial 2: it costs more than trial 7 (3 vs 2) and is not more accurate on the "
-                        "calibration half (0.3300 vs 0.3500)"]
+    assert left_out == ["left out trial 2: it costs more than trial 7 (3 vs 2 per input) and is not more "
+                        "accurate on the calibration half (0.3300 vs 0.3500)"]
+    members[2].cost = 2.0  # as costly: not "more"
+    assert _rising(members, [0.30, 0.35, 0.33, 0.40], "ms")[1][0].startswith(
+        "left out trial 2: it costs as much as trial 7 (2 vs 2 ms per input)")
     assert _rising(members, [0.40, 0.35, 0.33, 0.40])[0] == [0]  # the cheapest is best: nothing to route

@@ -60,7 +60,7 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
             _export_evaluated(spec, frozen, work)
         else:
             _write_bundle(spec, frozen, work, out.name)
-        _put_in_place(work, out)
+        put_in_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -82,7 +82,7 @@ def _check_replaceable(out: Path) -> None:
                          "another folder")
 
 
-def _put_in_place(work: Path, out: Path) -> None:
+def put_in_place(work: Path, out: Path) -> None:
     """``work`` becomes ``out``; an earlier bundle there is moved aside first and removed once the new one is in."""
     if not out.exists():
         work.rename(out)

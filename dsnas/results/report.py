@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.progress import format_metric
+from dsnas.progress import COLUMNS, format_metric
 from dsnas.results.plots import Conditions, device_words, plotly_figures, views, write_pngs
 from dsnas.results.trials import default_reference, done_trials, frame, hypervolume_history, objectives
 from dsnas.spec import StudySpec
@@ -204,6 +204,13 @@ def _formatted(shown: Any) -> Any:
     return out
 
 
+def _titles(spec: StudySpec) -> dict[str, str]:
+    """The front's column titles as `search` prints them, throughput in the task's unit: the report printed the
+    column names, and an own task's snippets/s read `throughput_tok_s`."""
+    return {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": throughput_unit(spec.task),
+            "arch_short": "architecture"}
+
+
 def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     shown = _summary_frame(v)
     volume = v.history["hypervolume"].iloc[-1]  # after the last completed trial: the study's hypervolume
@@ -219,7 +226,7 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
                  "best is empty (Fix: a --reference worse than the front in each objective)")
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref}), {boxed}",
-             _formatted(shown).to_string(index=False),
+             _formatted(shown).rename(columns=_titles(spec)).to_string(index=False),
              *filter(None, [_disturbed_note(spec, df)]),
              f"report: {written[-1]} ({len(written) + 1} files: figures as PNG, SVG and PDF, plotly.min.js included, "
              f"in {written[-1].parent})"]
