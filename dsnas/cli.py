@@ -159,7 +159,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from dsnas.profiler.ceilings import ceilings
 
         found = ceilings(fp, args.threads)
-        print("ceilings: " + ", ".join(f"{k}={v}" for k, v in found.as_dict().items()))
+        print("\nceilings (what this CPU does at best; flop_util and bw_util are shares of them):\n  " +
+              "\n  ".join(found.lines()))
     if args.engine:
         print("\n" + _engine_table(Path(args.engine), args.device, args.threads))
     return 0

@@ -58,6 +58,16 @@ class Ceilings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def lines(self) -> list[str]:
+        """The ceilings in words, each with its unit and how it was measured (`dsnas doctor --ceilings`)."""
+        out = [f"fp32 GEMM peak: {self.gemm_gflop_s:,.1f} GFLOP/s ({self.details.get('gemm', '')})",
+               f"memory bandwidth: {self.stream_gb_s:,.1f} GB/s ({self.details.get('stream', '')})",
+               f"with {self.threads} thread(s), measured in {self.seconds:.1f} s"]
+        if self.reference_ms is not None:
+            out.append(f"host-speed reference: {self.reference_ms:.3f} ms ({self.details.get('reference', '')})")
+        out += [f"{k}: {v}" for k, v in self.details.items() if k not in ("gemm", "stream", "reference")]
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ceilings:
         reference = data.get("reference_ms")
