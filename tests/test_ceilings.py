@@ -253,7 +253,7 @@ def test_the_stored_host_speed_reference_is_read_without_measuring(monkeypatch):
 
 def test_doctor_prints_the_ceilings_in_words_with_their_units():
     """`dsnas doctor --ceilings` printed the dataclass as key=value, details dict and all, without units."""
-    found = ceil.Ceilings(206.95, 31.4, 2, 1.5, {"gemm": "fp32 torch.mm 1024x1024", "stream": "fp32 copy_",
+    found = ceil.Ceilings(206.96, 31.4, 2, 1.5, {"gemm": "fp32 torch.mm 1024x1024", "stream": "fp32 copy_",
                                                  "reference": "probes", "measured again": "faster now"}, 4.25)
     assert found.lines() == ["fp32 GEMM peak: 207.0 GFLOP/s (fp32 torch.mm 1024x1024)",
                              "memory bandwidth: 31.4 GB/s (fp32 copy_)", "with 2 thread(s), measured in 1.5 s",
