@@ -230,7 +230,10 @@ def test_two_drivers_on_one_study_run_exactly_the_budget(tiny_study, postgres_ur
     trials = stored_trials(postgres_url)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 6, f"{len(complete)} COMPLETE trials (all: {states})\n{log}"
+    trained = [t for t in complete if "reused_from" not in t.user_attrs]  # a repeat of another driver's is reused
+    assert len(trained) == 6, f"{len(trained)} trained COMPLETE trials (all: {states})\n{log}"
+    keys = [t.user_attrs["evaluation_key"] for t in trained]
+    assert len(set(keys)) >= 4, f"drivers trained the same candidates: {keys}"  # in lockstep: 3; a race: 5
     assert len({t.number for t in trials}) == len(trials), f"duplicate trial numbers: {[t.number for t in trials]}"
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], f"left RUNNING: {states}\n{log}"
     assert all("accuracy" in t.user_attrs and t.values for t in complete), "a COMPLETE trial lost its metrics"

@@ -398,7 +398,8 @@ def test_the_summary_of_a_study_without_a_feasible_trial_says_so():
                     attrs={"feasible": 0.0})
     reference = default_reference(df)
     v = views(df, hypervolume_history(df, reference), reference)
-    line = summary(SimpleNamespace(name="x", path="x.toml"), df, v, [Path("r/index.html")]).splitlines()[0]
+    spec = SimpleNamespace(name="x", path="x.toml", task=SimpleNamespace(name="charlm"))
+    line = summary(spec, df, v, [Path("r/index.html")]).splitlines()[0]
     assert "nan" not in line and "hypervolume 0 " in line and "no feasible trial" in line
 
 
