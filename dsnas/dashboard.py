@@ -16,9 +16,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from dsnas import results
 from dsnas.errors import DsnasError
-from dsnas.progress import format_metric
+from dsnas.progress import COLUMNS, format_metric
 from dsnas.spec import StudySpec
 from dsnas.storage import artifact_store, display_url
+from dsnas.tasks import throughput_unit
 
 log = logging.getLogger("dsnas.dashboard")
 
@@ -40,6 +41,7 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
     from dsnas.study import open_study  # SQLAlchemy loads on first use
 
     study = open_study(spec, create=False)
+    show_named_constraints()
     app = wsgi(study._storage, artifact_store=artifact_store(spec))
     # Bind before preparing or printing anything: a taken port is then one clear error and no half-started
     # server. (optuna_dashboard.run_server would print bottle's banner first and log every request.)
@@ -91,15 +93,48 @@ def prepare(spec: StudySpec, study: Any) -> None:
 
 
 def _kept_user_notes(study: Any) -> str:
+    """What the user wrote below dsnas's marker; a note without the marker is all the user's (written in the
+    Optuna dashboard before `dsnas dashboard` first ran), and is kept whole below it: it was deleted."""
     from optuna_dashboard import get_note
 
-    _, marker, tail = get_note(study).partition(USER_NOTES)
-    return "\n" + USER_NOTES + (tail if marker else "\n")  # the blank line keeps `---` a rule, not a heading
+    before, marker, tail = get_note(study).partition(USER_NOTES)
+    mine = tail if marker else ("\n" + before.strip() + "\n" if before.strip() else "\n")
+    return "\n" + USER_NOTES + mine  # the blank line keeps `---` a rule, not a heading
+
+
+def show_named_constraints() -> None:
+    """Let the Optuna dashboard see dsnas's constraints. dsnas stores each under its name (Optuna 5's form,
+    ``constraints:max_latency_ms``); optuna-dashboard reads only the older list form, so it drew every infeasible
+    trial as feasible and put it on its Pareto front. Its trial serializer is given the constraints Optuna reads,
+    and its front takes the feasible trials only (as dsnas's front does). A dashboard without these functions is
+    left as it is."""
+    from optuna_dashboard import _app, _serializer
+
+    serialize = getattr(_serializer, "serialize_frozen_trial", None)
+    front = getattr(_app, "get_pareto_front_trials", None)
+    if serialize is None or front is None or getattr(serialize, "dsnas", False):
+        return
+
+    def serialize_with_constraints(study_id: int, trial: Any, study_system_attrs: dict[str, Any]) -> dict[str, Any]:
+        out = serialize(study_id, trial, study_system_attrs)
+        if not out.get("constraints") and trial.constraints:
+            out["constraints"] = list(trial.constraints.values())
+        return out
+
+    def feasible_front(trials: list[Any], directions: list[Any]) -> list[Any]:
+        return front(trials=[t for t in trials if all(c <= 0 for c in t.constraints.values())],
+                     directions=directions)
+
+    serialize_with_constraints.dsnas = True  # type: ignore[attr-defined]
+    _serializer.serialize_frozen_trial = serialize_with_constraints
+    _app.get_pareto_front_trials = feasible_front
 
 
 def study_note(spec: StudySpec, study: Any, df: Any, reference: dict[str, float] | None) -> str:
     """The study note in Markdown: where the study lives, what it optimizes, what measured it, its front."""
-    objectives = ", ".join(f"{o.name} ({o.direction}, `{o.metric}`)" for o in spec.objectives)
+    unit = throughput_unit(spec.task)  # the column is throughput_tok_s whatever the task counts
+    objectives = ", ".join(f"{o.name} ({o.direction}, `{o.metric}`"
+                           f"{', ' + unit if o.metric == 'throughput_tok_s' else ''})" for o in spec.objectives)
     constraints = ", ".join(f"`{m}` ≤ {v:g}" for m, v in spec.hardware.constraints.items()) or "none"
     states = df["state"].value_counts().sort_index()
     lines = [f"## dsnas study `{spec.name}`", "", "| | |", "|---|---|",
@@ -107,7 +142,7 @@ def study_note(spec: StudySpec, study: Any, df: Any, reference: dict[str, float]
              f"| objectives | {objectives} |", f"| constraints | {constraints} |",
              f"| trials | {', '.join(f'{n} {s}' for s, n in states.items()) or 'none yet'} |", "",
              "### Measured on", "", *_fingerprint_lines(study.get_trials(deepcopy=False)), "",
-             "### Pareto front (feasible, non-dominated)", "", *_front_table(df), ""]
+             "### Pareto front (feasible, non-dominated)", "", *_front_table(df, unit), ""]
     if reference:
         point = ", ".join(f"{name} = {value:.6g}" for name, value in reference.items())
         lines += [f"Hypervolume reference point: {point} (charts on the study's page).", ""]
@@ -130,13 +165,15 @@ def _fingerprint_lines(trials: list[Any]) -> list[str]:
     return (warn if len(seen) > 1 else []) + rows
 
 
-def _front_table(df: Any) -> list[str]:
+def _front_table(df: Any, unit: str = "tokens/s") -> list[str]:
     front = results.front(df) if _has_completed(df) else None
     if front is None or front.empty:
         return ["no feasible completed trial yet"]
     columns = [o.column for o in results.objectives(df)]
     columns += [c for c in ("latency_ms", "peak_memory_mb") if c in front.columns and c not in columns]
-    rows = ["| trial | " + " | ".join(columns) + " | architecture |", "|---:|" + "---:|" * len(columns) + "---|"]
+    titles = {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": unit}  # as search prints them
+    rows = ["| trial | " + " | ".join(titles.get(c, c) for c in columns) + " | architecture |",
+            "|---:|" + "---:|" * len(columns) + "---|"]
     for _, t in front.iterrows():
         rows.append(f"| {t['trial']} | " + " | ".join(format_metric(c, t[c]) for c in columns) +
                     f" | {t['arch_short']} |")

@@ -62,7 +62,8 @@ def test_prepare_writes_the_note(made_study):
     prepare(spec, study)
     note = get_note(study)
     assert f"## dsnas study `{spec.name}`" in note and f"`{spec.path}`" in note
-    assert "accuracy (maximize, `accuracy`), throughput (maximize, `throughput_tok_s`)" in note
+    assert "accuracy (maximize, `accuracy`), throughput (maximize, `throughput_tok_s`, tokens/s)" in note
+    assert "| trial | accuracy | tokens/s | latency ms | architecture |" in note  # as search prints them
     assert "`latency_ms` ≤ 1000" in note and "| trials | 2 COMPLETE |" in note
     # Two devices measured the trials: both fingerprints, and a warning that says so.
     assert "2 different devices" in note and "host=`box-a`" in note and "gpu=`NVIDIA H200`" in note
@@ -88,6 +89,41 @@ def test_prepare_twice_replaces_and_keeps_user_notes(made_study):
     assert sorted(charts) == sorted(CHART_IDS.values())
     figure = json.loads(charts[CHART_IDS["n_complete"]])
     assert figure["data"][0]["x"] == [1, 2] and figure["data"][0]["y"][1] > 0
+
+
+def test_a_note_written_before_dsnas_dashboard_ran_is_kept_below_the_marker(made_study):
+    """A note saved in the plain Optuna dashboard has no dsnas marker: it was deleted, without a word."""
+    from optuna_dashboard import get_note, save_note
+
+    from dsnas.dashboard import USER_NOTES, prepare
+
+    spec, study = made_study
+    save_note(study, "MY OWN NOTES: the d32 runs were on battery\n")
+    prepare(spec, study)
+    assert get_note(study).endswith(USER_NOTES + "\nMY OWN NOTES: the d32 runs were on battery\n")
+    prepare(spec, study)
+    assert get_note(study).count("MY OWN NOTES") == 1
+
+
+def test_the_dashboard_sees_dsnas_constraints_and_keeps_infeasible_trials_off_its_front(made_study):
+    """dsnas stores constraints under their names (Optuna 5's form); optuna-dashboard read only the list form,
+    showed every trial as feasible, and put an infeasible one on its Pareto front."""
+    import optuna
+    from optuna_dashboard import _app, _serializer
+
+    from dsnas.dashboard import show_named_constraints
+
+    spec, study = made_study
+    attrs = {"accuracy": 0.9, "throughput_tok_s": 9000.0, "latency_ms": 2.6, "feasible": 0.0, "arch_short": "big"}
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 9000.0], user_attrs=attrs,
+                                              system_attrs={"constraints:max_latency_ms": 1.1}))
+    trials = study.get_trials()
+    show_named_constraints()
+    show_named_constraints()  # twice: wrapped once
+    serialized = [_serializer.serialize_frozen_trial(study._study_id, t, {}) for t in trials]
+    assert [s["constraints"] for s in serialized] == [[], [], [1.1]]
+    front = _app.get_pareto_front_trials(trials=trials, directions=study.directions)
+    assert sorted(t.number for t in front) == [0, 1]  # trial 2 dominates both, but is infeasible
 
 
 def test_prepare_backfills_artifacts_once(made_study):
