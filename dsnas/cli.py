@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dsnas._version import __version__
 from dsnas.errors import DsnasError
@@ -150,9 +151,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise DsnasError(f"--threads {args.threads}: must be >= 1. Fix: e.g. --threads 1, or leave it out (all cores)")
 
+    # Bad input first, in one line, before seconds of probing are printed above it.
+    device = named_device(args.device)
+    shapes = _engine_shapes(Path(args.engine)) if args.engine else None
     caps = probe(args.device)
     print(Capabilities((*caps, host_speed_row())).table())
-    device = named_device(args.device)
     fp = fingerprint(device)
     print(f"\nfingerprint {fingerprint_id(fp)}: " + ", ".join(f"{k}={v}" for k, v in fp.items()))
     if args.ceilings and device.type == "cpu":
@@ -161,29 +164,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         found = ceilings(fp, args.threads)
         print("\nceilings (what this CPU does at best; flop_util and bw_util are shares of them):\n  " +
               "\n  ".join(found.lines()))
-    if args.engine:
-        print("\n" + _engine_table(Path(args.engine), args.device, args.threads))
+    if shapes is not None:
+        from dsnas.profiler.engine_probe import probe_on_device  # torch loads on first use
+
+        spec, widths = shapes
+        print("\n" + probe_on_device(args.device, widths, args.threads or spec.hardware.threads,
+                                     spec.engine.int8_backend).table())
     return 0
 
 
-def _engine_table(study_file: Path, device: str, threads: int | None) -> str:
-    """The engine probe at a study's shapes (its space's widths, its task's context, its batch sizes)."""
+def _engine_shapes(study_file: Path) -> tuple[Any, Any]:
+    """(the study, the shapes its engine probe times: its space's widths, its task's context, its batch sizes)."""
     from dsnas.engine_offer import study_shapes
-    from dsnas.profiler.engine_probe import probe_on_device
     from dsnas.space import load_space_file
     from dsnas.spec import check_plugins, read_study
     from dsnas.tasks import make_task
 
     spec = read_study(study_file)
     if spec.space.file is None:
-        raise DsnasError(f"{study_file}: [space] names a callable; --engine needs a space file to read its widths")
+        raise DsnasError(f"{study_file}: [space] names a callable; --engine needs a space file to read its widths. "
+                         "Fix: give --engine a study whose [space] names a space file")
     check_plugins(spec)
     context = int(make_task(spec.task).arch_defaults().get("context", 1))
     shapes = study_shapes(load_space_file(spec.space.file), spec, context)
     if not shapes:
         raise DsnasError(f"{spec.space.file}: its model family does not say its layers' widths, so there is "
-                         "nothing to probe")
-    return probe_on_device(device, shapes, threads or spec.hardware.threads, spec.engine.int8_backend).table()
+                         "nothing to probe. Fix: give --engine a transformer_lm study (e.g. studies/engine_cpu.toml)")
+    return spec, shapes
 
 
 def cmd_route(args: argparse.Namespace) -> int:

@@ -76,6 +76,19 @@ def test_doctor_prints_the_capabilities_and_the_fingerprint(capsys):
     assert "probes over 1 s of a 256^3 fp32 GEMM" in host and ("unsteady" in host) == (" no " in host)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["doctor", "--device", "cuda:7"], "--device cuda:7: "),
+    (["doctor", "--engine", "nosuch.toml"], "nosuch.toml"),
+])
+def test_doctor_refuses_bad_input_before_probing_anything(args, message, capsys, tmp_path, monkeypatch):
+    """The capability table and seconds of the host-speed probe came first, the error after them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dsnas.profiler.capabilities.probe", lambda device: pytest.fail("probed first"))
+    assert main(args) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and message in printed.err and printed.err.count("\n") == 1
+
+
 def test_profile_of_an_architecture_file_prints_every_batch_size(tmp_path, capsys):
     arch = {"family": "transformer_lm", "d_model": 16, "vocab_size": 256, "context": 16,
             "layers": [{"n_heads": 2, "ffn_ratio": 1}]}
