@@ -267,9 +267,10 @@ def cmd_predictor(args: argparse.Namespace) -> int:
             print(cross_validate(rows, args.target, folds=args.folds).table())
         except DsnasError as e:
             refused.append(f"device {fp}: {e}")
-            print(f"device {fp}: skipped: {e}")
-    if len(refused) == len(devices):
+    if len(refused) == len(devices):  # one line, once (it was printed, then raised again)
         raise DsnasError(f"{spec.path}: study {spec.name!r}, " + "; ".join(refused))
+    for line in refused:
+        print(line.replace(": ", ": skipped: ", 1))
     record = search_record(study)
     if record:
         print(record)

@@ -236,9 +236,10 @@ def _check_enough_to_fold(rows: list[MeasuredRow], target: str, folds: int) -> N
     n = len({r.arch_key for r in rows})
     need = next(m for m in itertools.count(MIN_ARCHS) if m - math.ceil(m / min(folds, m)) >= MIN_ARCHS)
     if n < need:
+        fits = next((f for f in range(folds + 1, n + 1) if n - math.ceil(n / f) >= MIN_ARCHS), None)
         raise DsnasError(f"cross-validating the {target} predictor over {folds} folds needs at least {need} measured "
                          f"architectures on one device (each fold learns from the others, which need {MIN_ARCHS}), "
-                         f"got {n}; run more trials")
+                         f"got {n}. Fix: run more trials" + (f", or use --folds {fits}" if fits else ""))
 
 
 def check_folds(folds: int) -> None:
