@@ -450,21 +450,28 @@ def recover_stale_trials(study: Any) -> list[int]:
     returns their numbers.
 
     A driver of this host that no longer runs is known dead at once; a driver elsewhere is dead when its
-    heartbeats stopped for GRACE_S. A trial that never got a driver attribute is stale after GRACE_S."""
+    heartbeats stopped for GRACE_S, or when it sent none in the GRACE_S since the trial started (killed before its
+    first heartbeat, or a host renamed since: such a trial stayed RUNNING for good, and a driver waiting on the
+    rest of the budget waited forever). A trial that never got a driver attribute is stale after GRACE_S."""
     import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
-    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id)) if has_heartbeats(storage) else set()
+    beats = has_heartbeats(storage)
+    heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id)) if beats else set()
+    never_beat = _never_beat(storage, study._study_id) if beats else set()
     now = datetime.datetime.now()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         driver = trial.user_attrs.get("driver")
+        old = bool(trial.datetime_start) and (now - trial.datetime_start).total_seconds() > GRACE_S
         if driver and _driver_gone(driver):
             reason = f"its driver (pid {driver['pid']} on {driver['host']}) stopped while the trial ran"
         elif trial._trial_id in heartbeat_stale:
             reason = f"its driver sent no heartbeat for {GRACE_S} s"
-        elif not driver and trial.datetime_start and (now - trial.datetime_start).total_seconds() > GRACE_S:
+        elif driver and old and trial._trial_id in never_beat and driver.get("host") != socket.gethostname():
+            reason = f"its driver on {driver.get('host')} sent no heartbeat in the {GRACE_S} s since the trial started"
+        elif not driver and old:
             reason = "its driver stopped before it could dispatch the trial"
         else:
             continue
@@ -476,6 +483,23 @@ def recover_stale_trials(study: Any) -> list[int]:
         requeue(study, trial)
         recovered.append(trial.number)
     return recovered
+
+
+def _never_beat(storage: Any, study_id: int) -> set[int]:
+    """The ids of the study's RUNNING trials without a heartbeat row (Optuna's own staleness check skips them)."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        return set()
+    with _create_scoped_session(backend.scoped_session) as session:
+        rows = session.query(models.TrialModel.trial_id).filter(
+            models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
+            ~models.TrialModel.heartbeats.any()).all()
+    return {row[0] for row in rows}
 
 
 def requeue(study: Any, trial: Any) -> int:

@@ -30,6 +30,8 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
     elsewhere.set_user_attr("driver", {**me, "host": "another-machine"})
     study._storage.record_heartbeat(elsewhere._trial_id)
     undispatched = study.ask()
+    silent = study.ask()  # its driver elsewhere died before its first heartbeat, or the host was renamed
+    silent.set_user_attr("driver", {**me, "host": "old-container-3f2a"})
     alive = study.ask()
     alive.set_user_attr("driver", me)
     time.sleep(2.2)  # past the grace period
@@ -39,12 +41,13 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
 
     recovered = dsnas_storage.recover_stale_trials(study)
 
-    assert recovered == sorted([elsewhere.number, undispatched.number, dead.number])
+    assert recovered == sorted([elsewhere.number, undispatched.number, silent.number, dead.number])
     by_number = {t.number: t for t in study.get_trials()}
     assert by_number[alive.number].state == TrialState.RUNNING
     reasons = {n: by_number[n].user_attrs["fail_reason"] for n in recovered}
     assert "no heartbeat for 1 s" in reasons[elsewhere.number]
     assert "before it could dispatch" in reasons[undispatched.number]
+    assert "on old-container-3f2a sent no heartbeat in the 1 s since the trial started" in reasons[silent.number]
     assert f"pid {2**22 + 12345}" in reasons[dead.number]
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert sorted(t.user_attrs["requeued_from"] for t in waiting) == recovered
