@@ -22,7 +22,14 @@ from typing import Any
 
 from dsnas.allocator import hold_freed_memory
 from dsnas.errors import DsnasError
-from dsnas.export.bundle import export_trial, load_bundle, put_in_place, read_bundle, recorded_task_spec
+from dsnas.export.bundle import (
+    check_replaceable,
+    export_trial,
+    load_bundle,
+    put_in_place,
+    read_bundle,
+    recorded_task_spec,
+)
 from dsnas.export.pick import pick_trials
 from dsnas.profiler.device import fingerprint
 from dsnas.tasks import make_task
@@ -30,6 +37,7 @@ from dsnas.tasks import make_task
 ROUTE_TYPE, ROUTE_VERSION = "dsnas.route", 1
 MAX_STAGES = 4  # thresholds are searched over a grid: 4 stages are 23^3 combinations, more would be slow and overfit
 LEVELS = 21  # threshold candidates per stage: quantiles of its confidence on the calibration half
+ROUTE_FILES = frozenset({"route.json", "members"})  # what a route folder holds (see check_replaceable)
 COSTS = {"latency": ("latency_ms", "ms"), "flops": ("flops", "FLOPs")}
 TIMING_ROUNDS = 5
 Z95 = 1.645  # one-sided 95%: the accuracy a route may lose is bounded at this confidence (see lost)
@@ -441,13 +449,7 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
             " (energy is measured only on a GPU's NVML counter, so a route cannot be priced by it everywhere)"
             if cost == "energy" else ""))
     _needs_eval_inputs(make_task(spec.task))  # before minutes of exports
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            read_route(out)
-        except DsnasError:
-            raise DsnasError(f"{out}: this folder holds files and is not a route bundle; writing a route replaces "
-                             "it whole, which would delete them. Fix: name a new folder, or an earlier route, with "
-                             "--out") from None
+    check_replaceable(out, "route", ROUTE_FILES)
     work = out.parent / f".{out.name}.{secrets.token_hex(6)}"
     try:
         work.mkdir(parents=True)

@@ -263,7 +263,8 @@ def test_export_refuses_a_folder_that_is_not_a_bundle_and_leaves_it_as_it_was(fi
     (mine / "notes.txt").write_text("precious")
     assert main(["export", str(finished_study), "--pick", "knee", "--out", str(mine)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "this folder holds files and is not a dsnas bundle" in err and "Fix:" in err
+    assert err.count("\n") == 0 and "holds files that are not a dsnas bundle's (notes.txt, other)" in err
+    assert "Fix: name a new folder, or an earlier bundle, with --out" in err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "other"]
     (tmp_path / "empty").mkdir()
     old = os.umask(0o022)
@@ -272,9 +273,15 @@ def test_export_refuses_a_folder_that_is_not_a_bundle_and_leaves_it_as_it_was(fi
     finally:
         os.umask(old)
     assert (tmp_path / "empty" / "arch.json").is_file() and (tmp_path / "empty").stat().st_mode & 0o777 == 0o755
+    (tmp_path / "empty" / "arch.json").write_text('{"_type": "dsnas.bu')  # damaged: load says to export again
+    assert main(["export", str(finished_study), "--pick", "knee", "--out", str(tmp_path / "empty")]) == 0
     monkeypatch.chdir(tmp_path / "empty")  # replacing the bundle that holds the current folder
     assert main(["export", str(finished_study), "--pick", "knee", "--out", "."]) == 2
-    assert "holds the current folder. Fix: run the export from another folder" in capsys.readouterr().err
+    assert "holds the current folder, which cannot be replaced. Fix: run it" in capsys.readouterr().err
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # an empty current folder: a traceback after all the work
+    assert main(["export", str(finished_study), "--pick", "knee", "--out", "."]) == 2
+    assert "holds the current folder" in capsys.readouterr().err
 
 
 def test_load_names_a_bad_device_in_one_line(bundle):

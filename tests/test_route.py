@@ -182,8 +182,11 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     assert main(["route", str(study), "--out", str(tmp_path / "mine")]) == 2
-    assert "this folder holds files and is not a route bundle" in capsys.readouterr().err
+    assert "holds files that are not a dsnas route's (notes.txt)" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    assert main(["route", str(study), "--out", str(tmp_path / "mine" / "notes.txt")]) == 2  # it was moved aside
+    assert "a route is a folder, and this is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
     # The report draws the route beside the front.
     assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()

@@ -38,9 +38,7 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
 
     spec = as_searched(spec, study)
     out = Path(out) if out else spec.base_dir / "exports" / f"{spec.name}-trial{frozen.number}"
-    if out.exists() and not out.is_dir():
-        raise DsnasError(f"{out}: a bundle is a folder, and this is a file. Fix: name a folder with --out")
-    _check_replaceable(out)
+    check_replaceable(out, "bundle", BUNDLE_FILES)
     evaluated = "arch" in frozen.user_attrs and frozen.user_attrs.get("profile", {}).get("backend") == "recorded"
     missing = [k for k in ("weights_artifact", "probe_artifact", "arch") if k not in frozen.user_attrs]
     if missing and not evaluated:
@@ -66,20 +64,29 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     return out
 
 
-def _check_replaceable(out: Path) -> None:
-    """An export replaces an earlier bundle at ``out`` whole; anything else there is refused. (It was moved aside
-    and deleted: `--out mymodels` erased that folder's other files.)"""
-    if not out.is_dir() or not any(out.iterdir()):
+# What a bundle folder holds, every file a dsnas version wrote: a folder of only these is a bundle (a damaged one
+# too: its loader says to export it again), and may be replaced.
+BUNDLE_FILES = frozenset({"arch.json", "weights.safetensors", "probe.safetensors", "metrics.json", "README.md",
+                          "model.pt2", "model.onnx", "hf"})
+
+
+def check_replaceable(out: Path, what: str, ours: frozenset[str]) -> None:
+    """Writing a bundle (``what``: "bundle" or "route") replaces ``out`` whole, so only a folder of what such a
+    bundle holds (``ours``: its entries' names), an empty one or a new one may be there. A folder of other files was
+    deleted (`--out mymodels`), a file moved aside under a hidden name, and `--out .` failed with a traceback after
+    all the work."""
+    if out.exists() and not out.is_dir():
+        raise DsnasError(f"{out}: a {what} is a folder, and this is a file. Fix: name a folder with --out")
+    if not out.is_dir():
         return
-    try:
-        read_bundle(out)
-    except DsnasError:
-        raise DsnasError(f"{out}: this folder holds files and is not a dsnas bundle; an export replaces a bundle "
-                         "whole, which would delete them. Fix: name a new folder, or an earlier bundle, with --out"
-                         ) from None
     if Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise DsnasError(f"{out}: the bundle to replace holds the current folder. Fix: run the export from "
-                         "another folder")
+        raise DsnasError(f"{out}: the {what}'s folder holds the current folder, which cannot be replaced. Fix: run it "
+                         "from another folder, or name another --out")
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if others:
+        raise DsnasError(f"{out}: this folder holds files that are not a dsnas {what}'s ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); writing a {what} replaces the folder whole, which "
+                         f"would delete them. Fix: name a new folder, or an earlier {what}, with --out")
 
 
 def put_in_place(work: Path, out: Path) -> None:
