@@ -148,11 +148,12 @@ def _search(spec, method: str, seed: int, reference: list[float], true_hv: float
 
 def resumable(result: dict, evaluations: int, timeout_s: float) -> bool:
     """Whether a stored search answers this run: one with this budget and time limit, or one that reached the last
-    level within this budget (it stopped there; more budget would not change its curve). A shorter search that
-    reached less was reported as not reaching it within the longer budget."""
+    level within this budget and time limit (it stopped there; more of either would not change its curve). A
+    shorter search that reached less was reported as not reaching it within the longer budget."""
     if result["evaluations"] > evaluations:
         return False
-    done = bool(result["curve"]) and result["curve"][-1][2] >= LEVELS[-1] - 1e-12
+    done = bool(result["curve"]) and result["curve"][-1][2] >= LEVELS[-1] - 1e-12 and \
+        result["curve"][-1][1] <= timeout_s
     return done or (result.get("budget") == evaluations and result.get("timeout_s") == timeout_s)
 
 

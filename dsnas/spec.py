@@ -62,7 +62,9 @@ class SamplerSpec:
     says so."""
 
     name: str = "dsnas"  # the sampler: dsnas's own, or Optuna's ("tpe", "nsga2", "gp", "random", ...)
-    seed: int | None = 0  # seeds which candidates are tried; moves on by the stored trials when a study resumes
+    # seeds which candidates are tried; moves on by the stored trials and by each earlier run of `dsnas search` on
+    # the study when it resumes (so that two drivers started together try different candidates)
+    seed: int | None = 0
     settings: dict[str, Any] = field(default_factory=dict)  # the sampler's own keyword arguments
 
     def __post_init__(self) -> None:

@@ -130,6 +130,7 @@ def test_a_resumed_run_reuses_only_searches_that_answer_its_budget():
     assert bench.resumable(short, 20, 300.0) and not bench.resumable(short, 20, 60.0)
     reached = {"evaluations": 40, "budget": 100, "timeout_s": 300.0, "curve": [[40, 1.0, 0.96]]}
     assert bench.resumable(reached, 600, 60.0) and not bench.resumable(reached, 30, 300.0)
+    assert not bench.resumable(reached, 600, 0.5)  # it reached the level after 1 s: not within 0.5 s
     assert not bench.resumable({"evaluations": 20, "curve": [[20, 1.0, 0.5]]}, 20, 300.0)  # an old line: no budget
 
 
