@@ -112,7 +112,14 @@ def pareto_front(trials: list[Any], directions: list[str]) -> list[Any]:
 
 def knee(front: list[Any], directions: list[str]) -> Any:
     """The front's best compromise: the trial closest to the ideal point once each objective is scaled to
-    [0, 1] over the front (1 = best), so that no objective wins by its units alone."""
+    [0, 1] over the front (1 = best), so that no objective wins by its units alone; of trials as close (both ends
+    of a front of two), the best in the first objective (see knee_ties)."""
+    return knee_ties(front, directions)[0]
+
+
+def knee_ties(front: list[Any], directions: list[str]) -> list[Any]:
+    """The trials of ``front`` (best first in the first objective, as pareto_front orders it) closest to the ideal
+    point: more than one where the knee is a tie, which `dsnas export --pick knee` says."""
     columns = list(zip(*(t.values for t in front)))
 
     def scaled(value: float, column: tuple[float, ...], direction: str) -> float:
@@ -125,4 +132,5 @@ def knee(front: list[Any], directions: list[str]) -> Any:
     def distance(t: Any) -> float:
         return math.dist([scaled(v, c, d) for v, c, d in zip(t.values, columns, directions)], [1.0] * len(directions))
 
-    return min(front, key=lambda t: (distance(t), t.number))
+    distances = [distance(t) for t in front]
+    return [t for t, d in zip(front, distances) if d <= min(distances) + 1e-12]
