@@ -245,7 +245,7 @@ def test_the_trial_table_and_the_report_show_disturbed_trials(tmp_path):
     assert list(df["disturbed"]) == [True, False, True, None]
     assert list(df.columns[:5]) == ["trial", "state", "feasible", "disturbed", "arch_short"]
     reference = {"accuracy": 0.0, "throughput": 0.0}
-    spec = SimpleNamespace(name="flags", path=Path("studies/flags.toml"))
+    spec = SimpleNamespace(name="flags", path=Path("studies/flags.toml"), task=SimpleNamespace(name="charlm"))
     text = summary(spec, df, views(df, hypervolume_history(df, reference), reference), [tmp_path / "index.html"])
     table = text.splitlines()[1:6]
     assert table[0].split()[-1] == "disturbed"
