@@ -125,12 +125,17 @@ class Predictor:
 def features(arch: dict[str, Any], flops: float, bytes: float, params: float, batch_size: int) -> np.ndarray:
     """The feature vector (see FEATURES): counts in log space, because latency follows them as a power law."""
     layers = arch.get("layers", [])
-    precisions = [layer.get("precision", "fp32") for layer in layers]
-    sparsities = [layer.get("sparsity", "dense") for layer in layers]
+    groups = arch.get("engine", ())  # an [engine] group's choice (hf_causal_lm's only engine choice) counts too
+    precisions = [layer.get("precision", "fp32") for layer in layers] + [g["precision"] for g in groups]
+    sparsities = [layer.get("sparsity", "dense") for layer in layers] + [g["sparsity"] for g in groups]
+    # hf_causal_lm names its width hidden_size and its heads and FFN once for all layers: they read 0 here.
+    width = arch.get("d_model", arch.get("hidden_size", 0))
+    ffn = _layer_mean(layers, "ffn_ratio") or (arch["intermediate_size"] / width
+                                               if "intermediate_size" in arch and width else 0.0)
+    heads = _layer_mean(layers, "n_heads") or float(arch.get("n_heads", 0))
     base = np.array([math.log(flops), math.log(bytes), math.log(params), math.log(batch_size), len(layers),
-                     arch.get("d_model", 0), *(precisions.count(p) for p in PRECISIONS),
-                     *(sparsities.count(s) for s in SPARSITIES), _layer_mean(layers, "ffn_ratio"),
-                     _layer_mean(layers, "n_heads")], dtype=float)
+                     width, *(precisions.count(p) for p in PRECISIONS),
+                     *(sparsities.count(s) for s in SPARSITIES), ffn, heads], dtype=float)
     return np.concatenate([base, base[_BY_BATCH] * math.log(batch_size)])
 
 

@@ -234,6 +234,10 @@ def load_space_file(path: str | Path) -> SearchSpace:
     optional_arch = tuple(getattr(fam, "OPTIONAL_ARCH_KEYS", ()))
     choices = _options(where, "choices", raw.get("choices", {}), fam.ARCH_KEYS + optional_arch + fam.LAYER_KEYS,
                        named)
+    if raw.get("per_layer") and not fam.LAYER_KEYS:  # the unknown-key error named an empty list of known keys
+        raise SpecError(where, "per_layer", f"the {name} family has no per-layer choices", None,
+                        "remove [per_layer]; choose the engine by module name in [engine.NAME] tables "
+                        f"(see the comments in search_spaces/{name}.toml)")
     per_layer = _options(where, "per_layer", raw.get("per_layer", {}), fam.LAYER_KEYS, named)
     by_device = _by_device(where, raw, choices, per_layer)
     if by_device and not hasattr(fam, "linear_widths"):

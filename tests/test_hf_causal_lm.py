@@ -161,6 +161,49 @@ def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path, ar
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(x))
+    # Saved for deployment with its KV cache on (generate() fed the whole prefix again at each step without it);
+    # the model in hand keeps training's setting.
+    assert loaded.config.use_cache and loaded.generation_config.use_cache and not model.hf.config.use_cache
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_hf_export_of_a_model_with_an_engine_group(tmp_path, precision):
+    """A group that left every layer fp32 dense changes nothing transformers builds: hf/ was refused for it."""
+    from dsnas.export.bundle import _save_pretrained
+    from dsnas.kernels.convert import untrained_inference_form
+    from dsnas.models import build, describe
+
+    arch = {**ARCH, "engine": [{"group": "mlp", "modules": ["hf.model.layers.*.mlp.*"], "precision": precision,
+                                "sparsity": "dense"}]}
+    assert describe(arch) == f"llama h32 L2 a4/kv2 i48 mlp={precision}"  # the group's choice is in the name
+    torch.manual_seed(0)
+    model = untrained_inference_form(build(arch).eval())
+    said = _save_pretrained(model, tmp_path / "hf")
+    if precision == "bf16":
+        assert said.startswith("unavailable: engine layers (hf.model.layers.0.mlp.down_proj, ") and \
+            not (tmp_path / "hf").exists()
+        return
+    assert said == "hf/"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(loaded[1].values()), loaded[1]  # every weight it expected, nothing it did not
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[0].eval()(input_ids=x).logits, model(x))
+
+
+def test_2_4_on_the_tied_lm_head_is_left_alone_with_the_reason():
+    """lm_head shares the token table: pruning it in place zeroed half of the input embedding, unsaid."""
+    from dsnas.models import build
+
+    arch = {**ARCH, "engine": [{"group": "head", "modules": ["hf.lm_head"], "precision": "fp32", "sparsity": "2:4"},
+                               {"group": "mlp", "modules": ["hf.model.layers.*.mlp.*"], "precision": "fp32",
+                                "sparsity": "2:4"}]}
+    with pytest.raises(TrialError, match="engine group 'head' decides no layer: hf.lm_head: 2:4 sparsity on a "
+                                         "weight tied to hf.model.embed_tokens's would zero half of"):
+        build(arch)  # the trial fails saying why, as a group that decides nothing does
+    arch["engine"][0]["sparsity"] = "dense"  # the head at fp32 dense (a choice it may also take) decides it
+    model = build(arch)
+    assert model.hf.lm_head.weight is model.hf.model.embed_tokens.weight and not model.dsnas_left_alone
 
 
 def test_save_pretrained_refuses_another_family(tmp_path):
@@ -215,3 +258,16 @@ def test_an_hf_study_searches_exports_and_transformers_loads_the_winner(tmp_path
     with torch.inference_mode():
         logits = model(input_ids=probe["input"]).logits
     assert torch.allclose(logits, probe["logits"], atol=1e-4)
+
+
+def test_a_per_layer_table_in_an_hf_space_says_to_use_engine_groups(tmp_path):
+    """It said '[per_layer.precision] is not a known key. Fix: known keys: ' with nothing after it."""
+    from dsnas.errors import SpecError
+    from dsnas.space import load_space_file
+
+    space = tmp_path / "space.toml"
+    space.write_text((REPO / "search_spaces" / "hf_causal_lm.toml").read_text() +
+                     '\n[per_layer]\nprecision = ["fp32", "bf16"]\n')
+    with pytest.raises(SpecError, match=r"\[per_layer\] the hf_causal_lm family has no per-layer choices.*Fix: remove "
+                                        r"\[per_layer\]; choose the engine by module name in \[engine.NAME\] tables"):
+        load_space_file(space)

@@ -175,6 +175,18 @@ def test_a_cnn_architecture_has_features() -> None:
     assert x[list(FEATURES).index("n_layers")] == 2 and x[list(FEATURES).index("mean_ffn_ratio")] == 0
 
 
+def test_an_hf_architecture_has_its_width_heads_ffn_and_engine_group_in_the_features() -> None:
+    """hf_causal_lm names its width hidden_size and chooses its engine by group: the predictor saw width 0, no
+    heads, no FFN and every model fp32."""
+    from dsnas.predictor import FEATURES, features
+
+    arch = {"family": "hf_causal_lm", "hidden_size": 128, "n_heads": 4, "intermediate_size": 344, "layers": [{}],
+            "engine": [{"group": "mlp", "modules": ["*.mlp.*"], "precision": "bf16", "sparsity": "dense"}]}
+    x = dict(zip(FEATURES, features(arch, 1e6, 1e5, 1e4, 8)))
+    assert (x["d_model"], x["mean_heads"], x["n_bf16"], x["n_fp32"]) == (128, 4, 1, 1)
+    assert x["mean_ffn_ratio"] == pytest.approx(344 / 128)
+
+
 def test_spearman_uses_average_ranks_for_ties() -> None:
     from scipy.stats import spearmanr
 

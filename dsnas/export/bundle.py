@@ -8,6 +8,8 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +133,40 @@ def _save_pretrained(model: Any, folder: Path) -> str:
     from dsnas.kernels.linear import engine_layers  # torch loads on first use
     from dsnas.models import hf_causal_lm  # transformers loads on first use
 
-    if engine_layers(model):
-        return ("unavailable: engine layers (their precision or sparsity) replaced linear layers, and "
-                "transformers' from_pretrained would build plain ones; load the bundle with dsnas.load")
+    layers = engine_layers(model)
+    changed = sorted(name for name, layer in layers.items() if layer.precision != "fp32" or (
+        layer.mask is not None and not bool(layer.mask.all())))
+    if changed:  # an engine group that left every layer fp32 dense changes nothing transformers would build
+        return (f"unavailable: engine layers ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}) run at "
+                "another precision or sparsity, and transformers' from_pretrained would build plain ones; load the "
+                "bundle with dsnas.load")
     try:
-        hf_causal_lm.save_pretrained(model, folder)
+        with _as_plain_linears(model, layers):
+            hf_causal_lm.save_pretrained(model, folder)
     except Exception as e:  # a transformers version that cannot save it: the dsnas bundle still stands
         return f"unavailable: save_pretrained failed ({_one_line(e)})"
     return folder.name + "/"
+
+
+@contextmanager
+def _as_plain_linears(model: Any, layers: dict[str, Any]) -> Iterator[None]:
+    """While open, each (fp32 dense) engine layer of ``model`` is an nn.Linear holding its weight and bias, so
+    that the saved state holds exactly what transformers' own layers load (no mask or calibration buffers)."""
+    from torch import nn
+
+    swapped = []
+    for name, layer in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        setattr(parent, attr, plain)
+        swapped.append((parent, attr, layer))
+    try:
+        yield
+    finally:
+        for parent, attr, layer in swapped:
+            setattr(parent, attr, layer)
 
 
 def _export_evaluated(spec: StudySpec, frozen: Any, out: Path) -> None:

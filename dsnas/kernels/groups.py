@@ -66,6 +66,11 @@ def _convert(model: nn.Module, name: str, precision: str, sparsity: str) -> str 
                                         precision=precision, sparsity=sparsity)
         if sparsity != "dense" and module.in_features % 4:
             return f"2:4 sparsity needs in_features divisible by 4 (got {module.in_features})"
+        tied = [n for n, m in model.named_modules() if m is not module and n != name and
+                any(p is module.weight for p in m.parameters(recurse=False))]
+        if sparsity != "dense" and tied:  # pruning is in place, on the shared tensor
+            return (f"2:4 sparsity on a weight tied to {tied[0]}'s would zero half of {tied[0]}'s too (a tied "
+                    "lm_head pruned the input embedding)")
     elif type(module) in (nn.Conv2d, EngineConv2d):
         refused = NOT_FOR_CONV.get(sparsity) if sparsity != "dense" else NOT_FOR_CONV.get(precision)
         if refused or precision not in CONV_PRECISIONS:

@@ -140,6 +140,10 @@ def describe(arch: dict[str, Any], fixed: tuple[str, ...] = (), base_dir: str | 
         return describe_choices(arch, fixed)
     try:
         fam = family(name, base_dir)
-        return str(fam.describe(arch, fixed) if is_user_family(name) else fam.describe(arch))
+        if is_user_family(name):
+            return str(fam.describe(arch, fixed))
+        # An [engine] group's choice too: hf_causal_lm has no other engine choice, and two models apart only in it
+        # read the same on the front ("llama h64 L1 a4/kv2 i344" twice).
+        return f"{fam.describe(arch)} {describe_groups(arch)}".strip()
     except Exception:  # a description is never worth failing a trial over
         return describe_choices(arch, fixed)

@@ -126,5 +126,16 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> None:
     from transformers.utils import logging as hf_logging  # transformers loads on first use
 
     hf_logging.disable_progress_bar()  # a bar for one small shard is noise in `dsnas export`'s report
-    # safetensors is the default since transformers 4.35 and the only format since 5 (no pickle).
-    model.hf.save_pretrained(str(folder))
+    # Training runs without a KV cache; the saved model is for deployment, where generate() without one fed the
+    # whole prefix again at every step (2,528 tokens for 64 new ones after 7).
+    saved = model.hf.config.use_cache, getattr(model.hf.generation_config, "use_cache", None)
+    model.hf.config.use_cache = True
+    if model.hf.generation_config is not None:
+        model.hf.generation_config.use_cache = True
+    try:
+        # safetensors is the default since transformers 4.35 and the only format since 5 (no pickle).
+        model.hf.save_pretrained(str(folder))
+    finally:
+        model.hf.config.use_cache = saved[0]
+        if model.hf.generation_config is not None:
+            model.hf.generation_config.use_cache = saved[1]
