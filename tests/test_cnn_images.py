@@ -14,6 +14,7 @@ from dsnas.models import cnn
 from dsnas.tasks.images import ImagesConfig, ImagesTask, shifted, split
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parent.parent
 DIGITS = {"image_size": 16, "channels": 1, "n_classes": 10}
 
 
@@ -195,6 +196,16 @@ def test_an_image_folder_loads_with_its_classes_and_channels(tmp_path, mode, cha
     assert task.fingerprint()["dataset_sha256"] == ImagesTask(config, str(tmp_path)).fingerprint()["dataset_sha256"]
     model = cnn.build(_arch(_stage(1, 8), **task.arch_defaults()))
     assert model(batch).shape == (5, 2)
+    # A folder without images (it sorts first) takes no class number: it shifted every class and added one.
+    (tmp_path / "pets" / "checkpoints").mkdir()
+    (tmp_path / "pets" / "checkpoints" / "notes.txt").write_text("no image")
+    again = ImagesTask(config, str(tmp_path))
+    assert again.n_classes == 2 and again.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # What an input must be, for an exported bundle: the training split's statistics, per channel, and the classes.
+    pre = again.preprocessing()
+    assert pre["classes"] == ["cat", "dog"] and len(pre["mean"]) == len(pre["std"]) == channels
+    raw = again.images * torch.tensor(pre["std"]).view(1, -1, 1, 1) + torch.tensor(pre["mean"]).view(1, -1, 1, 1)
+    assert raw.min() >= -1e-6 and raw.max() <= 1 + 1e-6  # undone, the pixels are the [0, 1] ones
 
 
 def test_a_16_bit_image_loads_as_its_8_bit_copy_does(tmp_path):
@@ -230,3 +241,29 @@ def test_a_missing_or_classless_folder_is_a_spec_error_naming_task_dataset(tmp_p
     (tmp_path / "one" / "only" / "a.png").write_bytes(b"")
     with pytest.raises(SpecError, match="at least two class sub-folders"):
         ImagesConfig(dataset="one").resolve_dataset(str(tmp_path))
+
+
+def test_an_exported_cnn_records_its_input_and_a_bf16_stage_writes_a_valid_onnx(tmp_path):
+    """The bundle held no normalisation (the model scored 10% on the [0, 1] images a user has, 99% on the task's)
+    nor class names; and a bf16 stage's model.onnx was written at an opset whose Conv takes no bfloat16."""
+    pytest.importorskip("sklearn")
+    import json
+
+    import onnx
+
+    from dsnas.cli import main
+
+    space = tmp_path / "space.toml"
+    space.write_text('family = "cnn"\n[choices]\nstem_width = 8\nn_layers = 1\n'
+                     '[per_layer]\ndepth = 1\nwidth = 16\nkernel = 3\nexpand = 1\nprecision = "bf16"\n')
+    study = tmp_path / "images.toml"
+    study.write_text((REPO / "studies" / "images.toml").read_text()
+                     .replace("../search_spaces/cnn.toml", str(space)).replace("n_trials = 12", "n_trials = 1")
+                     .replace("train_images = 12_000", "train_images = 512").replace('kind = "ray"', 'kind = "local"'))
+    assert main(["search", str(study)]) == 0
+    assert main(["export", str(study), "--trial", "0", "--out", str(tmp_path / "b")]) == 0
+    pre = json.loads((tmp_path / "b" / "arch.json").read_text())["task"]["preprocessing"]
+    assert pre["classes"] == [str(i) for i in range(10)] and len(pre["mean"]) == 1
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "## Its input" in card and "then per channel (x - mean) / std (mean [" in card
+    onnx.checker.check_model(str(tmp_path / "b" / "model.onnx"), full_check=True)

@@ -109,7 +109,11 @@ def put_in_place(work: Path, out: Path) -> None:
 
 def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
     _copy_artifacts(spec, frozen, out)
-    _write_json(out / "arch.json", _arch_doc(spec, frozen))
+    doc = _arch_doc(spec, frozen)
+    preprocessing = _preprocessing(spec)
+    if preprocessing:
+        doc["task"]["preprocessing"] = preprocessing
+    _write_json(out / "arch.json", doc)
     model = load_bundle(out)
     probe = read_probe(out)
     exports: dict[str, Any] = dict(write_model_files(model, probe["input"], out))
@@ -125,7 +129,16 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
                "objectives": dict(zip([o.name for o in spec.objectives], frozen.values)),
                "profile": profile, "fingerprint": profile.get("fingerprint", {}), "exports": exports}
     _write_json(out / "metrics.json", metrics)
-    (out / "README.md").write_text(model_card(spec, frozen, metrics, name))
+    (out / "README.md").write_text(model_card(spec, frozen, metrics, name, preprocessing))
+
+
+def _preprocessing(spec: StudySpec) -> dict[str, Any] | None:
+    """What the task does to an input before the model sees it, where it says (the images task: scaling, size,
+    per-channel mean and std, class names), for the bundle and its card."""
+    from dsnas.tasks import make_task  # the task's data loads on first use
+
+    say = getattr(make_task(spec.task), "preprocessing", None)
+    return say() if callable(say) else None
 
 
 def _save_pretrained(model: Any, folder: Path) -> str:

@@ -28,8 +28,10 @@ def measured_compiled(metrics: dict[str, Any]) -> bool:
     return bool((metrics.get("profile") or {}).get("signature", {}).get("compiled"))
 
 
-def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: str) -> str:
-    """README.md of a bundle: what the model is, what it scored, how that was measured, and how to load it."""
+def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: str,
+               preprocessing: dict[str, Any] | None = None) -> str:
+    """README.md of a bundle: what the model is, what it scored, how that was measured, what its input must be
+    (``preprocessing``, where the task says), and how to load it."""
     arch, numbers = frozen.user_attrs["arch"], metrics["metrics"]
     objectives = {o.metric: f"objective, {o.direction}" for o in spec.objectives}
     unit = throughput_unit(spec.task)
@@ -45,7 +47,7 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
         "The weights are the trial's own: nothing was retrained for this bundle.", "",
         "## What it scored", "", "| figure | value | |", "|---|---|---|", *scored, "",
         f"Feasible: {feasible} (constraints: {limits}).", "",
-        *_measured_section(spec, metrics), *_files_section(metrics["exports"]),
+        *_measured_section(spec, metrics), *_input_section(preprocessing), *_files_section(metrics["exports"]),
         *_loading_section(folder, metrics["exports"], measured_compiled(metrics))])
 
 
@@ -62,6 +64,19 @@ def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
             "| batch | median ms | p10 ms | p90 ms | spread | calls |", "|---|---|---|---|---|---|", *rows, "",
             "Accuracy is the task's own `accuracy` on its validation split. "
             "Run `dsnas verify` on this folder to measure it all again here.", ""]
+
+
+def _input_section(preprocessing: dict[str, Any] | None) -> list[str]:
+    """The input the model needs (arch.json's task.preprocessing): the probe and every figure above used it."""
+    if not preprocessing:
+        return []
+    numbers = ", ".join(f"{k} {[round(v, 6) for v in preprocessing[k]]}" for k in ("mean", "std") if k in preprocessing)
+    classes = preprocessing.get("classes", [])
+    lines = ["## Its input", "", f"{preprocessing.get('input', '')}" + (f" ({numbers})." if numbers else "."), ""]
+    if classes:
+        lines += [f"Output index i is class {', '.join(f'{i}: `{c}`' for i, c in enumerate(classes[:20]))}"
+                  f"{', ...' if len(classes) > 20 else ''} (all in arch.json, task.preprocessing.classes).", ""]
+    return lines
 
 
 def _written(exports: dict[str, Any], fmt: str) -> bool:

@@ -77,14 +77,26 @@ def _write_onnx(program: Any, path: Path) -> str:
     missing = onnx_missing()
     if missing:
         return f"unavailable: {' and '.join(missing)} not installed. Fix: pip install 'dsnas[onnx]'"
-    try:
-        with _quiet():
-            torch.onnx.export(program, (), str(path), input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: "batch"},), external_data=False, verbose=False)
-    except Exception as e:  # an operator without an ONNX translation, for instance
-        path.unlink(missing_ok=True)
-        return f"unavailable: torch.onnx.export failed ({_one_line(e)})"
-    return path.name
+    import onnx
+
+    # The exporter's default opset first; opset 22 where that file is invalid: before 22, Conv takes no bfloat16, and
+    # a CNN with bf16 stages was written as a model.onnx that onnx's checker and onnxruntime refuse, "written".
+    for opset in (None, 22):
+        try:
+            with _quiet():
+                torch.onnx.export(program, (), str(path), input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=({0: "batch"},), external_data=False, verbose=False,
+                                  **({} if opset is None else {"opset_version": opset}))
+        except Exception as e:  # an operator without an ONNX translation, for instance
+            path.unlink(missing_ok=True)
+            return f"unavailable: torch.onnx.export failed ({_one_line(e)})"
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+            return path.name
+        except Exception as e:  # onnx.checker's ValidationError or a shape inference error
+            invalid = _one_line(e)
+    path.unlink(missing_ok=True)
+    return f"unavailable: the exported ONNX file is not valid ({invalid})"
 
 
 def _qdq_linear(layer: Any) -> Any:
