@@ -45,6 +45,9 @@ def measure(model: "torch.nn.Module", example_input: Any, device: str = "auto", 
     profile); printing it gives the `dsnas profile` table. See :func:`dsnas.profile.measure_model`."""
     from dsnas.profile import measure_model
 
+    if not hasattr(batch_sizes, "__iter__"):  # batch_sizes=8 was a TypeError from tuple()
+        raise DsnasError(f"dsnas.measure batch_sizes={batch_sizes!r}: must be a list of batch sizes. Fix: e.g. "
+                         f"batch_sizes=[{batch_sizes}]")
     return measure_model(model, example_input, device, tuple(batch_sizes), items_per_example, **protocol)
 
 

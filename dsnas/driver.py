@@ -251,7 +251,7 @@ class Driver:
         if counted and done >= n_trials:
             return f"{n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
         if getattr(self.study, "_stop_flag", False):
-            return "a callback called study.stop()"
+            return "a callback (or the sampler, out of candidates) called study.stop()"
         if self.reuses_in_a_row >= MAX_REUSES_IN_A_ROW:
             return (f"the sampler proposed {self.reuses_in_a_row} candidates in a row that were already evaluated: "
                     "the space is (nearly) exhausted; widen it in a new study ([study] name), or set [budget] "
@@ -311,7 +311,10 @@ class Driver:
             self._skip(trial, arch, short, verdict)
             return True
         self.skips_in_a_row = 0
-        attrs = {"arch": arch, "arch_short": short, "evaluation_key": key}
+        # Recorded, and kept by a trial queued again: a killed and resumed study trains a candidate with the seed the
+        # uninterrupted one would have (the new trial number gave another: 0.4319 where it scored 0.4197).
+        seed = int(trial.user_attrs.get("train_seed", self.spec.seed + trial.number))
+        attrs = {"arch": arch, "arch_short": short, "evaluation_key": key, "train_seed": seed}
         self.keys[trial.number] = key
         if verdict is not None and verdict.predicted:
             self.predictions[trial.number] = verdict.predicted
@@ -324,7 +327,7 @@ class Driver:
         # The same model measured before:
         cached = self.db("read the measurement cache", tables.cached_figures, storage_engine(self.study), arch)
         self.executor.submit(TrialRequest(trial.number, arch, self.spec.task, self.spec.hardware,
-                                         seed=self.spec.seed + trial.number, cached=cached, engine=self.spec.engine,
+                                         seed=seed, cached=cached, engine=self.spec.engine,
                                          rungs=rungs))
         if self.spec.budget.trial_timeout_s is not None:
             self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
@@ -441,8 +444,13 @@ class Driver:
     def _tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
         """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is.
         Then the callbacks, with the trial as stored."""
-        stored = self.db(f"store trial {trial.number}", lambda: self.study.tell(
-            trial, values, state=state, skip_if_finished=self.outage.retrying))
+        local = self.study._thread_local
+        local.in_optimize_loop = True  # a sampler's after_trial may call study.stop() (GridSampler, exhausted)
+        try:
+            stored = self.db(f"store trial {trial.number}", lambda: self.study.tell(
+                trial, values, state=state, skip_if_finished=self.outage.retrying))
+        finally:
+            local.in_optimize_loop = False
         self.keys.pop(trial.number, None)
         if self.callbacks:
             self._call_back(stored)  # tell returns the trial as stored (read back after the write)

@@ -75,6 +75,25 @@ def driver_run(study: Any, spec: StudySpec) -> int:
     return runs
 
 
+def _check_arguments(sampler: Any, callbacks: Any) -> list[Any]:
+    """dsnas.search's own sampler and callbacks, as [study] callbacks are checked: before the study is opened (a
+    string or a class for a sampler failed inside Optuna and left the asked trials RUNNING)."""
+    import optuna
+
+    if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
+        raise DsnasError(f"sampler={sampler!r}: must be an Optuna sampler object. Fix: e.g. "
+                         "sampler=optuna.samplers.TPESampler(seed=0), or name one in the study file's [sampler]")
+    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise DsnasError(f"callbacks={callbacks!r}: must be a list of callables (study, frozen_trial). Fix: e.g. "
+                         "callbacks=[my_callback]")
+    callbacks = list(callbacks)
+    wrong = [c for c in callbacks if not callable(c)]
+    if wrong:
+        raise DsnasError(f"callbacks: {wrong[0]!r} is not callable; each must be a callable (study, frozen_trial). "
+                         "Fix: pass the function itself")
+    return callbacks
+
+
 def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progress | None = None,
               callbacks: Sequence[Callable[[Any, Any], None]] = (), study: Any = None,
               sampler: Any = None) -> SearchOutcome:
@@ -86,6 +105,7 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     from optuna.trial import TrialState
 
     check_executor_installed(spec)
+    callbacks = _check_arguments(sampler, callbacks)
     study = study if study is not None else open_study(spec)
     requeued = recover_stale_trials(study)
     progress = progress or Progress(spec)

@@ -213,7 +213,7 @@ code's; "unset" means the key has no value unless you give one. `[study]`, `[obj
 | --- | --- | --- | --- |
 | `name` | string | the file's stem | study name (letters, digits, `_ - .`); it names the database and folders |
 | `storage` | string | `sqlite:///NAME.db` beside the file | an SQLAlchemy URL: SQLite, PostgreSQL, MySQL |
-| `seed` | integer | `0` | seeds each trial's training (`seed + trial number`); `[sampler] seed` picks candidates |
+| `seed` | integer | `0` | trial N trains with seed `seed + N` (kept if queued again); `[sampler] seed`: candidates |
 | `callbacks` | list of strings | `[]` | `"module:callable"` of Optuna callbacks `(study, trial)` ([usage](usage.md)) |
 | `json_artifacts` | boolean | `false` | each trial's arch and profile as JSON files as it ends (else the dashboard's) |
 

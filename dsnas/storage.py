@@ -512,9 +512,11 @@ def requeue(study: Any, trial: Any) -> int:
         if queued.system_attrs.get("failed_trial") == trial.number:
             return int(queued.user_attrs.get("attempt", 2))
     attempt = int(trial.user_attrs.get("attempt", 1)) + 1
+    seed = {"train_seed": trial.user_attrs["train_seed"]} if "train_seed" in trial.user_attrs else {}
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"requeued_from": trial.number, "attempt": attempt}, system_attrs={"failed_trial": trial.number}))
+        user_attrs={"requeued_from": trial.number, "attempt": attempt, **seed},
+        system_attrs={"failed_trial": trial.number}))
     return attempt
 
 

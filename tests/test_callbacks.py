@@ -91,3 +91,40 @@ def test_optuna_integrations_mlflow_callback_logs_every_trial_read_back_from_mlf
     assert logged == sorted((t.values[0], t.values[1]) for t in trials)
     param = next(c for c in runs.columns if c.startswith("params.layer0."))
     assert sorted(runs[param]) == sorted(str(t.params[param.removeprefix("params.")]) for t in trials)
+
+
+def test_python_api_arguments_are_checked_before_the_study_is_opened(tiny_study):
+    """A string or a class for a sampler failed inside Optuna and left the asked trials RUNNING (the next run
+    waited a minute for them); callbacks=None was a TypeError, callbacks=[1] warned at every trial."""
+    import pytest
+
+    import dsnas
+    from dsnas.errors import DsnasError
+
+    for sampler, message in (("tpe", "sampler='tpe': must be an Optuna sampler object"),
+                             (optuna.samplers.TPESampler, "must be an Optuna sampler object")):
+        with pytest.raises(DsnasError, match=message):
+            dsnas.search(str(tiny_study), sampler=sampler)
+    for callbacks, message in ((None, "callbacks=None: must be a list of callables"),
+                               ([1], "callbacks: 1 is not callable")):
+        with pytest.raises(DsnasError, match=message):
+            dsnas.search(str(tiny_study), callbacks=callbacks)
+    assert not (tiny_study.parent / "tiny.db").exists()  # refused before the study was opened
+
+
+def test_a_sampler_that_runs_out_of_candidates_ends_the_search(tmp_path):
+    """GridSampler calls study.stop() from after_trial once its grid is done: inside the driver's tell that raised
+    'Study.stop is supposed to be invoked inside an objective function or a callback', and closing then failed a
+    finished trial (UpdateFinishedTrialError), the caller got a traceback."""
+    import dsnas
+    from tests.conftest import TINY_STUDY
+
+    (tmp_path / "space.toml").write_text('family = "transformer_lm"\n[choices]\nn_layers = 1\nd_model = [8, 16]\n'
+                                         '[per_layer]\nn_heads = 1\nffn_ratio = 1\n')
+    study = tmp_path / "grid.toml"
+    study.write_text(TINY_STUDY.format(space=tmp_path / "space.toml").replace("n_trials = 3", "n_trials = 5"))
+    grid = optuna.samplers.GridSampler({"d_model": [8, 16]}, seed=0)
+    outcome = dsnas.search(str(study), sampler=grid)
+    assert "called study.stop()" in outcome.stopped_because
+    assert sorted(t.params["d_model"] for t in outcome.study.trials) == [8, 16]
+    assert all(t.state == TrialState.COMPLETE for t in outcome.study.trials)

@@ -193,3 +193,6 @@ def test_a_cuda_device_where_there_is_none_and_a_mistyped_keyword_are_one_line()
     with pytest.raises(dsnas.DsnasError, match=r"^dsnas.measure takes no keyword 'measure_ss'. Fix: use the "
                                                r"\[hardware\] keys threads, warmup_s, measure_s"):
         dsnas.measure(model, torch.randn(2, 4), device="cpu", measure_ss=1)
+    with pytest.raises(dsnas.DsnasError, match=r"^dsnas.measure batch_sizes=8: must be a list of batch sizes. Fix: "
+                                               r"e.g. batch_sizes=\[8\]$"):
+        dsnas.measure(model, torch.randn(2, 4), device="cpu", batch_sizes=8)

@@ -128,6 +128,12 @@ def test_load_a_plain_optuna_study_and_bad_names(tmp_path):
     with pytest.raises(DsnasError, match="no such study database"):
         load(f"sqlite:///{tmp_path / 'missing.db'}", "plain")
     assert not (tmp_path / "missing.db").exists()
+    # A database's path for its URL was SQLAlchemy's "Could not parse"; a text reference value a TypeError.
+    with pytest.raises(DsnasError, match=r"storage must be a database URL or a study file. Fix: e.g. "
+                                         r"load\(.sqlite:///"):
+        load(str(tmp_path / "plain.db"), "plain")
+    with pytest.raises(DsnasError, match="value_0 must be a number, got '0'. Fix: e.g. value_0=0.0"):
+        hypervolume(df, {"value_0": "0", "value_1": 0})
 
 
 def _old_study(tmp_path: Path) -> Path:

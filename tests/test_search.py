@@ -112,6 +112,8 @@ def test_resume_after_sigkill_loses_no_completed_trial(tiny_study):
     retried = [t for t in after if t.system_attrs.get("failed_trial") == running]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].user_attrs["requeued_from"] == running and "fail_reason" not in retried[0].user_attrs
+    if "train_seed" in by_number[running].user_attrs:  # dispatched before the kill: trained again with its seed
+        assert retried[0].user_attrs["train_seed"] == by_number[running].user_attrs["train_seed"]
     # Same parameters: all of them, or those the killed driver had sampled when it died mid-dispatch.
     assert by_number[running].params.items() <= retried[0].params.items()
     assert sum(t.state == TrialState.COMPLETE for t in after) == 4

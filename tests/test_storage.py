@@ -38,6 +38,7 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
     study._storage.record_heartbeat(alive._trial_id)
     dead = study.ask()
     dead.set_user_attr("driver", {**me, "pid": 2**22 + 12345})  # above the kernel's pid limit: never alive
+    dead.set_user_attr("train_seed", 7)
 
     recovered = dsnas_storage.recover_stale_trials(study)
 
@@ -53,6 +54,8 @@ def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkey
     assert sorted(t.user_attrs["requeued_from"] for t in waiting) == recovered
     assert [t.params for t in waiting if t.user_attrs["requeued_from"] == elsewhere.number] == [{"x": elsewhere.params["x"]}]
     assert dsnas_storage.recover_stale_trials(study) == []  # nothing twice
+    again = next(t for t in waiting if t.user_attrs["requeued_from"] == dead.number)
+    assert again.user_attrs["train_seed"] == 7  # trained again with the seed it had: a resume reproduces the run
 
 
 def test_a_trial_another_driver_recovers_first_is_left_to_it(tmp_path, monkeypatch):

@@ -40,6 +40,9 @@ def load(storage: str | Path, study: str | None = None) -> Any:
                          "load(url, \"my_study\")")
 
     quiet_optuna()
+    if "://" not in str(storage):  # a database file's path, not its URL: SQLAlchemy's own error named no fix
+        raise DsnasError(f"load({str(storage)!r}): storage must be a database URL or a study file. Fix: e.g. "
+                         f"load(\"sqlite:///{storage}\", {study!r}), or load(\"STUDY.toml\")")
     db_file = sqlite_file(storage)
     if db_file is not None and not db_file.exists():  # opening it would create an empty database
         raise DsnasError(f"{db_file}: no such study database. Fix: run `dsnas search` first, or check the path")
@@ -253,4 +256,8 @@ def _check_reference(df: Any, reference: dict[str, float] | None) -> dict[str, f
     if sorted(reference) != sorted(names):
         raise DsnasError(f"hypervolume reference {reference}: must give a value for each objective {names}. "
                          f"Fix: e.g. {', '.join(f'{n}=...' for n in names)}")
+    wrong = [n for n, v in reference.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if wrong:
+        raise DsnasError(f"hypervolume reference {reference}: {wrong[0]} must be a number, got "
+                         f"{reference[wrong[0]]!r}. Fix: e.g. {wrong[0]}=0.0")
     return reference
