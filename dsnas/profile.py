@@ -118,16 +118,21 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     a function ``batch_size -> input``; a tuple or dict of them for a model of several inputs (passed as positional or
     keyword arguments); ``items_per_example`` is what throughput counts per example (e.g. the
     tokens of a sequence). ``protocol``: HardwareSpec's other fields (threads, measure_s, kernels, ...). The model
-    moves to the device."""
+    moves to the device; it is measured in eval mode and handed back in the mode it came in (a model measured in the
+    middle of training carried on with dropout and batch norm in eval mode)."""
     dev = named_device(device, "device=")
     hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol), "dsnas.measure ")
     task = _ExampleInputs(example_input, items_per_example)
+    original, training = model, model.training
     model = model.to(dev)
     what = f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters)"
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
-    with MeasureGate(device_key(dev)).exclusive():
-        metrics, profile = measure(model, task, dev, hardware)
+    try:
+        with MeasureGate(device_key(dev)).exclusive():
+            metrics, profile = measure(model, task, dev, hardware)
+    finally:
+        original.train(training)
     return ProfileReport(what, metrics, profile, "items/s")  # items_per_example says what an item is
 
 

@@ -234,6 +234,7 @@ def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol(
     assert m["params"] == 256 * 512 + 512 + 512 * 10 + 10
     assert m["throughput_tok_s"] == pytest.approx(8 * 1000 / m["latency_ms_bs8"], rel=1e-6)
     assert report.profile["batches"]["8"]["repeats"] >= 10 and report.profile["threads"] == 1
+    assert model.training  # measured in eval mode, handed back in training mode as it came
     assert "profile of Sequential" in str(report)
     with pytest.raises(dsnas.DsnasError, match="example_input must be a tensor"):
         dsnas.measure(model, [1, 2], device="cpu")
