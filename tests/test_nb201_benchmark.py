@@ -101,7 +101,7 @@ def test_a_search_is_scored_by_the_hypervolume_of_its_evaluated_cells(table, imp
 def test_dsnas_stops_once_it_reaches_95_percent(table, importable):
     path, _ = table
     result = bench.one_search(("cifar100", "fpga", "dsnas", 0, 600, str(path), 120.0))
-    assert result["curve"][-1][2] >= 0.95 and result["stopped"] == "a callback called study.stop()"
+    assert result["curve"][-1][2] >= 0.95 and result["stopped"] == "a callback (or the sampler, out of candidates) called study.stop()"
     assert result["evaluations"] < 600 and result["proposal_s_median"] is not None
 
 
