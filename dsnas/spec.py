@@ -496,7 +496,8 @@ def check_sampler(spec: StudySpec) -> None:
     for key, value in sampler.settings.items():
         if key not in params:
             close = difflib.get_close_matches(key, list(params), n=1)
-            raise SpecError(spec.path, f"sampler.{key}", f"is not a setting of {_owner(cls)}", None,
+            shown = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a line break
+            raise SpecError(spec.path, f"sampler.{shown}", f"is not a setting of {_owner(cls)}", None,
                             f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(params)}")
         kinds = _toml_kinds(params[key].annotation)
         if not kinds:

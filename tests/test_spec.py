@@ -512,6 +512,9 @@ def test_the_samplers_own_settings_reach_it_and_bad_ones_are_one_line_errors(tmp
     assert make_sampler(nsga, 0)._population_size == 20
     expect_error(write_study(tmp_path, sampler={"name": "tpe", "constant_lair": True}), "sampler.constant_lair",
                  "is not a setting of Optuna's TPESampler", "did you mean 'constant_liar'?")
+    odd = write_study(tmp_path, sampler={"name": "dsnas"})
+    odd.write_text(odd.read_text().replace("[sampler]\n", '[sampler]\n"\\r" = 1\n'))  # a quoted key: a line break
+    expect_error(odd, "sampler.'\\r'", "is not a setting of dsnas's DsnasSampler", "its settings: startup")
     expect_error(write_study(tmp_path, sampler={"name": "tpe", "n_startup_trials": "5"}), "sampler.n_startup_trials",
                  "must be of type int, as TPESampler takes it", "n_startup_trials = 10")
     expect_error(write_study(tmp_path, sampler={"name": "tpe", "multivariate": 1}), "sampler.multivariate",
