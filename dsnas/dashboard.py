@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from dsnas import results
 from dsnas.errors import DsnasError
-from dsnas.progress import COLUMNS, format_metric
+from dsnas.progress import column_titles, format_metric
 from dsnas.spec import StudySpec
 from dsnas.storage import artifact_store, display_url
 from dsnas.tasks import throughput_unit
@@ -171,7 +171,7 @@ def _front_table(df: Any, unit: str = "tokens/s") -> list[str]:
         return ["no feasible completed trial yet"]
     columns = [o.column for o in results.objectives(df)]
     columns += [c for c in ("latency_ms", "peak_memory_mb") if c in front.columns and c not in columns]
-    titles = {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": unit}  # as search prints them
+    titles = column_titles(unit)  # as search prints them
     rows = ["| trial | " + " | ".join(titles.get(c, c) for c in columns) + " | architecture |",
             "|---:|" + "---:|" * len(columns) + "---|"]
     for _, t in front.iterrows():

@@ -9,7 +9,8 @@ import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -444,13 +445,9 @@ class Driver:
     def _tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
         """Finish a trial; told again after a lost connection, a trial the first try finished is left as it is.
         Then the callbacks, with the trial as stored."""
-        local = self.study._thread_local
-        local.in_optimize_loop = True  # a sampler's after_trial may call study.stop() (GridSampler, exhausted)
-        try:
+        with self._optimize_loop():  # a sampler's after_trial may call study.stop() (GridSampler, exhausted)
             stored = self.db(f"store trial {trial.number}", lambda: self.study.tell(
                 trial, values, state=state, skip_if_finished=self.outage.retrying))
-        finally:
-            local.in_optimize_loop = False
         self.keys.pop(trial.number, None)
         if self.callbacks:
             self._call_back(stored)  # tell returns the trial as stored (read back after the write)
@@ -459,9 +456,7 @@ class Driver:
         """Each callback, as Optuna's optimize() calls it; one that raises is reported and the search goes on (a
         logging service being down must not cost the study). A callback may call ``study.stop()``, as in optimize():
         the search then stops once the running trials finish."""
-        local = self.study._thread_local
-        local.in_optimize_loop = True  # what Optuna's study.stop() checks: the driver's loop is the optimize loop
-        try:
+        with self._optimize_loop():
             for callback in self.callbacks:
                 try:
                     callback(self.study, frozen)
@@ -470,6 +465,14 @@ class Driver:
                     self.progress.say(f"  callback {name} raised {type(e).__name__}: "
                                       f"{str(e).splitlines()[0][:200]} (trial {frozen.number}); the search goes on",
                                       logging.WARNING)
+
+    @contextmanager
+    def _optimize_loop(self) -> Iterator[None]:
+        """Inside, Optuna's study.stop() may be called (what it checks): the driver's loop is the optimize loop."""
+        local = self.study._thread_local
+        local.in_optimize_loop = True
+        try:
+            yield
         finally:
             local.in_optimize_loop = False
 

@@ -137,6 +137,11 @@ class Progress:
                 f"{len(running)} · failed {self.failed} · {skipped}front {front} ·")
 
 
+def column_titles(unit: str) -> dict[str, str]:
+    """Each metric's column title, throughput in the task's unit (``unit``: throughput_unit's words)."""
+    return {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": unit}
+
+
 def format_metric(metric: str, value: float) -> str:
     """A figure in the one format dsnas prints it in, everywhere (search, report, dashboard note)."""
     return COLUMNS.get(metric, (metric, "{:.4g}"))[1].format(value)
@@ -150,7 +155,7 @@ def pareto_table(front: list[Any], spec: StudySpec) -> str:
     metrics += [m for m in ("accuracy", "throughput_tok_s", "latency_ms", "params") if m not in metrics]
     first = spec.objectives[0]
     rows = sorted(front, key=lambda t: t.values[0], reverse=first.direction == "maximize")
-    titles = {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": throughput_unit(spec.task)}
+    titles = column_titles(throughput_unit(spec.task))
     header = ["trial", *(titles.get(m, m) for m in metrics), "architecture"]
     body = [[f"#{t.number}", *(format_metric(m, t.user_attrs[m]) if m in t.user_attrs else "-" for m in metrics),
              t.user_attrs.get("arch_short", "?")] for t in rows]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import secrets
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,10 +22,10 @@ from typing import Any
 from dsnas.allocator import hold_freed_memory
 from dsnas.errors import DsnasError
 from dsnas.export.bundle import (
+    built_beside,
     check_replaceable,
     export_trial,
     load_bundle,
-    put_in_place,
     read_bundle,
     recorded_task_spec,
 )
@@ -450,17 +449,8 @@ def build_route(spec: Any, study: Any, out: Path, *, trials: Sequence[int] | Non
             if cost == "energy" else ""))
     _needs_eval_inputs(make_task(spec.task))  # before minutes of exports
     check_replaceable(out, "route", ROUTE_FILES)
-    work = out.parent / f".{out.name}.{secrets.token_hex(6)}"
-    try:
-        work.mkdir(parents=True)
-    except OSError as e:
-        raise DsnasError(f"{out}: the route cannot be written there ({e.strerror or e}). Fix: name a folder you "
-                         "can write to with --out") from None
-    try:
+    with built_beside(out, "route") as work:
         report = _build_route(spec, study, work, trials, target_accuracy, max_accuracy_drop, cost, also_drops)
-        put_in_place(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report.folder = out
     return report
 

@@ -46,6 +46,18 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
     if missing and not evaluated:
         raise DsnasError(f"trial {frozen.number} of {spec.name!r} has no stored {missing}: it cannot be exported. "
                          "Fix: export another trial")
+    with built_beside(out, "bundle") as work:
+        if evaluated:
+            _export_evaluated(spec, frozen, work)
+        else:
+            _write_bundle(spec, frozen, work, out.name)
+    return out
+
+
+@contextmanager
+def built_beside(out: Path, what: str) -> Iterator[Path]:
+    """A work folder beside ``out`` for a bundle (``what``: "bundle" or "route") to be written into; once the block
+    ends without an error it becomes ``out`` whole (put_in_place), and the work folder is removed either way."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # Made with mkdir, not mkdtemp: the folder becomes the bundle, and mkdtemp's mode 0700 left it unreadable
@@ -53,17 +65,13 @@ def export_trial(spec: StudySpec, study: Any, frozen: Any, out: str | Path | Non
         work = out.parent / f".{out.name}.{secrets.token_hex(6)}"
         work.mkdir()
     except OSError as e:
-        raise DsnasError(f"{out}: the bundle cannot be written there ({e.strerror or e}). Fix: name a folder you "
+        raise DsnasError(f"{out}: the {what} cannot be written there ({e.strerror or e}). Fix: name a folder you "
                          "can write to with --out") from None
     try:
-        if evaluated:
-            _export_evaluated(spec, frozen, work)
-        else:
-            _write_bundle(spec, frozen, work, out.name)
+        yield work
         put_in_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 # What a bundle folder holds, every file a dsnas version wrote: a folder of only these is a bundle (a damaged one

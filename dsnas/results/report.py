@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.progress import COLUMNS, format_metric
+from dsnas.progress import column_titles, format_metric
 from dsnas.results.plots import Conditions, device_words, plotly_figures, views, write_pngs
 from dsnas.results.trials import default_reference, done_trials, frame, hypervolume_history, objectives
 from dsnas.spec import StudySpec
@@ -207,8 +207,7 @@ def _formatted(shown: Any) -> Any:
 def _titles(spec: StudySpec) -> dict[str, str]:
     """The front's column titles as `search` prints them, throughput in the task's unit: the report printed the
     column names, and an own task's snippets/s read `throughput_tok_s`."""
-    return {**{m: c[0] for m, c in COLUMNS.items()}, "throughput_tok_s": throughput_unit(spec.task),
-            "arch_short": "architecture"}
+    return {**column_titles(throughput_unit(spec.task)), "arch_short": "architecture"}
 
 
 def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
