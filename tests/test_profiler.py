@@ -236,3 +236,37 @@ def test_measure_reports_each_batch_size(tiny_study):
     assert set(profile["batches"]) == {"1", "4"} and profile["threads"] >= 1
     assert metrics["peak_memory_mb"] * 2**20 > sum(p.numel() * 4 for p in model.parameters())  # weights + activations
     assert profile["fingerprint"]["torch"] == torch.__version__
+
+
+def test_a_new_gate_is_made_for_every_account_whatever_the_umask(tmp_path):
+    """A second user's search failed every trial: the first user's umask had made the gate 0644."""
+    import os
+    old = os.umask(0o077)
+    try:
+        gate = MeasureGate("modes", tmp_path)
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in gate.paths] == [0o666, 0o666]
+
+
+def test_a_gate_of_another_account_gives_one_warning_and_a_gate_of_this_accounts_own(tmp_path, monkeypatch, caplog):
+    import os
+
+    from dsnas.profiler import gate as gate_module
+    real_open = os.open
+    theirs = {tmp_path / "dsnas-gate-shared.turnstile", tmp_path / "dsnas-gate-shared.lock"}
+
+    def refusing(path, flags, *args):
+        if path in theirs:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(gate_module.os, "open", refusing)
+    monkeypatch.setattr(gate_module, "_WARNED", set())
+    for _ in range(2):
+        gate = MeasureGate("shared", tmp_path)
+        with gate.exclusive():
+            pass
+    assert [p.name for p in gate.paths] == [f"dsnas-gate-shared-uid{os.getuid()}.turnstile",
+                                            f"dsnas-gate-shared-uid{os.getuid()}.lock"]
+    warnings = [r.getMessage() for r in caplog.records if "measurement gate" in r.getMessage()]
+    assert len(warnings) == 1 and "chmod 666" in warnings[0], warnings

@@ -10,12 +10,16 @@ waits for the lock exclusively.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_WARNED: set[Path] = set()
 
 
 class MeasureGate:
@@ -27,6 +31,11 @@ class MeasureGate:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         self.paths = (folder / f"dsnas-gate-{safe}.turnstile", folder / f"dsnas-gate-{safe}.lock")
         self.on_wait = on_wait
+        if not all(_usable(p) for p in self.paths):
+            # Another account's dsnas made the gate and this one may not use it: measure behind a gate of this
+            # account's own rather than fail, and say that the other account's runs are not waited for.
+            mine = (p.with_name(f"{p.stem}-uid{os.getuid()}{p.suffix}") for p in self.paths)
+            self.paths = tuple(mine)  # type: ignore[assignment]
 
     @contextmanager
     def shared(self) -> Iterator["_SharedHold"]:
@@ -91,6 +100,39 @@ def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None) -> No
             fcntl.flock(fd, operation)
         finally:
             on_wait(False)
+
+
+def _usable(path: Path) -> bool:
+    """Open (or make) a gate file that every account on the machine can lock: measurements by two users' runs
+    disturb each other as much as two trials do. An existing file is opened without O_CREAT, which Linux's
+    protected_regular refuses in a shared sticky folder for a file of another owner; a new one is made 0666
+    whatever the umask."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another process made it meanwhile
+            return _usable(path)
+        except OSError as err:
+            return _refused(path, err)
+        try:
+            os.fchmod(fd, 0o666)
+        except OSError:
+            pass  # a folder that keeps its own modes: the gate still works for this account
+    except OSError as err:
+        return _refused(path, err)
+    os.close(fd)
+    return True
+
+
+def _refused(path: Path, err: OSError) -> bool:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("dsnas cannot use the measurement gate %s (%s), made by another account's dsnas; measuring "
+                    "behind a gate of this account's own, so that account's runs are not waited for. Fix: its "
+                    "owner runs `chmod 666 %s`", path, err.strerror, path)
+    return False
 
 
 @contextmanager
