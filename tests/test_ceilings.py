@@ -258,3 +258,25 @@ def test_doctor_prints_the_ceilings_in_words_with_their_units():
     assert found.lines() == ["fp32 GEMM peak: 207.0 GFLOP/s (fp32 torch.mm 1024x1024)",
                              "memory bandwidth: 31.4 GB/s (fp32 copy_)", "with 2 thread(s), measured in 1.5 s",
                              "host-speed reference: 4.250 ms (probes)", "measured again: faster now"]
+
+
+def test_an_account_without_a_home_caches_in_a_folder_of_its_own(monkeypatch, caplog):
+    """With HOME unset and no passwd entry (a container's uid, `env -i`), Path.home() raised and every trial failed."""
+    import tempfile
+    from pathlib import Path
+
+    from dsnas.profiler import cache
+
+    for name in ("DSNAS_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(cache, "_SAID_HOMELESS", [])
+    expected = Path(tempfile.gettempdir()) / f"dsnas-cache-uid{os.getuid()}"
+    assert cache.cache_dir() == expected and cache.cache_dir() == expected
+    said = [r.getMessage() for r in caplog.records if "no home folder" in r.getMessage()]
+    assert len(said) == 1 and "DSNAS_CACHE_DIR" in said[0]
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x")
+    assert cache.cache_dir() == Path("/x/dsnas")

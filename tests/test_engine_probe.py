@@ -367,3 +367,28 @@ def test_a_layer_slower_than_it_could_pay_is_timed_by_two_calls_and_others_in_fu
     calls["n"] = 0
     assert ep._seconds(layer, shape, torch.device("cpu"), give_up_s=0.5) == pytest.approx(0.02, rel=0.5)
     assert calls["n"] >= 3 + 5  # two calls, then a warm-up and at least five timed calls
+
+
+@pytest.mark.parametrize("verdicts", [[], "int8", {"int8": 3}])
+def test_a_well_formed_cache_entry_of_the_wrong_shape_is_measured_again(tmp_path, monkeypatch, verdicts):
+    """A hand-edited or foreign entry (its verdicts a list) ended the probe, and the search, in an AttributeError."""
+    import json
+
+    import torch
+
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ep, "CpuWindow", QuietWindow)
+    monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
+    measured = []
+    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between, int8_backend: measured.append(1)
+                        or probe_of({"int8"}).verdicts)
+    shapes = ep.linear_shapes([(64, 64)], [8])
+    first = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    path = tmp_path / "engine_probe.json"
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["verdicts"] = verdicts
+    path.write_text(json.dumps(data))
+    again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert not again.cached and len(measured) == 2 and again.precisions() == first.precisions()
+    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached  # the entry was written again

@@ -17,10 +17,24 @@ VERSION = 1
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DSNAS_CACHE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsnas")
-    return Path(root)
+    if os.environ.get("DSNAS_CACHE_DIR"):
+        return Path(os.environ["DSNAS_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "dsnas"
+    try:
+        return Path.home() / ".cache" / "dsnas"
+    except RuntimeError:
+        # No HOME and no passwd entry for this uid (a container, `env -i`): a folder of this account's own in the
+        # temp folder still saves the measurements, where failing every trial would not.
+        fallback = Path(tempfile.gettempdir()) / f"dsnas-cache-uid{os.getuid()}"
+        if not _SAID_HOMELESS:
+            _SAID_HOMELESS.append(fallback)
+            log.warning("no home folder for this account: caching measurements in %s. Fix: set DSNAS_CACHE_DIR",
+                        fallback)
+        return fallback
+
+
+_SAID_HOMELESS: list[Path] = []
 
 
 def entry_key(**what: Any) -> str:

@@ -220,7 +220,7 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
         if isinstance(entry, dict):
             try:
                 return EngineProbe.from_dict(entry, cached=True)
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, AttributeError, ValueError):
                 pass  # a malformed entry: measure again, and overwrite it
         wait_for_quiet(MAX_SETTLE_S)  # a neighbour's burst that ends within a second does not decide the offer
         speeds: list[float] = []  # the host-speed probe between shapes, ms: only a CPU layer's time follows it
