@@ -11,7 +11,14 @@ from dsnas.driver import Driver
 from dsnas.errors import DsnasError, SpecError
 from dsnas.progress import Progress
 from dsnas.spec import StudySpec, sampler_class, study_callbacks
-from dsnas.storage import StorageLost, recover_stale_trials, storage_engine, study_lock
+from dsnas.storage import (
+    StorageLost,
+    check_artifacts_writable,
+    leave_write_ahead,
+    recover_stale_trials,
+    storage_engine,
+    study_lock,
+)
 from dsnas.study import open_study
 from dsnas.trial import TrialFn
 from dsnas.worker import run_trial
@@ -106,6 +113,9 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
 
     check_executor_installed(spec)
     callbacks = _check_arguments(sampler, callbacks)
+    ours = study is None
+    if ours:
+        check_artifacts_writable(spec)
     study = study if study is not None else open_study(spec)
     requeued = recover_stale_trials(study)
     progress = progress or Progress(spec)
@@ -125,5 +135,8 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
              t.user_attrs] if progress.completed else []
     completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
     pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
+    if ours and (engine := storage_engine(study)) is not None:
+        engine.dispose()  # the study file as one file again, for whoever reads it next (a later read reconnects)
+        leave_write_ahead(spec.storage)
     return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
                          progress.reused, progress.evaluated_this_run(), progress.first_failure)

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import socket
 import time
 import warnings
@@ -45,6 +46,8 @@ def open_storage(url: str, write_ahead: bool = False) -> Any:
 
     quiet_optuna()
     check_sqlite_file(url)  # before Optuna creates tables in it, or a search appends trials to it
+    if not write_ahead:
+        _check_readable(url)
     backend = make_url(url).get_backend_name()
     engine_kwargs: dict[str, Any] = {}
     if backend == "postgresql":
@@ -52,7 +55,7 @@ def open_storage(url: str, write_ahead: bool = False) -> Any:
     try:
         # Two drivers opening a new database at once would both create Optuna's tables and collide (PostgreSQL
         # checks type and table names at commit); the first creates them while the other waits.
-        with schema_lock(url, engine_kwargs):
+        with schema_lock(url, engine_kwargs, reading=not write_ahead):
             # Heartbeats are recorded by the driver for its running trials; recover_stale_trials reads them.
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                                  grace_period=GRACE_S)
@@ -110,6 +113,52 @@ def _write_ahead(engine: Any) -> None:
         pass
 
 
+def leave_write_ahead(url: str) -> None:
+    """Put a SQLite study back in rollback-journal mode at the end of a search, where no other process has it
+    open: a finished study is then one file, which an account that may only read it (a colleague, a read-only
+    copy) can open; SQLite reads a write-ahead-log file only where it may create the log's index beside it. Where
+    another driver or a dashboard has it open, the mode stays (the last driver to finish puts it back)."""
+    import sqlite3
+    from contextlib import closing
+
+    db_file = sqlite_file(url)
+    if db_file is None or not _in_write_ahead_mode(db_file):
+        return
+    try:
+        with closing(sqlite3.connect(db_file, timeout=0.2)) as conn:
+            conn.execute("PRAGMA journal_mode=DELETE")
+    except sqlite3.Error:
+        pass  # in use elsewhere: it stays in write-ahead-log mode, as any SQLite file may be
+
+
+def _in_write_ahead_mode(db_file: Path) -> bool:
+    """Bytes 18 and 19 of a SQLite header are 2 in write-ahead-log mode (1 with a rollback journal)."""
+    try:
+        with open(db_file, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header.startswith(b"SQLite format 3\0") and header[18:20] == b"\x02\x02"
+
+
+def _check_readable(url: str) -> None:
+    """A study in write-ahead-log mode in a folder this account cannot write: SQLite cannot read it there (it makes
+    the log's index beside the file even to read), and its error, "attempt to write a readonly database", would
+    come from deep inside a read."""
+    db_file = sqlite_file(url)
+    if db_file is None or not db_file.is_file() or not _in_write_ahead_mode(db_file):
+        return
+    folder = db_file.resolve().parent
+    if os.access(folder, os.W_OK):
+        return
+    raise DsnasError(
+        f"{db_file}: the study database is in SQLite's write-ahead-log mode (a search runs on it, or one stopped "
+        f"without closing it) and this account cannot write in {folder}, where SQLite must make the log's index "
+        f"even to read. Fix: copy the study file (with {db_file.name}-wal if there is one) to a folder you can "
+        "write and read it there, or ask its owner to run a search to its end or "
+        f"`sqlite3 {shlex.quote(str(db_file))} 'PRAGMA journal_mode=DELETE'`")
+
+
 def _first_line(e: BaseException) -> str:
     """A driver error in one line, without SQLAlchemy's background link."""
     text = str(getattr(e, "orig", None) or e).strip().splitlines()
@@ -127,8 +176,6 @@ class DamagedDatabase(DsnasError):
     dsnas wrote anything (``untouched``), so that what the file still holds can be copied out."""
 
     def __init__(self, db_file: Path, detail: str, untouched: bool = True) -> None:
-        import shlex
-
         self.db_file, self.detail = db_file, detail
         new = db_file.with_name(f"{db_file.stem}-recovered{db_file.suffix}")
         old_q, new_q = shlex.quote(str(db_file)), shlex.quote(str(new))
@@ -324,18 +371,19 @@ class OutageRetry:
 
 
 @contextmanager
-def schema_lock(url: str, engine_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
+def schema_lock(url: str, engine_kwargs: dict[str, Any] | None = None, reading: bool = False) -> Iterator[None]:
     """While held, no other dsnas creates or upgrades tables in this database: on PostgreSQL an advisory lock on a
     connection of its own, on SQLite the study lock file beside the database (SQLite serializes each write, not
     Optuna's creation of its tables: drivers started together on a new file collided, "table trial_params already
-    exists" or "database is locked"); elsewhere a no-op."""
+    exists" or "database is locked"); elsewhere a no-op. ``reading``: opening a study only to read it goes on
+    without the lock file where this account may not make or write it (a study it may only read)."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     if make_url(url).get_backend_name() != "postgresql":
         db_file = sqlite_file(url)
         if db_file is not None and str(db_file) != ":memory:" and db_file.parent.is_dir():
-            with _file_lock(db_file):
+            with _file_lock(db_file, optional=reading and db_file.is_file()):
                 yield
         else:
             yield
@@ -403,6 +451,18 @@ def display_url(url: str) -> str:
 def artifact_dir(spec: StudySpec) -> Path:
     """Trained weights and probes live beside the study file, one folder per study."""
     return spec.base_dir / f"{spec.name}_artifacts"
+
+
+def check_artifacts_writable(spec: StudySpec) -> None:
+    """Before a search trains anything: the folder for the trials' weights (made at the first stored result) can
+    be made and written. A study whose database lives elsewhere trained a trial, then lost it to a traceback."""
+    path = artifact_dir(spec)
+    where = path if path.exists() else path.parent
+    if not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)):
+        raise DsnasError(f"{spec.path}: [study.name] the trials' weights go in {path}, but this account cannot "
+                         f"{'write in it' if where == path else 'make it there'}. Fix: make "
+                         f"{shlex.quote(str(where))} writable, or search a copy of the study file in a folder you "
+                         "can write")
 
 
 def artifact_store(spec: StudySpec) -> Any:
@@ -550,12 +610,20 @@ def study_lock(study: Any, url: str) -> Iterator[None]:
 
 
 @contextmanager
-def _file_lock(db_file: Path) -> Iterator[None]:
+def _file_lock(db_file: Path, optional: bool = False) -> Iterator[None]:
     """Exclusive across the processes of this machine: a lock file beside a SQLite database. Never nested: a
-    second open of the file in the same process would wait for the first forever."""
+    second open of the file in the same process would wait for the first forever. ``optional``: where the lock
+    file cannot be opened, go on without it."""
     import fcntl
 
-    with open(f"{db_file}.dsnas-lock", "a") as handle:
+    try:
+        handle = open(f"{db_file}.dsnas-lock", "a")
+    except OSError:
+        if not optional:
+            raise
+        yield
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -237,11 +237,70 @@ def test_the_budget_count_of_a_sqlite_study_matches_a_count_of_every_trial(tmp_p
     check_budget_count(f"sqlite:///{tmp_path / 'budget.db'}")
 
 
-def test_a_search_keeps_its_sqlite_file_in_write_ahead_log_mode(finished_study, tmp_path):
-    """One synced log file per commit instead of the file and a rollback journal (see storage._write_ahead)."""
-    db_file = copy_study(finished_study, tmp_path / "study").with_suffix(".db")
+def _journal_mode(db_file: Path) -> str:
     with closing(sqlite3.connect(db_file)) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        return conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_a_search_writes_ahead_and_leaves_its_sqlite_file_as_one_file(tiny_study):
+    """One synced log file per commit while it runs, instead of the file and a rollback journal (see
+    storage._write_ahead); at its end the rollback journal again, so that an account that may only read the study
+    can open it (SQLite reads a write-ahead-log file only where it may write beside it)."""
+    import dsnas
+
+    db_file = tiny_study.with_suffix(".db")
+    during = []
+    dsnas.search(tiny_study, callbacks=[lambda study, trial: during.append(_journal_mode(db_file))])
+    assert during and set(during) == {"wal"}
+    assert _journal_mode(db_file) == "delete" and not Path(f"{db_file}-wal").exists()
+
+
+def test_a_search_that_ends_beside_a_reader_leaves_the_file_in_write_ahead_mode(tiny_study):
+    """Another process holding the study open (a dashboard, a second driver) keeps the mode: the last one puts it
+    back. Nothing waits on it."""
+    import dsnas
+
+    db_file = tiny_study.with_suffix(".db")
+    readers = []
+
+    def hold_open(study, trial):
+        if not readers:
+            readers.append(sqlite3.connect(db_file))
+            readers[0].execute("SELECT 1 FROM trials").fetchall()
+    dsnas.search(tiny_study, callbacks=[hold_open])
+    try:
+        assert _journal_mode(db_file) == "wal"
+    finally:
+        readers[0].close()
+    dsnas_storage.leave_write_ahead(f"sqlite:///{db_file}")
+    assert _journal_mode(db_file) == "delete"
+
+
+def test_a_study_that_may_only_be_read_is_read_without_its_lock_file(finished_study, tmp_path, capsys):
+    """`report` and `export` only read: a study in a folder this account may not write (a lock file it cannot
+    make; here a folder in its place, which no account can open) is read, not refused."""
+    study = copy_study(finished_study, tmp_path / "study")
+    lock = Path(f"{study.with_suffix('.db')}.dsnas-lock")
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    assert main(["report", str(study), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_a_write_ahead_study_in_a_folder_this_account_cannot_write_is_refused_in_one_line(finished_study, tmp_path,
+                                                                                         monkeypatch):
+    study = copy_study(finished_study, tmp_path / "study")
+    db_file = study.with_suffix(".db")
+    with closing(sqlite3.connect(db_file)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    real_access = os.access
+    monkeypatch.setattr(dsnas_storage.os, "access",
+                        lambda path, mode: False if Path(path) == db_file.parent and mode == os.W_OK
+                        else real_access(path, mode))
+    with pytest.raises(dsnas_storage.DsnasError) as err:
+        dsnas_storage.open_storage(f"sqlite:///{db_file}")
+    msg = str(err.value)
+    assert "\n" not in msg and "write-ahead-log mode" in msg and "PRAGMA journal_mode=DELETE" in msg, msg
 
 
 def test_the_driver_reads_the_budget_once_per_trial(tmp_path, monkeypatch):
@@ -259,3 +318,19 @@ def test_the_driver_reads_the_budget_once_per_trial(tmp_path, monkeypatch):
     reads.clear()
     assert main(["search", str(study)]) == 0  # resumed with the budget spent: it stops at once
     assert len(reads) <= 2  # before any dispatch (nothing is settled or started), and for the stop reason
+
+
+def test_a_search_whose_weights_folder_cannot_be_made_is_refused_before_it_trains(tiny_study, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The database elsewhere, the study's folder read-only: a trial trained, then the search ended in a traceback
+    and the trial was lost. Now one line before anything is opened or trained."""
+    db = tmp_path / "elsewhere" / "tiny.db"
+    db.parent.mkdir()
+    tiny_study.write_text(tiny_study.read_text().replace("[study]", f'[study]\nstorage = "sqlite:///{db}"', 1))
+    real_access = os.access
+    monkeypatch.setattr(dsnas_storage.os, "access",
+                        lambda path, mode: False if Path(path) == tiny_study.parent else real_access(path, mode))
+    assert main(["search", str(tiny_study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tiny_artifacts" in err and "cannot make it there" in err, err
+    assert not db.exists() and not (tiny_study.parent / "tiny_artifacts").exists()
