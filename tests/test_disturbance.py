@@ -252,3 +252,6 @@ def test_the_trial_table_and_the_report_show_disturbed_trials(tmp_path):
     assert {row.split()[0]: row.split()[-1] for row in table[1:]} == {"0": "yes", "1": "no", "2": "yes", "3": "?"}
     assert "disturbed: trials 0, 2 measured while other processes took the CPUs or the GPU, or the host ran slow" in text
     assert "dsnas profile studies/flags.toml --trial N" in text
+    spaced = SimpleNamespace(**{**vars(spec), "path": Path("my studies/flags.toml")})  # a command one can paste
+    text = summary(spaced, df, views(df, hypervolume_history(df, reference), reference), [tmp_path / "index.html"])
+    assert "dsnas profile 'my studies/flags.toml' --trial N" in text

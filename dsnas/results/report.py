@@ -4,6 +4,7 @@ images, one interactive HTML page) and a terminal summary of the Pareto front.""
 from __future__ import annotations
 
 import html
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ def _disturbed_note(spec: StudySpec, df: Any) -> str:
         return ""
     return (f"disturbed: trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))} measured while other "
             "processes took the CPUs or the GPU, or the host ran slow (even after retries): speed figures suspect. "
-            f"Fix: re-measure on a quiet machine with `dsnas profile {spec.path} --trial N`")
+            f"Fix: re-measure on a quiet machine with `dsnas profile {shlex.quote(str(spec.path))} --trial N`")
 
 
 def _counts(df: Any) -> str:
