@@ -158,3 +158,24 @@ def test_make_calibrator_by_name():
         make_calibrator("entropy")
     with pytest.raises(SpecError, match=r"percentile must be in \(0, 100\]"):
         make_calibrator("percentile", percentile=150)
+
+
+@pytest.mark.parametrize("k", [4, 7, 8, 10, 16, 5, 12])
+def test_kl_amax_of_integer_valued_inputs_keeps_their_range(k):
+    """Integer codes 0..k-1 (categories, counts) give exact ties in KL that rounding noise (~1e-15) used to break:
+    amax ~1.0 clipped 50-88% of the input for k in 4, 7, 8, 10, 16. The last of the tied minima keeps the range."""
+    x = torch.randint(0, k, (200_000,), generator=torch.Generator().manual_seed(0)).float()
+    cal = KLCalibrator()
+    cal.observe(x)
+    counts, edges = cal.histogram()
+    assert cal.amax().item() >= k - 1
+    assert (x > cal.amax()).float().mean().item() == 0.0
+    assert kl_amax_reference(counts.numpy(), edges.numpy()) == pytest.approx(cal.amax().item(), rel=1e-6)
+
+
+def test_the_kl_reference_gives_no_nan_where_every_kept_bin_is_empty():
+    counts = torch.zeros(256, dtype=torch.float64)
+    counts[0], counts[1], counts[200:210] = 5, 0, 3  # bin 0 takes bin 1's count (0): bins 0..127 empty
+    edges = torch.linspace(0, 2.56, 257, dtype=torch.float64)
+    assert kl_amax_reference(counts.numpy(), edges.numpy()) == pytest.approx(kl_amax(counts, edges))
+    assert kl_amax(counts, edges) >= edges[210].item()
