@@ -281,3 +281,32 @@ def test_int8_linear_on_gpu(backend):
     y = layer(x)
     ref = F.linear(x, weight, bias)
     assert (y - ref).norm() / ref.norm() < 0.03
+
+
+def test_a_layer_with_one_input_feature_never_gets_a_kernel_that_computes_it_wrong():
+    """torch._int_mm against a transposed one-column weight returned unset memory on the CPU (errors of 2e5 on
+    outputs of 3), and `auto` chose it; torchao's path failed with a bare RuntimeError."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias, x = torch.randn(64, 1, generator=gen), torch.randn(64, generator=gen), torch.randn(32, 1,
+                                                                                                    generator=gen)
+    for backend in ("int8-static", "torchao-dynamic"):
+        ok, why = int8_backend_supported(backend, "cpu", 1, 64)
+        assert not ok and "one input feature" in why
+        with pytest.raises(TrialError, match="one input feature"):
+            Int8Linear.from_float(weight, bias, 3.0, backend)
+    layer = Int8Linear.from_float(weight, bias, 3.0, "auto", rows=(32,))
+    assert layer.backend == "torch-dynamic"
+    assert (layer(x) - F.linear(x, weight, bias)).abs().max() < 0.1
+
+
+def test_a_fast_backend_that_computes_wrong_is_never_chosen(monkeypatch):
+    """Every backend's product is checked against fp32 once before it is timed: the fastest wrong kernel won."""
+    from dsnas.kernels import quant
+
+    class Wrong(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(*x.shape[:-1], 24)  # instant, and wrong
+
+    monkeypatch.setitem(quant._BUILDERS, "int8-static", lambda weight, bias, amax: Wrong())
+    name, info = choose_int8_backend(24, 24, rows=(9,), backends=("int8-static", "torch-dynamic"))
+    assert name == "torch-dynamic" and "wrong product" in info["unavailable"]["int8-static"]

@@ -165,6 +165,10 @@ def int8_backend_supported(backend: str, device: Any, in_features: int, out_feat
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return False, f"INT8 layers run on cpu or cuda, not {device.type}"
+    if in_features < 2 and backend in ("torchao-dynamic", "int8-static"):
+        # Measured with torch 2.13: torch._int_mm against a transposed (K=1) weight returns unset memory on the
+        # CPU, and torchao's int8 path cannot reshape a one-column weight.
+        return False, f"{backend} gives no right product for a layer with one input feature"
     if backend == "torchao-dynamic":
         try:
             _import_torchao()
@@ -248,6 +252,14 @@ def choose_int8_backend(in_features: int, out_features: int, rows: Sequence[int]
     return name, copy.deepcopy(info)
 
 
+# An int8 product's relative error against fp32 on a unit gaussian input is about 1%; one above this is wrong.
+WRONG_PRODUCT = 0.1
+
+
+def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.float() - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
 def _measure_backends(in_features: int, out_features: int, rows: tuple[int, ...], device: torch.device,
                       backends: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
@@ -263,10 +275,14 @@ def _measure_backends(in_features: int, out_features: int, rows: tuple[int, ...]
         try:
             kernels[name] = _BUILDERS[name](weight, bias, 4.0)  # 4.0: about the amax of a unit gaussian batch
             with torch.inference_mode():
-                kernels[name](inputs[rows[0]])
+                error = _relative_error(kernels[name](inputs[rows[0]]), F.linear(inputs[rows[0]], weight, bias))
         except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError) as e:
             kernels.pop(name, None)
             unavailable[name] = f"failed here: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        if not error <= WRONG_PRODUCT:  # the fastest kernel must also be right: a broken one would be chosen
+            kernels.pop(name)
+            unavailable[name] = f"gave a wrong product here (relative error {error:.3g} against fp32)"
     if not kernels:
         raise TrialError(f"no INT8 backend can run on {device}: {unavailable}. Fix: choose another precision "
                          "for this layer")
