@@ -417,3 +417,27 @@ def test_an_int8_and_2_4_winner_exports_qdq_onnx_that_onnxruntime_agrees_with(tm
     assert len(weights) == 4
     for w in weights:  # every group of 4 inputs keeps at most 2 weights
         assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_the_qdq_form_clips_an_input_beyond_the_calibrated_range_as_the_shipped_kernel_does():
+    """The exported form quantized with quant_min -128, so an input below -amax acted as -128 steps where QAT and the
+    int8 kernels clip at -127: the QDQ model then differed from the shipped one wherever the calibrator clipped."""
+    import copy
+
+    from dsnas.export.formats import _qdq_linear
+    from dsnas.kernels.convert import convert
+    from dsnas.kernels.linear import EngineLinear
+
+    torch.manual_seed(0)
+    layer = EngineLinear(64, 16, precision="int8").eval()
+    layer.act_amax.fill_(1.0)
+    layer.qat = True
+    x = torch.zeros(2, 64)
+    x[0, 0], x[1, 0] = -5.0, 5.0  # beyond the calibrated range, on each side
+    with torch.no_grad():
+        trained = layer(x)
+        shipped = copy.deepcopy(layer)
+        convert(shipped, int8_backend="int8-static")
+        exported = _qdq_linear(shipped)(x)
+    assert torch.allclose(exported, trained, atol=1e-5), (exported - trained).abs().max()
+    assert torch.allclose(exported, shipped(x).float(), atol=1e-3)

@@ -109,7 +109,8 @@ def _qdq_linear(layer: Any) -> Any:
     qd = torch.ops.quantized_decomposed
     weight = layer.weight.detach().float() * (layer.mask if layer.mask is not None else 1)
     scale = (weight.abs().amax(1).clamp_min(1e-12) / 127).float()
-    x_scale = float(layer.act_amax) / 127  # calibrated before QAT: every trained int8 layer has one
+    x_amax = float(layer.act_amax)  # calibrated before QAT: every trained int8 layer has one
+    x_scale = x_amax / 127
 
     class QDQ(nn.Module):
         def __init__(self) -> None:
@@ -120,7 +121,9 @@ def _qdq_linear(layer: Any) -> Any:
             self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            xq = qd.quantize_per_tensor(x.float(), x_scale, 0, -128, 127, torch.int8)
+            # Clamped to the symmetric grid first, as QAT and the int8 kernels clip (+-127 steps): ONNX's
+            # QuantizeLinear saturates at -128, one step beyond it for an input below -amax.
+            xq = qd.quantize_per_tensor(x.float().clamp(-x_amax, x_amax), x_scale, 0, -128, 127, torch.int8)
             xd = qd.dequantize_per_tensor(xq, x_scale, 0, -128, 127, torch.int8)
             w = qd.dequantize_per_channel(self.weight_int8, self.weight_scale, self.weight_zero, 0, -127, 127,
                                           torch.int8)
@@ -183,7 +186,7 @@ def describe_exports(exports: dict[str, Any]) -> list[str]:
     """What `dsnas export` says about the files: each format written, or why not; the onnxruntime check."""
     lines = [f"  {name}: {'written' if not str(exports.get(key, '')).startswith('unavailable') else exports[key]}"
              for key, name in (("pt2", "model.pt2"), ("onnx", "model.onnx")) if key in exports]
-    for key in ("int8", "sparsity"):
+    for key in ("int8", "sparsity", "preprocessing"):
         if key in exports:
             lines.append(f"  {key}: {exports[key]}")
     if "transformers" in exports:
