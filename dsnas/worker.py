@@ -10,7 +10,7 @@ from dsnas.errors import TrialError
 from dsnas.models import build, is_user_family
 from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
 from dsnas.rungs import ClockEvent, RungReport, RungStop
-from dsnas.tasks import make_task, runs_own_trials
+from dsnas.tasks import make_task, preprocessing_of, runs_own_trials
 from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 
 
@@ -226,8 +226,10 @@ class _Candidate:
         left_alone = getattr(self.model, "dsnas_left_alone", None)
         if left_alone:  # layers an [engine.NAME] group matched that the engine has no kernel for, and why
             engine["left_alone"] = left_alone
-        profile = {**self.profile, "engine": engine,
-                   "task": self.task.fingerprint(), "worker": worker_identity()}
+        # The task's input preprocessing as this trial trained with it (the images task's mean, std and classes
+        # come from the data): export records it in the bundle, whatever the data holds by then.
+        profile = {**self.profile, "engine": engine, "task": self.task.fingerprint(),
+                   "preprocessing": preprocessing_of(self.task), "worker": worker_identity()}
         metrics = {**(self.train_metrics if pruned is None else {}), **self.hw_metrics, **self.seconds,
                    "trial_s": time.perf_counter() - self.started}
         metrics = {k: float(v) for k, v in metrics.items()}

@@ -441,3 +441,32 @@ def test_the_qdq_form_clips_an_input_beyond_the_calibrated_range_as_the_shipped_
         exported = _qdq_linear(shipped)(x)
     assert torch.allclose(exported, trained, atol=1e-5), (exported - trained).abs().max()
     assert torch.allclose(exported, shipped(x).float(), atol=1e-3)
+
+
+def test_an_export_takes_the_preprocessing_its_trial_recorded(monkeypatch):
+    """Export rebuilt the task to ask for its preprocessing: class names and statistics of the data as it is at
+    export time (a class folder added since gave 3 names to a 2-class model), and a charlm export failed once its
+    corpus had moved. A trial records it now; an older trial's is asked of the task only where its data is the same."""
+    from dsnas.export import bundle
+
+    monkeypatch.setattr("dsnas.tasks.make_task", lambda spec: pytest.fail("the task was built"))
+    spec = SimpleNamespace(task=SimpleNamespace(name="images"))
+    recorded = {"input": "(N, 1, 8, 8)", "mean": [0.5], "std": [0.2], "classes": ["cat", "dog"]}
+    trial = SimpleNamespace(number=3, user_attrs={"profile": {"preprocessing": recorded, "task": {"sha": "a"}}})
+    assert bundle._preprocessing(spec, trial) == (recorded, None)
+    older = SimpleNamespace(number=4, user_attrs={"profile": {"task": {"corpus_sha256": "a"}}})
+    assert bundle._preprocessing(SimpleNamespace(task=SimpleNamespace(name="charlm")), older) == (None, None)
+
+    class Images:
+        def fingerprint(self):
+            return {"sha": "b"}
+
+        def preprocessing(self):
+            return {"classes": ["bird", "cat", "dog"]}
+    monkeypatch.setattr("dsnas.tasks.make_task", lambda spec: Images())
+    older = SimpleNamespace(number=5, user_attrs={"profile": {"task": {"sha": "a"}}})
+    found, why = bundle._preprocessing(spec, older)
+    assert found is None and why == ("unknown: trial 5 did not record it (an older dsnas), and the task's data is no "
+                                     "longer what it trained on")
+    same = SimpleNamespace(number=6, user_attrs={"profile": {"task": {"sha": "b"}}})
+    assert bundle._preprocessing(spec, same) == ({"classes": ["bird", "cat", "dog"]}, None)

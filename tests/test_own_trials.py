@@ -146,6 +146,16 @@ class NumpyFingerprint(Odd):
         return {"task": "odd", "rows": np.int64(3)}
 
 
+class ScalarMean(Odd):
+    def preprocessing(self):
+        return {"input": "(N, 16) token ids", "mean": 0.0, "std": 1.0}
+
+
+class ClassesByName(Odd):
+    def preprocessing(self):
+        return {"classes": {"cat": 0, "dog": 1}}
+
+
 class NoFingerprint:
     def arch_defaults(self):
         return {}
@@ -186,6 +196,10 @@ def test_a_nan_or_infinite_accuracy_fails_its_trial_with_the_rule_and_the_search
     ("odd:NoFingerprint", "the task must have the methods of dsnas.tasks.RunsOwnTrials (arch_defaults, "
                           "fingerprint); NoFingerprint has no fingerprint"),
     ("odd:raises", "the factory must build the task (FileNotFoundError: data.csv not found)"),
+    # An export read these after the whole search and ended in a TypeError from the card.
+    ("odd:ScalarMean", "the task's preprocessing() 'mean' must be a list of numbers, one per channel, got 0.0"),
+    ("odd:ClassesByName", "the task's preprocessing() 'classes' must be a list of names (str), output index i the "
+                          "i-th, got dict"),
 ])
 def test_a_task_without_what_dsnas_calls_is_one_line_before_any_trial(tmp_path, capsys, factory, rule):
     (tmp_path / "odd.py").write_text(ODD)

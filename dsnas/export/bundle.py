@@ -118,7 +118,7 @@ def put_in_place(work: Path, out: Path) -> None:
 def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
     _copy_artifacts(spec, frozen, out)
     doc = _arch_doc(spec, frozen)
-    preprocessing = _preprocessing(spec)
+    preprocessing, unknown = _preprocessing(spec, frozen)
     if preprocessing:
         doc["task"]["preprocessing"] = preprocessing
     _write_json(out / "arch.json", doc)
@@ -131,6 +131,8 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
                                            int8="int8" in exports)
     if frozen.user_attrs["arch"].get("family") == "hf_causal_lm":
         exports["transformers"] = _save_pretrained(model, out / "hf")
+    if unknown:
+        exports["preprocessing"] = unknown
     profile = frozen.user_attrs.get("profile", {})
     metrics = {"_type": METRICS_TYPE, "_version": METRICS_VERSION,
                "metrics": {k: v for k, v in frozen.user_attrs.items() if isinstance(v, (int, float))},
@@ -140,13 +142,26 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
     (out / "README.md").write_text(model_card(spec, frozen, metrics, name, preprocessing))
 
 
-def _preprocessing(spec: StudySpec) -> dict[str, Any] | None:
-    """What the task does to an input before the model sees it, where it says (the images task: scaling, size,
-    per-channel mean and std, class names), for the bundle and its card."""
-    from dsnas.tasks import make_task  # the task's data loads on first use
+def _preprocessing(spec: StudySpec, frozen: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """What the task did to an input before the model saw it, where it says (the images task: scaling, size,
+    per-channel mean and std, class names), for the bundle and its card: as the trial recorded it. A trial of an
+    older dsnas recorded none: the task is built again (a task without preprocessing, charlm, is not), and its
+    answer kept only where its data is the data the trial trained on. Returns (it, why it is missing)."""
+    profile = frozen.user_attrs.get("profile", {})
+    if "preprocessing" in profile:
+        return profile["preprocessing"], None
+    if spec.task.name == "charlm":
+        return None, None
+    from dsnas.tasks import make_task, preprocessing_of  # the task's data loads on first use
 
-    say = getattr(make_task(spec.task), "preprocessing", None)
-    return say() if callable(say) else None
+    unknown = f"unknown: trial {frozen.number} did not record it (an older dsnas), and"
+    try:
+        task = make_task(spec.task)
+        if task.fingerprint() != profile.get("task"):
+            return None, f"{unknown} the task's data is no longer what it trained on"
+        return preprocessing_of(task), None
+    except (DsnasError, OSError, ValueError) as e:
+        return None, f"{unknown} the task cannot say it now ({_one_line(e)})"
 
 
 def _save_pretrained(model: Any, folder: Path) -> str:

@@ -47,7 +47,8 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
         "The weights are the trial's own: nothing was retrained for this bundle.", "",
         "## What it scored", "", "| figure | value | |", "|---|---|---|", *scored, "",
         f"Feasible: {feasible} (constraints: {limits}).", "",
-        *_measured_section(spec, metrics), *_input_section(preprocessing), *_files_section(metrics["exports"]),
+        *_measured_section(spec, metrics), *_input_section(preprocessing, metrics["exports"].get("preprocessing")),
+        *_files_section(metrics["exports"]),
         *_loading_section(folder, metrics["exports"], measured_compiled(metrics))])
 
 
@@ -66,12 +67,22 @@ def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
             "Run `dsnas verify` on this folder to measure it all again here.", ""]
 
 
-def _input_section(preprocessing: dict[str, Any] | None) -> list[str]:
+def _rounded(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _input_section(preprocessing: dict[str, Any] | None, unknown: str | None = None) -> list[str]:
     """The input the model needs (arch.json's task.preprocessing): the probe and every figure above used it."""
+    if unknown:
+        return ["## Its input", "", f"The task's preprocessing is {unknown}; probe.safetensors holds an input as "
+                "the model saw it.", ""]
     if not preprocessing:
         return []
-    numbers = ", ".join(f"{k} {[round(v, 6) for v in preprocessing[k]]}" for k in ("mean", "std") if k in preprocessing)
+    numbers = ", ".join(f"{k} {_rounded(preprocessing[k])}" for k in ("mean", "std") if k in preprocessing)
     classes = preprocessing.get("classes", [])
+    classes = classes if isinstance(classes, list) else []  # a trial's record from before its form was checked
     lines = ["## Its input", "", f"{preprocessing.get('input', '')}" + (f" ({numbers})." if numbers else "."), ""]
     if classes:
         lines += [f"Output index i is class {', '.join(f'{i}: `{c}`' for i, c in enumerate(classes[:20]))}"

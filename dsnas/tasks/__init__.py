@@ -190,6 +190,40 @@ def check_task(where: str, spec: Any) -> None:
     if not isinstance(fingerprint, dict):
         raise SpecError(where, "task.name", f"the task's fingerprint() must return a dict, got "
                         f"{type(fingerprint).__name__}", spec.name, 'return e.g. {"data": "my.csv", "rows": 1000}')
+    try:
+        preprocessing_of(task)
+    except ValueError as e:
+        raise SpecError(where, "task.name", f"the task's preprocessing() {e}", spec.name,
+                        'return e.g. {"input": "(N, 3, 32, 32) float32 in [0, 1]", "mean": [0.5, 0.5, 0.5], '
+                        '"std": [0.2, 0.2, 0.2], "classes": ["cat", "dog"]}') from None
+
+
+def preprocessing_of(task: Any) -> dict[str, Any] | None:
+    """What the task does to an input before the model sees it, where it says (its optional ``preprocessing()``):
+    recorded with each trial, then in an exported bundle and its card. ValueError names the rule it breaks."""
+    say = getattr(task, "preprocessing", None)
+    if not callable(say):
+        return None
+    found = say()
+    if found is None:
+        return None
+    if not isinstance(found, dict):
+        raise ValueError(f"must return a dict or None, got {type(found).__name__}")
+    try:
+        json.dumps(found, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"must return JSON values ({e})") from None
+    if not isinstance(found.get("input", ""), str):
+        raise ValueError(f"'input' must be a sentence (a str), got {type(found['input']).__name__}")
+    for key in ("mean", "std"):
+        if key in found and not (isinstance(found[key], list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in found[key])):
+            raise ValueError(f"{key!r} must be a list of numbers, one per channel, got {found[key]!r}")
+    if "classes" in found and not (isinstance(found["classes"], list) and all(isinstance(c, str)
+                                                                              for c in found["classes"])):
+        raise ValueError(f"'classes' must be a list of names (str), output index i the i-th, got "
+                         f"{type(found['classes']).__name__}")
+    return found
 
 
 def arch_keys(spec: Any) -> tuple[str, ...]:
