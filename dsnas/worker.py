@@ -111,11 +111,11 @@ class _Candidate:
                     self._measure(self.model, cached=self.request.cached)
                     self.seconds["measure_s"] = time.perf_counter() - measure_start
             else:
-                backends = self._measure_untrained()
+                backends, reasons = self._measure_untrained()
                 self._ask(0, 0.0, {})
                 self._train(self.request.rungs)
                 with self.gate.shared():  # the INT8 backends measured before: converting times nothing now
-                    pipeline.finish(self.model, engine, self.engine_info, recorded=backends)
+                    pipeline.finish(self.model, engine, self.engine_info, recorded=backends, reasons=reasons)
                 self._measure_again_if_the_form_changed()
         except RungStop as stop:
             return self._result(stop.report)
@@ -163,10 +163,15 @@ class _Candidate:
             return {}
         return kwargs
 
-    def _measure_untrained(self) -> dict[str, str]:
+    def _measure_untrained(self) -> tuple[dict[str, str], dict[str, str]]:
         """Measure the architecture's inference form, untrained, holding the device alone; returns the INT8
-        backend each layer chose, so that the trained model converts to the same code."""
-        from dsnas.kernels.convert import int8_backends, untrained_inference_form  # torch loads on first use
+        backend each layer chose, so that the trained model converts to the same code, and why (the measured
+        ratios of an "auto" choice), for the trained model's profile."""
+        from dsnas.kernels.convert import (  # torch loads on first use
+            int8_backends,
+            int8_reasons,
+            untrained_inference_form,
+        )
         from dsnas.kernels.linear import layer_report  # torch loads on first use
 
         with self.gate.exclusive():
@@ -177,7 +182,8 @@ class _Candidate:
             self.profile["measured_on"] = "the untrained inference form, before training (timings do not depend " \
                                           "on the weights' values)"
             self.seconds["measure_s"] = time.perf_counter() - measure_start
-        return int8_backends(layer_report(probe))
+        report = layer_report(probe)
+        return int8_backends(report), int8_reasons(report)
 
     def _rows(self) -> list[int]:
         """The row counts a linear layer multiplies when measured: an "auto" INT8 backend is timed at these."""

@@ -32,10 +32,11 @@ class CastLinear(nn.Module):
 
 
 def convert(model: nn.Module, *, int8_backend: str = "auto", recorded: dict[str, str] | None = None,
-            rows: Sequence[int] | None = None) -> None:
+            rows: Sequence[int] | None = None, reasons: dict[str, str] | None = None) -> None:
     """Put every EngineLinear of ``model`` into its inference form, in place. ``recorded`` maps layer names to the
     INT8 backend used when the model was measured, so a reloaded model runs the same code where it can; ``rows``:
-    the row counts the model will be measured at, where an "auto" INT8 backend is timed."""
+    the row counts the model will be measured at, where an "auto" INT8 backend is timed; ``reasons``: why each
+    recorded backend was chosen then (with its measured ratios), kept in place of "requested by name"."""
     model.eval()
     for name, layer in engine_layers(model).items():
         if layer.inference is not None:
@@ -45,6 +46,8 @@ def convert(model: nn.Module, *, int8_backend: str = "auto", recorded: dict[str,
                 layer.convert()
             else:
                 _convert_layer(layer, (recorded or {}).get(name, int8_backend), rows)
+                if name in (reasons or {}) and layer.backend == f"int8:{(recorded or {}).get(name)}":
+                    layer.reason = reasons[name]  # type: ignore[index]
 
 
 def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] | None = None) -> None:
@@ -134,6 +137,12 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         if converted and width != 4 and id(layer.weight) in shared:
             nbytes += layer.weight.numel() * 4  # its fp32 form, for the module it is tied to
     return params, nbytes
+
+
+def int8_reasons(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Why each INT8 layer of a layer report ran its backend (an "auto" choice: the measured ratios)."""
+    return {name: row["reason"] for name, row in layers.items()
+            if str(row.get("backend", "")).startswith("int8:") and row.get("reason")}
 
 
 def int8_backends(layers: dict[str, dict[str, Any]]) -> dict[str, str]:

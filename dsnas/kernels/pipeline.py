@@ -51,12 +51,12 @@ def run(model: nn.Module, task: Any, device: Any, engine: Any, *, seed: int,
 
 
 def finish(model: nn.Module, engine: Any, info: dict[str, Any], recorded: dict[str, str] | None = None,
-           rows: Any = None) -> None:
+           rows: Any = None, reasons: dict[str, str] | None = None) -> None:
     """Convert to the inference form and record what runs per layer. The worker calls it while it holds the
     device alone: choosing an INT8 backend times the candidates (at ``rows``, the row counts it will be measured
     at), and other trials' work would skew that. ``recorded``: the INT8 backend each layer already chose (when
-    measured before training): nothing is timed."""
-    convert(model, int8_backend=engine.int8_backend, recorded=recorded, rows=rows)
+    measured before training): nothing is timed; ``reasons``: why each was chosen then."""
+    convert(model, int8_backend=engine.int8_backend, recorded=recorded, rows=rows, reasons=reasons)
     info["layers"] = layer_report(model)
 
 
