@@ -155,7 +155,7 @@ def main() -> None:
     ratios, hv_ratios, fresh_ratios, fresh_hv, trained = [], [], [], [], {}
     for repeat in range(args.repeats):
         order = ("fp32", "dsnas") if repeat % 2 == 0 else ("dsnas", "fp32")
-        runs = {}
+        runs, folders = {}, []
         for variant in order:
             if args.scored:
                 runs[variant] = score(variant, args.scored / f"{variant}-{repeat}")
@@ -166,8 +166,7 @@ def main() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
             runs[variant] = run(variant, folder)
-            if not args.keep:
-                shutil.rmtree(folder, ignore_errors=True)
+            folders.append(folder)
             _show(repeat, runs[variant])
         rows, hv = _compare_table("the searches' fronts", runs)
         ratios += rows
@@ -180,14 +179,24 @@ def main() -> None:
             rows, hv = _compare_table(f"fronts of the mean accuracy over {args.seeds} fresh seeds", fresh)
             fresh_ratios += rows
             fresh_hv.append(hv)
-    print(f"\nthe searches' fronts: hypervolume ratio (median of {len(hv_ratios)}) {statistics.median(hv_ratios):.2f}x,"
-          f" throughput ratio at equal accuracy (median of {len(ratios)} levels) {statistics.median(ratios):.2f}x")
-    if fresh_ratios:
-        print(f"fronts of the mean accuracy over {args.seeds} fresh seeds: hypervolume ratio (median of "
-              f"{len(fresh_hv)}) {statistics.median(fresh_hv):.2f}x")
+        if not args.keep:  # only now: reseeding reads each study file (it removed them before, then failed)
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+    print(f"\nthe searches' fronts: hypervolume ratio {_median(hv_ratios)}, throughput ratio at equal accuracy "
+          f"({len(ratios)} levels) {_median(ratios)}")
+    if args.seeds:
+        print(f"fronts of the mean accuracy over {args.seeds} fresh seeds: hypervolume ratio {_median(fresh_hv)}")
         ratios = fresh_ratios
-    print(f"median throughput ratio at equal accuracy (dsnas / fp32, {len(ratios)} levels): "
-          f"{statistics.median(ratios):.2f}x")
+    print(f"median throughput ratio at equal accuracy (dsnas / fp32, {len(ratios)} levels): {_median(ratios)}")
+
+
+def _median(ratios: list[float]) -> str:
+    """The median of the ratios that could be taken, or why there is none (no level both fronts reach; an fp32
+    front wholly below the hypervolume's reference accuracy)."""
+    known = [r for r in ratios if r == r]
+    if not known:
+        return "none (no equal-accuracy level both fronts reach, or no front above the reference)"
+    return f"{statistics.median(known):.2f}x"
 
 
 def _compare_table(title: str, runs: dict) -> tuple[list[float], float]:
@@ -196,9 +205,10 @@ def _compare_table(title: str, runs: dict) -> tuple[list[float], float]:
     print(f"\n{title}:\n{'accuracy':>12} {'fp32 tokens/s':>14} {'dsnas tokens/s':>15} {'ratio':>7}")
     for level, b, d, r in rows:
         print(f"{level:>12.4f} {b:>14,.0f} {d:>15,.0f} {r:>6.2f}x")
-    hv = runs["dsnas"]["hv"] / runs["fp32"]["hv"]
+    # An fp32 front wholly below the reference accuracy has no hypervolume: no ratio (it divided by zero).
+    hv = runs["dsnas"]["hv"] / runs["fp32"]["hv"] if runs["fp32"]["hv"] > 0 else float("nan")
     print(f"hypervolume (reference {REFERENCE}): fp32 {runs['fp32']['hv']:,.0f}, dsnas {runs['dsnas']['hv']:,.0f}: "
-          f"{hv:.2f}x")
+          + (f"{hv:.2f}x" if hv == hv else "no ratio (the fp32 front lies below the reference accuracy)"))
     return [r for *_, r in rows], hv
 
 

@@ -41,3 +41,34 @@ def test_the_levels_compared_are_the_ones_both_fronts_reach():
     assert [level for level, *_ in rows] == pytest.approx([0.39, 0.395, 0.40])
     level, b, d, ratio = rows[0]  # 0.39: a mix on the fp32 front, the engine's own point
     assert b == pytest.approx(200_000 / 3) and d == pytest.approx(200_000) and ratio == pytest.approx(3.0)
+
+
+def test_the_default_run_reseeds_before_it_removes_the_studies_and_survives_an_fp32_front_below_the_reference(
+        tmp_path, monkeypatch, capsys):
+    """Without --keep, each study's folder was removed as soon as it was scored, and reseeding then read the
+    removed study file: the run failed after both searches (about 14 minutes). An fp32 front below the reference
+    accuracy divided by a zero hypervolume."""
+    made = []
+
+    def run(variant, folder):
+        study = folder / "studies" / "engine_cpu.toml"
+        study.parent.mkdir(parents=True)
+        study.write_text("")
+        made.append(folder)
+        front = [(0.42, 300_000.0, "bf16")] if variant == "dsnas" else [(0.29, 100_000.0, "fp32")]
+        return {"variant": variant, "wall_s": 1.0, "front": front, "hv": 0.0 if variant == "fp32" else 36_000.0,
+                "offer": {}, "archs": {}, "study": study}
+
+    def reseeded(result, seeds, trained):
+        assert result["study"].is_file()  # still there
+        return result
+
+    monkeypatch.setattr(hardware_gain, "run", run)
+    monkeypatch.setattr(hardware_gain, "reseeded", reseeded)
+    monkeypatch.setattr(hardware_gain.tempfile, "mkdtemp", lambda prefix: str(tmp_path / f"{prefix}{len(made)}"))
+    monkeypatch.setattr(sys, "argv", ["hardware_gain.py", "--seeds", "1"])
+    hardware_gain.main()
+    out = capsys.readouterr().out
+    assert "no ratio (the fp32 front lies below the reference accuracy)" in out
+    assert out.strip().splitlines()[-1] == "median throughput ratio at equal accuracy (dsnas / fp32, 1 levels): 3.00x"
+    assert len(made) == 2 and not any(folder.exists() for folder in made)  # removed at the end
