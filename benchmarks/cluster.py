@@ -75,6 +75,8 @@ batch_sizes = [1, 4]
 warmup_s = 0.01
 measure_s = 0.02
 max_measure_s = 0.1
+[fidelity]
+kind = "none"  # every trial trains fully: which ones a rung stops depends on the order they finish in
 [executor]
 kind = "ray"
 cpus_per_trial = 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DsnasError(Exception):
     """Root of every error dsnas raises on purpose. The CLI prints it as one line and exits 2."""
@@ -22,6 +24,11 @@ class SpecError(DsnasError):
             text += f". Fix: {fix}"
         super().__init__(text)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in a Ray worker, it crosses to the driver pickled: Exception's default rebuilds it from args
+        # (the text alone) and failed, so the trial's reason was Ray's "Failed to deserialize exception".
+        return type(self), (self.where, self.key, self.rule, self.got, self.fix)
+
 
 class TrialError(DsnasError):
     """A candidate could not be evaluated (it is recorded as a FAIL trial with this reason)."""
@@ -34,6 +41,9 @@ class Invalid(Exception):
     def __init__(self, key: str, rule: str, got: object = None, fix: str = "") -> None:
         super().__init__(rule)
         self.key, self.rule, self.got, self.fix = key, rule, got, fix
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.key, self.rule, self.got, self.fix)
 
 
 def require(ok: bool, key: str, rule: str, got: object = None, fix: str = "") -> None:

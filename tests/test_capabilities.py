@@ -163,3 +163,22 @@ def test_fingerprint_fields_say_why_nvml_is_missing(fake_gpu, monkeypatch):
     monkeypatch.setattr(caps, "nvml_handle", lambda device: (None, "unavailable: driver not loaded"))
     fields = caps.fingerprint_fields()
     assert fields["nvml_error"] == "RuntimeError: unavailable: driver not loaded"
+
+
+@pytest.mark.parametrize("files, cap", [
+    ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU: still one
+    ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ({}, None),
+])
+def test_the_cpus_a_local_ray_is_given_are_the_affinity_capped_by_the_cgroup_quota(tmp_path, files, cap):
+    """A local Ray was started with os.cpu_count(): under `docker --cpus 1` on a 2-core host it ran 2 trials at once,
+    and on a 64-core host it would run 64."""
+    import os
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert caps.usable_cpus(tmp_path) == (min(affinity, cap) if cap else affinity)

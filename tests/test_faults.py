@@ -141,3 +141,47 @@ def test_a_time_limit_counts_a_trials_own_time_not_its_wait_in_rays_queue(tmp_pa
                      .replace("n_trials = 3", "n_trials = 3\ntrial_timeout_s = 5"))
     assert main(["search", str(study)]) == 0
     assert [t.state for t in stored(study)] == [TrialState.COMPLETE] * 3
+
+
+def test_a_trial_that_fits_on_no_node_is_refused_before_it_waits_forever():
+    """Ray queues a task no node can hold without a word: the search printed "trial 0 started", then nothing."""
+    from types import SimpleNamespace
+
+    from dsnas.errors import DsnasError
+    from dsnas.executors.ray_executor import _check_a_node_fits
+
+    ray = SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2.0}},
+                                         {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}},
+                                         {"Alive": False, "Resources": {"CPU": 64.0}}])
+    _check_a_node_fits(ray, SimpleNamespace(cpus_per_trial=2), 1)  # 2 CPUs on one node, a GPU on another: fits each
+    with pytest.raises(DsnasError, match=r"\[executor.cpus_per_trial\] a trial runs on one node and asks for 4 CPUs, "
+                                         r"but the largest of the Ray cluster's 2 node\(s\) has 2"):
+        _check_a_node_fits(ray, SimpleNamespace(cpus_per_trial=4), 0)
+    with pytest.raises(DsnasError, match=r"asks for 2 GPUs, but the largest .* has 1. Fix: set \[executor\] "
+                                         r"gpus_per_trial = 1 or less"):
+        _check_a_node_fits(ray, SimpleNamespace(cpus_per_trial=1), 2)
+
+
+def test_errors_raised_in_a_worker_cross_to_the_driver_whole():
+    """A SpecError raised in a Ray worker could not be unpickled in the driver: the trial's reason was Ray's
+    "Failed to deserialize exception", with dsnas's one line buried in a colored traceback."""
+    import pickle
+
+    from dsnas.errors import Invalid, SpecError
+
+    err = pickle.loads(pickle.dumps(SpecError("study.toml", "task.corpus", "must exist", "x.txt", "check the path")))
+    assert str(err) == "study.toml: [task.corpus] must exist, but got 'x.txt'. Fix: check the path"
+    assert (err.where, err.key, err.fix) == ("study.toml", "task.corpus", "check the path")
+    inv = pickle.loads(pickle.dumps(Invalid("d_model", "must be positive", -1, "use 64")))
+    assert (str(inv), inv.key, inv.got, inv.fix) == ("must be positive", "d_model", -1, "use 64")
+
+
+@pytest.mark.slow
+def test_a_search_on_a_local_ray_ignores_a_ray_address_in_the_environment(tiny_study, monkeypatch):
+    """Without [executor] address dsnas starts a Ray of its own; ray.init(address=None) joined whatever RAY_ADDRESS
+    (or a `ray start` on the machine) named, and refused the CPU count dsnas passed, in a traceback."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there
+    tiny_study.write_text(tiny_study.read_text().replace('kind = "local"', 'kind = "ray"')
+                          .replace("n_trials = 3", "n_trials = 1"))
+    assert main(["search", str(tiny_study)]) == 0
+    assert [t.state for t in stored(tiny_study)] == [TrialState.COMPLETE]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from dsnas.errors import DsnasError
 from dsnas.executors.base import BaseExecutor, ClockHandler, Finished, RungHandler, TrialFn
+from dsnas.profiler.capabilities import usable_cpus
 from dsnas.rungs import ClockEvent, RayChannel, start_board
 from dsnas.spec import ExecutorSpec
 from dsnas.trial import TrialRequest
@@ -16,6 +16,20 @@ from dsnas.worker import run_trial
 
 # How long one long poll of the rung board waits for a report before the driver asks again.
 RUNG_POLL_S = 30.0
+
+
+def _check_a_node_fits(ray: Any, spec: ExecutorSpec, gpus: float) -> None:
+    """A trial runs on one node: one that asks for more CPUs or GPUs than any node has waits in Ray's queue forever,
+    and the search printed "trial 0 started", then nothing."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        return
+    for key, asked, name in (("CPU", spec.cpus_per_trial, "cpus_per_trial"), ("GPU", gpus, "gpus_per_trial")):
+        most = max(n.get(key, 0) for n in nodes)
+        if asked and asked > most:
+            raise DsnasError(f"[executor.{name}] a trial runs on one node and asks for {asked:g} {key}s, but the "
+                             f"largest of the Ray cluster's {len(nodes)} node(s) has {most:g}. Fix: set "
+                             f"[executor] {name} = {most:g} or less, or add a node with {asked:g} {key}s")
 
 
 class RayExecutor(BaseExecutor):
@@ -27,9 +41,11 @@ class RayExecutor(BaseExecutor):
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             try:
-                ray.init(address=spec.address, num_cpus=None if spec.address else os.cpu_count(),
+                # Without an address, a Ray of this search's own ("local"): address=None would join whatever
+                # RAY_ADDRESS or a `ray start` on this machine names, where num_cpus is refused (a ValueError).
+                ray.init(address=spec.address or "local", num_cpus=None if spec.address else usable_cpus(),
                          include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
                 fix = (" Fix: check that the cluster runs there; if it uses token authentication (`ray start` turns"
                        " it on when a token exists), set RAY_AUTH_MODE=token and give the cluster's token in"
                        " ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") if spec.address else ""
@@ -42,6 +58,7 @@ class RayExecutor(BaseExecutor):
             gpus = 1  # a measurement owns its GPU: never share one between trials
         if device == "cuda" and resources.get("GPU", 0) < max(gpus, 1):
             raise DsnasError("the study asks for device = cuda, but the Ray cluster has no GPU")
+        _check_a_node_fits(ray, spec, gpus)
         fit = int(resources.get("CPU", 0) // spec.cpus_per_trial)
         if gpus:
             fit = min(fit, int(resources.get("GPU", 0) // gpus))

@@ -3,6 +3,7 @@ missing: the facts behind `dsnas doctor`. Probed on use, never at import (import
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -290,6 +291,19 @@ def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:
     except (OSError, ValueError) as err:
         return f"cgroup CPU files not readable: {err}"
     return f"no cgroup CPU controller under {root}"
+
+
+def usable_cpus(root: Path = CGROUP_ROOT) -> int:
+    """The CPUs this process may run on at once: its affinity, capped by a cgroup CPU quota (a container given
+    `--cpus 2` on a 64-core host sees 64 in os.cpu_count())."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    found = cgroup_cpu_max(root)
+    if not isinstance(found, str) and found[0] not in ("max", "-1"):
+        try:
+            cpus = min(cpus, max(1, math.ceil(int(found[0]) / int(found[1]))))
+        except (ValueError, ZeroDivisionError):
+            pass
+    return max(1, cpus)
 
 
 def _cgroup_quota(root: Path = CGROUP_ROOT) -> Capability:
