@@ -69,14 +69,18 @@ def study_settings(spec: StudySpec) -> dict[str, Any]:
 def _check_settings(spec: StudySpec, study: Any) -> None:
     """Record the study file's settings at a study's first run; refuse to resume a study with trials stored under
     other ones, before any work, since the old and the new trials would then share a front without being alike.
-    (A study of an older dsnas has none recorded: this run's are taken as its.)"""
+    A study of an older dsnas that has trials but no record keeps none: this run's file may have been edited since
+    them, and recording it would make exports carry, and resumes demand, settings no trial ran under."""
     from optuna.trial import TrialState
 
     now, stored = study_settings(spec), study.user_attrs.get(SETTINGS_ATTR)
     if stored == now:
         return
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if not stored and done:
+        return
     was_set, now_set = (_comparable(stored, like=now), _comparable(now, like=stored)) if stored else (None, None)
-    if was_set != now_set and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    if was_set != now_set and done:
         key, was, wanted = _first_difference(was_set, now_set)
         section = key.split(".")[0]
         leaf = key.rsplit(".", 1)[-1]

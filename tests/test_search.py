@@ -403,3 +403,23 @@ def test_drivers_on_one_study_get_their_own_seed_and_see_each_others_candidates(
                                  distributions={"x": FloatDistribution(0, 1)},
                                  user_attrs={"evaluation_key": "candidate"}))  # the other driver's
     assert mine._original("candidate") == 0
+
+
+def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(finished_study, tmp_path):
+    """A study with trials but no recorded settings (searched before dsnas recorded them) took the file's settings
+    of the day it was resumed: an edited context was then what its bundles carried and what a resume demanded."""
+    from dsnas.spec import load_study
+    from dsnas.study import SETTINGS_ATTR, as_searched, open_study
+
+    study = copy_study(finished_study, tmp_path / "s")
+    spec = load_study(study)
+    stored = open_study(spec, create=False)
+    stored._storage.set_study_user_attr(stored._study_id, SETTINGS_ATTR, None)  # as an older dsnas left it
+    original = study.read_text()
+    study.write_text(original.replace("batch_sizes = [1, 4]", "batch_sizes = [1, 8]"))
+    assert main(["search", str(study)]) == 0  # the budget is spent: nothing runs
+    edited = load_study(study)
+    assert not open_study(edited, create=False).user_attrs.get(SETTINGS_ATTR)
+    assert as_searched(edited, open_study(edited, create=False)).hardware.batch_sizes == (1, 8)  # the file's, as before
+    study.write_text(original)
+    assert main(["search", str(study)]) == 0  # not refused for a setting no trial ran under
