@@ -160,6 +160,16 @@ def test_verify_shows_but_does_not_compare_speed_measured_on_another_device(bund
     assert out.splitlines()[-1].startswith("verify: OK (not compared: device, latency_ms_bs1,")
 
 
+def test_fingerprint_fields_an_older_dsnas_did_not_record_are_said_to_be_missing_not_different(bundle, capsys):
+    def older(d):
+        d["fingerprint"].pop("cpu_isa")
+        d["fingerprint"]["host"] = "elsewhere"
+
+    edit_json(bundle / "metrics.json", older)
+    code, out = verify(bundle, capsys)
+    assert code == 0 and "other device (host differ; cpu_isa not recorded then)" in out, out
+
+
 def test_speed_measured_before_dsnas_held_freed_memory_is_shown_but_not_compared(bundle, capsys):
     def unheld(d):  # a bundle exported before dsnas.allocator: its timings paid page faults that now do not happen
         del d["profile"]["allocator"]
@@ -170,6 +180,8 @@ def test_speed_measured_before_dsnas_held_freed_memory_is_shown_but_not_compared
     assert code == 0, out
     row = next(line for line in out.splitlines() if line.startswith("allocator"))
     assert "allocator default (not recorded)" in row and "held" in row and "speed not compared" in row, out
+    # Exporting again copies the same trial's record: the line names what does measure it (it said re-export).
+    assert "`dsnas profile` on this bundle measures it here" in row and "re-export" not in row, row
     assert "other allocator policy: not compared" in out
     assert out.splitlines()[-1].startswith("verify: OK (not compared: allocator, latency_ms_bs1,"), out
 

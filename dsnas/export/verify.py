@@ -126,13 +126,18 @@ def _probe_check(bundle: str | Path, model: Any, dev: Any, recorded_type: str | 
                  failed=not ok)
 
 
+# What gives a bundle a record its trial lacks: exporting again copies the trial's record, which stays as it was.
+PROFILE_IT = "`dsnas profile` on this bundle measures it here"
+
+
 def _form_check(model: Any, recorded: dict[str, Any] | None) -> Check:
     """The loaded model runs what was measured: each layer's precision, sparsity pattern and backend (the
     signature recorded with the measurement; dsnas.kernels.convert.inference_signature)."""
     from dsnas.kernels.convert import inference_signature, signature_difference  # torch loads on first use
 
-    if not recorded:
-        return Check("inference form", "-", "-", "-", f"not recorded ({REEXPORT})", compared=False)
+    if not recorded:  # exporting again copies the same trial's record: only a new measurement has one
+        return Check("inference form", "-", "-", "-", f"not recorded by its trial (an older dsnas measured it; "
+                     f"{PROFILE_IT})", compared=False)
     now = inference_signature(model)
     layers = len(now["layers"])
     why = signature_difference({**recorded, "compiled": False}, now)
@@ -192,7 +197,7 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
             rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
     now = _figures(rounds)
     checks = [Check("device", then_fp.get("device", "-"), dev.type, "-",
-                    f"other device ({', '.join(differs)} differ)" if differs else "same fingerprint",
+                    f"other device ({_differences(differs, then_fp)})" if differs else "same fingerprint",
                     compared=not differs), allocator]
     if not why_not and all(p.get("disturbed") for _, p in rounds):
         why_not = "every round disturbed (other processes or a slow host; see dsnas profile): run again when quiet"
@@ -223,8 +228,16 @@ def _allocator_check(then: dict[str, Any], now: dict[str, Any]) -> Check:
     policy_now = now["allocator"]["policy"]
     if policy_then == policy_now:
         return Check("allocator", policy_then, policy_now, "-", "same")
-    return Check("allocator", policy_then, policy_now, "-", f"other policy: speed not compared ({REEXPORT})",
+    return Check("allocator", policy_then, policy_now, "-", f"other policy: speed not compared ({PROFILE_IT})",
                  compared=False)
+
+
+def _differences(differs: list[str], then: dict[str, Any]) -> str:
+    """The fingerprint fields that differ, apart from those an older dsnas did not record."""
+    changed = [k for k in differs if k in then]
+    absent = [k for k in differs if k not in then]
+    return "; ".join(part for part in (f"{', '.join(changed)} differ" if changed else "",
+                                       f"{', '.join(absent)} not recorded then" if absent else "") if part)
 
 
 def _speed_keys(now: dict[str, list[float]]) -> list[str]:
