@@ -211,7 +211,9 @@ class Driver:
         def run(*args: Any, **kwargs: Any) -> Any:
             if not self._cpu_gate:
                 return fn(*args, **kwargs)
-            with self._cpu_gate.shared():
+            # Another study's trial may hold the gate for minutes: Ctrl-C or SIGTERM must not wait for it. The
+            # trial being dispatched is already running (close() fails it), and nothing is written meanwhile.
+            with self.guard.waiting(), self._cpu_gate.shared(), self.guard.writing():
                 return fn(*args, **kwargs)
         return run
 

@@ -65,6 +65,20 @@ class InterruptGuard:
             raise interrupt
 
     @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside a write, a block that writes nothing and may wait without bound (for another process's hold on
+        the measurement gate): an interrupt, pending or new, acts at once. The caller must leave the write's state
+        safe to fail, as a trial already counted as running is."""
+        depth, self._depth = self._depth, 0
+        try:
+            if self._pending is not None:
+                interrupt, self._pending = self._pending, None
+                raise interrupt
+            yield
+        finally:
+            self._depth = depth
+
+    @contextmanager
     def writing(self) -> Iterator[None]:
         """A block that must not be cut short: an interrupt during it is raised when it ends."""
         self._depth += 1

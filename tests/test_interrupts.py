@@ -64,3 +64,27 @@ def test_a_sigterm_that_a_library_turned_into_a_plain_keyboardinterrupt_is_still
                 raise AssertionError("not terminated")
             except Terminated:
                 raise KeyboardInterrupt from None  # what Ray's check_signals makes of it
+
+
+def test_a_wait_inside_a_write_takes_an_interrupt_at_once_and_the_write_defers_again_after():
+    """The driver waits for the measurement gate inside a dispatch (a write): a Ctrl-C there acted only when another
+    process let the gate go, minutes later."""
+    guard = InterruptGuard()
+    with guard.installed():
+        with pytest.raises(KeyboardInterrupt):  # pending from the write, raised as the wait begins
+            with guard.writing():
+                os.kill(os.getpid(), signal.SIGINT)
+                with guard.waiting():
+                    raise AssertionError("the pending interrupt did not act")
+        with pytest.raises(KeyboardInterrupt):  # arriving during the wait: at once
+            with guard.writing(), guard.waiting():
+                os.kill(os.getpid(), signal.SIGINT)
+                raise AssertionError("not interrupted")
+        done = []
+        with pytest.raises(KeyboardInterrupt):  # after the wait, the write defers again
+            with guard.writing():
+                with guard.waiting():
+                    pass
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("written")
+        assert done == ["written"]

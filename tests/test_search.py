@@ -119,8 +119,8 @@ def test_resume_after_sigkill_loses_no_completed_trial(tiny_study):
     assert sum(t.state == TrialState.COMPLETE for t in after) == 4
 
 
-def state_counts(study_file):
-    """The number of a RUNNING trial once at least one trial completed, else None.
+def state_counts(study_file, after_one_completed=True):
+    """The number of a RUNNING trial once at least one trial completed (or at once), else None.
 
     Read-only SQL: opening Optuna's storage here would write (create tables) beside the driver."""
     path = load_study(study_file).storage.removeprefix("sqlite:///")
@@ -135,7 +135,7 @@ def state_counts(study_file):
     except sqlite3.OperationalError:
         return None  # the driver has not created the tables yet, or holds a write lock
     running = [n for n, state, dispatched in rows if state == "RUNNING" and dispatched]
-    if any(state == "COMPLETE" for _, state, _ in rows) and running:
+    if (not after_one_completed or any(state == "COMPLETE" for _, state, _ in rows)) and running:
         return running[0]
     return None
 
@@ -217,6 +217,30 @@ def test_ctrl_c_or_sigterm_fails_the_running_trial_as_interrupted(tiny_study, si
     assert stopped.state == TrialState.FAIL
     assert stopped.user_attrs["fail_reason"] == "the search was interrupted while the trial ran"
     assert not [t for t in after if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_ctrl_c_acts_at_once_while_another_process_holds_the_measurement_gate(tiny_study, tmp_path):
+    """Another study's trial measuring on this CPU holds the gate for as long as it measures: a driver waiting for it
+    to sample its next candidate held Ctrl-C and SIGTERM back until it let go (a SIGTERM at 300 s ended at 439 s)."""
+    from dsnas.profiler import MeasureGate, device_key, resolve_device
+
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    cmd = [sys.executable, "-m", "dsnas.cli", "search", str(tiny_study)]
+    with MeasureGate(device_key(resolve_device("cpu")), gates).exclusive():  # held all along, as a measurer would
+        driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "TMPDIR": str(gates)})
+        try:
+            running = wait_for(lambda: state_counts(tiny_study, after_one_completed=False), driver)
+            time.sleep(1.0)  # into the wait for the gate
+            driver.send_signal(signal.SIGINT)
+            _, err = driver.communicate(timeout=30)
+        finally:
+            driver.kill()
+    assert driver.returncode == 130, err[-3000:]
+    stopped = {t.number: t for t in trials(tiny_study)[1]}[running]
+    assert stopped.state == TrialState.FAIL and "arch" not in stopped.user_attrs  # failed before it was sampled
 
 
 def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, capsys):
