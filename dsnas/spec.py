@@ -259,7 +259,7 @@ class FidelitySpec:
 
     def __post_init__(self) -> None:
         require(self.kind in FIDELITY_KINDS, "kind", f"must be one of {list(FIDELITY_KINDS)}", self.kind,
-                'set kind = "successive_halving", or "none" to train every candidate fully')
+                'set kind = "successive_halving" or "hyperband", or "none" to train every candidate fully')
         require(self.eta >= 2, "eta", "must be >= 2", self.eta, "e.g. eta = 3 (keep the best third at each rung)")
         require(0 < self.min_fraction < 1, "min_fraction", "must be between 0 and 1 (a share of the training budget)",
                 self.min_fraction, "e.g. min_fraction = 0.333")
@@ -369,6 +369,16 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
                  "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
                  spec.budget.trial_timeout_s, 'set [executor] kind = "ray", or remove trial_timeout_s'
                  + (f" (or leave out {flags['executor.kind']})" if "executor.kind" in flags else ""))
+    # A sparse or int8 candidate trains on the budget less fine-tuning and QAT first, and reports at its rungs within
+    # that training: a rung beyond it fired at its end, on fewer tokens than an fp32 peer's at the same rung.
+    first = 1 - spec.engine.finetune_frac - spec.engine.qat_frac
+    last_rung = 1 / spec.fidelity.eta
+    require_spec(where, "engine.finetune_frac", not spec.fidelity.enabled or last_rung <= first + 1e-9,
+                 f"with qat_frac leaves {first:.3g} of the budget to a sparse or int8 candidate's first training, "
+                 f"less than the last rung's share 1/eta = {last_rung:.3g} ([fidelity] eta = {spec.fidelity.eta}): "
+                 "it would reach that rung on fewer tokens than its peers",
+                 spec.engine.finetune_frac + spec.engine.qat_frac,
+                 f"make finetune_frac + qat_frac at most {1 - last_rung:.3g}, or raise [fidelity] eta")
     return spec
 
 

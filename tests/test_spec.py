@@ -239,6 +239,10 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      "qat_frac = 0.25"),
     ("engine-int8-backend", {"engine": {"int8_backend": "onednn"}}, "engine.int8_backend", "must be one of ['auto'",
      'int8_backend = "auto"'),
+    # A sparse or int8 candidate reached the last rung at the end of its first training, on fewer tokens than fp32.
+    ("engine-shares-past-a-rung", {"engine": {"finetune_frac": 0.4, "qat_frac": 0.4}}, "engine.finetune_frac",
+     "with qat_frac leaves 0.2 of the budget to a sparse or int8 candidate's first training, less than the last "
+     "rung's share 1/eta = 0.333 ([fidelity] eta = 3)", "make finetune_frac + qat_frac at most 0.667"),
     # multi-fidelity and the predictor
     ("fidelity-kind", {"fidelity": {"kind": "asha"}}, "fidelity.kind", "must be one of ['none', 'successive_halving'",
      'kind = "successive_halving"'),
