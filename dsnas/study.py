@@ -140,3 +140,26 @@ def _record_study(spec: StudySpec, study: Any) -> None:
         tables.backfill(engine, study)
         tables.record_study(engine, spec.name, [{"name": o.name, "metric": o.metric, "direction": o.direction}
                                                 for o in spec.objectives], spec.hardware.constraints)
+
+
+def nothing_to_use(spec: StudySpec, study: Any, feasible: bool = False) -> str:
+    """Why ``study`` has no completed (``feasible``: feasible completed) trial, and the fix, as one line: "run a
+    search first" sent a user whose every trial a rung or the predictor had stopped to a search that stopped at once
+    (its budget spent)."""
+    import shlex
+
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    what = "feasible completed" if feasible else "completed"
+    stopped = [t for t in trials if t.state == TrialState.PRUNED]
+    done = sum(t.state == TrialState.COMPLETE for t in trials)
+    if not stopped and not done:
+        return (f"{spec.path}: study {spec.name!r} has no {what} trial yet. Fix: run `dsnas search "
+                f"{shlex.quote(str(spec.path))}` first")
+    told = f"; {len(stopped)} stopped before training ended, trial {stopped[0].number}: " \
+        f"{stopped[0].user_attrs.get('pruned_reason', 'no reason stored')}" if stopped else ""
+    over = f"{done} completed, none within [hardware.constraints]" if feasible and done else f"{done} completed"
+    return (f"{spec.path}: study {spec.name!r} has no {what} trial: of its {len(trials)} trials, {over}{told}. Fix: "
+            "loosen [hardware.constraints] if its limits stopped them, or raise [budget] n_trials and run `dsnas "
+            f"search {shlex.quote(str(spec.path))}` again")

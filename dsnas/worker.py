@@ -167,11 +167,8 @@ class _Candidate:
         """Measure the architecture's inference form, untrained, holding the device alone; returns the INT8
         backend each layer chose, so that the trained model converts to the same code, and why (the measured
         ratios of an "auto" choice), for the trained model's profile."""
-        from dsnas.kernels.convert import (  # torch loads on first use
-            int8_backends,
-            int8_reasons,
-            untrained_inference_form,
-        )
+        # torch loads on first use
+        from dsnas.kernels.convert import int8_backends, int8_reasons, untrained_inference_form
         from dsnas.kernels.linear import layer_report  # torch loads on first use
 
         with self.gate.exclusive():

@@ -121,7 +121,8 @@ def test_a_limit_on_a_metric_the_study_did_not_store_says_so(spec):
 
 
 def test_a_study_without_feasible_trials_says_so(spec):
-    with pytest.raises(DsnasError, match="no feasible completed trial in study 'tiny'. Fix: run `dsnas search`"):
+    with pytest.raises(DsnasError, match=r"study 'tiny' has no feasible completed trial: of its 2 trials, 1 "
+                                         r"completed, none within \[hardware.constraints\]. Fix: loosen "):
         pick_trials(make_study([(0.5, 10.0, 1.0, 1.0, 0.0)]), spec, pick="knee")
 
 

@@ -452,3 +452,20 @@ def test_a_choice_offered_by_width_ranks_as_one_choice():
     ranked = dict(rank_choices(pd.DataFrame(rows), ["accuracy", "throughput_tok_s"]))
     assert set(ranked) == {"param.d_model", "param.layer0.precision"}
     assert ranked["param.layer0.precision"]["throughput_tok_s"] > 0.1
+
+
+def test_a_study_whose_every_trial_a_limit_stopped_says_so_and_not_run_a_search(tmp_path, capsys):
+    """Every candidate over the latency limit, all PRUNED at rung 0: report and export said "run `dsnas search`
+    first", and that search stopped at once, its budget spent."""
+    from table_study import write_table_study
+
+    from dsnas.cli import main
+
+    study = write_table_study(tmp_path, n_trials=3, max_latency_ms=1e-6)
+    assert main(["search", str(study)]) == 0
+    capsys.readouterr()
+    for command in (["report", str(study)], ["export", str(study), "--pick", "knee"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "of its 3 trials, 0 completed; 3 stopped before training ended, trial 0: over the hardware " in err
+        assert "latency_ms" in err and "Fix: loosen [hardware.constraints]" in err, err

@@ -10,6 +10,7 @@ from typing import Any
 from dsnas.errors import DsnasError
 from dsnas.pareto import front_indices
 from dsnas.spec import OBJECTIVES, StudySpec
+from dsnas.study import nothing_to_use
 
 # Each limit: the flag that sets it, the user attribute it bounds, and whether that is an upper bound.
 LIMITS = {"max_latency_ms": ("--max-latency-ms", "latency_ms", True),
@@ -51,7 +52,10 @@ def pick_trials(study: Any, spec: StudySpec, trial: int | None = None, pick: str
                 else chosen]
     done = [t for t in done if "reused_from" not in t.user_attrs]
     how, metric = ("front", "") if front else _parse_pick(pick)
-    candidates = _within(limits, [t for t in done if t.user_attrs.get("feasible", 1.0)], spec)
+    feasible = [t for t in done if t.user_attrs.get("feasible", 1.0)]
+    if not feasible:
+        raise DsnasError(nothing_to_use(spec, study, feasible=True))
+    candidates = _within(limits, feasible, spec)
     if how in ("front", "knee"):
         best = pareto_front(candidates, spec.directions)
         return best if how == "front" else [knee(best, spec.directions)]
@@ -83,10 +87,7 @@ def _parse_pick(pick: str | None) -> tuple[str, str]:
 
 
 def _within(limits: Limits, feasible: list[Any], spec: StudySpec) -> list[Any]:
-    """The feasible trials within ``limits``, or an error that says what the study offers instead."""
-    if not feasible:
-        raise DsnasError(f"no feasible completed trial in study {spec.name!r}. Fix: run `dsnas search` on "
-                         f"{spec.path} first, or loosen its [hardware.constraints]")
+    """The feasible trials (some) within ``limits``, or an error that says what the study offers instead."""
     for flag, metric, _, _ in limits.items():
         if not any(metric in t.user_attrs for t in feasible):
             raise DsnasError(f"{flag}: the trials of study {spec.name!r} did not store {metric!r}, so it cannot "

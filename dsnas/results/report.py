@@ -37,13 +37,12 @@ def parse_reference(text: str | None, names: list[str]) -> dict[str, float] | No
 def write_report(spec: StudySpec, out: str | Path | None = None, reference: str | None = None) -> str:
     """Write the report folder of a study; returns the terminal summary."""
     from dsnas import tables  # SQLAlchemy loads on first use
-    from dsnas.study import open_study  # SQLAlchemy loads on first use
+    from dsnas.study import nothing_to_use, open_study  # SQLAlchemy loads on first use
 
     study = open_study(spec, create=False)
     df = frame(study)
     if not (df["state"] == "COMPLETE").any():
-        raise DsnasError(f"{spec.path}: study {spec.name!r} has no completed trial yet. Fix: run `dsnas search "
-                         f"{spec.path}` first")
+        raise DsnasError(nothing_to_use(spec, study))
     ref = parse_reference(reference, [o["name"] for o in df.attrs["objectives"]]) or default_reference(df)
     folder = Path(out) if out else spec.base_dir / "reports" / spec.name
     if folder.exists() and not folder.is_dir():
