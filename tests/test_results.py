@@ -469,3 +469,24 @@ def test_a_study_whose_every_trial_a_limit_stopped_says_so_and_not_run_a_search(
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "of its 3 trials, 0 completed; 3 stopped before training ended, trial 0: over the hardware " in err
         assert "latency_ms" in err and "Fix: loosen [hardware.constraints]" in err, err
+
+
+def test_a_study_whose_peak_memory_two_definitions_measured_says_so():
+    """A study resumed across a dsnas upgrade held peak memory by two definitions (0.34 MiB against 5.3 MiB for
+    models of one size) in one column and under one limit, without a word."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dsnas.results.report import _memory_note
+
+    spec = SimpleNamespace(path=Path("my studies/s.toml"))
+    df = pd.DataFrame({"trial": [0, 1, 2, 3], "state": ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"],
+                       "peak_memory_mb": [0.34, 5.3, 5.4, None],
+                       "memory_method": [None, "weights+profiler_cpu_allocation_peak",
+                                         "weights+profiler_cpu_allocation_peak", "rss"]})
+    note = _memory_note(spec, df)
+    assert note.startswith("peak memory: measured by 2 definitions in this study (not recorded: trial 0; "
+                           "weights+profiler_cpu_allocation_peak: trials 1, 2)"), note
+    assert "`dsnas profile 'my studies/s.toml' --trial N`" in note
+    assert _memory_note(spec, df[df["trial"] > 0]) == ""  # one definition: nothing to say

@@ -127,7 +127,8 @@ def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Pa
     charts = "\n".join(f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False)
                        for i, f in enumerate(figures))
     shown = _summary_frame(v)
-    disturbed = f"<p><b>{html.escape(note)}</b></p>" if (note := _disturbed_note(spec, df)) else ""
+    disturbed = "".join(f"<p><b>{html.escape(note)}</b></p>" for note in (_disturbed_note(spec, df),
+                                                                          _memory_note(spec, df)) if note)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dsnas report: {html.escape(spec.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
@@ -190,6 +191,24 @@ def _disturbed_note(spec: StudySpec, df: Any) -> str:
             f"Fix: re-measure on a quiet machine with `dsnas profile {shlex.quote(str(spec.path))} --trial N`")
 
 
+def _memory_note(spec: StudySpec, df: Any) -> str:
+    """A line naming the completed trials whose peak memory another definition measured: a study resumed across
+    a dsnas upgrade held figures 16x apart for models of one size (the process's RSS growth against the weights
+    plus the call's allocations), in one column and under one limit."""
+    if "memory_method" not in df.columns or "peak_memory_mb" not in df.columns:
+        return ""
+    done = df[(df["state"] == "COMPLETE") & df["peak_memory_mb"].notna()]
+    methods = done["memory_method"].fillna("not recorded")
+    if methods.nunique() < 2:
+        return ""
+    groups = "; ".join(f"{method}: trial{'s' * (len(trials) > 1)} {', '.join(map(str, trials))}"
+                       for method, trials in done.groupby(methods)["trial"].apply(list).items())
+    return (f"peak memory: measured by {methods.nunique()} definitions in this study ({groups}), so its figures and "
+            "any max_peak_memory_mb limit compare unlike numbers across them. Fix: `dsnas profile "
+            f"{shlex.quote(str(spec.path))} --trial N` measures a trial by this dsnas's definition; a new study "
+            "measures them all by it")
+
+
 def _counts(df: Any) -> str:
     counts = df["state"].value_counts()
     return ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + " trials"
@@ -226,7 +245,7 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref}), {boxed}",
              _formatted(shown).rename(columns=_titles(spec)).to_string(index=False),
-             *filter(None, [_disturbed_note(spec, df)]),
+             *filter(None, [_disturbed_note(spec, df), _memory_note(spec, df)]),
              f"report: {written[-1]} ({len(written) + 1} files: figures as PNG, SVG and PDF, plotly.min.js included, "
              f"in {written[-1].parent})"]
     return "\n".join(lines)

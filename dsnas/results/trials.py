@@ -110,6 +110,7 @@ def _row(t: Any, objectives: list[Objective]) -> dict[str, Any]:
     row["arch_short"] = attrs.get("arch_short")
     row["arch"] = json.dumps(attrs["arch"], sort_keys=True) if "arch" in attrs else None
     row.update(_fingerprint_columns(attrs.get("profile", {}).get("fingerprint")))
+    row["memory_method"] = (attrs.get("profile") or {}).get("memory_method")  # what peak_memory_mb means
     row["fail_reason"] = attrs.get("fail_reason")
     return row
 
