@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -663,12 +664,36 @@ def check_machine(spec: StudySpec) -> None:
         require_spec(where, "executor.address", host is not None, 'must be "host:port", "ray://host:port" or "auto"',
                      spec.executor.address, 'e.g. address = "127.0.0.1:6379", as `ray start --head` prints it')
         try:
-            socket.create_connection((host, port), timeout=3).close()
+            grpc = _speaks_grpc(host, port)
         except (OSError, UnicodeError) as e:  # UnicodeError: a host name IDNA cannot encode, e.g. "a..b"
             reason = getattr(e, "strerror", None) or e
             raise SpecError(where, "executor.address", f"no Ray cluster answers there ({reason})",
                             spec.executor.address, "start one with `ray start --head`, or remove address "
                             "to start a local Ray") from None
+        require_spec(where, "executor.address", grpc, f"{host}:{port} answers, but not as a Ray head does (gRPC): "
+                     "Ray would retry it for about 14 minutes", spec.executor.address,
+                     "give the address `ray start --head` prints (the GCS port, 6379 by default), not its dashboard's")
+
+
+def _speaks_grpc(host: str, port: int, timeout_s: float = 5.0) -> bool:
+    """Whether ``host:port`` answers an HTTP/2 client preface with a SETTINGS frame, as a Ray head's gRPC server
+    does at once. Another service on the port (a dashboard, a web server) was taken for a Ray head, and Ray then
+    retried it 20 times, about 40 s each. A cluster with TLS (RAY_USE_TLS) is not asked."""
+    with socket.create_connection((host, port), timeout=timeout_s) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return True
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        header = b""
+        deadline = time.monotonic() + timeout_s
+        while len(header) < 9 and time.monotonic() < deadline:
+            try:
+                chunk = conn.recv(9 - len(header))
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            header += chunk
+    return len(header) == 9 and header[3] == 0x04  # the frame type byte: 4 is SETTINGS
 
 
 def _check_fp8(spec: StudySpec) -> None:

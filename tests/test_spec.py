@@ -363,6 +363,23 @@ def test_unreachable_ray_address(tmp_path: Path, scheme: str) -> None:
     assert repr(address) in msg
 
 
+def test_an_address_where_something_else_than_a_ray_head_answers_is_refused(tmp_path: Path) -> None:
+    """A web server (or Ray's dashboard) on the port passed the connect check, then Ray retried it for 14 minutes."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        path = write_study(tmp_path, executor={"kind": "ray", "address": address})
+        expect_error(path, "executor.address", f"{address} answers, but not as a Ray head does (gRPC)",
+                     "the GCS port, 6379 by default")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unreachable_ray_address_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     path = write_study(tmp_path, executor={"kind": "ray", "address": "auto"})
