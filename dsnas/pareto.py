@@ -101,6 +101,10 @@ def _volume(points: list[list[float]], ref: list[float]) -> float:
         return ref[0] - min(p[0] for p in points)
     if len(ref) == 2:
         return _volume_2d(points, ref)
+    # A dominated point adds no volume: slicing only the non-dominated ones (in this projection, at every level)
+    # keeps each call near the front's size. Slicing them all took 2.7 s for 400 points in 4 objectives, and a
+    # report's hypervolume history of such a study 8 minutes.
+    points = [points[i] for i in front_indices(points, ["minimize"] * len(ref))]
     # Slice along the last objective: between two consecutive values, the volume is the (d-1)-dimensional
     # volume of the points already reached, times the slice's thickness.
     points = sorted(points, key=lambda p: p[-1])

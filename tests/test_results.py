@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import shutil
 import warnings
@@ -50,6 +51,47 @@ def test_hypervolume_in_three_dimensions_matches_inclusion_exclusion_on_random_b
                 corner = [min(c) for c in zip(*subset)]
                 exact += (-1) ** (k + 1) * corner[0] * corner[1] * corner[2]
         assert dominated_volume(points, [0, 0, 0], ["maximize"] * 3) == pytest.approx(exact)
+
+
+def test_hypervolume_in_four_objectives_matches_inclusion_exclusion_and_stays_fast_at_hundreds_of_points():
+    """Slicing every point, dominated or not, took 2.7 s for 400 points in 4 objectives, and a report's history of
+    such a study 8 minutes: only the non-dominated points of each projection are sliced now."""
+    import time
+
+    rng = random.Random(1)
+    for _ in range(10):
+        points = [[rng.randint(1, 6) for _ in range(4)] for _ in range(rng.randint(1, 6))]
+        exact = 0.0
+        for k in range(1, len(points) + 1):
+            for subset in itertools.combinations(points, k):
+                exact += (-1) ** (k + 1) * math.prod(min(c) for c in zip(*subset))
+        assert dominated_volume(points, [0] * 4, ["maximize"] * 4) == pytest.approx(exact)
+    many = [[rng.random() for _ in range(4)] for _ in range(400)]
+    start = time.perf_counter()
+    dominated_volume(many, [0] * 4, ["maximize"] * 4)
+    assert time.perf_counter() - start < 1.0  # 0.04 s here; slicing every point took 2.7 s
+
+
+def test_the_hypervolume_history_equals_the_volume_recomputed_after_each_trial():
+    """The history recomputes only when a trial joins the front; the rest reuse the volume."""
+    import pandas as pd
+
+    rng = random.Random(2)
+    n = 60
+    df = pd.DataFrame({"trial": range(n), "state": ["COMPLETE"] * n, "feasible": [rng.random() > 0.2 for _ in range(n)],
+                       "accuracy": [rng.random() for _ in range(n)], "throughput_tok_s": [rng.random() for _ in range(n)],
+                       "latency_ms": [rng.random() for _ in range(n)],
+                       "started": pd.date_range("2026-01-01", periods=n, freq="s"),
+                       "completed": pd.date_range("2026-01-01 00:00:01", periods=n, freq="s")})
+    df.attrs["objectives"] = [{"name": "accuracy", "column": "accuracy", "direction": "maximize"},
+                              {"name": "throughput", "column": "throughput_tok_s", "direction": "maximize"},
+                              {"name": "latency", "column": "latency_ms", "direction": "minimize"}]
+    reference = {"accuracy": 0.0, "throughput": 0.0, "latency": 1.0}
+    history = hypervolume_history(df, reference)
+    cols, directions = ["accuracy", "throughput_tok_s", "latency_ms"], ["maximize", "maximize", "minimize"]
+    expected = [dominated_volume(df[cols][:k][df["feasible"][:k]].to_numpy().tolist(), [0.0, 0.0, 1.0], directions)
+                for k in range(1, n + 1)]
+    assert list(history["hypervolume"]) == pytest.approx(expected)
 
 
 def _hand_made_study(tmp_path: Path) -> str:
