@@ -270,3 +270,25 @@ def test_a_gate_of_another_account_gives_one_warning_and_a_gate_of_this_accounts
                                             f"dsnas-gate-shared-uid{os.getuid()}.lock"]
     warnings = [r.getMessage() for r in caplog.records if "measurement gate" in r.getMessage()]
     assert len(warnings) == 1 and "chmod 666" in warnings[0], warnings
+
+
+def test_a_gate_another_account_made_is_used_without_o_creat(tmp_path, monkeypatch):
+    """Linux's protected_regular refuses O_CREAT on another owner's file in a sticky world-writable folder (/tmp),
+    even one of mode 0666: each hold opened the gate with O_CREAT and failed for a second account."""
+    import os
+
+    from dsnas.profiler import gate as gate_module
+    MeasureGate("theirs", tmp_path)  # made by "them"
+    real_open = os.open
+
+    def protected(path, flags, *args):
+        if flags & os.O_CREAT and os.path.exists(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(gate_module.os, "open", protected)
+    gate = MeasureGate("theirs", tmp_path)
+    assert gate.paths[0].name == "dsnas-gate-theirs.turnstile"  # theirs, shared: not a gate of this account's own
+    with gate.exclusive():
+        pass
+    with gate.shared() as hold:
+        hold.checkpoint()

@@ -9,6 +9,7 @@ waits for the lock exclusively.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -116,10 +117,8 @@ def _usable(path: Path) -> bool:
             return _usable(path)
         except OSError as err:
             return _refused(path, err)
-        try:
+        with contextlib.suppress(OSError):  # a folder that keeps its own modes: the gate still works for this account
             os.fchmod(fd, 0o666)
-        except OSError:
-            pass  # a folder that keeps its own modes: the gate still works for this account
     except OSError as err:
         return _refused(path, err)
     os.close(fd)
@@ -137,7 +136,12 @@ def _refused(path: Path, err: OSError) -> bool:
 
 @contextmanager
 def _open(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR)  # without O_CREAT: protected_regular refuses it for another owner's file
+    except FileNotFoundError:  # removed since (a temp folder cleaned): made again, for every account
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)
     try:
         yield fd
     finally:
