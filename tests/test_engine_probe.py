@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from optuna.trial import TrialState
@@ -242,6 +243,18 @@ def test_a_study_samples_a_choice_only_at_the_widths_where_it_paid(tiny_study, m
     assert "int8 at width 64 only) (decided at this study's first run" in capsys.readouterr().out
 
 
+def _recorded_probe(cache: Any, monkeypatch: Any, window: type) -> list[int]:
+    """The probe with its cache in ``cache``, the CPU window ``window`` and a recorded measurement (int8 pays);
+    returns the list each measurement appends to."""
+    monkeypatch.setenv("DSNAS_CACHE_DIR", str(cache))
+    monkeypatch.setattr(ep, "CpuWindow", window)
+    monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
+    measured: list[int] = []
+    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between, int8_backend: measured.append(1)
+                        or probe_of({"int8"}).verdicts)
+    return measured
+
+
 def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatch):
     """A busy moment decides this study's offer at most, never every later study's: it is not cached, and says so."""
     import torch
@@ -255,12 +268,7 @@ def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatc
         def __exit__(self, *exc):
             return None
 
-    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(ep, "CpuWindow", Busy)
-    monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
-    measured = []
-    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between, int8_backend: measured.append(1)
-                        or probe_of({"int8"}).verdicts)
+    measured = _recorded_probe(tmp_path, monkeypatch, Busy)
     shapes = ep.linear_shapes([(64, 64)], [8])
     first = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert first.load == pytest.approx(0.45) and "others used 45% of the CPUs, so not cached" in first.table()
@@ -376,12 +384,7 @@ def test_a_well_formed_cache_entry_of_the_wrong_shape_is_measured_again(tmp_path
 
     import torch
 
-    monkeypatch.setenv("DSNAS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(ep, "CpuWindow", QuietWindow)
-    monkeypatch.setattr(ep, "wait_for_quiet", lambda max_s: None)
-    measured = []
-    monkeypatch.setattr(ep, "_measure", lambda device, shapes, between, int8_backend: measured.append(1)
-                        or probe_of({"int8"}).verdicts)
+    measured = _recorded_probe(tmp_path, monkeypatch, QuietWindow)
     shapes = ep.linear_shapes([(64, 64)], [8])
     first = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     path = tmp_path / "engine_probe.json"
