@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from typing import Any
 
 from dsnas import tables
@@ -146,8 +147,6 @@ def nothing_to_use(spec: StudySpec, study: Any, feasible: bool = False) -> str:
     """Why ``study`` has no completed (``feasible``: feasible completed) trial, and the fix, as one line: "run a
     search first" sent a user whose every trial a rung or the predictor had stopped to a search that stopped at once
     (its budget spent)."""
-    import shlex
-
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)

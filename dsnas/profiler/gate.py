@@ -104,25 +104,30 @@ def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None) -> No
 
 
 def _usable(path: Path) -> bool:
-    """Open (or make) a gate file that every account on the machine can lock: measurements by two users' runs
-    disturb each other as much as two trials do. An existing file is opened without O_CREAT, which Linux's
-    protected_regular refuses in a shared sticky folder for a file of another owner; a new one is made 0666
-    whatever the umask."""
+    """Whether this account can open (or make) the gate file: measurements by two users' runs disturb each other
+    as much as two trials do, so every account shares one gate where it can."""
     try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # another process made it meanwhile
-            return _usable(path)
-        except OSError as err:
-            return _refused(path, err)
-        with contextlib.suppress(OSError):  # a folder that keeps its own modes: the gate still works for this account
-            os.fchmod(fd, 0o666)
+        os.close(_open_fd(path))
     except OSError as err:
         return _refused(path, err)
-    os.close(fd)
     return True
+
+
+def _open_fd(path: Path) -> int:
+    """An existing gate file is opened without O_CREAT, which Linux's protected_regular refuses in a shared sticky
+    folder (/tmp) for a file of another owner, even at mode 0666; a new one is made 0666 whatever the umask, so
+    that every account can lock it."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:  # another process made it meanwhile
+        return os.open(path, os.O_RDWR)
+    with contextlib.suppress(OSError):  # a folder that keeps its own modes: the gate still works for this account
+        os.fchmod(fd, 0o666)
+    return fd
 
 
 def _refused(path: Path, err: OSError) -> bool:
@@ -136,12 +141,7 @@ def _refused(path: Path, err: OSError) -> bool:
 
 @contextmanager
 def _open(path: Path) -> Iterator[int]:
-    try:
-        fd = os.open(path, os.O_RDWR)  # without O_CREAT: protected_regular refuses it for another owner's file
-    except FileNotFoundError:  # removed since (a temp folder cleaned): made again, for every account
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        with contextlib.suppress(OSError):
-            os.fchmod(fd, 0o666)
+    fd = _open_fd(path)  # made again if removed since (a temp folder cleaned)
     try:
         yield fd
     finally:

@@ -127,8 +127,7 @@ def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Pa
     charts = "\n".join(f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False)
                        for i, f in enumerate(figures))
     shown = _summary_frame(v)
-    disturbed = "".join(f"<p><b>{html.escape(note)}</b></p>" for note in (_disturbed_note(spec, df),
-                                                                          _memory_note(spec, df)) if note)
+    disturbed = "".join(f"<p><b>{html.escape(note)}</b></p>" for note in _notes(spec, df))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dsnas report: {html.escape(spec.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
@@ -176,6 +175,11 @@ def _summary_frame(v: Any) -> Any:
         flags = v.front["disturbed"].map({True: "yes", False: "no"}).fillna("?")
         shown = shown.assign(disturbed=flags.to_numpy())
     return shown
+
+
+def _notes(spec: StudySpec, df: Any) -> list[str]:
+    """What the summary and the page say beneath the front about figures to read with care."""
+    return [note for note in (_disturbed_note(spec, df), _memory_note(spec, df)) if note]
 
 
 def _disturbed_note(spec: StudySpec, df: Any) -> str:
@@ -245,7 +249,7 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref}), {boxed}",
              _formatted(shown).rename(columns=_titles(spec)).to_string(index=False),
-             *filter(None, [_disturbed_note(spec, df), _memory_note(spec, df)]),
+             *_notes(spec, df),
              f"report: {written[-1]} ({len(written) + 1} files: figures as PNG, SVG and PDF, plotly.min.js included, "
              f"in {written[-1].parent})"]
     return "\n".join(lines)
