@@ -96,14 +96,14 @@ def settle_space() -> None:
     global SPACE
     import optuna
 
-    from dsnas.engine_offer import OFFER_ATTR
+    from dsnas.engine_offer import OFFER_ATTR, offered_space
 
     with tempfile.TemporaryDirectory(prefix="dsnas-overhead-settle-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'settle.db'}"
         stamps_dsnas(1, Path(tmp), url, "tpe")
         offer = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url).user_attrs.get(OFFER_ATTR)
     if offer:
-        SPACE = SPACE.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]), offer.get("by_width"))
+        SPACE = offered_space(SPACE, offer)
         print(f"space as dsnas settles it here: precision {offer['precision']}, sparsity {offer['sparsity']}")
 
 

@@ -20,7 +20,7 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
     stored = study.user_attrs.get(OFFER_ATTR)
     if stored:
         say(f"  engine: {_offer_line(stored)} (decided at this study's first run on {stored['device']})")
-        return space.resolved(tuple(stored["precision"]), tuple(stored["sparsity"]), stored.get("by_width"))
+        return offered_space(space, stored)
     shapes = study_shapes(space, spec, context)
     if not shapes:
         offer = {"precision": ["fp32"], "sparsity": ["dense"], "device": "-",
@@ -31,7 +31,8 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
         say("\n".join("  " + line for line in probe.table().splitlines()))
         offer = {"precision": list(probe.precisions()), "sparsity": list(probe.sparsities()), "device": probe.device,
                  "fingerprint_id": probe.fingerprint_id, "probe": probe.as_dict(),
-                 "by_width": {str(w): {k: list(v) for k, v in there.items()} for w, there in probe.by_width().items()}}
+                 "by_width": {str(w): {k: list(v) for k, v in there.items()} for w, there in probe.by_width().items()},
+                 "sparse_with": list(probe.sparse_with())}
     offered = [c for c in offer["precision"] + offer["sparsity"] if c not in ("fp32", "dense")]
     if not offered:  # not an error: the search goes on, over what runs fastest here
         say(f"  engine: no engine choice pays on {offer['device']} at this space's shapes"
@@ -39,7 +40,14 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
     else:
         say(f"  engine: {_offer_line(offer)}")
     study.set_user_attr(OFFER_ATTR, offer)
-    return space.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]), offer.get("by_width"))
+    return offered_space(space, offer)
+
+
+def offered_space(space: SearchSpace, offer: dict[str, Any]) -> SearchSpace:
+    """The space an offer makes. An offer stored before sparse_with was kept asks a sparsity beside every
+    precision, as its trials were sampled."""
+    return space.resolved(tuple(offer["precision"]), tuple(offer["sparsity"]), offer.get("by_width"),
+                          tuple(offer.get("sparse_with", ())))
 
 
 def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Shape, ...]:
@@ -62,5 +70,7 @@ def _offer_line(offer: dict[str, Any]) -> str:
             at = [w for w, there in by_width.items() if choice in there[key]]
             if len(at) < len(by_width):
                 where.append(f"{choice} at width {', '.join(at)} only")
+    if offer.get("sparse_with"):  # the sparsity is asked beside these precisions only (SearchSpace.sparse_with)
+        where.append(f"a sparsity beside {' or '.join(offer['sparse_with'])} only, which a sparse kernel takes")
     return (f"precision {offer['precision']}, sparsity {offer['sparsity']} (what pays on this device"
             f"{': ' + '; '.join(where) if where else ''})")

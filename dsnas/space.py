@@ -35,14 +35,20 @@ class SearchSpace:
     # The probe's offer per model width (the family's WIDTH_KEY, e.g. d_model): width -> engine key -> options.
     # A width whose options differ from the key's own takes them under its own parameter name (see _engine_name).
     width_offer: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    # The precisions a sparse kernel takes on the device (the probe's offer; e.g. bf16 and fp16 beside cuSPARSELt):
+    # a layer of another precision is dense without being asked, since its 2:4 zeros would be multiplied densely
+    # (slower, less exact, never faster). Empty (a CPU, a space without "auto", an older study): no such rule.
+    sparse_with: tuple[str, ...] = ()
     # The parameter names ``sample`` asks for, by the values of ``choices`` (see :meth:`used`).
     _asked: dict[tuple[Any, ...], tuple[str, ...]] = field(default_factory=dict, init=False, repr=False,
                                                            compare=False)
 
     def resolved(self, precisions: tuple[str, ...], sparsities: tuple[str, ...],
-                 by_width: dict[int, dict[str, tuple[str, ...]]] | None = None) -> SearchSpace:
+                 by_width: dict[int, dict[str, tuple[str, ...]]] | None = None,
+                 sparse_with: tuple[str, ...] = ()) -> SearchSpace:
         """This space with its ``by_device`` keys set to what pays on the device (the probe's offer), and, given
-        ``by_width``, each width's keys to what pays at that width."""
+        ``by_width``, each width's keys to what pays at that width; given ``sparse_with``, a layer's sparsity is
+        asked only beside those precisions (where the device's precision is "auto")."""
         if any(s != "dense" for s in sparsities):
             try:  # 2:4 needs widths in groups of 4: a space that cannot build it is offered dense only
                 family(self.family).check_choices({**self.choices, **self.per_layer, "sparsity": sparsities})
@@ -57,7 +63,9 @@ class SearchSpace:
         if by_width and self.width_key:
             widths = {int(w): {k: tuple(o for o in offer[k] if o in there.get(k, offer[k])) for k in self.by_device}
                       for w, there in by_width.items() if int(w) in self.choices.get(self.width_key, ())}
-        return SearchSpace(self.family, choices, per_layer, groups=self.groups, width_offer=widths)
+        sparse_with = tuple(sparse_with) if "precision" in self.by_device else ()
+        return SearchSpace(self.family, choices, per_layer, groups=self.groups, width_offer=widths,
+                           sparse_with=sparse_with)
 
     @property
     def width_key(self) -> str | None:
@@ -86,10 +94,10 @@ class SearchSpace:
 
     def sample(self, trial: Any) -> dict[str, Any]:
         by_width = self._width_keys  # sampled after the width, from its options
-        picked = {key: _suggest(trial, key, options) for key, options in self.choices.items() if key not in by_width}
+        picked: dict[str, Any] = {}
+        for key in sorted(self.choices, key=lambda k: (k in by_width, self._sparsity_last(k))):
+            picked[key] = self._ask(picked.get(self.width_key), trial, key, key, self.choices[key], picked)
         width = picked.get(self.width_key)
-        picked.update({key: self._suggest_at(width, trial, key, key, options)
-                       for key, options in self.choices.items() if key in by_width})
         engine = [g.sample(trial) for g in self.groups]
         if is_user_family(self.family):
             return {"family": self.family, **picked, **({"engine": engine} if engine else {})}
@@ -97,10 +105,23 @@ class SearchSpace:
         shared = {key: picked.pop(key) for key in list(picked) if key in self.per_layer_keys}
         layers = []
         for i in range(n_layers):
-            per = {key: self._suggest_at(width, trial, f"layer{i}.{key}", key, opts)
-                   for key, opts in self.per_layer.items()}
-            layers.append({**shared, **per})
+            per: dict[str, Any] = {}
+            for key in sorted(self.per_layer, key=self._sparsity_last):
+                per[key] = self._ask(width, trial, f"layer{i}.{key}", key, self.per_layer[key], {**shared, **per})
+            layers.append({**shared, **{key: per[key] for key in self.per_layer}})
         return {"family": self.family, **picked, "layers": layers, **({"engine": engine} if engine else {})}
+
+    def _sparsity_last(self, key: str) -> bool:
+        """Whether ``key`` is asked after the others: a sparsity asked only beside some precisions is."""
+        return bool(self.sparse_with) and key == "sparsity"
+
+    def _ask(self, width: Any, trial: Any, name: str, key: str, options: tuple[Any, ...],
+             beside: dict[str, Any]) -> Any:
+        """A choice at ``width`` (see _suggest_at); a sparsity beside a precision no sparse kernel takes on the
+        device (not in ``sparse_with``) is dense, not asked."""
+        if self._sparsity_last(key) and beside.get("precision", self.sparse_with[0]) not in self.sparse_with:
+            return "dense"
+        return self._suggest_at(width, trial, name, key, options)
 
     def _suggest_at(self, width: Any, trial: Any, name: str, key: str, options: tuple[Any, ...]) -> Any:
         """A choice at ``width``: an engine key from that width's offer (under its name there), any other as is."""
@@ -153,10 +174,14 @@ class SearchSpace:
     def used(self, params: dict[str, Any]) -> dict[str, Any]:
         """The parameters an architecture takes of ``params``: those ``sample`` asks for with them as its answers
         (none of a layer past its depth, none of another width's engine options). Which names it asks depends on
-        the model-wide choices alone (the depth, the width), so they are found once per combination of those:
-        dsnas's sampler calls this for every candidate it scores (~20,000 a proposal, 1.6 s on one core before)."""
+        the model-wide choices alone (the depth, the width), and, where a sparsity is asked only beside some
+        precisions, on the precisions too; so they are found once per combination of those: dsnas's sampler calls
+        this for every candidate it scores (~20,000 a proposal, 1.6 s on one core before)."""
         try:
             structure = tuple(params.get(key, _Answers) for key in self.choices)  # _Answers: a value not given
+            if self.sparse_with:
+                structure += tuple(sorted((name, value) for name, value in params.items()
+                                          if name.split("@")[0].rpartition(".")[2] == "precision"))
             names = self._asked.get(structure)
         except TypeError:  # an option that cannot be a key (a list): ask every time
             structure, names = None, None

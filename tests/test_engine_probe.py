@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -107,6 +108,24 @@ def test_2_4_is_offered_at_a_width_only_beside_the_precision_its_sparse_kernel_t
                                  **{c: {"256": 0.5} for c in ("fp16", "int8", "fp8")}})
     assert nowhere.sparsities() == ("dense",) and nowhere.by_width()[256]["sparsity"] == ("dense",)
     assert re.search(r"^2:4 +no ", nowhere.table(), re.M)
+
+
+def test_a_sparsity_goes_beside_the_offered_precisions_a_sparse_kernel_takes():
+    """Where the probe's 2:4 ran cuSPARSELt (a GPU), the offered bf16 and fp16 are the precisions whose 2:4 layers
+    run sparse (convert's semi-structured path); where it ran masked-dense or not at all (a CPU), none are."""
+    from dsnas.kernels.linear import LOW
+
+    assert ep.SPARSE_KERNEL_PRECISIONS == tuple(LOW)  # the precisions convert gives a semi-structured kernel
+    gpu = probe_of({"bf16", "fp16", "fp8", "2:4"})
+    gpu.verdicts["2:4"] = replace(gpu.verdicts["2:4"], kernel="cusparselt bf16")
+    assert gpu.sparse_with() == ("bf16", "fp16")
+    gpu.verdicts["fp16"] = replace(gpu.verdicts["fp16"], offered=False)
+    assert gpu.sparse_with() == ("bf16",)  # only what the space offers
+    cpu = probe_of({"bf16", "2:4"})
+    cpu.verdicts["2:4"] = replace(cpu.verdicts["2:4"], kernel="masked-dense fp32")
+    assert cpu.sparse_with() == ()
+    cpu.verdicts["2:4"] = ep.decide("2:4", SHAPES, None, "", "bf16 does not run here")
+    assert cpu.sparse_with() == ()
 
 
 @pytest.mark.parametrize(("objectives", "rows"), [(("accuracy", "throughput"), [64]), (("accuracy", "latency"), [16]),
@@ -241,6 +260,36 @@ def test_a_study_samples_a_choice_only_at_the_widths_where_it_paid(tiny_study, m
         assert {layer["precision"] for layer in arch["layers"]} <= allowed, arch
     assert main(["search", str(tiny_study), "--n-trials", "9"]) == 0
     assert "int8 at width 64 only) (decided at this study's first run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "dsnas"])
+def test_a_study_samples_a_sparsity_only_beside_bf16_where_the_sparse_kernel_takes_only_bf16(
+        tiny_study, monkeypatch, capsys, sampler):
+    """Through the real driver: the probe ran cuSPARSELt in bf16 and offered bf16, int8 and 2:4; no candidate has
+    an fp32 or int8 layer with 2:4 (its zeros would be multiplied densely), the study says so, and a resumed run
+    keeps the rule."""
+    from dsnas import engine_offer
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    (tiny_study.parent / "tiny_space.toml").write_text(AUTO_SPACE.replace("[1]", "[1, 2]"))
+    probe = probe_of({"bf16", "int8", "2:4"})
+    probe.verdicts["2:4"] = replace(probe.verdicts["2:4"], kernel="cusparselt bf16")
+    monkeypatch.setattr(engine_offer, "probe_on_device", lambda device, shapes, threads, int8_backend: probe)
+    text = tiny_study.read_text().replace("n_trials = 3", "n_trials = 6")
+    tiny_study.write_text(text.replace('name = "tpe"', 'name = "dsnas"') if sampler == "dsnas" else text)
+    assert main(["search", str(tiny_study)]) == 0
+    assert "a sparsity beside bf16 only, which a sparse kernel takes" in capsys.readouterr().out
+    study = open_study(load_study(tiny_study), create=False)
+    assert study.user_attrs[engine_offer.OFFER_ATTR]["sparse_with"] == ["bf16"]
+    assert main(["search", str(tiny_study), "--n-trials", "8"]) == 0
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    pairs = {(layer["precision"], layer["sparsity"]) for t in trials for layer in t.user_attrs["arch"]["layers"]}
+    assert pairs <= {("fp32", "dense"), ("int8", "dense"), ("bf16", "dense"), ("bf16", "2:4")}, pairs
+    assert {p for p, _ in pairs} == {"fp32", "int8", "bf16"}  # every offered precision was searched
+    for t in trials:  # a layer's sparsity parameter exists only beside bf16
+        for i, layer in enumerate(t.user_attrs["arch"]["layers"]):
+            assert (f"layer{i}.sparsity" in t.params) == (layer["precision"] == "bf16"), t.params
 
 
 def _recorded_probe(cache: Any, monkeypatch: Any, window: type) -> list[int]:

@@ -170,7 +170,8 @@ def asked_afresh(space, params):
     return {name: params[name] for name in asked.asked if name in params}
 
 
-@pytest.mark.parametrize("name", ["transformer_lm", "transformer_lm_wide", "transformer_lm_gpu", "cnn", "by width"])
+@pytest.mark.parametrize("name", ["transformer_lm", "transformer_lm_wide", "transformer_lm_gpu", "cnn", "by width",
+                                  "sparse beside bf16"])
 def test_used_names_remembered_per_depth_and_width_are_those_a_fresh_pass_asks(tmp_path: Path, name: str) -> None:
     """``used`` finds the names once per combination of model-wide choices (dsnas's sampler calls it ~20,000 times
     a proposal); on random candidates, some missing parameters, it says what a fresh sampling pass says."""
@@ -181,6 +182,9 @@ def test_used_names_remembered_per_depth_and_width_are_those_a_fresh_pass_asks(t
         space = space.resolved(("fp32", "bf16", "int8"), ("dense",), {
             "32": {"precision": ["fp32"], "sparsity": ["dense"]},
             "64": {"precision": ["fp32", "bf16"], "sparsity": ["dense"]}})
+    elif name == "sparse beside bf16":  # the names asked depend on each layer's precision too
+        space = load_space_file(REPO / "search_spaces" / "transformer_lm_gpu.toml")
+        space = space.resolved(("fp32", "bf16", "int8"), ("dense", "2:4"), sparse_with=("bf16",))
     else:
         space = load_space_file(REPO / "search_spaces" / f"{name}.toml")
         if space.by_device:
@@ -190,7 +194,8 @@ def test_used_names_remembered_per_depth_and_width_are_those_a_fresh_pass_asks(t
     for _ in range(400):
         params = {n: rng.choice(options) for n, options in parameters.items() if rng.random() > 0.05}
         assert space.used(params) == asked_afresh(space, params), params
-    assert 0 < len(space._asked) <= math.prod(len(o) + 1 for o in space.choices.values())  # + 1: not given
+    if not space.sparse_with:
+        assert 0 < len(space._asked) <= math.prod(len(o) + 1 for o in space.choices.values())  # + 1: not given
 
 
 def test_engine_choices_are_sampled_per_layer_and_default_when_absent(tmp_path: Path) -> None:
@@ -299,6 +304,41 @@ def test_auto_engine_choices_are_fp32_dense_until_the_device_decides(tmp_path: P
                                       .replace("[1, 2, 4]", "[1, 2]", 1)))
     assert odd.resolved(("fp32",), ("dense", "2:4")).per_layer["sparsity"] == ("dense",)
     assert auto.linear_widths() == [(32, 32), (64, 64), (32, 128), (64, 256)]
+
+
+@pytest.mark.parametrize("where", ["per layer", "shared"])
+def test_a_sparsity_is_asked_only_beside_a_precision_a_sparse_kernel_takes(tmp_path: Path, where: str) -> None:
+    """On a GPU whose probe ran cuSPARSELt in bf16, a 2:4 (or Hessian-"auto") layer of fp32, int8 or fp8 multiplies
+    its zeros densely: slower and less exact than its dense form. Such a layer is dense without a question; a bf16
+    layer is asked, and the parameters alone still make the architecture."""
+    engine = 'precision = "auto"\nsparsity = ["dense", "2:4", "auto"]\n'
+    text = VALID + engine if where == "per layer" else \
+        VALID.replace("d_model = [32, 64]", "d_model = [32, 64]\n" + engine)
+    space = load_space_file(write_space(tmp_path, text))
+    resolved = space.resolved(("fp32", "bf16", "int8"), ("dense", "2:4"), sparse_with=("bf16",))
+    assert resolved.parameters() == space.resolved(("fp32", "bf16", "int8"), ("dense", "2:4")).parameters()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    pairs = set()
+    for _ in range(60):
+        trial = study.ask()
+        arch = resolved.sample(trial)
+        for i, layer in enumerate(arch["layers"]):
+            pairs.add((layer["precision"], layer["sparsity"]))
+            name = "sparsity" if where == "shared" else f"layer{i}.sparsity"
+            assert (name in trial.params) == (layer["precision"] == "bf16"), (trial.params, arch)
+        assert resolved.arch_of(trial.params) == arch
+        assert resolved.used({**trial.params, **{n: o[0] for n, o in resolved.parameters().items()
+                                                 if n not in trial.params}}) == trial.params
+        study.tell(trial, 0.0)
+    assert pairs == {("fp32", "dense"), ("int8", "dense"), ("bf16", "dense"), ("bf16", "2:4"), ("bf16", "auto")}
+    # Without sparse_with (a CPU, an older study's offer), every pair is asked, as before.
+    plain = space.resolved(("fp32", "bf16", "int8"), ("dense", "2:4"))
+    assert plain.sparse_with == () and ("fp32", "2:4") in {
+        (layer["precision"], layer["sparsity"]) for _ in range(30)
+        for layer in plain.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=_)).ask())["layers"]}
+    # A space whose precisions are listed, not "auto", keeps every pair the user listed.
+    listed = load_space_file(write_space(tmp_path, text.replace('"auto"\n', '["fp32", "bf16"]\n', 1)))
+    assert listed.resolved(("fp32",), ("dense",), sparse_with=("bf16",)).sparse_with == ()
 
 
 def test_an_offer_by_width_samples_each_width_only_from_what_pays_there(tmp_path: Path) -> None:

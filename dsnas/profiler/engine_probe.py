@@ -24,6 +24,7 @@ from dsnas.profiler.timing import call_ms, cpu_threads, time_calls
 PRECISIONS = ("bf16", "fp16", "int8", "fp8")  # the low precisions the probe may offer beside fp32
 SPARSITY = "2:4"
 SPARSE_WITH = "bf16"  # the precision the probe times 2:4 in on a GPU: where it is not offered, 2:4 runs masked-dense
+SPARSE_KERNEL_PRECISIONS = ("bf16", "fp16")  # those convert gives a semi-structured kernel (int8 and fp8 run dense)
 # A choice is offered when its layers run at least this much faster than the baseline (the geometric mean over the
 # shapes): 10%, beyond the spread of a short probe on a quiet machine, so that a choice offered is one that pays.
 PAYS = 1.10
@@ -143,6 +144,15 @@ class EngineProbe:
         if offered and self.verdicts[SPARSITY].widths:  # with its sparse kernel's precision at some width
             offered = any(SPARSITY in there["sparsity"] for there in self.by_width().values())
         return ("dense", SPARSITY) if offered else ("dense",)
+
+    def sparse_with(self) -> tuple[str, ...]:
+        """The offered precisions a semi-structured sparse kernel takes (bf16, fp16), where the probe's 2:4 ran one;
+        () where it did not (a CPU: 2:4 is masked-dense beside every precision there). A 2:4 layer of another
+        precision multiplies its zeros densely (convert says so), so a space searches 2:4 only beside these."""
+        verdict = self.verdicts.get(SPARSITY)
+        if verdict is None or verdict.speedup is None or "masked-dense" in verdict.kernel or not verdict.kernel:
+            return ()
+        return tuple(p for p in self.precisions() if p in SPARSE_KERNEL_PRECISIONS)
 
     def by_width(self) -> dict[int, dict[str, tuple[str, ...]]]:
         """Per model width, the precisions and sparsities offered there: fp32 and dense, and what pays at it; 2:4
