@@ -20,6 +20,7 @@ from dsnas.storage import (
     study_lock,
 )
 from dsnas.study import open_study
+from dsnas.tasks import BUILTIN_TASKS, make_task, runs_own_trials
 from dsnas.trial import TrialFn
 from dsnas.worker import run_trial
 
@@ -101,6 +102,14 @@ def _check_arguments(sampler: Any, callbacks: Any) -> list[Any]:
     return callbacks
 
 
+def _stores_files(spec: StudySpec) -> bool:
+    """Whether the trials write into the study's artifacts folder: weights, unless the task evaluates
+    architectures itself (it returns none), and JSON copies where [study] json_artifacts asks."""
+    if spec.json_artifacts or spec.task.name in BUILTIN_TASKS:
+        return True
+    return not runs_own_trials(make_task(spec.task))  # made once per process: the driver's is this one
+
+
 def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progress | None = None,
               callbacks: Sequence[Callable[[Any, Any], None]] = (), study: Any = None,
               sampler: Any = None) -> SearchOutcome:
@@ -114,7 +123,7 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     check_executor_installed(spec)
     callbacks = _check_arguments(sampler, callbacks)
     ours = study is None
-    if ours:
+    if ours and _stores_files(spec):
         check_artifacts_writable(spec)
     study = study if study is not None else open_study(spec)
     requeued = recover_stale_trials(study)

@@ -380,6 +380,27 @@ def test_load_takes_a_study_file(finished_study):
     assert by_file["accuracy"].tolist() == by_url["accuracy"].tolist()
 
 
+def test_load_refuses_a_write_ahead_study_it_cannot_read_in_one_line(finished_study, tmp_path, monkeypatch):
+    """The Python API says what report and export say: SQLite cannot read a write-ahead-log file in a folder this
+    account cannot write, and its own error was "attempt to write a readonly database"."""
+    import os
+    import sqlite3
+    from contextlib import closing
+
+    from dsnas import storage
+
+    study = copy_study(finished_study, tmp_path / "study")
+    db_file = study.with_suffix(".db")
+    with closing(sqlite3.connect(db_file)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    real_access = os.access
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: False if Path(path) == db_file.parent
+                        and mode == os.W_OK else real_access(path, mode))
+    with pytest.raises(DsnasError, match="write-ahead-log mode") as err:
+        load(study)
+    assert "\n" not in str(err.value) and str(db_file) in str(err.value)
+
+
 def _in_memory(directions, names, rows, states=None, attrs=None):
     """An Optuna study in memory with dsnas's attribute names, one trial per row of objective values; ``attrs``:
     more user attributes of every trial."""

@@ -287,6 +287,16 @@ def test_a_study_that_may_only_be_read_is_read_without_its_lock_file(finished_st
     assert (tmp_path / "report" / "index.html").is_file()
 
 
+def test_a_report_that_cannot_be_written_where_it_goes_says_so_in_one_line(finished_study, tmp_path, capsys):
+    """An account that may only read a study gets past its lock file (above), then met the report folder: a
+    traceback from mkdir. Now one line naming the folder and --out, before any figure is drawn."""
+    study = copy_study(finished_study, tmp_path / "study")
+    (tmp_path / "a file").write_text("not a folder")
+    assert main(["report", str(study), "--out", str(tmp_path / "a file" / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the report cannot be written there" in err and "--out" in err, err
+
+
 def test_a_write_ahead_study_in_a_folder_this_account_cannot_write_is_refused_in_one_line(finished_study, tmp_path,
                                                                                          monkeypatch):
     study = copy_study(finished_study, tmp_path / "study")
@@ -334,3 +344,23 @@ def test_a_search_whose_weights_folder_cannot_be_made_is_refused_before_it_train
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tiny_artifacts" in err and "cannot make it there" in err, err
     assert not db.exists() and not (tiny_study.parent / "tiny_artifacts").exists()
+
+
+def test_a_study_whose_task_evaluates_architectures_itself_needs_no_weights_folder(tmp_path, monkeypatch):
+    """Its task returns no weights: with its database elsewhere, it searches from a folder this account may only
+    read, as it did before the weights-folder check (and with json_artifacts, which writes there, it is refused)."""
+    from table_study import write_table_study
+
+    (tmp_path / "study").mkdir()
+    study = write_table_study(tmp_path / "study", n_trials=3, fidelity='kind = "none"')
+    db = tmp_path / "elsewhere" / "table.db"
+    db.parent.mkdir()
+    text = study.read_text()
+    study.write_text(text.replace("[study]", f'[study]\nstorage = "sqlite:///{db}"', 1))
+    real_access = os.access
+    monkeypatch.setattr(dsnas_storage.os, "access",
+                        lambda path, mode: False if Path(path) == study.parent else real_access(path, mode))
+    assert main(["search", str(study)]) == 0
+    assert not list(study.parent.glob("*_artifacts"))
+    study.write_text(text.replace("[study]", f'[study]\nstorage = "sqlite:///{db}"\njson_artifacts = true', 1))
+    assert main(["search", str(study), "--n-trials", "4"]) == 2

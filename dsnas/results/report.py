@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,18 @@ def parse_reference(text: str | None, names: list[str]) -> dict[str, float] | No
     return reference
 
 
+def _check_writable(folder: Path) -> None:
+    """The report's folder made and written to before any figure is drawn: an account that may only read the
+    study (as report allows) gets one line naming the folder, not a traceback from the first file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DsnasError(f"{folder}: the report cannot be written there ({e.strerror or e}). Fix: name a folder "
+                         "you can write to with --out") from None
+
+
 def write_report(spec: StudySpec, out: str | Path | None = None, reference: str | None = None) -> str:
     """Write the report folder of a study; returns the terminal summary."""
     from dsnas import tables  # SQLAlchemy loads on first use
@@ -48,7 +61,7 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
     if folder.exists() and not folder.is_dir():
         raise DsnasError(f"--out {folder}: is a file, and the report is a folder. Fix: name a folder, e.g. --out "
                          f"reports/{spec.name}")
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_writable(folder)
     written = _write_tables(df, tables.measurements(study), folder)
     history = hypervolume_history(df, ref)
     conditions = Conditions(throughput_unit(spec.task), tuple(spec.hardware.batch_sizes), device_words(df),

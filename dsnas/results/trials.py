@@ -14,7 +14,7 @@ from dsnas.pareto import dominated_volume as volume
 from dsnas.pareto import dominates, front_indices
 from dsnas.profiler.device import fingerprint_id
 from dsnas.spec import OBJECTIVES, read_study
-from dsnas.storage import check_sqlite_file, display_url, quiet_optuna, sqlite_file, storage_engine
+from dsnas.storage import display_url, open_storage, quiet_optuna, sqlite_file, storage_engine
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,13 @@ def load(storage: str | Path, study: str | None = None) -> Any:
     db_file = sqlite_file(storage)
     if db_file is not None and not db_file.exists():  # opening it would create an empty database
         raise DsnasError(f"{db_file}: no such study database. Fix: run `dsnas search` first, or check the path")
-    check_sqlite_file(storage)  # a damaged file: one line that names it and how to recover it
+    # A damaged file, or one in write-ahead-log mode where this account cannot write: one line that names it and
+    # the fix, as report and export say (open_storage checks both).
+    opened = open_storage(storage)
     try:
-        loaded = optuna.load_study(study_name=study, storage=storage)
+        loaded = optuna.load_study(study_name=study, storage=opened)
     except KeyError:
-        names = optuna.study.get_all_study_names(storage)
+        names = optuna.study.get_all_study_names(opened)
         raise DsnasError(f"{display_url(storage)}: no study {study!r} (stored: {', '.join(names) or 'none'}). "
                          "Fix: name one of the stored studies") from None
     return frame(loaded)
