@@ -270,6 +270,10 @@ def test_a_gate_of_another_account_gives_one_warning_and_a_gate_of_this_accounts
                                             f"dsnas-gate-shared-uid{os.getuid()}.lock"]
     warnings = [r.getMessage() for r in caplog.records if "measurement gate" in r.getMessage()]
     assert len(warnings) == 1 and "chmod 666" in warnings[0], warnings
+    # Its fix names both files: with only the first named, the owner's chmod left the second refused and a warning
+    # about it at the next run.
+    fix = warnings[0].split("Fix:")[1]
+    assert all(str(path) in fix for path in theirs), fix
 
 
 def test_a_gate_another_account_made_is_used_without_o_creat(tmp_path, monkeypatch):

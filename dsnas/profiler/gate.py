@@ -14,13 +14,14 @@ import fcntl
 import logging
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-_WARNED: set[Path] = set()
+_WARNED: set[tuple[Path, ...]] = set()
 
 
 class MeasureGate:
@@ -32,7 +33,9 @@ class MeasureGate:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         self.paths = (folder / f"dsnas-gate-{safe}.turnstile", folder / f"dsnas-gate-{safe}.lock")
         self.on_wait = on_wait
-        if not all(_usable(p) for p in self.paths):
+        refused = {p: err for p in self.paths if (err := _refusal(p))}  # each file: the fix names every one
+        if refused:
+            _warn(refused)
             # Another account's dsnas made the gate and this one may not use it: measure behind a gate of this
             # account's own rather than fail, and say that the other account's runs are not waited for.
             mine = (p.with_name(f"{p.stem}-uid{os.getuid()}{p.suffix}") for p in self.paths)
@@ -103,14 +106,14 @@ def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None) -> No
             on_wait(False)
 
 
-def _usable(path: Path) -> bool:
-    """Whether this account can open (or make) the gate file: measurements by two users' runs disturb each other
-    as much as two trials do, so every account shares one gate where it can."""
+def _refusal(path: Path) -> str:
+    """Why this account cannot open (or make) the gate file; "" when it can. Measurements by two users' runs
+    disturb each other as much as two trials do, so every account shares one gate where it can."""
     try:
         os.close(_open_fd(path))
     except OSError as err:
-        return _refused(path, err)
-    return True
+        return err.strerror or str(err)
+    return ""
 
 
 def _open_fd(path: Path) -> int:
@@ -130,13 +133,14 @@ def _open_fd(path: Path) -> int:
     return fd
 
 
-def _refused(path: Path, err: OSError) -> bool:
-    if path not in _WARNED:
-        _WARNED.add(path)
-        log.warning("dsnas cannot use the measurement gate %s (%s), made by another account's dsnas; measuring "
-                    "behind a gate of this account's own, so that account's runs are not waited for. Fix: its "
-                    "owner runs `chmod 666 %s`", path, err.strerror, path)
-    return False
+def _warn(refused: dict[Path, str]) -> None:
+    paths = tuple(refused)
+    if paths not in _WARNED:
+        _WARNED.add(paths)
+        words = "; ".join(f"{p} ({why})" for p, why in refused.items())
+        log.warning("dsnas cannot use the measurement gate %s, made by another account's dsnas; measuring behind a "
+                    "gate of this account's own, so that account's runs are not waited for. Fix: their owner runs "
+                    "`chmod 666 %s`", words, " ".join(shlex.quote(str(p)) for p in paths))
 
 
 @contextmanager
