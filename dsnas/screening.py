@@ -19,11 +19,11 @@ from dsnas.models import build
 from dsnas.profiler import MeasureGate, device_key
 from dsnas.profiler.counting import count_flops_and_bytes
 from dsnas.profiler.timing import cpu_threads
+from dsnas.spec import MIN_CHECKED
 from dsnas.tasks import runs_own_trials
 
 # The limits a predictor answers (limit metric -> predictor target); a params limit is checked on the count itself.
 PREDICTED = {"latency_ms": "latency", "peak_memory_mb": "peak_memory"}
-MIN_CHECKED = 3  # held-out checks before the recent errors, not the cross-validation, decide whether to trust it
 
 
 @dataclass(frozen=True)

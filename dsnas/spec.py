@@ -276,20 +276,27 @@ class FidelitySpec:
         return self.kind != "none"
 
 
+MIN_CHECKED = 3  # held-out checks before the recent errors, not the cross-validation, decide whether to trust it
+
+
 @dataclass(frozen=True)
 class PredictorSpec:
     skip: bool = True  # skip candidates predicted over a [hardware.constraints] limit
     margin: float = 0.2  # ... by more than this share of the limit; also the error above which skipping pauses
     refit_error: float = 0.3  # a measurement this far from its prediction re-fits the predictor before the next one
     refit_every: int = 4  # and it is re-fitted after this many new measurements anyway
-    recent: int = 5  # how many recent held-out errors the guard looks at
+    recent: int = 5  # how many recent held-out errors the guard looks at (at least 3)
 
     def __post_init__(self) -> None:
         require(self.margin >= 0, "margin", "must be >= 0", self.margin, "e.g. margin = 0.2 (20% over the limit)")
         require(self.refit_error > 0, "refit_error", "must be > 0", self.refit_error, "e.g. refit_error = 0.3")
-        for key in ("refit_every", "recent"):
-            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key),
-                    f"remove {key} to use its default ({getattr(PredictorSpec, key)})")
+        require(self.refit_every >= 1, "refit_every", "must be >= 1", self.refit_every,
+                f"remove refit_every to use its default ({PredictorSpec.refit_every})")
+        # The guard trusts the recent errors once it has MIN_CHECKED of them: with fewer kept, it never had them,
+        # and skipping went on whatever the recent predictions missed by.
+        require(self.recent >= MIN_CHECKED, "recent", f"must be >= {MIN_CHECKED}, the held-out checks the guard "
+                "needs before it judges the predictor by them", self.recent,
+                f"set recent = {MIN_CHECKED} or more, or remove it to use its default ({PredictorSpec.recent})")
 
 
 @dataclass(frozen=True)

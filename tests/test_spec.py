@@ -258,7 +258,11 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
     ("predictor-margin", {"predictor": {"margin": -0.1}}, "predictor.margin", "must be >= 0", "margin = 0.2"),
     ("predictor-refit-error", {"predictor": {"refit_error": 0}}, "predictor.refit_error", "must be > 0",
      "refit_error = 0.3"),
-    ("predictor-recent", {"predictor": {"recent": 0}}, "predictor.recent", "must be >= 1", "its default (5)"),
+    ("predictor-recent", {"predictor": {"recent": 0}}, "predictor.recent", "must be >= 3", "its default (5)"),
+    # With fewer than 3 kept, the guard never had the 3 it judges by: skipping went on whatever the predictions missed.
+    ("predictor-recent-2", {"predictor": {"recent": 2}}, "predictor.recent", "must be >= 3", "recent = 3 or more"),
+    ("predictor-refit-every", {"predictor": {"refit_every": 0}}, "predictor.refit_every", "must be >= 1",
+     "its default (4)"),
     ("predictor-skip-type", {"predictor": {"skip": 1}}, "predictor.skip", "must be of type bool", "true or false"),
 ]
 
