@@ -153,7 +153,7 @@ class Constraints:
 class HardwareSpec:
     device: str = "auto"  # "auto": a GPU if there is one
     batch_sizes: tuple[int, ...] = (1, 32)  # latency is the smallest's, throughput the largest's
-    threads: int | None = None  # CPU threads while measuring; default: every core of the node
+    threads: int | None = None  # CPU threads while measuring; default: the CPUs this process may use
     warmup_s: float = 0.1  # warm-up before each batch size is timed
     measure_s: float = 0.3  # at least this long (and 10 calls) per batch size ...
     max_measure_s: float = 3.0  # ... then on until the median is known to ci_tolerance, or this long at most

@@ -238,6 +238,29 @@ def test_measure_reports_each_batch_size(tiny_study):
     assert profile["fingerprint"]["torch"] == torch.__version__
 
 
+def test_measuring_uses_the_cpus_this_process_may_use_not_every_cpu_of_the_host(tiny_study, monkeypatch):
+    """In a container given --cpus 2 on a 64-core host, os.cpu_count() says 64: the default measured with 64 threads
+    on 2 CPUs' worth of quota. The default is the affinity capped by the cgroup quota (usable_cpus), as Ray's is."""
+    import importlib
+    import os
+
+    from dsnas.models import build
+    from dsnas.profiler.capabilities import usable_cpus
+    from dsnas.spec import load_study
+    from dsnas.tasks import make_task
+
+    spec = load_study(tiny_study)
+    task = make_task(spec.task)
+    model = build({"family": "transformer_lm", "d_model": 16, "layers": [{"n_heads": 2, "ffn_ratio": 1}],
+                   **task.arch_defaults()})
+    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function it exports
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(measure_module, "usable_cpus", lambda: 1)
+    _, profile = measure_module.measure(model, task, torch.device("cpu"), spec.hardware)
+    assert profile["threads"] == 1
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
 def test_a_new_gate_is_made_for_every_account_whatever_the_umask(tmp_path):
     """A second user's search failed every trial: the first user's umask had made the gate 0644."""
     import os

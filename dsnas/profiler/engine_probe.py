@@ -7,7 +7,6 @@ compute capability 8.9+; 2:4 only where a semi-structured sparse kernel runs and
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -16,6 +15,7 @@ from dsnas.allocator import hold_freed_memory
 from dsnas.errors import TrialError
 from dsnas.profiler import host_speed
 from dsnas.profiler.cache import cache_dir, entry_key, read_entries, store_entry
+from dsnas.profiler.capabilities import usable_cpus
 from dsnas.profiler.device import device_key, fingerprint, fingerprint_id, resolve_device
 from dsnas.profiler.disturbance import MAX_SETTLE_S, SLOWDOWN_LIMIT, THRESHOLD, CpuWindow, wait_for_quiet
 from dsnas.profiler.gate import MeasureGate
@@ -346,6 +346,6 @@ def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = 
     """The probe where trials run (the executor calls it there), holding the device and using the threads as a
     trial's measurement does (every core unless [hardware] threads says otherwise, also in a 1-CPU Ray worker)."""
     resolved = resolve_device(device)
-    threads = threads or os.cpu_count()
+    threads = threads or usable_cpus()
     with MeasureGate(device_key(resolved)).exclusive():
         return probe_engine(resolved, shapes, threads, int8_backend=int8_backend)

@@ -5,12 +5,12 @@ device's ceilings; on an NVIDIA GPU a steady window with NVML/GPM figures; and h
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import replace
 from typing import Any
 
 from dsnas.allocator import hold_freed_memory
 from dsnas.profiler import host_speed
+from dsnas.profiler.capabilities import usable_cpus
 from dsnas.profiler.ceilings import ceilings, gpu_peaks
 from dsnas.profiler.counting import count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
@@ -64,7 +64,7 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
 
     fp = fingerprint(device)
     params = float(_size(model)[0])
-    threads = (hardware.threads or os.cpu_count()) if device.type == "cpu" else None
+    threads = (hardware.threads or usable_cpus()) if device.type == "cpu" else None
     signature = inference_signature(model)
     allocator = hold_freed_memory()  # before anything is timed; it stays so for this process
     key = measurement_key(signature, hardware, threads, context, allocator["policy"])
