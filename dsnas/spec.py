@@ -516,7 +516,8 @@ def check_sampler(spec: StudySpec) -> None:
             close = difflib.get_close_matches(key, list(params), n=1)
             shown = key if key.isprintable() else repr(key)  # a quoted TOML key may hold a line break
             raise SpecError(spec.path, f"sampler.{shown}", f"is not a setting of {_owner(cls)}", None,
-                            f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(params)}")
+                            f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(params)}"
+                            if params else f"it takes no setting but seed: remove sampler.{shown}")
         kinds = _toml_kinds(params[key].annotation)
         if not kinds:
             raise SpecError(spec.path, f"sampler.{key}", "cannot be set in a study file (it takes a Python object)",

@@ -325,6 +325,11 @@ def test_unknown_settings_are_refused_naming_the_key(tmp_path):
     (tmp_path / "bad.toml").write_text(path)
     with pytest.raises(SpecError, match=r"sampler\.pol.*dsnas's DsnasSampler.*'pool'"):
         load_study(tmp_path / "bad.toml")
+    # Optuna's RandomSampler takes no setting but its seed: the fix said "its settings: " and nothing.
+    (tmp_path / "random.toml").write_text(path.replace('name = "dsnas"', 'name = "random"').replace("pol = 9\n", ""))
+    with pytest.raises(SpecError) as err:
+        load_study(tmp_path / "random.toml")
+    assert "sampler.startup" in str(err.value) and "takes no setting but seed: remove sampler.startup" in str(err.value)
 
 
 def test_with_rungs_a_limit_and_sqlite_through_the_cli(tmp_path, capsys):
