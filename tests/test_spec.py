@@ -598,6 +598,24 @@ def test_a_corpus_too_short_for_its_validation_split_is_refused_before_any_work(
     assert not list(tmp_path.glob("*.db"))
 
 
+def test_a_stdlib_corpus_too_short_for_its_validation_split_is_refused_naming_the_least_that_works(
+        tmp_path: Path) -> None:
+    """The standard library's validation split is every 10th file: below the first nine files' size it is empty.
+    corpus_bytes = 20000 passed the loader and failed the run in a line naming neither the key nor a fix."""
+    from dsnas.tasks.charlm import CharLMConfig, read_corpus, stdlib_split
+
+    held_out, enough = stdlib_split(20_000, 2 * 65)
+    assert held_out == 0 and enough is not None and enough > 20_000
+    path = write_study(tmp_path, task={"corpus_bytes": 20_000, "context": 64})
+    expect_error(path, "task.corpus_bytes", "must read enough of the standard library that its validation split",
+                 f"set corpus_bytes >= {enough}")
+    assert not list(tmp_path.glob("*.db"))
+    # The least it names works, and one byte less does not: read_corpus's own split, not an estimate of it.
+    assert len(read_corpus(CharLMConfig(corpus_bytes=enough), str(tmp_path))[1]) >= 2 * 65
+    with pytest.raises(SpecError):
+        read_corpus(CharLMConfig(corpus_bytes=enough - 1), str(tmp_path))
+
+
 def test_a_study_without_a_space_table_takes_the_shipped_space_wherever_it_is(tmp_path: Path) -> None:
     """The default was a path relative to the study file: outside a checkout, a file of only [study] and [budget]
     was refused for a [space.file] the user never wrote."""

@@ -26,7 +26,7 @@ VOCAB = 256  # bytes
 @dataclass(frozen=True)
 class CharLMConfig:
     corpus: str = "stdlib"  # "stdlib", or a text file (relative to the study file)
-    corpus_bytes: int = 2_000_000  # train + validation, read in a fixed order
+    corpus_bytes: int = 2_000_000  # train + validation, read in a fixed order (the stdlib: whole files past it)
     context: int = 64  # bytes a model sees
     batch_size: int = 32  # training batch
     train_tokens: int = 200_000  # the fixed training budget of every trial
@@ -47,6 +47,12 @@ class CharLMConfig:
     def resolve_corpus(self, base_dir: str, where: str = "task") -> Path | None:
         """The text file to read, or None for the standard library; raises SpecError if it is missing."""
         if self.corpus == "stdlib":
+            held_out, enough = stdlib_split(self.corpus_bytes, 2 * (self.context + 1))
+            if held_out < 2 * (self.context + 1):  # the validation split is every 10th file: none in the first 9
+                raise SpecError(where, "task.corpus_bytes", "must read enough of the standard library that its "
+                                f"validation split (every 10th file; {held_out} bytes at this setting) holds two "
+                                f"contexts of {self.context}", self.corpus_bytes,
+                                f"set corpus_bytes >= {enough}" if enough else "give a text file as corpus")
             return None
         path = Path(base_dir) / self.corpus
         if not is_there(path.is_file):
@@ -73,6 +79,24 @@ def stdlib_files() -> list[Path]:
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__"))
         found += [Path(folder) / f for f in sorted(files) if f.endswith(".py")]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_split(corpus_bytes: int, needed: int) -> tuple[int, int | None]:
+    """The validation bytes read_corpus takes from the standard library at ``corpus_bytes``, and the smallest
+    corpus_bytes whose validation split holds ``needed`` bytes (None: the whole library's does not). From the
+    files' sizes, without reading them."""
+    held_out, total, val, enough = None, 0, 0, None
+    for i, file in enumerate(stdlib_files()):
+        before, size = total, file.stat().st_size
+        total += size
+        val += size if i % 10 == 9 else 0
+        if enough is None and val >= needed:
+            enough = before + 1  # this file is read once corpus_bytes passes what the files before it hold
+        if held_out is None and total >= corpus_bytes:
+            held_out = val
+        if held_out is not None and enough is not None:
+            break
+    return (val if held_out is None else held_out), enough
 
 
 def read_corpus(config: CharLMConfig, base_dir: str) -> tuple[bytes, bytes, str]:
