@@ -55,6 +55,47 @@ def test_gate_is_reentrant_in_sequence(tmp_path):
             pass
 
 
+def _measurer(folder, queued, done):
+    gate = MeasureGate("nested", folder)
+    with open(gate.paths[0], "rb+") as turnstile:  # queued as exclusive() queues: the turnstile, then the lock
+        import fcntl
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        queued.set()
+        with open(gate.paths[1], "rb+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done.set()
+
+
+def test_a_hold_within_a_hold_of_the_same_thread_does_not_wait_behind_a_queued_measurer(tmp_path):
+    """The driver held the gate shared to screen a candidate, and the screen's counter took it shared again: with a
+    measurer queued between the two (another trial, another study), each waited for the other for ever, through
+    Ctrl-C and SIGTERM. The inner hold now holds nothing more, and the measurer goes on once the outer ends."""
+    gate = MeasureGate("nested", tmp_path)
+    ctx = mp.get_context("spawn")
+    queued, done = ctx.Event(), ctx.Event()
+    with gate.shared() as outer:
+        measurer = ctx.Process(target=_measurer, args=(tmp_path, queued, done))
+        measurer.start()
+        assert queued.wait(30)
+        started = time.monotonic()
+        with gate.shared() as inner:  # deadlocked here before
+            inner.checkpoint()
+            with inner.paused():
+                pass
+        assert time.monotonic() - started < 5
+        assert not done.is_set()  # the outer hold still keeps the measurer out
+        with pytest.raises(RuntimeError, match="would wait for itself"):
+            with gate.exclusive():
+                pass
+        with outer.paused():  # paused, the thread holds nothing: a hold inside is a hold of its own, after it
+            assert done.wait(30)
+            with gate.exclusive():
+                pass
+    measurer.join(30)
+    with gate.exclusive(), gate.exclusive():  # within its own exclusive hold: nothing more
+        pass
+
+
 def test_a_holder_kept_waiting_by_another_says_so_and_an_uncontended_pass_says_nothing(tmp_path):
     """What a trial's time limit leaves out (trial_timeout_s): a trial waiting to measure behind a hung trainer was
     stopped with it, though it had run a few seconds of its own."""

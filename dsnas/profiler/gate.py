@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,10 +43,15 @@ class MeasureGate:
             self.paths = tuple(mine)  # type: ignore[assignment]
 
     @contextmanager
-    def shared(self) -> Iterator["_SharedHold"]:
-        """Hold while training or evaluating; call ``checkpoint()`` often so a measurer is not kept waiting."""
-        with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock:
-            hold = _SharedHold(turnstile, lock, self.on_wait)
+    def shared(self) -> Iterator[_SharedHold | _HeldAlready]:
+        """Hold while training or evaluating; call ``checkpoint()`` often so a measurer is not kept waiting.
+        Within a hold of this thread's on the same gate it holds nothing more: a second hold queued behind a
+        measurer who waits for the first, and neither went on (the driver's screen counted a candidate so)."""
+        if _held().get(self.paths[1]):
+            yield _HeldAlready()
+            return
+        with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock, _holding(self.paths[1], "shared"):
+            hold = _SharedHold(turnstile, lock, self.on_wait, self.paths[1])
             hold.enter()
             try:
                 yield hold
@@ -54,22 +60,61 @@ class MeasureGate:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold while measuring: no other holder of this gate computes meanwhile."""
+        """Hold while measuring: no other holder of this gate computes meanwhile. Within this thread's exclusive
+        hold it holds nothing more; within its shared hold it is refused (it would wait for itself for ever)."""
+        mode = _held().get(self.paths[1])
+        if mode == "exclusive":
+            yield
+            return
+        if mode == "shared":
+            raise RuntimeError(f"measuring inside a shared hold of the gate {self.paths[1]} would wait for itself")
         with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock:
             _take(turnstile, fcntl.LOCK_EX, self.on_wait)
             try:
                 _take(lock, fcntl.LOCK_EX, self.on_wait)
                 try:
-                    yield
+                    with _holding(self.paths[1], "exclusive"):
+                        yield
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
             finally:
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
+# Per thread: the gates (their lock files) it holds, and how ("shared" or "exclusive"); a paused hold holds none.
+_HOLDS = threading.local()
+
+
+def _held() -> dict[Path, str]:
+    if not hasattr(_HOLDS, "modes"):
+        _HOLDS.modes = {}
+    return _HOLDS.modes
+
+
+@contextmanager
+def _holding(path: Path, mode: str) -> Iterator[None]:
+    _held()[path] = mode
+    try:
+        yield
+    finally:
+        _held().pop(path, None)
+
+
+class _HeldAlready:
+    """A hold within one of this thread's own: the outer hold lets measurers in at its own checkpoints."""
+
+    def checkpoint(self) -> None:
+        pass
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        yield
+
+
 class _SharedHold:
-    def __init__(self, turnstile: int, lock: int, on_wait: Callable[[bool], None] | None = None) -> None:
-        self._turnstile, self._lock, self._on_wait = turnstile, lock, on_wait
+    def __init__(self, turnstile: int, lock: int, on_wait: Callable[[bool], None] | None = None,
+                 path: Path | None = None) -> None:
+        self._turnstile, self._lock, self._on_wait, self._path = turnstile, lock, on_wait, path
 
     def enter(self) -> None:
         _take(self._turnstile, fcntl.LOCK_EX, self._on_wait)  # waits while a measurer is queued or measuring
@@ -85,10 +130,13 @@ class _SharedHold:
     def paused(self) -> Iterator[None]:
         """Hold nothing while the block waits (for the driver's answer at a rung, say), then carry on."""
         fcntl.flock(self._lock, fcntl.LOCK_UN)
+        mode = _held().pop(self._path, None) if self._path else None  # a hold inside the pause is a hold of its own
         try:
             yield
         finally:
             self.enter()
+            if mode:
+                _held()[self._path] = mode
 
 
 def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None) -> None:
