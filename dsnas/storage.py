@@ -506,14 +506,31 @@ def has_heartbeats(storage: Any) -> bool:
 
 
 def recover_stale_trials(study: Any) -> list[int]:
-    """Mark FAIL, with the reason, and queue again (same parameters) the trials a stopped driver left RUNNING;
-    returns their numbers.
+    """Mark FAIL, with the reason, and queue again (same parameters) the trials a stopped driver left RUNNING
+    (see stale_trials); returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    recovered = []
+    for trial, reason in stale_trials(study):
+        try:  # both: another driver recovering it at once may finish it between them (a traceback, on resume)
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason + "; queued again")
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another driver recovered it first
+        requeue(study, trial)
+        recovered.append(trial.number)
+    return recovered
+
+
+def stale_trials(study: Any) -> list[tuple[Any, str]]:
+    """The RUNNING trials whose driver stopped, each with why it is known to have.
 
     A driver of this host that no longer runs is known dead at once; a driver elsewhere is dead when its
     heartbeats stopped for GRACE_S, or when it sent none in the GRACE_S since the trial started (killed before its
     first heartbeat, or a host renamed since: such a trial stayed RUNNING for good, and a driver waiting on the
     rest of the budget waited forever). A trial that never got a driver attribute is stale after GRACE_S."""
-    import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
@@ -521,7 +538,7 @@ def recover_stale_trials(study: Any) -> list[int]:
     heartbeat_stale = set(storage._get_stale_trial_ids(study._study_id)) if beats else set()
     never_beat = _never_beat(storage, study._study_id) if beats else set()
     now = datetime.datetime.now()
-    recovered = []
+    stale = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         driver = trial.user_attrs.get("driver")
         old = bool(trial.datetime_start) and (now - trial.datetime_start).total_seconds() > GRACE_S
@@ -535,14 +552,8 @@ def recover_stale_trials(study: Any) -> list[int]:
             reason = "its driver stopped before it could dispatch the trial"
         else:
             continue
-        try:  # both: another driver recovering it at once may finish it between them (a traceback, on resume)
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason + "; queued again")
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another driver recovered it first
-        requeue(study, trial)
-        recovered.append(trial.number)
-    return recovered
+        stale.append((trial, reason))
+    return stale
 
 
 def _never_beat(storage: Any, study_id: int) -> set[int]:

@@ -12,7 +12,15 @@ from typing import Any
 from dsnas import tables
 from dsnas.errors import DsnasError
 from dsnas.spec import Constraints, StudySpec, TaskSpec
-from dsnas.storage import display_url, open_storage, schema_lock, sqlite_file, storage_engine
+from dsnas.storage import (
+    display_url,
+    open_storage,
+    schema_lock,
+    sqlite_file,
+    stale_trials,
+    storage_engine,
+    study_lock,
+)
 
 
 def open_study(spec: StudySpec, create: bool = True) -> Any:
@@ -44,7 +52,8 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
     if create:
         if not study.metric_names:
             study.set_metric_names(names)
-        _check_settings(spec, study)
+        with study_lock(study, spec.storage):  # a second driver starting beside it checks what this one recorded
+            _check_settings(spec, study)
         _record_study(spec, study)
     return study
 
@@ -71,13 +80,17 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
     """Record the study file's settings at a study's first run; refuse to resume a study with trials stored under
     other ones, before any work, since the old and the new trials would then share a front without being alike.
     A study of an older dsnas that has trials but no record keeps none: this run's file may have been edited since
-    them, and recording it would make exports carry, and resumes demand, settings no trial ran under."""
+    them, and recording it would make exports carry, and resumes demand, settings no trial ran under. A trial
+    another driver runs now binds as a finished one does (its result will be stored under the recorded settings);
+    one a stopped driver left RUNNING does not (it is queued again, to run under these)."""
     from optuna.trial import TrialState
 
     now, stored = study_settings(spec), study.user_attrs.get(SETTINGS_ATTR)
     if stored == now:
         return
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    stale = {trial.number for trial, _ in stale_trials(study)}
+    done += [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in stale]
     if not stored and done:
         return
     was_set, now_set = (_comparable(stored, like=now), _comparable(now, like=stored)) if stored else (None, None)

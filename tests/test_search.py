@@ -284,6 +284,31 @@ def test_resuming_under_other_settings_is_refused_before_any_trial(finished_stud
     assert len(trials(study)[1]) == 4
 
 
+def test_a_second_driver_under_other_settings_is_refused_while_the_first_runs_its_first_trial(tiny_study):
+    """Before a trial finished, a second `dsnas search` with another train_tokens overwrote the recorded settings:
+    bundles of the first driver's trial then carried the second's, and the first file was refused at its resume.
+    A trial another driver runs binds as a finished one; one a stopped driver left does not."""
+    from dsnas.errors import DsnasError
+    from dsnas.spec import load_study
+    from dsnas.storage import driver_identity
+    from dsnas.study import SETTINGS_ATTR, open_study
+
+    first = open_study(load_study(tiny_study))
+    running = first.ask()
+    first._storage.set_trial_user_attr(running._trial_id, "driver", driver_identity())  # this process: alive
+    recorded = first.user_attrs[SETTINGS_ATTR]
+    other = tiny_study.with_name("other.toml")
+    other.write_text(tiny_study.read_text().replace("val_tokens = 512", "val_tokens = 256"))
+    assert "val_tokens = 256" in other.read_text()
+    with pytest.raises(DsnasError, match=r"\[task.val_tokens\] the stored study 'tiny' was searched with"):
+        open_study(load_study(other))
+    assert first.user_attrs[SETTINGS_ATTR] == recorded
+    # Its driver gone (a pid that no longer runs), the trial binds nothing: it is queued again, to run under these.
+    gone = {**driver_identity(), "pid": 2**22 + 1, "pid_start": 0}
+    first._storage.set_trial_user_attr(running._trial_id, "driver", gone)
+    assert open_study(load_study(other)).user_attrs[SETTINGS_ATTR]["task"]["val_tokens"] == 256
+
+
 def test_resuming_with_other_options_in_the_space_is_refused_before_any_trial(finished_study, tmp_path, capsys):
     """Optuna keeps a parameter's options for a study's life: each trial of a resumed study whose space changed them
     once failed ("CategoricalDistribution does not support dynamic value space") and was stored failed."""
