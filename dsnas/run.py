@@ -139,10 +139,11 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
             raise DsnasError(driver.lost_message(e)) from None
         finally:
             driver.close()
-    # A reused repeat has its original's values: the original alone stands for them on the front.
-    front = [t for t in driver.db("read the Pareto front", lambda: study.best_trials) if "reused_from" not in
-             t.user_attrs] if progress.completed else []
     completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
+    # The study's front, also where other drivers completed every trial of it. A reused repeat has its original's
+    # values: the original alone stands for them on the front.
+    front = [t for t in driver.db("read the Pareto front", lambda: study.best_trials) if "reused_from" not in
+             t.user_attrs] if completed else []
     pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
     if ours and (engine := storage_engine(study)) is not None:
         engine.dispose()  # the study file as one file again, for whoever reads it next (a later read reconnects)

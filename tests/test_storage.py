@@ -364,3 +364,30 @@ def test_a_study_whose_task_evaluates_architectures_itself_needs_no_weights_fold
     assert not list(study.parent.glob("*_artifacts"))
     study.write_text(text.replace("[study]", f'[study]\nstorage = "sqlite:///{db}"\njson_artifacts = true', 1))
     assert main(["search", str(study), "--n-trials", "4"]) == 2
+
+
+def test_a_driver_that_finished_no_trial_of_its_own_gives_the_studys_front(tmp_path):
+    """A second driver that waited for the first's trial printed "the Pareto front is empty", and dsnas.search
+    returned front=[], though the study had a front: it read it only where its own count had a completed trial."""
+    import threading
+    import time
+
+    import optuna
+    from table_study import write_table_study
+
+    import dsnas
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    study_file = write_table_study(tmp_path, n_trials=1, fidelity='kind = "none"')
+    spec = load_study(study_file)
+    first = open_study(spec)
+    theirs = first.ask()  # the first driver's trial, running (this process stands for that driver: alive)
+    first._storage.set_trial_user_attr(theirs._trial_id, "driver", dsnas_storage.driver_identity())
+
+    def finish() -> None:
+        time.sleep(2)
+        optuna.load_study(study_name=spec.name, storage=spec.storage).tell(theirs.number, [1.0] * len(spec.objectives))
+    threading.Thread(target=finish, daemon=True).start()
+    outcome = dsnas.search(study_file)
+    assert outcome.completed == 1 and [t.number for t in outcome.front] == [theirs.number]
