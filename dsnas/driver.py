@@ -252,7 +252,8 @@ class Driver:
         counted = read_budget and n_trials is not None
         done, pruned = self.db("read the study", self.budget_used) if counted else (0, 0)
         if counted and done >= n_trials:
-            return f"{n_trials} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
+            # The study's count: drivers side by side may pass the budget by the trials they ran at once.
+            return f"{done} trials completed" + (f" or pruned ({pruned} pruned)" if pruned else "")
         if getattr(self.study, "_stop_flag", False):
             return "a callback (or the sampler, out of candidates) called study.stop()"
         if self.reuses_in_a_row >= MAX_REUSES_IN_A_ROW:
