@@ -7,9 +7,12 @@ import errno
 import io
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -18,7 +21,7 @@ from dsnas import results
 from dsnas.errors import DsnasError
 from dsnas.progress import column_titles, format_metric
 from dsnas.spec import StudySpec
-from dsnas.storage import artifact_store, display_url
+from dsnas.storage import artifact_store, display_url, leave_write_ahead, storage_engine
 from dsnas.tasks import throughput_unit
 
 log = logging.getLogger("dsnas.dashboard")
@@ -53,10 +56,31 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
         prepare(spec, study)
         url = f"http://{host}:{server.server_port}/dashboard/"  # the port the system gave, for --port 0
         log.info(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)")
+        stop = _stop_on_sigterm()
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             print()  # the shell's prompt starts on its own line after ^C
+        finally:
+            stop()
+            server.server_close()
+            # A search that ended while this server read the study left it in write-ahead-log mode (it puts it back
+            # only where nobody has it open); the last reader to close does, so that the study is one file again.
+            if (engine := storage_engine(study)) is not None:
+                engine.dispose()
+            leave_write_ahead(spec.storage)
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, through the cleanup after it; returns
+    what puts the old handler back. Only the main thread may set one (a test serving from another leaves it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _bind_error(host: str, port: int, e: OSError) -> str:

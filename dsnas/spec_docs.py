@@ -218,8 +218,8 @@ code's; "unset" means the key has no value unless you give one. `[study]`, `[obj
 | `json_artifacts` | boolean | `false` | each trial's arch and profile as JSON files as it ends (else the dashboard's) |
 
 A search keeps a SQLite file in write-ahead-log mode (one synced file per commit): while one runs, copy
-`NAME.db-wal` along with `NAME.db`. The last search to end puts it back in rollback-journal mode, one file that an
-account which may only read it can open.
+`NAME.db-wal` along with `NAME.db`. The last search or `dsnas dashboard` to end (Ctrl-C or SIGTERM) puts it back in
+rollback-journal mode, one file that an account which may only read it can open.
 
 ## [objectives]
 

@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -335,6 +337,13 @@ def test_the_dashboard_reads_a_sqlite_study_while_a_search_writes_it(tiny_study)
         assert "locked" not in err and "locked" not in out
         assert answers > 10 and not errors, errors[:3]
         print(f"{answers} dashboard answers while the search wrote 5 trials")
+        # The search ended while the dashboard had the file open, so it left it in write-ahead-log mode; the
+        # dashboard, stopped as a service manager stops it, puts it back: one file an account that may only
+        # read it can open.
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+        with closing(sqlite3.connect(tiny_study.with_suffix(".db"))) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     finally:
         for proc in (search, server):
             if proc is not None and proc.poll() is None:
