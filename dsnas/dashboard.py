@@ -130,8 +130,8 @@ def show_named_constraints() -> None:
     """Let the Optuna dashboard see dsnas's constraints. dsnas stores each under its name (Optuna 5's form,
     ``constraints:max_latency_ms``); optuna-dashboard reads only the older list form, so it drew every infeasible
     trial as feasible and put it on its Pareto front. Its trial serializer is given the constraints Optuna reads,
-    and its front takes the feasible trials only (as dsnas's front does). A dashboard without these functions is
-    left as it is."""
+    and its front takes the feasible trials only, without reused repeats (as dsnas's front does). A dashboard
+    without these functions is left as it is."""
     from optuna_dashboard import _app, _serializer
 
     serialize = getattr(_serializer, "serialize_frozen_trial", None)
@@ -146,8 +146,9 @@ def show_named_constraints() -> None:
         return out
 
     def feasible_front(trials: list[Any], directions: list[Any]) -> list[Any]:
-        return front(trials=[t for t in trials if all(c <= 0 for c in t.constraints.values())],
-                     directions=directions)
+        # A reused repeat has its original's values: the original alone stands for them, as on dsnas's front.
+        return front(trials=[t for t in trials if all(c <= 0 for c in t.constraints.values())
+                             and "reused_from" not in t.user_attrs], directions=directions)
 
     serialize_with_constraints.dsnas = True  # type: ignore[attr-defined]
     _serializer.serialize_frozen_trial = serialize_with_constraints

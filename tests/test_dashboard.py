@@ -126,6 +126,11 @@ def test_the_dashboard_sees_dsnas_constraints_and_keeps_infeasible_trials_off_it
     assert [s["constraints"] for s in serialized] == [[], [], [1.1]]
     front = _app.get_pareto_front_trials(trials=trials, directions=study.directions)
     assert sorted(t.number for t in front) == [0, 1]  # trial 2 dominates both, but is infeasible
+    # A reused repeat of trial 1 has its values: trial 1 alone stands for them, as on search's and report's front.
+    study.add_trial(optuna.trial.create_trial(values=trials[1].values, user_attrs={**trials[1].user_attrs,
+                                                                                     "reused_from": 1}))
+    front = _app.get_pareto_front_trials(trials=study.get_trials(), directions=study.directions)
+    assert sorted(t.number for t in front) == [0, 1]
 
 
 def test_prepare_backfills_artifacts_once(made_study):

@@ -318,6 +318,9 @@ def test_report_writes_tables_images_and_a_page(finished_study, tmp_path, capsys
     parser = _Tags()
     parser.feed(page)
     assert parser.tags.count("table") == 2 and "Plotly.newPlot" in page and "plotly.min.js" in page
+    front_table = page.split("<h2>Pareto front")[1].split("</table>")[0]  # titled as printed: not tokens/s for all
+    assert "<th>tokens/s</th>" in front_table and "<th>architecture</th>" in front_table
+    assert "throughput_tok_s" not in front_table and "arch_short" not in front_table
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
 
 
@@ -461,8 +464,12 @@ def test_the_summary_of_a_study_without_a_feasible_trial_says_so():
     reference = default_reference(df)
     v = views(df, hypervolume_history(df, reference), reference)
     spec = SimpleNamespace(name="x", path="x.toml", task=SimpleNamespace(name="charlm"))
-    line = summary(spec, df, v, [Path("r/index.html")]).splitlines()[0]
+    text = summary(spec, df, v, [Path("r/index.html")])
+    line = text.splitlines()[0]
     assert "nan" not in line and "hypervolume 0 " in line and "no feasible trial" in line
+    # Where the front goes, a sentence as search prints it, not pandas' "Empty DataFrame / Columns: [...]".
+    assert text.splitlines()[1] == "no feasible completed trial: the Pareto front is empty"
+    assert "Empty DataFrame" not in text
 
 
 def test_each_measurement_row_says_when_it_was_measured(finished_study):
@@ -546,3 +553,9 @@ def test_a_study_whose_peak_memory_two_definitions_measured_says_so():
                            "weights+profiler_cpu_allocation_peak: trials 1, 2)"), note
     assert "`dsnas profile 'my studies/s.toml' --trial N`" in note
     assert _memory_note(spec, df[df["trial"] > 0]) == ""  # one definition: nothing to say
+    # A reused repeat (repeats = "reuse", the default) holds its original's figure and records no method of its
+    # own: it is not a second definition.
+    repeat = pd.DataFrame({"trial": [0, 1, 2], "state": ["COMPLETE"] * 3, "peak_memory_mb": [5.3, 5.4, 5.4],
+                           "memory_method": ["weights+profiler_cpu_allocation_peak"] * 2 + [None],
+                           "reused_from": [None, None, 1]})
+    assert _memory_note(spec, repeat) == ""

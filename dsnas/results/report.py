@@ -149,7 +149,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 <p>{_counts(df)}. Measured on: {html.escape('; '.join(df['fingerprint'].dropna().unique()))}.</p>
 {disturbed}
 <h2>Pareto front (feasible, non-dominated)</h2>
-{_formatted(shown).to_html(index=False)}
+{_front_html(shown, spec)}
 {charts}
 {_route_html(route)}
 <h2>All trials</h2>
@@ -215,6 +215,8 @@ def _memory_note(spec: StudySpec, df: Any) -> str:
     if "memory_method" not in df.columns or "peak_memory_mb" not in df.columns:
         return ""
     done = df[(df["state"] == "COMPLETE") & df["peak_memory_mb"].notna()]
+    if "reused_from" in done.columns:  # a reused repeat holds its original's figure, not a measurement of its own
+        done = done[done["reused_from"].isna()]
     methods = done["memory_method"].fillna("not recorded")
     if methods.nunique() < 2:
         return ""
@@ -240,6 +242,19 @@ def _formatted(shown: Any) -> Any:
     return out
 
 
+def _front_text(shown: Any, spec: StudySpec) -> str:
+    if shown.empty:  # pandas printed "Empty DataFrame / Columns: [...] / Index: []"
+        return "no feasible completed trial: the Pareto front is empty"
+    return _formatted(shown).rename(columns=_titles(spec)).to_string(index=False)
+
+
+def _front_html(shown: Any, spec: StudySpec) -> str:
+    """The page's front under the titles the terminal gives it (an images task's throughput is not tokens/s)."""
+    if shown.empty:
+        return "<p>No feasible completed trial: the Pareto front is empty.</p>"
+    return _formatted(shown).rename(columns=_titles(spec)).to_html(index=False)
+
+
 def _titles(spec: StudySpec) -> dict[str, str]:
     """The front's column titles as `search` prints them, throughput in the task's unit: the report printed the
     column names, and an own task's snippets/s read `throughput_tok_s`."""
@@ -261,7 +276,7 @@ def summary(spec: StudySpec, df: Any, v: Any, written: list[Path]) -> str:
                  "best is empty (Fix: a --reference worse than the front in each objective)")
     lines = [f"study {spec.name!r}: {_counts(df)}; Pareto front of {len(shown)}; hypervolume {volume:.6g} "
              f"(reference {ref}), {boxed}",
-             _formatted(shown).rename(columns=_titles(spec)).to_string(index=False),
+             _front_text(shown, spec),
              *_notes(spec, df),
              f"report: {written[-1]} ({len(written) + 1} files: figures as PNG, SVG and PDF, plotly.min.js included, "
              f"in {written[-1].parent})"]
