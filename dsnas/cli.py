@@ -77,12 +77,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dsnas.export import Limits, export_trial, pick_trials
     from dsnas.export.formats import describe_exports
     from dsnas.spec import read_study
-    from dsnas.study import open_study
+    from dsnas.study import edited_since, open_study
 
     if sum(x is not None and x is not False for x in (args.trial, args.pick, args.front)) != 1:
         raise DsnasError("give exactly one of --trial N, --pick RULE and --front. Fix: e.g. --pick knee")
     spec = read_study(args.study_file)
     study = open_study(spec, create=False)
+    if edited := edited_since(spec, study):  # a limit edited since judged no trial: the bundle is the search's
+        print(f"dsnas: note: {edited}", file=sys.stderr)
     limits = Limits(max_latency_ms=args.max_latency_ms, min_accuracy=args.min_accuracy,
                     max_memory_mb=args.max_memory_mb)
     for frozen in pick_trials(study, spec, trial=args.trial, pick=args.pick, front=args.front, limits=limits):

@@ -107,13 +107,20 @@ def prepare(spec: StudySpec, study: Any) -> None:
     the charts, and uploads artifacts only for trials that have none yet."""
     from optuna_dashboard import save_note
 
+    from dsnas.study import as_searched, edited_since  # SQLAlchemy loads on first use
 
     if not study.metric_names:
         study.set_metric_names([o.name for o in spec.objectives])
     backfill_artifacts(spec, study)
     df = results.frame(study)  # the same frame `dsnas report` reads, so both show the same front
     reference = save_hypervolume_charts(study, df)
-    save_note(study, study_note(spec, study, df, reference) + _kept_user_notes(study))
+    # The note shows the limits the study was searched under, which judged its front, and says where the file's
+    # differ: it showed an edited limit above a front that broke it.
+    edited = edited_since(spec, study)
+    if edited:
+        log.warning(f"dsnas: note: {edited}")
+    note = study_note(as_searched(spec, study), study, df, reference)
+    save_note(study, (f"**Note:** {edited}\n\n" if edited else "") + note + _kept_user_notes(study))
 
 
 def _kept_user_notes(study: Any) -> str:

@@ -105,6 +105,23 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
     study.set_user_attr(SETTINGS_ATTR, now)
 
 
+def edited_since(spec: StudySpec, study: Any) -> str:
+    """One line where the study file's task, hardware (limits included) or engine differ from those its study was
+    searched with, "" where they agree or none were recorded. `report`, `export` and `dashboard` read the study as
+    searched (its stored figures and feasibility): a limit edited since judged nothing, and they said so nowhere."""
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if not stored:
+        return ""
+    now = study_settings(spec)
+    was, wanted = _comparable(stored, like=now), _comparable(now, like=stored)
+    if was == wanted:
+        return ""
+    key, before, after = _first_difference(was, wanted)
+    return (f"{spec.path}: [{key}] is {_toml(after)} in the file, but the study was searched with {_toml(before)}: "
+            "its figures and which trials are feasible are the search's. Fix: restore it, or search a new study "
+            "([study] name) under the new setting")
+
+
 def _comparable(settings: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
     """The task's keys as they are (an added or removed one is a change), the hardware's and the engine's only
     where ``like`` has them too: a field a dsnas upgrade adds or drops is not the user's change."""

@@ -559,3 +559,30 @@ def test_a_study_whose_peak_memory_two_definitions_measured_says_so():
                            "memory_method": ["weights+profiler_cpu_allocation_peak"] * 2 + [None],
                            "reused_from": [None, None, 1]})
     assert _memory_note(spec, repeat) == ""
+
+
+def test_read_commands_say_where_the_study_file_was_edited_since_the_search(finished_study, tmp_path, capsys):
+    """A limit edited after the search judged no trial: report, export and the dashboard kept the stored limit (as
+    they must: the trials' feasibility is the search's) without a word, and the dashboard's note showed the new
+    limit above a front that broke it. Each now says so, and the note shows the limit the search used."""
+    from dsnas.dashboard import prepare
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    study_file = copy_study(finished_study, tmp_path / "s")
+    study_file.write_text(study_file.read_text().replace("max_latency_ms = 1000", "max_latency_ms = 0.001"))
+    said = "[hardware.constraints.max_latency_ms] is 0.001 in the file, but the study was searched with 1000.0"
+    assert main(["report", str(study_file), "--out", str(tmp_path / "r")]) == 0
+    assert said in capsys.readouterr().out and said in (tmp_path / "r" / "index.html").read_text()
+    assert main(["export", str(study_file), "--pick", "knee", "--out", str(tmp_path / "e")]) == 0
+    assert said in capsys.readouterr().err
+    spec = load_study(study_file)
+    study = open_study(spec, create=False)
+    prepare(spec, study)
+    from optuna_dashboard import get_note
+
+    note = get_note(study)
+    assert said in note and "`latency_ms` ≤ 1000" in note and "≤ 0.001" not in note.split(said)[1]
+    study_file.write_text(study_file.read_text().replace("max_latency_ms = 0.001", "max_latency_ms = 1000"))
+    assert main(["report", str(study_file), "--out", str(tmp_path / "r")]) == 0
+    assert "in the file, but the study was searched with" not in capsys.readouterr().out

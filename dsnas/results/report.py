@@ -50,10 +50,12 @@ def _check_writable(folder: Path) -> None:
 def write_report(spec: StudySpec, out: str | Path | None = None, reference: str | None = None) -> str:
     """Write the report folder of a study; returns the terminal summary."""
     from dsnas import tables  # SQLAlchemy loads on first use
-    from dsnas.study import nothing_to_use, open_study  # SQLAlchemy loads on first use
+    from dsnas.study import as_searched, edited_since, nothing_to_use, open_study  # SQLAlchemy loads on first use
 
     study = open_study(spec, create=False)
     df = frame(study)
+    df.attrs["edited"] = edited_since(spec, study)  # said beneath the front (see _notes)
+    spec = as_searched(spec, study)  # the batch sizes the figures were measured at, also where the file changed
     if not (df["state"] == "COMPLETE").any():
         raise DsnasError(nothing_to_use(spec, study))
     ref = parse_reference(reference, [o["name"] for o in df.attrs["objectives"]]) or default_reference(df)
@@ -192,7 +194,7 @@ def _summary_frame(v: Any) -> Any:
 
 def _notes(spec: StudySpec, df: Any) -> list[str]:
     """What the summary and the page say beneath the front about figures to read with care."""
-    return [note for note in (_disturbed_note(spec, df), _memory_note(spec, df)) if note]
+    return [note for note in (df.attrs.get("edited", ""), _disturbed_note(spec, df), _memory_note(spec, df)) if note]
 
 
 def _disturbed_note(spec: StudySpec, df: Any) -> str:
