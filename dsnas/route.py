@@ -169,6 +169,18 @@ def lost(served: Any, right: Any) -> float:
     return (total + Z95 * math.sqrt(m * spread)) / right.shape[1]
 
 
+def lost_at_least(served: Any, right: Any) -> float:
+    """A one-sided 95% lower bound on the accuracy an assignment gives up against the last stage: what a route
+    shown on inputs it was not chosen on to lose more than its target loses at least (see :func:`lost`)."""
+    early = served < right.shape[0] - 1
+    m = int(early.sum())
+    if m == 0:
+        return 0.0
+    diff = (right[-1] - right.gather(0, served[None])[0])[early]
+    spread = diff.var(correction=0).item() if m > 1 else 0.0
+    return (diff.sum().item() - Z95 * math.sqrt(m * spread)) / right.shape[1]
+
+
 def choose_thresholds(conf: Any, right: Any, curves: Sequence[CostCurve], drop: float) -> tuple[list[float], float]:
     """The thresholds (one per stage but the last) of least expected cost that lose at most ``drop`` of accuracy
     against the last stage on these (calibration) inputs (see :func:`lost`); all +inf (everything to the last
@@ -413,6 +425,8 @@ class RouteReport:
     measured: dict[str, float] = field(default_factory=dict)  # route name -> end-to-end ms per input
     folder: Path | None = None
     left_out: list[str] = field(default_factory=list)  # members left out, each with why
+    serve: str = ""  # the route the bundle serves: "cascade" or "learned router"
+    notes: list[str] = field(default_factory=list)  # a route not served for its loss; everything to one model
 
     def add(self, name: str, acc: float, cost: float, served_shares: list[float]) -> None:
         self.outcomes[name] = Outcome(name, acc, cost, served_shares)
@@ -423,7 +437,8 @@ class RouteReport:
                 for r in self.rows]
         widths = [max(len(str(x)) for x in [c, *(b[i] for b in body)]) for i, c in enumerate(cols)]
         lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [cols, *body]]
-        return "\n".join(lines + self.left_out)
+        served = [f"serves: the {self.serve}"] if self.serve else []
+        return "\n".join(lines + self.left_out + served + [f"note: {n}" for n in self.notes])
 
 
 def _cell(v: Any) -> str:
@@ -496,27 +511,45 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     drop = best_calib - target_accuracy if target_accuracy is not None else max_accuracy_drop
     curves = [m.curve for m in members]
     feats = features(logits[0])
-    router = LearnedRouter.fit(feats[calib], sufficient_stage(right[:, calib]), len(members))
+    # The router is fitted on one half of the calibration inputs and its tau chosen on the other: chosen on the
+    # inputs it was fitted to (1.0000 there), tau's bound meant nothing, and a route that was to lose 0.5 points
+    # lost 5 on the report half.
+    fit, tune = calib[0::2], calib[1::2]
+    router = LearnedRouter.fit(feats[fit], sufficient_stage(right[:, fit]), len(members))
     report = RouteReport(unit=COSTS[cost][1], left_out=left_out)
     for i, m in enumerate(members):  # each single model: all inputs to stage i
         served = torch.full((len(held),), i, dtype=torch.long)
         report.add(f"trial {m.trial} alone", accuracy(served, right[:, held]), m.cost, shares(served, len(members)))
-    chosen_routes = {}
+    chosen_routes: dict[str, Any] = {}
     for extra, suffix in [(drop, ""), *((d, f" -{d * 100:g} pt") for d in also_drops)]:
         t = choose_thresholds(conf[:, calib], right[:, calib], curves, extra)[0]
         served = cascade_assign(conf[:, held], t)
         report.add("cascade" + suffix, accuracy(served, right[:, held]), cascade_cost(served, t, curves),
                    shares(served, len(members)))
-        tau = choose_tau(router, feats[calib], right[:, calib], curves, extra)
+        chosen_routes.setdefault("cascade", served)
+        tau = choose_tau(router, feats[tune], right[:, tune], curves, extra)
         served = router.assign(feats[held], tau)
         report.add(("learned router" if not suffix else "learned") + suffix, accuracy(served, right[:, held]),
                    learned_cost(served, curves), shares(served, len(members)))
+        chosen_routes.setdefault("learned router", served)
         chosen_routes.setdefault("thresholds", t)
         chosen_routes.setdefault("tau", tau)
     thresholds, router.tau = chosen_routes["thresholds"], chosen_routes["tau"]
+    serve, report.notes = _served(report, chosen_routes, right[:, held], drop)
+    if serve is None:  # neither held the target on the report half: the cascade to the most accurate model alone
+        thresholds = [math.inf] * (len(members) - 1)
+        served = cascade_assign(conf[:, held], thresholds)
+        report.add("cascade", accuracy(served, right[:, held]), cascade_cost(served, thresholds, curves),
+                   shares(served, len(members)))
+        serve = "cascade"
+    if serve == "cascade" and all(t == math.inf for t in thresholds):
+        report.notes.append(f"the route sends every input to the most accurate model (trial {members[-1].trial}): "
+                            f"on {len(calib)} calibration inputs no cheaper stage was shown to lose at most "
+                            f"{drop:g} of accuracy. Fix: a task with more validation inputs, or a larger "
+                            "--max-accuracy-drop")
+    report.serve = serve
     best = report.outcomes[f"trial {members[-1].trial} alone"]
     report.rows = [o.row(report.unit, best) for o in report.outcomes.values()]
-    serve = min(("cascade", "learned router"), key=lambda n: report.outcomes[n].cost)
     timed_on = None
     if cost == "latency":
         report.measured = _time_end_to_end(members, thresholds, router, x[held],
@@ -535,6 +568,21 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     # neither (json.dumps wrote the bare words, which JavaScript and jq refuse or misread).
     (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
     return report
+
+
+def _served(report: RouteReport, served: dict[str, Any], right: Any, drop: float) -> tuple[str | None, list[str]]:
+    """Which route the bundle serves: the cheaper of the cascade and the learned router among those the report
+    half does not show (with 95% confidence) to lose more than ``drop``; None when neither holds. The notes say
+    which failed it: the cheaper route alone was served, whatever it lost on the inputs it was not chosen on."""
+    held, notes = [], []
+    for name in sorted(("cascade", "learned router"), key=lambda n: report.outcomes[n].cost):
+        at_least = lost_at_least(served[name], right)
+        if at_least <= drop + 1e-12:
+            held.append(name)
+        else:
+            notes.append(f"the {name} lost at least {at_least:.4f} of accuracy on the report half (95% bound), "
+                         f"beyond the {drop:g} allowed: not served")
+    return (held[0] if held else None), notes
 
 
 class NothingToRoute(DsnasError):

@@ -66,6 +66,41 @@ def test_the_loss_bound_is_the_smoothed_binomial_one():
     assert lost(served, right) == pytest.approx((6 + Z95 * math.sqrt(n * spread)) / n)
 
 
+def test_the_lower_bound_of_the_loss_is_below_the_point_loss_and_the_upper_one():
+    from dsnas.route import lost_at_least
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        n = 400
+        right = (torch.rand(3, n, generator=gen) > torch.tensor([[0.4], [0.3], [0.2]])).float()
+        served = torch.randint(0, 3, (n,), generator=gen)
+        point = (right[-1].mean() - right.gather(0, served[None])[0].mean()).item()
+        assert lost_at_least(served, right) <= point + 1e-9 <= lost(served, right) + 2e-9
+    assert lost_at_least(torch.full((n,), 2), right) == 0.0  # all to the last stage loses nothing
+
+
+def test_the_bundle_serves_the_cheaper_route_that_held_its_target_on_the_report_half():
+    """A learned router whose tau was chosen on the inputs it was fitted to lost 5 points where 0.5 were allowed,
+    and the bundle served it, being cheaper, without a word: a route the report half shows to lose more than its
+    target is not served, and the route says so."""
+    from dsnas.route import RouteReport, _served
+
+    n = 1000
+    right = torch.ones(2, n)
+    right[0, :100] = 0  # the cheap model is wrong on 10% where the most accurate is right
+    cheap_everywhere = torch.zeros(n, dtype=torch.long)  # loses 10 points
+    careful = torch.ones(n, dtype=torch.long)
+    careful[500:] = 0  # the cheap model only where it is right: loses nothing
+    report = RouteReport(unit="ms")
+    report.add("cascade", 1.0, 3.0, [0.5, 0.5])
+    report.add("learned router", 0.9, 1.0, [1.0, 0.0])
+    serve, notes = _served(report, {"cascade": careful, "learned router": cheap_everywhere}, right, 0.005)
+    assert serve == "cascade" and len(notes) == 1 and notes[0].startswith("the learned router lost at least 0.0")
+    serve, _ = _served(report, {"cascade": careful, "learned router": careful}, right, 0.005)
+    assert serve == "learned router"  # both hold: the cheaper
+    assert _served(report, {"cascade": cheap_everywhere, "learned router": cheap_everywhere}, right, 0.005)[0] is None
+
+
 def test_thresholds_send_sure_inputs_to_the_cheap_model_at_the_least_cost():
     gen = torch.Generator().manual_seed(0)
     n = 4000
@@ -136,6 +171,7 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
     said = capsys.readouterr().out
     assert "cascade" in said and "learned router" in said and f"route bundle: {out}" in said
     text = (out / "route.json").read_text()
+    assert f"serves: the {'cascade' if json.loads(text)['serve'] == 'cascade' else 'learned router'}" in said
     assert "Infinity" not in text and "NaN" not in text  # standard JSON: an infinite threshold is "inf"
     doc = json.loads(text)
     costs = [m["cost_per_input"] for m in doc["members"]]
