@@ -212,6 +212,25 @@ def test_a_builder_that_raises_or_returns_no_module_fails_the_trial_with_the_rea
         "width=8 first=bf16"
 
 
+def test_a_key_the_users_validate_reads_that_the_space_lacks_is_named_as_missing(user_module):
+    """A space without a key its validate() reads failed every trial with "invalid architecture: kernel"."""
+    from dsnas.models import validate
+
+    (user_module / "checked_models.py").write_text(textwrap.dedent("""
+        def build(arch):
+            raise AssertionError("validate() comes first")
+
+        def validate(arch):
+            if arch["kernel"] % 2 == 0:
+                raise ValueError("kernel must be odd")
+    """))
+    with pytest.raises(TrialError, match=r"invalid architecture: it has no key 'kernel' \(add it to the space's "
+                                         r"\[choices\]"):
+        validate({"family": "checked_models:build", "width": 8}, user_module)
+    with pytest.raises(TrialError, match="invalid architecture: ValueError: kernel must be odd"):
+        validate({"family": "checked_models:build", "width": 8, "kernel": 4}, user_module)
+
+
 def test_a_builder_that_cannot_be_imported_stops_the_study_before_any_work(tmp_path: Path):
     (tmp_path / "space.toml").write_text('family = "no_such_module_here:build"\n[choices]\nwidth = [8]\n')
     (tmp_path / "study.toml").write_text('[space]\nfile = "space.toml"\n[budget]\nn_trials = 1\n'

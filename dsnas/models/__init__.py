@@ -102,8 +102,9 @@ def validate(arch: dict[str, Any], base_dir: str | Path | None = None) -> None:
     """Raise TrialError unless the family of ``arch`` can build it."""
     try:
         family(arch.get("family", ""), base_dir).validate(arch)
-    except KeyError as e:
-        raise TrialError(f"invalid architecture: {e.args[0]}") from None
+    except KeyError as e:  # a key the family reads that the space's [choices] and the task's defaults lack
+        raise TrialError(f"invalid architecture: it has no key {e.args[0]!r} (add it to the space's [choices], or "
+                         "have the task's arch_defaults() give it)") from None
     except Invalid as e:
         raise TrialError(f"invalid architecture: [{e.key}] {e.rule} (got {e.got!r})") from None
     except TrialError:
