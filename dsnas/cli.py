@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-tol", type=float, default=0.25,
                    help="allowed latency/throughput drift on the same device fingerprint: the median of 5 "
                         "re-measurements against the recorded median fails beyond a ratio of 1 + tol either way "
-                        "(0.25; the recorded p10-p90 spread when larger); the rounds' range is printed beside it. "
+                        "(0.25; the recorded p10-p90 spread when larger, up to 1); the rounds' range is printed "
+                        "beside it. "
                         "When the median fails and the rounds differ among themselves by more than the tolerance "
                         "(a busy machine), up to 2 more sets of 5 are measured and the median of all is judged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

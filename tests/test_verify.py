@@ -146,6 +146,14 @@ def test_a_wide_recorded_spread_does_not_hide_a_figure_many_times_off(bundle, ca
     edit_json(bundle / "metrics.json", edit)
     code, out = verify(bundle, capsys)
     assert code == 1 and "latency_ms_bs1" in out.splitlines()[-1], out
+    # A record taken on a busy host (a spread of 112 seen): the widening stops at x/÷ 2, and says so. Within 112, a
+    # figure 10x off passed.
+    edit_json(bundle / "metrics.json", lambda d: (d["metrics"].update(latency_ms_bs1=d["metrics"]["latency_ms_bs1"]
+                                                                      / 100),
+                                                  d["profile"]["batches"]["1"].update(spread=112.0)))
+    code, out = verify(bundle, capsys)
+    line = next(line for line in out.splitlines() if line.startswith("latency_ms_bs1"))
+    assert code == 1 and "within x/÷ 2)" in line and "recorded spread 112 counted as 1" in line, line
 
 
 def test_verify_shows_but_does_not_compare_speed_measured_on_another_device(bundle, capsys):
