@@ -485,7 +485,7 @@ def _start_time(pid: int) -> str:
         return ""
 
 
-def _driver_gone(driver: dict[str, Any]) -> bool:
+def driver_gone(driver: dict[str, Any]) -> bool:
     """True when the driver ran on this host and its process no longer exists."""
     if driver.get("host") != socket.gethostname():
         return False  # another machine's driver: only its heartbeat can tell
@@ -542,7 +542,7 @@ def stale_trials(study: Any) -> list[tuple[Any, str]]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         driver = trial.user_attrs.get("driver")
         old = bool(trial.datetime_start) and (now - trial.datetime_start).total_seconds() > GRACE_S
-        if driver and _driver_gone(driver):
+        if driver and driver_gone(driver):
             reason = f"its driver (pid {driver['pid']} on {driver['host']}) stopped while the trial ran"
         elif trial._trial_id in heartbeat_stale:
             reason = f"its driver sent no heartbeat for {GRACE_S} s"

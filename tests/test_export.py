@@ -471,3 +471,33 @@ def test_an_export_takes_the_preprocessing_its_trial_recorded(monkeypatch):
                                      "longer what it trained on")
     same = SimpleNamespace(number=6, user_attrs={"profile": {"task": {"sha": "b"}}})
     assert bundle._preprocessing(spec, same) == ({"classes": ["bird", "cat", "dog"]}, None)
+
+
+def test_work_folders_a_killed_export_left_are_removed_by_the_next_and_no_other(tmp_path):
+    """An export killed with kill -9 left its hidden work folder (as large as a bundle) beside the bundle for good.
+    The next export or route into that place removes those of a process of this host that is gone, and leaves a
+    live process's, another host's and an older dsnas's."""
+    import socket
+    import subprocess
+    import sys
+
+    from dsnas.export.bundle import built_beside
+    from dsnas.storage import driver_identity
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    me, host = driver_identity(), socket.gethostname()
+    out = tmp_path / "quick-start"  # a name with a dash, as a study's default bundle name has
+    abandoned = tmp_path / f".quick-start.{host}-{dead_pid}-123-0a1b2c"
+    alive = tmp_path / f".quick-start.{host}-{me['pid']}-{me['pid_start']}-3d4e5f"
+    elsewhere = tmp_path / f".quick-start.other-host-{dead_pid}-123-6a7b8c"
+    older = tmp_path / ".quick-start.9f8e7d6c5b4a"
+    other_bundle = tmp_path / f".quick.{host}-{dead_pid}-123-0a1b2c"  # beside another bundle's place: not ours
+    for folder in (abandoned, alive, elsewhere, older, other_bundle):
+        (folder / "weights.safetensors").parent.mkdir()
+        (folder / "weights.safetensors").write_bytes(b"x" * 100)
+    with built_beside(out, "bundle") as work:
+        (work / "arch.json").write_text("{}")
+        assert work.name.startswith(f".quick-start.{host}-{me['pid']}-")
+    assert (out / "arch.json").is_file() and not abandoned.exists()
+    assert alive.exists() and elsewhere.exists() and older.exists() and other_bundle.exists()

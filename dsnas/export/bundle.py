@@ -3,6 +3,7 @@ read back, checked and rebuilt without pickle."""
 
 from __future__ import annotations
 
+import glob
 import json
 import secrets
 import shutil
@@ -20,7 +21,7 @@ from dsnas.export.formats import _one_line, onnx_check, write_model_files
 from dsnas.models import build, family, is_user_family
 from dsnas.profiler.measure import PROTOCOL_KEYS
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
-from dsnas.storage import artifact_dir
+from dsnas.storage import artifact_dir, driver_gone, driver_identity
 
 BUNDLE_TYPE, BUNDLE_VERSION = "dsnas.bundle", 2
 READABLE_VERSIONS = (1, 2)  # version 1 bundles lack the task and hardware sections: they load, verify less
@@ -60,9 +61,12 @@ def built_beside(out: Path, what: str) -> Iterator[Path]:
     ends without an error it becomes ``out`` whole (put_in_place), and the work folder is removed either way."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(out)
         # Made with mkdir, not mkdtemp: the folder becomes the bundle, and mkdtemp's mode 0700 left it unreadable
-        # to anyone else (a serving account) whatever the umask.
-        work = out.parent / f".{out.name}.{secrets.token_hex(6)}"
+        # to anyone else (a serving account) whatever the umask. Named after its process, so that a later run
+        # knows it abandoned when that process is gone.
+        me = driver_identity()
+        work = out.parent / f".{out.name}.{me['host']}-{me['pid']}-{me['pid_start']}-{secrets.token_hex(6)}"
         work.mkdir()
     except OSError as e:
         raise DsnasError(f"{out}: the {what} cannot be written there ({e.strerror or e}). Fix: name a folder you "
@@ -72,6 +76,19 @@ def built_beside(out: Path, what: str) -> Iterator[Path]:
         put_in_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """The work folders beside ``out`` of a process of this host that is gone (an export or route killed with
+    kill -9 left them for good, each as large as a bundle); another host's, a live process's and an older dsnas's
+    (not named so) are left alone."""
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        parts = folder.name[len(out.name) + 2:].rsplit("-", 3)
+        if len(parts) != 4 or not parts[1].isdigit() or not folder.is_dir():
+            continue
+        host, pid, start, _ = parts
+        if driver_gone({"host": host, "pid": int(pid), "pid_start": start}):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # What a bundle folder holds, every file a dsnas version wrote: a folder of only these is a bundle (a damaged one
