@@ -625,15 +625,22 @@ class Driver:
                 "raise [budget] storage_outage_s")
 
     def close(self) -> None:
-        """Stop the heartbeats and the executor's work; fail what was running (interrupted), unless the database
-        is gone (then it stays RUNNING, and the next run re-queues it)."""
+        """Stop the heartbeats and the executor's work; fail what was running (interrupted) and queue it again
+        with its parameters and seed, as a killed driver's trial is, so that the resumed study trains the candidates
+        the uninterrupted one would have; unless the database is gone (then it stays RUNNING, and the next run
+        re-queues it)."""
         self._beat_stop.set()
         try:
             if self._executor is not None:
                 self._executor.cancel_all()
         finally:
             for trial in list(self.running.values()) if self.outage.given_up is None else []:
-                self._fail(trial, "the search was interrupted while the trial ran")
+                self._fail(trial, "the search was interrupted while the trial ran; queued again")
+                with self.guard.writing():  # as stored (the live trial's cache may lack its seed), with the seed
+                    # it was to train with where it was interrupted before it stored one
+                    stored = self.db(f"read trial {trial.number}", self.study._storage.get_trial, trial._trial_id)
+                    self.db(f"queue trial {trial.number} again", requeue, self.study, stored,
+                            self.spec.seed + trial.number)
             if self._executor is not None:
                 self._executor.close()
 

@@ -573,8 +573,9 @@ def _never_beat(storage: Any, study_id: int) -> set[int]:
     return {row[0] for row in rows}
 
 
-def requeue(study: Any, trial: Any) -> int:
-    """Queue a failed trial again with the same parameters (the next ask takes it); returns its attempt number."""
+def requeue(study: Any, trial: Any, seed: int | None = None) -> int:
+    """Queue a failed trial again with the same parameters (the next ask takes it); returns its attempt number.
+    ``seed``: the training seed to keep where the trial had not stored its own yet."""
     import optuna
     from optuna.trial import TrialState
 
@@ -583,10 +584,11 @@ def requeue(study: Any, trial: Any) -> int:
         if queued.system_attrs.get("failed_trial") == trial.number:
             return int(queued.user_attrs.get("attempt", 2))
     attempt = int(trial.user_attrs.get("attempt", 1)) + 1
-    seed = {"train_seed": trial.user_attrs["train_seed"]} if "train_seed" in trial.user_attrs else {}
+    seed = trial.user_attrs.get("train_seed", seed)
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"requeued_from": trial.number, "attempt": attempt, **seed},
+        user_attrs={"requeued_from": trial.number, "attempt": attempt,
+                    **({"train_seed": int(seed)} if seed is not None else {})},
         system_attrs={"failed_trial": trial.number}))
     return attempt
 

@@ -215,8 +215,15 @@ def test_ctrl_c_or_sigterm_fails_the_running_trial_as_interrupted(tiny_study, si
     _, after = trials(tiny_study)
     stopped = {t.number: t for t in after}[running]
     assert stopped.state == TrialState.FAIL
-    assert stopped.user_attrs["fail_reason"] == "the search was interrupted while the trial ran"
+    assert stopped.user_attrs["fail_reason"] == "the search was interrupted while the trial ran; queued again"
     assert not [t for t in after if t.state == TrialState.RUNNING]
+    # Each queued again with its parameters and seed, as a killed driver's trial is: the resumed study trains it.
+    interrupted = [t for t in after if t.state == TrialState.FAIL]  # under Ray, two may run at once
+    queued = {t.user_attrs["requeued_from"]: t for t in after if t.state == TrialState.WAITING}
+    assert sorted(queued) == sorted(t.number for t in interrupted) and running in queued
+    for t in interrupted:
+        assert (queued[t.number].params, queued[t.number].user_attrs["train_seed"]) == \
+            (t.params, t.user_attrs.get("train_seed", t.number))  # the tiny study's seed is 0
 
 
 @pytest.mark.slow
