@@ -603,7 +603,8 @@ def check_plugins(spec: StudySpec) -> None:
     where, base = spec.path, spec.base_dir
     if spec.space.callable is not None:
         _import_callable(where, "space.callable", spec.space.callable, base)
-    name = load_space_file(spec.space.file).family if spec.space.file is not None else None
+    space = load_space_file(spec.space.file) if spec.space.file is not None else None
+    name = space.family if space is not None else None
     if name is not None and is_user_family(name):  # the builder, imported as the workers will (study folder first)
         _import_callable(where, f"family (in {spec.space.file})", name, base)
     if spec.task.name not in BUILTIN_TASKS:
@@ -613,7 +614,39 @@ def check_plugins(spec: StudySpec) -> None:
         check_task(where, spec.task)
     if name is not None:
         _check_family_fits_task(where, spec, name)
+    if space is not None and space.groups and not is_user_family(space.family):
+        _check_group_patterns(space, spec.space.file)
     study_callbacks(spec)
+
+
+# Stand-ins for the task's keys of a built-in family's architecture: module names do not depend on them.
+_ANY_TASK_KEYS = {"vocab_size": 256, "context": 16, "image_size": 32, "channels": 3, "n_classes": 2}
+
+
+def _check_group_patterns(space: Any, where: str) -> None:
+    """Each [engine.NAME] pattern of a built-in family's space matches a module of its largest candidate, before
+    any work: a pattern that matches none failed every trial (docs once showed one). The module names are found on
+    the meta device, which allocates nothing."""
+    from fnmatch import fnmatchcase
+
+    import torch
+
+    from dsnas.models import build  # torch loads on first use
+
+    def largest(options: tuple[Any, ...]) -> Any:
+        numeric = all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options)
+        return max(options) if numeric else options[-1]
+    params = {name: largest(options) for name, options in space.parameters().items()}
+    arch = {key: value for key, value in space.arch_of(params).items() if key != "engine"}
+    with torch.device("meta"):
+        names = [n for n, _ in build({**_ANY_TASK_KEYS, **arch}).named_modules() if n]
+    for group in space.groups:
+        for pattern in group.modules:
+            if not any(fnmatchcase(n, pattern) for n in names):
+                generic = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names))
+                raise SpecError(where, f"engine.{group.name}.modules", f"must match modules of the {space.family} "
+                                f"family's models; {pattern!r} matches none of its {len(names)}", pattern,
+                                f"name some of {', '.join(generic[:12])}{', ...' if len(generic) > 12 else ''}")
 
 
 def _check_family_fits_task(where: str, spec: StudySpec, name: str) -> None:

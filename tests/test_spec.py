@@ -350,6 +350,27 @@ def test_fp8_choices_are_refused_where_trials_run_on_the_cpu(tmp_path: Path) -> 
     check_message(info.value, space.resolve(), "engine.mlp.precision", "fp8 needs an NVIDIA GPU", 'remove "fp8"')
 
 
+@pytest.mark.parametrize("name, good, bad", [
+    ("transformer_lm", "blocks.*.up", "blocks.*.mlp.*"),
+    ("cnn", "stages.*", "blocks.*"),
+])
+def test_an_engine_group_pattern_no_module_matches_is_refused_before_any_work(tmp_path: Path, name, good, bad):
+    """A built-in family's module names are known: a pattern matching none failed every trial (engine.md's own
+    example did, on every family). It is refused at load, naming the key and the family's module names."""
+    space = tmp_path / "space.toml"
+    shipped = (REPO / "search_spaces" / f"{name}.toml").read_text().replace('engine = "auto"\n', "")
+    task = {"name": "images"} if name == "cnn" else {}
+    path = write_study(tmp_path, space={"file": "space.toml"}, hardware={"device": "cpu"}, task=task)
+    space.write_text(shipped + f'[engine.mine]\nmodules = ["{bad}"]\nprecision = ["fp32", "bf16"]\n')
+    with pytest.raises(SpecError) as info:
+        load_study(path)
+    check_message(info.value, space.resolve(), "engine.mine.modules", f"{bad!r} matches none of its",
+                  f"name some of {'tok' if name == 'transformer_lm' else 'stem'}")
+    assert f"{good}," in str(info.value)  # the pattern that works is among the names it lists
+    space.write_text(shipped + f'[engine.mine]\nmodules = ["{good}"]\nprecision = ["fp32", "bf16"]\n')
+    load_study(path)
+
+
 def test_the_engine_section_loads(tmp_path: Path) -> None:
     spec = load_study(write_study(tmp_path, engine={"saliency": "wanda", "qat_frac": 0.4, "compile": True}))
     assert (spec.engine.saliency, spec.engine.qat_frac, spec.engine.compile) == ("wanda", 0.4, True)
