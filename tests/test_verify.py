@@ -108,6 +108,15 @@ def test_rounds_that_disagree_beyond_the_tolerance_are_measured_again_before_a_v
                                                         if line.startswith("latency_ms_bs1")), out
 
 
+def test_a_wide_recorded_spread_still_measures_more_sets_when_the_rounds_disagree(exported, capsys, monkeypatch):
+    """The spread widens the verdict's tolerance to x/÷ 2 at most; whether to measure more sets used it uncapped,
+    so a wider spread skipped them and gave a stricter verdict than a narrower one."""
+    edit_json(exported / "metrics.json", lambda d: [b.update(spread=3.0) for b in d["profile"]["batches"].values()])
+    calls = _slowed(monkeypatch, exported, slow_rounds={1, 2, 3})
+    code, out = verify(exported, capsys)
+    assert code == 0 and len(calls) == 10, out  # a second set, judged with the first within x/÷ 2
+
+
 def test_a_bundle_slower_in_every_round_fails_without_being_measured_again(exported, capsys, monkeypatch):
     calls = _slowed(monkeypatch, exported, slow_rounds=set(range(15)))
     code, out = verify(exported, capsys, "--latency-tol", "1.0")

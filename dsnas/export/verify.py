@@ -194,7 +194,7 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
         # Figures that will not be compared need no more sets to be judged.
         for _ in range(0 if why_not else EXTRA_SETS):
             now = _figures(rounds)
-            if not any(_unsteady(then.get(k), now[k], max(tol, _spread(batches, k))) for k in _speed_keys(now)):
+            if not any(_unsteady(then.get(k), now[k], _tolerance(tol, batches, k)) for k in _speed_keys(now)):
                 break
             time.sleep(UNSTEADY_PAUSE_S)
             rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
@@ -213,7 +213,7 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
     for key in _speed_keys(now):
         spread = _spread(batches, key)
         wide = [f"recorded spread {spread:.3g} counted as {MAX_SPREAD_TOL:g}"] if spread > MAX_SPREAD_TOL else []
-        checks.append(_relative(key, then.get(key), now[key], max(tol, min(spread, MAX_SPREAD_TOL)), why_not,
+        checks.append(_relative(key, then.get(key), now[key], _tolerance(tol, batches, key), why_not,
                                 "; ".join(notes + wide)))
     return checks
 
@@ -247,6 +247,12 @@ def _differences(differs: list[str], then: dict[str, Any]) -> str:
 
 def _speed_keys(now: dict[str, list[float]]) -> list[str]:
     return sorted(k for k in now if k.startswith(("latency_ms_bs", "throughput_tok_s_bs")))
+
+
+def _tolerance(tol: float, batches: dict[str, Any], key: str) -> float:
+    """The ratio a figure may drift by: ``tol``, or the recorded spread where wider, up to MAX_SPREAD_TOL. The same
+    for the verdict and for whether to measure more sets (with the spread uncapped there, a wide one skipped them)."""
+    return max(tol, min(_spread(batches, key), MAX_SPREAD_TOL))
 
 
 def _spread(batches: dict[str, Any], key: str) -> float:
