@@ -220,15 +220,21 @@ def test_a_key_the_users_validate_reads_that_the_space_lacks_is_named_as_missing
         def build(arch):
             raise AssertionError("validate() comes first")
 
+        ACTS = {"relu": 0}
+
         def validate(arch):
             if arch["kernel"] % 2 == 0:
                 raise ValueError("kernel must be odd")
+            ACTS[arch.get("act", "relu")]
     """))
     with pytest.raises(TrialError, match=r"invalid architecture: it has no key 'kernel' \(add it to the space's "
                                          r"\[choices\]"):
         validate({"family": "checked_models:build", "width": 8}, user_module)
     with pytest.raises(TrialError, match="invalid architecture: ValueError: kernel must be odd"):
         validate({"family": "checked_models:build", "width": 8, "kernel": 4}, user_module)
+    # A value looked up (act = "swish" where the builder knows relu) is not a missing key of the architecture.
+    with pytest.raises(TrialError, match="invalid architecture: KeyError: 'swish'$"):
+        validate({"family": "checked_models:build", "width": 8, "kernel": 3, "act": "swish"}, user_module)
 
 
 def test_a_builder_that_cannot_be_imported_stops_the_study_before_any_work(tmp_path: Path):

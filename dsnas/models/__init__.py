@@ -102,9 +102,13 @@ def validate(arch: dict[str, Any], base_dir: str | Path | None = None) -> None:
     """Raise TrialError unless the family of ``arch`` can build it."""
     try:
         family(arch.get("family", ""), base_dir).validate(arch)
-    except KeyError as e:  # a key the family reads that the space's [choices] and the task's defaults lack
-        raise TrialError(f"invalid architecture: it has no key {e.args[0]!r} (add it to the space's [choices], or "
-                         "have the task's arch_defaults() give it)") from None
+    except KeyError as e:
+        missing = e.args[0] if e.args and isinstance(e.args[0], str) else None
+        # A key the architecture lacks; not a value of it that the builder looked up (act = "swish")
+        if missing is not None and missing not in arch and missing not in map(str, arch.values()):
+            raise TrialError(f"invalid architecture: it has no key {e.args[0]!r} (add it to the space's "
+                             "[choices], or have the task's arch_defaults() give it)") from None
+        raise TrialError(f"invalid architecture: KeyError: {e}") from None  # a lookup of a value, say
     except Invalid as e:
         raise TrialError(f"invalid architecture: [{e.key}] {e.rule} (got {e.got!r})") from None
     except TrialError:
