@@ -537,12 +537,16 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     thresholds, router.tau = chosen_routes["thresholds"], chosen_routes["tau"]
     serve, report.notes = _served(report, chosen_routes, right[:, held], drop)
     if serve is None:  # neither held the target on the report half: the cascade to the most accurate model alone
+        failed = report.outcomes.pop("cascade")
+        report.add("cascade (not served)", failed.accuracy, failed.cost, failed.shares)
         thresholds = [math.inf] * (len(members) - 1)
         served = cascade_assign(conf[:, held], thresholds)
         report.add("cascade", accuracy(served, right[:, held]), cascade_cost(served, thresholds, curves),
                    shares(served, len(members)))
         serve = "cascade"
-    if serve == "cascade" and all(t == math.inf for t in thresholds):
+        report.notes.append(f"neither route held its target on the report half: the bundle serves the most accurate "
+                            f"model alone (trial {members[-1].trial}), as the cascade row shows")
+    elif serve == "cascade" and all(t == math.inf for t in thresholds):
         report.notes.append(f"the route sends every input to the most accurate model (trial {members[-1].trial}): "
                             f"on {len(calib)} calibration inputs no cheaper stage was shown to lose at most "
                             f"{drop:g} of accuracy. Fix: a task with more validation inputs, or a larger "

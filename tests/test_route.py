@@ -229,6 +229,24 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
     assert (tmp_path / "report" / "route.png").stat().st_size > 10_000 and "Routing over the front" in page
 
 
+def test_where_neither_route_holds_its_target_the_bundle_serves_the_most_accurate_model_and_says_so(
+        routable, tmp_path, capsys, monkeypatch):
+    study = copy_study(routable, tmp_path / "s")
+    monkeypatch.setattr("dsnas.route.lost_at_least", lambda served, right: 1.0)  # both shown to lose everything
+    out = tmp_path / "route"
+    assert main(["route", str(study), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    doc = json.loads((out / "route.json").read_text())
+    assert doc["serve"] == "cascade" and all(t == "inf" for t in doc["cascade"]["thresholds"])
+    assert "serves: the cascade" in said and "neither route held its target on the report half" in said
+    assert "no cheaper stage was shown" not in said  # it was shown, on the calibration half: the report half failed it
+    rows = {r["route"]: r for r in doc["table"]}
+    best = rows[f"trial {doc['members'][-1]['trial']} alone"]
+    assert "cascade (not served)" in rows and rows["cascade"]["accuracy"] == best["accuracy"]
+    monkeypatch.undo()
+    assert main(["verify", str(out), "--latency-tol", "100"]) == 0  # what it serves is what its table says
+
+
 def test_a_front_of_one_is_a_notice_and_an_unreachable_target_names_the_best(routable, tmp_path, capsys):
     study = copy_study(routable, tmp_path / "s")
     assert main(["route", str(study), "--trials", "0", "--out", str(tmp_path / "r")]) == 0
