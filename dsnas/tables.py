@@ -8,7 +8,20 @@ import datetime
 import weakref
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, delete, inspect, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    delete,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -69,7 +82,8 @@ class Measurement(Base):
     latency_ci_rel: Mapped[float | None] = mapped_column(Float, nullable=True)  # median's 95% CI half-width
     device_latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # CUDA events
     throughput_tok_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-    peak_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # 64-bit: a GPU's 2 GiB peak at batch 32 overflowed PostgreSQL's INTEGER (see _widen for older tables)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     gflop_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # counted FLOPs / median latency
     gb_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # counted bytes / median latency
     energy_per_call_j: Mapped[float | None] = mapped_column(Float, nullable=True)  # NVML, steady window
@@ -121,7 +135,29 @@ def ensure_schema(engine: Any, url: str) -> int:
             Base.metadata.create_all(engine)
         with Session(engine) as session, session.begin():
             merge_racing(session, SchemaVersion(id=1, version=SCHEMA_VERSION, written_by=__version__))
+    _widen(engine)
     return found
+
+
+_WIDENED: weakref.WeakSet[Any] = weakref.WeakSet()  # engines whose peak_memory_bytes is 64-bit already
+
+_WIDEN = {"postgresql": "ALTER TABLE dsnas_measurements ALTER COLUMN peak_memory_bytes TYPE BIGINT",
+          "mysql": "ALTER TABLE dsnas_measurements MODIFY peak_memory_bytes BIGINT NULL"}
+
+
+def _widen(engine: Any) -> None:
+    """peak_memory_bytes was a 32-bit INTEGER where the database has one (PostgreSQL, MySQL): a trial's 2 GiB peak
+    failed its insert after the trial was told COMPLETE, and every resume's backfill failed the same way. The
+    column is made 64-bit in place (the schema is otherwise the same, so an older dsnas still reads it); SQLite's
+    INTEGER is 64-bit already."""
+    statement = _WIDEN.get("mysql" if engine.dialect.name == "mariadb" else engine.dialect.name)
+    if statement is None or engine in _WIDENED:
+        return
+    columns = {c["name"]: c["type"] for c in inspect(engine).get_columns(Measurement.__tablename__)}
+    if "peak_memory_bytes" in columns and not isinstance(columns["peak_memory_bytes"], BigInteger):
+        with engine.begin() as connection:
+            connection.execute(text(statement))
+    _WIDENED.add(engine)
 
 
 def merge_racing(session: Session, row: Base) -> None:

@@ -280,3 +280,37 @@ def test_a_read_is_one_round_trip_on_postgresql(postgres_url):
                 psycopg.pq.TransactionStatus.INTRANS
     finally:
         engine.dispose()
+
+
+def test_a_peak_of_2_gib_or_more_is_stored_and_an_older_32_bit_column_is_widened(tmp_path, postgres_url):
+    """peak_memory_bytes was PostgreSQL's 32-bit INTEGER: a trial's 2 GiB peak (ordinary on a GPU at batch 32)
+    failed its insert after the trial was told COMPLETE, and every resume failed the same way, for good."""
+    import csv
+
+    import sqlalchemy as sa
+    from table_study import write_table_study
+
+    from dsnas import tables
+
+    study = write_table_study(tmp_path, n_trials=3, fidelity='kind = "none"')
+    table = tmp_path / "table.csv"
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # 3-8 GiB at batch 32
+        row["peak_memory_mb_bs32"] = row["peak_memory_mb"] = str(float(row["peak_memory_mb_bs32"]) * 4000)
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    study.write_text(study.read_text().replace("[study]\n", f"[study]\nstorage = {json.dumps(postgres_url)}\n", 1))
+    engine = sa.create_engine(postgres_url)
+    tables.ensure_schema(engine, "test")  # the tables as an older dsnas made them: a 32-bit column
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE dsnas_measurements ALTER COLUMN peak_memory_bytes TYPE INTEGER"))
+    engine.dispose()
+    assert main(["search", str(study)]) == 0
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as connection:
+        peaks = connection.execute(sa.text("SELECT peak_memory_bytes FROM dsnas_measurements")).scalars().all()
+    engine.dispose()
+    assert len(peaks) == 6 and max(peaks) > 2**31
