@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -12,6 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 from dsnas.errors import Invalid, SpecError
+
+
+def masked_url(url: str) -> str:
+    """A database URL as it may be printed: its password, in the user part or as a query parameter (libpq takes
+    ``?password=``), replaced by ***; also a URL SQLAlchemy cannot parse (its error names the URL)."""
+    url = re.sub(r"(://[^/@?#]*?:)[^@/?#]*@", r"\1***@", str(url))
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*", r"\1***", url)
 
 
 def require_spec(where: str, key: str, ok: bool, rule: str, got: object = None, fix: str = "") -> None:

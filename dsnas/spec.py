@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dsnas.config import build_section, is_there, reject_unknown, require_spec, section_table, typed
+from dsnas.config import build_section, is_there, masked_url, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
 from dsnas.models import is_user_family
 from dsnas.plugins import import_callable
@@ -464,29 +464,32 @@ def _storage_url(where: str, url: Any, base: Path, name: str) -> str:
     if url is None:  # rendered by SQLAlchemy: a "?" or "%" in the folder's path stays part of it
         return make_url("sqlite://").set(database=str(base / (name + ".db"))).render_as_string(hide_password=False)
     typed(where, "study.storage", url, str)
+    shown = masked_url(url)  # what an error may print: "dsnas never prints a password"
     fix = 'use e.g. "sqlite:///results.db" or "postgresql+psycopg://user@host/db"'
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise SpecError(where, "study.storage", "must be an SQLAlchemy database URL", url, fix) from None
+        raise SpecError(where, "study.storage", "must be an SQLAlchemy database URL", shown, fix) from None
     except ValueError as e:  # e.g. a port that is not a number
-        raise SpecError(where, "study.storage", f"must be an SQLAlchemy database URL ({e})", url, fix) from None
+        raise SpecError(where, "study.storage", f"must be an SQLAlchemy database URL ({e})", shown,
+                        fix) from None
     require_spec(where, "study.storage", parsed.get_backend_name() in STORAGE_BACKENDS,
-                 f"the database must be one of {list(STORAGE_BACKENDS)}", url, fix)
+                 f"the database must be one of {list(STORAGE_BACKENDS)}", shown, fix)
     try:
         parsed.get_dialect().import_dbapi()
     except ArgumentError as e:  # a driver SQLAlchemy does not know, e.g. "postgresql+nosuchdriver://"
-        raise SpecError(where, "study.storage", f"must name a known database driver ({e})", url, fix) from None
+        raise SpecError(where, "study.storage", f"must name a known database driver ({e})", shown,
+                        fix) from None
     except ImportError as e:
-        raise SpecError(where, "study.storage", f"needs its database driver ({e})", url,
+        raise SpecError(where, "study.storage", f"needs its database driver ({e})", shown,
                         f"pip install the driver for {parsed.drivername}") from None
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database or ""
         require_spec(where, "study.storage", db not in ("", ":memory:"),
-                     "must name a database file (an in-memory database loses the study)", url, fix)
+                     "must name a database file (an in-memory database loses the study)", shown, fix)
         db_path = Path(db) if Path(db).is_absolute() else base / db
         require_spec(where, "study.storage", is_there(db_path.parent.is_dir), "the database's folder must exist",
-                     url, f"create {db_path.parent}")
+                     shown, f"create {db_path.parent}")
         return parsed.set(database=str(db_path)).render_as_string(hide_password=False)
     return url
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dsnas.config import masked_url
 from dsnas.errors import DsnasError
 from dsnas.spec import StudySpec
 
@@ -442,10 +443,13 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def display_url(url: str) -> str:
-    """The storage URL as it may be printed: without its password."""
+    """The storage URL as it may be printed: without its password (also one given as ``?password=``)."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return masked_url(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is masked as text
+        return masked_url(url)
 
 
 def artifact_dir(spec: StudySpec) -> Path:

@@ -646,3 +646,29 @@ def test_a_study_without_a_space_table_takes_the_shipped_space_wherever_it_is(tm
     spec = read_study(tmp_path / "s.toml")
     assert Path(spec.space.file) == shipped("search_spaces/transformer_lm.toml").resolve()
     assert Path(spec.space.file).is_file()
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+nosuchdriver://dsnas:Secr3tPW@127.0.0.1:5432/db",  # a driver SQLAlchemy does not know
+    "postgresql+psycopg://dsnas:Secr3tPW@127.0.0.1:notaport/db",  # not a URL SQLAlchemy parses
+    "oracle://dsnas:Secr3tPW@127.0.0.1/db",  # a database dsnas does not store in
+    "postgresql+psycopg2://dsnas:Secr3tPW@127.0.0.1/db",  # a driver that is not installed
+])
+def test_a_storage_url_that_is_refused_is_printed_without_its_password(tmp_path: Path, url: str) -> None:
+    """usage.md: dsnas never prints a password. The study file's refusals printed the URL as given."""
+    import importlib.util
+
+    if "psycopg2" in url and importlib.util.find_spec("psycopg2"):
+        pytest.skip("psycopg2 is installed here")
+    with pytest.raises(SpecError) as info:
+        load_study(write_study(tmp_path, study={"storage": url}))
+    assert "Secr3tPW" not in str(info.value) and "dsnas:***@" in str(info.value), info.value
+
+
+def test_a_password_given_as_a_query_parameter_is_masked_too() -> None:
+    from dsnas.config import masked_url
+    from dsnas.storage import display_url
+
+    url = "postgresql+psycopg://dsnas@db.example/hunt?sslmode=require&password=Secr3tPW"
+    assert "Secr3tPW" not in display_url(url) and "password=***" in display_url(url)
+    assert masked_url("sqlite:////tmp/a:b@c/x.db") == "sqlite:////tmp/a:b@c/x.db"  # a path is not a password

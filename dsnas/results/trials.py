@@ -36,8 +36,8 @@ def load(storage: str | Path, study: str | None = None) -> Any:
         spec = read_study(storage)
         storage, study = spec.storage, study or spec.name
     if study is None:
-        raise DsnasError(f"load({storage!r}): name the study, or give a study file (STUDY.toml). Fix: "
-                         "load(url, \"my_study\")")
+        raise DsnasError(f"load({display_url(str(storage))!r}): name the study, or give a study file (STUDY.toml). "
+                         "Fix: load(url, \"my_study\")")
 
     quiet_optuna()
     if "://" not in str(storage):  # a database file's path, not its URL: SQLAlchemy's own error named no fix
