@@ -43,7 +43,7 @@ from dsnas.storage import (
     storage_engine,
     study_lock,
 )
-from dsnas.tasks import make_task, runs_own_trials
+from dsnas.tasks import data_differs, make_task, runs_own_trials
 from dsnas.trial import TrialFn, TrialRequest, TrialResult
 
 # A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
@@ -64,6 +64,7 @@ class Driver:
         self._sample: Any = None  # settled before the first trial (see _sampler)
         self._cpu_gate: Any = None  # this node's CPU measurement gate, or False when trials measure on a GPU
         self.task = make_task(spec.task)
+        self._check_same_data()
         self.task_arch = self.task.arch_defaults()
         self.trial_fn = trial_fn
         self.rungs = RungJudge(spec) if spec.fidelity.enabled else None
@@ -216,6 +217,26 @@ class Driver:
             with self.guard.waiting(), self._cpu_gate.shared(), self.guard.writing():
                 return fn(*args, **kwargs)
         return run
+
+    def _check_same_data(self) -> None:
+        """Refuse to resume a study whose task's data changed since its trials trained (a class folder added, a
+        corpus edited): the [task] keys are the same, so nothing else stops it, and the new trials would share a
+        front, a rung's cutoff and reused results with trials of other data."""
+        from optuna.trial import TrialState
+
+        trained = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        recorded = next((t.user_attrs["profile"]["task"] for t in reversed(trained)
+                         if isinstance(t.user_attrs.get("profile"), dict)
+                         and isinstance(t.user_attrs["profile"].get("task"), dict)), None)
+        if recorded is None:
+            return
+        now = self.task.fingerprint()
+        differs = data_differs(recorded, now)
+        if differs:
+            key = differs[0]
+            raise DsnasError(f"{self.spec.path}: [task] the data differs from what the stored trials trained on "
+                             f"({', '.join(differs)}; {key} was {_short(recorded.get(key))}, now "
+                             f"{_short(now.get(key))}). Fix: restore the data, or give the study a new [study] name")
 
     def db(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, a storage operation, run through a database outage (see storage.OutageRetry)."""
@@ -669,6 +690,11 @@ class TrialClock:
             return 0.0
         waiting = now - self.waiting_since if self.waiting_since is not None else 0.0
         return now - self.started - self.waited_s - waiting
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unfit(metrics: dict[str, float], objectives: Sequence[Any]) -> str:

@@ -479,3 +479,28 @@ def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(fini
     assert as_searched(edited, open_study(edited, create=False)).hardware.batch_sizes == (1, 8)  # the file's, as before
     study.write_text(original)
     assert main(["search", str(study)]) == 0  # not refused for a setting no trial ran under
+
+
+def test_a_study_whose_data_changed_since_its_trials_is_refused_before_any_trial(tiny_study, capsys):
+    """A class folder added, a corpus edited: the [task] keys were the same, so the study resumed, and trials of
+    the new data shared a front, rung cutoffs and reused results with trials of the old. The same data moved with
+    its study folder is the same data."""
+    import shutil
+
+    corpus = tiny_study.parent / "text.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(3000)))
+    tiny_study.write_text(tiny_study.read_text().replace("corpus_bytes = 200_000", 'corpus = "text.txt"')
+                          .replace("n_trials = 3", "n_trials = 1"))
+    assert main(["search", str(tiny_study)]) == 0
+    moved = tiny_study.parent.parent / "moved"
+    shutil.copytree(tiny_study.parent, moved)
+    assert main(["search", str(moved / tiny_study.name), "--n-trials", "2"]) == 0  # moved whole: the same data
+    capsys.readouterr()
+    corpus.write_text(corpus.read_text().replace("fox", "cat"))
+    from dsnas import tasks
+    tasks._cached.cache_clear()  # a new process, as a new `dsnas search` is: the task reads its data again
+    assert main(["search", str(tiny_study), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "[task] the data differs from what the stored trials trained on" in err, err
+    assert "corpus_sha256" in err and "Fix: restore the data, or give the study a new [study] name" in err
+    assert len(trials(tiny_study)[1]) == 1  # nothing ran

@@ -241,7 +241,7 @@ def test_the_card_loads_the_model_in_the_form_it_was_measured(compiled):
 def test_verify_says_when_the_task_data_differs(bundle, capsys):
     edit_json(bundle / "metrics.json", lambda d: d["profile"]["task"].update(corpus_sha256="0" * 64))
     code, out = verify(bundle, capsys, *CALM)
-    assert code == 0 and "differs: accuracy not comparable" in out and "other data: not compared" in out
+    assert code == 0 and "differs (corpus_sha256): accuracy not comparable" in out and "other data: not compared" in out
 
 
 def test_verify_fails_when_the_model_no_longer_gives_the_probe_logits(bundle, capsys):

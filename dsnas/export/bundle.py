@@ -169,12 +169,12 @@ def _preprocessing(spec: StudySpec, frozen: Any) -> tuple[dict[str, Any] | None,
         return profile["preprocessing"], None
     if spec.task.name == "charlm":
         return None, None
-    from dsnas.tasks import make_task, preprocessing_of  # the task's data loads on first use
+    from dsnas.tasks import data_differs, make_task, preprocessing_of  # the task's data loads on first use
 
     unknown = f"unknown: trial {frozen.number} did not record it (an older dsnas), and"
     try:
         task = make_task(spec.task)
-        if task.fingerprint() != profile.get("task"):
+        if not isinstance(profile.get("task"), dict) or data_differs(profile["task"], task.fingerprint()):
             return None, f"{unknown} the task's data is no longer what it trained on"
         return preprocessing_of(task), None
     except (DsnasError, OSError, ValueError) as e:

@@ -24,7 +24,7 @@ from dsnas.export.bundle import (
 from dsnas.export.formats import _one_line
 from dsnas.profiler import MeasureGate, device_key, fingerprint, measure
 from dsnas.profiler.device import named_device
-from dsnas.tasks import make_task
+from dsnas.tasks import data_differs, make_task
 
 # Independent measurements of each speed figure; their median is compared (one busy round moves it little).
 SPEED_ROUNDS = 5
@@ -164,9 +164,12 @@ def _recorded_task(doc: dict[str, Any]) -> tuple[Any, str]:
 def _accuracy_checks(model: Any, task: Any, dev: Any, recorded: dict[str, Any], tol: float) -> list[Check]:
     then_fp = recorded.get("profile", {}).get("task", {})
     now_fp = task.fingerprint()
-    same = then_fp == now_fp
-    sha = (str(then_fp.get("corpus_sha256", "-"))[:12], str(now_fp.get("corpus_sha256", "-"))[:12])
-    data = Check("task data", *sha, "-", "same" if same else "differs: accuracy not comparable", compared=same)
+    differs = data_differs(then_fp, now_fp)  # the data, not where it lives: a study folder moved is the same
+    same = not differs
+    hashed = next((k for k in then_fp if k.endswith("_sha256")), "")
+    sha = (str(then_fp.get(hashed, "-"))[:12], str(now_fp.get(hashed, "-"))[:12])
+    data = Check("task data", *sha, "-", "same" if same else f"differs ({', '.join(differs)}): accuracy not "
+                 "comparable", compared=same)
     then = recorded.get("metrics", {}).get("accuracy")
     now = task.evaluate(model, dev)["accuracy"]
     if then is None or not same:

@@ -129,6 +129,19 @@ def rung_support(spec: Any) -> str:
     return "the task's train() takes no rungs= and at_rung="
 
 
+# Where a task's data lives (a fingerprint's path): a study folder moved whole holds the same data, which the
+# fingerprint's hash says.
+LOCATION_KEYS = ("dataset", "corpus")
+
+
+def data_differs(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys in which two task fingerprints differ, leaving out where the data lives when both record its hash
+    (``*_sha256``): the same bytes moved with their study are the same data."""
+    keys = sorted(set(then) | set(now))
+    hashed = any(k.endswith("_sha256") and then.get(k) is not None and k in now for k in keys)
+    return [k for k in keys if then.get(k) != now.get(k) and not (hashed and k in LOCATION_KEYS)]
+
+
 def runs_own_trials(task: Any) -> bool:
     return callable(getattr(task, "evaluate_arch", None))
 
