@@ -20,6 +20,11 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
     stored = study.user_attrs.get(OFFER_ATTR)
     if stored:
         say(f"  engine: {_offer_line(stored)} (decided at this study's first run on {stored['device']})")
+        unprobed = [w for w in space.choices.get(space.width_key or "", ())
+                    if stored.get("by_width") and str(w) not in stored["by_width"]]
+        if unprobed:
+            say(f"  engine: width {', '.join(map(str, unprobed))} was not probed when the offer was decided: fp32 "
+                "dense there (a new study ([study] name) probes every width)")
         return offered_space(space, stored)
     shapes = study_shapes(space, spec, context)
     if not shapes:

@@ -63,6 +63,10 @@ class SearchSpace:
         if by_width and self.width_key:
             widths = {int(w): {k: tuple(o for o in offer[k] if o in there.get(k, offer[k])) for k in self.by_device}
                       for w, there in by_width.items() if int(w) in self.choices.get(self.width_key, ())}
+            # A width the probe never timed (added to a resumed study's space): fp32 dense there, not the offer
+            # of other widths, which nothing measured at this one.
+            widths.update({int(w): {k: offer[k][:1] for k in self.by_device}
+                           for w in self.choices.get(self.width_key, ()) if str(w) not in map(str, by_width)})
         sparse_with = tuple(sparse_with) if "precision" in self.by_device else ()
         return SearchSpace(self.family, choices, per_layer, groups=self.groups, width_offer=widths,
                            sparse_with=sparse_with)
@@ -108,7 +112,11 @@ class SearchSpace:
             per: dict[str, Any] = {}
             for key in sorted(self.per_layer, key=self._sparsity_last):
                 per[key] = self._ask(width, trial, f"layer{i}.{key}", key, self.per_layer[key], {**shared, **per})
-            layers.append({**shared, **{key: per[key] for key in self.per_layer}})
+            layer = {**shared, **{key: per[key] for key in self.per_layer}}
+            if self.sparse_with and layer.get("sparsity", "dense") != "dense" \
+                    and layer.get("precision", "fp32") not in self.sparse_with:
+                layer["sparsity"] = "dense"  # a shared sparsity beside a per-layer precision no sparse kernel takes
+            layers.append(layer)
         return {"family": self.family, **picked, "layers": layers, **({"engine": engine} if engine else {})}
 
     def _sparsity_last(self, key: str) -> bool:

@@ -306,6 +306,40 @@ def test_auto_engine_choices_are_fp32_dense_until_the_device_decides(tmp_path: P
     assert auto.linear_widths() == [(32, 32), (64, 64), (32, 128), (64, 256)]
 
 
+def test_a_shared_sparsity_beside_per_layer_precisions_leaves_the_layers_no_sparse_kernel_takes_dense(
+        tmp_path: Path) -> None:
+    """The sparsity shared by all layers is asked before any layer's precision exists: it is asked, and a layer
+    whose precision no sparse kernel takes is dense (it got 2:4 beside fp32 and int8)."""
+    text = VALID.replace("d_model = [32, 64]", 'd_model = [32, 64]\nsparsity = ["dense", "2:4"]') + \
+        'precision = "auto"\n'
+    resolved = load_space_file(write_space(tmp_path, text)).resolved(("fp32", "bf16", "int8"), ("dense", "2:4"),
+                                                                     sparse_with=("bf16",))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    pairs = set()
+    for _ in range(40):
+        trial = study.ask()
+        arch = resolved.sample(trial)
+        pairs |= {(layer["precision"], layer["sparsity"]) for layer in arch["layers"]}
+        assert resolved.arch_of(trial.params) == arch
+        study.tell(trial, 0.0)
+    assert pairs == {("fp32", "dense"), ("int8", "dense"), ("bf16", "dense"), ("bf16", "2:4")}
+
+
+def test_a_width_the_probe_never_timed_is_fp32_dense(tmp_path: Path) -> None:
+    """A resumed study whose space gained d 96 offered it every precision of the stored offer, though nothing was
+    measured at it (int8 paid at 64 only)."""
+    space = load_space_file(write_space(tmp_path, 'engine = "auto"\n' + VALID.replace("[32, 64]", "[32, 64, 96]")))
+    by_width = {"32": {"precision": ["fp32"], "sparsity": ["dense"]},
+                "64": {"precision": ["fp32", "int8"], "sparsity": ["dense"]}}  # probed before 96 was added
+    resolved = space.resolved(("fp32", "int8"), ("dense",), by_width)
+    assert resolved.width_offer[96] == {"precision": ("fp32",), "sparsity": ("dense",)}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        arch = resolved.sample(study.ask())
+        if arch["d_model"] == 96:
+            assert {layer["precision"] for layer in arch["layers"]} == {"fp32"}
+
+
 @pytest.mark.parametrize("where", ["per layer", "shared"])
 def test_a_sparsity_is_asked_only_beside_a_precision_a_sparse_kernel_takes(tmp_path: Path, where: str) -> None:
     """On a GPU whose probe ran cuSPARSELt in bf16, a 2:4 (or Hessian-"auto") layer of fp32, int8 or fp8 multiplies
