@@ -627,29 +627,35 @@ _ANY_TASK_KEYS = {"vocab_size": 256, "context": 16, "image_size": 32, "channels"
 
 
 def _check_group_patterns(space: Any, where: str) -> None:
-    """Each [engine.NAME] pattern of a built-in family's space matches a module of its largest candidate, before
-    any work: a pattern that matches none failed every trial (docs once showed one). The module names are found on
-    the meta device, which allocates nothing."""
+    """Each [engine.NAME] pattern of a built-in family's space matches a module of its largest candidate and of its
+    smallest, before any work: a pattern that matches none failed every trial (docs once showed one), and one that
+    names a stage only deep models have failed every shallower trial. The module names are found on the meta
+    device, which allocates nothing."""
     from fnmatch import fnmatchcase
 
     import torch
 
     from dsnas.models import build  # torch loads on first use
 
-    def largest(options: tuple[Any, ...]) -> Any:
-        numeric = all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options)
-        return max(options) if numeric else options[-1]
-    params = {name: largest(options) for name, options in space.parameters().items()}
-    arch = {key: value for key, value in space.arch_of(params).items() if key != "engine"}
-    with torch.device("meta"):
-        names = [n for n, _ in build({**_ANY_TASK_KEYS, **arch}).named_modules() if n]
+    def names_of(pick: Any) -> list[str]:
+        params = {name: pick(options) for name, options in space.parameters().items()}
+        arch = {key: value for key, value in space.arch_of(params).items() if key != "engine"}
+        with torch.device("meta"):
+            return [n for n, _ in build({**_ANY_TASK_KEYS, **arch}).named_modules() if n]
+
+    def numeric(options: tuple[Any, ...]) -> bool:
+        return all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options)
+    largest = names_of(lambda o: max(o) if numeric(o) else o[-1])
+    smallest = names_of(lambda o: min(o) if numeric(o) else o[0])
     for group in space.groups:
         for pattern in group.modules:
-            if not any(fnmatchcase(n, pattern) for n in names):
-                generic = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names))
-                raise SpecError(where, f"engine.{group.name}.modules", f"must match modules of the {space.family} "
-                                f"family's models; {pattern!r} matches none of its {len(names)}", pattern,
-                                f"name some of {', '.join(generic[:12])}{', ...' if len(generic) > 12 else ''}")
+            for names, which in ((largest, "largest"), (smallest, "smallest")):
+                if not any(fnmatchcase(n, pattern) for n in names):
+                    generic = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names))
+                    raise SpecError(where, f"engine.{group.name}.modules", f"must match modules of every candidate; "
+                                    f"{pattern!r} matches none of the {which} {space.family} candidate's "
+                                    f"{len(names)}", pattern, f"name some of {', '.join(generic[:12])}"
+                                    f"{', ...' if len(generic) > 12 else ''}")
 
 
 def _check_family_fits_task(where: str, spec: StudySpec, name: str) -> None:

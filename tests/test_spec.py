@@ -364,11 +364,17 @@ def test_an_engine_group_pattern_no_module_matches_is_refused_before_any_work(tm
     space.write_text(shipped + f'[engine.mine]\nmodules = ["{bad}"]\nprecision = ["fp32", "bf16"]\n')
     with pytest.raises(SpecError) as info:
         load_study(path)
-    check_message(info.value, space.resolve(), "engine.mine.modules", f"{bad!r} matches none of its",
+    check_message(info.value, space.resolve(), "engine.mine.modules", f"{bad!r} matches none of the largest",
                   f"name some of {'tok' if name == 'transformer_lm' else 'stem'}")
     assert f"{good}," in str(info.value)  # the pattern that works is among the names it lists
     space.write_text(shipped + f'[engine.mine]\nmodules = ["{good}"]\nprecision = ["fp32", "bf16"]\n')
     load_study(path)
+    # A stage only the deeper candidates have (the 2-layer ones failed every trial): refused, naming the smallest.
+    deep = "blocks.3.up" if name == "transformer_lm" else "stages.2.*"
+    space.write_text(shipped + f'[engine.mine]\nmodules = ["{deep}"]\nprecision = ["fp32", "bf16"]\n')
+    with pytest.raises(SpecError) as info:
+        load_study(path)
+    assert f"{deep!r} matches none of the smallest" in str(info.value), info.value
 
 
 def test_the_engine_section_loads(tmp_path: Path) -> None:
