@@ -318,6 +318,20 @@ def test_the_card_says_when_onnxruntime_disagrees_with_the_trial():
     assert "quantized at the calibrated range" in text and "`dsnas.load` rebuilds" in text
 
 
+def test_the_card_says_when_onnxruntime_could_not_run_the_file_and_offers_no_snippet_that_fails():
+    """A bf16 convolution has no onnxruntime CPU kernel: export knew (not checked), but the card listed model.onnx
+    as if checked and gave an InferenceSession snippet that fails with NOT_IMPLEMENTED."""
+    from dsnas.export.card import _files_section, _loading_section
+
+    why = "onnxruntime cannot run it on the CPU (NOT_IMPLEMENTED: Conv(22)): not checked"
+    exports = {"onnx": "model.onnx", "pt2": "model.pt2", "onnx_check": {"ok": None, "why": why}}
+    assert f"**Its logits were not checked**: {why}." in "\n".join(_files_section(exports))
+    loading = "\n".join(_loading_section("b", exports, compiled=False))
+    assert "InferenceSession" not in loading and "a CPU session of it fails" in loading
+    missing = {**exports, "onnx_check": {"ok": None, "why": "onnxruntime not installed (pip install onnxruntime)"}}
+    assert "InferenceSession" in "\n".join(_loading_section("b", missing, compiled=False))  # it may well run
+
+
 def test_the_bundle_carries_the_settings_the_study_was_searched_with(finished_study, tmp_path, no_model_files):
     """A study file edited after its search (a batch size, the task's context) once went into the bundle, and
     verify then measured the trial under settings it never ran with."""

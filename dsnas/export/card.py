@@ -106,6 +106,8 @@ def _files_section(exports: dict[str, Any]) -> list[str]:
                   + (": its INT8 inputs are quantized at the calibrated range, where the measured backend quantized "
                      "them at run time, and `model.pt2` computes the same." if "int8" in exports else ".")
                   + " The measured model is the one `dsnas.load` rebuilds.")
+    if "ok" in check and check["ok"] is None:  # not checked: onnxruntime missing, or it could not run the file
+        agreed = f" **Its logits were not checked**: {check.get('why', 'no reason recorded')}."
     files = ["- `arch.json` — the architecture, the study and trial, the task and hardware settings (JSON)",
              "- `weights.safetensors` — the trained weights (tied weights stored once; 2:4 layers with their mask)",
              "- `probe.safetensors` — a fixed input and the trained model's logits on it",
@@ -128,7 +130,11 @@ def _loading_section(folder: str, exports: dict[str, Any], compiled: bool) -> li
     if compiled:
         lines.insert(-2, "model = torch.compile(model)  # its speed above was measured so ([engine] compile = true)")
         lines.insert(3, "import torch")
-    if _written(exports, "onnx"):
+    check = exports.get("onnx_check") or {}
+    if _written(exports, "onnx") and check.get("ok", False) is None and "cannot run" in check.get("why", ""):
+        lines += ["`model.onnx` did not run on onnxruntime's CPU provider here (see Files): a CPU session of it "
+                  "fails; use `dsnas.load`, or a provider with kernels for its precision.", ""]
+    elif _written(exports, "onnx"):
         lines += ["With ONNX Runtime (the input as `probe.safetensors` holds it, with any batch size):", "",
                   "```python", "import onnxruntime as ort", "",
                   f'session = ort.InferenceSession("{folder}/model.onnx")',
