@@ -208,6 +208,21 @@ def test_an_image_folder_loads_with_its_classes_and_channels(tmp_path, mode, cha
     assert raw.min() >= -1e-6 and raw.max() <= 1 + 1e-6  # undone, the pixels are the [0, 1] ones
 
 
+def test_images_in_a_class_folders_sub_folders_are_read_as_that_class(tmp_path):
+    """As torchvision's ImageFolder reads them: images sorted into dog/batch1/ were dropped without a word, and a
+    class whose images were all in a sub-folder (zebra/2019/) with them. Hidden folders stay out."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    _write_folder(tmp_path / "pets", "RGB")
+    for folder in (tmp_path / "pets" / "dog" / "batch1", tmp_path / "pets" / "zebra" / "2019",
+                   tmp_path / "pets" / "cat" / ".ipynb_checkpoints"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (6, 6), (1, 2, 3)).save(folder / "x.png")
+    task = ImagesTask(ImagesConfig(dataset="pets", image_size=8, val_share=0.34), str(tmp_path))
+    assert task.n_classes == 3 and task.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
+
+
 def test_a_16_bit_image_loads_as_its_8_bit_copy_does(tmp_path):
     """convert("L") clipped 16-bit pixels at 255: every image of a 16-bit folder was white, and the search ran at
     chance accuracy without a word."""

@@ -83,7 +83,10 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    """A class folder's images, in its sub-folders too (as torchvision's ImageFolder reads them: images sorted into
+    dog/batch1/ were dropped without a word, and a class of only such images with them), hidden ones left out."""
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor, str]:
