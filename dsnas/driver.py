@@ -116,6 +116,13 @@ class Driver:
                     self._record(self.running[number], outcome)
             self._stop_overdue()
 
+    def _call_waiting(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``executor.call``, where Ctrl-C and SIGTERM act at once: the engine probe waits for the device's gate
+        (another study's trial may hold it for minutes), then times for seconds, and nothing is written meanwhile
+        (an interrupted probe stores no cache entry)."""
+        with self.guard.waiting():
+            return self.executor.call(fn, *args)
+
     def _watch_other_drivers(self) -> None:
         """The rest of the budget runs in other drivers: wait, and take back any trial whose driver stops. (This
         driver ended here, and a driver killed while it ran a trial left it RUNNING for good: the study ended a
@@ -142,7 +149,7 @@ class Driver:
             # sampling from an offer of its own failed the other's trials, whose options then differed).
             with study_lock(self.study, spec.storage):
                 space = self.db("settle the engine choices", settle, space, spec, self.study,
-                                int(self.task_arch.get("context", 1)), self.executor.call, self.progress.say)
+                                int(self.task_arch.get("context", 1)), self._call_waiting, self.progress.say)
         changed = space.changed_options(self.db("read the stored parameters", self._stored_options))
         if changed is not None:  # before any trial: Optuna would fail each one that asks with the new options
             key, name, was, now = changed
@@ -505,10 +512,10 @@ class Driver:
 
         if isinstance(outcome, BaseException):
             reason = f"{type(outcome).__name__}: {outcome}"
-            attempt = int(trial.user_attrs.get("attempt", 1))
-            if self.executor.lost_worker(outcome) and attempt <= self.spec.budget.retries:
+            deaths = int(trial.user_attrs.get("worker_deaths", 0))  # not interrupts: they used up no retry
+            if self.executor.lost_worker(outcome) and deaths < self.spec.budget.retries:
                 self._fail(trial, f"its worker died ({reason}); queued again (retries = {self.spec.budget.retries})")
-                self.db(f"queue trial {trial.number} again", requeue, self.study, trial)
+                self._requeue(trial, worker_death=True)
             else:
                 self._fail(trial, reason)
             return
@@ -617,6 +624,13 @@ class Driver:
         self.stopped.pop(trial.number, None)
         self.progress.failed_trial(trial.number, reason, self.running)
 
+    def _requeue(self, trial: Any, worker_death: bool = False) -> None:
+        """Queue a failed trial again from its stored form (the live trial's cache may lack its seed), with the
+        seed it was to train with where it failed before storing one; ``worker_death`` counts toward retries."""
+        stored = self.db(f"read trial {trial.number}", self.study._storage.get_trial, trial._trial_id)
+        self.db(f"queue trial {trial.number} again", requeue, self.study, stored, self.spec.seed + trial.number,
+                worker_death)
+
     def _heartbeats(self) -> None:
         storage = self.study._storage
         if not has_heartbeats(storage):
@@ -657,11 +671,8 @@ class Driver:
         finally:
             for trial in list(self.running.values()) if self.outage.given_up is None else []:
                 self._fail(trial, "the search was interrupted while the trial ran; queued again")
-                with self.guard.writing():  # as stored (the live trial's cache may lack its seed), with the seed
-                    # it was to train with where it was interrupted before it stored one
-                    stored = self.db(f"read trial {trial.number}", self.study._storage.get_trial, trial._trial_id)
-                    self.db(f"queue trial {trial.number} again", requeue, self.study, stored,
-                            self.spec.seed + trial.number)
+                with self.guard.writing():
+                    self._requeue(trial)
             if self._executor is not None:
                 self._executor.close()
 

@@ -391,3 +391,23 @@ def test_a_driver_that_finished_no_trial_of_its_own_gives_the_studys_front(tmp_p
     threading.Thread(target=finish, daemon=True).start()
     outcome = dsnas.search(study_file)
     assert outcome.completed == 1 and [t.number for t in outcome.front] == [theirs.number]
+
+
+def test_only_a_worker_death_uses_up_a_retry_when_a_trial_is_queued_again():
+    """A trial queued again after Ctrl-C (or from a stopped driver) counted as a retry: with retries = 1, its
+    worker's death on the resumed run was not retried, and the candidate was never trained."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_categorical("x", [1, 2])
+    study.tell(trial, state=TrialState.FAIL)
+    dsnas_storage.requeue(study, study.trials[-1], seed=7)  # interrupted: no retry used
+    interrupted = study.trials[-1]
+    assert interrupted.user_attrs == {"requeued_from": 0, "attempt": 2, "worker_deaths": 0, "train_seed": 7}
+    again = study.ask()  # the queued trial, run and its worker dead
+    study.tell(again, state=TrialState.FAIL)
+    dsnas_storage.requeue(study, study.trials[again.number], worker_death=True)
+    assert study.trials[-1].user_attrs["worker_deaths"] == 1 and study.trials[-1].user_attrs["attempt"] == 3
+    assert study.trials[-1].params == {"x": interrupted.params["x"]}

@@ -74,7 +74,16 @@ class RayExecutor(BaseExecutor):
         self._poll: Any = None  # the outstanding long poll of the board
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._ray.get(self._ray.remote(**self._resources, max_retries=0)(fn).remote(*args))
+        try:
+            return self._ray.get(self._ray.remote(**self._resources, max_retries=0)(fn).remote(*args))
+        except Exception as e:
+            if not self.lost_worker(e):
+                raise
+            # The engine probe's worker killed (out of memory, a lost node): a traceback named neither it nor a fix.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DsnasError(f"{fn.__name__} ran in a Ray worker that died ({type(e).__name__}: {first}). Fix: run "
+                             "the same command again; if it dies again, read the worker's log under "
+                             "/tmp/ray/session_latest/logs") from None
 
     def submit(self, request: TrialRequest) -> None:
         if (request.rungs is not None and self._on_rung is not None) or self._on_clock is not None:
