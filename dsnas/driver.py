@@ -52,6 +52,9 @@ MAX_SKIPS_IN_A_ROW = 100
 MAX_REUSES_IN_A_ROW = 100
 # A driver whose budget's rest runs in other drivers looks this often for a trial whose driver stopped.
 WATCH_S = 2.0
+# How long the driver waits for this node's CPU gate before it samples or screens a candidate without it: a
+# measurement takes seconds, and a trial that hangs holding the gate must not keep the driver from stopping it.
+GATE_PATIENCE_S = 30.0
 
 
 class Driver:
@@ -220,8 +223,11 @@ class Driver:
             if not self._cpu_gate:
                 return fn(*args, **kwargs)
             # Another study's trial may hold the gate for minutes: Ctrl-C or SIGTERM must not wait for it. The
-            # trial being dispatched is already running (close() fails it), and nothing is written meanwhile.
-            with self.guard.waiting(), self._cpu_gate.shared(), self.guard.writing():
+            # trial being dispatched is already running (close() fails it), and nothing is written meanwhile. Nor
+            # may a trial that hangs holding it (or one queued to measure behind that one) keep the driver from
+            # stopping it at trial_timeout_s: past GATE_PATIENCE_S the driver computes without the gate (a
+            # measurement it disturbs says so, and is taken again).
+            with self.guard.waiting(), self._cpu_gate.shared(GATE_PATIENCE_S), self.guard.writing():
                 return fn(*args, **kwargs)
         return run
 

@@ -96,6 +96,41 @@ def test_a_hold_within_a_hold_of_the_same_thread_does_not_wait_behind_a_queued_m
         pass
 
 
+def test_a_shared_hold_with_patience_goes_on_holding_nothing_once_its_patience_runs_out(tmp_path):
+    """A trial hung holding the gate, another queued to measure behind it, and the driver waited for the gate with
+    no limit: it never reached the check that stops the hung trial at trial_timeout_s, and the search hung."""
+    gate = MeasureGate("patience", tmp_path)
+    ctx = mp.get_context("spawn")
+    queued, done = ctx.Event(), ctx.Event()
+    with gate.shared():  # the hung trainer (here, this thread; the patient hold below stands for another thread)
+        measurer = ctx.Process(target=_measurer_of, args=(tmp_path, "patience", queued, done))
+        measurer.start()
+        assert queued.wait(30)
+    # The hold above is released, and the measurer measures for 3 s: a patient hold gives up after its 0.3 s and
+    # goes on holding nothing.
+    started = time.monotonic()
+    with MeasureGate("patience", tmp_path).shared(patience_s=0.3) as hold:
+        hold.checkpoint()
+        assert type(hold).__name__ == "_HeldAlready" and not done.is_set()
+    assert time.monotonic() - started < 2
+    measurer.join(30)
+    with MeasureGate("patience", tmp_path).shared(patience_s=0.3) as hold:  # uncontended: a real hold
+        assert type(hold).__name__ == "_SharedHold"
+
+
+def _measurer_of(folder, key, queued, done):
+    import fcntl
+
+    gate = MeasureGate(key, folder)
+    with open(gate.paths[0], "rb+") as turnstile:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        queued.set()
+        with open(gate.paths[1], "rb+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            time.sleep(3)  # measuring
+            done.set()
+
+
 def test_a_holder_kept_waiting_by_another_says_so_and_an_uncontended_pass_says_nothing(tmp_path):
     """What a trial's time limit leaves out (trial_timeout_s): a trial waiting to measure behind a hung trainer was
     stopped with it, though it had run a few seconds of its own."""

@@ -17,12 +17,14 @@ import re
 import shlex
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[Path, ...]] = set()
+PATIENT_POLL_S = 0.05  # how often a wait with a deadline tries the lock again
 
 
 class MeasureGate:
@@ -43,18 +45,25 @@ class MeasureGate:
             self.paths = tuple(mine)  # type: ignore[assignment]
 
     @contextmanager
-    def shared(self) -> Iterator[_SharedHold | _HeldAlready]:
+    def shared(self, patience_s: float | None = None) -> Iterator[_SharedHold | _HeldAlready]:
         """Hold while training or evaluating; call ``checkpoint()`` often so a measurer is not kept waiting.
         Within a hold of this thread's on the same gate it holds nothing more: a second hold queued behind a
-        measurer who waits for the first, and neither went on (the driver's screen counted a candidate so)."""
+        measurer who waits for the first, and neither went on (the driver's screen counted a candidate so).
+        ``patience_s``: wait at most this long, then go on holding nothing (the driver: a trial that hangs holding
+        the gate must not keep it from stopping that trial at its time limit)."""
         if _held().get(self.paths[1]):
             yield _HeldAlready()
             return
-        with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock, _holding(self.paths[1], "shared"):
+        with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock:
             hold = _SharedHold(turnstile, lock, self.on_wait, self.paths[1])
-            hold.enter()
             try:
-                yield hold
+                hold.enter(None if patience_s is None else time.monotonic() + patience_s)
+            except _Impatient:
+                yield _HeldAlready()
+                return
+            try:
+                with _holding(self.paths[1], "shared"):
+                    yield hold
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -100,8 +109,13 @@ def _holding(path: Path, mode: str) -> Iterator[None]:
         _held().pop(path, None)
 
 
+class _Impatient(Exception):
+    """A shared hold's wait ran past its patience."""
+
+
 class _HeldAlready:
-    """A hold within one of this thread's own: the outer hold lets measurers in at its own checkpoints."""
+    """A hold that holds nothing: within one of this thread's own (the outer hold lets measurers in at its own
+    checkpoints), or one whose patience ran out."""
 
     def checkpoint(self) -> None:
         pass
@@ -116,10 +130,10 @@ class _SharedHold:
                  path: Path | None = None) -> None:
         self._turnstile, self._lock, self._on_wait, self._path = turnstile, lock, on_wait, path
 
-    def enter(self) -> None:
-        _take(self._turnstile, fcntl.LOCK_EX, self._on_wait)  # waits while a measurer is queued or measuring
+    def enter(self, deadline: float | None = None) -> None:
+        _take(self._turnstile, fcntl.LOCK_EX, self._on_wait, deadline)  # waits while a measurer is queued/measuring
         fcntl.flock(self._turnstile, fcntl.LOCK_UN)
-        _take(self._lock, fcntl.LOCK_SH, self._on_wait)
+        _take(self._lock, fcntl.LOCK_SH, self._on_wait, deadline)
 
     def checkpoint(self) -> None:
         """Let a waiting measurer in, then carry on."""
@@ -139,18 +153,30 @@ class _SharedHold:
                 _held()[self._path] = mode
 
 
-def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None) -> None:
-    """flock, saying so (``on_wait``) only when another holder keeps it waiting."""
-    if on_wait is None:
-        fcntl.flock(fd, operation)
-        return
+def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None, deadline: float | None = None) -> None:
+    """flock, saying so (``on_wait``) only when another holder keeps it waiting; past ``deadline`` (monotonic),
+    _Impatient."""
     try:
         fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return
     except BlockingIOError:
+        pass
+    if on_wait is not None:
         on_wait(True)
-        try:
+    try:
+        if deadline is None:
             fcntl.flock(fd, operation)
-        finally:
+            return
+        while True:
+            time.sleep(PATIENT_POLL_S)
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _Impatient from None
+    finally:
+        if on_wait is not None:
             on_wait(False)
 
 
