@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from dsnas.errors import DsnasError
 from dsnas.profiler.engine_probe import EngineProbe, Shape, linear_shapes, probe_on_device
 from dsnas.space import SearchSpace
 from dsnas.spec import StudySpec
@@ -19,7 +20,9 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
     """``space`` with its ``by_device`` keys decided. ``call(fn, *args)`` runs fn where the trials run."""
     stored = study.user_attrs.get(OFFER_ATTR)
     if stored:
-        say(f"  engine: {_offer_line(stored)} (decided at this study's first run on {stored['device']})")
+        _check_runs_here(stored, spec)
+        say(f"  engine: {_offer_line(_as_sampled(space, stored))} (decided at this study's first run on "
+            f"{stored['device']})")
         unprobed = [w for w in space.choices.get(space.width_key or "", ())
                     if stored.get("by_width") and str(w) not in stored["by_width"]]
         if unprobed:
@@ -38,12 +41,13 @@ def settle(space: SearchSpace, spec: StudySpec, study: Any, context: int, call: 
                  "fingerprint_id": probe.fingerprint_id, "probe": probe.as_dict(),
                  "by_width": {str(w): {k: list(v) for k, v in there.items()} for w, there in probe.by_width().items()},
                  "sparse_with": list(probe.sparse_with())}
-    offered = [c for c in offer["precision"] + offer["sparsity"] if c not in ("fp32", "dense")]
+    sampled = _as_sampled(space, offer)
+    offered = [c for c in sampled["precision"] + sampled["sparsity"] if c not in ("fp32", "dense")]
     if not offered:  # not an error: the search goes on, over what runs fastest here
         say(f"  engine: no engine choice pays on {offer['device']} at this space's shapes"
             f"{' (' + offer['why'] + ')' if 'why' in offer else ''}: this study searches fp32 dense layers only")
     else:
-        say(f"  engine: {_offer_line(offer)}")
+        say(f"  engine: {_offer_line(sampled)}")
     study.set_user_attr(OFFER_ATTR, offer)
     return offered_space(space, offer)
 
@@ -68,6 +72,29 @@ def study_shapes(space: SearchSpace, spec: StudySpec, context: int) -> tuple[Sha
     return linear_shapes(space.linear_widths(), dict.fromkeys(b * context for b in batches))
 
 
+def _as_sampled(space: SearchSpace, offer: dict[str, Any]) -> dict[str, Any]:
+    """The offer as the space samples it, for saying so: a sparsity the space lists itself (precision = "auto"
+    beside sparsity = ["dense", "2:4"]) is sampled from its list, not from the probe's offer."""
+    if "sparsity" in space.by_device:
+        return offer
+    listed = space.per_layer.get("sparsity") or space.choices.get("sparsity") or ("dense",)
+    return {**offer, "sparsity": list(listed), "sparsity_listed": True}
+
+
+def _check_runs_here(offer: dict[str, Any], spec: StudySpec) -> None:
+    """A study resumed where its stored offer cannot run (fp8, decided on a GPU, where trials now run on the CPU)
+    is refused before any trial, as a listed fp8 is: each trial that drew it failed."""
+    if "fp8" not in offer.get("precision", ()) or spec.executor.address is not None or spec.hardware.device == "cuda":
+        return
+    import torch
+
+    if spec.hardware.device == "auto" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        return
+    raise DsnasError(f"{spec.path}: [hardware.device] the study's engine offer was decided on {offer.get('device')} "
+                     "and holds fp8, which needs an NVIDIA GPU of compute capability 8.9 or newer; trials here run "
+                     "on the CPU. Fix: resume it where it was searched, or search a new study ([study] name) here")
+
+
 def _offer_line(offer: dict[str, Any]) -> str:
     where, by_width = [], offer.get("by_width", {})  # the choices offered at some widths only
     for key in ("precision", "sparsity"):
@@ -75,7 +102,9 @@ def _offer_line(offer: dict[str, Any]) -> str:
             at = [w for w, there in by_width.items() if choice in there[key]]
             if len(at) < len(by_width):
                 where.append(f"{choice} at width {', '.join(at)} only")
-    if offer.get("sparse_with"):  # the sparsity is asked beside these precisions only (SearchSpace.sparse_with)
+    sparse = any(c != "dense" for c in offer["sparsity"])
+    if offer.get("sparse_with") and sparse:  # asked beside these precisions only (SearchSpace.sparse_with)
         where.append(f"a sparsity beside {' or '.join(offer['sparse_with'])} only, which a sparse kernel takes")
-    return (f"precision {offer['precision']}, sparsity {offer['sparsity']} (what pays on this device"
+    listed = " (as the space lists it)" if offer.get("sparsity_listed") else ""
+    return (f"precision {offer['precision']}, sparsity {offer['sparsity']}{listed} (what pays on this device"
             f"{': ' + '; '.join(where) if where else ''})")

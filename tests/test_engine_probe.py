@@ -444,3 +444,31 @@ def test_a_well_formed_cache_entry_of_the_wrong_shape_is_measured_again(tmp_path
     again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert not again.cached and len(measured) == 2 and again.precisions() == first.precisions()
     assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached  # the entry was written again
+
+
+def test_the_offer_line_names_the_sparsity_the_space_lists_and_a_stored_fp8_offer_is_refused_on_a_cpu(
+        tiny_study, monkeypatch, capsys):
+    """precision = "auto" beside a listed sparsity: the line printed the probe's sparsity ['dense'] (and, with
+    nothing paying, 'fp32 dense layers only') while 2:4 layers were searched. And a study whose offer was decided
+    on a GPU with fp8, resumed where trials run on the CPU, failed each trial that drew fp8."""
+    from dsnas import engine_offer
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    (tiny_study.parent / "tiny_space.toml").write_text(
+        AUTO_SPACE.replace('engine = "auto"\n', "") + 'precision = "auto"\nsparsity = ["dense", "2:4"]\n')
+    monkeypatch.setattr(engine_offer, "probe_on_device", lambda device, shapes, threads, int8_backend: probe_of(set()))
+    tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 1"))
+    assert main(["search", str(tiny_study)]) == 0
+    out = capsys.readouterr().out
+    assert "sparsity ['dense', '2:4'] (as the space lists it)" in out and "fp32 dense layers only" not in out, out
+    study = open_study(load_study(tiny_study), create=False)
+    gpu = {**study.user_attrs[engine_offer.OFFER_ATTR], "precision": ["fp32", "bf16", "fp8"],
+           "device": "NVIDIA H100 80GB HBM3"}
+    study.set_user_attr(engine_offer.OFFER_ATTR, gpu)
+    import torch
+    if torch.cuda.is_available():
+        return  # trials here may run on a GPU that takes fp8
+    assert main(["search", str(tiny_study), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "was decided on NVIDIA H100 80GB HBM3 and holds fp8" in err and err.count("\n") == 1, err
