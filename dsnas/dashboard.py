@@ -53,7 +53,7 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
     except OSError as e:
         raise DsnasError(_bind_error(host, port, e)) from None
     with server:
-        prepare(spec, study)
+        _prepare_or_say_why(spec, study)
         url = f"http://{host}:{server.server_port}/dashboard/"  # the port the system gave, for --port 0
         log.info(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)")
         stop = _stop_on_sigterm()
@@ -69,6 +69,22 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
             if (engine := storage_engine(study)) is not None:
                 engine.dispose()
             leave_write_ahead(spec.storage)
+
+
+def _prepare_or_say_why(spec: StudySpec, study: Any) -> None:
+    """prepare(), which writes into the study (its note, charts and the artifacts it lacks): a database user that
+    may only read (as report and export allow) got 40 lines of traceback ending in Optuna's 'invalid data'."""
+    import optuna
+    import sqlalchemy
+
+    try:
+        prepare(spec, study)
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[0]
+        raise DsnasError(f"{spec.path}: [study] storage {display_url(spec.storage)} refused what the dashboard writes "
+                         f"into the study before it serves (its note, charts and artifacts: {cause}). Fix: run "
+                         "dsnas dashboard as a database user that may write, or read the study with dsnas report"
+                         ) from None
 
 
 def _stop_on_sigterm() -> Callable[[], None]:

@@ -112,6 +112,11 @@ def test_search_load_and_report_on_postgresql(tiny_study, postgres_url, tmp_path
     assert main(["search", str(study), "--n-trials", "4"]) == 2  # the database really is read-only: one line
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "refused to store the study" in err and "read-only transaction" in err, err
+    # The dashboard writes its note and charts into the study before it serves: one line, not a traceback.
+    assert main(["dashboard", str(study), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "refused what the dashboard writes into the study" in err, err
+    assert "read-only transaction" in err and "dsnas report" in err
 
 
 def test_password_in_the_study_file_is_never_printed_or_written(tiny_study, postgres_url, tmp_path, capsys,
