@@ -14,6 +14,8 @@ from dsnas.errors import DsnasError
 from dsnas.spec import Constraints, StudySpec, TaskSpec
 from dsnas.storage import (
     display_url,
+    driver_gone,
+    driver_identity,
     open_storage,
     schema_lock,
     sqlite_file,
@@ -58,8 +60,10 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
     return study
 
 
-# The study's user attribute that keeps the settings its stored numbers were made under (study_settings).
+# The study's user attribute that keeps the settings its stored numbers were made under (study_settings), and
+# the driver that recorded them (RECORDED_BY: binds while it runs, before it has a trial).
 SETTINGS_ATTR = "dsnas_settings"
+RECORDED_BY = "recorded_by"
 # Why a changed section would make the stored numbers mean something else than the new ones.
 _CHANGES = {"task": "its stored accuracies were measured on the task as it was",
             "hardware": "its stored speeds were measured, and their limits judged, as it was",
@@ -86,11 +90,18 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
     from optuna.trial import TrialState
 
     now, stored = study_settings(spec), study.user_attrs.get(SETTINGS_ATTR)
+    recorder = stored.pop(RECORDED_BY, None) if isinstance(stored, dict) else None
     if stored == now:
         return
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    done: list[Any] = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     stale = {trial.number for trial, _ in stale_trials(study)}
     done += [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in stale]
+    # A driver of this host that recorded them and still runs binds too, before its first trial (it may be
+    # probing the engine): two drivers started together each ran trials under its own settings, one recorded.
+    me = driver_identity()
+    if recorder and recorder.get("host") == me["host"] and recorder.get("pid") != me["pid"] \
+            and not driver_gone(recorder):
+        done.append(recorder)
     if not stored and done:
         return
     was_set, now_set = (_comparable(stored, like=now), _comparable(now, like=stored)) if stored else (None, None)
@@ -102,7 +113,7 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
         raise DsnasError(f"{spec.path}: [{key}] the stored study {spec.name!r} was searched with {_toml(was)}, the "
                          f"file now says {_toml(wanted)}; {_CHANGES[section]}. Fix: {restore}, or give the study a "
                          "new [study] name")
-    study.set_user_attr(SETTINGS_ATTR, now)
+    study.set_user_attr(SETTINGS_ATTR, {**now, RECORDED_BY: me})
 
 
 def edited_since(spec: StudySpec, study: Any) -> str:

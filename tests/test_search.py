@@ -316,6 +316,34 @@ def test_a_second_driver_under_other_settings_is_refused_while_the_first_runs_it
     assert open_study(load_study(other)).user_attrs[SETTINGS_ATTR]["task"]["val_tokens"] == 256
 
 
+def test_a_second_driver_under_other_settings_is_refused_while_the_first_has_no_trial_yet(tiny_study):
+    """Started together, the second driver came before the first's first trial (it was probing the engine): both
+    ran trials, each under its own settings, and the study recorded one of them. A live driver of this host that
+    recorded them binds; once it is gone, it does not."""
+    import subprocess
+
+    from dsnas import storage
+    from dsnas.errors import DsnasError
+    from dsnas.spec import load_study
+    from dsnas.study import RECORDED_BY, SETTINGS_ATTR, open_study
+
+    first = open_study(load_study(tiny_study))
+    other_driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = {**storage.driver_identity(), "pid": other_driver.pid,
+                 "pid_start": storage._start_time(other_driver.pid)}
+        first.set_user_attr(SETTINGS_ATTR, {**first.user_attrs[SETTINGS_ATTR], RECORDED_BY: alive})
+        other = tiny_study.with_name("other.toml")
+        other.write_text(tiny_study.read_text().replace("val_tokens = 512", "val_tokens = 256"))
+        with pytest.raises(DsnasError, match=r"\[task.val_tokens\] the stored study 'tiny' was searched with"):
+            open_study(load_study(other))
+        open_study(load_study(tiny_study))  # the same settings: a driver beside it is welcome
+    finally:
+        other_driver.kill()
+        other_driver.wait()
+    assert open_study(load_study(other)).user_attrs[SETTINGS_ATTR]["task"]["val_tokens"] == 256
+
+
 def test_resuming_with_other_options_in_the_space_is_refused_before_any_trial(finished_study, tmp_path, capsys):
     """Optuna keeps a parameter's options for a study's life: each trial of a resumed study whose space changed them
     once failed ("CategoricalDistribution does not support dynamic value space") and was stored failed."""
