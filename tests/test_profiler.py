@@ -112,6 +112,8 @@ def test_a_shared_hold_with_patience_goes_on_holding_nothing_once_its_patience_r
     with MeasureGate("patience", tmp_path).shared(patience_s=0.3) as hold:
         hold.checkpoint()
         assert type(hold).__name__ == "_HeldAlready" and not done.is_set()
+        with MeasureGate("patience", tmp_path).shared() as inner:  # the screen's counter within: no wait either
+            assert type(inner).__name__ == "_HeldAlready"
     assert time.monotonic() - started < 2
     measurer.join(30)
     with MeasureGate("patience", tmp_path).shared(patience_s=0.3) as hold:  # uncontended: a real hold

@@ -58,8 +58,9 @@ class MeasureGate:
             hold = _SharedHold(turnstile, lock, self.on_wait, self.paths[1])
             try:
                 hold.enter(None if patience_s is None else time.monotonic() + patience_s)
-            except _Impatient:
-                yield _HeldAlready()
+            except _Impatient:  # holds within this one hold nothing either (the screen's counter would wait)
+                with _holding(self.paths[1], "given up"):
+                    yield _HeldAlready()
                 return
             try:
                 with _holding(self.paths[1], "shared"):
@@ -90,7 +91,8 @@ class MeasureGate:
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
-# Per thread: the gates (their lock files) it holds, and how ("shared" or "exclusive"); a paused hold holds none.
+# Per thread: the gates (their lock files) it holds, and how ("shared", "exclusive", or "given up": a patient
+# hold that went on holding nothing); a paused hold holds none.
 _HOLDS = threading.local()
 
 
