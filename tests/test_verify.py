@@ -134,7 +134,7 @@ def test_rounds_that_were_disturbed_are_left_out_and_a_busy_machine_compares_not
     line = next(line for line in out.splitlines() if line.startswith("latency_ms_bs1"))
     assert code == 0 and len(calls) == 5, out
     assert "ok (median of 2 rounds within" in line, out
-    assert line.endswith("; 3 disturbed rounds left out; recorded while disturbed"), out
+    assert "; 3 disturbed rounds left out; recorded while disturbed" in line, out  # (a spread note may follow)
     calls = _slowed(monkeypatch, bundle, slow_rounds=set(range(15)), disturbed=True)
     code, out = verify(bundle, capsys, "--latency-tol", "0.5")
     assert code == 0 and "every round disturbed" in out and "not compared: latency_ms_bs1" in out.splitlines()[-1]
