@@ -10,7 +10,7 @@ from typing import Any
 from dsnas.errors import DsnasError
 from dsnas.profiler.engine_probe import EngineProbe, Shape, linear_shapes, probe_on_device
 from dsnas.space import SearchSpace
-from dsnas.spec import StudySpec
+from dsnas.spec import StudySpec, fp8_may_run
 
 OFFER_ATTR = "dsnas_engine_offer"  # the study's user attribute that keeps the offer
 
@@ -84,11 +84,7 @@ def _as_sampled(space: SearchSpace, offer: dict[str, Any]) -> dict[str, Any]:
 def _check_runs_here(offer: dict[str, Any], spec: StudySpec) -> None:
     """A study resumed where its stored offer cannot run (fp8, decided on a GPU, where trials now run on the CPU)
     is refused before any trial, as a listed fp8 is: each trial that drew it failed."""
-    if "fp8" not in offer.get("precision", ()) or spec.executor.address is not None or spec.hardware.device == "cuda":
-        return
-    import torch
-
-    if spec.hardware.device == "auto" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+    if "fp8" not in offer.get("precision", ()) or fp8_may_run(spec):
         return
     raise DsnasError(f"{spec.path}: [hardware.device] the study's engine offer was decided on {offer.get('device')} "
                      "and holds fp8, which needs an NVIDIA GPU of compute capability 8.9 or newer; trials here run "

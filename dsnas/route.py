@@ -153,16 +153,21 @@ def learned_cost(served: Any, curves: Sequence[CostCurve]) -> float:
     return curves[0].per_input(1.0) + sum(c.per_input(p) for c, p in zip(curves[1:], share[1:]))
 
 
+def _early_losses(served: Any, right: Any) -> Any:
+    """Per input served before the last stage, what it gave up against the last stage (1, 0 or -1)."""
+    early = served < right.shape[0] - 1
+    return (right[-1] - right.gather(0, served[None])[0])[early]
+
+
 def lost(served: Any, right: Any) -> float:
     """A one-sided 95% upper bound on the accuracy an assignment gives up against the last (most accurate) stage
     on new inputs: the difference summed over the m inputs served early, plus Z95 standard errors of that sum. The
     variance is at least that of a smoothed loss rate (losses + 1) / (m + 2), so that a cheap model that made no
     mistake on 180 images is not taken to make none."""
-    early = served < right.shape[0] - 1
-    m = int(early.sum())
+    diff = _early_losses(served, right)
+    m = len(diff)
     if m == 0:
         return 0.0
-    diff = (right[-1] - right.gather(0, served[None])[0])[early]
     total = diff.sum().item()
     rate = (max(total, 0.0) + 1) / (m + 2)
     spread = max(diff.var(correction=0).item() if m > 1 else 0.0, rate * (1 - rate))
@@ -172,11 +177,10 @@ def lost(served: Any, right: Any) -> float:
 def lost_at_least(served: Any, right: Any) -> float:
     """A one-sided 95% lower bound on the accuracy an assignment gives up against the last stage: what a route
     shown on inputs it was not chosen on to lose more than its target loses at least (see :func:`lost`)."""
-    early = served < right.shape[0] - 1
-    m = int(early.sum())
+    diff = _early_losses(served, right)
+    m = len(diff)
     if m == 0:
         return 0.0
-    diff = (right[-1] - right.gather(0, served[None])[0])[early]
     spread = diff.var(correction=0).item() if m > 1 else 0.0
     return (diff.sum().item() - Z95 * math.sqrt(m * spread)) / right.shape[1]
 

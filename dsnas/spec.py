@@ -756,13 +756,21 @@ def _check_fp8(spec: StudySpec) -> None:
     keys = {"precision": space.choices.get("precision", ()) + space.per_layer.get("precision", ()),
             **{f"engine.{g.name}.precision": g.precision for g in space.groups}}
     offered = [key for key, options in keys.items() if "fp8" in options]
-    if not offered or spec.hardware.device == "cuda":
-        return
+    if offered:
+        require_spec(spec.space.file, offered[0], fp8_may_run(spec), "fp8 needs an NVIDIA GPU of compute "
+                     "capability 8.9 or newer, and trials here run on the CPU", "fp8",
+                     "remove \"fp8\" from the precision choices")
+
+
+def fp8_may_run(spec: StudySpec) -> bool:
+    """Whether the study's trials may run fp8: on "cuda", or on "auto" where this machine's GPU is 8.9+ (a
+    remote cluster's devices are not known here, so yes)."""
+    if spec.executor.address is not None or spec.hardware.device == "cuda":
+        return True
     import torch
 
-    ok = spec.hardware.device == "auto" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-    require_spec(spec.space.file, offered[0], ok, "fp8 needs an NVIDIA GPU of compute capability 8.9 or newer, "
-                 "and trials here run on the CPU", "fp8", "remove \"fp8\" from the precision choices")
+    return spec.hardware.device == "auto" and torch.cuda.is_available() and \
+        torch.cuda.get_device_capability() >= (8, 9)
 
 
 def _ray_host_port(address: str) -> tuple[str | None, int]:

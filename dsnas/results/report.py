@@ -247,14 +247,18 @@ def _formatted(shown: Any) -> Any:
 def _front_text(shown: Any, spec: StudySpec) -> str:
     if shown.empty:  # pandas printed "Empty DataFrame / Columns: [...] / Index: []"
         return "no feasible completed trial: the Pareto front is empty"
-    return _formatted(shown).rename(columns=_titles(spec)).to_string(index=False)
+    return _titled(shown, spec).to_string(index=False)
 
 
 def _front_html(shown: Any, spec: StudySpec) -> str:
     """The page's front under the titles the terminal gives it (an images task's throughput is not tokens/s)."""
     if shown.empty:
         return "<p>No feasible completed trial: the Pareto front is empty.</p>"
-    return _formatted(shown).rename(columns=_titles(spec)).to_html(index=False)
+    return _titled(shown, spec).to_html(index=False)
+
+
+def _titled(shown: Any, spec: StudySpec) -> Any:
+    return _formatted(shown).rename(columns=_titles(spec))
 
 
 def _titles(spec: StudySpec) -> dict[str, str]:
