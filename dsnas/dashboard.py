@@ -276,6 +276,10 @@ def backfill_artifacts(spec: StudySpec, study: Any) -> int:
             # optuna.artifacts.upload_artifact would write the trial's attributes, which a finished trial refuses.
             meta = {"artifact_id": artifact_id, "filename": filename, "mimetype": "application/json",
                     "encoding": None}
-            storage.set_study_system_attr(study_id, prefix + artifact_id, json.dumps(meta))
+            try:
+                storage.set_study_system_attr(study_id, prefix + artifact_id, json.dumps(meta))
+            except BaseException:  # a database that refuses the write (a read-only role) keeps no file beside it
+                store.remove(artifact_id)
+                raise
             uploaded += 1
     return uploaded

@@ -149,6 +149,24 @@ def test_prepare_backfills_artifacts_once(made_study):
             assert json.load(f) == trial.user_attrs["arch"]
 
 
+def test_a_refused_artifact_record_leaves_no_file(made_study, monkeypatch):
+    """A database that refuses the artifact's record (a read-only role) keeps no orphan file in the folder."""
+    import sqlalchemy
+
+    from dsnas.dashboard import backfill_artifacts
+    from dsnas.storage import artifact_dir
+
+    spec, study = made_study
+
+    def refuse(*args):
+        raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("read-only transaction"))
+
+    monkeypatch.setattr(study._storage, "set_study_system_attr", refuse)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        backfill_artifacts(spec, study)
+    assert not [p for p in artifact_dir(spec).rglob("*") if p.is_file()]
+
+
 def test_prepare_uploads_nothing_the_driver_uploaded(tiny_study):
     from dsnas.cli import main
     from dsnas.dashboard import backfill_artifacts
