@@ -162,6 +162,21 @@ def test_a_trial_that_fits_on_no_node_is_refused_before_it_waits_forever():
         _check_a_node_fits(ray, SimpleNamespace(cpus_per_trial=1), 2)
 
 
+def test_a_ray_started_for_a_refused_search_is_shut_down():
+    """A search refused after it started its own Ray (a trial no node holds) left Ray running; a later search in
+    the same process joined it as someone else's and never shut it down either."""
+    import ray
+
+    from dsnas.errors import DsnasError
+    from dsnas.executors.ray_executor import RayExecutor
+    from dsnas.spec import ExecutorSpec
+
+    assert not ray.is_initialized()
+    with pytest.raises(DsnasError, match="asks for"):
+        RayExecutor(ExecutorSpec(cpus_per_trial=(os.cpu_count() or 1) + 8), "cpu")
+    assert not ray.is_initialized()
+
+
 def test_errors_raised_in_a_worker_cross_to_the_driver_whole():
     """A SpecError raised in a Ray worker could not be unpickled in the driver: the trial's reason was Ray's
     "Failed to deserialize exception", with dsnas's one line buried in a colored traceback."""

@@ -52,13 +52,14 @@ class RayExecutor(BaseExecutor):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DsnasError(f"could not start or reach Ray at {spec.address or 'this machine'}: {first}.{fix}") \
                     from None
-        resources = ray.cluster_resources()
-        gpus = spec.gpus_per_trial
-        if gpus == 0 and device != "cpu" and resources.get("GPU", 0) >= 1:
-            gpus = 1  # a measurement owns its GPU: never share one between trials
-        if device == "cuda" and resources.get("GPU", 0) < max(gpus, 1):
-            raise DsnasError("the study asks for device = cuda, but the Ray cluster has no GPU")
-        _check_a_node_fits(ray, spec, gpus)
+        try:
+            resources, gpus = self._check_cluster(spec, device)
+        except BaseException:
+            # A Ray this search started ends with it: left running (0.6 GB), a later search in this process joined
+            # it as someone else's and never ended it either.
+            if self._owns_ray:
+                ray.shutdown()
+            raise
         fit = int(resources.get("CPU", 0) // spec.cpus_per_trial)
         if gpus:
             fit = min(fit, int(resources.get("GPU", 0) // gpus))
@@ -72,6 +73,17 @@ class RayExecutor(BaseExecutor):
         self._on_rung, self._on_clock = on_rung, on_clock
         self._board: Any = None  # the rung board actor, started with the first trial that reports to the driver
         self._poll: Any = None  # the outstanding long poll of the board
+
+    def _check_cluster(self, spec: ExecutorSpec, device: str) -> tuple[dict[str, float], float]:
+        """The cluster's resources and the GPUs a trial takes, once the cluster is known to run the trials."""
+        resources = self._ray.cluster_resources()
+        gpus = spec.gpus_per_trial
+        if gpus == 0 and device != "cpu" and resources.get("GPU", 0) >= 1:
+            gpus = 1  # a measurement owns its GPU: never share one between trials
+        if device == "cuda" and resources.get("GPU", 0) < max(gpus, 1):
+            raise DsnasError("the study asks for device = cuda, but the Ray cluster has no GPU")
+        _check_a_node_fits(self._ray, spec, gpus)
+        return resources, gpus
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
