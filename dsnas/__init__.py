@@ -26,8 +26,10 @@ def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = ()
     :func:`dsnas.run.run_study`."""
     from dsnas.run import run_study
     from dsnas.spec import load_study
+    from dsnas.storage import optuna_quieted  # Optuna's own log lines: quiet for this call only
 
-    return run_study(load_study(study_file, **overrides), callbacks=callbacks, sampler=sampler)
+    with optuna_quieted():
+        return run_study(load_study(study_file, **overrides), callbacks=callbacks, sampler=sampler)
 
 
 def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":

@@ -35,6 +35,20 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+@contextmanager
+def optuna_quieted() -> Iterator[None]:
+    """quiet_optuna() for one call of the Python API, then Optuna's verbosity and the warning filters as they were:
+    dsnas.results.load left a notebook's own study.optimize() silent for good."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    with warnings.catch_warnings():
+        try:
+            yield
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+
+
 CONNECT_TIMEOUT_S = 10  # a server that accepts and never answers must not hang the driver
 
 

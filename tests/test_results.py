@@ -171,6 +171,24 @@ def test_load_a_plain_optuna_study_and_bad_names(tmp_path):
         hypervolume(df, {"value_0": "0", "value_1": 0})
 
 
+def test_load_leaves_optuna_s_own_logging_and_warnings_as_they_were(tmp_path):
+    """A notebook's own study.optimize() printed nothing after dsnas.results.load: its verbosity was set for good."""
+    import warnings
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    optuna.create_study(study_name="plain", storage=url).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    filters = list(warnings.filters)
+    try:
+        load(url, "plain")
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        assert warnings.filters == filters
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def _old_study(tmp_path: Path) -> Path:
     shutil.copytree(OLD_STUDY, tmp_path / "old")
     return tmp_path / "old" / "tiny.toml"

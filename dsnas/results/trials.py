@@ -14,7 +14,7 @@ from dsnas.pareto import dominated_volume as volume
 from dsnas.pareto import dominates, front_indices
 from dsnas.profiler.device import fingerprint_id
 from dsnas.spec import OBJECTIVES, read_study
-from dsnas.storage import display_url, open_storage, quiet_optuna, sqlite_file, storage_engine
+from dsnas.storage import display_url, open_storage, optuna_quieted, quiet_optuna, sqlite_file, storage_engine
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,11 @@ def load(storage: str | Path, study: str | None = None) -> Any:
 
     ``df.attrs["objectives"]`` lists the objectives (name, column, direction) and ``df.attrs["constraints"]``
     the hardware limits; see :func:`front` and :func:`hypervolume`."""
+    with optuna_quieted():  # Optuna's own log lines: quiet for this call only
+        return _load(storage, study)
+
+
+def _load(storage: str | Path, study: str | None) -> Any:
     import optuna
 
     if str(storage).endswith(".toml"):
