@@ -67,6 +67,7 @@ class Driver:
         self._sample: Any = None  # settled before the first trial (see _sampler)
         self._cpu_gate: Any = None  # this node's CPU measurement gate, or False when trials measure on a GPU
         self.task = make_task(spec.task)
+        self.data = self.task.fingerprint()
         self._check_same_data()
         self.task_arch = self.task.arch_defaults()
         self.trial_fn = trial_fn
@@ -243,7 +244,7 @@ class Driver:
                          and isinstance(t.user_attrs["profile"].get("task"), dict)), None)
         if recorded is None:
             return
-        now = self.task.fingerprint()
+        now = self.data
         differs = data_differs(recorded, now)
         if differs:
             key = differs[0]
@@ -366,7 +367,7 @@ class Driver:
         cached = self.db("read the measurement cache", tables.cached_figures, storage_engine(self.study), arch)
         self.executor.submit(TrialRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=seed, cached=cached, engine=self.spec.engine,
-                                         rungs=rungs))
+                                         rungs=rungs, task_fingerprint=self.data))
         if self.spec.budget.trial_timeout_s is not None:
             self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
         self.progress.started(trial.number, short, self.running)

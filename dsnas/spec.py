@@ -21,7 +21,7 @@ from dsnas.errors import SpecError, require
 from dsnas.models import is_user_family
 from dsnas.plugins import import_callable
 from dsnas.space import load_space_file
-from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, make_task, runs_own_trials
+from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, forget_built, make_task, runs_own_trials
 
 # Objective name -> (metric key reported by the worker, default direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -345,6 +345,7 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     """Read and validate a study file to run it: :func:`read_study`, then the user's plug-ins imported and the task's
     parameters checked (:func:`check_plugins`), then what this machine must offer (:func:`check_machine`)."""
     spec = read_study(path, **overrides)
+    forget_built()  # a run reads its task's data as it is now, not as an earlier run in this process did
     check_sampler(spec)
     check_plugins(spec)
     check_machine(spec)

@@ -57,6 +57,9 @@ class TrialRequest:
     # training budget; the driver may stop the trial at any of them. None: train fully, then measure.
     rungs: tuple[float, ...] | None = None
     channel: Any = None  # the executor's RungChannel to the driver, set when the request is submitted
+    # The driver's task.fingerprint(): a worker whose task was built from other data (a Ray worker kept from an
+    # earlier search, a node with another copy of the data) builds it again, or refuses the trial.
+    task_fingerprint: dict[str, Any] | None = None
 
 
 @dataclass

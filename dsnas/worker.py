@@ -10,16 +10,34 @@ from dsnas.errors import TrialError
 from dsnas.models import build, is_user_family
 from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
 from dsnas.rungs import ClockEvent, RungReport, RungStop
-from dsnas.tasks import make_task, preprocessing_of, runs_own_trials
+from dsnas.tasks import data_differs, forget_built, make_task, preprocessing_of, runs_own_trials
 from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 
 
 def run_trial(request: TrialRequest) -> TrialResult:
     _clock(request, "started")  # its time limit counts from here, not from when it was queued
-    task = make_task(request.task)
+    task = _task_of(request)
     if runs_own_trials(task):  # the user's own evaluation function: no model is built here
         return run_own_trial(task, request)
     return _Candidate(request, task).run()
+
+
+def _task_of(request: TrialRequest) -> Any:
+    """The request's task as this process builds it, from the data the driver's was built from: a task kept from an
+    earlier search (a Ray worker of a cluster that outlived it) is built again from the data as it is now, and a
+    worker whose data still differs (another node's copy) refuses the trial rather than mix data in one study."""
+    task = make_task(request.task)
+    wanted = request.task_fingerprint
+    if wanted is None or not data_differs(wanted, task.fingerprint()):
+        return task
+    forget_built()
+    task = make_task(request.task)
+    differs = data_differs(wanted, task.fingerprint())
+    if differs:
+        raise TrialError(f"the task's data on this worker ({worker_identity()['host']}) differs from the driver's "
+                         f"({', '.join(differs)}): copy the study folder's data to this node as it is on the "
+                         "driver's")
+    return task
 
 
 def run_own_trial(task: Any, request: TrialRequest) -> TrialResult:

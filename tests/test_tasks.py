@@ -70,3 +70,104 @@ def test_training_reports_at_each_rung_and_a_rung_that_raises_stops_it():
     except Stop:
         pass
     assert len(steps) == 15  # stopped after half the steps, as the rung asked
+
+
+def test_a_worker_builds_the_task_again_from_the_drivers_data_or_refuses(tmp_path):
+    """A task kept from an earlier search (a Ray worker of a cluster that outlived it) trained on the data as it
+    was then, beside trials on the data as it is: the request carries the driver's fingerprint."""
+    import pytest
+
+    from dsnas.errors import TrialError
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import forget_built, make_task
+    from dsnas.trial import TrialRequest
+    from dsnas.worker import _task_of
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    spec = TaskSpec("charlm", {"corpus": "text.txt", "context": 8}, str(tmp_path))
+    from dsnas import tasks
+
+    forget_built()
+    kept = make_task(spec)  # built by an earlier search in this process
+    corpus.write_text("the quick brown cat jumps over the lazy dog\n" * 400)
+    forget_built()
+    now = make_task(spec).fingerprint()  # the driver's, from the data as it is now
+    tasks._built[next(iter(tasks._built))] = kept  # the worker still holds the one of the earlier search
+    request = TrialRequest(0, {}, spec, None, seed=0, task_fingerprint=now)
+    assert _task_of(request).fingerprint() == now and tasks._built[next(iter(tasks._built))] is not kept
+    corpus.write_text("another corpus altogether, not the driver's one\n" * 400)  # this node's copy differs
+    forget_built()
+    with pytest.raises(TrialError, match=r"the task's data on this worker \(.*\) differs from the driver's "
+                                         r"\(corpus_sha256, .*copy the study folder's data"):
+        _task_of(request)
+    forget_built()
+
+
+def test_a_task_that_failed_its_checks_is_built_again_once_fixed(tmp_path, monkeypatch):
+    """The refused task was kept: after the user fixed the factory (and reloaded it), the next search in the same
+    process refused the task it had built before."""
+    import importlib
+    import sys
+
+    import pytest
+
+    from dsnas.errors import SpecError
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import check_task, forget_built
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    forget_built()
+    (tmp_path / "fixme_task.py").write_text(
+        "class T:\n    def arch_defaults(self):\n        return {}\n")
+    spec = TaskSpec("fixme_task:T", {}, str(tmp_path))
+    with pytest.raises(SpecError, match="T has no fingerprint"):
+        check_task("study.toml", spec)
+    (tmp_path / "fixme_task.py").write_text(
+        "class T:\n    def arch_defaults(self):\n        return {}\n"
+        "    def fingerprint(self):\n        return {'data': 'fixed'}\n"
+        "    def evaluate_arch(self, arch, **kwargs):\n        return {}\n")
+    importlib.reload(sys.modules["fixme_task"])
+    check_task("study.toml", spec)
+    sys.modules.pop("fixme_task", None)
+    forget_built()
+
+
+def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_path, monkeypatch):
+    """A second study in the same process whose folder has a module named as the first's ran the first one's."""
+    import sys
+
+    from dsnas.plugins import import_callable
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "same_name_task.py").write_text(f"def which():\n    return {name!r}\n")
+    try:
+        assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
+        assert import_callable("same_name_task:which", tmp_path / "two")() == "two"
+        assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
+        assert import_callable("same_name_task:which", tmp_path / "one")() == "one"  # kept, not imported again
+    finally:
+        sys.modules.pop("same_name_task", None)
+
+
+def test_a_toml_date_given_to_a_user_task_is_refused_with_the_fix(tmp_path, monkeypatch):
+    """A date blamed the user's factory ("Object of type date is not JSON serializable ... Fix: fix the factory"),
+    which never ran: the parameters are stored as JSON."""
+    import datetime
+    import sys
+
+    import pytest
+
+    from dsnas.errors import SpecError
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import check_params
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "dated_task.py").write_text("def make(since):\n    return None\n")
+    spec = TaskSpec("dated_task:make", {"since": datetime.date(2024, 1, 1)}, str(tmp_path))
+    with pytest.raises(SpecError, match=r"\[task.since\] must be a string, number, boolean .* not a TOML date, but "
+                                        r"got '2024-01-01'. Fix: quote it: since = \"2024-01-01\""):
+        check_params("study.toml", spec)
+    sys.modules.pop("dated_task", None)

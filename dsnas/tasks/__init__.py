@@ -4,7 +4,6 @@ model), or of :class:`RunsOwnTrials` (the task's ``evaluate_arch`` does the whol
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -161,6 +160,13 @@ def check_params(where: str, spec: Any) -> None:
         config.resolve_dataset(spec.base_dir, where)
         return
 
+    for key, value in spec.params.items():
+        try:
+            json.dumps(value)
+        except TypeError:  # a TOML date or time: the parameters are stored with each trial and bundle as JSON
+            raise SpecError(where, f"task.{key}", "must be a string, number, boolean or a list or table of them "
+                            f"(it is stored with the study and its bundles), not a TOML {type(value).__name__}",
+                            str(value), f'quote it: {key} = "{value}"') from None
     factory = import_callable(spec.name, spec.base_dir)
     try:
         inspect.signature(factory).bind(**spec.params)
@@ -172,9 +178,18 @@ def check_params(where: str, spec: Any) -> None:
 
 
 def check_task(where: str, spec: Any) -> None:
-    """Build a user's task (once per process: the driver then takes this one) and check that it has what dsnas
+    """Build a user's task (once per run: the driver then takes this one) and check that it has what dsnas
     calls, before any trial trains: a missing method or a fingerprint that cannot be stored failed each trial after
-    it had trained, or stopped the search with a traceback."""
+    it had trained, or stopped the search with a traceback. A task that fails is not kept: the next run in this
+    process builds it again (from the fixed factory), where it kept refusing the one it had built."""
+    try:
+        _check_task(where, spec)
+    except BaseException:
+        forget_built()
+        raise
+
+
+def _check_task(where: str, spec: Any) -> None:
     try:
         task = make_task(spec)
     except Exception as e:  # whatever the user's factory raises
@@ -248,13 +263,29 @@ def arch_keys(spec: Any) -> tuple[str, ...]:
 
 
 def make_task(spec: Any) -> Task | RunsOwnTrials:
-    """Build (once per process) the task a study names."""
-    return _cached(spec.name, json.dumps(spec.params, sort_keys=True), spec.base_dir)
+    """Build (once per run: see forget_built) the task a study names."""
+    key = (spec.name, json.dumps(spec.params, sort_keys=True), spec.base_dir)
+    if key not in _built:
+        while len(_built) >= MAX_BUILT:
+            del _built[next(iter(_built))]
+        _built[key] = _build(spec.name, dict(spec.params), spec.base_dir)
+    return _built[key]
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(name: str, params_json: str, base_dir: str) -> Task | RunsOwnTrials:
-    params = json.loads(params_json)
+# Tasks built in this process: the driver, the study's checks and a local executor's workers take the same one
+# (building reads and encodes the data). Kept for one run only (forget_built): a second dsnas.search in the same
+# process read the data as the first had, after the corpus on disk changed, so the data check let it mix them.
+_built: dict[tuple[str, str, str], Any] = {}
+MAX_BUILT = 4
+
+
+def forget_built() -> None:
+    """Build each task anew from its data as it is now: at the start of a run, and after a task failed its checks
+    (a fixed factory or data is then used)."""
+    _built.clear()
+
+
+def _build(name: str, params: dict[str, Any], base_dir: str) -> Task | RunsOwnTrials:
     if name == "charlm":
         from dsnas.tasks.charlm import CharLMConfig, CharLMTask  # torch loads on first use
 
