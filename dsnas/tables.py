@@ -5,6 +5,7 @@ fingerprints. Created on first use and upgraded in place, so a study written by 
 from __future__ import annotations
 
 import datetime
+import logging
 import weakref
 from typing import Any
 
@@ -155,9 +156,24 @@ def _widen(engine: Any) -> None:
         return
     columns = {c["name"]: c["type"] for c in inspect(engine).get_columns(Measurement.__tablename__)}
     if "peak_memory_bytes" in columns and not isinstance(columns["peak_memory_bytes"], BigInteger):
-        with engine.begin() as connection:
-            connection.execute(text(statement))
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(statement))
+        except DBAPIError as e:
+            # A team member's role may write rows but not alter the owner's table: searching went on before the
+            # widening, and must go on (a peak of 2 GiB or more is then left out of the table, kept in the trial).
+            _NARROW.add(engine)
+            cause = str(e.orig or e).strip().splitlines()[0]
+            logging.getLogger("dsnas.search").warning(
+                f"dsnas: warning: dsnas_measurements.peak_memory_bytes is a 32-bit column and this database user "
+                f"may not widen it ({cause}); a peak of 2 GiB or more is kept in its trial but not in that table. "
+                f"Fix: have the table's owner run once: {statement}")
+            return
     _WIDENED.add(engine)
+
+
+_NARROW: weakref.WeakSet[Any] = weakref.WeakSet()  # engines whose peak_memory_bytes is 32-bit, and stays so
+INT32_MAX = 2**31 - 1
 
 
 def merge_racing(session: Session, row: Base) -> None:
@@ -261,6 +277,10 @@ def record_measurements(engine: Any, study_name: str, trial_number: int, profile
     fp, rows = measurement_rows(study_name, trial_number, profile, metrics, measured_at, arch)
     if fp is None or engine is None:  # None: a study in memory keeps no tables
         return
+    if engine in _NARROW:  # (see _widen)
+        for row in rows:
+            if row.peak_memory_bytes is not None and row.peak_memory_bytes > INT32_MAX:
+                row.peak_memory_bytes = None
     with Session(engine) as session, session.begin():
         merge_racing(session, fp)
         exists = select(Measurement.id).where(Measurement.study_name == study_name,

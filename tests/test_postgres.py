@@ -287,10 +287,23 @@ def test_a_read_is_one_round_trip_on_postgresql(postgres_url):
         engine.dispose()
 
 
+def _peaks_of_gibibytes(table: Path) -> None:
+    """The table study's peaks made 3-8 GiB at batch 32, as on a GPU."""
+    import csv
+
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["peak_memory_mb_bs32"] = row["peak_memory_mb"] = str(float(row["peak_memory_mb_bs32"]) * 4000)
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_a_peak_of_2_gib_or_more_is_stored_and_an_older_32_bit_column_is_widened(tmp_path, postgres_url):
     """peak_memory_bytes was PostgreSQL's 32-bit INTEGER: a trial's 2 GiB peak (ordinary on a GPU at batch 32)
     failed its insert after the trial was told COMPLETE, and every resume failed the same way, for good."""
-    import csv
 
     import sqlalchemy as sa
     from table_study import write_table_study
@@ -298,15 +311,7 @@ def test_a_peak_of_2_gib_or_more_is_stored_and_an_older_32_bit_column_is_widened
     from dsnas import tables
 
     study = write_table_study(tmp_path, n_trials=3, fidelity='kind = "none"')
-    table = tmp_path / "table.csv"
-    with table.open() as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:  # 3-8 GiB at batch 32
-        row["peak_memory_mb_bs32"] = row["peak_memory_mb"] = str(float(row["peak_memory_mb_bs32"]) * 4000)
-    with table.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    _peaks_of_gibibytes(tmp_path / "table.csv")
     study.write_text(study.read_text().replace("[study]\n", f"[study]\nstorage = {json.dumps(postgres_url)}\n", 1))
     engine = sa.create_engine(postgres_url)
     tables.ensure_schema(engine, "test")  # the tables as an older dsnas made them: a 32-bit column
@@ -319,3 +324,46 @@ def test_a_peak_of_2_gib_or_more_is_stored_and_an_older_32_bit_column_is_widened
         peaks = connection.execute(sa.text("SELECT peak_memory_bytes FROM dsnas_measurements")).scalars().all()
     engine.dispose()
     assert len(peaks) == 6 and max(peaks) > 2**31
+
+
+def test_a_team_member_who_may_not_widen_the_column_still_searches(tmp_path, postgres_url, capsys):
+    """A role that may write the rows but not alter the owner's table (ALTER needs the owner) stopped every search
+    of an older study with a traceback: "must be owner of table dsnas_measurements"."""
+
+    import optuna
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from table_study import write_table_study
+
+    from dsnas import tables
+
+    study = write_table_study(tmp_path, n_trials=2, fidelity='kind = "none"')
+    _peaks_of_gibibytes(tmp_path / "table.csv")
+    optuna.storages.RDBStorage(postgres_url).remove_session()  # the owner's tables, Optuna's and dsnas's, as an
+    engine = sa.create_engine(postgres_url)  # older dsnas made them: a 32-bit column
+    tables.ensure_schema(engine, "test")
+    url = make_url(postgres_url)
+    member, password = f"dsnas_member_{secrets.token_hex(4)}", secrets.token_hex(8)
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE dsnas_measurements ALTER COLUMN peak_memory_bytes TYPE INTEGER"))
+        connection.execute(sa.text(f"CREATE ROLE {member} LOGIN PASSWORD '{password}'"))
+        connection.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {member}"))
+        connection.execute(sa.text(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {member}"))
+    engine.dispose()
+    try:
+        as_member = url.set(username=member, password=password).render_as_string(hide_password=False)
+        study.write_text(study.read_text().replace("[study]\n", f"[study]\nstorage = {json.dumps(as_member)}\n", 1))
+        assert main(["search", str(study)]) == 0
+        out = capsys.readouterr().out  # (the search's log)
+        assert "peak_memory_bytes is a 32-bit column and this database user may not widen it" in out, out
+        assert "Fix: have the table's owner run once: ALTER TABLE dsnas_measurements" in out
+        engine = sa.create_engine(postgres_url)
+        with engine.connect() as connection:
+            peaks = connection.execute(sa.text("SELECT peak_memory_bytes FROM dsnas_measurements")).scalars().all()
+        assert len(peaks) == 4 and None in peaks and max(p for p in peaks if p is not None) < 2**31
+    finally:
+        engine.dispose()
+        with _connect(url, url.database) as conn:  # a role outlives the database: drop it by hand
+            conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {member}")
+            conn.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {member}")
+            conn.execute(f"DROP ROLE {member}")
