@@ -246,6 +246,11 @@ class Driver:
             return
         now = self.data
         differs = data_differs(recorded, now)
+        if differs and "folder_reader" in now and "folder_reader" not in recorded:
+            raise DsnasError(f"{self.spec.path}: [task] the stored trials were searched by an older dsnas, which read "
+                             "no images in the class folders' sub-folders and read hidden ones; this one reads the "
+                             f"folder's images otherwise ({', '.join(differs)} differ), so its trials would not "
+                             "train on the same images. Fix: give the study a new [study] name")
         if differs:
             key = differs[0]
             raise DsnasError(f"{self.spec.path}: [task] the data differs from what the stored trials trained on "
@@ -712,7 +717,7 @@ class TrialClock:
 
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 60 else text[:56] + "...\"" if text.endswith('"') else text[:57] + "..."
 
 
 def _unfit(metrics: dict[str, float], objectives: Sequence[Any]) -> str:

@@ -171,3 +171,32 @@ def test_a_toml_date_given_to_a_user_task_is_refused_with_the_fix(tmp_path, monk
                                         r"got '2024-01-01'. Fix: quote it: since = \"2024-01-01\""):
         check_params("study.toml", spec)
     sys.modules.pop("dated_task", None)
+
+
+def test_fingerprints_compare_as_stored_and_an_older_image_reader_is_named():
+    """A user fingerprint of tuples differed from itself stored (JSON lists): its study could never resume. A study
+    of image folders searched before sub-folders were read was told to "restore the data" that had not changed."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from dsnas.driver import Driver
+    from dsnas.errors import DsnasError
+    from dsnas.tasks import data_differs
+
+    assert data_differs({"packages": ["a", "b"], "rows": {"1": 2}}, {"packages": ("a", "b"), "rows": {1: 2}}) == []
+    assert data_differs({"packages": ["a"]}, {"packages": ("b",)}) == ["packages"]
+
+    def check(recorded, now):
+        trial = SimpleNamespace(user_attrs={"profile": {"task": recorded}})
+        study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
+        Driver._check_same_data(SimpleNamespace(study=study, data=now, spec=SimpleNamespace(path="s.toml")))
+
+    old = {"task": "images", "dataset": "/d/pets", "dataset_sha256": "aa", "train_count": 6}
+    check(old, {**old, "folder_reader": 2})  # the same images: an older record's missing key is no difference
+    with pytest.raises(DsnasError, match=r"s.toml: \[task\] the stored trials were searched by an older dsnas, "
+                                         r"which read no images in the class folders' sub-folders .*\(dataset_sha256, "
+                                         r"train_count differ\).*Fix: give the study a new \[study\] name$"):
+        check(old, {**old, "dataset_sha256": "bb", "train_count": 8, "folder_reader": 2})
+    with pytest.raises(DsnasError, match=r"the data differs .*dataset_sha256 was \"a{55}\.\.\.\", now"):
+        check({**old, "dataset_sha256": "a" * 64, "folder_reader": 2}, {**old, "folder_reader": 2})

@@ -134,11 +134,23 @@ LOCATION_KEYS = ("dataset", "corpus")
 
 
 def data_differs(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys in which two task fingerprints differ, leaving out where the data lives when both record its hash
-    (``*_sha256``): the same bytes moved with their study are the same data."""
+    """The keys in which two task fingerprints differ, each as stored (JSON: a tuple is a list, a dict's keys are
+    strings; a fingerprint of tuples differed from itself stored), leaving out where the data lives when both
+    record its hash (``*_sha256``): the same bytes moved with their study are the same data; and a key a later
+    dsnas added (LATER_KEYS) where the older fingerprint has none."""
+    then, now = _as_stored(then), _as_stored(now)
     keys = sorted(set(then) | set(now))
     hashed = any(k.endswith("_sha256") and then.get(k) is not None and k in now for k in keys)
-    return [k for k in keys if then.get(k) != now.get(k) and not (hashed and k in LOCATION_KEYS)]
+    return [k for k in keys if then.get(k) != now.get(k) and not (hashed and k in LOCATION_KEYS)
+            and not (k in LATER_KEYS and k not in then)]
+
+
+def _as_stored(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+# Fingerprint keys a later dsnas added: "folder_reader", how an image folder is read (dsnas.tasks.images).
+LATER_KEYS = ("folder_reader",)
 
 
 def runs_own_trials(task: Any) -> bool:

@@ -82,6 +82,12 @@ def class_folders(root: Path) -> list[Path]:
     return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
 
 
+# How a folder's images are read, in its task's fingerprint: 2 reads the class folders' sub-folders too and leaves
+# out hidden files; a study searched before (no "folder_reader") read neither, and its data hash differs where the
+# folder has such files.
+FOLDER_READER = 2
+
+
 def image_files(folder: Path) -> list[Path]:
     """A class folder's images, in its sub-folders too (as torchvision's ImageFolder reads them: images sorted into
     dog/batch1/ were dropped without a word, and a class of only such images with them), hidden ones left out."""
@@ -211,7 +217,8 @@ class ImagesTask:
     def fingerprint(self) -> dict[str, Any]:
         return {"task": "images", "dataset": self.source, "dataset_sha256": self.sha256,
                 "image_size": self.config.image_size, "classes": self.n_classes,
-                "train_count": len(self.train_idx), "val_count": len(self.val_idx), "split_seed": self.config.seed}
+                "train_count": len(self.train_idx), "val_count": len(self.val_idx), "split_seed": self.config.seed,
+                **({} if self.source.startswith(DIGITS) else {"folder_reader": FOLDER_READER})}
 
     def train(self, model: Any, device: Any, *, seed: int, checkpoint: Callable[[], None], fraction: float = 1.0,
               lr_scale: float = 1.0, fallback_steps: int = FALLBACK_STEPS, rungs: Sequence[float] = (),
