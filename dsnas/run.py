@@ -19,7 +19,7 @@ from dsnas.storage import (
     storage_engine,
     study_lock,
 )
-from dsnas.study import open_study
+from dsnas.study import open_study, release_settings
 from dsnas.tasks import BUILTIN_TASKS, make_task, runs_own_trials
 from dsnas.trial import TrialFn
 from dsnas.worker import run_trial
@@ -126,27 +126,42 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     if ours and _stores_files(spec):
         check_artifacts_writable(spec)
     study = study if study is not None else open_study(spec)
-    requeued = recover_stale_trials(study)
-    progress = progress or Progress(spec)
-    study.sampler = sampler if sampler is not None else make_sampler(spec, len(study.trials), progress.say,
-                                                                     driver_run(study, spec))
-    progress.start(study, requeued)
-    driver = Driver(spec, study, trial_fn, progress, [*study_callbacks(spec), *callbacks])
-    with driver.guard.installed():
-        try:
-            stopped = driver.loop()
-        except StorageLost as e:
-            raise DsnasError(driver.lost_message(e)) from None
-        finally:
-            driver.close()
-    completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
-    # The study's front, also where other drivers completed every trial of it. A reused repeat has its original's
-    # values: the original alone stands for them on the front.
-    front = [t for t in driver.db("read the Pareto front", lambda: study.best_trials) if "reused_from" not in
-             t.user_attrs] if completed else []
-    pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
-    if ours and (engine := storage_engine(study)) is not None:
-        engine.dispose()  # the study file as one file again, for whoever reads it next (a later read reconnects)
-        leave_write_ahead(spec.storage)
-    return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
-                         progress.reused, progress.evaluated_this_run(), progress.first_failure)
+    try:
+        requeued = recover_stale_trials(study)
+        progress = progress or Progress(spec)
+        study.sampler = sampler if sampler is not None else make_sampler(spec, len(study.trials), progress.say,
+                                                                         driver_run(study, spec))
+        progress.start(study, requeued)
+        driver = Driver(spec, study, trial_fn, progress, [*study_callbacks(spec), *callbacks])
+        with driver.guard.installed():
+            try:
+                stopped = driver.loop()
+            except StorageLost as e:
+                raise DsnasError(driver.lost_message(e)) from None
+            finally:
+                driver.close()
+        if ours:
+            _release(study)  # before the storage is let go below: a write would open it again
+        completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
+        # The study's front, also where other drivers completed every trial of it. A reused repeat has its original's
+        # values: the original alone stands for them on the front.
+        front = [t for t in driver.db("read the Pareto front", lambda: study.best_trials) if "reused_from" not in
+                 t.user_attrs] if completed else []
+        pruned = driver.db("count the pruned trials", driver.count, TrialState.PRUNED)
+        if ours and (engine := storage_engine(study)) is not None:
+            engine.dispose()  # the study file as one file again, for whoever reads it next (a later read reconnects)
+            leave_write_ahead(spec.storage)
+        return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
+                             progress.reused, progress.evaluated_this_run(), progress.first_failure)
+    except BaseException:
+        if ours:
+            _release(study)
+        raise
+
+
+def _release(study: Any) -> None:
+    """This run's record of the settings binds no longer by this process (see release_settings)."""
+    try:
+        release_settings(study)
+    except Exception:  # a database lost meanwhile: the record then binds only while this process lives
+        pass

@@ -116,6 +116,17 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
     study.set_user_attr(SETTINGS_ATTR, {**now, RECORDED_BY: me})
 
 
+def release_settings(study: Any) -> None:
+    """This driver's run ended: its record of the settings binds no longer by it (a notebook's process lives on
+    after dsnas.search returns, and refused another run's fixed settings where no trial had been stored); its
+    trials, stored or running elsewhere, still bind."""
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    recorder = stored.get(RECORDED_BY) if isinstance(stored, dict) else None
+    me = driver_identity()
+    if isinstance(recorder, dict) and (recorder.get("host"), recorder.get("pid")) == (me["host"], me["pid"]):
+        study.set_user_attr(SETTINGS_ATTR, {k: v for k, v in stored.items() if k != RECORDED_BY})
+
+
 def edited_since(spec: StudySpec, study: Any) -> str:
     """One line where the study file's task, hardware (limits included) or engine differ from those its study was
     searched with, "" where they agree or none were recorded. `report`, `export` and `dashboard` read the study as

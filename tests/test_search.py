@@ -344,6 +344,17 @@ def test_a_second_driver_under_other_settings_is_refused_while_the_first_has_no_
     assert open_study(load_study(other)).user_attrs[SETTINGS_ATTR]["task"]["val_tokens"] == 256
 
 
+def test_a_finished_run_in_a_live_process_binds_the_settings_by_its_trials_only(tiny_study):
+    """A notebook's dsnas.search returned and its process lived on: its record kept binding, and another run with
+    fixed settings was refused ("searched with 0") where no trial had been stored, until the kernel was killed."""
+    from dsnas.spec import load_study
+    from dsnas.study import RECORDED_BY, SETTINGS_ATTR, open_study
+
+    tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 1"))
+    assert main(["search", str(tiny_study)]) == 0  # this process lives on, as a notebook's does
+    assert RECORDED_BY not in open_study(load_study(tiny_study), create=False).user_attrs[SETTINGS_ATTR]
+
+
 def test_resuming_with_other_options_in_the_space_is_refused_before_any_trial(finished_study, tmp_path, capsys):
     """Optuna keeps a parameter's options for a study's life: each trial of a resumed study whose space changed them
     once failed ("CategoricalDistribution does not support dynamic value space") and was stored failed."""
