@@ -199,7 +199,7 @@ class Driver:
         """A worker's clock event: its trial started, or waits for another trial, or runs again."""
         clock = self.clocks.get(event.trial)
         if clock is not None:
-            clock.tell(event.event, time.monotonic())
+            clock.tell(event, time.monotonic())
 
     @property
     def executor(self) -> BaseExecutor:
@@ -395,8 +395,11 @@ class Driver:
         """A repeat: COMPLETE with the original's values and figures (so the sampler learns them again), marked
         ``reused_from``; nothing trained or measured, no weights of its own (export takes the original's)."""
         frozen = self.db("read the study", self.study.get_trials, deepcopy=False)[original]
+        # Its figures, not its work: the seconds it trained and measured, and the predictor's check of it, were the
+        # original's (counted again, the repeats doubled a search's compute and weighted the predictor's record).
         figures = {k: v for k, v in frozen.user_attrs.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in WORK_SECONDS
+                   and not k.startswith(("predicted.", "predictor_error."))}
 
         def store() -> None:
             self._set_attrs(trial, {**figures, "arch": arch, "arch_short": short, "evaluation_key": key,
@@ -689,30 +692,34 @@ class Driver:
                 self._executor.close()
 
 
+# A trial's seconds of its own work (dsnas.worker): a repeat answered from an earlier trial did none of it.
+WORK_SECONDS = ("trial_s", "train_s", "engine_s", "measure_s", "waited_s")
+
+
 @dataclass
 class TrialClock:
-    """A trial's own running time, from what its worker says (dsnas.rungs.ClockEvent): from when it started on its
-    worker, less the time it waited for another trial (the measurement gate) or for the database."""
+    """A trial's own running time, from what its worker says (dsnas.rungs.ClockEvent): the worker counts it (from
+    when it started there, less its waits for another trial's measurement) and tells it at each change; between
+    two, the driver adds the time since it read the last while the trial runs. Time the driver's database was out
+    is taken off too (``waited_s``): the trial's result may have waited for it."""
 
-    started: float | None = None  # the driver's monotonic time when the worker said it started
+    told_s: float | None = None  # its running time at the last event; None: not started on a worker yet
+    told_at: float = 0.0  # the driver's monotonic time when it read that event
+    running: bool = True
+    seq: int = -1
     waited_s: float = 0.0
-    waiting_since: float | None = None
 
-    def tell(self, event: str, now: float) -> None:
-        if event == "started" and self.started is None:
-            self.started = now
-        elif event == "waiting" and self.waiting_since is None:
-            self.waiting_since = now
-        elif event == "running" and self.waiting_since is not None:
-            self.waited_s += now - self.waiting_since
-            self.waiting_since = None
+    def tell(self, event: Any, now: float) -> None:
+        if event.seq <= self.seq:
+            return  # read after a later one (a Ray actor's calls need not run in order)
+        self.seq, self.told_s, self.told_at = event.seq, event.ran_s, now
+        self.running = event.event != "waiting"
 
     def ran_s(self, now: float) -> float:
         """Seconds it has run itself (0 while it is queued: it has not started)."""
-        if self.started is None:
+        if self.told_s is None:
             return 0.0
-        waiting = now - self.waiting_since if self.waiting_since is not None else 0.0
-        return now - self.started - self.waited_s - waiting
+        return self.told_s + (now - self.told_at if self.running else 0.0) - self.waited_s
 
 
 def _short(value: Any) -> str:

@@ -25,10 +25,13 @@ class RungReport:
 class ClockEvent:
     """What a worker tells the driver about its trial's own running time (trial_timeout_s): it ``started`` on its
     worker (time queued before is not its own), or is ``waiting`` for another trial (the measurement gate) or
-    ``running`` again."""
+    ``running`` again; ``ran_s``: its own running time then, as the worker counted it (the driver read the events
+    late while it was busy, and counted a wait between two of them as running); ``seq``: their order."""
 
     trial: int
     event: str
+    ran_s: float = 0.0
+    seq: int = 0
 
 
 class RungStop(Exception):

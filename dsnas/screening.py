@@ -211,6 +211,8 @@ def search_record(study: Any) -> str | None:
     skipped, refits = 0, 0  # re-fits a missed prediction caused
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
+        if "reused_from" in attrs:
+            continue  # a repeat predicted nothing (an older dsnas copied its original's check onto it)
         skipped += attrs.get("pruned_by") == "predictor"
         refits += "predictor_refit" in attrs
         for metric in PREDICTED:

@@ -15,11 +15,12 @@ from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 
 
 def run_trial(request: TrialRequest) -> TrialResult:
-    _clock(request, "started")  # its time limit counts from here, not from when it was queued
+    clock = OwnClock(request)
+    clock.tell("started")  # its time limit counts from here, not from when it was queued
     task = _task_of(request)
     if runs_own_trials(task):  # the user's own evaluation function: no model is built here
         return run_own_trial(task, request)
-    return _Candidate(request, task).run()
+    return _Candidate(request, task, clock).run()
 
 
 def _task_of(request: TrialRequest) -> Any:
@@ -92,12 +93,13 @@ class _Candidate:
     """One trial in its worker: build -> train -> engine steps -> convert -> measure -> evaluate; with rungs,
     measured first (timings do not depend on the weights' values) and trained rung by rung."""
 
-    def __init__(self, request: TrialRequest, task: Any) -> None:
+    def __init__(self, request: TrialRequest, task: Any, clock: OwnClock | None = None) -> None:
         import torch
 
         from dsnas.kernels import pipeline  # torch loads on first use
 
         self.request, self.task = request, task
+        self.clock = clock or OwnClock(request)
         self.started = time.perf_counter()
         torch.manual_seed(request.seed)
         self.device = resolve_device(request.hardware.device)
@@ -105,7 +107,7 @@ class _Candidate:
         pipeline.check_task(self.model, task)
         # Time kept waiting for another trial's measurement (or for its training, to measure) is not this one's.
         self.gate = MeasureGate(device_key(self.device),
-                                on_wait=lambda waiting: _clock(request, "waiting" if waiting else "running"))
+                                on_wait=lambda waiting: self.clock.tell("waiting" if waiting else "running"))
         if is_user_family(str(request.arch.get("family", ""))):
             with self.gate.shared():  # no computing outside the gate: another trial may be measuring
                 _check_output(self.model, task, self.device, request.arch["family"])
@@ -115,6 +117,7 @@ class _Candidate:
         self.profile: Profile = {}
         self.engine_info: dict[str, Any] = {}
         self.train_started: float | None = None
+        self.waited_at_training = 0.0
 
     def run(self) -> TrialResult:
         from dsnas.kernels import pipeline  # torch loads on first use
@@ -150,6 +153,7 @@ class _Candidate:
         request, task = self.request, self.task
         with self.gate.shared() as hold:
             self.train_started = train_start = time.perf_counter()
+            self.waited_at_training = waited_before = self.clock.waited_s()
             main = pipeline.main_fraction(self.model, request.engine)
             kwargs = pipeline.supported(task.train, fallback_steps=request.engine.fallback_steps, fraction=main)
             if rungs:
@@ -157,11 +161,13 @@ class _Candidate:
             self.train_metrics.update(task.train(self.model, self.device, seed=request.seed,
                                                  checkpoint=hold.checkpoint, **kwargs))
             _check_finite(self.model)
-            trained = time.perf_counter()
+            # Its own seconds: the waits in checkpoint() for another trial's measurement are not its work.
+            trained, waited_training = time.perf_counter(), self.clock.waited_s()
             engine_metrics, self.engine_info = pipeline.run(self.model, task, self.device, request.engine,
                                                             seed=request.seed, checkpoint=hold.checkpoint)
             self.train_metrics.update(engine_metrics)
-            self.seconds.update(train_s=trained - train_start, engine_s=time.perf_counter() - trained)
+            self.seconds.update(train_s=trained - train_start - (waited_training - waited_before),
+                                engine_s=time.perf_counter() - trained - (self.clock.waited_s() - waited_training))
 
     def _rung_kwargs(self, hold: Any, rungs: tuple[float, ...], main: float) -> dict[str, Any]:
         """``rungs`` and ``at_rung`` for the task's train(), when it takes both. Rungs are shares of the whole
@@ -241,8 +247,9 @@ class _Candidate:
             raise RungStop(report)
 
     def _result(self, pruned: RungReport | None) -> TrialResult:
-        if pruned is not None and self.train_started is not None:
-            self.seconds["train_s"] = time.perf_counter() - self.train_started  # up to the rung where it stopped
+        if pruned is not None and self.train_started is not None:  # up to the rung where it stopped, less waits
+            self.seconds["train_s"] = time.perf_counter() - self.train_started - (self.clock.waited_s()
+                                                                                 - self.waited_at_training)
         engine = {**self.engine_info, "compiled": self.request.engine.compile}
         left_alone = getattr(self.model, "dsnas_left_alone", None)
         if left_alone:  # layers an [engine.NAME] group matched that the engine has no kernel for, and why
@@ -252,7 +259,7 @@ class _Candidate:
         profile = {**self.profile, "engine": engine, "task": self.task.fingerprint(),
                    "preprocessing": preprocessing_of(self.task), "worker": worker_identity()}
         metrics = {**(self.train_metrics if pruned is None else {}), **self.hw_metrics, **self.seconds,
-                   "trial_s": time.perf_counter() - self.started}
+                   "trial_s": time.perf_counter() - self.started, "waited_s": self.clock.waited_s()}
         metrics = {k: float(v) for k, v in metrics.items()}
         if pruned is not None:
             return TrialResult(metrics={**metrics, "trained_fraction": pruned.fraction}, profile=profile,
@@ -261,10 +268,33 @@ class _Candidate:
                            probe=probe_bytes(self.model, self.task.example_batch(2, self.device)))
 
 
-def _clock(request: TrialRequest, event: str) -> None:
-    """Tell the driver, where it counts the trial's own time (trial_timeout_s) by what its worker says."""
-    if request.channel is not None:
-        request.channel.clock(ClockEvent(request.trial, event))
+class OwnClock:
+    """A trial's own time as its worker counts it: from its start, less its waits for another trial's measurement
+    (the gate). Each change is told to the driver with the time so far, where trial_timeout_s counts it."""
+
+    def __init__(self, request: TrialRequest) -> None:
+        self.request = request
+        self.started = time.monotonic()
+        self.waited = 0.0  # seconds waited so far, the wait going on left out
+        self.waiting_since: float | None = None
+        self.told = 0
+
+    def waited_s(self) -> float:
+        """Seconds waited so far, the wait going on included."""
+        now = time.monotonic()
+        return self.waited + (now - self.waiting_since if self.waiting_since is not None else 0.0)
+
+    def tell(self, event: str) -> None:
+        now = time.monotonic()
+        if event == "waiting" and self.waiting_since is None:
+            self.waiting_since = now
+        elif event == "running" and self.waiting_since is not None:
+            self.waited += now - self.waiting_since
+            self.waiting_since = None
+        if self.request.channel is not None:
+            self.told += 1
+            self.request.channel.clock(ClockEvent(self.request.trial, event, now - self.started - self.waited_s(),
+                                                  self.told))
 
 
 def _check_output(model: Any, task: Any, device: Any, family: str) -> None:

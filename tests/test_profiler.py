@@ -165,16 +165,48 @@ def test_a_holder_kept_waiting_by_another_says_so_and_an_uncontended_pass_says_n
 
 def test_a_trials_clock_counts_its_own_time_only():
     from dsnas.driver import TrialClock
+    from dsnas.rungs import ClockEvent
 
     clock = TrialClock()
     assert clock.ran_s(100.0) == 0.0  # queued: not started on a worker yet
-    clock.tell("started", 10.0)
-    clock.tell("waiting", 12.0)  # behind another trial's measurement
+    clock.tell(ClockEvent(0, "started", 0.0, 1), 10.0)
+    clock.tell(ClockEvent(0, "waiting", 2.0, 2), 12.0)  # behind another trial's measurement
     assert clock.ran_s(50.0) == 2.0
-    clock.tell("running", 52.0)
+    clock.tell(ClockEvent(0, "running", 2.0, 3), 52.0)
     assert clock.ran_s(55.0) == 5.0
     clock.waited_s += 3.0  # the database was out
     assert clock.ran_s(55.0) == 2.0
+    # A busy driver reads a wait and its end late, at once: the worker's count of its own time stands. Stamped by
+    # the driver on reading, the 10 s wait was counted as running and the trial was stopped at trial_timeout_s.
+    late = TrialClock()
+    late.tell(ClockEvent(1, "started", 0.0, 1), 0.0)
+    late.tell(ClockEvent(1, "waiting", 1.0, 2), 11.0)
+    late.tell(ClockEvent(1, "running", 1.0, 3), 11.0)
+    assert late.ran_s(12.0) == 2.0
+    late.tell(ClockEvent(1, "waiting", 1.5, 2), 12.0)  # an older event read after a newer one changes nothing
+    assert late.ran_s(13.0) == 3.0
+
+
+def test_the_worker_counts_its_waits_and_tells_its_own_time(monkeypatch):
+    from types import SimpleNamespace
+
+    from dsnas import worker
+
+    now = [100.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: now[0])
+    told = []
+    request = SimpleNamespace(trial=3, channel=SimpleNamespace(clock=told.append))
+    clock = worker.OwnClock(request)
+    clock.tell("started")
+    now[0] = 102.0
+    clock.tell("waiting")
+    now[0] = 112.0
+    assert clock.waited_s() == 10.0
+    clock.tell("running")
+    now[0] = 115.0
+    assert [(e.event, e.ran_s, e.seq) for e in told] == [("started", 0.0, 1), ("waiting", 2.0, 2),
+                                                           ("running", 2.0, 3)]
+    assert clock.waited_s() == 10.0
 
 
 def test_a_paused_hold_lets_a_measurer_in_and_then_holds_again(tmp_path):
@@ -397,3 +429,40 @@ def test_a_gate_another_account_made_is_used_without_o_creat(tmp_path, monkeypat
         pass
     with gate.shared() as hold:
         hold.checkpoint()
+
+
+def test_a_trials_train_seconds_leave_out_its_waits_for_another_measurement(tmp_path, monkeypatch):
+    """train_s was the wall time of training: a candidate that trained beside another trial's measurements looked
+    as costly as its waits (26 s stored for 16 s of training and a 10 s wait)."""
+    import tempfile
+    import threading
+
+    from dsnas.profiler import device_key, resolve_device
+    from dsnas.spec import EngineSpec, HardwareSpec, TaskSpec
+    from dsnas.tasks.charlm import CharLMTask
+    from dsnas.trial import TrialRequest
+    from dsnas.worker import run_trial
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a gate of this test's own
+    measured = threading.Event()
+
+    def train(self, model, device, *, checkpoint, **kwargs):
+        def measurer():  # another trial, measuring for 1 s while this one trains
+            with MeasureGate(device_key(resolve_device("cpu")), tmp_path).exclusive():
+                time.sleep(1.0)
+            measured.set()
+
+        threading.Thread(target=measurer).start()
+        while not measured.is_set():  # 0.05 s of work between checkpoints, the measurement waited for at one
+            time.sleep(0.05)
+            checkpoint()
+        return {}
+
+    monkeypatch.setattr(CharLMTask, "train", train)
+    arch = {"family": "transformer_lm", "d_model": 16, "layers": [{"n_heads": 1, "ffn_ratio": 1}]}
+    task = TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 16, "val_tokens": 256})
+    result = run_trial(TrialRequest(0, {**arch, "vocab_size": 256, "context": 16}, task,
+                                    HardwareSpec(batch_sizes=(1,), warmup_s=0.01, measure_s=0.05), seed=0,
+                                    engine=EngineSpec()))
+    assert result.metrics["waited_s"] >= 0.9
+    assert result.metrics["train_s"] < 0.6, result.metrics  # its own few steps, not the 1 s wait

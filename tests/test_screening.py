@@ -168,3 +168,18 @@ def test_trust_follows_the_recent_held_out_errors_then_the_cross_validation():
     for number, error in enumerate((0.01, 0.02), start=3):
         screen.errors["latency_ms"].append((number, error))  # recent = 3: the large ones age out
     assert screen.recent_error("latency_ms") == 0.02 and screen.trusted("latency_ms")
+
+
+def test_the_search_record_checks_each_prediction_once_and_no_repeat():
+    """A reused repeat carried its original's prediction and check: `dsnas predictor` printed 225 checks where 18
+    candidates had been predicted and then measured."""
+    from dsnas.screening import search_record
+
+    study = optuna.create_study(directions=["maximize"])
+    checked = {"latency_ms": 10.0, "predicted.latency_ms": 11.0, "predictor_error.latency_ms": 0.1}
+    study.add_trial(optuna.trial.create_trial(values=[0.5], user_attrs=checked))
+    study.add_trial(optuna.trial.create_trial(values=[0.6], user_attrs={**checked, "latency_ms": 20.0,
+                                                                         "predicted.latency_ms": 19.0}))
+    for _ in range(5):
+        study.add_trial(optuna.trial.create_trial(values=[0.5], user_attrs={**checked, "reused_from": 0}))
+    assert "latency_ms: 2 predictions checked" in search_record(study)
