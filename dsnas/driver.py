@@ -80,6 +80,8 @@ class Driver:
         self.reuses_in_a_row = 0
         self.watching = False  # the rest of the budget runs in other drivers (see _watch_other_drivers)
         self._evaluated: dict[str, int] | None = None  # evaluation key -> the trial that trained it (see _original)
+        # A trial waiting for the running trial of the same candidate: number -> (twin, arch, short, key).
+        self.twins: dict[int, tuple[int, dict[str, Any], str, str]] = {}
         self.keys: dict[int, str] = {}  # running trial number -> its evaluation key
         self.budget = BudgetCount()
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
@@ -104,7 +106,8 @@ class Driver:
             # not among them: whether it has room is read under the study's lock as each trial is taken (see
             # _take_place), a full one ends this loop, and the reason is read once nothing runs. Before the first,
             # a spent budget must stop the run before the space's engine choices are settled (a probe).
-            while len(self.running) < self.executor.slots and \
+            # (A trial waiting for its running twin takes no worker.)
+            while len(self.running) - len(self.twins) < self.executor.slots and \
                     self._stop_reason(read_budget=self._sample is None) is None:
                 with self.guard.writing():
                     if not self._dispatch():
@@ -119,6 +122,9 @@ class Driver:
                 with self.guard.writing():
                     self._record(self.running[number], outcome)
             self._stop_overdue()
+            if self.twins:
+                with self.guard.writing():
+                    self._answer_twins()
 
     def _call_waiting(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``executor.call``, where Ctrl-C and SIGTERM act at once: the engine probe waits for the device's gate
@@ -324,8 +330,6 @@ class Driver:
 
     def _dispatch(self) -> bool:
         """Start one trial; False when the budget had no room left once the study was locked."""
-        from dsnas import tables  # SQLAlchemy loads on first use
-
         if self._sample is None:
             self._sample = self._sampler()
         trial = self.db("start a trial", self._take_place)
@@ -349,11 +353,42 @@ class Driver:
         if original is not None:
             self._reuse(trial, arch, short, key, original)
             return True
+        twin = self._twin(key) if self.spec.budget.repeats == "reuse" else None
+        if twin is not None:  # the same candidate trains now: this one waits for its result (see _answer_twins)
+            self.twins[trial.number] = (twin, arch, short, key)
+            self.progress.say(f"  trial {trial.number} is trial {twin} again, which is running: it waits for its "
+                              "result")
+            return True
+        self._start(trial, arch, short, key)
+        return True
+
+    def _twin(self, key: str) -> int | None:
+        """A trial of this driver training the candidate of this evaluation key now (Optuna's samplers propose a
+        running candidate again: with two workers, one was trained twice at once, and listed twice on the front)."""
+        return next((n for n, k in self.keys.items() if k == key and n in self.running and n not in self.twins), None)
+
+    def _answer_twins(self) -> None:
+        """The trials that waited for a running twin, once it ended: a repeat of its result where it completed,
+        else (failed, stopped at a rung, interrupted) trained themselves."""
+        for number, (twin, arch, short, key) in list(self.twins.items()):
+            if twin in self.running:
+                continue
+            del self.twins[number]
+            original = self._original(key)
+            if original is not None:
+                self._reuse(self.running[number], arch, short, key, original)
+            else:
+                self._start(self.running[number], arch, short, key)
+
+    def _start(self, trial: Any, arch: dict[str, Any], short: str, key: str) -> None:
+        """Screen a sampled candidate, then submit it to the executor."""
+        from dsnas import tables  # SQLAlchemy loads on first use
+
         self.reuses_in_a_row = 0
         verdict = self.db("screen the candidate", self._computing(self.screen.judge), arch)
         if verdict is not None and verdict.skip:
             self._skip(trial, arch, short, verdict)
-            return True
+            return
         self.skips_in_a_row = 0
         # Recorded, and kept by a trial queued again: a killed and resumed study trains a candidate with the seed the
         # uninterrupted one would have (the new trial number gave another: 0.4319 where it scored 0.4197).
@@ -376,7 +411,6 @@ class Driver:
         if self.spec.budget.trial_timeout_s is not None:
             self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
         self.progress.started(trial.number, short, self.running)
-        return True
 
     def _original(self, key: str) -> int | None:
         """The completed trial that trained this evaluation key (the architecture under this study's task, training

@@ -94,3 +94,26 @@ def test_the_search_efficiency_benchmark_counts_a_reused_repeat_as_no_evaluation
     reused = SimpleNamespace(state=TrialState.COMPLETE, user_attrs={"rung1": {"fraction": 1 / 3}, "reused_from": 0})
     assert bench.trial_cost(trained, row, 0.02) == (11.0, True)  # trained, and one validation pass at its rung
     assert bench.trial_cost(reused, row, 0.02) == (0.0, False)
+
+
+@pytest.mark.slow
+def test_a_candidate_proposed_while_it_trains_waits_for_its_result(tmp_path, capsys):
+    """With two workers, Optuna's samplers propose a running candidate again: it was trained twice at once, counted
+    twice toward n_trials and listed twice on the front."""
+    (tmp_path / "slow_task.py").write_text(
+        "import time\nfrom table_task import TableTask\n\n\nclass SlowTask(TableTask):\n"
+        "    def evaluate_arch(self, arch, **kwargs):\n        time.sleep(2.0)\n"
+        "        return super().evaluate_arch(arch, **kwargs)\n")
+    study = write_table_study(tmp_path, n_trials=2, sampler="tpe", executor="ray", task="slow_task:SlowTask",
+                              fidelity='kind = "none"', repeats="reuse")
+    study.write_text(study.read_text().replace('kind = "ray"', 'kind = "ray"\nworkers = 2'))
+    (tmp_path / "space.toml").write_text(  # one candidate: the second worker's first proposal is its twin
+        'family = "transformer_lm"\n[choices]\nn_layers = [1]\nd_model = [16]\nn_heads = [1]\nffn_ratio = [1]\n')
+    assert main(["search", str(study)]) == 0  # stopped once the sampler proposes nothing new
+    out = capsys.readouterr().out
+    _, trials = trials_of(study)
+    trained = [t for t in trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
+    assert [t.number for t in trained] == [0], out  # trained once
+    assert "trial 1 is trial 0 again, which is running: it waits for its result" in out
+    assert trials[1].state == TrialState.COMPLETE and trials[1].user_attrs["reused_from"] == 0
+    assert trials[1].values == trials[0].values
