@@ -3,7 +3,8 @@
 dsnas.predictor's features (the architecture's terms times log batch size among them) were chosen on the
 108 models of benchmarks/data/charlm_space.csv, which search_efficiency.py reports on: fp32, dense, every
 layer alike. This check runs a fresh study on the quickstart's own space instead (search_spaces/transformer_lm.toml:
-1-4 layers, width 32-128, and per layer the heads, the FFN ratio, precision fp32/int8 and sparsity dense/2:4), with
+1-4 layers, width 32-128, and per layer the heads, the FFN ratio, and, listed in a copy of it in place of its
+engine = "auto", precision fp32/int8 and sparsity dense/2:4), with
 dsnas's own driver and worker (`dsnas.run.run_study`, the local executor, the random sampler so that the
 architectures are not the ones a sampler liked), then scores the predictor on that study exactly as
 `dsnas predictor` does: K-fold split by architecture, against a FLOPs-only power law fitted on the same folds, per
@@ -41,6 +42,17 @@ sys.path.insert(0, str(ROOT))
 QUICKSTART = ROOT / "studies" / "quickstart.toml"
 CHEAP_ENGINE = {"saliency": "magnitude", "calibrator": "max", "calibration_batches": 2, "finetune_frac": 0.0,
                 "qat_frac": 0.0}
+# The engine's choices listed, not the device's (the space's engine = "auto"): the same layer forms on every machine,
+# and 2:4 among them, which "auto" offers only where a sparse kernel runs (never on a CPU).
+ENGINE_CHOICES = {"precision": ["fp32", "int8"], "sparsity": ["dense", "2:4"]}
+
+
+def space_toml() -> str:
+    """The quickstart's space with ENGINE_CHOICES per layer in place of its engine = "auto"."""
+    raw = tomllib.loads((QUICKSTART.parent / tomllib.loads(QUICKSTART.read_text())["space"]["file"]).read_text())
+    raw.pop("engine", None)
+    raw["per_layer"] = {**raw.get("per_layer", {}), **ENGINE_CHOICES}
+    return to_toml(raw)
 
 
 def study_toml(args: argparse.Namespace) -> str:
@@ -50,7 +62,7 @@ def study_toml(args: argparse.Namespace) -> str:
     raw["study"].pop("storage", None)  # beside the written study file, in --out
     raw["sampler"] = {"name": "random", "seed": args.seed}
     raw["budget"] = {"n_trials": args.trials}
-    raw["space"]["file"] = str((QUICKSTART.parent / raw["space"]["file"]).resolve())
+    raw["space"]["file"] = "space.toml"  # space_toml(), written beside it
     raw["task"]["train_tokens"] = args.train_tokens
     raw["hardware"].pop("constraints", None)
     if args.threads:
@@ -127,6 +139,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / "predictor_check.toml"
     study_file.write_text(study_toml(args) + "\n")
+    (out / "space.toml").write_text(space_toml() + "\n")
     load = os.getloadavg()
     study, search_s = run_search(study_file)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
@@ -134,9 +147,14 @@ def main() -> None:
           f"{load[0]:.1f} before the search, {os.getloadavg()[0]:.1f} after; study {study_file}")
     print(f"search: {states.count('COMPLETE')} completed, {states.count('FAIL')} failed trials; this run "
           f"{search_s:.0f} s; timings that converged: {converged_share(study)}")
+    from dsnas.errors import DsnasError
+
     for rows in by_device(study_rows(study)).values():
         for target in ("latency", "peak_memory"):
-            result = cross_validate(rows, target, folds=args.folds)
+            try:
+                result = cross_validate(rows, target, folds=args.folds)
+            except DsnasError as e:  # too few architectures: resume with the same --out and more --trials
+                sys.exit(f"predictor_check: {e} (--trials; the same --out resumes the study)")
             print("\n" + result.table())
             print("\n".join(ratio_lines(result)))
 

@@ -98,7 +98,8 @@ def main() -> None:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dsnas-routing-"))
         for name in args.tasks.split(","):
             folder = root / name
-            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # a --keep folder of an earlier run: searched anew
+            folder.mkdir(parents=True)
             print(f"\n== {name}: searching {STUDIES[name].relative_to(ROOT)} in {folder}", flush=True)
             table, cut, how = route(search(name, folder))
             print(table, flush=True)

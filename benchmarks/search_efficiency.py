@@ -278,7 +278,8 @@ def main() -> None:
     front, reference, true_hv = true_front(rows, limit)
     by_arch = {json.dumps(json.loads(r["arch"]), sort_keys=True): r for r in rows}
     infeasible = sum(r["latency_ms"] > limit for r in rows)
-    print(f"table {Path(args.table).name}: {len(rows)} architectures recorded on {platform.processor() or 'cpu'} "
+    # The table does not say where it was recorded (record_table.py ran it on a 2-core CPU): this is the replay's.
+    print(f"table {Path(args.table).name}: {len(rows)} architectures, replayed on {platform.processor() or 'cpu'} "
           f"({platform.node()}); latency limit {limit:g} ms at batch 1 ({infeasible} infeasible); true front "
           f"{len(front)} points, hypervolume {true_hv:.6g} (reference accuracy {reference[0]:.4f}, "
           f"throughput {reference[1]:,.0f} tok/s)")
