@@ -571,3 +571,23 @@ def test_the_random_start_keeps_to_a_known_limit_that_few_candidates_meet():
         cell = {e: trial.suggest_categorical(e, ops) for e in edges}
         assert latency(cell) <= 1.0, cell
         study.tell(trial, [sum(cell[e] == "conv3" for e in edges), latency(cell)])
+
+
+def test_the_design_rows_kept_between_proposals_are_bounded_and_stay_right(monkeypatch):
+    """Every random candidate ever scored kept its row: 316,000 rows (556 MB) after 120 proposals on the quickstart
+    space, growing with each."""
+    from dsnas import sampler as module
+
+    monkeypatch.setattr(module, "MAX_ENCODED", 100)
+    parameters = {f"p{i}": tuple(range(10)) for i in range(6)}  # a million candidates: scored at random
+    sampler = DsnasSampler(seed=0)
+    sampler.bind(Problem(parameters=parameters, used=dict, arch_of=dict, objectives=[("accuracy", "maximize")],
+                         limits={}, known=lambda arch: {}))
+    measured = {**{n: 0 for n in parameters}}
+    sampler._measured[sampler._key(measured)] = (measured, None)
+    for _ in range(10):
+        pool = [(p, sampler._key(p)) for p in sampler._random_params(60)] + [(measured, sampler._key(measured))]
+        rows = sampler._design(pool)
+        assert np.array_equal(rows, sampler._encoding.encode([p for p, _ in pool]))
+        assert len(sampler._encoded) <= 100 + 61
+    assert sampler._key(measured) in sampler._encoded  # a trained candidate's row is kept
