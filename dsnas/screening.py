@@ -76,8 +76,10 @@ class Screen:
         for metric, value in predicted.items():
             limit, margin = self.limits[metric], self.spec.margin
             if value > limit * (1 + margin) and self.trusted(metric):
+                which = ("recent error" if len(self.errors[metric]) >= MIN_CHECKED else
+                         f"cross-validated error (fewer than {MIN_CHECKED} checks in the search yet)")
                 return Verdict(True, f"predicted {metric} {value:.4g} > {limit:g} by more than the margin "
-                               f"({margin:.0%}; the predictor's recent error {self.recent_error(metric):.0%})",
+                               f"({margin:.0%}; the predictor's {which} {self.recent_error(metric):.0%})",
                                predicted)
         return Verdict(False, "", predicted)
 

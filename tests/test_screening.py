@@ -42,6 +42,11 @@ def test_candidates_predicted_over_the_limit_are_skipped_and_do_not_count(tmp_pa
         assert t.constraints["max_latency_ms"] == pytest.approx(t.user_attrs["predicted.latency_ms"] - 12.0)
     checked = [t for t in trials if "predictor_error.latency_ms" in t.user_attrs]
     assert checked and all(abs(t.user_attrs["predictor_error.latency_ms"]) < 0.2 for t in checked)
+    # Which error trusted it: the cross-validated one until three predictions were checked in the search.
+    for t in skips:
+        before = sum(c.number < t.number for c in checked)
+        which = "recent error" if before >= 3 else "cross-validated error (fewer than 3 checks in the search yet)"
+        assert f"; the predictor's {which} " in t.user_attrs["pruned_reason"], (before, t.user_attrs["pruned_reason"])
     assert f"skipped untrained ({skips[0].user_attrs['arch_short']}): predicted latency_ms" in out
     assert main(["predictor", str(study)]) == 0
     report = capsys.readouterr().out
