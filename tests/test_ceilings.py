@@ -113,6 +113,18 @@ def test_ceilings_measured_while_others_took_the_cpus_are_used_but_not_cached(fa
     assert ceilings(FP, threads=1) == quiet and fake_measure == [1, 1]
 
 
+def test_ceilings_measured_where_others_share_cannot_be_read_are_not_cached(fake_measure, monkeypatch):
+    """Without /proc/stat (macOS) an unknown share read as quiet: ceilings measured beside two CPU hogs (15 GFLOP/s
+    where 196 is usual) were cached for good, and every flop_util after read 10x high."""
+    monkeypatch.setattr(_Window, "others", None)
+    ceilings(FP, threads=1)
+    ceilings(FP, threads=1)
+    assert fake_measure == [1, 1] and not cache_file().exists()
+    unknown = Share(None, None, "/proc/stat not readable", host_slowdown=1.0)
+    assert unknown.disturbed() is None  # the host's speed probe alone does not make a window quiet
+    assert Share(None, None, "/proc/stat not readable", host_slowdown=2.0).disturbed() is True
+
+
 def test_another_fingerprint_or_thread_count_measures_again(fake_measure):
     a = ceilings(FP, threads=1)
     b = ceilings({**FP, "cpu": "Other CPU"}, threads=1)

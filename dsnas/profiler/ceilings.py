@@ -134,12 +134,17 @@ def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceiling
     with CpuWindow() as window:
         fresh = measure_ceilings(threads)
     measured = fresh if stored is None or faster is None else _best_of(stored, fresh, faster)
-    if window.share.disturbed():
-        # Other processes took the CPUs meanwhile: these ceilings are too low, and a cached one would stand for
-        # good (a stream bandwidth of 18.8 GB/s was stored where 31-34 is usual on a 2-core EPYC, and every
-        # bw_util read 1.7x high): used for this call, measured again at the next.
-        log.info("others took %.0f%% of the CPUs while the ceilings were measured; not cached",
-                 100 * window.share.load)
+    disturbed = window.share.disturbed()
+    if disturbed is not False:
+        # Other processes took the CPUs meanwhile (or may have: unknown without /proc/stat): these ceilings may be
+        # too low, and a cached one would stand for good (a stream bandwidth of 18.8 GB/s was stored where 31-34 is
+        # usual on a 2-core EPYC, and every bw_util read 1.7x high): used for this call, measured again at the next.
+        if disturbed:
+            log.info("others took %.0f%% of the CPUs while the ceilings were measured; not cached",
+                     100 * window.share.load)
+        else:
+            log.info("others' use of the CPUs while the ceilings were measured is unknown (%s); not cached",
+                     window.share.unavailable or "no reading")
         return measured
     store_entry(cache_file(), CACHE_TYPE, key,
                 {"fingerprint": fingerprint, "threads": threads, "ceilings": measured.as_dict()})

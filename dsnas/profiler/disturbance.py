@@ -77,10 +77,12 @@ class Share:
 
     def disturbed(self, threshold: float = THRESHOLD) -> bool | None:
         """Steal counts: CPU time a hypervisor gave to another guest is CPU time the measurement waited for. So
-        does a slowed host, which neither share shows, and other processes on the GPU."""
-        if self.others is None and self.host_slowdown is None and self.gpu_others is None:
-            return None
-        return self.severity(threshold) > 1.0
+        does a slowed host, which neither share shows, and other processes on the GPU. None where no reading says
+        anything is wrong but the share of the device timed is unknown (a CPU without /proc/stat): the host's speed
+        probe alone called a window quiet whose p90 was 19x its median."""
+        if self.severity(threshold) > 1.0:
+            return True
+        return None if self.others is None and self.gpu_others is None else False
 
     def severity(self, threshold: float = THRESHOLD) -> float:
         """How far past its line the worst reading is (above 1: disturbed), to keep the least disturbed of several
