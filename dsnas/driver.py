@@ -106,8 +106,8 @@ class Driver:
             # not among them: whether it has room is read under the study's lock as each trial is taken (see
             # _take_place), a full one ends this loop, and the reason is read once nothing runs. Before the first,
             # a spent budget must stop the run before the space's engine choices are settled (a probe).
-            # (A trial waiting for its running twin takes no worker.)
-            while len(self.running) - len(self.twins) < self.executor.slots and \
+            # A trial waiting for its running twin holds its place (else each free place took another waiting one).
+            while len(self.running) < self.executor.slots and \
                     self._stop_reason(read_budget=self._sample is None) is None:
                 with self.guard.writing():
                     if not self._dispatch():
@@ -374,9 +374,11 @@ class Driver:
             if twin in self.running:
                 continue
             del self.twins[number]
-            original = self._original(key)
+            original, again = self._original(key), self._twin(key)
             if original is not None:
                 self._reuse(self.running[number], arch, short, key, original)
+            elif again is not None:  # another trial that waited for the same one trains it now: wait for that one
+                self.twins[number] = (again, arch, short, key)
             else:
                 self._start(self.running[number], arch, short, key)
 

@@ -117,3 +117,30 @@ def test_a_candidate_proposed_while_it_trains_waits_for_its_result(tmp_path, cap
     assert "trial 1 is trial 0 again, which is running: it waits for its result" in out
     assert trials[1].state == TrialState.COMPLETE and trials[1].user_attrs["reused_from"] == 0
     assert trials[1].values == trials[0].values
+
+
+@pytest.mark.slow
+def test_trials_waiting_for_a_twin_that_failed_train_it_once(tmp_path, capsys):
+    """Each trial that waited for a twin which then failed started the candidate at once: trained twice at once
+    again. And waiting trials took no place, so the driver made 201 of them and read no result meanwhile."""
+    (tmp_path / "flaky_task.py").write_text(
+        "import time\nfrom pathlib import Path\nfrom table_task import TableTask\n\n\nclass FlakyTask(TableTask):\n"
+        "    def evaluate_arch(self, arch, **kwargs):\n        time.sleep(2.0)\n"
+        "        marker = Path(__file__).with_name('failed_once')\n"
+        "        if not marker.exists():\n            marker.touch()\n            raise RuntimeError('flaky')\n"
+        "        return super().evaluate_arch(arch, **kwargs)\n")
+    study = write_table_study(tmp_path, n_trials=3, sampler="tpe", executor="ray", task="flaky_task:FlakyTask",
+                              fidelity='kind = "none"', repeats="reuse")
+    study.write_text(study.read_text().replace('kind = "ray"', 'kind = "ray"\nworkers = 3'))
+    (tmp_path / "space.toml").write_text(
+        'family = "transformer_lm"\n[choices]\nn_layers = [1]\nd_model = [16]\nn_heads = [1]\nffn_ratio = [1]\n')
+    assert main(["search", str(study)]) == 0
+    out = capsys.readouterr().out
+    _, trials = trials_of(study)
+    assert trials[0].state == TrialState.FAIL
+    trained = [t for t in trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
+    assert [t.number for t in trained] == [1], out  # trained once, by the first trial that waited
+    assert "trial 2 is trial 0 again, which is running: it waits for its result" in out, out
+    assert trials[2].user_attrs["reused_from"] == 1
+    # Each in a place of the three: at most two wait at once (with two places for them, the driver made 201).
+    assert out.count("which is running: it waits for its result") <= 3, out
