@@ -142,14 +142,19 @@ def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_pa
     monkeypatch.setattr(sys, "path", list(sys.path))
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "same_name_task.py").write_text(f"def which():\n    return {name!r}\n")
+        (tmp_path / name / "same_name_task.py").write_text(
+            "import same_name_helpers\n\n\ndef which():\n    return same_name_helpers.WHICH\n")
+        (tmp_path / name / "same_name_helpers.py").write_text(f"WHICH = {name!r}\n")  # its own helpers too
     try:
         assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
         assert import_callable("same_name_task:which", tmp_path / "two")() == "two"
         assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
-        assert import_callable("same_name_task:which", tmp_path / "one")() == "one"  # kept, not imported again
+        kept = sys.modules["same_name_task"]
+        assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
+        assert sys.modules["same_name_task"] is kept  # the study's own: kept, not imported again
     finally:
         sys.modules.pop("same_name_task", None)
+        sys.modules.pop("same_name_helpers", None)
 
 
 def test_a_toml_date_given_to_a_user_task_is_refused_with_the_fix(tmp_path, monkeypatch):
