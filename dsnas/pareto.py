@@ -52,19 +52,43 @@ def dominates_by(a: Sequence[float], b: Sequence[float], directions: Sequence[st
 def nondominated_ranks(points: Sequence[Sequence[float]], directions: Sequence[str],
                        margins: Sequence[float] | None = None) -> list[int]:
     """Each point's front: 0 for the non-dominated points, 1 for those only they dominate, and so on
-    (dominance by a margin where ``margins`` are given, see :func:`dominates_by`)."""
-    margins = margins or [0.0] * len(directions)
-    ranks = [-1] * len(points)
-    left = set(range(len(points)))
+    (dominance by a margin where ``margins`` are given, see :func:`dominates_by`).
+
+    Every pair is compared once, as arrays: each front is then the points no point left dominates. Compared pair by
+    pair in Python for each front peeled, a rung's decision took 0.8 s among 1,000 trials and 15 s among 4,000, and
+    a one-bracket study of 5,000 trials would have spent hours of its driver's time on them."""
+    import numpy as np
+
+    n = len(points)
+    if n == 0:
+        return []
+    margins = list(margins or [0.0] * len(directions))
+    sign = np.array([1.0 if d == "maximize" else -1.0 for d in directions])
+    raw = np.asarray(points, dtype=float).reshape(n, len(directions))
+    x = raw * sign  # every objective maximized; in the n x n tables below, row j against column i
+    dominated = np.ones((n, n), dtype=bool)  # dominated[j, i]: j dominates i
+    better = np.zeros((n, n), dtype=bool)  # better somewhere (plain dominance)
+    for k, margin in enumerate(margins):  # an objective at a time, as n x n booleans (4,000 points: 16 MB each)
+        col = x[:, k]
+        dominated &= col[:, None] >= col[None, :]
+        if margin > 0:  # better by more than the margin, a share of i's value
+            dominated &= col[:, None] > (col + margin * np.abs(raw[:, k]))[None, :]
+        elif not any(margins):
+            better |= col[:, None] > col[None, :]
+    if not any(margins):
+        dominated &= better
+    np.fill_diagonal(dominated, False)
+    dominators = dominated.sum(axis=0)  # per point: how many of the points left dominate it
+    ranks = np.full(n, -1)
+    left = np.ones(n, dtype=bool)
     rank = 0
-    while left:
-        current = [i for i in left
-                   if not any(dominates_by(points[j], points[i], directions, margins) for j in left if j != i)]
-        for i in current:
-            ranks[i] = rank
-        left -= set(current)
+    while left.any():
+        current = left & (dominators == 0)
+        ranks[current] = rank
+        left &= ~current
+        dominators -= dominated[current].sum(axis=0)
         rank += 1
-    return ranks
+    return ranks.tolist()
 
 
 def crowding_distances(points: Sequence[Sequence[float]], ranks: Sequence[int]) -> list[float]:

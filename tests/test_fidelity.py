@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,6 +65,36 @@ def test_rank_zero_is_the_front_and_each_rank_is_dominated_only_by_lower_ranks(r
                 assert ranks[j] < ranks[i]
         if ranks[i] > 0:  # something of the rank just below dominates it
             assert any(ranks[j] == ranks[i] - 1 and dominates(q, p, MAX2) for j, q in enumerate(points))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.1, 0.2, 0.3, 0.5, 1.0, 1.01, 1.02]), st.integers(0, 5)), min_size=1,
+                max_size=14),
+       st.sampled_from([None, [0.015, 0.0], [0.2, 0.0], [0.015, 0.5]]))
+def test_ranks_by_a_margin_are_the_fronts_peeled_pair_by_pair(raw, margins):
+    """As arrays, against the definition: each front is the points left that no other point left dominates."""
+    from dsnas.pareto import dominates_by
+
+    points = [list(p) for p in raw]
+    expected, left, rank = [-1] * len(points), set(range(len(points))), 0
+    while left:
+        current = {i for i in left if not any(dominates_by(points[j], points[i], MAX2, margins or [0.0, 0.0])
+                                              for j in left if j != i)}
+        for i in current:
+            expected[i] = rank
+        left, rank = left - current, rank + 1
+    assert nondominated_ranks(points, MAX2, margins) == expected
+
+
+def test_a_rung_decision_among_thousands_of_trials_takes_milliseconds():
+    """Compared pair by pair in Python for each front, one decision took 15 s among 4,000 trials."""
+    import time
+
+    rng = np.random.default_rng(0)
+    points = np.column_stack([rng.random(4000), rng.random(4000) * 1e5]).tolist()
+    start = time.perf_counter()
+    ranks = nondominated_ranks(points, MAX2, [0.015, 0.0])
+    assert time.perf_counter() - start < 3.0 and min(ranks) == 0 and max(ranks) > 10
 
 
 @settings(max_examples=200, deadline=None)
