@@ -429,10 +429,37 @@ def main(argv: list[str] | None = None) -> int:
         # What the Python docs advise: point stdout at devnull, or the flush at exit fails on the pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command cut off by its pipe
+    except Exception as e:
+        lost = _lost_connection(e)
+        if lost is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        # Outside a search's trials (opening the study, report, export), where no outage is waited through: Optuna's
+        # own words blamed the data ("invalid data in the commit, e.g. exceeding max length") after 4 tracebacks.
+        if "locked" in lost or "busy" in lost:  # SQLite: a file another process holds, not a server gone
+            print(f"dsnas: error: the study's database file was locked by another process too long ({lost}). Fix: "
+                  "run the same command again once that process is done (what was stored is kept)", file=sys.stderr)
+        else:
+            print(f"dsnas: error: the connection to the database was lost ({lost}). Fix: check that the database "
+                  "server runs and is reachable, then run the same command again (what was stored is kept)",
+                  file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"\ndsnas: {stopped}; completed trials are stored, run the same command to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+
+def _lost_connection(error: BaseException) -> str | None:
+    """The first line of what says the database connection failed in ``error``'s chain, or None (another error)."""
+    if "sqlalchemy" not in sys.modules:  # no database was opened
+        return None
+    from dsnas.storage import _first_line, _lost_cause  # loaded already, with SQLAlchemy
+
+    cause = _lost_cause(error)
+    return None if cause is None else _first_line(cause)
 
 
 if __name__ == "__main__":

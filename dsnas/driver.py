@@ -29,6 +29,7 @@ from dsnas.screening import Screen, arch_counter
 from dsnas.space import arch_sampler, load_space_file
 from dsnas.spec import TRAINED, StudySpec
 from dsnas.storage import (
+    GRACE_S,
     HEARTBEAT_S,
     BudgetCount,
     OutageRetry,
@@ -119,12 +120,30 @@ class Driver:
                 self._watch_other_drivers()
                 continue
             for number, outcome in self.executor.wait(timeout=1.0):
-                with self.guard.writing():
+                if number not in self.running:
+                    continue  # taken back by another driver at a rung (see _unless_taken_back)
+                with self.guard.writing(), self._unless_taken_back(number):
                     self._record(self.running[number], outcome)
             self._stop_overdue()
             if self.twins:
                 with self.guard.writing():
                     self._answer_twins()
+
+    @contextmanager
+    def _unless_taken_back(self, number: int) -> Iterator[None]:
+        """Another driver took trial ``number`` back as its driver's (this one's) heartbeats stopped for GRACE_S (a
+        pause, a long outage), and finished it: its result is dropped in one line, and the search goes on (it
+        stopped with Optuna's UpdateFinishedTrialError, twice)."""
+        import optuna
+
+        try:
+            yield
+        except optuna.exceptions.UpdateFinishedTrialError:
+            for kept in (self.running, self.clocks, self.stopped, self.twins):
+                kept.pop(number, None)
+            self.recording = None
+            self.progress.say(f"  trial {number} was taken back by another driver while this one sent no heartbeat "
+                              f"for {GRACE_S} s (paused, or a database outage): its result is not stored")
 
     def _call_waiting(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``executor.call``, where Ctrl-C and SIGTERM act at once: the engine probe waits for the device's gate
@@ -142,6 +161,11 @@ class Driver:
             self.progress.say("the rest of the budget is running in other drivers: waiting for them, to take back "
                               "any trial whose driver stops")
         time.sleep(WATCH_S)
+        back_at = self.outage.back_at
+        if back_at is not None and time.monotonic() - back_at < GRACE_S + HEARTBEAT_S:
+            # The other drivers could not beat through the outage this driver just survived either: a live one's
+            # trial was taken back, trained again, and its driver stopped at the result it could not store.
+            return
         requeued = self.db("recover stale trials", lambda: recover_stale_trials(self.study))
         if requeued:
             self.progress.say(f"taken back from a stopped driver: trial(s) {', '.join(map(str, requeued))}")
@@ -475,16 +499,20 @@ class Driver:
         trial = self.running.get(report.trial)
         if trial is None:
             return False  # stopped meanwhile (past its time limit, interrupted)
-        with self.guard.writing():
-            bracket = self.brackets.get(report.trial, 0)
-            peers = None
-            if report.rung > 0:
-                peers = self.db("read the rungs", self.rungs.peers, self.study, bracket, report.rung, report.trial)
-            decision = self.rungs.decide(report, peers)
-            attrs = self.rungs.attrs(report, decision)
-            if report.rung == 0:
-                attrs.update(self._observe(report.trial, report.metrics))
-            self.db(f"store trial {report.trial}'s rung {report.rung}", self._set_attrs, trial, attrs)
+        with self.guard.writing(), self._unless_taken_back(report.trial):
+            return self._decide_rung(trial, report)
+        return False  # taken back by another driver: this one's worker stops
+
+    def _decide_rung(self, trial: Any, report: Any) -> bool:
+        bracket = self.brackets.get(report.trial, 0)
+        peers = None
+        if report.rung > 0:
+            peers = self.db("read the rungs", self.rungs.peers, self.study, bracket, report.rung, report.trial)
+        decision = self.rungs.decide(report, peers)
+        attrs = self.rungs.attrs(report, decision)
+        if report.rung == 0:
+            attrs.update(self._observe(report.trial, report.metrics))
+        self.db(f"store trial {report.trial}'s rung {report.rung}", self._set_attrs, trial, attrs)
         if not decision.go:
             self.stopped[report.trial] = decision.reason
         return decision.go
@@ -721,9 +749,10 @@ class Driver:
                 self._executor.cancel_all()
         finally:
             for trial in list(self.running.values()) if self.outage.given_up is None else []:
-                self._fail(trial, "the search was interrupted while the trial ran; queued again")
-                with self.guard.writing():
-                    self._requeue(trial)
+                with self._unless_taken_back(trial.number):
+                    self._fail(trial, "the search was interrupted while the trial ran; queued again")
+                    with self.guard.writing():
+                        self._requeue(trial)
             if self._executor is not None:
                 self._executor.close()
 

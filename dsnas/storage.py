@@ -326,6 +326,7 @@ class OutageRetry:
         self.last_error = ""
         self.given_up: StorageLost | None = None
         self.outages_s: list[float] = []  # how long each outage survived lasted
+        self.back_at: float | None = None  # when the last one ended (monotonic)
         self.retrying = False  # True while an operation runs again: a try before may have reached the server
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -379,7 +380,8 @@ class OutageRetry:
     def _back(self) -> None:
         if self.lost_since is None:
             return
-        lasted = time.monotonic() - self.lost_since
+        self.back_at = time.monotonic()
+        lasted = self.back_at - self.lost_since
         self.outages_s.append(lasted)
         self.lost_since = None
         self.say(f"  database back after {lasted:.1f} s; the search goes on")

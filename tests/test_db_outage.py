@@ -323,3 +323,44 @@ def test_storage_outage_s_must_not_be_negative(tiny_study):
     tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 3\nstorage_outage_s = -1"))
     with pytest.raises(SpecError, match=r"\[budget.storage_outage_s\] must be >= 0, but got -1.0"):
         load_study(tiny_study)
+
+
+def test_a_connection_lost_outside_a_search_is_one_line_with_the_fix(tiny_study, capsys, monkeypatch):
+    """report, export and a search's start wait through no outage: 4 tracebacks ended in Optuna's "invalid data in
+    the commit, e.g. exceeding max length"."""
+    import optuna
+
+    from dsnas import cli
+    from dsnas.results import report
+
+    def lost(*args, **kwargs):
+        try:
+            raise _lost_error()
+        except Exception as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit. This typically "
+                                                         "happens due to invalid data in the commit") from e
+
+    monkeypatch.setattr(report, "write_report", lost)
+    assert cli.main(["report", str(tiny_study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dsnas: error: the connection to the database was lost (")
+    assert "Connection refused" in err and "Fix: check that the database server runs" in err
+
+
+def test_a_driver_back_from_an_outage_takes_back_no_trial_while_the_others_could_not_beat(monkeypatch):
+    """Two drivers through one outage: the first back took the other's trial as its heartbeats had stopped (they
+    could not be written either), trained it again, and the other stopped at the result it could not store."""
+    from types import SimpleNamespace
+
+    from dsnas import driver as module
+    from dsnas.storage import GRACE_S
+
+    monkeypatch.setattr(module, "WATCH_S", 0.0)
+    recovered: list[str] = []
+    fake = SimpleNamespace(watching=True, outage=SimpleNamespace(back_at=time.monotonic()),
+                           db=lambda what, fn: recovered.append(what) or [], progress=None)
+    module.Driver._watch_other_drivers(fake)
+    assert recovered == []
+    fake.outage.back_at = time.monotonic() - GRACE_S - 20
+    module.Driver._watch_other_drivers(fake)
+    assert recovered == ["recover stale trials"]

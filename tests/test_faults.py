@@ -200,3 +200,25 @@ def test_a_search_on_a_local_ray_ignores_a_ray_address_in_the_environment(tiny_s
                           .replace("n_trials = 3", "n_trials = 1"))
     assert main(["search", str(tiny_study)]) == 0
     assert [t.state for t in stored(tiny_study)] == [TrialState.COMPLETE]
+
+
+def test_a_trial_another_driver_took_back_is_one_line_and_the_search_goes_on(tmp_path, monkeypatch, capsys):
+    """A driver paused past GRACE_S (Ctrl-Z, a long outage) had its trial taken back and finished by another: storing
+    its result stopped it with Optuna's UpdateFinishedTrialError, twice (again as it failed its running trials)."""
+    from tests.table_study import write_table_study
+
+    (tmp_path / "taken_task.py").write_text(
+        "import os\nimport optuna\nfrom optuna.trial import TrialState\nfrom table_task import TableTask\n\n\n"
+        "class TakenTask(TableTask):\n    def evaluate_arch(self, arch, **kwargs):\n"
+        "        out = super().evaluate_arch(arch, **kwargs)\n"
+        "        storage = optuna.storages.RDBStorage(os.environ['TAKEN_URL'])\n"
+        "        for t in storage.get_all_trials(storage.get_study_id_from_name('table'), states=(TrialState.RUNNING,)):\n"
+        "            if t.number == 0:  # another driver's recovery: failed, as recover_stale_trials does\n"
+        "                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)\n"
+        "        return out\n")
+    study = write_table_study(tmp_path, n_trials=2, task="taken_task:TakenTask", fidelity='kind = "none"')
+    monkeypatch.setenv("TAKEN_URL", f"sqlite:///{tmp_path / 'table.db'}")
+    assert main(["search", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "trial 0 was taken back by another driver while this one sent no heartbeat" in out, out
+    assert [t.state for t in stored(study)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
