@@ -95,7 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not (out / "weights.safetensors").exists() else ""
         print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) {what}to {out}")
         if not what:
-            exports = json.loads((out / "metrics.json").read_text())["exports"]
+            exports = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["exports"]
             print("\n".join(describe_exports(exports)))
     if args.pick == "knee":
         _say_knee_tie(study, spec, limits)

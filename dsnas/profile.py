@@ -40,7 +40,7 @@ def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[An
     if path.suffix == ".toml":
         return _trial(path, trial, device)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DsnasError(f"{path}: no such file. Fix: give a bundle folder, a study file with --trial N, "
                          "or an architecture JSON file") from None

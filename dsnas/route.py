@@ -389,7 +389,7 @@ def load_route(folder: str | Path, device: str = "cpu", kind: str | None = None)
 def read_route(folder: Path) -> dict[str, Any]:
     path = folder / "route.json"
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DsnasError(f"{path}: missing: {folder} is not a route bundle. Fix: write one with `dsnas route "
                          "STUDY.toml --out DIR`") from None
@@ -574,7 +574,7 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
            "table": report.rows, "measured_ms_per_input": report.measured, "left_out": left_out}
     # An infinite threshold (a stage no input stops at) is written "inf" and a figure that is NaN null, as JSON has
     # neither (json.dumps wrote the bare words, which JavaScript and jq refuse or misread).
-    (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+    (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return report
 
 

@@ -249,7 +249,7 @@ def load_space_file(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file; errors name the file and the key."""
     where = str(path)
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # also bad UTF-8, an int of > 4300 digits, deep nesting
         raise SpecError(where, "-", f"must be a readable TOML file ({e})", None,
                         "check the path and the TOML syntax") from None

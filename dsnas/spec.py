@@ -361,7 +361,7 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     if not is_there(path.is_file):
         raise SpecError(where, "-", "the study file must exist", None, "check the path, or run `dsnas init DIR`")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # bad TOML or UTF-8, an int of > 4300 digits, nesting too deep
         raise SpecError(where, "-", f"must be valid TOML ({e})", None, "correct the TOML syntax there") from None
     except OSError as e:  # unreadable: its permissions
@@ -777,7 +777,8 @@ def fp8_may_run(spec: StudySpec) -> bool:
 def _ray_host_port(address: str) -> tuple[str | None, int]:
     if address == "auto":  # as Ray resolves it: $RAY_ADDRESS, then the cluster `ray start` last recorded
         recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
+        address = os.environ.get("RAY_ADDRESS") or (recorded.read_text(encoding="utf-8").strip()
+                                                    if recorded.is_file() else "")
         address = address or "127.0.0.1:6379"
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:  # "\u00b2".isdigit() too

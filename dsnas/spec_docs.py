@@ -96,7 +96,7 @@ def _module_source(module_name: str) -> tuple[str, ast.Module]:
     found = importlib.util.find_spec(module_name)
     if found is None or found.origin is None:
         raise LookupError(f"{module_name} is not there: update TASK_PARAMS in {__name__}")
-    text = Path(found.origin).read_text()
+    text = Path(found.origin).read_text(encoding="utf-8")
     return text, ast.parse(text)
 
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         if not PAGE.parent.is_dir():
             parser.error(f"--write needs a source checkout with {PAGE.parent}; print the page instead")
-        PAGE.write_text(render())
+        PAGE.write_text(render(), encoding="utf-8")
         print(f"wrote {PAGE}")
     else:
         sys.stdout.write(render())

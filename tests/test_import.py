@@ -54,3 +54,20 @@ def test_every_deferred_import_says_why_it_is_deferred():
                 if not said:
                     silent.append(f"{path.relative_to(package.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not silent, "deferred imports without a reason:\n" + "\n".join(silent)
+
+
+def test_every_text_file_is_read_and_written_as_utf_8():
+    """The locale's encoding was used: under a Latin-1 locale export and report stopped at an em dash (and report
+    emptied the last report's plotly.min.js), and a UTF-8 study file was refused as invalid TOML."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "dsnas"
+    bare = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("read_text", "write_text") and \
+                    not any(k.arg == "encoding" for k in node.keywords):
+                bare.append(f"{path.relative_to(package.parent)}:{node.lineno}: .{node.func.attr}() without encoding")
+    assert not bare, "\n".join(bare)

@@ -156,7 +156,7 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
                "objectives": dict(zip([o.name for o in spec.objectives], frozen.values)),
                "profile": profile, "fingerprint": profile.get("fingerprint", {}), "exports": exports}
     _write_json(out / "metrics.json", metrics)
-    (out / "README.md").write_text(model_card(spec, frozen, metrics, name, preprocessing))
+    (out / "README.md").write_text(model_card(spec, frozen, metrics, name, preprocessing), encoding="utf-8")
 
 
 def _preprocessing(spec: StudySpec, frozen: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -279,7 +279,7 @@ def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
 # ---- reading a bundle ------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def read_bundle(bundle: str | Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DsnasError(f"{path}: missing, so {path.parent} is not a complete dsnas bundle. Fix: {REEXPORT}") from None
     except (OSError, UnicodeDecodeError) as e:

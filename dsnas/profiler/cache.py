@@ -47,7 +47,7 @@ def read_entries(path: Path, kind: str) -> dict[str, Any]:
     """The entries of a ``kind`` cache file; a missing, unreadable or foreign file reads as empty (and is rewritten
     on the next store)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
@@ -68,7 +68,7 @@ def store_entry(path: Path, kind: str, key: str, entry: dict[str, Any]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp",
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp",
                                          delete=False) as f:
             tmp = f.name
             f.write(text)

@@ -59,7 +59,7 @@ class Capabilities:
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -103,7 +103,7 @@ def fingerprint_fields(device: Any = "auto") -> dict[str, Any]:
 def cpu_features() -> list[str]:
     """The kernel-relevant flags this CPU reports, in KERNEL_FEATURES order ([] where /proc/cpuinfo is absent)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return []
     for line in text.splitlines():
@@ -260,7 +260,7 @@ def _threads(torch: Any) -> Capability:
 
 def _memory() -> Capability:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal:"):
                 return Capability("memory", True, f"{int(line.split()[1]) / 2**20:.1f} GiB total RAM")
     except OSError as err:
@@ -283,11 +283,11 @@ def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:
     or "-1" is none), or why they cannot be read."""
     try:
         if (root / "cpu.max").exists():
-            quota, period = (root / "cpu.max").read_text().split()[:2]
+            quota, period = (root / "cpu.max").read_text(encoding="utf-8").split()[:2]
             return quota, period
         if (root / "cpu" / "cpu.cfs_quota_us").exists():
-            return ((root / "cpu" / "cpu.cfs_quota_us").read_text().strip(),
-                    (root / "cpu" / "cpu.cfs_period_us").read_text().strip())
+            return ((root / "cpu" / "cpu.cfs_quota_us").read_text(encoding="utf-8").strip(),
+                    (root / "cpu" / "cpu.cfs_period_us").read_text(encoding="utf-8").strip())
     except (OSError, ValueError) as err:
         return f"cgroup CPU files not readable: {err}"
     return f"no cgroup CPU controller under {root}"

@@ -136,7 +136,7 @@ def cpu_share(start: CpuSnapshot, end: CpuSnapshot) -> Share:
 def snapshot(stat: Path = PROC_STAT, cgroup: Path = CGROUP_ROOT) -> CpuSnapshot | str:
     """Now, or the reason it cannot be read (no /proc/stat: not Linux)."""
     try:
-        text = stat.read_text()
+        text = stat.read_text(encoding="utf-8")
     except OSError as err:
         return f"{stat} not readable ({err.strerror or err}): others' CPU use is unknown"
     import resource  # here: Unix only, and this module must import everywhere (measure imports it)
@@ -167,11 +167,11 @@ def cgroup_usage_s(root: Path = CGROUP_ROOT) -> float | None:
     """CPU-seconds every process of the cgroup used (v2 cpu.stat usage_usec, v1 cpuacct.usage in ns)."""
     try:
         if (root / "cpu.stat").exists():
-            for line in (root / "cpu.stat").read_text().splitlines():
+            for line in (root / "cpu.stat").read_text(encoding="utf-8").splitlines():
                 if line.startswith("usage_usec "):
                     return int(line.split()[1]) / 1e6
             return None
-        return int((root / "cpuacct" / "cpuacct.usage").read_text()) / 1e9
+        return int((root / "cpuacct" / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
     except (OSError, ValueError):
         return None
 

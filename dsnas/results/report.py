@@ -95,7 +95,7 @@ def _read_route(spec: StudySpec) -> dict[str, Any] | None:
 
     path = spec.base_dir / "routes" / spec.name / "route.json"
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return doc if doc.get("_type") == "dsnas.route" and doc.get("table") else None
@@ -138,7 +138,7 @@ def _write_html(spec: StudySpec, df: Any, v: Any, figures: list[Any], folder: Pa
     from plotly.offline import get_plotlyjs
 
     # plotly.js goes once into the folder beside the page: the page works offline and stays small.
-    (folder / "plotly.min.js").write_text(get_plotlyjs())  # counted with the page: see summary()
+    (folder / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")  # counted with the page: see summary()
     charts = "\n".join(f.to_html(full_html=False, include_plotlyjs="directory" if i == 0 else False)
                        for i, f in enumerate(figures))
     shown = _summary_frame(v)
@@ -162,7 +162,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><b
 </body></html>
 """
     path = folder / "index.html"
-    path.write_text(page)
+    path.write_text(page, encoding="utf-8")
     return path
 
 

@@ -81,7 +81,7 @@ def _claim_call(marker: str) -> int:
 def _exhaust_memory(cgroup: str) -> None:
     """Join ``cgroup`` and touch memory until the kernel kills this process; bounded by the cgroup's limit."""
     limit = _limit_bytes(Path(cgroup))
-    (Path(cgroup) / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    (Path(cgroup) / "cgroup.procs").write_text(f"{os.getpid()}\n", encoding="utf-8")
     held, step = [], 8 << 20
     while len(held) * step < limit + (OOM_SLACK_MB << 20):
         held.append(b"\xa5" * step)  # written, so every page is charged to the cgroup
@@ -92,7 +92,7 @@ def _exhaust_memory(cgroup: str) -> None:
 def _limit_bytes(cgroup: Path) -> int:
     for name in ("memory.max", "memory.limit_in_bytes"):  # cgroup v2, v1
         if (cgroup / name).exists():
-            text = (cgroup / name).read_text().strip()
+            text = (cgroup / name).read_text(encoding="utf-8").strip()
             if text.isdigit() and int(text) < 1 << 50:
                 return int(text)
     raise ValueError(f"{cgroup} has no memory limit: oom_once would exhaust the machine")
@@ -120,13 +120,13 @@ def memory_cgroup(limit_mb: int) -> Iterator[str]:
     try:
         limit = str(limit_mb << 20)
         if (path / "memory.max").exists():  # v2
-            (path / "memory.max").write_text(limit)
+            (path / "memory.max").write_text(limit, encoding="utf-8")
             with contextlib.suppress(OSError):  # no swap accounting: no swap to limit
-                (path / "memory.swap.max").write_text("0")
+                (path / "memory.swap.max").write_text("0", encoding="utf-8")
         else:  # v1: the memory+swap limit must not be below the memory limit, so it comes second
-            (path / "memory.limit_in_bytes").write_text(limit)
+            (path / "memory.limit_in_bytes").write_text(limit, encoding="utf-8")
             with contextlib.suppress(OSError):
-                (path / "memory.memsw.limit_in_bytes").write_text(limit)
+                (path / "memory.memsw.limit_in_bytes").write_text(limit, encoding="utf-8")
         yield str(path)
     finally:
         _remove_cgroup(path)
@@ -135,7 +135,7 @@ def memory_cgroup(limit_mb: int) -> Iterator[str]:
 def _remove_cgroup(path: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        for pid in (path / "cgroup.procs").read_text().split():
+        for pid in (path / "cgroup.procs").read_text(encoding="utf-8").split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         try:
@@ -149,8 +149,8 @@ def _remove_cgroup(path: Path, timeout: float = 10.0) -> None:
 
 def _own_memory_cgroup() -> Path:
     """This process's cgroup folder that has the memory controller: cgroup v2's unified one, or v1's memory one."""
-    mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()]
+    for line in Path("/proc/self/cgroup").read_text(encoding="utf-8").splitlines():
         _, controllers, relative = line.split(":", 2)
         for fields in mounts:
             sep = fields.index("-")
@@ -160,6 +160,6 @@ def _own_memory_cgroup() -> Path:
             if not (v1 or v2) or not relative.startswith(root):
                 continue
             folder = Path(mount) / relative[len(root):].lstrip("/")
-            if v1 or "memory" in (folder / "cgroup.subtree_control").read_text().split():
+            if v1 or "memory" in (folder / "cgroup.subtree_control").read_text(encoding="utf-8").split():
                 return folder
     raise LookupError("no memory cgroup of this process is mounted with the memory controller for its children")
