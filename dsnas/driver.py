@@ -34,6 +34,7 @@ from dsnas.storage import (
     BudgetCount,
     OutageRetry,
     StorageLost,
+    artifact_dir,
     artifact_store,
     connection_lost,
     driver_identity,
@@ -683,7 +684,9 @@ class Driver:
             trial.set_user_attr(f"{name}_artifact", upload_artifact(
                 artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial))
 
-        with tempfile.TemporaryDirectory() as tmp:
+        # Staged beside the artifacts (the store copies the file in), not in the temp folder: a small or full /tmp
+        # stopped the search with a traceback after the trial had trained, though the study's folder had room.
+        with tempfile.TemporaryDirectory(dir=artifact_dir(self.spec), prefix=".staging-") as tmp:
             for name, data in files.items():
                 if data is not None:
                     suffix = "json" if name in ("arch", "profile") else "safetensors"

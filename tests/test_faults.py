@@ -222,3 +222,24 @@ def test_a_trial_another_driver_took_back_is_one_line_and_the_search_goes_on(tmp
     out = capsys.readouterr().out
     assert "trial 0 was taken back by another driver while this one sent no heartbeat" in out, out
     assert [t.state for t in stored(study)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_a_trials_files_are_staged_beside_the_artifacts_not_in_the_temp_folder(tiny_study, monkeypatch):
+    """A small or full /tmp stopped the search with a traceback after the trial had trained (its weights were
+    written there first), though the study's folder had room."""
+    import tempfile
+
+    from dsnas import driver
+
+    staged: list[str] = []
+    real = tempfile.TemporaryDirectory
+
+    def recorded(*args, **kwargs):
+        staged.append(str(kwargs.get("dir")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver.tempfile, "TemporaryDirectory", recorded)
+    tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 1"))
+    assert main(["search", str(tiny_study)]) == 0
+    assert staged == [str(tiny_study.parent / "tiny_artifacts")]
+    assert not list((tiny_study.parent / "tiny_artifacts").glob(".staging-*"))  # removed once uploaded
