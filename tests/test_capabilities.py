@@ -182,3 +182,35 @@ def test_the_cpus_a_local_ray_is_given_are_the_affinity_capped_by_the_cgroup_quo
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert caps.usable_cpus(tmp_path) == (min(affinity, cap) if cap else affinity)
+
+
+def test_the_quota_of_the_process_s_own_cgroup_and_its_parents_is_found(tmp_path, monkeypatch):
+    """Only /sys/fs/cgroup's top was read: a quota on the process's own cgroup (systemd-run -p CPUQuota=50%, a
+    service) was never seen, and 2 threads measured on half a CPU, throttled 304 times."""
+    # cgroup v1's cpu controller (as on this kind of host: v1 controllers beside an empty v2 hierarchy)
+    v1 = tmp_path / "v1"
+    (v1 / "cpu" / "svc" / "job").mkdir(parents=True)
+    (v1 / "cpu" / "svc" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "svc" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu" / "svc" / "job" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "svc" / "job" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "mountinfo").write_text(f"32 31 0:29 / {v1 / 'cpu'} rw,relatime - cgroup cgroup rw,cpu\n"
+                                  f"40 31 0:40 / {v1 / 'unified'} rw - cgroup2 cgroup2 rw\n")
+    (v1 / "cgroup").write_text("1:cpu:/svc/job\n0::/\n")
+    folders = caps.own_cgroup_folders("cpu", v1 / "mountinfo", v1 / "cgroup")
+    assert folders == [v1 / "cpu" / "svc" / "job", v1 / "cpu" / "svc", v1 / "cpu"]
+    monkeypatch.setattr(caps, "own_cgroup_folders", lambda controller: folders)
+    assert caps.cgroup_cpu_max() == ("50000", "100000")  # the parent's quota binds
+    # cgroup v2, nested: the tighter of two
+    v2 = tmp_path / "v2"
+    (v2 / "a.slice" / "b.service").mkdir(parents=True)
+    (v2 / "a.slice" / "cpu.max").write_text("300000 100000\n")
+    (v2 / "a.slice" / "b.service" / "cpu.max").write_text("150000 100000\n")
+    (v2 / "mountinfo").write_text(f"40 31 0:40 / {v2} rw - cgroup2 cgroup2 rw,nsdelegate\n")
+    (v2 / "cgroup").write_text("0::/a.slice/b.service\n")
+    monkeypatch.undo()
+    folders = caps.own_cgroup_folders("cpu", v2 / "mountinfo", v2 / "cgroup")
+    assert folders == [v2 / "a.slice" / "b.service", v2 / "a.slice", v2]
+    assert caps.own_cgroup_folders("cpu", tmp_path / "none", tmp_path / "none") == []  # not Linux
+    monkeypatch.setattr(caps, "own_cgroup_folders", lambda controller: folders)
+    assert caps.cgroup_cpu_max() == ("150000", "100000")

@@ -278,9 +278,51 @@ def _allocator() -> Capability:
                       "fault it in again")
 
 
-def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:
+def own_cgroup_folders(controller: str, mountinfo: Path = Path("/proc/self/mountinfo"),
+                       cgroups: Path = Path("/proc/self/cgroup")) -> list[Path]:
+    """This process's cgroup folder of ``controller`` ("cpu", "cpuacct"; cgroup v2's unified one where it has no v1
+    mount of its own), then each parent up to the mount: a quota on any of them caps the process. Read from
+    /proc/self: only /sys/fs/cgroup's top was read, so a quota on the process's own cgroup (a systemd unit's
+    CPUQuota) was never seen. Empty where /proc/self cannot tell (not Linux)."""
+    try:
+        mounts = [line.split() for line in mountinfo.read_text(encoding="utf-8").splitlines()]
+        lines = cgroups.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    own = {}  # "" (v2) or a v1 controller -> the process's path in that hierarchy
+    for line in lines:
+        _, controllers, relative = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            own[name] = relative
+    for fields in mounts:
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        fstype, options, root, mount = fields[sep + 1], fields[-1].split(","), fields[3], Path(fields[4])
+        v1 = fstype == "cgroup" and controller in options and controller in own
+        v2 = fstype == "cgroup2" and "" in own and controller not in own
+        relative = own.get(controller if v1 else "") if v1 or v2 else None
+        if relative is None or not relative.startswith(root):
+            continue
+        folder = mount / relative[len(root):].lstrip("/")
+        chain = [folder, *folder.parents]
+        return [f for f in chain[: chain.index(mount) + 1] if f.is_dir()] if mount in chain else [mount]
+    return []
+
+
+def cgroup_cpu_max(root: Path | None = None) -> tuple[str, str] | str:
     """(quota, period) in microseconds as the cgroup's files write them (v2 cpu.max, v1 cfs files; a quota of "max"
-    or "-1" is none), or why they cannot be read."""
+    or "-1" is none), or why they cannot be read: of the cgroup ``root``, or by default the tightest quota of this
+    process's own cgroup and its parents (own_cgroup_folders)."""
+    if root is None:
+        folders = own_cgroup_folders("cpu")
+        if not folders:
+            return cgroup_cpu_max(CGROUP_ROOT)
+        found = [_quota_in(folder) for folder in folders]
+        quotas = [q for q in found if not isinstance(q, str) and q[0] not in ("max", "-1")]
+        if quotas:
+            return min(quotas, key=lambda q: int(q[0]) / int(q[1]))
+        return next((q for q in found if not isinstance(q, str)), found[0])
     try:
         if (root / "cpu.max").exists():
             quota, period = (root / "cpu.max").read_text(encoding="utf-8").split()[:2]
@@ -293,7 +335,21 @@ def cgroup_cpu_max(root: Path = CGROUP_ROOT) -> tuple[str, str] | str:
     return f"no cgroup CPU controller under {root}"
 
 
-def usable_cpus(root: Path = CGROUP_ROOT) -> int:
+def _quota_in(folder: Path) -> tuple[str, str] | str:
+    """The quota files of one cgroup folder: v2's cpu.max, or v1's cpu controller's cfs files."""
+    try:
+        if (folder / "cpu.max").exists():
+            quota, period = (folder / "cpu.max").read_text(encoding="utf-8").split()[:2]
+            return quota, period
+        if (folder / "cpu.cfs_quota_us").exists():
+            return ((folder / "cpu.cfs_quota_us").read_text(encoding="utf-8").strip(),
+                    (folder / "cpu.cfs_period_us").read_text(encoding="utf-8").strip())
+    except (OSError, ValueError) as err:
+        return f"cgroup CPU files not readable: {err}"
+    return f"no cgroup CPU quota files in {folder}"
+
+
+def usable_cpus(root: Path | None = None) -> int:
     """The CPUs this process may run on at once: its affinity, capped by a cgroup CPU quota (a container given
     `--cpus 2` on a 64-core host sees 64 in os.cpu_count())."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -306,7 +362,7 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     return max(1, cpus)
 
 
-def _cgroup_quota(root: Path = CGROUP_ROOT) -> Capability:
+def _cgroup_quota(root: Path | None = None) -> Capability:
     """A cgroup CPU quota caps throughput below os.cpu_count() without changing it (v2 cpu.max, v1 cfs files)."""
     name = "cgroup CPU quota"
     found = cgroup_cpu_max(root)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dsnas.profiler.capabilities import CGROUP_ROOT, cgroup_cpu_max
+from dsnas.profiler.capabilities import CGROUP_ROOT, cgroup_cpu_max, own_cgroup_folders
 from dsnas.profiler.gpu_share import GpuShare, GpuWindow
 
 T = TypeVar("T")
@@ -133,7 +133,7 @@ def cpu_share(start: CpuSnapshot, end: CpuSnapshot) -> Share:
     return Share(_clip(others), _clip(steal))
 
 
-def snapshot(stat: Path = PROC_STAT, cgroup: Path = CGROUP_ROOT) -> CpuSnapshot | str:
+def snapshot(stat: Path = PROC_STAT, cgroup: Path | None = None) -> CpuSnapshot | str:
     """Now, or the reason it cannot be read (no /proc/stat: not Linux)."""
     try:
         text = stat.read_text(encoding="utf-8")
@@ -152,8 +152,9 @@ def snapshot(stat: Path = PROC_STAT, cgroup: Path = CGROUP_ROOT) -> CpuSnapshot 
                        quota if group is not None else None)
 
 
-def cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPU quota of this process's cgroup in CPUs, None when there is none or it cannot be read."""
+def cgroup_quota(root: Path | None = None) -> float | None:
+    """The CPU quota of this process's cgroup (or of ``root``) in CPUs, None when there is none or it cannot be
+    read."""
     found = cgroup_cpu_max(root)
     if isinstance(found, str) or found[0] in ("max", "-1"):
         return None
@@ -163,8 +164,19 @@ def cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
         return None
 
 
-def cgroup_usage_s(root: Path = CGROUP_ROOT) -> float | None:
-    """CPU-seconds every process of the cgroup used (v2 cpu.stat usage_usec, v1 cpuacct.usage in ns)."""
+def cgroup_usage_s(root: Path | None = None) -> float | None:
+    """CPU-seconds every process of the cgroup used (v2 cpu.stat usage_usec, v1 cpuacct.usage in ns): of ``root``,
+    or by default of this process's own cgroup."""
+    if root is None:
+        own = own_cgroup_folders("cpuacct")
+        if not own:
+            return cgroup_usage_s(CGROUP_ROOT)
+        try:
+            if (own[0] / "cpuacct.usage").exists():
+                return int((own[0] / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
+        except (OSError, ValueError):
+            return None
+        root = own[0]
     try:
         if (root / "cpu.stat").exists():
             for line in (root / "cpu.stat").read_text(encoding="utf-8").splitlines():
