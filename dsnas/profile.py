@@ -123,16 +123,24 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     dev = named_device(device, "device=")
     hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol), "dsnas.measure ")
     task = _ExampleInputs(example_input, items_per_example)
-    original, training = model, model.training
+    if not callable(getattr(model, "modules", None)):
+        raise DsnasError(f"dsnas.measure model: must be a torch.nn.Module, got {type(model).__name__}. Fix: wrap a "
+                         "function in an nn.Module whose forward calls it")
+    # Each module's own mode, handed back as it came: model.train(flag) set every submodule to the root's (a frozen
+    # batch norm backbone came back updating its statistics, a dropout kept on for MC dropout came back off).
+    modes = {module: module.training for module in model.modules()}
     model = model.to(dev)
-    what = f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters)"
+    name = type(model).__name__
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
     try:
         with MeasureGate(device_key(dev)).exclusive():
             metrics, profile = measure(model, task, dev, hardware)
     finally:
-        original.train(training)
+        for module, training in modes.items():
+            module.training = training
+    # The parameters as the model runs (an engine layer's fp32 master and bf16 copy count once), as metrics says.
+    what = f"{name} ({int(metrics['params'])} parameters)"
     return ProfileReport(what, metrics, profile, "items/s")  # items_per_example says what an item is
 
 
@@ -171,10 +179,10 @@ class _ExampleInputs:
         parts = (self.example.values() if isinstance(self.example, dict) else self.example
                  if isinstance(self.example, (tuple, list)) else [self.example])
         tensors = [t for t in parts if isinstance(t, torch.Tensor)]
-        if not tensors or any(t.dim() == 0 for t in tensors):
-            raise DsnasError("example_input must be a tensor whose first dimension is the batch (or a tuple or dict "
-                             "of such tensors, for a model of several inputs), or a function batch_size -> input; "
-                             f"got {type(self.example).__name__}")
+        if not tensors or any(t.dim() == 0 or t.shape[0] == 0 for t in tensors):
+            raise DsnasError("example_input must be a tensor whose first dimension is the batch, of one row or more "
+                             "(or a tuple or dict of such tensors, for a model of several inputs), or a function "
+                             f"batch_size -> input; got {type(self.example).__name__}")
 
         def repeated(t: Any) -> Any:  # the example's rows, repeated to the batch size; other values as they are
             if not isinstance(t, torch.Tensor):

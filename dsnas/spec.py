@@ -166,7 +166,8 @@ class HardwareSpec:
     def __post_init__(self) -> None:
         require(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}", self.device,
                 'set device = "auto"')
-        require(len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes), "batch_sizes",
+        require(len(self.batch_sizes) > 0 and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                  for b in self.batch_sizes), "batch_sizes",
                 "must be a non-empty list of integers >= 1", list(self.batch_sizes), "e.g. batch_sizes = [1, 32]")
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1", self.threads,
                 "remove it to measure with every core")

@@ -260,9 +260,21 @@ def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol(
     assert m["throughput_tok_s"] == pytest.approx(8 * 1000 / m["latency_ms_bs8"], rel=1e-6)
     assert report.profile["batches"]["8"]["repeats"] >= 10 and report.profile["threads"] == 1
     assert model.training  # measured in eval mode, handed back in training mode as it came
-    assert "profile of Sequential" in str(report)
+    assert f"profile of Sequential ({int(m['params'])} parameters)" in str(report)
     with pytest.raises(dsnas.DsnasError, match="example_input must be a tensor"):
         dsnas.measure(model, [1, 2], device="cpu")
+    # Each module's own mode: a frozen part of a model in training, a dropout kept on in one in eval (MC dropout).
+    model[0].eval()
+    dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=(1,), measure_s=0.02, max_measure_s=0.2)
+    assert [module.training for module in model.modules()] == [True, False, True, True]
+    with pytest.raises(dsnas.DsnasError, match="model: must be a torch.nn.Module, got function"):
+        dsnas.measure(lambda x: x, torch.randn(3, 256), device="cpu")
+    with pytest.raises(dsnas.DsnasError, match="example_input must be a tensor whose first dimension is the batch, "
+                                               "of one row or more"):
+        dsnas.measure(model, torch.randn(0, 256), device="cpu")
+    for sizes in ([1.0, 32.0], ["1", "32"], [True]):  # an IndexError and a TypeError deep inside, before
+        with pytest.raises(dsnas.DsnasError, match=r"dsnas.measure batch_sizes: must be a non-empty list of integers"):
+            dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=sizes)
 
 
 def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function():
