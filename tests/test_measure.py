@@ -164,6 +164,15 @@ def test_a_matrix_op_without_a_flop_formula_is_named_in_the_profile_not_hidden()
                                HardwareSpec(device="cpu", batch_sizes=(1,), warmup_s=0.01, measure_s=0.02))
     assert profile["unavailable"]["flops of"] == "aten.mv"
     assert counting.count_work(lambda: torch.mv(torch.ones(3, 3), torch.ones(3))).uncounted == ("aten.mv",)
+    # Fused ops a user's model runs in eval mode under inference mode, counted as nothing without a word before:
+    # nn.TransformerEncoder's layers (40,960 FLOPs counted of 7e9) and nn.Bilinear.
+    layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    bilinear = torch.nn.Bilinear(8, 8, 4).eval()
+    with torch.inference_mode():
+        fused = counting.count_work(lambda: encoder(torch.randn(2, 16, 32))).uncounted
+        both = counting.count_work(lambda: bilinear(torch.randn(2, 8), torch.randn(2, 8))).uncounted
+    assert "aten._transformer_encoder_layer_fwd" in fused and "aten._trilinear" in both
 
 
 @pytest.mark.parametrize("argv", [["doctor", "--device", "{device}"], ["profile", "{arch}", "--device", "{device}"]])

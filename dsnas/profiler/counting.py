@@ -25,8 +25,10 @@ WRITE_ONLY_OPS = frozenset({"copy_", "fill_", "zero_"})
 # Elementwise ops, norms, softmax and reductions are left out of the FLOP count by definition (torch's as ours), so
 # they are not reported.
 MATRIX_OP_WORDS = frozenset({"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "matmul",
-                             "einsum", "linear", "conv", "convolution", "conv1d", "conv2d", "conv3d", "attention",
-                             "attn", "rnn", "lstm", "gru"})
+                             "einsum", "linear", "bilinear", "trilinear", "conv", "convolution", "conv1d", "conv2d",
+                             "conv3d", "attention", "attn", "transformer", "rnn", "lstm", "gru"})
+# (transformer: the fused encoder layer nn.TransformerEncoder runs in eval mode, aten._transformer_encoder_layer_fwd;
+# trilinear: nn.Bilinear's aten._trilinear. Neither has a formula: counted as nothing, and said so.)
 # SDPA's fused kernels whose first arguments are query, key, value as (batch, heads, length, head dim), and their
 # backward ops (grad_out, query, key, value, ...). torch 2.13 has formulas for the CUDA ones, none for the CPU's
 # flash kernel, which SDPA runs on a CPU; one is registered here only where torch has none.
