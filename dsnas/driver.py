@@ -277,11 +277,12 @@ class Driver:
             return
         now = self.data
         differs = data_differs(recorded, now)
-        if differs and "folder_reader" in now and "folder_reader" not in recorded:
+        otherwise = getattr(self.task, "read_otherwise", 0)
+        if differs and "folder_reader" in now and "folder_reader" not in recorded and otherwise:
             raise DsnasError(f"{self.spec.path}: [task] the stored trials were searched by an older dsnas, which read "
-                             "no images in the class folders' sub-folders and read hidden ones; this one reads the "
-                             f"folder's images otherwise ({', '.join(differs)} differ), so its trials would not "
-                             "train on the same images. Fix: give the study a new [study] name")
+                             "no images in the class folders' sub-folders and read hidden ones; this one reads "
+                             f"{otherwise} of the folder's images otherwise ({', '.join(differs)} differ), so its "
+                             "trials would not train on the same images. Fix: give the study a new [study] name")
         if differs:
             key = differs[0]
             raise DsnasError(f"{self.spec.path}: [task] the data differs from what the stored trials trained on "

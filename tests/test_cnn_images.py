@@ -221,6 +221,7 @@ def test_images_in_a_class_folders_sub_folders_are_read_as_that_class(tmp_path):
         Image.new("RGB", (6, 6), (1, 2, 3)).save(folder / "x.png")
     task = ImagesTask(ImagesConfig(dataset="pets", image_size=8, val_share=0.34), str(tmp_path))
     assert task.n_classes == 3 and task.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert task.read_otherwise == 2  # what a dsnas before read otherwise: the two images in sub-folders
 
 
 def test_a_16_bit_image_loads_as_its_8_bit_copy_does(tmp_path):

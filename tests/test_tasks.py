@@ -192,16 +192,21 @@ def test_fingerprints_compare_as_stored_and_an_older_image_reader_is_named():
     assert data_differs({"packages": ["a", "b"], "rows": {"1": 2}}, {"packages": ("a", "b"), "rows": {1: 2}}) == []
     assert data_differs({"packages": ["a"]}, {"packages": ("b",)}) == ["packages"]
 
-    def check(recorded, now):
+    def check(recorded, now, read_otherwise=2):
         trial = SimpleNamespace(user_attrs={"profile": {"task": recorded}})
         study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
-        Driver._check_same_data(SimpleNamespace(study=study, data=now, spec=SimpleNamespace(path="s.toml")))
+        Driver._check_same_data(SimpleNamespace(study=study, data=now, spec=SimpleNamespace(path="s.toml"),
+                                                task=SimpleNamespace(read_otherwise=read_otherwise)))
 
     old = {"task": "images", "dataset": "/d/pets", "dataset_sha256": "aa", "train_count": 6}
     check(old, {**old, "folder_reader": 2})  # the same images: an older record's missing key is no difference
     with pytest.raises(DsnasError, match=r"s.toml: \[task\] the stored trials were searched by an older dsnas, "
-                                         r"which read no images in the class folders' sub-folders .*\(dataset_sha256, "
-                                         r"train_count differ\).*Fix: give the study a new \[study\] name$"):
+                                         r"which read no images in the class folders' sub-folders .* reads 2 of the "
+                                         r"folder's images otherwise \(dataset_sha256, train_count differ\).*Fix: "
+                                         r"give the study a new \[study\] name$"):
         check(old, {**old, "dataset_sha256": "bb", "train_count": 8, "folder_reader": 2})
+    # A folder the older reader read alike, whose images changed: the data differs, as for any study.
+    with pytest.raises(DsnasError, match=r"\[task\] the data differs .*Fix: restore the data"):
+        check(old, {**old, "dataset_sha256": "bb", "train_count": 8, "folder_reader": 2}, read_otherwise=0)
     with pytest.raises(DsnasError, match=r"the data differs .*dataset_sha256 was \"a{55}\.\.\.\", now"):
         check({**old, "dataset_sha256": "a" * 64, "folder_reader": 2}, {**old, "folder_reader": 2})

@@ -95,6 +95,17 @@ def image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
+def read_otherwise_before(root: Path) -> int:
+    """The images a dsnas before FOLDER_READER 2 read otherwise: those in a class folder's sub-folders (it dropped
+    them) and hidden ones directly in it (it read them)."""
+    count = 0
+    for folder in class_folders(root):
+        count += sum(f.parent != folder for f in image_files(folder))
+        count += sum(f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                     for f in folder.iterdir())
+    return count
+
+
 def load_digits() -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images (1797, 1, 8, 8) in [0, 1], labels, sha256). Read from scikit-learn's data file directly: importing
     sklearn itself pulls in scipy and takes seconds."""
@@ -187,6 +198,7 @@ class ImagesTask:
             images, labels, self.sha256 = load_folder(path, config.image_size)
             self.source = str(path)
             self.class_names = [d.name for d in class_folders(path) if image_files(d)]
+            self.read_otherwise = read_otherwise_before(path)
         self.n_classes = int(labels.max()) + 1
         self.train_idx, self.val_idx = split(labels, config.val_share, config.seed)
         if len(self.train_idx) == 0 or len(self.val_idx) == 0:
