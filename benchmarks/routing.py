@@ -98,7 +98,10 @@ def main() -> None:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dsnas-routing-"))
         for name in args.tasks.split(","):
             folder = root / name
-            shutil.rmtree(folder, ignore_errors=True)  # a --keep folder of an earlier run: searched anew
+            if folder.exists() and {p.name for p in folder.iterdir()} - {"search_spaces", "studies"}:
+                raise SystemExit(f"routing: {folder} holds more than an earlier run's search_spaces/ and studies/; "
+                                 "give --keep a folder of its own")
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier run's: searched anew
             folder.mkdir(parents=True)
             print(f"\n== {name}: searching {STUDIES[name].relative_to(ROOT)} in {folder}", flush=True)
             table, cut, how = route(search(name, folder))

@@ -173,8 +173,11 @@ def test_a_toml_date_given_to_a_user_task_is_refused_with_the_fix(tmp_path, monk
     (tmp_path / "dated_task.py").write_text("def make(since):\n    return None\n")
     spec = TaskSpec("dated_task:make", {"since": datetime.date(2024, 1, 1)}, str(tmp_path))
     with pytest.raises(SpecError, match=r"\[task.since\] must be a string, number, boolean .* not a TOML date, but "
-                                        r"got '2024-01-01'. Fix: quote it: since = \"2024-01-01\""):
+                                        r"got '2024-01-01'. Fix: quote it: \"2024-01-01\""):
         check_params("study.toml", spec)
+    within = TaskSpec("dated_task:make", {"since": ["x", datetime.date(2024, 1, 1)]}, str(tmp_path))
+    with pytest.raises(SpecError, match=r"\[task.since\[1\]\] must be .* not a TOML date, but got '2024-01-01'"):
+        check_params("study.toml", within)
     sys.modules.pop("dated_task", None)
 
 

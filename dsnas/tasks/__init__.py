@@ -173,12 +173,12 @@ def check_params(where: str, spec: Any) -> None:
         return
 
     for key, value in spec.params.items():
-        try:
-            json.dumps(value)
-        except TypeError:  # a TOML date or time: the parameters are stored with each trial and bundle as JSON
-            raise SpecError(where, f"task.{key}", "must be a string, number, boolean or a list or table of them "
-                            f"(it is stored with the study and its bundles), not a TOML {type(value).__name__}",
-                            str(value), f'quote it: {key} = "{value}"') from None
+        found = _unstorable(value, key)
+        if found is not None:  # a TOML date or time: the parameters are stored with each trial and bundle as JSON
+            at, bad = found
+            raise SpecError(where, f"task.{at}", "must be a string, number, boolean or a list or table of them "
+                            f"(it is stored with the study and its bundles), not a TOML {type(bad).__name__}",
+                            str(bad), f'quote it: "{bad}"')
     factory = import_callable(spec.name, spec.base_dir)
     try:
         inspect.signature(factory).bind(**spec.params)
@@ -187,6 +187,15 @@ def check_params(where: str, spec: Any) -> None:
     except TypeError as e:
         raise SpecError(where, "task", f"the parameters must fit {spec.name}{inspect.signature(factory)} ({e})",
                         sorted(spec.params), f"give [task] only the parameters {spec.name} takes") from None
+
+
+def _unstorable(value: Any, at: str) -> tuple[str, Any] | None:
+    """(where, the value) of the first value inside ``value`` that JSON cannot store, or None."""
+    if isinstance(value, dict):
+        return next((found for k, v in value.items() if (found := _unstorable(v, f"{at}.{k}"))), None)
+    if isinstance(value, list):
+        return next((found for i, v in enumerate(value) if (found := _unstorable(v, f"{at}[{i}]"))), None)
+    return None if value is None or isinstance(value, (str, int, float, bool)) else (at, value)
 
 
 def check_task(where: str, spec: Any) -> None:
