@@ -133,3 +133,16 @@ def test_the_dry_run_checks_every_section_that_needs_no_cuda(tmp_path):
     assert {s["name"]: s["status"] for s in doc["sections"]} == status
     typo = subprocess.run([*script, "--only", "profile,engin"], capture_output=True, text=True, timeout=600)
     assert typo.returncode == 2 and "--only names no section engin" in typo.stderr
+
+
+def test_every_section_fits_the_default_budget_at_its_estimate():
+    """The estimates added up to 425 s against a default --budget-s of 420: the last section (compile) was skipped
+    whenever the others took as long as estimated."""
+    import ast
+    import re
+
+    source = (REPO / "benchmarks" / "gpu_check.py").read_text()  # read: importing it runs the benchmark's imports
+    default = float(re.search(r'"--budget-s", type=float, default=(\d+)', source).group(1))
+    estimates = re.search(r"ESTIMATE_S = (\{.*?\})\n", source, re.S).group(1)
+    total = sum(gpu for gpu, _ in ast.literal_eval(estimates).values())
+    assert total <= default, (total, default)
