@@ -139,12 +139,24 @@ class Driver:
 
         try:
             yield
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            # (study.tell reads the trial first: "Cannot tell a FAIL trial." where it was taken back just before.)
+            if isinstance(e, ValueError) and not self._finished_elsewhere(number):
+                raise
             for kept in (self.running, self.clocks, self.stopped, self.twins):
                 kept.pop(number, None)
             self.recording = None
             self.progress.say(f"  trial {number} was taken back by another driver while this one sent no heartbeat "
                               f"for {GRACE_S} s (paused, or a database outage): its result is not stored")
+
+    def _finished_elsewhere(self, number: int) -> bool:
+        trial = self.running.get(number)
+        if trial is None:
+            return False
+        try:
+            return self.study._storage.get_trial(trial._trial_id).state.is_finished()
+        except Exception:  # the storage cannot say: the error stands as it was
+            return False
 
     def _call_waiting(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``executor.call``, where Ctrl-C and SIGTERM act at once: the engine probe waits for the device's gate
@@ -162,12 +174,18 @@ class Driver:
             self.progress.say("the rest of the budget is running in other drivers: waiting for them, to take back "
                               "any trial whose driver stops")
         time.sleep(WATCH_S)
-        back_at = self.outage.back_at
-        if back_at is not None and time.monotonic() - back_at < GRACE_S + HEARTBEAT_S:
-            # The other drivers could not beat through the outage this driver just survived either: a live one's
-            # trial was taken back, trained again, and its driver stopped at the result it could not store.
-            return
-        requeued = self.db("recover stale trials", lambda: recover_stale_trials(self.study))
+
+        def recover() -> list[int]:
+            # Not through an outage, nor within GRACE_S after one: the other drivers could not beat through it
+            # either (a live one's trial was taken back, trained again, and its driver stopped at its result). Asked
+            # at each try: the outage is usually met by this very call, and its retry ran at once when it passed.
+            back_at = self.outage.back_at
+            if self.outage.lost_since is not None or (back_at is not None and
+                                                      time.monotonic() - back_at < GRACE_S + HEARTBEAT_S):
+                return []
+            return recover_stale_trials(self.study)
+
+        requeued = self.db("recover stale trials", recover)
         if requeued:
             self.progress.say(f"taken back from a stopped driver: trial(s) {', '.join(map(str, requeued))}")
             self.watching = False

@@ -324,9 +324,14 @@ def test_a_probe_disturbed_by_others_is_used_but_not_cached(tmp_path, monkeypatc
     assert first.precisions() == ("fp32", "int8")
     again = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
     assert not again.cached and len(measured) == 2
+    # Others' share unknown (no /proc/stat: macOS): not known quiet, so not kept either.
+    monkeypatch.setattr(Busy, "share", Share(None, None, "/proc/stat not readable"))
+    unknown = ep.probe_engine(torch.device("cpu"), shapes, threads=1)
+    assert "others' use of the CPUs unknown (no /proc/stat), so not cached" in unknown.table()
+    assert not ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached and len(measured) == 4
     monkeypatch.setattr(Busy, "share", Share(others=0.02, steal=0.0))  # quiet: kept, and read back next time
     ep.probe_engine(torch.device("cpu"), shapes, threads=1)
-    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached and len(measured) == 3
+    assert ep.probe_engine(torch.device("cpu"), shapes, threads=1).cached and len(measured) == 5
 
 
 def test_a_host_that_slows_midway_moves_no_ratio_and_the_probe_that_saw_it_is_not_cached(tmp_path, monkeypatch):

@@ -224,6 +224,29 @@ def test_a_trial_another_driver_took_back_is_one_line_and_the_search_goes_on(tmp
     assert [t.state for t in stored(study)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
+def test_a_trial_taken_back_just_before_it_is_told_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """Taken back between its last stored figure and study.tell, which reads the trial first: "Cannot tell a FAIL
+    trial." stopped the search."""
+    import optuna
+
+    from dsnas import driver
+    from tests.table_study import write_table_study
+
+    study = write_table_study(tmp_path, n_trials=2, fidelity='kind = "none"')
+    real = driver.Driver._store_artifacts
+
+    def then_taken_back(self, trial, outcome):
+        real(self, trial, outcome)
+        if trial.number == 0:  # what another driver's recover_stale_trials does, through its own storage
+            storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'table.db'}")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+    monkeypatch.setattr(driver.Driver, "_store_artifacts", then_taken_back)
+    assert main(["search", str(study)]) == 0
+    assert "trial 0 was taken back by another driver" in capsys.readouterr().out
+    assert [t.state for t in stored(study)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
 def test_a_trials_files_are_staged_beside_the_artifacts_not_in_the_temp_folder(tiny_study, monkeypatch):
     """A small or full /tmp stopped the search with a traceback after the trial had trained (its weights were
     written there first), though the study's folder had room."""

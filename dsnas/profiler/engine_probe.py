@@ -175,6 +175,8 @@ class EngineProbe:
         if self.host_drift is not None and self.host_drift > SLOWDOWN_LIMIT:
             why.append(f"the host's speed changed {self.host_drift:.2f}x")
         busy = f", disturbed: {' and '.join(why)}, so not cached" if why else ""
+        if self.load is None and not self.cached and not why:
+            busy = ", others' use of the CPUs unknown (no /proc/stat), so not cached"
         lines = [f"engine probe on {self.device} (fingerprint {self.fingerprint_id}"
                  f"{', cached' if self.cached else ''}{busy}), shapes rows x in -> out: {', '.join(self.shapes)}",
                  f"{'choice':8} {'offered':8} {'speed':>7}  {'kernel':26} why"]
@@ -241,7 +243,9 @@ def probe_engine(device: Any, shapes: Sequence[Shape], threads: int | None = Non
         probe = EngineProbe(str(fp.get("gpu") or fp.get("cpu")), fingerprint_id(fp), tuple(map(str, shapes)),
                             verdicts, load=window.share.load if window.share.others is not None else None,
                             host_drift=drift)
-        if not replace(window.share, host_slowdown=drift).disturbed():
+        # Stored only when known quiet: one taken under others' load, or where it cannot be read (no /proc/stat),
+        # would decide the offer for good.
+        if replace(window.share, host_slowdown=drift).disturbed() is False:
             store_entry(path, CACHE_TYPE, key, probe.as_dict())
     return probe
 
