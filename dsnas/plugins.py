@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-# The study folders this process put on sys.path (resolved), in the order it first did.
-_STUDY_FOLDERS: list[Path] = []
+# When each module this process imported from a study's folder was written (its file's mtime_ns), by file.
+_IMPORTED_AT: dict[Path, int] = {}
 
 
 def import_callable(target: str, base_dir: str | Path | None = None) -> Any:
@@ -17,6 +18,8 @@ def import_callable(target: str, base_dir: str | Path | None = None) -> Any:
     if base_dir is not None:
         _use_folder(Path(base_dir))
     obj: Any = importlib.import_module(module_name)
+    if base_dir is not None:
+        _note_imported(Path(base_dir))
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
@@ -25,25 +28,43 @@ def import_callable(target: str, base_dir: str | Path | None = None) -> Any:
 
 
 def _use_folder(base_dir: Path) -> None:
-    """The study's folder first on sys.path, and every module imported from another study's folder under a name
-    this folder has a module of dropped: Python would return it, and a second study in a notebook ran the first
-    one's task (or its own task with the first one's helpers), with the first one's data and fingerprint."""
-    here = base_dir.resolve()
-    if here not in _STUDY_FOLDERS:
-        _STUDY_FOLDERS.append(here)
-    others = [folder for folder in _STUDY_FOLDERS if folder != here]
-    if others:
-        names = {p.stem for p in here.glob("*.py")} | {p.parent.name for p in here.glob("*/__init__.py")}
-        for name, module in list(sys.modules.items()):
-            file = getattr(module, "__file__", None)
-            if name.split(".")[0] in names and file is not None and _under(file, others) and not _under(file, [here]):
-                del sys.modules[name]
+    """The study's folder first on sys.path, and every module of a name this folder has a module of dropped where
+    it was imported from elsewhere (another study's folder, the notebook's own) or from this folder before its file
+    was edited: Python would return the one it holds, and a second study in a notebook ran the first one's task (or
+    its own with the first one's helpers, or as it was before the edit), with the other data and fingerprint."""
+    own = _own_modules(base_dir)
+    stale = []
+    for name, path in own.items():
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file is not None and (Path(file).resolve() != path or _IMPORTED_AT.get(path) not in (None, _mtime(path))):
+            stale.append(name)
+    if stale:  # and the folder's other modules with them: they hold what they imported from the stale ones
+        for held in [n for n in sys.modules if n.split(".")[0] in own]:
+            del sys.modules[held]
     if sys.path[:1] != [str(base_dir)]:
         if str(base_dir) in sys.path:
             sys.path.remove(str(base_dir))
         sys.path.insert(0, str(base_dir))
 
 
-def _under(file: str, folders: list[Path]) -> bool:
-    path = Path(file).resolve()
-    return any(path.is_relative_to(folder) for folder in folders)
+def _own_modules(base_dir: Path) -> dict[str, Path]:
+    """The top-level modules of a study's folder, by name: NAME.py and NAME/__init__.py (resolved). A name the
+    standard library has is left out: dropping the loaded one would break every module that imports it."""
+    found = {p.stem: p for p in base_dir.glob("*.py")}
+    found.update({p.parent.name: p for p in base_dir.glob("*/__init__.py")})
+    return {name: path.resolve() for name, path in found.items() if name not in sys.stdlib_module_names}
+
+
+def _note_imported(base_dir: Path) -> None:
+    """When the study folder's modules now loaded were written (_use_folder dropped any older one first)."""
+    for name, own in _own_modules(base_dir).items():
+        loaded = sys.modules.get(name)
+        if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == own:
+            _IMPORTED_AT[own] = _mtime(own)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None

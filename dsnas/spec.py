@@ -18,7 +18,7 @@ from typing import Any
 
 from dsnas.config import build_section, is_there, masked_url, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
-from dsnas.models import is_user_family
+from dsnas.models import forget_families, is_user_family
 from dsnas.plugins import import_callable
 from dsnas.space import load_space_file
 from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, forget_built, make_task, runs_own_trials
@@ -347,6 +347,7 @@ def load_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     parameters checked (:func:`check_plugins`), then what this machine must offer (:func:`check_machine`)."""
     spec = read_study(path, **overrides)
     forget_built()  # a run reads its task's data as it is now, not as an earlier run in this process did
+    forget_families()  # and imports a user family's builder as its file is now
     check_sampler(spec)
     check_plugins(spec)
     check_machine(spec)

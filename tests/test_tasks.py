@@ -152,6 +152,25 @@ def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_pa
         kept = sys.modules["same_name_task"]
         assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
         assert sys.modules["same_name_task"] is kept  # the study's own: kept, not imported again
+        # A study inside another's folder, then the outer one; and a module of the name the notebook imported itself.
+        (tmp_path / "one" / "inner").mkdir()
+        (tmp_path / "one" / "inner" / "same_name_helpers.py").write_text("WHICH = 'inner'\n")
+        (tmp_path / "one" / "inner" / "same_name_task.py").write_text(
+            "import same_name_helpers\n\n\ndef which():\n    return same_name_helpers.WHICH\n")
+        assert import_callable("same_name_task:which", tmp_path / "one" / "inner")() == "inner"
+        assert import_callable("same_name_task:which", tmp_path / "one")() == "one"
+        (tmp_path / "notebook").mkdir()
+        (tmp_path / "notebook" / "same_name_task.py").write_text("def which():\n    return 'notebook'\n")
+        sys.path.insert(0, str(tmp_path / "notebook"))
+        sys.modules.pop("same_name_task")
+        import same_name_task  # noqa: F401  (the notebook's own, imported before the search)
+
+        assert import_callable("same_name_task:which", tmp_path / "two")() == "two"
+        # Edited between two runs: the file as it is now.
+        (tmp_path / "two" / "same_name_helpers.py").write_text("WHICH = 'two, edited'\n")
+        import os
+        os.utime(tmp_path / "two" / "same_name_helpers.py", ns=(time_ns := 2 * 10**18, time_ns))
+        assert import_callable("same_name_task:which", tmp_path / "two")() == "two, edited"
     finally:
         sys.modules.pop("same_name_task", None)
         sys.modules.pop("same_name_helpers", None)

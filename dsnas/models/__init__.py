@@ -81,6 +81,11 @@ def _user_family(target: str, base_dir: str | None) -> UserFamily:
     return UserFamily(target, base_dir)
 
 
+def forget_families() -> None:
+    """Import each user family's builder again at its next use (a run's start: it may have been edited since)."""
+    _user_family.cache_clear()
+
+
 def user_arch(arch: dict[str, Any]) -> dict[str, Any]:
     """What a user's builder sees: the architecture without dsnas's own keys."""
     return {k: v for k, v in arch.items() if k not in DSNAS_KEYS}
