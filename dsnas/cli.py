@@ -417,6 +417,12 @@ def showing_logs(level: int) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Each command reads its task's data and plug-ins as they are now: a second command in one process (a notebook
+    # calling main) verified a bundle against the data an earlier one had read ("task data same" after an edit).
+    if "dsnas.tasks" in sys.modules:
+        sys.modules["dsnas.tasks"].forget_built()
+    if "dsnas.models" in sys.modules:
+        sys.modules["dsnas.models"].forget_families()
     try:
         with showing_logs(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO):
             return args.func(args)

@@ -232,3 +232,18 @@ def test_fingerprints_compare_as_stored_and_an_older_image_reader_is_named():
         check(old, {**old, "dataset_sha256": "bb", "train_count": 8, "folder_reader": 2}, read_otherwise=0)
     with pytest.raises(DsnasError, match=r"the data differs .*dataset_sha256 was \"a{55}\.\.\.\", now"):
         check({**old, "dataset_sha256": "a" * 64, "folder_reader": 2}, {**old, "folder_reader": 2})
+
+
+def test_each_command_in_one_process_builds_its_task_from_the_data_as_it_is_now(tmp_path):
+    """A notebook calling dsnas.cli.main twice: the second verify took the task the first had built ("task data
+    same" after the corpus was edited)."""
+    from dsnas import tasks
+    from dsnas.cli import main
+    from dsnas.spec import TaskSpec
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    tasks.make_task(TaskSpec("charlm", {"corpus": "text.txt", "context": 8}, str(tmp_path)))
+    assert tasks._built
+    assert main(["report", str(tmp_path / "no_such_study.toml")]) == 2  # any command
+    assert not tasks._built
