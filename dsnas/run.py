@@ -156,6 +156,9 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     except BaseException:
         if ours:
             _release(study)
+            if (engine := storage_engine(study)) is not None:  # one file again, as after a finished search
+                engine.dispose()
+                leave_write_ahead(spec.storage)
         raise
 
 

@@ -16,6 +16,7 @@ from dsnas.storage import (
     display_url,
     driver_gone,
     driver_identity,
+    leave_write_ahead,
     open_storage,
     schema_lock,
     sqlite_file,
@@ -45,6 +46,19 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
         cause = str(e.__cause__ or e).strip().splitlines()[0]  # blames "invalid data"; the driver's says why
         raise DsnasError(f"{spec.path}: [study] storage {display_url(spec.storage)} refused to store the study "
                          f"({cause}). Fix: search with a database user that may write there") from None
+    try:
+        _check_and_record(spec, study, create)
+    except BaseException:
+        # Refused (other objectives, settings or data): the study as it was, one file in rollback-journal mode where
+        # it was (the refusal left it in write-ahead-log mode, which an account that may only read it cannot open).
+        if create and (engine := storage_engine(study)) is not None:
+            engine.dispose()
+            leave_write_ahead(spec.storage)
+        raise
+    return study
+
+
+def _check_and_record(spec: StudySpec, study: Any, create: bool) -> None:
     names = [o.name for o in spec.objectives]
     stored = [d.name.lower() for d in study.directions]
     if stored != spec.directions or (study.metric_names and study.metric_names != names):
@@ -57,7 +71,6 @@ def open_study(spec: StudySpec, create: bool = True) -> Any:
         with study_lock(study, spec.storage):  # a second driver starting beside it checks what this one recorded
             _check_settings(spec, study)
         _record_study(spec, study)
-    return study
 
 
 # The study's user attribute that keeps the settings its stored numbers were made under (study_settings), and

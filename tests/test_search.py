@@ -257,6 +257,10 @@ def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, 
     err = capsys.readouterr().err
     assert "[objectives] the stored study 'tiny' has objectives ['accuracy', 'throughput']" in err
     assert len(trials(tiny_study)[1]) == 1
+    # Refused, the study is one file in rollback-journal mode again (an account that may only read it opens it).
+    with contextlib.closing(sqlite3.connect(tiny_study.parent / "tiny.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not (tiny_study.parent / "tiny.db-wal").exists()
 
 
 @pytest.mark.parametrize("old, new, said", [
