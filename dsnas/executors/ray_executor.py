@@ -52,6 +52,9 @@ class RayExecutor(BaseExecutor):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DsnasError(f"could not start or reach Ray at {spec.address or 'this machine'}: {first}.{fix}") \
                     from None
+            except BaseException:  # Ctrl-C while Ray starts: what it started so far ends (a notebook kept 330 MB)
+                ray.shutdown()
+                raise
         try:
             resources, gpus = self._check_cluster(spec, device)
         except BaseException:
