@@ -177,6 +177,25 @@ def test_a_ray_started_for_a_refused_search_is_shut_down():
     assert not ray.is_initialized()
 
 
+def test_ctrl_c_while_ray_starts_leaves_no_ray_running(monkeypatch):
+    """Ctrl-C inside ray.init (a notebook's interrupt) left Ray's processes running for the kernel's life."""
+    import ray
+
+    from dsnas.executors.ray_executor import RayExecutor
+    from dsnas.spec import ExecutorSpec
+
+    started = ray.init
+
+    def interrupted(**kwargs):
+        started(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        RayExecutor(ExecutorSpec(), "cpu")
+    assert not ray.is_initialized()
+
+
 def test_errors_raised_in_a_worker_cross_to_the_driver_whole():
     """A SpecError raised in a Ray worker could not be unpickled in the driver: the trial's reason was Ray's
     "Failed to deserialize exception", with dsnas's one line buried in a colored traceback."""
