@@ -423,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.modules["dsnas.tasks"].forget_built()
     if "dsnas.models" in sys.modules:
         sys.modules["dsnas.models"].forget_families()
+    from dsnas.storage import optuna_quieted  # (imports no Optuna: `dsnas --version` stays quick)
+
     try:
-        with showing_logs(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO):
+        with showing_logs(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO), \
+                optuna_quieted():  # a notebook calling main keeps its own Optuna settings
             return args.func(args)
     except DsnasError as e:
         if args.debug:

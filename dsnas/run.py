@@ -15,6 +15,7 @@ from dsnas.storage import (
     StorageLost,
     check_artifacts_writable,
     leave_write_ahead,
+    optuna_quieted,
     recover_stale_trials,
     storage_engine,
     study_lock,
@@ -118,6 +119,12 @@ def run_study(spec: StudySpec, *, trial_fn: TrialFn = run_trial, progress: Progr
     ``study``: an Optuna study to drive instead of the one [study] storage holds, e.g. an in-memory one for a
     benchmark's thousands of short searches (dsnas's own tables, the measurement cache among them, are then not
     kept). ``sampler``: an Optuna sampler of one's own, used instead of the one [sampler] names."""
+    with optuna_quieted():  # Optuna's own log lines: quiet for this call only
+        return _run_study(spec, trial_fn, progress, callbacks, study, sampler)
+
+
+def _run_study(spec: StudySpec, trial_fn: TrialFn, progress: Progress | None,
+               callbacks: Sequence[Callable[[Any, Any], None]], study: Any, sampler: Any) -> SearchOutcome:
     from optuna.trial import TrialState
 
     check_executor_installed(spec)

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,16 +38,17 @@ def quiet_optuna() -> None:
 
 @contextmanager
 def optuna_quieted() -> Iterator[None]:
-    """quiet_optuna() for one call of the Python API, then Optuna's verbosity and the warning filters as they were:
-    dsnas.results.load left a notebook's own study.optimize() silent for good."""
-    import optuna
-
-    verbosity = optuna.logging.get_verbosity()
+    """Within it, what quiet_optuna() sets holds; after it, Optuna's verbosity and the warning filters are as they
+    were (Optuna's default where it was not imported yet): dsnas.results.load, run_study and cli.main left a
+    notebook's own study.optimize() silent for good. Importing nothing itself: `dsnas --version` loads no Optuna."""
+    verbosity = sys.modules["optuna"].logging.get_verbosity() if "optuna" in sys.modules else None
     with warnings.catch_warnings():
         try:
             yield
         finally:
-            optuna.logging.set_verbosity(verbosity)
+            if "optuna" in sys.modules:
+                optuna = sys.modules["optuna"]
+                optuna.logging.set_verbosity(optuna.logging.INFO if verbosity is None else verbosity)
 
 
 CONNECT_TIMEOUT_S = 10  # a server that accepts and never answers must not hang the driver

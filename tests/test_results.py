@@ -185,6 +185,13 @@ def test_load_leaves_optuna_s_own_logging_and_warnings_as_they_were(tmp_path):
         load(url, "plain")
         assert optuna.logging.get_verbosity() == optuna.logging.INFO
         assert warnings.filters == filters
+        from dsnas.cli import main  # and a command called from a notebook
+
+        (tmp_path / "plain.toml").write_text(f'[study]\nname = "plain"\nstorage = "{url}"\n[space]\nfile = "s.toml"\n')
+        (tmp_path / "s.toml").write_text('family = "transformer_lm"\n[choices]\nd_model = [16]\n')
+        main(["report", str(tmp_path / "plain.toml"), "--out", str(tmp_path / "report")])
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        assert warnings.filters == filters
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
