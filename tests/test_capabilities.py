@@ -214,3 +214,11 @@ def test_the_quota_of_the_process_s_own_cgroup_and_its_parents_is_found(tmp_path
     assert caps.own_cgroup_folders("cpu", tmp_path / "none", tmp_path / "none") == []  # not Linux
     monkeypatch.setattr(caps, "own_cgroup_folders", lambda controller: folders)
     assert caps.cgroup_cpu_max() == ("150000", "100000")
+    # The usage of the cgroup whose quota binds: a parent's quota is spent by its other children too.
+    from dsnas.profiler import disturbance
+
+    (v2 / "a.slice" / "cpu.max").write_text("50000 100000\n")  # now the parent's binds
+    (v2 / "a.slice" / "cpu.stat").write_text("usage_usec 900000\n")
+    (v2 / "a.slice" / "b.service" / "cpu.stat").write_text("usage_usec 100000\n")
+    monkeypatch.setattr(disturbance, "own_cgroup_folders", lambda controller: folders)
+    assert caps.binding_quota() == 1 and disturbance.cgroup_usage_s() == 0.9

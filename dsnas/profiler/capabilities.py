@@ -319,9 +319,9 @@ def cgroup_cpu_max(root: Path | None = None) -> tuple[str, str] | str:
         if not folders:
             return cgroup_cpu_max(CGROUP_ROOT)
         found = [_quota_in(folder) for folder in folders]
-        quotas = [q for q in found if not isinstance(q, str) and q[0] not in ("max", "-1")]
-        if quotas:
-            return min(quotas, key=lambda q: int(q[0]) / int(q[1]))
+        binding = binding_quota(found)
+        if binding is not None:
+            return found[binding]  # type: ignore[return-value]
         return next((q for q in found if not isinstance(q, str)), found[0])
     try:
         if (root / "cpu.max").exists():
@@ -333,6 +333,16 @@ def cgroup_cpu_max(root: Path | None = None) -> tuple[str, str] | str:
     except (OSError, ValueError) as err:
         return f"cgroup CPU files not readable: {err}"
     return f"no cgroup CPU controller under {root}"
+
+
+def binding_quota(found: list[tuple[str, str] | str] | None = None) -> int | None:
+    """Which of this process's cgroup and its parents (own_cgroup_folders("cpu"), innermost first) has the tightest
+    CPU quota, or None where none has one: the cgroup whose usage the quota is spent by."""
+    if found is None:
+        found = [_quota_in(folder) for folder in own_cgroup_folders("cpu")]
+    limits = [(int(q[0]) / int(q[1]), i) for i, q in enumerate(found)
+            if not isinstance(q, str) and q[0] not in ("max", "-1") and q[0].isdigit() and q[1].isdigit()]
+    return min(limits)[1] if limits else None
 
 
 def _quota_in(folder: Path) -> tuple[str, str] | str:

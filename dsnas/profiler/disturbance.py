@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dsnas.profiler.capabilities import CGROUP_ROOT, cgroup_cpu_max, own_cgroup_folders
+from dsnas.profiler.capabilities import CGROUP_ROOT, binding_quota, cgroup_cpu_max, own_cgroup_folders
 from dsnas.profiler.gpu_share import GpuShare, GpuWindow
 
 T = TypeVar("T")
@@ -171,12 +171,14 @@ def cgroup_usage_s(root: Path | None = None) -> float | None:
         own = own_cgroup_folders("cpuacct")
         if not own:
             return cgroup_usage_s(CGROUP_ROOT)
+        # The cgroup whose quota binds (its every process spends it), at the same depth in this hierarchy.
+        folder = own[min(binding_quota() or 0, len(own) - 1)]
         try:
-            if (own[0] / "cpuacct.usage").exists():
-                return int((own[0] / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
+            if (folder / "cpuacct.usage").exists():
+                return int((folder / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
         except (OSError, ValueError):
             return None
-        root = own[0]
+        root = folder
     try:
         if (root / "cpu.stat").exists():
             for line in (root / "cpu.stat").read_text(encoding="utf-8").splitlines():
