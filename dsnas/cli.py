@@ -460,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(e, Terminated) else 130
 
 
-
 def _lost_connection(error: BaseException) -> str | None:
     """The first line of what says the database connection failed in ``error``'s chain, or None (another error)."""
     if "sqlalchemy" not in sys.modules:  # no database was opened

@@ -341,7 +341,7 @@ def binding_quota(found: list[tuple[str, str] | str] | None = None) -> int | Non
     if found is None:
         found = [_quota_in(folder) for folder in own_cgroup_folders("cpu")]
     limits = [(int(q[0]) / int(q[1]), i) for i, q in enumerate(found)
-            if not isinstance(q, str) and q[0] not in ("max", "-1") and q[0].isdigit() and q[1].isdigit()]
+              if not isinstance(q, str) and q[0].isdigit() and q[1].isdigit() and int(q[1]) > 0]
     return min(limits)[1] if limits else None
 
 
