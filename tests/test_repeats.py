@@ -96,22 +96,27 @@ def test_the_search_efficiency_benchmark_counts_a_reused_repeat_as_no_evaluation
     assert bench.trial_cost(reused, row, 0.02) == (0.0, False)
 
 
+def _one_candidate_search(tmp_path, evaluate: str, n_trials: int, workers: int, capsys):
+    """A search under Ray of a space of one candidate, whose table task's evaluation sleeps 2 s, then runs
+    ``evaluate`` (lines of Python): every proposal after the first is that candidate again. (output, trials)."""
+    (tmp_path / "twin_task.py").write_text(
+        "import time\nfrom pathlib import Path\nfrom table_task import TableTask\n\n\nclass TwinTask(TableTask):\n"
+        "    def evaluate_arch(self, arch, **kwargs):\n        time.sleep(2.0)\n" + evaluate +
+        "        return super().evaluate_arch(arch, **kwargs)\n")
+    study = write_table_study(tmp_path, n_trials=n_trials, sampler="tpe", executor="ray", task="twin_task:TwinTask",
+                              fidelity='kind = "none"', repeats="reuse")
+    study.write_text(study.read_text().replace('kind = "ray"', f'kind = "ray"\nworkers = {workers}'))
+    (tmp_path / "space.toml").write_text(
+        'family = "transformer_lm"\n[choices]\nn_layers = [1]\nd_model = [16]\nn_heads = [1]\nffn_ratio = [1]\n')
+    assert main(["search", str(study)]) == 0  # stopped once the sampler proposes nothing new
+    return capsys.readouterr().out, trials_of(study)[1]
+
+
 @pytest.mark.slow
 def test_a_candidate_proposed_while_it_trains_waits_for_its_result(tmp_path, capsys):
     """With two workers, Optuna's samplers propose a running candidate again: it was trained twice at once, counted
     twice toward n_trials and listed twice on the front."""
-    (tmp_path / "slow_task.py").write_text(
-        "import time\nfrom table_task import TableTask\n\n\nclass SlowTask(TableTask):\n"
-        "    def evaluate_arch(self, arch, **kwargs):\n        time.sleep(2.0)\n"
-        "        return super().evaluate_arch(arch, **kwargs)\n")
-    study = write_table_study(tmp_path, n_trials=2, sampler="tpe", executor="ray", task="slow_task:SlowTask",
-                              fidelity='kind = "none"', repeats="reuse")
-    study.write_text(study.read_text().replace('kind = "ray"', 'kind = "ray"\nworkers = 2'))
-    (tmp_path / "space.toml").write_text(  # one candidate: the second worker's first proposal is its twin
-        'family = "transformer_lm"\n[choices]\nn_layers = [1]\nd_model = [16]\nn_heads = [1]\nffn_ratio = [1]\n')
-    assert main(["search", str(study)]) == 0  # stopped once the sampler proposes nothing new
-    out = capsys.readouterr().out
-    _, trials = trials_of(study)
+    out, trials = _one_candidate_search(tmp_path, "", n_trials=2, workers=2, capsys=capsys)
     trained = [t for t in trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
     assert [t.number for t in trained] == [0], out  # trained once
     assert "trial 1 is trial 0 again, which is running: it waits for its result" in out
@@ -123,20 +128,9 @@ def test_a_candidate_proposed_while_it_trains_waits_for_its_result(tmp_path, cap
 def test_trials_waiting_for_a_twin_that_failed_train_it_once(tmp_path, capsys):
     """Each trial that waited for a twin which then failed started the candidate at once: trained twice at once
     again. And waiting trials took no place, so the driver made 201 of them and read no result meanwhile."""
-    (tmp_path / "flaky_task.py").write_text(
-        "import time\nfrom pathlib import Path\nfrom table_task import TableTask\n\n\nclass FlakyTask(TableTask):\n"
-        "    def evaluate_arch(self, arch, **kwargs):\n        time.sleep(2.0)\n"
-        "        marker = Path(__file__).with_name('failed_once')\n"
-        "        if not marker.exists():\n            marker.touch()\n            raise RuntimeError('flaky')\n"
-        "        return super().evaluate_arch(arch, **kwargs)\n")
-    study = write_table_study(tmp_path, n_trials=3, sampler="tpe", executor="ray", task="flaky_task:FlakyTask",
-                              fidelity='kind = "none"', repeats="reuse")
-    study.write_text(study.read_text().replace('kind = "ray"', 'kind = "ray"\nworkers = 3'))
-    (tmp_path / "space.toml").write_text(
-        'family = "transformer_lm"\n[choices]\nn_layers = [1]\nd_model = [16]\nn_heads = [1]\nffn_ratio = [1]\n')
-    assert main(["search", str(study)]) == 0
-    out = capsys.readouterr().out
-    _, trials = trials_of(study)
+    fails_once = ("        marker = Path(__file__).with_name('failed_once')\n"
+                  "        if not marker.exists():\n            marker.touch()\n            raise RuntimeError('flaky')\n")
+    out, trials = _one_candidate_search(tmp_path, fails_once, n_trials=3, workers=3, capsys=capsys)
     assert trials[0].state == TrialState.FAIL
     trained = [t for t in trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
     assert [t.number for t in trained] == [1], out  # trained once, by the first trial that waited
