@@ -48,11 +48,18 @@ def _use_folder(base_dir: Path) -> None:
 
 
 def _own_modules(base_dir: Path) -> dict[str, Path]:
-    """The top-level modules of a study's folder, by name: NAME.py and NAME/__init__.py (resolved). A name the
-    standard library has is left out: dropping the loaded one would break every module that imports it."""
+    """The top-level modules of a study's folder, by name: NAME.py and NAME/__init__.py (resolved). Left out: a
+    name the standard library has, dsnas itself (a study folder holding a copy of dsnas), and a name whose loaded
+    module is an installed package's: dropping those would break every module that imports them."""
     found = {p.stem: p for p in base_dir.glob("*.py")}
     found.update({p.parent.name: p for p in base_dir.glob("*/__init__.py")})
-    return {name: path.resolve() for name, path in found.items() if name not in sys.stdlib_module_names}
+    return {name: path.resolve() for name, path in found.items()
+            if name not in sys.stdlib_module_names and name != __name__.split(".")[0] and not _installed(name)}
+
+
+def _installed(name: str) -> bool:
+    file = getattr(sys.modules.get(name), "__file__", None)
+    return file is not None and any(part in ("site-packages", "dist-packages") for part in Path(file).parts)
 
 
 def _note_imported(base_dir: Path) -> None:

@@ -171,6 +171,15 @@ def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_pa
         import os
         os.utime(tmp_path / "two" / "same_name_helpers.py", ns=(time_ns := 2 * 10**18, time_ns))
         assert import_callable("same_name_task:which", tmp_path / "two")() == "two, edited"
+        # A study folder holding a copy of dsnas, or a module named as an installed package: those stay loaded.
+        import dsnas
+        import optuna
+
+        (tmp_path / "two" / "dsnas").mkdir()
+        (tmp_path / "two" / "dsnas" / "__init__.py").write_text("")
+        (tmp_path / "two" / "optuna.py").write_text("")
+        import_callable("same_name_task:which", tmp_path / "two")
+        assert sys.modules["dsnas"] is dsnas and sys.modules["optuna"] is optuna
     finally:
         sys.modules.pop("same_name_task", None)
         sys.modules.pop("same_name_helpers", None)
