@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -70,6 +72,7 @@ class Driver:
         self._cpu_gate: Any = None  # this node's CPU measurement gate, or False when trials measure on a GPU
         self.task = make_task(spec.task)
         self.data = self.task.fingerprint()
+        self.run_id = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"  # see TrialRequest.run
         self._check_same_data()
         self.task_arch = self.task.arch_defaults()
         self.trial_fn = trial_fn
@@ -453,7 +456,7 @@ class Driver:
         cached = self.db("read the measurement cache", tables.cached_figures, storage_engine(self.study), arch)
         self.executor.submit(TrialRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=seed, cached=cached, engine=self.spec.engine,
-                                         rungs=rungs, task_fingerprint=self.data))
+                                         rungs=rungs, task_fingerprint=self.data, run=self.run_id))
         if self.spec.budget.trial_timeout_s is not None:
             self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
         self.progress.started(trial.number, short, self.running)

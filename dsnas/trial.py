@@ -60,6 +60,9 @@ class TrialRequest:
     # The driver's task.fingerprint(): a worker whose task was built from other data (a Ray worker kept from an
     # earlier search, a node with another copy of the data) builds it again, or refuses the trial.
     task_fingerprint: dict[str, Any] | None = None
+    # The driver's run ("host:pid:start"): a worker that served another run (a Ray the notebook started itself, its
+    # workers reused) builds its task and imports the study's code afresh, as the driver did at the run's start.
+    run: str | None = None
 
 
 @dataclass

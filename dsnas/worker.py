@@ -3,11 +3,13 @@ first, then train rung by rung while the driver decides). Never touches the stor
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any
 
 from dsnas.errors import TrialError
-from dsnas.models import build, is_user_family
+from dsnas.models import build, forget_families, is_user_family
 from dsnas.profiler import MeasureGate, device_key, measure, resolve_device
 from dsnas.rungs import ClockEvent, RungReport, RungStop
 from dsnas.tasks import data_differs, forget_built, make_task, preprocessing_of, runs_own_trials
@@ -17,10 +19,26 @@ from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 def run_trial(request: TrialRequest) -> TrialResult:
     clock = OwnClock(request)
     clock.tell("started")  # its time limit counts from here, not from when it was queued
+    _start_of_run(request)
     task = _task_of(request)
     if runs_own_trials(task):  # the user's own evaluation function: no model is built here
         return run_own_trial(task, request)
     return _Candidate(request, task, clock).run()
+
+
+_SERVED: list[str | None] = [None]  # the run whose trial this process ran last
+
+
+def _start_of_run(request: TrialRequest) -> None:
+    """A worker kept from another run (a Ray the notebook started itself) builds its task and imports the study's
+    code afresh: trials after an edit of the task ran the code as it was before. The driver's own process (the
+    local executor) did so as the run started."""
+    run, before = request.run, _SERVED[0]
+    _SERVED[0] = run
+    if run is None or before in (None, run) or run.startswith(f"{socket.gethostname()}:{os.getpid()}:"):
+        return
+    forget_built()
+    forget_families()
 
 
 def _task_of(request: TrialRequest) -> Any:

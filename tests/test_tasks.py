@@ -166,14 +166,22 @@ def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_pa
         import same_name_task  # noqa: F401  (the notebook's own, imported before the search)
 
         assert import_callable("same_name_task:which", tmp_path / "two")() == "two"
-        # Edited between two runs: the file as it is now.
+        # Edited between two runs (even where the notebook imported it itself): the file as it is now.
         (tmp_path / "two" / "same_name_helpers.py").write_text("WHICH = 'two, edited'\n")
-        import os
-        os.utime(tmp_path / "two" / "same_name_helpers.py", ns=(time_ns := 2 * 10**18, time_ns))
+        assert import_callable("same_name_task:which", tmp_path / "two")() == "two"  # within the run: as it was
+        from dsnas.plugins import new_run
+
+        new_run()
         assert import_callable("same_name_task:which", tmp_path / "two")() == "two, edited"
+        (tmp_path / "two" / "__main__.py").write_text("raise SystemExit('the study folder run as a script')\n")
+        main = sys.modules["__main__"]
+        new_run()
+        import_callable("same_name_task:which", tmp_path / "two")
+        assert sys.modules["__main__"] is main  # the running program, never the folder's __main__.py
         # A study folder holding a copy of dsnas, or a module named as an installed package: those stay loaded.
-        import dsnas
         import optuna
+
+        import dsnas
 
         (tmp_path / "two" / "dsnas").mkdir()
         (tmp_path / "two" / "dsnas" / "__init__.py").write_text("")
@@ -256,3 +264,30 @@ def test_each_command_in_one_process_builds_its_task_from_the_data_as_it_is_now(
     assert tasks._built
     assert main(["report", str(tmp_path / "no_such_study.toml")]) == 2  # any command
     assert not tasks._built
+
+
+def test_a_worker_kept_from_another_run_builds_its_task_and_imports_the_code_afresh(tmp_path):
+    """Under a Ray the notebook started itself, its workers served the next search with the task (and the code)
+    as the first had built it: an edited task ran as before the edit."""
+    from types import SimpleNamespace
+
+    from dsnas import tasks, worker
+    from dsnas.spec import TaskSpec
+
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    spec = TaskSpec("charlm", {"corpus": "text.txt", "context": 8}, str(tmp_path))
+    worker._SERVED[0] = None
+    worker._start_of_run(SimpleNamespace(run="other-host:1:100"))  # a fresh worker: nothing kept to forget
+    tasks.make_task(spec)
+    worker._start_of_run(SimpleNamespace(run="other-host:1:100"))  # the same run: kept
+    assert tasks._built
+    worker._start_of_run(SimpleNamespace(run="other-host:1:200"))  # the next run
+    assert not tasks._built
+    tasks.make_task(spec)
+    import os
+    import socket
+
+    worker._start_of_run(SimpleNamespace(run=f"{socket.gethostname()}:{os.getpid()}:300"))  # the driver's process
+    assert tasks._built
+    worker._SERVED[0] = None
+    tasks.forget_built()

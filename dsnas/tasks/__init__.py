@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from dsnas.config import build_section
 from dsnas.errors import SpecError
-from dsnas.plugins import import_callable
+from dsnas.plugins import import_callable, new_run
 
 BUILTIN_TASKS = ("charlm", "images")
 # The architecture keys each built-in task fixes (its arch_defaults()), known without loading its data.
@@ -301,9 +301,10 @@ MAX_BUILT = 4
 
 
 def forget_built() -> None:
-    """Build each task anew from its data as it is now: at the start of a run, and after a task failed its checks
-    (a fixed factory or data is then used)."""
+    """Build each task anew from its data and code as they are now: at the start of a run, and after a task failed
+    its checks (a fixed factory or data is then used)."""
     _built.clear()
+    new_run()  # the study folders' modules are imported afresh too
 
 
 def _build(name: str, params: dict[str, Any], base_dir: str) -> Task | RunsOwnTrials:
