@@ -3,6 +3,7 @@ missing: the facts behind `dsnas doctor`. Probed on use, never at import (import
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -278,6 +279,7 @@ def _allocator() -> Capability:
                       "fault it in again")
 
 
+@functools.cache  # a process's cgroups are read once: every measurement window asks (dsnas.profiler.disturbance)
 def own_cgroup_folders(controller: str, mountinfo: Path = Path("/proc/self/mountinfo"),
                        cgroups: Path = Path("/proc/self/cgroup")) -> list[Path]:
     """This process's cgroup folder of ``controller`` ("cpu", "cpuacct"; cgroup v2's unified one where it has no v1
@@ -323,15 +325,10 @@ def cgroup_cpu_max(root: Path | None = None) -> tuple[str, str] | str:
         if binding is not None:
             return found[binding]  # type: ignore[return-value]
         return next((q for q in found if not isinstance(q, str)), found[0])
-    try:
-        if (root / "cpu.max").exists():
-            quota, period = (root / "cpu.max").read_text(encoding="utf-8").split()[:2]
-            return quota, period
-        if (root / "cpu" / "cpu.cfs_quota_us").exists():
-            return ((root / "cpu" / "cpu.cfs_quota_us").read_text(encoding="utf-8").strip(),
-                    (root / "cpu" / "cpu.cfs_period_us").read_text(encoding="utf-8").strip())
-    except (OSError, ValueError) as err:
-        return f"cgroup CPU files not readable: {err}"
+    for folder in (root, root / "cpu"):  # v2's files at the top, or v1's cpu controller mounted under it
+        found = _quota_in(folder)
+        if not isinstance(found, str) or "not readable" in found:
+            return found
     return f"no cgroup CPU controller under {root}"
 
 

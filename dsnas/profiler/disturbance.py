@@ -165,27 +165,26 @@ def cgroup_quota(root: Path | None = None) -> float | None:
 
 
 def cgroup_usage_s(root: Path | None = None) -> float | None:
-    """CPU-seconds every process of the cgroup used (v2 cpu.stat usage_usec, v1 cpuacct.usage in ns): of ``root``,
-    or by default of this process's own cgroup."""
+    """CPU-seconds every process of the cgroup used (v2 cpu.stat usage_usec, v1 cpuacct.usage in ns): of ``root``
+    (v2's files at its top, or v1's cpuacct controller mounted under it), or by default of this process's cgroup
+    whose quota binds (its every process spends it), at the same depth in the cpuacct hierarchy."""
     if root is None:
         own = own_cgroup_folders("cpuacct")
         if not own:
             return cgroup_usage_s(CGROUP_ROOT)
-        # The cgroup whose quota binds (its every process spends it), at the same depth in this hierarchy.
-        folder = own[min(binding_quota() or 0, len(own) - 1)]
-        try:
-            if (folder / "cpuacct.usage").exists():
-                return int((folder / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
-        except (OSError, ValueError):
-            return None
-        root = folder
+        return _usage_in(own[min(binding_quota() or 0, len(own) - 1)])
+    return _usage_in(root) if (root / "cpu.stat").exists() else _usage_in(root / "cpuacct")
+
+
+def _usage_in(folder: Path) -> float | None:
+    """One cgroup folder's usage: v2's cpu.stat, or v1's cpuacct.usage."""
     try:
-        if (root / "cpu.stat").exists():
-            for line in (root / "cpu.stat").read_text(encoding="utf-8").splitlines():
+        if (folder / "cpu.stat").exists():
+            for line in (folder / "cpu.stat").read_text(encoding="utf-8").splitlines():
                 if line.startswith("usage_usec "):
                     return int(line.split()[1]) / 1e6
             return None
-        return int((root / "cpuacct" / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
+        return int((folder / "cpuacct.usage").read_text(encoding="utf-8")) / 1e9
     except (OSError, ValueError):
         return None
 

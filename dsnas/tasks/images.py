@@ -95,12 +95,16 @@ def image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
-def read_otherwise_before(root: Path) -> int:
+def class_images(root: Path) -> dict[str, list[Path]]:
+    """Each class folder that holds images, in name order (its class number), with its images."""
+    return {d.name: files for d in class_folders(root) if (files := image_files(d))}
+
+
+def read_otherwise_before(root: Path, classes: dict[str, list[Path]]) -> int:
     """The images a dsnas before FOLDER_READER 2 read otherwise: those in a class folder's sub-folders (it dropped
     them) and hidden ones directly in it (it read them)."""
-    count = 0
+    count = sum(f.parent != root / name for name, files in classes.items() for f in files)
     for folder in class_folders(root):
-        count += sum(f.parent != folder for f in image_files(folder))
         count += sum(f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                      for f in folder.iterdir())
     return count
@@ -118,15 +122,17 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor, str]:
     return rows[:, :64].reshape(-1, 1, 8, 8) / 16.0, rows[:, 64].long(), hashlib.sha256(raw).hexdigest()
 
 
-def load_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_folder(root: Path, size: int, classes: dict[str, list[Path]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images (N, C, size, size) in [0, 1], labels, sha256) of an ImageFolder layout: sub-folders in name order
-    are the classes 0, 1, ...; C is 1 when every image is grayscale, else 3 (RGB)."""
+    are the classes 0, 1, ...; C is 1 when every image is grayscale, else 3 (RGB). ``classes``: class_images(root),
+    where the caller has it."""
     from PIL import Image  # an optional dependency, needed only for folders
 
     # Numbered among the folders holding images, as the study's check counts them: a stray folder (checkpoints/)
     # took a class number, shifted the later classes and added a class no image trains.
-    files = [(label, f) for label, d in enumerate(d for d in class_folders(root) if image_files(d))
-             for f in image_files(d)]
+    classes = class_images(root) if classes is None else classes
+    files = [(label, f) for label, images in enumerate(classes.values()) for f in images]
     digest, pictures = hashlib.sha256(), []
     for _, file in files:
         data = file.read_bytes()
@@ -195,10 +201,11 @@ class ImagesTask:
             images = F.interpolate(images, size=(config.image_size,) * 2, mode="bilinear", align_corners=False)
             self.source = f"{DIGITS} (scikit-learn)"
         else:
-            images, labels, self.sha256 = load_folder(path, config.image_size)
+            classes = class_images(path)  # the folder walked once
+            images, labels, self.sha256 = load_folder(path, config.image_size, classes)
             self.source = str(path)
-            self.class_names = [d.name for d in class_folders(path) if image_files(d)]
-            self.read_otherwise = read_otherwise_before(path)
+            self.class_names = list(classes)
+            self.read_otherwise = read_otherwise_before(path, classes)
         self.n_classes = int(labels.max()) + 1
         self.train_idx, self.val_idx = split(labels, config.val_share, config.seed)
         if len(self.train_idx) == 0 or len(self.val_idx) == 0:
