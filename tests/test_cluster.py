@@ -17,9 +17,10 @@ from test_search import check_completed, trials
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="the cluster fixture reads /proc")]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    """A head and one more node, 1 CPU each: two trials at once, one per node."""
+    """A head and one more node, 1 CPU each: two trials at once, one per node. One cluster for the module (its
+    start is about 8 s): the test that kills its second node runs last."""
     with ray_cluster(tmp_path_factory.mktemp("ray"), extra_nodes=1) as cluster:
         yield cluster
 

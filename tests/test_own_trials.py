@@ -214,11 +214,12 @@ def test_a_task_without_what_dsnas_calls_is_one_line_before_any_trial(tmp_path, 
 @pytest.mark.slow
 def test_drivers_started_together_on_a_new_sqlite_study_all_run(tmp_path):
     """Optuna's tables and dsnas's were created by each driver at once: about one driver in three stopped with
-    "database is locked" or "table trial_params already exists". Rounds of three drivers on a new file each."""
+    "database is locked" or "table trial_params already exists". Two rounds of three drivers on a new file each (nine drivers caught it
+    nearly always, six about nine times in ten)."""
     import subprocess
     import sys
 
-    for round_ in range(3):
+    for round_ in range(2):
         folder = tmp_path / str(round_)
         folder.mkdir()
         study = write_table_study(folder, n_trials=6, fidelity='kind = "none"')
