@@ -38,6 +38,8 @@ def test_a_repeat_is_answered_from_the_stored_result_and_the_budget_counts_train
         assert t.user_attrs["evaluation_key"] == original.user_attrs["evaluation_key"]
         assert "profile" not in t.user_attrs  # nothing was measured for it
         assert "trial_s" in original.user_attrs and not {"trial_s", "train_s", "measure_s"} & set(t.user_attrs)
+        # Nor how the original ran: its seed (a repeat copied it, and a queued-again repeat lost its own).
+        assert "train_seed" in original.user_attrs and "train_seed" not in t.user_attrs
     assert f"trial {reused[0].number} is trial {int(reused[0].user_attrs['reused_from'])} again" in out
     assert f"({len(reused)} of them repeats whose results were reused)" in out
     df = load(spec.storage, spec.name)  # the trial table says which rows are reused, and from which trial
