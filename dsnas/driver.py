@@ -88,6 +88,8 @@ class Driver:
         self._evaluated: dict[str, int] | None = None  # evaluation key -> the trial that trained it (see _original)
         # A trial waiting for the running trial of the same candidate: number -> (twin, arch, short, key).
         self.twins: dict[int, tuple[int, dict[str, Any], str, str]] = {}
+        self.foreign: dict[int, int] = {}  # a twin another driver trains: its number -> its storage id
+        self._foreign_running: tuple[float, set[int]] = (0.0, set())  # when read (monotonic), which still ran
         self.keys: dict[int, str] = {}  # running trial number -> its evaluation key
         self.budget = BudgetCount()
         self._executor: BaseExecutor | None = None  # started on the first dispatch (a spent budget starts no Ray)
@@ -124,7 +126,10 @@ class Driver:
                     return stop
                 self._watch_other_drivers()
                 continue
-            for number, outcome in self.executor.wait(timeout=1.0):
+            if len(self.twins) == len(self.running):
+                time.sleep(0.5)  # each waits for another driver's twin: nothing runs here (the local executor's
+                # wait returns at once, a busy loop)
+            for number, outcome in self.executor.wait(timeout=1.0) if self._executor is not None else []:
                 if number not in self.running:
                     continue  # taken back by another driver at a rung (see _unless_taken_back)
                 with self.guard.writing(), self._unless_taken_back(number):
@@ -178,6 +183,11 @@ class Driver:
             self.progress.say("the rest of the budget is running in other drivers: waiting for them, to take back "
                               "any trial whose driver stops")
         time.sleep(WATCH_S)
+        if self._recover_stale():
+            self.watching = False
+
+    def _recover_stale(self) -> list[int]:
+        """Take back the trials of drivers that stopped (see storage.stale_trials); their numbers."""
 
         def recover() -> list[int]:
             # Not through an outage, nor within GRACE_S after one: the other drivers could not beat through it
@@ -192,7 +202,7 @@ class Driver:
         requeued = self.db("recover stale trials", recover)
         if requeued:
             self.progress.say(f"taken back from a stopped driver: trial(s) {', '.join(map(str, requeued))}")
-            self.watching = False
+        return requeued
 
     def _sampler(self) -> Any:
         """The function from an Optuna trial to an architecture; a space whose engine choices the device decides is
@@ -404,31 +414,74 @@ class Driver:
         twin = self._twin(key) if self.spec.budget.repeats == "reuse" else None
         if twin is not None:  # the same candidate trains now: this one waits for its result (see _answer_twins)
             self.twins[trial.number] = (twin, arch, short, key)
-            self.progress.say(f"  trial {trial.number} is trial {twin} again, which is running: it waits for its "
-                              "result")
+            where = "another driver is running" if twin in self.foreign else "is running"
+            self.progress.say(f"  trial {trial.number} is trial {twin} again, which {where}: it waits for its result")
             return True
         self._start(trial, arch, short, key)
         return True
 
     def _twin(self, key: str) -> int | None:
-        """A trial of this driver training the candidate of this evaluation key now (Optuna's samplers propose a
-        running candidate again: with two workers, one was trained twice at once, and listed twice on the front)."""
-        return next((n for n, k in self.keys.items() if k == key and n in self.running and n not in self.twins), None)
+        """A trial training the candidate of this evaluation key now (Optuna's samplers propose a running candidate
+        again: with two workers, one was trained twice at once, and listed twice on the front): this driver's, or
+        where other drivers may run trials (a database), one of theirs (two drivers trained it at once too)."""
+        from optuna.trial import TrialState
+
+        mine = next((n for n, k in self.keys.items() if k == key and n in self.running and n not in self.twins), None)
+        if mine is not None or not has_heartbeats(self.study._storage):
+            return mine
+        # A started trial has its key stored (see _start); one that waits for a twin has none, so never two wait
+        # for each other.
+        running = self.db("read the study", self.study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))
+        theirs = next((t for t in running if t.number not in self.running
+                       and t.user_attrs.get("evaluation_key") == key), None)
+        if theirs is None:
+            return None
+        self.foreign[theirs.number] = theirs._trial_id
+        self._foreign_running[1].add(theirs.number)
+        return theirs.number
+
+    def _still_running_elsewhere(self) -> set[int]:
+        """Which of the twins other drivers train still run, as the study says (read every WATCH_S): a stopped
+        driver's is taken back first (as _watch_other_drivers does), so that the trial here trains it."""
+        from optuna.trial import TrialState
+
+        read_at, running = self._foreign_running
+        if time.monotonic() - read_at < WATCH_S:
+            return running
+        self._recover_stale()
+        ids = set(self.foreign.values())
+        stored = self.db("read the study", self.study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))
+        running = {t.number for t in stored if t._trial_id in ids}
+        self._foreign_running = (time.monotonic(), running)
+        return running
 
     def _answer_twins(self) -> None:
         """The trials that waited for a running twin, once it ended: a repeat of its result where it completed,
-        else (failed, stopped at a rung, interrupted) trained themselves."""
+        else (failed, stopped at a rung, interrupted) trained themselves, unless the search stops (the timeout
+        passed): then they are failed and queued again, as an interrupted trial is."""
+        elsewhere = self._still_running_elsewhere() if self.foreign else set()
         for number, (twin, arch, short, key) in list(self.twins.items()):
-            if twin in self.running:
+            if twin in self.running or twin in elsewhere:
                 continue
-            del self.twins[number]
-            original, again = self._original(key), self._twin(key)
-            if original is not None:
-                self._reuse(self.running[number], arch, short, key, original)
-            elif again is not None:  # another trial that waited for the same one trains it now: wait for that one
-                self.twins[number] = (again, arch, short, key)
-            else:
-                self._start(self.running[number], arch, short, key)
+            # Another driver may have taken this trial back while it waited (this driver paused past GRACE_S).
+            with self._unless_taken_back(number):
+                del self.twins[number]
+                original, again = self._original(key), self._twin(key)
+                stop = None if original is not None or again is not None else self._stop_reason(read_budget=False)
+                if original is not None:
+                    self._reuse(self.running[number], arch, short, key, original)
+                elif again is not None:  # another trial that waited for the same one trains it now: wait for it
+                    self.twins[number] = (again, arch, short, key)
+                elif stop is not None:  # no new training once the search stops ("no new trial starts")
+                    trial = self.running[number]
+                    self._fail(trial, f"the search stopped ({stop}) while the trial waited for trial {twin}; queued "
+                               "again", counts=False)
+                    with self.guard.writing():
+                        self._requeue(trial)
+                else:
+                    self._start(self.running[number], arch, short, key)
+        waited_for = {twin for twin, *_ in self.twins.values()}
+        self.foreign = {n: i for n, i in self.foreign.items() if n in waited_for}
 
     def _start(self, trial: Any, arch: dict[str, Any], short: str, key: str) -> None:
         """Screen a sampled candidate, then submit it to the executor."""
@@ -718,7 +771,8 @@ class Driver:
                     # Uploaded again after a lost connection, the first try's file may stay behind, unreferenced.
                     self.db(f"store trial {trial.number}'s {name}", upload, path, name)
 
-    def _fail(self, trial: Any, reason: str) -> None:
+    def _fail(self, trial: Any, reason: str, counts: bool = True) -> None:
+        """``counts``: toward max_failures and the stop line's failures (a trial that never ran does not)."""
         from optuna.trial import TrialState
 
         with self.guard.writing():
@@ -727,7 +781,7 @@ class Driver:
         del self.running[trial.number]
         self.clocks.pop(trial.number, None)
         self.stopped.pop(trial.number, None)
-        self.progress.failed_trial(trial.number, reason, self.running)
+        self.progress.failed_trial(trial.number, reason, self.running, counts)
 
     def _requeue(self, trial: Any, worker_death: bool = False) -> None:
         """Queue a failed trial again from its stored form (the live trial's cache may lack its seed), with the

@@ -122,9 +122,10 @@ class Progress:
         self.say(f"{self._status(running)}  trial {number} is trial {original} again ({arch_short}): the same "
                  "candidate, task, budget and engine; its result is reused, not trained again")
 
-    def failed_trial(self, number: int, reason: str, running: dict[int, Any]) -> None:
-        self.failed += 1
-        self.first_failure = self.first_failure or f"trial {number}: {reason.splitlines()[0][:500]}"
+    def failed_trial(self, number: int, reason: str, running: dict[int, Any], counts: bool = True) -> None:
+        if counts:
+            self.failed += 1
+            self.first_failure = self.first_failure or f"trial {number}: {reason.splitlines()[0][:500]}"
         self.say(f"{self._status(running)}  trial {number} FAILED: {reason.splitlines()[0][:200]}")
 
     def _status(self, running: dict[int, Any]) -> str:

@@ -140,3 +140,100 @@ def test_trials_waiting_for_a_twin_that_failed_train_it_once(tmp_path, capsys):
     assert trials[2].user_attrs["reused_from"] == 1
     # Each in a place of the three: at most two wait at once (with two places for them, the driver made 201).
     assert out.count("which is running: it waits for its result") <= 3, out
+
+
+def _two_drivers(tmp_path, evaluate: str, b_args: list[str], between) -> tuple[str, str, list]:
+    """Driver A, then driver B, on one SQLite study of one candidate (local executor each): A's trial 0 trains it,
+    its evaluation waiting for a file ``go`` and then running ``evaluate`` (lines of Python); B starts once trial 0
+    runs, and proposes it again. ``between(trials_db)`` runs once B's trial 1 is sampled, then ``go`` is written.
+    (A's output, B's output, the stored trials)."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from contextlib import closing
+
+    (tmp_path / "twin_task.py").write_text(
+        "import time\nfrom pathlib import Path\nfrom table_task import TableTask\n\n\nclass TwinTask(TableTask):\n"
+        "    def evaluate_arch(self, arch, **kwargs):\n        while not Path(__file__).with_name('go').exists():\n"
+        "            time.sleep(0.05)\n" + evaluate + "        return super().evaluate_arch(arch, **kwargs)\n")
+    study = write_table_study(tmp_path, n_trials=1, sampler="tpe", task="twin_task:TwinTask",
+                              fidelity='kind = "none"', repeats="reuse")
+    (tmp_path / "space.toml").write_text(
+        'family = "transformer_lm"\n[choices]\nn_layers = [1]\nd_model = [16]\nn_heads = [1]\nffn_ratio = [1]\n')
+    db = tmp_path / "table.db"
+
+    def sampled(number: int, key: str) -> bool:  # read-only: Optuna's storage here would write beside the drivers
+        if not db.exists():
+            return False
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                return bool(conn.execute(
+                    "SELECT 1 FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id WHERE "
+                    "t.number = ? AND t.state = 'RUNNING' AND a.key = ?", (number, key)).fetchone())
+        except sqlite3.OperationalError:
+            return False  # no tables yet, or a writer holds the lock
+
+    def wait_until(done, *drivers) -> None:
+        deadline = time.monotonic() + 120
+        while not done():
+            assert all(d.poll() is None for d in drivers) and time.monotonic() < deadline, \
+                [d.communicate() for d in drivers]
+            time.sleep(0.1)
+
+    cmd = [sys.executable, "-m", "dsnas.cli", "search", str(study)]
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = None
+    try:
+        wait_until(lambda: sampled(0, "evaluation_key"), a)  # A trains it
+        b = subprocess.Popen(cmd + b_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: sampled(1, "driver"), a, b)
+        time.sleep(1.0)  # B compares trial 1 with the running ones
+        between(db)
+        (tmp_path / "go").touch()
+        a_out, a_err = a.communicate(timeout=120)
+        b_out, b_err = b.communicate(timeout=120)
+    finally:
+        for driver in (a, b):
+            if driver is not None and driver.poll() is None:
+                driver.kill()
+    assert a.returncode == 0 and b.returncode == 0, (a_err[-2000:], b_err[-2000:])
+    return a_out, b_out, trials_of(study)[1]
+
+
+@pytest.mark.slow
+def test_a_candidate_another_driver_trains_waits_for_its_result_even_if_it_is_taken_back_meanwhile(tmp_path):
+    """Two drivers trained the same candidate at once (each looked among its own running trials only), and both
+    were listed on the front. And a waiting trial that another driver took back (this one paused past GRACE_S)
+    stopped the search with Optuna's UpdateFinishedTrialError when its twin's result came."""
+
+    def taken_back(db) -> None:  # what another driver's recover_stale_trials does, through its own storage
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        study_id = storage.get_study_id_from_name("table")
+        trial = next(t for t in storage.get_all_trials(study_id) if t.number == 1)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+    _, b_out, trials = _two_drivers(tmp_path, "", ["--n-trials", "2"], taken_back)
+    assert "trial 1 is trial 0 again, which another driver is running: it waits for its result" in b_out, b_out
+    assert "trial 1 was taken back by another driver" in b_out, b_out
+    trained = [t.number for t in trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
+    assert trained == [0] and trials[1].state == TrialState.FAIL
+
+
+@pytest.mark.slow
+def test_a_trial_waiting_for_a_twin_that_fails_after_the_timeout_is_queued_again_not_trained(tmp_path):
+    """"No new trial starts after timeout_s": a trial waiting for its twin started training once the twin failed,
+    20 s past the timeout."""
+    fails_once = ("        marker = Path(__file__).with_name('failed_once')\n"
+                  "        if not marker.exists():\n            marker.touch()\n            raise RuntimeError('flaky')\n")
+    import time
+
+    # B's timeout passes while it waits (it ran 1 s before this, and 5 s more here).
+    _, b_out, trials = _two_drivers(tmp_path, fails_once, ["--n-trials", "2", "--timeout", "5"],
+                                    lambda db: time.sleep(5.0))
+    assert trials[0].state == TrialState.FAIL and trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs["fail_reason"] == ("the search stopped (the timeout of 5 s passed) while the trial "
+                                                   "waited for trial 0; queued again")
+    assert "trial 1 started" not in b_out and "failed 0" in b_out, b_out  # it never ran: not a failure
+    requeued = [t for t in trials if t.user_attrs.get("requeued_from") == 1]
+    assert len(requeued) == 1 and requeued[0].state == TrialState.COMPLETE  # A trained it, once
