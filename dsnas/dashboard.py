@@ -243,7 +243,7 @@ def save_hypervolume_charts(study: Any, df: Any) -> dict[str, float] | None:
         return None
     reference = results.default_reference(df)
     history = results.hypervolume_history(df, reference=reference)
-    titles = {"n_complete": "completed trials", "wall_s": "wall time since the study started (s)"}
+    titles = {"n_complete": "trained trials", "wall_s": "wall time since the study started (s)"}
     for column, chart_id in CHART_IDS.items():
         # Plain lists: readable JSON in the storage (plotly 6 would store numpy columns as base64 arrays).
         figure = go.Figure(go.Scatter(x=history[column].tolist(), y=history["hypervolume"].tolist(),

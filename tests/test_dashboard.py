@@ -292,7 +292,7 @@ def browse(study_url: str, name: str, best, fingerprint: dict) -> list[Path]:
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"]
     steps = [  # (screenshot, what to click: the sidebar's links or a text, what the page must show)
-        ("study", [], [name, "Pareto Front", "Hypervolume vs completed trials", "Hypervolume vs wall time"]),
+        ("study", [], [name, "Pareto Front", "Hypervolume vs trained trials", "Hypervolume vs wall time"]),
         ("trial", [("link", "Trials (List)"), ("text", f"Trial {best.number}")],
          [f"Trial {best.number}", f"trial{best.number}-arch.json", f"trial{best.number}-profile.json",
           f"throughput_tok_s {best.user_attrs['throughput_tok_s']}"]),

@@ -85,6 +85,11 @@ def test_the_hypervolume_history_equals_the_volume_recomputed_after_each_trial()
     expected = [dominated_volume(df[cols][:k][df["feasible"][:k]].to_numpy().tolist(), [0.0, 0.0, 1.0], directions)
                 for k in range(1, n + 1)]
     assert list(history["hypervolume"]) == pytest.approx(expected)
+    # A reused repeat trained nothing: the axis counts trained trials (102 for 2 trained in a one-candidate study).
+    df["reused_from"] = [float("nan")] * (n - 10) + [0.0] * 10
+    repeated = hypervolume_history(df, reference)
+    assert list(repeated["n_complete"]) == list(range(1, n - 9)) and list(repeated["trial"]) == list(range(n - 10))
+    assert list(repeated["hypervolume"]) == pytest.approx(expected[:n - 10])
 
 
 def _hand_made_study(tmp_path: Path) -> str:
@@ -611,3 +616,14 @@ def test_read_commands_say_where_the_study_file_was_edited_since_the_search(fini
     study_file.write_text(study_file.read_text().replace("max_latency_ms = 0.001", "max_latency_ms = 1000"))
     assert main(["report", str(study_file), "--out", str(tmp_path / "r")]) == 0
     assert "in the file, but the study was searched with" not in capsys.readouterr().out
+
+
+def test_the_report_says_how_many_completed_trials_were_reused_repeats():
+    """"102 complete trials" where 2 were trained and 100 answered from them: the repeats are said."""
+    import pandas as pd
+
+    from dsnas.results.report import _counts
+
+    df = pd.DataFrame({"state": ["COMPLETE"] * 4 + ["FAIL"], "reused_from": [None, None, 0.0, 1.0, None]})
+    assert _counts(df) == "4 complete, 1 fail trials (2 of the complete ones are repeats whose results were reused)"
+    assert _counts(df.drop(columns="reused_from")) == "4 complete, 1 fail trials"

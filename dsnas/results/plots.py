@@ -218,7 +218,7 @@ def _hypervolume_png(plt: Any, v: Views) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     left.step(v.history["n_complete"], v.history["normalised"], where="post")
     right.step(v.history["wall_s"], v.history["normalised"], where="post", color="tab:green")
-    left.set(xlabel="completed trials", ylabel=v.label("hypervolume"), ylim=(0, 1.02))
+    left.set(xlabel="trained trials", ylabel=v.label("hypervolume"), ylim=(0, 1.02))
     right.set(xlabel="wall time since the first trial started, s")
     fig.suptitle(f"Hypervolume of the feasible front, as a share of the box from the reference point "
                  f"({reference_words(v)}) to the best value of each objective", fontsize=9)
@@ -319,7 +319,7 @@ def plotly_figures(v: Views) -> list[Any]:
                          yaxis_title=v.label(v.y.column), xaxis_type="log" if v.log_x else "linear")
 
     volume = make_subplots(rows=1, cols=2, shared_yaxes=True,
-                           subplot_titles=("by completed trials", "by wall time, s"))
+                           subplot_titles=("by trained trials", "by wall time, s"))
     volume.add_scatter(x=v.history["n_complete"], y=v.history["normalised"], line_shape="hv", row=1, col=1,
                        name="hypervolume")
     volume.add_scatter(x=v.history["wall_s"], y=v.history["normalised"], line_shape="hv", row=1, col=2,

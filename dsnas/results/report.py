@@ -232,7 +232,9 @@ def _memory_note(spec: StudySpec, df: Any) -> str:
 
 def _counts(df: Any) -> str:
     counts = df["state"].value_counts()
-    return ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + " trials"
+    text = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + " trials"
+    reused = int(df["reused_from"].notna().sum()) if "reused_from" in df.columns else 0
+    return text + (f" ({reused} of the complete ones are repeats whose results were reused)" if reused else "")
 
 
 def _formatted(shown: Any) -> Any:
