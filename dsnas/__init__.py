@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 
 __all__ = ["DsnasError", "SpecError", "TrialError", "load", "load_route", "measure", "search", "__version__"]
 
+# The documented sub-modules, imported on first use: `import dsnas; dsnas.results.load(...)` was an AttributeError
+# unless something had imported dsnas.results first (pandas loads with it, so not at `import dsnas`).
+_ON_USE = ("export", "results", "run")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ON_USE:
+        import importlib
+
+        return importlib.import_module(f"dsnas.{name}")
+    raise AttributeError(f"module 'dsnas' has no attribute {name!r}")
+
 
 def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = (), sampler: Any = None,
            **overrides: Any) -> Any:

@@ -12,10 +12,26 @@ _RUN = [0]
 _REFRESHED: dict[Path, int] = {}
 
 
+class ShadowedModule(ImportError):
+    """A study folder's module of a standard-library module's name; ``rule`` and ``fix`` say so in words."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.rule = (f"names {path.name} of the study's folder, which has the name of Python's standard-library "
+                     f"module {name!r}: Python imports whichever was loaded first, and a Ray worker, IPython or pdb "
+                     "loaded the standard one")
+        self.fix = f"rename {path.name} (e.g. to study_{path.name}) and name it so in the study"
+        super().__init__(f"{self.rule}. Fix: {self.fix}")
+
+
 def import_callable(target: str, base_dir: str | Path | None = None) -> Any:
     """Import ``module:attr``; the study file's folder is importable, as a script's folder is for Python."""
     module_name, _, attr = target.partition(":")
     if base_dir is not None:
+        top = module_name.split(".")[0]
+        # code.py beside the study ran locally and failed every Ray trial ("module 'code' has no attribute 'build'").
+        shadowing = [p for p in (Path(base_dir) / f"{top}.py", Path(base_dir) / top) if p.exists()]
+        if top in sys.stdlib_module_names and shadowing:
+            raise ShadowedModule(shadowing[0], top)
         _use_folder(Path(base_dir))
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
@@ -52,11 +68,14 @@ def _use_folder(base_dir: Path) -> None:
 
 
 def _own_modules(base_dir: Path) -> dict[str, Path]:
-    """The top-level modules of a study's folder, by name: NAME.py and NAME/__init__.py (resolved). Left out: a
+    """The top-level modules of a study's folder, by name: NAME.py, NAME/__init__.py and a folder NAME of modules
+    (resolved). Left out: a
     name the standard library has, a dunder one (__main__: the running program), dsnas itself (a study folder
     holding a copy of dsnas), and a name whose loaded module is an installed package's: dropping those would break
     every module that imports them."""
     found = {p.stem: p for p in base_dir.glob("*.py")}
+    # Packages, and folders of modules without __init__.py (namespace packages, which Python imports too).
+    found.update({p.parent.name: p.parent for p in base_dir.glob("*/*.py") if p.parent.name.isidentifier()})
     found.update({p.parent.name: p for p in base_dir.glob("*/__init__.py")})
     return {name: path.resolve() for name, path in found.items()
             if name not in sys.stdlib_module_names and not name.startswith("__")

@@ -20,7 +20,7 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.card import measured_compiled
-from dsnas.models import FAMILIES, build, validate
+from dsnas.models import FAMILIES, build, is_user_family, validate
 from dsnas.profiler.device import device_key, fingerprint_id, named_device
 from dsnas.profiler.gate import MeasureGate
 from dsnas.profiler.measure import measure
@@ -49,10 +49,14 @@ def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[An
     arch = data.get("arch", data) if isinstance(data, dict) else None
     if not isinstance(arch, dict):
         raise DsnasError(f"{path}: must hold an architecture object. Fix: write {{\"family\": ...}}")
-    if arch.get("family") in FAMILIES and arch["family"] not in TEXT_FAMILIES:  # a CNN once crashed on token ids
-        raise DsnasError(f"{path}: an architecture file is measured on the default text task (token ids), which "
-                         f"a {arch.get('family')!r} model does not take. Fix: profile a bundle (`dsnas export`) or a "
-                         "study file with --trial N, which bring their own task")
+    # A CNN once crashed on token ids; a user's model took them and was timed at 100x its rate on its own input.
+    if (arch.get("family") in FAMILIES or is_user_family(str(arch.get("family")))) and \
+            arch["family"] not in TEXT_FAMILIES:
+        whose = "a user family's model takes its own task's input" if is_user_family(arch["family"]) else \
+            f"a {arch['family']!r} model does not take them"
+        raise DsnasError(f"{path}: an architecture file is measured on the default text task (token ids): {whose}. "
+                         "Fix: profile a bundle folder (`dsnas export`) or a study file with --trial N, which bring "
+                         "their own task")
     task = TaskSpec("charlm", {k: arch[k] for k in ("context",) if k in arch}, str(path.parent))
     try:
         validate(arch)

@@ -19,7 +19,7 @@ from typing import Any
 from dsnas.config import build_section, is_there, masked_url, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
 from dsnas.models import forget_families, is_user_family
-from dsnas.plugins import import_callable
+from dsnas.plugins import ShadowedModule, import_callable
 from dsnas.space import load_space_file
 from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, forget_built, make_task, runs_own_trials
 
@@ -696,6 +696,8 @@ def _is_import_path(text: str) -> bool:
 def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
     try:
         return import_callable(target, base)
+    except ShadowedModule as e:
+        raise SpecError(where, key, e.rule, target, e.fix) from None
     except (Exception, SystemExit) as e:  # whatever the user's module raises (or exits with) on import
         detail = " ".join(str(e).splitlines())  # the message stays one line
         raise SpecError(where, key, f"must name an importable callable ({type(e).__name__}: {detail})", target,

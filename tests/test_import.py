@@ -11,6 +11,10 @@ def test_import_dsnas_loads_no_heavy_module():
             "print(sorted(m for m in ('torch', 'ray', 'pynvml', 'optuna', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    # The documented modules, on first use: `dsnas.results.load` was an AttributeError after a plain `import dsnas`.
+    code = "import dsnas; print(dsnas.results.load.__name__, dsnas.export.read_probe.__name__, dsnas.run.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["load", "read_probe", "dsnas.run"]
 
 
 def test_dsnas_search_is_the_api_function_and_the_driver_module_has_its_own_name():

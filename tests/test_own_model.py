@@ -83,6 +83,33 @@ def test_the_example_exports_and_loads_back_without_pickle(searched):
     said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/").stdout
     assert "the model builder 'snippet_model:build' cannot be imported" in said
     assert "make the module 'snippet_model' importable" in said and len(said.strip().splitlines()) == 1
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "`dsnas.load` builds the model with `snippet_model:build`, the study's own code" in card
+
+
+def test_a_builder_edited_since_the_trial_trained_is_not_exported_as_its_model(searched, capsys):
+    """tanh for relu in the builder (the same shapes): the export went through, its ONNX file was said to disagree
+    with "the measured model", and `dsnas.load` gave other logits. A layer added: "re-export the trial"."""
+    folder, study = searched
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    source = (folder / "snippet_model.py").read_text(encoding="utf-8")
+    export = ["export", str(folder / "study.toml"), "--trial", str(best.number), "--out", str(folder / "edited")]
+    try:
+        (folder / "snippet_model.py").write_text(source.replace("torch.relu(", "torch.tanh("), encoding="utf-8")
+        assert main(export) == 2
+        err = capsys.readouterr().err
+        assert f"trial {best.number}: the model rebuilt from its stored weights gives other logits" in err
+        assert "the code of 'snippet_model:build'" in err and "Fix: restore the builder's code" in err
+        (folder / "snippet_model.py").write_text(source.replace("nn.GELU(), ", "nn.GELU(), nn.Linear(hidden, "
+                                                                "hidden), "), encoding="utf-8")
+        assert main(export) == 2
+        err = capsys.readouterr().err
+        assert "the weights do not fit the architecture" in err and ".edited." not in err  # not the work folder
+        assert "if the code of 'snippet_model:build' changed since the trial trained, restore it" in err
+    finally:
+        (folder / "snippet_model.py").write_text(source, encoding="utf-8")
+    assert not (folder / "edited").exists()
+    assert main(export) == 0  # as it was: exported
 
 
 def test_a_pattern_that_matches_nothing_names_it_and_lists_the_modules():

@@ -141,6 +141,12 @@ def test_an_architecture_file_of_a_family_without_token_inputs_is_refused_with_t
     assert main(["profile", str(path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a 'cnn' model does not take" in err and "`dsnas export`" in err
+    # A user family's exported arch.json: its builder took the token ids, and was timed on them (its own task's
+    # snippets ran at 1/100 of that rate).
+    path.write_text(json.dumps({"arch": {"family": "snippet_model:build", "width": 8}, "task": {"name": "x"}}))
+    assert main(["profile", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a user family's model takes its own task's input" in err
 
 
 def test_the_throughput_column_says_what_the_task_counts():

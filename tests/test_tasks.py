@@ -193,6 +193,40 @@ def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_pa
         sys.modules.pop("same_name_helpers", None)
 
 
+def test_a_folder_of_modules_without_init_is_the_studys_own_and_a_standard_librarys_name_is_refused(
+        tmp_path, monkeypatch):
+    """models/net.py (no __init__.py: a namespace package) of a second study in a notebook ran the first one's; and a
+    builder in code.py ran locally but failed every Ray trial (the workers had the standard library's `code`)."""
+    import sys
+
+    import pytest
+
+    from dsnas.errors import SpecError
+    from dsnas.plugins import ShadowedModule, import_callable, new_run
+    from dsnas.spec import _import_callable
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("one", "two"):
+        (tmp_path / name / "ns_models").mkdir(parents=True)
+        (tmp_path / name / "ns_models" / "net.py").write_text(f"def which():\n    return {name!r}\n")
+    try:
+        assert import_callable("ns_models.net:which", tmp_path / "one")() == "one"
+        assert import_callable("ns_models.net:which", tmp_path / "two")() == "two"
+        (tmp_path / "two" / "ns_models" / "net.py").write_text("def which():\n    return 'two, edited'\n")
+        new_run()
+        assert import_callable("ns_models.net:which", tmp_path / "two")() == "two, edited"
+    finally:
+        for held in [n for n in sys.modules if n.split(".")[0] == "ns_models"]:
+            del sys.modules[held]
+    (tmp_path / "one" / "code.py").write_text("def build(arch):\n    return None\n")
+    with pytest.raises(ShadowedModule):
+        import_callable("code:build", tmp_path / "one")
+    with pytest.raises(SpecError, match=r"study.toml: \[task.name\] names code.py of the study's folder, which has "
+                                        r"the name of Python's standard-library module 'code'.*Fix: rename code.py "
+                                        r"\(e.g. to study_code.py\) and name it so in the study$"):
+        _import_callable("study.toml", "task.name", "code:build", tmp_path / "one")
+
+
 def test_a_toml_date_given_to_a_user_task_is_refused_with_the_fix(tmp_path, monkeypatch):
     """A date blamed the user's factory ("Object of type date is not JSON serializable ... Fix: fix the factory"),
     which never ran: the parameters are stored as JSON."""

@@ -139,8 +139,7 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
     if preprocessing:
         doc["task"]["preprocessing"] = preprocessing
     _write_json(out / "arch.json", doc)
-    model = load_bundle(out)
-    probe = read_probe(out)
+    model, probe = _rebuilt(spec, frozen, out, name)
     exports: dict[str, Any] = dict(write_model_files(model, probe["input"], out))
     if exports.get("onnx") == "model.onnx":
         exports["onnx_check"] = onnx_check(out / "model.onnx", probe, spec.hardware.batch_sizes,
@@ -332,6 +331,42 @@ def _read_tensors(path: Path) -> dict[str, Any]:
                          f"Fix: {REEXPORT}") from None
 
 
+def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, dict[str, Any]]:
+    """The trial's model as the bundle being written (``work``, to be ``name``) rebuilds it, and its probe: checked
+    against the
+    logits the trial's model gave on the probe's input, where the trial ran on a CPU as this. A user family's builder
+    edited since the trial trained (tanh for relu) was exported without a word, its ONNX file said to disagree with
+    the measured model, and `dsnas.load` gave other logits."""
+    import torch
+
+    family_name = str(frozen.user_attrs["arch"].get("family", ""))
+    try:
+        model = load_bundle(work)
+    except DsnasError as e:  # named as the bundle will be, not as the work folder that is removed
+        raise DsnasError(f"trial {frozen.number}: {str(e).replace(str(work), str(work.parent / name))}") from None
+    probe = read_probe(work)
+    ran_on = frozen.user_attrs.get("profile", {}).get("fingerprint", {}).get("device")
+    if ran_on not in (None, "cpu"):  # other kernels (a GPU's): verify on such a device compares them
+        return model, probe
+    with torch.inference_mode():
+        now = model(probe["input"]).float()
+    then = probe["logits"].float()
+    # Loose: a CPU of other instructions sums otherwise (verify's own check is the strict one); an edited model is
+    # off by a share of the logits' size, not by rounding.
+    diff = (now - then).abs().max().item() if now.shape == then.shape else float("inf")
+    if diff <= 1e-2 * max(1.0, then.abs().max().item()):
+        return model, probe
+    if is_user_family(family_name):
+        why, fix = (f"the code of {family_name!r} (from {spec.base_dir}) builds another model than the trial trained",
+                    "restore the builder's code as it was when the trial trained (its weights and probe are stored), "
+                    "then export again")
+    else:
+        why, fix = (f"dsnas {__version__} builds {family_name!r} models otherwise than the dsnas that trained it",
+                    "export with the dsnas version that searched the study")
+    raise DsnasError(f"trial {frozen.number}: the model rebuilt from its stored weights gives other logits on its "
+                     f"probe input than the trial's model did (max |difference| {diff:.2g}): {why}. Fix: {fix}")
+
+
 def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
     """The bundle's trained model, in eval mode, on ``device``, its layers in the inference form they were
     measured in (INT8, FP8, sparse)."""
@@ -351,12 +386,14 @@ def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
     recorded = engine.get("int8_backends") if isinstance(engine, dict) else None
     name = str(arch.get("family", ""))
     study_dir = doc.get("task", {}).get("base_dir") if isinstance(doc.get("task"), dict) else None
+    fix = REEXPORT
     if is_user_family(name):
         _import_builder(path, name, study_dir)
+        fix = f"if the code of {name!r} changed since the trial trained, restore it; else {REEXPORT}"
     try:
         model = build(arch, study_dir)
     except Exception as e:  # the family's own checks, or a torch error on absurd sizes: either way a bad arch.json
-        raise DsnasError(f"{path}: [arch] is not a buildable architecture ({_one_line(e)}). Fix: {REEXPORT}") from None
+        raise DsnasError(f"{path}: [arch] is not a buildable architecture ({_one_line(e)}). Fix: {fix}") from None
     weights_path = Path(bundle) / "weights.safetensors"
     weights = _read_tensors(weights_path)
     aliases = set(model.state_dict()) - set(unique_state(model))  # tied names, filled through their first name
@@ -364,11 +401,11 @@ def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise DsnasError(f"{weights_path}: the weights do not fit the architecture in {path} ({_one_line(e)}). "
-                         f"Fix: {REEXPORT}") from None
+                         f"Fix: {fix}") from None
     missing = sorted(set(result.missing_keys) - aliases)
     if missing or result.unexpected_keys:
         raise DsnasError(f"{weights_path}: the weights do not fit the architecture in {path} (missing {missing}, "
-                         f"unexpected {result.unexpected_keys}). Fix: {REEXPORT}")
+                         f"unexpected {result.unexpected_keys}). Fix: {fix}")
     model = model.to(device)
     convert(model, recorded=recorded if isinstance(recorded, dict) else None)
     return model

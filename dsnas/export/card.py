@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dsnas.models import is_user_family
 from dsnas.spec import StudySpec
 from dsnas.tasks import throughput_unit
 
@@ -49,7 +50,8 @@ def model_card(spec: StudySpec, frozen: Any, metrics: dict[str, Any], folder: st
         f"Feasible: {feasible} (constraints: {limits}).", "",
         *_measured_section(spec, metrics), *_input_section(preprocessing, metrics["exports"].get("preprocessing")),
         *_files_section(metrics["exports"]),
-        *_loading_section(folder, metrics["exports"], measured_compiled(metrics))])
+        *_loading_section(folder, metrics["exports"], measured_compiled(metrics)),
+        *_builder_note(str(arch.get("family", "")), spec)])
 
 
 def _measured_section(spec: StudySpec, metrics: dict[str, Any]) -> list[str]:
@@ -122,6 +124,18 @@ def _files_section(exports: dict[str, Any]) -> list[str]:
     missing = [f"- not written: `model.{ext}` — {exports[key]}" for key, ext in (("onnx", "onnx"), ("pt2", "pt2"))
                if key in exports and not _written(exports, key)]
     return ["## Files", "", *files, "- `README.md` — this card", *missing, ""]
+
+
+def _builder_note(family: str, spec: StudySpec) -> list[str]:
+    """A user family's model is built by the user's code, which the bundle does not hold: `dsnas.load` of a copied
+    bundle failed in a fresh process, and the card had not said why."""
+    if not is_user_family(family):
+        return []
+    module = family.partition(":")[0]
+    return [f"`dsnas.load` builds the model with `{family}`, the study's own code, which this bundle does not hold: "
+            f"the module `{module}` must be importable where it loads (from the study's folder, {spec.base_dir}, "
+            "or a folder on PYTHONPATH), with the code the trial trained with. `model.onnx` and `model.pt2` do not "
+            "need it.", ""]
 
 
 def _loading_section(folder: str, exports: dict[str, Any], compiled: bool) -> list[str]:
