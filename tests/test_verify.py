@@ -140,6 +140,24 @@ def test_rounds_that_were_disturbed_are_left_out_and_a_busy_machine_compares_not
     assert code == 0 and "every round disturbed" in out and "not compared: latency_ms_bs1" in out.splitlines()[-1]
 
 
+def test_a_verdict_blind_to_other_processes_says_so(bundle, capsys, monkeypatch):
+    """Without /proc/stat (not Linux) no round's disturbance is known: verify passed a bundle timed beside two busy
+    processes, on the recorded spread alone, without a word that it could not see them."""
+    import dsnas.export.verify as verify_module
+
+    real = verify_module.measure
+
+    def measure(*args, **kwargs):
+        metrics, profile = real(*args, **kwargs)
+        unknown = {**profile.get("unavailable", {}), "disturbance": "/proc/stat: no such file"}
+        return metrics, {**profile, "disturbed": None, "unavailable": unknown}
+
+    monkeypatch.setattr(verify_module, "measure", measure)
+    code, out = verify(bundle, capsys, "--latency-tol", "100")
+    line = next(line for line in out.splitlines() if line.startswith("latency_ms_bs1"))
+    assert code == 0 and "others' use of the CPUs unknown (/proc/stat: no such file)" in line, out
+
+
 def test_figures_that_will_not_be_compared_are_measured_once(bundle, capsys, monkeypatch):
     """Rounds that disagree are measured again before a verdict, but figures from another device get none."""
     edit_json(bundle / "metrics.json", lambda d: d["fingerprint"].update(host="elsewhere"))

@@ -161,15 +161,21 @@ def _recorded_task(doc: dict[str, Any]) -> tuple[Any, str]:
         return None, f"the task {recorded.get('name')!r} cannot be rebuilt here ({_one_line(e)})"
 
 
-def _accuracy_checks(model: Any, task: Any, dev: Any, recorded: dict[str, Any], tol: float) -> list[Check]:
+def data_check(recorded: dict[str, Any], task: Any) -> Check:
+    """Whether ``task`` (built here) reads the data the bundle's trial trained on (``recorded``: its metrics.json):
+    accuracy on other data is no verdict. Compared is False where it differs."""
     then_fp = recorded.get("profile", {}).get("task", {})
     now_fp = task.fingerprint()
     differs = data_differs(then_fp, now_fp)  # the data, not where it lives: a study folder moved is the same
-    same = not differs
     hashed = next((k for k in then_fp if k.endswith("_sha256")), "")
     sha = (str(then_fp.get(hashed, "-"))[:12], str(now_fp.get(hashed, "-"))[:12])
-    data = Check("task data", *sha, "-", "same" if same else f"differs ({', '.join(differs)}): accuracy not "
-                 "comparable", compared=same)
+    return Check("task data", *sha, "-", f"differs ({', '.join(differs)}): accuracy not comparable" if differs
+                 else "same", compared=not differs)
+
+
+def _accuracy_checks(model: Any, task: Any, dev: Any, recorded: dict[str, Any], tol: float) -> list[Check]:
+    data = data_check(recorded, task)
+    same = data.compared
     then = recorded.get("metrics", {}).get("accuracy")
     now = task.evaluate(model, dev)["accuracy"]
     if then is None or not same:
@@ -213,6 +219,9 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
         notes.append(f"{left_out} disturbed round{'s' * (left_out > 1)} left out")
     if recorded.get("profile", {}).get("disturbed"):  # likely slower than the bundle: a drift that says so
         notes.append("recorded while disturbed")
+    if all(p.get("disturbed") is None for _, p in rounds):  # no /proc/stat: a verdict blind to a busy machine
+        why = (rounds[0][1].get("unavailable") or {}).get("disturbance")
+        notes.append("others' use of the CPUs unknown" + (f" ({why})" if why else ""))
     for key in _speed_keys(now):
         spread = _spread(batches, key)
         wide = [f"recorded spread {spread:.3g} counted as {MAX_SPREAD_TOL:g}"] if spread > MAX_SPREAD_TOL else []
