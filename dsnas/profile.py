@@ -35,6 +35,10 @@ def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[An
     from dsnas.kernels.convert import untrained_inference_form  # torch loads on first use
 
     path = Path(target)
+    if path.is_dir() and (path / "route.json").is_file() and not (path / "arch.json").exists():
+        raise DsnasError(f"{path}: a route bundle (`dsnas route`), not a model's: it was said to lack arch.json. Fix: "
+                         f"profile one of its models, e.g. {path / 'members'}/trialN, or `dsnas verify {path}` to "
+                         "time the route")
     if path.is_dir():
         return _bundle(path, device)
     if path.suffix == ".toml":

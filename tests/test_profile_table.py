@@ -147,6 +147,11 @@ def test_an_architecture_file_of_a_family_without_token_inputs_is_refused_with_t
     assert main(["profile", str(path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a user family's model takes its own task's input" in err
+    route = tmp_path / "route"  # a route's folder: "arch.json missing ... re-export the trial"
+    (route / "members").mkdir(parents=True)
+    (route / "route.json").write_text("{}")
+    assert main(["profile", str(route)]) == 2
+    assert "a route bundle (`dsnas route`), not a model's" in capsys.readouterr().err
 
 
 def test_the_throughput_column_says_what_the_task_counts():
