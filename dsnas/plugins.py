@@ -55,9 +55,9 @@ def _use_folder(base_dir: Path) -> None:
     own = _own_modules(here)
     fresh = _REFRESHED.get(here) != _RUN[0]
     _REFRESHED[here] = _RUN[0]
-    stale = fresh or any(
+    stale = fresh or any(  # (a namespace package has no file to compare)
         (file := getattr(sys.modules.get(name), "__file__", None)) is not None and Path(file).resolve() != path
-        for name, path in own.items())
+        for name, path in own.items() if path.is_file())
     if stale:  # the folder's modules together: each holds what it imported from the others
         for held in [n for n in sys.modules if n.split(".")[0] in own]:
             del sys.modules[held]
@@ -73,9 +73,10 @@ def _own_modules(base_dir: Path) -> dict[str, Path]:
     name the standard library has, a dunder one (__main__: the running program), dsnas itself (a study folder
     holding a copy of dsnas), and a name whose loaded module is an installed package's: dropping those would break
     every module that imports them."""
-    found = {p.stem: p for p in base_dir.glob("*.py")}
-    # Packages, and folders of modules without __init__.py (namespace packages, which Python imports too).
-    found.update({p.parent.name: p.parent for p in base_dir.glob("*/*.py") if p.parent.name.isidentifier()})
+    # As Python finds them: a package before NAME.py, NAME.py before a folder of modules without __init__.py (a
+    # namespace package; a data/ folder of scripts beside data.py had data.py imported again at every use).
+    found: dict[str, Path] = {p.parent.name: p.parent for p in base_dir.glob("*/*.py") if p.parent.name.isidentifier()}
+    found.update({p.stem: p for p in base_dir.glob("*.py")})
     found.update({p.parent.name: p for p in base_dir.glob("*/__init__.py")})
     return {name: path.resolve() for name, path in found.items()
             if name not in sys.stdlib_module_names and not name.startswith("__")

@@ -215,8 +215,14 @@ def test_a_folder_of_modules_without_init_is_the_studys_own_and_a_standard_libra
         (tmp_path / "two" / "ns_models" / "net.py").write_text("def which():\n    return 'two, edited'\n")
         new_run()
         assert import_callable("ns_models.net:which", tmp_path / "two")() == "two, edited"
+        # NAME.py beside a folder NAME/ of scripts: Python imports NAME.py, and it was imported again at each use.
+        (tmp_path / "one" / "ns_helpers").mkdir()
+        (tmp_path / "one" / "ns_helpers" / "fetch.py").write_text("")
+        (tmp_path / "one" / "ns_helpers.py").write_text("def which():\n    return 'module'\n")
+        first = import_callable("ns_helpers:which", tmp_path / "one")
+        assert first() == "module" and import_callable("ns_helpers:which", tmp_path / "one") is first
     finally:
-        for held in [n for n in sys.modules if n.split(".")[0] == "ns_models"]:
+        for held in [n for n in sys.modules if n.split(".")[0] in ("ns_models", "ns_helpers")]:
             del sys.modules[held]
     (tmp_path / "one" / "code.py").write_text("def build(arch):\n    return None\n")
     with pytest.raises(ShadowedModule):
