@@ -164,6 +164,7 @@ def test_bundle_files_and_metadata(bundle, finished_study):
     assert {k: exports[k] for k in ("onnx", "pt2")} == {"onnx": "model.onnx", "pt2": "model.pt2"}
     check = exports["onnx_check"]  # an fp32 model in onnxruntime: its logits to float rounding
     assert check["ok"] and check["max_abs_diff"] <= 1e-3 and check["top1_agreement"] == 1.0
+    assert check["rule"] == "max |difference| <= 0.001"  # fp32: to float rounding (int8, fp16: the predictions)
     assert check["onnxruntime_latency_ms_bs4"] > 0 and check["dsnas_latency_ms_bs4"] == metrics["metrics"][
         "latency_ms_bs4"]
 

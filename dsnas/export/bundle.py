@@ -133,6 +133,8 @@ def put_in_place(work: Path, out: Path) -> None:
 
 
 def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
+    from dsnas.kernels.convert import inference_signature  # torch loads on first use
+
     _copy_artifacts(spec, frozen, out)
     doc = _arch_doc(spec, frozen)
     preprocessing, unknown = _preprocessing(spec, frozen)
@@ -142,9 +144,10 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
     model, probe = _rebuilt(spec, frozen, out, name)
     exports: dict[str, Any] = dict(write_model_files(model, probe["input"], out))
     if exports.get("onnx") == "model.onnx":
+        half = any(form.split()[0] in ("fp16", "bf16") for form in inference_signature(model)["layers"].values())
         exports["onnx_check"] = onnx_check(out / "model.onnx", probe, spec.hardware.batch_sizes,
                                            frozen.user_attrs.get("profile", {}).get("threads"), frozen.user_attrs,
-                                           int8="int8" in exports)
+                                           low_precision="int8" in exports or half)
     if frozen.user_attrs["arch"].get("family") == "hf_causal_lm":
         exports["transformers"] = _save_pretrained(model, out / "hf")
     if unknown:

@@ -132,14 +132,15 @@ def _qdq_linear(layer: Any) -> Any:
     return QDQ().to(layer.weight.device)
 
 
-# A QDQ model run by onnxruntime against the trial's logits: INT8 rounding may differ between kernels, but the
-# predictions must agree. fp32 models must agree to float rounding.
+# A QDQ model (or one of fp16 layers) run by onnxruntime against the trial's logits: INT8 and half-precision
+# rounding differ between kernels (an fp16 model: 0.0011 at 100% top-1 agreement), but the predictions must agree.
+# fp32 models must agree to float rounding.
 ONNX_TOP1_AGREEMENT = 0.99
 ONNX_FP32_ATOL = 1e-3
 
 
 def onnx_check(path: Path, probe: dict[str, Any], batch_sizes: Any, threads: int | None,
-               recorded: dict[str, float], int8: bool) -> dict[str, Any]:
+               recorded: dict[str, float], low_precision: bool) -> dict[str, Any]:
     """model.onnx run by onnxruntime on the probe input against the trial's logits (largest difference, relative
     RMS, top-1 agreement) and timed on the CPU at each batch size beside dsnas's latency of the torch model."""
     import statistics
@@ -162,10 +163,10 @@ def onnx_check(path: Path, probe: dict[str, Any], batch_sizes: Any, threads: int
     diff = out - y
     top1 = float((out.argmax(-1) == y.argmax(-1)).mean())
     max_diff = float(np.abs(diff).max())
-    ok = top1 >= ONNX_TOP1_AGREEMENT if int8 else max_diff <= ONNX_FP32_ATOL
+    ok = top1 >= ONNX_TOP1_AGREEMENT if low_precision else max_diff <= ONNX_FP32_ATOL
     check: dict[str, Any] = {"ok": ok, "max_abs_diff": max_diff, "top1_agreement": top1,
                              "relative_rms": float(np.sqrt((diff ** 2).mean() / max((y ** 2).mean(), 1e-30))),
-                             "rule": f"top-1 agreement >= {ONNX_TOP1_AGREEMENT}" if int8 else
+                             "rule": f"top-1 agreement >= {ONNX_TOP1_AGREEMENT}" if low_precision else
                                      f"max |difference| <= {ONNX_FP32_ATOL}"}
     for bs in batch_sizes:
         batch = x[np.arange(bs) % len(x)]
