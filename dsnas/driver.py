@@ -461,10 +461,16 @@ class Driver:
         passed): then they are failed and queued again, as an interrupted trial is."""
         elsewhere = self._still_running_elsewhere() if self.foreign else set()
         for number, (twin, arch, short, key) in list(self.twins.items()):
-            if twin in self.running or twin in elsewhere:
+            if twin in self.running:
                 continue
             # Another driver may have taken this trial back while it waited (this driver paused past GRACE_S).
             with self._unless_taken_back(number):
+                if twin in elsewhere:  # nothing runs here for it: once the search stops, waiting on would outlast it
+                    stop = self._stop_reason(read_budget=False)
+                    if stop is not None:
+                        del self.twins[number]
+                        self._stop_waiting(number, twin, stop)
+                    continue
                 del self.twins[number]
                 original, again = self._original(key), self._twin(key)
                 stop = None if original is not None or again is not None else self._stop_reason(read_budget=False)
@@ -473,15 +479,20 @@ class Driver:
                 elif again is not None:  # another trial that waited for the same one trains it now: wait for it
                     self.twins[number] = (again, arch, short, key)
                 elif stop is not None:  # no new training once the search stops ("no new trial starts")
-                    trial = self.running[number]
-                    self._fail(trial, f"the search stopped ({stop}) while the trial waited for trial {twin}; queued "
-                               "again", counts=False)
-                    with self.guard.writing():
-                        self._requeue(trial)
+                    self._stop_waiting(number, twin, stop)
                 else:
                     self._start(self.running[number], arch, short, key)
         waited_for = {twin for twin, *_ in self.twins.values()}
         self.foreign = {n: i for n, i in self.foreign.items() if n in waited_for}
+
+    def _stop_waiting(self, number: int, twin: int, stop: str) -> None:
+        """A trial that waited for its twin, as the search stops: failed and queued again, as an interrupted trial
+        is, and not counted as a failure (it never ran)."""
+        trial = self.running[number]
+        self._fail(trial, f"the search stopped ({stop}) while the trial waited for trial {twin}; queued again",
+                   counts=False)
+        with self.guard.writing():
+            self._requeue(trial)
 
     def _start(self, trial: Any, arch: dict[str, Any], short: str, key: str) -> None:
         """Screen a sampled candidate, then submit it to the executor."""

@@ -221,19 +221,36 @@ def test_a_candidate_another_driver_trains_waits_for_its_result_even_if_it_is_ta
 
 
 @pytest.mark.slow
-def test_a_trial_waiting_for_a_twin_that_fails_after_the_timeout_is_queued_again_not_trained(tmp_path):
+@pytest.mark.parametrize("twin", ["fails after it", "runs on past it"])
+def test_a_trial_waiting_for_a_twin_is_queued_again_once_the_timeout_passes(tmp_path, twin):
     """"No new trial starts after timeout_s": a trial waiting for its twin started training once the twin failed,
-    20 s past the timeout."""
+    20 s past the timeout; and one waiting for another driver's twin waited on past it, its driver idle."""
+    import sqlite3
+    import time
+    from contextlib import closing
+
     fails_once = ("        marker = Path(__file__).with_name('failed_once')\n"
                   "        if not marker.exists():\n            marker.touch()\n            raise RuntimeError('flaky')\n")
-    import time
 
-    # B's timeout passes while it waits (it ran 1 s before this, and 5 s more here).
-    _, b_out, trials = _two_drivers(tmp_path, fails_once, ["--n-trials", "2", "--timeout", "5"],
-                                    lambda db: time.sleep(5.0))
-    assert trials[0].state == TrialState.FAIL and trials[1].state == TrialState.FAIL
+    def stopped_waiting(db) -> None:  # B gives trial 1 up while A's trial 0 still runs
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                if conn.execute("SELECT state FROM trials WHERE number = 1").fetchone()[0] == "FAIL":
+                    return
+            time.sleep(0.2)
+        raise AssertionError("B still waits for trial 0 a minute past its timeout")
+
+    # B's timeout passes while it waits (it ran 1 s before this, and 5 s more here, or until it gives up).
+    evaluate, between = (fails_once, lambda db: time.sleep(5.0)) if twin == "fails after it" else ("", stopped_waiting)
+    _, b_out, trials = _two_drivers(tmp_path, evaluate, ["--n-trials", "2", "--timeout", "5"], between)
+    assert trials[1].state == TrialState.FAIL
     assert trials[1].user_attrs["fail_reason"] == ("the search stopped (the timeout of 5 s passed) while the trial "
                                                    "waited for trial 0; queued again")
     assert "trial 1 started" not in b_out and "failed 0" in b_out, b_out  # it never ran: not a failure
     requeued = [t for t in trials if t.user_attrs.get("requeued_from") == 1]
-    assert len(requeued) == 1 and requeued[0].state == TrialState.COMPLETE  # A trained it, once
+    if twin == "fails after it":
+        assert trials[0].state == TrialState.FAIL
+        assert len(requeued) == 1 and requeued[0].state == TrialState.COMPLETE  # A trained it, once
+    else:
+        assert trials[0].state == TrialState.COMPLETE and [t.state for t in requeued] == [TrialState.WAITING]
