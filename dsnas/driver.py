@@ -253,7 +253,7 @@ class Driver:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
         now, limit = time.monotonic(), self.spec.budget.trial_timeout_s
         for number in [n for n, clock in self.clocks.items() if n in self.running and clock.ran_s(now) > limit]:
-            with self.guard.writing():
+            with self.guard.writing(), self._unless_taken_back(number):  # (this driver was paused past GRACE_S)
                 self.executor.cancel(number)
                 self._fail(self.running[number], f"ran longer than trial_timeout_s = {limit:g} s (not counting "
                                                  "time queued or waiting for another trial); its worker was stopped")
@@ -514,7 +514,11 @@ class Driver:
             attrs.update({f"predicted.{m}": v for m, v in verdict.predicted.items()})
         rungs = None
         if self.rungs is not None:
-            self.brackets[trial.number] = attrs["bracket"] = self.rungs.plan.bracket_of(trial.number)
+            # Kept by a trial queued again (see storage.requeue), as its seed is; one of another plan's brackets not.
+            kept = trial.user_attrs.get("bracket")
+            bracket = kept if isinstance(kept, int) and 0 <= kept < self.rungs.plan.brackets else \
+                self.rungs.plan.bracket_of(trial.number)
+            self.brackets[trial.number] = attrs["bracket"] = bracket
             rungs = self.rungs.plan.fractions(attrs["bracket"])
         self.db(f"store trial {trial.number}", self._set_attrs, trial, attrs)
         # The same model measured before:
@@ -798,8 +802,9 @@ class Driver:
         """Queue a failed trial again from its stored form (the live trial's cache may lack its seed), with the
         seed it was to train with where it failed before storing one; ``worker_death`` counts toward retries."""
         stored = self.db(f"read trial {trial.number}", self.study._storage.get_trial, trial._trial_id)
+        bracket = self.rungs.plan.bracket_of(trial.number) if self.rungs is not None else None
         self.db(f"queue trial {trial.number} again", requeue, self.study, stored, self.spec.seed + trial.number,
-                worker_death)
+                worker_death, bracket)
 
     def _heartbeats(self) -> None:
         storage = self.study._storage

@@ -149,7 +149,9 @@ def _run_study(spec: StudySpec, trial_fn: TrialFn, progress: Progress | None,
                 driver.close()
         if ours:
             _release(study)  # before the storage is let go below: a write would open it again
-        completed = driver.db("count the completed trials", driver.count, TrialState.COMPLETE)
+        # The study's counts: with drivers side by side, this driver's own missed the others' trials and repeats.
+        done = driver.db("read the completed trials", study.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
+        completed, reused = len(done), sum("reused_from" in t.user_attrs for t in done)
         # The study's front, also where other drivers completed every trial of it. A reused repeat has its original's
         # values: the original alone stands for them on the front.
         front = [t for t in driver.db("read the Pareto front", lambda: study.best_trials) if "reused_from" not in
@@ -159,7 +161,7 @@ def _run_study(spec: StudySpec, trial_fn: TrialFn, progress: Progress | None,
             engine.dispose()  # the study file as one file again, for whoever reads it next (a later read reconnects)
             leave_write_ahead(spec.storage)
         return SearchOutcome(study, completed, progress.failed, progress.elapsed(), front, stopped, pruned,
-                             progress.reused, progress.evaluated_this_run(), progress.first_failure)
+                             reused, progress.evaluated_this_run(), progress.first_failure)
     except BaseException:
         if ours:
             _release(study)

@@ -595,11 +595,13 @@ def _never_beat(storage: Any, study_id: int) -> set[int]:
     return {row[0] for row in rows}
 
 
-def requeue(study: Any, trial: Any, seed: int | None = None, worker_death: bool = False) -> int:
+def requeue(study: Any, trial: Any, seed: int | None = None, worker_death: bool = False,
+            bracket: int | None = None) -> int:
     """Queue a failed trial again with the same parameters (the next ask takes it); returns its attempt number.
-    ``seed``: the training seed to keep where the trial had not stored its own yet. ``worker_death``: it is queued
-    again because its worker died, which [budget] retries counts (an interrupt or a stopped driver is not the
-    trial's doing, and used up its retry)."""
+    ``seed`` and ``bracket``: the training seed and Hyperband bracket to keep where the trial had not stored its
+    own yet (as the uninterrupted trial would have trained: a candidate of the bracket without rungs was resumed in
+    one whose first rung could stop it). ``worker_death``: it is queued again because its worker died, which
+    [budget] retries counts (an interrupt or a stopped driver is not the trial's doing, and used up its retry)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -610,10 +612,12 @@ def requeue(study: Any, trial: Any, seed: int | None = None, worker_death: bool 
     attempt = int(trial.user_attrs.get("attempt", 1)) + 1
     deaths = int(trial.user_attrs.get("worker_deaths", 0)) + worker_death
     seed = trial.user_attrs.get("train_seed", seed)
+    bracket = trial.user_attrs.get("bracket", bracket)
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={"requeued_from": trial.number, "attempt": attempt, "worker_deaths": deaths,
-                    **({"train_seed": int(seed)} if seed is not None else {})},
+                    **({"train_seed": int(seed)} if seed is not None else {}),
+                    **({"bracket": int(bracket)} if bracket is not None else {})},
         system_attrs={"failed_trial": trial.number}))
     return attempt
 

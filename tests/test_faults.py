@@ -266,6 +266,71 @@ def test_a_trial_taken_back_just_before_it_is_told_is_one_line_too(tmp_path, mon
     assert [t.state for t in stored(study)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
+def test_a_trial_past_its_time_limit_that_another_driver_took_back_is_one_line_too(capsys):
+    """A driver paused past GRACE_S (Ctrl-Z) whose trial ran past trial_timeout_s meanwhile, taken back and finished by
+    another driver: stopping it raised Optuna's UpdateFinishedTrialError, and the search ended in a traceback."""
+    import types
+
+    import optuna
+
+    from dsnas.driver import Driver
+    from dsnas.interrupts import InterruptGuard
+
+    def finished_elsewhere(trial, reason):
+        raise optuna.exceptions.UpdateFinishedTrialError("Trial#0 has already finished and can not be updated.")
+
+    cancelled = []
+    said = []
+    fake = types.SimpleNamespace(
+        clocks={0: types.SimpleNamespace(ran_s=lambda now: 99.0)}, running={0: object()}, stopped={}, twins={},
+        recording=None, guard=InterruptGuard(), spec=types.SimpleNamespace(budget=types.SimpleNamespace(
+            trial_timeout_s=30.0)), executor=types.SimpleNamespace(cancel=cancelled.append), _fail=finished_elsewhere,
+        progress=types.SimpleNamespace(say=said.append))
+    fake._unless_taken_back = types.MethodType(Driver._unless_taken_back, fake)
+    Driver._stop_overdue(fake)
+    assert cancelled == [0] and fake.running == {} and fake.clocks == {}
+    assert said and said[0].startswith("  trial 0 was taken back by another driver")
+
+
+def test_a_trial_queued_again_keeps_its_hyperband_bracket(tmp_path):
+    """A candidate of the bracket without rungs, interrupted and resumed, ran in a bracket whose first rung could
+    stop it (its bracket came from the new trial's number; its seed was kept)."""
+    import optuna
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    from dsnas.storage import requeue
+
+    study = optuna.create_study(directions=["maximize"])
+    dist = {"x": IntDistribution(0, 3)}
+    started = create_trial(state=TrialState.FAIL, params={"x": 1}, distributions=dist,
+                           user_attrs={"bracket": 2, "train_seed": 7})
+    waited = create_trial(state=TrialState.FAIL, params={"x": 2}, distributions=dist)  # failed before its start
+    for trial in (started, waited):
+        study.add_trial(trial)
+    stored = study.get_trials()
+    requeue(study, stored[0], seed=100, bracket=0)
+    requeue(study, stored[1], seed=101, bracket=1)
+    queued = [t.user_attrs for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert [(q["bracket"], q["train_seed"]) for q in queued] == [(2, 7), (1, 101)]
+    # The driver trains the queued trial in its bracket, not in its new number's.
+    from dsnas.fidelity import RungPlan
+    from dsnas.spec import load_study
+    from tests.table_study import write_table_study
+
+    table = write_table_study(tmp_path, n_trials=1, fidelity='kind = "hyperband"\nmin_fraction = 0.1')
+    assert main(["search", str(table)]) == 0
+    spec = load_study(table)
+    stored = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    first = stored.trials[0]
+    plan = RungPlan(spec.fidelity)
+    other = next(b for b in range(plan.brackets) if b != plan.bracket_of(1))
+    stored.add_trial(create_trial(state=TrialState.WAITING, params=first.params, distributions=first.distributions,
+                                  user_attrs={"requeued_from": 0, "attempt": 2, "bracket": other}))
+    assert main(["search", str(table), "--n-trials", "2"]) == 0
+    assert stored.trials[1].user_attrs["bracket"] == other
+
+
 def test_a_trials_files_are_staged_beside_the_artifacts_not_in_the_temp_folder(tiny_study, monkeypatch):
     """A small or full /tmp stopped the search with a traceback after the trial had trained (its weights were
     written there first), though the study's folder had room."""

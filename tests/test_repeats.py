@@ -254,3 +254,24 @@ def test_a_trial_waiting_for_a_twin_is_queued_again_once_the_timeout_passes(tmp_
         assert len(requeued) == 1 and requeued[0].state == TrialState.COMPLETE  # A trained it, once
     else:
         assert trials[0].state == TrialState.COMPLETE and [t.state for t in requeued] == [TrialState.WAITING]
+
+
+def test_the_stop_line_counts_the_repeats_other_drivers_stored_too(tmp_path, capsys):
+    """With two drivers side by side each said how many of the study's completed trials were repeats from its own
+    count (1 and 2, where the study held 3)."""
+    from optuna.trial import create_trial
+
+    import dsnas
+
+    study = write_table_study(tmp_path, n_trials=2, fidelity='kind = "none"', repeats="reuse")
+
+    def another_driver(st, frozen) -> None:  # stores a repeat of the first trial while this driver runs
+        if frozen.number == 0:
+            st.add_trial(create_trial(state=TrialState.COMPLETE, values=frozen.values, params=frozen.params,
+                                      distributions=frozen.distributions,
+                                      user_attrs={"arch": frozen.user_attrs["arch"], "reused_from": 0}))
+
+    outcome = dsnas.search(str(study), callbacks=[another_driver])
+    stored = [t for t in trials_of(study)[1] if t.state == TrialState.COMPLETE]
+    assert outcome.reused == sum("reused_from" in t.user_attrs for t in stored) >= 1
+    assert outcome.completed == len(stored)
