@@ -348,10 +348,15 @@ def weights_bytes(model: Any) -> bytes:
     return save(unique_state(model))
 
 
+# Written in a probe's metadata: its logits are the model's in eval mode (a probe of an older dsnas may hold a
+# training-mode forward's: dropout's random logits, where a task's evaluate() ended with model.train()).
+PROBE_MODE = {"model_mode": "eval"}
+
+
 def probe_bytes(model: Any, batch: Any) -> bytes:
     import torch
     from safetensors.torch import save
 
     with torch.inference_mode():
-        logits = model(batch).float().cpu()
-    return save({"input": batch.cpu().contiguous(), "logits": logits.contiguous()})
+        logits = model.eval()(batch).float().cpu()  # as exported and served: export compares a rebuilt model with it
+    return save({"input": batch.cpu().contiguous(), "logits": logits.contiguous()}, metadata=PROBE_MODE)

@@ -112,6 +112,26 @@ def test_a_builder_edited_since_the_trial_trained_is_not_exported_as_its_model(s
     assert main(export) == 0  # as it was: exported
 
 
+def test_the_probe_holds_the_models_logits_in_eval_mode(tmp_path):
+    """A task whose evaluate() ended with model.train() left dropout on: the probe held random logits, export then
+    refused the trial as built by edited code, and verify failed its probe."""
+    from dsnas.export.bundle import _eval_mode_probe
+    from dsnas.worker import probe_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5), nn.Linear(64, 4)).train()
+    batch = torch.randn(2, 8)
+    (tmp_path / "probe.safetensors").write_bytes(probe_bytes(model, batch))
+    probe = dsnas.export.read_probe(tmp_path)
+    with torch.inference_mode():
+        assert torch.equal(probe["logits"], model.eval()(batch))
+    assert _eval_mode_probe(tmp_path / "probe.safetensors")
+    from safetensors.torch import save_file
+
+    save_file(probe, tmp_path / "old.safetensors")  # an older dsnas's probe: no mode said, so not judged by export
+    assert not _eval_mode_probe(tmp_path / "old.safetensors")
+
+
 def test_a_pattern_that_matches_nothing_names_it_and_lists_the_modules():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(TrialError, match=r"engine group 'mlp': the pattern 'blocks\.\*' matches no module of the "

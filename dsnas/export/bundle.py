@@ -22,6 +22,7 @@ from dsnas.models import build, family, is_user_family
 from dsnas.profiler.measure import PROTOCOL_KEYS
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
 from dsnas.storage import artifact_dir, driver_gone, driver_identity
+from dsnas.worker import PROBE_MODE
 
 BUNDLE_TYPE, BUNDLE_VERSION = "dsnas.bundle", 2
 READABLE_VERSIONS = (1, 2)  # version 1 bundles lack the task and hardware sections: they load, verify less
@@ -334,6 +335,14 @@ def _read_tensors(path: Path) -> dict[str, Any]:
                          f"Fix: {REEXPORT}") from None
 
 
+def _eval_mode_probe(path: Path) -> bool:
+    """Whether the probe says its logits are the model's in eval mode (dsnas.worker.probe_bytes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).items() >= PROBE_MODE.items()
+
+
 def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, dict[str, Any]]:
     """The trial's model as the bundle being written (``work``, to be ``name``) rebuilds it, and its probe: checked
     against the
@@ -349,7 +358,9 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
         raise DsnasError(f"trial {frozen.number}: {str(e).replace(str(work), str(work.parent / name))}") from None
     probe = read_probe(work)
     ran_on = frozen.user_attrs.get("profile", {}).get("fingerprint", {}).get("device")
-    if ran_on not in (None, "cpu"):  # other kernels (a GPU's): verify on such a device compares them
+    if ran_on not in (None, "cpu") or not _eval_mode_probe(work / "probe.safetensors"):
+        # Other kernels (a GPU's: verify on such a device compares them), or a probe an older dsnas may have taken
+        # in training mode (dropout's random logits): no evidence against the builder.
         return model, probe
     with torch.inference_mode():
         now = model(probe["input"]).float()
