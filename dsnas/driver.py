@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import tempfile
 import threading
@@ -49,7 +48,7 @@ from dsnas.storage import (
     study_lock,
 )
 from dsnas.tasks import data_differs, make_task, runs_own_trials
-from dsnas.trial import TrialFn, TrialRequest, TrialResult
+from dsnas.trial import TrialFn, TrialRequest, TrialResult, own_work
 
 # A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
 MAX_SKIPS_IN_A_ROW = 100
@@ -550,8 +549,7 @@ class Driver:
         # Its figures, not its work: the seconds it trained and measured, and the predictor's check of it, were the
         # original's (counted again, the repeats doubled a search's compute and weighted the predictor's record).
         figures = {k: v for k, v in frozen.user_attrs.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in WORK_SECONDS + OWN_RUN
-                   and not k.startswith(("predicted.", "predictor_error.")) and not RUNG_FIGURE.match(k)}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not own_work(k) and k not in OWN_RUN}
 
         def store() -> None:
             self._set_attrs(trial, {**figures, "arch": arch, "arch_short": short, "evaluation_key": key,
@@ -853,13 +851,10 @@ class Driver:
                 self._executor.close()
 
 
-# A trial's seconds of its own work (dsnas.worker): a repeat answered from an earlier trial did none of it.
-WORK_SECONDS = ("trial_s", "train_s", "engine_s", "measure_s", "waited_s")
 # How a trial ran, not what it measured: a repeat that copied them was listed as queued again from the original's
 # predecessor, on its attempt, with its seed and bracket (a fresh trial "requeued_from 4, attempt 5"), and a repeat
 # queued again after an interrupt lost its own.
 OWN_RUN = ("attempt", "requeued_from", "worker_deaths", "train_seed", "bracket", "pruned_at")
-RUNG_FIGURE = re.compile(r"rung\d+\.")  # the original's objectives at its rungs (dsnas.fidelity): it trained there
 
 
 @dataclass

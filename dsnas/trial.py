@@ -4,12 +4,24 @@ each other."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from dsnas.rungs import RungReport
 from dsnas.spec import EngineSpec, HardwareSpec, TaskSpec
+
+# A trial's seconds of its own work (dsnas.worker): a repeat answered from an earlier trial did none of it.
+WORK_SECONDS = ("trial_s", "train_s", "engine_s", "measure_s", "waited_s")
+_RUNG_FIGURE = re.compile(r"rung\d+\.")  # its objectives at its rungs (dsnas.fidelity): it trained there
+
+
+def own_work(key: str) -> bool:
+    """Whether a trial's numeric attribute ``key`` is of its own work, which a repeat did not do: its seconds, the
+    predictor's check of it, its rungs' figures. (A repeat copied them: summing train_s doubled a search's compute,
+    and the predictor's record counted 225 checks for 18.)"""
+    return key in WORK_SECONDS or key.startswith(("predicted.", "predictor_error.")) or bool(_RUNG_FIGURE.match(key))
 
 
 class Profile(TypedDict, total=False):

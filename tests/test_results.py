@@ -121,6 +121,27 @@ def _hand_made_study(tmp_path: Path) -> str:
     return url
 
 
+def test_a_repeat_an_older_dsnas_stored_has_none_of_its_originals_work(tmp_path):
+    """An older dsnas's repeat copied its original's train_s, trial_s and predictor check: the trial table
+    showed them as its own, and summing train_s counted the work twice."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    url = _hand_made_study(tmp_path)
+    study = optuna.load_study(study_name="hand", storage=url)
+    work = {"train_s": 8.0, "trial_s": 10.0, "predicted.latency_ms": 9.0, "rung1.accuracy": 0.4}
+    figures = {**study.trials[0].user_attrs, **work}
+    for reused in ({}, {"reused_from": 5}):  # trial 5, and its repeat as an older dsnas stored it
+        study.add_trial(create_trial(values=study.trials[0].values, params=study.trials[0].params,
+                                     distributions={"d_model": CategoricalDistribution([16, 32])},
+                                     user_attrs={**figures, **reused}))
+    df = load(url, "hand").set_index("trial")
+    assert all(df.loc[6, k] != df.loc[6, k] for k in work)  # NaN: none of its own
+    assert [df.loc[5, k] for k in work] == list(work.values())
+    assert df.loc[6, "accuracy"] == df.loc[5, "accuracy"]  # its figures, as its original's
+
+
 def test_load_gives_one_row_per_trial_with_units_constraints_and_fingerprint(tmp_path):
     df = load(_hand_made_study(tmp_path), "hand")
     assert list(df["trial"]) == [0, 1, 2, 3, 4]

@@ -65,6 +65,9 @@ def test_the_measurement_cache_misses_when_anything_that_changes_the_number_chan
         patch.setattr(importlib.import_module("dsnas.profiler.measure"), "hold_freed_memory",
                       lambda: {"policy": "allocator default"})
         assert not measure(model, task, cpu, hardware, cached=cached, context=context)[1]["cache"]["hit"]
+    with monkeypatch.context() as patch:  # measured by older rules (a byte count's formula since fixed)
+        patch.setattr(importlib.import_module("dsnas.profiler.measure"), "MEASUREMENT_RULES", 1)
+        assert not measure(model, task, cpu, hardware, cached=cached, context=context)[1]["cache"]["hit"]
     other_device = {"0" * 16: next(iter(cached.values()))}  # another fingerprint's entry
     assert not measure(model, task, cpu, hardware, cached=other_device, context=context)[1]["cache"]["hit"]
     assert fingerprint_id(fingerprint(cpu)) != "0" * 16

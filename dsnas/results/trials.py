@@ -15,6 +15,7 @@ from dsnas.pareto import dominates, front_indices
 from dsnas.profiler.device import fingerprint_id
 from dsnas.spec import OBJECTIVES, read_study
 from dsnas.storage import display_url, open_storage, optuna_quieted, quiet_optuna, sqlite_file, storage_engine
+from dsnas.trial import own_work
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,10 @@ def _row(t: Any, objectives: list[Objective]) -> dict[str, Any]:
     row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "started": t.datetime_start,
                            "completed": t.datetime_complete, "duration_s": _seconds(t)}
     row.update({f"param.{k}": v for k, v in t.params.items()})
-    row.update({k: float(v) for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    # A repeat of an older dsnas copied its original's seconds of work (and predictor check): it did none of it.
+    repeat = "reused_from" in attrs
+    row.update({k: float(v) for k, v in attrs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not (repeat and own_work(k))})
     for obj, value in zip(objectives, t.values or []):
         row.setdefault(obj.column, value)
     for key, value in t.system_attrs.items():
