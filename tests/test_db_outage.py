@@ -355,17 +355,16 @@ def test_a_driver_back_from_an_outage_takes_back_no_trial_while_the_others_could
     from dsnas import driver as module
     from dsnas.storage import GRACE_S
 
-    monkeypatch.setattr(module, "WATCH_S", 0.0)
     recovered: list[str] = []
     monkeypatch.setattr(module, "recover_stale_trials", lambda study: recovered.append("recovered") or [])
     outage = SimpleNamespace(back_at=time.monotonic(), lost_since=None)
     fake = SimpleNamespace(watching=True, outage=outage, db=lambda what, fn: fn(), progress=None, study=None)
-    module.Driver._watch_other_drivers(fake)
+    module.Driver._recover_stale(fake)
     assert recovered == []
     outage.back_at = time.monotonic() - GRACE_S - 20
     outage.lost_since = time.monotonic()  # the outage met by this very call: its retry is no recovery either
-    module.Driver._watch_other_drivers(fake)
+    module.Driver._recover_stale(fake)
     assert recovered == []
     outage.lost_since = None
-    module.Driver._watch_other_drivers(fake)
+    module.Driver._recover_stale(fake)
     assert recovered == ["recovered"]
