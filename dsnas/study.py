@@ -24,6 +24,7 @@ from dsnas.storage import (
     storage_engine,
     study_lock,
 )
+from dsnas.tasks import BUILTIN_ARCH_KEYS
 
 
 def open_study(spec: StudySpec, create: bool = True) -> Any:
@@ -116,6 +117,13 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
             and not driver_gone(recorder):
         done.append(recorder)
     if not stored and done:
+        said = inferred_differences(spec, done)  # what its trials still say of the settings they ran under
+        if said:
+            key, was, wanted = said[0]
+            raise DsnasError(f"{spec.path}: [{key}] the stored study {spec.name!r} was searched with {_toml(was)} "
+                             f"(as its trials say: its dsnas recorded no settings), the file now says "
+                             f"{_toml(wanted)}; {_CHANGES[key.split('.')[0]]}. Fix: restore "
+                             f"{key.rsplit('.', 1)[-1]} = {_toml(was)}, or give the study a new [study] name")
         return
     was_set, now_set = (_comparable(stored, like=now), _comparable(now, like=stored)) if stored else (None, None)
     if was_set != now_set and done:
@@ -127,6 +135,26 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
                          f"file now says {_toml(wanted)}; {_CHANGES[section]}. Fix: {restore}, or give the study a "
                          "new [study] name")
     study.set_user_attr(SETTINGS_ATTR, {**now, RECORDED_BY: me})
+
+
+def inferred_differences(spec: StudySpec, trials: list[Any]) -> list[tuple[str, Any, Any]]:
+    """Where the study file differs from what a study's trials say of the settings they ran under, for a study of
+    an older dsnas, which recorded none (it resumed under other batch sizes or another context without a word, and
+    mixed the two on one front): the batch sizes they were measured at, and the task's values their architectures
+    carry (a built-in task's context, image size). Each (key, theirs, the file's), where every trial says the same."""
+    said: dict[str, set[str]] = {}
+    for trial in trials:
+        attrs = getattr(trial, "user_attrs", None) or {}
+        arch, batches = attrs.get("arch"), (attrs.get("profile") or {}).get("batches")
+        if isinstance(batches, dict) and batches:
+            said.setdefault("hardware.batch_sizes", set()).add(json.dumps(sorted(int(b) for b in batches)))
+        for key in BUILTIN_ARCH_KEYS.get(spec.task.name, ()):
+            if isinstance(arch, dict) and key in arch and key in spec.task.params:
+                said.setdefault(f"task.{key}", set()).add(json.dumps(arch[key]))
+    now = {"hardware.batch_sizes": sorted(spec.hardware.batch_sizes),
+           **{f"task.{k}": v for k, v in spec.task.params.items()}}
+    return [(key, json.loads(next(iter(values))), now[key]) for key, values in said.items()
+            if len(values) == 1 and json.loads(next(iter(values))) != now[key]]
 
 
 def release_settings(study: Any) -> None:
@@ -181,8 +209,14 @@ def as_searched(spec: StudySpec, study: Any) -> StudySpec:
     """``spec`` with the task and hardware its study was searched with (recorded at its first run), where the
     study file was edited since: what an exported bundle must carry to be measured again as its trial was."""
     stored = study.user_attrs.get(SETTINGS_ATTR)
-    if not stored:
-        return spec
+    if not stored:  # an older dsnas's study: what its trials say (an edited context was exported, and verify crashed)
+        from optuna.trial import TrialState
+
+        said = inferred_differences(spec, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        params = {**spec.task.params, **{k[5:]: was for k, was, _ in said if k.startswith("task.")}}
+        batches = next((tuple(was) for k, was, _ in said if k == "hardware.batch_sizes"), spec.hardware.batch_sizes)
+        return dataclasses.replace(spec, task=dataclasses.replace(spec.task, params=params),
+                                   hardware=dataclasses.replace(spec.hardware, batch_sizes=batches))
     task = dict(stored["task"])
     # Only the fields this dsnas has (a study recorded by another version may have more, or fewer).
     known = {f.name for f in dataclasses.fields(spec.hardware)} - {"constraints"}

@@ -503,9 +503,12 @@ def test_drivers_on_one_study_get_their_own_seed_and_see_each_others_candidates(
     assert mine._original("candidate") == 0
 
 
-def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(finished_study, tmp_path):
+def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(finished_study, tmp_path, capsys):
     """A study with trials but no recorded settings (searched before dsnas recorded them) took the file's settings
-    of the day it was resumed: an edited context was then what its bundles carried and what a resume demanded."""
+    of the day it was resumed: an edited context was then what its bundles carried and what a resume demanded. And
+    what its trials say of their settings was never checked: it resumed under other batch sizes, or another
+    context, without a word (one front of two meanings), and an export carried the edited context (verify then
+    crashed on it)."""
     from dsnas.spec import load_study
     from dsnas.study import SETTINGS_ATTR, as_searched, open_study
 
@@ -514,11 +517,15 @@ def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(fini
     stored = open_study(spec, create=False)
     stored._storage.set_study_user_attr(stored._study_id, SETTINGS_ATTR, None)  # as an older dsnas left it
     original = study.read_text()
-    study.write_text(original.replace("batch_sizes = [1, 4]", "batch_sizes = [1, 8]"))
-    assert main(["search", str(study)]) == 0  # the budget is spent: nothing runs
+    study.write_text(original.replace("batch_sizes = [1, 4]", "batch_sizes = [1, 8]").replace("context = 16",
+                                                                                              "context = 32"))
+    assert main(["search", str(study), "--n-trials", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "[hardware.batch_sizes] the stored study 'tiny' was searched with [1, 4] (as its trials say" in err
     edited = load_study(study)
-    assert not open_study(edited, create=False).user_attrs.get(SETTINGS_ATTR)
-    assert as_searched(edited, open_study(edited, create=False)).hardware.batch_sizes == (1, 8)  # the file's, as before
+    assert not open_study(edited, create=False).user_attrs.get(SETTINGS_ATTR)  # nothing stamped
+    searched = as_searched(edited, open_study(edited, create=False))  # as its trials say, for its bundles
+    assert searched.hardware.batch_sizes == (1, 4) and searched.task.params["context"] == 16
     study.write_text(original)
     assert main(["search", str(study)]) == 0  # not refused for a setting no trial ran under
 
