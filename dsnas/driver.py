@@ -410,7 +410,7 @@ class Driver:
         if original is not None:
             self._reuse(trial, arch, short, key, original)
             return True
-        twin = self._twin(key) if self.spec.budget.repeats == "reuse" else None
+        twin = self._twin_or_claim(trial, key) if self.spec.budget.repeats == "reuse" else None
         if twin is not None:  # the same candidate trains now: this one waits for its result (see _answer_twins)
             self.twins[trial.number] = (twin, arch, short, key)
             where = "another driver is running" if twin in self.foreign else "is running"
@@ -438,6 +438,22 @@ class Driver:
         self.foreign[theirs.number] = theirs._trial_id
         self._foreign_running[1].add(theirs.number)
         return theirs.number
+
+    def _twin_or_claim(self, trial: Any, key: str) -> int | None:
+        """The trial that trains this candidate now (see _twin), or None once ``trial`` has claimed it: its key
+        stored under the study's lock, where other drivers may look (else the key was stored only after screening,
+        which waits for the CPU gate up to 30 s, and two drivers both trained the candidate)."""
+        if not has_heartbeats(self.study._storage):
+            return self._twin(key)  # one driver: its own running trials say it all
+
+        def claim() -> int | None:
+            with study_lock(self.study, self.spec.storage):
+                twin = self._twin(key)
+                if twin is None:
+                    set_user_attrs(trial, {"evaluation_key": key})
+                return twin
+
+        return self.db(f"claim trial {trial.number}'s candidate", claim)
 
     def _still_running_elsewhere(self) -> set[int]:
         """Which of the twins other drivers train still run, as the study says (read every WATCH_S): a stopped
@@ -471,7 +487,8 @@ class Driver:
                         self._stop_waiting(number, twin, stop)
                     continue
                 del self.twins[number]
-                original, again = self._original(key), self._twin(key)
+                original = self._original(key)
+                again = self._twin_or_claim(self.running[number], key) if original is None else None
                 stop = None if original is not None or again is not None else self._stop_reason(read_budget=False)
                 if original is not None:
                     self._reuse(self.running[number], arch, short, key, original)
@@ -625,6 +642,10 @@ class Driver:
                     return None
                 trial = self.study.ask()
             set_user_attrs(trial, {"driver": self.identity})  # under the lock: a RUNNING trial without it is an orphan
+        if has_heartbeats(self.study._storage):
+            # A first beat at once: a trial without one is never stale to Optuna, and this driver paused (Ctrl-Z)
+            # before its heartbeat thread's next beat left the others waiting on it for as long as it was paused.
+            self.study._storage.record_heartbeat(trial._trial_id)
         return trial
 
     def _orphan(self) -> Any:
