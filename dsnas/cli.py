@@ -215,7 +215,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     bundle (members, thresholds, learned router, measured table) that dsnas.load_route serves."""
     from dsnas.route import NothingToRoute, build_route
     from dsnas.spec import read_study
-    from dsnas.study import open_study
+    from dsnas.study import edited_since, open_study
 
     if args.target_accuracy is not None and args.max_accuracy_drop is not None:
         raise DsnasError("give one of --target-accuracy and --max-accuracy-drop. Fix: drop one")
@@ -227,6 +227,8 @@ def cmd_route(args: argparse.Namespace) -> int:
                          "Fix: e.g. --max-accuracy-drop 0.005")
     spec = read_study(args.study_file)
     study = open_study(spec, create=False)
+    if edited := edited_since(spec, study):  # as export says it: the front and its figures are the search's
+        print(f"dsnas: note: {edited}", file=sys.stderr)
     out = Path(args.out) if args.out else spec.base_dir / "routes" / spec.name
     try:
         trials = [int(n) for n in args.trials.split(",")] if args.trials else None
@@ -238,7 +240,8 @@ def cmd_route(args: argparse.Namespace) -> int:
                              max_accuracy_drop=0.005 if args.max_accuracy_drop is None else args.max_accuracy_drop,
                              cost=args.cost)
     except NothingToRoute as e:
-        print(f"dsnas route: {e}")
+        print(f"dsnas route: {e}" + ("" if trials else ". Fix: name two or more completed trials with --trials, "
+                                     "e.g. --trials 3,7"))
         return 0
     print(report.table())
     print(f"route bundle: {report.folder} (dsnas.load_route serves it)")

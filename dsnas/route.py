@@ -237,8 +237,9 @@ class LearnedRouter:
     def assign(self, feats: Any, tau: float | None = None) -> Any:
         import torch
 
-        x = (feats - torch.tensor(self.mean)) / torch.tensor(self.std)
-        p = torch.softmax(x @ torch.tensor(self.weight).T + torch.tensor(self.bias), -1).cumsum(-1)
+        on = {"device": feats.device}  # a route served on a GPU: its features are there
+        x = (feats.float() - torch.tensor(self.mean, **on)) / torch.tensor(self.std, **on)
+        p = torch.softmax(x @ torch.tensor(self.weight, **on).T + torch.tensor(self.bias, **on), -1).cumsum(-1)
         return (p < (self.tau if tau is None else tau) - 1e-9).sum(-1).clamp_max(p.shape[1] - 1)
 
 
@@ -269,6 +270,7 @@ class Member:
     model: Any
     curve: CostCurve
     describe: str = ""
+    disturbed: bool = False  # its trial's speed was measured while others took the CPUs (its cost is suspect)
 
     @property
     def cost(self) -> float:
@@ -337,7 +339,7 @@ class Route:
             assert self.router is not None
             first = self.models[0](x).float()
             out = first.clone()
-            served = torch.zeros(x.shape[0], dtype=torch.long)
+            served = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             target = self.router.assign(features(first))  # the first model's output says where each row goes
             for s in range(1, len(self.models)):
                 rows = (target == s).nonzero().flatten()
@@ -351,8 +353,8 @@ class Route:
         """Stage by stage on the rows still open; a stage whose threshold is +inf is skipped."""
         import torch
 
-        open_rows = torch.arange(x.shape[0])
-        served = torch.full((x.shape[0],), len(self.models) - 1, dtype=torch.long)
+        open_rows = torch.arange(x.shape[0], device=x.device)  # on the input's device (a GPU's, served there)
+        served = torch.full((x.shape[0],), len(self.models) - 1, dtype=torch.long, device=x.device)
         out: Any = None
         for s, model in enumerate(self.models):
             last = s == len(self.models) - 1
@@ -494,14 +496,15 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
         pick_trials(study, spec, front=True)
     chosen = list({frozen.number: frozen for frozen in chosen}.values())  # a trial named twice, or a repeat's original
     if len(chosen) < 2:
-        raise NothingToRoute(f"the front has {len(chosen)} model: there is nothing to route "
-                             "(a route needs at least two models of different cost)")
+        whose = f"--trials names {len(chosen)} model" if trials else f"the front has {len(chosen)} model"
+        raise NothingToRoute(f"{whose}: there is nothing to route (a route needs at least two models of different "
+                             "cost)")
     members = []
     for frozen in chosen:
         folder = export_trial(spec, study, frozen, out / "members" / f"trial{frozen.number}")
         curve = cost_curve(frozen.user_attrs, read_bundle(folder)["hardware"]["batch_sizes"], cost, frozen.number)
         members.append(Member(frozen.number, folder, load_bundle(folder), curve,
-                              str(frozen.user_attrs.get("arch_short", ""))))
+                              str(frozen.user_attrs.get("arch_short", "")), bool(frozen.user_attrs.get("disturbed"))))
     members.sort(key=lambda m: m.cost)
     members = _thin(members)
     check_members(out, [read_bundle(m.folder) for m in members])
@@ -551,7 +554,8 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
         chosen_routes.setdefault("thresholds", t)
         chosen_routes.setdefault("tau", tau)
     thresholds, router.tau = chosen_routes["thresholds"], chosen_routes["tau"]
-    serve, report.notes = _served(report, chosen_routes, right[:, held], drop)
+    alone = report.outcomes[f"trial {members[-1].trial} alone"].cost
+    serve, report.notes = _served(report, chosen_routes, right[:, held], drop, alone)
     if serve is None:  # neither held the target on the report half: the cascade to the most accurate model alone
         failed = report.outcomes.pop("cascade")
         report.add("cascade (not served)", failed.accuracy, failed.cost, failed.shares)
@@ -565,8 +569,17 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     elif serve == "cascade" and all(t == math.inf for t in thresholds):
         report.notes.append(f"the route sends every input to the most accurate model (trial {members[-1].trial}): "
                             f"on {len(calib)} calibration inputs no cheaper stage was shown to lose at most "
-                            f"{drop:g} of accuracy. Fix: a task with more validation inputs, or a larger "
-                            "--max-accuracy-drop")
+                            f"{drop:g} of accuracy. Fix: a task with more validation inputs, or a "
+                            + ("lower --target-accuracy" if target_accuracy is not None else
+                               "larger --max-accuracy-drop"))
+    # The costs that chose the thresholds and the router, where the search measured them on a busy machine.
+    disturbed = [m.trial for m in members if cost == "latency" and m.disturbed]
+    if disturbed:
+        report.notes.append(f"the recorded costs of trial{'s' * (len(disturbed) > 1)} "
+                            f"{', '.join(map(str, disturbed))} were measured while other processes took the CPUs "
+                            "or the host ran slow (disturbed): the cost column and the route's thresholds rest on "
+                            "them. Fix: search again when the machine is quiet (`dsnas report` lists the disturbed "
+                            "trials)")
     report.serve = serve
     best = report.outcomes[f"trial {members[-1].trial} alone"]
     report.rows = [o.row(report.unit, best) for o in report.outcomes.values()]
@@ -584,19 +597,28 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
            "calibration": {"inputs": len(calib), "report_inputs": len(held), "max_accuracy_lost": drop,
                            "most_accurate_on_calibration": best_calib},
            "table": report.rows, "measured_ms_per_input": report.measured, "timing_disturbance": report.disturbance,
-           "left_out": left_out}
+           "disturbed_costs": disturbed, "left_out": left_out}
     # An infinite threshold (a stage no input stops at) is written "inf" and a figure that is NaN null, as JSON has
     # neither (json.dumps wrote the bare words, which JavaScript and jq refuse or misread).
     (out / "route.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return report
 
 
-def _served(report: RouteReport, served: dict[str, Any], right: Any, drop: float) -> tuple[str | None, list[str]]:
+def _served(report: RouteReport, served: dict[str, Any], right: Any, drop: float,
+            alone: float = math.inf) -> tuple[str | None, list[str]]:
     """Which route the bundle serves: the cheaper of the cascade and the learned router among those the report
-    half does not show (with 95% confidence) to lose more than ``drop``; None when neither holds. The notes say
-    which failed it: the cheaper route alone was served, whatever it lost on the inputs it was not chosen on."""
+    half does not show (with 95% confidence) to lose more than ``drop``, a learned router only where it costs less
+    than the most accurate model alone (``alone``); None when neither holds. The notes say which failed it: the
+    cheaper route alone was served, whatever it lost on the inputs it was not chosen on; and a learned router that
+    found no tau sends every input on after its first model, costlier than the last alone, and was served, losing
+    nothing."""
     held, notes = [], []
     for name in sorted(("cascade", "learned router"), key=lambda n: report.outcomes[n].cost):
+        cost = report.outcomes[name].cost
+        if name == "learned router" and cost >= alone - 1e-12:  # (a cascade of no early stage is the model alone)
+            notes.append(f"the {name} costs {cost:.4g} per input, no less than the most accurate model alone "
+                         f"({alone:.4g}): not served")
+            continue
         at_least = lost_at_least(served[name], right)
         if at_least <= drop + 1e-12:
             held.append(name)

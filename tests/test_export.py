@@ -101,7 +101,7 @@ def test_trial_by_number_ignores_limits_and_feasibility(spec):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"trial": 5}, "--trial 5: no completed trial with that number in study 'tiny'. Fix: pick one of the completed trials (0, 1, 2, 3, 4)"),
+    ({"trial": 5}, "trial 5: no completed trial with that number in study 'tiny'. Fix: pick one of the completed trials (0, 1, 2, 3, 4)"),
     ({"pick": "best"}, "--pick best: must be knee, max-NAME or min-NAME. Fix: e.g. --pick knee"),
     ({"pick": "max-"}, "must be knee, max-NAME or min-NAME"),
     ({"pick": "max-bogus"}, "no feasible completed trial reports 'bogus' in study 'tiny'"),

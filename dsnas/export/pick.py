@@ -70,7 +70,7 @@ def _by_number(done: list[Any], number: int, spec: StudySpec) -> Any:
     found = [t for t in done if t.number == number]
     if not found:
         numbers = ", ".join(str(t.number) for t in done) or "none"
-        raise DsnasError(f"--trial {number}: no completed trial with that number in study {spec.name!r}. "
+        raise DsnasError(f"trial {number}: no completed trial with that number in study {spec.name!r}. "
                          f"Fix: pick one of the completed trials ({numbers})")
     return found[0]
 
