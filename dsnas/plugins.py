@@ -69,10 +69,9 @@ def _use_folder(base_dir: Path) -> None:
 
 def _own_modules(base_dir: Path) -> dict[str, Path]:
     """The top-level modules of a study's folder, by name: NAME.py, NAME/__init__.py and a folder NAME of modules
-    (resolved). Left out: a
-    name the standard library has, a dunder one (__main__: the running program), dsnas itself (a study folder
-    holding a copy of dsnas), and a name whose loaded module is an installed package's: dropping those would break
-    every module that imports them."""
+    (resolved). Left out: a name the standard library has, a dunder one (__main__: the running program), dsnas
+    itself (a study folder holding a copy of dsnas), and a name whose loaded module is an installed package's:
+    dropping those would break every module that imports them."""
     # As Python finds them: a package before NAME.py, NAME.py before a folder of modules without __init__.py (a
     # namespace package; a data/ folder of scripts beside data.py had data.py imported again at every use).
     found: dict[str, Path] = {p.parent.name: p.parent for p in base_dir.glob("*/*.py") if p.parent.name.isidentifier()}

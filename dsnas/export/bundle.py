@@ -345,10 +345,9 @@ def _eval_mode_probe(path: Path) -> bool:
 
 def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, dict[str, Any]]:
     """The trial's model as the bundle being written (``work``, to be ``name``) rebuilds it, and its probe: checked
-    against the
-    logits the trial's model gave on the probe's input, where the trial ran on a CPU as this. A user family's builder
-    edited since the trial trained (tanh for relu) was exported without a word, its ONNX file said to disagree with
-    the measured model, and `dsnas.load` gave other logits."""
+    against the logits the trial's model gave on the probe's input, where the trial ran on a CPU as this. A user
+    family's builder edited since the trial trained (tanh for relu) was exported without a word, its ONNX file said
+    to disagree with the measured model, and `dsnas.load` gave other logits."""
     import torch
 
     family_name = str(frozen.user_attrs["arch"].get("family", ""))
