@@ -262,9 +262,13 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with reading(engine) as connection:  # one round trip on PostgreSQL
         for row in connection.execute(query):  # later measurements of the same key replace earlier ones
-            entry = out.setdefault(row.fingerprint_id, {"threads": row.threads, "batches": {}, "profile": {
-                "backend": row.backend, "dtype": row.dtype, "threads": row.threads}})
+            entry = out.setdefault(row.fingerprint_id, {"batches": {}, "profile": {}})
             entry["batches"][str(row.batch_size)] = {"figures": row.figures, "timing": row.timing}
+            # Labelled as the measurement it holds, as its figures are (the first row's labels stayed: a 1-thread
+            # measurement reused as 2 threads' in the profile, the card and the ONNX check's timing). Batches of
+            # different measurements never pass together: each carries its measurement key (threads included).
+            entry["threads"] = row.threads
+            entry["profile"].update(backend=row.backend, dtype=row.dtype, threads=row.threads)
             entry["source"] = f"study {row.study_name} trial {row.trial_number}"
             if row.measured_at is not None:  # a reused figure keeps the time it was measured at
                 entry["profile"]["measured_at"] = row.measured_at.replace(tzinfo=datetime.timezone.utc).isoformat()

@@ -43,6 +43,27 @@ def test_every_trial_stores_a_full_profile_and_its_measurement_rows(finished_stu
     assert len(cached) == 1 and set(next(iter(cached.values()))["batches"]) == {"1", "4"}
 
 
+def test_a_cache_entry_is_labelled_as_the_measurement_it_holds(finished_study, tmp_path):
+    """A later measurement of the same architecture (another study, another thread count) gave the entry its
+    figures but kept the first one's labels: a 1-thread measurement was reused as a 2-thread one (profile, card, the
+    ONNX check's timing)."""
+    from dsnas import tables
+    from dsnas.spec import load_study
+    from dsnas.storage import storage_engine
+    from dsnas.study import open_study
+    from tests.conftest import copy_study
+
+    study = open_study(load_study(copy_study(finished_study, tmp_path / "s")), create=False)
+    trial, engine = study.trials[0], storage_engine(study)
+    profile = trial.user_attrs["profile"]
+    metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
+    tables.record_measurements(engine, "other", 9, {**profile, "threads": profile["threads"] + 1}, metrics,
+                               arch=trial.user_attrs["arch"])
+    entry = next(iter(tables.cached_figures(engine, trial.user_attrs["arch"]).values()))
+    assert entry["source"] == "study other trial 9"
+    assert entry["threads"] == entry["profile"]["threads"] == profile["threads"] + 1
+
+
 def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch, steady_host):
     import importlib
 

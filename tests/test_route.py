@@ -204,7 +204,7 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
     kind = "cascade" if doc["serve"] == "cascade" else "learned router"
     assert said.count(" probe ") == 2 and re.search(rf"{kind} accuracy .* \+0\.0000 +ok", said), said
     # Timed here, where it was timed (or, on a busy machine, said to be disturbed).
-    assert re.search(rf"{kind} ms/input .* (ok \(tol x4\)|disturbed now)", said), said
+    assert re.search(rf"{kind} ms/input .* (ok \(tol x4\)|disturbed (now|when the route was made))", said), said
     assert re.search(r"task data .* same", said), said
     # Timed while others took the CPUs (two busy processes read 7x the time, and failed it without a word): timed
     # again, at most 3 times, then shown and not compared.
@@ -314,9 +314,11 @@ def test_a_route_says_where_its_costs_were_measured_disturbed_and_where_the_file
     study.write_text(study.read_text().replace("max_latency_ms = 1000", "max_latency_ms = 900"))
     assert main(["route", str(study), "--max-accuracy-drop", "0.01", "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr()
-    assert "note: the recorded costs of trial 0 were measured while other processes took the CPUs" in printed.out
+    # (Trial 1 too where the search itself ran on a busy machine.)
+    assert re.search(r"note: the recorded costs of trials? 0(, 1)? were measured while other processes took the CPUs",
+                     printed.out), printed.out
     assert "dsnas: note: " in printed.err and "[hardware.constraints.max_latency_ms] is 900" in printed.err
-    assert json.loads((tmp_path / "r" / "route.json").read_text())["disturbed_costs"] == [0]
+    assert 0 in json.loads((tmp_path / "r" / "route.json").read_text())["disturbed_costs"]
 
 
 def test_a_trial_named_twice_is_one_model_and_a_bad_list_is_one_line(routable, tmp_path, capsys):
