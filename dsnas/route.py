@@ -30,7 +30,10 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.pick import pick_trials
+from dsnas.export.verify import Check, VerifyReport, _probe_check, _read_metrics, data_check
+from dsnas.profiler import MeasureGate, device_key
 from dsnas.profiler.device import fingerprint
+from dsnas.profiler.disturbance import MAX_SETTLE_S, MachineWindow, least_disturbed, wait_for_quiet
 from dsnas.tasks import make_task
 
 ROUTE_TYPE, ROUTE_VERSION = "dsnas.route", 1
@@ -695,9 +698,6 @@ def _timed(servers: dict[str, Any], parts: list[Any], n: int) -> tuple[dict[str,
     time, and verify failed it without a word."""
     import torch
 
-    from dsnas.profiler import MeasureGate, device_key  # (a lower layer) the gate a trial's measurement holds
-    from dsnas.profiler.disturbance import MAX_SETTLE_S, MachineWindow, least_disturbed, wait_for_quiet
-
     def attempt() -> tuple[dict[str, list[float]], Any]:
         times: dict[str, list[float]] = {name: [] for name in servers}
         with MachineWindow() as window:
@@ -723,14 +723,6 @@ def verify_route(folder: str | Path, accuracy_tol: float = 0.005, latency_tol: f
     report half against route.json's, and its end-to-end time per input against the recorded one (the median of
     TIMING_ROUNDS rounds; a drift beyond ``latency_tol`` fails only on a machine like the one that wrote it)."""
     import torch
-
-    from dsnas.export.verify import (  # (same layer) one table for both kinds
-        Check,
-        VerifyReport,
-        _probe_check,
-        _read_metrics,
-        data_check,
-    )
 
     folder = Path(folder)
     doc = read_route(folder)

@@ -216,7 +216,7 @@ def test_a_searched_study_routes_and_the_bundle_serves(routable, tmp_path, capsy
             self.share = disturbance.Share(0.6, 0.0)
 
     with monkeypatch.context() as patched:
-        patched.setattr(disturbance, "MachineWindow", Busy)
+        patched.setattr("dsnas.route.MachineWindow", Busy)
         assert main(["verify", str(out), "--latency-tol", "3"]) == 0
     said = capsys.readouterr().out
     assert re.search(rf"{kind} ms/input .* disturbed now \(others took 60% of the CPUs\): not compared", said), said
