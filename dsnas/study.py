@@ -145,8 +145,10 @@ def inferred_differences(spec: StudySpec, trials: list[Any]) -> list[tuple[str, 
     said: dict[str, set[str]] = {}
     for trial in trials:
         attrs = getattr(trial, "user_attrs", None) or {}
-        arch, batches = attrs.get("arch"), (attrs.get("profile") or {}).get("batches")
-        if isinstance(batches, dict) and batches:
+        profile = attrs.get("profile") or {}
+        arch, batches = attrs.get("arch"), profile.get("batches")
+        # (A task's own figures, "recorded", may say some batch sizes only: no evidence of what was asked.)
+        if isinstance(batches, dict) and batches and profile.get("backend") != "recorded":
             said.setdefault("hardware.batch_sizes", set()).add(json.dumps(sorted(int(b) for b in batches)))
         for key in BUILTIN_ARCH_KEYS.get(spec.task.name, ()):
             if isinstance(arch, dict) and key in arch and key in spec.task.params:

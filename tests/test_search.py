@@ -528,6 +528,13 @@ def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(fini
     assert searched.hardware.batch_sizes == (1, 4) and searched.task.params["context"] == 16
     study.write_text(original)
     assert main(["search", str(study)]) == 0  # not refused for a setting no trial ran under
+    # A task's own figures ("recorded") may give some batch sizes only: no evidence of the batch sizes asked for.
+    from types import SimpleNamespace
+
+    from dsnas.study import inferred_differences
+
+    own = SimpleNamespace(user_attrs={"profile": {"backend": "recorded", "batches": {"1": {}}}})
+    assert inferred_differences(spec, [own]) == []
 
 
 def test_a_study_whose_data_changed_since_its_trials_is_refused_before_any_trial(tiny_study, capsys):
