@@ -113,7 +113,7 @@ def profile_target(target: str, trial: int | None = None, device: str = "auto", 
         given["max_measure_s"] = max(hardware.max_measure_s, given["measure_s"])
     hardware = _protocol(lambda: replace(hardware, **given), "--")
     task = make_task(task_spec)
-    with MeasureGate(device_key(dev)).exclusive():
+    with MeasureGate(device_key(dev), announce="dsnas profile").exclusive():
         metrics, profile = measure(model.to(dev), task, dev, hardware)
     return ProfileReport(what, metrics, profile, throughput_unit(task_spec))
 
@@ -142,7 +142,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
     try:
-        with MeasureGate(device_key(dev)).exclusive():
+        with MeasureGate(device_key(dev), announce="dsnas.measure").exclusive():
             metrics, profile = measure(model, task, dev, hardware)
     finally:
         for module, training in modes.items():

@@ -710,7 +710,8 @@ def _timed(servers: dict[str, Any], parts: list[Any], n: int) -> tuple[dict[str,
         return times, window.share
 
     hold_freed_memory()
-    with MeasureGate(device_key(torch.device("cpu"))).exclusive(), torch.inference_mode():
+    gate = MeasureGate(device_key(torch.device("cpu")), announce="the route's timing")
+    with gate.exclusive(), torch.inference_mode():
         for serve in servers.values():
             serve(parts[0])  # warm-up
         return least_disturbed(attempt, lambda: wait_for_quiet(MAX_SETTLE_S))

@@ -96,6 +96,38 @@ def test_a_hold_within_a_hold_of_the_same_thread_does_not_wait_behind_a_queued_m
         pass
 
 
+def test_a_measurement_kept_waiting_says_by_whom_and_for_how_long(tmp_path, caplog):
+    """`dsnas verify` behind another process's measurement waited minutes without a word and looked hung."""
+    import logging
+    import subprocess
+    import sys
+
+    gate = MeasureGate("announce", tmp_path, announce="dsnas verify")
+    holder = ("import fcntl, sys, time\nf = open(sys.argv[1], 'rb+')\nfcntl.flock(f, fcntl.LOCK_SH)\n"
+              "print('held', flush=True)\ntime.sleep(1.0)\n")
+    with open(gate.paths[1], "ab"):  # the lock file, made as the gate makes it
+        pass
+    script = tmp_path / "trainer_mark.py"
+    script.write_text(holder, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script), str(gate.paths[1])], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with caplog.at_level(logging.INFO, logger="dsnas"), gate.exclusive():
+            pass
+    finally:
+        proc.wait(30)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert said[0].startswith("dsnas verify waits to measure") and f"pid {proc.pid} (" in said[0], said
+    assert "trainer_mark.py" in said[0], said  # its command line
+    waited = float(said[1].split("waited ")[1].split(" s")[0])
+    assert said[1].startswith("dsnas verify measures now") and 0 <= waited <= 30, said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dsnas"), gate.exclusive():  # uncontended: nothing said
+        pass
+    assert not caplog.records
+
+
 def test_a_shared_hold_with_patience_goes_on_holding_nothing_once_its_patience_runs_out(tmp_path):
     """A trial hung holding the gate, another queued to measure behind it, and the driver waited for the gate with
     no limit: it never reached the check that stops the hung trial at trial_timeout_s, and the search hung."""

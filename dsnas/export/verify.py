@@ -191,7 +191,7 @@ def _speed_checks(model: Any, task: Any, dev: Any, hardware: Any, recorded: dict
     then = recorded.get("metrics", {})
     batches = recorded.get("profile", {}).get("batches", {})
     then_fp = recorded.get("fingerprint") or recorded.get("profile", {}).get("fingerprint", {})
-    with MeasureGate(device_key(dev)).exclusive():
+    with MeasureGate(device_key(dev), announce="dsnas verify").exclusive():
         rounds += [measure(model, task, dev, hardware) for _ in range(SPEED_ROUNDS)]
         profile = rounds[0][1]
         # Every field of a fingerprint is stable on one machine and install (none is volatile), so the whole

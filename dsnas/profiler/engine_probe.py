@@ -351,5 +351,5 @@ def probe_on_device(device: str, shapes: Sequence[Shape], threads: int | None = 
     trial's measurement does (every core unless [hardware] threads says otherwise, also in a 1-CPU Ray worker)."""
     resolved = resolve_device(device)
     threads = threads or usable_cpus()
-    with MeasureGate(device_key(resolved)).exclusive():
+    with MeasureGate(device_key(resolved), announce="the engine probe").exclusive():
         return probe_engine(resolved, shapes, threads, int8_backend=int8_backend)

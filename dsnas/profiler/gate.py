@@ -29,13 +29,16 @@ PATIENT_POLL_S = 0.05  # how often a wait with a deadline tries the lock again
 
 class MeasureGate:
     def __init__(self, key: str, folder: str | os.PathLike[str] | None = None,
-                 on_wait: Callable[[bool], None] | None = None) -> None:
+                 on_wait: Callable[[bool], None] | None = None, announce: str = "") -> None:
         """``on_wait(True)`` when a holder is kept waiting by another, ``on_wait(False)`` when it goes on: the time a
-        trial waits for others is not its own (trial_timeout_s). An uncontended pass says nothing."""
+        trial waits for others is not its own (trial_timeout_s). An uncontended pass says nothing. ``announce``: a
+        command's name ("dsnas verify"); a measurement kept waiting says so, and by whom (a verify behind another's
+        measurement waited minutes without a word and looked hung)."""
         folder = Path(folder or tempfile.gettempdir())
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         self.paths = (folder / f"dsnas-gate-{safe}.turnstile", folder / f"dsnas-gate-{safe}.lock")
         self.on_wait = on_wait
+        self.announce = announce
         refused = {p: err for p in self.paths if (err := _refusal(p))}  # each file: the fix names every one
         if refused:
             _warn(refused)
@@ -79,9 +82,12 @@ class MeasureGate:
         if mode == "shared":
             raise RuntimeError(f"measuring inside a shared hold of the gate {self.paths[1]} would wait for itself")
         with _open(self.paths[0]) as turnstile, _open(self.paths[1]) as lock:
-            _take(turnstile, fcntl.LOCK_EX, self.on_wait)
+            waiting = _Announced(self.announce, self.paths, self.on_wait) if self.announce else self.on_wait
+            _take(turnstile, fcntl.LOCK_EX, waiting)
             try:
-                _take(lock, fcntl.LOCK_EX, self.on_wait)
+                _take(lock, fcntl.LOCK_EX, waiting)
+                if isinstance(waiting, _Announced):
+                    waiting.went_on()
                 try:
                     with _holding(self.paths[1], "exclusive"):
                         yield
@@ -180,6 +186,61 @@ def _take(fd: int, operation: int, on_wait: Callable[[bool], None] | None, deadl
     finally:
         if on_wait is not None:
             on_wait(False)
+
+
+class _Announced:
+    """An exclusive hold's waits (for the turnstile, then the lock), said once as one wait: who holds the gate when
+    the wait begins, and how long it lasted when the measurement goes on."""
+
+    def __init__(self, what: str, paths: tuple[Path, ...], on_wait: Callable[[bool], None] | None) -> None:
+        self.what, self.paths, self.on_wait = what, paths, on_wait
+        self.since: float | None = None
+
+    def __call__(self, waiting: bool) -> None:
+        if self.on_wait is not None:
+            self.on_wait(waiting)
+        if waiting and self.since is None:
+            self.since = time.monotonic()
+            who = ", ".join(holders(self.paths)) or "another process on this device"
+            log.info("%s waits to measure: the measurement gate %s is held by %s (measuring beside it would time "
+                     "its work too)", self.what, self.paths[1], who)
+
+    def went_on(self) -> None:
+        if self.since is not None:
+            log.info("%s measures now (waited %.0f s for the gate)", self.what, time.monotonic() - self.since)
+
+
+def holders(paths: tuple[Path, ...]) -> list[str]:
+    """The other processes that hold these lock files now, as "pid N (command line)", from Linux's /proc/locks;
+    none elsewhere, or where a holder runs in another PID namespace (a container: its pid reads 0 here)."""
+    try:
+        locks = Path("/proc/locks").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    keys = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            keys.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    pids: list[int] = []
+    for line in locks:
+        fields = line.split()
+        if "->" in fields or len(fields) < 6:  # "->": a process blocked on the lock, not one holding it
+            continue
+        pid, key = fields[4], fields[5]
+        if key in keys and pid.isdigit() and int(pid) not in (0, os.getpid()) and int(pid) not in pids:
+            pids.append(int(pid))
+    return [f"pid {pid} ({_command(pid)})" for pid in pids]
+
+
+def _command(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "ended since"
+    # One line, each path as its last part: "python dsnas search quickstart.toml" fits where a venv's path did not.
+    line = " ".join(" ".join(w.decode(errors="replace").split()).rstrip("/").rsplit("/", 1)[-1] for w in words if w)
+    return line if len(line) <= 80 else line[:77] + "..."
 
 
 def _refusal(path: Path) -> str:
