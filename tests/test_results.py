@@ -18,6 +18,7 @@ from dsnas.cli import main
 from dsnas.errors import DsnasError
 from dsnas.pareto import dominated_volume
 from dsnas.results import default_reference, front, hypervolume, hypervolume_history, load
+from dsnas.spec import load_study
 
 OLD_STUDY = Path(__file__).parent / "data" / "study-dsnas-0.1.0"
 MAX2 = ["maximize", "maximize"]
@@ -373,6 +374,30 @@ def test_report_writes_tables_images_and_a_page(finished_study, tmp_path, capsys
     assert "<th>tokens/s</th>" in front_table and "<th>architecture</th>" in front_table
     assert "throughput_tok_s" not in front_table and "arch_short" not in front_table
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_a_report_stopped_half_way_leaves_the_last_report_whole(finished_study, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the figures were drawn left the last report's page beside this one's tables and half its
+    figures: the new report is drawn aside and moved in only once whole."""
+    import dsnas.results.report as report
+
+    out = tmp_path / "report"
+    assert main(["report", str(finished_study), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    drawn = report.write_pngs
+
+    def stopped(v, folder):
+        drawn(v, folder)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_pngs", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(load_study(finished_study), out, "accuracy=0,throughput=0")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing of the stopped one, no stage left
+    monkeypatch.undo()
+    assert main(["report", str(finished_study), "--out", str(out), "--reference", "accuracy=0,throughput=0"]) == 0
+    assert "reference accuracy=0, throughput=0" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
 def test_report_errors_are_one_line(finished_study, tmp_path, capsys):

@@ -4,7 +4,9 @@ images, one interactive HTML page) and a terminal summary of the Pareto front.""
 from __future__ import annotations
 
 import html
+import os
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,17 +66,32 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
         raise DsnasError(f"--out {folder}: is a file, and the report is a folder. Fix: name a folder, e.g. --out "
                          f"reports/{spec.name}")
     _check_writable(folder)
-    written = _write_tables(df, tables.measurements(study), folder)
-    history = hypervolume_history(df, ref)
-    conditions = Conditions(throughput_unit(spec.task), tuple(spec.hardware.batch_sizes), device_words(df),
-                            spec.task.name)
-    v = views(df, history, ref, conditions)
-    written += write_pngs(v, folder)
-    route = _read_route(spec)
-    if route is not None:
-        written.append(_route_png(route, folder))
-    written.append(_write_html(spec, df, v, plotly_figures(v), folder, route))
+    # Drawn in a folder of its own inside, then moved in at once: a report stopped half-way (Ctrl-C, a full disk)
+    # left the last report's page beside this one's tables and half of its figures.
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".report-"))
+    try:
+        written = _write_tables(df, tables.measurements(study), stage)
+        history = hypervolume_history(df, ref)
+        conditions = Conditions(throughput_unit(spec.task), tuple(spec.hardware.batch_sizes), device_words(df),
+                                spec.task.name)
+        v = views(df, history, ref, conditions)
+        written += write_pngs(v, stage)
+        route = _read_route(spec)
+        if route is not None:
+            written.append(_route_png(route, stage))
+        written.append(_write_html(spec, df, v, plotly_figures(v), stage, route))
+        written = _moved_in(stage, folder, written)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return summary(spec, df, v, written)
+
+
+def _moved_in(stage: Path, folder: Path, written: list[Path]) -> list[Path]:
+    """Each staged file replaces its namesake in ``folder``, the page last (a reader never opens a page whose
+    figures are not there yet)."""
+    for path in sorted(stage.iterdir(), key=lambda p: p.name == "index.html"):
+        os.replace(path, folder / path.name)
+    return [folder / p.name for p in written]
 
 
 def _write_tables(df: Any, measured: Any, folder: Path) -> list[Path]:
