@@ -7,7 +7,8 @@ import torch
 
 from dsnas.kernels.convert import untrained_inference_form
 from dsnas.models import build
-from dsnas.profiler.utilization import effective_peak, flops_by_precision, layer_precision
+from dsnas.profiler.counting import count_work, flops_seen_at
+from dsnas.profiler.utilization import effective_peak
 
 H100 = {"fp32": 67e3, "bf16": 989e3, "fp16": 989e3, "fp8": 1979e3, "int8": 1979e3, "bf16-2:4": 1979e3}  # GFLOP/s
 
@@ -20,9 +21,63 @@ def _arch(*layers):
 def test_each_engine_layer_counts_at_its_precision_and_the_rest_at_fp32():
     model = untrained_inference_form(build(_arch(("int8", "dense"), ("fp32", "2:4"))), int8_backend="int8-static")
     per_block = 2 * 64 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32)  # qkv, proj, up, down at 64 rows
-    shares = flops_by_precision(model, rows=64, total_flops=2 * per_block + 1000)
-    assert shares == {"int8": per_block, "fp32": per_block + 1000}  # masked-dense 2:4 fp32 runs at fp32's peak
-    assert {layer_precision(m) for m in model.blocks[1].modules() if hasattr(m, "backend")} == {"fp32"}
+    with torch.inference_mode():
+        counts = count_work(lambda: model(torch.randint(0, 256, (4, 16))))
+    # masked-dense 2:4 fp32 runs at fp32's peak, as do attention and the head
+    assert counts.flops_at == {"int8": per_block, "fp32": counts.flops - per_block}
+    assert counts.flops - per_block > per_block
+
+
+def test_every_counted_flop_is_charged_to_the_precision_its_op_ran_in():
+    """The split went by engine layers (2 * tokens * in * out each) and charged the rest to the weights' dtype: a
+    bf16 layer over 16 patches of an image was charged for 1 row of 16 (images count one item per example), an
+    autocast model's bf16 matmuls went to the fp32 peak (flop_util 0.98 where a CPU has no bf16 ceiling), and a
+    quantize_dynamic model's int8 ones too (flop_util 1.76). Each op's FLOPs now go to the precision it computes in."""
+    from dsnas.kernels.linear import EngineLinear
+
+    class Patches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = EngineLinear(48, 32, precision="bf16")
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x):  # (B, 16 * 48) -> 16 patches of 48
+            return self.head(self.embed(x.unflatten(1, (16, 48))).mean(1))
+
+    model = untrained_inference_form(Patches())
+    with torch.inference_mode():
+        counts = count_work(lambda: model(torch.randn(2, 16 * 48)))
+    assert counts.flops_at == {"bf16": 2 * 2 * 16 * 48 * 32, "fp32": 2 * 2 * 32 * 10}
+
+    linear = torch.nn.Linear(64, 64)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear(torch.randn(8, 64))
+
+    with torch.inference_mode():
+        assert count_work(autocast).flops_at == {"bf16": 2 * 8 * 64 * 64}
+    quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 64)),
+                                                       {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        assert count_work(lambda: quantized(torch.randn(8, 64))).flops_at == {"int8": 2 * 8 * 64 * 64}
+
+
+def test_a_users_quantize_dynamic_model_is_measured_with_its_packed_weights():
+    """Its int8 weights sit in packed objects that parameters() does not list: it measured 0 parameters, its weights
+    left out of peak memory, labelled eager-fp32, and its flop_util divided by the fp32 peak."""
+    import dsnas
+
+    fp32 = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    int8 = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
+    report = dsnas.measure(int8, torch.randn(4, 256), device="cpu", batch_sizes=(8,), measure_s=0.02,
+                           max_measure_s=0.1, warmup_s=0.01)
+    weights = 2 * 256 * 1024  # int8, one byte each
+    assert report.metrics["params"] == weights + 1024 + 256  # and the biases
+    assert (report.profile["backend"], report.profile["dtype"]) == ("eager-int8", "qint8")
+    assert "flop_util" not in report.metrics
+    assert report.profile["unavailable"]["flop_util"] == "no int8 FLOP/s ceiling known on this device"
+    assert report.metrics["peak_memory_mb"] * 2**20 >= weights
 
 
 def test_the_effective_peak_weighs_each_part_by_the_time_it_would_take():
@@ -53,10 +108,9 @@ def test_measure_on_the_cpu_reports_no_flop_util_for_an_int8_model_but_says_why(
 
 def test_a_low_precision_convolution_counts_at_its_precision_by_its_output_size():
     """A bf16 CNN's FLOPs were all put at fp32's peak on a CPU (the layer does not know its output's size), and
-    its flop_util read 1.28. Each convolution's FLOPs are now 2 * outputs * in_channels / groups * kernel area,
-    the outputs seen in one call, at its precision; their sum is the whole count's convolution share."""
+    its flop_util read 1.28. Each convolution's FLOPs, 2 * outputs * in_channels / groups * kernel area, go to the
+    precision it ran in; their sum is the whole count's convolution share."""
     from dsnas.kernels.conv import EngineConv2d
-    from dsnas.profiler.counting import count_work
 
     arch = {"family": "cnn", "stem_width": 8, "image_size": 12, "channels": 3, "n_classes": 10,
             "layers": [{"depth": 1, "width": 16, "kernel": 5, "expand": 2, "precision": "bf16"},
@@ -67,7 +121,8 @@ def test_a_low_precision_convolution_counts_at_its_precision_by_its_output_size(
         counted = count_work(lambda: model(x)).flops_by_op
     convs = [m for m in model.modules() if isinstance(m, EngineConv2d)]
     assert {m.precision for m in convs} == {"bf16", "fp32"}
-    shares = flops_by_precision(model, rows=3, total_flops=sum(counted.values()), call=lambda: model(x))
+    with torch.inference_mode():
+        shares = count_work(lambda: model(x)).flops_at
     conv_flops = sum(n for op, n in counted.items() if "convolution" in op)
     fp32_convs = 0
     for m in model.modules():  # each fp32 convolution's FLOPs (the stem's is a plain nn.Conv2d), from its input
@@ -78,8 +133,6 @@ def test_a_low_precision_convolution_counts_at_its_precision_by_its_output_size(
     assert shares["bf16"] == conv_flops - fp32_convs > 0
     assert shares["bf16"] + shares["fp32"] == sum(counted.values())
     assert effective_peak(shares, {"fp32": 50.0})[1] == "no bf16 FLOP/s ceiling known on this device"
-    with pytest.raises(ValueError, match="needs call="):
-        flops_by_precision(model, rows=3, total_flops=1.0)
 
 
 def _input_size(model, layer, x):
@@ -123,32 +176,51 @@ class _HalfAttention(torch.nn.Module):
 def test_attention_counts_at_the_precision_its_inputs_run_in():
     """A bf16 block's attention runs bf16 on CUDA but was charged to the fp32 peak: flop_util read 1.14x too high
     at context 64 on an H100, 3x at context 1024. Attention's FLOPs now go to the peak of its inputs' dtype."""
-    from dsnas.profiler.counting import count_work
-
     model, x = _HalfAttention(), torch.randn(3, 16, 32)
     with torch.inference_mode():
         counts = count_work(lambda: model(x))
     attention = 4 * 3 * 2 * 16 * 16 * 16  # 4*B*H*T*S*(d/H)
     linears = 2 * 3 * 16 * (32 * 96 + 32 * 32)
-    assert counts.flops == attention + linears and counts.flops_at == {"bf16": attention}
-    shares = flops_by_precision(model, rows=48, total_flops=counts.flops, seen_at=counts.flops_at)
-    assert shares == {"bf16": attention, "fp32": linears}
-    peak = effective_peak(shares, H100)[0]
+    assert counts.flops == attention + linears and counts.flops_at == {"bf16": attention, "fp32": linears}
+    peak = effective_peak(counts.flops_at, H100)[0]
     assert peak == pytest.approx(counts.flops / (attention / 989e3 + linears / 67e3))
 
 
-def test_an_fp32_convolution_on_cuda_counts_at_tf32_where_cudnn_may_use_it(monkeypatch):
-    """cuDNN runs fp32 convolutions on the tensor cores in TF32 by default (torch.backends.cudnn.allow_tf32): at
-    the fp32 CUDA-core peak an fp32 CNN's flop_util could pass 1. On the CPU, or with TF32 off, it stays fp32."""
-    from dsnas.profiler.counting import flops_seen_at
+def test_fp32_work_on_cuda_counts_at_tf32_where_torch_lets_the_tensor_cores_run_it(monkeypatch):
+    """cuDNN runs fp32 convolutions on the tensor cores in TF32 by default (torch.backends.cudnn.allow_tf32), and
+    matmuls too once a user sets torch.set_float32_matmul_precision("high"): at the fp32 CUDA-core peak flop_util
+    read 8x high, up to 3. On the CPU, or with TF32 off, fp32 stays fp32; attention keeps its inputs' dtype."""
 
     class OnCuda(torch.Tensor):
         is_cuda = property(lambda self: True)
 
     x = torch.zeros(2).as_subclass(OnCuda)
-    assert flops_seen_at("convolution", (x,)) == "tf32"
-    assert flops_seen_at("convolution", (torch.zeros(2),)) is None  # the CPU: the rest's precision
-    assert flops_seen_at("convolution", (x.to(torch.bfloat16),)) is None  # an engine conv: counted by its layer
-    assert flops_seen_at("mm", (x,)) is None  # torch's default fp32 matmul is full fp32
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")  # torch's default
+        assert flops_seen_at("convolution", (x,)) == "tf32"
+        assert flops_seen_at("convolution", (torch.zeros(2),)) == "fp32"  # the CPU
+        assert flops_seen_at("convolution", (x.to(torch.bfloat16),)) == "bf16"
+        assert flops_seen_at("mm", (x,)) == "fp32"  # torch's default fp32 matmul is full fp32
+        torch.set_float32_matmul_precision("high")
+        assert flops_seen_at("mm", (x,)) == flops_seen_at("addmm", (x, x, x)) == "tf32"
+        assert flops_seen_at("_scaled_dot_product_efficient_attention", (x,)) == "fp32"
+        assert flops_seen_at("mm", (torch.zeros(2),)) == "fp32"  # the CPU
+    finally:
+        torch.set_float32_matmul_precision(before)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert flops_seen_at("convolution", (x,)) is None
+    assert flops_seen_at("convolution", (x,)) == "fp32"
+
+
+def test_int8_fp8_and_semi_structured_ops_count_at_their_kernels_peaks(monkeypatch):
+    class Sparse(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(torch.sparse, "SparseSemiStructuredTensor", Sparse, raising=False)
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    assert flops_seen_at("linear", (x, x.as_subclass(Sparse))) == "bf16-2:4"
+    assert flops_seen_at("_int_mm", (torch.zeros(2, dtype=torch.int8),)) == "int8"
+    assert flops_seen_at("_int_mm", (torch.zeros(2, dtype=torch.uint8),)) == "int8"  # torchao's activations
+    assert flops_seen_at("linear_dynamic", (torch.zeros(2),)) == "int8"  # fp32 in, quantized inside
+    if hasattr(torch, "float8_e4m3fn"):
+        assert flops_seen_at("_scaled_mm", (torch.zeros(2).to(torch.float8_e4m3fn),)) == "fp8"

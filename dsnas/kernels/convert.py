@@ -126,6 +126,9 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         if id(t) not in inside:
             params += t.numel() if isinstance(t, nn.Parameter) else 0
             nbytes += t.numel() * t.element_size()
+    for t in packed_tensors(model, skip=layers):  # a user's own torch.ao quantized layers (quantize_dynamic)
+        params += t.numel()
+        nbytes += quantized_bytes(t)
     for layer in engine.values():
         width = BYTES_PER_WEIGHT[layer.precision] if layer.inference is not None else 4
         params += layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
@@ -137,6 +140,31 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         if converted and width != 4 and id(layer.weight) in shared:
             nbytes += layer.weight.numel() * 4  # its fp32 form, for the module it is tied to
     return params, nbytes
+
+
+def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> list[torch.Tensor]:
+    """The tensors held by torch.ao's packed-parameter objects in ``model`` outside the modules whose ids are in
+    ``skip``: a quantized Linear's int8 weight and bias live in a ScriptObject that neither parameters() nor
+    buffers() lists (a user's quantize_dynamic model measured 0 parameters and no weight memory)."""
+    from torch.utils._pytree import tree_leaves
+
+    found: list[torch.Tensor] = []
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        for value in vars(module).values():
+            if isinstance(value, torch.ScriptObject) and value._has_method("unpack"):
+                found += [t for t in tree_leaves(value.unpack()) if isinstance(t, torch.Tensor)]
+    return found
+
+
+def quantized_bytes(t: torch.Tensor) -> int:
+    """A tensor's bytes, a quantized one's with its scales as the fp32 they are packed as (per channel or per
+    tensor; the zero points, all 0 in a symmetric scheme, are left out, as inference_size does)."""
+    if not t.is_quantized:
+        return t.nbytes
+    per_channel = t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    return t.nbytes + 4 * (t.q_per_channel_scales().numel() if per_channel else 1)
 
 
 def int8_reasons(layers: dict[str, dict[str, Any]]) -> dict[str, str]:

@@ -48,8 +48,8 @@ class Counts:
     uncounted: tuple[str, ...] = ()
     flops_by_op: dict[str, int] = field(default_factory=dict)
     bytes_by_op: dict[str, int] = field(default_factory=dict)
-    # FLOPs whose precision the op itself shows (flops_seen_at), by precision: attention at its inputs' dtype, an
-    # fp32 convolution on CUDA at tf32 where cuDNN may use it. dsnas.profiler.utilization divides them by that peak.
+    # Every counted FLOP by the precision its op computes in (flops_seen_at): dsnas.profiler.utilization divides
+    # each part by that precision's peak.
     flops_at: dict[str, int] = field(default_factory=dict)
 
 
@@ -128,23 +128,18 @@ def _is_alias(a: Any, b: Any) -> bool:
 
 def _packed_bytes(obj: Any) -> int:
     """Bytes of the tensors a packed-parameter object holds (torch.ao's LinearPackedParams: its ``unpack()`` gives
-    the quantized weight and the bias): the weight at its width, its per-channel scales as the fp32 they are
-    packed as (the zero points, all 0 in a symmetric scheme, are left out, as convert.inference_size does)."""
+    the quantized weight and the bias), by dsnas.kernels.convert.quantized_bytes."""
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
     from torch.utils._pytree import tree_leaves
+
+    from dsnas.kernels.convert import quantized_bytes  # torch loads on first use
 
     if not obj._has_method("unpack"):
         return 0
     with _disable_current_modes():  # reading the weights back is bookkeeping, not work of the call counted
         tensors = [t for t in tree_leaves(obj.unpack()) if isinstance(t, torch.Tensor)]
-    total = 0
-    for t in tensors:
-        total += t.nbytes
-        if t.is_quantized:
-            per_channel = t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-            total += 4 * (t.q_per_channel_scales().numel() if per_channel else 1)
-    return total
+        return sum(quantized_bytes(t) for t in tensors)
 
 
 def is_matrix_op(name: str) -> bool:
@@ -190,37 +185,56 @@ def _flop_counter_class() -> type:
 
         def _count_flops(self, func_packet, out, args, kwargs):
             name = getattr(func_packet, "__name__", "")
-            if func_packet not in self.flop_registry and is_matrix_op(name):
-                self.uncounted.add(str(func_packet))
-            precision = flops_seen_at(name, args) if func_packet in self.flop_registry else None
-            if precision is None:
+            if func_packet not in self.flop_registry:
+                if is_matrix_op(name):
+                    self.uncounted.add(str(func_packet))
                 return super()._count_flops(func_packet, out, args, kwargs)
             before = self.flop_counts["Global"][func_packet]
             result = super()._count_flops(func_packet, out, args, kwargs)
-            self.at[precision] += self.flop_counts["Global"][func_packet] - before
+            self.at[flops_seen_at(name, args)] += self.flop_counts["Global"][func_packet] - before
             return result
 
     return DsnasFlopCounter
 
 
-def flops_seen_at(name: str, args: tuple[Any, ...]) -> str | None:
-    """The precision an op computes in, where the op shows it and it may differ from the model's weights: attention
-    at its query's dtype (a bf16 block casts q, k, v to bf16 on CUDA: charged to the fp32 peak, flop_util read up to
-    3x too high at long contexts), and an fp32 convolution on CUDA at tf32 where cuDNN is allowed it (torch's
-    default: charged to the fp32 CUDA-core peak, 8x below the tensor cores it runs on). None for any other op."""
+def flops_seen_at(name: str, args: tuple[Any, ...]) -> str:
+    """The precision an op computes in, from what it computes on, as the peaks are named (Ceilings.by_precision):
+    its first tensor's dtype ("bf16" under autocast or in a bf16 engine layer, "fp8" for torch._scaled_mm's
+    inputs), "int8" for integer inputs (torch._int_mm) and torch.ao's packed int8 weights (its input is quantized
+    inside: quantized::linear_dynamic takes fp32), "tf32" for an fp32 matrix product or convolution on CUDA where
+    torch lets the tensor cores run it (``torch.backends.cuda.matmul.allow_tf32``, cuDNN's ``allow_tf32``; attention
+    keeps its dtype), and "-2:4" after it where a semi-structured sparse weight runs. (Taken from each op, not from
+    the layers: a layer's rows are not the tokens where a model reshapes, an autocast matmul has fp32 weights, and
+    torchao's int8 runs fp32 at 16 rows or fewer on CUDA; each was charged to another peak than the one it ran at.)"""
     import torch
 
-    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if first is None or not first.is_floating_point():
-        return None
-    if "attention" in name:
-        return PRECISION_OF.get(str(first.dtype).removeprefix("torch."))
-    if "convolution" in name and first.is_cuda and first.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return None
+    if name == "linear_dynamic" or any(isinstance(a, torch.ScriptObject) for a in args):
+        return "int8"
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors:
+        return "fp32"
+    first = tensors[0]
+    if not first.is_floating_point():
+        return "int8"
+    dtype = str(first.dtype).removeprefix("torch.")
+    precision = "fp8" if dtype.startswith("float8") else PRECISION_OF.get(dtype, dtype)
+    if precision == "fp32" and first.is_cuda and "attention" not in name:
+        convolution = "convolution" in name
+        if torch.backends.cudnn.allow_tf32 if convolution else torch.backends.cuda.matmul.allow_tf32:
+            precision = "tf32"
+    if any(_semi_structured(a) for a in tensors):
+        precision += "-2:4"
+    return precision
 
 
-PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+def _semi_structured(t: Any) -> bool:
+    import torch
+
+    kind = getattr(getattr(torch, "sparse", None), "SparseSemiStructuredTensor", None)
+    return kind is not None and isinstance(t, kind)
+
+
+PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "qint8": "int8"}
 
 
 def _attention_flops() -> dict[Any, Callable[..., int]]:

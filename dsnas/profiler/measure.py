@@ -12,13 +12,13 @@ from dsnas.allocator import hold_freed_memory
 from dsnas.profiler import host_speed
 from dsnas.profiler.capabilities import usable_cpus
 from dsnas.profiler.ceilings import ceilings, gpu_peaks
-from dsnas.profiler.counting import count_work
+from dsnas.profiler.counting import PRECISION_OF, count_work
 from dsnas.profiler.device import fingerprint, fingerprint_id, short_hash
 from dsnas.profiler.disturbance import MachineWindow, Share, least_disturbed, sample_share, settle_s, wait_for_quiet
 from dsnas.profiler.memory import CPU_METHOD, CUDA_METHOD, _native_stderr_silenced, peak_memory
 from dsnas.profiler.nvml import nvml_handle
 from dsnas.profiler.timing import Timing, cpu_threads, time_calls
-from dsnas.profiler.utilization import PRECISION_OF, effective_peak, flops_by_precision, weights_dtype
+from dsnas.profiler.utilization import effective_peak, weights_dtype
 from dsnas.profiler.window import measure_window
 
 # The timing protocol's settings: a measurement taken under others is another number (see measurement_key).
@@ -117,8 +117,9 @@ def _utc_now() -> str:
 # The rules a measured figure is made by (its counts' formulas, what a byte or a peak is, the timing's checks):
 # raised whenever one changes, so that the measurement cache never hands out a figure made by older rules. The
 # version of dsnas has not changed in its life, and a study of an older one handed its trials' byte counts (by
-# the embedding rule since fixed: 400,896 where 372,224 are read) to new trials.
-MEASUREMENT_RULES = 2
+# the embedding rule since fixed: 400,896 where 372,224 are read) to new trials. 3: flop_util's peaks by each op's
+# precision; a torch.ao quantized layer's packed weights counted.
+MEASUREMENT_RULES = 3
 
 
 def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | None,
@@ -209,9 +210,7 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
         missing["flops of"] = ", ".join(counts.uncounted)
     if timing.device_median_ms is not None:
         figures["device_latency_ms"] = timing.device_median_ms
-    # Each linear layer multiplies one row per token of the batch.
-    peak, why = effective_peak(flops_by_precision(eager, tokens, flops, lambda: eager(batch), counts.flops_at),
-                               ceilings["by_precision"])
+    peak, why = effective_peak(counts.flops_at, ceilings["by_precision"])
     if peak:
         figures["flop_util"] = figures["gflop_s"] / peak  # both GFLOP/s
     elif why:
