@@ -77,7 +77,7 @@ class Driver:
         self.task_arch = self.task.arch_defaults()
         self.trial_fn = trial_fn
         self.rungs = RungJudge(spec) if spec.fidelity.enabled else None
-        self.screen = Screen(spec, study, arch_counter(self.task, spec.hardware.batch_sizes))
+        self.screen = Screen(spec, study, arch_counter(self.task, spec.hardware.batch_sizes, spec.engine.int8_backend))
         self.predictions: dict[int, dict[str, float]] = {}  # trial number -> what the screen predicted for it
         self.brackets: dict[int, int] = {}  # trial number -> its Hyperband bracket
         self.stopped: dict[int, str] = {}  # trial number -> why the driver stopped it at a rung

@@ -162,10 +162,10 @@ class Screen:
                        for bs in sizes) for p in self.fits[PREDICTED[metric]])
 
 
-def arch_counter(task: Any, batch_sizes: tuple[int, ...]) -> CountFn:
+def arch_counter(task: Any, batch_sizes: tuple[int, ...], int8_backend: str = "auto") -> CountFn:
     """What the predictor reads of an architecture before it trains (FLOPs, bytes, parameters): the task's own
-    ``count_arch`` when it has one, else the model built and counted here; nothing for a user's evaluation function
-    that counts nothing (there is no model to count)."""
+    ``count_arch`` when it has one, else the model built and counted here with the study's [engine] int8_backend;
+    nothing for a user's evaluation function that counts nothing (there is no model to count)."""
     if callable(getattr(task, "count_arch", None)):
         return lambda arch: task.count_arch(arch, batch_sizes)
     if runs_own_trials(task):
@@ -176,21 +176,25 @@ def arch_counter(task: Any, batch_sizes: tuple[int, ...]) -> CountFn:
 
 
         with MeasureGate(device_key(torch.device("cpu"))).shared():  # counting computes: not while a trial measures
-            return count_arch(arch, task, batch_sizes)
+            return count_arch(arch, task, batch_sizes, int8_backend)
 
     return counted
 
 
-def count_arch(arch: dict[str, Any], task: Any, batch_sizes: tuple[int, ...]) -> dict[str, float] | None:
+def count_arch(arch: dict[str, Any], task: Any, batch_sizes: tuple[int, ...],
+               int8_backend: str = "auto") -> dict[str, float] | None:
     """FLOPs and bytes per batch size, and parameters, of an architecture's untrained inference form, counted on
-    this CPU as the worker counts them (an INT8 layer as torch's dynamic kernel); None when it cannot be built
-    here (an fp8 layer on a CPU, say)."""
+    this CPU as the worker counts them: an INT8 layer with the backend the worker runs (``int8_backend``; "auto"
+    times them at the rows the worker measures, once per layer shape in this process; counting every candidate in
+    torch's dynamic kernel gave int8-static trials' predictions bytes 2.5 times too few); None when it cannot be
+    built here (an fp8 layer on a CPU, say)."""
     import torch
 
     from dsnas.kernels.convert import inference_size, untrained_inference_form  # torch loads on first use
 
+    rows = sorted({bs * getattr(task, "tokens_per_example", 1) for bs in batch_sizes})  # as the worker's _rows
     try:
-        model = untrained_inference_form(build(arch), int8_backend="torch-dynamic")
+        model = untrained_inference_form(build(arch), int8_backend=int8_backend, rows=rows)
     except Exception:
         return None
     out = {"params": float(inference_size(model)[0])}
