@@ -398,12 +398,12 @@ class Driver:
             arch = {**self.db(f"sample trial {trial.number}", self._computing(self._sample), trial), **self.task_arch}
             if arch.get("family") or not runs_own_trials(self.task):  # an evaluate_arch task needs no family
                 validate(arch, self.spec.base_dir)
+            short = describe(arch, tuple(self.task_arch), self.spec.base_dir)  # a user's describe() may raise too
         except StorageLost:
             raise
         except Exception as e:  # a space that cannot produce a valid candidate fails this trial only
             self._fail(trial, f"the search space gave no valid architecture: {type(e).__name__}: {e}")
             return True
-        short = describe(arch, tuple(self.task_arch), self.spec.base_dir)
         key = entry_key(arch=arch, task=[self.spec.task.name, self.spec.task.params], engine=asdict(self.spec.engine),
                         hardware={k: v for k, v in asdict(self.spec.hardware).items() if k != "constraints"})
         original = self._original(key) if self.spec.budget.repeats == "reuse" else None

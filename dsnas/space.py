@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 from dsnas.config import reject_unknown
 from dsnas.errors import Invalid, SpecError
 from dsnas.kernels.choices import PRECISIONS, SPARSITIES
-from dsnas.models import FAMILIES, family, is_user_family
+from dsnas.models import DSNAS_KEYS, FAMILIES, family, is_user_family
 from dsnas.plugins import import_callable
 
 SampleFn = Callable[[Any], dict[str, Any]]
@@ -316,11 +317,15 @@ def _user_space(where: str, name: str, raw: dict[str, Any], groups: tuple[Engine
     choices = {}
     for key, value in table.items():
         values = value if isinstance(value, list) else [value]
+        if key in DSNAS_KEYS:  # the arch's "family" and "engine" are dsnas's: a choice of that name replaced them
+            raise SpecError(where, f"choices.{key}", f"is a name dsnas writes into every architecture "
+                            f"({', '.join(DSNAS_KEYS)})", value, f"name the choice otherwise, e.g. model_{key}")
         if not values or not all(isinstance(v, (int, float, str, bool)) for v in values):
             raise SpecError(where, f"choices.{key}", "must be a value or a non-empty list of numbers, strings or "
                             "booleans", value, f"e.g. {key} = [32, 64]")
-        if len(set(map(repr, values))) != len(values):
-            raise SpecError(where, f"choices.{key}", "must not repeat a choice", value, "write each choice once")
+        if len(set(values)) != len(values):  # by equality, as Optuna stores a choice: 1, 1.0 and true are one
+            raise SpecError(where, f"choices.{key}", "must not repeat a choice (1, 1.0 and true are one choice to "
+                            "Optuna)", value, "write each choice once")
         choices[key] = tuple(values)
     return SearchSpace(family=name, choices=choices, per_layer={}, groups=groups)
 
@@ -336,6 +341,10 @@ def _groups(where: str, table: dict[str, Any]) -> tuple[EngineGroup, ...]:
         if not name.isidentifier():
             raise SpecError(where, key, "the group's name must be a word (letters, digits, _): it names the "
                             "Optuna parameters NAME.precision and NAME.sparsity", name, "e.g. [engine.mlp]")
+        if re.fullmatch(r"layer\d+", name):  # layerI.precision is [per_layer]'s parameter of layer I
+            raise SpecError(where, key, "the group's name is that of a layer's parameters (layerI.precision): the "
+                            "group and the layer would share one", name, "name the group otherwise, e.g. "
+                            f"[engine.{name}_group]")
         reject_unknown(where, f"{key}.", group, ("modules", "precision", "sparsity"))
         modules = group.get("modules")
         patterns = [modules] if isinstance(modules, str) else modules
@@ -394,7 +403,7 @@ def _options(where: str, section: str, table: Any, known: tuple[str, ...],
             continue
         if key in named:
             allowed = named[key]
-            if not values or any(isinstance(v, bool) or v not in allowed for v in values):
+            if not values or any(isinstance(v, (bool, float)) or v not in allowed for v in values):  # 3.0 == 3
                 raise SpecError(where, f"{section}.{key}", f"must be one or a non-empty list of {list(allowed)}",
                                 value, f"e.g. {key} = {list(allowed[:2])!r}".replace("'", '"'))
             if len(set(values)) != len(values):
@@ -406,6 +415,9 @@ def _options(where: str, section: str, table: Any, known: tuple[str, ...],
         if not ok:
             raise SpecError(where, f"{section}.{key}", "must be an integer >= 1 or a non-empty list of them",
                             value, f"e.g. {key} = [1, 2, 4]")
+        if len(set(values)) != len(values):  # a repeat is drawn more often: n_layers = [1, 1, 1, 2] drew 1 3:1
+            raise SpecError(where, f"{section}.{key}", "must not repeat a choice", value,
+                            f"write each choice once: {list(dict.fromkeys(values))!r}")
         out[key] = tuple(values)
     return out
 

@@ -620,6 +620,8 @@ def check_plugins(spec: StudySpec) -> None:
         check_task(where, spec.task)
     if name is not None:
         _check_family_fits_task(where, spec, name)
+    if space is not None and is_user_family(space.family):
+        _check_choices_beside_task(spec, space)
     if space is not None and space.groups and not is_user_family(space.family):
         _check_group_patterns(space, spec.space.file)
     study_callbacks(spec)
@@ -675,6 +677,17 @@ def _check_family_fits_task(where: str, spec: StudySpec, name: str) -> None:
     require_spec(where, "task.name", not missing, f"the {name} family of {spec.space.file} needs {missing} from "
                  f"the task, which it does not give", spec.task.name,
                  f"pair {pairs}, or give a task whose arch_defaults() has them")
+
+
+def _check_choices_beside_task(spec: StudySpec, space: Any) -> None:
+    """A user family's choice named as a key the task fixes (its context, vocabulary, image size) was replaced by
+    the task's value in every candidate: the choices collapsed without a word, and the search ran out of new ones."""
+    fixed = [key for key in arch_keys(spec.task) if key in space.choices]
+    if fixed:
+        key = fixed[0]
+        raise SpecError(spec.space.file or spec.path, f"choices.{key}", f"is fixed by the task {spec.task.name!r} "
+                        "(the task's value goes into every architecture, whatever is chosen)", list(space.choices[key]),
+                        f"remove [choices] {key} and set it in the study file's [task], or name the choice otherwise")
 
 
 def study_callbacks(spec: StudySpec) -> list[Callable[..., Any]]:

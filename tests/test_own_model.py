@@ -296,6 +296,20 @@ def test_a_builder_that_cannot_be_imported_stops_the_study_before_any_work(tmp_p
     assert "\n" not in text
 
 
+def test_a_choice_named_as_a_key_the_task_fixes_is_refused_before_any_work(user_module: Path):
+    """[choices] context = [32, 64, 128] under charlm: the task's context 16 went into every architecture, the
+    choices collapsed to one without a word, and the search stopped on "the space is (nearly) exhausted"."""
+    (user_module / "space.toml").write_text('family = "odd_models:mlp"\n[choices]\nwidth = [8, 16]\n'
+                                            "context = [32, 64, 128]\n")
+    (user_module / "study.toml").write_text('[space]\nfile = "space.toml"\n[task]\nname = "charlm"\ncontext = 16\n'
+                                            '[budget]\nn_trials = 1\n[executor]\nkind = "local"\n')
+    with pytest.raises(SpecError) as caught:
+        load_study(user_module / "study.toml")
+    text = str(caught.value)
+    assert text.startswith(f"{user_module / 'space.toml'}: [choices.context] is fixed by the task 'charlm'"), text
+    assert "Fix: remove [choices] context and set it in the study file's [task]" in text and "\n" not in text
+
+
 def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol():
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
     report = dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=(1, 8), threads=1,

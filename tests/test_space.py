@@ -97,6 +97,21 @@ CASES: list[tuple[str, str, str, str, str | None]] = [
     ("engine-not-auto", 'engine = "fast"\n' + VALID, "engine", 'must be "auto"', 'set engine = "auto"'),
     ("engine-auto-and-precision", 'engine = "auto"\n' + VALID + 'precision = ["fp32", "bf16"]\n', "engine",
      '= "auto" decides precision itself', 'remove precision, or remove engine = "auto"'),
+    # A repeat is drawn more often (n_layers = [1, 1, 1, 2] drew 1 three times in four), as elsewhere refused.
+    ("repeated-integer", VALID.replace("n_layers = [1, 2, 3, 4]", "n_layers = [1, 1, 2]"), "choices.n_layers",
+     "must not repeat a choice", "write each choice once: [1, 2]"),
+    # layer0.precision is layer 0's own parameter: the group and the layer shared one (or Optuna refused both).
+    ("engine-group-named-as-a-layer", VALID + '[engine.layer0]\nmodules = "blocks.0.*"\nprecision = ["fp32", "bf16"]\n',
+     "engine.layer0", "the group's name is that of a layer's parameters", "[engine.layer0_group]"),
+    # 3.0 == 3 passed the check and failed every trial in torch.
+    ("float-kernel", 'family = "cnn"\n[choices]\nstem_width = 8\n[per_layer]\ndepth = 1\nwidth = 8\nexpand = 1\n'
+     "kernel = [3.0, 5.0]\n", "per_layer.kernel", "must be one or a non-empty list of [3, 5, 7]", "kernel = [3, 5]"),
+    ("user-choice-named-family", 'family = "my_model:build"\n[choices]\nfamily = ["mlp", "conv"]\n', "choices.family",
+     "is a name dsnas writes into every architecture", "model_family"),
+    ("user-choice-named-engine", 'family = "my_model:build"\n[choices]\nengine = ["eager"]\n', "choices.engine",
+     "is a name dsnas writes into every architecture", "model_engine"),
+    ("user-choice-true-and-1", 'family = "my_model:build"\n[choices]\nflag = [1, true]\n', "choices.flag",
+     "must not repeat a choice (1, 1.0 and true are one choice to Optuna)", "write each choice once"),
     ("sparse-d_model-not-divisible-by-4", VALID.replace("d_model = [32, 64]", "d_model = [34]")
      .replace("n_heads = [1, 2, 4]", "n_heads = [1, 2]") + 'sparsity = ["dense", "2:4"]\n', "choices.d_model",
      "2:4 sparsity needs every d_model divisible by 4", "use multiples of 4"),

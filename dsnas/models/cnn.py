@@ -50,7 +50,7 @@ def validate(arch: dict[str, Any]) -> None:
             require(_positive_int(layer[key]), f"layers[{i}].{key}", "must be an integer >= 1", layer[key])
         for key, allowed in NAMED_CHOICES.items():
             value = layer.get(key, LAYER_DEFAULTS.get(key))
-            require(value in allowed and not isinstance(value, bool), f"layers[{i}].{key}",
+            require(value in allowed and not isinstance(value, (bool, float)), f"layers[{i}].{key}",  # 3.0 == 3
                     f"must be one of {list(allowed)}", value)
 
 
