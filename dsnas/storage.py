@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import shlex
 import socket
 import sys
@@ -519,6 +520,22 @@ def driver_gone(driver: dict[str, Any]) -> bool:
     except PermissionError:
         return False
     return bool(driver.get("pid_start")) and _start_time(pid) != driver["pid_start"]
+
+
+def process_tag() -> str:
+    """HOST-PID-START-RANDOM, for the name of a folder this process works in: a later run can tell (tag_gone) that
+    its process is gone, and the folder abandoned (an export or report killed with kill -9 left them for good)."""
+    me = driver_identity()
+    return f"{me['host']}-{me['pid']}-{me['pid_start']}-{secrets.token_hex(6)}"
+
+
+def tag_gone(tag: str) -> bool:
+    """Whether the process a process_tag names ran on this host and is gone; False for a name not made so."""
+    parts = tag.rsplit("-", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    host, pid, start, _ = parts
+    return driver_gone({"host": host, "pid": int(pid), "pid_start": start})
 
 
 def has_heartbeats(storage: Any) -> bool:

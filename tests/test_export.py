@@ -516,3 +516,38 @@ def test_work_folders_a_killed_export_left_are_removed_by_the_next_and_no_other(
         assert work.name.startswith(f".quick-start.{host}-{me['pid']}-")
     assert (out / "arch.json").is_file() and not abandoned.exists()
     assert alive.exists() and elsewhere.exists() and older.exists() and other_bundle.exists()
+
+
+def test_an_earlier_bundle_is_never_lost_to_an_interrupted_swap(tmp_path, monkeypatch):
+    """Ctrl-C while the new bundle took the earlier one's place deleted the earlier one with the work folder; kill
+    -9 there left it under a hidden name for good. Ctrl-C now puts it back; after kill -9, the next export does."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dsnas.export.bundle import _remove_abandoned, put_in_place
+
+    out, work = tmp_path / "bundle", tmp_path / ".bundle.work"
+    for folder, text in ((out, "earlier"), (work, "new")):
+        folder.mkdir()
+        (folder / "arch.json").write_text(text)
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self == work:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        put_in_place(work, out)
+    monkeypatch.undo()
+    assert (out / "arch.json").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.work", "bundle"]  # nothing aside left behind
+    # Killed between moving the earlier bundle aside and moving the new one in: the next run puts it back.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".bundle.old.{socket.gethostname()}-{int(gone.stdout)}-123-0a1b2c"
+    out.rename(aside)
+    _remove_abandoned(out)
+    assert (out / "arch.json").read_text() == "earlier" and not aside.exists()

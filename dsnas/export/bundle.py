@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import glob
 import json
-import secrets
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +19,7 @@ from dsnas.export.formats import _one_line, onnx_check, write_model_files
 from dsnas.models import build, family, is_user_family
 from dsnas.profiler.measure import PROTOCOL_KEYS
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
-from dsnas.storage import artifact_dir, driver_gone, driver_identity
+from dsnas.storage import artifact_dir, process_tag, tag_gone
 from dsnas.worker import PROBE_MODE
 
 BUNDLE_TYPE, BUNDLE_VERSION = "dsnas.bundle", 2
@@ -66,8 +64,7 @@ def built_beside(out: Path, what: str) -> Iterator[Path]:
         # Made with mkdir, not mkdtemp: the folder becomes the bundle, and mkdtemp's mode 0700 left it unreadable
         # to anyone else (a serving account) whatever the umask. Named after its process, so that a later run
         # knows it abandoned when that process is gone.
-        me = driver_identity()
-        work = out.parent / f".{out.name}.{me['host']}-{me['pid']}-{me['pid_start']}-{secrets.token_hex(6)}"
+        work = out.parent / f".{out.name}.{process_tag()}"
         work.mkdir()
     except OSError as e:
         raise DsnasError(f"{out}: the {what} cannot be written there ({e.strerror or e}). Fix: name a folder you "
@@ -82,13 +79,16 @@ def built_beside(out: Path, what: str) -> Iterator[Path]:
 def _remove_abandoned(out: Path) -> None:
     """The work folders beside ``out`` of a process of this host that is gone (an export or route killed with
     kill -9 left them for good, each as large as a bundle); another host's, a live process's and an older dsnas's
-    (not named so) are left alone."""
+    (not named so) are left alone. An earlier bundle moved aside (``.NAME.old.TAG``) by a process killed before the
+    new one took its place is put back where it was."""
     for folder in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        parts = folder.name[len(out.name) + 2:].rsplit("-", 3)
-        if len(parts) != 4 or not parts[1].isdigit() or not folder.is_dir():
+        tag = folder.name[len(out.name) + 2:]
+        aside = tag.startswith("old.")
+        if not folder.is_dir() or not tag_gone(tag.removeprefix("old.")):
             continue
-        host, pid, start, _ = parts
-        if driver_gone({"host": host, "pid": int(pid), "pid_start": start}):
+        if aside and not out.exists():
+            folder.rename(out)
+        else:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -122,13 +122,13 @@ def put_in_place(work: Path, out: Path) -> None:
     if not out.exists():
         work.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    old.rmdir()
+    old = out.parent / f".{out.name}.old.{process_tag()}"  # named so: a later run puts it back (_remove_abandoned)
     out.rename(old)
     try:
         work.rename(out)
-    except OSError:
-        old.rename(out)
+    except BaseException:  # Ctrl-C too: it deleted the earlier bundle with the work folder
+        if not out.exists():
+            old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from dsnas.progress import column_titles, format_metric
 from dsnas.results.plots import Conditions, device_words, plotly_figures, views, write_pngs
 from dsnas.results.trials import default_reference, done_trials, frame, hypervolume_history, objectives
 from dsnas.spec import StudySpec
+from dsnas.storage import process_tag, tag_gone
 from dsnas.tasks import throughput_unit
 
 SUMMARY_COLUMNS = ("latency_ms", "throughput_tok_s", "peak_memory_mb", "params")
@@ -68,7 +69,11 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
     _check_writable(folder)
     # Drawn in a folder of its own inside, then moved in at once: a report stopped half-way (Ctrl-C, a full disk)
     # left the last report's page beside this one's tables and half of its figures.
-    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".report-"))
+    for abandoned in folder.glob(".report-*"):  # of a report killed (kill -9, SIGTERM) before it could clean up
+        if abandoned.is_dir() and tag_gone(abandoned.name.removeprefix(".report-")):
+            shutil.rmtree(abandoned, ignore_errors=True)
+    stage = folder / f".report-{process_tag()}"
+    stage.mkdir()
     try:
         written = _write_tables(df, tables.measurements(study), stage)
         history = hypervolume_history(df, ref)
