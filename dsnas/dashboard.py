@@ -53,14 +53,17 @@ def serve(spec: StudySpec, host: str = "127.0.0.1", port: int = 8080) -> None:
     except OSError as e:
         raise DsnasError(_bind_error(host, port, e)) from None
     with server:
-        _prepare_or_say_why(spec, study)
-        url = f"http://{host}:{server.server_port}/dashboard/"  # the port the system gave, for --port 0
-        log.info(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)")
+        # SIGTERM stops it, and the cleanup below runs, from here on: stopped while preparing (slow on a large
+        # study), it left the study in write-ahead-log mode and ended without a word.
         stop = _stop_on_sigterm()
         try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            print()  # the shell's prompt starts on its own line after ^C
+            _prepare_or_say_why(spec, study)
+            url = f"http://{host}:{server.server_port}/dashboard/"  # the port the system gave, for --port 0
+            log.info(f"dashboard of study {spec.name!r}: {url} (Ctrl-C to stop)")
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                print()  # the shell's prompt starts on its own line after ^C
         finally:
             stop()
             server.server_close()

@@ -197,6 +197,30 @@ def test_a_taken_port_is_one_line_with_the_fix(made_study):
     assert "\n" not in msg and "Address already in use" in msg and f"--port {port + 1}" in msg, msg
 
 
+def test_a_dashboard_stopped_while_it_prepares_cleans_up_as_when_it_serves(made_study, monkeypatch):
+    """SIGTERM while preparing (slow on a large study) ended it without a word and left the study in
+    write-ahead-log mode, which the docs say the last reader to end puts back."""
+    import dsnas.dashboard as dashboard
+
+    spec, study = made_study
+    dashboard.storage_engine(study).dispose()  # the fixture's connection: the dashboard is the last reader
+    db = spec.storage.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"  # as a search that ended beside it
+
+    def preparing(spec, study):
+        os.kill(os.getpid(), signal.SIGTERM)  # a service manager stops it here
+        time.sleep(5)  # not reached: SIGTERM stops it as Ctrl-C does
+
+    monkeypatch.setattr(dashboard, "_prepare_or_say_why", preparing)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        dashboard.serve(spec, port=0)
+    assert signal.getsignal(signal.SIGTERM) == before
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
 def test_the_browser_test_skips_only_where_allowed(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", Path("/nonexistent/chromium"))
     monkeypatch.delenv("DSNAS_REQUIRE_BROWSER", raising=False)
