@@ -459,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"\ndsnas: {stopped}; completed trials are stored, run the same command to resume", file=sys.stderr)
+        # What a stop leaves depends on the command: only a search has trials to resume (export and route keep an
+        # earlier bundle as it was; verify, profile and report store nothing).
+        after = "completed trials are stored, run the same command to resume" if args.command == "search" else \
+            "what was stored before is kept; run the same command again"
+        print(f"\ndsnas: {stopped}; {after}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
 
 

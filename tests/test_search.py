@@ -245,8 +245,24 @@ def test_ctrl_c_acts_at_once_while_another_process_holds_the_measurement_gate(ti
         finally:
             driver.kill()
     assert driver.returncode == 130, err[-3000:]
+    assert err.rstrip().endswith("dsnas: interrupted; completed trials are stored, run the same command to resume")
     stopped = {t.number: t for t in trials(tiny_study)[1]}[running]
     assert stopped.state == TrialState.FAIL and "arch" not in stopped.user_attrs  # failed before it was sampled
+
+
+@pytest.mark.parametrize("command", ["export", "verify", "report"])
+def test_ctrl_c_outside_a_search_does_not_speak_of_trials_to_resume(command, monkeypatch, capsys):
+    """Every command's Ctrl-C said "completed trials are stored, run the same command to resume": export, verify or
+    report resumes nothing."""
+    import dsnas.cli
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsnas.cli, f"cmd_{command}", stopped)
+    assert main([command, "anything"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "dsnas: interrupted; what was stored before is kept; run the same command again"
 
 
 def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, capsys):
