@@ -24,7 +24,7 @@ from dsnas.storage import (
     storage_engine,
     study_lock,
 )
-from dsnas.tasks import BUILTIN_ARCH_KEYS
+from dsnas.tasks import BUILTIN_ARCH_KEYS, builtin_defaults
 
 
 def open_study(spec: StudySpec, create: bool = True) -> Any:
@@ -143,6 +143,9 @@ def inferred_differences(spec: StudySpec, trials: list[Any]) -> list[tuple[str, 
     mixed the two on one front): the batch sizes they were measured at, and the task's values their architectures
     carry (a built-in task's context, image size). Each (key, theirs, the file's), where every trial says the same."""
     said: dict[str, set[str]] = {}
+    # The task's values as the file gives them, or as the task takes them where the file leaves one out (a context
+    # line deleted was the default 64 against trials of 32: not compared, resumed, exported, and verify crashed).
+    params = {**builtin_defaults(spec.task.name), **spec.task.params}
     for trial in trials:
         attrs = getattr(trial, "user_attrs", None) or {}
         profile = attrs.get("profile") or {}
@@ -151,10 +154,9 @@ def inferred_differences(spec: StudySpec, trials: list[Any]) -> list[tuple[str, 
         if isinstance(batches, dict) and batches and profile.get("backend") != "recorded":
             said.setdefault("hardware.batch_sizes", set()).add(json.dumps(sorted(int(b) for b in batches)))
         for key in BUILTIN_ARCH_KEYS.get(spec.task.name, ()):
-            if isinstance(arch, dict) and key in arch and key in spec.task.params:
+            if isinstance(arch, dict) and key in arch and key in params:
                 said.setdefault(f"task.{key}", set()).add(json.dumps(arch[key]))
-    now = {"hardware.batch_sizes": sorted(spec.hardware.batch_sizes),
-           **{f"task.{k}": v for k, v in spec.task.params.items()}}
+    now = {"hardware.batch_sizes": sorted(spec.hardware.batch_sizes), **{f"task.{k}": v for k, v in params.items()}}
     return [(key, json.loads(next(iter(values))), now[key]) for key, values in said.items()
             if len(values) == 1 and json.loads(next(iter(values))) != now[key]]
 

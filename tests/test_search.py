@@ -551,6 +551,13 @@ def test_a_study_of_an_older_dsnas_is_not_stamped_with_an_edited_study_file(fini
 
     own = SimpleNamespace(user_attrs={"profile": {"backend": "recorded", "batches": {"1": {}}}})
     assert inferred_differences(spec, [own]) == []
+    # The context line deleted: the task's default (64) is what a resume would run, against trials of 16.
+    study.write_text(original.replace("context = 16\n", ""))
+    deleted = load_study(study)
+    assert ("task.context", 16, 64) in inferred_differences(deleted, open_study(deleted, create=False).trials)
+    assert as_searched(deleted, open_study(deleted, create=False)).task.params["context"] == 16  # its bundles'
+    assert main(["search", str(study), "--n-trials", "9"]) == 2
+    assert "[task.context] the stored study 'tiny' was searched with 16 (as its trials say" in capsys.readouterr().err
 
 
 def test_a_study_whose_data_changed_since_its_trials_is_refused_before_any_trial(tiny_study, capsys):

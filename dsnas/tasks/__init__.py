@@ -157,6 +157,19 @@ def runs_own_trials(task: Any) -> bool:
     return callable(getattr(task, "evaluate_arch", None))
 
 
+def builtin_defaults(name: str) -> dict[str, Any]:
+    """A built-in task's parameters as they are when the study file leaves them out; {} for another task."""
+    import dataclasses
+
+    if name == "charlm":
+        from dsnas.tasks.charlm import CharLMConfig as config  # torch loads on first use
+    elif name == "images":
+        from dsnas.tasks.images import ImagesConfig as config  # torch loads on first use
+    else:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+
+
 def check_params(where: str, spec: Any) -> None:
     """Validate a task's parameters before any work (bad names, types, ranges, missing files)."""
     if spec.name == "charlm":
