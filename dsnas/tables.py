@@ -249,8 +249,9 @@ def _utc(when: datetime.datetime | None) -> datetime.datetime | None:
 
 def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     """The measurement cache: what this dsnas measured of ``arch`` before, in any study of this database, per
-    device fingerprint id: {fingerprint_id: {"threads", "batches": {bs: figures and timing}, "source"}}. The
-    worker reuses the entry of its own fingerprint (and thread count) instead of measuring again."""
+    device fingerprint id: {fingerprint_id: {"batches": {bs: {"figures", "timing", "profile" (its labels: backend,
+    dtype, threads, measured_at), "source"}}}}. The worker reuses the entry of its own fingerprint (and measurement
+    key, threads included) instead of measuring again."""
     if engine is None or schema_version(engine) < SCHEMA_VERSION:  # None: a study in memory keeps no tables
         return {}
     m = Measurement
@@ -262,16 +263,14 @@ def cached_figures(engine: Any, arch: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with reading(engine) as connection:  # one round trip on PostgreSQL
         for row in connection.execute(query):  # later measurements of the same key replace earlier ones
-            entry = out.setdefault(row.fingerprint_id, {"batches": {}, "profile": {}})
-            entry["batches"][str(row.batch_size)] = {"figures": row.figures, "timing": row.timing}
-            # Labelled as the measurement it holds, as its figures are (the first row's labels stayed: a 1-thread
-            # measurement reused as 2 threads' in the profile, the card and the ONNX check's timing). Batches of
-            # different measurements never pass together: each carries its measurement key (threads included).
-            entry["threads"] = row.threads
-            entry["profile"].update(backend=row.backend, dtype=row.dtype, threads=row.threads)
-            entry["source"] = f"study {row.study_name} trial {row.trial_number}"
+            entry = out.setdefault(row.fingerprint_id, {"batches": {}})
+            # Each batch size labelled as the measurement it holds (labels kept per entry were the first, then the
+            # last row's: a 1-thread batch 4 was reused as another study's 2-thread batch 1, and named as it).
+            labels = {"backend": row.backend, "dtype": row.dtype, "threads": row.threads}
             if row.measured_at is not None:  # a reused figure keeps the time it was measured at
-                entry["profile"]["measured_at"] = row.measured_at.replace(tzinfo=datetime.timezone.utc).isoformat()
+                labels["measured_at"] = row.measured_at.replace(tzinfo=datetime.timezone.utc).isoformat()
+            entry["batches"][str(row.batch_size)] = {"figures": row.figures, "timing": row.timing, "profile": labels,
+                                                     "source": f"study {row.study_name} trial {row.trial_number}"}
     return out
 
 

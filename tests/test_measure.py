@@ -46,9 +46,11 @@ def test_every_trial_stores_a_full_profile_and_its_measurement_rows(finished_stu
 def test_a_cache_entry_is_labelled_as_the_measurement_it_holds(finished_study, tmp_path):
     """A later measurement of the same architecture (another study, another thread count) gave the entry its
     figures but kept the first one's labels: a 1-thread measurement was reused as a 2-thread one (profile, card, the
-    ONNX check's timing)."""
+    ONNX check's timing). Then the last row's labels stood for every batch size: study v's 2-thread batch 1 named
+    the 1-thread batch 4 study z had measured, when only batch 4 was reused. Each batch size has its own."""
     from dsnas import tables
-    from dsnas.spec import load_study
+    from dsnas.profiler.measure import _reuse
+    from dsnas.spec import HardwareSpec, load_study
     from dsnas.storage import storage_engine
     from dsnas.study import open_study
     from tests.conftest import copy_study
@@ -57,11 +59,19 @@ def test_a_cache_entry_is_labelled_as_the_measurement_it_holds(finished_study, t
     trial, engine = study.trials[0], storage_engine(study)
     profile = trial.user_attrs["profile"]
     metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
-    tables.record_measurements(engine, "other", 9, {**profile, "threads": profile["threads"] + 1}, metrics,
+    threads = profile["threads"]
+    tables.record_measurements(engine, "z", 3, profile, metrics, arch=trial.user_attrs["arch"])
+    only_1 = {**profile, "threads": threads + 1, "batches": {"1": profile["batches"]["1"]}}
+    tables.record_measurements(engine, "v", 9, only_1, {k: v for k, v in metrics.items() if not k.endswith("_bs4")},
                                arch=trial.user_attrs["arch"])
     entry = next(iter(tables.cached_figures(engine, trial.user_attrs["arch"]).values()))
-    assert entry["source"] == "study other trial 9"
-    assert entry["threads"] == entry["profile"]["threads"] == profile["threads"] + 1
+    assert entry["batches"]["1"]["source"] == "study v trial 9"
+    assert entry["batches"]["1"]["profile"]["threads"] == threads + 1
+    assert entry["batches"]["4"]["source"] == "study z trial 3" and entry["batches"]["4"]["profile"]["threads"] == threads
+    _, reused = _reuse(entry, profile["fingerprint"], 1.0, HardwareSpec(batch_sizes=(4,)))
+    assert reused["threads"] == threads and reused["cache"]["from"] == "study z trial 3"
+    _, reused = _reuse(entry, profile["fingerprint"], 1.0, HardwareSpec(batch_sizes=(1, 4)))
+    assert reused["cache"]["from"] == "study v trial 9; study z trial 3"
 
 
 def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch, steady_host):

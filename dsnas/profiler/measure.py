@@ -154,7 +154,15 @@ def _stale(entry: dict[str, Any] | None, key: str, hardware: Any) -> str:
 def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
            hardware: Any) -> tuple[dict[str, float], dict[str, Any]]:
     stored = {bs: entry["batches"][str(bs)] for bs in hardware.batch_sizes}
-    profile = {**entry["profile"], "fingerprint": fp, "cache": {"hit": True, "from": entry["source"]},
+    # Labelled by the batches reused (one measurement key: the same threads, backend and dtype), from every trial
+    # whose figures they are, and as old as the oldest of them.
+    used = list(stored.values())
+    labels = {**entry.get("profile", {}), **used[0].get("profile", {})}
+    measured = [b["profile"]["measured_at"] for b in used if "measured_at" in b.get("profile", {})]
+    if measured:
+        labels["measured_at"] = min(measured)
+    sources = "; ".join(dict.fromkeys(b.get("source") or entry.get("source", "") for b in used))
+    profile = {**labels, "fingerprint": fp, "cache": {"hit": True, "from": sources},
                "batches": {str(bs): {**b["timing"], **b["figures"]} for bs, b in stored.items()}}
     return metrics_from_batches({bs: b["figures"] for bs, b in stored.items()}, params, hardware), profile
 
