@@ -112,10 +112,48 @@ def test_a_builder_edited_since_the_trial_trained_is_not_exported_as_its_model(s
     assert main(export) == 0  # as it was: exported
 
 
+def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_verify(searched, capsys):
+    """A probe without its mode (an older dsnas's, whose task left dropout on) differs from the rebuilt model's
+    logits: export's ONNX check and the model card said the ONNX file disagreed, and verify failed the bundle. The
+    bundle's probe is then the rebuilt model's, said so; an older bundle's is shown, not compared."""
+    from safetensors import safe_open
+    from safetensors.torch import load, save_file
+
+    from dsnas.export.bundle import REMADE_PROBE, eval_mode_probe
+    from dsnas.spec import load_study
+    from dsnas.storage import artifact_dir
+
+    folder, study = searched
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    stored = artifact_dir(load_study(folder / "study.toml")) / best.user_attrs["probe_artifact"]
+    kept = stored.read_bytes()
+    probe = load(kept)
+    try:
+        noisy = {"input": probe["input"], "logits": probe["logits"] + 0.5 * torch.randn_like(probe["logits"])}
+        save_file(noisy, stored)  # no metadata: as an older dsnas wrote it, dropout's random logits
+        out = folder / "old_probe"
+        assert main(["export", str(folder / "study.toml"), "--trial", str(best.number), "--out", str(out)]) == 0
+        said = capsys.readouterr()
+        assert "its probe, taken by an older dsnas in no recorded mode, differs" in said.out + said.err
+        assert eval_mode_probe(out / "probe.safetensors")
+        with safe_open(str(out / "probe.safetensors"), framework="pt") as f:
+            assert f.metadata().items() >= REMADE_PROBE.items()
+        assert "disagree" not in (out / "README.md").read_text(encoding="utf-8")
+        assert main(["verify", str(out)]) == 0
+        capsys.readouterr()
+        # A bundle an older dsnas wrote, with such a probe: shown, not compared, and the fix named.
+        save_file(noisy, out / "probe.safetensors")
+        main(["verify", str(out)])
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("probe logits"))
+        assert "not compared: the probe of an older dsnas says no model mode" in line and "export the trial again" in line
+    finally:
+        stored.write_bytes(kept)
+
+
 def test_the_probe_holds_the_models_logits_in_eval_mode(tmp_path):
     """A task whose evaluate() ended with model.train() left dropout on: the probe held random logits, export then
     refused the trial as built by edited code, and verify failed its probe."""
-    from dsnas.export.bundle import _eval_mode_probe
+    from dsnas.export.bundle import eval_mode_probe
     from dsnas.worker import probe_bytes
 
     torch.manual_seed(0)
@@ -125,11 +163,11 @@ def test_the_probe_holds_the_models_logits_in_eval_mode(tmp_path):
     probe = dsnas.export.read_probe(tmp_path)
     with torch.inference_mode():
         assert torch.equal(probe["logits"], model.eval()(batch))
-    assert _eval_mode_probe(tmp_path / "probe.safetensors")
+    assert eval_mode_probe(tmp_path / "probe.safetensors")
     from safetensors.torch import save_file
 
     save_file(probe, tmp_path / "old.safetensors")  # an older dsnas's probe: no mode said, so not judged by export
-    assert not _eval_mode_probe(tmp_path / "old.safetensors")
+    assert not eval_mode_probe(tmp_path / "old.safetensors")
 
 
 def test_a_pattern_that_matches_nothing_names_it_and_lists_the_modules():

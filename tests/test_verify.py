@@ -296,6 +296,13 @@ def test_a_version_1_bundle_loads_and_verifies_its_probe(bundle, capsys):
     assert code == 0, out
     assert "not re-measured: a version-1 bundle does not record its task and hardware" in out
     assert out.splitlines()[-1] == "verify: OK (not compared: accuracy, speed)"
+    # Its trial's inference form unrecorded, the fix is to export again: `dsnas profile` refuses a version-1 bundle.
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    metrics["profile"].pop("signature", None)
+    (bundle / "metrics.json").write_text(json.dumps(metrics))
+    code, out = verify(bundle, capsys)
+    form = next(line for line in out.splitlines() if line.startswith("inference form"))
+    assert "re-export the trial with `dsnas export`" in form and "dsnas profile" not in out, out
 
 
 def test_load_never_unpickles(exported, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import shutil
 import socket
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from dsnas.profiler.measure import PROTOCOL_KEYS
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
 from dsnas.storage import artifact_dir, process_tag, tag_gone
 from dsnas.worker import PROBE_MODE
+
+log = logging.getLogger(__name__)
 
 BUNDLE_TYPE, BUNDLE_VERSION = "dsnas.bundle", 2
 READABLE_VERSIONS = (1, 2)  # version 1 bundles lack the task and hardware sections: they load, verify less
@@ -335,7 +338,11 @@ def _read_tensors(path: Path) -> dict[str, Any]:
                          f"Fix: {REEXPORT}") from None
 
 
-def _eval_mode_probe(path: Path) -> bool:
+# A bundle's probe made at export from the rebuilt model (the trial's, of an older dsnas, said no mode and differed).
+REMADE_PROBE = {"logits_from": "the exported model (the trial's probe, of an older dsnas, said no mode)"}
+
+
+def eval_mode_probe(path: Path) -> bool:
     """Whether the probe says its logits are the model's in eval mode (dsnas.worker.probe_bytes)."""
     from safetensors import safe_open
 
@@ -357,9 +364,7 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
         raise DsnasError(f"trial {frozen.number}: {str(e).replace(str(work), str(work.parent / name))}") from None
     probe = read_probe(work)
     ran_on = frozen.user_attrs.get("profile", {}).get("fingerprint", {}).get("device")
-    if ran_on not in (None, "cpu") or not _eval_mode_probe(work / "probe.safetensors"):
-        # Other kernels (a GPU's: verify on such a device compares them), or a probe an older dsnas may have taken
-        # in training mode (dropout's random logits): no evidence against the builder.
+    if ran_on not in (None, "cpu"):  # other kernels (a GPU's: verify on such a device compares them)
         return model, probe
     with torch.inference_mode():
         now = model(probe["input"]).float()
@@ -368,6 +373,18 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
     # off by a share of the logits' size, not by rounding.
     diff = (now - then).abs().max().item() if now.shape == then.shape else float("inf")
     if diff <= 1e-2 * max(1.0, then.abs().max().item()):
+        return model, probe
+    if not eval_mode_probe(work / "probe.safetensors"):
+        # A probe an older dsnas may have taken in training mode (dropout's random logits): no evidence against
+        # the builder, and no reference for the bundle either (verify failed it, the ONNX check and the card said
+        # the ONNX file disagreed). The bundle's probe becomes the rebuilt model's, and says so.
+        from safetensors.torch import save
+
+        probe = {"input": probe["input"], "logits": now.cpu().contiguous()}
+        (work / "probe.safetensors").write_bytes(save(probe, metadata={**PROBE_MODE, **REMADE_PROBE}))
+        log.warning("trial %d: its probe, taken by an older dsnas in no recorded mode, differs from the rebuilt "
+                    "model's eval-mode logits by %.2g (as a training-mode forward's dropout would): the bundle's "
+                    "probe holds the rebuilt model's logits", frozen.number, diff)
         return model, probe
     if is_user_family(family_name):
         why, fix = (f"the code of {family_name!r} (from {spec.base_dir}) builds another model than the trial trained",
