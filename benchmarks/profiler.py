@@ -291,16 +291,22 @@ def main() -> None:
                   f"(reference moved {r['reference_drift']:.1%})")
     print(f"median over cases: naive CV / dsnas CV = {statistics.median(cvs):.1f}x; "
           f"naive error / dsnas error = {statistics.median(errs):.1f}x")
-    print("others: the largest share of the CPUs other processes (and steal) took during the five dsnas estimates")
+    print(f"others: the largest share of the CPUs other processes (and steal) took during the {args.rounds} dsnas "
+          "estimates")
     model = build(MODELS["d128 L2"]).to(device)
     host_before = host_steadiness(device)
     full, timing_only, runs = overhead(model, task, device, args.rounds)
     repeatability(runs, device, (host_before, host_steadiness(device)))
     if device.type == "cpu":
         host_probe_effect(model, task, device, 2 * args.rounds)
+    # measure() times a batch size again while others take the CPUs (up to 3 attempts, each with host-speed probes):
+    # on a busy machine most of its extra time is those, not the counts.
+    attempts = [len((b.get("disturbance") or {}).get("attempts") or [None]) for _, profile in runs
+                for b in profile["batches"].values()]
     print(f"profiler overhead (d128 L2, batch sizes 1 and 32): measure() {full:.2f} s vs timing alone "
           f"{timing_only:.2f} s: {full / timing_only:.2f}x ({full - timing_only:+.2f} s for memory, FLOP/byte "
-          "counts and bookkeeping)")
+          f"counts, host-speed probes, bookkeeping and timings retried while disturbed: {sum(attempts)} timings "
+          f"for {len(attempts)} batch measurements)")
     if device.type == "cpu":
         across_processes(args.rounds)
 

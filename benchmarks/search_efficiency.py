@@ -136,6 +136,19 @@ def true_front(rows: list[dict], limit: float) -> tuple[list[list[float]], list[
     return front, reference, dominated_volume(front, reference, directions)
 
 
+def rung_ranking(rows: list[dict]) -> str:
+    """How well the accuracy at each recorded share of the budget ranks the final accuracy (Spearman over the
+    table's architectures): what sets min_fraction's default (docs/fidelity-and-predictor.md)."""
+    import numpy as np
+
+    from dsnas.predictor import spearman
+
+    final = np.array([r["accuracy"] for r in rows])
+    shares = [k.removeprefix("accuracy@") for k in rows[0] if k.startswith("accuracy@")]
+    cells = [f"{s} {spearman(np.array([r[f'accuracy@{s}'] for r in rows]), final):.2f}" for s in shares]
+    return f"rung accuracy against the final, Spearman over {len(rows)} architectures: " + ", ".join(cells)
+
+
 def predictor_accuracy(rows: list[dict]) -> str:
     """dsnas's latency and peak-memory predictor on the table's own measurements (every architecture at batch 1
     and 32), 5-fold split by architecture, next to the FLOPs-only power law: what `dsnas predictor` prints. The
@@ -286,6 +299,7 @@ def main() -> None:
     from dsnas.fidelity import RungPlan
 
     rungs = RungPlan(FidelitySpec(eta=args.eta, min_fraction=args.min_fraction)).rungs
+    print(rung_ranking(rows))
     print(predictor_accuracy(rows) + "\n")
     count_s = counting_seconds(rows)
     seeds = range(args.first_seed, args.first_seed + args.seeds)

@@ -253,8 +253,8 @@ class FidelitySpec:
     kind: str = "successive_halving"  # "none" trains every candidate fully
     eta: int = 3  # at each rung, the best 1/eta of the trials that reached it go on
     # The first rung: the smallest share 1/eta**k of the budget that is at least this. 1/3 (one rung, with eta 3):
-    # on the quickstart's task the accuracy at 1/9 of the budget says little about the end (Spearman 0.58 over 108
-    # recorded models), at 1/3 it says much (0.87); see benchmarks/search_efficiency.py.
+    # on the quickstart's task the accuracy at 1/9 of the budget says little about the end (Spearman 0.56 over 108
+    # recorded models), at 1/3 it says much (0.86); benchmarks/search_efficiency.py prints it.
     min_fraction: float = 1 / 3
     min_trials: int = 3  # a rung stops nobody until this many trials of the bracket have reached it
     margin: float = 0.015  # a rung's lead in accuracy (or loss) counts only beyond this share of the value
