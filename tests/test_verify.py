@@ -399,3 +399,23 @@ def test_a_drift_of_the_median_beyond_the_tolerance_fails_even_when_some_rounds_
     assert "median of 5 rounds within x/÷ 1.25" in slower.verdict
     busy_once = _relative("latency_ms_bs1", 1.0, [1.05, 0.98, 2.5, 1.01, 1.0], tol=0.25, why_not="")
     assert not busy_once.failed  # one busy round moves the median little
+
+
+def test_an_fp8_bundle_off_an_fp8_gpu_is_one_line_naming_the_bundle_and_the_fix(bundle, monkeypatch):
+    """fp8 layers have no CPU kernel: loading said only "a layer chose fp8, which cannot run here", naming neither
+    the bundle nor a fix, and export rebuilt every fp8 trial on the CPU, so none could be exported, also on the GPU
+    that trained it (it rebuilds on that GPU now)."""
+    from dsnas.errors import DsnasError
+    from dsnas.export import bundle as bundle_module
+
+    edit_json(bundle / "arch.json", lambda d: d["arch"]["layers"][0].update(precision="fp8"))
+    with pytest.raises(DsnasError) as caught:
+        dsnas.load(bundle)
+    text = str(caught.value)
+    assert text.startswith(f"{bundle / 'arch.json'}: the model cannot run on cpu: a layer chose fp8"), text
+    assert text.endswith("Fix: load it on a CUDA GPU of compute capability 8.9 or more (device='cuda')")
+    arch = json.loads((bundle / "arch.json").read_text())["arch"]
+    assert bundle_module._rebuild_device(arch) == "cpu"  # no such GPU here: export then says where to run it
+    monkeypatch.setattr("dsnas.kernels.quant.fp8_supported", lambda device: (True, "an H100"))
+    assert bundle_module._rebuild_device(arch) == "cuda"
+    assert bundle_module._rebuild_device({**arch, "layers": [{"precision": "bf16"}]}) == "cpu"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnas._version import __version__
-from dsnas.errors import DsnasError, Invalid
+from dsnas.errors import DsnasError, Invalid, TrialError
 from dsnas.export.card import measured_compiled, model_card
 from dsnas.export.formats import _one_line, onnx_check, write_model_files
 from dsnas.models import build, family, is_user_family
@@ -146,7 +146,7 @@ def _write_bundle(spec: StudySpec, frozen: Any, out: Path, name: str) -> None:
         doc["task"]["preprocessing"] = preprocessing
     _write_json(out / "arch.json", doc)
     model, probe = _rebuilt(spec, frozen, out, name)
-    exports: dict[str, Any] = dict(write_model_files(model, probe["input"], out))
+    exports: dict[str, Any] = dict(write_model_files(model, probe["input"].to(_device_of(model)), out))
     if exports.get("onnx") == "model.onnx":
         half = any(form.split()[0] in ("fp16", "bf16") for form in inference_signature(model)["layers"].values())
         exports["onnx_check"] = onnx_check(out / "model.onnx", probe, spec.hardware.batch_sizes,
@@ -359,15 +359,19 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
 
     family_name = str(frozen.user_attrs["arch"].get("family", ""))
     try:
-        model = load_bundle(work)
+        model = load_bundle(work, _rebuild_device(frozen.user_attrs["arch"]))
     except DsnasError as e:  # named as the bundle will be, not as the work folder that is removed
+        if "fp8" in str(e):
+            raise DsnasError(f"trial {frozen.number}: its fp8 layers run only on a CUDA GPU of compute capability 8.9 "
+                             "or more, and export rebuilds its model to check it and write its files. Fix: export "
+                             "it on such a machine (with the study's database and artifacts folder)") from None
         raise DsnasError(f"trial {frozen.number}: {str(e).replace(str(work), str(work.parent / name))}") from None
     probe = read_probe(work)
     ran_on = frozen.user_attrs.get("profile", {}).get("fingerprint", {}).get("device")
     if ran_on not in (None, "cpu"):  # other kernels (a GPU's: verify on such a device compares them)
         return model, probe
     with torch.inference_mode():
-        now = model(probe["input"]).float()
+        now = model(probe["input"].to(_device_of(model))).float().cpu()
     then = probe["logits"].float()
     # Loose: a CPU of other instructions sums otherwise (verify's own check is the strict one); an edited model is
     # off by a share of the logits' size, not by rounding.
@@ -395,6 +399,26 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
                     "export with the dsnas version that searched the study")
     raise DsnasError(f"trial {frozen.number}: the model rebuilt from its stored weights gives other logits on its "
                      f"probe input than the trial's model did (max |difference| {diff:.2g}): {why}. Fix: {fix}")
+
+
+def _rebuild_device(arch: dict[str, Any]) -> str:
+    """Where export rebuilds a trial's model to check it and write its files: the CPU, but a CUDA GPU for fp8 layers,
+    which have no CPU kernel (every fp8 trial failed to export, also on the GPU that trained it)."""
+    from dsnas.kernels.quant import fp8_supported  # torch loads on first use
+
+    def asks_fp8(value: Any) -> bool:
+        if isinstance(value, dict):
+            return value.get("precision") == "fp8" or any(asks_fp8(v) for v in value.values())
+        return isinstance(value, list) and any(asks_fp8(v) for v in value)
+
+    return "cuda" if asks_fp8(arch) and fp8_supported("cuda")[0] else "cpu"
+
+
+def _device_of(model: Any) -> Any:
+    import torch
+
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
@@ -437,7 +461,12 @@ def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
         raise DsnasError(f"{weights_path}: the weights do not fit the architecture in {path} (missing {missing}, "
                          f"unexpected {result.unexpected_keys}). Fix: {fix}")
     model = model.to(device)
-    convert(model, recorded=recorded if isinstance(recorded, dict) else None)
+    try:
+        convert(model, recorded=recorded if isinstance(recorded, dict) else None)
+    except TrialError as e:  # a layer with no kernel on this device (fp8 on a CPU or an A100)
+        where = "a CUDA GPU of compute capability 8.9 or more (device='cuda')" if "fp8" in str(e) else \
+            "the kind of device its trial ran on"
+        raise DsnasError(f"{path}: the model cannot run on {device}: {e}. Fix: load it on {where}") from None
     return model
 
 
