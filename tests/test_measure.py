@@ -236,3 +236,52 @@ def test_a_cuda_device_where_there_is_none_and_a_mistyped_keyword_are_one_line()
     with pytest.raises(dsnas.DsnasError, match=r"^dsnas.measure batch_sizes=8: must be a list of batch sizes. Fix: "
                                                r"e.g. batch_sizes=\[8\]$"):
         dsnas.measure(model, torch.randn(2, 4), device="cpu", batch_sizes=8)
+
+
+def test_on_a_second_gpu_the_cuda_events_time_its_own_stream(monkeypatch):
+    """torch records a CUDA event on the current device's stream: measuring on cuda:1 with cuda:0 current timed
+    cuda:0's empty stream (device ms 0.02 for 5 ms of kernels). The measurement makes its GPU the current one. A fake
+    two-GPU torch.cuda that follows torch's rules (Event.record() -> current_stream() -> the current device's)."""
+    import contextlib
+
+    import torch
+
+    from dsnas.profiler.measure import current_device
+    from dsnas.profiler.timing import time_calls
+
+    current, queues, clock = [0], {0: [], 1: []}, [0.0]
+
+    @contextlib.contextmanager
+    def device(dev):
+        before, current[0] = current[0], torch.device(dev).index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = max([clock[0], *(end for _, end in queues[current[0]])])  # after the work queued before it
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    def call():  # a 5 ms kernel launched on cuda:1, where its tensors are
+        start = max([clock[0], *(end for _, end in queues[1])])
+        queues[1].append((start, start + 5.0))
+        clock[0] += 0.02
+
+    def sync():
+        clock[0] = max([clock[0], *(end for _, end in queues[1])])
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    timed = {}
+    for name, where in (("as before", contextlib.nullcontext()), ("measured", current_device(torch.device("cuda", 1)))):
+        with where:
+            timed[name] = time_calls(call, sync, warmup_s=0.0, measure_s=0.0, min_repeats=10,
+                                     events=Event).device_median_ms
+    assert timed["as before"] < 0.1 and timed["measured"] == pytest.approx(5.0)
+    assert isinstance(current_device(torch.device("cpu")), contextlib.nullcontext)
