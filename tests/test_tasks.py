@@ -133,6 +133,34 @@ def test_a_task_that_failed_its_checks_is_built_again_once_fixed(tmp_path, monke
     forget_built()
 
 
+def test_a_user_factorys_relative_path_is_read_beside_the_study_file(tmp_path, monkeypatch):
+    """corpus = "data.txt" reached the factory as written: run from another folder, it read that folder's data.txt
+    (trained on other data without a word) or failed on a missing file. Paths in a study file are the study
+    file's; a string that names nothing there is passed as it is."""
+    import sys
+
+    from dsnas.spec import TaskSpec
+    from dsnas.tasks import forget_built, make_task
+
+    study, elsewhere = tmp_path / "study", tmp_path / "elsewhere"
+    study.mkdir(), elsewhere.mkdir()
+    (study / "data.txt").write_text("the study's")
+    (elsewhere / "data.txt").write_text("another folder's")
+    (study / "path_task.py").write_text(
+        "from pathlib import Path\n"
+        "class T:\n    def __init__(self, corpus, kind):\n"
+        "        self.text, self.kind = Path(corpus).read_text(), kind\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(elsewhere)
+    forget_built()
+    try:
+        task = make_task(TaskSpec("path_task:T", {"corpus": "data.txt", "kind": "plain"}, str(study)))
+        assert (task.text, task.kind) == ("the study's", "plain")
+    finally:
+        sys.modules.pop("path_task", None)
+        forget_built()
+
+
 def test_two_studies_with_a_plugin_of_the_same_name_each_import_their_own(tmp_path, monkeypatch):
     """A second study in the same process whose folder has a module named as the first's ran the first one's."""
     import sys

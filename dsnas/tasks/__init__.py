@@ -330,4 +330,19 @@ def _build(name: str, params: dict[str, Any], base_dir: str) -> Task | RunsOwnTr
 
         return ImagesTask(ImagesConfig(**params), base_dir)
 
-    return import_callable(name, base_dir)(**params)
+    return import_callable(name, base_dir)(**_beside_study(params, base_dir))
+
+
+def _beside_study(params: dict[str, Any], base_dir: str) -> dict[str, Any]:
+    """A user factory's [task] strings that name a file or folder beside the study file, as paths there: relative
+    paths are the study file's, as everywhere in it (the factory opened them from the folder dsnas was started in,
+    and read another data.txt there without a word)."""
+    import os
+
+    def placed(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value) and base_dir \
+                and os.path.exists(os.path.join(base_dir, value)):
+            return os.path.join(base_dir, value)
+        return value
+
+    return {key: placed(value) for key, value in params.items()}
