@@ -49,6 +49,7 @@ from dsnas.storage import (
 )
 from dsnas.tasks import data_differs, make_task, runs_own_trials
 from dsnas.trial import TrialFn, TrialRequest, TrialResult, own_work
+from dsnas.worker import WAIT_SAY_S
 
 # A predictor that skips this many candidates in a row has found the limits leave (almost) nothing to search.
 MAX_SKIPS_IN_A_ROW = 100
@@ -134,6 +135,7 @@ class Driver:
                 with self.guard.writing(), self._unless_taken_back(number):
                     self._record(self.running[number], outcome)
             self._stop_overdue()
+            self._say_long_waits()
             if self.twins:
                 with self.guard.writing():
                     self._answer_twins()
@@ -248,9 +250,24 @@ class Driver:
                        untrained=tuple(metric for metric in figures if metric not in TRAINED),
                        budget=self.spec.budget.n_trials)
 
+    def _say_long_waits(self) -> None:
+        """A trial of a Ray worker kept waiting for its device's measurement gate (others measure there) is said
+        once the wait lasts WAIT_SAY_S, at most once a minute: behind other studies' measurements one waited ten
+        minutes, the search silent. (A local trial runs in this process, and its worker says so itself.)"""
+        now = time.monotonic()
+        for number, clock in self.clocks.items():
+            if clock.waiting_since is not None and now - clock.waiting_since >= WAIT_SAY_S and \
+                    (clock.said_at is None or now - clock.said_at >= 60.0):
+                clock.said_at = now
+                self.progress.say(f"  trial {number} has waited {now - clock.waiting_since:.0f} s for its device's "
+                                  "measurement gate: other trials or dsnas processes measure there (waits do not "
+                                  "count toward trial_timeout_s)")
+
     def _stop_overdue(self) -> None:
         """Fail the trials that ran past trial_timeout_s; the executor kills their workers."""
         now, limit = time.monotonic(), self.spec.budget.trial_timeout_s
+        if limit is None:
+            return
         for number in [n for n, clock in self.clocks.items() if n in self.running and clock.ran_s(now) > limit]:
             with self.guard.writing(), self._unless_taken_back(number):  # (this driver was paused past GRACE_S)
                 self.executor.cancel(number)
@@ -267,7 +284,7 @@ class Driver:
     def executor(self) -> BaseExecutor:
         if self._executor is None:
             self._executor = make_executor(self.spec, self.trial_fn, self._on_rung if self.rungs else None,
-                                           self._on_clock if self.spec.budget.trial_timeout_s is not None else None)
+                                           self._on_clock)
             self.guard.reroute()  # starting Ray replaced the guard's SIGTERM handler with its own
         return self._executor
 
@@ -542,8 +559,7 @@ class Driver:
         self.executor.submit(TrialRequest(trial.number, arch, self.spec.task, self.spec.hardware,
                                          seed=seed, cached=cached, engine=self.spec.engine,
                                          rungs=rungs, task_fingerprint=self.data, run=self.run_id))
-        if self.spec.budget.trial_timeout_s is not None:
-            self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
+        self.clocks[trial.number] = TrialClock()  # runs from its worker's "started"
         self.progress.started(trial.number, short, self.running)
 
     def _original(self, key: str) -> int | None:
@@ -890,12 +906,18 @@ class TrialClock:
     running: bool = True
     seq: int = -1
     waited_s: float = 0.0
+    waiting_since: float | None = None  # the driver's time when the wait going on was read
+    said_at: float | None = None  # when a long wait was last said
 
     def tell(self, event: Any, now: float) -> None:
         if event.seq <= self.seq:
             return  # read after a later one (a Ray actor's calls need not run in order)
         self.seq, self.told_s, self.told_at = event.seq, event.ran_s, now
         self.running = event.event != "waiting"
+        if self.running:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
 
     def ran_s(self, now: float) -> float:
         """Seconds it has run itself (0 while it is queued: it has not started)."""

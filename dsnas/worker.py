@@ -15,6 +15,9 @@ from dsnas.rungs import ClockEvent, RungReport, RungStop
 from dsnas.tasks import data_differs, forget_built, make_task, preprocessing_of, runs_own_trials
 from dsnas.trial import Profile, TrialRequest, TrialResult, worker_identity
 
+# A trial's wait for the measurement gate (others measure on its device) is said once it lasts this long.
+WAIT_SAY_S = 10.0
+
 
 def run_trial(request: TrialRequest) -> TrialResult:
     clock = OwnClock(request)
@@ -125,7 +128,8 @@ class _Candidate:
         pipeline.check_task(self.model, task)
         # Time kept waiting for another trial's measurement (or for its training, to measure) is not this one's.
         self.gate = MeasureGate(device_key(self.device),
-                                on_wait=lambda waiting: self.clock.tell("waiting" if waiting else "running"))
+                                on_wait=lambda waiting: self.clock.tell("waiting" if waiting else "running"),
+                                announce=f"trial {request.trial}", say_after_s=WAIT_SAY_S)
         if is_user_family(str(request.arch.get("family", ""))):
             with self.gate.shared():  # no computing outside the gate: another trial may be measuring
                 _check_output(self.model, task, self.device, request.arch["family"])

@@ -128,6 +128,57 @@ def test_a_measurement_kept_waiting_says_by_whom_and_for_how_long(tmp_path, capl
     assert not caplog.records
 
 
+def test_a_trial_kept_waiting_long_says_so_and_a_short_wait_says_nothing(tmp_path, caplog, monkeypatch):
+    """A trial behind other studies' measurements waited ten minutes while its search printed nothing. A trial's
+    wait (to train or to measure) is said once it lasts say_after_s, with who holds the gate; the Ray driver says
+    it from the trial's clock events."""
+    import logging
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from dsnas.driver import Driver, TrialClock
+    from dsnas.rungs import ClockEvent
+
+    waits = []
+    gate = MeasureGate("long", tmp_path, on_wait=waits.append, announce="trial 7", say_after_s=0.3)
+    with open(gate.paths[1], "ab"):
+        pass
+    script = tmp_path / "measurer_mark.py"
+    script.write_text("import fcntl, sys, time\nf = open(sys.argv[1], 'rb+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+                      "print('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n", encoding="utf-8")
+    for seconds in ("0.05", "1.2"):
+        proc = subprocess.Popen([sys.executable, str(script), str(gate.paths[1]), seconds], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            with caplog.at_level(logging.INFO, logger="dsnas"), gate.shared():
+                pass
+        finally:
+            proc.wait(30)
+        said = [r.getMessage() for r in caplog.records]
+        if seconds == "0.05":
+            assert said == [] and waits == [True, False]  # a short wait: counted, not said
+            continue
+        assert len(said) == 2, said
+        assert said[0].startswith("trial 7 has waited 0 s for the measurement gate") and "measurer_mark.py" in said[0]
+        assert said[1].startswith("trial 7 goes on (waited 1 s")
+    # The driver of Ray trials, from the clock events its workers send.
+    clock, lines = TrialClock(), []
+    driver = SimpleNamespace(clocks={3: clock}, progress=SimpleNamespace(say=lines.append))
+    clock.tell(ClockEvent(3, "waiting", 1.0, 1), 100.0)
+    monkeypatch.setattr("dsnas.driver.time.monotonic", lambda: 100.0 + 5)
+    Driver._say_long_waits(driver)
+    assert lines == []
+    monkeypatch.setattr("dsnas.driver.time.monotonic", lambda: 100.0 + 12)
+    Driver._say_long_waits(driver)
+    Driver._say_long_waits(driver)  # once a minute at most
+    assert lines == ["  trial 3 has waited 12 s for its device's measurement gate: other trials or dsnas processes "
+                     "measure there (waits do not count toward trial_timeout_s)"]
+    clock.tell(ClockEvent(3, "running", 1.0, 2), 113.0)
+    assert clock.waiting_since is None
+
+
 def test_a_shared_hold_with_patience_goes_on_holding_nothing_once_its_patience_runs_out(tmp_path):
     """A trial hung holding the gate, another queued to measure behind it, and the driver waited for the gate with
     no limit: it never reached the check that stops the hung trial at trial_timeout_s, and the search hung."""

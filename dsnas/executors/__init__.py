@@ -13,8 +13,9 @@ __all__ = ["BaseExecutor", "ClockHandler", "TrialFn", "Finished", "RungHandler",
 
 def make_executor(spec: StudySpec, trial_fn: TrialFn = run_trial, on_rung: RungHandler | None = None,
                   on_clock: ClockHandler | None = None) -> BaseExecutor:
-    """``on_clock``: what to do with the trials' clock events, when trial_timeout_s counts by them (a local
-    executor runs one trial in the driver's own loop and takes no time limit: it has none to send)."""
+    """``on_clock``: what to do with the trials' clock events (trial_timeout_s counts by them, and the driver says
+    a long wait for the measurement gate); a local executor runs one trial in the driver's own loop, which takes no
+    time limit and says its own waits: it has none to send."""
     if spec.executor.kind == "local":
         return LocalExecutor(trial_fn, on_rung)
     return RayExecutor(spec.executor, spec.hardware.device, trial_fn, on_rung, on_clock)

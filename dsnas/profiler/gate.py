@@ -29,11 +29,13 @@ PATIENT_POLL_S = 0.05  # how often a wait with a deadline tries the lock again
 
 class MeasureGate:
     def __init__(self, key: str, folder: str | os.PathLike[str] | None = None,
-                 on_wait: Callable[[bool], None] | None = None, announce: str = "") -> None:
+                 on_wait: Callable[[bool], None] | None = None, announce: str = "",
+                 say_after_s: float | None = None) -> None:
         """``on_wait(True)`` when a holder is kept waiting by another, ``on_wait(False)`` when it goes on: the time a
         trial waits for others is not its own (trial_timeout_s). An uncontended pass says nothing. ``announce``: a
         command's name ("dsnas verify"); a measurement kept waiting says so, and by whom (a verify behind another's
-        measurement waited minutes without a word and looked hung)."""
+        measurement waited minutes without a word and looked hung). With ``say_after_s`` (a trial's gate), any
+        wait, to train or to measure, is said once it has lasted that long, at most once a minute."""
         folder = Path(folder or tempfile.gettempdir())
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         self.paths = (folder / f"dsnas-gate-{safe}.turnstile", folder / f"dsnas-gate-{safe}.lock")
@@ -46,6 +48,8 @@ class MeasureGate:
             # account's own rather than fail, and say that the other account's runs are not waited for.
             mine = (p.with_name(f"{p.stem}-uid{os.getuid()}{p.suffix}") for p in self.paths)
             self.paths = tuple(mine)  # type: ignore[assignment]
+        if announce and say_after_s is not None:
+            self.on_wait, self.announce = _LongWaits(announce, self.paths, on_wait, say_after_s), ""
 
     @contextmanager
     def shared(self, patience_s: float | None = None) -> Iterator[_SharedHold | _HeldAlready]:
@@ -208,6 +212,50 @@ class _Announced:
     def went_on(self) -> None:
         if self.since is not None:
             log.info("%s measures now (waited %.0f s for the gate)", self.what, time.monotonic() - self.since)
+
+
+class _LongWaits:
+    """A trial's waits for the gate, each said once it lasts ``after_s`` (a timer thread: the wait itself blocks in
+    flock), at most once a minute: a trial behind other studies' measurements waited ten minutes, its search silent."""
+
+    EVERY_S = 60.0
+
+    def __init__(self, what: str, paths: tuple[Path, ...], on_wait: Callable[[bool], None] | None,
+                 after_s: float) -> None:
+        self.what, self.paths, self.on_wait, self.after_s = what, paths, on_wait, after_s
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
+        self.since = 0.0
+        self.said_at: float | None = None
+        self.said = False
+
+    def __call__(self, waiting: bool) -> None:
+        if self.on_wait is not None:
+            self.on_wait(waiting)
+        with self.lock:
+            if waiting and self.timer is None:
+                self.since = time.monotonic()
+                self.timer = threading.Timer(self.after_s, self._say)
+                self.timer.daemon = True
+                self.timer.start()
+            elif not waiting:
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                if self.said:
+                    self.said = False
+                    log.info("%s goes on (waited %.0f s for the measurement gate)", self.what,
+                             time.monotonic() - self.since)
+
+    def _say(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if self.timer is None or (self.said_at is not None and now - self.said_at < self.EVERY_S):
+                return
+            self.said_at, self.said = now, True
+        who = ", ".join(holders(self.paths)) or "another process on this device"
+        log.info("%s has waited %.0f s for the measurement gate %s, held by %s: another measurement on this "
+                 "device (waits do not count toward trial_timeout_s)", self.what, now - self.since, self.paths[1], who)
 
 
 def holders(paths: tuple[Path, ...]) -> list[str]:
