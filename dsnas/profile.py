@@ -142,6 +142,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
     try:
+        _runs_on_batches(model, task, dev, min(hardware.batch_sizes))
         with MeasureGate(device_key(dev), announce="dsnas.measure").exclusive():
             metrics, profile = measure(model, task, dev, hardware)
     finally:
@@ -169,6 +170,24 @@ def _protocol(make: Callable[[], HardwareSpec], where: str) -> HardwareSpec:
     except Invalid as e:
         option = f"--{e.key.replace('_', '-')}" if where == "--" else f"{where}{e.key}"
         raise DsnasError(f"{option}: {e.rule}, but got {e.got!r}. Fix: {e.fix}") from None
+
+
+def _runs_on_batches(model: Any, task: _ExampleInputs, dev: Any, batch_size: int) -> None:
+    """One call at a batch size before measuring: a single example given without its batch dimension (a (64,)
+    tensor for nn.Linear(64, 10), which the model itself takes) was cut into rows of one number, and the measurement
+    ended in torch's traceback."""
+    import torch
+
+    batch = task.example_batch(batch_size, dev)
+    try:
+        with torch.inference_mode():
+            model.eval()(batch)
+    except Exception as e:
+        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DsnasError(f"dsnas.measure: the model failed on a batch of {batch_size} of example_input ({shape}): "
+                         f"{type(e).__name__}: {first}. Fix: example_input's first dimension is the batch: give one "
+                         "batch (x.unsqueeze(0) for a single example), or a function batch_size -> input") from None
 
 
 class _ExampleInputs:

@@ -371,6 +371,13 @@ def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol(
     with pytest.raises(dsnas.DsnasError, match="example_input must be a tensor whose first dimension is the batch, "
                                                "of one row or more"):
         dsnas.measure(model, torch.randn(0, 256), device="cpu")
+    # One example without its batch dimension, which the model itself takes: cut into rows of one number, it ended
+    # in torch's traceback. One line, and the modes handed back as they came.
+    with pytest.raises(dsnas.DsnasError) as caught:
+        dsnas.measure(model, torch.randn(256), device="cpu")
+    assert str(caught.value).startswith("dsnas.measure: the model failed on a batch of 1 of example_input ((1,)): "
+                                        "RuntimeError: ") and "x.unsqueeze(0) for a single example" in str(caught.value)
+    assert [module.training for module in model.modules()] == [True, False, True, True]
     for sizes in ([1.0, 32.0], ["1", "32"], [True]):  # an IndexError and a TypeError deep inside, before
         with pytest.raises(dsnas.DsnasError, match=r"dsnas.measure batch_sizes: must be a non-empty list of integers"):
             dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=sizes)

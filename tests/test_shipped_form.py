@@ -35,9 +35,27 @@ def task():
 def _cache_entry(profile, metrics):
     """What tables.cached_figures gives the worker for a stored measurement of this device."""
     _, rows = measurement_rows("s", 0, profile, metrics, None, _arch())
-    return {fingerprint_id(profile["fingerprint"]): {
-        "threads": rows[0].threads, "source": "study s trial 0", "profile": {"backend": rows[0].backend},
-        "batches": {str(r.batch_size): {"figures": r.figures, "timing": r.timing} for r in rows}}}
+    return {fingerprint_id(profile["fingerprint"]): {"batches": {str(r.batch_size): {
+        "figures": r.figures, "timing": r.timing, "source": "study s trial 0",
+        "profile": {"backend": r.backend, "dtype": r.dtype, "threads": r.threads}} for r in rows}}}
+
+
+def test_a_reused_measurement_says_what_the_first_could_not_give_and_how_it_was_made(task):
+    """A cache hit kept backend, dtype and threads only: no flop_util and nothing saying why, no allocator (verify
+    then compared no speed of its bundle: "allocator not recorded"), no memory method (report warned of two
+    definitions in one study) and no disturbance record."""
+    hardware = HardwareSpec(device="cpu", batch_sizes=(1,), warmup_s=0.01, measure_s=0.02, threads=1)
+    model = untrained_inference_form(build(_arch("bf16")))
+    cpu = torch.device("cpu")
+    metrics, profile = measure(model, task, cpu, hardware)
+    assert profile["unavailable"]["flop_util"] == "no bf16 FLOP/s ceiling known on this device"
+    for batch in profile["batches"].values():  # stored as a quiet machine stores it (this one may be busy)
+        batch["disturbance"] = {**batch["disturbance"], "disturbed": False}
+    reused_metrics, reused = measure(model, task, cpu, hardware, cached=_cache_entry(profile, metrics))
+    assert reused["cache"]["hit"]
+    assert reused["unavailable"]["flop_util"] == profile["unavailable"]["flop_util"]
+    assert (reused["allocator"], reused["memory_method"]) == (profile["allocator"], profile["memory_method"])
+    assert reused["disturbed"] is False and reused_metrics["disturbed"] == 0.0
 
 
 def test_the_measurement_cache_misses_when_anything_that_changes_the_number_changes(task, monkeypatch, steady_host):

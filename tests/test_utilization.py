@@ -224,3 +224,57 @@ def test_int8_fp8_and_semi_structured_ops_count_at_their_kernels_peaks(monkeypat
     assert flops_seen_at("linear_dynamic", (torch.zeros(2),)) == "int8"  # fp32 in, quantized inside
     if hasattr(torch, "float8_e4m3fn"):
         assert flops_seen_at("_scaled_mm", (torch.zeros(2).to(torch.float8_e4m3fn),)) == "fp8"
+
+
+def test_work_that_is_not_8_bit_integers_is_not_charged_to_int8():
+    """A complex einsum (a spectral layer) or an int64 matmul went to the int8 peak: on a CPU flop_util said "no int8
+    ceiling", on a GPU it would divide by the int8 tensor cores'."""
+    assert flops_seen_at("bmm", (torch.zeros(2, dtype=torch.complex64),)) == "complex64"
+    assert flops_seen_at("mm", (torch.zeros(2, dtype=torch.int64),)) == "int64"
+    assert flops_seen_at("mm", (torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.qint8),)) == "int8"
+
+
+def test_flop_util_is_not_a_share_of_the_work_counted_when_part_ran_uncounted_or_could_not_be_counted():
+    """nn.Bilinear's product has no FLOP formula: a share of the peak of the part counted read as a (too low)
+    figure. A model whose ops no counter can run under (torch.cond) failed its measurement: it is timed now,
+    its counts said to be missing, and why."""
+    import dsnas
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.head = torch.nn.Bilinear(32, 32, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.pair(x, x))
+
+    class Branching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda t: self.a(t), lambda t: self.b(t), (x,))
+
+    protocol = {"device": "cpu", "batch_sizes": (4,), "measure_s": 0.02, "max_measure_s": 0.1, "warmup_s": 0.01}
+    mixed = dsnas.measure(Mixed(), torch.randn(2, 32), **protocol)
+    assert "flop_util" not in mixed.metrics and mixed.metrics["flops_bs4"] > 0
+    assert mixed.profile["unavailable"]["flop_util"].startswith("part of the work was not counted (aten._trilinear")
+    branching = dsnas.measure(Branching(), torch.randn(2, 32), **protocol)
+    assert branching.metrics["latency_ms"] > 0 and "flops_bs4" not in branching.metrics
+    assert branching.profile["unavailable"]["flops"].startswith("the model's ops could not be counted")
+
+
+def test_an_fp16_quantize_dynamic_model_is_sized_and_labelled_fp16():
+    """Its weights unpack as fp32 tensors: it was labelled fp32 and its weights counted at 4 bytes."""
+    from dsnas.kernels.convert import inference_size
+    from dsnas.profiler.counting import count_bytes
+    from dsnas.profiler.utilization import weights_dtype
+
+    fp16 = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 512)), {torch.nn.Linear},
+                                                  dtype=torch.float16)
+    assert inference_size(fp16) == (256 * 512 + 512, 2 * (256 * 512 + 512))
+    assert weights_dtype(fp16) == "float16"
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        assert count_bytes(lambda: fp16(x)) == x.nbytes + 2 * (256 * 512 + 512) + 512 * 4

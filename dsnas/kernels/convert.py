@@ -152,9 +152,12 @@ def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset
     for module in model.modules():
         if id(module) in skip:
             continue
+        # fp16 dynamic quantization's weights unpack as fp32 tensors; its module says they are held in fp16
+        half = getattr(module, "dtype", None) == torch.float16
         for value in vars(module).values():
             if isinstance(value, torch.ScriptObject) and value._has_method("unpack"):
-                found += [t for t in tree_leaves(value.unpack()) if isinstance(t, torch.Tensor)]
+                found += [t.half() if half and t.dtype == torch.float32 else t
+                          for t in tree_leaves(value.unpack()) if isinstance(t, torch.Tensor)]
     return found
 
 

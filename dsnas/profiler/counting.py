@@ -113,7 +113,9 @@ def op_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
         table, ids = ins[0], ins[1]
         rows = min(ids.numel(), table.shape[0])
         return rows * table.shape[1] * table.element_size() + ids.nbytes + sum(t.nbytes for t in outs)
-    packed = sum(_packed_bytes(leaf) for leaf in leaves if isinstance(leaf, torch.ScriptObject))
+    # fp16 packed weights unpack as fp32 tensors: held, and read, at 2 bytes each
+    half = name.endswith("_fp16")
+    packed = sum(_packed_bytes(leaf, half) for leaf in leaves if isinstance(leaf, torch.ScriptObject))
     return sum(t.nbytes for t in ins) + packed + sum(t.nbytes for t in outs)
 
 
@@ -126,9 +128,9 @@ def _is_alias(a: Any, b: Any) -> bool:
         return False
 
 
-def _packed_bytes(obj: Any) -> int:
+def _packed_bytes(obj: Any, half: bool = False) -> int:
     """Bytes of the tensors a packed-parameter object holds (torch.ao's LinearPackedParams: its ``unpack()`` gives
-    the quantized weight and the bias), by dsnas.kernels.convert.quantized_bytes."""
+    the quantized weight and the bias), by dsnas.kernels.convert.quantized_bytes; ``half``: fp16 ones."""
     import torch
     from torch.utils._python_dispatch import _disable_current_modes
     from torch.utils._pytree import tree_leaves
@@ -139,7 +141,7 @@ def _packed_bytes(obj: Any) -> int:
         return 0
     with _disable_current_modes():  # reading the weights back is bookkeeping, not work of the call counted
         tensors = [t for t in tree_leaves(obj.unpack()) if isinstance(t, torch.Tensor)]
-        return sum(quantized_bytes(t) for t in tensors)
+        return sum(t.nbytes // 2 if half and t.dtype == torch.float32 else quantized_bytes(t) for t in tensors)
 
 
 def is_matrix_op(name: str) -> bool:
@@ -214,9 +216,9 @@ def flops_seen_at(name: str, args: tuple[Any, ...]) -> str:
     if not tensors:
         return "fp32"
     first = tensors[0]
-    if not first.is_floating_point():
-        return "int8"
     dtype = str(first.dtype).removeprefix("torch.")
+    if not first.is_floating_point():  # int8 only for 8-bit integers: a complex or int64 matmul is not int8 work
+        return "int8" if first.is_quantized or dtype in ("int8", "uint8") else dtype
     precision = "fp8" if dtype.startswith("float8") else PRECISION_OF.get(dtype, dtype)
     if precision == "fp32" and first.is_cuda and "attention" not in name:
         convolution = "convolution" in name

@@ -71,8 +71,18 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
     entry = (cached or {}).get(fingerprint_id(fp))
     stale = _stale(entry, key, hardware)
     if entry and not stale:
+        # What the key fixes (the allocator's policy, the measuring rules' memory method) and what the reused
+        # batches record (their disturbance): a hit left them out, and report warned of two memory definitions,
+        # verify would not compare a hit's speed ("allocator not recorded").
         metrics, profile = _reuse(entry, fp, params, hardware)
-        return metrics, {**profile, "signature": signature, "measurement_key": key}
+        profile.update(signature=signature, measurement_key=key, allocator=allocator,
+                       memory_method=CUDA_METHOD if device.type == "cuda" else CPU_METHOD)
+        for batch in profile["batches"].values():
+            if isinstance(batch.get("disturbance"), dict) and "disturbed" in batch["disturbance"]:
+                _add_disturbance(profile, batch["disturbance"])
+        if profile.setdefault("disturbed", None) is not None:
+            metrics["disturbed"] = float(profile["disturbed"])
+        return metrics, profile
     backend, dtype = _backend(model)
     profile: dict[str, Any] = {"fingerprint": fp, "batches": {}, "backend": backend, "dtype": dtype,
                                "signature": signature, "measurement_key": key, "allocator": allocator,
@@ -95,7 +105,9 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
             if hardware.kernels:
                 profile.setdefault("kernels", {})[str(bs)] = _kernels(model, batch, device)
             batches[bs] = figures
-            profile["batches"][str(bs)] = {**timing, **figures, "measurement_key": key}
+            # What this batch size could not give, kept with it: a reuse from the cache says it again.
+            profile["batches"][str(bs)] = {**timing, **figures, "measurement_key": key,
+                                           **({"unavailable": missing} if missing else {})}
             _add_disturbance(profile, timing["disturbance"])
             profile["unavailable"].update(missing)
             if "peak_memory_mb" in missing:
@@ -175,6 +187,10 @@ def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
     sources = "; ".join(dict.fromkeys(b.get("source") or entry.get("source", "") for b in used))
     profile = {**labels, "fingerprint": fp, "cache": {"hit": True, "from": sources},
                "batches": {str(bs): {**b["timing"], **b["figures"]} for bs, b in stored.items()}}
+    # What the measurement could not give (no flop_util, and why): a reuse dropped it, and said nothing of it.
+    profile["unavailable"] = {k: v for b in used for k, v in (b["figures"].get("unavailable") or {}).items()}
+    if "peak_memory_mb" in profile["unavailable"]:
+        profile["memory_unavailable"] = profile["unavailable"]["peak_memory_mb"]
     return metrics_from_batches({bs: b["figures"] for bs, b in stored.items()}, params, hardware), profile
 
 
@@ -214,31 +230,44 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     weight_bytes = _size(model)[1]
     peak = peak_memory(lambda: model(batch), device, weight_bytes)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model counts as its eager self: same algorithm
-    counts = count_work(lambda: eager(batch))
-    flops, nbytes = counts.flops, counts.bytes
     seconds = timing.median_ms / 1e3
-    figures: dict[str, Any] = {
-        "latency_ms": timing.median_ms, "throughput_tok_s": tokens / seconds, "flops": float(flops),
-        "bytes": float(nbytes), "flops_per_token": flops / tokens, "gflop_s": flops / seconds / 1e9,
-        "gb_s": nbytes / seconds / 1e9,
-        "peak_memory_mb": None if peak.bytes is None else peak.bytes / 2**20}
+    figures: dict[str, Any] = {"latency_ms": timing.median_ms, "throughput_tok_s": tokens / seconds,
+                               "peak_memory_mb": None if peak.bytes is None else peak.bytes / 2**20}
     missing: dict[str, str] = {}
     if peak.bytes is None:
         missing["peak_memory_mb"] = peak.reason
-    if counts.uncounted:  # matrix or attention ops with no FLOP formula: the count is short by their work
-        missing["flops of"] = ", ".join(counts.uncounted)
     if timing.device_median_ms is not None:
         figures["device_latency_ms"] = timing.device_median_ms
+    try:
+        figures.update(_counted(count_work(lambda: eager(batch)), tokens, seconds, ceilings, missing))
+    except Exception as e:  # an op no counter can run under (torch.cond, flex_attention): timed, not counted
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"the model's ops could not be counted ({type(e).__name__}: {first[:160]})"
+        missing.update({"flops": why, "bytes": why})
+    if cuda and hardware.cuda_graphs:
+        figures["graph_latency_ms"] = _graph_latency(model, batch, device, hardware).median_ms
+    return figures, {**timing.as_dict(), "disturbance": disturbance}, missing
+
+
+def _counted(counts: Any, tokens: int, seconds: float, ceilings: dict[str, Any],
+             missing: dict[str, str]) -> dict[str, float]:
+    """The figures of one call's counts (dsnas.profiler.counting.Counts) over its median time; what is missing
+    goes into ``missing``, with why."""
+    flops, nbytes = counts.flops, counts.bytes
+    figures = {"flops": float(flops), "bytes": float(nbytes), "flops_per_token": flops / tokens,
+               "gflop_s": flops / seconds / 1e9, "gb_s": nbytes / seconds / 1e9}
     peak, why = effective_peak(counts.flops_at, ceilings["by_precision"])
-    if peak:
+    if counts.uncounted:  # matrix or attention ops with no FLOP formula: the count is short by their work
+        missing["flops of"] = ", ".join(counts.uncounted)
+        # A share of a peak with part of the work left out read as a figure (5e-7 for a quantized conv model).
+        missing["flop_util"] = f"part of the work was not counted ({missing['flops of']})"
+    elif peak:
         figures["flop_util"] = figures["gflop_s"] / peak  # both GFLOP/s
     elif why:
         missing["flop_util"] = why
     if "gb_s" in ceilings:
         figures["bw_util"] = figures["gb_s"] / ceilings["gb_s"]
-    if cuda and hardware.cuda_graphs:
-        figures["graph_latency_ms"] = _graph_latency(model, batch, device, hardware).median_ms
-    return figures, {**timing.as_dict(), "disturbance": disturbance}, missing
+    return figures
 
 
 def _add_disturbance(profile: dict[str, Any], record: dict[str, Any]) -> None:
