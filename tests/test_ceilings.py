@@ -107,6 +107,16 @@ def test_ceilings_measured_while_others_took_the_cpus_are_used_but_not_cached(fa
     monkeypatch.setattr(_Window, "others", 0.5)
     busy = ceilings(FP, threads=1)
     assert fake_measure == [1] and busy.gemm_gflop_s == 101.0 and not cache_file().exists()
+    # Said, so that no measurement takes a share of them: a trial's flop_util read 0.77 where 0.30 was true.
+    assert busy.details["disturbed"] == "others took 50% of the CPUs while they were measured"
+    import importlib
+
+    measure_module = importlib.import_module("dsnas.profiler.measure")  # the module, not the function
+    monkeypatch.setattr(measure_module, "ceilings", lambda fp, threads: busy)
+    used = measure_module._ceilings(torch.device("cpu"), FP, 1, {})
+    assert used["reference_ms"] is None  # no host-speed reference either: it was measured as slowly
+    assert used["unusable"] == ("the CPU ceilings were not measured undisturbed (others took 50% of the CPUs while "
+                                "they were measured)")
     monkeypatch.setattr(_Window, "others", 0.0)
     quiet = ceilings(FP, threads=1)
     assert fake_measure == [1, 1] and quiet.gemm_gflop_s == 102.0 and cache_file().exists()

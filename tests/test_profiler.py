@@ -359,6 +359,14 @@ def test_time_calls_reports_median_and_spread():
     assert timing.as_dict()["spread"] == pytest.approx(timing.spread)
 
 
+def test_a_call_too_fast_to_reach_measure_s_before_the_repeat_cap_is_judged_at_the_cap():
+    """A call of a microsecond reached 100,000 repeats before measure_s, and stopped unjudged: "did not converge",
+    with a confidence interval of 0.05% against a 5% tolerance."""
+    timing = time_calls(lambda: None, lambda: None, warmup_s=0.0, measure_s=30.0, max_repeats=2000)
+    assert timing.repeats == 2000
+    assert timing.converged == ((timing.ci_high_ms - timing.ci_low_ms) / 2 <= 0.05 * timing.median_ms)
+
+
 def test_timing_statistics_are_ordered():
     timing = time_calls(lambda: sum(range(2000)), lambda: None, warmup_s=0.01, measure_s=0.05)
     d = timing.as_dict()

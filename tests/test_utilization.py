@@ -103,7 +103,17 @@ def test_measure_on_the_cpu_reports_no_flop_util_for_an_int8_model_but_says_why(
     assert "flop_util" not in metrics and profile["unavailable"]["flop_util"].startswith("no int8 FLOP/s ceiling")
     fp32 = untrained_inference_form(build(_arch(("fp32", "dense"))))
     metrics, profile = measure(fp32, task, torch.device("cpu"), hardware)  # its own ceilings: a busy host may have
-    assert metrics["flop_util"] == pytest.approx(metrics["gflop_s"] / profile["ceilings"]["gemm_gflop_s"])  # moved them
+    if fp32_share(metrics, profile) is not None:  # moved them
+        assert metrics["flop_util"] == pytest.approx(metrics["gflop_s"] / profile["ceilings"]["gemm_gflop_s"])
+
+
+def fp32_share(metrics, profile):
+    """flop_util, or None where this busy machine left the CPU ceilings measured disturbed (no share is taken of
+    ceilings too low: tests/test_ceilings.py), and the profile says so."""
+    if "disturbed" in profile["ceilings"]["details"]:
+        assert profile["unavailable"]["flop_util"].startswith("the CPU ceilings were not measured undisturbed")
+        return None
+    return metrics["flop_util"]
 
 
 def test_a_low_precision_convolution_counts_at_its_precision_by_its_output_size():
@@ -154,7 +164,7 @@ def test_a_plain_model_in_bf16_is_labelled_so_and_not_divided_by_the_fp32_peak()
                                batch_sizes=(8,), measure_s=0.02, max_measure_s=0.1, warmup_s=0.01)
         assert (report.profile["backend"], report.profile["dtype"]) == (backend, name)
         if dtype == torch.float32:
-            assert report.metrics["flop_util"] > 0
+            assert (fp32_share(report.metrics, report.profile) or 1.0) > 0
         else:
             assert "flop_util" not in report.metrics
             assert report.profile["unavailable"]["flop_util"] == "no bf16 FLOP/s ceiling known on this device"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,9 @@ def ceilings(fingerprint: dict[str, Any], threads: int | None = None) -> Ceiling
         if disturbed:
             log.info("others took %.0f%% of the CPUs while the ceilings were measured; not cached",
                      100 * window.share.load)
+            if stored is None:  # nothing better to stand for them: said, so that no share is taken of them
+                why = f"others took {100 * window.share.load:.0f}% of the CPUs while they were measured"
+                return replace(measured, details={**measured.details, "disturbed": why})
         else:
             log.info("others' use of the CPUs while the ceilings were measured is unknown (%s); not cached",
                      window.share.unavailable or "no reading")

@@ -259,13 +259,17 @@ def _counted(counts: Any, tokens: int, seconds: float, ceilings: dict[str, Any],
     peak, why = effective_peak(counts.flops_at, ceilings["by_precision"])
     if counts.uncounted:  # matrix or attention ops with no FLOP formula: the count is short by their work
         missing["flops of"] = ", ".join(counts.uncounted)
-        # A share of a peak with part of the work left out read as a figure (5e-7 for a quantized conv model).
+    if counts.uncounted:  # a share of a peak with part of the work left out read as a figure (5e-7)
         missing["flop_util"] = f"part of the work was not counted ({missing['flops of']})"
+    elif why:  # a precision without a peak here: said first, as it holds on any day
+        missing["flop_util"] = why
+    elif "unusable" in ceilings:
+        missing["flop_util"] = ceilings["unusable"]
     elif peak:
         figures["flop_util"] = figures["gflop_s"] / peak  # both GFLOP/s
-    elif why:
-        missing["flop_util"] = why
-    if "gb_s" in ceilings:
+    if "unusable" in ceilings:
+        missing["bw_util"] = ceilings["unusable"]
+    elif "gb_s" in ceilings:
         figures["bw_util"] = figures["gb_s"] / ceilings["gb_s"]
     return figures
 
@@ -311,8 +315,12 @@ def _ceilings(device: Any, fp: dict[str, Any], threads: int, profile: dict[str, 
     if device.type == "cpu":
         found = ceilings(fp, threads)
         profile["ceilings"] = found.as_dict()
-        return {"by_precision": {"fp32": found.gemm_gflop_s}, "gb_s": found.stream_gb_s,
-                "reference_ms": found.reference_ms}
+        out = {"by_precision": {"fp32": found.gemm_gflop_s}, "gb_s": found.stream_gb_s,
+               "reference_ms": found.reference_ms}
+        if "disturbed" in found.details:  # too low by others' share: flop_util read 0.77 where 0.30 was true
+            out.update(unusable=f"the CPU ceilings were not measured undisturbed ({found.details['disturbed']})",
+                       reference_ms=None)
+        return out
     peaks = gpu_peaks(device)
     profile["ceilings"] = peaks.as_dict()
     out: dict[str, Any] = {"by_precision": peaks.by_precision()}

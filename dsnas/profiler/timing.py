@@ -103,6 +103,9 @@ def time_calls(fn: Callable[[], Any], sync: Callable[[], None], *, warmup_s: flo
                 if converged or elapsed >= cap:
                     break
                 next_check = len(samples) + max(1, len(samples) // 10)  # re-check every 10% more samples
+    if len(samples) >= max_repeats and not converged:  # a call of a microsecond stops here, before any check
+        low, high = median_ci(sorted(samples))
+        converged = (high - low) / 2 <= ci_tolerance * statistics.median(samples)
     return summarize(samples, warmup, converged, device or None)
 
 
