@@ -112,7 +112,8 @@ def test_a_builder_edited_since_the_trial_trained_is_not_exported_as_its_model(s
     assert main(export) == 0  # as it was: exported
 
 
-def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_verify(searched, capsys):
+def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_verify(searched, capsys,
+                                                                                       monkeypatch):
     """A probe without its mode (an older dsnas's, whose task left dropout on) differs from the rebuilt model's
     logits: export's ONNX check and the model card said the ONNX file disagreed, and verify failed the bundle. The
     bundle's probe is then the rebuilt model's, said so; an older bundle's is shown, not compared."""
@@ -132,6 +133,12 @@ def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_v
         noisy = {"input": probe["input"], "logits": probe["logits"] + 0.5 * torch.randn_like(probe["logits"])}
         save_file(noisy, stored)  # no metadata: as an older dsnas wrote it, dropout's random logits
         out = folder / "old_probe"
+        import dsnas.export.bundle as bundle_module
+
+        given, write = {}, bundle_module.write_model_files
+        monkeypatch.setattr(bundle_module, "write_model_files",
+                            lambda model, example, where: given.update(example=example.clone()) or write(model, example,
+                                                                                                        where))
         assert main(["export", str(folder / "study.toml"), "--trial", str(best.number), "--out", str(out)]) == 0
         said = capsys.readouterr()
         assert "its probe, taken by an older dsnas in no recorded mode, differs" in said.out + said.err
@@ -139,6 +146,9 @@ def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_v
         with safe_open(str(out / "probe.safetensors"), framework="pt") as f:
             assert f.metadata().items() >= REMADE_PROBE.items()
         assert "disagree" not in (out / "README.md").read_text(encoding="utf-8")
+        # The model files and the ONNX check got the probe's input as it is (the file it was read from was
+        # rewritten under it: token ids of 2e18 reached onnxruntime).
+        assert torch.equal(given["example"].cpu(), probe["input"])
         assert main(["verify", str(out)]) == 0
         capsys.readouterr()
         # A bundle an older dsnas wrote, with such a probe: shown, not compared, and the fix named.

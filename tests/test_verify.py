@@ -263,8 +263,11 @@ def test_verify_says_when_the_task_data_differs(bundle, capsys):
 
 
 def test_verify_fails_when_the_model_no_longer_gives_the_probe_logits(bundle, capsys):
+    from dsnas.worker import PROBE_MODE
+
     probe = load_file(bundle / "probe.safetensors")
-    save_file({"input": probe["input"], "logits": probe["logits"] + 1e-3}, bundle / "probe.safetensors")
+    save_file({"input": probe["input"], "logits": probe["logits"] + 1e-3}, bundle / "probe.safetensors",
+              metadata=PROBE_MODE)  # today's probe, of eval mode: a difference is the model's
     code, out = verify(bundle, capsys, *CALM)
     assert code == 1 and out.splitlines()[-1] == "verify: FAILED (probe logits)", out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -384,8 +385,12 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
         # the ONNX file disagreed). The bundle's probe becomes the rebuilt model's, and says so.
         from safetensors.torch import save
 
-        probe = {"input": probe["input"], "logits": now.cpu().contiguous()}
-        (work / "probe.safetensors").write_bytes(save(probe, metadata={**PROBE_MODE, **REMADE_PROBE}))
+        # Copied out of the file first, then the file replaced whole: the tensors read are mapped from it, and
+        # writing over it gave the ONNX check an input of other bytes (token ids of 2e18).
+        probe = {"input": probe["input"].clone(), "logits": now.cpu().contiguous()}
+        staged = work / ".probe.safetensors.new"
+        staged.write_bytes(save(probe, metadata={**PROBE_MODE, **REMADE_PROBE}))
+        os.replace(staged, work / "probe.safetensors")
         log.warning("trial %d: its probe, taken by an older dsnas in no recorded mode, differs from the rebuilt "
                     "model's eval-mode logits by %.2g (as a training-mode forward's dropout would): the bundle's "
                     "probe holds the rebuilt model's logits", frozen.number, diff)
