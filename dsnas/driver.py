@@ -297,7 +297,10 @@ class Driver:
         if self._cpu_gate is None:
             device = self.spec.hardware.device
             on_cpu = device == "cpu" or (device == "auto" and not has_cuda())
-            self._cpu_gate = MeasureGate(device_key(resolve_device("cpu"))) if on_cpu else False
+            # Its waits said as a trial's are (the search printed nothing for up to a minute a candidate, waiting
+            # for another process's measurement to sample and screen it).
+            self._cpu_gate = MeasureGate(device_key(resolve_device("cpu")), announce="the driver (to sample or screen "
+                                         "a candidate)", say_after_s=WAIT_SAY_S) if on_cpu else False
 
         def run(*args: Any, **kwargs: Any) -> Any:
             if not self._cpu_gate:

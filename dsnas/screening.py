@@ -184,17 +184,18 @@ def arch_counter(task: Any, batch_sizes: tuple[int, ...], int8_backend: str = "a
 def count_arch(arch: dict[str, Any], task: Any, batch_sizes: tuple[int, ...],
                int8_backend: str = "auto") -> dict[str, float] | None:
     """FLOPs and bytes per batch size, and parameters, of an architecture's untrained inference form, counted on
-    this CPU as the worker counts them: an INT8 layer with the backend the worker runs (``int8_backend``; "auto"
-    times them at the rows the worker measures, once per layer shape in this process; counting every candidate in
-    torch's dynamic kernel gave int8-static trials' predictions bytes 2.5 times too few); None when it cannot be
-    built here (an fp8 layer on a CPU, say)."""
+    this CPU as the worker counts them: an INT8 layer with the backend the study names (counting every candidate in
+    torch's dynamic kernel gave an int8-static study's predictions bytes 2.5 times too few); under "auto", torch's
+    dynamic kernel still, as the worker's choice is made by timing each backend on its exclusive hold (timed here,
+    on the driver's share of a busy machine, it took 3-15 s a shape holding the gate, and chose otherwise at
+    random); None when it cannot be built here (an fp8 layer on a CPU, say)."""
     import torch
 
     from dsnas.kernels.convert import inference_size, untrained_inference_form  # torch loads on first use
 
-    rows = sorted({bs * getattr(task, "tokens_per_example", 1) for bs in batch_sizes})  # as the worker's _rows
+    backend = "torch-dynamic" if int8_backend == "auto" else int8_backend
     try:
-        model = untrained_inference_form(build(arch), int8_backend=int8_backend, rows=rows)
+        model = untrained_inference_form(build(arch), int8_backend=backend)
     except Exception:
         return None
     out = {"params": float(inference_size(model)[0])}

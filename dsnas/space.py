@@ -260,7 +260,7 @@ def load_space_file(path: str | Path) -> SearchSpace:
         raise SpecError(where, "family", f'must be one of {list(FAMILIES)} or a model builder "module:callable"',
                         name, 'set family = "transformer_lm", or family = "my_model:build" for def build(arch) in '
                         "my_model.py beside the study file")
-    groups = _groups(where, raw.get("engine")) if isinstance(raw.get("engine"), dict) else ()
+    groups = _groups(where, raw.get("engine"), is_user_family(name)) if isinstance(raw.get("engine"), dict) else ()
     if is_user_family(name):
         return _user_space(where, name, raw, groups)
     fam = family(name)
@@ -330,8 +330,9 @@ def _user_space(where: str, name: str, raw: dict[str, Any], groups: tuple[Engine
     return SearchSpace(family=name, choices=choices, per_layer={}, groups=groups)
 
 
-def _groups(where: str, table: dict[str, Any]) -> tuple[EngineGroup, ...]:
-    """[engine.NAME] tables: modules (patterns), precision and sparsity (one or a list each)."""
+def _groups(where: str, table: dict[str, Any], users: bool = False) -> tuple[EngineGroup, ...]:
+    """[engine.NAME] tables: modules (patterns), precision and sparsity (one or a list each). ``users``: of a
+    user family's space, which has no per-layer parameters (a ResNet's [engine.layer4] names no one else's)."""
     groups = []
     for name, group in table.items():
         key = f"engine.{name}"
@@ -341,7 +342,7 @@ def _groups(where: str, table: dict[str, Any]) -> tuple[EngineGroup, ...]:
         if not name.isidentifier():
             raise SpecError(where, key, "the group's name must be a word (letters, digits, _): it names the "
                             "Optuna parameters NAME.precision and NAME.sparsity", name, "e.g. [engine.mlp]")
-        if re.fullmatch(r"layer\d+", name):  # layerI.precision is [per_layer]'s parameter of layer I
+        if not users and re.fullmatch(r"layer\d+", name):  # layerI.precision: [per_layer]'s parameter of layer I
             raise SpecError(where, key, "the group's name is that of a layer's parameters (layerI.precision): the "
                             "group and the layer would share one", name, "name the group otherwise, e.g. "
                             f"[engine.{name}_group]")

@@ -126,6 +126,14 @@ def test_space_error(tmp_path: Path, text: str, key: str, rule: str, fix: str | 
     check_message(info.value, path, key, rule, fix)
 
 
+def test_a_user_familys_group_may_be_named_as_a_resnet_stage(tmp_path: Path) -> None:
+    """A user family has no per-layer parameters to share a name with: [engine.layer4] (torchvision's ResNet
+    stages) is its own, and was refused with the built-in families' rule."""
+    space = load_space_file(write_space(tmp_path, 'family = "mynet:build"\n[choices]\nwidth = [8]\n'
+                                                  '[engine.layer4]\nmodules = ["layer4.*"]\nprecision = ["fp32", "bf16"]\n'))
+    assert [g.name for g in space.groups] == ["layer4"]
+
+
 def test_missing_space_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     with pytest.raises(SpecError) as info:

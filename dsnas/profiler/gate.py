@@ -254,8 +254,8 @@ class _LongWaits:
                 return
             self.said_at, self.said = now, True
         who = ", ".join(holders(self.paths)) or "another process on this device"
-        log.info("%s has waited %.0f s for the measurement gate %s, held by %s: another measurement on this "
-                 "device (waits do not count toward trial_timeout_s)", self.what, now - self.since, self.paths[1], who)
+        log.info("%s has waited %.0f s for the measurement gate %s, held by %s: another measurement on this device",
+                 self.what, now - self.since, self.paths[1], who)
 
 
 def holders(paths: tuple[Path, ...]) -> list[str]:
