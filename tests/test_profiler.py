@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -96,26 +99,32 @@ def test_a_hold_within_a_hold_of_the_same_thread_does_not_wait_behind_a_queued_m
         pass
 
 
+@contextmanager
+def _another_holds(gate, script, mode, seconds):
+    """Another process, running ``script`` (its name shows in the notices), holds the gate's lock file (mode "SH"
+    or "EX") for ``seconds``; yields its Popen once it holds it."""
+
+    with open(gate.paths[1], "ab"):  # the lock file, made as the gate makes it
+        pass
+    script.write_text("import fcntl, sys, time\nf = open(sys.argv[1], 'rb+')\nfcntl.flock(f, getattr(fcntl, "
+                      "sys.argv[2]))\nprint('held', flush=True)\ntime.sleep(float(sys.argv[3]))\n", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script), str(gate.paths[1]), f"LOCK_{mode}", str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.wait(30)
+
+
 def test_a_measurement_kept_waiting_says_by_whom_and_for_how_long(tmp_path, caplog):
     """`dsnas verify` behind another process's measurement waited minutes without a word and looked hung."""
     import logging
-    import subprocess
-    import sys
 
     gate = MeasureGate("announce", tmp_path, announce="dsnas verify")
-    holder = ("import fcntl, sys, time\nf = open(sys.argv[1], 'rb+')\nfcntl.flock(f, fcntl.LOCK_SH)\n"
-              "print('held', flush=True)\ntime.sleep(1.0)\n")
-    with open(gate.paths[1], "ab"):  # the lock file, made as the gate makes it
-        pass
-    script = tmp_path / "trainer_mark.py"
-    script.write_text(holder, encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(script), str(gate.paths[1])], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with _another_holds(gate, tmp_path / "trainer_mark.py", "SH", 1.0) as proc:
         with caplog.at_level(logging.INFO, logger="dsnas"), gate.exclusive():
             pass
-    finally:
-        proc.wait(30)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2, said
     assert said[0].startswith("dsnas verify waits to measure") and f"pid {proc.pid} (" in said[0], said
@@ -133,8 +142,6 @@ def test_a_trial_kept_waiting_long_says_so_and_a_short_wait_says_nothing(tmp_pat
     wait (to train or to measure) is said once it lasts say_after_s, with who holds the gate; the Ray driver says
     it from the trial's clock events."""
     import logging
-    import subprocess
-    import sys
     from types import SimpleNamespace
 
     from dsnas.driver import Driver, TrialClock
@@ -142,22 +149,12 @@ def test_a_trial_kept_waiting_long_says_so_and_a_short_wait_says_nothing(tmp_pat
 
     waits = []
     gate = MeasureGate("long", tmp_path, on_wait=waits.append, announce="trial 7", say_after_s=0.3)
-    with open(gate.paths[1], "ab"):
-        pass
-    script = tmp_path / "measurer_mark.py"
-    script.write_text("import fcntl, sys, time\nf = open(sys.argv[1], 'rb+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
-                      "print('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n", encoding="utf-8")
-    for seconds in ("0.05", "1.2"):
-        proc = subprocess.Popen([sys.executable, str(script), str(gate.paths[1]), seconds], stdout=subprocess.PIPE,
-                                text=True)
-        try:
-            assert proc.stdout.readline().strip() == "held"
+    for seconds in (0.05, 1.2):
+        with _another_holds(gate, tmp_path / "measurer_mark.py", "EX", seconds):
             with caplog.at_level(logging.INFO, logger="dsnas"), gate.shared():
                 pass
-        finally:
-            proc.wait(30)
         said = [r.getMessage() for r in caplog.records]
-        if seconds == "0.05":
+        if seconds == 0.05:
             assert said == [] and waits == [True, False]  # a short wait: counted, not said
             continue
         assert len(said) == 2, said
