@@ -257,9 +257,9 @@ def _counted(counts: Any, tokens: int, seconds: float, ceilings: dict[str, Any],
     figures = {"flops": float(flops), "bytes": float(nbytes), "flops_per_token": flops / tokens,
                "gflop_s": flops / seconds / 1e9, "gb_s": nbytes / seconds / 1e9}
     peak, why = effective_peak(counts.flops_at, ceilings["by_precision"])
-    if counts.uncounted:  # matrix or attention ops with no FLOP formula: the count is short by their work
+    if counts.uncounted:  # matrix or attention ops with no FLOP formula: the count is short by their work, and
+        # a share of a peak of the part counted read as a figure (5e-7 for a quantized conv model)
         missing["flops of"] = ", ".join(counts.uncounted)
-    if counts.uncounted:  # a share of a peak with part of the work left out read as a figure (5e-7)
         missing["flop_util"] = f"part of the work was not counted ({missing['flops of']})"
     elif why:  # a precision without a peak here: said first, as it holds on any day
         missing["flop_util"] = why
