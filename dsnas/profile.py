@@ -142,8 +142,8 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
     try:
-        _runs_on_batches(model, task, dev, min(hardware.batch_sizes))
-        with MeasureGate(device_key(dev), announce="dsnas.measure").exclusive():
+        with MeasureGate(device_key(dev), announce="dsnas.measure").exclusive():  # no computing outside it
+            _runs_on_batches(model, task, dev, min(hardware.batch_sizes))
             metrics, profile = measure(model, task, dev, hardware)
     finally:
         for module, training in modes.items():
@@ -179,15 +179,24 @@ def _runs_on_batches(model: Any, task: _ExampleInputs, dev: Any, batch_size: int
     import torch
 
     batch = task.example_batch(batch_size, dev)
-    try:
-        with torch.inference_mode():
+    with torch.inference_mode():
+        try:
             model.eval()(batch)
-    except Exception as e:
-        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DsnasError(f"dsnas.measure: the model failed on a batch of {batch_size} of example_input ({shape}): "
-                         f"{type(e).__name__}: {first}. Fix: example_input's first dimension is the batch: give one "
-                         "batch (x.unsqueeze(0) for a single example), or a function batch_size -> input") from None
+            return
+        except Exception as e:
+            failed = e
+        example = task.example
+        try:  # the example whole: where the model takes it, its first dimension was not a batch
+            if not isinstance(example, torch.Tensor):
+                raise failed
+            model(example.to(dev))
+        except Exception:
+            raise failed from None  # another error of the model's own: as it is, with its traceback
+    first = str(failed).strip().splitlines()[0] if str(failed).strip() else ""
+    raise DsnasError(f"dsnas.measure: the model failed on a batch of {batch_size} rows of example_input "
+                     f"({tuple(batch.shape)}: {type(failed).__name__}: {first}), and takes the example "
+                     f"{tuple(example.shape)} whole: its first dimension is not a batch. Fix: give one batch "
+                     "(x.unsqueeze(0) for a single example), or a function batch_size -> input")
 
 
 class _ExampleInputs:

@@ -116,7 +116,9 @@ def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_v
                                                                                        monkeypatch):
     """A probe without its mode (an older dsnas's, whose task left dropout on) differs from the rebuilt model's
     logits: export's ONNX check and the model card said the ONNX file disagreed, and verify failed the bundle. The
-    bundle's probe is then the rebuilt model's, said so; an older bundle's is shown, not compared."""
+    bundle's probe is then the rebuilt model's, said so; an older bundle's is shown, not compared. But where the
+    model's training mode changes nothing (this one has no dropout), the difference is the code's: refused, as an
+    edited builder is (a remade probe shipped tanh for relu, and verify's probe check passed it)."""
     from safetensors import safe_open
     from safetensors.torch import load, save_file
 
@@ -139,7 +141,11 @@ def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_v
         monkeypatch.setattr(bundle_module, "write_model_files",
                             lambda model, example, where: given.update(example=example.clone()) or write(model, example,
                                                                                                         where))
-        assert main(["export", str(folder / "study.toml"), "--trial", str(best.number), "--out", str(out)]) == 0
+        export = ["export", str(folder / "study.toml"), "--trial", str(best.number), "--out", str(out)]
+        assert main(export) == 2
+        assert "the code of 'snippet_model:build'" in capsys.readouterr().err and not out.exists()
+        monkeypatch.setattr(bundle_module, "_mode_matters", lambda *args: True)  # as a model with dropout
+        assert main(export) == 0
         said = capsys.readouterr()
         assert "its probe, taken by an older dsnas in no recorded mode, differs" in said.out + said.err
         assert eval_mode_probe(out / "probe.safetensors")
@@ -158,6 +164,19 @@ def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_v
         assert "not compared: the probe of an older dsnas says no model mode" in line and "export the trial again" in line
     finally:
         stored.write_bytes(kept)
+
+
+def test_training_mode_matters_to_a_model_with_dropout_or_batch_norm_only():
+    from dsnas.export.bundle import _mode_matters
+
+    x = torch.randn(4, 8)
+    for layer, matters in ((nn.Dropout(0.5), True), (nn.BatchNorm1d(16), True), (nn.ReLU(), False)):
+        model = nn.Sequential(nn.Linear(8, 16), layer, nn.Linear(16, 4)).eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.inference_mode():
+            logits = model(x)
+        assert _mode_matters(model, x, logits) is matters
+        assert not model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_the_probe_holds_the_models_logits_in_eval_mode(tmp_path):
@@ -385,9 +404,13 @@ def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol(
     # in torch's traceback. One line, and the modes handed back as they came.
     with pytest.raises(dsnas.DsnasError) as caught:
         dsnas.measure(model, torch.randn(256), device="cpu")
-    assert str(caught.value).startswith("dsnas.measure: the model failed on a batch of 1 of example_input ((1,)): "
-                                        "RuntimeError: ") and "x.unsqueeze(0) for a single example" in str(caught.value)
+    text = str(caught.value)
+    assert text.startswith("dsnas.measure: the model failed on a batch of 1 rows of example_input ((1,): "
+                           "RuntimeError: ") and "takes the example (256,) whole" in text, text
+    assert "x.unsqueeze(0) for a single example" in text
     assert [module.training for module in model.modules()] == [True, False, True, True]
+    with pytest.raises(RuntimeError, match="dtype"):  # the model's own error, batched right: as it is, not advice
+        dsnas.measure(model, torch.randn(3, 256, dtype=torch.float64), device="cpu")
     for sizes in ([1.0, 32.0], ["1", "32"], [True]):  # an IndexError and a TypeError deep inside, before
         with pytest.raises(dsnas.DsnasError, match=r"dsnas.measure batch_sizes: must be a non-empty list of integers"):
             dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=sizes)

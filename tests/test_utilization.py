@@ -270,9 +270,10 @@ def test_flop_util_is_not_a_share_of_the_work_counted_when_part_ran_uncounted_or
     mixed = dsnas.measure(Mixed(), torch.randn(2, 32), **protocol)
     assert "flop_util" not in mixed.metrics and mixed.metrics["flops_bs4"] > 0
     assert mixed.profile["unavailable"]["flop_util"].startswith("part of the work was not counted (aten._trilinear")
-    branching = dsnas.measure(Branching(), torch.randn(2, 32), **protocol)
-    assert branching.metrics["latency_ms"] > 0 and "flops_bs4" not in branching.metrics
+    branching = dsnas.measure(Branching(), torch.randn(2, 32), **{**protocol, "batch_sizes": (1, 4)})
+    assert branching.metrics["latency_ms"] > 0 and "flops_bs4" not in branching.metrics  # both sizes timed
     assert branching.profile["unavailable"]["flops"].startswith("the model's ops could not be counted")
+    assert " at 0x" not in branching.profile["unavailable"]["flops"]  # no object address in what is stored
 
 
 def test_an_fp16_quantize_dynamic_model_is_sized_and_labelled_fp16():

@@ -379,10 +379,11 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
     diff = (now - then).abs().max().item() if now.shape == then.shape else float("inf")
     if diff <= 1e-2 * max(1.0, then.abs().max().item()):
         return model, probe
-    if not eval_mode_probe(work / "probe.safetensors"):
-        # A probe an older dsnas may have taken in training mode (dropout's random logits): no evidence against
-        # the builder, and no reference for the bundle either (verify failed it, the ONNX check and the card said
-        # the ONNX file disagreed). The bundle's probe becomes the rebuilt model's, and says so.
+    if not eval_mode_probe(work / "probe.safetensors") and _mode_matters(model, probe["input"], now):
+        # A probe an older dsnas may have taken in training mode (dropout's random logits), of a model whose
+        # training mode gives other logits: no evidence against the builder, and no reference for the bundle
+        # either (verify failed it, the ONNX check and the card said the ONNX file disagreed). The bundle's probe
+        # becomes the rebuilt model's, and says so. (Where the mode changes nothing, the difference is the code's.)
         from safetensors.torch import save
 
         # Copied out of the file first, then the file replaced whole: the tensors read are mapped from it, and
@@ -404,6 +405,25 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
                     "export with the dsnas version that searched the study")
     raise DsnasError(f"trial {frozen.number}: the model rebuilt from its stored weights gives other logits on its "
                      f"probe input than the trial's model did (max |difference| {diff:.2g}): {why}. Fix: {fix}")
+
+
+def _mode_matters(model: Any, batch: Any, eval_logits: Any) -> bool:
+    """Whether ``model`` in training mode gives other logits on ``batch`` than ``eval_logits`` (dropout, batch norm's
+    batch statistics): run on a copy, whose batch norm may update its statistics. A model that cannot be copied is
+    given the benefit of the doubt."""
+    import copy
+
+    import torch
+
+    try:
+        twin = copy.deepcopy(model).train()
+        with torch.no_grad():
+            trained = twin(batch.to(_device_of(twin))).float().cpu()
+    except Exception:
+        return True
+    if trained.shape != eval_logits.shape:
+        return True
+    return (trained - eval_logits).abs().max().item() > 1e-6 * max(1.0, eval_logits.abs().max().item())
 
 
 def _rebuild_device(arch: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ device's ceilings; on an NVIDIA GPU a steady window with NVML/GPM figures; and h
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -241,7 +242,9 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     try:
         figures.update(_counted(count_work(lambda: eager(batch)), tokens, seconds, ceilings, missing))
     except Exception as e:  # an op no counter can run under (torch.cond, flex_attention): timed, not counted
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # The failed count left torch.cond's compiled graph unusable: the next batch size's calls failed.
+        torch._dynamo.reset()
+        first = re.sub(r" at 0x[0-9a-f]+", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
         why = f"the model's ops could not be counted ({type(e).__name__}: {first[:160]})"
         missing.update({"flops": why, "bytes": why})
     if cuda and hardware.cuda_graphs:
