@@ -155,7 +155,7 @@ def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_v
         # The model files and the ONNX check got the probe's input as it is (the file it was read from was
         # rewritten under it: token ids of 2e18 reached onnxruntime).
         assert torch.equal(given["example"].cpu(), probe["input"])
-        assert main(["verify", str(out)]) == 0
+        assert main(["verify", str(out), "--latency-tol", "10"]) == 0  # the probe and accuracy (speed: test_verify)
         capsys.readouterr()
         # A bundle an older dsnas wrote, with such a probe: shown, not compared, and the fix named (verify's probe
         # row, without measuring the speed again).
