@@ -205,7 +205,7 @@ class _Announced:
             self.on_wait(waiting)
         if waiting and self.since is None:
             self.since = time.monotonic()
-            who = ", ".join(holders(self.paths)) or "another process on this device"
+            who = _held_by(self.paths)
             log.info("%s waits to measure: the measurement gate %s is held by %s (measuring beside it would time "
                      "its work too)", self.what, self.paths[1], who)
 
@@ -253,9 +253,13 @@ class _LongWaits:
             if self.timer is None or (self.said_at is not None and now - self.said_at < self.EVERY_S):
                 return
             self.said_at, self.said = now, True
-        who = ", ".join(holders(self.paths)) or "another process on this device"
+        who = _held_by(self.paths)
         log.info("%s has waited %.0f s for the measurement gate %s, held by %s: another measurement on this device",
                  self.what, now - self.since, self.paths[1], who)
+
+
+def _held_by(paths: tuple[Path, ...]) -> str:
+    return ", ".join(holders(paths)) or "another process on this device"
 
 
 def holders(paths: tuple[Path, ...]) -> list[str]:
