@@ -138,7 +138,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     # batch norm backbone came back updating its statistics, a dropout kept on for MC dropout came back off).
     modes = {module: module.training for module in model.modules()}
     model = model.to(dev)
-    name = type(model).__name__
+    name = type(getattr(model, "_orig_mod", model)).__name__  # a compiled model's own class, not OptimizedModule
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
     try:
@@ -238,16 +238,23 @@ def _unpacking(model: Any) -> Any:
     from torch import nn  # torch loads on first use
 
     class Unpacking(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, inner: Any) -> None:
             super().__init__()
-            self.model = model
+            self.model = inner
+
+        @property
+        def _orig_mod(self) -> Any:
+            # A torch.compile'd model seen through this wrapper: its eager self, unpacked too, so that measuring
+            # labels it compiled and counts its eager algorithm (it was labelled eager: the wrapper hid _orig_mod).
+            eager = self.model._orig_mod  # AttributeError where the model is not compiled: no _orig_mod here either
+            return Unpacking(eager)
 
         def forward(self, batch: Any) -> Any:
             if isinstance(batch, dict):
                 return self.model(**batch)
             return self.model(*batch) if isinstance(batch, (tuple, list)) else self.model(batch)
 
-    return Unpacking()
+    return Unpacking(model)
 
 
 @dataclass(frozen=True)

@@ -438,6 +438,11 @@ def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function
         report = dsnas.measure(Two(), example, **protocol)
         assert report.metrics["flops_bs8"] == 8 * 2 * 16 * 32  # the rows of every input repeated to the batch size
         assert report.what == "Two (544 parameters)"
+    # Compiled, it is said compiled and named as itself (the wrapper that unpacks the inputs hid torch.compile's
+    # _orig_mod: "eager-fp32", "OptimizedModule"); dynamo's eager backend compiles in a second, as inductor would not.
+    report = dsnas.measure(torch.compile(Two(), backend="eager"), example, **{**protocol, "batch_sizes": (8,)})
+    assert report.profile["backend"] == "compiled-eager-fp32" and report.what == "Two (544 parameters)"
+    assert report.metrics["flops_bs8"] == 8 * 2 * 16 * 32  # counted as its eager self
 
 
 def test_a_model_that_diverged_or_returns_a_tuple_fails_its_trial_before_it_costs_more():
