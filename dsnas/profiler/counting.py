@@ -181,7 +181,8 @@ def _flop_counter_class() -> type:
     class DsnasFlopCounter(FlopCounterMode):
         def __init__(self) -> None:
             super().__init__(display=False,
-                             custom_mapping={**_attention_flops(), **_int8_flops(), **_linear_flops()})
+                             custom_mapping={**_attention_flops(), **_int8_flops(), **_linear_flops(),
+                                             **_kept_whole()})
             self.uncounted: set[str] = set()
             self.at: Counter[str] = Counter()
 
@@ -279,6 +280,20 @@ def _linear_flops() -> dict[Any, Callable[..., int]]:
     # Both keys: FlopCounterMode decomposes any op whose overload (aten.linear.default) is not a key of its registry,
     # and counts by the packet (aten.linear).
     return {torch.ops.aten.linear: _linear_flop_count, torch.ops.aten.linear.default: _linear_flop_count}
+
+
+def _kept_whole() -> dict[Any, Callable[..., int]]:
+    """Ops the counter must run as they are, with no FLOPs: torch's Python decomposition of dropout, which the
+    counter runs for an op without a formula, clones its input where eval-mode dropout hands it back, so every
+    nn.Dropout of a model in eval counted its activations read and written (2x its tensor's bytes) that no call
+    moves."""
+    import torch
+
+    def nothing(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return 0
+
+    # Both keys, as for aten.linear (_linear_flops).
+    return {torch.ops.aten.dropout: nothing, torch.ops.aten.dropout.default: nothing}
 
 
 def _int8_flops() -> dict[Any, Callable[..., int]]:
