@@ -4,6 +4,8 @@ architecture file) with the study's protocol, and print the whole profile."""
 from __future__ import annotations
 
 import json
+import numbers
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -129,7 +131,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     moves to the device; it is measured in eval mode and handed back in the mode it came in (a model measured in the
     middle of training carried on with dropout and batch norm in eval mode)."""
     dev = named_device(device, "device=")
-    hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **protocol), "dsnas.measure ")
+    hardware = _protocol(lambda: HardwareSpec(batch_sizes=tuple(batch_sizes), **_typed(protocol)), "dsnas.measure ")
     task = _ExampleInputs(example_input, items_per_example)
     if not callable(getattr(model, "modules", None)):
         raise DsnasError(f"dsnas.measure model: must be a torch.nn.Module, got {type(model).__name__}. Fix: wrap a "
@@ -172,6 +174,30 @@ def _protocol(make: Callable[[], HardwareSpec], where: str) -> HardwareSpec:
         raise DsnasError(f"{option}: {e.rule}, but got {e.got!r}. Fix: {e.fix}") from None
 
 
+# The Python types each protocol keyword takes (a study file's loader checks its TOML values against the same
+# fields' annotations, dsnas.config.typed), with an example of each.
+# numbers' classes: a numpy integer is a count too.
+_KINDS = {int: (numbers.Integral, "2"), float: (numbers.Real, "0.3"), bool: (bool, "True")}
+
+
+def _typed(protocol: dict[str, Any]) -> dict[str, Any]:
+    """``protocol``, each keyword of HardwareSpec checked against its field's type: threads="2" was
+    TypeError's "'>=' not supported", threads=2.0 torch's "set_num_threads expects an int", both tracebacks, and
+    kernels="no" was taken as true."""
+    hints = typing.get_type_hints(HardwareSpec)
+    checked = dict(protocol)
+    for key, value in protocol.items():
+        hint = hints.get(key)
+        kind = next((t for t in typing.get_args(hint) or (hint,) if t in _KINDS), None)
+        if kind is None or value is None and type(None) in typing.get_args(hint):
+            continue  # an unknown keyword: HardwareSpec names it
+        allowed, example = _KINDS[kind]
+        if not isinstance(value, allowed) or isinstance(value, bool) != (kind is bool):
+            raise Invalid(key, f"must be of type {kind.__name__}", value, f"e.g. {key}={example}")
+        checked[key] = kind(value)  # np.int64(2) as 2: torch.set_num_threads takes a Python int
+    return checked
+
+
 def _runs_on_batches(model: Any, task: _ExampleInputs, dev: Any, batch_size: int) -> None:
     """One call at a batch size before measuring: a single example given without its batch dimension (a (64,)
     tensor for nn.Linear(64, 10), which the model itself takes) was cut into rows of one number, and the measurement
@@ -203,8 +229,10 @@ class _ExampleInputs:
     """The part of a task measuring reads: an input batch per batch size."""
 
     def __init__(self, example: Any, items_per_example: int) -> None:
-        if items_per_example < 1:
-            raise DsnasError(f"items_per_example must be >= 1, got {items_per_example}")
+        if isinstance(items_per_example, bool) or not isinstance(items_per_example, (int, float)) or \
+                not items_per_example >= 1:  # "4" was TypeError's "'<' not supported"
+            raise DsnasError(f"dsnas.measure items_per_example: must be a number >= 1, but got {items_per_example!r}. "
+                             "Fix: e.g. items_per_example=128 (the tokens of a sequence), or leave it out (1)")
         self.example, self.tokens_per_example = example, items_per_example
 
     def example_batch(self, batch_size: int, device: Any) -> Any:

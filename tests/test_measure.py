@@ -242,6 +242,41 @@ def test_a_cuda_device_where_there_is_none_and_a_mistyped_keyword_are_one_line()
         dsnas.measure(model, torch.randn(2, 4), device="cpu", batch_sizes=8)
 
 
+
+@pytest.mark.parametrize("keyword, said", [
+    ({"threads": "2"}, "dsnas.measure threads: must be of type int, but got '2'. Fix: e.g. threads=2"),
+    ({"threads": 2.0}, "dsnas.measure threads: must be of type int, but got 2.0. Fix: e.g. threads=2"),
+    ({"measure_s": "0.3"}, "dsnas.measure measure_s: must be of type float, but got '0.3'. Fix: e.g. measure_s=0.3"),
+    ({"kernels": "no"}, "dsnas.measure kernels: must be of type bool, but got 'no'. Fix: e.g. kernels=True"),
+    ({"items_per_example": "4"}, "dsnas.measure items_per_example: must be a number >= 1, but got '4'. Fix: e.g. "
+                                 "items_per_example=128 (the tokens of a sequence), or leave it out (1)"),
+])
+def test_a_measure_keyword_of_the_wrong_type_is_one_line_before_any_work(keyword, said, monkeypatch):
+    """threads="2" and measure_s="0.3" were TypeError tracebacks from a comparison, threads=2.0 torch's
+    set_num_threads traceback, and kernels="no" was taken as true: each is said as the study file's loader says it."""
+    import torch
+
+    import dsnas
+    from dsnas import profile
+
+    monkeypatch.setattr(profile, "measure", lambda *a: pytest.fail("measured"))
+    with pytest.raises(dsnas.DsnasError) as raised:
+        dsnas.measure(torch.nn.Linear(4, 4), torch.randn(2, 4), device="cpu", **keyword)
+    assert str(raised.value) == said
+
+
+def test_a_numpy_count_is_taken_as_the_number_it_is(monkeypatch):
+    import numpy as np
+    import torch
+
+    import dsnas
+    from dsnas import profile
+
+    seen = []
+    monkeypatch.setattr(profile, "measure", lambda model, task, dev, hw: seen.append(hw) or ({"params": 20.0}, {}))
+    dsnas.measure(torch.nn.Linear(4, 4), torch.randn(2, 4), device="cpu", threads=np.int64(1))
+    assert seen[0].threads == 1 and type(seen[0].threads) is int
+
 def test_on_a_second_gpu_the_cuda_events_time_its_own_stream(monkeypatch):
     """torch records a CUDA event on the current device's stream: measuring on cuda:1 with cuda:0 current timed
     cuda:0's empty stream (device ms 0.02 for 5 ms of kernels). The measurement makes its GPU the current one. A fake
