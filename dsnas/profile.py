@@ -138,7 +138,8 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
                          "function in an nn.Module whose forward calls it")
     # Each module's own mode, handed back as it came: model.train(flag) set every submodule to the root's (a frozen
     # batch norm backbone came back updating its statistics, a dropout kept on for MC dropout came back off).
-    modes = {module: module.training for module in model.modules()}
+    # A frozen TorchScript module (torch.jit.freeze) has no mode at all: its reading was an AttributeError traceback.
+    modes = {module: module.training for module in model.modules() if hasattr(module, "training")}
     model = model.to(dev)
     name = type(getattr(model, "_orig_mod", model)).__name__  # a compiled model's own class, not OptimizedModule
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)

@@ -420,6 +420,14 @@ def test_measure_any_model_counts_its_work_and_times_it_with_the_trial_protocol(
             dsnas.measure(model, torch.randn(3, 256), device="cpu", batch_sizes=sizes)
 
 
+def test_measure_a_frozen_torchscript_model_which_has_no_mode():
+    """torch.jit.freeze's module has no training attribute: reading each module's mode was an AttributeError."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    frozen = torch.jit.freeze(torch.jit.script(model))
+    report = dsnas.measure(frozen, torch.randn(2, 16), device="cpu", batch_sizes=(1, 4), measure_s=0.02,
+                           max_measure_s=0.1)
+    assert report.metrics["flops_bs4"] == 4 * 2 * (16 * 32 + 32 * 4)
+
 def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function():
     """forward(x, y) or forward(input_ids=..., mask=...) could not be measured: the batch went in as one argument."""
 
