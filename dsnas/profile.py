@@ -25,7 +25,7 @@ from dsnas.export.card import measured_compiled
 from dsnas.models import FAMILIES, build, is_user_family, validate
 from dsnas.profiler.device import device_key, fingerprint_id, named_device
 from dsnas.profiler.gate import MeasureGate
-from dsnas.profiler.measure import measure
+from dsnas.profiler.measure import eval_mode, measure
 from dsnas.spec import HardwareSpec, TaskSpec, check_plugins, read_study
 from dsnas.tasks import make_task, throughput_unit
 
@@ -206,9 +206,10 @@ def _runs_on_batches(model: Any, task: _ExampleInputs, dev: Any, batch_size: int
     import torch
 
     batch = task.example_batch(batch_size, dev)
+    eval_mode(model)
     with torch.inference_mode():
         try:
-            model.eval()(batch)
+            model(batch)
             return
         except Exception as e:
             failed = e
@@ -220,10 +221,16 @@ def _runs_on_batches(model: Any, task: _ExampleInputs, dev: Any, batch_size: int
         except Exception:
             raise failed from None  # another error of the model's own: as it is, with its traceback
     first = str(failed).strip().splitlines()[0] if str(failed).strip() else ""
+    rows = example.shape[0] if example.dim() > 1 else 1  # a vector is one example, not rows of numbers
+    # An example of several rows taken whole: as likely a model fixed to that many (torch.export's module without a
+    # dynamic batch dimension: "Guard failed: input.size()[0] == 2"), which had only the advice for one example.
+    fixed = "" if rows == 1 else f", or the model takes batches of {rows} rows only"
+    also = "" if rows == 1 else (f", or batch_sizes=[{rows}] (torch.export: export with a dynamic batch dimension, "
+                                 "dynamic_shapes)")
     raise DsnasError(f"dsnas.measure: the model failed on a batch of {batch_size} rows of example_input "
                      f"({tuple(batch.shape)}: {type(failed).__name__}: {first}), and takes the example "
-                     f"{tuple(example.shape)} whole: its first dimension is not a batch. Fix: give one batch "
-                     "(x.unsqueeze(0) for a single example), or a function batch_size -> input")
+                     f"{tuple(example.shape)} whole: its first dimension is not a batch{fixed}. Fix: give one batch "
+                     f"(x.unsqueeze(0) for a single example), or a function batch_size -> input{also}")
 
 
 class _ExampleInputs:

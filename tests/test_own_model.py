@@ -428,6 +428,23 @@ def test_measure_a_frozen_torchscript_model_which_has_no_mode():
                            max_measure_s=0.1)
     assert report.metrics["flops_bs4"] == 4 * 2 * (16 * 32 + 32 * 4)
 
+def test_measure_a_torch_export_module_which_refuses_eval_as_it_was_exported():
+    """ExportedProgram.module() refuses eval() (NotImplementedError): dsnas.measure took that for the model failing
+    on a batch and said its first dimension was not a batch. Its graph keeps the mode it was exported in."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    protocol = {"device": "cpu", "batch_sizes": (1, 4), "measure_s": 0.02, "max_measure_s": 0.1}
+    report = dsnas.measure(exported, x, **protocol)
+    assert report.metrics["flops_bs4"] == 4 * 2 * (16 * 32 + 32 * 4)
+    assert report.metrics["params"] == 16 * 32 + 32 + 32 * 4 + 4
+    # Exported for 2 rows only: the error names that too, and the batch size it takes.
+    fixed = torch.export.export(model, (x,)).module()
+    with pytest.raises(dsnas.DsnasError) as caught:
+        dsnas.measure(fixed, x, **protocol)
+    assert "or the model takes batches of 2 rows only" in str(caught.value)
+    assert "or batch_sizes=[2] (torch.export: export with a dynamic batch dimension" in str(caught.value)
+
 def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function():
     """forward(x, y) or forward(input_ids=..., mask=...) could not be measured: the batch went in as one argument."""
 

@@ -91,7 +91,7 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
                                "unavailable": {},
                                "cache": {"hit": False, **({"why": stale} if entry else {})}}
     batches: dict[int, dict[str, Any]] = {}
-    model.eval()
+    eval_mode(model)
     with cpu_threads(threads) as used, torch.inference_mode(), current_device(device):
         profile["threads"] = used if device.type == "cpu" else None
         ceilings = _ceilings(device, fp, used, profile)
@@ -120,6 +120,19 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
     if profile["disturbed"] is not None:
         metrics["disturbed"] = float(profile["disturbed"])  # numeric, so that the trial table shows it
     return metrics, profile
+
+
+def eval_mode(model: Any) -> Any:
+    """``model`` in eval mode, where its mode can be switched. torch.export's module (``ExportedProgram.module()``)
+    refuses eval() with NotImplementedError: its graph runs in the mode it was exported in, and is measured as it
+    is (dsnas.measure took the refusal for the model failing on a batch, and said its first dimension was not one);
+    every other module of the model is set to eval."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        for module in model.modules():
+            module.training = False  # train() stopped at the exported module: the modules after it were left as is
+        return model
 
 
 def current_device(device: Any) -> Any:
