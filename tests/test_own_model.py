@@ -428,6 +428,18 @@ def test_measure_a_frozen_torchscript_model_which_has_no_mode():
                            max_measure_s=0.1)
     assert report.metrics["flops_bs4"] == 4 * 2 * (16 * 32 + 32 * 4)
 
+
+def test_a_frozen_torchscript_models_weights_are_its_parameters_at_their_dtype():
+    """torch.jit.freeze turns parameters into graph constants: the model measured 0 parameters, a peak memory
+    without its weights and, in bf16, the dtype float32."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)).eval().bfloat16()
+    frozen = torch.jit.freeze(torch.jit.script(model))
+    report = dsnas.measure(frozen, torch.randn(2, 64, dtype=torch.bfloat16), device="cpu", batch_sizes=(1,),
+                           measure_s=0.02, max_measure_s=0.1)
+    weights = 64 * 128 + 128 + 128 * 4 + 4
+    assert report.metrics["params"] == weights and report.profile["dtype"] == "bfloat16"
+    assert report.metrics["peak_memory_mb"] * 2**20 >= 2 * weights
+
 def test_measure_a_torch_export_module_which_refuses_eval_as_it_was_exported():
     """ExportedProgram.module() refuses eval() (NotImplementedError): dsnas.measure took that for the model failing
     on a batch and said its first dimension was not a batch. Its graph keeps the mode it was exported in."""

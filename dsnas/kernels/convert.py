@@ -145,7 +145,8 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
 def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> list[torch.Tensor]:
     """The tensors held by torch.ao's packed-parameter objects in ``model`` outside the modules whose ids are in
     ``skip``: a quantized Linear's int8 weight and bias live in a ScriptObject that neither parameters() nor
-    buffers() lists (a user's quantize_dynamic model measured 0 parameters and no weight memory)."""
+    buffers() lists (a user's quantize_dynamic model measured 0 parameters and no weight memory). So do the
+    constants of a TorchScript graph (_graph_constants)."""
     from torch.utils._pytree import tree_leaves
 
     found: list[torch.Tensor] = []
@@ -158,7 +159,21 @@ def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset
             if isinstance(value, torch.ScriptObject) and value._has_method("unpack"):
                 found += [t.half() if half and t.dtype == torch.float32 else t
                           for t in tree_leaves(value.unpack()) if isinstance(t, torch.Tensor)]
+        found += _graph_constants(module)
     return found
+
+
+def _graph_constants(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a TorchScript module's graph holds as constants: torch.jit.freeze turns the parameters into them,
+    and a frozen model measured 0 parameters, its weights left out of its peak memory and its dtype taken as fp32."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return []
+    try:
+        graph = module.graph
+    except (AttributeError, RuntimeError):  # a script module without a forward
+        return []
+    return [node.output().toIValue() for node in graph.findAllNodes("prim::Constant")
+            if node.output().type().kind() == "TensorType"]
 
 
 def quantized_bytes(t: torch.Tensor) -> int:
