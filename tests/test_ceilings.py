@@ -182,6 +182,35 @@ def test_the_default_cache_is_under_the_user_cache_folder(monkeypatch, tmp_path)
     assert cache_file() == tmp_path / ".cache" / "dsnas" / "ceilings.json"
 
 
+def test_the_cpu_ceilings_and_the_host_probe_run_fp32_whatever_the_default_dtype(monkeypatch):
+    """Under torch.set_default_dtype(torch.float64) the "fp32" GEMM peak, the copy bandwidth and the host-speed
+    probe ran in fp64: the peak and bandwidth about half (cached: every fp32 flop_util and bw_util read ~2x high),
+    and every probe against the fp32 reference read the host 2x slowed, so every measurement was flagged disturbed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dsnas.profiler import host_speed
+
+    seen: set[torch.dtype] = set()
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.copy_):
+                seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(ceil, "GEMM_SIZES", (64,))
+    monkeypatch.setattr(ceil, "STREAM_ARRAY_BYTES", 4096)
+    monkeypatch.setattr(host_speed, "PROBE_S", 0.001)
+    monkeypatch.setattr(ceil, "_best_seconds", lambda fn, budget_s: (fn(), (1e-3, 1))[1])
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with Dtypes():
+            ceil.measure_ceilings(1)
+    finally:
+        torch.set_default_dtype(before)
+    assert seen == {torch.float32}
+
 def test_gpu_peaks_without_a_gpu_say_why():
     peaks = gpu_peaks("cpu")
     assert (peaks.memory_gb_s, peaks.fp32_gflop_s, peaks.bf16_tensor_gflop_s) == (None, None, None)

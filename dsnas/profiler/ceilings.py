@@ -271,8 +271,10 @@ def _best_seconds(fn: Any, budget_s: float, min_reps: int = 3, max_reps: int = 5
 def _gemm_peak(torch: Any) -> tuple[float, str]:
     best, how = 0.0, ""
     for n in GEMM_SIZES:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
+        # fp32 whatever torch's default dtype: under set_default_dtype(torch.float64) the "fp32" peak was fp64's
+        # (65 GFLOP/s where fp32 ran 121 on a 2-core EPYC), cached, and every fp32 flop_util read 1.8x high.
+        a, b = torch.randn(n, n, dtype=torch.float32), torch.randn(n, n, dtype=torch.float32)
+        out = torch.empty(n, n, dtype=torch.float32)
         seconds, reps = _best_seconds(lambda: torch.mm(a, b, out=out), budget_s=0.3)
         rate = 2 * n**3 / seconds / 1e9
         if rate > best:
@@ -281,7 +283,7 @@ def _gemm_peak(torch: Any) -> tuple[float, str]:
 
 
 def _stream_bandwidth(torch: Any) -> tuple[float, str]:
-    src = torch.ones(STREAM_ARRAY_BYTES // 4)
+    src = torch.ones(STREAM_ARRAY_BYTES // 4, dtype=torch.float32)  # 4 bytes each, as counted, whatever the default
     dst = torch.empty_like(src)  # the warm-up call touches its pages, so page faults stay out of the timing
     seconds, reps = _best_seconds(lambda: dst.copy_(src), budget_s=0.4)
     moved = 2 * STREAM_ARRAY_BYTES

@@ -27,8 +27,11 @@ def probe_ms() -> float:
     torch's current thread count. The median, not the fastest call: one lucky call says nothing of the moment."""
     import torch
 
-    a, b = torch.randn(REFERENCE_N, REFERENCE_N), torch.randn(REFERENCE_N, REFERENCE_N)
-    out = torch.empty(REFERENCE_N, REFERENCE_N)
+    # fp32 whatever torch's default dtype: under set_default_dtype(torch.float64) every probe ran an fp64 GEMM
+    # against the fp32 reference, read the host 2x slowed, and every measurement was retried and flagged disturbed.
+    a = torch.randn(REFERENCE_N, REFERENCE_N, dtype=torch.float32)
+    b = torch.randn(REFERENCE_N, REFERENCE_N, dtype=torch.float32)
+    out = torch.empty(REFERENCE_N, REFERENCE_N, dtype=torch.float32)
     torch.mm(a, b, out=out)
     times: list[float] = []
     deadline = time.perf_counter() + PROBE_S
