@@ -289,3 +289,19 @@ def test_an_fp16_quantize_dynamic_model_is_sized_and_labelled_fp16():
     x = torch.randn(1, 256)
     with torch.inference_mode():
         assert count_bytes(lambda: fp16(x)) == x.nbytes + 2 * (256 * 512 + 512) + 512 * 4
+
+
+def test_a_torchao_quantized_model_is_sized_and_labelled_by_the_data_its_weights_hold():
+    """torchao's Int8Tensor says float32 (the dtype it computes in) of data it holds in int8: a user's
+    quantize_(model, Int8WeightOnlyConfig()) model had its weights counted at 4 bytes and was labelled eager-fp32."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from dsnas.kernels.convert import inference_size
+    from dsnas.profiler.utilization import weights_dtype
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512))
+    quantize_(model, Int8WeightOnlyConfig())
+    # int8 weights, an fp32 scale and an int8 zero point per row, the fp32 bias
+    assert inference_size(model) == (256 * 512 + 512, 256 * 512 + 512 * 4 + 512 + 512 * 4)
+    assert weights_dtype(model) == "int8"

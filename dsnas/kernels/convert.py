@@ -125,7 +125,7 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in inside:
             params += t.numel() if isinstance(t, nn.Parameter) else 0
-            nbytes += t.numel() * t.element_size()
+            nbytes += sum(held.numel() * held.element_size() for held in held_tensors(t))
     for t in packed_tensors(model, skip=layers):  # a user's own torch.ao quantized layers (quantize_dynamic)
         params += t.numel()
         nbytes += quantized_bytes(t)
@@ -140,6 +140,20 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         if converted and width != 4 and id(layer.weight) in shared:
             nbytes += layer.weight.numel() * 4  # its fp32 form, for the module it is tied to
     return params, nbytes
+
+
+def held_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s data: a tensor subclass's inner ones (torchao's quantized weights:
+    Int8Tensor's int8 qdata, its scales and zero points), else ``t``. Such a weight says the dtype it computes in
+    (float32) of data it holds in int8: a user's quantize_(model, Int8WeightOnlyConfig()) model measured its weights
+    at 4 bytes each (a peak memory 2x what it holds) and labelled itself eager-fp32."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names = t.__tensor_flatten__()[0]
+    return [held for name in names if isinstance(getattr(t, name, None), torch.Tensor)
+            for held in held_tensors(getattr(t, name))]
 
 
 def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> list[torch.Tensor]:

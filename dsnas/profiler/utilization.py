@@ -11,7 +11,7 @@ def weights_dtype(model: Any) -> str:
     """torch's name of the dtype of the model's floating-point weights outside its engine layers (most of them, by
     count; "float32" where there are none): what a plain model converted with ``.to(torch.bfloat16)`` computes in.
     (It was taken as fp32 for every model: a bf16 nn.Linear's flop_util was divided by the fp32 peak.)"""
-    from dsnas.kernels.convert import packed_tensors  # torch loads on first use
+    from dsnas.kernels.convert import held_tensors, packed_tensors  # torch loads on first use
     from dsnas.kernels.linear import engine_layers  # likewise
 
     layers = engine_layers(model).values()
@@ -19,7 +19,8 @@ def weights_dtype(model: Any) -> str:
     counts: dict[str, int] = {}
     own = [t for t in model.parameters() if id(t) not in inside and t.is_floating_point()]
     # torch.ao's quantized layers hold their weights packed (a quantize_dynamic model: "qint8", not fp32)
-    for t in own + packed_tensors(model, skip={id(m) for layer in layers for m in layer.modules()}):
+    held = [h for t in own for h in held_tensors(t)]  # a torchao int8 weight: its int8 data, not "float32"
+    for t in held + packed_tensors(model, skip={id(m) for layer in layers for m in layer.modules()}):
         name = str(t.dtype).removeprefix("torch.")
         counts[name] = counts.get(name, 0) + t.numel()
     return max(counts, key=counts.__getitem__) if counts else "float32"
