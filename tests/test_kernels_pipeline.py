@@ -221,3 +221,37 @@ def test_an_int8_layer_measured_before_training_keeps_the_measured_reason_for_it
     assert len(layers) == 4 and all(row["backend"].startswith("int8:") for row in layers.values())
     for row in layers.values():
         assert row["reason"].startswith("fastest measured on cpu (speed vs fp32"), row["reason"]
+
+
+def test_measuring_before_training_leaves_the_seeded_generator_as_training_without_rungs_finds_it(monkeypatch):
+    """With rungs the untrained form is built and measured before training; both drew from torch's global
+    generator (the probe's weights; the host-speed probes' and CPU ceilings' random matrices, as often as the load
+    and the caches decided), which a model's dropout trains with: one seed gave 0.3379, 0.3604 and 0.3745."""
+    import dsnas.worker
+    from dsnas.spec import HardwareSpec, TaskSpec
+    from dsnas.trial import TrialRequest
+    from dsnas.worker import run_trial
+
+    arch = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,
+            "layers": [{"n_heads": 2, "ffn_ratio": 2}]}
+    task = TaskSpec("charlm", {"corpus_bytes": 200_000, "context": 16, "batch_size": 8, "train_tokens": 256,
+                               "val_tokens": 512})
+    hardware = HardwareSpec(device="cpu", batch_sizes=(2,), warmup_s=0.01, measure_s=0.02)
+    seen, train, measure = [], CharLMTask.train, dsnas.worker.measure
+
+    def recording_train(self, model, device, **kwargs):
+        seen.append(torch.rand(4))  # what a dropout mask would draw first
+        return train(self, model, device, **kwargs)
+
+    def measure_drawing(draws):
+        def drawing(*args, **kwargs):
+            torch.randn(draws, 8)  # as host_speed.probe_ms does, once per probe
+            return measure(*args, **kwargs)
+        return drawing
+
+    monkeypatch.setattr(CharLMTask, "train", recording_train)
+    run_trial(TrialRequest(0, arch, task, hardware, seed=3))
+    for draws in (1, 3):
+        monkeypatch.setattr(dsnas.worker, "measure", measure_drawing(draws))
+        run_trial(TrialRequest(0, arch, task, hardware, seed=3, rungs=(0.5,)))
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2]), seen
