@@ -187,7 +187,7 @@ class _Candidate:
             trained, waited_training = time.perf_counter(), self.clock.waited_s()
             engine_metrics, self.engine_info = pipeline.run(self.model, task, self.device, request.engine,
                                                             seed=request.seed, checkpoint=hold.checkpoint)
-            self.train_metrics.update(engine_metrics)
+            self.train_metrics.update(pipeline.add_counts(self.train_metrics, engine_metrics))
             self.seconds.update(train_s=trained - train_start - (waited_training - waited_before),
                                 engine_s=time.perf_counter() - trained - (self.clock.waited_s() - waited_training))
 
