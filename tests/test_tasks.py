@@ -27,6 +27,36 @@ def test_user_text_file_keeps_its_last_tenth_for_validation(tmp_path):
     assert train + val == text and len(val) == len(text) - len(text) * 9 // 10
 
 
+def test_a_short_validation_split_is_scored_once_per_byte_and_route_halves_share_none(tmp_path):
+    """A 100 KB text keeps 10,000 bytes for validation: the default val_tokens was scored as 512 windows of 64
+    overlapping ones, each byte about 3 times, and route's report half shared 99.9% of its bytes with calibration."""
+    from dsnas.route import halves
+
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(256)) * 400)
+    task = CharLMTask(CharLMConfig(corpus="corpus.txt", context=64), str(tmp_path))
+    _, targets = task.eval_inputs()
+    starts = task._val_starts(len(targets))
+    scored = (starts[:, None] + torch.arange(1, 65)).flatten()
+    assert len(targets) == (len(task.val_data) - 1) // 64 and len(set(scored.tolist())) == scored.numel()
+    calibration, report = halves(len(targets))
+    assert not set(scored.view(len(targets), 64)[calibration].flatten().tolist()) & \
+        set(scored.view(len(targets), 64)[report].flatten().tolist())
+    assert task.fingerprint()["val_windows"] == len(targets)  # another evaluation than an older dsnas's
+    class Counting(torch.nn.Module):
+        seen = 0
+
+        def forward(self, x):
+            self.seen += len(x)
+            return torch.zeros(*x.shape, 256)
+
+    model = Counting()
+    task.evaluate(model, CPU)
+    assert model.seen == len(targets)
+    # where the split holds val_tokens, nothing changes
+    assert "val_windows" not in CharLMTask(CharLMConfig(corpus="corpus.txt", context=64, val_tokens=4096),
+                                           str(tmp_path)).fingerprint()
+
+
 def test_training_on_the_budget_learns(tmp_path):
     config = CharLMConfig(corpus_bytes=200_000, context=32, batch_size=16, train_tokens=16 * 32 * 60, val_tokens=2048)
     task = CharLMTask(config, ".")
