@@ -213,10 +213,9 @@ class _Candidate:
         """Measure the architecture's inference form, untrained, holding the device alone; returns the INT8
         backend each layer chose, so that the trained model converts to the same code, and why (the measured
         ratios of an "auto" choice), for the trained model's profile."""
-        # torch loads on first use
-        from dsnas.kernels.convert import int8_backends, int8_reasons, untrained_inference_form
         import torch
 
+        from dsnas.kernels.convert import int8_backends, int8_reasons, untrained_inference_form  # torch: first use
         from dsnas.kernels.linear import layer_report  # torch loads on first use
 
         # Before training, nothing here may draw from torch's global generator, which a model's dropout and a
