@@ -57,6 +57,17 @@ def test_pick_rules_on_a_known_study(spec, pick, expected):
     assert numbers(pick_trials(make_study(), spec, pick=pick)) == [expected]
 
 
+@pytest.mark.parametrize("pick, expected", [("min-val_loss", 2), ("max-val_loss", 1)])
+def test_pick_of_a_metric_passes_over_a_nan(spec, pick, expected):
+    """An own task may report a NaN beside finite objectives: on the first trial it compared false either way, and
+    both max- and min- exported that trial."""
+    losses = [float("nan"), 3.0, 1.0, 2.0, 0.5]  # trial 4's is lowest, but it is infeasible
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for t, loss in zip(make_study().get_trials(states=(TrialState.COMPLETE,)), losses):
+        study.add_trial(create_trial(values=t.values, user_attrs={**t.user_attrs, "val_loss": loss}))
+    assert numbers(pick_trials(study, spec, pick=pick)) == [expected]
+
+
 def test_front_is_every_feasible_non_dominated_trial_best_accuracy_first(spec):
     assert numbers(pick_trials(make_study(), spec, front=True)) == [0, 2, 1]
 

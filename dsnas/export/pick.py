@@ -59,11 +59,17 @@ def pick_trials(study: Any, spec: StudySpec, trial: int | None = None, pick: str
     if how in ("front", "knee"):
         best = pareto_front(candidates, spec.directions)
         return best if how == "front" else [knee(best, spec.directions)]
-    reporting = [t for t in candidates if isinstance(t.user_attrs.get(metric), (int, float))]
+    # A NaN (an own task's evaluate() may report one beside finite objectives) compares false either way: where
+    # the first trial held it, max() and min() both returned that trial.
+    reporting = [t for t in candidates if _finite(t.user_attrs.get(metric))]
     if not reporting:
         raise DsnasError(f"--pick {pick}: no feasible completed trial reports {metric!r} in study {spec.name!r}. "
                          "Fix: pick an objective or a metric the trials stored, e.g. --pick max-accuracy")
     return [(max if how == "max" else min)(reporting, key=lambda t: t.user_attrs[metric])]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _by_number(done: list[Any], number: int, spec: StudySpec) -> Any:
