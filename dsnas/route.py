@@ -502,14 +502,18 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
         whose = f"--trials names {len(chosen)} model" if trials else f"the front has {len(chosen)} model"
         raise NothingToRoute(f"{whose}: there is nothing to route (a route needs at least two models of different "
                              "cost)")
+    from dsnas.study import as_searched  # SQLAlchemy loads on first use
+
+    # Thinned by their recorded costs before any is exported (the batch sizes are those each bundle carries): every
+    # front model was exported and loaded, about a second each, to keep MAX_STAGES of them (a front of 84, 80 s).
+    batch_sizes = as_searched(spec, study).hardware.batch_sizes
+    costed = sorted(((cost_curve(frozen.user_attrs, batch_sizes, cost, frozen.number), frozen) for frozen in chosen),
+                    key=lambda pair: pair[0].per_input(1.0))
     members = []
-    for frozen in chosen:
+    for curve, frozen in _thin(costed):
         folder = export_trial(spec, study, frozen, out / "members" / f"trial{frozen.number}")
-        curve = cost_curve(frozen.user_attrs, read_bundle(folder)["hardware"]["batch_sizes"], cost, frozen.number)
         members.append(Member(frozen.number, folder, load_bundle(folder), curve,
                               str(frozen.user_attrs.get("arch_short", "")), bool(frozen.user_attrs.get("disturbed"))))
-    members.sort(key=lambda m: m.cost)
-    members = _thin(members)
     check_members(out, [read_bundle(m.folder) for m in members])
     task = make_task(recorded_task_spec(read_bundle(members[0].folder)))
     x, y = validation_inputs(task)
@@ -666,7 +670,7 @@ def _rising(members: list[Member], accuracies: list[float], unit: str = "") -> t
     return keep, left_out
 
 
-def _thin(members: list[Member]) -> list[Member]:
+def _thin(members: list[Any]) -> list[Any]:
     """At most MAX_STAGES members, cheapest first: the cheapest, the most accurate, and between them the ones
     spread evenly in cost (a longer cascade pays more first stages for less)."""
     if len(members) <= MAX_STAGES:

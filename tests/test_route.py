@@ -357,3 +357,26 @@ def test_a_member_costlier_and_not_more_accurate_than_a_cheaper_one_is_left_out_
     assert _rising(members, [0.30, 0.35, 0.33, 0.40], "ms")[1][0].startswith(
         "left out trial 2: it costs as much as trial 7 (2 vs 2 ms per input)")
     assert _rising(members, [0.40, 0.35, 0.33, 0.40])[0] == [0]  # the cheapest is best: nothing to route
+
+
+def test_only_the_members_a_route_keeps_are_exported(routable, tmp_path, capsys, monkeypatch):
+    """A route keeps MAX_STAGES members, thinned by cost: every front model was exported and loaded first (about
+    2 s each here: 65 s for a route over 32 trials, 10 s once thinned first)."""
+    import optuna
+    from optuna.trial import create_trial
+
+    import dsnas.route
+
+    study = copy_study(routable, tmp_path / "s")
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study.with_suffix('.db')}")
+    costly = stored.trials[1]
+    for share in (0.5, 0.6, 0.7, 0.8):  # the costly model again, at costs between the two
+        attrs = {k: v * share if k.startswith("latency_ms") else v for k, v in costly.user_attrs.items()}
+        stored.add_trial(create_trial(params=costly.params, distributions=costly.distributions, values=costly.values,
+                                      user_attrs=attrs))
+    exported = []
+    real = dsnas.route.export_trial
+    monkeypatch.setattr(dsnas.route, "export_trial",
+                        lambda spec, study, frozen, out: exported.append(frozen.number) or real(spec, study, frozen, out))
+    assert main(["route", str(study), "--trials", "0,1,2,3,4,5", "--out", str(tmp_path / "r")]) == 0
+    assert sorted(exported) == [0, 1, 3, 4]  # by cost 0, 2, 3, 4, 5, 1: the cheapest, the costliest, two between
