@@ -126,6 +126,15 @@ def test_pick_errors_say_the_rule_and_the_fix(spec, kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_trial_number_not_completed_names_the_nearest_completed_ones_of_a_large_study(spec):
+    """Every completed trial was named: a line of 15,000 characters for a study of 2,792."""
+    study = make_study([(0.5, 10.0, 1.0, 1.0, 1.0)] * 2000)
+    with pytest.raises(DsnasError) as err:
+        pick_trials(study, spec, trial=2100)
+    assert str(err.value).endswith("Fix: pick one of the completed trials (2000 of them; those nearest 2100: 1990, "
+                                   "1991, 1992, 1993, 1994, 1995, 1996, 1997, 1998, 1999)")
+
+
 def test_a_limit_on_a_metric_the_study_did_not_store_says_so(spec):
     with pytest.raises(DsnasError, match="--max-memory-mb: the trials of study 'tiny' did not store 'peak_memory_mb'"):
         pick_trials(make_study(memory=False), spec, front=True, limits=Limits(max_memory_mb=100))

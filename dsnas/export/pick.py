@@ -12,6 +12,8 @@ from dsnas.pareto import front_indices
 from dsnas.spec import OBJECTIVES, StudySpec
 from dsnas.study import nothing_to_use
 
+LISTED = 10  # completed trials named in the error for a number that is none of them
+
 # Each limit: the flag that sets it, the user attribute it bounds, and whether that is an upper bound.
 LIMITS = {"max_latency_ms": ("--max-latency-ms", "latency_ms", True),
           "min_accuracy": ("--min-accuracy", "accuracy", False),
@@ -76,6 +78,9 @@ def _by_number(done: list[Any], number: int, spec: StudySpec) -> Any:
     found = [t for t in done if t.number == number]
     if not found:
         numbers = ", ".join(str(t.number) for t in done) or "none"
+        if len(done) > LISTED:  # every one of 2,792 trials named made the error a line of 15,000 characters
+            nearest = sorted(sorted((t.number for t in done), key=lambda n: (abs(n - number), n))[:LISTED])
+            numbers = f"{len(done)} of them; those nearest {number}: {', '.join(map(str, nearest))}"
         raise DsnasError(f"trial {number}: no completed trial with that number in study {spec.name!r}. "
                          f"Fix: pick one of the completed trials ({numbers})")
     return found[0]
