@@ -149,6 +149,26 @@ def test_prepare_backfills_artifacts_once(made_study):
             assert json.load(f) == trial.user_attrs["arch"]
 
 
+def test_a_restart_reads_the_uploaded_artifacts_once_not_once_per_trial(made_study, monkeypatch):
+    """Every trial scanned every artifact record of the study: 2,792 trials and 3,830 records took 1.3 s of each
+    start, growing with the square of the study."""
+    from dsnas.dashboard import backfill_artifacts
+
+    spec, study = made_study
+    backfill_artifacts(spec, study)
+    scans = []
+
+    class Counted(dict):
+        def items(self):
+            scans.append(1)
+            return super().items()
+
+    read = study._storage.get_study_system_attrs
+    monkeypatch.setattr(study._storage, "get_study_system_attrs", lambda study_id: Counted(read(study_id)))
+    assert backfill_artifacts(spec, study) == 0
+    assert len(scans) == 1 and len(study.trials) == 2
+
+
 def test_a_refused_artifact_record_leaves_no_file(made_study, monkeypatch):
     """A database that refuses the artifact's record (a read-only role) keeps no orphan file in the folder."""
     import sqlalchemy
