@@ -646,6 +646,22 @@ def test_a_study_whose_peak_memory_two_definitions_measured_says_so():
     assert _memory_note(spec, repeat) == ""
 
 
+def test_the_disturbed_note_names_the_measured_trials_not_their_reused_repeats():
+    """A reused repeat measured nothing: it carries its original's flag, and the note said it was "measured while
+    other processes took the CPUs" (9 of the 35 trials it named on a busy machine)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dsnas.results.report import _disturbed_note
+
+    spec = SimpleNamespace(path=Path("s.toml"))
+    df = pd.DataFrame({"trial": [0, 1, 2, 3], "state": ["COMPLETE"] * 4, "disturbed": [True, False, True, True],
+                       "reused_from": [None, None, 0, None]})
+    assert _disturbed_note(spec, df).startswith("disturbed: trials 0, 3 measured while other processes took")
+    assert _disturbed_note(spec, df[df["trial"] < 3]).startswith("disturbed: trial 0 measured while")
+
+
 def test_read_commands_say_where_the_study_file_was_edited_since_the_search(finished_study, tmp_path, capsys):
     """A limit edited after the search judged no trial: report, export and the dashboard kept the stored limit (as
     they must: the trials' feasibility is the search's) without a word, and the dashboard's note showed the new

@@ -224,7 +224,10 @@ def _disturbed_note(spec: StudySpec, df: Any) -> str:
     retries."""
     if "disturbed" not in df.columns:
         return ""
-    trials = df.loc[(df["state"] == "COMPLETE") & df["disturbed"].eq(True), "trial"].tolist()
+    flagged = (df["state"] == "COMPLETE") & df["disturbed"].eq(True)
+    if "reused_from" in df.columns:  # a reused repeat measured nothing: it holds its original's flag, and was
+        flagged &= df["reused_from"].isna()  # named as "measured while ..." beside that original
+    trials = df.loc[flagged, "trial"].tolist()
     if not trials:
         return ""
     return (f"disturbed: trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))} measured while other "
