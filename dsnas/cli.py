@@ -109,7 +109,9 @@ def _say_knee_tie(study: Any, spec: Any, limits: Any) -> None:
 
     ties = knee_ties(pareto_front(pick_trials(study, spec, front=True, limits=limits), spec.directions),
                      spec.directions)
-    if len(ties) > 1:
+    # Trials of one result (a candidate retrained to the same figures) are no choice: "a tie" between 11 copies
+    # of one model, "trial 2 the best in accuracy", sent the user to pick among them.
+    if len({tuple(t.values) for t in ties}) > 1:
         print(f"  the knee is a tie between trials {', '.join(str(t.number) for t in ties)}: trial "
               f"{ties[0].number} is the best in {spec.objectives[0].name}. Fix: to choose another, --trial N or "
               f"--pick max-/min-METRIC")

@@ -105,6 +105,9 @@ def test_export_says_when_the_knee_is_a_tie(tmp_path, capsys, monkeypatch):
                                                "accuracy. Fix: to choose another, --trial N or --pick max-/min-METRIC")
     _say_knee_tie(make_study(), spec, Limits())  # the front of three has one knee: nothing to say
     assert capsys.readouterr().out == ""
+    # Copies of one result (retrained to the same figures) are one knee, not a tie.
+    _say_knee_tie(make_study([(0.3105, 96985.0, 1.0, 1.0, 1.0)] * 3), spec, Limits())
+    assert capsys.readouterr().out == ""
 
 
 def test_trial_by_number_ignores_limits_and_feasibility(spec):
