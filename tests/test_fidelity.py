@@ -188,3 +188,25 @@ def test_a_nan_figure_at_a_rung_stops_the_trial_there(tiny_study):
     decision = judge.decide(report, peers)
     assert not decision.go and decision.reason.startswith("accuracy nan at this rung: a figure must be a finite")
     assert judge.decide(RungReport(9, 1, 0.3, {"accuracy": 0.9, "throughput_tok_s": 2000.0}), peers).go
+
+
+def test_a_trial_stopped_for_a_nan_is_no_peer_of_later_trials(tiny_study):
+    """Its record keeps the nan: nothing dominates a nan, so it sat on the first front of every later decision at
+    that rung and pushed a real second-best trial out of the best max(1, n // eta)."""
+    from types import SimpleNamespace
+
+    from dsnas.fidelity import RungJudge
+    from dsnas.rungs import RungReport
+
+    tiny_study.write_text(tiny_study.read_text().replace('[fidelity]\nkind = "none"', "[fidelity]\nmin_trials = 1"))
+    judge = RungJudge(load_study(tiny_study))
+    nan = RungReport(5, 1, 1 / 3, {"accuracy": float("nan"), "throughput_tok_s": 120.0})
+    stored = judge.attrs(nan, judge.decide(nan, {}))
+    points = [[0.50, 500.0], [0.30, 100.0], [0.31, 90.0], [0.29, 80.0], [0.28, 70.0]]
+    trials = [SimpleNamespace(number=n, user_attrs={"rung1": {"values": p}}) for n, p in enumerate(points)]
+    trials.append(SimpleNamespace(number=5, user_attrs=stored))
+    study = SimpleNamespace(get_trials=lambda deepcopy, states: trials)
+    peers = judge.peers(study, 0, 1, 6)
+    assert sorted(peers) == [0, 1, 2, 3, 4]
+    second = RungReport(6, 1, 1 / 3, {"accuracy": 0.45, "throughput_tok_s": 450.0})  # the best of front 2
+    assert judge.decide(second, peers).go
