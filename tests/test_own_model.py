@@ -112,6 +112,24 @@ def test_a_builder_edited_since_the_trial_trained_is_not_exported_as_its_model(s
     assert main(export) == 0  # as it was: exported
 
 
+def test_a_bundle_named_fp8_is_not_said_to_need_an_fp8_gpu(searched, capsys):
+    """Export told an fp8 trial by "fp8" anywhere in the error, whose words name the bundle's path: a builder edited
+    since, exported to --out edited_fp8, was said to have fp8 layers that need a CUDA GPU (it had none)."""
+    folder, study = searched
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    assert "fp8" not in json.dumps(best.user_attrs["arch"])
+    source = (folder / "snippet_model.py").read_text(encoding="utf-8")
+    try:
+        (folder / "snippet_model.py").write_text(source.replace("nn.GELU(), ", "nn.GELU(), nn.Linear(hidden, "
+                                                                "hidden), "), encoding="utf-8")
+        assert main(["export", str(folder / "study.toml"), "--trial", str(best.number), "--out",
+                     str(folder / "edited_fp8")]) == 2
+        err = capsys.readouterr().err
+        assert "the weights do not fit the architecture" in err and "CUDA GPU" not in err
+    finally:
+        (folder / "snippet_model.py").write_text(source, encoding="utf-8")
+
+
 def test_a_probe_an_older_dsnas_took_in_training_mode_fails_neither_export_nor_verify(searched, capsys,
                                                                                        monkeypatch):
     """A probe without its mode (an older dsnas's, whose task left dropout on) differs from the rebuilt model's

@@ -362,7 +362,9 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
     try:
         model = load_bundle(work, _rebuild_device(frozen.user_attrs["arch"]))
     except DsnasError as e:  # named as the bundle will be, not as the work folder that is removed
-        if "fp8" in str(e):
+        # Told by the error's kind, not its words: any error names the bundle's path, and an --out or a folder
+        # named "fp8" turned a builder edited since (the weights did not fit) into "its fp8 layers need a GPU".
+        if isinstance(e, NoKernelHere) and e.fp8:
             raise DsnasError(f"trial {frozen.number}: its fp8 layers run only on a CUDA GPU of compute capability 8.9 "
                              "or more, and export rebuilds its model to check it and write its files. Fix: export "
                              "it on such a machine (with the study's database and artifacts folder)") from None
@@ -446,6 +448,14 @@ def _device_of(model: Any) -> Any:
     return torch.device("cpu") if first is None else first.device
 
 
+class NoKernelHere(DsnasError):
+    """A bundle's layer has no kernel on the device it is loaded on; ``fp8``: an fp8 layer's."""
+
+    def __init__(self, message: str, fp8: bool) -> None:
+        super().__init__(message)
+        self.fp8 = fp8
+
+
 def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
     """The bundle's trained model, in eval mode, on ``device``, its layers in the inference form they were
     measured in (INT8, FP8, sparse)."""
@@ -489,9 +499,10 @@ def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
     try:
         convert(model, recorded=recorded if isinstance(recorded, dict) else None)
     except TrialError as e:  # a layer with no kernel on this device (fp8 on a CPU or an A100)
-        where = "a CUDA GPU of compute capability 8.9 or more (device='cuda')" if "fp8" in str(e) else \
+        fp8 = "fp8" in str(e)  # the kernel's own words, which name no path
+        where = "a CUDA GPU of compute capability 8.9 or more (device='cuda')" if fp8 else \
             "the kind of device its trial ran on"
-        raise DsnasError(f"{path}: the model cannot run on {device}: {e}. Fix: load it on {where}") from None
+        raise NoKernelHere(f"{path}: the model cannot run on {device}: {e}. Fix: load it on {where}", fp8) from None
     return model
 
 
