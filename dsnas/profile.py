@@ -220,6 +220,15 @@ def _runs_on_batches(model: Any, task: _ExampleInputs, dev: Any, batch_size: int
             model(example.to(dev))
         except Exception:
             raise failed from None  # another error of the model's own: as it is, with its traceback
+        # Rows of it at a third batch size, neither this one nor the example's: a model that takes them fails at this
+        # size only (squeeze() at 1); one fixed to the example's rows (torch.export's module) fails there too.
+        other = next(n for n in range(2, 5) if n not in (batch_size, example.shape[0]))
+        try:
+            model(task.example_batch(other, dev))
+        except Exception:
+            pass
+        else:  # its first dimension is a batch: the advice to add one was wrong, the model's own error is the one
+            raise failed
     first = str(failed).strip().splitlines()[0] if str(failed).strip() else ""
     rows = example.shape[0] if example.dim() > 1 else 1  # a vector is one example, not rows of numbers
     # An example of several rows taken whole: as likely a model fixed to that many (torch.export's module without a

@@ -458,6 +458,7 @@ def test_a_frozen_torchscript_models_weights_are_its_parameters_at_their_dtype()
     assert report.metrics["params"] == weights and report.profile["dtype"] == "bfloat16"
     assert report.metrics["peak_memory_mb"] * 2**20 >= 2 * weights
 
+
 def test_measure_a_torch_export_module_which_refuses_eval_as_it_was_exported():
     """ExportedProgram.module() refuses eval() (NotImplementedError): dsnas.measure took that for the model failing
     on a batch and said its first dimension was not a batch. Its graph keeps the mode it was exported in."""
@@ -474,6 +475,23 @@ def test_measure_a_torch_export_module_which_refuses_eval_as_it_was_exported():
         dsnas.measure(fixed, x, **protocol)
     assert "or the model takes batches of 2 rows only" in str(caught.value)
     assert "or batch_sizes=[2] (torch.export: export with a dynamic batch dimension" in str(caught.value)
+
+
+def test_measure_of_a_batched_example_that_fails_at_one_batch_size_shows_the_models_error_not_advice():
+    """A model whose squeeze() drops the batch of one row failed at batch size 1 and ran on the example of 4 rows:
+    dsnas.measure said the example's first dimension was not a batch and to unsqueeze it, which it was."""
+
+    class Squeezed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(self.fc(x).squeeze(), dim=1)
+
+    with pytest.raises(IndexError, match="Dimension out of range"):  # the model's own error, as it is
+        dsnas.measure(Squeezed(), torch.randn(4, 64), device="cpu")
+
 
 def test_measure_a_model_of_several_inputs_given_as_a_tuple_a_dict_or_a_function():
     """forward(x, y) or forward(input_ids=..., mask=...) could not be measured: the batch went in as one argument."""
