@@ -25,6 +25,7 @@ from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.profiler import MeasureGate, device_key, has_cuda, resolve_device
 from dsnas.profiler.cache import entry_key
+from dsnas.profiler.gate import holders
 from dsnas.progress import Progress
 from dsnas.sampler import DsnasSampler, Problem
 from dsnas.screening import Screen, arch_counter
@@ -173,7 +174,19 @@ class Driver:
         (another study's trial may hold it for minutes), then times for seconds, and nothing is written meanwhile
         (an interrupted probe stores no cache entry)."""
         with self.guard.waiting():
+            if self.spec.executor.kind != "local" and not self.spec.executor.address:
+                self._say_gate_held("the engine probe")
             return self.executor.call(fn, *args)
+
+    def _say_gate_held(self, what: str) -> None:
+        """Who holds this node's gate of the study's device as ``what`` goes to a Ray worker to measure: its own
+        notice is lost there (the workers' logs do not reach the driver), and the search said nothing for minutes.
+        (A local executor measures in this process, which says so itself.)"""
+        gate = MeasureGate(device_key(resolve_device(self.spec.hardware.device)))
+        held = holders(gate.paths)
+        if held:
+            self.progress.say(f"  {what} waits to measure: the measurement gate {gate.paths[1]} is held by "
+                              f"{', '.join(held)} (measuring beside it would time its work too)")
 
     def _watch_other_drivers(self) -> None:
         """The rest of the budget runs in other drivers: wait, and take back any trial whose driver stops. (This

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -248,6 +249,41 @@ def test_ctrl_c_acts_at_once_while_another_process_holds_the_measurement_gate(ti
     assert err.rstrip().endswith("dsnas: interrupted; completed trials are stored, run the same command to resume")
     stopped = {t.number: t for t in trials(tiny_study)[1]}[running]
     assert stopped.state == TrialState.FAIL and "arch" not in stopped.user_attrs  # failed before it was sampled
+
+
+def test_the_engine_probe_of_a_ray_study_says_who_holds_the_gate_it_waits_for(tiny_study, tmp_path, monkeypatch):
+    """The engine probe runs in a Ray worker, whose notice of its wait for the measurement gate the driver never
+    sees (the workers' logs do not reach it): a search behind another study's measurement said nothing for a
+    minute. The driver says who holds the gate as it sends the probe there."""
+    import io
+    import tempfile
+
+    from dsnas.driver import Driver
+    from dsnas.progress import Progress
+    from dsnas.study import open_study
+    from dsnas.worker import run_trial
+
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(gates))
+    hold = ("import sys, time\nfrom dsnas.profiler import MeasureGate, device_key, resolve_device\n"
+            "with MeasureGate(device_key(resolve_device('cpu'))).exclusive():\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(gates)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        tiny_study.write_text(tiny_study.read_text().replace('kind = "local"', 'kind = "ray"'))
+        spec = load_study(tiny_study)
+        said = io.StringIO()
+        driver = Driver(spec, open_study(spec), run_trial, Progress(spec, out=said))
+        driver._executor = SimpleNamespace(call=lambda fn, *args: fn(*args))  # no Ray: where it runs is not the point
+        assert driver._call_waiting(lambda: "probed") == "probed"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"the engine probe waits to measure: the measurement gate {gates}" in said.getvalue()
+    assert f"held by pid {holder.pid} (python -c" in said.getvalue(), said.getvalue()
 
 
 @pytest.mark.parametrize("command", ["export", "verify", "report"])
