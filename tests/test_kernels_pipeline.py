@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_SPACE, TINY_STUDY
 
+from dsnas.errors import TrialError
 from dsnas.kernels import pipeline
 from dsnas.kernels.convert import convert, training_state
 from dsnas.kernels.linear import engine_layers
@@ -82,6 +83,19 @@ def test_sparse_and_int8_layers_go_through_every_step_in_order(task, saliency):
         else:
             assert row["backend"] == "bf16"
 
+
+
+@pytest.mark.parametrize("calibrator", ["kl", "max", "percentile"])
+def test_an_int8_layer_whose_input_is_all_zeros_fails_naming_the_layer_not_asking_for_calibration(task, calibrator):
+    torch.manual_seed(0)
+    model = build(_arch(("int8", "dense")))
+    with torch.no_grad():  # `down` sees GELU(0) = 0 on every input: its calibrated range is 0
+        model.blocks[0].up.weight.zero_()
+        model.blocks[0].up.bias.zero_()
+    spec = EngineSpec(calibration_batches=2, calibrator=calibrator)
+    with pytest.raises(TrialError, match=r"int8 layer blocks\.0\.down saw only zeros") as caught:
+        pipeline.run(model, task, "cpu", spec, seed=0, checkpoint=lambda: None)
+    assert "run calibration" not in str(caught.value) and "\n" not in str(caught.value)
 
 def test_the_default_saliency_is_signal_two_independent_sparsifications_keep_the_same_weights(task):
     """Two trials sparsifying the same trained weights with the default engine but other seeds (other calibration batches,

@@ -187,6 +187,14 @@ def _calibrate(model: nn.Module, task: Any, device: Any, engine: Any, layers: di
             hook.remove()
     amax = {}
     for name, layer in layers.items():
-        layer.act_amax.fill_(float(calibrators[name].amax()))
-        amax[name] = round(float(layer.act_amax), 6)
+        found = float(calibrators[name].amax())
+        if not found > 0:
+            # Every calibrator gives 0 when the input held only zeros; QAT would then fail on a zero range with
+            # "run calibration" as the fix, naming no layer, though calibration ran.
+            raise TrialError(f"int8 layer {name} saw only zeros at its input over {engine.calibration_batches} "
+                             f"calibration batches (calibrator {engine.calibrator!r}): an activation range of 0 "
+                             "has nothing to quantize. Fix: give that layer another precision, or find why its "
+                             "input is zero (zero weights or a dead ReLU before it)")
+        layer.act_amax.fill_(found)
+        amax[name] = round(found, 6)
     return {"calibrator": engine.calibrator, "batches": engine.calibration_batches, "amax": amax}
