@@ -12,6 +12,7 @@ from dsnas.kernels.convert import convert, training_state
 from dsnas.kernels.linear import EngineLinear, layer_report
 from dsnas.kernels.precision import TrainStep
 from dsnas.models import build, describe
+from dsnas.tasks.loop import train_steps
 
 # Relative error of a low-precision matmul of N(0,1) data at these sizes: bf16 keeps 8 mantissa bits, fp16 11.
 TOLERANCE = {"fp32": 1e-6, "bf16": 2e-2, "fp16": 3e-3}
@@ -121,6 +122,27 @@ def test_overflow_flags_stay_on_the_device_until_the_step():
 def test_fp16_turns_on_loss_scaling_and_bf16_does_not():
     assert TrainStep(_overflowing_model("fp16"), torch.optim.SGD([nn.Parameter(torch.ones(1))])).scaler.is_enabled()
     assert not TrainStep(_overflowing_model("bf16"), torch.optim.SGD([nn.Parameter(torch.ones(1))])).scaler.is_enabled()
+
+
+def test_a_second_fp16_training_starts_at_the_loss_scale_the_first_ended_at():
+    # Gradients of ~1e3 overflow fp16 at the default scale 2**16: the first training halves its way down, skipping
+    # steps. The engine's fine-tuning after it is short; starting again from 2**16 it skipped 8 of its 10 steps
+    # here (all of them in a trial, which failed as diverged).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 8), nn.ReLU(),
+                          EngineLinear(8, 2, bias=False, precision="fp16"))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(5, 6, generator=gen) * 1e4
+        return x, (x[:, 0] > 0).long()
+
+    def train(steps: int) -> int:
+        return train_steps(model, steps, batch, lambda x, y: F.cross_entropy(model(x).float(), y), lr=1e-2,
+                           warmup_frac=0.1, fallback_steps=20, checkpoint=lambda: None)[1]
+
+    assert train(40) >= 8  # halving its way down from 2**16
+    assert train(10) <= 2  # the fine-tuning takes its steps
 
 
 ARCH = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 32,

@@ -9,6 +9,7 @@ from torch import nn
 from dsnas.kernels.linear import EngineLinear, engine_layers
 
 FALLBACK_STEPS = 20
+LOSS_SCALE = "dsnas_loss_scale"  # the model attribute the fp16 loss scale is kept in between trainings
 
 
 class TrainStep:
@@ -29,8 +30,12 @@ class TrainStep:
         for i, layer in enumerate(self.layers):
             layer.overflow = self.flags[i:i + 1]
         # fp16's range needs loss scaling (bf16's does not); the scaler also skips steps with inf/NaN gradients.
+        # It starts at the scale an earlier training of this model ended at (the engine's fine-tuning and QAT
+        # after the first training): from 2**16 again, each halving back costs a skipped step, and a short
+        # fine-tuning spent them all and failed the trial as diverged.
         fp16 = any(m.precision == "fp16" for m in self.layers)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16,
+                                           init_scale=getattr(model, LOSS_SCALE, 2.0**16))
         self.skipped_in_a_row = 0
         self.skipped = 0
         self.unexplained = False  # the last loss was not finite and no low-precision layer overflowed
@@ -74,6 +79,8 @@ class TrainStep:
         return self.unexplained or self.skipped_in_a_row >= patience
 
     def close(self) -> None:
+        if self.scaler.is_enabled():
+            setattr(self.model, LOSS_SCALE, self.scaler.get_scale())
         for layer in self.layers:
             layer.overflow = None
             layer.fallback_left = 0
