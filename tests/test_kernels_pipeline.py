@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_SPACE, TINY_STUDY
 
 from dsnas.errors import TrialError
 from dsnas.kernels import pipeline
 from dsnas.kernels.convert import convert, training_state
-from dsnas.kernels.linear import engine_layers
+from dsnas.kernels.linear import EngineLinear, engine_layers
 from dsnas.kernels.sparsity import check_nm
 from dsnas.models import build
 from dsnas.spec import EngineSpec
@@ -124,6 +125,20 @@ def test_auto_sparsity_sparsifies_the_less_sensitive_half_by_hessian_trace(task)
     assert max(per_weight[n] for n in info["sparsity"]["auto_sparsified"]) <= min(per_weight[n] for n in kept_dense)
     assert {info["layers"][n]["backend"] for n in kept_dense} == {"fp32"}
 
+
+def test_fp16_layers_take_their_hessian_in_fp32_where_fp16_products_overflow():
+    # Large activations (inputs of 1e4) overflow fp16's Hessian-vector products, which no loss scale guards: every
+    # trace came out NaN, and the "auto" layers were ranked on NaN.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(EngineLinear(8, 4, precision="fp16"), torch.nn.ReLU(),
+                                EngineLinear(4, 8, precision="fp16"), torch.nn.ReLU(),
+                                EngineLinear(8, 2, bias=False, precision="fp16"))
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)) * 1e4
+    task = type("Task", (), {"loss": staticmethod(lambda m, x, y: F.cross_entropy(m(x).float(), y))})()
+    layers = list(engine_layers(model).values())
+    diags = pipeline._hessian_diag(model, task, [(x, (x[:, 0] > 0).long())], [m.weight for m in layers], 2, 0)
+    assert all(bool(torch.isfinite(d).all()) for d in diags)
+    assert [m.fallback_left for m in layers] == [0, 0, 0]  # the layers compute in fp16 again
 
 def _weights(arch: dict) -> list[int]:
     return [m.weight.numel() for m in engine_layers(build(arch)).values()]

@@ -158,12 +158,20 @@ def _hessian_diag(model: nn.Module, task: Any, batches: list[Any], params: list[
     x, y = batches[0]
     was_training = model.training
     model.train()
+    # fp16 layers compute this pass in fp32, as after an overflow: no loss scaling guards its Hessian-vector
+    # products, which overflowed fp16 where activations are large (inputs of 1e4: every trace NaN, the "auto"
+    # layers ranked on NaN without a word, and hessian saliency refused its scores as if the weights were bad).
+    half = {m: m.fallback_left for m in engine_layers(model).values() if m.precision == "fp16"}
+    for layer in half:
+        layer.fallback_left = 1
     try:
         # The fused attention kernels have no second derivative; the math one does.
         with sdpa_kernel(SDPBackend.MATH):
             return hutchinson_diag(lambda: task.loss(model, x, y), params, samples, seed)
     finally:
         model.train(was_training)
+        for layer, left in half.items():
+            layer.fallback_left = left
 
 
 def _calibrate(model: nn.Module, task: Any, device: Any, engine: Any, layers: dict[str, EngineLinear],
