@@ -98,6 +98,22 @@ def test_an_int8_layer_whose_input_is_all_zeros_fails_naming_the_layer_not_askin
         pipeline.run(model, task, "cpu", spec, seed=0, checkpoint=lambda: None)
     assert "run calibration" not in str(caught.value) and "\n" not in str(caught.value)
 
+@pytest.mark.parametrize("calibrator", ["kl", "max", "percentile"])
+def test_an_int8_layer_the_forward_never_runs_fails_calibration_naming_it(calibrator):
+    class TwoHeads(torch.nn.Module):  # `aux` is a head its forward does not use
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.aux = EngineLinear(8, 2, precision="int8"), EngineLinear(8, 2, precision="int8")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    model = TwoHeads()
+    batches = type("Task", (), {"batches": staticmethod(lambda n, device, seed: [(torch.randn(4, 8), None)] * n)})()
+    spec = EngineSpec(calibration_batches=2, calibrator=calibrator)
+    with pytest.raises(TrialError, match=r"int8 calibration needs each int8 layer's inputs, but \['aux'\] saw none"):
+        pipeline._calibrate(model, batches, "cpu", spec, engine_layers(model), seed=0)
+
 def test_the_default_saliency_is_signal_two_independent_sparsifications_keep_the_same_weights(task):
     """Two trials sparsifying the same trained weights with the default engine but other seeds (other calibration batches,
     other probes) keep nearly the same weights. Measured on this model: wanda (the default) agrees on 97-99% of

@@ -178,10 +178,12 @@ def _calibrate(model: nn.Module, task: Any, device: Any, engine: Any, layers: di
                seed: int) -> dict[str, Any]:
     """Observe each int8 layer's inputs over calibration batches and set its activation range."""
     calibrators = {name: make_calibrator(engine.calibrator) for name in layers}
+    seen: set[str] = set()
 
     def observer(name: str) -> Callable[..., None]:
         def observe(_module: nn.Module, args: tuple[Any, ...]) -> None:
             calibrators[name].observe(args[0].detach())
+            seen.add(name)
         return observe
 
     hooks = [layer.register_forward_pre_hook(observer(name)) for name, layer in layers.items()]
@@ -193,6 +195,11 @@ def _calibrate(model: nn.Module, task: Any, device: Any, engine: Any, layers: di
     finally:
         for hook in hooks:
             hook.remove()
+    silent = [name for name in layers if name not in seen]
+    if silent:  # else the calibrator's own "call observe()" error, naming no layer
+        raise TrialError(f"int8 calibration needs each int8 layer's inputs, but {silent} saw none in "
+                         f"{engine.calibration_batches} calibration batches. Fix: leave layers the model's forward "
+                         "does not run out of the int8 choices, or give the task batches that run through them")
     amax = {}
     for name, layer in layers.items():
         found = float(calibrators[name].amax())
