@@ -35,6 +35,7 @@ from dsnas.storage import reading, storage_engine
 # Version 0 is a database without these tables (dsnas 0.1.0): every table is created, and the
 # measurements of its trials are filled in from what their user attrs hold.
 SCHEMA_VERSION = 1
+SOURCE_CHARS = 256  # dsnas_measurements.cached_from: the trial whose figures a reused measurement holds
 
 
 class Base(DeclarativeBase):
@@ -93,7 +94,7 @@ class Measurement(Base):
     # The measurement cache's key (with fingerprint, batch size and dtype), and where a reused figure came from.
     arch_hash: Mapped[str | None] = mapped_column(String(16), index=True, nullable=True)
     dsnas_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    cached_from: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    cached_from: Mapped[str | None] = mapped_column(String(SOURCE_CHARS), nullable=True)
     timing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # every statistic of the protocol
     figures: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # every figure of this batch size
     measured_at: Mapped[datetime.datetime | None] = mapped_column(DateTime, nullable=True)
@@ -211,7 +212,8 @@ def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any]
     if not batches:
         return None, []
     fp = Fingerprint(id=fingerprint_id(profile.get("fingerprint", {})), data=profile.get("fingerprint", {}))
-    source = profile.get("cache", {}).get("from") if profile.get("cache", {}).get("hit") else None
+    cache = profile.get("cache", {})
+    source = cache.get("from") if cache.get("hit") else None
     measured_at = _when(profile.get("measured_at")) or _utc(measured_at)
     rows = []
     for bs, stats in sorted(batches.items(), key=lambda kv: int(kv[0])):
@@ -229,9 +231,18 @@ def measurement_rows(study_name: str, trial_number: int, profile: dict[str, Any]
             else int(peak), gflop_s=stats.get("gflop_s"), gb_s=stats.get("gb_s"),
             energy_per_call_j=stats.get("window_energy_per_call_j"), sm_util=stats.get("window_sm_util"),
             dram_bw_util=stats.get("window_dram_bw_util"), arch_hash=arch_hash(arch) if arch else None,
-            dsnas_version=profile.get("fingerprint", {}).get("dsnas"), cached_from=source, timing=timing,
+            dsnas_version=profile.get("fingerprint", {}).get("dsnas"),
+            cached_from=_fitted(source and (cache.get("from_by_batch") or {}).get(str(bs), source), SOURCE_CHARS),
+            timing=timing,
             figures=figures, measured_at=measured_at))
     return fp, rows
+
+
+def _fitted(text: str | None, chars: int) -> str | None:
+    """``text`` cut to a column of ``chars`` characters, its end marked. Each row names its own batch size's source
+    (a study's name and trial): the sources of every batch size reused, joined, overflowed PostgreSQL's column
+    (value too long for character varying(256)) after the trial was told COMPLETE; a long study name still may."""
+    return text if text is None or len(text) <= chars else text[:chars - 1] + "\u2026"
 
 
 def _when(stamp: Any) -> datetime.datetime | None:

@@ -4,6 +4,7 @@ reuses what the same architecture measured on the same device; `dsnas doctor` an
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,41 @@ def test_a_cache_entry_is_labelled_as_the_measurement_it_holds(finished_study, t
     assert reused["threads"] == threads and reused["cache"]["from"] == "study z trial 3"
     _, reused = _reuse(entry, profile["fingerprint"], 1.0, HardwareSpec(batch_sizes=(1, 4)))
     assert reused["cache"]["from"] == "study v trial 9; study z trial 3"
+
+
+def check_reused_sources_are_stored(finished: Path, url: str) -> None:
+    """A reuse of batch sizes two trials measured, stored: each row names its own batch's trial. The two names
+    joined (``cache.from``) overflowed PostgreSQL's column of 256 characters for studies of 100-character names
+    ("value too long for type character varying(256)") after the trial was told COMPLETE."""
+    import sqlalchemy as sa
+
+    from dsnas import tables
+    from dsnas.profiler.measure import _reuse
+    from dsnas.spec import HardwareSpec, load_study
+    from dsnas.study import open_study
+
+    trial = open_study(load_study(finished), create=False).trials[0]
+    profile, arch = trial.user_attrs["profile"], trial.user_attrs["arch"]
+    metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
+    engine = sa.create_engine(url)
+    tables.ensure_schema(engine, url)
+    z, v = "z" * 120, "v" * 120
+    tables.record_measurements(engine, z, 3, profile, metrics, arch=arch)
+    only_1 = {**profile, "threads": (profile["threads"] or 1) + 1, "batches": {"1": profile["batches"]["1"]}}
+    tables.record_measurements(engine, v, 9, only_1, metrics, arch=arch)
+    entry = next(iter(tables.cached_figures(engine, arch).values()))
+    _, reused = _reuse(entry, profile["fingerprint"], 1.0, HardwareSpec(batch_sizes=(1, 4)))
+    assert len(reused["cache"]["from"]) > 256
+    tables.record_measurements(engine, "w", 0, reused, metrics, arch=arch)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT batch_size, cached_from FROM dsnas_measurements WHERE "
+                                          "study_name = 'w' ORDER BY batch_size")).all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [(1, f"study {v} trial 9"), (4, f"study {z} trial 3")]
+
+
+def test_a_reuse_of_two_trials_measurements_names_each_batchs_own(finished_study, tmp_path):
+    check_reused_sources_are_stored(finished_study, f"sqlite:///{tmp_path / 'm.db'}")
 
 
 def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, monkeypatch, steady_host):

@@ -250,6 +250,12 @@ def test_set_user_attrs_stores_what_optuna_would_on_postgresql(postgres_url):
     check_set_user_attrs(postgres_url)
 
 
+def test_a_reuse_of_two_trials_measurements_is_stored_on_postgresql(finished_study, postgres_url):
+    from test_measure import check_reused_sources_are_stored
+
+    check_reused_sources_are_stored(finished_study, postgres_url)
+
+
 def test_the_budget_count_of_a_postgresql_study_matches_a_count_of_every_trial(postgres_url):
     from test_storage import check_budget_count
 

@@ -198,8 +198,9 @@ def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
     measured = [b["profile"]["measured_at"] for b in used if "measured_at" in b.get("profile", {})]
     if measured:
         labels["measured_at"] = min(measured)
-    sources = "; ".join(dict.fromkeys(b.get("source") or entry.get("source", "") for b in used))
-    profile = {**labels, "fingerprint": fp, "cache": {"hit": True, "from": sources},
+    by_batch = {str(bs): b.get("source") or entry.get("source", "") for bs, b in stored.items()}
+    sources = "; ".join(dict.fromkeys(by_batch.values()))
+    profile = {**labels, "fingerprint": fp, "cache": {"hit": True, "from": sources, "from_by_batch": by_batch},
                "batches": {str(bs): {**b["timing"], **b["figures"]} for bs, b in stored.items()}}
     # What the measurement could not give (no flop_util, and why): a reuse dropped it, and said nothing of it.
     profile["unavailable"] = {k: v for b in used for k, v in (b["figures"].get("unavailable") or {}).items()}
