@@ -549,3 +549,13 @@ def test_a_model_that_diverged_or_returns_a_tuple_fails_its_trial_before_it_cost
                                          r"tuple. Fix: return the logits only, in the model odd_models:pair builds"):
         _check_output(pair, task, "cpu", "odd_models:pair")
     assert pair.training  # left in the mode it was built in
+
+
+def test_an_optimized_for_inference_torchscript_model_counts_each_weight_once():
+    """torch.jit.optimize_for_inference leaves each weight's original constant in the graph, unread, beside the
+    transposed copy its matmul reads: the model measured twice its parameters and its weights' memory twice."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)).eval()
+    optimized = torch.jit.optimize_for_inference(torch.jit.script(model))
+    report = dsnas.measure(optimized, torch.randn(2, 64), device="cpu", batch_sizes=(1,), measure_s=0.02,
+                           max_measure_s=0.1)
+    assert report.metrics["params"] == 64 * 128 + 128 + 128 * 4 + 4

@@ -186,8 +186,10 @@ def _graph_constants(module: nn.Module) -> list[torch.Tensor]:
         graph = module.graph
     except (AttributeError, RuntimeError):  # a script module without a forward
         return []
+    # Only those the graph reads: torch.jit.optimize_for_inference leaves each weight's constant behind, unread,
+    # beside the transposed copy its matmul reads (a 68,362-parameter model measured 136,458, its weights twice).
     return [node.output().toIValue() for node in graph.findAllNodes("prim::Constant")
-            if node.output().type().kind() == "TensorType"]
+            if node.output().type().kind() == "TensorType" and node.output().uses()]
 
 
 def quantized_bytes(t: torch.Tensor) -> int:
