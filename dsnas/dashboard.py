@@ -266,14 +266,21 @@ def backfill_artifacts(spec: StudySpec, study: Any) -> int:
     # Each trial's uploaded file names, gathered in one pass: read by a scan of every attribute per trial, the study's
     # 3,830 artifacts were scanned 2,792 times at every start (quadratic in the study's size).
     uploaded_by: dict[str, set[str]] = {}
+    deleted: set[str] = set()  # trials whose user deleted a file: left as the user left them, not uploaded again
     head = TRIAL_ARTIFACT_KEY.split("{", 1)[0]  # "dashboard:artifacts:", then TRIAL_ID:ARTIFACT_ID
     for key, value in storage.get_study_system_attrs(study_id).items():
         if key.startswith(head):
             trial_id = key[len(head):].split(":", 1)[0]
-            uploaded_by.setdefault(trial_id, set()).add(json.loads(value)["filename"])
+            meta = json.loads(value)
+            if meta is None:  # the dashboard's delete leaves a record of null: the next start was a TypeError
+                deleted.add(trial_id)
+                continue
+            uploaded_by.setdefault(trial_id, set()).add(meta["filename"])
     store = None  # the artifact folder is created only when something is uploaded
     uploaded = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if str(trial._trial_id) in deleted:
+            continue
         prefix = TRIAL_ARTIFACT_KEY.format(trial_id=trial._trial_id)
         have = uploaded_by.get(str(trial._trial_id), set())
         for kind in ARTIFACT_KINDS:

@@ -169,6 +169,24 @@ def test_a_restart_reads_the_uploaded_artifacts_once_not_once_per_trial(made_stu
     assert len(scans) == 1 and len(study.trials) == 2
 
 
+def test_a_file_deleted_in_the_dashboard_is_no_traceback_at_the_next_start_nor_uploaded_again(made_study):
+    """The dashboard's delete button leaves the artifact's record as null: reading its file name was a TypeError
+    traceback at every later `dsnas dashboard` start."""
+    from optuna_dashboard.artifact._backend import _dashboard_artifact_prefix
+
+    from dsnas.dashboard import backfill_artifacts
+
+    spec, study = made_study
+    assert backfill_artifacts(spec, study) == 4
+    trial = study.trials[0]
+    profile = next(a for a in trial_artifacts(study, trial) if a["filename"] == "trial0-profile.json")
+    # what DELETE /api/artifacts/<study>/<trial>/<artifact> writes
+    study._storage.set_study_system_attr(study._study_id, _dashboard_artifact_prefix(trial._trial_id) +
+                                         profile["artifact_id"], json.dumps(None))
+    assert backfill_artifacts(spec, study) == 0
+    assert [a["filename"] for a in trial_artifacts(study, trial)] == ["trial0-arch.json"]
+
+
 def test_a_refused_artifact_record_leaves_no_file(made_study, monkeypatch):
     """A database that refuses the artifact's record (a read-only role) keeps no orphan file in the folder."""
     import sqlalchemy
