@@ -347,6 +347,12 @@ class Driver:
                              "no images in the class folders' sub-folders and read hidden ones; this one reads "
                              f"{otherwise} of the folder's images otherwise ({', '.join(differs)} differ), so its "
                              "trials would not train on the same images. Fix: give the study a new [study] name")
+        if differs == ["val_windows"] and "val_windows" not in recorded:
+            # The same text: restoring the data cannot help, as the error below would say.
+            raise DsnasError(f"{self.spec.path}: [task] the stored trials were scored by an older dsnas on "
+                             "overlapping windows of the validation split (shorter than val_tokens); this one "
+                             f"scores each byte once ({now['val_windows']} windows), so its accuracies would not "
+                             "compare with theirs. Fix: give the study a new [study] name")
         if differs:
             key = differs[0]
             raise DsnasError(f"{self.spec.path}: [task] the data differs from what the stored trials trained on "

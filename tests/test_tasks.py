@@ -315,6 +315,29 @@ def test_a_toml_date_given_to_a_user_task_is_refused_with_the_fix(tmp_path, monk
     sys.modules.pop("dated_task", None)
 
 
+def test_a_study_scored_on_overlapping_windows_by_an_older_dsnas_is_not_told_its_text_changed(tmp_path):
+    """Resuming a study of a text whose validation split is shorter than val_tokens: the older dsnas's trials hold no
+    val_windows, and the driver said "the data differs ... Fix: restore the data" of a text that had not changed."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from dsnas.driver import Driver
+    from dsnas.errors import DsnasError
+
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(256)) * 400)
+    task = CharLMTask(CharLMConfig(corpus="corpus.txt", context=64), str(tmp_path))
+    now = task.fingerprint()
+    older = {k: v for k, v in now.items() if k != "val_windows"}
+    trial = SimpleNamespace(user_attrs={"profile": {"task": older}})
+    study = SimpleNamespace(get_trials=lambda deepcopy, states: [trial])
+    with pytest.raises(DsnasError) as err:
+        Driver._check_same_data(SimpleNamespace(study=study, data=now, spec=SimpleNamespace(path="s.toml"),
+                                                task=task))
+    assert "scored by an older dsnas on overlapping windows" in str(err.value)
+    assert "restore the data" not in str(err.value) and str(err.value).endswith("give the study a new [study] name")
+
+
 def test_fingerprints_compare_as_stored_and_an_older_image_reader_is_named():
     """A user fingerprint of tuples differed from itself stored (JSON lists): its study could never resume. A study
     of image folders searched before sub-folders were read was told to "restore the data" that had not changed."""
