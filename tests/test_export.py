@@ -68,6 +68,13 @@ def test_pick_of_a_metric_passes_over_a_nan(spec, pick, expected):
     assert numbers(pick_trials(study, spec, pick=pick)) == [expected]
 
 
+def test_a_pick_tied_at_the_best_value_takes_the_trial_on_the_front(spec):
+    """Trials 0 and 1 are as accurate and 1 is 5x faster: max-accuracy exported trial 0, which 1 dominates."""
+    tied = make_study([(0.9, 100.0, 10.0, 5.0, 1.0), (0.9, 500.0, 2.0, 5.0, 1.0), (0.5, 900.0, 1.0, 5.0, 1.0)])
+    assert numbers(pick_trials(tied, spec, pick="max-accuracy")) == [1]
+    assert numbers(pick_trials(tied, spec, pick="min-peak_memory")) == [1]  # a metric no objective is: the front's best
+
+
 def test_front_is_every_feasible_non_dominated_trial_best_accuracy_first(spec):
     assert numbers(pick_trials(make_study(), spec, front=True)) == [0, 2, 1]
 
@@ -232,7 +239,9 @@ def test_pt2_loads_with_torch_export_and_gives_the_same_logits(bundle):
 
 def test_export_by_trial_number_and_pick_picks_the_best(finished_study, tmp_path, no_model_files):
     spec = load_study(finished_study)
-    best = max(open_study(spec, create=False).trials, key=lambda t: t.user_attrs["accuracy"])
+    # Of trials as accurate (512 validation bytes: ties happen), the faster one: on the front
+    best = max(open_study(spec, create=False).trials, key=lambda t: (t.user_attrs["accuracy"],
+                                                                      t.user_attrs["throughput_tok_s"]))
     assert main(["export", str(finished_study), "--trial", str(best.number), "--out", str(tmp_path / "a")]) == 0
     assert main(["export", str(finished_study), "--pick", "max-accuracy", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()

@@ -67,7 +67,11 @@ def pick_trials(study: Any, spec: StudySpec, trial: int | None = None, pick: str
     if not reporting:
         raise DsnasError(f"--pick {pick}: no feasible completed trial reports {metric!r} in study {spec.name!r}. "
                          "Fix: pick an objective or a metric the trials stored, e.g. --pick max-accuracy")
-    return [(max if how == "max" else min)(reporting, key=lambda t: t.user_attrs[metric])]
+    best = (max if how == "max" else min)(t.user_attrs[metric] for t in reporting)
+    # Of trials tied at the best value, one on the front: max() took the lowest number, which a trial of the same
+    # accuracy and 5x the throughput dominated (off the front that --front and knee export).
+    tied = [t for t in reporting if t.user_attrs[metric] == best]
+    return [pareto_front(tied, spec.directions)[0] if len(tied) > 1 else tied[0]]
 
 
 def _finite(value: Any) -> bool:
