@@ -87,13 +87,17 @@ def _bundle(path: Path, device: Any) -> tuple[Any, Any, Any, str]:
 
 def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, str]:
     from dsnas.kernels.convert import untrained_inference_form  # torch loads on first use
-    from dsnas.study import open_study  # SQLAlchemy loads on first use
+    from dsnas.study import as_searched, open_study  # SQLAlchemy loads on first use
 
     spec = read_study(path)  # measured on the device --device names, not the study's: its Ray or GPU is not needed
     check_plugins(spec)
     if trial is None:
         raise DsnasError(f"{path}: a study file needs --trial N: which trial's architecture to measure")
     study = open_study(spec, create=False)
+    # Measured as the trial was: the task and timing protocol the study was searched with, where the file was
+    # edited since (an edited context fed the trial's model positions it has no embedding for: a traceback; edited
+    # batch sizes timed others than the trial's, whose figures report and verify compare with these).
+    spec = as_searched(spec, study)
     found = [t for t in study.trials if t.number == trial and "arch" in t.user_attrs]
     if not found:
         raise DsnasError(f"--trial {trial}: study {spec.name!r} has no trial {trial} with an architecture. "

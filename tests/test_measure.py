@@ -179,6 +179,20 @@ def test_profile_of_a_study_trial(finished_study, capsys):
     assert "study 'tiny' trial 0" in capsys.readouterr().out
 
 
+def test_profile_of_a_study_trial_measures_it_as_searched_where_the_file_was_edited(finished_study, tmp_path, capsys):
+    """An edited context fed the trial's model positions it has no embedding for (IndexError, a traceback), and
+    edited batch sizes timed others than the figures the trial stored."""
+    from conftest import copy_study
+
+    study = copy_study(finished_study, tmp_path / "copy")
+    study.write_text(study.read_text().replace("context = 16", "context = 32").replace("batch_sizes = [1, 4]",
+                                                                                        "batch_sizes = [1, 2]"))
+    assert main(["profile", str(study), "--trial", "0", "--measure-s", "0.02", "--max-measure-s", "0.1"]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:2] in ("1 ", "2 ", "4 ")]
+    assert [row[0] for row in table] == ["1", "4"]  # the trial's batch sizes
+    assert float(table[0][5].replace(",", "")) > 0  # tokens/s of its own context
+
+
 @pytest.mark.parametrize("args, message", [
     (["profile", "missing.json"], "missing.json: no such file"),
     (["profile", "--batch-sizes", "1,x", "a.json"], "--batch-sizes 1,x: must be whole numbers"),
