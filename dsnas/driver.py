@@ -20,7 +20,7 @@ from typing import Any
 from dsnas.engine_offer import settle
 from dsnas.errors import DsnasError
 from dsnas.executors import BaseExecutor, make_executor
-from dsnas.fidelity import RungJudge
+from dsnas.fidelity import RungJudge, over_limits
 from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.profiler import MeasureGate, device_key, has_cuda, resolve_device
@@ -781,7 +781,8 @@ class Driver:
         self.recording = None
         self.db(f"store trial {trial.number}'s measurements", tables.record_measurements, storage_engine(self.study),
                 self.spec.name, trial.number, outcome.profile, metrics, arch=trial.user_attrs["arch"])
-        self.progress.finished(trial.number, values, feasible, self.running)
+        self.progress.finished(trial.number, values, feasible, self.running,
+                               over_limits(metrics, self.spec.hardware.constraints))
 
     def _record_pruned(self, trial: Any, outcome: TrialResult) -> None:
         """A trial the driver stopped at a rung: its measurement is kept (for the cache and the predictor), its

@@ -95,12 +95,18 @@ class Progress:
     def started(self, number: int, arch_short: str, running: dict[int, Any]) -> None:
         self.say(f"{self._status(running)}  trial {number} started: {arch_short}")
 
-    def finished(self, number: int, values: list[float], feasible: bool, running: dict[int, Any]) -> None:
+    def finished(self, number: int, values: list[float], feasible: bool, running: dict[int, Any],
+                 over: list[str] | None = None) -> None:
+        """``over``: the limits the trial broke, as dsnas.fidelity.over_limits words them."""
         self.completed += 1
         if feasible:
             self._add_to_front(list(values))
         shown = "  ".join(f"{o.name} {format_metric(o.metric, v)}" for o, v in zip(self.spec.objectives, values))
-        self.say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else "  (infeasible)"))
+        # Which limit, and by how much: "latency 0.60 (infeasible)" under a limit of 0.6 read as within it, and a
+        # limit on a figure that is no objective (params) was not shown at all.
+        why = f": {', '.join(over)}" if over else ""
+        self.say(f"{self._status(running)}  trial {number} done: {shown}" + ("" if feasible else
+                                                                             f"  (infeasible{why})"))
 
     def _add_to_front(self, values: list[float]) -> None:
         directions = self.spec.directions

@@ -230,3 +230,22 @@ def test_drivers_started_together_on_a_new_sqlite_study_all_run(tmp_path):
         spec = load_study(study)
         trials = optuna.load_study(study_name=spec.name, storage=spec.storage).trials
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+
+
+def test_an_infeasible_trial_says_which_limit_it_broke_and_by_how_much(tmp_path):
+    """The line said "(infeasible)" alone: "latency 0.60" over a limit of 0.6 read as within it, and a broken limit
+    on a figure that is no objective was not shown at all."""
+    import io
+
+    from dsnas.progress import Progress
+    from dsnas.run import run_study
+
+    spec = load_study(write_table_study(tmp_path, n_trials=6, fidelity='kind = "none"', max_latency_ms=5.0))
+    out = io.StringIO()
+    run_study(spec, progress=Progress(spec, out=out))
+    study = optuna.load_study(study_name="table", storage=spec.storage)
+    over = [t for t in study.trials if t.state == TrialState.COMPLETE and not t.user_attrs["feasible"]]
+    assert over  # the table's latencies are mostly above 5 ms
+    for t in over:
+        line = next(line for line in out.getvalue().splitlines() if f"trial {t.number} done" in line)
+        assert line.endswith(f"(infeasible: latency_ms {t.user_attrs['latency_ms']:.4g} > 5)")
