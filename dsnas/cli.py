@@ -112,9 +112,12 @@ def _say_knee_tie(study: Any, spec: Any, limits: Any) -> None:
     # Trials of one result (a candidate retrained to the same figures) are no choice: "a tie" between 11 copies
     # of one model, "trial 2 the best in accuracy", sent the user to pick among them.
     if len({tuple(t.values) for t in ties}) > 1:
+        # Tied in the first objective too, it is the lowest number: "the best in accuracy" said of one of two
+        # trials of the same accuracy.
+        why = (f"the lowest number of those as good in {spec.objectives[0].name}"
+               if ties[1].values[0] == ties[0].values[0] else f"the best in {spec.objectives[0].name}")
         print(f"  the knee is a tie between trials {', '.join(str(t.number) for t in ties)}: trial "
-              f"{ties[0].number} is the best in {spec.objectives[0].name}. Fix: to choose another, --trial N or "
-              f"--pick max-/min-METRIC")
+              f"{ties[0].number} is {why}. Fix: to choose another, --trial N or --pick max-/min-METRIC")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

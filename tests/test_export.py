@@ -115,6 +115,15 @@ def test_export_says_when_the_knee_is_a_tie(tmp_path, capsys, monkeypatch):
     # Copies of one result (retrained to the same figures) are one knee, not a tie.
     _say_knee_tie(make_study([(0.3105, 96985.0, 1.0, 1.0, 1.0)] * 3), spec, Limits())
     assert capsys.readouterr().out == ""
+    # Tied in accuracy too (two trials of 0.3839111328125 on a real front of three objectives), trial 0 is not
+    # "the best in accuracy".
+    three = SimpleNamespace(name="s", directions=["maximize", "maximize", "minimize"],
+                            objectives=[SimpleNamespace(name="accuracy")])
+    study = optuna.create_study(directions=three.directions)
+    for values in [(0.3839, 100.0, 2.0), (0.3839, 200.0, 4.0)]:
+        study.add_trial(create_trial(values=list(values), user_attrs={"feasible": 1.0}))
+    _say_knee_tie(study, three, Limits())
+    assert "trial 0 is the lowest number of those as good in accuracy" in capsys.readouterr().out
 
 
 def test_trial_by_number_ignores_limits_and_feasibility(spec):
