@@ -698,3 +698,19 @@ def test_the_report_says_how_many_completed_trials_were_reused_repeats():
     df = pd.DataFrame({"state": ["COMPLETE"] * 4 + ["FAIL"], "reused_from": [None, None, 0.0, 1.0, None]})
     assert _counts(df) == "4 complete, 1 fail trials (2 of the complete ones are repeats whose results were reused)"
     assert _counts(df.drop(columns="reused_from")) == "4 complete, 1 fail trials"
+
+
+def test_the_pages_table_of_all_trials_shows_each_figure_as_the_front_above_it_does():
+    """In 4 significant digits, trial 3's 270,720 parameters read 2.707e+05 and its 14,657 tokens/s 1.466e+04 below
+    a front that showed 270,720 and 14,657."""
+    import pandas as pd
+
+    from dsnas.results.report import _all_trials_html
+
+    df = pd.DataFrame({"trial": [3, 1], "state": ["COMPLETE", "PRUNED"], "arch": ["{}", "{}"],
+                       "accuracy": [0.3875732421875, float("nan")], "throughput_tok_s": [14657.23, 11525.0],
+                       "latency_ms": [0.802208, 450.22], "params": [270720.0, 102016.0], "flops_bs1": [18087936.0, 1.0]})
+    page = _all_trials_html(df)
+    cells = [c.split("<")[0] for c in page.split("<td>")[1:]]
+    assert cells[:7] == ["3", "COMPLETE", "0.3876", "14,657", "0.80", "270,720", "1.809e+07"]
+    assert cells[7:10] == ["1", "PRUNED", ""]  # no accuracy: an empty cell, as before
