@@ -77,7 +77,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dsnas.export import Limits, export_trial, pick_trials
     from dsnas.export.formats import describe_exports
     from dsnas.spec import read_study
-    from dsnas.study import edited_since, open_study
+    from dsnas.fidelity import over_limits
+    from dsnas.study import as_searched, edited_since, open_study
 
     if sum(x is not None and x is not False for x in (args.trial, args.pick, args.front)) != 1:
         raise DsnasError("give exactly one of --trial N, --pick RULE and --front. Fix: e.g. --pick knee")
@@ -94,6 +95,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         what = "its architecture and metrics (the task's own function evaluated it: there is no model) " \
             if not (out / "weights.safetensors").exists() else ""
         print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) {what}to {out}")
+        if not frozen.user_attrs.get("feasible", 1.0):  # only --trial N takes one: it is no front model
+            broke = ", ".join(over_limits(frozen.user_attrs, as_searched(spec, study).hardware.constraints))
+            print(f"  note: trial {frozen.number} is infeasible{': ' + broke if broke else ''} "
+                  "([hardware.constraints] the study was searched under)")
         if not what:
             exports = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["exports"]
             print("\n".join(describe_exports(exports)))

@@ -217,6 +217,22 @@ def test_model_card_says_what_where_how(bundle):
         assert text in card, text
 
 
+def test_the_card_of_an_infeasible_trial_names_the_limit_it_broke(spec):
+    """"Feasible: no" beside the limits left the reader to find the figure, where 0.6009 ms over 0.6 reads as within."""
+    import dataclasses
+
+    from dsnas.export.card import model_card
+    from dsnas.spec import Constraints
+
+    limited = dataclasses.replace(spec, hardware=dataclasses.replace(spec.hardware, constraints=Constraints(
+        max_latency_ms=0.6, max_params=80000)))
+    frozen = SimpleNamespace(number=0, user_attrs={"arch": {"family": "transformer_lm"}, "arch_short": "d16 L1"})
+    metrics = {"metrics": {"latency_ms": 0.600927, "params": 8304.0, "feasible": 0.0}, "profile": {},
+               "fingerprint": {}, "exports": {}}
+    card = model_card(limited, frozen, metrics, "b0")
+    assert "Feasible: no: latency_ms 0.6009 > 0.6 (constraints: latency_ms <= 0.6, params <= 80000)." in card
+
+
 def test_loaded_model_gives_the_trials_logits(bundle):
     model = dsnas.load(bundle)
     probe = read_probe(bundle)
