@@ -30,6 +30,7 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.pick import pick_trials
+from dsnas.fidelity import over_limits
 from dsnas.export.verify import Check, VerifyReport, _probe_check, _read_metrics, data_check
 from dsnas.profiler import MeasureGate, device_key
 from dsnas.profiler.device import fingerprint
@@ -587,6 +588,17 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
                             "or the host ran slow (disturbed): the cost column and the route's thresholds rest on "
                             "them. Fix: search again when the machine is quiet (`dsnas report` lists the disturbed "
                             "trials)")
+    # A trial --trials named that breaks the limits the study was searched under: routed as asked, but said (the
+    # bundle served a model over the study's latency and params limits without a word).
+    from dsnas.study import as_searched  # SQLAlchemy loads on first use: dsnas.load_route serves without it
+
+    frozen_of = {frozen.number: frozen for frozen in chosen}
+    limits = as_searched(spec, study).hardware.constraints
+    for m in members:
+        if not frozen_of[m.trial].user_attrs.get("feasible", 1.0):
+            broke = ", ".join(over_limits(frozen_of[m.trial].user_attrs, limits))
+            report.notes.append(f"trial {m.trial} is infeasible{': ' + broke if broke else ''} ([hardware.constraints] "
+                                "the study was searched under): --trials named it; the front holds none such")
     report.serve = serve
     best = report.outcomes[f"trial {members[-1].trial} alone"]
     report.rows = [o.row(report.unit, best) for o in report.outcomes.values()]

@@ -321,6 +321,22 @@ def test_a_route_says_where_its_costs_were_measured_disturbed_and_where_the_file
     assert 0 in json.loads((tmp_path / "r" / "route.json").read_text())["disturbed_costs"]
 
 
+def test_an_infeasible_trial_that_trials_names_is_routed_and_said(routable, tmp_path, capsys):
+    """--trials of a trial over the study's limits built and served a route of it without a word."""
+    import sqlite3
+    from contextlib import closing
+
+    study = copy_study(routable, tmp_path / "s")
+    with closing(sqlite3.connect(study.with_suffix(".db"))) as db, db:
+        for key, value in (("feasible", "0.0"), ("latency_ms", "1500.0")):
+            db.execute(f"UPDATE trial_user_attributes SET value_json = '{value}' WHERE key = '{key}' AND trial_id = "
+                       "(SELECT trial_id FROM trials WHERE number = 0)")
+    assert main(["route", str(study), "--trials", "0,1", "--max-accuracy-drop", "0.01", "--out",
+                 str(tmp_path / "r")]) == 0
+    assert ("note: trial 0 is infeasible: latency_ms 1500 > 1000 ([hardware.constraints] the study was searched "
+            "under): --trials named it") in capsys.readouterr().out
+
+
 def test_a_trial_named_twice_is_one_model_and_a_bad_list_is_one_line(routable, tmp_path, capsys):
     """--trials 1,1 once built a route of one model twice (its router paying for it twice); 1,x a traceback."""
     study = copy_study(routable, tmp_path / "s")
