@@ -76,8 +76,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write the bundle of a trial (architecture, weights, ONNX, metrics, model card) for `dsnas.load`."""
     from dsnas.export import Limits, export_trial, pick_trials
     from dsnas.export.formats import describe_exports
-    from dsnas.spec import read_study
     from dsnas.fidelity import over_limits
+    from dsnas.spec import read_study
     from dsnas.study import as_searched, edited_since, open_study
 
     if sum(x is not None and x is not False for x in (args.trial, args.pick, args.front)) != 1:

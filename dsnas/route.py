@@ -30,8 +30,8 @@ from dsnas.export.bundle import (
     recorded_task_spec,
 )
 from dsnas.export.pick import pick_trials
-from dsnas.fidelity import over_limits
 from dsnas.export.verify import Check, VerifyReport, _probe_check, _read_metrics, data_check
+from dsnas.fidelity import over_limits
 from dsnas.profiler import MeasureGate, device_key
 from dsnas.profiler.device import fingerprint
 from dsnas.profiler.disturbance import MAX_SETTLE_S, MachineWindow, least_disturbed, wait_for_quiet
