@@ -130,3 +130,14 @@ def test_relative_links_point_at_files(doc):
             continue
         path = (doc.parent / target.partition("#")[0]).resolve()
         assert path.exists(), f"{doc.relative_to(REPO)} links {target}, which is not there"
+
+
+def test_the_routing_example_names_the_folder_dsnas_route_writes():
+    """`dsnas route STUDY.toml` writes routes/STUDY beside the study file, as report and export write theirs: the
+    page's example verified and loaded routes/images from the repository, where there is none (dsnas verify:
+    "no such bundle folder")."""
+    study = spec.load_study(REPO / "studies" / "images.toml")
+    written = (study.base_dir / "routes" / study.name).relative_to(REPO).as_posix()
+    example = (DOCS / "routing.md").read_text().split("```")[1]
+    assert f"dsnas verify {written} " in example and f"load_route('{written}')" in example
+    assert re.findall(r"(?<![\w/])routes/", example) == [], "a route folder named without the study file's folder"
