@@ -511,7 +511,7 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     costed = sorted(((cost_curve(frozen.user_attrs, batch_sizes, cost, frozen.number), frozen) for frozen in chosen),
                     key=lambda pair: pair[0].per_input(1.0))
     members = []
-    for curve, frozen in _thin(costed):
+    for curve, frozen in _thin(costed, [frozen.user_attrs.get("accuracy") for _, frozen in costed]):
         folder = export_trial(spec, study, frozen, out / "members" / f"trial{frozen.number}")
         members.append(Member(frozen.number, folder, load_bundle(folder), curve,
                               str(frozen.user_attrs.get("arch_short", "")), bool(frozen.user_attrs.get("disturbed"))))
@@ -682,14 +682,22 @@ def _rising(members: list[Member], accuracies: list[float], unit: str = "") -> t
     return keep, left_out
 
 
-def _thin(members: list[Any]) -> list[Any]:
+def _thin(members: list[Any], accuracies: Sequence[float | None] = ()) -> list[Any]:
     """At most MAX_STAGES members, cheapest first: the cheapest, the most accurate, and between them the ones
-    spread evenly in cost (a longer cascade pays more first stages for less)."""
+    spread evenly in cost (a longer cascade pays more first stages for less). ``accuracies``: each member's
+    recorded accuracy, where known. The most accurate is not always the costliest (named trials, or a front ranked
+    by another cost than the route's): taking the costliest for it, a route over five named trials thinned the
+    most accurate one out and found nothing to route. The ones costlier than it are left out (a cascade's last
+    stage must be its most accurate; _rising would leave them out)."""
     if len(members) <= MAX_STAGES:
         return members
-    picks = {0, len(members) - 1}
+    known = [(a, -i) for i, a in enumerate(accuracies) if isinstance(a, (int, float)) and math.isfinite(a)]
+    last = -max(known)[1] if len(known) == len(members) else len(members) - 1  # the cheapest of the most accurate
+    if last < MAX_STAGES:
+        return members[: last + 1]
+    picks = {0, last}
     for i in range(1, MAX_STAGES - 1):
-        picks.add(round(i * (len(members) - 1) / (MAX_STAGES - 1)))
+        picks.add(round(i * last / (MAX_STAGES - 1)))
     return [members[i] for i in sorted(picks)]
 
 

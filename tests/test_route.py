@@ -386,13 +386,39 @@ def test_only_the_members_a_route_keeps_are_exported(routable, tmp_path, capsys,
     study = copy_study(routable, tmp_path / "s")
     stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study.with_suffix('.db')}")
     costly = stored.trials[1]
-    for share in (0.5, 0.6, 0.7, 0.8):  # the costly model again, at costs between the two
+    for share in (0.5, 0.6, 0.7, 0.8):  # the costly model again, at costs between the two, a little less accurate
         attrs = {k: v * share if k.startswith("latency_ms") else v for k, v in costly.user_attrs.items()}
-        stored.add_trial(create_trial(params=costly.params, distributions=costly.distributions, values=costly.values,
-                                      user_attrs=attrs))
+        attrs["accuracy"] -= (1 - share) / 100
+        stored.add_trial(create_trial(params=costly.params, distributions=costly.distributions,
+                                      values=[attrs["accuracy"], *costly.values[1:]], user_attrs=attrs))
     exported = []
     real = dsnas.route.export_trial
     monkeypatch.setattr(dsnas.route, "export_trial",
                         lambda spec, study, frozen, out: exported.append(frozen.number) or real(spec, study, frozen, out))
     assert main(["route", str(study), "--trials", "0,1,2,3,4,5", "--out", str(tmp_path / "r")]) == 0
     assert sorted(exported) == [0, 1, 3, 4]  # by cost 0, 2, 3, 4, 5, 1: the cheapest, the costliest, two between
+
+
+def test_thinning_keeps_the_most_accurate_member_where_it_is_not_the_costliest(routable, tmp_path, capsys):
+    """A route keeps the cheapest and the most accurate member. Five named trials whose most accurate was the third
+    by cost lost it to thinning (the costliest was taken for the most accurate), and the route of the d8 model's
+    costlier copies said there was nothing to route."""
+    import optuna
+    from optuna.trial import create_trial
+
+    from dsnas.route import _thin
+
+    assert _thin(list("abcdef"), [0.1, 0.2, 0.5, 0.3, 0.4, 0.45]) == list("abc")  # the costlier ones after it go
+    assert _thin(list("abcdefg"), [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.4]) == list("acdf")
+    assert _thin(list("abcdef"), [0.1, 0.2, None, 0.3, 0.4, 0.5]) == list("acdf")  # unknown: by cost, as before
+    study = copy_study(routable, tmp_path / "s")
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study.with_suffix('.db')}")
+    cheap, costly = stored.trials[0], stored.trials[1]
+    ratio = costly.user_attrs["latency_ms_bs4"] / cheap.user_attrs["latency_ms_bs4"]  # at the largest batch size
+    for share in (0.5 * ratio, 1.05 * ratio, 1.1 * ratio):  # the cheap model again: one cheaper, two costlier
+        attrs = {k: v * share if k.startswith("latency_ms") else v for k, v in cheap.user_attrs.items()}
+        stored.add_trial(create_trial(params=cheap.params, distributions=cheap.distributions, values=cheap.values,
+                                      user_attrs=attrs))
+    assert main(["route", str(study), "--trials", "0,1,2,3,4", "--out", str(tmp_path / "r")]) == 0
+    assert "nothing to route" not in capsys.readouterr().out
+    assert [m["trial"] for m in json.loads((tmp_path / "r" / "route.json").read_text())["members"]] == [0, 1]
