@@ -331,3 +331,26 @@ def test_transformer_family_on_cuda():
             assert torch.equal(model(idx), out.module(idx))
     assert check(PermuteChain(), [(2, 3, 4, 5), (3, 3, 3, 3)], device="cuda").counts["permute_chains"] == 4
     assert check(Contiguous().cuda(), [(1, 3, 4), (3, 1, 4)], device="cuda").counts["contiguous"] == 3
+
+
+def test_the_node_counts_docs_engine_md_quotes_are_the_ones_benchmarks_passes_prints():
+    """docs/engine.md quotes `python benchmarks/passes.py --quick`'s nodes column; it said 65 nodes for the family's
+    d64 L2 (the benchmark printed 69->69) and 14 of 79 removed (14 is the rewrites; 79->61)."""
+    import re
+
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import passes
+    finally:
+        sys.path.remove(BENCHMARKS)
+    counts = {}
+    for verbose in (False, True):
+        model = passes.make_model("d64 L2", verbose, torch.device("cpu"))
+        _, opt, rewrites = passes.arms(model, torch.randint(0, passes.VOCAB, (2, passes.CONTEXT)))
+        meta = opt.meta["dsnas.passes"]
+        counts[verbose] = (meta["nodes_before"], meta["nodes_after"], sum(rewrites.values()))
+    doc = " ".join((Path(BENCHMARKS).parent / "docs" / "engine.md").read_text().split())
+    family, verbose = counts[False], counts[True]
+    assert family[0] == family[1] and f"rewrite nothing ({family[0]} nodes before and after, d64 L2)" in doc
+    said = re.findall(r"verbose port[^;]*", doc)
+    assert f"{verbose[2]} rewrites take its {verbose[0]} nodes to {verbose[1]}" in doc, said
