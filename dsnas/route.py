@@ -510,8 +510,10 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     batch_sizes = as_searched(spec, study).hardware.batch_sizes
     costed = sorted(((cost_curve(frozen.user_attrs, batch_sizes, cost, frozen.number), frozen) for frozen in chosen),
                     key=lambda pair: pair[0].per_input(1.0))
+    thinned = _thin(costed, [frozen.user_attrs.get("accuracy") for _, frozen in costed])
+    costlier = _costlier_than_the_most_accurate(costed, thinned[-1], COSTS[cost][1])
     members = []
-    for curve, frozen in _thin(costed, [frozen.user_attrs.get("accuracy") for _, frozen in costed]):
+    for curve, frozen in thinned:
         folder = export_trial(spec, study, frozen, out / "members" / f"trial{frozen.number}")
         members.append(Member(frozen.number, folder, load_bundle(folder), curve,
                               str(frozen.user_attrs.get("arch_short", "")), bool(frozen.user_attrs.get("disturbed"))))
@@ -524,6 +526,7 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     # A cascade falls back to its costliest stage, which must be its most accurate: a member that costs more than
     # a cheaper one and is not more accurate is left out (named trials, or a front by another cost than its own).
     keep, left_out = _rising(members, right[:, calib].mean(1).tolist(), COSTS[cost][1])
+    left_out = costlier + left_out
     if len(keep) < len(members):
         for i in sorted(set(range(len(members))) - set(keep)):
             shutil.rmtree(members[i].folder, ignore_errors=True)  # in the work folder: the route holds the rest
@@ -699,6 +702,16 @@ def _thin(members: list[Any], accuracies: Sequence[float | None] = ()) -> list[A
     for i in range(1, MAX_STAGES - 1):
         picks.add(round(i * last / (MAX_STAGES - 1)))
     return [members[i] for i in sorted(picks)]
+
+
+def _costlier_than_the_most_accurate(costed: list[Any], last: Any, unit: str) -> list[str]:
+    """Why each member costlier than the last one thinning kept (the most accurate, see _thin) is left out."""
+    curve, best = last
+    after = next(i for i, pair in enumerate(costed) if pair is last) + 1
+    return [f"left out trial {frozen.number}: it costs more than trial {best.number} ({c.per_input(1.0):.4g} vs "
+            f"{curve.per_input(1.0):.4g} {unit} per input) and was not more accurate in the search "
+            f"({frozen.user_attrs['accuracy']:.4f} vs {best.user_attrs['accuracy']:.4f})"
+            for c, frozen in costed[after:]]
 
 
 def _time_end_to_end(members: Sequence[Member], thresholds: Sequence[float], router: LearnedRouter, x: Any,

@@ -420,5 +420,8 @@ def test_thinning_keeps_the_most_accurate_member_where_it_is_not_the_costliest(r
         stored.add_trial(create_trial(params=cheap.params, distributions=cheap.distributions, values=cheap.values,
                                       user_attrs=attrs))
     assert main(["route", str(study), "--trials", "0,1,2,3,4", "--out", str(tmp_path / "r")]) == 0
-    assert "nothing to route" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to route" not in out
+    assert re.search(r"left out trial 3: it costs more than trial 1 \(.* ms per input\) and was not more accurate in "
+                     r"the search \(0\.\d{4} vs 0\.\d{4}\)", out)  # said, as a costlier member is
     assert [m["trial"] for m in json.loads((tmp_path / "r" / "route.json").read_text())["members"]] == [0, 1]
