@@ -422,3 +422,15 @@ def test_an_fp8_bundle_off_an_fp8_gpu_is_one_line_naming_the_bundle_and_the_fix(
     monkeypatch.setattr("dsnas.kernels.quant.fp8_supported", lambda device: (True, "an H100"))
     assert bundle_module._rebuild_device(arch) == "cuda"
     assert bundle_module._rebuild_device({**arch, "layers": [{"precision": "bf16"}]}) == "cpu"
+
+
+def test_the_task_data_row_shows_a_user_tasks_hash_named_sha256():
+    """examples/own_model's task records its data's hash as "sha256" (not "*_sha256"): the row showed "-" for it."""
+    from dsnas.export.verify import data_check
+
+    class Task:
+        def fingerprint(self):
+            return {"task": "stdlib-snippets", "sha256": "0123456789abcdef0123"}
+
+    check = data_check({"profile": {"task": {"task": "stdlib-snippets", "sha256": "0123456789abcdef0123"}}}, Task())
+    assert (check.recorded, check.now, check.verdict) == ("0123456789ab", "0123456789ab", "same")

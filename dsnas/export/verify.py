@@ -175,7 +175,8 @@ def data_check(recorded: dict[str, Any], task: Any) -> Check:
     then_fp = recorded.get("profile", {}).get("task", {})
     now_fp = task.fingerprint()
     differs = data_differs(then_fp, now_fp)  # the data, not where it lives: a study folder moved is the same
-    hashed = next((k for k in then_fp if k.endswith("_sha256")), "")
+    # A user task names its data's hash as it likes: examples/own_model's "sha256" was shown as "-", as if unrecorded.
+    hashed = next((k for k in then_fp if k == "sha256" or k.endswith("_sha256")), "")
     sha = (str(then_fp.get(hashed, "-"))[:12], str(now_fp.get(hashed, "-"))[:12])
     return Check("task data", *sha, "-", f"differs ({', '.join(differs)}): accuracy not comparable" if differs
                  else "same", compared=not differs)
