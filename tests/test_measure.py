@@ -132,7 +132,9 @@ def test_the_same_architecture_on_the_same_device_is_measured_once(tiny_study, m
         assert len(measured) == 4 and "(disturbed)" in second.user_attrs["profile"]["cache"]["why"]
         return
     assert len(measured) == 2, second.user_attrs["profile"]["cache"]  # two batch sizes, once
-    assert second.user_attrs["profile"]["cache"] == {"hit": True, "from": f"study tiny trial {first.number}"}
+    source = f"study tiny trial {first.number}"
+    assert second.user_attrs["profile"]["cache"] == {"hit": True, "from": source,
+                                                     "from_by_batch": {"1": source, "4": source}}
     assert second.user_attrs["latency_ms"] == first.user_attrs["latency_ms"]
 
 
