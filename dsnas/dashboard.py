@@ -241,7 +241,6 @@ def save_hypervolume_charts(study: Any, df: Any) -> dict[str, float] | None:
     import plotly.graph_objects as go
     from optuna_dashboard import save_plotly_graph_object
 
-
     if not _has_completed(df):
         return None
     reference = results.default_reference(df)

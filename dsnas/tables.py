@@ -337,7 +337,6 @@ def measurements(study: Any) -> Any:
     dsnas_measurements; for a study that predates the table, from its trials' stored profiles."""
     import pandas as pd
 
-
     engine = storage_engine(study)
     rows: list[Measurement] = []
     fingerprints: dict[str, dict[str, Any]] = {}

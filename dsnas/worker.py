@@ -242,7 +242,6 @@ class _Candidate:
     def _measure(self, model: Any, cached: dict[str, Any] | None = None) -> None:
         import torch
 
-
         engine = self.request.engine
         measured = torch.compile(model) if engine.compile else model
         context = {"compile": engine.compile, "int8_backend": engine.int8_backend, "calibrator": engine.calibrator}

@@ -211,6 +211,7 @@ def test_the_cpu_ceilings_and_the_host_probe_run_fp32_whatever_the_default_dtype
         torch.set_default_dtype(before)
     assert seen == {torch.float32}
 
+
 def test_gpu_peaks_without_a_gpu_say_why():
     peaks = gpu_peaks("cpu")
     assert (peaks.memory_gb_s, peaks.fp32_gflop_s, peaks.bf16_tensor_gflop_s) == (None, None, None)
@@ -268,7 +269,6 @@ def test_gpu_peaks_per_precision_match_the_h100_datasheet_at_its_boost_clock(fak
     # H100 SXM dense: fp32 67, tf32 495, bf16/fp16 989, fp8 1979, int8 1979 (TOPS); 2:4 sparse doubles the tensor cores'.
     assert tflop_s == {"fp32": 62, "tf32": 495, "bf16": 989, "fp16": 989, "fp8": 1979, "int8": 1979, "bf16-2:4": 1979,
                        "fp16-2:4": 1979, "fp8-2:4": 3958, "int8-2:4": 3958}
-
 
 
 def test_no_layer_shape_of_the_shipped_spaces_beats_the_gemm_ceiling():

@@ -78,7 +78,6 @@ def test_the_model_runs_once_and_both_counts_agree_under_inference_mode():
     assert nbytes == linear1 + gelu + linear2
 
 
-
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__)
 def test_dropout_in_eval_moves_no_bytes_in_the_count_the_measurement_takes(mode):
     """Eval-mode dropout hands its input back; the FLOP counter ran torch's Python decomposition of it, which clones,
@@ -90,6 +89,7 @@ def test_dropout_in_eval_moves_no_bytes_in_the_count_the_measurement_takes(mode)
         assert counts.bytes == count_bytes(lambda: model(x))
     assert counts.bytes == 4 * (4 * 16 + 16 * 32 + 32 + 4 * 32) + 4 * (4 * 32 + 32 * 4 + 4 + 4 * 4)
     assert counts.flops == 2 * 4 * (16 * 32 + 32 * 4)
+
 
 def test_int8_layers_count_the_work_of_the_fp32_layer_they_replace():
     import torch

@@ -85,7 +85,6 @@ def test_sparse_and_int8_layers_go_through_every_step_in_order(task, saliency):
             assert row["backend"] == "bf16"
 
 
-
 @pytest.mark.parametrize("calibrator", ["kl", "max", "percentile"])
 def test_an_int8_layer_whose_input_is_all_zeros_fails_naming_the_layer_not_asking_for_calibration(task, calibrator):
     torch.manual_seed(0)
@@ -97,6 +96,7 @@ def test_an_int8_layer_whose_input_is_all_zeros_fails_naming_the_layer_not_askin
     with pytest.raises(TrialError, match=r"int8 layer blocks\.0\.down saw only zeros") as caught:
         pipeline.run(model, task, "cpu", spec, seed=0, checkpoint=lambda: None)
     assert "run calibration" not in str(caught.value) and "\n" not in str(caught.value)
+
 
 @pytest.mark.parametrize("calibrator", ["kl", "max", "percentile"])
 def test_an_int8_layer_the_forward_never_runs_fails_calibration_naming_it(calibrator):
@@ -113,6 +113,7 @@ def test_an_int8_layer_the_forward_never_runs_fails_calibration_naming_it(calibr
     spec = EngineSpec(calibration_batches=2, calibrator=calibrator)
     with pytest.raises(TrialError, match=r"int8 calibration needs each int8 layer's inputs, but \['aux'\] saw none"):
         pipeline._calibrate(model, batches, "cpu", spec, engine_layers(model), seed=0)
+
 
 def test_the_default_saliency_is_signal_two_independent_sparsifications_keep_the_same_weights(task):
     """Two trials sparsifying the same trained weights with the default engine but other seeds (other calibration batches,
@@ -155,6 +156,7 @@ def test_fp16_layers_take_their_hessian_in_fp32_where_fp16_products_overflow():
     diags = pipeline._hessian_diag(model, task, [(x, (x[:, 0] > 0).long())], [m.weight for m in layers], 2, 0)
     assert all(bool(torch.isfinite(d).all()) for d in diags)
     assert [m.fallback_left for m in layers] == [0, 0, 0]  # the layers compute in fp16 again
+
 
 def _weights(arch: dict) -> list[int]:
     return [m.weight.numel() for m in engine_layers(build(arch)).values()]

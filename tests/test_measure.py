@@ -294,7 +294,6 @@ def test_a_cuda_device_where_there_is_none_and_a_mistyped_keyword_are_one_line()
         dsnas.measure(model, torch.randn(2, 4), device="cpu", batch_sizes=8)
 
 
-
 @pytest.mark.parametrize("keyword, said", [
     ({"threads": "2"}, "dsnas.measure threads: must be of type int, but got '2'. Fix: e.g. threads=2"),
     ({"threads": 2.0}, "dsnas.measure threads: must be of type int, but got 2.0. Fix: e.g. threads=2"),
@@ -328,6 +327,7 @@ def test_a_numpy_count_is_taken_as_the_number_it_is(monkeypatch):
     monkeypatch.setattr(profile, "measure", lambda model, task, dev, hw: seen.append(hw) or ({"params": 20.0}, {}))
     dsnas.measure(torch.nn.Linear(4, 4), torch.randn(2, 4), device="cpu", threads=np.int64(1))
     assert seen[0].threads == 1 and type(seen[0].threads) is int
+
 
 def test_on_a_second_gpu_the_cuda_events_time_its_own_stream(monkeypatch):
     """torch records a CUDA event on the current device's stream: measuring on cuda:1 with cuda:0 current timed

@@ -42,6 +42,7 @@ def test_a_short_validation_split_is_scored_once_per_byte_and_route_halves_share
     assert not set(scored.view(len(targets), 64)[calibration].flatten().tolist()) & \
         set(scored.view(len(targets), 64)[report].flatten().tolist())
     assert task.fingerprint()["val_windows"] == len(targets)  # another evaluation than an older dsnas's
+
     class Counting(torch.nn.Module):
         seen = 0
 

@@ -154,7 +154,6 @@ def _hessian_diag(model: nn.Module, task: Any, batches: list[Any], params: list[
     batch costs one more forward and backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
     x, y = batches[0]
     was_training = model.training
     model.train()

@@ -215,7 +215,6 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     ``gpu``: (NVML handle, why there is none) on a GPU, None on a CPU."""
     import torch
 
-
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
@@ -352,7 +351,6 @@ def _steady_window(model: Any, batch: Any, device: Any, hardware: Any, profile: 
     (NVML handle, why there is none)."""
     import torch
 
-
     handle, reason = gpu
     if handle is None:
         profile["unavailable"]["nvml"] = reason
@@ -386,7 +384,6 @@ def _kernels(model: Any, batch: Any, device: Any, top: int = 10) -> dict[str, An
     """The top kernels (CUDA) or operators (CPU) of one profiled call; an empty event list means the
     profiler could not see them, and says so."""
     from torch.profiler import ProfilerActivity, profile
-
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
