@@ -25,7 +25,7 @@ from dsnas.interrupts import InterruptGuard
 from dsnas.models import describe, validate
 from dsnas.profiler import MeasureGate, device_key, has_cuda, resolve_device
 from dsnas.profiler.cache import entry_key
-from dsnas.profiler.gate import holders
+from dsnas.profiler.gate import holders, waits_notice
 from dsnas.progress import Progress
 from dsnas.sampler import DsnasSampler, Problem
 from dsnas.screening import Screen, arch_counter
@@ -185,8 +185,7 @@ class Driver:
         gate = MeasureGate(device_key(resolve_device(self.spec.hardware.device)))
         held = holders(gate.paths)
         if held:
-            self.progress.say(f"  {what} waits to measure: the measurement gate {gate.paths[1]} is held by "
-                              f"{', '.join(held)} (measuring beside it would time its work too)")
+            self.progress.say(f"  {waits_notice(what, gate.paths, ', '.join(held))}")
 
     def _watch_other_drivers(self) -> None:
         """The rest of the budget runs in other drivers: wait, and take back any trial whose driver stops. (This

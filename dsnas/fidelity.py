@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dsnas.pareto import crowding_distances, nondominated_ranks
+from dsnas.pareto import comparable, crowding_distances, nondominated_ranks
 from dsnas.spec import TRAINED, FidelitySpec
 
 
@@ -89,10 +89,6 @@ def decide(number: int, values: list[float], peers: dict[int, list[float]], dire
     return Decision(False, f"dominated: {where}")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def over_limits(metrics: dict[str, float], constraints: Any) -> list[str]:
     """The hardware limits a measurement breaks, each as "latency_ms 61.2 > 50"."""
     return [f"{metric} {metrics[metric]:.4g} > {limit:g}" for metric, limit in constraints.items()
@@ -128,7 +124,7 @@ class RungJudge:
             # A trial stopped for a nan here keeps its values in its record: compared, it sat on the first front of
             # every later decision (nothing dominates a nan) and pushed a real trial out of the best max(1, n // eta).
             if trial.number != number and record and "values" in record and \
-                    trial.user_attrs.get("bracket", 0) == bracket and all(map(_finite, record["values"])):
+                    trial.user_attrs.get("bracket", 0) == bracket and all(map(comparable, record["values"])):
                 out[trial.number] = record["values"]
         return out
 

@@ -8,6 +8,11 @@ import math
 from collections.abc import Sequence
 
 
+def comparable(value: object) -> bool:
+    """A figure that can be ranked: a finite number (a NaN compares false either way, and nothing dominates it)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
     """``a`` is at least as good as ``b`` in every objective and better in one."""
     sign = [1.0 if d == "maximize" else -1.0 for d in directions]

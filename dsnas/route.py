@@ -503,12 +503,13 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
         whose = f"--trials names {len(chosen)} model" if trials else f"the front has {len(chosen)} model"
         raise NothingToRoute(f"{whose}: there is nothing to route (a route needs at least two models of different "
                              "cost)")
-    from dsnas.study import as_searched  # SQLAlchemy loads on first use
+    from dsnas.study import as_searched  # SQLAlchemy loads on first use: dsnas.load_route serves without it
 
-    # Thinned by their recorded costs before any is exported (the batch sizes are those each bundle carries): every
-    # front model was exported and loaded, about a second each, to keep MAX_STAGES of them (a front of 84, 80 s).
-    batch_sizes = as_searched(spec, study).hardware.batch_sizes
-    costed = sorted(((cost_curve(frozen.user_attrs, batch_sizes, cost, frozen.number), frozen) for frozen in chosen),
+    searched = as_searched(spec, study).hardware  # the batch sizes each bundle carries, the limits searched under
+    # Thinned by their recorded costs before any is exported: every front model was exported and loaded, about a
+    # second each, to keep MAX_STAGES of them (a front of 84, 80 s).
+    costed = sorted(((cost_curve(frozen.user_attrs, searched.batch_sizes, cost, frozen.number), frozen)
+                     for frozen in chosen),
                     key=lambda pair: pair[0].per_input(1.0))
     thinned = _thin(costed, [frozen.user_attrs.get("accuracy") for _, frozen in costed])
     costlier = _costlier_than_the_most_accurate(costed, thinned[-1], COSTS[cost][1])
@@ -593,10 +594,8 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
                             "trials)")
     # A trial --trials named that breaks the limits the study was searched under: routed as asked, but said (the
     # bundle served a model over the study's latency and params limits without a word).
-    from dsnas.study import as_searched  # SQLAlchemy loads on first use: dsnas.load_route serves without it
-
     frozen_of = {frozen.number: frozen for frozen in chosen}
-    limits = as_searched(spec, study).hardware.constraints
+    limits = searched.constraints
     for m in members:
         if not frozen_of[m.trial].user_attrs.get("feasible", 1.0):
             broke = ", ".join(over_limits(frozen_of[m.trial].user_attrs, limits))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsnas.errors import DsnasError
-from dsnas.pareto import front_indices
+from dsnas.pareto import comparable, front_indices
 from dsnas.spec import OBJECTIVES, StudySpec
 from dsnas.study import nothing_to_use
 
@@ -63,7 +63,7 @@ def pick_trials(study: Any, spec: StudySpec, trial: int | None = None, pick: str
         return best if how == "front" else [knee(best, spec.directions)]
     # A NaN (an own task's evaluate() may report one beside finite objectives) compares false either way: where
     # the first trial held it, max() and min() both returned that trial.
-    reporting = [t for t in candidates if _finite(t.user_attrs.get(metric))]
+    reporting = [t for t in candidates if comparable(t.user_attrs.get(metric))]
     if not reporting:
         raise DsnasError(f"--pick {pick}: no feasible completed trial reports {metric!r} in study {spec.name!r}. "
                          "Fix: pick an objective or a metric the trials stored, e.g. --pick max-accuracy")
@@ -72,10 +72,6 @@ def pick_trials(study: Any, spec: StudySpec, trial: int | None = None, pick: str
     # accuracy and 5x the throughput dominated (off the front that --front and knee export).
     tied = [t for t in reporting if t.user_attrs[metric] == best]
     return [pareto_front(tied, spec.directions)[0] if len(tied) > 1 else tied[0]]
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _by_number(done: list[Any], number: int, spec: StudySpec) -> Any:

@@ -205,9 +205,7 @@ class _Announced:
             self.on_wait(waiting)
         if waiting and self.since is None:
             self.since = time.monotonic()
-            who = _held_by(self.paths)
-            log.info("%s waits to measure: the measurement gate %s is held by %s (measuring beside it would time "
-                     "its work too)", self.what, self.paths[1], who)
+            log.info("%s", waits_notice(self.what, self.paths, _held_by(self.paths)))
 
     def went_on(self) -> None:
         if self.since is not None:
@@ -256,6 +254,12 @@ class _LongWaits:
         who = _held_by(self.paths)
         log.info("%s has waited %.0f s for the measurement gate %s, held by %s: another measurement on this device",
                  self.what, now - self.since, self.paths[1], who)
+
+
+def waits_notice(what: str, paths: tuple[Path, ...], who: str) -> str:
+    """How a wait for the gate is said, here and by a Ray study's driver for what waits in a worker."""
+    return (f"{what} waits to measure: the measurement gate {paths[1]} is held by {who} (measuring beside it would "
+            "time its work too)")
 
 
 def _held_by(paths: tuple[Path, ...]) -> str:
