@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write the bundle of a trial (architecture, weights, ONNX, metrics, model card) for `dsnas.load`."""
     from dsnas.export import Limits, export_trial, pick_trials
     from dsnas.export.formats import describe_exports
-    from dsnas.fidelity import over_limits
+    from dsnas.fidelity import infeasible
     from dsnas.spec import read_study
     from dsnas.study import as_searched, edited_since, open_study
 
@@ -96,9 +96,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not (out / "weights.safetensors").exists() else ""
         print(f"exported trial {frozen.number} ({frozen.user_attrs.get('arch_short', '')}) {what}to {out}")
         if not frozen.user_attrs.get("feasible", 1.0):  # only --trial N takes one: it is no front model
-            broke = ", ".join(over_limits(frozen.user_attrs, as_searched(spec, study).hardware.constraints))
-            print(f"  note: trial {frozen.number} is infeasible{': ' + broke if broke else ''} "
-                  "([hardware.constraints] the study was searched under)")
+            limits = as_searched(spec, study).hardware.constraints
+            print(f"  note: {infeasible(frozen.number, frozen.user_attrs, limits)}")
         if not what:
             exports = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["exports"]
             print("\n".join(describe_exports(exports)))

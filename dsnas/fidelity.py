@@ -95,6 +95,13 @@ def over_limits(metrics: dict[str, float], constraints: Any) -> list[str]:
             if metric in metrics and metrics[metric] > limit]
 
 
+def infeasible(number: int, metrics: dict[str, float], constraints: Any) -> str:
+    """How a trial taken by name though it breaks a limit is said (export by number, a route's --trials)."""
+    broke = ", ".join(over_limits(metrics, constraints))
+    return f"trial {number} is infeasible{': ' + broke if broke else ''} ([hardware.constraints] the study was " \
+        "searched under)"
+
+
 class RungJudge:
     """The driver's side of the rungs: a report's decision against the study's stored rungs, and what to store."""
 

@@ -31,7 +31,7 @@ from dsnas.export.bundle import (
 )
 from dsnas.export.pick import pick_trials
 from dsnas.export.verify import Check, VerifyReport, _probe_check, _read_metrics, data_check
-from dsnas.fidelity import over_limits
+from dsnas.fidelity import infeasible
 from dsnas.profiler import MeasureGate, device_key
 from dsnas.profiler.device import fingerprint
 from dsnas.profiler.disturbance import MAX_SETTLE_S, MachineWindow, least_disturbed, wait_for_quiet
@@ -598,9 +598,8 @@ def _build_route(spec: Any, study: Any, out: Path, trials: Sequence[int] | None,
     limits = searched.constraints
     for m in members:
         if not frozen_of[m.trial].user_attrs.get("feasible", 1.0):
-            broke = ", ".join(over_limits(frozen_of[m.trial].user_attrs, limits))
-            report.notes.append(f"trial {m.trial} is infeasible{': ' + broke if broke else ''} ([hardware.constraints] "
-                                "the study was searched under): --trials named it; the front holds none such")
+            report.notes.append(f"{infeasible(m.trial, frozen_of[m.trial].user_attrs, limits)}: --trials named it; "
+                                "the front holds none such")
     report.serve = serve
     best = report.outcomes[f"trial {members[-1].trial} alone"]
     report.rows = [o.row(report.unit, best) for o in report.outcomes.values()]
