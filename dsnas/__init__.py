@@ -44,11 +44,12 @@ def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = ()
         return run_study(load_study(study_file, **overrides), callbacks=callbacks, sampler=sampler)
 
 
-def load(bundle: str, device: str = "cpu") -> "torch.nn.Module":
-    """Rebuild the trained model of an exported bundle; see :func:`dsnas.export.load_bundle`."""
+def load(bundle: str, device: str = "cpu", *, training_form: bool = False) -> "torch.nn.Module":
+    """Rebuild the trained model of an exported bundle, in its inference form; see
+    :func:`dsnas.export.load_bundle`."""
     from dsnas.export import load_bundle
 
-    return load_bundle(bundle, device=device)
+    return load_bundle(bundle, device=device, training_form=training_form)
 
 
 def measure(model: "torch.nn.Module", example_input: Any, device: str = "auto", batch_sizes: Sequence[int] = (1, 32),

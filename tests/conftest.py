@@ -236,3 +236,15 @@ def check_message(err: BaseException, where: str | Path, key: str, rule: str, fi
         assert ". Fix: " in msg, msg
         assert fix in msg.split(". Fix: ", 1)[1], msg
     return msg
+
+
+def held_bytes(model: Any) -> int:
+    """Bytes of every tensor storage ``model`` holds, each storage once: its parameters and buffers, a tensor
+    subclass's inner tensors, torch.ao's packed weights."""
+    from dsnas.kernels.convert import held_tensors, packed_tensors
+
+    storages = {}
+    for t in [h for t in [*model.parameters(), *model.buffers()] for h in held_tensors(t)] + packed_tensors(model):
+        key = t.data_ptr() if t.is_quantized else t.untyped_storage().data_ptr()
+        storages[key] = t.nbytes if t.is_quantized else t.untyped_storage().nbytes()
+    return sum(storages.values())

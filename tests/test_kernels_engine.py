@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import held_bytes
 from torch import nn
 
 from dsnas.kernels.convert import convert, training_state
@@ -265,3 +266,49 @@ def test_a_weight_tied_to_another_module_counts_both_forms_once_converted():
     convert(model)
     params, nbytes = inference_size(model)
     assert params == 256 * 64 and nbytes == 256 * 64 * 4 + 256 * 64 * 2
+
+
+@pytest.mark.parametrize(("precision", "sparsity", "backend"), [
+    ("bf16", "dense", None), ("fp16", "dense", None), ("bf16", "2:4", None), ("fp32", "2:4", None),
+    ("int8", "dense", "torch-dynamic"), ("int8", "dense", "int8-static"), ("int8", "dense", "torchao-dynamic"),
+    ("int8", "2:4", "int8-static")])
+def test_a_model_shed_of_its_training_form_holds_the_bytes_its_measurement_counted(precision, sparsity, backend):
+    """A converted layer kept its fp32 master weight, bias and mask beside its inference form: a loaded bf16 model
+    held 2.7x the weight bytes its measurement counted (peak_memory_mb), an int8 one 3.8x. Shed, it holds them
+    (torch.ao's packed int8 rows keep their scales in fp64: within 2%), and runs and reports as before."""
+    from dsnas.kernels.convert import inference_signature, inference_size, shed_training_form, untrained_inference_form
+
+    if backend == "torchao-dynamic":
+        pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = build({**ARCH, "d_model": 128, "layers": [{"n_heads": 2, "ffn_ratio": 4, "precision": precision,
+                                                       "sparsity": sparsity}] * 2})
+    untrained_inference_form(model, int8_backend=backend or "auto")
+    x = torch.randint(0, ARCH["vocab_size"], (3, ARCH["context"]))
+    with torch.inference_mode():
+        before = model(x)
+    counted, signature, report = inference_size(model), inference_signature(model), layer_report(model)
+    assert held_bytes(model) > 1.2 * counted[1]  # both forms
+    shed_training_form(model)
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
+    assert (inference_size(model), inference_signature(model), layer_report(model)) == (counted, signature, report)
+    assert held_bytes(model) == pytest.approx(counted[1], rel=0.02)
+
+
+def test_shedding_keeps_a_master_another_module_reads_and_a_convolutions_counts():
+    from dsnas.kernels.convert import inference_size, shed_training_form
+
+    tied = nn.ModuleDict({"embed": nn.Embedding(256, 64), "head": EngineLinear(64, 256, bias=False,
+                                                                                 precision="bf16")})
+    tied["head"].weight = tied["embed"].weight
+    convert(tied)
+    shed_training_form(tied)
+    assert tied["head"].weight is tied["embed"].weight  # the lookup reads it
+    assert inference_size(tied) == (256 * 64, 256 * 64 * 4 + 256 * 64 * 2) and held_bytes(tied) == 256 * 64 * 6
+    cnn = build({"family": "cnn", "stem_width": 8, "image_size": 12, "channels": 3, "n_classes": 10,
+                 "layers": [{"depth": 1, "width": 16, "kernel": 3, "expand": 2, "precision": "bf16"}]})
+    convert(cnn)
+    counted = inference_size(cnn)
+    shed_training_form(cnn)
+    assert inference_size(cnn) == counted and held_bytes(cnn) == counted[1]

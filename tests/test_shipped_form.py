@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_STUDY
+from conftest import TINY_STUDY, held_bytes
 
-from dsnas.kernels.convert import inference_signature, signature_difference, untrained_inference_form
+from dsnas.kernels.convert import inference_signature, inference_size, signature_difference, untrained_inference_form
 from dsnas.models import build
 from dsnas.profiler import measure
 from dsnas.profiler.device import fingerprint, fingerprint_id
@@ -152,7 +152,12 @@ def test_every_exported_trial_ships_the_form_it_measured(tmp_path, int8_backend,
         form = next(c for c in report.checks if c.figure == "inference form")
         assert form.verdict.startswith("same"), form.verdict
         assert not any(c.failed for c in report.checks), report.table()
-        assert inference_signature(load_bundle(bundle))["layers"] == profile["signature"]["layers"]
+        loaded = load_bundle(bundle)
+        assert inference_signature(loaded)["layers"] == profile["signature"]["layers"]
+        # It holds the weights its measurement counted (its fp32 masters and masks are shed), as many as it says.
+        params, weight_bytes = inference_size(loaded)
+        assert params == frozen.user_attrs["params"]
+        assert held_bytes(loaded) == pytest.approx(weight_bytes, rel=0.02)
         # Measured untrained, an "auto" block is pruned in all four layers; the Hessian then leaves some dense,
         # and the trained model must be measured again. Measured after training, it never needs to be.
         auto = any(layer.get("sparsity") == "auto" for layer in frozen.user_attrs["arch"]["layers"])

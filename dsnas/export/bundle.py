@@ -194,8 +194,7 @@ def _save_pretrained(model: Any, folder: Path) -> str:
     from dsnas.models import hf_causal_lm  # transformers loads on first use
 
     layers = engine_layers(model)
-    changed = sorted(name for name, layer in layers.items() if layer.precision != "fp32" or (
-        layer.mask is not None and not bool(layer.mask.all())))
+    changed = sorted(name for name, layer in layers.items() if layer.precision != "fp32" or layer.pattern == "2:4")
     if changed:  # an engine group that left every layer fp32 dense changes nothing transformers would build
         return (f"unavailable: engine layers ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}) run at "
                 "another precision or sparsity, and transformers' from_pretrained would build plain ones; load the "
@@ -360,7 +359,8 @@ def _rebuilt(spec: StudySpec, frozen: Any, work: Path, name: str) -> tuple[Any, 
 
     family_name = str(frozen.user_attrs["arch"].get("family", ""))
     try:
-        model = load_bundle(work, _rebuild_device(frozen.user_attrs["arch"]))
+        # With its training form: the ONNX file's INT8 layers are quantized from the fp32 masters.
+        model = load_bundle(work, _rebuild_device(frozen.user_attrs["arch"]), training_form=True)
     except DsnasError as e:  # named as the bundle will be, not as the work folder that is removed
         # Told by the error's kind, not its words: any error names the bundle's path, and an --out or a folder
         # named "fp8" turned a builder edited since (the weights did not fit) into "its fp8 layers need a GPU".
@@ -456,10 +456,12 @@ class NoKernelHere(DsnasError):
         self.fp8 = fp8
 
 
-def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
+def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool = False) -> Any:
     """The bundle's trained model, in eval mode, on ``device``, its layers in the inference form they were
-    measured in (INT8, FP8, sparse)."""
-    from dsnas.kernels.convert import convert, unique_state  # torch loads on first use
+    measured in (INT8, FP8, sparse), holding the weights that form reads and no more (the memory its measurement
+    counted). ``training_form``: keep the fp32 master weights and masks beside it too (weights.safetensors holds
+    them; export derives the ONNX file's INT8 weights from them)."""
+    from dsnas.kernels.convert import convert, shed_training_form, unique_state  # torch loads on first use
     from dsnas.profiler.device import named_device  # likewise
 
     if isinstance(device, str):  # "auto" raised torch's own error, "cuda" without a GPU a bare AssertionError
@@ -503,6 +505,8 @@ def load_bundle(bundle: str | Path, device: Any = "cpu") -> Any:
         where = "a CUDA GPU of compute capability 8.9 or more (device='cuda')" if fp8 else \
             "the kind of device its trial ran on"
         raise NoKernelHere(f"{path}: the model cannot run on {device}: {e}. Fix: load it on {where}", fp8) from None
+    if not training_form:
+        shed_training_form(model)
     return model
 
 

@@ -45,8 +45,7 @@ def write_model_files(model: Any, example: Any, out: Path) -> dict[str, str]:
 def _sparse_layers(model: Any) -> list[str]:
     from dsnas.kernels.linear import engine_layers  # torch loads on first use
 
-    return [name for name, layer in engine_layers(model).items()
-            if layer.mask is not None and not bool(layer.mask.all())]
+    return [name for name, layer in engine_layers(model).items() if layer.pattern == "2:4"]
 
 
 @contextmanager

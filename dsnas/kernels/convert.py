@@ -3,6 +3,7 @@ records the backend that actually runs (never a silent dense stand-in for a spar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +57,7 @@ def _convert_layer(layer: EngineLinear, int8_backend: str, rows: Sequence[int] |
         layer.baked = True
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
-    sparse = layer.mask is not None and not bool(layer.mask.all())
+    sparse = layer.pattern == "2:4"
     if layer.precision == "int8":
         amax = layer.act_amax if bool(layer.act_amax > 0) else None
         layer.inference = Int8Linear.from_float(weight, bias, amax, int8_backend, rows)
@@ -131,15 +132,48 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         nbytes += quantized_bytes(t)
     for layer in engine.values():
         width = BYTES_PER_WEIGHT[layer.precision] if layer.inference is not None else 4
-        params += layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
+        weights = _weight_numel(layer)
+        biases = layer.out_features if layer.shed_bias else 0 if layer.bias is None else layer.bias.numel()
+        params += weights + biases
         converted = layer.inference is not None
         scaled = converted and layer.precision in ("int8", "fp8")  # fp32 per-row scales
         bias_width = 2 if converted and layer.precision in ("bf16", "fp16", "fp8") else 4
-        nbytes += layer.weight.numel() * width + (0 if layer.bias is None else layer.bias.numel() * bias_width)
+        nbytes += weights * width + biases * bias_width
         nbytes += 4 * layer.out_features if scaled else 0
         if converted and width != 4 and id(layer.weight) in shared:
-            nbytes += layer.weight.numel() * 4  # its fp32 form, for the module it is tied to
+            nbytes += weights * 4  # its fp32 form, for the module it is tied to
     return params, nbytes
+
+
+def _weight_numel(layer: Any) -> int:
+    """An engine layer's weight count, also once its fp32 master is shed (shed_training_form)."""
+    if layer.weight is not None:
+        return layer.weight.numel()
+    if isinstance(layer, EngineConv2d):
+        return layer.out_channels * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+    return layer.in_features * layer.out_features
+
+
+def shed_training_form(model: nn.Module) -> None:
+    """Free what only training needs from a converted model, in place: each engine layer's fp32 master weight and
+    bias where its inference form holds its own copy (bf16, fp16, int8, fp8), and every baked N:M mask (the layer keeps
+    its share of zeros, so its pattern and report stay as they were). A converted model held both forms: a loaded
+    bf16 model 2.7x the weight bytes its measurement counted, an int8 one 3.8x. A master also used by a module
+    outside the engine layers (a head tied to the token table) stays, as inference_size counts it."""
+    layers = engine_layers(model)
+    inside = {id(m) for layer in layers.values() for m in layer.modules()}
+    used_outside = {id(t) for m in model.modules() if id(m) not in inside for t in m.parameters(recurse=False)}
+    for layer in layers.values():
+        if layer.mask is not None and layer.baked:  # multiplied into the weight for good by convert
+            layer.shed_zero_share = layer.zero_share
+            layer.mask = None
+        # An fp32 layer (dense, or 2:4 masked-dense) has no inference form: its weight is the one inference reads.
+        if layer.inference is None:
+            continue
+        if layer.weight is not None and id(layer.weight) not in used_outside:
+            layer.weight = None
+        if layer.bias is not None and id(layer.bias) not in used_outside:
+            layer.bias, layer.shed_bias = None, True
 
 
 def held_tensors(t: torch.Tensor) -> list[torch.Tensor]:
@@ -221,8 +255,7 @@ def inference_signature(model: nn.Module) -> dict[str, Any]:
     eager = getattr(model, "_orig_mod", model)
     layers = {}
     for name, m in engine_layers(eager).items():
-        pattern = "2:4" if m.mask is not None and not bool(m.mask.all()) else "dense"
-        layers[name] = f"{m.precision} {pattern} {m.backend if m.inference is not None else 'unconverted'}"
+        layers[name] = f"{m.precision} {m.pattern} {m.backend if m.inference is not None else 'unconverted'}"
     signature = {"compiled": eager is not model, "layers": layers}
     # "form" names the inference code where a model's modules say it changed (``inference_form``): a transformer
     # block whose MLP now keeps bf16/fp16 activations (2) was slower before, so measurements of it are stale (the

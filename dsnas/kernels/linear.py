@@ -35,6 +35,22 @@ class EngineLayer:
     inference: nn.Module | None
     backend: str
     reason: str
+    # Once convert.shed_training_form has freed what only training needs: the mask's share of zeros (an
+    # inference-only model still says which pattern it runs), and whether an fp32 master bias was freed.
+    shed_zero_share: float | None = None
+    shed_bias = False
+
+    @property
+    def zero_share(self) -> float | None:
+        """The share of weights the N:M mask zeroes; None for a dense layer (no mask)."""
+        if self.mask is None:
+            return self.shed_zero_share
+        return 1.0 - int(self.mask.sum()) / self.mask.numel()  # counted exactly: one zero in 10^8 is sparse
+
+    @property
+    def pattern(self) -> str:
+        """"2:4" where the mask zeroes weights, else "dense" (a sparse choice the Hessian left dense)."""
+        return "2:4" if self.zero_share else "dense"
 
     @property
     def sparse_kernel(self) -> bool:
@@ -124,8 +140,8 @@ def layer_report(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, m in engine_layers(model).items():
         row: dict[str, Any] = {"precision": m.precision, "sparsity": m.sparsity, "backend": m.backend,
                                "fallbacks": m.fallbacks}
-        if m.mask is not None:
-            row["zero_share"] = round(1.0 - m.mask.float().mean().item(), 4)
+        if m.zero_share is not None:
+            row["zero_share"] = round(m.zero_share, 4)
             # Whether the zeros are skipped by a sparse kernel or multiplied densely (the reason says why).
             row["sparse_kernel"] = m.sparse_kernel
         if m.reason:
