@@ -312,3 +312,36 @@ def test_shedding_keeps_a_master_another_module_reads_and_a_convolutions_counts(
     counted = inference_size(cnn)
     shed_training_form(cnn)
     assert inference_size(cnn) == counted and held_bytes(cnn) == counted[1]
+
+
+def test_a_model_whose_own_forward_reads_a_master_weight_keeps_it():
+    """A user's forward that reads an engine layer's weight itself (a tie by hand): shed, it would fail on every
+    call after dsnas.load. Checked on a call (the bundle's probe), everything is put back and the reason said."""
+    from dsnas.kernels.convert import inference_size, shed_training_form
+
+    class ReadsTheWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = EngineLinear(8, 8, precision="bf16", sparsity="2:4")
+
+        def forward(self, x):
+            return self.fc(x) + x @ self.fc.weight.t()
+
+    torch.manual_seed(0)
+    model = ReadsTheWeight()
+    sparsify = model.fc.mask.view(-1, 4)
+    sparsify[:, :2] = False
+    convert(model)
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        before = model(x)
+    counted, held = inference_size(model), held_bytes(model)
+    why = shed_training_form(model, lambda: model(x))
+    assert why.startswith("TypeError") or why.startswith("AttributeError"), why
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
+    assert model.fc.mask is not None and model.fc.bias is not None and model.fc.shed_zero_share is None
+    assert (inference_size(model), held_bytes(model), layer_report(model)["fc"]["zero_share"]) == (counted, held, 0.5)
+    plain = nn.Sequential(EngineLinear(8, 8, precision="bf16"))
+    convert(plain)
+    assert shed_training_form(plain, lambda: plain(x)) == "" and plain[0].weight is None  # runs without it

@@ -461,7 +461,7 @@ def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool 
     measured in (INT8, FP8, sparse), holding the weights that form reads and no more (the memory its measurement
     counted). ``training_form``: keep the fp32 master weights and masks beside it too (weights.safetensors holds
     them; export derives the ONNX file's INT8 weights from them)."""
-    from dsnas.kernels.convert import convert, shed_training_form, unique_state  # torch loads on first use
+    from dsnas.kernels.convert import convert, unique_state  # torch loads on first use
     from dsnas.profiler.device import named_device  # likewise
 
     if isinstance(device, str):  # "auto" raised torch's own error, "cuda" without a GPU a bare AssertionError
@@ -506,8 +506,23 @@ def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool 
             "the kind of device its trial ran on"
         raise NoKernelHere(f"{path}: the model cannot run on {device}: {e}. Fix: load it on {where}", fp8) from None
     if not training_form:
-        shed_training_form(model)
+        _shed(model, Path(bundle), device)
     return model
+
+
+def _shed(model: Any, bundle: Path, device: Any) -> None:
+    """Free the masters the loaded model's inference form does not read (convert.shed_training_form), checked on
+    the bundle's probe: a user's model whose own forward reads a layer's weight keeps them, and says so."""
+    from dsnas.kernels.convert import shed_training_form  # torch loads on first use
+
+    try:
+        example = read_probe(bundle)["input"].to(device)  # the input export ran the model on
+    except (DsnasError, OSError):  # verify names a damaged probe; the model loads as it is
+        example = None
+    kept = shed_training_form(model, None if example is None else lambda: model(example))
+    if kept:
+        log.warning("%s: the model keeps its fp32 master weights beside its inference form (more memory than its "
+                    "measurement counted): its forward failed without them (%s)", bundle, kept)
 
 
 def _import_builder(path: Path, name: str, study_dir: str | None) -> None:

@@ -4,7 +4,7 @@ records the backend that actually runs (never a silent dense stand-in for a spar
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -154,26 +154,42 @@ def _weight_numel(layer: Any) -> int:
     return layer.in_features * layer.out_features
 
 
-def shed_training_form(model: nn.Module) -> None:
+def shed_training_form(model: nn.Module, check: Callable[[], Any] | None = None) -> str:
     """Free what only training needs from a converted model, in place: each engine layer's fp32 master weight and
     bias where its inference form holds its own copy (bf16, fp16, int8, fp8), and every baked N:M mask (the layer keeps
     its share of zeros, so its pattern and report stay as they were). A converted model held both forms: a loaded
     bf16 model 2.7x the weight bytes its measurement counted, an int8 one 3.8x. A master also used by a module
-    outside the engine layers (a head tied to the token table) stays, as inference_size counts it."""
+    outside the engine layers (a head tied to the token table) stays, as inference_size counts it. ``check``: a call
+    of the model (its probe) that must still run once shed; where it fails (a user's forward that reads a layer's
+    weight itself), everything is put back and the reason returned. Returns "" when shed."""
     layers = engine_layers(model)
     inside = {id(m) for layer in layers.values() for m in layer.modules()}
     used_outside = {id(t) for m in model.modules() if id(m) not in inside for t in m.parameters(recurse=False)}
+    shed: list[tuple[Any, str, Any]] = []  # (layer, attribute, what it held): to put back
     for layer in layers.values():
-        if layer.mask is not None and layer.baked:  # multiplied into the weight for good by convert
+        # A mask convert multiplied into the weight for good; an fp32 layer (no inference form) keeps its weight:
+        # it is the one inference reads.
+        names = ["mask"] if layer.mask is not None and layer.baked else []
+        if layer.inference is not None:
+            names += [n for n in ("weight", "bias") if getattr(layer, n) is not None and
+                      id(getattr(layer, n)) not in used_outside]
+        if "mask" in names:
             layer.shed_zero_share = layer.zero_share
-            layer.mask = None
-        # An fp32 layer (dense, or 2:4 masked-dense) has no inference form: its weight is the one inference reads.
-        if layer.inference is None:
-            continue
-        if layer.weight is not None and id(layer.weight) not in used_outside:
-            layer.weight = None
-        if layer.bias is not None and id(layer.bias) not in used_outside:
-            layer.bias, layer.shed_bias = None, True
+        layer.shed_bias = "bias" in names
+        for name in names:
+            shed.append((layer, name, getattr(layer, name)))
+            setattr(layer, name, None)
+    if check is None or not shed:
+        return ""
+    try:
+        with torch.inference_mode():
+            check()
+    except Exception as e:  # reading a freed weight (None) raises a TypeError or AttributeError; any failure puts back
+        for layer, name, held in shed:
+            setattr(layer, name, held)
+            layer.shed_zero_share, layer.shed_bias = None, False
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
 
 
 def held_tensors(t: torch.Tensor) -> list[torch.Tensor]:
