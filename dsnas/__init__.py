@@ -44,7 +44,7 @@ def search(study_file: str, callbacks: Sequence[Callable[[Any, Any], None]] = ()
         return run_study(load_study(study_file, **overrides), callbacks=callbacks, sampler=sampler)
 
 
-def load(bundle: str, device: str = "cpu", *, training_form: bool = False) -> "torch.nn.Module":
+def load(bundle: str, device: "str | torch.device" = "cpu", *, training_form: bool = False) -> "torch.nn.Module":
     """Rebuild the trained model of an exported bundle, in its inference form; see
     :func:`dsnas.export.load_bundle`."""
     from dsnas.export import load_bundle
@@ -52,8 +52,8 @@ def load(bundle: str, device: str = "cpu", *, training_form: bool = False) -> "t
     return load_bundle(bundle, device=device, training_form=training_form)
 
 
-def measure(model: "torch.nn.Module", example_input: Any, device: str = "auto", batch_sizes: Sequence[int] = (1, 32),
-            items_per_example: int = 1, **protocol: Any) -> Any:
+def measure(model: "torch.nn.Module", example_input: Any, device: "str | torch.device" = "auto",
+            batch_sizes: Sequence[int] = (1, 32), items_per_example: int = 1, **protocol: Any) -> Any:
     """Measure any PyTorch model as dsnas measures a trial (no study needed): latency per batch size with its
     spread, throughput, FLOPs, bytes, peak memory and, on a GPU, the NVML window. Returns a
     :class:`dsnas.profile.ProfileReport`: ``.metrics`` (the flat figures a trial stores), ``.profile`` (the whole
@@ -66,7 +66,7 @@ def measure(model: "torch.nn.Module", example_input: Any, device: str = "auto", 
     return measure_model(model, example_input, device, tuple(batch_sizes), items_per_example, **protocol)
 
 
-def load_route(folder: str, device: str = "cpu") -> Any:
+def load_route(folder: str, device: "str | torch.device" = "cpu") -> Any:
     """The route bundle `dsnas route` wrote, as a callable that serves batches: the first model runs on the whole
     batch and only the rows it is unsure of go on. See :class:`dsnas.route.Route`."""
     from dsnas.route import load_route as load

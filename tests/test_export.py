@@ -364,6 +364,10 @@ def test_load_names_a_bad_device_in_one_line(bundle):
         dsnas.load(bundle, device="gpu")
     assert next(dsnas.load(bundle, device="auto").parameters()).device.type == ("cuda" if torch.cuda.is_available()
                                                                                else "cpu")
+    # torch's own device objects, as torch's calls take them (refused in one line before, as not a string)
+    assert next(dsnas.load(bundle, device=torch.device("cpu")).parameters()).device.type == "cpu"
+    with pytest.raises(DsnasError, match=r"device='meta': must be auto, cpu, cuda or cuda:N"):
+        dsnas.load(bundle, device=torch.device("meta"))
 
 
 def test_the_card_says_when_onnxruntime_disagrees_with_the_trial():

@@ -286,6 +286,9 @@ def test_a_cuda_device_where_there_is_none_and_a_mistyped_keyword_are_one_line()
         with pytest.raises(dsnas.DsnasError, match=r"^device='cuda': this machine has no visible NVIDIA GPU. Fix: use "
                                                    r"device='cpu'$"):
             dsnas.measure(model, torch.randn(2, 4), device="cuda")
+    report = dsnas.measure(model, torch.randn(2, 4), device=torch.device("cpu"), batch_sizes=(1,), measure_s=0.02,
+                           max_measure_s=0.2)  # a torch.device, as torch's own calls take
+    assert report.profile["fingerprint"]["device"] == "cpu"
     with pytest.raises(dsnas.DsnasError, match=r"^dsnas.measure takes no keyword 'measure_ss'. Fix: use the "
                                                r"\[hardware\] keys threads, warmup_s, measure_s"):
         dsnas.measure(model, torch.randn(2, 4), device="cpu", measure_ss=1)

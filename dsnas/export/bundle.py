@@ -464,8 +464,8 @@ def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool 
     from dsnas.kernels.convert import convert, unique_state  # torch loads on first use
     from dsnas.profiler.device import named_device  # likewise
 
-    if isinstance(device, str):  # "auto" raised torch's own error, "cuda" without a GPU a bare AssertionError
-        device = named_device(device, "device=")
+    # "auto" raised torch's own error, "cuda" without a GPU a bare AssertionError
+    device = named_device(device, "device=")
 
     path = Path(bundle) / "arch.json"
     doc = read_bundle(bundle)

@@ -28,10 +28,13 @@ def resolve_device(requested: str) -> Any:
 
 
 def named_device(requested: str, option: str = "--device") -> Any:
-    """The device a user named (a flag, or an argument: ``option``): auto, cpu, cuda or cuda:N, refused in one line
-    when it is none of them or names a GPU this machine lacks (it fell back to the CPU, or crashed)."""
+    """The device a user named (a flag, or an argument: ``option``): auto, cpu, cuda or cuda:N (or a torch.device of
+    them, as torch's own calls take), refused in one line when it is none of them or names a GPU this machine lacks
+    (it fell back to the CPU, or crashed)."""
     import torch
 
+    if isinstance(requested, torch.device):  # dsnas.measure(model, x, device=torch.device("cpu")) was refused
+        requested = str(requested)
     def given(value: Any) -> str:  # "--device cuda" for a flag, "device='cuda'" for an argument
         return f"{option}{value!r}" if option.endswith("=") else f"{option} {value}"
 
