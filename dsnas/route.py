@@ -636,8 +636,9 @@ def _served(report: RouteReport, served: dict[str, Any], right: Any, drop: float
     for name in sorted(("cascade", "learned router"), key=lambda n: report.outcomes[n].cost):
         cost = report.outcomes[name].cost
         if name == "learned router" and cost >= alone - 1e-12:  # (a cascade of no early stage is the model alone)
-            notes.append(f"the {name} costs {cost:.4g} per input, no less than the most accurate model alone "
-                         f"({alone:.4g}): not served")
+            unit = f" {report.unit}" if report.unit else ""
+            notes.append(f"the {name} costs {cost:.4g}{unit} per input, no less than the most accurate model alone "
+                         f"({alone:.4g}{unit}): not served")
             continue
         at_least = lost_at_least(served[name], right)
         if at_least <= drop + 1e-12:

@@ -103,8 +103,8 @@ def test_the_bundle_serves_the_cheaper_route_that_held_its_target_on_the_report_
     # served though it cost more than the most accurate model alone.
     report.add("learned router", 1.0, 1.2, [0.0, 1.0])
     serve, notes = _served(report, {"cascade": cheap_everywhere, "learned router": careful}, right, 0.005, alone=1.0)
-    assert serve is None and notes[0].startswith("the learned router costs 1.2 per input, no less than the most "
-                                                 "accurate model alone (1): not served")
+    assert serve is None and notes[0].startswith("the learned router costs 1.2 ms per input, no less than the "
+                                                 "most accurate model alone (1 ms): not served")
 
 
 def test_thresholds_send_sure_inputs_to_the_cheap_model_at_the_least_cost():
