@@ -228,8 +228,10 @@ def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset
 
 
 def _graph_constants(module: nn.Module) -> list[torch.Tensor]:
-    """The tensors a TorchScript module's graph holds as constants: torch.jit.freeze turns the parameters into them,
-    and a frozen model measured 0 parameters, its weights left out of its peak memory and its dtype taken as fp32."""
+    """The tensors a TorchScript module's graph holds outside its parameters and buffers: torch.jit.freeze turns
+    the parameters into constants (a frozen model measured 0 parameters, its weights left out of its peak memory and
+    its dtype taken as fp32), and the submodules it was told to keep (``preserved_attrs``) into plain attributes
+    that parameters() does not list (4,938 of 9,226 parameters counted)."""
     if not isinstance(module, torch.jit.ScriptModule):
         return []
     try:
@@ -238,8 +240,34 @@ def _graph_constants(module: nn.Module) -> list[torch.Tensor]:
         return []
     # Only those the graph reads: torch.jit.optimize_for_inference leaves each weight's constant behind, unread,
     # beside the transposed copy its matmul reads (a 68,362-parameter model measured 136,458, its weights twice).
-    return [node.output().toIValue() for node in graph.findAllNodes("prim::Constant")
-            if node.output().type().kind() == "TensorType" and node.output().uses()]
+    found = [node.output().toIValue() for node in graph.findAllNodes("prim::Constant")
+             if node.output().type().kind() == "TensorType" and node.output().uses()]
+    own = {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen: set[int] = set()
+    for t in _attribute_tensors(graph, module._c):
+        if t.data_ptr() not in own | seen:
+            seen.add(t.data_ptr())
+            found.append(t)
+    return found
+
+
+def _attribute_tensors(graph: Any, owner: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors ``graph`` reads by attribute (prim::GetAttr chains from its first input, ``owner``), through
+    the methods it calls on the objects it reaches."""
+    objects = {next(iter(graph.inputs())).unique(): owner}
+    found: list[torch.Tensor] = []
+    for node in graph.findAllNodes("prim::GetAttr") + graph.findAllNodes("prim::CallMethod"):
+        source = objects.get(next(iter(node.inputs())).unique())
+        if source is None:
+            continue
+        if node.kind() == "prim::GetAttr":
+            value = source.getattr(node.s("name"))
+            objects[node.output().unique()] = value
+            if isinstance(value, torch.Tensor) and node.output().uses():
+                found.append(value)
+        elif depth < 8 and isinstance(source, torch.ScriptObject):  # a kept submodule's own forward, not inlined
+            found += _attribute_tensors(source._get_method(node.s("name")).graph, source, depth + 1)
+    return found
 
 
 def quantized_bytes(t: torch.Tensor) -> int:
