@@ -192,7 +192,12 @@ def edited_since(spec: StudySpec, study: Any) -> str:
 def _comparable(settings: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
     """The task's keys as they are (an added or removed one is a change), the hardware's and the engine's only
     where ``like`` has them too: a field a dsnas upgrade adds or drops is not the user's change."""
-    return {"task": settings.get("task"),
+    task, other = settings.get("task"), like.get("task")
+    if isinstance(task, dict) and isinstance(other, dict) and task != other and task.get("name") == other.get("name"):
+        # A built-in task's key left out runs at its default: `lr = 0.003` written out (or a line of the default
+        # deleted) changes no trial, and the resume was refused ("searched with (not set), the file now says 0.003").
+        task = {**builtin_defaults(str(task.get("name"))), **task}
+    return {"task": task,
             **{part: {k: v for k, v in (settings.get(part) or {}).items() if k in (like.get(part) or {})}
                for part in ("hardware", "engine")}}
 

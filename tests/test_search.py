@@ -319,8 +319,9 @@ def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, 
      "[task.val_tokens] the stored study 'tiny' was searched with 512, the file now says 1024; its stored "
      "accuracies were measured on the task as it was. Fix: restore val_tokens = 512, or give the study a new "
      "[study] name"),
-    ("val_tokens = 512", "val_tokens = 512\nlr = 0.01", "[task.lr] the stored study 'tiny' was searched with (not "
-     "set), the file now says 0.01; its stored accuracies were measured on the task as it was. Fix: remove lr"),
+    ("val_tokens = 512", "val_tokens = 512\nlr = 0.01", "[task.lr] the stored study 'tiny' was searched with "
+     "0.003, the file now says 0.01; its stored accuracies were measured on the task as it was. Fix: restore lr = "
+     "0.003"),
     ("batch_sizes = [1, 4]", "batch_sizes = [1, 8]", "[hardware.batch_sizes] the stored study 'tiny' was searched "
      "with [1, 4], the file now says [1, 8]; its stored speeds were measured, and their limits judged, as it was"),
     ("max_latency_ms = 1000", "max_latency_ms = 0.001", "[hardware.constraints.max_latency_ms] the stored study "
@@ -344,6 +345,26 @@ def test_resuming_under_other_settings_is_refused_before_any_trial(finished_stud
     study.write_text(original.replace("n_trials = 3", "n_trials = 4").replace('name = "tpe"', 'name = "random"'))
     assert main(["search", str(study), "--executor", "local"]) == 0
     assert len(trials(study)[1]) == 4
+
+
+def test_a_task_default_written_out_or_deleted_resumes_without_a_word(finished_study, tmp_path):
+    """`lr = 0.003` (charlm's default) written into the file changes no trial, yet the resume was refused ("searched
+    with (not set), the file now says 0.003") and report, export and dashboard said the file was edited."""
+    from dsnas.study import SETTINGS_ATTR, edited_since, open_study
+
+    study = copy_study(finished_study, tmp_path / "s")
+    original = study.read_text()
+    study.write_text(original.replace("val_tokens = 512", "val_tokens = 512\nlr = 0.003"))
+    spec = load_study(study)
+    assert edited_since(spec, open_study(spec, create=False)) == ""
+    assert open_study(spec).user_attrs[SETTINGS_ATTR]["task"]["lr"] == 0.003  # resumed, recorded as written
+    study.write_text(original)  # and deleted again: the default it was
+    spec = load_study(study)
+    assert edited_since(spec, open_study(spec, create=False)) == ""
+    open_study(spec)
+    study.write_text(original.replace("val_tokens = 512", "val_tokens = 512\nlr = 0.01"))  # not the default
+    assert "[task.lr] is 0.01 in the file, but the study was searched with 0.003" in \
+        edited_since(load_study(study), open_study(load_study(study), create=False))
 
 
 def test_a_second_driver_under_other_settings_is_refused_while_the_first_runs_its_first_trial(tiny_study):
