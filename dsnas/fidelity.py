@@ -47,6 +47,19 @@ class RungPlan:
         return self.rungs[bracket:]
 
 
+def _at_share(attrs: dict[str, Any], rung: int, fraction: float) -> dict[str, Any] | None:
+    """A trial's rung record at this share of the training budget. By share, not by the rung's number: a study
+    resumed with another eta or min_fraction has its earlier trials' rung 1 at another share (their accuracy after
+    1/3 of the training judged a new trial's after 1/9). A record that keeps no share is taken at its number."""
+    k = 1
+    while isinstance(record := attrs.get(f"rung{k}"), dict):
+        share = record.get("fraction")
+        if (k == rung) if share is None else math.isclose(share, fraction):
+            return record
+        k += 1
+    return None
+
+
 def _weighted_round_robin(weights: list[int], slot: int) -> int:
     """The bracket of the slot-th place in a smooth weighted round robin (brackets interleave, not in blocks)."""
     current = [0] * len(weights)
@@ -120,14 +133,15 @@ class RungJudge:
         return [metrics[m] for m in self.metrics]
 
     def peers(self, study: Any, bracket: int, rung: int, number: int) -> dict[int, list[float]]:
-        """The objective values of every other trial of this bracket that reached this rung, whichever driver
-        ran it; a failed trial is left out (it may run again)."""
+        """The objective values of every other trial of this bracket that reached this rung's share of the budget,
+        whichever driver ran it; a failed trial is left out (it may run again)."""
         from optuna.trial import TrialState
 
+        fraction = self.plan.fractions(bracket)[rung - 1]
         out = {}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                 TrialState.RUNNING)):
-            record = trial.user_attrs.get(f"rung{rung}")
+            record = _at_share(trial.user_attrs, rung, fraction)
             # A trial stopped for a nan here keeps its values in its record: compared, it sat on the first front of
             # every later decision (nothing dominates a nan) and pushed a real trial out of the best max(1, n // eta).
             if trial.number != number and record and "values" in record and \

@@ -210,3 +210,22 @@ def test_a_trial_stopped_for_a_nan_is_no_peer_of_later_trials(tiny_study):
     assert sorted(peers) == [0, 1, 2, 3, 4]
     second = RungReport(6, 1, 1 / 3, {"accuracy": 0.45, "throughput_tok_s": 450.0})  # the best of front 2
     assert judge.decide(second, peers).go
+
+
+def test_a_rung_compares_trials_at_the_same_share_of_the_budget_after_fidelity_was_edited(tiny_study):
+    """Resumed with min_fraction = 0.1 (rungs at 1/9 and 1/3), a new trial's accuracy after 1/9 of its training was
+    judged against the earlier trials' rung 1, taken after 1/3 (0.314 against 0.394), and its rung at 1/3 found
+    no peer."""
+    from types import SimpleNamespace
+
+    from dsnas.fidelity import RungJudge
+
+    tiny_study.write_text(tiny_study.read_text().replace('[fidelity]\nkind = "none"', "[fidelity]\nmin_fraction = 0.1"))
+    judge = RungJudge(load_study(tiny_study))
+    assert judge.plan.rungs == pytest.approx((1 / 9, 1 / 3))
+    earlier = [SimpleNamespace(number=n, user_attrs={"rung0": {"fraction": 0.0, "go": True},
+                                                     "rung1": {"fraction": 1 / 3, "values": [0.39, 1000.0 + n]}})
+               for n in range(3)]
+    study = SimpleNamespace(get_trials=lambda deepcopy, states: earlier)
+    assert judge.peers(study, 0, 1, 3) == {}
+    assert judge.peers(study, 0, 2, 3) == {n: [0.39, 1000.0 + n] for n in range(3)}
