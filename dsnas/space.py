@@ -167,7 +167,9 @@ class SearchSpace:
         a study's life and fails every trial that asks with others."""
         offered = self.parameters()
         for name, options in stored.items():
-            if name in offered and tuple(options) != tuple(offered[name]):
+            # By type too: Optuna takes [3.0, 5.0] for the [3, 5] it stored (equal in Python), and a builder then
+            # got kernel 3.0, a float: each new trial failed (a TypeError in torch), a true for a 1 changed no error.
+            if name in offered and _typed(options) != _typed(offered[name]):
                 return self._file_key(name), name, tuple(options), tuple(offered[name])
         return None
 
@@ -294,6 +296,10 @@ def load_space_file(path: str | Path) -> SearchSpace:
         section = "choices" if e.key in choices else "per_layer"
         raise SpecError(where, f"{section}.{e.key}", e.rule, e.got, e.fix) from None
     return SearchSpace(family=name, choices=choices, per_layer=per_layer, by_device=by_device, groups=groups)
+
+
+def _typed(options: tuple[Any, ...]) -> tuple[tuple[type, Any], ...]:
+    return tuple((type(option), option) for option in options)
 
 
 def _is_target(name: str) -> bool:

@@ -429,3 +429,14 @@ def test_an_offer_by_width_samples_each_width_only_from_what_pays_there(tmp_path
     # A study that stored no offer by width (an older one) offers every width the whole offer, under one name.
     older = space.resolved(("fp32", "bf16", "int8"), ("dense",)).parameters()
     assert not any("@" in name for name in older) and older["layer3.precision"] == ("fp32", "bf16", "int8")
+
+
+def test_options_of_another_type_are_other_options_to_a_resumed_study(tmp_path: Path) -> None:
+    """Optuna took [3.0, 5.0] for the stored [3, 5] (equal in Python): a user builder then got kernel 3.0, and each
+    trial of the resumed study failed with a TypeError in torch, stored FAIL, where other options are refused."""
+    path = tmp_path / "space.toml"
+    path.write_text('family = "my_model:build"\n[choices]\nkernel = [3.0, 5.0]\nbias = [true, false]\n')
+    space = load_space_file(path)
+    assert space.changed_options({"kernel": (3, 5)}) == ("choices.kernel", "kernel", (3, 5), (3.0, 5.0))
+    assert space.changed_options({"bias": (1, 0)}) == ("choices.bias", "bias", (1, 0), (True, False))
+    assert space.changed_options({"kernel": (3.0, 5.0), "bias": (True, False)}) is None
