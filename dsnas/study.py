@@ -63,9 +63,11 @@ def _check_and_record(spec: StudySpec, study: Any, create: bool) -> None:
     names = [o.name for o in spec.objectives]
     stored = [d.name.lower() for d in study.directions]
     if stored != spec.directions or (study.metric_names and study.metric_names != names):
-        raise DsnasError(f"{spec.path}: [objectives] the stored study {spec.name!r} has objectives "
-                         f"{study.metric_names or stored}, the file asks for {dict(zip(names, spec.directions))}. "
-                         "Fix: restore the objectives, or give the study a new [study] name")
+        # Each with its direction on both sides: a flipped direction showed the stored names only, no difference.
+        had = dict(zip(study.metric_names, stored)) if study.metric_names else stored
+        raise DsnasError(f"{spec.path}: [objectives] the stored study {spec.name!r} has objectives {had}, the file "
+                         f"asks for {dict(zip(names, spec.directions))}. Fix: restore the objectives, or give the "
+                         "study a new [study] name")
     if create:
         if not study.metric_names:
             study.set_metric_names(names)

@@ -306,8 +306,14 @@ def test_resuming_with_other_objectives_is_refused_before_any_trial(tiny_study, 
     tiny_study.write_text(tiny_study.read_text().replace('throughput = "maximize"', 'latency = "minimize"'))
     assert main(["search", str(tiny_study), "--n-trials", "2"]) == 2
     err = capsys.readouterr().err
-    assert "[objectives] the stored study 'tiny' has objectives ['accuracy', 'throughput']" in err
+    assert "[objectives] the stored study 'tiny' has objectives {'accuracy': 'maximize', 'throughput': 'maximize'}" \
+        in err
     assert len(trials(tiny_study)[1]) == 1
+    # A flipped direction: both sides show it (the stored side named no direction, so no difference showed).
+    tiny_study.write_text(tiny_study.read_text().replace('latency = "minimize"', 'throughput = "minimize"'))
+    assert main(["search", str(tiny_study), "--n-trials", "2"]) == 2
+    assert "has objectives {'accuracy': 'maximize', 'throughput': 'maximize'}, the file asks for {'accuracy': " \
+        "'maximize', 'throughput': 'minimize'}" in capsys.readouterr().err
     # Refused, the study is one file in rollback-journal mode again (an account that may only read it opens it).
     with contextlib.closing(sqlite3.connect(tiny_study.parent / "tiny.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
