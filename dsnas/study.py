@@ -128,6 +128,8 @@ def _check_settings(spec: StudySpec, study: Any) -> None:
                              f"{key.rsplit('.', 1)[-1]} = {_toml(was)}, or give the study a new [study] name")
         return
     was_set, now_set = (_comparable(stored, like=now), _comparable(now, like=stored)) if stored else (None, None)
+    if was_set and now_set:
+        _threads_as_measured(was_set, now_set, done)
     if was_set != now_set and done:
         key, was, wanted = _first_difference(was_set, now_set)
         section = key.split(".")[0]
@@ -181,8 +183,11 @@ def edited_since(spec: StudySpec, study: Any) -> str:
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if not stored:
         return ""
+    from optuna.trial import TrialState
+
     now = study_settings(spec)
     was, wanted = _comparable(stored, like=now), _comparable(now, like=stored)
+    _threads_as_measured(was, wanted, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if was == wanted:
         return ""
     key, before, after = _first_difference(was, wanted)
@@ -202,6 +207,18 @@ def _comparable(settings: dict[str, Any], like: dict[str, Any]) -> dict[str, Any
     return {"task": task,
             **{part: {k: v for k, v in (settings.get(part) or {}).items() if k in (like.get(part) or {})}
                for part in ("hardware", "engine")}}
+
+
+def _threads_as_measured(was: dict[str, Any], now: dict[str, Any], trials: list[Any]) -> None:
+    """Take ``threads`` left out of the searched settings as the count every trial measured with, where the file
+    now writes that count out: left out, a measurement uses the CPUs the process may use, so `threads = 2` on the
+    2-CPU machine that searched changes no number (the resume was refused: "searched with (not set)")."""
+    wanted = now["hardware"].get("threads")
+    if "threads" not in was["hardware"] or was["hardware"]["threads"] is not None or wanted is None:
+        return
+    used = {((getattr(t, "user_attrs", None) or {}).get("profile") or {}).get("threads") for t in trials}
+    if used == {wanted}:
+        was["hardware"]["threads"] = wanted
 
 
 def _first_difference(stored: Any, now: Any, key: str = "") -> tuple[str, Any, Any]:

@@ -645,3 +645,24 @@ def test_a_study_whose_data_changed_since_its_trials_is_refused_before_any_trial
     assert err.count("\n") == 0 and "[task] the data differs from what the stored trials trained on" in err, err
     assert "corpus_sha256" in err and "Fix: restore the data, or give the study a new [study] name" in err
     assert len(trials(tiny_study)[1]) == 1  # nothing ran
+
+
+def test_threads_written_out_at_the_count_every_trial_measured_with_resumes(finished_study, tmp_path):
+    """Left out, threads is the CPUs the process may use: `threads = 2` written out on the 2-CPU machine that
+    searched changes no number, yet the resume was refused ("[hardware.threads] searched with (not set)")."""
+    from dsnas.errors import DsnasError
+    from dsnas.study import edited_since, open_study
+
+    study = copy_study(finished_study, tmp_path / "s")
+    original = study.read_text()
+    spec = load_study(study)
+    used = {t.user_attrs["profile"]["threads"] for t in trials(study)[1]}
+    assert len(used) == 1 and "threads =" not in original
+    study.write_text(original.replace("measure_s = 0.02", f"measure_s = 0.02\nthreads = {used.pop() + 1}"))
+    with pytest.raises(DsnasError, match=r"\[hardware.threads\] the stored study 'tiny' was searched with \(not set\)"):
+        open_study(load_study(study))
+    study.write_text(original.replace("measure_s = 0.02", f"measure_s = 0.02\nthreads = "
+                                      f"{trials(study)[1][0].user_attrs['profile']['threads']}"))
+    spec = load_study(study)
+    assert edited_since(spec, open_study(spec, create=False)) == ""
+    open_study(spec)  # resumed
