@@ -520,6 +520,23 @@ def test_the_qdq_form_clips_an_input_beyond_the_calibrated_range_as_the_shipped_
     assert torch.allclose(exported, shipped(x).float(), atol=1e-3)
 
 
+def test_the_model_files_of_a_model_without_its_int8_masters_are_one_line_naming_the_fix(tmp_path):
+    """dsnas.load frees the fp32 masters the QDQ form is quantized from: write_model_files of a loaded INT8 model was
+    an AttributeError on None. It says so, writes nothing, and leaves the model running its measured kernels."""
+    from dsnas.kernels.convert import shed_training_form, untrained_inference_form
+    from dsnas.models import build
+
+    model = untrained_inference_form(build({"family": "transformer_lm", "d_model": 8, "vocab_size": 256, "context": 4,
+                                            "layers": [{"n_heads": 1, "ffn_ratio": 1, "precision": "int8"}]}),
+                                     int8_backend="int8-static")
+    shed_training_form(model)
+    kernel = model.blocks[0].qkv.inference
+    with pytest.raises(DsnasError, match=r"INT8 layer 'blocks.0.qkv' holds no fp32 master weight .*\. Fix: load "
+                                         r"the model with dsnas.load\(bundle, training_form=True\)"):
+        write_model_files(model, torch.zeros(2, 4, dtype=torch.long), tmp_path)
+    assert model.blocks[0].qkv.inference is kernel and not list(tmp_path.iterdir())
+
+
 def test_an_export_takes_the_preprocessing_its_trial_recorded(monkeypatch):
     """Export rebuilt the task to ask for its preprocessing: class names and statistics of the data as it is at
     export time (a class folder added since gave 3 names to a 2-class model), and a charlm export failed once its

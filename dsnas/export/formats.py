@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dsnas.errors import DsnasError
+
 
 def write_model_files(model: Any, example: Any, out: Path) -> dict[str, str]:
     """model.pt2 (torch.export) and model.onnx, each when the model supports it, with a dynamic batch
@@ -56,11 +58,19 @@ def qdq_form(model: Any) -> Iterator[int]:
     Yields how many layers it changed; puts the measured kernels back on exit."""
     from dsnas.kernels.linear import engine_layers  # torch loads on first use
 
+    int8 = {name: layer for name, layer in engine_layers(model).items()
+            if getattr(layer, "precision", None) == "int8" and layer.inference is not None}
+    # The QDQ weights are quantized from each layer's fp32 master, which dsnas.load frees: a loaded model's
+    # write_model_files was an AttributeError on None ('NoneType' object has no attribute 'detach').
+    shed = [name for name, layer in int8.items() if layer.weight is None]
+    if shed:
+        raise DsnasError(f"INT8 layer {shed[0]!r} holds no fp32 master weight (dsnas.load keeps only the inference "
+                         "form), and its QDQ form is quantized from it. Fix: load the model with "
+                         "dsnas.load(bundle, training_form=True)")
     swapped = {}
-    for layer in engine_layers(model).values():
-        if getattr(layer, "precision", None) == "int8" and layer.inference is not None:
-            swapped[layer] = layer.inference
-            layer.inference = _qdq_linear(layer)
+    for layer in int8.values():
+        swapped[layer] = layer.inference
+        layer.inference = _qdq_linear(layer)
     try:
         yield len(swapped)
     finally:
