@@ -345,3 +345,17 @@ def test_a_model_whose_own_forward_reads_a_master_weight_keeps_it():
     plain = nn.Sequential(EngineLinear(8, 8, precision="bf16"))
     convert(plain)
     assert shed_training_form(plain, lambda: plain(x)) == "" and plain[0].weight is None  # runs without it
+
+
+def test_a_layer_shed_of_its_master_bias_still_prints_its_bias():
+    """print(dsnas.load(bundle)) said bias=False of every bf16 layer: nn.Linear's repr read the freed master."""
+    from dsnas.kernels.conv import EngineConv2d
+    from dsnas.kernels.convert import shed_training_form
+
+    model = nn.Sequential(EngineLinear(8, 8, precision="bf16"), EngineLinear(8, 8, bias=False, precision="bf16"),
+                          EngineConv2d(2, 4, 3, precision="fp16"))
+    convert(model)
+    before = repr(model)
+    shed_training_form(model)
+    assert model[0].bias is None and repr(model) == before
+    assert "bias=True" in repr(model[0]) and "bias=False" in repr(model[1]) and "bias" not in repr(model[2])

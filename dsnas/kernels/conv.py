@@ -90,4 +90,6 @@ class EngineConv2d(EngineLayer, nn.Conv2d):
             self.backend = "fp32"
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, precision={self.precision}, backend={self.backend}"
+        conv = super().extra_repr()  # says ", bias=False" of a bias freed with the master; its inference form has it
+        conv = conv.replace(", bias=False", "", 1) if self.shed_bias else conv
+        return f"{conv}, precision={self.precision}, backend={self.backend}"

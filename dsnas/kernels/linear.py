@@ -126,7 +126,11 @@ class EngineLinear(EngineLayer, nn.Linear):
         return self.inference(x) if self.half_inference else self(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, precision={self.precision}, sparsity={self.sparsity}, backend={self.backend}"
+        # A bias freed with the fp32 master (convert.shed_training_form) is still the layer's: its inference form
+        # adds it. nn.Linear's own repr said bias=False of every such layer of a dsnas.load'ed model.
+        bias = self.bias is not None or self.shed_bias
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, "
+                f"precision={self.precision}, sparsity={self.sparsity}, backend={self.backend}")
 
 
 def engine_layers(model: nn.Module) -> dict[str, Any]:
