@@ -359,3 +359,34 @@ def test_a_layer_shed_of_its_master_bias_still_prints_its_bias():
     shed_training_form(model)
     assert model[0].bias is None and repr(model) == before
     assert "bias=True" in repr(model[0]) and "bias=False" in repr(model[1]) and "bias" not in repr(model[2])
+
+
+def test_loading_keeps_the_masters_where_shedding_changes_the_models_output(tmp_path, caplog):
+    """A user's forward that passes a layer's bias on where None is taken too ran once shed, with other logits: the
+    load compares the outputs on the bundle's probe, not only that the forward runs."""
+    from safetensors.torch import save_file
+
+    from dsnas.export.bundle import _shed
+
+    class PassesItsBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = EngineLinear(8, 8, precision="bf16")
+
+        def forward(self, x):
+            return self.fc(x) + (0 if self.fc.bias is None else self.fc.bias)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    for model, kept in ((PassesItsBias(), True), (nn.Sequential(EngineLinear(8, 8, precision="bf16")), False)):
+        convert(model)
+        with torch.inference_mode():
+            save_file({"input": x, "logits": model(x)}, tmp_path / "probe.safetensors")
+            before = model(x)
+        caplog.clear()
+        _shed(model, tmp_path, torch.device("cpu"))
+        layer = next(m for m in model.modules() if isinstance(m, EngineLinear))
+        assert (layer.weight is not None, layer.bias is not None) == (kept, kept)
+        assert ("its output on the probe changed" in caplog.text) == kept
+        with torch.inference_mode():
+            assert torch.equal(model(x), before)

@@ -512,17 +512,35 @@ def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool 
 
 def _shed(model: Any, bundle: Path, device: Any) -> None:
     """Free the masters the loaded model's inference form does not read (convert.shed_training_form), checked on
-    the bundle's probe: a user's model whose own forward reads a layer's weight keeps them, and says so."""
+    the bundle's probe: a user's model whose own forward reads a layer's weight (or passes its bias on, where None
+    is taken too) keeps them, and says so."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
     from dsnas.kernels.convert import shed_training_form  # torch loads on first use
+
+    def outputs() -> list[Any]:
+        return [t.clone() for t in tree_leaves(model(example)) if isinstance(t, torch.Tensor)]
 
     try:
         example = read_probe(bundle)["input"].to(device)  # the input export ran the model on
-    except (DsnasError, OSError):  # verify names a damaged probe; the model loads as it is
-        example = None
-    kept = shed_training_form(model, None if example is None else lambda: model(example))
+        with torch.inference_mode():
+            before = outputs()
+    except Exception:  # a damaged probe (verify names it), or a model that fails on it: nothing to check against
+        shed_training_form(model)
+        return
+
+    def same_outputs() -> None:
+        after = outputs()
+        if len(after) != len(before) or not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6,
+                                                                                     equal_nan=True)
+                                                for a, b in zip(after, before)):
+            raise ValueError("its output on the probe changed")
+
+    kept = shed_training_form(model, same_outputs)
     if kept:
         log.warning("%s: the model keeps its fp32 master weights beside its inference form (more memory than its "
-                    "measurement counted): its forward failed without them (%s)", bundle, kept)
+                    "measurement counted): without them, %s", bundle, kept)
 
 
 def _import_builder(path: Path, name: str, study_dir: str | None) -> None:

@@ -175,7 +175,7 @@ def shed_training_form(model: nn.Module, check: Callable[[], Any] | None = None)
                       id(getattr(layer, n)) not in used_outside]
         if "mask" in names:
             layer.shed_zero_share = layer.zero_share
-        layer.shed_bias = "bias" in names
+        layer.shed_bias = layer.shed_bias or "bias" in names  # (shed again, it stays shed)
         for name in names:
             shed.append((layer, name, getattr(layer, name)))
             setattr(layer, name, None)
