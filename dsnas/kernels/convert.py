@@ -231,7 +231,7 @@ def _graph_constants(module: nn.Module) -> list[torch.Tensor]:
     """The tensors a TorchScript module's graph holds outside its parameters and buffers: torch.jit.freeze turns
     the parameters into constants (a frozen model measured 0 parameters, its weights left out of its peak memory and
     its dtype taken as fp32), and the submodules it was told to keep (``preserved_attrs``) into plain attributes
-    that parameters() does not list (4,938 of 9,226 parameters counted)."""
+    that parameters() does not list (a model measured 4,160 of its 8,840 parameters)."""
     if not isinstance(module, torch.jit.ScriptModule):
         return []
     try:
