@@ -43,6 +43,15 @@ def test_invalid_architectures_are_trial_errors(change, message):
         build({**ARCH, **change})
 
 
+def test_an_unknown_family_is_named_as_such_not_as_a_missing_key():
+    # `dsnas profile arch.json` of {"family": "mlp"} read "it has no key 'unknown model family \'mlp\'...' (add it
+    # to the space's [choices], ...)": the family's KeyError was taken for a key the architecture lacks.
+    with pytest.raises(TrialError) as err:
+        build({**ARCH, "family": "mlp"})
+    assert str(err.value).startswith("invalid architecture: [family] unknown model family 'mlp'; known: ")
+    assert "no key" not in str(err.value) and "[choices]" not in str(err.value)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_converted_half_mlp_keeps_its_activations_in_half_with_the_same_logits(precision, monkeypatch):
     """The MLP's hidden activations stay bf16/fp16 between `up` and `down` once converted: GELU computes in fp32

@@ -106,7 +106,13 @@ def describe_groups(arch: dict[str, Any]) -> str:
 def validate(arch: dict[str, Any], base_dir: str | Path | None = None) -> None:
     """Raise TrialError unless the family of ``arch`` can build it."""
     try:
-        family(arch.get("family", ""), base_dir).validate(arch)
+        fam = family(arch.get("family", ""), base_dir)
+    except KeyError as e:  # an unknown family is no missing key: it read "it has no key 'unknown model family..."
+        raise TrialError(f"invalid architecture: [family] {e.args[0]}") from None
+    except Exception as e:  # a user builder that does not import: its message is the reason
+        raise TrialError(f"invalid architecture: {type(e).__name__}: {e}") from None
+    try:
+        fam.validate(arch)
     except KeyError as e:
         missing = e.args[0] if e.args and isinstance(e.args[0], str) else None
         # A key the architecture lacks; not a value of it that the builder looked up (act = "swish")
