@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import socket
@@ -171,13 +172,18 @@ class HardwareSpec:
                 "must be a non-empty list of integers >= 1", list(self.batch_sizes), "e.g. batch_sizes = [1, 32]")
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1", self.threads,
                 "remove it to measure with every core")
-        require(self.warmup_s >= 0, "warmup_s", "must be >= 0", self.warmup_s, "e.g. warmup_s = 0.1")
-        require(self.measure_s > 0, "measure_s", "must be > 0", self.measure_s, "e.g. measure_s = 0.3")
-        require(self.max_measure_s >= self.measure_s, "max_measure_s", "must be >= measure_s", self.max_measure_s,
-                f"e.g. max_measure_s = {max(3.0, 10 * self.measure_s):g}")
+        # Finite, each: warmup_s = inf (or `dsnas profile --measure-s inf`) timed one model until the trial's
+        # timeout, and measure_s = inf was told "Fix: e.g. max_measure_s = inf". NaN fails the comparisons too.
+        require(0 <= self.warmup_s < math.inf, "warmup_s", "must be >= 0 and finite", self.warmup_s,
+                "e.g. warmup_s = 0.1")
+        require(0 < self.measure_s < math.inf, "measure_s", "must be > 0 and finite", self.measure_s,
+                "e.g. measure_s = 0.3")
+        require(self.measure_s <= self.max_measure_s < math.inf, "max_measure_s", "must be >= measure_s and finite",
+                self.max_measure_s, f"e.g. max_measure_s = {max(3.0, 10 * self.measure_s):g}")
         require(0 < self.ci_tolerance < 1, "ci_tolerance", "must be between 0 and 1", self.ci_tolerance,
                 "e.g. ci_tolerance = 0.05 (5%)")
-        require(self.steady_s >= 0.2, "steady_s", "must be >= 0.2 (GPM samples must be > 100 ms apart)",
+        require(0.2 <= self.steady_s < math.inf, "steady_s",
+                "must be >= 0.2 (GPM samples must be > 100 ms apart) and finite",
                 self.steady_s, "e.g. steady_s = 1.0")
 
 

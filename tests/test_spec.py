@@ -184,6 +184,13 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      "must be a non-empty list of integers >= 1", "batch_sizes = [1, 32]"),
     ("threads-zero", {"hardware": {"threads": 0}}, "hardware.threads", "must be >= 1", 'every core'),
     ("measure-zero", {"hardware": {"measure_s": 0}}, "hardware.measure_s", "must be > 0", 'measure_s = 0.3'),
+    # An endless warm-up or timing held one trial until its timeout; measure_s = inf was told max_measure_s = inf.
+    ("measure-inf", {"hardware": {"measure_s": float("inf")}}, "hardware.measure_s", "must be > 0 and finite",
+     'measure_s = 0.3'),
+    ("warmup-inf", {"hardware": {"warmup_s": float("inf")}}, "hardware.warmup_s", "must be >= 0 and finite",
+     'warmup_s = 0.1'),
+    ("max-measure-inf", {"hardware": {"max_measure_s": float("inf")}}, "hardware.max_measure_s",
+     "must be >= measure_s and finite", 'max_measure_s = 3'),
     ("task-context-zero", {"task": {"context": 0}}, "task.context", "must be >= 1", 'remove context to use its default (64)'),
     ("task-warmup-one", {"task": {"warmup_frac": 1.0}}, "task.warmup_frac", "must be in [0, 1)", 'warmup_frac = 0.1'),
     ("study-name-blank", {"study": {"name": "  "}}, "study.name", "must be a plain name", 'name = "my_study"'),
