@@ -194,8 +194,10 @@ def test_load_a_plain_optuna_study_and_bad_names(tmp_path):
     with pytest.raises(DsnasError, match=r"storage must be a database URL or a study file. Fix: e.g. "
                                          r"load\(.sqlite:///"):
         load(str(tmp_path / "plain.db"), "plain")
-    with pytest.raises(DsnasError, match="value_0 must be a number, got '0'. Fix: e.g. value_0=0.0"):
+    with pytest.raises(DsnasError, match="value_0 must be a finite number, got '0'. Fix: e.g. value_0=0.0"):
         hypervolume(df, {"value_0": "0", "value_1": 0})
+    with pytest.raises(DsnasError, match="value_1 must be a finite number, got -inf. Fix: e.g. value_1=0.0"):
+        hypervolume(df, {"value_0": 0.0, "value_1": float("-inf")})
 
 
 def test_load_leaves_optuna_s_own_logging_and_warnings_as_they_were(tmp_path):
@@ -412,7 +414,13 @@ def test_a_report_stopped_half_way_leaves_the_last_report_whole(finished_study, 
 def test_report_errors_are_one_line(finished_study, tmp_path, capsys):
     assert main(["report", str(finished_study), "--out", str(tmp_path / "r"), "--reference", "accuracy=0"]) == 2
     err = capsys.readouterr().err
-    assert "--reference accuracy=0: must give one number for each objective" in err and err.count("\n") == 1
+    assert "--reference accuracy=0: must give one finite number for each objective" in err and err.count("\n") == 1
+    # accuracy=-inf printed "hypervolume inf", nan a hypervolume of 0; a name given twice kept its last number.
+    for bad in ("accuracy=-inf,throughput=0", "accuracy=nan,throughput=0", "accuracy=0,accuracy=0.2,throughput=0"):
+        assert main(["report", str(finished_study), "--out", str(tmp_path / "r"), "--reference", bad]) == 2
+        assert capsys.readouterr().err == (f"dsnas: error: --reference {bad}: must give one finite number for each "
+                                           "objective ['accuracy', 'throughput']. Fix: --reference "
+                                           "accuracy=...,throughput=...\n")
     fresh = tmp_path / "fresh.toml"
     fresh.write_text(finished_study.read_text().replace('name = "tiny"', 'name = "never_run"'))
     assert main(["report", str(fresh)]) == 2

@@ -4,6 +4,7 @@ images, one interactive HTML page) and a terminal summary of the Pareto front.""
 from __future__ import annotations
 
 import html
+import math
 import os
 import shlex
 import shutil
@@ -27,14 +28,17 @@ def parse_reference(text: str | None, names: list[str]) -> dict[str, float] | No
     if text is None:
         return None
     try:
-        pairs = dict(part.split("=", 1) for part in text.split(","))
-        reference = {k.strip(): float(v) for k, v in pairs.items()}
+        pairs = [part.split("=", 1) for part in text.split(",")]
+        reference = {k.strip(): float(v) for k, v in pairs}
     except ValueError:
-        reference = {}
-    if sorted(reference) != sorted(names):
+        pairs, reference = [], {}
+    # Each objective once, and finite: accuracy=-inf printed "hypervolume inf", accuracy=nan a hypervolume of 0,
+    # and an objective named twice kept its last number without a word.
+    if len(pairs) != len(reference) or sorted(reference) != sorted(names) or \
+            not all(math.isfinite(v) for v in reference.values()):
         example = ",".join(f"{n}=..." for n in names)
-        raise DsnasError(f"--reference {text}: must give one number for each objective {names}. Fix: --reference "
-                         f"{example}")
+        raise DsnasError(f"--reference {text}: must give one finite number for each objective {names}. Fix: "
+                         f"--reference {example}")
     return reference
 
 

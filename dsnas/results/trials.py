@@ -5,6 +5,7 @@ fingerprint of the device that measured it. Plus the Pareto front and hypervolum
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -274,8 +275,10 @@ def _check_reference(df: Any, reference: dict[str, float] | None) -> dict[str, f
     if sorted(reference) != sorted(names):
         raise DsnasError(f"hypervolume reference {reference}: must give a value for each objective {names}. "
                          f"Fix: e.g. {', '.join(f'{n}=...' for n in names)}")
-    wrong = [n for n, v in reference.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    # A NaN or infinite corner gave a hypervolume of 0 or inf, as if measured.
+    wrong = [n for n, v in reference.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+             or not math.isfinite(v)]
     if wrong:
-        raise DsnasError(f"hypervolume reference {reference}: {wrong[0]} must be a number, got "
+        raise DsnasError(f"hypervolume reference {reference}: {wrong[0]} must be a finite number, got "
                          f"{reference[wrong[0]]!r}. Fix: e.g. {wrong[0]}=0.0")
     return reference
