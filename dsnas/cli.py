@@ -164,6 +164,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise DsnasError(f"--port {args.port}: must be a port number, 0-65535. Fix: e.g. --port 8080 (0: any free one)")
+    if not args.host.strip():  # a blank host (--host "$UNSET") served the study on every interface, at http://:8080
+        raise DsnasError(f"--host {args.host!r}: must name an address to listen on. Fix: leave --host out (this "
+                         "machine only), or --host 0.0.0.0 to serve every network interface")
     serve(read_study(args.study_file), host=args.host, port=args.port)
     return 0
 

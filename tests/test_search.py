@@ -509,10 +509,13 @@ def test_a_resumed_search_counts_a_reused_repeat_once_on_the_front(tiny_study, c
 
 
 def test_flags_and_places_that_cannot_work_are_one_line(tmp_path, finished_study, capsys):
-    """Each was a traceback: init into a file, --port 99999, --threads -2, a report --out that is a file."""
+    """Each was a traceback: init into a file, --port 99999, --threads -2, a report --out that is a file (and
+    --host '' served every interface)."""
     (tmp_path / "afile").write_text("")
     cases = [(["init", str(tmp_path / "afile")], "cannot write "),
              (["dashboard", str(finished_study), "--port", "99999"], "--port 99999: must be a port number"),
+             # A blank host listened on every interface, at "http://:8080/dashboard/".
+             (["dashboard", str(finished_study), "--host", ""], "--host '': must name an address to listen on"),
              (["doctor", "--threads", "-2"], "--threads -2: must be >= 1"),
              (["report", str(finished_study), "--out", str(tmp_path / "afile")], "is a file, and the report is a "
                                                                                  "folder")]
