@@ -173,12 +173,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Show what this machine's hardware and drivers allow dsnas to measure, and its device fingerprint."""
-    from dsnas.profiler.capabilities import Capabilities, probe
+    from dsnas.profiler.capabilities import Capabilities, probe, usable_cpus
     from dsnas.profiler.device import fingerprint, fingerprint_id, named_device
     from dsnas.profiler.steadiness import host_speed_row
 
-    if args.threads is not None and args.threads < 1:
-        raise DsnasError(f"--threads {args.threads}: must be >= 1. Fix: e.g. --threads 1, or leave it out (all cores)")
+    cpus = usable_cpus()
+    # No more than this machine's CPUs: --threads 100000 --ceilings crashed torch (a segmentation fault, exit 139)
+    # after the capability table, and any number above the CPUs measured (and cached) ceilings of an overloaded CPU.
+    if args.threads is not None and not 1 <= args.threads <= cpus:
+        raise DsnasError(f"--threads {args.threads}: must be from 1 to the {cpus} CPUs this process may use. Fix: "
+                         f"e.g. --threads {cpus}, or leave it out (all of them)")
 
     # Bad input first, in one line, before seconds of probing are printed above it.
     device = named_device(args.device)

@@ -516,7 +516,9 @@ def test_flags_and_places_that_cannot_work_are_one_line(tmp_path, finished_study
              (["dashboard", str(finished_study), "--port", "99999"], "--port 99999: must be a port number"),
              # A blank host listened on every interface, at "http://:8080/dashboard/".
              (["dashboard", str(finished_study), "--host", ""], "--host '': must name an address to listen on"),
-             (["doctor", "--threads", "-2"], "--threads -2: must be >= 1"),
+             (["doctor", "--threads", "-2"], "--threads -2: must be from 1 to the "),
+             # More threads than CPUs: 100000 crashed torch (exit 139) after the capability table was printed.
+             (["doctor", "--ceilings", "--threads", "100000"], "--threads 100000: must be from 1 to the "),
              (["report", str(finished_study), "--out", str(tmp_path / "afile")], "is a file, and the report is a "
                                                                                  "folder")]
     for argv, said in cases:
