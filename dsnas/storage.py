@@ -149,6 +149,9 @@ def leave_write_ahead(url: str) -> None:
         pass  # in use elsewhere: it stays in write-ahead-log mode, as any SQLite file may be
 
 
+SQLITE_HEADER = b"SQLite format 3\0"  # the first 16 bytes of every SQLite database file
+
+
 def _in_write_ahead_mode(db_file: Path) -> bool:
     """Bytes 18 and 19 of a SQLite header are 2 in write-ahead-log mode (1 with a rollback journal)."""
     try:
@@ -156,7 +159,7 @@ def _in_write_ahead_mode(db_file: Path) -> bool:
             header = f.read(20)
     except OSError:
         return False
-    return len(header) == 20 and header.startswith(b"SQLite format 3\0") and header[18:20] == b"\x02\x02"
+    return len(header) == 20 and header.startswith(SQLITE_HEADER) and header[18:20] == b"\x02\x02"
 
 
 def _check_readable(url: str) -> None:
@@ -217,6 +220,7 @@ def check_sqlite_file(url: str) -> None:
     db_file = sqlite_file(url)
     if db_file is None or not db_file.is_file():
         return  # a server database, or a new file
+    _check_sqlite_header(db_file)
     try:
         with closing(sqlite3.connect(f"{db_file.resolve().as_uri()}?mode=ro", uri=True,
                                      timeout=CONNECT_TIMEOUT_S)) as conn:
@@ -227,6 +231,20 @@ def check_sqlite_file(url: str) -> None:
         raise DamagedDatabase(db_file, damage) from None
     if found != "ok":  # e.g. "*** in database main ***\nPage 2: btreeInitPage() returns error code 11"
         raise DamagedDatabase(db_file, "quick_check: " + found.strip().splitlines()[-1])
+
+
+def _check_sqlite_header(db_file: Path) -> None:
+    """Refuse a file of another kind: storage = "sqlite:///study.toml" was called "damaged", with commands that
+    "recovered" the text into an empty database for the study to start again in, its own database left aside."""
+    try:
+        with open(db_file, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError:
+        return  # unreadable: opening it says so
+    if head and head != SQLITE_HEADER:  # an empty file is a new database; a damaged one keeps its header
+        raise DsnasError(f"{db_file}: [study] storage must name a SQLite database, and this file is not one (it "
+                         f"begins {head!r}, not SQLite's header). Fix: name the study's database file (by default "
+                         "STUDY.db beside the study file: remove storage to use it)")
 
 
 def _damage(error: BaseException) -> str | None:

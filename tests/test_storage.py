@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from dsnas import storage as dsnas_storage
 from dsnas.cli import main
+from dsnas.errors import DsnasError
 
 
 def test_stale_trials_are_failed_with_a_reason_and_queued_again(tmp_path, monkeypatch):
@@ -130,14 +131,21 @@ def test_a_damaged_sqlite_file_is_refused_with_the_recovery_command(finished_stu
     assert db_file.read_bytes() == before
 
 
-def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+def test_a_file_that_is_not_a_database_is_refused(tmp_path, finished_study, capsys):
+    """Not "damaged", with commands that "recovered" it: sqlite3 .recover of a study's TOML file made an empty
+    database, which the fix then named as the study's storage (a search there started the study again)."""
     db_file = tmp_path / "s.db"
     db_file.write_bytes(b"not SQLite at all\n" * 400)
 
-    with pytest.raises(dsnas_storage.DamagedDatabase, match=r"s\.db: the study database is damaged \(file is not a "
-                                                           r"database\)"):
+    with pytest.raises(DsnasError, match=r"s\.db: \[study\] storage must name a SQLite database, and this file is not "
+                                         r"one \(it begins b'not SQLite at al', not SQLite's header\)"):
         dsnas_storage.open_storage(f"sqlite:///{db_file}")
     assert db_file.read_bytes() == b"not SQLite at all\n" * 400
+    study = tmp_path / "s.toml"  # storage names the study file itself
+    study.write_text(finished_study.read_text().replace('name = "tiny"', f'name = "tiny"\nstorage = "sqlite:///{study}"'))
+    assert main(["report", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsnas: error: {study}: [study] storage must name a SQLite database") and "recover" not in err
 
 
 def test_damage_met_after_opening_is_named_too(finished_study, tmp_path):
