@@ -82,6 +82,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if sum(x is not None and x is not False for x in (args.trial, args.pick, args.front)) != 1:
         raise DsnasError("give exactly one of --trial N, --pick RULE and --front. Fix: e.g. --pick knee")
+    given = [flag for flag, value in (("--max-latency-ms", args.max_latency_ms), ("--min-accuracy",
+             args.min_accuracy), ("--max-memory-mb", args.max_memory_mb)) if value is not None]
+    if args.trial is not None and given:  # the trial was exported as named, its limit unread, without a word
+        raise DsnasError(f"{given[0]} limits which trials --pick and --front choose from; --trial {args.trial} names "
+                         f"one. Fix: leave out {given[0]}, or use --pick or --front with it")
     spec = read_study(args.study_file)
     study = open_study(spec, create=False)
     if edited := edited_since(spec, study):  # a limit edited since judged no trial: the bundle is the search's

@@ -41,6 +41,10 @@ def load_target(target: str, trial: int | None, device: Any = "cpu") -> tuple[An
         raise DsnasError(f"{path}: a route bundle (`dsnas route`), not a model's: it was said to lack arch.json. Fix: "
                          f"profile one of its models, e.g. {path / 'members'}/trialN, or `dsnas verify {path}` to "
                          "time the route")
+    if path.suffix != ".toml" and trial is not None:  # a bundle's (or a JSON file's) model was timed, --trial unread
+        raise DsnasError(f"--trial {trial}: names a trial of a study file, and {path} is "
+                         f"{'a bundle folder' if path.is_dir() else 'an architecture file'}: its own model is "
+                         "measured. Fix: leave out --trial, or give the study file")
     if path.is_dir():
         return _bundle(path, device)
     if path.suffix == ".toml":

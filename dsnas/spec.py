@@ -366,6 +366,10 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     (executor, address, n_trials, timeout_s) stand for CLI flags."""
     path = Path(path).resolve()
     where = str(path)
+    if is_there(path.is_dir):  # it said "must exist" of a folder that does
+        studies = sorted(f.name for f in path.glob("*.toml"))[:3]
+        raise SpecError(where, "-", "must be a study file, and this is a folder", None,
+                        f"give a study file in it ({', '.join(studies)})" if studies else "give a study file's path")
     if not is_there(path.is_file):
         raise SpecError(where, "-", "the study file must exist", None, "check the path, or run `dsnas init DIR`")
     try:
@@ -380,7 +384,7 @@ def read_study(path: str | os.PathLike[str], **overrides: Any) -> StudySpec:
     except SpecError as e:
         if e.key not in flags:
             raise
-        raise SpecError(f"{where} with {flags[e.key]}", e.key, e.rule, e.got, e.fix) from None
+        raise SpecError(f"{where} with {flags[e.key]}", e.key, e.rule, e.got, _flag_fix(e, flags[e.key])) from None
     local = f"{where} with {flags['executor.kind']}" if "executor.kind" in flags else where  # the flag chose it
     require_spec(local, "budget.trial_timeout_s", spec.budget.trial_timeout_s is None or spec.executor.kind != "local",
                  "needs the ray executor: the local executor runs a trial in this process and cannot stop it",
@@ -452,6 +456,15 @@ def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             raw[section][key] = value
             flags[f"{section}.{key}"] = f"{flag} {value}"
     return flags
+
+
+def _flag_fix(error: SpecError, given: str) -> str:
+    """The fix of a flag's bad value, told as the flag: `--n-trials 0` was told "Fix: set n_trials = 12", a file's
+    key that the command line had set."""
+    flag = given.split(" ", 1)[0]
+    example = re.search(rf"\b{re.escape(error.key.rsplit('.', 1)[-1])} = ([^\s,)]+)", error.fix or "")
+    return (f"e.g. {flag} {example.group(1)}, or " if example else f"correct {flag}, or ") + \
+        f"leave {flag} out (the file's value is used)"
 
 
 def _objectives(where: str, table: dict[str, Any]) -> tuple[Objective, ...]:

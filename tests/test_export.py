@@ -629,3 +629,24 @@ def test_an_earlier_bundle_is_never_lost_to_an_interrupted_swap(tmp_path, monkey
     out.rename(aside)
     _remove_abandoned(out)
     assert (out / "arch.json").read_text() == "earlier" and not aside.exists()
+
+
+def test_a_limit_beside_a_named_trial_and_a_study_file_given_as_a_bundle_are_one_line(finished_study, capsys):
+    """`export --trial 0 --max-latency-ms 0.0001` exported trial 0 with its limit unread and nothing said; `verify
+    STUDY.toml` said "no such bundle folder" of a file that is there."""
+    assert main(["export", str(finished_study), "--trial", "0", "--max-latency-ms", "0.0001"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dsnas: error: --max-latency-ms limits which trials --pick and --front choose from; --trial 0 names one. "
+        "Fix: leave out --max-latency-ms, or use --pick or --front with it")
+    assert main(["verify", str(finished_study)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"dsnas: error: {finished_study}: a file, not a bundle folder. Fix: give the folder `dsnas export` wrote "
+        f"(`dsnas export {finished_study} --pick knee` writes one)")
+
+
+def test_python_m_dsnas_is_the_dsnas_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dsnas", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith(dsnas.__version__), done

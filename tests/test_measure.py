@@ -179,6 +179,13 @@ def test_profile_of_an_architecture_file_prints_every_batch_size(tmp_path, capsy
 def test_profile_of_a_study_trial(finished_study, capsys):
     assert main(["profile", str(finished_study), "--trial", "0", "--measure-s", "0.02", "--max-measure-s", "0.1"]) == 0
     assert "study 'tiny' trial 0" in capsys.readouterr().out
+    # --trial names a study's trial: beside a bundle folder or an architecture file it was ignored without a word
+    arch = finished_study.parent / "arch.json"
+    arch.write_text('{"family": "transformer_lm"}', encoding="utf-8")
+    assert main(["profile", str(arch), "--trial", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (f"dsnas: error: --trial 0: names a trial of a study file, and {arch} "
+                                               "is an architecture file: its own model is measured. Fix: leave "
+                                               "out --trial, or give the study file")
 
 
 def test_profile_of_a_study_trial_measures_it_as_searched_where_the_file_was_edited(finished_study, tmp_path, capsys):

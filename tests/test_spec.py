@@ -294,7 +294,10 @@ def test_missing_study_file(tmp_path: Path) -> None:
 
 
 def test_study_path_is_a_folder(tmp_path: Path) -> None:
-    expect_error(tmp_path, "-", "the study file must exist", "check the path")
+    """It said "the study file must exist" of a folder that does; one with study files names them."""
+    expect_error(tmp_path, "-", "must be a study file, and this is a folder", "give a study file's path")
+    write_study(tmp_path)
+    expect_error(tmp_path, "-", "must be a study file, and this is a folder", "give a study file in it (study.toml)")
 
 
 def test_invalid_toml(tmp_path: Path) -> None:
@@ -428,7 +431,11 @@ def test_unreachable_ray_address_auto(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_flag_out_of_range(tmp_path: Path) -> None:
-    expect_error(write_study(tmp_path), "budget.n_trials", "must be >= 1", blame=" with --n-trials 0", n_trials=0)
+    # Its fix names the flag: it was "set n_trials = 12", a key of the file the flag had overridden.
+    expect_error(write_study(tmp_path), "budget.n_trials", "must be >= 1", blame=" with --n-trials 0", n_trials=0,
+                 fix="e.g. --n-trials 12, or leave --n-trials out (the file's value is used)")
+    expect_error(write_study(tmp_path), "budget.timeout_s", "must be > 0", blame=" with --timeout -5.0",
+                 timeout_s=-5.0, fix="e.g. --timeout 600, or leave --timeout out (the file's value is used)")
 
 
 def test_flag_executor_local_with_an_address_in_the_file(tmp_path: Path) -> None:

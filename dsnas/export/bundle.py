@@ -293,6 +293,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def read_bundle(bundle: str | Path) -> dict[str, Any]:
     """The checked arch.json of a bundle."""
     folder = Path(bundle)
+    if folder.is_file():  # a study file given where a bundle belongs read "no such bundle folder"
+        raise DsnasError(f"{folder}: a file, not a bundle folder. Fix: give the folder `dsnas export` wrote"
+                         + (f" (`dsnas export {folder} --pick knee` writes one)" if folder.suffix == ".toml" else ""))
     if not folder.is_dir():
         raise DsnasError(f"{folder}: no such bundle folder. Fix: give the folder `dsnas export` wrote")
     path = folder / "arch.json"
