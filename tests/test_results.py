@@ -411,6 +411,20 @@ def test_a_report_stopped_half_way_leaves_the_last_report_whole(finished_study, 
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
+def test_a_report_goes_only_into_a_new_or_empty_folder_or_an_earlier_reports(finished_study, tmp_path, capsys):
+    """`--out` of a bundle wrote 20 files into it (export then refused the folder as no bundle's), and of the
+    study's folder replaced any index.html or trials.csv of the user's there."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page", encoding="utf-8")
+    assert main(["report", str(finished_study), "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"dsnas: error: --out {mine}: holds files that are not a dsnas report's (index.html), and a report's files "
+        "would replace their namesakes there. Fix: name a new folder, or an earlier report's, with --out")
+    assert [p.name for p in mine.iterdir()] == ["index.html"]
+    assert (mine / "index.html").read_text(encoding="utf-8") == "my own page"
+
+
 def test_report_errors_are_one_line(finished_study, tmp_path, capsys):
     assert main(["report", str(finished_study), "--out", str(tmp_path / "r"), "--reference", "accuracy=0"]) == 2
     err = capsys.readouterr().err

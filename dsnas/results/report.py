@@ -71,6 +71,7 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
         raise DsnasError(f"--out {folder}: is a file, and the report is a folder. Fix: name a folder, e.g. --out "
                          f"reports/{spec.name}")
     _check_writable(folder)
+    _check_a_reports_folder(folder)
     # Drawn in a folder of its own inside, then moved in at once: a report stopped half-way (Ctrl-C, a full disk)
     # left the last report's page beside this one's tables and half of its figures.
     for abandoned in folder.glob(".report-*"):  # of a report killed (kill -9, SIGTERM) before it could clean up
@@ -93,6 +94,24 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return summary(spec, df, v, written)
+
+
+def _check_a_reports_folder(folder: Path) -> None:
+    """A report's files replace their namesakes: only a new or empty folder, or an earlier report's, may take them.
+    `--out` of a bundle wrote 20 files into it (export then refused the folder as no bundle), and of the study's
+    folder replaced any index.html or trials.csv of the user's there."""
+    held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".report-")) if folder.is_dir() else []
+    if not held:  # new, empty, or only the stage of a report killed half-way
+        return
+    page = folder / "index.html"
+    try:
+        earlier = page.is_file() and "<title>dsnas report: " in page.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        earlier = False
+    if not earlier:
+        raise DsnasError(f"--out {folder}: holds files that are not a dsnas report's ({', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}), and a report's files would replace their namesakes "
+                         "there. Fix: name a new folder, or an earlier report's, with --out")
 
 
 def _moved_in(stage: Path, folder: Path, written: list[Path]) -> list[Path]:
