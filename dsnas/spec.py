@@ -154,7 +154,8 @@ class Constraints:
 class HardwareSpec:
     device: str = "auto"  # "auto": a GPU if there is one
     batch_sizes: tuple[int, ...] = (1, 32)  # latency is the smallest's, throughput the largest's
-    threads: int | None = None  # CPU threads while measuring; default: the CPUs this process may use
+    # CPU threads while measuring; default: the CPUs this process may use.
+    threads: int | None = None  # at most those where the search starts its own workers (no Ray address)
     warmup_s: float = 0.1  # warm-up before each batch size is timed
     measure_s: float = 0.3  # at least this long (and 10 calls) per batch size ...
     max_measure_s: float = 3.0  # ... then on until the median is known to ci_tolerance, or this long at most
@@ -741,6 +742,15 @@ def check_machine(spec: StudySpec) -> None:
     offers fp8), a reachable Ray cluster. `dsnas search` alone checks it."""
     where = spec.path
     _check_fp8(spec)
+    if spec.hardware.threads is not None and spec.executor.address is None:  # its trials are measured here
+        from dsnas.profiler.capabilities import usable_cpus  # reads /proc and the cgroup: the search's check only
+
+        cpus = usable_cpus()
+        # threads = 100000 ended in a MemoryError traceback from the driver; any count above the CPUs measures an
+        # oversubscribed CPU (its ceilings cached as this machine's).
+        require_spec(where, "hardware.threads", spec.hardware.threads <= cpus,
+                     f"must be at most the {cpus} CPUs this process may use here", spec.hardware.threads,
+                     f"e.g. threads = {cpus}, or remove it to use them all")
     if spec.hardware.device == "cuda" and spec.executor.address is None:
         import torch
 

@@ -183,6 +183,9 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
     ("batch_sizes-empty", {"hardware": {"batch_sizes": []}}, "hardware.batch_sizes",
      "must be a non-empty list of integers >= 1", "batch_sizes = [1, 32]"),
     ("threads-zero", {"hardware": {"threads": 0}}, "hardware.threads", "must be >= 1", 'every core'),
+    # 100000 ended in a MemoryError traceback; more than the CPUs here measures an oversubscribed CPU.
+    ("threads-over", {"hardware": {"threads": 100000}}, "hardware.threads", "must be at most the",
+     "remove it to use them all"),
     ("measure-zero", {"hardware": {"measure_s": 0}}, "hardware.measure_s", "must be > 0", 'measure_s = 0.3'),
     # An endless warm-up or timing held one trial until its timeout; measure_s = inf was told max_measure_s = inf.
     ("measure-inf", {"hardware": {"measure_s": float("inf")}}, "hardware.measure_s", "must be > 0 and finite",
