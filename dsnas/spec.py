@@ -155,7 +155,7 @@ class HardwareSpec:
     device: str = "auto"  # "auto": a GPU if there is one
     batch_sizes: tuple[int, ...] = (1, 32)  # latency is the smallest's, throughput the largest's
     # CPU threads while measuring; default: the CPUs this process may use.
-    threads: int | None = None  # at most those where the search starts its own workers (no Ray address)
+    threads: int | None = None  # At most those where the search starts its own workers (no Ray address)
     warmup_s: float = 0.1  # warm-up before each batch size is timed
     measure_s: float = 0.3  # at least this long (and 10 calls) per batch size ...
     max_measure_s: float = 3.0  # ... then on until the median is known to ci_tolerance, or this long at most
