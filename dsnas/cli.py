@@ -87,6 +87,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.trial is not None and given:  # the trial was exported as named, its limit unread, without a word
         raise DsnasError(f"{given[0]} limits which trials --pick and --front choose from; --trial {args.trial} names "
                          f"one. Fix: leave out {given[0]}, or use --pick or --front with it")
+    if args.front and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        # Each bundle goes into it: found only once the first bundle was built ("afile/s-trial0 ... File exists")
+        raise DsnasError(f"--out {args.out}: with --front, names the folder the bundles go into, and this is a file. "
+                         "Fix: name a folder with --out")
     spec = read_study(args.study_file)
     study = open_study(spec, create=False)
     if edited := edited_since(spec, study):  # a limit edited since judged no trial: the bundle is the search's

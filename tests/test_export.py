@@ -638,6 +638,11 @@ def test_a_limit_beside_a_named_trial_and_a_study_file_given_as_a_bundle_are_one
     assert capsys.readouterr().err.strip() == (
         "dsnas: error: --max-latency-ms limits which trials --pick and --front choose from; --trial 0 names one. "
         "Fix: leave out --max-latency-ms, or use --pick or --front with it")
+    afile = finished_study.parent / "afile"
+    afile.write_text("", encoding="utf-8")
+    assert main(["export", str(finished_study), "--front", "--out", str(afile)]) == 2  # before any bundle is built
+    assert capsys.readouterr().err.strip() == (f"dsnas: error: --out {afile}: with --front, names the folder the "
+                                               "bundles go into, and this is a file. Fix: name a folder with --out")
     assert main(["verify", str(finished_study)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"dsnas: error: {finished_study}: a file, not a bundle folder. Fix: give the folder `dsnas export` wrote "
