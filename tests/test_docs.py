@@ -3,6 +3,7 @@ every relative link in it and in docs/ points at a file."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -141,3 +142,43 @@ def test_the_routing_example_names_the_folder_dsnas_route_writes():
     example = (DOCS / "routing.md").read_text().split("```")[1]
     assert f"dsnas verify {written} " in example and f"load_route('{written}')" in example
     assert re.findall(r"(?<![\w/])routes/", example) == [], "a route folder named without the study file's folder"
+
+
+def _synopsis() -> dict[str, str]:
+    """docs/usage.md's first code block: each command's lines (a line indented under it continues it)."""
+    block = (DOCS / "usage.md").read_text(encoding="utf-8").split("```")[1]
+    commands: dict[str, str] = {}
+    for line in block.strip().splitlines():
+        if line.startswith("dsnas "):
+            name = line.split()[1]
+            commands[name] = ""
+        commands[name] += " " + line.partition("#")[0]
+    return commands
+
+
+def test_usage_names_every_option_of_every_command_with_its_default():
+    """docs/usage.md is "every command and its options": each option the parser takes is in its command's
+    synopsis, a default the parser gives shown there as the value (or the first of the choices), and the options
+    taken before the command (--debug, -v, -q, --version) are on the page."""
+    from dsnas.cli import build_parser
+
+    parser = build_parser()
+    commands = _synopsis()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands) == set(sub.choices), "a command of the parser is not in usage.md's synopsis, or one too many"
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            flag = max(action.option_strings, key=len, default=None)
+            if flag is None or flag == "--help":
+                continue
+            assert re.search(rf"{flag}(?![\w-])", commands[name]), f"usage.md: `dsnas {name}` lacks {flag}"
+            if action.default is None or isinstance(action.default, bool):
+                continue
+            shown = re.search(rf"\[{flag} ([^\]\s]+)\]", commands[name])
+            assert shown and shown.group(1).split("|")[0] == str(action.default), \
+                f"usage.md: `dsnas {name} {flag}` defaults to {action.default}, the synopsis shows {shown and shown[1]}"
+    page = (DOCS / "usage.md").read_text(encoding="utf-8")
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if flag not in ("-h", "--help"):
+                assert f"`{flag}" in page or f" {flag}`" in page, f"usage.md does not name dsnas {flag}"
