@@ -182,3 +182,12 @@ def test_usage_names_every_option_of_every_command_with_its_default():
         for flag in action.option_strings:
             if flag not in ("-h", "--help"):
                 assert f"`{flag}" in page or f" {flag}`" in page, f"usage.md does not name dsnas {flag}"
+
+
+def test_own_model_names_every_built_in_task():
+    """docs/own-model.md's task section said `[task] name` is "the built-in task ("charlm")", with images built in too."""
+    from dsnas.tasks import BUILTIN_TASKS
+
+    section = (DOCS / "own-model.md").read_text(encoding="utf-8").split("## Your own task")[1].split("\n## ")[0]
+    for name in BUILTIN_TASKS:
+        assert f'`"{name}"`' in section, f"own-model.md's [task] name section does not name the built-in task {name}"
