@@ -160,6 +160,8 @@ def test_a_trial_that_fits_on_no_node_is_refused_before_it_waits_forever():
     with pytest.raises(DsnasError, match=r"asks for 2 GPUs, but the largest .* has 1. Fix: set \[executor\] "
                                          r"gpus_per_trial = 1 or less"):
         _check_a_node_fits(ray, SimpleNamespace(cpus_per_trial=1), 2)
+    with pytest.raises(DsnasError, match=r"^/s/study.toml: \[executor.cpus_per_trial\] a trial runs on one node"):
+        _check_a_node_fits(ray, SimpleNamespace(cpus_per_trial=4), 0, "/s/study.toml")  # the file named, as elsewhere
 
 
 def test_a_ray_started_for_a_refused_search_is_shut_down():

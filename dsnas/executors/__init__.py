@@ -18,4 +18,4 @@ def make_executor(spec: StudySpec, trial_fn: TrialFn = run_trial, on_rung: RungH
     time limit and says its own waits: it has none to send."""
     if spec.executor.kind == "local":
         return LocalExecutor(trial_fn, on_rung)
-    return RayExecutor(spec.executor, spec.hardware.device, trial_fn, on_rung, on_clock)
+    return RayExecutor(spec.executor, spec.hardware.device, trial_fn, on_rung, on_clock, where=spec.path)

@@ -18,26 +18,28 @@ from dsnas.worker import run_trial
 RUNG_POLL_S = 30.0
 
 
-def _check_a_node_fits(ray: Any, spec: ExecutorSpec, gpus: float) -> None:
+def _check_a_node_fits(ray: Any, spec: ExecutorSpec, gpus: float, where: str = "") -> None:
     """A trial runs on one node: one that asks for more CPUs or GPUs than any node has waits in Ray's queue forever,
-    and the search printed "trial 0 started", then nothing."""
+    and the search printed "trial 0 started", then nothing. ``where``: the study file, which the message names."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if not nodes:
         return
     for key, asked, name in (("CPU", spec.cpus_per_trial, "cpus_per_trial"), ("GPU", gpus, "gpus_per_trial")):
         most = max(n.get(key, 0) for n in nodes)
         if asked and asked > most:
-            raise DsnasError(f"[executor.{name}] a trial runs on one node and asks for {asked:g} {key}s, but the "
+            raise DsnasError(f"{where}: " * bool(where) + f"[executor.{name}] a trial runs on one node and asks "
+                             f"for {asked:g} {key}s, but the "
                              f"largest of the Ray cluster's {len(nodes)} node(s) has {most:g}. Fix: set "
                              f"[executor] {name} = {most:g} or less, or add a node with {asked:g} {key}s")
 
 
 class RayExecutor(BaseExecutor):
     def __init__(self, spec: ExecutorSpec, device: str, trial_fn: TrialFn = run_trial,
-                 on_rung: RungHandler | None = None, on_clock: ClockHandler | None = None) -> None:
+                 on_rung: RungHandler | None = None, on_clock: ClockHandler | None = None, where: str = "") -> None:
         import ray
 
         self._ray = ray
+        self._where = where  # the study file, named by a cluster that cannot run its trials
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             try:
@@ -84,8 +86,9 @@ class RayExecutor(BaseExecutor):
         if gpus == 0 and device != "cpu" and resources.get("GPU", 0) >= 1:
             gpus = 1  # a measurement owns its GPU: never share one between trials
         if device == "cuda" and resources.get("GPU", 0) < max(gpus, 1):
-            raise DsnasError("the study asks for device = cuda, but the Ray cluster has no GPU")
-        _check_a_node_fits(self._ray, spec, gpus)
+            raise DsnasError(f"{self._where}: " * bool(self._where) + "[hardware.device] cuda needs a GPU, and the "
+                             "Ray cluster has none. Fix: set device = \"auto\", or add a node with a GPU")
+        _check_a_node_fits(self._ray, spec, gpus, self._where)
         return resources, gpus
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
