@@ -108,9 +108,25 @@ def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, s
                          f"Fix: pick one of {[t.number for t in study.trials if 'arch' in t.user_attrs]}")
     # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
     # form its layers chose (INT8 kernels, 2:4 masks).
-    model = build(found[0].user_attrs["arch"], spec.base_dir)
-    return untrained_inference_form(model.to(device)), spec.task, spec.hardware, \
-        f"study {spec.name!r} trial {trial} (untrained weights)"
+    model = build(found[0].user_attrs["arch"], spec.base_dir).to(device)
+    recorded = _trial_form(model, found[0].user_attrs.get("profile") or {})
+    return untrained_inference_form(model, int8_backend=spec.engine.int8_backend, recorded=recorded), spec.task, \
+        spec.hardware, f"study {spec.name!r} trial {trial} (untrained weights)"
+
+
+def _trial_form(model: Any, profile: dict[str, Any]) -> dict[str, str]:
+    """The form the trial measured, where its choices were made then: each INT8 layer's backend (returned, for
+    convert) and the "auto" sparsity layers its Hessian left dense (made dense here, in place). Built with the
+    defaults instead, a torch-dynamic trial was timed in int8-static (its bytes 1.6x the trial's) and every "auto"
+    layer of a trial was timed 2:4, under the trial's number."""
+    from dsnas.kernels.convert import int8_backends  # torch loads on first use
+    from dsnas.kernels.linear import engine_layers  # likewise
+
+    signature = (profile.get("signature") or {}).get("layers") or {}
+    for name, layer in engine_layers(model).items():
+        if getattr(layer, "sparsity", None) == "auto" and str(signature.get(name, "")).split(" ")[1:2] == ["dense"]:
+            layer.sparsity = "dense"
+    return int8_backends((profile.get("engine") or {}).get("layers") or {})
 
 
 def profile_target(target: str, trial: int | None = None, device: str = "auto", **overrides: Any) -> ProfileReport:

@@ -202,6 +202,35 @@ def test_profile_of_a_study_trial_measures_it_as_searched_where_the_file_was_edi
     assert float(table[0][5].replace(",", "")) > 0  # tokens/s of its own context
 
 
+def test_profile_of_a_study_trial_measures_the_form_the_trial_measured(tmp_path):
+    """A trial's INT8 backends and its "auto" layers the Hessian left dense were chosen then: built with the
+    defaults, a torch-dynamic trial was timed in int8-static (its bytes 1.6x the trial's) and every "auto" layer
+    in 2:4, printed as that trial's profile."""
+    import optuna
+    from conftest import TINY_STUDY
+
+    from dsnas.kernels.convert import inference_signature
+    from dsnas.profile import load_target
+    from dsnas.spec import load_study
+    from dsnas.study import open_study
+
+    space = ONE_ARCH_SPACE + 'precision = ["int8"]\nsparsity = ["auto"]\n'
+    (tmp_path / "space.toml").write_text(space, encoding="utf-8")
+    study_file = tmp_path / "s.toml"
+    study_file.write_text(TINY_STUDY.format(space=tmp_path / "space.toml"), encoding="utf-8")
+    arch = {"family": "transformer_lm", "vocab_size": 256, "context": 16, "d_model": 16,
+            "layers": [{"n_heads": 2, "ffn_ratio": 1, "precision": "int8", "sparsity": "auto"}]}
+    patterns = {"qkv": "2:4", "proj": "dense", "up": "2:4", "down": "dense"}  # half of them, as the Hessian left it
+    layers = {f"blocks.0.{n}": f"int8 {p} int8:torch-dynamic" for n, p in patterns.items()}
+    profile = {"signature": {"compiled": False, "layers": layers},
+               "engine": {"layers": {name: {"backend": "int8:torch-dynamic"} for name in layers}}}
+    study = open_study(load_study(study_file))
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1000.0], user_attrs={"arch": arch, "profile": profile}))
+
+    model = load_target(str(study_file), 0)[0]
+    assert inference_signature(model)["layers"] == layers
+
+
 @pytest.mark.parametrize("args, message", [
     (["profile", "missing.json"], "missing.json: no such file"),
     (["profile", "--batch-sizes", "1,x", "a.json"], "--batch-sizes 1,x: must be whole numbers"),

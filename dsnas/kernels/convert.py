@@ -94,17 +94,17 @@ UNTRAINED_ACT_AMAX = 4.0
 
 
 def untrained_inference_form(model: nn.Module, int8_backend: str = "auto",
-                             rows: Sequence[int] | None = None) -> nn.Module:
+                             rows: Sequence[int] | None = None, recorded: dict[str, str] | None = None) -> nn.Module:
     """A freshly built model in the inference form a trial would measure: 2:4 layers get a magnitude mask (the
     kernels need the pattern; timings do not depend on which weights are kept), int8 layers a stand-in activation
     range (so that the static backend, which needs one, is a candidate as it is for the trained model), then
-    ``convert``."""
+    ``convert`` (``recorded``: the INT8 backend each layer ran when it was measured, as ``convert`` takes it)."""
     for layer in engine_layers(model).values():
         if layer.sparsity != "dense":
             sparsify_layer(layer, magnitude_scores(layer.weight.detach()), 2, 4)
         if layer.precision == "int8" and not bool(layer.act_amax > 0):
             layer.act_amax.fill_(UNTRAINED_ACT_AMAX)
-    convert(model, int8_backend=int8_backend, rows=rows)
+    convert(model, int8_backend=int8_backend, recorded=recorded, rows=rows)
     return model
 
 
