@@ -109,7 +109,10 @@ def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, s
     # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
     # form its layers chose (INT8 kernels, 2:4 masks).
     model = build(found[0].user_attrs["arch"], spec.base_dir).to(device)
-    recorded = _trial_form(model, found[0].user_attrs.get("profile") or {})
+    # A reused repeat measured nothing: its original's profile records the form (its own has none, and an "auto"
+    # layer its original kept dense was timed 2:4).
+    source = next((t for t in study.trials if t.number == found[0].user_attrs.get("reused_from")), found[0])
+    recorded = _trial_form(model, source.user_attrs.get("profile") or {})
     return untrained_inference_form(model, int8_backend=spec.engine.int8_backend, recorded=recorded), spec.task, \
         spec.hardware, f"study {spec.name!r} trial {trial} (untrained weights)"
 

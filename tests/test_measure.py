@@ -229,6 +229,9 @@ def test_profile_of_a_study_trial_measures_the_form_the_trial_measured(tmp_path)
 
     model = load_target(str(study_file), 0)[0]
     assert inference_signature(model)["layers"] == layers
+    # A reused repeat records no profile of its own: it is measured in its original's form.
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1000.0], user_attrs={"arch": arch, "reused_from": 0}))
+    assert inference_signature(load_target(str(study_file), 1)[0])["layers"] == layers
 
 
 @pytest.mark.parametrize("args, message", [
