@@ -232,6 +232,11 @@ def test_profile_of_a_study_trial_measures_the_form_the_trial_measured(tmp_path)
     # A reused repeat records no profile of its own: it is measured in its original's form.
     study.add_trial(optuna.trial.create_trial(values=[0.5, 1000.0], user_attrs={"arch": arch, "reused_from": 0}))
     assert inference_signature(load_target(str(study_file), 1)[0])["layers"] == layers
+    # One measured under torch.compile ([engine] compile = true) is timed compiled, as its bundle is.
+    compiled = {**profile, "signature": {**profile["signature"], "compiled": True}}
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1000.0], user_attrs={"arch": arch, "profile": compiled}))
+    model, _, _, what = load_target(str(study_file), 2)
+    assert inference_signature(model) == compiled["signature"] and "under torch.compile" in what
 
 
 @pytest.mark.parametrize("args, message", [
