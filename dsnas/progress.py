@@ -5,6 +5,7 @@ them on stdout (-q hides them), a program that calls dsnas.search() routes them 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, TextIO
 
@@ -14,10 +15,10 @@ from dsnas.spec import StudySpec
 from dsnas.storage import display_url
 from dsnas.tasks import rung_support, throughput_unit
 
-# How each metric is shown: (column title, format).
+# How each metric is shown: (column title, format). "significant" is three significant digits (_significant).
 COLUMNS = {"accuracy": ("accuracy", "{:.4f}"), "throughput_tok_s": ("tokens/s", "{:,.0f}"),
            "latency_ms": ("latency ms", "{:.2f}"), "params": ("params", "{:,.0f}"),
-           "peak_memory_mb": ("peak MiB", "{:.1f}"), "val_loss": ("val loss", "{:.3f}")}
+           "peak_memory_mb": ("peak MiB", "significant"), "val_loss": ("val loss", "{:.3f}")}
 
 
 log = logging.getLogger("dsnas.search")
@@ -151,7 +152,18 @@ def column_titles(unit: str) -> dict[str, str]:
 
 def format_metric(metric: str, value: float) -> str:
     """A figure in the one format dsnas prints it in, everywhere (search, report, dashboard note)."""
-    return COLUMNS.get(metric, (metric, "{:.4g}"))[1].format(value)
+    form = COLUMNS.get(metric, (metric, "{:.4g}"))[1]
+    return _significant(value) if form == "significant" else form.format(value)
+
+
+def _significant(value: float) -> str:
+    """Three significant digits, in fixed point: a small model's peak memory at one decimal read 0.0 MiB (0.0399
+    measured) or 0.1 for both 0.0927 and 0.139; a large one's keeps its digits (1,234 MiB, not 1.23e+03)."""
+    rounded = float(f"{value:.3g}")  # 99.96 is 100, shown as such
+    if rounded == 0 or not math.isfinite(value) or abs(rounded) >= 100:
+        return f"{value:,.0f}"
+    value = rounded
+    return f"{value:.{max(1, 2 - math.floor(math.log10(abs(value))))}f}"
 
 
 def pareto_table(front: list[Any], spec: StudySpec) -> str:

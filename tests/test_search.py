@@ -670,3 +670,12 @@ def test_threads_written_out_at_the_count_every_trial_measured_with_resumes(fini
     spec = load_study(study)
     assert edited_since(spec, open_study(spec, create=False)) == ""
     open_study(spec)  # resumed
+
+
+def test_a_small_models_peak_memory_is_printed_with_its_digits():
+    """At one decimal, a measured 0.0399 MiB read 0.0 in the front (as if nothing was measured) and 0.0927 and
+    0.139 MiB both read 0.1; a large figure keeps its thousands, not an exponent."""
+    from dsnas.progress import format_metric
+
+    shown = [format_metric("peak_memory_mb", v) for v in (0.0399, 0.0927, 0.139, 4.004, 99.96, 1234.5)]
+    assert shown == ["0.0399", "0.0927", "0.139", "4.00", "100", "1,234"]
