@@ -234,7 +234,7 @@ def _toml(value: Any) -> str:
 
 
 def as_searched(spec: StudySpec, study: Any) -> StudySpec:
-    """``spec`` with the task and hardware its study was searched with (recorded at its first run), where the
+    """``spec`` with the task, hardware and engine its study was searched with (recorded at its first run), where the
     study file was edited since: what an exported bundle must carry to be measured again as its trial was."""
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if not stored:  # an older dsnas's study: what its trials say (an edited context was exported, and verify crashed)
@@ -253,8 +253,13 @@ def as_searched(spec: StudySpec, study: Any) -> StudySpec:
         hardware["batch_sizes"] = tuple(hardware["batch_sizes"])
     limits = {f.name for f in dataclasses.fields(Constraints)}
     constraints = Constraints(**{k: v for k, v in stored["hardware"].get("constraints", {}).items() if k in limits})
+    # And the engine: `dsnas profile --trial N` of a study whose int8_backend was edited since built its INT8 layers
+    # with the file's backend, not the search's.
+    engine = {k: v for k, v in (stored.get("engine") or {}).items() if k in {f.name for f in
+                                                                             dataclasses.fields(spec.engine)}}
     return dataclasses.replace(spec, task=TaskSpec(task.pop("name"), task, spec.task.base_dir),
-                               hardware=dataclasses.replace(spec.hardware, **hardware, constraints=constraints))
+                               hardware=dataclasses.replace(spec.hardware, **hardware, constraints=constraints),
+                               engine=dataclasses.replace(spec.engine, **engine))
 
 
 def _record_study(spec: StudySpec, study: Any) -> None:

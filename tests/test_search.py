@@ -679,3 +679,16 @@ def test_a_small_models_peak_memory_is_printed_with_its_digits():
 
     shown = [format_metric("peak_memory_mb", v) for v in (0.0399, 0.0927, 0.139, 4.004, 99.96, 1234.5)]
     assert shown == ["0.0399", "0.0927", "0.139", "4.00", "100", "1,234"]
+
+
+def test_a_study_read_as_searched_has_the_engine_it_was_searched_with(finished_study, tmp_path):
+    """`dsnas profile --trial N` (and export, route) read the study as searched: its task and hardware, but the
+    engine from the file as edited since (an int8_backend edited there built the trial's INT8 layers otherwise)."""
+    from dsnas.study import as_searched, open_study
+
+    study = copy_study(finished_study, tmp_path / "s")
+    study.write_text(study.read_text().replace("[executor]", '[engine]\nint8_backend = "torch-dynamic"\n'
+                                                             "calibration_batches = 3\n[executor]"))
+    edited = read_study(study)
+    searched = as_searched(edited, open_study(edited, create=False))
+    assert (searched.engine.int8_backend, searched.engine.calibration_batches) == ("auto", 8)
