@@ -149,7 +149,16 @@ def profile_target(target: str, trial: int | None = None, device: str = "auto", 
     task = make_task(task_spec)
     with MeasureGate(device_key(dev), announce="dsnas profile").exclusive():
         metrics, profile = measure(model.to(dev), task, dev, hardware)
-    return ProfileReport(what, metrics, profile, throughput_unit(task_spec))
+    return ProfileReport(what, metrics, _with_engine(profile, model), throughput_unit(task_spec))
+
+
+def _with_engine(profile: dict[str, Any], model: Any) -> dict[str, Any]:
+    """The profile with its engine layers' report (what ran per layer and why), as a trial stores it: the whole
+    profile said which backends ran, never which layer ran which, nor why a faster one did not."""
+    from dsnas.kernels.linear import layer_report  # torch loads on first use
+
+    layers = layer_report(getattr(model, "_orig_mod", model))
+    return {**profile, "engine": {"layers": layers}} if layers else profile
 
 
 def measure_model(model: Any, example_input: Any, device: str = "auto", batch_sizes: tuple[int, ...] = (1, 32),
@@ -174,6 +183,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
     modes = {module: module.training for module in model.modules() if hasattr(module, "training")}
     model = model.to(dev)
     name = type(getattr(model, "_orig_mod", model)).__name__  # a compiled model's own class, not OptimizedModule
+    given = model
     if isinstance(task.example_batch(1, dev), (tuple, list, dict)):  # forward(x, mask) or forward(**inputs)
         model = _unpacking(model)
     try:
@@ -185,7 +195,7 @@ def measure_model(model: Any, example_input: Any, device: str = "auto", batch_si
             module.training = training
     # The parameters as the model runs (an engine layer's fp32 master and bf16 copy count once), as metrics says.
     what = f"{name} ({int(metrics['params'])} parameters)"
-    return ProfileReport(what, metrics, profile, "items/s")  # items_per_example says what an item is
+    return ProfileReport(what, metrics, _with_engine(profile, given), "items/s")  # items_per_example: what an item is
 
 
 TEXT_FAMILIES = ("transformer_lm", "hf_causal_lm")  # the built-in families that take token ids
@@ -464,6 +474,20 @@ def _extras(metrics: dict[str, float], profile: dict[str, Any]) -> list[str]:
                      "every retry (per batch size " + "; ".join(readings) + "); measure again on a quiet machine")
     if profile.get("cache", {}).get("hit"):
         lines.append(f"reused from the measurement cache: {profile['cache']['from']}")
+    return lines + _engine_lines((profile.get("engine") or {}).get("layers") or {})
+
+
+def _engine_lines(layers: dict[str, dict[str, Any]]) -> list[str]:
+    """The engine layers, those alike in one line: how many, their choices, the backend that ran and why."""
+    alike: dict[tuple[str, ...], list[str]] = {}
+    for name, row in layers.items():
+        pattern = "2:4" if row.get("zero_share") else "dense"
+        key = (str(row.get("precision")), pattern, str(row.get("backend")), str(row.get("reason", "")))
+        alike.setdefault(key, []).append(name)
+    lines = []
+    for (precision, pattern, backend, reason), names in alike.items():
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)})" if len(names) > 3 else "")
+        lines.append(f"engine: {precision} {pattern} ran as {backend}: {shown}" + (f"; {reason}" if reason else ""))
     return lines
 
 

@@ -581,3 +581,27 @@ def test_an_optimized_for_inference_torchscript_model_counts_each_weight_once():
     report = dsnas.measure(optimized, torch.randn(2, 64), device="cpu", batch_sizes=(1,), measure_s=0.02,
                            max_measure_s=0.1)
     assert report.metrics["params"] == 64 * 128 + 128 + 128 * 4 + 4
+
+
+def test_measure_reports_which_backend_each_engine_layer_ran_and_why():
+    """The whole profile said which backends ran (engine:bf16+fp32+int8:...), never which layer ran which, nor why
+    a faster kernel did not: a trial's profile holds that per layer, dsnas.measure's and dsnas profile's did not."""
+    from dsnas.kernels.convert import convert
+    from dsnas.kernels.linear import EngineLinear, layer_report
+
+    model = nn.Sequential(EngineLinear(64, 64, precision="bf16"), nn.ReLU(),
+                          EngineLinear(64, 64, precision="int8", sparsity="2:4"), EngineLinear(64, 8))
+    model[2].act_amax.fill_(4.0)
+    model[2].mask.view(-1, 4)[:, :2] = False
+    convert(model, int8_backend="torch-dynamic")
+    report = dsnas.measure(model, torch.randn(2, 64), device="cpu", batch_sizes=(1,), measure_s=0.02,
+                           max_measure_s=0.1)
+    assert report.profile["engine"]["layers"] == layer_report(model)
+    lines = [line for line in str(report).splitlines() if line.startswith("engine: ")]
+    assert lines == ["engine: bf16 dense ran as bf16: 0",
+                     "engine: int8 2:4 ran as int8:torch-dynamic: 2; 2:4 zeros computed densely: the INT8 kernels "
+                     "here are dense; requested by name; the others were not measured",
+                     "engine: fp32 dense ran as fp32: 3"]
+    plain = dsnas.measure(nn.Linear(4, 4), torch.randn(2, 4), device="cpu", batch_sizes=(1,), measure_s=0.02,
+                          max_measure_s=0.1)
+    assert "engine" not in plain.profile and "engine: " not in str(plain)
