@@ -245,6 +245,19 @@ def first_reaching(curve: list[tuple[int, float, float]], target: float) -> tupl
     return None
 
 
+def chosen_methods(text: str | None) -> list[str]:
+    """The methods --methods names (all when None), in METHODS' order. A name that is none of them is refused: it
+    was dropped without a word, and a run of only mistyped names printed an empty table."""
+    if not text:
+        return list(METHODS)
+    wanted = [x.strip() for x in text.split(",")]
+    unknown = [x for x in wanted if x not in [m.strip() for m in METHODS]]
+    if unknown:
+        raise SystemExit(f"--methods: {unknown} are none of {[m.strip() for m in METHODS]}. Fix: name them as "
+                         "listed, comma-separated")
+    return [m for m in METHODS if m.strip() in wanted]
+
+
 def summary(values: list[float | None], budget: float, unit: str = "") -> str:
     """Median [min, max] over seeds; a run that never reached the level counts as more than the budget."""
     filled = sorted(v if v is not None else float("inf") for v in values)
@@ -281,6 +294,7 @@ def main() -> None:
                         help="the task does not give the hardware figures before training (as the built-in tasks): "
                         "the dsnas sampler models them, and they are measured at rung 0")
     args = parser.parse_args()
+    methods = chosen_methods(args.methods)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # table_task, as a study names it
 
     rows = read_table(Path(args.table))
@@ -306,7 +320,6 @@ def main() -> None:
     print(f"seeds {seeds.start}-{seeds.stop - 1} x {args.trials} evaluated trials per method; successive halving eta "
           f"{args.eta}, rungs at {', '.join(str(Fraction(r).limit_denominator(1000)) for r in rungs)} of the "
           f"training budget, margin {args.margin:g}; counting a candidate for the predictor: {count_s:.3f} s\n")
-    methods = [m for m in METHODS if not args.methods or m.strip() in [x.strip() for x in args.methods.split(",")]]
     curves: dict[str, list] = {}
     lines = []
     try:

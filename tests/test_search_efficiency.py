@@ -1,0 +1,33 @@
+"""benchmarks/search_efficiency.py's flags and scoring, on the recorded table (no search runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    # Loaded by path: benchmarks/ is no package, and putting it on sys.path would shadow names (kernels.py).
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+search_efficiency = _load("search_efficiency")
+
+
+def test_methods_are_picked_by_name_and_a_mistyped_one_is_refused_naming_the_known_ones():
+    """A name that is none of the methods was dropped silently: `--methods tpe` (the method is "tpe (Optuna
+    default)") ran nothing and printed an empty table."""
+    assert search_efficiency.chosen_methods(None) == list(search_efficiency.METHODS)
+    assert search_efficiency.chosen_methods("dsnas sampler, random") == ["random", "dsnas sampler"]
+    assert search_efficiency.chosen_methods("ablation: tpe + halving") == ["  ablation: tpe + halving"]
+    with pytest.raises(SystemExit, match=r"--methods: \['tpe'\] are none of \['random', 'tpe \(Optuna default\)'"):
+        search_efficiency.chosen_methods("random,tpe")
