@@ -295,6 +295,11 @@ def main() -> None:
                         "the dsnas sampler models them, and they are measured at rung 0")
     args = parser.parse_args()
     methods = chosen_methods(args.methods)
+    if args.seeds < 1 or args.trials < 1:  # no seed left nothing to take a median of: a StatisticsError
+        raise SystemExit(f"--seeds {args.seeds}, --trials {args.trials}: each must be at least 1")
+    if not Path(args.table).is_file():
+        raise SystemExit(f"--table {args.table}: no table there (benchmarks/record_table.py writes one; the default "
+                         f"is {TABLE}). Fix: pass --table PATH, or --table nb201")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # table_task, as a study names it
 
     rows = read_table(Path(args.table))
