@@ -148,7 +148,7 @@ def main() -> None:
                              "fronts of the mean accuracies too (0: the searches' own fronts only)")
     args = parser.parse_args()
     if args.scored:
-        args.repeats = len(list(args.scored.glob("dsnas-*")))
+        args.repeats = kept_repeats(args.scored)
     from dsnas.profiler.capabilities import cpu_features, cpu_model
 
     print(f"machine: {cpu_model()} ({', '.join(cpu_features())}), {platform.node()}; study {STUDY.name}")
@@ -188,6 +188,19 @@ def main() -> None:
         print(f"fronts of the mean accuracy over {args.seeds} fresh seeds: hypervolume ratio {_median(fresh_hv)}")
         ratios = fresh_ratios
     print(f"median throughput ratio at equal accuracy (dsnas / fp32, {len(ratios)} levels): {_median(ratios)}")
+
+
+def kept_repeats(folder: Path) -> int:
+    """The repeats an earlier --keep kept in ``folder`` (fp32-0 and dsnas-0, fp32-1 and dsnas-1, ...: both
+    variants searched). None is refused: a mistyped folder printed "none (no equal-accuracy level both fronts
+    reach ...)" as if two fronts had been compared, and exited 0."""
+    kept = 0
+    while all((folder / f"{variant}-{kept}" / "studies" / "engine_cpu.db").is_file() for variant in ("fp32", "dsnas")):
+        kept += 1
+    if not kept:
+        raise SystemExit(f"--scored {folder}: no repeat that --keep kept there (fp32-0/studies/engine_cpu.db and "
+                         "dsnas-0/studies/engine_cpu.db). Fix: pass the folder an earlier run's --keep searched in")
+    return kept
 
 
 def _median(ratios: list[float]) -> str:

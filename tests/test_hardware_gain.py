@@ -72,3 +72,14 @@ def test_the_default_run_reseeds_before_it_removes_the_studies_and_survives_an_f
     assert "no ratio (the fp32 front lies below the reference accuracy)" in out
     assert out.strip().splitlines()[-1] == "median throughput ratio at equal accuracy (dsnas / fp32, 1 levels): 3.00x"
     assert len(made) == 2 and not any(folder.exists() for folder in made)  # removed at the end
+
+
+def test_scoring_kept_studies_again_counts_the_repeats_both_variants_kept_and_refuses_none(tmp_path):
+    """`--scored DIR` on a folder with no kept study printed 'none (no equal-accuracy level both fronts reach ...)'
+    and exited 0, as if two fronts had been compared; a repeat kept for one variant alone ended in a traceback."""
+    with pytest.raises(SystemExit, match=r"--scored .*: no repeat that --keep kept there .* Fix: pass the folder"):
+        hardware_gain.kept_repeats(tmp_path / "mistyped")
+    for folder in ("fp32-0", "dsnas-0", "dsnas-1"):  # the second repeat's fp32 search never finished
+        (tmp_path / folder / "studies").mkdir(parents=True)
+        (tmp_path / folder / "studies" / "engine_cpu.db").write_bytes(b"")
+    assert hardware_gain.kept_repeats(tmp_path) == 1
