@@ -442,7 +442,7 @@ def header() -> str:
     return text
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_threads = ",".join(str(t) for t in sorted({1, torch.get_num_threads()}))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d64 shapes, 5 rounds, no accuracy part")
@@ -460,8 +460,8 @@ def parse_args() -> argparse.Namespace:
                         help="CPU sample length (default 2: short samples mostly fit between preemptions)")
     parser.add_argument("--train-tokens", type=int, default=None, help="parts 3 and 4 (default 480000; --quick "
                         "120000)")
-    args = parser.parse_args()
-    args.threads = [int(t) for t in args.threads.split(",")]
+    args = parser.parse_args(argv)
+    args.threads = thread_counts(args.threads)
     args.accuracy = not args.quick if args.accuracy is None else args.accuracy
     args.saliency = not args.quick if args.saliency is None else args.saliency
     args.rounds = args.rounds or (5 if args.quick else 15)
@@ -472,6 +472,15 @@ def parse_args() -> argparse.Namespace:
     args.train_tokens = args.train_tokens or (120_000 if args.quick else 480_000)
     args.calibrators = ("kl", "percentile", "max")
     return args
+
+
+def thread_counts(text: str) -> list[int]:
+    """--threads as thread counts, each a positive integer: "1,x" ended in a ValueError traceback, and "0" in
+    torch's RuntimeError after the header."""
+    counts = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() and int(t) > 0 for t in counts):
+        raise SystemExit(f"--threads {text}: each thread count must be a positive integer. Fix: e.g. --threads 1,2")
+    return [int(t) for t in counts]
 
 
 def main() -> None:
