@@ -147,7 +147,10 @@ def main() -> None:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(args.repeats):
         for nodes in runs:
-            with tempfile.TemporaryDirectory(prefix=f"dsnas-cluster-{nodes}-") as tmp:
+            # Under /tmp, not $TMPDIR: Ray's sockets live in it, and a long TMPDIR stopped the run ("AF_UNIX path
+            # length cannot exceed 107 bytes").
+            short = "/tmp" if os.path.isdir("/tmp") else None
+            with tempfile.TemporaryDirectory(prefix=f"dsnas-cluster-{nodes}-", dir=short) as tmp:
                 out = run(nodes, args.trials, args.train_tokens, Path(tmp))
             runs[nodes].append(out)
             print(f"  {nodes} node(s): {out['per_min']:6.2f} trials/min  ({args.trials} trials in "
