@@ -722,6 +722,20 @@ def test_the_report_says_how_many_completed_trials_were_reused_repeats():
     assert _counts(df.drop(columns="reused_from")) == "4 complete, 1 fail trials"
 
 
+def test_the_report_says_how_many_pruned_trials_the_predictor_skipped(tmp_path):
+    """"33 pruned" where the search said "26 pruned": the other 7 were skipped untrained, and counted nothing."""
+    from dsnas.results.report import _counts
+    from tests.table_study import write_table_study
+
+    study = write_table_study(tmp_path, n_trials=16, max_latency_ms=20.0, predictor="skip = true",
+                              fidelity='min_fraction = 0.111')
+    assert main(["search", str(study)]) == 0
+    df = load(study)
+    skipped = int((df["pruned_by"] == "predictor").sum())
+    assert skipped and (df["pruned_by"] == "rung").any()
+    assert f"{skipped} of the pruned ones skipped untrained by the predictor" in _counts(df)
+
+
 def test_the_pages_table_of_all_trials_shows_each_figure_as_the_front_above_it_does():
     """In 4 significant digits, trial 3's 270,720 parameters read 2.707e+05 and its 14,657 tokens/s 1.466e+04 below
     a front that showed 270,720 and 14,657."""

@@ -292,7 +292,12 @@ def _counts(df: Any) -> str:
     counts = df["state"].value_counts()
     text = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + " trials"
     reused = int(df["reused_from"].notna().sum()) if "reused_from" in df.columns else 0
-    return text + (f" ({reused} of the complete ones are repeats whose results were reused)" if reused else "")
+    # The search's end line counts only the pruned trials that were evaluated: the report said "33 pruned" of a
+    # study whose search had said "26 pruned", the other 7 skipped untrained by the predictor.
+    skipped = int((df["pruned_by"] == "predictor").sum()) if "pruned_by" in df.columns else 0
+    notes = [f"{reused} of the complete ones are repeats whose results were reused"] if reused else []
+    notes += [f"{skipped} of the pruned ones skipped untrained by the predictor"] if skipped else []
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _formatted(shown: Any) -> Any:

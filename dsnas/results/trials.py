@@ -124,6 +124,7 @@ def _row(t: Any, objectives: list[Objective]) -> dict[str, Any]:
     row.update(_fingerprint_columns(attrs.get("profile", {}).get("fingerprint")))
     row["memory_method"] = (attrs.get("profile") or {}).get("memory_method")  # what peak_memory_mb means
     row["fail_reason"] = attrs.get("fail_reason")
+    row["pruned_by"] = attrs.get("pruned_by")  # "rung" (evaluated, counted) or "predictor" (skipped untrained)
     return row
 
 
@@ -160,7 +161,7 @@ def _fingerprint_columns(fp: dict[str, Any] | None) -> dict[str, Any]:
 
 
 _FIRST = ["trial", "state", "feasible", "disturbed", "arch_short"]
-_LAST = ["started", "completed", "duration_s", "fingerprint", "fingerprint_id", "arch", "fail_reason"]
+_LAST = ["started", "completed", "duration_s", "fingerprint", "fingerprint_id", "arch", "fail_reason", "pruned_by"]
 
 
 def _ordered(columns: Any) -> list[str]:
