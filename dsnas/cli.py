@@ -467,6 +467,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command cut off by its pipe
     except Exception as e:
+        full = _disk_full(e)
+        if full is not None:  # a full disk is no bug of ours: a traceback (four, from a search) said nothing else
+            if args.debug:
+                traceback.print_exc()
+            kept = "the search resumes; its completed trials are stored" if args.command == "search" else \
+                "what was stored before is kept"
+            print(f"dsnas: error: a disk is full ({full}). Fix: free space on the disk that holds "
+                  f"{_written_where(args)} (`df -h` shows what is left), then run the same command again ({kept})",
+                  file=sys.stderr)
+            return 2
         lost = _lost_connection(e)
         if lost is None:
             raise
@@ -490,6 +500,24 @@ def main(argv: list[str] | None = None) -> int:
             "what was stored before is kept; run the same command again"
         print(f"\ndsnas: {stopped}; {after}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """What says a disk is full in ``error``'s chain (see dsnas.storage.disk_full), or None."""
+    from dsnas.storage import disk_full  # (imports no Optuna or SQLAlchemy)
+
+    return disk_full(error)
+
+
+def _written_where(args: argparse.Namespace) -> str:
+    """Where the command writes: its --out, else the study file's folder (a study's database, its artifacts, and
+    by default its exports, reports and routes are there)."""
+    if getattr(args, "out", None):
+        return shlex.quote(str(args.out))
+    study_file = getattr(args, "study_file", None)
+    if study_file:
+        return f"{shlex.quote(str(Path(study_file).resolve().parent))} (and [study] storage, where it is elsewhere)"
+    return "the folders it writes"
 
 
 def _lost_connection(error: BaseException) -> str | None:

@@ -4,6 +4,7 @@ recovery of trials that a stopped driver left RUNNING."""
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import hashlib
 import json
@@ -260,6 +261,30 @@ def _damage(error: BaseException) -> str | None:
         if type(cause).__module__.split(".")[0] == "sqlite3" and (
                 (code is not None and code & 0xFF in _DAMAGE_CODES) or any(t in text.lower() for t in _DAMAGE_TEXT)):
             return text
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# A full disk, or a user's disk quota spent: the OSError numbers, and SQLite's result code SQLITE_FULL.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SQLITE_FULL = 13
+
+
+def disk_full(error: BaseException) -> str | None:
+    """The words of the error in ``error``'s chain that says a disk is full (an OSError's ENOSPC or EDQUOT, with
+    its file where it names one; SQLite's "database or disk is full", which Optuna wraps as a StorageInternalError
+    about "invalid data in the commit"); None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "orig", None) or current
+        if isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS:
+            return f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
+        if type(cause).__module__.split(".")[0] == "sqlite3" and (
+                (getattr(cause, "sqlite_errorcode", None) or 0) & 0xFF == _SQLITE_FULL
+                or "database or disk is full" in str(cause)):
+            return f"SQLite: {cause}"
         current = current.__cause__ or current.__context__
     return None
 

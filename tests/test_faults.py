@@ -352,3 +352,44 @@ def test_a_trials_files_are_staged_beside_the_artifacts_not_in_the_temp_folder(t
     assert main(["search", str(tiny_study)]) == 0
     assert staged == [str(tiny_study.parent / "tiny_artifacts")]
     assert not list((tiny_study.parent / "tiny_artifacts").glob(".staging-*"))  # removed once uploaded
+
+
+def test_a_full_disk_stops_a_search_in_one_line_and_the_next_run_resumes(tiny_study, monkeypatch, capsys):
+    """A full disk under the artifacts folder (ENOSPC) or under the study's database (SQLite's "database or disk is
+    full", which Optuna wraps as "invalid data in the commit") stopped the search with a traceback, four of them
+    for the database."""
+    import errno
+    import sqlite3
+
+    import optuna
+
+    from dsnas import driver
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def database_full(*args, **kwargs):
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit. This typically "
+                                                         "happens due to invalid data in the commit") from e
+
+    for full in (no_space, database_full):
+        monkeypatch.setattr(driver.Driver, "_store_artifacts", full)
+        assert main(["search", str(tiny_study)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        assert err.startswith("dsnas: error: a disk is full ("), err
+        assert f"Fix: free space on the disk that holds {tiny_study.parent} " in err and "the search resumes" in err
+    monkeypatch.undo()
+    assert main(["search", str(tiny_study)]) == 0
+    assert sum(t.state == TrialState.COMPLETE for t in stored(tiny_study)) == 3
+    from dsnas.export import bundle
+
+    monkeypatch.setattr(bundle, "_copy_artifacts", no_space)  # export, report and route: the same one line
+    out = tiny_study.parent / "bundle"
+    assert main(["export", str(tiny_study), "--pick", "max-accuracy", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"Fix: free space on the disk that holds {out} " in err, err
+    assert not out.exists()
