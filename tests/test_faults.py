@@ -393,3 +393,29 @@ def test_a_full_disk_stops_a_search_in_one_line_and_the_next_run_resumes(tiny_st
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"Fix: free space on the disk that holds {out} " in err, err
     assert not out.exists()
+
+
+def test_an_interrupted_trial_whose_requeue_is_refused_is_taken_back_by_the_next_run(tiny_study, monkeypatch):
+    """Ctrl-C during a trial, and the database refuses the copy queued again (a full disk): the trial was left FAIL,
+    its reason "queued again", with nothing queued, and the next run never trained the candidate again."""
+    import sqlite3
+
+    from dsnas import driver, storage, worker
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    def database_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(worker._Candidate, "_train", interrupted)
+    monkeypatch.setattr(driver, "requeue", database_full)
+    assert main(["search", str(tiny_study)]) == 2
+    monkeypatch.undo()
+    # The stopped driver was this test's process, which lives on: as a later command's, it is gone.
+    monkeypatch.setattr(storage, "driver_gone", lambda driver: True)
+    assert main(["search", str(tiny_study)]) == 0
+    trials = stored(tiny_study)
+    assert trials[0].state == TrialState.FAIL
+    again = [t for t in trials if t.user_attrs.get("requeued_from") == 0]
+    assert len(again) == 1 and again[0].params == trials[0].params and again[0].state == TrialState.COMPLETE
