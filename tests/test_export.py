@@ -318,6 +318,24 @@ def test_a_failed_export_leaves_the_earlier_bundle_there_as_it_was(finished_stud
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "copy"]
 
 
+def test_a_stored_weights_file_cut_short_is_named_as_the_studys_not_the_bundles(finished_study, tmp_path, capsys):
+    """A weights file truncated in the study's artifacts folder (a copy of the study cut short) was named as the
+    bundle's copy, "OUT/weights.safetensors ... Fix: re-export the trial", and a second export met the same file."""
+    study_file = copy_study(finished_study, tmp_path / "copy")
+    spec = load_study(study_file)
+    trial = next(t for t in open_study(spec, create=False).trials if t.state == TrialState.COMPLETE)
+    weights = tmp_path / "copy" / "tiny_artifacts" / trial.user_attrs["weights_artifact"]
+    weights.write_bytes(weights.read_bytes()[:5000])
+    capsys.readouterr()
+    out = tmp_path / "bundle"
+    assert main(["export", str(study_file), "--trial", str(trial.number), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"dsnas: error: {weights}: trial {trial.number}'s weights, as "
+                                                    "the search stored it, is not a readable safetensors file ("), err
+    assert "Fix: restore the study's tiny_artifacts folder from a whole copy, or export another trial" in err
+    assert not out.exists()
+
+
 def test_export_into_a_file_or_an_unwritable_place_is_a_one_line_error(finished_study, tmp_path, capsys):
     target = tmp_path / "a_file"
     target.write_text("not a folder")

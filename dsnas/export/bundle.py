@@ -266,6 +266,22 @@ def _copy_artifacts(spec: StudySpec, frozen: Any, out: Path) -> None:
             raise DsnasError(f"{folder}: trial {frozen.number}'s {name} ({artifact}) is not there. Fix: keep the "
                              f"{folder.name} folder beside the study file when copying or moving the study, "
                              "or export another trial") from None
+        _check_stored(folder / artifact, frozen.number, name)
+
+
+def _check_stored(path: Path, number: int, name: str) -> None:
+    """A stored safetensors file that its header says is cut short (a copy of the study interrupted, a disk that
+    filled) is named as the study's, where its bundle's copy was named with "re-export the trial", a fix that
+    met the same file again."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):  # reads the header, and checks it against the file's size
+            pass
+    except (SafetensorError, OSError) as e:
+        raise DsnasError(f"{path}: trial {number}'s {name}, as the search stored it, is not a readable safetensors "
+                         f"file ({_one_line(e)}): it was cut short or changed since. Fix: restore the study's "
+                         f"{path.parent.name} folder from a whole copy, or export another trial") from None
 
 
 def _arch_doc(spec: StudySpec, frozen: Any) -> dict[str, Any]:
