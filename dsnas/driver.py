@@ -7,8 +7,8 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,11 +42,13 @@ from dsnas.storage import (
     connection_lost,
     driver_identity,
     has_heartbeats,
+    process_tag,
     recover_stale_trials,
     requeue,
     set_user_attrs,
     storage_engine,
     study_lock,
+    tag_gone,
 )
 from dsnas.tasks import data_differs, make_task, runs_own_trials
 from dsnas.trial import TrialFn, TrialRequest, TrialResult, own_work
@@ -834,14 +836,24 @@ class Driver:
 
         # Staged beside the artifacts (the store copies the file in), not in the temp folder: a small or full /tmp
         # stopped the search with a traceback after the trial had trained, though the study's folder had room.
-        with tempfile.TemporaryDirectory(dir=artifact_dir(self.spec), prefix=".staging-") as tmp:
+        # Named after this process: one a driver killed (kill -9) left holds a copy of the weights for good, and the
+        # next upload removes it once that process is gone.
+        folder = artifact_dir(self.spec)
+        for abandoned in folder.glob(".staging-*"):
+            if abandoned.is_dir() and tag_gone(abandoned.name.removeprefix(".staging-")):
+                shutil.rmtree(abandoned, ignore_errors=True)
+        tmp = folder / f".staging-{process_tag()}"
+        tmp.mkdir()
+        try:
             for name, data in files.items():
                 if data is not None:
                     suffix = "json" if name in ("arch", "profile") else "safetensors"
-                    path = Path(tmp) / f"trial{trial.number}-{name}.{suffix}"
+                    path = tmp / f"trial{trial.number}-{name}.{suffix}"
                     path.write_bytes(data)
                     # Uploaded again after a lost connection, the first try's file may stay behind, unreferenced.
                     self.db(f"store trial {trial.number}'s {name}", upload, path, name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _fail(self, trial: Any, reason: str, counts: bool = True) -> None:
         """``counts``: toward max_failures and the stop line's failures (a trial that never ran does not)."""

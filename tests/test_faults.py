@@ -6,6 +6,7 @@ crash)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -335,23 +336,34 @@ def test_a_trial_queued_again_keeps_its_hyperband_bracket(tmp_path):
 
 def test_a_trials_files_are_staged_beside_the_artifacts_not_in_the_temp_folder(tiny_study, monkeypatch):
     """A small or full /tmp stopped the search with a traceback after the trial had trained (its weights were
-    written there first), though the study's folder had room."""
-    import tempfile
+    written there first), though the study's folder had room. A staging folder a driver killed with kill -9 left
+    held a copy of the weights for good: the next upload removes it once its process is gone."""
+    import subprocess
+    import sys
 
-    from dsnas import driver
+    from dsnas.storage import process_tag
 
-    staged: list[str] = []
-    real = tempfile.TemporaryDirectory
+    artifacts = tiny_study.parent / "tiny_artifacts"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = artifacts / f".staging-{process_tag().rsplit('-', 3)[0]}-{int(gone.stdout)}-123-0a1b2c"
+    alive = artifacts / f".staging-{process_tag()}"  # another driver of this host, uploading now
+    for folder in (killed, alive):
+        folder.mkdir(parents=True)
+        (folder / "trial9-weights.safetensors").write_bytes(b"half")
+    import optuna.artifacts
 
-    def recorded(*args, **kwargs):
-        staged.append(str(kwargs.get("dir")))
-        return real(*args, **kwargs)
+    staged: list[Path] = []
+    real = optuna.artifacts.upload_artifact
 
-    monkeypatch.setattr(driver.tempfile, "TemporaryDirectory", recorded)
+    def recorded(**kwargs):
+        staged.append(Path(kwargs["file_path"]).parent.parent)
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna.artifacts, "upload_artifact", recorded)
     tiny_study.write_text(tiny_study.read_text().replace("n_trials = 3", "n_trials = 1"))
     assert main(["search", str(tiny_study)]) == 0
-    assert staged == [str(tiny_study.parent / "tiny_artifacts")]
-    assert not list((tiny_study.parent / "tiny_artifacts").glob(".staging-*"))  # removed once uploaded
+    assert staged and set(staged) == {artifacts}
+    assert [p.name for p in artifacts.glob(".staging-*")] == [alive.name]  # its own removed once uploaded, too
 
 
 def test_a_full_disk_stops_a_search_in_one_line_and_the_next_run_resumes(tiny_study, monkeypatch, capsys):
