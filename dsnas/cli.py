@@ -17,7 +17,7 @@ from typing import Any
 
 from dsnas._version import __version__
 from dsnas.errors import DsnasError
-from dsnas.interrupts import Terminated
+from dsnas.interrupts import Terminated, sigterm_raises
 
 EXAMPLES = ("studies/quickstart.toml", "search_spaces/transformer_lm.toml")
 
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with showing_logs(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO), \
-                optuna_quieted():  # a notebook calling main keeps its own Optuna settings
+                optuna_quieted(), sigterm_raises():  # a notebook calling main keeps its own Optuna settings
             return args.func(args)
     except DsnasError as e:
         if args.debug:

@@ -16,6 +16,25 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be; the command exits 143 (128 + 15) for it."""
 
 
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While open, SIGTERM raises Terminated where it lands, as Ctrl-C raises KeyboardInterrupt: a command's own
+    cleanup runs (a search's guard takes over once its loop starts). Before, a SIGTERM while a search opened its
+    study killed the process at once, without a word, its database left in write-ahead-log mode."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class InterruptGuard:
     def __init__(self) -> None:
         self._depth = 0

@@ -692,3 +692,31 @@ def test_a_study_read_as_searched_has_the_engine_it_was_searched_with(finished_s
     edited = read_study(study)
     searched = as_searched(edited, open_study(edited, create=False))
     assert (searched.engine.int8_backend, searched.engine.calibration_batches) == ("auto", 8)
+
+
+def test_a_sigterm_before_a_search_loop_starts_is_a_stop_said_in_one_line(monkeypatch, capsys):
+    """SIGTERM while a search opened its study (before its loop's guard) killed the process at once, without a
+    word, its database left in write-ahead-log mode: it now raises where it lands, and the command's cleanup runs."""
+    import os
+    import signal
+    import time
+
+    import dsnas.cli
+
+    cleaned = []
+
+    def opening(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal lands here
+        finally:
+            cleaned.append(True)
+        return 0
+
+    monkeypatch.setattr(dsnas.cli, "cmd_search", opening)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["search", "anything"]) == 143
+    assert cleaned == [True]
+    assert capsys.readouterr().err.strip() == "dsnas: terminated; completed trials are stored, run the same " \
+                                              "command to resume"
+    assert signal.getsignal(signal.SIGTERM) == before  # as it was
