@@ -216,7 +216,10 @@ def _threads_as_measured(was: dict[str, Any], now: dict[str, Any], trials: list[
     wanted = now["hardware"].get("threads")
     if "threads" not in was["hardware"] or was["hardware"]["threads"] is not None or wanted is None:
         return
-    used = {((getattr(t, "user_attrs", None) or {}).get("profile") or {}).get("threads") for t in trials}
+    # Of the trials that measured: a repeat answered from an earlier trial and a candidate the predictor skipped
+    # keep no profile, and counted as a trial of another count they refused the resume of any study that had one.
+    profiles = [((getattr(t, "user_attrs", None) or {}).get("profile") or {}) for t in trials]
+    used = {profile["threads"] for profile in profiles if "threads" in profile}
     if used == {wanted}:
         was["hardware"]["threads"] = wanted
 

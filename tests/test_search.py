@@ -720,3 +720,22 @@ def test_a_sigterm_before_a_search_loop_starts_is_a_stop_said_in_one_line(monkey
     assert capsys.readouterr().err.strip() == "dsnas: terminated; completed trials are stored, run the same " \
                                               "command to resume"
     assert signal.getsignal(signal.SIGTERM) == before  # as it was
+
+
+def test_threads_written_out_resumes_a_study_with_a_repeat(finished_study, tmp_path):
+    """A repeat answered from an earlier trial (and a candidate the predictor skipped) keeps no profile: counted
+    as a trial of another thread count, it refused the resume of `threads = 2` written out as every measurement ran."""
+    from dsnas.study import edited_since, open_study
+
+    study = copy_study(finished_study, tmp_path / "s")
+    optuna_study, done = trials(study)
+    first = done[0]
+    optuna_study.add_trial(optuna.trial.create_trial(
+        values=list(first.values), params=first.params, distributions=first.distributions,
+        user_attrs={"accuracy": first.user_attrs["accuracy"], "arch": first.user_attrs["arch"], "reused_from": 0}))
+    threads = {t.user_attrs["profile"]["threads"] for t in done}
+    assert len(threads) == 1
+    study.write_text(study.read_text().replace("measure_s = 0.02", f"measure_s = 0.02\nthreads = {threads.pop()}"))
+    spec = load_study(study)
+    assert edited_since(spec, open_study(spec, create=False)) == ""
+    open_study(spec)  # resumed
