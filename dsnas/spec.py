@@ -464,8 +464,11 @@ def _flag_fix(error: SpecError, given: str) -> str:
     key that the command line had set."""
     flag = given.split(" ", 1)[0]
     example = re.search(rf"\b{re.escape(error.key.rsplit('.', 1)[-1])} = ([^\s,)]+)", error.fix or "")
-    return (f"e.g. {flag} {example.group(1)}, or " if example else f"correct {flag}, or ") + \
-        f"leave {flag} out (the file's value is used)"
+    # A rule on another key's value keeps its fix for that key: `--address` where kind = "local" was told
+    # "correct --address", an address that was right, where the fix is kind = "ray".
+    other = re.match(r"set \w+ = [^,]+", error.fix or "")
+    fix = f"e.g. {flag} {example.group(1)}" if example else other.group(0) if other else f"correct {flag}"
+    return f"{fix}, or leave {flag} out (the file's value is used)"
 
 
 def _objectives(where: str, table: dict[str, Any]) -> tuple[Objective, ...]:

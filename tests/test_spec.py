@@ -441,6 +441,13 @@ def test_flag_out_of_range(tmp_path: Path) -> None:
                  timeout_s=-5.0, fix="e.g. --timeout 600, or leave --timeout out (the file's value is used)")
 
 
+def test_flag_address_with_a_local_executor_in_the_file(tmp_path: Path) -> None:
+    # The address is right; the file's kind is what the rule needs changed (it said "correct --address").
+    path = write_study(tmp_path, executor={"kind": "local"})
+    expect_error(path, "executor.address", 'needs kind = "ray"', blame=" with --address 127.0.0.1:6379",
+                 address="127.0.0.1:6379", fix='set kind = "ray", or leave --address out (the file\'s value is used)')
+
+
 def test_flag_executor_local_with_an_address_in_the_file(tmp_path: Path) -> None:
     path = write_study(tmp_path, executor={"kind": "ray", "address": "127.0.0.1:6379"})
     expect_error(path, "executor.address", 'needs kind = "ray"', executor="local")  # the file's address is to blame
