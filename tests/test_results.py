@@ -423,6 +423,26 @@ def test_a_report_goes_only_into_a_new_or_empty_folder_or_an_earlier_reports(fin
         "would replace their namesakes there. Fix: name a new folder, or an earlier report's, with --out")
     assert [p.name for p in mine.iterdir()] == ["index.html"]
     assert (mine / "index.html").read_text(encoding="utf-8") == "my own page"
+    # The default folder is named as such, not as --out's; a report stopped while its files were moved in (tables,
+    # no page yet) left a folder the next report still takes.
+    from conftest import copy_study
+
+    from dsnas.results.report import MARK
+
+    study = copy_study(finished_study, tmp_path / "copy")
+    default = study.parent / "reports" / "tiny"
+    default.mkdir(parents=True)
+    (default / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["report", str(study)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"dsnas: error: {default}: holds files that are not a dsnas report's (notes.txt), and a report's files would "
+        "replace their namesakes there. Fix: move them elsewhere, or name another folder with --out")
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / MARK).touch()
+    (stopped / "trials.csv").write_text("trial\n", encoding="utf-8")
+    assert main(["report", str(finished_study), "--out", str(stopped)]) == 0
+    assert (stopped / "index.html").is_file()
 
 
 def test_report_errors_are_one_line(finished_study, tmp_path, capsys):

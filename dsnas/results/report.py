@@ -71,7 +71,7 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
         raise DsnasError(f"--out {folder}: is a file, and the report is a folder. Fix: name a folder, e.g. --out "
                          f"reports/{spec.name}")
     _check_writable(folder)
-    _check_a_reports_folder(folder)
+    _check_a_reports_folder(folder, given=bool(out))
     # Drawn in a folder of its own inside, then moved in at once: a report stopped half-way (Ctrl-C, a full disk)
     # left the last report's page beside this one's tables and half of its figures.
     for abandoned in folder.glob(".report-*"):  # of a report killed (kill -9, SIGTERM) before it could clean up
@@ -96,27 +96,36 @@ def write_report(spec: StudySpec, out: str | Path | None = None, reference: str 
     return summary(spec, df, v, written)
 
 
-def _check_a_reports_folder(folder: Path) -> None:
+# Written into a report's folder before its files are moved in: a report stopped while moving them left tables
+# without the page that says whose they are, and the next report must still know the folder for a report's.
+MARK = ".dsnas-report"
+
+
+def _check_a_reports_folder(folder: Path, given: bool) -> None:
     """A report's files replace their namesakes: only a new or empty folder, or an earlier report's, may take them.
     `--out` of a bundle wrote 20 files into it (export then refused the folder as no bundle), and of the study's
-    folder replaced any index.html or trials.csv of the user's there."""
+    folder replaced any index.html or trials.csv of the user's there. ``given``: the folder is --out's (else the
+    default one)."""
     held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".report-")) if folder.is_dir() else []
-    if not held:  # new, empty, or only the stage of a report killed half-way
+    if not held or MARK in held:  # new, empty, only the stage of a report killed half-way, or a report's
         return
     page = folder / "index.html"
-    try:
+    try:  # a report of a dsnas before the mark
         earlier = page.is_file() and "<title>dsnas report: " in page.read_text(encoding="utf-8", errors="replace")
     except OSError:
         earlier = False
     if not earlier:
-        raise DsnasError(f"--out {folder}: holds files that are not a dsnas report's ({', '.join(held[:3])}"
-                         f"{', ...' if len(held) > 3 else ''}), and a report's files would replace their namesakes "
-                         "there. Fix: name a new folder, or an earlier report's, with --out")
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise DsnasError(f"{'--out ' if given else ''}{folder}: holds files that are not a dsnas report's ({shown}), "
+                         "and a report's files would replace their namesakes there. Fix: "
+                         + ("name a new folder, or an earlier report's, with --out" if given else
+                            "move them elsewhere, or name another folder with --out"))
 
 
 def _moved_in(stage: Path, folder: Path, written: list[Path]) -> list[Path]:
     """Each staged file replaces its namesake in ``folder``, the page last (a reader never opens a page whose
-    figures are not there yet)."""
+    figures are not there yet), the folder marked a report's first."""
+    (folder / MARK).touch()
     for path in sorted(stage.iterdir(), key=lambda p: p.name == "index.html"):
         os.replace(path, folder / path.name)
     return [folder / p.name for p in written]
