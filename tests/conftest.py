@@ -249,3 +249,18 @@ def held_bytes(model: Any) -> int:
         key = t.data_ptr() if t.is_quantized else t.untyped_storage().data_ptr()
         storages[key] = quantized_bytes(t) if t.is_quantized else t.untyped_storage().nbytes()
     return sum(storages.values())
+
+
+def load_benchmark(name: str, as_name: str | None = None) -> Any:
+    """benchmarks/NAME.py as a module, loaded by path (benchmarks/ is no package, and putting it on sys.path would
+    shadow names: a module named "kernels" would shadow the PyPI package of that name), registered under
+    ``as_name`` (default NAME): dataclasses look their module up by name."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(as_name or name, Path(__file__).resolve().parent.parent /
+                                                  "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[as_name or name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    # Loaded by path: benchmarks/ is no package, and putting it on sys.path would shadow names (kernels.py).
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hardware_gain = _load("hardware_gain")
+hardware_gain = load_benchmark("hardware_gain")
 
 
 def test_between_two_front_points_the_throughput_is_that_of_a_mix_of_them():

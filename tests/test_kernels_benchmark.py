@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
-# Loaded by path and under another name: benchmarks/ is no package, and a module named "kernels" would shadow the
-# PyPI package of that name.
-_spec = importlib.util.spec_from_file_location("kernels_benchmark", REPO / "benchmarks" / "kernels.py")
-kernels_benchmark = importlib.util.module_from_spec(_spec)
-sys.modules["kernels_benchmark"] = kernels_benchmark  # dataclasses look their module up by name
-_spec.loader.exec_module(kernels_benchmark)
+kernels_benchmark = load_benchmark("kernels", as_name="kernels_benchmark")  # "kernels" is a PyPI package
 
 
 def test_thread_counts_are_read_and_a_bad_one_is_one_line_naming_the_flag():

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    # Loaded by path: benchmarks/ is no package, and putting it on sys.path would shadow names (kernels.py).
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-routing = _load("routing")
+routing = load_benchmark("routing")
 BEST = SimpleNamespace(name="trial 7 alone", accuracy=0.4080, cost=0.55)
 
 
