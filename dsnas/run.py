@@ -17,6 +17,7 @@ from dsnas.storage import (
     leave_write_ahead,
     optuna_quieted,
     recover_stale_trials,
+    requeue_orphans,
     storage_engine,
     study_lock,
 )
@@ -134,7 +135,7 @@ def _run_study(spec: StudySpec, trial_fn: TrialFn, progress: Progress | None,
         check_artifacts_writable(spec)
     study = study if study is not None else open_study(spec)
     try:
-        requeued = recover_stale_trials(study)
+        requeued = recover_stale_trials(study) + requeue_orphans(study)
         progress = progress or Progress(spec)
         study.sampler = sampler if sampler is not None else make_sampler(spec, len(study.trials), progress.say,
                                                                          driver_run(study, spec))

@@ -606,6 +606,21 @@ def recover_stale_trials(study: Any) -> list[int]:
     return recovered
 
 
+def requeue_orphans(study: Any) -> list[int]:
+    """Queue the trials failed "queued again" whose copy was never queued, once, at a search's start; their
+    numbers. Their driver stopped between the two writes (the FAIL comes first where it claims the trial, in
+    recover_stale_trials and where a worker died): the candidate was never trained again."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    queued = {n for t in trials for n in (t.system_attrs.get("failed_trial"), t.user_attrs.get("requeued_from"))}
+    orphans = [t for t in trials if t.state == TrialState.FAIL and t.number not in queued
+               and "; queued again" in str(t.user_attrs.get("fail_reason", ""))]
+    for trial in orphans:
+        requeue(study, trial)
+    return [t.number for t in orphans]
+
+
 def stale_trials(study: Any) -> list[tuple[Any, str]]:
     """The RUNNING trials whose driver stopped, each with why it is known to have.
 

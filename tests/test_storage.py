@@ -72,6 +72,23 @@ def test_a_trial_another_driver_recovers_first_is_left_to_it(tmp_path, monkeypat
     assert dsnas_storage.recover_stale_trials(study) == []
 
 
+def test_a_trial_failed_to_be_queued_again_whose_copy_never_was_is_queued_at_the_next_start(tmp_path):
+    """A driver that failed a trial "queued again" (claiming it) and stopped before queuing its copy (kill -9, a
+    full disk) left the candidate untrained for good: the next recovery queues it, once."""
+    storage = dsnas_storage.open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage, directions=["maximize", "maximize"])
+    orphan = study.ask({"x": optuna.distributions.CategoricalDistribution([1, 2])})
+    orphan.set_user_attr("fail_reason", "its worker died (ActorDiedError); queued again (retries = 1)")
+    study.tell(orphan, state=TrialState.FAIL)
+    plain = study.ask()
+    plain.set_user_attr("fail_reason", "RuntimeError: diverged")  # failed for good: not queued
+    study.tell(plain, state=TrialState.FAIL)
+    assert dsnas_storage.requeue_orphans(study) == [orphan.number]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.user_attrs["requeued_from"], t.params) for t in waiting] == [(orphan.number, orphan.params)]
+    assert dsnas_storage.requeue_orphans(study) == []  # once
+
+
 # A damaged SQLite file: the commands refuse it in one line that names the file and the recovery, and never
 # write to it (whatever it still holds can be copied out only while it is left as it is).
 
