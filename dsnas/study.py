@@ -210,18 +210,23 @@ def _comparable(settings: dict[str, Any], like: dict[str, Any]) -> dict[str, Any
 
 
 def _threads_as_measured(was: dict[str, Any], now: dict[str, Any], trials: list[Any]) -> None:
-    """Take ``threads`` left out of the searched settings as the count every trial measured with, where the file
-    now writes that count out: left out, a measurement uses the CPUs the process may use, so `threads = 2` on the
-    2-CPU machine that searched changes no number (the resume was refused: "searched with (not set)")."""
-    wanted = now["hardware"].get("threads")
-    if "threads" not in was["hardware"] or was["hardware"]["threads"] is not None or wanted is None:
+    """Take ``threads`` left out on one side as the count every trial measured with, where the other side writes
+    that count out: left out, a measurement uses the CPUs the process may use, so `threads = 2` written out on the
+    2-CPU machine that searched changes no number (the resume was refused: "searched with (not set)"), nor does
+    that line deleted there (left out, this machine's count is used)."""
+    from dsnas.profiler.capabilities import usable_cpus  # reads /proc and the cgroup
+
+    searched, wanted = was["hardware"].get("threads"), now["hardware"].get("threads")
+    if "threads" not in was["hardware"] or (searched is None) == (wanted is None):
         return
     # Of the trials that measured: a repeat answered from an earlier trial and a candidate the predictor skipped
     # keep no profile, and counted as a trial of another count they refused the resume of any study that had one.
     profiles = [((getattr(t, "user_attrs", None) or {}).get("profile") or {}) for t in trials]
     used = {profile["threads"] for profile in profiles if "threads" in profile}
-    if used == {wanted}:
+    if searched is None and used == {wanted}:
         was["hardware"]["threads"] = wanted
+    elif wanted is None and used == {searched} and usable_cpus() == searched:
+        now["hardware"]["threads"] = searched
 
 
 def _first_difference(stored: Any, now: Any, key: str = "") -> tuple[str, Any, Any]:

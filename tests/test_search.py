@@ -669,7 +669,11 @@ def test_threads_written_out_at_the_count_every_trial_measured_with_resumes(fini
     study.write_text(original.replace("measure_s = 0.02", f"measure_s = 0.02\nthreads = {count}"))
     spec = load_study(study)
     assert edited_since(spec, open_study(spec, create=False)) == ""
-    open_study(spec)  # resumed
+    open_study(spec)  # resumed, and recorded with threads = count
+    study.write_text(original)  # the line deleted again, on the machine whose CPU count it was: no change either
+    spec = load_study(study)
+    assert edited_since(spec, open_study(spec, create=False)) == ""
+    open_study(spec)
 
 
 def test_a_small_models_peak_memory_is_printed_with_its_digits():
