@@ -111,8 +111,8 @@ def test_a_cuda_kernel_name_is_cut_to_a_line():
 
 @pytest.mark.parametrize("flags, said", [
     (["--batch-sizes", "0,32"], "--batch-sizes: must be a non-empty list of integers >= 1, but got [0, 32]"),
-    (["--measure-s", "0"], "--measure-s: must be > 0, but got 0.0"),
-    (["--measure-s", "1", "--max-measure-s", "0.5"], "--max-measure-s: must be >= measure_s, but got 0.5"),
+    (["--measure-s", "0"], "--measure-s: must be > 0 and finite, but got 0.0"),
+    (["--measure-s", "1", "--max-measure-s", "0.5"], "--max-measure-s: must be >= measure_s and finite, but got 0.5"),
 ])
 def test_a_protocol_flag_out_of_range_is_one_line_naming_it(tmp_path, capsys, flags, said):
     """They once ended in a traceback (the rule's Invalid is not a DsnasError)."""
