@@ -914,10 +914,11 @@ class Driver:
                 self._executor.cancel_all()
         finally:
             for trial in list(self.running.values()) if self.outage.given_up is None else []:
-                # Queued again first, and both in one write: a requeue refused after the trial was marked FAIL (a
-                # full disk; a second Ctrl-C, raised as the FAIL was written) left it FAIL "queued again" with no
-                # copy queued, and the next run did not train the candidate again. Refused first, the trial stays
-                # RUNNING, and the next run takes it back; a copy queued twice is found (storage.requeue).
+                # Queued again first, both in one guarded write (a Ctrl-C waits for the two): a requeue refused after
+                # the trial was marked FAIL (a full disk; a second Ctrl-C, raised as the FAIL was written) left it FAIL
+                # "queued again" with no copy queued, and the next run did not train the candidate again. Refused
+                # first, the trial stays RUNNING, and the next run takes it back; a copy queued twice is found
+                # (storage.requeue).
                 with self._unless_taken_back(trial.number), self.guard.writing():
                     self._requeue(trial)
                     self._fail(trial, "the search was interrupted while the trial ran; queued again")
