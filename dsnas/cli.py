@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.modules["dsnas.tasks"].forget_built()
     if "dsnas.models" in sys.modules:
         sys.modules["dsnas.models"].forget_families()
-    from dsnas.storage import optuna_quieted  # (imports no Optuna: `dsnas --version` stays quick)
+    from dsnas.storage import disk_full, optuna_quieted  # (imports no Optuna: `dsnas --version` stays quick)
 
     try:
         with showing_logs(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO), \
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command cut off by its pipe
     except Exception as e:
-        full = _disk_full(e)
+        full = disk_full(e)
         if full is not None:  # a full disk is no bug of ours: a traceback (four, from a search) said nothing else
             if args.debug:
                 traceback.print_exc()
@@ -500,13 +500,6 @@ def main(argv: list[str] | None = None) -> int:
             "what was stored before is kept; run the same command again"
         print(f"\ndsnas: {stopped}; {after}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-
-
-def _disk_full(error: BaseException) -> str | None:
-    """What says a disk is full in ``error``'s chain (see dsnas.storage.disk_full), or None."""
-    from dsnas.storage import disk_full  # (imports no Optuna or SQLAlchemy)
-
-    return disk_full(error)
 
 
 def _written_where(args: argparse.Namespace) -> str:

@@ -102,23 +102,24 @@ def _trial(path: Path, trial: int | None, device: Any) -> tuple[Any, Any, Any, s
     # edited since (an edited context fed the trial's model positions it has no embedding for: a traceback; edited
     # batch sizes timed others than the trial's, whose figures report and verify compare with these).
     spec = as_searched(spec, study)
-    found = [t for t in study.trials if t.number == trial and "arch" in t.user_attrs]
-    if not found:
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}  # read once: a study of thousands
+    found = by_number.get(trial)
+    if found is None or "arch" not in found.user_attrs:
         raise DsnasError(f"--trial {trial}: study {spec.name!r} has no trial {trial} with an architecture. "
-                         f"Fix: pick one of {[t.number for t in study.trials if 'arch' in t.user_attrs]}")
+                         f"Fix: pick one of {[t.number for t in by_number.values() if 'arch' in t.user_attrs]}")
     # Timings do not depend on the weights' values, so the trial's architecture is built fresh, in the inference
     # form its layers chose (INT8 kernels, 2:4 masks).
-    model = build(found[0].user_attrs["arch"], spec.base_dir).to(device)
+    model = build(found.user_attrs["arch"], spec.base_dir).to(device)
     # A reused repeat measured nothing: its original's profile records the form (its own has none, and an "auto"
     # layer its original kept dense was timed 2:4).
-    source = next((t for t in study.trials if t.number == found[0].user_attrs.get("reused_from")), found[0])
-    profile = source.user_attrs.get("profile") or {}
-    recorded = _trial_form(model, profile)
+    source = by_number.get(found.user_attrs.get("reused_from"), found)
+    measured = {"profile": source.user_attrs.get("profile") or {}}  # as a bundle's metrics.json holds it
+    recorded = _trial_form(model, measured["profile"])
     model = untrained_inference_form(model, int8_backend=spec.engine.int8_backend, recorded=recorded)
     # Compiled where the trial was measured compiled ([engine] compile = true), as a bundle of it is: timed eager,
     # it read 0.12 ms where the trial had 0.087 ms and its bundle 0.060 ms.
-    compiled = ", under torch.compile as the trial was measured" if measured_compiled({"profile": profile}) else ""
-    return as_measured(model, {"profile": profile}), spec.task, spec.hardware, \
+    compiled = ", under torch.compile as the trial was measured" if measured_compiled(measured) else ""
+    return as_measured(model, measured), spec.task, spec.hardware, \
         f"study {spec.name!r} trial {trial} (untrained weights{compiled})"
 
 

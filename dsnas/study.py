@@ -187,7 +187,8 @@ def edited_since(spec: StudySpec, study: Any) -> str:
 
     now = study_settings(spec)
     was, wanted = _comparable(stored, like=now), _comparable(now, like=stored)
-    _threads_as_measured(was, wanted, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if was != wanted:  # the trials are read only where threads may explain the difference
+        _threads_as_measured(was, wanted, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if was == wanted:
         return ""
     key, before, after = _first_difference(was, wanted)
