@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see the docstring)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU here (torch {torch.__version__}); use --device cpu")
     torch.set_num_threads(args.threads)
     archs = ["d64 L2"] if args.quick else list(ARCHS)
     batches = (1, 32) if args.quick else BATCHES

@@ -133,6 +133,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads while measuring (default: all cores)")
     parser.add_argument("--out", help="folder for the study file and its database (default: a temporary one)")
     args = parser.parse_args()
+    for flag, value, least in (("--trials", args.trials, 1), ("--train-tokens", args.train_tokens, 1),
+                               ("--folds", args.folds, 2)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     from dsnas.predictor import by_device, cross_validate, study_rows
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsnas-predictor-check-"))
