@@ -373,3 +373,51 @@ def test_a_lookup_reads_the_rows_it_gathers_at_most_its_table():
         assert count_bytes(lambda: table(ids)) == 16 * 256 * 4 + 16 * 8 + 16 * 256 * 4  # rows, ids, output
         small, many = torch.nn.Embedding(8, 4), torch.randint(0, 8, (100,))
         assert count_bytes(lambda: small(many)) == 8 * 4 * 4 + 100 * 8 + 100 * 4 * 4  # the table once, at most
+
+
+def _cusparselt_weight(out_features: int, in_features: int) -> torch.Tensor:
+    """A bf16 2:4 weight as cuSPARSELt holds it: one tensor of the kept half and its metadata (n/2 + n/16
+    elements). Built on the CPU from its parts (compressing one needs a GPU); only its size is read here."""
+    import warnings
+
+    n = out_features * in_features
+    packed = torch.zeros(n // 2 + n // 16, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "prototype stage"
+        return torch.sparse.SparseSemiStructuredTensorCUSPARSELT(torch.Size([out_features, in_features]), packed,
+                                                                None, None, None, None)
+
+
+def test_a_semi_structured_weight_counts_the_bytes_it_holds_not_its_dense_shape():
+    """A 2:4 weight on the GPU says the dense shape and dtype of data it does not hold: its op counted 64x128 bf16
+    (16,384 bytes) where it reads 9,216, and the transpose before each product counted 32,768 bytes for none."""
+    from dsnas.profiler.counting import op_bytes
+
+    w = _cusparselt_weight(64, 128)
+    assert w.nbytes == 16_384
+    wt = torch.ops.aten.t.default(w)
+    assert op_bytes(torch.ops.aten.t.default, (w,), {}, wt) == 0
+    x, bias, out = torch.zeros(8, 128, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16), \
+        torch.zeros(8, 64, dtype=torch.bfloat16)
+    got = op_bytes(torch.ops.aten.addmm.default, (bias, x, wt), {}, out)
+    assert got == bias.nbytes + x.nbytes + 9_216 + out.nbytes
+
+
+def test_a_semi_structured_layer_counts_its_held_weight_in_the_inference_size():
+    """inference_size (the weights of peak_memory_mb and bytes_bs1's weights) counted a GPU 2:4 bf16 layer at its
+    dense width: 1.78x the weight bytes it holds."""
+    from dsnas.kernels.convert import engine_layers, inference_size, untrained_inference_form
+    from dsnas.models.transformer_lm import build
+
+    model = build({"vocab_size": 64, "context": 8, "d_model": 64,
+                   "layers": [{"n_heads": 2, "ffn_ratio": 2, "precision": "bf16", "sparsity": "2:4"}]})
+    untrained_inference_form(model)  # masked-dense here: no sparse kernel runs on the CPU
+    params, dense = inference_size(model)
+    saved = 0
+    for layer in engine_layers(model).values():
+        out_features, in_features = layer.inference.weight.shape
+        layer.inference.weight = torch.nn.Parameter(_cusparselt_weight(out_features, in_features),
+                                                    requires_grad=False)
+        saved += out_features * in_features * 2 - (out_features * in_features * 9 // 16) * 2
+    assert saved > 0
+    assert inference_size(model) == (params, dense - saved)

@@ -138,11 +138,23 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
         converted = layer.inference is not None
         scaled = converted and layer.precision in ("int8", "fp8")  # fp32 per-row scales
         bias_width = 2 if converted and layer.precision in ("bf16", "fp16", "fp8") else 4
-        nbytes += weights * width + biases * bias_width
+        nbytes += _weight_bytes(layer, weights * width) + biases * bias_width
         nbytes += 4 * layer.out_features if scaled else 0
         if converted and width != 4 and id(layer.weight) in shared:
             nbytes += weights * 4  # its fp32 form, for the module it is tied to
     return params, nbytes
+
+
+def _weight_bytes(layer: Any, dense: int) -> int:
+    """Bytes of a converted layer's weight: ``dense`` (its count at its width), or what a semi-structured sparse
+    weight holds (cuSPARSELt's or CUTLASS's kept half and its metadata: 0.5625x a bf16 weight's dense bytes),
+    which says the dense shape and dtype of data it does not hold."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    stored = getattr(layer.inference, "weight", None)
+    if isinstance(stored, torch.Tensor) and is_traceable_wrapper_subclass(stored):
+        return sum(t.numel() * t.element_size() for t in held_tensors(stored))
+    return dense
 
 
 def _weight_numel(layer: Any) -> int:

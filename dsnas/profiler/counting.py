@@ -97,16 +97,22 @@ def op_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     name = func.overloadpacket.__name__
     if name in NO_DATA_OPS or name in ALLOCATION_OPS:
         return 0
+    from dsnas.kernels.convert import held_tensors  # torch loads on first use
+
     outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     leaves = tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
     ins = [t for t in leaves if isinstance(t, torch.Tensor)]
+    if name in WRITE_ONLY_OPS and ins:
+        ins = ins[1:]
+    # A tensor subclass (a semi-structured 2:4 weight) says the dense shape and dtype of data it does not hold:
+    # count the tensors that hold it (its kept half and metadata), and a transpose that swaps them moves nothing.
+    ins = [held for t in ins for held in held_tensors(t)]
+    outs = [held for t in outs for held in held_tensors(t)]
     # Not func.is_view: reshape, contiguous and to() declare an alias in their schemas, and under inference mode
     # they reach the dispatcher whole, copying or not; whether the result shares the input's memory says which.
     mutates = func._schema.is_mutable
     if not mutates and (not outs or all(any(_is_alias(o, i) for i in ins) for o in outs)):
         return 0  # a metadata query (no tensor result) or a view
-    if name in WRITE_ONLY_OPS and ins:
-        ins = ins[1:]
     if name == "embedding" and len(ins) >= 2 and ins[0].dim() == 2:
         # A lookup reads the rows it gathers, at most the whole table (each row once, as a weight is read once),
         # not the table: a 50,257-row vocabulary counted whole made a 16-token call's bytes 1.9x what it reads.

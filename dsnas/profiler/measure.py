@@ -155,8 +155,9 @@ def _utc_now() -> str:
 # raised whenever one changes, so that the measurement cache never hands out a figure made by older rules. The
 # version of dsnas has not changed in its life, and a study of an older one handed its trials' byte counts (by
 # the embedding rule since fixed: 400,896 where 372,224 are read) to new trials. 3: flop_util's peaks by each op's
-# precision; a torch.ao quantized layer's packed weights counted. 4: eval-mode dropout moves no bytes.
-MEASUREMENT_RULES = 4
+# precision; a torch.ao quantized layer's packed weights counted. 4: eval-mode dropout moves no bytes. 5: a
+# semi-structured 2:4 weight (GPU) counted at the bytes it holds, not at its dense shape.
+MEASUREMENT_RULES = 5
 
 
 def measurement_key(signature: dict[str, Any], hardware: Any, threads: int | None,
