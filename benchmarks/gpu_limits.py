@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from kernels import Kind  # benchmarks/kernels.py, beside this file
 
-from dsnas.kernels.convert import convert
+from dsnas.kernels.convert import convert, held_bytes, inference_size, shed_training_form
 from dsnas.kernels.linear import engine_layers
 from dsnas.kernels.quant import _import_torchao
 from dsnas.kernels.sparsity import magnitude_scores, sparsify_layer
@@ -329,8 +329,13 @@ def engine_in_model(sec: Any, dry: bool) -> None:
         err = float((got - want).norm() / want.norm())
         backends = sorted({m.backend for m in engine_layers(model).values()})
         reasons = sorted({m.reason for m in engine_layers(model).values() if m.reason})
+        shed_training_form(model)  # as dsnas.load ships it: the inference form alone
         latency[v.label] = model_ms(model, x)
         sec.check(f"{v.label}: logits vs fp32, relative L2", err, 0, v.tolerance, why=f"backend {', '.join(backends)}")
+        # The weight bytes peak_memory_mb counts against those the device holds (a 2:4 weight: cuSPARSELt's kept
+        # half and metadata; an int8 one: its scales and, for torchao, zero points)
+        sec.check(f"{v.label}: weight bytes held / counted", held_bytes(model) / inference_size(model)[1], 0.99,
+                  1.02, why="inference_size counts what a loaded model holds")
         if v.sparsity != "dense" and v.precision in ("bf16", "fp16") and not dry:
             sec.fact(f"{v.label}: a sparse kernel ran", any(m.sparse_kernel for m in engine_layers(model).values()),
                      ", ".join(backends), "; ".join(reasons))

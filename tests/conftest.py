@@ -238,19 +238,6 @@ def check_message(err: BaseException, where: str | Path, key: str, rule: str, fi
     return msg
 
 
-def held_bytes(model: Any) -> int:
-    """Bytes of every tensor storage ``model`` holds, each storage once: its parameters and buffers, a tensor
-    subclass's inner tensors, torch.ao's packed weights (with their per-row scales, as the fp32 they are packed as:
-    quantized_bytes)."""
-    from dsnas.kernels.convert import held_tensors, packed_tensors, quantized_bytes
-
-    storages = {}
-    for t in [h for t in [*model.parameters(), *model.buffers()] for h in held_tensors(t)] + packed_tensors(model):
-        key = t.data_ptr() if t.is_quantized else t.untyped_storage().data_ptr()
-        storages[key] = quantized_bytes(t) if t.is_quantized else t.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
 def load_benchmark(name: str, as_name: str | None = None) -> Any:
     """benchmarks/NAME.py as a module, loaded by path (benchmarks/ is no package, and putting it on sys.path would
     shadow names: a module named "kernels" would shadow the PyPI package of that name), registered under

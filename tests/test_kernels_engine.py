@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import held_bytes
 from torch import nn
 
-from dsnas.kernels.convert import convert, training_state
+from dsnas.kernels.convert import convert, held_bytes, training_state
 from dsnas.kernels.linear import EngineLinear, layer_report
 from dsnas.kernels.precision import TrainStep
 from dsnas.models import build, describe

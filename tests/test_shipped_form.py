@@ -10,9 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_STUDY, held_bytes
+from conftest import TINY_STUDY
 
-from dsnas.kernels.convert import inference_signature, inference_size, signature_difference, untrained_inference_form
+from dsnas.kernels.convert import (
+    held_bytes,
+    inference_signature,
+    inference_size,
+    signature_difference,
+    untrained_inference_form,
+)
 from dsnas.models import build
 from dsnas.profiler import measure
 from dsnas.profiler.device import fingerprint, fingerprint_id

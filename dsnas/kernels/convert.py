@@ -218,6 +218,17 @@ def held_tensors(t: torch.Tensor) -> list[torch.Tensor]:
             for held in held_tensors(getattr(t, name))]
 
 
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor storage ``model`` holds, each storage once: its parameters and buffers, a tensor
+    subclass's inner tensors, torch.ao's packed weights (with their per-row scales, as the fp32 they are packed as:
+    quantized_bytes). What the memory holds, to set beside inference_size's count of what inference reads."""
+    storages = {}
+    for t in [h for t in [*model.parameters(), *model.buffers()] for h in held_tensors(t)] + packed_tensors(model):
+        key = t.data_ptr() if t.is_quantized else t.untyped_storage().data_ptr()
+        storages[key] = quantized_bytes(t) if t.is_quantized else t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def packed_tensors(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> list[torch.Tensor]:
     """The tensors held by torch.ao's packed-parameter objects in ``model`` outside the modules whose ids are in
     ``skip``: a quantized Linear's int8 weight and bias live in a ScriptObject that neither parameters() nor
