@@ -579,6 +579,33 @@ def test_the_printed_front_shows_every_objective():
     assert {"accuracy", "throughput_tok_s", "val_loss"} <= set(shown.columns)
 
 
+def test_the_printed_front_shows_the_latency_a_row_is_on_it_for():
+    """At two decimals both latencies read 0.33, and trial 1 (less accurate, slower in throughput) looked dominated by
+    trial 0 though it is on the front for its 2.4% lower latency."""
+    import datetime
+    from types import SimpleNamespace
+
+    import optuna
+    from optuna.trial import create_trial
+
+    from dsnas.results import frame
+    from dsnas.results.plots import views
+    from dsnas.results.report import _front_text, _summary_frame
+
+    study = optuna.create_study(directions=["maximize", "maximize", "minimize"], study_name="x")
+    study.set_metric_names(["accuracy", "throughput", "latency"])
+    for i, (accuracy, throughput, latency) in enumerate([(0.3055, 279840.0, 0.334), (0.3050, 279000.0, 0.326)]):
+        trial = create_trial(values=[accuracy, throughput, latency], user_attrs={
+            "arch_short": f"m{i}", "accuracy": accuracy, "throughput_tok_s": throughput, "latency_ms": latency})
+        trial.datetime_start = trial.datetime_complete = datetime.datetime(2026, 1, 1, 0, 0, i)
+        study.add_trial(trial)
+    df = frame(study)
+    reference = default_reference(df)
+    spec = SimpleNamespace(task=SimpleNamespace(name="charlm"))
+    lines = _front_text(_summary_frame(views(df, hypervolume_history(df, reference), reference)), spec).splitlines()
+    assert [line.split()[-1] for line in lines[1:]] == ["0.334", "0.326"]
+
+
 def test_the_summary_of_a_study_without_a_feasible_trial_says_so():
     """Its share of the ideal box was printed as 'nan%'."""
     from types import SimpleNamespace
@@ -768,5 +795,5 @@ def test_the_pages_table_of_all_trials_shows_each_figure_as_the_front_above_it_d
                        "latency_ms": [0.802208, 450.22], "params": [270720.0, 102016.0], "flops_bs1": [18087936.0, 1.0]})
     page = _all_trials_html(df)
     cells = [c.split("<")[0] for c in page.split("<td>")[1:]]
-    assert cells[:7] == ["3", "COMPLETE", "0.3876", "14,657", "0.80", "270,720", "1.809e+07"]
+    assert cells[:7] == ["3", "COMPLETE", "0.3876", "14,657", "0.802", "270,720", "1.809e+07"]
     assert cells[7:10] == ["1", "PRUNED", ""]  # no accuracy: an empty cell, as before
