@@ -226,7 +226,10 @@ def _front_table(df: Any, unit: str = "tokens/s") -> list[str]:
     rows = ["| trial | " + " | ".join(titles.get(c, c) for c in columns) + " | architecture |",
             "|---:|" + "---:|" * len(columns) + "---|"]
     for _, t in front.iterrows():
-        rows.append(f"| {t['trial']} | " + " | ".join(format_metric(c, t[c]) for c in columns) +
+        # a trial without a figure (an own task's evaluate_arch that stores no peak memory) shows an empty cell,
+        # as the report's pages do, not "nan"
+        rows.append(f"| {t['trial']} | " + " | ".join(format_metric(c, t[c]) if t[c] == t[c] else ""
+                                                     for c in columns) +
                     f" | {t['arch_short']} |")
     return rows
 

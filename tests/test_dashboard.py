@@ -465,3 +465,26 @@ def test_report_page_in_a_browser(finished_study, tmp_path):
     assert any(t.startswith("throughput, tokens/s at batch 4") for t in titles), titles
     assert "arithmetic intensity, FLOPs per byte" in titles and "hypervolume, share of the ideal box" in titles
     assert (SCREENSHOTS / "report.png").stat().st_size > 50_000
+
+
+def test_the_notes_front_leaves_a_figure_a_trial_did_not_store_empty():
+    """A front trial without peak memory (an own task's evaluate_arch stores none) read "nan" in the note's table,
+    where the report's pages leave the cell empty."""
+    import datetime
+
+    import optuna
+    from optuna.trial import create_trial
+
+    from dsnas.dashboard import _front_table
+    from dsnas.results import frame
+
+    study = optuna.create_study(directions=["maximize", "maximize"], study_name="x")
+    study.set_metric_names(["accuracy", "throughput"])
+    for i, (accuracy, throughput, memory) in enumerate([(0.40, 100.0, None), (0.30, 200.0, 2.0)]):
+        attrs = {"arch_short": f"m{i}", "accuracy": accuracy, "throughput_tok_s": throughput, "latency_ms": 1.0}
+        trial = create_trial(values=[accuracy, throughput],
+                             user_attrs=attrs if memory is None else {**attrs, "peak_memory_mb": memory})
+        trial.datetime_start = trial.datetime_complete = datetime.datetime(2026, 1, 1, 0, 0, i)
+        study.add_trial(trial)
+    rows = _front_table(frame(study))
+    assert rows[2] == "| 0 | 0.4000 | 100 | 1.00 |  | m0 |" and rows[3] == "| 1 | 0.3000 | 200 | 1.00 | 2.00 | m1 |"

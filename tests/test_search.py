@@ -685,6 +685,14 @@ def test_a_small_models_peak_memory_is_printed_with_its_digits():
     assert shown == ["0.0399", "0.0927", "0.139", "4.00", "100", "1,234"]
 
 
+def test_a_slow_tasks_throughput_is_printed_with_its_digits():
+    """Whole numbers read 52 for both 52.4 and 52.2 items/s; from 100 up they stay whole, with their thousands."""
+    from dsnas.progress import format_metric
+
+    shown = [format_metric("throughput_tok_s", v) for v in (52.4, 52.2, 0.731, 430_226.4)]
+    assert shown == ["52.4", "52.2", "0.731", "430,226"]
+
+
 def test_a_study_read_as_searched_has_the_engine_it_was_searched_with(finished_study, tmp_path):
     """`dsnas profile --trial N` (and export, route) read the study as searched: its task and hardware, but the
     engine from the file as edited since (an int8_backend edited there built the trial's INT8 layers otherwise)."""
