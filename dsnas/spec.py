@@ -737,7 +737,27 @@ def _import_callable(where: str, key: str, target: str, base: Path) -> Any:
     except (Exception, SystemExit) as e:  # whatever the user's module raises (or exits with) on import
         detail = " ".join(str(e).splitlines())  # the message stays one line
         raise SpecError(where, key, f"must name an importable callable ({type(e).__name__}: {detail})", target,
-                        f"put the module beside the study file ({base}) or on PYTHONPATH") from None
+                        _import_fix(e, target, base)) from None
+
+
+def _import_fix(error: BaseException, target: str, base: Path) -> str:
+    """The fix for a "module:callable" that did not import, by what failed: placing the module helps only where it
+    is the one missing (a module beside the study with a syntax error, one whose own import of an uninstalled
+    package failed, or one without the callable named, were all told to put it beside the study file, where it was)."""
+    import sys
+
+    module = target.partition(":")[0]
+    if isinstance(error, SyntaxError):
+        return f"correct the syntax of {error.filename or module} at line {error.lineno}"
+    if isinstance(error, ModuleNotFoundError):
+        missing = error.name or module
+        if module == missing or module.startswith(f"{missing}."):
+            return f"put the module beside the study file ({base}) or on PYTHONPATH"
+        return f"install {missing} (which {module} imports) where dsnas runs"
+    loaded = sys.modules.get(module)  # a module whose own code raised is not kept
+    if loaded is None:
+        return f"run `python -c 'import {module}'` in {base} to see where importing it fails, and correct that"
+    return f"name a function or class that {getattr(loaded, '__file__', None) or module} defines, after the ':'"
 
 
 def check_machine(spec: StudySpec) -> None:

@@ -230,10 +230,11 @@ CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
      'must be "stdlib" or an existing text file, but got \'no_such_corpus.txt\'', "check the path"),
     ("task-not-importable", {"task": {"name": "dsnas_no_such_module:make_task"}}, "task.name",
      "must name an importable callable (ModuleNotFoundError: No module named 'dsnas_no_such_module')", "on PYTHONPATH"),
+    # The module imports: the name after the ':' is what to change (not "put the module on PYTHONPATH").
     ("task-attr-missing", {"task": {"name": "os:no_such_task"}}, "task.name", "must name an importable callable",
-     "on PYTHONPATH"),
+     "name a function or class that"),
     ("task-not-callable", {"task": {"name": "os:sep"}}, "task.name", "must name an importable callable (TypeError: "
-     "os:sep is not callable)", "on PYTHONPATH"),
+     "os:sep is not callable)", "name a function or class that"),
     ("task-unknown-name", {"task": {"name": "char_lm"}}, "task.name", "must be a built-in task (charlm, images)", 'set name = "charlm"'),
     # budget and executor combinations
     ("address-with-local", {"executor": {"address": "127.0.0.1:6379"}}, "executor.address", 'needs kind = "ray"',
@@ -552,14 +553,20 @@ def test_study_name_that_makes_a_default_storage_path_in_a_missing_folder(tmp_pa
     assert _files(tmp_path) == {"study.toml"}
 
 
-@pytest.mark.parametrize("body", ["def make(:\n", "raise RuntimeError('boom')\n"], ids=["syntax", "raises"])
-def test_task_module_that_fails_to_import(tmp_path: Path, body: str) -> None:
+# A module beside the study that fails to import was told to be put beside the study file, where it was.
+@pytest.mark.parametrize("body, fix", [
+    ("def make(:\n", "correct the syntax of {file} at line 1"),
+    ("raise RuntimeError('boom')\n", "run `python -c 'import {module}'` in {folder} to see where importing it fails"),
+    ("import dsnas_no_such_dependency\n", "install dsnas_no_such_dependency (which {module} imports) where dsnas runs"),
+], ids=["syntax", "raises", "dependency-missing"])
+def test_task_module_that_fails_to_import(tmp_path: Path, body: str, fix: str) -> None:
     module = f"dsnas_test_broken_{uuid.uuid4().hex}"
-    (tmp_path / f"{module}.py").write_text(body)
+    (tmp_path / f"{module}.py").write_text(body, encoding="utf-8")
     importlib.invalidate_caches()
     try:
         expect_error(write_study(tmp_path, task={"name": f"{module}:make"}), "task.name",
-                     "must name an importable callable")
+                     "must name an importable callable",
+                     fix.format(file=tmp_path / f"{module}.py", module=module, folder=tmp_path))
     finally:
         sys.modules.pop(module, None)
 
