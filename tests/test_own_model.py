@@ -257,6 +257,35 @@ def test_groups_convert_linear_and_conv_in_place_keeping_ties_and_outputs():
         apply_groups(Tied(), [{"group": "c", "modules": ["conv"], "precision": "int8", "sparsity": "dense"}])
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_engine_layers_tied_to_one_weight_count_its_parameters_once(precision):
+    """A model whose two matched layers share one weight counted it once per layer: 142 parameters for a model of
+    110 (torch's count, and dsnas's without the group), the same model measured apart by an fp32 group alone."""
+    from dsnas.kernels.convert import convert, inference_size
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+            self.tie = nn.Linear(8, 4, bias=False)
+            self.tie.weight = self.fc.weight
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.fc(x) + self.tie(x))
+
+    unique = sum(p.numel() for p in Tied().parameters())
+    assert inference_size(Tied()) == (unique, 4 * unique)
+    model = Tied()
+    apply_groups(model, [{"group": "g", "modules": ["fc", "tie"], "precision": precision, "sparsity": "dense"}])
+    assert model.fc.weight is model.tie.weight
+    assert inference_size(model) == (unique, 4 * unique)  # one fp32 weight, read by both
+    convert(model)
+    # Converted, each layer holds its own bf16 copy of the weight: both are read, the parameters are still one set.
+    held = 4 * unique if precision == "fp32" else 2 * (32 + 4) + 2 * 32 + 4 * (4 * 2 + 2)  # fc, tie, head
+    assert inference_size(model) == (unique, held)
+
+
 def test_a_layer_of_weights_without_an_engine_form_is_left_alone_saying_why():
     """A Conv1d (the example's own model is made of them) was dropped without a word: the trial was labelled
     conv=bf16 and ran fp32."""

@@ -130,15 +130,23 @@ def inference_size(model: nn.Module) -> tuple[int, int]:
     for t in packed_tensors(model, skip=layers):  # a user's own torch.ao quantized layers (quantize_dynamic)
         params += t.numel()
         nbytes += quantized_bytes(t)
+    # Engine layers tied to each other (two layers given one weight) hold one set of parameters: a model measured
+    # 142 where it has 110, with or without an fp32 group. Each converted layer holds its own inference copy, read.
+    seen: set[int] = set()
     for layer in engine.values():
         width = BYTES_PER_WEIGHT[layer.precision] if layer.inference is not None else 4
         weights = _weight_numel(layer)
         biases = layer.out_features if layer.shed_bias else 0 if layer.bias is None else layer.bias.numel()
-        params += weights + biases
+        again = {id(t) for t in (layer.weight, layer.bias) if t is not None and id(t) in seen}
+        seen.update(id(t) for t in (layer.weight, layer.bias) if t is not None)
+        new_weights = 0 if id(layer.weight) in again else weights
+        new_biases = 0 if layer.bias is not None and id(layer.bias) in again else biases
+        params += new_weights + new_biases
         converted = layer.inference is not None
         scaled = converted and layer.precision in ("int8", "fp8")  # fp32 per-row scales
         bias_width = 2 if converted and layer.precision in ("bf16", "fp16", "fp8") else 4
-        nbytes += _weight_bytes(layer, weights * width) + biases * bias_width
+        nbytes += (_weight_bytes(layer, weights * width) + biases * bias_width) if converted else \
+            (new_weights + new_biases) * 4
         nbytes += 4 * layer.out_features if scaled else 0
         if converted and width != 4 and id(layer.weight) in shared:
             nbytes += weights * 4  # its fp32 form, for the module it is tied to
