@@ -329,9 +329,16 @@ def _check_output(model: Any, task: Any, device: Any, family: str) -> None:
     then failed the trial at the export probe with a message naming neither the rule nor the builder."""
     import torch
 
+    batch = task.example_batch(2, device)
+    if not isinstance(batch, torch.Tensor):
+        # The export probe keeps it as one tensor: a task of (x, mask) batches trained and measured its candidate,
+        # then failed the trial with "'tuple' object has no attribute 'cpu'".
+        raise TrialError(f"the task's example_batch() must return one tensor (the input the model is measured on "
+                         f"and an export's probe keeps), got a {type(batch).__name__}. Fix: return one tensor from "
+                         f"it (several inputs stacked or concatenated), and have the model {family} builds take it")
     training = model.training
     with torch.inference_mode():
-        out = model.eval()(task.example_batch(2, device))
+        out = model.eval()(batch)
     model.train(training)
     if not isinstance(out, torch.Tensor):
         raise TrialError(f"the model's forward() must return one tensor (the logits) for the task's example_batch, "

@@ -602,6 +602,28 @@ def test_a_model_that_diverged_or_returns_a_tuple_fails_its_trial_before_it_cost
     assert pair.training  # left in the mode it was built in
 
 
+def test_a_task_whose_example_batch_is_not_one_tensor_fails_its_trial_before_training():
+    """A task of (x, mask) batches, with a model taking the pair, trained and measured its candidate, then failed the
+    trial at the export probe with "'tuple' object has no attribute 'cpu'"."""
+    from types import SimpleNamespace
+
+    from dsnas.worker import _check_output
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 2)
+
+        def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, mask = batch
+            return self.body(x) * mask
+
+    task = SimpleNamespace(example_batch=lambda n, device: (torch.randn(n, 4), torch.ones(n, 1)))
+    with pytest.raises(TrialError, match=r"^the task's example_batch\(\) must return one tensor .* got a tuple. Fix: "
+                                         r"return one tensor from it .* the model odd_models:masked builds take it$"):
+        _check_output(Masked(), task, "cpu", "odd_models:masked")
+
+
 def test_an_optimized_for_inference_torchscript_model_counts_each_weight_once():
     """torch.jit.optimize_for_inference leaves each weight's original constant in the graph, unread, beside the
     transposed copy its matmul reads: the model measured twice its parameters and its weights' memory twice."""

@@ -46,7 +46,7 @@ class Task(Protocol):
         """Validation metrics; must include ``accuracy``."""
 
     def example_batch(self, batch_size: int, device: Any) -> Any:
-        """A deterministic input batch of this size, used for measuring and for the export probe."""
+        """A deterministic input batch of this size, one tensor, used for measuring and for the export probe."""
 
     def fingerprint(self) -> dict[str, Any]:
         """What data the task used, so that results are comparable."""
