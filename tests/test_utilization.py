@@ -222,6 +222,28 @@ def test_fp32_work_on_cuda_counts_at_tf32_where_torch_lets_the_tensor_cores_run_
     assert flops_seen_at("convolution", (x,)) == "fp32"
 
 
+def test_tf32_set_through_fp32_precision_is_read_without_raising():
+    """PyTorch's documented TF32 switch since 2.9 is fp32_precision; once it is set, reading the legacy allow_tf32
+    raises RuntimeError ("mix of the legacy and new APIs"), so every count of a CUDA model failed (its flops, bytes
+    and flop_util missing, "the model's ops could not be counted"). The new setting is read, and says tf32 or not."""
+
+    class OnCuda(torch.Tensor):
+        is_cuda = property(lambda self: True)
+
+    x = torch.zeros(2).as_subclass(OnCuda)
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert flops_seen_at("mm", (x,)) == "tf32"
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        assert flops_seen_at("mm", (x,)) == flops_seen_at("convolution", (x,)) == "fp32"
+        conv.fp32_precision = "tf32"
+        assert flops_seen_at("convolution", (x,)) == "tf32"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
 def test_int8_fp8_and_semi_structured_ops_count_at_their_kernels_peaks(monkeypatch):
     class Sparse(torch.Tensor):
         pass

@@ -227,13 +227,25 @@ def flops_seen_at(name: str, args: tuple[Any, ...]) -> str:
     if not first.is_floating_point():  # int8 only for 8-bit integers: a complex or int64 matmul is not int8 work
         return "int8" if first.is_quantized or dtype in ("int8", "uint8") else dtype
     precision = "fp8" if dtype.startswith("float8") else PRECISION_OF.get(dtype, dtype)
-    if precision == "fp32" and first.is_cuda and "attention" not in name:
-        convolution = "convolution" in name
-        if torch.backends.cudnn.allow_tf32 if convolution else torch.backends.cuda.matmul.allow_tf32:
-            precision = "tf32"
+    if precision == "fp32" and first.is_cuda and "attention" not in name and _tf32_allowed("convolution" in name):
+        precision = "tf32"
     if any(_semi_structured(a) for a in tensors):
         precision += "-2:4"
     return precision
+
+
+def _tf32_allowed(convolution: bool) -> bool:
+    """Whether torch lets the tensor cores run an fp32 convolution (cuDNN) or matmul (cuBLAS) at tf32. Read through
+    ``fp32_precision`` where it is set: once a user sets TF32 that way (torch.backends.cuda.matmul.fp32_precision =
+    "tf32", PyTorch's documented way since 2.9), reading the legacy ``allow_tf32`` raises RuntimeError ("mix of the
+    legacy and new APIs"), and every count of a CUDA model failed: its flops, bytes and flop_util missing."""
+    import torch
+
+    backend = torch.backends.cudnn.conv if convolution else torch.backends.cuda.matmul
+    precision = getattr(backend, "fp32_precision", None)  # absent before torch 2.9; "none": set the legacy way
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32 if convolution else torch.backends.cuda.matmul.allow_tf32)
 
 
 def _semi_structured(t: Any) -> bool:
