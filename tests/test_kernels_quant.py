@@ -156,6 +156,22 @@ def test_a_backend_three_times_slower_than_the_fastest_is_timed_by_two_calls():
     assert short == set() and calls["slow"] == 1 + 3 + 1
 
 
+def test_choosing_a_backend_on_cuda_n_waits_for_that_gpu(monkeypatch):
+    """The INT8 backends of a layer on cuda:1 (dsnas profile --device cuda:1) are timed to the end of their kernels
+    there: a bare torch.cuda.synchronize() waited for the current GPU (cuda:0), so each call was timed at its launch."""
+    from dsnas.kernels.quant import _seconds_per_call
+
+    class OnCuda1(torch.Tensor):
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 1))
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: waited.append(args))
+    _seconds_per_call({"fp32": lambda x: None, "int8": lambda x: None}, torch.zeros(2, 8).as_subclass(OnCuda1),
+                      repeats=1)
+    assert waited and set(waited) == {(torch.device("cuda", 1),)}
+
+
 def test_auto_without_amax_skips_the_static_backend_and_says_why():
     weight, bias, x = _layer(32, 32)
     layer = Int8Linear.from_float(weight, bias, None, "auto")

@@ -201,7 +201,9 @@ def _seconds_per_call(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Te
     machine makes a 3x difference, and it could not be chosen. The first function, the reference every ratio is
     taken against, is always timed in full. Returns (times, the functions cut short)."""
     hold_freed_memory()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    # The inputs' GPU, not torch's current one: on cuda:1 a bare synchronize() waited for cuda:0, and every call
+    # was timed at its launch, whatever its kernels took.
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
 
     def one_call(fn: Callable[[torch.Tensor], Any]) -> float:
         start = time.perf_counter()
