@@ -346,6 +346,40 @@ def test_a_model_whose_own_forward_reads_a_master_weight_keeps_it():
     assert shed_training_form(plain, lambda: plain(x)) == "" and plain[0].weight is None  # runs without it
 
 
+def test_a_measurement_counts_the_masters_a_models_own_forward_reads():
+    """dsnas.load keeps the fp32 masters of a model whose own forward reads a layer's weight, but its measurement
+    counted the inference form's weights alone: its peak memory fell short of what the loaded model holds by the
+    masters and masks (here 3.4x the weights counted). Now it counts them, and says so; a model whose inference form
+    runs alone counts none, and either is left as it was."""
+    from dsnas.kernels.convert import inference_signature, inference_size, masters_read_bytes
+    from dsnas.profiler.measure import _weight_bytes
+
+    class ReadsTheWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = EngineLinear(8, 8, precision="bf16", sparsity="2:4")
+
+        def forward(self, x):
+            return self.fc(x) + x @ self.fc.weight.t()
+
+    x = torch.randn(2, 8)
+    plain = nn.Sequential(EngineLinear(8, 8, precision="bf16", sparsity="2:4"))
+    for model, reads in ((ReadsTheWeight(), True), (plain, False)):
+        convert(model)
+        with torch.inference_mode():
+            before = model(x)
+        counted, held, signature = inference_size(model), held_bytes(model), inference_signature(model)
+        assert masters_read_bytes(model, lambda m=model: m(x)) == (held - counted[1] if reads else 0)
+        profile = {}
+        assert _weight_bytes(model, x, profile) == (held if reads else counted[1])
+        assert ("masters_read" in profile) == reads
+        with torch.inference_mode():
+            assert torch.equal(model(x), before)
+        assert (inference_size(model), held_bytes(model), inference_signature(model)) == (counted, held, signature)
+        if reads:  # bf16 weight and bias 128 + 16 counted; held besides: fp32 master 256, bias 32, mask 64
+            assert (counted[1], held) == (144, 496)
+
+
 def test_a_layer_shed_of_its_master_bias_still_prints_its_bias():
     """print(dsnas.load(bundle)) said bias=False of every bf16 layer: nn.Linear's repr read the freed master."""
     from dsnas.kernels.conv import EngineConv2d

@@ -182,10 +182,46 @@ def shed_training_form(model: nn.Module, check: Callable[[], Any] | None = None)
     outside the engine layers (a head tied to the token table) stays, as inference_size counts it. ``check``: a call
     of the model (its probe) that must still run once shed; where it fails (a user's forward that reads a layer's
     weight itself), everything is put back and the reason returned. Returns "" when shed."""
+    shed = _shed(model)
+    if check is None or not shed:
+        return ""
+    try:
+        with torch.inference_mode():
+            check()
+    except Exception as e:  # reading a freed weight (None) raises a TypeError or AttributeError; any failure puts back
+        _put_back(shed)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
+
+
+def masters_read_bytes(model: nn.Module, call: Callable[[], Any]) -> int:
+    """Bytes of what shed_training_form would free (fp32 masters, baked masks) where ``call`` (one forward) cannot
+    run without them: a user's forward that reads a layer's weight itself. dsnas.load keeps them for such a model,
+    so its measurement counts them in its weights; 0 where the inference form runs alone. The model is left as it
+    was."""
+    shed = _shed(model)
+    if not shed:
+        return 0
+    try:
+        with torch.inference_mode():
+            call()
+    except Exception:  # a freed weight read: the training form is needed at inference
+        return sum(sum(t.numel() * t.element_size() for t in held_tensors(held)) for _, name, held, _ in shed)
+    finally:
+        _put_back(shed)
+    return 0
+
+
+# (layer, attribute, what it held, the layer's (shed_zero_share, shed_bias) before): what _put_back restores
+_Shed = list[tuple[Any, str, Any, tuple[float | None, bool]]]
+
+
+def _shed(model: nn.Module) -> _Shed:
+    """Free, in place, what only training needs (see shed_training_form); returns what was freed."""
     layers = engine_layers(model)
     inside = {id(m) for layer in layers.values() for m in layer.modules()}
     used_outside = {id(t) for m in model.modules() if id(m) not in inside for t in m.parameters(recurse=False)}
-    shed: list[tuple[Any, str, Any]] = []  # (layer, attribute, what it held): to put back
+    shed: _Shed = []
     for layer in layers.values():
         # A mask convert multiplied into the weight for good; an fp32 layer (no inference form) keeps its weight:
         # it is the one inference reads.
@@ -193,23 +229,20 @@ def shed_training_form(model: nn.Module, check: Callable[[], Any] | None = None)
         if layer.inference is not None:
             names += [n for n in ("weight", "bias") if getattr(layer, n) is not None and
                       id(getattr(layer, n)) not in used_outside]
+        before = (layer.shed_zero_share, layer.shed_bias)
         if "mask" in names:
             layer.shed_zero_share = layer.zero_share
         layer.shed_bias = layer.shed_bias or "bias" in names  # (shed again, it stays shed)
         for name in names:
-            shed.append((layer, name, getattr(layer, name)))
+            shed.append((layer, name, getattr(layer, name), before))
             setattr(layer, name, None)
-    if check is None or not shed:
-        return ""
-    try:
-        with torch.inference_mode():
-            check()
-    except Exception as e:  # reading a freed weight (None) raises a TypeError or AttributeError; any failure puts back
-        for layer, name, held in shed:
-            setattr(layer, name, held)
-            layer.shed_zero_share, layer.shed_bias = None, False
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return ""
+    return shed
+
+
+def _put_back(shed: _Shed) -> None:
+    for layer, name, held, (zero_share, bias) in shed:
+        setattr(layer, name, held)
+        layer.shed_zero_share, layer.shed_bias = zero_share, bias
 
 
 def held_tensors(t: torch.Tensor) -> list[torch.Tensor]:

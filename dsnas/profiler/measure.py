@@ -98,9 +98,11 @@ def measure(model: Any, task: Any, device: Any, hardware: Any, cached: dict[str,
         # On a GPU, NVML watches the device too (the timing windows, the steady window): looked up once.
         gpu = nvml_handle(device) if device.type == "cuda" else None
         per_example = getattr(task, "tokens_per_example", 1)  # what throughput counts (dsnas.tasks.Task)
+        weight_bytes = _weight_bytes(model, task.example_batch(min(hardware.batch_sizes), device), profile)
         for bs in sorted(hardware.batch_sizes):
             batch = task.example_batch(bs, device)
-            figures, timing, missing = _measure_batch(model, batch, bs * per_example, device, hardware, ceilings, gpu)
+            figures, timing, missing = _measure_batch(model, batch, bs * per_example, device, hardware, ceilings, gpu,
+                                                      weight_bytes)
             if gpu is not None and bs == max(hardware.batch_sizes):
                 figures.update(_steady_window(model, batch, device, hardware, profile, gpu))
             if hardware.kernels:
@@ -156,7 +158,8 @@ def _utc_now() -> str:
 # version of dsnas has not changed in its life, and a study of an older one handed its trials' byte counts (by
 # the embedding rule since fixed: 400,896 where 372,224 are read) to new trials. 3: flop_util's peaks by each op's
 # precision; a torch.ao quantized layer's packed weights counted. 4: eval-mode dropout moves no bytes. 5: a
-# semi-structured 2:4 weight (GPU) counted at the bytes it holds, not at its dense shape.
+# semi-structured 2:4 weight (GPU) counted at the bytes it holds, not at its dense shape; the fp32 masters a model's
+# own forward reads counted in its peak memory.
 MEASUREMENT_RULES = 5
 
 
@@ -210,10 +213,25 @@ def _reuse(entry: dict[str, Any], fp: dict[str, Any], params: float,
     return metrics_from_batches({bs: b["figures"] for bs, b in stored.items()}, params, hardware), profile
 
 
+def _weight_bytes(model: Any, batch: Any, profile: dict[str, Any]) -> int:
+    """The weight bytes the model holds as dsnas.load ships it: those its inference form reads, and the fp32
+    masters its own forward still reads (a user's model calling F.linear on a layer's weight), which the load keeps
+    (said in the profile's ``masters_read``)."""
+    from dsnas.kernels.convert import masters_read_bytes  # torch loads on first use
+
+    eager = getattr(model, "_orig_mod", model)  # a compiled model's shed attributes would only recompile it
+    masters = masters_read_bytes(eager, lambda: eager(batch))
+    if masters:
+        profile["masters_read"] = (f"the model's own forward reads engine layers' fp32 masters: {masters:,} bytes "
+                                   "of them counted in peak memory, as dsnas.load keeps them")
+    return _size(model)[1] + masters
+
+
 def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: Any, ceilings: dict[str, Any],
-                   gpu: tuple[Any, str] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+                   gpu: tuple[Any, str] | None,
+                   weight_bytes: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """(numeric figures of one batch size, its timing statistics, why a figure is missing: name -> reason).
-    ``gpu``: (NVML handle, why there is none) on a GPU, None on a CPU."""
+    ``gpu``: (NVML handle, why there is none) on a GPU, None on a CPU; ``weight_bytes``: _weight_bytes'."""
     import torch
 
     cuda = device.type == "cuda"
@@ -242,7 +260,6 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     # least disturbed.
     timing, disturbance = least_disturbed(attempt, lambda: wait_for_quiet(
         settle_s(hardware.measure_s), sample=lambda s: replace(sample_share(s, gpu), host_slowdown=probe())))
-    weight_bytes = _size(model)[1]
     peak = peak_memory(lambda: model(batch), device, weight_bytes)
     eager = getattr(model, "_orig_mod", model)  # a torch.compile'd model counts as its eager self: same algorithm
     seconds = timing.median_ms / 1e3
