@@ -336,13 +336,31 @@ def _check_output(model: Any, task: Any, device: Any, family: str) -> None:
         raise TrialError(f"the task's example_batch() must return one tensor (the input the model is measured on "
                          f"and an export's probe keeps), got a {type(batch).__name__}. Fix: return one tensor from "
                          f"it (several inputs stacked or concatenated), and have the model {family} builds take it")
-    training = model.training
-    with torch.inference_mode():
-        out = model.eval()(batch)
+    from dsnas.kernels.linear import engine_layers  # torch loads on first use
+
+    training, ran = model.training, set()
+    layers = engine_layers(model)
+    hooks = [layer.register_forward_pre_hook(lambda _m, _a, n=name: ran.add(n)) for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            out = model.eval()(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
     model.train(training)
     if not isinstance(out, torch.Tensor):
         raise TrialError(f"the model's forward() must return one tensor (the logits) for the task's example_batch, "
                          f"got a {type(out).__name__}. Fix: return the logits only, in the model {family} builds")
+    idle = [name for name in layers if name not in ran]
+    if idle:
+        # A forward that reads a layer's weight itself (F.linear(x, self.fc.weight)) never calls the layer: its
+        # engine choice ran nowhere, yet the trial reported it ("ran as bf16") and counted its weight at bf16.
+        raise TrialError(f"the engine chose {layers[idle[0]].precision} {layers[idle[0]].sparsity} for "
+                         f"{', '.join(idle[:3])}{' ...' if len(idle) > 3 else ''}, but the model's forward never "
+                         f"calls {'it' if len(idle) == 1 else 'them'} (it reads the weights itself, or the layer is "
+                         f"unused at inference), so the choice would change nothing that runs. Fix: call the module "
+                         f"in the forward of the model {family} builds, or leave it out of the [engine] group's "
+                         f"modules")
 
 
 def _check_finite(model: Any) -> None:

@@ -624,6 +624,37 @@ def test_a_task_whose_example_batch_is_not_one_tensor_fails_its_trial_before_tra
         _check_output(Masked(), task, "cpu", "odd_models:masked")
 
 
+def test_an_engine_choice_on_a_layer_the_forward_never_calls_fails_its_trial_before_training():
+    """A forward calling F.linear(x, self.fc.weight, self.fc.bias) never runs fc: under an [engine] group that made
+    it bf16, the trial reported "engine:bf16" and "ran as bf16" and counted its weight at bf16, where fp32 ran."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from dsnas.kernels.groups import apply_groups
+    from dsnas.worker import _check_output
+
+    class ReadsTheWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.linear(x, self.fc.weight, self.fc.bias))
+
+    task = SimpleNamespace(example_batch=lambda n, device: torch.randn(n, 4))
+    model = ReadsTheWeight()
+    apply_groups(model, [{"group": "body", "modules": ["*"], "precision": "bf16", "sparsity": "dense"}])
+    with pytest.raises(TrialError, match=r"^the engine chose bf16 dense for fc, but the model's forward never calls "
+                                         r"it .* Fix: call the module in the forward of the model own:m builds, or "
+                                         r"leave it out of the \[engine\] group's modules$"):
+        _check_output(model, task, "cpu", "own:m")
+    assert model.training  # left in the mode it was built in
+    called = ReadsTheWeight()
+    apply_groups(called, [{"group": "body", "modules": ["out"], "precision": "bf16", "sparsity": "dense"}])
+    _check_output(called, task, "cpu", "own:m")  # every engine layer runs
+
+
 def test_an_optimized_for_inference_torchscript_model_counts_each_weight_once():
     """torch.jit.optimize_for_inference leaves each weight's original constant in the graph, unread, beside the
     transposed copy its matmul reads: the model measured twice its parameters and its weights' memory twice."""
