@@ -146,3 +146,45 @@ def test_every_section_fits_the_default_budget_at_its_estimate():
     estimates = re.search(r"ESTIMATE_S = (\{.*?\})\n", source, re.S).group(1)
     total = sum(gpu for gpu, _ in ast.literal_eval(estimates).values())
     assert total <= default, (total, default)
+
+
+def test_a_gain_pair_that_fails_is_a_row_with_its_reason_and_the_others_are_still_compared(tmp_path, monkeypatch):
+    """One engine candidate or twin that raised (a TrialError on the device) ended the whole gain section: the rows
+    already measured were lost, on a GPU run of 15 minutes in all."""
+    from types import SimpleNamespace
+
+    import dsnas.spec
+    import dsnas.study
+    import dsnas.trial
+    import dsnas.worker
+    from dsnas.errors import TrialError
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    def trial(number):
+        return SimpleNamespace(number=number, state=SimpleNamespace(name="COMPLETE"),
+                               user_attrs={"arch_short": f"a{number}", "arch": {"layers": [{"precision": "bf16"}]}})
+
+    monkeypatch.setattr(dsnas.spec, "load_study", lambda path: SimpleNamespace(task=None, hardware=None, seed=0,
+                                                                               engine=None))
+    monkeypatch.setattr(dsnas.study, "open_study", lambda spec, create: SimpleNamespace(trials=[trial(1), trial(2)]))
+    monkeypatch.setattr(dsnas.trial, "TrialRequest", lambda **kwargs: kwargs)
+
+    def run_trial(request):
+        if request["trial"] == 1 and request["arch"]["layers"][0]["precision"] == "bf16":
+            raise TrialError("fp8 matmuls need a CUDA GPU of compute capability >= 8.9")
+        fp32 = request["arch"]["layers"][0]["precision"] == "fp32"
+        return SimpleNamespace(metrics={"accuracy": 0.4, "throughput_tok_s": 100.0 if fp32 else 200.0})
+
+    monkeypatch.setattr(dsnas.worker, "run_trial", run_trial)
+    run = gpu_check.Run.__new__(gpu_check.Run)
+    run.out, run.dry = tmp_path, False
+    sec = gpu_check.Section("gain")
+    run.gain(sec)
+    rows = sec.tables[0]["rows"]
+    assert [r[0] for r in rows] == [1, 2] and rows[0][-1] == "failed" and rows[1][-1] == "2"
+    failed = [c for c in sec.checks if c.ok is False]
+    assert len(failed) == 1 and "trial 1: engine twin" in failed[0].name and "compute capability" in failed[0].value
+    ratio = next(c for c in sec.checks if c.name.startswith("median throughput ratio"))
+    assert ratio.value == 2.0 and ratio.ok
