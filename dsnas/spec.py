@@ -21,7 +21,7 @@ from dsnas.config import build_section, is_there, masked_url, reject_unknown, re
 from dsnas.errors import SpecError, require
 from dsnas.models import forget_families, is_user_family
 from dsnas.plugins import ShadowedModule, import_callable
-from dsnas.space import load_space_file
+from dsnas.space import AUTO, load_space_file
 from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, forget_built, make_task, runs_own_trials
 
 # Objective name -> (metric key reported by the worker, default direction).
@@ -647,6 +647,14 @@ def check_plugins(spec: StudySpec) -> None:
         _check_choices_beside_task(spec, space)
     if space is not None and space.groups and not is_user_family(space.family):
         _check_group_patterns(space, spec.space.file)
+    if space is not None and space.by_device and spec.task.name not in BUILTIN_TASKS and \
+            runs_own_trials(make_task(spec.task)):
+        # The probe times this device's kernels for models dsnas builds; a task that evaluates architectures itself
+        # (a table of recorded results) runs none of them here, so the probe's offer would say nothing of its trials
+        key = "precision" if space.by_device == ("precision",) else "engine"
+        raise SpecError(spec.space.file, key, f'"auto" decides from a probe of this device\'s kernels, but the task '
+                        f"{spec.task.name!r} evaluates architectures itself (evaluate_arch) and runs no model here",
+                        AUTO, 'list the choices its trials take, e.g. precision = ["fp32", "bf16"]')
     study_callbacks(spec)
 
 

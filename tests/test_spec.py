@@ -326,11 +326,19 @@ def test_plugin_task_parameters_must_fit_its_signature(tmp_path: Path) -> None:
         "\n    def evaluate_arch(self, arch, *, seed, rungs, report):\n        return {}\n\n\n"
         "def make(size=1):\n    return Table()\n")
     importlib.invalidate_caches()
-    ok = load_study(write_study(tmp_path, task={"name": f"{module}:make", "size": 2}))
+    (tmp_path / "space.toml").write_text(SPACE.read_text().replace('engine = "auto"', '') +
+                                         'precision = ["fp32", "bf16"]\nsparsity = ["dense"]\n')
+    ok = load_study(write_study(tmp_path, task={"name": f"{module}:make", "size": 2}, space={"file": "space.toml"}))
     assert ok.task.params == {"size": 2}
-    path = write_study(tmp_path, task={"name": f"{module}:make", "sise": 2})
+    path = write_study(tmp_path, task={"name": f"{module}:make", "sise": 2}, space={"file": "space.toml"})
     msg = expect_error(path, "task", f"the parameters must fit {module}:make(size=1)")
     assert "['sise']" in msg
+    # "auto" would time this device's kernels for models the task never runs here (it evaluates them itself)
+    with pytest.raises(SpecError) as info:
+        load_study(write_study(tmp_path, task={"name": f"{module}:make"}, space={"file": str(SPACE)}))
+    check_message(info.value, SPACE, "engine", "\"auto\" decides from a probe of this device's kernels, but the "
+                  f"task '{module}:make' evaluates architectures itself (evaluate_arch) and runs no model here",
+                  'list the choices its trials take, e.g. precision = ["fp32", "bf16"]')
     sys.modules.pop(module, None)
 
 
