@@ -153,6 +153,34 @@ def test_training_on_the_digits_learns_and_reports_at_each_rung():
     assert after["val_loss"] < before["val_loss"] - 1.0
 
 
+def test_a_short_training_evaluates_with_the_batch_norm_statistics_of_its_weights():
+    pytest.importorskip("sklearn")
+    import copy
+
+    # 20 steps left BatchNorm's moving averages holding 0.9**20 = 12% of their start (variance 1, where these
+    # activations vary by 0.01-0.05), and lagging weights that changed at every step: the model scored 0.13 in eval
+    # mode and 0.47 with its batch statistics; at a rung too.
+    task = ImagesTask(ImagesConfig(batch_size=64, train_images=64 * 20), ".")
+    torch.manual_seed(0)
+    model = cnn.build(_arch(_stage(1, 16, expand=4), _stage(1, 16, expand=4), **task.arch_defaults()))
+    x, y = task.eval_inputs()
+
+    def gaps() -> tuple[float, float]:  # (accuracy in eval mode, its gap to the batch statistics' accuracy)
+        scored = task.evaluate(model, CPU)["accuracy"]
+        batch_stats = copy.deepcopy(model).train()
+        with torch.no_grad():
+            return scored, abs(scored - (batch_stats(x).argmax(-1) == y).float().mean().item())
+
+    at_rung = []
+    task.train(model, CPU, seed=0, checkpoint=lambda: None, rungs=(0.5,),
+               at_rung=lambda k: (at_rung.append(gaps()), model.train()))
+    (rung_accuracy, rung_gap), (accuracy, gap) = at_rung[0], gaps()
+    assert rung_gap < 0.05 and gap < 0.05, (at_rung, accuracy, gap)
+    assert accuracy > 0.3 and rung_accuracy > 0.25  # chance is 0.1
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in norms)  # training's own momentum is left as it was
+
+
 def test_a_bf16_stage_computes_close_to_fp32_and_trains():
     pytest.importorskip("sklearn")
     stages = [_stage(1, 16, expand=4), _stage(1, 24, kernel=5, expand=4)]
