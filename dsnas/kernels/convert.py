@@ -206,7 +206,7 @@ def masters_read_bytes(model: nn.Module, call: Callable[[], Any]) -> int:
         with torch.inference_mode():
             call()
     except Exception:  # a freed weight read: the training form is needed at inference
-        return sum(sum(t.numel() * t.element_size() for t in held_tensors(held)) for _, name, held, _ in shed)
+        return sum(sum(t.numel() * t.element_size() for t in held_tensors(held)) for _, _, held, _ in shed)
     finally:
         _put_back(shed)
     return 0
