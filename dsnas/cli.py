@@ -197,13 +197,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     device = named_device(args.device)
     shapes = _engine_shapes(Path(args.engine)) if args.engine else None
     caps = probe(args.device)
-    print(Capabilities((*caps, host_speed_row())).table())
+    print(Capabilities((*caps, host_speed_row(args.threads))).table())
     fp = fingerprint(device)
     print(f"\nfingerprint {fingerprint_id(fp)}: " + ", ".join(f"{k}={v}" for k, v in fp.items()))
     if args.ceilings and device.type == "cpu":
         from dsnas.profiler.ceilings import ceilings
 
-        found = ceilings(fp, args.threads)
+        found = ceilings(fp, args.threads or cpus)  # a measurement's count, not torch's (OMP_NUM_THREADS)
         print("\nceilings (what this CPU does at best; flop_util and bw_util are shares of them):\n  " +
               "\n  ".join(found.lines()))
     if shapes is not None:
@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help=cmd_doctor.__doc__, description=cmd_doctor.__doc__)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--ceilings", action="store_true", help="also measure (or read cached) CPU GEMM/bandwidth peaks")
-    p.add_argument("--threads", type=int, help="threads for --ceilings and --engine (default: all cores)")
+    p.add_argument("--threads", type=int, help="threads for the host-speed row, --ceilings and --engine "
+                   "(default: the CPUs this process may use, as a measurement)")
     p.add_argument("--engine", nargs="?", const=str(_example("studies/quickstart.toml")), metavar="STUDY",
                    help="also probe which engine choices pay here, at STUDY's layer shapes (default: the quickstart)")
     p.set_defaults(func=cmd_doctor)

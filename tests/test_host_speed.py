@@ -105,6 +105,28 @@ def test_doctor_judges_a_slow_spell_by_the_stored_reference(monkeypatch, referen
     assert against in row.detail and row.available is (reference is None)
 
 
+def test_doctor_probes_with_the_threads_a_measurement_uses(monkeypatch):
+    """Torch's own count (1 under OMP_NUM_THREADS=1) found no reference stored for it, and its 1-thread probes called
+    steady a host whose 2-thread probes, as a measurement runs them, ran up to 200x slow."""
+    import torch
+
+    from dsnas.profiler import steadiness
+
+    seen = {}
+    monkeypatch.setattr(steadiness, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(steadiness, "stored_reference", lambda threads=None: seen.setdefault("reference", threads))
+    monkeypatch.setattr(host_speed, "steadiness", lambda reference_ms=None: host_speed.Steadiness(
+        (0.2,) * 20 if seen.setdefault("probed", torch.get_num_threads()) else (), reference_ms))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = steadiness.host_speed_row()
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"reference": 2, "probed": 2} and "GEMM on 2 thread(s)" in row.detail
+
+
 def test_a_probe_times_the_reference_gemm():
     # 256^3 fp32 is 33.6 MFLOP: no CPU does it in a microsecond, and no working one takes a second.
     assert 0.001 < host_speed.probe_ms() < 1000.0
