@@ -10,7 +10,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import load_benchmark
 
+import dsnas.profiler
 from dsnas.profiler import MeasureGate, time_calls
 from dsnas.profiler.memory import peak_memory
 
@@ -554,3 +556,22 @@ def test_a_trials_train_seconds_leave_out_its_waits_for_another_measurement(tmp_
                                     engine=EngineSpec()))
     assert result.metrics["waited_s"] >= 0.9
     assert result.metrics["train_s"] < 0.6, result.metrics  # its own few steps, not the 1 s wait
+
+
+@pytest.mark.parametrize("slowdown, said", [(None, "CV with probe / shares only: none: no attempt was probed"),
+                                            (1.02, "CV with probe / shares only: ")])
+def test_the_benchmark_gives_no_probe_ratio_where_no_attempt_was_probed(monkeypatch, capsys, slowdown, said):
+    """Without a host-speed reference (ceilings measured under others' load are not stored) measure() probes
+    nothing: benchmarks/profiler.py compared the same protocol twice and printed a CV ratio of 2.33x as the probe's."""
+    bench = load_benchmark("profiler", as_name="profiler_benchmark")
+    tok_s = iter([100.0, 120.0, 90.0, 110.0])
+
+    def measure(model, task, device, hardware):
+        attempt = {"others_cpu_share": 0.0, "host_slowdown": slowdown}
+        return {"throughput_tok_s": next(tok_s)}, {"batches": {"32": {"disturbance": {
+            "attempts": [attempt], "disturbed": False}}}}
+
+    monkeypatch.setattr(dsnas.profiler, "measure", measure)
+    bench.host_probe_effect(None, None, torch.device("cpu"), 2)
+    out = capsys.readouterr().out
+    assert said in out and ("none:" in out) is (slowdown is None)
