@@ -309,6 +309,40 @@ def test_a_matrix_op_without_a_flop_formula_is_named_in_the_profile_not_hidden()
     assert "aten._transformer_encoder_layer_fwd" in fused and "aten._trilinear" in both
 
 
+@pytest.mark.parametrize("disturbed", [True, False])
+def test_a_cpu_measurement_whose_host_was_not_probed_says_so(monkeypatch, disturbed):
+    """Ceilings measured under others' load keep no host-speed reference, and the host was then not probed: the
+    profile showed host_slowdown null with no reason, its disturbed read from others' CPU share alone."""
+    import importlib
+
+    import torch
+
+    from dsnas.profiler.ceilings import Ceilings
+    from dsnas.spec import HardwareSpec
+
+    measure_module = importlib.import_module("dsnas.profiler.measure")  # the package's `measure` is the function
+    why = "others took 75% of the CPUs while they were measured"
+    found = Ceilings(100.0, 10.0, 1, 0.1, {"disturbed": why} if disturbed else {}, 0.2)
+    monkeypatch.setattr(measure_module, "ceilings", lambda fp, threads: found)
+    monkeypatch.setattr(measure_module.host_speed, "slowdown", lambda reference: 1.0)
+
+    class Task:
+        def example_batch(self, bs, device):
+            return torch.ones(bs, 4)
+
+    _, profile = measure_module.measure(torch.nn.Linear(4, 4), Task(), torch.device("cpu"),
+                                        HardwareSpec(device="cpu", batch_sizes=(1,), warmup_s=0.01, measure_s=0.02))
+    record = profile["batches"]["1"]["disturbance"]
+    if disturbed:
+        assert all(a["host_slowdown"] is None for a in record["attempts"])
+        assert profile["unavailable"]["host_slowdown"] == (f"not probed: the CPU ceilings were not measured "
+                                                           f"undisturbed ({why}), and no host-speed reference is kept "
+                                                           "from them; disturbed reads others' CPU share alone")
+    else:
+        assert all(a["host_slowdown"] == 1.0 for a in record["attempts"])
+        assert "host_slowdown" not in profile["unavailable"]
+
+
 @pytest.mark.parametrize("argv", [["doctor", "--device", "{device}"], ["profile", "{arch}", "--device", "{device}"]])
 @pytest.mark.parametrize("device, said", [("gpu", "must be auto, cpu, cuda or cuda:N. Fix: e.g. --device auto"),
                                           ("cuda:x", "must be auto, cpu, cuda or cuda:N")])

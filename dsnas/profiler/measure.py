@@ -266,6 +266,12 @@ def _measure_batch(model: Any, batch: Any, tokens: int, device: Any, hardware: A
     figures: dict[str, Any] = {"latency_ms": timing.median_ms, "throughput_tok_s": tokens / seconds,
                                "peak_memory_mb": None if peak.bytes is None else peak.bytes / 2**20}
     missing: dict[str, str] = {}
+    if not cuda and not reference:
+        # Said, as a share is: a slowed host shows in neither share, and the attempts were judged on them alone.
+        missing["host_slowdown"] = ("not probed: " + (f"{ceilings['unusable']}, and no host-speed reference is "
+                                                      "kept from them" if "unusable" in ceilings else
+                                                      "no host-speed reference is stored with the CPU ceilings")
+                                    + "; disturbed reads others' CPU share alone")
     if peak.bytes is None:
         missing["peak_memory_mb"] = peak.reason
     if timing.device_median_ms is not None:
