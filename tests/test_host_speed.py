@@ -166,6 +166,10 @@ def test_threads_of_this_process_competing_for_the_cores_are_caught_by_the_host_
     hardware = HardwareSpec(device="cpu", batch_sizes=(8,), warmup_s=0.1, measure_s=0.3, max_measure_s=0.3)
     metrics, profile = measure_beside(start_competitors, stop_competitors, hardware)
     record = profile["batches"]["8"]["disturbance"]
+    if "not measured undisturbed" in profile["unavailable"].get("bw_util", ""):  # ceilings of a busy machine: no reference,
+        # so no probe; said so, not hidden (on a quiet machine, as CI's, the reference is kept and the rest runs)
+        assert profile["unavailable"]["host_slowdown"].startswith("not probed: "), profile["unavailable"]
+        return
     slowdowns = [a["host_slowdown"] for a in record["attempts"]]
     assert len(slowdowns) == MAX_ATTEMPTS and min(slowdowns) > SLOWDOWN_LIMIT, record
     assert record["disturbed"] is True and profile["disturbed"] is True and metrics["disturbed"] == 1.0
