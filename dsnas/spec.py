@@ -19,7 +19,7 @@ from typing import Any
 
 from dsnas.config import build_section, is_there, masked_url, reject_unknown, require_spec, section_table, typed
 from dsnas.errors import SpecError, require
-from dsnas.models import forget_families, is_user_family
+from dsnas.models import forget_families, is_user_family, missing_package
 from dsnas.plugins import ShadowedModule, import_callable
 from dsnas.space import AUTO, load_space_file
 from dsnas.tasks import BUILTIN_TASKS, arch_keys, check_params, check_task, forget_built, make_task, runs_own_trials
@@ -636,6 +636,12 @@ def check_plugins(spec: StudySpec) -> None:
     name = space.family if space is not None else None
     if name is not None and is_user_family(name):  # the builder, imported as the workers will (study folder first)
         _import_callable(where, f"family (in {spec.space.file})", name, base)
+    package = missing_package(name) if name is not None else ""
+    if package:  # before any work: without it the search started (Ray too) and stored every trial as failed
+        from dsnas.models import family  # the family's module: torch loads on first use
+
+        raise SpecError(str(spec.space.file), "family", f"the {name} family needs the {package} package, which is "
+                        "not installed", name, family(str(name)).INSTALL_HINT)
     if spec.task.name not in BUILTIN_TASKS:
         _import_callable(where, "task.name", spec.task.name, base)
     check_params(where, spec.task)

@@ -271,3 +271,20 @@ def test_a_per_layer_table_in_an_hf_space_says_to_use_engine_groups(tmp_path):
     with pytest.raises(SpecError, match=r"\[per_layer\] the hf_causal_lm family has no per-layer choices.*Fix: remove "
                                         r"\[per_layer\]; choose the engine by module name in \[engine.NAME\] tables"):
         load_space_file(space)
+
+
+def test_a_study_of_the_family_without_transformers_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    """It started the search (the Ray executor starts Ray first), and every trial failed saying to install
+    transformers, each stored in the study as a failed trial."""
+    from dsnas.cli import main
+    from tests.conftest import TINY_STUDY
+
+    space = tmp_path / "hf_space.toml"
+    space.write_text(SHIPPED.read_text(encoding="utf-8"), encoding="utf-8")
+    study = tmp_path / "hf.toml"
+    study.write_text(TINY_STUDY.format(space=space), encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as where it is not installed: find_spec says None
+    assert main(["search", str(study)]) == 2
+    assert f"{space}: [family] the hf_causal_lm family needs the transformers package, which is not installed, but " \
+           "got 'hf_causal_lm'. Fix: pip install \"dsnas[hf]\"" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.db"))  # no study was made

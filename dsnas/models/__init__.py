@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +37,18 @@ def family(name: str, base_dir: str | Path | None = None) -> Any:
 
 def _builtin(name: str) -> ModuleType:
     return importlib.import_module(f"dsnas.models.{name}")
+
+
+def missing_package(name: str) -> str:
+    """The package a built-in family (``name``) builds with where this environment lacks it (hf_causal_lm's
+    transformers; its module's INSTALL_HINT says how to install it), else ''. A user's family: '' (importing its
+    builder says what it lacks)."""
+    if is_user_family(name) or name not in FAMILIES:
+        return ""
+    package = getattr(_builtin(name), "REQUIRES", None)
+    if package is None or importlib.util.find_spec(package) is not None:  # looked up, not imported: seconds saved
+        return ""
+    return str(package)
 
 
 class UserFamily:

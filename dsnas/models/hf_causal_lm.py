@@ -22,6 +22,8 @@ NAMED_CHOICES = {"architecture": ARCHITECTURES}
 TASK_KEYS = ("vocab_size", "context")
 SIZE_KEYS = ("hidden_size", "n_heads", "n_kv_heads", "intermediate_size")
 INSTALL_HINT = 'pip install "dsnas[hf]"'
+# The package the family builds with, which a study or a bundle of it needs installed (dsnas.models.missing_package).
+REQUIRES = "transformers"
 
 
 def check_choices(options: dict[str, tuple[Any, ...]]) -> None:
