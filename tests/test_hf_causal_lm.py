@@ -288,3 +288,20 @@ def test_a_study_of_the_family_without_transformers_stops_before_any_work(tmp_pa
     assert f"{space}: [family] the hf_causal_lm family needs the transformers package, which is not installed, but " \
            "got 'hf_causal_lm'. Fix: pip install \"dsnas[hf]\"" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.db"))  # no study was made
+
+
+def test_loading_a_bundle_without_transformers_says_to_install_it(tmp_path, monkeypatch):
+    """dsnas.load, verify, profile and export said the bundle's [arch] was not a buildable architecture, with the fix
+    to export the trial again (which failed the same way)."""
+    import json
+
+    import dsnas
+    from dsnas.errors import DsnasError
+
+    (tmp_path / "arch.json").write_text(json.dumps({"_type": "dsnas.bundle", "_version": 2, "arch": ARCH}),
+                                        encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as where it is not installed
+    with pytest.raises(DsnasError) as caught:
+        dsnas.load(tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'arch.json'}: the hf_causal_lm family needs the transformers package, " \
+                                'which is not installed. Fix: pip install "dsnas[hf]"'

@@ -18,7 +18,7 @@ from dsnas._version import __version__
 from dsnas.errors import DsnasError, Invalid, TrialError
 from dsnas.export.card import measured_compiled, model_card
 from dsnas.export.formats import _one_line, onnx_check, write_model_files
-from dsnas.models import build, family, is_user_family
+from dsnas.models import build, family, is_user_family, missing_package
 from dsnas.profiler.measure import PROTOCOL_KEYS
 from dsnas.spec import HardwareSpec, StudySpec, TaskSpec
 from dsnas.storage import artifact_dir, process_tag, tag_gone
@@ -497,6 +497,9 @@ def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool 
     name = str(arch.get("family", ""))
     study_dir = doc.get("task", {}).get("base_dir") if isinstance(doc.get("task"), dict) else None
     fix = REEXPORT
+    if missing_package(name):  # the bundle is sound: "not a buildable architecture. Fix: re-export" failed the same
+        raise DsnasError(f"{path}: the {name} family needs the {missing_package(name)} package, which is not "
+                         f"installed. Fix: {family(name).INSTALL_HINT}")
     if is_user_family(name):
         _import_builder(path, name, study_dir)
         fix = f"if the code of {name!r} changed since the trial trained, restore it; else {REEXPORT}"
