@@ -293,6 +293,8 @@ def load_space_file(path: str | Path) -> SearchSpace:
     try:
         fam.check_choices({**choices, **per_layer})
     except Invalid as e:
+        if e.key in by_device and raw.get("engine") == AUTO:  # set by engine = "auto": it read [per_layer.precision]
+            raise SpecError(where, "engine", e.rule, AUTO, e.fix) from None  # and ['fp32'], neither of them written
         section = "choices" if e.key in choices else "per_layer"
         raise SpecError(where, f"{section}.{e.key}", e.rule, e.got, e.fix) from None
     return SearchSpace(family=name, choices=choices, per_layer=per_layer, by_device=by_device, groups=groups)

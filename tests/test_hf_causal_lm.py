@@ -305,3 +305,12 @@ def test_loading_a_bundle_without_transformers_says_to_install_it(tmp_path, monk
         dsnas.load(tmp_path)
     assert str(caught.value) == f"{tmp_path / 'arch.json'}: the hf_causal_lm family needs the transformers package, " \
                                 'which is not installed. Fix: pip install "dsnas[hf]"'
+
+
+def test_engine_auto_in_an_hf_space_is_named_as_written(tmp_path, registered):
+    """It read "[per_layer.precision] ..., but got ['fp32']": a key and a value the file does not have."""
+    space = tmp_path / "space.toml"
+    space.write_text('engine = "auto"\n' + SHIPPED.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(SpecError, match=r"space.toml: \[engine\] the hf_causal_lm family takes the engine by module "
+                                        r"name, not per layer \(engine = \"auto\"\), but got 'auto'. Fix: remove"):
+        load_space_file(space)
