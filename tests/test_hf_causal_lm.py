@@ -314,3 +314,18 @@ def test_engine_auto_in_an_hf_space_is_named_as_written(tmp_path, registered):
     with pytest.raises(SpecError, match=r"space.toml: \[engine\] the hf_causal_lm family takes the engine by module "
                                         r"name, not per layer \(engine = \"auto\"\), but got 'auto'. Fix: remove"):
         load_space_file(space)
+
+
+def test_a_failed_save_pretrained_leaves_no_hf_folder(tmp_path, monkeypatch):
+    """What transformers wrote before failing (config.json and generation_config.json, no weights) stayed in the
+    bundle as hf/, which metrics.json called unavailable and from_pretrained refused."""
+    from dsnas.export.bundle import _save_pretrained
+
+    def fails_after_the_config(model, folder):
+        model.hf.config.save_pretrained(str(folder))
+        raise RuntimeError("cannot save the weights")
+
+    monkeypatch.setattr(hf_causal_lm, "save_pretrained", fails_after_the_config)
+    said = _save_pretrained(_build().eval(), tmp_path / "hf")
+    assert said == "unavailable: save_pretrained failed (RuntimeError: cannot save the weights)"
+    assert not (tmp_path / "hf").exists()

@@ -203,6 +203,9 @@ def _save_pretrained(model: Any, folder: Path) -> str:
         with _as_plain_linears(model, layers):
             hf_causal_lm.save_pretrained(model, folder)
     except Exception as e:  # a transformers version that cannot save it: the dsnas bundle still stands
+        # Without what it wrote before failing: a config.json with no weights beside it shipped as hf/, which
+        # from_pretrained refused ("no file named model.safetensors") where metrics.json said hf/ is unavailable.
+        shutil.rmtree(folder, ignore_errors=True)
         return f"unavailable: save_pretrained failed ({_one_line(e)})"
     return folder.name + "/"
 
