@@ -128,7 +128,7 @@ def features(arch: dict[str, Any], flops: float, bytes: float, params: float, ba
     groups = arch.get("engine", ())  # an [engine] group's choice (hf_causal_lm's only engine choice) counts too
     precisions = [layer.get("precision", "fp32") for layer in layers] + [g["precision"] for g in groups]
     sparsities = [layer.get("sparsity", "dense") for layer in layers] + [g["sparsity"] for g in groups]
-    # hf_causal_lm names its width hidden_size and its heads and FFN once for all layers: they read 0 here.
+    # hf_causal_lm names its width hidden_size and its heads and FFN once for all layers: read from those keys.
     width = arch.get("d_model", arch.get("hidden_size", 0))
     ffn = _layer_mean(layers, "ffn_ratio") or (arch["intermediate_size"] / width
                                                if "intermediate_size" in arch and width else 0.0)
