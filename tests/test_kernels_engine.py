@@ -313,18 +313,21 @@ def test_shedding_keeps_a_master_another_module_reads_and_a_convolutions_counts(
     assert inference_size(cnn) == counted and held_bytes(cnn) == counted[1]
 
 
+class ReadsTheWeight(nn.Module):
+    """A user's model whose own forward reads its engine layer's weight besides calling the layer (a tie by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = EngineLinear(8, 8, precision="bf16", sparsity="2:4")
+
+    def forward(self, x):
+        return self.fc(x) + x @ self.fc.weight.t()
+
+
 def test_a_model_whose_own_forward_reads_a_master_weight_keeps_it():
     """A user's forward that reads an engine layer's weight itself (a tie by hand): shed, it would fail on every
     call after dsnas.load. Checked on a call (the bundle's probe), everything is put back and the reason said."""
     from dsnas.kernels.convert import inference_size, shed_training_form
-
-    class ReadsTheWeight(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = EngineLinear(8, 8, precision="bf16", sparsity="2:4")
-
-        def forward(self, x):
-            return self.fc(x) + x @ self.fc.weight.t()
 
     torch.manual_seed(0)
     model = ReadsTheWeight()
@@ -353,14 +356,6 @@ def test_a_measurement_counts_the_masters_a_models_own_forward_reads():
     runs alone counts none, and either is left as it was."""
     from dsnas.kernels.convert import inference_signature, inference_size, masters_read_bytes
     from dsnas.profiler.measure import _weight_bytes
-
-    class ReadsTheWeight(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = EngineLinear(8, 8, precision="bf16", sparsity="2:4")
-
-        def forward(self, x):
-            return self.fc(x) + x @ self.fc.weight.t()
 
     x = torch.randn(2, 8)
     plain = nn.Sequential(EngineLinear(8, 8, precision="bf16", sparsity="2:4"))
