@@ -500,9 +500,10 @@ def load_bundle(bundle: str | Path, device: Any = "cpu", *, training_form: bool 
     name = str(arch.get("family", ""))
     study_dir = doc.get("task", {}).get("base_dir") if isinstance(doc.get("task"), dict) else None
     fix = REEXPORT
-    if missing_package(name):  # the bundle is sound: "not a buildable architecture. Fix: re-export" failed the same
-        raise DsnasError(f"{path}: the {name} family needs the {missing_package(name)} package, which is not "
-                         f"installed. Fix: {family(name).INSTALL_HINT}")
+    package = missing_package(name)
+    if package:  # the bundle is sound: "not a buildable architecture. Fix: re-export" failed the same
+        raise DsnasError(f"{path}: the {name} family needs the {package} package, which is not installed. "
+                         f"Fix: {family(name).INSTALL_HINT}")
     if is_user_family(name):
         _import_builder(path, name, study_dir)
         fix = f"if the code of {name!r} changed since the trial trained, restore it; else {REEXPORT}"

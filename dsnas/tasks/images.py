@@ -259,8 +259,7 @@ class ImagesTask:
 
         def rung(k: int) -> None:  # the rung evaluates the weights trained so far, not their statistics' lag
             refresh()
-            if at_rung is not None:
-                at_rung(k)
+            at_rung(k)  # type: ignore[misc]  (passed only where there is one)
 
         mean_loss, skipped = train_steps(model, steps, lambda: self.batch(gen, device, augment=True),
                                          lambda x, y: self.loss(model, x, y), lr=cfg.lr * lr_scale,
